@@ -1,0 +1,19 @@
+"""Periodic neighbor lists and the batched graph container."""
+
+from forcecalc.graph.batch import Batch
+from forcecalc.graph.neighbors import (
+    NeighborGraph,
+    edge_vectors,
+    max_neighbors_mask,
+    neighbor_list,
+    radius_graph,
+)
+
+__all__ = [
+    "Batch",
+    "NeighborGraph",
+    "edge_vectors",
+    "max_neighbors_mask",
+    "neighbor_list",
+    "radius_graph",
+]

@@ -1,0 +1,246 @@
+"""Exact periodic neighbor lists and the max-neighbor rule.
+
+Edge convention (used everywhere in forcecalc): an edge ``e = (j -> i)`` is stored as
+``edge_index[:, e] = (j, i)``: row 0 is the *source* (the neighbor ``j``), row 1 the *target*
+(the center ``i`` that receives the message).  Its vector points from the target to the source::
+
+    vector[e] = positions[j] - positions[i] + shifts[e] @ cell[system of i]
+
+with integer cell shifts ``shifts[e]``.  This is the layout of OCP's ``radius_graph_pbc`` and
+``get_pbc_distances`` (``edge_index = [j, i]``), so OCP's names for source/target carry over.
+
+Backends
+--------
+``"vesin"``
+    vesin-torch's cell lists, one call per system (CPU or CUDA).  Fastest on the CPU, and for
+    large systems on the GPU.
+``"torch"``
+    our own batched cell list (:mod:`forcecalc.graph.cell_list`): every system of a batch in
+    one pass of tensor operations, so many small systems cost about as much as one on the GPU.
+Both return exactly the pair set of ``ase.neighborlist.neighbor_list`` (order differs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+
+Backend = Literal["auto", "vesin", "torch"]
+
+#: Two neighbor distances closer than this (Å) count as equal in the max-neighbor rule.
+TIE_TOLERANCE = 1e-5
+
+
+@dataclass(frozen=True)
+class NeighborGraph:
+    """Edges of a batch of systems.
+
+    Attributes:
+        edge_index: ``[2, n_edges]`` int64, (source j, target i).
+        shifts: ``[n_edges, 3]`` int64 integer cell shifts.
+        vectors: ``[n_edges, 3]`` ``pos[j] - pos[i] + shifts @ cell``.
+        distances: ``[n_edges]`` norms of ``vectors``.
+    """
+
+    edge_index: Tensor
+    shifts: Tensor
+    vectors: Tensor
+    distances: Tensor
+
+
+def edge_vectors(
+    positions: Tensor, cell: Tensor, system_idx: Tensor, edge_index: Tensor, shifts: Tensor
+) -> Tensor:
+    """Edge vectors ``pos[j] - pos[i] + shifts @ cell``, differentiable in positions and cell.
+
+    Args:
+        positions: ``[n_atoms, 3]``.
+        cell: ``[n_systems, 3, 3]`` (rows are the lattice vectors).
+        system_idx: ``[n_atoms]`` system of each atom.
+        edge_index: ``[2, n_edges]`` (source j, target i).
+        shifts: ``[n_edges, 3]`` integer cell shifts.
+
+    Returns:
+        ``[n_edges, 3]``.
+    """
+    source, target = edge_index[0], edge_index[1]
+    offsets = torch.einsum("ek,ekl->el", shifts.to(positions.dtype), cell[system_idx[target]])
+    return positions[source] - positions[target] + offsets
+
+
+def _check_inputs(positions: Tensor, cell: Tensor, pbc: Tensor, cutoff: float) -> None:
+    if not cutoff > 0:
+        raise ValueError(f"cutoff must be positive, got {cutoff}")
+    if positions.ndim != 2 or positions.shape[1] != 3:
+        raise ValueError(f"positions must have shape [n_atoms, 3], got {list(positions.shape)}")
+    if not torch.isfinite(positions).all():
+        bad = torch.nonzero(~torch.isfinite(positions).all(dim=1)).flatten().tolist()
+        raise ValueError(f"positions contain NaN or inf (atoms {bad[:10]})")
+    if not torch.isfinite(cell).all():
+        raise ValueError("cell contains NaN or inf")
+    volumes = torch.linalg.det(cell.to(torch.float64)).abs()
+    for s in torch.nonzero(pbc.any(dim=1) & (volumes < 1e-9)).flatten().tolist():
+        lengths = torch.linalg.norm(cell[s].to(torch.float64), dim=1)
+        zero = [a for a in range(3) if bool(pbc[s, a]) and lengths[a] < 1e-9]
+        if zero:
+            raise ValueError(
+                f"system {s}: cell vector(s) {zero} have zero length but are periodic"
+            )
+        if bool(pbc[s].all()):
+            raise ValueError(f"system {s}: the cell has zero volume under periodic boundaries")
+
+
+def _vesin_graph(
+    positions: Tensor, cell: Tensor, pbc: Tensor, system_idx: Tensor, cutoff: float
+) -> tuple[Tensor, Tensor]:
+    """Per-system vesin calls; returns (edge_index, shifts) with global atom indices."""
+    from vesin_torch import NeighborList
+
+    calculator = NeighborList(cutoff=float(cutoff), full_list=True)
+    n_systems = cell.shape[0]
+    counts = torch.bincount(system_idx, minlength=n_systems).tolist()
+    starts = np.concatenate([[0], np.cumsum(counts)]).tolist()
+    sources, targets, shifts = [], [], []
+    order_ok = bool((system_idx[1:] >= system_idx[:-1]).all()) if len(system_idx) > 1 else True
+    if not order_ok:
+        raise ValueError("atoms must be grouped by system (system_idx non-decreasing)")
+    for s in range(n_systems):
+        lo, hi = starts[s], starts[s + 1]
+        if hi == lo:
+            continue
+        pos = positions[lo:hi].detach().to(torch.float64)
+        box = cell[s].detach().to(torch.float64)
+        periodic = pbc[s].to(device=pos.device, dtype=torch.bool)
+        i, j, shift = calculator.compute(pos, box, periodic, "ijS", copy=True)
+        targets.append(i.to(torch.int64) + lo)
+        sources.append(j.to(torch.int64) + lo)
+        shifts.append(shift.to(torch.int64))
+    device = positions.device
+    if not sources:
+        return (
+            torch.zeros(2, 0, dtype=torch.int64, device=device),
+            torch.zeros(0, 3, dtype=torch.int64, device=device),
+        )
+    edge_index = torch.stack([torch.cat(sources), torch.cat(targets)]).to(device)
+    return edge_index, torch.cat(shifts).to(device)
+
+
+def radius_graph(
+    positions: Tensor,
+    cell: Tensor,
+    pbc: Tensor,
+    system_idx: Tensor,
+    cutoff: float,
+    max_neighbors: int | None = None,
+    backend: Backend = "auto",
+) -> NeighborGraph:
+    """All pairs closer than ``cutoff`` in every system of a batch, under each system's pbc.
+
+    Self pairs with zero shift are excluded; an atom's own periodic images are edges.
+
+    Args:
+        positions: ``[n_atoms, 3]`` Cartesian positions (Å), atoms grouped by system; atoms
+            may lie outside the cell.
+        cell: ``[n_systems, 3, 3]`` lattice vectors as rows (zero rows allowed on
+            non-periodic axes).
+        pbc: ``[n_systems, 3]`` bool periodicity per axis.
+        system_idx: ``[n_atoms]`` int64 system of each atom (non-decreasing).
+        cutoff: radius (Å).
+        max_neighbors: if given, keep each target atom's closest ``max_neighbors`` neighbors
+            plus every neighbor tied with the last one kept (see :func:`max_neighbors_mask`).
+        backend: ``"vesin"``, ``"torch"`` or ``"auto"`` (vesin on the CPU or for one system;
+            the batched torch cell list for several systems on a GPU).
+
+    Returns:
+        The edges, in the dtype and on the device of ``positions``.
+    """
+    pbc = pbc.to(torch.bool)
+    _check_inputs(positions, cell, pbc, cutoff)
+    if backend == "auto":
+        backend = "torch" if positions.is_cuda and cell.shape[0] > 1 else "vesin"
+    if backend == "vesin":
+        edge_index, shifts = _vesin_graph(positions, cell, pbc, system_idx, cutoff)
+    elif backend == "torch":
+        from forcecalc.graph.cell_list import batched_cell_list
+
+        edge_index, shifts = batched_cell_list(positions, cell, pbc, system_idx, cutoff)
+    else:
+        raise ValueError(f"unknown neighbor-list backend {backend!r}")
+    vectors = edge_vectors(positions, cell, system_idx, edge_index, shifts)
+    distances = torch.linalg.norm(vectors, dim=1)
+    if max_neighbors is not None:
+        keep = max_neighbors_mask(edge_index[1], distances, max_neighbors, len(positions))
+        edge_index, shifts = edge_index[:, keep], shifts[keep]
+        vectors, distances = vectors[keep], distances[keep]
+    return NeighborGraph(edge_index, shifts, vectors, distances)
+
+
+def max_neighbors_mask(
+    target: Tensor,
+    distances: Tensor,
+    max_neighbors: int,
+    n_atoms: int,
+    tolerance: float = TIE_TOLERANCE,
+) -> Tensor:
+    """The max-neighbor rule: which edges to keep so each atom has about ``max_neighbors``.
+
+    OCP keeps exactly ``k = max_neighbors`` edges per target atom, chosen by sorting the
+    distances; where the k-th and (k+1)-th are equal (an ideal lattice layer, the periodic
+    images of a small cell) its choice depends on the sort order and differs between devices.
+    Here an edge is kept if its distance is at most ``d_k + tolerance``, where ``d_k`` is the
+    k-th smallest distance of its target atom.  So an atom keeps its k closest neighbors and
+    *every* neighbor tied with the k-th: the kept set depends only on the distances (not on
+    atom or edge order, device or sort algorithm), and equals OCP's set wherever there is no
+    tie at the cut.  ``tolerance`` (1e-5 Å) absorbs rounding in the distances (float32
+    positions of an ideal layer differ by ~1e-6 Å); real gaps are far larger.
+
+    Args:
+        target: ``[n_edges]`` target (center) atom of each edge.
+        distances: ``[n_edges]`` edge lengths.
+        max_neighbors: k.
+        n_atoms: number of atoms (targets index ``0..n_atoms-1``).
+        tolerance: distances within this of ``d_k`` count as tied with it (Å).
+
+    Returns:
+        ``[n_edges]`` bool mask.
+    """
+    if max_neighbors < 1:
+        raise ValueError(f"max_neighbors must be >= 1, got {max_neighbors}")
+    n_edges = len(distances)
+    if n_edges == 0:
+        return torch.ones(0, dtype=torch.bool, device=distances.device)
+    d = distances.detach()
+    by_distance = torch.argsort(d, stable=True)
+    order = by_distance[torch.argsort(target[by_distance], stable=True)]
+    sorted_target = target[order]
+    counts = torch.bincount(target, minlength=n_atoms)
+    first = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(n_edges, device=d.device) - first[sorted_target]
+    kth = torch.full((n_atoms,), float("inf"), dtype=d.dtype, device=d.device)
+    at_cut = rank == max_neighbors - 1
+    kth[sorted_target[at_cut]] = d[order[at_cut]]
+    return d <= kth[target] + tolerance
+
+
+def neighbor_list(atoms, cutoff: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Neighbor list of one ``ase.Atoms``, with exactly ASE's ``neighbor_list("ijS")`` pairs.
+
+    Args:
+        atoms: an ``ase.Atoms``.
+        cutoff: radius (Å).
+
+    Returns:
+        ``(i, j, S)``: int arrays ``[n_pairs]``, ``[n_pairs]``, ``[n_pairs, 3]`` such that
+        ``positions[j] - positions[i] + S @ cell`` is shorter than ``cutoff``.
+    """
+    positions = torch.as_tensor(np.asarray(atoms.positions, dtype=np.float64))
+    cell = torch.as_tensor(np.asarray(atoms.cell.array, dtype=np.float64)).unsqueeze(0)
+    pbc = torch.as_tensor(np.asarray(atoms.pbc, dtype=bool)).unsqueeze(0)
+    system_idx = torch.zeros(len(atoms), dtype=torch.int64)
+    graph = radius_graph(positions, cell, pbc, system_idx, cutoff, backend="vesin")
+    j, i = graph.edge_index.numpy()
+    return i, j, graph.shifts.numpy()

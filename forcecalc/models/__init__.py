@@ -1,0 +1,1 @@
+"""The models: SpinConv and ForceNet, with OCP's parameter names."""

@@ -1,0 +1,1 @@
+"""The checkpoints shipped with forcecalc (installed as ``forcecalc.weights``); see README.md."""
