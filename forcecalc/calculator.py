@@ -1,0 +1,186 @@
+"""ASE calculators for SpinConv and ForceNet.
+
+Energy semantics: the OC20 checkpoints (OCP's and ours trained on OC20-EMT) predict
+**adsorption-referenced** energies as OC20 defines them (the system's energy minus the clean
+slab's and the adsorbate's gas-phase references), not total energies. Differences between
+configurations of the same adsorbate/slab system (relaxation, MD, NEB barriers) are meaningful;
+comparing the absolute number with a DFT total energy is not.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from ase.calculators.calculator import (
+    Calculator,
+    PropertyNotImplementedError,
+    all_changes,
+)
+
+from forcecalc.checkpoint import Potential, load_checkpoint
+from forcecalc.graph import Batch, radius_graph
+from forcecalc.graph.batch import _stack_atoms
+
+#: The Voigt order ASE uses for stress: xx, yy, zz, yz, xz, xy.
+VOIGT = (np.array([0, 1, 2, 1, 0, 0]), np.array([0, 1, 2, 2, 2, 1]))
+
+
+class ForceCalculator(Calculator):
+    """An ASE calculator for any forcecalc checkpoint (SpinConv or ForceNet).
+
+    Args:
+        checkpoint: a path, a shipped name (``"spinconv-fc"``), an OCP name
+            (``"SpinConv-S2EF-OC20-All"``) or a loaded :class:`~forcecalc.checkpoint.Potential`.
+        device: ``"cpu"``, ``"cuda"``...; default CUDA when available, else CPU.
+        dtype: ``"float32"`` (default) or ``"float64"`` (use it for NVE MD).
+        rotations: SpinConv force-centric only: ``None`` (a fixed, seeded set: forces are a
+            deterministic function of positions), ``"random"`` (fresh every call, as the
+            original) or a ``[R, 3, 3]`` array of rotation matrices.
+        max_neighbors: override the max-neighbor rule of the graph (the trained value
+            otherwise; SpinConv's energy readout keeps its trained normalisation).
+        skin: if > 0, keep the neighbor list built at ``cutoff + skin`` and rebuild it only
+            when an atom moved more than ``skin / 2`` or the cell, numbers or pbc changed.
+            Results are identical to rebuilding every step.
+        allow_unsafe: allow full unpickling of the checkpoint (trusted files only).
+        **kwargs: passed to :class:`ase.calculators.calculator.Calculator`.
+
+    Properties: ``energy`` and ``free_energy`` (eV, adsorption-referenced for OC20 models: see
+    the module docstring), ``forces`` (eV/Å) and, for energy-centric SpinConv only, ``stress``
+    (eV/Å^3, Voigt order).
+    """
+
+    implemented_properties: ClassVar[list[str]] = ["energy", "free_energy", "forces", "stress"]
+    model_name: ClassVar[str | None] = None
+
+    def __init__(
+        self,
+        checkpoint: str | Potential,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype = "float32",
+        rotations: str | np.ndarray | torch.Tensor | None = None,
+        max_neighbors: int | None = None,
+        skin: float = 0.0,
+        allow_unsafe: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        options: dict[str, Any] = {}
+        if rotations is not None:
+            options["rotations"] = (
+                rotations if isinstance(rotations, str) else torch.as_tensor(rotations)
+            )
+        if isinstance(checkpoint, Potential):
+            if options:
+                raise ValueError("pass model options when loading, not with a loaded Potential")
+            potential = checkpoint
+        else:
+            potential = load_checkpoint(
+                checkpoint, device=device, dtype=dtype, allow_unsafe=allow_unsafe, **options
+            )
+        if self.model_name is not None and potential.name != self.model_name:
+            raise ValueError(
+                f"{type(self).__name__} needs a {self.model_name} checkpoint, but "
+                f"{checkpoint!s} holds a {potential.name} model; use "
+                f"forcecalc.load_calculator() to pick the calculator from the checkpoint"
+            )
+        if "rotations" in options and "force_estimator" not in potential.info.model_kwargs:
+            raise ValueError(f"rotations apply to SpinConv only, not to {potential.name}")
+        if max_neighbors is not None:
+            if max_neighbors < 1:
+                raise ValueError(f"max_neighbors must be >= 1, got {max_neighbors}")
+            potential.model.max_neighbors = int(max_neighbors)
+        if skin < 0:
+            raise ValueError(f"skin must be >= 0, got {skin}")
+        self.potential = potential
+        self.implemented_properties = ["energy", "free_energy", "forces"] + (
+            ["stress"] if potential.defines_stress else []
+        )
+        self.skin = float(skin)
+        self._graph: tuple[np.ndarray, ...] | None = None
+        self.graph_builds = 0
+
+    def get_property(self, name: str, atoms=None, allow_calculation: bool = True):
+        if name == "stress" and not self.potential.defines_stress:
+            raise PropertyNotImplementedError(
+                f"stress is not defined by this {self.potential.name} model: its forces are "
+                "predicted directly, not as an energy gradient; use an energy-centric SpinConv "
+                "checkpoint (e.g. 'spinconv-ec') for stress"
+            )
+        return super().get_property(name, atoms, allow_calculation)
+
+    def calculate(
+        self,
+        atoms=None,
+        properties: list[str] | tuple[str, ...] = ("energy",),
+        system_changes: list[str] = all_changes,
+    ) -> None:
+        super().calculate(atoms, properties, system_changes)
+        batch = self._batch(self.atoms)
+        self.potential.check_numbers(batch.numbers)
+        want_stress = "stress" in properties and self.potential.defines_stress
+        if want_stress and not self.atoms.pbc.all():
+            raise ValueError("stress needs a periodic cell in all three directions")
+        with torch.set_grad_enabled(self.potential.defines_stress):
+            out = self.potential(batch, compute_stress=want_stress)
+        energy = float(out["energy"][0].detach().cpu())
+        self.results = {
+            "energy": energy,
+            "free_energy": energy,
+            "forces": out["forces"].detach().cpu().double().numpy(),
+        }
+        if want_stress:
+            stress = out["stress"][0].detach().cpu().double().numpy()
+            self.results["stress"] = stress[VOIGT]
+
+    def _batch(self, atoms) -> Batch:
+        """The atoms as a one-system batch, with edges built or reused (see ``skin``)."""
+        arrays = _stack_atoms([atoms])
+        positions, numbers, cell, pbc = arrays[:4]
+        if not self._graph_is_valid(positions, numbers, cell, pbc):
+            graph = radius_graph(
+                torch.as_tensor(positions),
+                torch.as_tensor(cell),
+                torch.as_tensor(pbc),
+                torch.zeros(len(positions), dtype=torch.int64),
+                self.potential.cutoff + self.skin,
+            )
+            self._graph = (positions, numbers, cell, pbc, graph.edge_index, graph.shifts)
+            self.graph_builds += 1
+        edge_index, shifts = self._graph[4], self._graph[5]
+        batch = Batch.from_arrays(*arrays).with_edges(edge_index, shifts)
+        return batch.to(device=self.potential.device, dtype=self.potential.dtype)
+
+    def _graph_is_valid(
+        self, positions: np.ndarray, numbers: np.ndarray, cell: np.ndarray, pbc: np.ndarray
+    ) -> bool:
+        if self._graph is None or self.skin == 0:
+            return False
+        old_positions, old_numbers, old_cell, old_pbc = self._graph[:4]
+        if (
+            old_positions.shape != positions.shape
+            or not np.array_equal(old_numbers, numbers)
+            or not np.array_equal(old_cell, cell)
+            or not np.array_equal(old_pbc, pbc)
+        ):
+            return False
+        moved = np.linalg.norm(positions - old_positions, axis=1).max()
+        return bool(moved <= 0.5 * self.skin)
+
+
+class SpinConvCalculator(ForceCalculator):
+    """ASE calculator for SpinConv checkpoints (refuses other models); see ForceCalculator."""
+
+    model_name = "spinconv"
+
+
+class ForceNetCalculator(ForceCalculator):
+    """ASE calculator for ForceNet checkpoints (refuses other models); see ForceCalculator."""
+
+    model_name = "forcenet"
+
+
+def load_calculator(checkpoint: str | Potential, **kwargs: Any) -> ForceCalculator:
+    """An ASE calculator for whatever model ``checkpoint`` holds (see :class:`ForceCalculator`)."""
+    return ForceCalculator(checkpoint, **kwargs)

@@ -1,0 +1,369 @@
+"""Checkpoints: OCP's format and ours, normalizers, and the model wrapper with physical units.
+
+Two formats are read:
+
+* **OCP** (what the Open Catalyst Project's trainer saved): a dict with ``state_dict`` (keys
+  prefixed ``module.`` once or twice), ``config["model"]`` (``"spinconv"`` / ``"forcenet"``),
+  ``config["model_attributes"]`` (the constructor's keyword arguments) and ``normalizers``
+  ``{"target": {"mean", "std"}, "grad_target": {"mean", "std"}}``.
+* **forcecalc**: one dict ``{"format": "forcecalc", "format_version", "model", "model_kwargs",
+  "state_dict", "normalizers": {"energy_mean", "energy_std", "forces_std"}, "elements",
+  "cutoff", "metadata"}`` written by :func:`save_checkpoint`.
+
+Both load with ``torch.load(weights_only=True)``; a file that needs unsafe unpickling is
+refused unless the caller passes ``allow_unsafe=True``.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import pickle
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from forcecalc.graph import Batch
+from forcecalc.models.registry import build_model, model_names
+
+FORMAT = "forcecalc"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded; the message names the file and the problem."""
+
+
+@dataclass(frozen=True)
+class Normalizers:
+    """Affine maps from the model's raw outputs to eV and eV/Å: ``E = raw * std + mean``."""
+
+    energy_mean: float = 0.0
+    energy_std: float = 1.0
+    forces_std: float = 1.0
+
+    def as_dict(self) -> dict[str, float]:
+        return {
+            "energy_mean": self.energy_mean,
+            "energy_std": self.energy_std,
+            "forces_std": self.forces_std,
+        }
+
+
+@dataclass
+class CheckpointInfo:
+    """What a checkpoint says about itself, besides the weights."""
+
+    model: str
+    model_kwargs: dict[str, Any]
+    normalizers: Normalizers
+    source_format: str
+    elements: list[int] | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    path: str | None = None
+
+
+class Potential(nn.Module):
+    """A model with its normalizers: a :class:`~forcecalc.graph.Batch` in, eV and Å out.
+
+    Outputs of :meth:`forward`: ``energy`` ``[n_systems]`` (eV), ``forces`` ``[n_atoms, 3]``
+    (eV/Å) and, when asked for and defined by the model, ``stress`` ``[n_systems, 3, 3]``
+    (eV/Å^3, ``(1/V) dE/dstrain``).
+    """
+
+    def __init__(self, model: nn.Module, info: CheckpointInfo) -> None:
+        super().__init__()
+        self.model = model
+        self.info = info
+
+    @property
+    def name(self) -> str:
+        return self.info.model
+
+    @property
+    def cutoff(self) -> float:
+        return float(self.model.cutoff)
+
+    @property
+    def max_neighbors(self) -> int | None:
+        return getattr(self.model, "max_neighbors", None)
+
+    @property
+    def defines_stress(self) -> bool:
+        return bool(getattr(self.model, "defines_stress", False))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def elements(self) -> list[int] | None:
+        """Atomic numbers the model accepts (``None``: every element its tables cover)."""
+        if self.info.elements is not None:
+            return self.info.elements
+        supported = getattr(self.model, "supported_numbers", None)
+        return list(supported()) if callable(supported) else None
+
+    def check_numbers(self, numbers: Tensor) -> None:
+        """Raise ``ValueError`` naming the atoms whose element the model cannot represent."""
+        allowed = self.elements
+        if allowed is None:
+            return
+        allowed_t = torch.as_tensor(allowed, device=numbers.device)
+        bad = torch.nonzero(~torch.isin(numbers, allowed_t)).flatten()
+        if len(bad):
+            from ase.data import chemical_symbols
+
+            symbols = sorted({chemical_symbols[int(z)] for z in numbers[bad].tolist()})
+            raise ValueError(
+                f"the {self.name} model has no parameters for element(s) {', '.join(symbols)} "
+                f"(atoms {bad[:10].tolist()})"
+            )
+
+    def forward(self, batch: Batch, compute_stress: bool = False) -> dict[str, Tensor]:
+        if compute_stress and not self.defines_stress:
+            raise NotImplementedError(f"the {self.name} model ({self._kind()}) defines no stress")
+        raw = (
+            self.model(batch, compute_stress=compute_stress)
+            if compute_stress
+            else self.model(batch)
+        )
+        norm = self.info.normalizers
+        out = {
+            "energy": raw["energy"] * norm.energy_std + norm.energy_mean,
+            "forces": raw["forces"] * norm.forces_std,
+        }
+        if "stress" in raw:
+            out["stress"] = raw["stress"] * norm.energy_std
+        return out
+
+    def _kind(self) -> str:
+        estimator = self.info.model_kwargs.get("force_estimator")
+        if estimator == "random":
+            return "force-centric: direct forces, no energy gradient"
+        return "direct forces" if estimator is None else f"force_estimator={estimator}"
+
+
+def _strip_module_prefix(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    stripped = {}
+    for key, value in state_dict.items():
+        while key.startswith("module."):
+            key = key[len("module.") :]
+        stripped[key] = value
+    return stripped
+
+
+def _read(path: Path, allow_unsafe: bool) -> dict[str, Any]:
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=not allow_unsafe)
+    except pickle.UnpicklingError as error:
+        raise CheckpointError(
+            f"checkpoint {path} contains Python objects that only unsafe unpickling can load "
+            f"({str(error).splitlines()[0][:200]}); if you trust its source, load it with "
+            "allow_unsafe=True (CLI: --allow-unsafe)"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as error:
+        raise CheckpointError(
+            f"checkpoint {path} could not be read (truncated or not a torch checkpoint?): "
+            f"{str(error).splitlines()[0][:200]}"
+        ) from None
+    if not isinstance(data, dict) or "state_dict" not in data:
+        raise CheckpointError(
+            f"checkpoint {path} is not a model checkpoint: expected a dict with a 'state_dict'"
+        )
+    return data
+
+
+def _float(value: Any) -> float:
+    return float(value.item() if isinstance(value, Tensor) else value)
+
+
+def _ocp_info(data: dict[str, Any], path: Path) -> CheckpointInfo:
+    config = data.get("config")
+    if not isinstance(config, dict) or "model" not in config:
+        raise CheckpointError(
+            f"checkpoint {path} has neither forcecalc's 'format' key nor OCP's "
+            "config['model']: unknown checkpoint layout"
+        )
+    normalizers = Normalizers()
+    saved = data.get("normalizers") or {}
+    if "target" in saved:
+        grad = saved.get("grad_target", saved["target"])
+        normalizers = Normalizers(
+            energy_mean=_float(saved["target"]["mean"]),
+            energy_std=_float(saved["target"]["std"]),
+            forces_std=_float(grad["std"]),
+        )
+        if abs(_float(grad.get("mean", 0.0))) > 0:
+            raise CheckpointError(f"checkpoint {path}: a nonzero force normalizer mean")
+    kwargs = dict(config.get("model_attributes") or {})
+    metadata = {key: config[key] for key in ("task", "optim", "dataset", "cmd") if key in config}
+    metadata.update({k: data[k] for k in ("epoch", "step", "val_metrics") if k in data})
+    return CheckpointInfo(
+        model=str(config["model"]),
+        model_kwargs=kwargs,
+        normalizers=normalizers,
+        source_format="ocp",
+        metadata=metadata,
+    )
+
+
+def _own_info(data: dict[str, Any], path: Path) -> CheckpointInfo:
+    version = data.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(
+            f"checkpoint {path} has forcecalc format version {version}; this forcecalc reads "
+            f"version {FORMAT_VERSION}"
+        )
+    return CheckpointInfo(
+        model=str(data["model"]),
+        model_kwargs=dict(data["model_kwargs"]),
+        normalizers=Normalizers(**data["normalizers"]),
+        source_format=FORMAT,
+        elements=data.get("elements"),
+        metadata=dict(data.get("metadata") or {}),
+    )
+
+
+def read_checkpoint(
+    source: str | os.PathLike, allow_unsafe: bool = False
+) -> tuple[CheckpointInfo, dict[str, Tensor]]:
+    """Read a checkpoint file (either format) without building the model.
+
+    Args:
+        source: a path, a shipped name (``"spinconv-fc"``) or an OCP name (downloaded once).
+        allow_unsafe: allow full unpickling (only for files from a source you trust).
+
+    Returns:
+        ``(info, state_dict)`` with ``module.`` prefixes removed.
+    """
+    from forcecalc.hub import resolve_checkpoint
+
+    path = resolve_checkpoint(source)
+    data = _read(path, allow_unsafe)
+    info = _own_info(data, path) if data.get("format") == FORMAT else _ocp_info(data, path)
+    info.path = str(path)
+    if info.model not in model_names():
+        raise CheckpointError(
+            f"checkpoint {path} is for model {info.model!r}, which forcecalc does not know "
+            f"(known: {', '.join(model_names())})"
+        )
+    return info, _strip_module_prefix(data["state_dict"])
+
+
+def load_checkpoint(
+    source: str | os.PathLike,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype = "float32",
+    allow_unsafe: bool = False,
+    **model_options: Any,
+) -> Potential:
+    """Load a checkpoint (OCP's format or ours) as a ready :class:`Potential` in eval mode.
+
+    Args:
+        source: a path, a shipped name (``"spinconv-fc"``, ``"spinconv-fc.pt"``) or an OCP
+            name (``"SpinConv-S2EF-OC20-All"``, downloaded once into the cache).
+        device: ``"cpu"``, ``"cuda"``, ...; default CUDA when available, else CPU.
+        dtype: ``"float32"`` or ``"float64"`` (or a torch dtype).
+        allow_unsafe: allow full unpickling (only for files from a source you trust).
+        **model_options: forcecalc's own model options that override the checkpoint's
+            (e.g. SpinConv's ``rotations`` or ``forces``).
+
+    Raises:
+        CheckpointError: unreadable file, unknown model, missing or unexpected weights.
+    """
+    info, state_dict = read_checkpoint(source, allow_unsafe=allow_unsafe)
+    kwargs = {**info.model_kwargs, **model_options}
+    model = build_model(info.model, kwargs, source_format=info.source_format)
+    result = model.load_state_dict(state_dict, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        parts = []
+        if result.missing_keys:
+            parts.append(f"missing weights {result.missing_keys[:8]}")
+        if result.unexpected_keys:
+            parts.append(f"unexpected weights {result.unexpected_keys[:8]}")
+        raise CheckpointError(
+            f"checkpoint {info.path} does not fit the {info.model} model built from its own "
+            f"config: {'; '.join(parts)}"
+        )
+    info.model_kwargs = kwargs
+    potential = Potential(model, info).eval()
+    return potential.to(device=resolve_device(device), dtype=resolve_dtype(dtype))
+
+
+def save_checkpoint(
+    potential: Potential,
+    path: str | os.PathLike,
+    metadata: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``potential`` in forcecalc's format, atomically (temp file + rename).
+
+    Args:
+        potential: the model and its normalizers.
+        path: destination.
+        metadata: merged over ``potential.info.metadata`` (training data, metrics, license...).
+
+    Returns:
+        The path written.
+    """
+    info = potential.info
+    state_dict = {k: v.detach().to("cpu") for k, v in potential.model.state_dict().items()}
+    state_dict = {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()}
+    kwargs = {k: v for k, v in info.model_kwargs.items() if not isinstance(v, Tensor)}
+    data = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model": info.model,
+        "model_kwargs": kwargs,
+        "state_dict": state_dict,
+        "normalizers": info.normalizers.as_dict(),
+        "elements": info.elements,
+        "cutoff": potential.cutoff,
+        "metadata": {**copy.deepcopy(info.metadata), **(metadata or {})},
+    }
+    return atomic_torch_save(data, Path(path))
+
+
+def atomic_torch_save(data: Any, path: Path) -> Path:
+    """``torch.save`` to a temp file in ``path``'s folder, then rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            torch.save(data, stream)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``None`` → CUDA when available, else CPU."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """``"float32"``/``"float64"`` (or a torch dtype) → the torch dtype."""
+    if isinstance(dtype, torch.dtype):
+        resolved = dtype
+    else:
+        resolved = {"float32": torch.float32, "float64": torch.float64}.get(str(dtype))
+    if resolved not in (torch.float32, torch.float64):
+        raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
+    return resolved

@@ -1,0 +1,254 @@
+"""The ``forcecalc`` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+import forcecalc
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="checkpoint: a file, a shipped name (see 'forcecalc info') or an OCP name",
+    )
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    parser.add_argument(
+        "--allow-unsafe",
+        action="store_true",
+        help="allow full unpickling of the checkpoint (only for files you trust)",
+    )
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    if args.checkpoint is None:
+        import torch
+
+        from forcecalc.hub import cache_dir, list_models
+
+        print(f"forcecalc {forcecalc.__version__}")
+        print(f"torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}")
+        print(f"cache directory: {cache_dir()}")
+        print("checkpoints:")
+        list_models(show=True)
+        return 0
+    from forcecalc.checkpoint import read_checkpoint
+
+    info, state_dict = read_checkpoint(args.checkpoint, allow_unsafe=args.allow_unsafe)
+    n_params = sum(v.numel() for v in state_dict.values() if v.is_floating_point())
+    report = {
+        "file": info.path,
+        "format": info.source_format,
+        "model": info.model,
+        "parameters": n_params,
+        "cutoff": info.model_kwargs.get("cutoff"),
+        "elements": info.elements,
+        "normalizers": info.normalizers.as_dict(),
+        "model_kwargs": info.model_kwargs,
+        "metadata": info.metadata,
+    }
+    print(json.dumps(report, indent=2, default=str))
+    return 0
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from forcecalc.checkpoint import load_checkpoint, save_checkpoint
+
+    potential = load_checkpoint(args.input, device="cpu", allow_unsafe=args.allow_unsafe)
+    path = save_checkpoint(potential, args.output, metadata={"converted_from": str(args.input)})
+    print(f"wrote {path} ({potential.name}, forcecalc format)")
+    return 0
+
+
+def _read_structures(path: str) -> list:
+    from ase.io import read
+
+    structures = read(path, index=":")
+    return structures if isinstance(structures, list) else [structures]
+
+
+def _write_structures(path: str, structures: list) -> None:
+    import os
+    import tempfile
+
+    from ase.io import write
+
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(
+        prefix=f".{target.name}.", suffix=target.suffix or ".extxyz", dir=target.parent
+    )
+    os.close(handle)
+    try:
+        write(
+            tmp, structures, format="extxyz" if target.suffix in ("", ".xyz", ".extxyz") else None
+        )
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _cmd_relax(args: argparse.Namespace) -> int:
+    from ase.constraints import FixAtoms
+    from ase.optimize import BFGS, FIRE, LBFGS
+
+    from forcecalc.calculator import load_calculator
+
+    optimizers = {"BFGS": BFGS, "LBFGS": LBFGS, "FIRE": FIRE}
+    calc = load_calculator(
+        args.model, device=args.device, dtype=args.dtype, allow_unsafe=args.allow_unsafe
+    )
+    structures = _read_structures(args.input)
+    print(f"{'#':>4} {'formula':<16} {'steps':>6} {'E_initial':>12} {'E_final':>12} {'fmax':>8}")
+    relaxed = []
+    for index, atoms in enumerate(structures):
+        if args.fix_below is not None:
+            below = np.flatnonzero(atoms.positions[:, 2] < args.fix_below)
+            atoms.set_constraint(FixAtoms(indices=below))
+        atoms.calc = calc
+        e0 = atoms.get_potential_energy()
+        optimizer = optimizers[args.optimizer](atoms, logfile=None)
+        converged = optimizer.run(fmax=args.fmax, steps=args.steps)
+        fmax = float(np.linalg.norm(atoms.get_forces(), axis=1).max())
+        energy = atoms.get_potential_energy()
+        flag = "" if converged else "  (not converged)"
+        print(
+            f"{index:>4} {atoms.get_chemical_formula():<16} {optimizer.nsteps:>6} "
+            f"{e0:>12.4f} {energy:>12.4f} {fmax:>8.4f}{flag}"
+        )
+        atoms.info.update({"relax_steps": optimizer.nsteps, "relax_converged": bool(converged)})
+        relaxed.append(atoms)
+    if args.out:
+        _write_structures(args.out, relaxed)
+        print(f"wrote {len(relaxed)} relaxed structure(s) to {args.out}")
+    return 0
+
+
+def _cmd_md(args: argparse.Namespace) -> int:
+    from ase import units
+    from ase.io.trajectory import Trajectory
+    from ase.md.langevin import Langevin
+    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
+    from ase.md.verlet import VelocityVerlet
+
+    from forcecalc.calculator import load_calculator
+
+    atoms = _read_structures(args.input)[args.index]
+    atoms.calc = load_calculator(
+        args.model, device=args.device, dtype=args.dtype, allow_unsafe=args.allow_unsafe
+    )
+    rng = np.random.default_rng(args.seed)
+    MaxwellBoltzmannDistribution(atoms, temperature_K=args.temperature, rng=rng)
+    dt = args.timestep * units.fs
+    if args.integrator == "verlet":
+        dyn = VelocityVerlet(atoms, timestep=dt)
+    else:
+        dyn = Langevin(
+            atoms, timestep=dt, temperature_K=args.temperature, friction=args.friction, rng=rng
+        )
+    traj = Trajectory(args.out, "w", atoms) if args.out else None
+    print(f"{'step':>6} {'time/fs':>9} {'E_pot':>12} {'E_kin':>10} {'E_total':>12} {'T/K':>8}")
+
+    def log() -> None:
+        epot = atoms.get_potential_energy()
+        ekin = atoms.get_kinetic_energy()
+        print(
+            f"{dyn.nsteps:>6} {dyn.nsteps * args.timestep:>9.2f} {epot:>12.5f} {ekin:>10.5f} "
+            f"{epot + ekin:>12.5f} {atoms.get_temperature():>8.1f}"
+        )
+
+    dyn.attach(log, interval=args.log_interval)
+    if traj is not None:
+        dyn.attach(traj.write, interval=args.log_interval)
+    dyn.run(args.steps)
+    if traj is not None:
+        traj.close()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``forcecalc`` command."""
+    parser = argparse.ArgumentParser(
+        prog="forcecalc",
+        description="SpinConv and ForceNet force fields (Open Catalyst Project) for ASE.",
+    )
+    parser.add_argument("--version", action="version", version=f"forcecalc {forcecalc.__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    info = sub.add_parser(
+        "info", help="show the installation and known checkpoints, or describe one checkpoint"
+    )
+    info.add_argument("checkpoint", nargs="?", help="a checkpoint file or name")
+    info.add_argument("--allow-unsafe", action="store_true", help="allow full unpickling")
+    info.set_defaults(func=_cmd_info)
+
+    convert = sub.add_parser("convert", help="convert an OCP checkpoint to forcecalc's format")
+    convert.add_argument("input", help="OCP checkpoint (.pt) or name")
+    convert.add_argument("output", help="where to write the forcecalc checkpoint")
+    convert.add_argument("--allow-unsafe", action="store_true", help="allow full unpickling")
+    convert.set_defaults(func=_cmd_convert)
+
+    relax = sub.add_parser(
+        "relax",
+        help="relax structures with an ASE optimizer",
+        description="Relax every structure of INPUT (any file ASE reads) to --fmax.",
+    )
+    relax.add_argument("input", help="structure file (extxyz, POSCAR, traj, ASE db, ...)")
+    _add_model_options(relax)
+    relax.add_argument("--fmax", type=float, default=0.05, help="force threshold, eV/Å")
+    relax.add_argument("--steps", type=int, default=300, help="maximum optimizer steps")
+    relax.add_argument("--optimizer", default="BFGS", choices=["BFGS", "LBFGS", "FIRE"])
+    relax.add_argument(
+        "--fix-below", type=float, default=None, help="fix atoms with z below this (Å)"
+    )
+    relax.add_argument("--out", default=None, help="write relaxed structures here (extxyz)")
+    relax.set_defaults(func=_cmd_relax)
+
+    md = sub.add_parser("md", help="molecular dynamics (velocity Verlet or Langevin)")
+    md.add_argument("input", help="structure file")
+    _add_model_options(md)
+    md.add_argument("--index", type=int, default=0, help="which structure of INPUT")
+    md.add_argument("--integrator", default="langevin", choices=["verlet", "langevin"])
+    md.add_argument("--temperature", type=float, default=300.0, help="K (initial velocities too)")
+    md.add_argument("--timestep", type=float, default=1.0, help="fs")
+    md.add_argument("--steps", type=int, default=100)
+    md.add_argument("--friction", type=float, default=0.01, help="Langevin friction, 1/fs")
+    md.add_argument("--seed", type=int, default=0)
+    md.add_argument("--log-interval", type=int, default=10)
+    md.add_argument("--out", default=None, help="trajectory file (.traj)")
+    md.set_defaults(func=_cmd_md)
+
+    try:
+        from forcecalc.data.cli import add_data_commands
+    except ImportError:
+        add_data_commands = None
+    if add_data_commands is not None:
+        add_data_commands(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``forcecalc`` command."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "func", None) is None:
+        parser.print_help()
+        return 1
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError, NotImplementedError) as error:
+        print(f"forcecalc: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

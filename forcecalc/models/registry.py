@@ -1,0 +1,39 @@
+"""Model names (the ones OCP used in ``config["model"]``) and how to build each model."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from torch import nn
+
+#: name -> "module:class", imported on first use.
+_MODELS = {
+    "spinconv": "forcecalc.models.spinconv:SpinConv",
+    "forcenet": "forcecalc.models.forcenet:ForceNet",
+}
+
+
+def model_names() -> list[str]:
+    """The model names a checkpoint may carry."""
+    return sorted(_MODELS)
+
+
+def model_class(name: str) -> type[nn.Module]:
+    """The ``nn.Module`` class registered as ``name``."""
+    if name not in _MODELS:
+        raise ValueError(f"unknown model {name!r} (known: {', '.join(model_names())})")
+    module, cls = _MODELS[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def build_model(name: str, kwargs: dict[str, Any], source_format: str = "forcecalc") -> nn.Module:
+    """Construct model ``name`` from its keyword arguments.
+
+    For OCP-format checkpoints an energy-centric SpinConv defaults to the original's force
+    definition (``forces="compat"``), so that OCP checkpoints give OCP's numbers.
+    """
+    kwargs = dict(kwargs)
+    if name == "spinconv" and source_format == "ocp":
+        kwargs.setdefault("forces", "compat")
+    return model_class(name)(**kwargs)
