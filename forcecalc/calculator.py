@@ -60,6 +60,7 @@ class ForceCalculator(Calculator):
         device: str | torch.device | None = None,
         dtype: str | torch.dtype = "float32",
         rotations: str | np.ndarray | torch.Tensor | None = None,
+        forces: str | None = None,
         max_neighbors: int | None = None,
         skin: float = 0.0,
         allow_unsafe: bool = False,
@@ -71,6 +72,8 @@ class ForceCalculator(Calculator):
             options["rotations"] = (
                 rotations if isinstance(rotations, str) else torch.as_tensor(rotations)
             )
+        if forces is not None:
+            options["forces"] = forces
         if isinstance(checkpoint, Potential):
             if options:
                 raise ValueError("pass model options when loading, not with a loaded Potential")
@@ -85,8 +88,6 @@ class ForceCalculator(Calculator):
                 f"{checkpoint!s} holds a {potential.name} model; use "
                 f"forcecalc.load_calculator() to pick the calculator from the checkpoint"
             )
-        if "rotations" in options and "force_estimator" not in potential.info.model_kwargs:
-            raise ValueError(f"rotations apply to SpinConv only, not to {potential.name}")
         if max_neighbors is not None:
             if max_neighbors < 1:
                 raise ValueError(f"max_neighbors must be >= 1, got {max_neighbors}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 from typing import Any
 
 from torch import nn
@@ -36,4 +37,10 @@ def build_model(name: str, kwargs: dict[str, Any], source_format: str = "forceca
     kwargs = dict(kwargs)
     if name == "spinconv" and source_format == "ocp":
         kwargs.setdefault("forces", "compat")
-    return model_class(name)(**kwargs)
+    cls = model_class(name)
+    accepted = inspect.signature(cls.__init__).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values()):
+        unknown = sorted(set(kwargs) - set(accepted))
+        if unknown:
+            raise ValueError(f"the {name} model has no option(s) {', '.join(unknown)}")
+    return cls(**kwargs)
