@@ -137,17 +137,21 @@ def _cmd_md(args: argparse.Namespace) -> int:
     from ase import units
     from ase.io.trajectory import Trajectory
     from ase.md.langevin import Langevin
-    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
-    from ase.md.verlet import VelocityVerlet
+        from ase.md.verlet import VelocityVerlet
 
     from forcecalc.calculator import load_calculator
+
+    try:
+        from ase.md.velocitydistribution import thermalize_momenta
+    except ImportError:  # ASE < 3.29
+        from ase.md.velocitydistribution import MaxwellBoltzmannDistribution as thermalize_momenta
 
     atoms = _read_structures(args.input)[args.index]
     atoms.calc = load_calculator(
         args.model, device=args.device, dtype=args.dtype, allow_unsafe=args.allow_unsafe
     )
     rng = np.random.default_rng(args.seed)
-    MaxwellBoltzmannDistribution(atoms, temperature_K=args.temperature, rng=rng)
+    thermalize_momenta(atoms, temperature_K=args.temperature, rng=rng)
     dt = args.timestep * units.fs
     if args.integrator == "verlet":
         dyn = VelocityVerlet(atoms, timestep=dt)

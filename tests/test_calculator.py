@@ -1,0 +1,172 @@
+"""The ASE calculators: ASE's contract, the reference numbers, errors, skin reuse, predict."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from ase import Atoms
+from ase.build import add_adsorbate, fcc100, molecule
+from ase.calculators.calculator import PropertyNotImplementedError
+from ase.constraints import FixAtoms
+from ase.md.verlet import VelocityVerlet
+from conftest import OCP_DATA, ocp_reference, ocp_structures
+
+from forcecalc import (
+    ForceCalculator,
+    ForceNetCalculator,
+    SpinConvCalculator,
+    load_calculator,
+    load_checkpoint,
+    predict,
+)
+
+FORCENET = OCP_DATA / "forcenet_small.pt"
+SPINCONV_FC = OCP_DATA / "spinconv_small_fc.pt"
+SPINCONV_EC = OCP_DATA / "spinconv_small_ec.pt"
+
+
+def _slab() -> Atoms:
+    """A small O on Cu(100) slab, bottom layer fixed, periodic in x and y."""
+    slab = fcc100("Cu", size=(2, 2, 2), vacuum=6.0)
+    add_adsorbate(slab, "O", 1.6, "hollow")
+    slab.set_constraint(FixAtoms(indices=[a.index for a in slab if a.tag == 2]))
+    return slab
+
+
+def test_calculator_gives_the_reference_numbers() -> None:
+    """Through ASE, a ForceNet OCP checkpoint gives the original's float64 energies/forces."""
+    model = ocp_reference()["models"]["forcenet_small"]["results"]
+    calc = ForceNetCalculator(FORCENET, dtype="float64", device="cpu")
+    for name, atoms in ocp_structures().items():
+        if model[name]["tie_cut"]:
+            continue
+        atoms = atoms.copy()
+        atoms.calc = calc
+        forces = atoms.get_forces(apply_constraint=False)
+        reference = np.array(model[name]["forces"])
+        assert atoms.get_potential_energy() == pytest.approx(model[name]["energy"], abs=1e-6)
+        assert np.abs(forces - reference).max() <= 1e-6 * np.abs(reference).max()
+        assert atoms.get_potential_energy(force_consistent=True) == atoms.get_potential_energy()
+
+
+def test_fixed_atoms_get_zero_forces_through_ase() -> None:
+    """ASE applies FixAtoms: fixed atoms report zero force, free atoms the model's."""
+    atoms = _slab()
+    atoms.calc = ForceNetCalculator(FORCENET, device="cpu")
+    fixed = atoms.constraints[0].get_indices()
+    assert np.all(atoms.get_forces()[fixed] == 0)
+    assert np.any(atoms.get_forces(apply_constraint=False)[fixed] != 0)
+
+
+def test_typed_calculators_refuse_the_other_model() -> None:
+    """SpinConvCalculator refuses a ForceNet checkpoint (and vice versa), naming both."""
+    with pytest.raises(ValueError, match=r"needs a spinconv checkpoint.*holds a forcenet"):
+        SpinConvCalculator(FORCENET, device="cpu")
+    with pytest.raises(ValueError, match=r"needs a forcenet checkpoint.*holds a spinconv"):
+        ForceNetCalculator(SPINCONV_FC, device="cpu")
+    assert load_calculator(SPINCONV_FC, device="cpu").potential.name == "spinconv"
+
+
+def test_spinconv_options_are_refused_for_forcenet() -> None:
+    """Options that only SpinConv has are a clear error for ForceNet."""
+    with pytest.raises(ValueError, match="rotations"):
+        ForceCalculator(FORCENET, device="cpu", rotations="random")
+
+
+def test_force_centric_models_define_no_stress() -> None:
+    """Asking a direct-force model for stress raises PropertyNotImplementedError saying why."""
+    atoms = _slab()
+    atoms.pbc = True
+    for checkpoint in (FORCENET, SPINCONV_FC):
+        atoms.calc = load_calculator(checkpoint, device="cpu")
+        with pytest.raises(PropertyNotImplementedError, match="stress is not defined"):
+            atoms.get_stress()
+        assert "stress" not in atoms.calc.implemented_properties
+
+
+@pytest.mark.parametrize(
+    ("atoms", "message"),
+    [
+        (Atoms(), "has no atoms"),
+        (Atoms("CO", positions=[[0, 0, 0], [0, 0, np.nan]]), r"atoms \[1\] are NaN or inf"),
+        (
+            Atoms("Cu", positions=[[0, 0, 0]], cell=[[3, 0, 0], [0, 3, 0], [0, 0, 0]], pbc=True),
+            r"zero length along periodic axes",
+        ),
+        (
+            Atoms(
+                "Cu2",
+                positions=[[0, 0, 0], [1, 1, 1]],
+                cell=[[3, 0, 0], [6, 0, 0], [0, 0, 3]],
+                pbc=True,
+            ),
+            "linearly dependent",
+        ),
+        (Atoms("CuAt", positions=[[0, 0, 0], [0, 0, 2]]), r"element\(s\) At \(atoms \[1\]\)"),
+    ],
+)
+def test_bad_input_is_named(atoms: Atoms, message: str) -> None:
+    """Bad structures raise ValueError naming the problem and the atoms, never a number."""
+    atoms.calc = ForceNetCalculator(FORCENET, device="cpu")
+    with pytest.raises(ValueError, match=message):
+        atoms.get_potential_energy()
+
+
+def test_skin_reuses_the_graph_with_identical_results() -> None:
+    """With a skin, an MD run rebuilds the neighbor list rarely and gives the same forces."""
+    atoms = _slab()
+    rng = np.random.default_rng(1)
+    atoms.set_momenta(rng.normal(scale=0.3, size=(len(atoms), 3)))
+    rebuild = load_calculator(FORCENET, device="cpu", dtype="float64")
+    reuse = load_calculator(rebuild.potential, skin=1.0)
+    atoms.calc = reuse
+    dyn = VelocityVerlet(atoms, timestep=2.0 * 0.09822694788464063)
+    steps = 0
+    for _ in range(25):
+        dyn.run(1)
+        steps += 1
+        reference = rebuild.get_forces(atoms.copy())
+        np.testing.assert_array_equal(atoms.get_forces(apply_constraint=False), reference)
+    assert 1 <= reuse.graph_builds < steps
+
+
+def test_predict_equals_the_calculator() -> None:
+    """predict() over a batch gives the one-by-one calculator numbers."""
+    structures = list(ocp_structures().values())
+    potential = load_checkpoint(FORCENET, device="cpu", dtype="float64")
+    results = predict(structures, potential, batch_size=4)
+    calc = load_calculator(potential)
+    for atoms, result in zip(structures, results, strict=True):
+        atoms = atoms.copy()
+        atoms.calc = calc
+        assert result["energy"] == pytest.approx(atoms.get_potential_energy(), abs=1e-9)
+        np.testing.assert_allclose(
+            result["forces"], atoms.get_forces(apply_constraint=False), atol=1e-9
+        )
+
+
+def test_energy_centric_stress_is_the_strain_derivative() -> None:
+    """Energy-centric SpinConv: stress = (1/V) dE/d(strain), by central finite differences."""
+    atoms = molecule("CO")
+    atoms.cell = [[4.0, 0.3, 0.1], [0.2, 4.2, 0.0], [0.1, 0.0, 4.4]]
+    atoms.pbc = True
+    atoms.positions += 1.0
+    atoms.calc = SpinConvCalculator(
+        SPINCONV_EC, device="cpu", dtype="float64", forces="conservative"
+    )
+    stress = atoms.get_stress(voigt=False)
+    step = 1e-5
+    numeric = np.zeros((3, 3))
+    for a in range(3):
+        for b in range(3):
+            energies = []
+            for sign in (1, -1):
+                strained = atoms.copy()
+                strain = np.eye(3)
+                strain[a, b] += sign * step
+                strained.set_cell(atoms.cell.array @ strain, scale_atoms=True)
+                strained.calc = atoms.calc
+                energies.append(strained.get_potential_energy())
+            numeric[a, b] = (energies[0] - energies[1]) / (2 * step) / atoms.get_volume()
+    numeric = 0.5 * (numeric + numeric.T)
+    np.testing.assert_allclose(stress, numeric, atol=1e-7 * max(1.0, np.abs(numeric).max()))
