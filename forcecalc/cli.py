@@ -137,7 +137,7 @@ def _cmd_md(args: argparse.Namespace) -> int:
     from ase import units
     from ase.io.trajectory import Trajectory
     from ase.md.langevin import Langevin
-        from ase.md.verlet import VelocityVerlet
+    from ase.md.verlet import VelocityVerlet
 
     from forcecalc.calculator import load_calculator
 
