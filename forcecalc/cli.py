@@ -157,7 +157,11 @@ def _cmd_md(args: argparse.Namespace) -> int:
         dyn = VelocityVerlet(atoms, timestep=dt)
     else:
         dyn = Langevin(
-            atoms, timestep=dt, temperature_K=args.temperature, friction=args.friction, rng=rng
+            atoms,
+            timestep=dt,
+            temperature_K=args.temperature,
+            friction=args.friction / units.fs,
+            rng=rng,
         )
     traj = Trajectory(args.out, "w", atoms) if args.out else None
     print(f"{'step':>6} {'time/fs':>9} {'E_pot':>12} {'E_kin':>10} {'E_total':>12} {'T/K':>8}")

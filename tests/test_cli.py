@@ -1,0 +1,110 @@
+"""The ``forcecalc`` command: what a user types and reads."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from ase.build import add_adsorbate, fcc111
+from ase.constraints import FixAtoms
+from ase.io import read, write
+from conftest import OCP_DATA
+
+import forcecalc
+from forcecalc.cli import main
+
+SPINCONV_EC = OCP_DATA / "spinconv_small_ec.pt"
+
+
+def test_version_and_module_entry_point() -> None:
+    """`python -m forcecalc --version` prints the package version."""
+    out = subprocess.run(
+        [sys.executable, "-m", "forcecalc", "--version"], capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == f"forcecalc {forcecalc.__version__}"
+
+
+def test_info_describes_a_checkpoint(capsys) -> None:
+    """`forcecalc info CHECKPOINT` prints the model, cutoff and normalizers as JSON."""
+    assert main(["info", str(OCP_DATA / "forcenet_small.pt")]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["model"] == "forcenet" and report["cutoff"] == 6.0
+    assert report["format"] == "ocp"
+
+
+def test_info_without_checkpoint_lists_models(capsys) -> None:
+    """`forcecalc info` shows the version and the downloadable OCP checkpoints."""
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert forcecalc.__version__ in out and "SpinConv-S2EF-OC20-All" in out
+
+
+def test_convert_writes_our_format(tmp_path: Path) -> None:
+    """`forcecalc convert` turns an OCP checkpoint into forcecalc's format."""
+    out = tmp_path / "converted.pt"
+    assert main(["convert", str(OCP_DATA / "spinconv_small_fc.pt"), str(out)]) == 0
+    data = torch.load(out, weights_only=True)
+    assert data["format"] == "forcecalc" and data["model"] == "spinconv"
+
+
+def test_errors_are_one_line_not_tracebacks(capsys) -> None:
+    """A missing checkpoint is reported as a one-line error with exit code 2."""
+    assert main(["info", "no-such-model"]) == 2
+    assert "no checkpoint file or known name" in capsys.readouterr().err
+
+
+def test_relax_writes_structures_and_a_table(tmp_path: Path, capsys) -> None:
+    """`forcecalc relax` relaxes every structure, honours --fix-below and writes the result."""
+    slab = fcc111("Cu", size=(2, 2, 2), vacuum=5.0)
+    add_adsorbate(slab, "O", 2.0, "fcc")
+    write(tmp_path / "in.extxyz", [slab, slab])
+    z_bottom = slab.positions[:4, 2].max() + 0.1
+    code = main(
+        [
+            "relax",
+            str(tmp_path / "in.extxyz"),
+            "--model",
+            str(SPINCONV_EC),
+            "--dtype",
+            "float64",
+            "--fix-below",
+            str(z_bottom),
+            "--steps",
+            "3",
+            "--out",
+            str(tmp_path / "out.extxyz"),
+        ]
+    )
+    assert code == 0
+    relaxed = read(tmp_path / "out.extxyz", index=":")
+    assert len(relaxed) == 2
+    fixed = slab.positions[:, 2] < z_bottom
+    assert (relaxed[0].positions[fixed] == slab.positions[fixed]).all()
+    assert isinstance(relaxed[0].constraints[0], FixAtoms)
+    assert "E_final" in capsys.readouterr().out
+
+
+def test_md_logs_energies(tmp_path: Path, capsys) -> None:
+    """`forcecalc md` runs the integrator and logs energy and temperature."""
+    slab = fcc111("Cu", size=(2, 2, 2), vacuum=5.0)
+    write(tmp_path / "in.extxyz", slab)
+    code = main(
+        [
+            "md",
+            str(tmp_path / "in.extxyz"),
+            "--model",
+            str(SPINCONV_EC),
+            "--steps",
+            "4",
+            "--log-interval",
+            "2",
+            "--out",
+            str(tmp_path / "md.traj"),
+        ]
+    )
+    assert code == 0
+    assert len(read(tmp_path / "md.traj", index=":")) == 3
+    assert "E_total" in capsys.readouterr().out
