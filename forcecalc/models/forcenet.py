@@ -32,7 +32,9 @@ folded into ``lin_basis`` (same function, ~2.5x fewer operations per edge).  The
 harmonics are computed in torch (polynomials of ``n``, no ``acos``/``atan2``), on the device
 of the model and in its dtype.  Sums over edges use ``index_add_``, which is deterministic
 on the CPU; on CUDA it is not bitwise reproducible unless
-``torch.use_deterministic_algorithms(True)``.
+``torch.use_deterministic_algorithms(True)``.  Measured (2-core CPU, float32, no autograd, the
+``forcenet_all`` configuration on a 38-atom slab, ~1900 edges): ~95 ms with 2 threads, ~170 ms
+with 1 (OCP's original: ~420 ms with 1 thread); without the split, about twice as long.
 """
 
 from __future__ import annotations

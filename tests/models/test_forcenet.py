@@ -288,3 +288,19 @@ def test_contract_attributes():
     assert not {0, 36, 54, 85, 86, 87, 97} & set(supported)
     assert max(supported) <= 100
     assert math.isnan(float(model.atom_radii[36]))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float64", "float32"])
+def test_cuda_matches_cpu(dtype):
+    """On CUDA the model gives the CPU results (float64 1e-9, float32 1e-4 relative to max|F|)."""
+    model = _model("forcenet_small", dtype)
+    atoms = list(ocp_structures().values())
+    batch = Batch.from_atoms(atoms, cutoff=model.cutoff, dtype=dtype)
+    with torch.no_grad():
+        cpu = model(batch)
+        gpu = copy.deepcopy(model).cuda()(batch.to("cuda"))
+    tol = 1e-9 if dtype == torch.float64 else 1e-4
+    scale = cpu["forces"].abs().max()
+    torch.testing.assert_close(gpu["forces"].cpu(), cpu["forces"], rtol=0, atol=tol * scale)
+    torch.testing.assert_close(gpu["energy"].cpu(), cpu["energy"], rtol=tol, atol=tol)
