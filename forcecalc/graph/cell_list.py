@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 #: Candidate pairs generated at once (memory is about 100 bytes per candidate).
-MAX_CANDIDATES = 1 << 21
+MAX_CANDIDATES = 1 << 18
 
 #: Bins per axis and system at most (bounds the int64 bin keys; wider bins stay correct).
 MAX_BINS_PER_AXIS = 1 << 15
@@ -46,8 +46,16 @@ MAX_BINS_PER_AXIS = 1 << 15
 #: Relative safety margin on the reach, so rounding never drops a pair at the cutoff.
 _REACH_MARGIN = 1e-9
 
-#: The 27 bin offsets ``{-1, 0, 1}^3``, ``[27, 3]``.
-_OFFSETS = torch.cartesian_prod(*(torch.tensor([-1, 0, 1]),) * 3)
+#: Bins per reach: an atom's neighbors lie within this many bins of its own along each axis.
+DIVISIONS = 2
+
+#: ``[2, n_runs]`` bin offsets ``(dx, dy)`` of the runs of bins scanned around an atom.
+_RUNS = torch.cartesian_prod(*(torch.arange(-DIVISIONS, DIVISIONS + 1),) * 2).T.contiguous()
+
+#: Bin starts come from a dense table over all bins while there are at most this many bins
+#: per image (plus :data:`DENSE_TABLE_MIN`), else from binary searches (sparse systems).
+DENSE_TABLE_FACTOR = 8
+DENSE_TABLE_MIN = 1 << 16
 
 
 def batched_cell_list(
@@ -94,31 +102,45 @@ def batched_cell_list(
 
     image_atom, image_shift = _images(frac, reach[system_idx], periodic)
     image_system = system_idx[image_atom]
+    grid = _Grid(frac, system_idx, pbc, reach)
+    image_bins = grid.bins(frac[image_atom] + image_shift, image_system)
+    image_key, order = torch.sort(grid.key(image_bins, image_system), stable=True)
+    image_atom, image_shift, image_bins = image_atom[order], image_shift[order], image_bins[order]
+    image_system = image_system[order]
     image_pos = pos[image_atom] + torch.einsum(
         "na,nab->nb", image_shift.to(torch.float64), cell[image_system]
     )
-    grid = _Grid(frac, system_idx, pbc, reach)
-    image_key = grid.keys(frac[image_atom] + image_shift, image_system)
-    image_key, order = torch.sort(image_key, stable=True)
-    image_atom, image_shift, image_pos = image_atom[order], image_shift[order], image_pos[order]
-    image_self = (image_shift == 0).all(dim=1)
-
-    start, count = grid.neighbor_ranges(frac, system_idx, image_key)
-    sources, targets, shifts = [], [], []
+    # Columns ([3, n_images]) make the per-candidate gathers fast.  An edge's shift is
+    # offset[source image] - offset[target image] (a target image has S = 0).
+    image_xyz = image_pos.T.contiguous()
+    image_offset = (image_shift - wrap.to(torch.int64)[image_atom]).T.contiguous()
+    # The targets are the atoms themselves: their zero-shift images, in bin order.
+    target_image = torch.nonzero((image_shift == 0).all(dim=1)).flatten()
+    start, count = grid.neighbor_ranges(
+        image_bins[target_image], image_system[target_image], image_key
+    )
+    edges, shifts = [], []
     for lo, hi in _chunks(count.sum(dim=1)):
-        image, target = _candidates(start[lo:hi], count[lo:hi], lo)
-        diff = image_pos[image] - pos[target]
-        atom = image_atom[image]
-        keep = ((diff * diff).sum(dim=1) < cutoff * cutoff) & ~(
-            (atom == target) & image_self[image]
-        )
-        image, target, atom = image[keep], target[keep], atom[keep]
-        sources.append(atom)
-        targets.append(target)
-        shifts.append(image_shift[image])
-    source, target, shift = torch.cat(sources), torch.cat(targets), torch.cat(shifts)
-    wrap = wrap.to(torch.int64)
-    return torch.stack([source, target]), shift - wrap[source] + wrap[target]
+        image, target = _candidates(start[lo:hi], count[lo:hi], target_image[lo:hi])
+        squared = _squared_distances(image_xyz, image, target)
+        keep = torch.nonzero((squared < cutoff * cutoff) & (image != target)).flatten()
+        image, target = image.index_select(0, keep), target.index_select(0, keep)
+        edges.append(torch.stack([image_atom.index_select(0, image), image_atom[target]]))
+        shifts.append(torch.stack([row[image] - row[target] for row in image_offset], dim=1))
+    return torch.cat(edges, dim=1), torch.cat(shifts)
+
+
+def _squared_distances(xyz: Tensor, image: Tensor, target: Tensor) -> Tensor:
+    """``[n]`` squared distances between images ``image`` and ``target`` (``[n]`` each).
+
+    Args:
+        xyz: ``[3, n_images]`` float64 image positions as contiguous columns.
+    """
+    result = torch.zeros(len(image), dtype=xyz.dtype, device=xyz.device)
+    for column in xyz:
+        delta = column.index_select(0, image) - column.index_select(0, target)
+        result.addcmul_(delta, delta)
+    return result
 
 
 def _frame(cell: Tensor, pbc: Tensor) -> Tensor:
@@ -169,11 +191,14 @@ def _images(frac: Tensor, reach: Tensor, periodic: Tensor) -> tuple[Tensor, Tens
 class _Grid:
     """The bins of every system, keyed by one int64 ``offset[system] + linear bin index``.
 
+    Bins are at least ``reach / DIVISIONS`` wide, so an atom's neighbors lie within
+    ``DIVISIONS`` bins of its own along each axis.
+
     Args:
         frac: ``[n_atoms, 3]`` wrapped fractional coordinates.
         system_idx: ``[n_atoms]`` system of each atom.
         pbc: ``[n_systems, 3]`` bool.
-        reach: ``[n_systems, 3]`` minimal bin width per axis (fractional units).
+        reach: ``[n_systems, 3]`` reach per axis (fractional units).
     """
 
     def __init__(self, frac: Tensor, system_idx: Tensor, pbc: Tensor, reach: Tensor) -> None:
@@ -187,90 +212,100 @@ class _Grid:
         #: ``[n_systems, 3]`` lower corner of the binned region.
         self.origin = torch.where(pbc, -reach, low)
         extent = torch.where(pbc, 1 + 2 * reach, high - low)
+        n_bins = torch.floor(extent * DIVISIONS / reach).clamp(1, MAX_BINS_PER_AXIS)
         #: ``[n_systems, 3]`` int64 bins per axis.
-        self.n_bins = torch.floor(extent / reach).clamp(1, MAX_BINS_PER_AXIS).to(torch.int64)
+        self.n_bins = n_bins.to(torch.int64)
         #: ``[n_systems, 3]`` bins per fractional unit (0 where the extent is 0).
-        self.scale = torch.where(extent > 0, self.n_bins / extent, 0.0)
+        self.scale = torch.where(extent > 0, n_bins / extent, 0.0)
         per_system = self.n_bins.prod(dim=1)
         #: ``[n_systems]`` key of each system's first bin.
         self.offset = torch.cumsum(per_system, 0) - per_system
+        #: Bins of all systems together.
+        self.n_total = int(per_system.sum())
 
     def bins(self, frac: Tensor, system: Tensor) -> Tensor:
-        """``[n, 3]`` int64 bin of points ``frac`` ``[n, 3]`` of systems ``system`` ``[n]``."""
+        """``[n, 3]`` int64 bins of points ``frac`` ``[n, 3]`` of systems ``system`` ``[n]``."""
         raw = torch.floor((frac - self.origin[system]) * self.scale[system]).to(torch.int64)
         return torch.minimum(raw.clamp(min=0), self.n_bins[system] - 1)
 
     def key(self, bins: Tensor, system: Tensor) -> Tensor:
-        """``[...]`` int64 keys of bins ``[..., 3]`` of systems ``system`` (broadcast)."""
-        n_bins = self.n_bins[system]
-        linear = (bins[..., 0] * n_bins[..., 1] + bins[..., 1]) * n_bins[..., 2] + bins[..., 2]
-        return self.offset[system] + linear
-
-    def keys(self, frac: Tensor, system: Tensor) -> Tensor:
-        """``[n]`` int64 keys of the bins holding points ``frac`` ``[n, 3]``."""
-        return self.key(self.bins(frac, system), system)
+        """``[n]`` int64 keys of bins ``[n, 3]`` of systems ``system`` ``[n]``."""
+        _, n_y, n_z = self.n_bins[system].unbind(1)
+        x, y, z = bins.unbind(1)
+        return self.offset[system] + (x * n_y + y) * n_z + z
 
     def neighbor_ranges(
-        self, frac: Tensor, system: Tensor, sorted_keys: Tensor
+        self, bins: Tensor, system: Tensor, sorted_keys: Tensor
     ) -> tuple[Tensor, Tensor]:
-        """Where the images of the 27 bins around each atom lie in the sorted images.
+        """Where the images near each target lie in the key-sorted images.
+
+        The bins within ``DIVISIONS`` of a target's bin form ``(2 DIVISIONS + 1)^2`` runs of
+        consecutive keys (the last axis varies fastest), so each run is one range of images.
 
         Args:
-            frac: ``[n_atoms, 3]`` wrapped fractional coordinates of the atoms.
-            system: ``[n_atoms]`` system of each atom.
+            bins: ``[n_targets, 3]`` bin of each target.
+            system: ``[n_targets]`` system of each target.
             sorted_keys: ``[n_images]`` sorted bin keys of the images.
 
         Returns:
-            ``(start, count)``: ``[n_atoms, 27]`` int64 each; images
-            ``start[a, k] .. start[a, k] + count[a, k] - 1`` are in the ``k``-th bin around
-            atom ``a`` (count 0 for bins outside the grid).
+            ``(start, count)``: ``[n_targets, n_runs]`` int64 each; the images
+            ``start[t, r] .. start[t, r] + count[t, r] - 1`` form run ``r`` of target ``t``
+            (count 0 for runs outside the grid).
         """
-        around = self.bins(frac, system).unsqueeze(1) + _OFFSETS.to(frac.device)
-        n_bins = self.n_bins[system].unsqueeze(1)
-        inside = ((around >= 0) & (around < n_bins)).all(dim=2)
-        keys = self.key(around, system.unsqueeze(1))
-        start = torch.searchsorted(sorted_keys, keys)
-        end = torch.searchsorted(sorted_keys, keys, right=True)
+        n_x, n_y, n_z = self.n_bins[system].unsqueeze(2).unbind(1)
+        b_x, b_y, b_z = bins.unsqueeze(2).unbind(1)
+        x, y = b_x + _RUNS[0].to(bins.device), b_y + _RUNS[1].to(bins.device)
+        inside = (x >= 0) & (x < n_x) & (y >= 0) & (y < n_y)
+        row = self.offset[system].unsqueeze(1) + (x * n_y + y) * n_z
+        first = row + (b_z - DIVISIONS).clamp(min=0)
+        last = row + torch.minimum(b_z + DIVISIONS, n_z - 1)
+        if self.n_total <= DENSE_TABLE_FACTOR * len(sorted_keys) + DENSE_TABLE_MIN:
+            # Start of every bin, then two gathers instead of two binary searches.
+            table = torch.searchsorted(
+                sorted_keys, torch.arange(self.n_total + 1, device=bins.device)
+            )
+            start = table[first.clamp(0, self.n_total)]
+            end = table[(last + 1).clamp(0, self.n_total)]
+        else:
+            start = torch.searchsorted(sorted_keys, first)
+            end = torch.searchsorted(sorted_keys, last, right=True)
         return start, torch.where(inside, end - start, 0)
 
 
 def _chunks(per_target: Tensor) -> list[tuple[int, int]]:
-    """Split targets into ranges of at most :data:`MAX_CANDIDATES` candidates.
+    """Split targets into ranges of about :data:`MAX_CANDIDATES` candidates.
 
     Args:
         per_target: ``[n_targets]`` int64 candidates of each target.
 
     Returns:
-        ``(lo, hi)`` target ranges covering ``0 .. n_targets`` (a single target with more
-        candidates than the limit gets a range of its own).
+        ``(lo, hi)`` target ranges covering ``0 .. n_targets``; a range holds at most
+        ``MAX_CANDIDATES`` plus the candidates of its first target.
     """
     total = torch.cumsum(per_target, 0)
     n_chunks = int(total[-1]) // MAX_CANDIDATES + 1
     limits = torch.arange(1, n_chunks, device=total.device) * MAX_CANDIDATES
     cuts = torch.searchsorted(total, limits, right=True).tolist()
-    bounds = sorted({0, *cuts, len(per_target)})
-    return list(pairwise(bounds))
+    return list(pairwise(sorted({0, *cuts, len(per_target)})))
 
 
-def _candidates(start: Tensor, count: Tensor, first_target: int) -> tuple[Tensor, Tensor]:
-    """Every (image, target) pair of a chunk of targets and their 27 surrounding bins.
+def _candidates(start: Tensor, count: Tensor, target_image: Tensor) -> tuple[Tensor, Tensor]:
+    """Every (image, target image) pair of a chunk of targets and their runs.
 
     Args:
-        start: ``[n_targets, 27]`` first image of each bin.
-        count: ``[n_targets, 27]`` images in each bin.
-        first_target: atom index of the chunk's first target.
+        start: ``[n_targets, n_runs]`` first image of each run.
+        count: ``[n_targets, n_runs]`` images in each run.
+        target_image: ``[n_targets]`` the target's own (zero-shift) image.
 
     Returns:
-        ``(image, target)``: ``[n_candidates]`` int64 each.
+        ``(image, target)``: ``[n_candidates]`` int64 image indices each.
     """
-    count = count.reshape(-1)
-    total = int(count.sum())
-    # Image = start of its bin + its rank inside the bin = arange - (first candidate - start).
-    rebase = start.reshape(-1) - (torch.cumsum(count, 0) - count)
+    per_target = count.sum(dim=1)
+    count = count.flatten()
+    total = int(per_target.sum())
+    # Image = start of its run + its rank in the run = arange - (first candidate - start).
+    rebase = start.flatten() - (torch.cumsum(count, 0) - count)
     image = torch.repeat_interleave(rebase, count, output_size=total)
     image += torch.arange(total, device=image.device)
-    targets = torch.arange(len(start), device=image.device) + first_target
-    target = torch.repeat_interleave(
-        targets, count.view(len(start), 27).sum(dim=1), output_size=total
-    )
+    target = torch.repeat_interleave(target_image, per_target, output_size=total)
     return image, target
