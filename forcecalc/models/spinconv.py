@@ -1,0 +1,725 @@
+"""SpinConv (Shuaibi et al., "Rotation Invariant Graph Neural Networks using Spin Convolutions",
+2021), re-implemented to load the Open Catalyst Project's checkpoints strictly and reproduce the
+original's numbers (OCP ``ocpmodels/models/spinconv.py``, commit e7a8745eb).
+
+The network, in OCP's terms (parameter names are OCP's, so ``load_state_dict(strict=True)``
+accepts an OCP state_dict once its ``module.`` prefix is removed):
+
+* Messages live on directed edges ``e = (s -> t)`` (``edge_index[:, e] = (s, t)``, vector
+  ``v_e = pos[s] - pos[t] + shift``).  They start from the Gaussian-expanded, per element pair
+  rescaled distance (``dist_block``), two dense layers and an element-conditioned mixture of
+  experts (``embeddingblock2``).
+* Each message block projects, for every edge ``e``, the messages of the edges *into its
+  source* ``s`` onto a latitude/longitude grid around ``s`` in ``e``'s frame (polar axis
+  ``v_e / |v_e|``, the roll fixed by the distance-weighted mean neighbor vector of ``t``),
+  bilinearly splatted; a circular convolution along longitude, average-pooled over all
+  longitudinal shifts, makes the result invariant to the roll ("spin convolution").
+* Energy: messages summed onto their targets, divided by ``max_num_neighbors / 2 + 1``, a last
+  mixture of experts per atom, summed per system.
+* Forces, ``force_estimator="random"`` (force-centric): for each atom and each of ``R``
+  rotations ``R_r``, the messages into the atom are projected in the three frames whose polar
+  axes are the rows of ``R_r``; the force block predicts the force component along each axis,
+  and the forces are ``mean_r R_r^T (f_x, f_y, f_z)``.  ``force_estimator="grad"``
+  (energy-centric): forces are an energy gradient (see ``forces`` below).
+
+Conventions this implementation fixes (see ``shared/fixtures/ocp/README.md``):
+
+* **The pole.**  In an edge's frame the edge's own reverse message lies exactly on the polar
+  axis, where the longitude ``atan2(y, z)`` is undefined; the original took it from the signs of
+  rounding noise.  Here a projected direction with ``y**2 + z**2 < 1e-12`` gets ``y = z = +0``
+  (longitude ``atan2(+0, +0) = 0``).  All projection geometry (edge frames, projected
+  directions, latitudes/longitudes, bin indices and splat weights) is computed in float64 even
+  for a float32 model, so the threshold is 1e-12 in both precisions: the reverse edge is
+  *exactly* ``-v_e`` (its vector is computed from the same numbers with the opposite sign), so in
+  float64 it lands ~1e-32 from the axis, far below the threshold, while a genuine neighbor must
+  be within 1e-6 rad of the axis to count as on it.  Cost: ``n_pairs`` (about
+  ``n_edges * max_num_neighbors``) dot products, trig functions and index computations in
+  float64, about 10-15 ms of the ~0.3 s forward of a 38-atom slab with the published
+  hyperparameters on two CPU cores; on a GPU float64 elementwise work is
+  cheap relative to the convolutions.
+* **Max-neighbor ties.**  The graph is cut with
+  :func:`~forcecalc.graph.neighbors.max_neighbors_mask` (each atom keeps its ``max_neighbors``
+  closest neighbors plus every neighbor tied with the last one within 1e-5 Å), in place of
+  OCP's sort-order dependent cut and ``_filter_edges`` (a no-op after OCP's strict cut: every
+  remaining edge is within its target's closest ``k``).
+
+Forces of the energy-centric model (``forces``):
+
+* ``"compat"`` (OCP's definition): the original computes the bilinear splat weights under
+  ``no_grad``, so its forces are minus the gradient of the energy through the distance
+  features only.  Stress (if asked for) is the same partial derivative with respect to strain.
+* ``"conservative"``: the full ``-dE/dx`` (and ``(1/V) dE/dstrain``), for MD.  The projection is
+  made differentiable everywhere it matters: on the pole the longitude is the convention's
+  constant 0 and the latitude is held at its computed value, both *detached*; the
+  reverse edge (and a periodic image collinear with the edge) is on the pole for every
+  configuration, so its projection is constant and its derivative is exactly zero.  Without
+  this, autograd would evaluate ``d atan2(y, z)`` at ``(0, 0)`` (``0/0``) and ``d asin(p)``
+  at ``|p| = 1`` and return NaN or rounding noise amplified by ~1e32.  Gradients of the other
+  terms are finite: off the pole ``y**2 + z**2 >= 1e-12`` bounds ``1/sqrt(1 - p0**2)`` by 1e6,
+  and the splat is piecewise bilinear (continuous across bin edges and the longitude wrap).
+  The model itself stays discontinuous where a *genuine* neighbor crosses a pole (its
+  longitude jumps); that is a property of the architecture, not of the gradient.
+
+The circular convolution is evaluated exactly, but in Fourier space along the longitude: one
+``rfft`` of the grid, a complex matrix product per frequency and group, one ``irfft``.  This is
+about five times fewer operations than ``nn.Conv1d`` with circular padding (the result is the
+same up to rounding: the pooled output averages over all longitudinal shifts, so the padding's
+alignment does not matter).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from forcecalc.graph.batch import Batch
+from forcecalc.graph.neighbors import max_neighbors_mask
+from forcecalc.models.blocks import GaussianSmearing, Swish
+
+#: A projected unit direction with ``y**2 + z**2`` below this lies on the pole (float64).
+POLE_EPS2 = 1e-12
+#: OCP's graph drops pairs with squared distance at or below this (Å^2): coincident atoms.
+MIN_DISTANCE2 = 1e-4
+#: Seed of the default fixed set of force-block rotations.
+ROTATION_SEED = 0
+#: Width of the element-pair mixture of experts (OCP's ``num_embedding_basis``).
+NUM_EXPERTS = 8
+
+_SUPPORTED_SPHERE = ("fullconv",)
+
+
+class EmbeddingBlock(nn.Module):
+    """Element-conditioned mixture of experts (OCP's ``EmbeddingBlock``).
+
+    ``x -> fc3(sum_k w_k(Z_a, Z_b) * act(fc2(act(fc1(x))))[k])`` with ``NUM_EXPERTS`` experts of
+    width ``mid`` and weights ``w = softmax(embed_fc1([emb_a(Z_a), emb_b(Z_b)]))``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        mid_channels: int,
+        embedding_size: int,
+        max_num_elements: int,
+    ) -> None:
+        super().__init__()
+        self.mid_channels = mid_channels
+        self.act = Swish()
+        self.fc1 = nn.Linear(in_channels, mid_channels)
+        self.fc2 = nn.Linear(mid_channels, NUM_EXPERTS * mid_channels)
+        self.fc3 = nn.Linear(mid_channels, out_channels)
+        self.source_embedding = nn.Embedding(max_num_elements, embedding_size)
+        self.target_embedding = nn.Embedding(max_num_elements, embedding_size)
+        nn.init.uniform_(self.source_embedding.weight, -1e-4, 1e-4)
+        nn.init.uniform_(self.target_embedding.weight, -1e-4, 1e-4)
+        self.embed_fc1 = nn.Linear(2 * embedding_size, NUM_EXPERTS)
+
+    def forward(self, x: Tensor, source_element: Tensor, target_element: Tensor) -> Tensor:
+        """``[n, in] -> [n, out]``; elements ``[n]`` int64."""
+        pair = torch.cat(
+            [self.source_embedding(source_element), self.target_embedding(target_element)], dim=1
+        )
+        mixture = torch.softmax(self.embed_fc1(pair), dim=1)
+        experts = self.act(self.fc2(self.act(self.fc1(x))))
+        experts = experts.view(-1, NUM_EXPERTS, self.mid_channels)
+        mixed = torch.bmm(mixture.unsqueeze(1), experts).squeeze(1)
+        return self.fc3(mixed)
+
+
+class DistanceBlock(nn.Module):
+    """Gaussian expansion of the (per element pair rescaled) distance, then a linear layer.
+
+    With ``scale_distances``: ``d' = scalar_max ** (2 sigmoid(w_s) - 1) * d + w_o``, with
+    ``w_s, w_o`` looked up at ``Z_source * max_num_elements + Z_target``.
+    """
+
+    def __init__(
+        self,
+        num_basis: int,
+        out_channels: int,
+        max_num_elements: int,
+        scalar_max: float,
+        expansion: GaussianSmearing,
+        scale_distances: bool,
+    ) -> None:
+        super().__init__()
+        self.max_num_elements = max_num_elements
+        self.log_scalar_max = math.log(scalar_max)
+        self.distance_expansion = expansion
+        self.scale_distances = scale_distances
+        if scale_distances:
+            self.dist_scalar = nn.Embedding(max_num_elements**2, 1)
+            self.dist_offset = nn.Embedding(max_num_elements**2, 1)
+            nn.init.uniform_(self.dist_scalar.weight, -1e-4, 1e-4)
+            nn.init.uniform_(self.dist_offset.weight, -1e-4, 1e-4)
+        self.fc1 = nn.Linear(num_basis, out_channels)
+
+    def forward(self, distances: Tensor, source_element: Tensor, target_element: Tensor) -> Tensor:
+        """``[n_edges] -> [n_edges, out]``."""
+        if self.scale_distances:
+            pair = source_element * self.max_num_elements + target_element
+            exponent = 2.0 * torch.sigmoid(self.dist_scalar(pair).view(-1)) - 1.0
+            scale = torch.exp(self.log_scalar_max * exponent)
+            distances = scale * distances + self.dist_offset(pair).view(-1)
+        return self.fc1(self.distance_expansion(distances))
+
+
+class SpinConvBlock(nn.Module):
+    """Spin convolution of latitude/longitude grids: ``[n, lat, long, C] -> [n, mid]``.
+
+    Equal to OCP's ``Conv1d(C*lat -> mid, kernel long, groups C//8, circular padding)`` over
+    the longitude (input channel ``c * lat + latitude``), Swish, average over the ``long``
+    longitudinal positions, then ``GroupNorm(C//8, mid)``.  Evaluated in Fourier space (see the
+    module docstring); ``conv1`` holds the weights with OCP's name and shape.
+    """
+
+    def __init__(self, in_channels: int, mid_channels: int, lat: int, long: int) -> None:
+        super().__init__()
+        if in_channels % 8:
+            raise ValueError(f"hidden_channels must be a multiple of 8, got {in_channels}")
+        self.in_channels = in_channels
+        self.mid_channels = mid_channels
+        self.lat = lat
+        self.long = long
+        self.groups = in_channels // 8
+        if mid_channels % self.groups:
+            raise ValueError(
+                f"mid_hidden_channels ({mid_channels}) must be a multiple of "
+                f"hidden_channels // 8 ({self.groups})"
+            )
+        self.conv1 = nn.Conv1d(
+            in_channels * lat,
+            mid_channels,
+            long,
+            groups=self.groups,
+            padding=long // 2,
+            padding_mode="circular",
+        )
+        self.act = Swish()
+        self.GroupNorm = nn.GroupNorm(self.groups, mid_channels)
+
+    def _kernel_spectrum(self) -> Tensor:
+        """``[groups, n_freq, (C/groups) * lat, mid/groups]``: conj(rfft) of the kernels."""
+        weight = self.conv1.weight.view(self.groups, -1, self.conv1.weight.shape[1], self.long)
+        return torch.fft.rfft(weight, dim=-1).conj().permute(0, 3, 2, 1)
+
+    def forward(self, grid: Tensor) -> Tensor:
+        n = grid.shape[0]
+        groups, per_group = self.groups, self.in_channels // self.groups
+        spectrum = torch.fft.rfft(grid, dim=2)  # [n, lat, n_freq, C]
+        n_freq = spectrum.shape[2]
+        spectrum = spectrum.view(n, self.lat, n_freq, groups, per_group)
+        # -> [groups, n_freq, n, per_group * lat], input channel order (c, latitude) as OCP's
+        spectrum = spectrum.permute(3, 2, 0, 4, 1).reshape(groups, n_freq, n, -1)
+        # Cross-correlation along the circle: out[o] = sum_j x[j] w[j - o] <=> X * conj(W).
+        product = torch.matmul(spectrum, self._kernel_spectrum())  # [groups, n_freq, n, mid/g]
+        product = product.permute(2, 0, 3, 1).reshape(n, self.mid_channels, n_freq)
+        conv = torch.fft.irfft(product, n=self.long, dim=-1) + self.conv1.bias.unsqueeze(-1)
+        pooled = self.act(conv).mean(dim=-1)
+        return self.GroupNorm(pooled)
+
+
+class MessageBlock(nn.Module):
+    """One interaction: spin convolution of the projected messages, mixture of experts, plus a
+    distance term, Swish, mixture of experts back to the message width."""
+
+    def __init__(
+        self,
+        hidden_channels: int,
+        mid_channels: int,
+        embedding_size: int,
+        lat: int,
+        long: int,
+        max_num_elements: int,
+    ) -> None:
+        super().__init__()
+        self.act = Swish()
+        self.spinconvblock = SpinConvBlock(hidden_channels, mid_channels, lat, long)
+        self.embeddingblock1 = EmbeddingBlock(
+            mid_channels, mid_channels, mid_channels, embedding_size, max_num_elements
+        )
+        self.embeddingblock2 = EmbeddingBlock(
+            mid_channels, hidden_channels, mid_channels, embedding_size, max_num_elements
+        )
+        self.distfc1 = nn.Linear(mid_channels, mid_channels)
+        self.distfc2 = nn.Linear(mid_channels, mid_channels)
+
+    def forward(
+        self, grid: Tensor, x_dist: Tensor, source_element: Tensor, target_element: Tensor
+    ) -> Tensor:
+        x = self.spinconvblock(grid)
+        x = self.embeddingblock1(x, source_element, target_element)
+        x = x + self.distfc2(self.act(self.distfc1(x_dist)))
+        return self.embeddingblock2(self.act(x), source_element, target_element)
+
+
+class ForceOutputBlock(nn.Module):
+    """Force block: spin convolution of an atom's projected messages, two mixtures of experts
+    (output channel 0 is the force component along the grid's polar axis)."""
+
+    def __init__(
+        self,
+        hidden_channels: int,
+        mid_channels: int,
+        embedding_size: int,
+        lat: int,
+        long: int,
+        max_num_elements: int,
+    ) -> None:
+        super().__init__()
+        self.act = Swish()
+        self.spinconvblock = SpinConvBlock(hidden_channels, mid_channels, lat, long)
+        self.block1 = EmbeddingBlock(
+            mid_channels, mid_channels, mid_channels, embedding_size, max_num_elements
+        )
+        self.block2 = EmbeddingBlock(
+            mid_channels, 2, mid_channels, embedding_size, max_num_elements
+        )
+
+    def forward(self, grid: Tensor, element: Tensor) -> Tensor:
+        x = self.spinconvblock(grid)
+        x = self.act(self.block1(x, element, element))
+        return self.block2(x, element, element)
+
+
+class SpinConv(nn.Module):
+    """SpinConv with OCP's hyperparameters (``model_attributes``) and parameter names.
+
+    Args (OCP's, with OCP's defaults):
+        hidden_channels: width of the edge messages (multiple of 8).
+        mid_hidden_channels: width inside the blocks.
+        num_interactions: number of message blocks.
+        num_basis_functions, basis_width_scalar: Gaussian distance basis on ``[0, cutoff]``.
+        max_num_neighbors: the max-neighbor rule of the graph (initial value of
+            :attr:`max_neighbors`) and the energy readout divisor ``max_num_neighbors/2 + 1``.
+        sphere_size_lat, sphere_size_long: the projection grid.
+        cutoff: graph radius (Å).
+        distance_block_scalar_max, max_num_elements, embedding_size: see OCP.
+        sphere_message, output_message: only ``"fullconv"`` is implemented.
+        force_estimator: ``"random"`` (force-centric) or ``"grad"`` (energy-centric).
+        regress_forces: return forces (``False``: energy only).
+        num_rand_rotations: rotations averaged by the force block.
+        scale_distances: per element pair distance rescaling.
+        num_atoms, bond_feat_dim, num_targets, otf_graph, use_pbc, show_timing_info,
+        model_ref_number, readout, lmax: accepted and ignored (the graph is the caller's, with
+            each system's pbc; ``lmax`` only matters for the unimplemented ``"rotspharmwd"``).
+
+    Our options:
+        rotations: force-centric only. ``None``: a fixed set of ``num_rand_rotations``
+            rotations (seeded, drawn as OCP draws them), the same for every atom, so forces
+            are a deterministic function of the positions; ``"random"``: fresh random rotations
+            per atom and per rotation at every call (the original's behaviour); a tensor
+            ``[R, 3, 3]``: these rotations for every atom.  Held in the buffer ``rotations``
+            (not in the state_dict) unless ``"random"``.
+        forces: energy-centric only. ``"compat"`` (OCP's definition, gradient through the
+            distances only) or ``"conservative"`` (the full ``-dE/dx``); see the module
+            docstring.
+
+    Attributes:
+        cutoff: graph radius; the batch must hold at least every pair within it (it may hold
+            more, e.g. built at ``cutoff + skin`` and without a max-neighbor cut).
+        max_neighbors: the max-neighbor rule applied in :meth:`forward` (may be changed).
+        defines_stress: True for the energy-centric model.
+    """
+
+    def __init__(
+        self,
+        num_atoms: int | None = None,
+        bond_feat_dim: int | None = None,
+        num_targets: int = 1,
+        use_pbc: bool = True,
+        regress_forces: bool = True,
+        otf_graph: bool = False,
+        hidden_channels: int = 32,
+        mid_hidden_channels: int = 200,
+        num_interactions: int = 1,
+        num_basis_functions: int = 200,
+        basis_width_scalar: float = 1.0,
+        max_num_neighbors: int = 20,
+        sphere_size_lat: int = 15,
+        sphere_size_long: int = 9,
+        cutoff: float = 10.0,
+        distance_block_scalar_max: float = 2.0,
+        max_num_elements: int = 90,
+        embedding_size: int = 32,
+        show_timing_info: bool = False,
+        sphere_message: str = "fullconv",
+        output_message: str = "fullconv",
+        lmax: int | bool = False,
+        force_estimator: str = "random",
+        model_ref_number: int = 0,
+        readout: str = "add",
+        num_rand_rotations: int = 5,
+        scale_distances: bool = True,
+        rotations: str | Tensor | None = None,
+        forces: str = "compat",
+    ) -> None:
+        super().__init__()
+        for name, value in (("sphere_message", sphere_message), ("output_message", output_message)):
+            if value not in _SUPPORTED_SPHERE:
+                raise ValueError(
+                    f"{name}={value!r} is not implemented (only 'fullconv'; OCP's published "
+                    "SpinConv checkpoints use 'fullconv')"
+                )
+        if force_estimator not in ("random", "grad"):
+            raise ValueError(f"force_estimator must be 'random' or 'grad', got {force_estimator!r}")
+        if forces not in ("compat", "conservative"):
+            raise ValueError(f"forces must be 'compat' or 'conservative', got {forces!r}")
+        if forces == "conservative" and force_estimator != "grad":
+            raise ValueError(
+                "forces='conservative' needs an energy-centric model (force_estimator='grad'); "
+                "a force-centric SpinConv predicts forces directly"
+            )
+        if sphere_size_lat < 2 or sphere_size_long < 1:
+            raise ValueError(
+                f"sphere size must be at least 2 x 1, got {sphere_size_lat} x {sphere_size_long}"
+            )
+        if max_num_neighbors < 1 or num_rand_rotations < 1:
+            raise ValueError("max_num_neighbors and num_rand_rotations must be positive")
+
+        self.cutoff = float(cutoff)
+        self.max_num_neighbors = int(max_num_neighbors)
+        self.max_neighbors = int(max_num_neighbors)
+        self.hidden_channels = hidden_channels
+        self.mid_hidden_channels = mid_hidden_channels
+        self.lat = sphere_size_lat
+        self.long = sphere_size_long
+        self.max_num_elements = max_num_elements
+        self.force_estimator = force_estimator
+        self.regress_forces = regress_forces
+        self.forces = forces
+        self.defines_stress = force_estimator == "grad"
+        self.num_rand_rotations = num_rand_rotations
+        self.act = Swish()
+
+        self.distance_expansion_forces = GaussianSmearing(
+            0.0, self.cutoff, num_basis_functions, basis_width_scalar
+        )
+        self.embeddingblock2 = EmbeddingBlock(
+            mid_hidden_channels,
+            hidden_channels,
+            mid_hidden_channels,
+            embedding_size,
+            max_num_elements,
+        )
+        self.distfc1 = nn.Linear(mid_hidden_channels, mid_hidden_channels)
+        self.distfc2 = nn.Linear(mid_hidden_channels, mid_hidden_channels)
+        self.dist_block = DistanceBlock(
+            num_basis_functions,
+            mid_hidden_channels,
+            max_num_elements,
+            distance_block_scalar_max,
+            self.distance_expansion_forces,
+            scale_distances,
+        )
+        self.message_blocks = nn.ModuleList(
+            MessageBlock(
+                hidden_channels,
+                mid_hidden_channels,
+                embedding_size,
+                sphere_size_lat,
+                sphere_size_long,
+                max_num_elements,
+            )
+            for _ in range(num_interactions)
+        )
+        self.energyembeddingblock = EmbeddingBlock(
+            hidden_channels, 1, mid_hidden_channels, embedding_size, max_num_elements
+        )
+        self.random_rotations = False
+        if force_estimator == "random":
+            self.force_output_block = ForceOutputBlock(
+                hidden_channels,
+                mid_hidden_channels,
+                embedding_size,
+                sphere_size_lat,
+                sphere_size_long,
+                max_num_elements,
+            )
+            self._init_rotations(rotations)
+        elif rotations is not None:
+            raise ValueError(
+                "rotations only apply to a force-centric model (force_estimator='random')"
+            )
+
+    def _init_rotations(self, rotations: str | Tensor | None) -> None:
+        if isinstance(rotations, str):
+            if rotations != "random":
+                raise ValueError(f"rotations must be None, 'random' or a tensor, got {rotations!r}")
+            self.random_rotations = True
+            return
+        if rotations is None:
+            generator = torch.Generator().manual_seed(ROTATION_SEED)
+            matrices = ocp_random_rotations(self.num_rand_rotations, generator=generator)
+        else:
+            matrices = torch.as_tensor(rotations, dtype=torch.float64)
+            if matrices.ndim != 3 or matrices.shape[1:] != (3, 3) or len(matrices) == 0:
+                raise ValueError(f"rotations must have shape [R, 3, 3], got {list(matrices.shape)}")
+            eye = torch.eye(3, dtype=torch.float64)
+            if not torch.allclose(matrices @ matrices.transpose(1, 2), eye, atol=1e-5):
+                raise ValueError("rotations must be orthogonal matrices")
+        self.register_buffer("rotations", matrices, persistent=False)
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(self, batch: Batch, compute_stress: bool = False) -> dict[str, Tensor]:
+        """Raw (normalized) outputs for a batch.
+
+        Returns:
+            ``"energy"`` ``[n_systems]``, ``"forces"`` ``[n_atoms, 3]`` (unless
+            ``regress_forces`` is False) and, with ``compute_stress`` (energy-centric only),
+            ``"stress"`` ``[n_systems, 3, 3]`` = ``(1/V) dE/dstrain`` (energy units per Å^3).
+        """
+        if compute_stress and not self.defines_stress:
+            raise ValueError(
+                "stress is only defined for an energy-centric SpinConv (force_estimator='grad'); "
+                "this model predicts forces directly"
+            )
+        gradient = self.force_estimator == "grad" and (self.regress_forces or compute_stress)
+        self._check_elements(batch.numbers)
+        with torch.set_grad_enabled(gradient or torch.is_grad_enabled()):
+            positions, cell = batch.positions, batch.cell
+            leaf, strain = positions, None
+            if gradient:
+                if not leaf.requires_grad:
+                    leaf = leaf.detach().requires_grad_(True)
+                positions = leaf
+                if compute_stress:
+                    # r' = r (I + strain), cell' = cell (I + strain): dE/dstrain at 0.
+                    strain = torch.zeros_like(cell).requires_grad_(True)
+                    positions = leaf + torch.einsum("ni,nij->nj", leaf, strain[batch.system_idx])
+                    cell = cell + torch.bmm(cell, strain)
+            energy, forces = self._energy_and_direct_forces(batch, positions, cell)
+            out = {"energy": energy}
+            if gradient:
+                inputs = [leaf] if strain is None else [leaf, strain]
+                grads = torch.autograd.grad(
+                    energy.sum(), inputs, create_graph=self.training, allow_unused=True
+                )
+                if self.regress_forces:
+                    out["forces"] = -_zeros_if_none(grads[0], leaf)
+                if strain is not None:
+                    volume = torch.linalg.det(batch.cell).abs().view(-1, 1, 1)
+                    out["stress"] = _zeros_if_none(grads[1], strain) / volume
+            elif self.regress_forces:
+                out["forces"] = forces
+        return out
+
+    def _check_elements(self, numbers: Tensor) -> None:
+        if len(numbers) and not bool(((numbers >= 1) & (numbers < self.max_num_elements)).all()):
+            bad = numbers[(numbers < 1) | (numbers >= self.max_num_elements)].unique()
+            raise ValueError(
+                f"atomic numbers {bad.tolist()} are outside this model's range "
+                f"1..{self.max_num_elements - 1}"
+            )
+
+    def _energy_and_direct_forces(
+        self, batch: Batch, positions: Tensor, cell: Tensor
+    ) -> tuple[Tensor, Tensor | None]:
+        dtype = self.distfc1.weight.dtype
+        n_atoms = batch.n_atoms
+        numbers = batch.numbers
+        vectors = batch.edge_vectors(positions.to(torch.float64), cell.to(torch.float64))
+        edge_index, vectors = self._select_edges(batch.edge_index, vectors, n_atoms)
+        source, target = edge_index[0], edge_index[1]
+        distances = torch.linalg.norm(vectors, dim=1)
+        source_element, target_element = numbers[source], numbers[target]
+
+        x_dist = self.dist_block(distances.to(dtype), source_element, target_element)
+        x = self.act(self.distfc2(self.act(self.distfc1(x_dist))))
+        x = self.embeddingblock2(x, source_element, target_element)
+
+        differentiable = self.forces == "conservative"
+        with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
+            unit = vectors / distances.unsqueeze(1)
+            frames = _edge_frames(vectors, distances, unit, target, n_atoms, self.cutoff)
+            sphere, neighbor = _incoming_edges(source, target, n_atoms)
+            projected = torch.einsum("pkc,pc->pk", frames[sphere], unit[neighbor])
+            cells, weights = _splat_plan(projected, sphere, self.lat, self.long)
+        weights = weights.to(dtype)
+
+        n_edges = len(distances)
+        for index, block in enumerate(self.message_blocks):
+            grid = _splat(x, neighbor, cells, weights, n_edges, self.lat, self.long)
+            update = block(grid, x_dist, source_element, target_element)
+            x = update if index == 0 else x + update
+
+        per_atom = torch.zeros(n_atoms, x.shape[1], dtype=dtype, device=x.device)
+        per_atom = per_atom.index_add(0, target, x) / (self.max_num_neighbors / 2.0 + 1.0)
+        atom_energy = self.energyembeddingblock(per_atom, numbers, numbers).view(-1)
+        energy = torch.zeros(batch.n_systems, dtype=dtype, device=x.device)
+        energy = energy.index_add(0, batch.system_idx, atom_energy)
+
+        forces = None
+        if self.force_estimator == "random" and self.regress_forces:
+            forces = self._direct_forces(x, unit.detach(), target, numbers)
+        return energy, forces
+
+    def _select_edges(
+        self, edge_index: Tensor, vectors: Tensor, n_atoms: int
+    ) -> tuple[Tensor, Tensor]:
+        """Drop pairs beyond the cutoff (OCP keeps ``d <= cutoff``) and coincident pairs, then
+        apply the max-neighbor rule."""
+        with torch.no_grad():
+            d2 = (vectors * vectors).sum(dim=1)
+            keep = torch.nonzero((d2 <= self.cutoff**2) & (d2 > MIN_DISTANCE2)).view(-1)
+            target = edge_index[1, keep]
+            mask = max_neighbors_mask(target, d2[keep].sqrt(), self.max_neighbors, n_atoms)
+            keep = keep[mask]
+        return edge_index[:, keep], vectors[keep]
+
+    def _direct_forces(self, x: Tensor, unit: Tensor, target: Tensor, numbers: Tensor) -> Tensor:
+        """Force-centric forces: all ``3 x R`` frames of every atom in one pass."""
+        n_atoms = len(numbers)
+        if self.random_rotations:
+            rotations = ocp_random_rotations(
+                self.num_rand_rotations * n_atoms, device=unit.device
+            ).view(self.num_rand_rotations, n_atoms, 3, 3)
+        else:
+            rotations = self.rotations.to(torch.float64)
+        n_rot = len(rotations)
+        with torch.no_grad():
+            frames = _axis_frames(rotations)  # [R, 3, (n_atoms,) 3, 3]
+            if self.random_rotations:
+                projected = torch.einsum("raekc,ec->raek", frames[:, :, target], unit)
+            else:
+                projected = torch.einsum("rakc,ec->raek", frames, unit)
+            n_edges = len(unit)
+            frame_index = torch.arange(3 * n_rot, device=unit.device).view(-1, 1)
+            sphere = (frame_index * n_atoms + target).view(-1)
+            cells, weights = _splat_plan(projected.reshape(-1, 3), sphere, self.lat, self.long)
+            neighbor = torch.arange(n_edges, device=unit.device).repeat(3 * n_rot)
+        grid = _splat(
+            x, neighbor, cells, weights.to(x.dtype), 3 * n_rot * n_atoms, self.lat, self.long
+        )
+        element = numbers.repeat(3 * n_rot)
+        along_axis = self.force_output_block(grid, element)[:, 0].view(n_rot, 3, n_atoms)
+        rotations = rotations.to(x.dtype)
+        if self.random_rotations:
+            forces = torch.einsum("rnac,ran->nc", rotations, along_axis)
+        else:
+            forces = torch.einsum("rac,ran->nc", rotations, along_axis)
+        return forces / n_rot
+
+
+def ocp_random_rotations(
+    n: int, generator: torch.Generator | None = None, device: torch.device | str | None = None
+) -> Tensor:
+    """``[n, 3, 3]`` float64 rotations drawn as OCP's force block draws them: three angles
+    uniform in ``[0, 2 pi)``, ``R = R_x(a) R_y(b) R_z(c)`` (OCP's sign conventions)."""
+    angles = torch.rand(3, n, generator=generator, dtype=torch.float64, device=device)
+    angles = 2.0 * math.pi * angles
+    cos, sin = angles.cos(), angles.sin()
+    one, zero = torch.ones_like(cos[0]), torch.zeros_like(cos[0])
+
+    def matrix(rows: list[list[Tensor]]) -> Tensor:
+        return torch.stack([torch.stack(row, dim=-1) for row in rows], dim=-2)
+
+    rot_a = matrix([[one, zero, zero], [zero, cos[0], sin[0]], [zero, -sin[0], cos[0]]])
+    rot_b = matrix([[cos[1], zero, -sin[1]], [zero, one, zero], [sin[1], zero, cos[1]]])
+    rot_c = matrix([[cos[2], sin[2], zero], [-sin[2], cos[2], zero], [zero, zero, one]])
+    return rot_a @ rot_b @ rot_c
+
+
+def _axis_frames(rotations: Tensor) -> Tensor:
+    """The force block's three frames per rotation, rows = axes: ``[R, (n,) 3, 3] ->
+    [R, 3, (n,) 3, 3]``.  Frame ``a`` has row ``a`` of ``R`` as its polar axis: ``R``,
+    ``(R1, -R0, R2)`` and ``(R2, R1, -R0)`` (OCP's ``rot_y @ R`` and ``rot_z @ R``)."""
+    r0, r1, r2 = rotations[..., 0, :], rotations[..., 1, :], rotations[..., 2, :]
+    frame_y = torch.stack([r1, -r0, r2], dim=-2)
+    frame_z = torch.stack([r2, r1, -r0], dim=-2)
+    return torch.stack([rotations, frame_y, frame_z], dim=1)
+
+
+def _edge_frames(
+    vectors: Tensor, distances: Tensor, unit: Tensor, target: Tensor, n_atoms: int, cutoff: float
+) -> Tensor:
+    """``[n_edges, 3, 3]`` edge frames, rows ``(x, y, z)``: ``x = v/|v|``; the roll from the
+    target's cosine-weighted mean neighbor vector (+1e-4 per component), with OCP's +1e-7 in
+    the normalisations of ``z`` and ``y``."""
+    weight = 0.5 * (torch.cos(distances * math.pi / cutoff) + 1.0)
+    mean_vector = torch.zeros(n_atoms, 3, dtype=vectors.dtype, device=vectors.device)
+    mean_vector = mean_vector.index_add(0, target, vectors * weight.unsqueeze(1))
+    helper = mean_vector[target] + 1e-4
+    helper = helper / torch.linalg.norm(helper, dim=1, keepdim=True)
+    axis_z = torch.linalg.cross(unit, helper, dim=1)
+    axis_z = axis_z / (torch.linalg.norm(axis_z, dim=1, keepdim=True) + 1e-7)
+    axis_y = torch.linalg.cross(unit, axis_z, dim=1)
+    axis_y = axis_y / (torch.linalg.norm(axis_y, dim=1, keepdim=True) + 1e-7)
+    return torch.stack([unit, axis_y, axis_z], dim=1)
+
+
+def _incoming_edges(source: Tensor, target: Tensor, n_atoms: int) -> tuple[Tensor, Tensor]:
+    """Pairs ``(e, f)`` with ``target[f] == source[e]``: edge ``e`` projects every edge into its
+    source.  Returns ``(e, f)`` as two ``[n_pairs]`` tensors, grouped by ``e``."""
+    n_edges = len(source)
+    by_target = torch.argsort(target, stable=True)
+    counts = torch.bincount(target, minlength=n_atoms)
+    first = torch.cumsum(counts, 0) - counts
+    per_edge = counts[source]
+    edge = torch.repeat_interleave(torch.arange(n_edges, device=source.device), per_edge)
+    start = torch.cumsum(per_edge, 0) - per_edge
+    local = torch.arange(len(edge), device=source.device) - start[edge]
+    return edge, by_target[first[source[edge]] + local]
+
+
+def _splat_plan(projected: Tensor, sphere: Tensor, lat: int, long: int) -> tuple[Tensor, Tensor]:
+    """Bilinear splat of projected directions onto lat/long grids (float64 geometry).
+
+    Args:
+        projected: ``[n, 3]`` directions in the grid's frame (row 0 = polar axis).
+        sphere: ``[n]`` grid each direction lands on.
+
+    Returns:
+        ``(cells, weights)``: ``[n, 4]`` flat cell indices into ``[n_grids * lat * long]`` and
+        the bilinear weights (corners (y0, x0), (y0, x1), (y1, x0), (y1, x1)).
+    """
+    y, z, p0 = projected[:, 1], projected[:, 2], projected[:, 0]
+    pole = y * y + z * z < POLE_EPS2
+    # On the pole: longitude atan2(+0, +0) = 0, evaluated as atan2(0, 1) so that the (unused)
+    # derivative is finite; the latitude keeps its value but not its derivative.
+    longitude = torch.atan2(torch.where(pole, 0.0, y), torch.where(pole, 1.0, z))
+    latitude = torch.where(
+        pole,
+        torch.asin(p0.detach().clamp(-1.0, 1.0)),
+        torch.asin(torch.where(pole, 0.0, p0).clamp(-1.0, 1.0)),
+    )
+    col = (longitude + math.pi) / (2.0 * math.pi) * long
+    row = (0.99 * ((latitude + math.pi / 2.0) / math.pi) + 0.005) * (lat - 1.0)
+    col_floor, row_floor = torch.floor(col), torch.floor(row)
+    dx, dy = col - col_floor, row - row_floor
+    x0 = col_floor.long() % long
+    x1 = (x0 + 1) % long
+    y0 = row_floor.long() % lat
+    y1 = (y0 + 1) % lat
+    base = sphere * (lat * long)
+    cells = torch.stack(
+        [
+            base + y0 * long + x0,
+            base + y0 * long + x1,
+            base + y1 * long + x0,
+            base + y1 * long + x1,
+        ],
+        dim=1,
+    )
+    weights = torch.stack([(1 - dx) * (1 - dy), dx * (1 - dy), (1 - dx) * dy, dx * dy], dim=1)
+    return cells, weights
+
+
+def _splat(
+    values: Tensor, neighbor: Tensor, cells: Tensor, weights: Tensor, n: int, lat: int, long: int
+) -> Tensor:
+    """``[n, lat, long, C]`` grids: ``values[neighbor[p]] * weights[p, k]`` summed into
+    ``cells[p, k]``."""
+    channels = values.shape[1]
+    contributions = values[neighbor].unsqueeze(1) * weights.unsqueeze(2)
+    grid = values.new_zeros(n * lat * long, channels)
+    grid = grid.index_add(0, cells.view(-1), contributions.view(-1, channels))
+    return grid.view(n, lat, long, channels)
+
+
+def _zeros_if_none(grad: Tensor | None, like: Tensor) -> Tensor:
+    return torch.zeros_like(like) if grad is None else grad
