@@ -119,15 +119,18 @@ def batched_cell_list(
     start, count = grid.neighbor_ranges(
         image_bins[target_image], image_system[target_image], image_key
     )
-    edges, shifts = [], []
+    columns: list[list[Tensor]] = [[] for _ in range(5)]
     for lo, hi in _chunks(count.sum(dim=1)):
         image, target = _candidates(start[lo:hi], count[lo:hi], target_image[lo:hi])
         squared = _squared_distances(image_xyz, image, target)
         keep = torch.nonzero((squared < cutoff * cutoff) & (image != target)).flatten()
         image, target = image.index_select(0, keep), target.index_select(0, keep)
-        edges.append(torch.stack([image_atom.index_select(0, image), image_atom[target]]))
-        shifts.append(torch.stack([row[image] - row[target] for row in image_offset], dim=1))
-    return torch.cat(edges, dim=1), torch.cat(shifts)
+        columns[0].append(image_atom.index_select(0, image))
+        columns[1].append(image_atom.index_select(0, target))
+        for axis, offset in enumerate(image_offset, start=2):
+            columns[axis].append(offset.index_select(0, image) - offset.index_select(0, target))
+    source, target, *shift = (torch.cat(column) for column in columns)
+    return torch.stack([source, target]), torch.stack(shift, dim=1)
 
 
 def _squared_distances(xyz: Tensor, image: Tensor, target: Tensor) -> Tensor:
