@@ -72,6 +72,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from forcecalc.graph.batch import Batch
@@ -168,7 +169,9 @@ class DistanceBlock(nn.Module):
 
 
 class SpinConvBlock(nn.Module):
-    """Spin convolution of latitude/longitude grids: ``[n, lat, long, C] -> [n, mid]``.
+    """Spin convolution of projected grids, given as their longitude spectra: ``[n, C, n_freq,
+    2, lat] -> [n, mid]`` (``n_freq = long // 2 + 1``; real and imaginary parts of the DFT
+    along the longitude, see :func:`spectral_splat_weights`).
 
     Equal to OCP's ``Conv1d(C*lat -> mid, kernel long, groups C//8, circular padding)`` over
     the longitude (input channel ``c * lat + latitude``), Swish, average over the ``long``
@@ -184,6 +187,7 @@ class SpinConvBlock(nn.Module):
         self.mid_channels = mid_channels
         self.lat = lat
         self.long = long
+        self.n_freq = long // 2 + 1
         self.groups = in_channels // 8
         if mid_channels % self.groups:
             raise ValueError(
@@ -198,28 +202,37 @@ class SpinConvBlock(nn.Module):
             padding=long // 2,
             padding_mode="circular",
         )
-        self.act = Swish()
         self.GroupNorm = nn.GroupNorm(self.groups, mid_channels)
 
-    def _kernel_spectrum(self) -> Tensor:
-        """``[groups, n_freq, (C/groups) * lat, mid/groups]``: conj(rfft) of the kernels."""
-        weight = self.conv1.weight.view(self.groups, -1, self.conv1.weight.shape[1], self.long)
-        return torch.fft.rfft(weight, dim=-1).conj().permute(0, 3, 2, 1)
+    def _kernel(self) -> Tensor:
+        """``[groups * n_freq, 2 * (C/groups) * lat, 2 * mid/groups]``: multiplication by
+        ``conj(DFT(kernel))`` at each frequency, as a real matrix acting on (re, im)."""
+        weight = self.conv1.weight
+        groups, n_in = self.groups, weight.shape[1]
+        cos, sin = _dft_matrices(self.long, weight.dtype, weight.device)  # [long, n_freq]
+        weight = weight.view(groups, -1, n_in, self.long)
+        # conj(DFT(w))[f] = sum_k w[k] (cos + i sin)(2 pi f k / long)
+        real = (weight @ cos).permute(0, 3, 2, 1)  # [groups, n_freq, n_in, mid/groups]
+        imag = (weight @ sin).permute(0, 3, 2, 1)
+        from_real = torch.cat([real, imag], dim=-1)
+        from_imag = torch.cat([-imag, real], dim=-1)
+        kernel = torch.cat([from_real, from_imag], dim=-2)
+        return kernel.reshape(groups * self.n_freq, 2 * n_in, -1)
 
-    def forward(self, grid: Tensor) -> Tensor:
-        n = grid.shape[0]
-        groups, per_group = self.groups, self.in_channels // self.groups
-        spectrum = torch.fft.rfft(grid, dim=2)  # [n, lat, n_freq, C]
-        n_freq = spectrum.shape[2]
-        spectrum = spectrum.view(n, self.lat, n_freq, groups, per_group)
-        # -> [groups, n_freq, n, per_group * lat], input channel order (c, latitude) as OCP's
-        spectrum = spectrum.permute(3, 2, 0, 4, 1).reshape(groups, n_freq, n, -1)
-        # Cross-correlation along the circle: out[o] = sum_j x[j] w[j - o] <=> X * conj(W).
-        product = torch.matmul(spectrum, self._kernel_spectrum())  # [groups, n_freq, n, mid/g]
-        product = product.permute(2, 0, 3, 1).reshape(n, self.mid_channels, n_freq)
-        conv = torch.fft.irfft(product, n=self.long, dim=-1) + self.conv1.bias.unsqueeze(-1)
-        pooled = self.act(conv).mean(dim=-1)
-        return self.GroupNorm(pooled)
+    def forward(self, spectrum: Tensor) -> Tensor:
+        n = spectrum.shape[0]
+        groups, n_freq = self.groups, self.n_freq
+        mid_per_group = self.mid_channels // groups
+        # -> [groups * n_freq, n, (re/im, c, latitude)]: OCP's input channel order (c, latitude)
+        spectrum = spectrum.view(n, groups, -1, n_freq, 2, self.lat)
+        spectrum = spectrum.permute(1, 3, 0, 4, 2, 5).reshape(groups * n_freq, n, -1)
+        # Circular cross-correlation out[o] = sum_j x[j] w[j - o] <=> X * conj(W) per frequency.
+        product = torch.bmm(spectrum, self._kernel())
+        product = product.view(groups, n_freq, n, 2, mid_per_group)
+        inverse = _inverse_dft_matrix(self.long, product.dtype, product.device)
+        conv = torch.einsum("gfnpm,fpo->ngmo", product, inverse).reshape(n, -1, self.long)
+        conv = conv + self.conv1.bias.unsqueeze(-1)
+        return self.GroupNorm(F.silu(conv).mean(dim=-1))
 
 
 class MessageBlock(nn.Module):
@@ -532,30 +545,31 @@ class SpinConv(nn.Module):
         x = self.act(self.distfc2(self.act(self.distfc1(x_dist))))
         x = self.embeddingblock2(x, source_element, target_element)
 
+        n_edges = len(distances)
+        incoming = _incoming_table(target, n_atoms)  # [n_atoms, width]
+        neighbors = incoming[source]  # [n_edges, width]: the edges into each edge's source
         differentiable = self.forces == "conservative"
         with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
             unit = vectors / distances.unsqueeze(1)
-            frames = _edge_frames(vectors, distances, unit, target, n_atoms, self.cutoff)
-            sphere, neighbor = _incoming_edges(source, target, n_atoms)
-            projected = torch.einsum("pkc,pc->pk", frames[sphere], unit[neighbor])
-            cells, weights = _splat_plan(projected, sphere, self.lat, self.long)
-        weights = weights.to(dtype)
+            frames = _edge_frames(vectors, distances, unit, incoming, self.cutoff)
+            projected = torch.einsum("ekc,ejc->ejk", frames, _pad(unit)[neighbors])
+            weights = spectral_splat_weights(
+                projected, neighbors < n_edges, self.lat, self.long, dtype
+            )
 
-        n_edges = len(distances)
         for index, block in enumerate(self.message_blocks):
-            grid = _splat(x, neighbor, cells, weights, n_edges, self.lat, self.long)
-            update = block(grid, x_dist, source_element, target_element)
+            spectrum = _project(x, neighbors, weights, self.lat, self.long)
+            update = block(spectrum, x_dist, source_element, target_element)
             x = update if index == 0 else x + update
 
-        per_atom = torch.zeros(n_atoms, x.shape[1], dtype=dtype, device=x.device)
-        per_atom = per_atom.index_add(0, target, x) / (self.max_num_neighbors / 2.0 + 1.0)
+        per_atom = _pad(x)[incoming].sum(dim=1) / (self.max_num_neighbors / 2.0 + 1.0)
         atom_energy = self.energyembeddingblock(per_atom, numbers, numbers).view(-1)
         energy = torch.zeros(batch.n_systems, dtype=dtype, device=x.device)
         energy = energy.index_add(0, batch.system_idx, atom_energy)
 
         forces = None
         if self.force_estimator == "random" and self.regress_forces:
-            forces = self._direct_forces(x, unit.detach(), target, numbers)
+            forces = self._direct_forces(x, unit.detach(), incoming, numbers)
         return energy, forces
 
     def _select_edges(
@@ -571,9 +585,9 @@ class SpinConv(nn.Module):
             keep = keep[mask]
         return edge_index[:, keep], vectors[keep]
 
-    def _direct_forces(self, x: Tensor, unit: Tensor, target: Tensor, numbers: Tensor) -> Tensor:
+    def _direct_forces(self, x: Tensor, unit: Tensor, incoming: Tensor, numbers: Tensor) -> Tensor:
         """Force-centric forces: all ``3 x R`` frames of every atom in one pass."""
-        n_atoms = len(numbers)
+        n_atoms, n_edges = len(numbers), len(unit)
         if self.random_rotations:
             rotations = ocp_random_rotations(
                 self.num_rand_rotations * n_atoms, device=unit.device
@@ -583,20 +597,19 @@ class SpinConv(nn.Module):
         n_rot = len(rotations)
         with torch.no_grad():
             frames = _axis_frames(rotations)  # [R, 3, (n_atoms,) 3, 3]
+            directions = _pad(unit)[incoming]  # [n_atoms, width, 3]
             if self.random_rotations:
-                projected = torch.einsum("raekc,ec->raek", frames[:, :, target], unit)
+                projected = torch.einsum("ranxc,njc->ranjx", frames, directions)
             else:
-                projected = torch.einsum("rakc,ec->raek", frames, unit)
-            n_edges = len(unit)
-            frame_index = torch.arange(3 * n_rot, device=unit.device).view(-1, 1)
-            sphere = (frame_index * n_atoms + target).view(-1)
-            cells, weights = _splat_plan(projected.reshape(-1, 3), sphere, self.lat, self.long)
-            neighbor = torch.arange(n_edges, device=unit.device).repeat(3 * n_rot)
-        grid = _splat(
-            x, neighbor, cells, weights.to(x.dtype), 3 * n_rot * n_atoms, self.lat, self.long
-        )
+                projected = torch.einsum("raxc,njc->ranjx", frames, directions)
+            weights = spectral_splat_weights(
+                projected, incoming < n_edges, self.lat, self.long, x.dtype
+            )  # [R, 3, n_atoms, width, n_freq * 2 * lat]
+        features = _pad(x)[incoming].transpose(1, 2)  # [n_atoms, C, width]
+        spectrum = torch.matmul(features, weights)
+        spectrum = spectrum.view(3 * n_rot * n_atoms, x.shape[1], -1, 2, self.lat)
         element = numbers.repeat(3 * n_rot)
-        along_axis = self.force_output_block(grid, element)[:, 0].view(n_rot, 3, n_atoms)
+        along_axis = self.force_output_block(spectrum, element)[:, 0].view(n_rot, 3, n_atoms)
         rotations = rotations.to(x.dtype)
         if self.random_rotations:
             forces = torch.einsum("rnac,ran->nc", rotations, along_axis)
@@ -635,14 +648,14 @@ def _axis_frames(rotations: Tensor) -> Tensor:
 
 
 def _edge_frames(
-    vectors: Tensor, distances: Tensor, unit: Tensor, target: Tensor, n_atoms: int, cutoff: float
+    vectors: Tensor, distances: Tensor, unit: Tensor, incoming: Tensor, cutoff: float
 ) -> Tensor:
     """``[n_edges, 3, 3]`` edge frames, rows ``(x, y, z)``: ``x = v/|v|``; the roll from the
     target's cosine-weighted mean neighbor vector (+1e-4 per component), with OCP's +1e-7 in
     the normalisations of ``z`` and ``y``."""
     weight = 0.5 * (torch.cos(distances * math.pi / cutoff) + 1.0)
-    mean_vector = torch.zeros(n_atoms, 3, dtype=vectors.dtype, device=vectors.device)
-    mean_vector = mean_vector.index_add(0, target, vectors * weight.unsqueeze(1))
+    mean_vector = _pad(vectors * weight.unsqueeze(1))[incoming].sum(dim=1)  # [n_atoms, 3]
+    target = _edge_targets(incoming, len(vectors))
     helper = mean_vector[target] + 1e-4
     helper = helper / torch.linalg.norm(helper, dim=1, keepdim=True)
     axis_z = torch.linalg.cross(unit, helper, dim=1)
@@ -652,32 +665,57 @@ def _edge_frames(
     return torch.stack([unit, axis_y, axis_z], dim=1)
 
 
-def _incoming_edges(source: Tensor, target: Tensor, n_atoms: int) -> tuple[Tensor, Tensor]:
-    """Pairs ``(e, f)`` with ``target[f] == source[e]``: edge ``e`` projects every edge into its
-    source.  Returns ``(e, f)`` as two ``[n_pairs]`` tensors, grouped by ``e``."""
-    n_edges = len(source)
-    by_target = torch.argsort(target, stable=True)
+def _edge_targets(incoming: Tensor, n_edges: int) -> Tensor:
+    """``[n_edges]`` target atom of each edge, from the incoming-edge table."""
+    atoms = torch.arange(len(incoming), device=incoming.device).unsqueeze(1).expand_as(incoming)
+    valid = incoming < n_edges
+    target = torch.empty(n_edges, dtype=torch.int64, device=incoming.device)
+    target[incoming[valid]] = atoms[valid]
+    return target
+
+
+def _incoming_table(target: Tensor, n_atoms: int) -> Tensor:
+    """``[n_atoms, width]``: the edges into each atom (by increasing edge index), padded with
+    ``n_edges``; ``width`` is the largest in-degree (at least 1)."""
+    n_edges = len(target)
+    order = torch.argsort(target, stable=True)
     counts = torch.bincount(target, minlength=n_atoms)
+    width = max(int(counts.max()), 1) if n_edges else 1
     first = torch.cumsum(counts, 0) - counts
-    per_edge = counts[source]
-    edge = torch.repeat_interleave(torch.arange(n_edges, device=source.device), per_edge)
-    start = torch.cumsum(per_edge, 0) - per_edge
-    local = torch.arange(len(edge), device=source.device) - start[edge]
-    return edge, by_target[first[source[edge]] + local]
+    sorted_target = target[order]
+    slot = torch.arange(n_edges, device=target.device) - first[sorted_target]
+    table = torch.full((n_atoms, width), n_edges, dtype=torch.int64, device=target.device)
+    table[sorted_target, slot] = order
+    return table
 
 
-def _splat_plan(projected: Tensor, sphere: Tensor, lat: int, long: int) -> tuple[Tensor, Tensor]:
-    """Bilinear splat of projected directions onto lat/long grids (float64 geometry).
+def _pad(values: Tensor) -> Tensor:
+    """``values`` with a row of zeros appended (the target of padding indices)."""
+    return torch.cat([values, values.new_zeros(1, *values.shape[1:])])
+
+
+def spectral_splat_weights(
+    projected: Tensor, valid: Tensor, lat: int, long: int, dtype: torch.dtype
+) -> Tensor:
+    """Bilinear splat weights of directions on a lat/long grid, as longitude spectra.
+
+    A direction ``p`` (row 0 = the grid's polar axis) lands at latitude row
+    ``Y = (0.99 (asin(p0) + pi/2) / pi + 0.005) (lat - 1)`` and longitude column
+    ``X = (atan2(p1, p2) + pi) / (2 pi) long`` and is splatted bilinearly onto the four
+    surrounding cells (OCP's ``_project2D_init``; the longitude wraps around).  Instead of the
+    grid, this returns its real DFT along the longitude: the splat of a unit value is
+    ``rows[y] * ((1 - dx) e^{-2 pi i f x0 / long} + dx e^{-2 pi i f x1 / long})``.  Geometry in
+    float64 (see the module docstring for the pole convention and its derivative).
 
     Args:
-        projected: ``[n, 3]`` directions in the grid's frame (row 0 = polar axis).
-        sphere: ``[n]`` grid each direction lands on.
+        projected: ``[..., 3]`` float64 directions in the grid frames.
+        valid: ``[...]`` bool, False for padding (weight zero).
+        dtype: dtype of the returned weights.
 
     Returns:
-        ``(cells, weights)``: ``[n, 4]`` flat cell indices into ``[n_grids * lat * long]`` and
-        the bilinear weights (corners (y0, x0), (y0, x1), (y1, x0), (y1, x1)).
+        ``[..., n_freq * 2 * lat]`` weights, flattened from ``[n_freq, (re, im), lat]``.
     """
-    y, z, p0 = projected[:, 1], projected[:, 2], projected[:, 0]
+    y, z, p0 = projected[..., 1], projected[..., 2], projected[..., 0]
     pole = y * y + z * z < POLE_EPS2
     # On the pole: longitude atan2(+0, +0) = 0, evaluated as atan2(0, 1) so that the (unused)
     # derivative is finite; the latitude keeps its value but not its derivative.
@@ -690,35 +728,50 @@ def _splat_plan(projected: Tensor, sphere: Tensor, lat: int, long: int) -> tuple
     col = (longitude + math.pi) / (2.0 * math.pi) * long
     row = (0.99 * ((latitude + math.pi / 2.0) / math.pi) + 0.005) * (lat - 1.0)
     col_floor, row_floor = torch.floor(col), torch.floor(row)
-    dx, dy = col - col_floor, row - row_floor
+    dx, dy = (col - col_floor).unsqueeze(-1), (row - row_floor).unsqueeze(-1)
     x0 = col_floor.long() % long
-    x1 = (x0 + 1) % long
     y0 = row_floor.long() % lat
-    y1 = (y0 + 1) % lat
-    base = sphere * (lat * long)
-    cells = torch.stack(
-        [
-            base + y0 * long + x0,
-            base + y0 * long + x1,
-            base + y1 * long + x0,
-            base + y1 * long + x1,
-        ],
-        dim=1,
-    )
-    weights = torch.stack([(1 - dx) * (1 - dy), dx * (1 - dy), (1 - dx) * dy, dx * dy], dim=1)
-    return cells, weights
+    table = _splat_dft_table(long, projected.device)  # [long, n_freq, 2]
+    phase = (1.0 - dx.unsqueeze(-1)) * table[x0] + dx.unsqueeze(-1) * table[(x0 + 1) % long]
+    rows = (1.0 - dy) * F.one_hot(y0, lat) + dy * F.one_hot((y0 + 1) % lat, lat)
+    rows = rows * valid.unsqueeze(-1)
+    weights = phase.to(dtype).unsqueeze(-1) * rows.to(dtype).unsqueeze(-2).unsqueeze(-2)
+    return weights.flatten(-3)
 
 
-def _splat(
-    values: Tensor, neighbor: Tensor, cells: Tensor, weights: Tensor, n: int, lat: int, long: int
-) -> Tensor:
-    """``[n, lat, long, C]`` grids: ``values[neighbor[p]] * weights[p, k]`` summed into
-    ``cells[p, k]``."""
-    channels = values.shape[1]
-    contributions = values[neighbor].unsqueeze(1) * weights.unsqueeze(2)
-    grid = values.new_zeros(n * lat * long, channels)
-    grid = grid.index_add(0, cells.view(-1), contributions.view(-1, channels))
-    return grid.view(n, lat, long, channels)
+def _project(values: Tensor, neighbors: Tensor, weights: Tensor, lat: int, long: int) -> Tensor:
+    """Longitude spectra of the grids: ``[n, C, n_freq, 2, lat]``, where grid ``g`` receives
+    ``values[neighbors[g, j]]`` splatted with ``weights[g, j]``."""
+    features = _pad(values)[neighbors].transpose(1, 2)  # [n, C, width]
+    spectrum = torch.bmm(features, weights)
+    return spectrum.view(len(neighbors), values.shape[1], long // 2 + 1, 2, lat)
+
+
+def _splat_dft_table(long: int, device: torch.device) -> Tensor:
+    """``[long, n_freq, 2]`` float64: ``(cos, -sin)(2 pi f j / long)`` for column ``j``."""
+    j = torch.arange(long, dtype=torch.float64, device=device).unsqueeze(1)
+    f = torch.arange(long // 2 + 1, dtype=torch.float64, device=device)
+    angle = 2.0 * math.pi * j * f / long
+    return torch.stack([angle.cos(), -angle.sin()], dim=-1)
+
+
+def _dft_matrices(long: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+    """``cos`` and ``sin`` of ``2 pi k f / long``, ``[long, n_freq]``."""
+    k = torch.arange(long, dtype=torch.float64, device=device).unsqueeze(1)
+    f = torch.arange(long // 2 + 1, dtype=torch.float64, device=device)
+    angle = 2.0 * math.pi * k * f / long
+    return angle.cos().to(dtype), angle.sin().to(dtype)
+
+
+def _inverse_dft_matrix(long: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``[n_freq, 2, long]``: the real inverse DFT of a half spectrum (re, im)."""
+    cos, sin = _dft_matrices(long, torch.float64, device)
+    multiplicity = torch.full((long // 2 + 1, 1), 2.0, dtype=torch.float64, device=device)
+    multiplicity[0] = 1.0
+    if long % 2 == 0:
+        multiplicity[-1] = 1.0
+    inverse = torch.stack([multiplicity * cos.T, -multiplicity * sin.T], dim=1) / long
+    return inverse.to(dtype)
 
 
 def _zeros_if_none(grad: Tensor | None, like: Tensor) -> Tensor:
