@@ -1,0 +1,204 @@
+"""The training configuration: one dataclass, readable from YAML or JSON, every field a CLI flag.
+
+The defaults are the papers' shared recipe: L1 losses on normalized targets, force coefficient
+100 and energy coefficient 1 (SpinConv), fixed atoms weighted 0.05 and random rotations about
+z (ForceNet, section 3.2 and Table 7), Adam with amsgrad, the learning rate multiplied by 0.8
+when the validation force MAE plateaus (SpinConv).  See ``forcecalc/train/README.md``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+ENERGY_LOSSES = ("l1", "mse")
+FORCE_LOSSES = ("l1", "mse", "l2mae")
+ROTATIONS = ("none", "z", "3d", "auto")
+OPTIMIZERS = ("adam", "adamw")
+SCHEDULERS = ("plateau", "cosine", "constant")
+NORMALIZER_MODES = ("auto", "fit", "keep")
+MONITORED = ("force_mae", "energy_mae", "efwt")
+
+
+#: Help text of every option (also the CLI flag's help).
+HELP: dict[str, str] = {
+    "data": "training data: HDF5, ASE db, extxyz, traj, OUTCAR, ...",
+    "val_data": "validation data (else a random split of --data)",
+    "val_fraction": "fraction of --data held out when no --val-data",
+    "split_seed": "seed of the random train/validation split",
+    "model": "model name when training from scratch",
+    "model_kwargs": "model keyword arguments (JSON)",
+    "init_checkpoint": "start from this checkpoint (fine-tuning)",
+    "allow_unsafe": "allow full unpickling of --init-checkpoint",
+    "freeze_except": "train only parameters under these module names (e.g. force_output_block)",
+    "dtype": "float32 or float64",
+    "energy_loss": f"energy loss: {', '.join(ENERGY_LOSSES)}",
+    "force_loss": f"force loss: {', '.join(FORCE_LOSSES)}",
+    "energy_coefficient": "weight of the energy loss",
+    "force_coefficient": "weight of the force loss",
+    "fixed_atom_weight": "force-loss weight of FixAtoms atoms (0 drops them; ForceNet: 0.05)",
+    "tag_weights": "force-loss weights per OC20 tag 0,1,2 (replaces --fixed-atom-weight)",
+    "rotation": "rotation augmentation: none, z, 3d, auto (3d for molecules, else z)",
+    "optimizer": "adam or adamw",
+    "amsgrad": "use the amsgrad variant (the papers)",
+    "weight_decay": "weight decay (adamw: decoupled)",
+    "lr": "peak learning rate",
+    "batch_size": "structures per step and process",
+    "eval_batch_size": "structures per evaluation batch",
+    "max_epochs": "epochs (passes over the training data)",
+    "max_steps": "stop after this many steps (overrides epochs)",
+    "warmup_steps": "linear warmup steps",
+    "warmup_factor": "learning rate at step 0, as a fraction of --lr",
+    "scheduler": f"after warmup: {', '.join(SCHEDULERS)}",
+    "plateau_factor": "plateau: multiply the learning rate by this",
+    "plateau_patience": "plateau: evaluations without improvement",
+    "min_lr": "lowest learning rate (plateau and cosine)",
+    "clip_grad_norm": "clip the gradient norm (none: off)",
+    "ema_decay": "exponential moving average of weights (e.g. 0.999)",
+    "amp": "bf16 autocast (CUDA only)",
+    "normalizers": "auto (fit from data unless fine-tuning), fit, or keep the checkpoint's",
+    "normalizer_frames": "frames used to fit the normalizers",
+    "monitor": f"validation metric for plateau and best: {', '.join(MONITORED)} "
+    "(no validation data: the training loss)",
+    "out": "output folder",
+    "device": "cpu or cuda (default: cuda if available)",
+    "seed": "seed of initialisation, shuffling and augmentation",
+    "num_workers": "data-loader worker processes",
+    "eval_every": "evaluate every N steps (0: every epoch)",
+    "checkpoint_every": "save the resumable state every N steps",
+    "sync_batchnorm": "multi-process: batch statistics over all processes",
+    "progress": "show a progress bar",
+}
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training or fine-tuning run needs (see the README for an example)."""
+
+    # data
+    data: list[str] = field(default_factory=list)
+    val_data: list[str] = field(default_factory=list)
+    val_fraction: float = 0.1
+    split_seed: int = 0
+    # model
+    model: str = "forcenet"
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    init_checkpoint: str | None = None
+    allow_unsafe: bool = False
+    freeze_except: list[str] = field(default_factory=list)
+    dtype: str = "float32"
+    # loss
+    energy_loss: str = "l1"
+    force_loss: str = "l1"
+    energy_coefficient: float = 1.0
+    force_coefficient: float = 100.0
+    fixed_atom_weight: float = 0.05
+    tag_weights: list[float] | None = None
+    rotation: str = "auto"
+    # optimisation
+    optimizer: str = "adam"
+    amsgrad: bool = True
+    weight_decay: float = 0.0
+    lr: float = 5e-4
+    batch_size: int = 8
+    eval_batch_size: int | None = None
+    max_epochs: int = 50
+    max_steps: int | None = None
+    warmup_steps: int = 0
+    warmup_factor: float = 0.2
+    scheduler: str = "plateau"
+    plateau_factor: float = 0.8
+    plateau_patience: int = 3
+    min_lr: float = 1e-6
+    clip_grad_norm: float | None = 10.0
+    ema_decay: float | None = None
+    amp: bool = False
+    normalizers: str = "auto"
+    normalizer_frames: int = 10000
+    monitor: str = "force_mae"
+    # run
+    out: str = "run"
+    device: str | None = None
+    seed: int = 0
+    num_workers: int = 0
+    eval_every: int = 0
+    checkpoint_every: int = 500
+    sync_batchnorm: bool = True
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        choices = {
+            "energy_loss": ENERGY_LOSSES,
+            "force_loss": FORCE_LOSSES,
+            "rotation": ROTATIONS,
+            "optimizer": OPTIMIZERS,
+            "scheduler": SCHEDULERS,
+            "normalizers": NORMALIZER_MODES,
+            "monitor": MONITORED,
+            "dtype": ("float32", "float64"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(
+                    f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}"
+                )
+        if isinstance(self.data, str):
+            self.data = [self.data]
+        if isinstance(self.val_data, str):
+            self.val_data = [self.val_data]
+        if isinstance(self.freeze_except, str):
+            self.freeze_except = [self.freeze_except]
+        if self.tag_weights is not None and len(self.tag_weights) != 3:
+            raise ValueError(f"tag_weights needs 3 values (tags 0, 1, 2), got {self.tag_weights}")
+        if self.batch_size < 1 or (self.eval_batch_size is not None and self.eval_batch_size < 1):
+            raise ValueError("batch sizes must be >= 1")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.checkpoint_every < 1:
+            raise ValueError("checkpoint_every must be >= 1")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        """Build from a mapping; unknown keys raise ``ValueError`` listing the valid ones."""
+        values = {k.replace("-", "_"): v for k, v in values.items()}
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown training option(s) {', '.join(unknown)}; "
+                f"valid: {', '.join(sorted(known))}"
+            )
+        return cls(**values)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> TrainConfig:
+        """Read a YAML (``.yaml``/``.yml``) or JSON file."""
+        path = Path(path)
+        text = path.read_text()
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            values = yaml.safe_load(text) or {}
+        else:
+            values = json.loads(text)
+        if not isinstance(values, dict):
+            raise ValueError(f"{path}: expected a mapping of option names to values")
+        return cls.from_dict(values)
+
+    def updated(self, **changes: Any) -> TrainConfig:
+        """A copy with ``changes`` applied (validated again)."""
+        return TrainConfig.from_dict({**asdict(self), **changes})
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def option_fields() -> list[tuple[str, str, Any, str]]:
+    """``(name, type annotation, default, help)`` of every option, in declaration order."""
+    out = []
+    for f in fields(TrainConfig):
+        default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+        out.append((f.name, str(f.type), default, HELP[f.name]))
+    return out

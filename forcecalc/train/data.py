@@ -1,0 +1,394 @@
+"""Training data: one lazy, random-access interface over every source, splits, and collation.
+
+A *frame source* is a ``Sequence`` of ``ase.Atoms``, each carrying its DFT energy and forces
+(a ``SinglePointCalculator``), its ``FixAtoms`` constraint and its OC20 tags.  Sources:
+
+* our HDF5 files (``.h5``/``.hdf5``, through :func:`forcecalc.data.open_dataset`);
+* ASE databases (``.db``), read row by row;
+* extended XYZ files (``.xyz``/``.extxyz``): frame offsets indexed once, frames parsed on access;
+* ASE trajectories (``.traj``), read frame by frame;
+* any other file ASE reads (VASP ``OUTCAR``, ``vasprun.xml``, ...), read whole on first access;
+* a list of ``Atoms``.
+
+:class:`Collater` turns a list of frames into a :class:`TrainBatch`: the graph
+(:class:`~forcecalc.graph.Batch`) plus the target tensors.  :class:`BatchPlan` decides which
+frames form each step's batch, for one or several processes, so that a run split over ``W``
+processes sees exactly the frames a single process with a ``W`` times larger batch sees, and so
+that a resumed run continues from the same position.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from forcecalc.graph import Batch
+
+HDF5_SUFFIXES = (".h5", ".hdf5")
+EXTXYZ_SUFFIXES = (".xyz", ".extxyz")
+
+
+class ExtxyzFrames(Sequence):
+    """Lazy random access to the frames of an (extended) XYZ file.
+
+    The byte offset of every frame is found once by reading the atom-count lines; a frame is
+    parsed (by ASE) only when it is accessed.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self._offsets = self._index()
+
+    def _index(self) -> list[int]:
+        offsets = []
+        with open(self.path, "rb") as stream:
+            while True:
+                start = stream.tell()
+                line = stream.readline()
+                if not line:
+                    break
+                if not line.strip():
+                    continue
+                try:
+                    n_atoms = int(line.split()[0])
+                except ValueError:
+                    raise ValueError(
+                        f"{self.path}: expected an atom count at byte {start}, got {line[:40]!r}"
+                    ) from None
+                offsets.append(start)
+                for _ in range(n_atoms + 1):
+                    if not stream.readline():
+                        raise ValueError(f"{self.path}: frame {len(offsets) - 1} is truncated")
+        return offsets
+
+    def __len__(self) -> int:
+        return len(self._offsets)
+
+    def __getitem__(self, index: int):  # type: ignore[override]
+        from ase.io import read
+
+        start = self._offsets[index]
+        end = self._offsets[index + 1] if index + 1 < len(self._offsets) else None
+        with open(self.path, "rb") as stream:
+            stream.seek(start)
+            text = stream.read(-1 if end is None else end - start).decode()
+        return read(io.StringIO(text), format="extxyz")
+
+
+class AseDbFrames(Sequence):
+    """Lazy random access to the rows of an ASE database (one connection per process)."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self._connection = None
+        self._pid: int | None = None
+        self._ids = [row.id for row in self._db().select(include_data=False)]
+
+    def _db(self):
+        if self._connection is None or self._pid != os.getpid():
+            from ase.db import connect
+
+            self._connection = connect(self.path)
+            self._pid = os.getpid()
+        return self._connection
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_connection": None, "_pid": None}
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def __getitem__(self, index: int):  # type: ignore[override]
+        return self._db().get(id=self._ids[index]).toatoms()
+
+
+class TrajectoryFrames(Sequence):
+    """Lazy random access to an ASE ``.traj`` file (opened per access, fork-safe)."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        from ase.io import Trajectory
+
+        self.path = Path(path)
+        with Trajectory(self.path) as trajectory:
+            self._length = len(trajectory)
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __getitem__(self, index: int):  # type: ignore[override]
+        from ase.io import Trajectory
+
+        with Trajectory(self.path) as trajectory:
+            return trajectory[index]
+
+
+class AseFileFrames(Sequence):
+    """Any file ASE reads (``OUTCAR``, ``vasprun.xml``, ...): read whole on first access."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self._frames: list | None = None
+
+    def _load(self) -> list:
+        if self._frames is None:
+            from ase.io import read
+
+            frames = read(self.path, index=":")
+            self._frames = frames if isinstance(frames, list) else [frames]
+        return self._frames
+
+    def __len__(self) -> int:
+        return len(self._load())
+
+    def __getitem__(self, index: int):  # type: ignore[override]
+        return self._load()[index]
+
+
+class ConcatFrames(Sequence):
+    """Several sources as one sequence; :meth:`locate` says which source a frame comes from."""
+
+    def __init__(self, sources: Sequence[Sequence], names: Sequence[str]) -> None:
+        self.sources = list(sources)
+        self.names = list(names)
+        self._bounds = np.cumsum([0] + [len(s) for s in self.sources])
+
+    def __len__(self) -> int:
+        return int(self._bounds[-1])
+
+    def locate(self, index: int) -> tuple[int, int]:
+        """``(source number, index within it)`` of frame ``index``."""
+        if not 0 <= index < len(self):
+            raise IndexError(f"frame {index} out of range (0..{len(self) - 1})")
+        source = int(np.searchsorted(self._bounds, index, side="right")) - 1
+        return source, index - int(self._bounds[source])
+
+    def __getitem__(self, index: int):  # type: ignore[override]
+        source, local = self.locate(int(index))
+        return self.sources[source][local]
+
+
+class SubsetFrames(Sequence):
+    """The frames ``indices`` of ``frames``."""
+
+    def __init__(self, frames: Sequence, indices: Sequence[int]) -> None:
+        self.frames = frames
+        self.indices = np.asarray(indices, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int):  # type: ignore[override]
+        return self.frames[int(self.indices[index])]
+
+
+def open_source(source: str | os.PathLike | Sequence) -> Sequence:
+    """One frame source: a path (format from its suffix) or a sequence of ``Atoms``.
+
+    Raises:
+        FileNotFoundError: the path does not exist.
+    """
+    if not isinstance(source, (str, os.PathLike)):
+        return source
+    path = Path(source)
+    if not path.exists():
+        raise FileNotFoundError(f"training data {path} does not exist")
+    suffix = path.suffix.lower()
+    if suffix in HDF5_SUFFIXES:
+        try:
+            from forcecalc.data import open_dataset
+        except ImportError as error:
+            raise ImportError(
+                f"reading {path} needs forcecalc.data.open_dataset, which this installation lacks"
+            ) from error
+        return open_dataset(path)
+    if suffix == ".db":
+        return AseDbFrames(path)
+    if suffix in EXTXYZ_SUFFIXES:
+        return ExtxyzFrames(path)
+    if suffix == ".traj":
+        return TrajectoryFrames(path)
+    return AseFileFrames(path)
+
+
+def open_frames(sources: Sequence[str | os.PathLike] | Sequence) -> ConcatFrames:
+    """Several sources (paths, or one list of ``Atoms``) as one :class:`ConcatFrames`."""
+    if len(sources) and hasattr(sources[0], "positions"):
+        return ConcatFrames([sources], ["<atoms>"])
+    opened = [open_source(s) for s in sources]
+    return ConcatFrames(opened, [str(s) for s in sources])
+
+
+def random_split(frames: Sequence, val_fraction: float, seed: int) -> tuple[Sequence, Sequence]:
+    """``(train, val)`` subsets: a seeded permutation, the first ``round(n * fraction)`` frames
+    held out (at least one when ``val_fraction > 0`` and there are two or more frames)."""
+    n = len(frames)
+    n_val = round(n * val_fraction)
+    if val_fraction > 0 and n > 1:
+        n_val = min(max(n_val, 1), n - 1)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).numpy()
+    train = SubsetFrames(frames, np.sort(order[n_val:]))
+    return train, SubsetFrames(frames, np.sort(order[:n_val]))
+
+
+def frame_targets(atoms, index: int | None = None) -> tuple[float, np.ndarray]:
+    """``(energy, forces [n_atoms, 3])`` of a labelled frame (eV, eV/Å).
+
+    Raises:
+        ValueError: the frame has no energy or no forces (the message names the frame).
+    """
+    calc = atoms.calc
+    results = getattr(calc, "results", None) or {}
+    energy = results.get("energy", results.get("free_energy"))
+    forces = results.get("forces")
+    if energy is None or forces is None:
+        label = f"frame {index}" if index is not None else "a frame"
+        raise ValueError(
+            f"{label} ({atoms.get_chemical_formula()}) has no "
+            f"{'energy' if energy is None else 'forces'}: training needs both (attach a "
+            "SinglePointCalculator, or store them in the file)"
+        )
+    forces = np.asarray(forces, dtype=np.float64)
+    if forces.shape != (len(atoms), 3):
+        raise ValueError(f"frame {index}: forces of shape {forces.shape} for {len(atoms)} atoms")
+    return float(energy), forces
+
+
+@dataclass(frozen=True)
+class TrainBatch:
+    """A batch of labelled frames.
+
+    Attributes:
+        graph: the structures with their neighbor graph.
+        energy: ``[n_systems]`` DFT energies (eV).
+        forces: ``[n_atoms, 3]`` DFT forces (eV/Å).
+        index: ``[n_systems]`` int64 position of each frame in its dataset.
+    """
+
+    graph: Batch
+    energy: Tensor
+    forces: Tensor
+    index: Tensor
+
+    def to(self, device: torch.device | str, dtype: torch.dtype) -> TrainBatch:
+        """A copy on ``device`` with the float tensors in ``dtype``."""
+        return TrainBatch(
+            graph=self.graph.to(device=device, dtype=dtype),
+            energy=self.energy.to(device=device, dtype=dtype),
+            forces=self.forces.to(device=device, dtype=dtype),
+            index=self.index.to(device=device),
+        )
+
+
+class IndexedFrames(Sequence):
+    """``frames[i]`` as ``(i, frames[i])`` so that the collated batch knows its frames."""
+
+    def __init__(self, frames: Sequence) -> None:
+        self.frames = frames
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+    def __getitem__(self, index: int):  # type: ignore[override]
+        return int(index), self.frames[int(index)]
+
+
+class Collater:
+    """``[(index, Atoms), ...] -> TrainBatch``, building the graph at ``cutoff`` (float64)."""
+
+    def __init__(self, cutoff: float) -> None:
+        self.cutoff = float(cutoff)
+
+    def __call__(self, items: Sequence[tuple[int, object]]) -> TrainBatch:
+        indices = [i for i, _ in items]
+        frames = [a for _, a in items]
+        targets = [frame_targets(a, i) for i, a in items]
+        graph = Batch.from_atoms(frames, cutoff=self.cutoff, dtype=torch.float64)
+        return TrainBatch(
+            graph=graph,
+            energy=torch.tensor([e for e, _ in targets], dtype=torch.float64),
+            forces=torch.from_numpy(np.concatenate([f for _, f in targets])),
+            index=torch.tensor(indices, dtype=torch.int64),
+        )
+
+
+def atom_weights(graph: Batch, fixed_weight: float, tag_weights: Sequence[float] | None) -> Tensor:
+    """``[n_atoms]`` force-loss weights: ``tag_weights[tag]`` when given (OCP's
+    ``tag_specific_weights``), else 1 for free atoms and ``fixed_weight`` for FixAtoms atoms."""
+    if tag_weights is not None:
+        table = torch.as_tensor(tag_weights, dtype=graph.positions.dtype, device=graph.tags.device)
+        return table[graph.tags.clamp(0, 2)]
+    ones = torch.ones_like(graph.positions[:, 0])
+    return torch.where(graph.fixed, ones * fixed_weight, ones)
+
+
+class BatchPlan:
+    """Which frames each process takes at each step (a ``batch_sampler`` for ``DataLoader``).
+
+    Epoch ``e`` shuffles the frames with a generator seeded from ``(seed, e)``, cuts the
+    permutation into global batches of ``batch_size * world_size`` frames, and gives rank ``r``
+    the ``r``-th slice of each.  The last, shorter global batch is split as evenly as possible;
+    it is dropped when it has fewer frames than processes.  :meth:`set_epoch` with ``start``
+    skips the first ``start`` batches (resuming inside an epoch).
+    """
+
+    def __init__(
+        self,
+        n_frames: int,
+        batch_size: int,
+        seed: int = 0,
+        shuffle: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        self.n_frames = n_frames
+        self.batch_size = batch_size
+        self.seed = seed
+        self.shuffle = shuffle
+        self.rank = rank
+        self.world_size = world_size
+        self.epoch = 0
+        self.start = 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch = epoch
+        self.start = start
+
+    def global_batches(self, epoch: int) -> list[np.ndarray]:
+        """Every global batch of ``epoch``, as frame indices, in order."""
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            order = torch.randperm(self.n_frames, generator=generator).numpy()
+        else:
+            order = np.arange(self.n_frames)
+        size = self.batch_size * self.world_size
+        batches = [order[i : i + size] for i in range(0, self.n_frames, size)]
+        if batches and len(batches[-1]) < self.world_size:
+            batches.pop()
+        return batches
+
+    def local_slice(self, global_size: int) -> slice:
+        """This rank's part of a global batch of ``global_size`` frames."""
+        base, extra = divmod(global_size, self.world_size)
+        start = self.rank * base + min(self.rank, extra)
+        return slice(start, start + base + (self.rank < extra))
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for batch in self.global_batches(self.epoch)[self.start :]:
+            yield batch[self.local_slice(len(batch))].tolist()
+
+    def __len__(self) -> int:
+        return len(self.global_batches(self.epoch)) - self.start
+
+
+def shard(n_frames: int, rank: int, world_size: int) -> range:
+    """Contiguous evaluation shard of ``rank`` (every frame in exactly one shard)."""
+    base, extra = divmod(n_frames, world_size)
+    start = rank * base + min(rank, extra)
+    return range(start, start + base + (rank < extra))

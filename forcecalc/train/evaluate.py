@@ -1,0 +1,121 @@
+"""Validation: predictions over a frame set (sharded over processes) and the S2EF metrics."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from forcecalc.checkpoint import Normalizers
+from forcecalc.train.data import Collater, IndexedFrames, SubsetFrames, shard
+from forcecalc.train.distributed import DistInfo, all_gather_objects
+
+#: OC20's EFwT thresholds: energy error below 0.02 eV and every force component error below
+#: 0.03 eV/Å (free atoms).
+EFWT_ENERGY = 0.02
+EFWT_FORCES = 0.03
+
+
+@dataclass
+class Predictions:
+    """Predictions and targets of a frame set, in eV and eV/Å.
+
+    Attributes:
+        energy, energy_target: ``[n_systems]``.
+        forces, forces_target: ``[n_atoms, 3]``.
+        natoms: ``[n_systems]`` atoms per system.
+        free: ``[n_atoms]`` bool, True for atoms not held by FixAtoms.
+    """
+
+    energy: np.ndarray
+    energy_target: np.ndarray
+    forces: np.ndarray
+    forces_target: np.ndarray
+    natoms: np.ndarray
+    free: np.ndarray
+
+    @classmethod
+    def concatenate(cls, parts: Sequence[Predictions]) -> Predictions:
+        return cls(
+            *(np.concatenate([getattr(p, name) for p in parts]) for name in cls.__annotations__)
+        )
+
+
+def _s2ef_metrics(pred: Predictions, free_only: bool = True) -> dict[str, float]:
+    """Energy MAE (eV), force MAE (eV/Å, per component), force cosine (mean over atoms) and
+    EFwT (fraction of systems within both thresholds), forces over free atoms only when
+    ``free_only`` (OC20's convention)."""
+    system = np.repeat(np.arange(len(pred.natoms)), pred.natoms)
+    mask = pred.free if free_only else np.ones(len(pred.free), dtype=bool)
+    forces, target, system = pred.forces[mask], pred.forces_target[mask], system[mask]
+    error = np.abs(forces - target)
+    dot = (forces * target).sum(axis=1)
+    norms = np.linalg.norm(forces, axis=1) * np.linalg.norm(target, axis=1)
+    cosine = dot / np.maximum(norms, 1e-8)
+    max_error = np.zeros(len(pred.natoms))
+    np.maximum.at(max_error, system, error.max(axis=1) if len(error) else error)
+    energy_error = np.abs(pred.energy - pred.energy_target)
+    within = (energy_error < EFWT_ENERGY) & (max_error < EFWT_FORCES)
+    return {
+        "energy_mae": float(energy_error.mean()),
+        "force_mae": float(error.mean()) if len(error) else 0.0,
+        "force_cos": float(cosine.mean()) if len(cosine) else 0.0,
+        "efwt": float(within.mean()),
+    }
+
+
+def predict_frames(
+    model: nn.Module,
+    frames: Sequence,
+    normalizers: Normalizers,
+    batch_size: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    info: DistInfo,
+) -> Predictions:
+    """Predictions for every frame (each process evaluates a contiguous shard; the shards are
+    gathered on every process, in frame order).  The model is used as it is (call ``eval()``
+    first for validation)."""
+    indices = shard(len(frames), info.rank, info.world_size)
+    subset = IndexedFrames(SubsetFrames(frames, list(indices)))
+    collate = Collater(float(model.cutoff))
+    needs_grad = bool(getattr(model, "defines_stress", False))
+    parts = []
+    for start in range(0, len(subset), batch_size):
+        batch = collate([subset[i] for i in range(start, min(start + batch_size, len(subset)))])
+        batch = batch.to(device, dtype)
+        with torch.set_grad_enabled(needs_grad):
+            out = model(batch.graph)
+        energy = out["energy"].detach() * normalizers.energy_std + normalizers.energy_mean
+        forces = out["forces"].detach() * normalizers.forces_std
+        parts.append(
+            Predictions(
+                energy=energy.double().cpu().numpy(),
+                energy_target=batch.energy.double().cpu().numpy(),
+                forces=forces.double().cpu().numpy(),
+                forces_target=batch.forces.double().cpu().numpy(),
+                natoms=batch.graph.natoms.cpu().numpy(),
+                free=(~batch.graph.fixed).cpu().numpy(),
+            )
+        )
+    local = Predictions.concatenate(parts) if parts else _empty()
+    return Predictions.concatenate(all_gather_objects(local, info))
+
+
+def _empty() -> Predictions:
+    return Predictions(
+        energy=np.zeros(0),
+        energy_target=np.zeros(0),
+        forces=np.zeros((0, 3)),
+        forces_target=np.zeros((0, 3)),
+        natoms=np.zeros(0, dtype=np.int64),
+        free=np.zeros(0, dtype=bool),
+    )
+
+
+def s2ef_metrics(pred: Predictions, free_only: bool = True) -> dict[str, float]:
+    """The S2EF metrics of the papers (see :func:`_s2ef_metrics`)."""
+    return _s2ef_metrics(pred, free_only)

@@ -1,0 +1,667 @@
+"""The training loop: losses, optimisation, evaluation, checkpoints, exact resume, DDP.
+
+Files written to ``config.out`` (each by temp file + rename, by process 0 only):
+
+* ``checkpoint.pt``: the resumable state (every ``checkpoint_every`` steps, after every
+  evaluation and at the end): model, optimizer, schedule, moving average, random states of
+  every process, the data position (epoch and batch within it), metrics history, config;
+* ``best.pt``: the model with the best validation score so far, in forcecalc's checkpoint
+  format (:func:`forcecalc.checkpoint.save_checkpoint`);
+* ``final.pt``: the model at the end, same format, with metadata (data, config, metrics,
+  hardware, time);
+* ``metrics.csv``, ``metrics.json``: one row per evaluation; ``config.yaml``: the config.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import datetime
+import io
+import json
+import math
+import os
+import platform
+import tempfile
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from forcecalc.checkpoint import (
+    CheckpointInfo,
+    Normalizers,
+    Potential,
+    atomic_torch_save,
+    load_checkpoint,
+    resolve_dtype,
+    save_checkpoint,
+)
+from forcecalc.models.registry import build_model
+from forcecalc.train.config import TrainConfig
+from forcecalc.train.data import (
+    BatchPlan,
+    Collater,
+    IndexedFrames,
+    TrainBatch,
+    atom_weights,
+    frame_targets,
+    open_frames,
+    random_split,
+)
+from forcecalc.train.distributed import (
+    all_gather_objects,
+    all_reduce_sum,
+    barrier,
+    convert_batchnorm,
+    init_from_env,
+)
+from forcecalc.train.evaluate import predict_frames, s2ef_metrics
+from forcecalc.train.losses import compute_loss, random_rotations, rotate, rotation_axes
+from forcecalc.train.optim import (
+    EMA,
+    LRSchedule,
+    build_optimizer,
+    freeze_except,
+    frozen_norm_layers,
+)
+
+STATE_FORMAT = "forcecalc-train-state"
+STATE_VERSION = 1
+STATE_FILE = "checkpoint.pt"
+BEST_FILE = "best.pt"
+FINAL_FILE = "final.pt"
+_WRITTEN = (STATE_FILE, BEST_FILE, FINAL_FILE, "metrics.csv", "metrics.json", "config.yaml")
+
+
+def fit_normalizers(frames: Sequence, max_frames: int, seed: int) -> Normalizers:
+    """Energy mean and standard deviation, and the force RMS (a standard deviation about 0),
+    over at most ``max_frames`` randomly chosen frames."""
+    n = len(frames)
+    if n == 0:
+        raise ValueError("no training frames to fit the normalizers on")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).numpy()
+    energies, squares, count = [], 0.0, 0
+    for index in np.sort(order[: min(max_frames, n)]):
+        energy, forces = frame_targets(frames[int(index)], int(index))
+        energies.append(energy)
+        squares += float((forces * forces).sum())
+        count += forces.size
+    energy_std = float(np.std(energies)) if len(energies) > 1 else 0.0
+    forces_std = math.sqrt(squares / max(count, 1))
+    return Normalizers(
+        energy_mean=float(np.mean(energies)),
+        energy_std=energy_std if energy_std > 1e-8 else 1.0,
+        forces_std=forces_std if forces_std > 1e-8 else 1.0,
+    )
+
+
+def effective_model_kwargs(info: CheckpointInfo) -> dict[str, Any]:
+    """The keyword arguments that rebuild ``info``'s model in forcecalc's format.
+
+    An energy-centric SpinConv loaded from an OCP checkpoint uses the original's force
+    definition by default (:func:`forcecalc.models.registry.build_model`); a model fine-tuned
+    from it keeps that definition, so it is written out explicitly.
+    """
+    kwargs = dict(info.model_kwargs)
+    if info.model == "spinconv" and info.source_format == "ocp":
+        kwargs.setdefault("forces", "compat")
+    return kwargs
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to a temp file next to ``path`` and rename it into place."""
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w") as stream:
+            stream.write(text)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _remove_stale_temp_files(folder: Path) -> None:
+    """Delete temp files a killed run left behind (its completed files are untouched)."""
+    for name in _WRITTEN:
+        for stale in folder.glob(f".{name}.*.tmp"):
+            stale.unlink(missing_ok=True)
+
+
+class Trainer:
+    """Trains (or fine-tunes) one model as ``config`` says.
+
+    Args:
+        config: the options.
+        train_frames: labelled ``ase.Atoms`` to train on (default: ``config.data``).
+        val_frames: validation frames (default: ``config.val_data``, else a random
+            ``config.val_fraction`` of the training frames).
+        resume: a state file written by a previous run (``out/checkpoint.pt``): the run
+            continues exactly where it stopped (same config and data expected).
+
+    Launched by ``torchrun`` (``WORLD_SIZE > 1``) every process runs a Trainer on its share of
+    each batch; gradients are averaged and batch-norm statistics computed over all processes,
+    so the result equals one process with the combined batch.
+    """
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        train_frames: Sequence | None = None,
+        val_frames: Sequence | None = None,
+        resume: str | os.PathLike | None = None,
+    ) -> None:
+        self.config = config
+        self.dist, self.device = init_from_env(config.device)
+        self.dtype = resolve_dtype(config.dtype)
+        self.out = Path(config.out)
+        if self.dist.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            _remove_stale_temp_files(self.out)
+        state = None
+        if resume is not None:
+            state = torch.load(resume, map_location="cpu", weights_only=True)
+            if state.get("format") != STATE_FORMAT:
+                raise ValueError(f"{resume} is not a forcecalc training state")
+        self.train_frames, self.val_frames, self.data_info = self._open_data(
+            train_frames, val_frames
+        )
+        if len(self.train_frames) == 0:
+            raise ValueError("no training frames")
+
+        torch.manual_seed(config.seed)
+        self.potential = self._build_potential(state)
+        model = self.potential.model
+        self.trainable = freeze_except(model, config.freeze_except)
+        self.frozen_norms = frozen_norm_layers(model)
+        if self.dist.active and config.sync_batchnorm:
+            convert_batchnorm(model)
+        self.parameters = [p for p in model.parameters() if p.requires_grad]
+        if not self.parameters:
+            raise ValueError("every parameter is frozen: nothing to train")
+        self.module: torch.nn.Module = model
+        if self.dist.active:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.module = DistributedDataParallel(
+                model,
+                find_unused_parameters=config.energy_coefficient == 0
+                or config.force_coefficient == 0,
+            )
+        self.optimizer = build_optimizer(
+            self.parameters, config.optimizer, config.lr, config.amsgrad, config.weight_decay
+        )
+        self.plan = BatchPlan(
+            len(self.train_frames),
+            config.batch_size,
+            seed=config.seed,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+        )
+        self.steps_per_epoch = len(self.plan.global_batches(0))
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"{len(self.train_frames)} training frames cannot feed "
+                f"{self.dist.world_size} processes"
+            )
+        self.total_steps = config.max_steps or config.max_epochs * self.steps_per_epoch
+        self.schedule = LRSchedule(
+            self.optimizer,
+            config.scheduler,
+            config.lr,
+            self.total_steps,
+            warmup_steps=config.warmup_steps,
+            warmup_factor=config.warmup_factor,
+            min_lr=config.min_lr,
+            factor=config.plateau_factor,
+            patience=config.plateau_patience,
+        )
+        self.ema = EMA(self.parameters, config.ema_decay) if config.ema_decay else None
+        self.loader = DataLoader(
+            IndexedFrames(self.train_frames),
+            batch_sampler=self.plan,
+            collate_fn=Collater(self.potential.cutoff),
+            num_workers=config.num_workers,
+            pin_memory=self.device.type == "cuda",
+        )
+        self.step = 0
+        self.epoch = 0
+        self.batch_in_epoch = 0
+        self.best = math.inf
+        self.history: list[dict[str, Any]] = []
+        self.elapsed = 0.0
+        self._sums = torch.zeros(5, dtype=torch.float64, device=self.device)
+        self._sum_steps = 0
+        torch.manual_seed(config.seed + self.dist.rank)
+        if state is not None:
+            self._load_state(state)
+
+    # ---------------------------------------------------------------------------------------
+    # set-up
+
+    def _open_data(
+        self, train_frames: Sequence | None, val_frames: Sequence | None
+    ) -> tuple[Sequence, Sequence, dict[str, Any]]:
+        config = self.config
+        train = open_frames(config.data) if train_frames is None else train_frames
+        names = list(config.data) if train_frames is None else ["<frames>"]
+        if val_frames is not None or config.val_data:
+            val = open_frames(config.val_data) if val_frames is None else val_frames
+            split = {"kind": "files", "val": list(config.val_data) or ["<frames>"]}
+        elif config.val_fraction > 0:
+            train, val = random_split(train, config.val_fraction, config.split_seed)
+            split = {"kind": "random", "fraction": config.val_fraction, "seed": config.split_seed}
+        else:
+            val, split = [], {"kind": "none"}
+        info = {
+            "train": names,
+            "train_frames": len(train),
+            "val_frames": len(val),
+            "split": split,
+        }
+        return train, val, info
+
+    def _build_potential(self, state: dict[str, Any] | None) -> Potential:
+        config = self.config
+        if state is not None:
+            saved = state["potential"]
+            info = CheckpointInfo(
+                model=saved["model"],
+                model_kwargs=dict(saved["model_kwargs"]),
+                normalizers=Normalizers(**saved["normalizers"]),
+                source_format=saved["source_format"],
+                elements=saved["elements"],
+            )
+            model = build_model(info.model, info.model_kwargs, source_format=info.source_format)
+            model.load_state_dict(state["model"])
+            potential = Potential(model, info)
+        elif config.init_checkpoint:
+            potential = load_checkpoint(
+                config.init_checkpoint,
+                device=self.device,
+                dtype=self.dtype,
+                allow_unsafe=config.allow_unsafe,
+            )
+            potential.info.metadata = {
+                "init_checkpoint": {
+                    "path": potential.info.path,
+                    "format": potential.info.source_format,
+                    "normalizers": potential.info.normalizers.as_dict(),
+                }
+            }
+        else:
+            model = build_model(config.model, config.model_kwargs)
+            info = CheckpointInfo(
+                model=config.model,
+                model_kwargs=dict(config.model_kwargs),
+                normalizers=Normalizers(),
+                source_format="forcecalc",
+            )
+            potential = Potential(model, info)
+        potential = potential.to(device=self.device, dtype=self.dtype)
+        fit = config.normalizers == "fit" or (
+            config.normalizers == "auto" and not config.init_checkpoint
+        )
+        if state is None and fit:
+            potential.info.normalizers = fit_normalizers(
+                self.train_frames, config.normalizer_frames, config.seed
+            )
+        return potential
+
+    def _train_mode(self) -> None:
+        self.potential.model.train()
+        for module in self.frozen_norms:
+            module.eval()
+
+    # ---------------------------------------------------------------------------------------
+    # one step
+
+    def _train_step(self, batch: TrainBatch) -> None:
+        config = self.config
+        batch = batch.to(self.device, self.dtype)
+        graph, forces = batch.graph, batch.forces
+        if config.rotation != "none":
+            keys = [(config.seed, self.epoch, int(i)) for i in batch.index.tolist()]
+            rotations = random_rotations(keys, rotation_axes(graph, config.rotation))
+            graph, forces = rotate(graph, forces, torch.from_numpy(rotations))
+        norm = self.potential.info.normalizers
+        target_energy = (batch.energy - norm.energy_mean) / norm.energy_std
+        target_forces = forces / norm.forces_std
+        weights = atom_weights(graph, config.fixed_atom_weight, config.tag_weights)
+        denominators = all_reduce_sum(
+            torch.stack([weights.new_tensor(float(graph.n_systems)), weights.sum()]), self.dist
+        )
+        self._train_mode()
+        amp = config.amp and self.device.type == "cuda"
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp):
+            out = self.module(graph)
+        terms = compute_loss(
+            out["energy"].to(self.dtype),
+            out["forces"].to(self.dtype),
+            target_energy,
+            target_forces,
+            weights,
+            denominators,
+            energy_loss=config.energy_loss,
+            force_loss=config.force_loss,
+            energy_coefficient=config.energy_coefficient,
+            force_coefficient=config.force_coefficient,
+            world_size=self.dist.world_size,
+        )
+        self.optimizer.zero_grad(set_to_none=True)
+        terms.loss.backward()
+        if config.clip_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.parameters, config.clip_grad_norm)
+        self.schedule.apply(self.step)
+        self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update()
+        with torch.no_grad():
+            energy_error = (out["energy"].detach() - target_energy).abs().sum() * norm.energy_std
+            force_error = (out["forces"].detach() - target_forces).abs().sum() * norm.forces_std
+            self._sums += torch.stack(
+                [
+                    terms.loss.detach().double() / self.dist.world_size,
+                    energy_error.double(),
+                    torch.tensor(float(graph.n_systems), dtype=torch.float64, device=self.device),
+                    force_error.double(),
+                    torch.tensor(3.0 * graph.n_atoms, dtype=torch.float64, device=self.device),
+                ]
+            )
+        self._sum_steps += 1
+
+    # ---------------------------------------------------------------------------------------
+    # the loop
+
+    def fit(self) -> dict[str, Any]:
+        """Train until ``max_steps`` (or ``max_epochs``), then write ``final.pt``.
+
+        Returns:
+            ``{"step", "epoch", "metrics" (final validation), "best", "final", "best_path"}``.
+        """
+        from tqdm.auto import tqdm
+
+        config = self.config
+        if self.dist.is_main:
+            self._write_config()
+        started = time.perf_counter()
+        elapsed_before = self.elapsed
+        bar = tqdm(
+            total=self.total_steps,
+            initial=self.step,
+            unit="step",
+            desc="train",
+            disable=not (config.progress and self.dist.is_main),
+            dynamic_ncols=True,
+        )
+        last_eval_step = -1
+        with bar:
+            while self.step < self.total_steps:
+                self.plan.set_epoch(self.epoch, self.batch_in_epoch)
+                for batch in self.loader:
+                    self._train_step(batch)
+                    self.step += 1
+                    self.batch_in_epoch += 1
+                    self.elapsed = elapsed_before + time.perf_counter() - started
+                    bar.update(1)
+                    if self.step % 10 == 0 and config.progress:
+                        bar.set_postfix(
+                            loss=f"{float(self._sums[0]) / max(self._sum_steps, 1):.4g}",
+                            lr=f"{self.optimizer.param_groups[0]['lr']:.3g}",
+                        )
+                    if self.batch_in_epoch == self.steps_per_epoch:
+                        self.epoch += 1
+                        self.batch_in_epoch = 0
+                    done = self.step >= self.total_steps
+                    if config.eval_every:
+                        evaluate = self.step % config.eval_every == 0
+                    else:
+                        evaluate = self.batch_in_epoch == 0
+                    if evaluate:
+                        self._evaluate_and_log(bar)
+                        last_eval_step = self.step
+                    if evaluate or done or self.step % config.checkpoint_every == 0:
+                        self.save_state()
+                    if done:
+                        break
+        final_metrics = (
+            self.history[-1]
+            if last_eval_step == self.step and self.history
+            else self._evaluate(step_schedule=False)
+        )
+        final = self.export(self.out / FINAL_FILE, final_metrics)
+        barrier(self.dist)
+        return {
+            "step": self.step,
+            "epoch": self.epoch,
+            "metrics": final_metrics,
+            "best": self.best,
+            "final": str(final),
+            "best_path": str(self.out / BEST_FILE),
+        }
+
+    # ---------------------------------------------------------------------------------------
+    # evaluation and logging
+
+    def evaluate(self, frames: Sequence) -> dict[str, float]:
+        """S2EF metrics of the current model (moving average if enabled) on ``frames``.
+
+        Leaves the random state, the schedule and the training mode as they were.
+        """
+        model = self.potential.model
+        devices = [self.device] if self.device.type == "cuda" else []
+        batch_size = self.config.eval_batch_size or self.config.batch_size
+        with torch.random.fork_rng(devices=devices), self._averaged():
+            model.eval()
+            try:
+                predictions = predict_frames(
+                    model,
+                    frames,
+                    self.potential.info.normalizers,
+                    batch_size,
+                    self.device,
+                    self.dtype,
+                    self.dist,
+                )
+            finally:
+                self._train_mode()
+        return s2ef_metrics(predictions)
+
+    def _averaged(self) -> contextlib.AbstractContextManager:
+        return self.ema.applied() if self.ema is not None else contextlib.nullcontext()
+
+    def _train_summary(self) -> dict[str, float]:
+        sums = all_reduce_sum(self._sums, self.dist).tolist()
+        steps = self._sum_steps
+        self._sums.zero_()
+        self._sum_steps = 0
+        return {
+            "train_loss": sums[0] / max(steps, 1),
+            "train_energy_mae": sums[1] / max(sums[2], 1.0),
+            "train_force_mae": sums[3] / max(sums[4], 1.0),
+        }
+
+    def _evaluate(self, step_schedule: bool) -> dict[str, Any]:
+        row: dict[str, Any] = {
+            "epoch": self.epoch,
+            "step": self.step,
+            "lr": self.schedule.lr_at(max(self.step - 1, 0)),
+            **self._train_summary(),
+        }
+        if len(self.val_frames):
+            row.update({f"val_{k}": v for k, v in self.evaluate(self.val_frames).items()})
+            monitored = row[f"val_{self.config.monitor}"]
+            score = -monitored if self.config.monitor == "efwt" else monitored
+        else:
+            score = row["train_loss"]
+        row["time"] = self.elapsed
+        if step_schedule:
+            self.schedule.report(score)
+            if score < self.best:
+                self.best = score
+                self.export(self.out / BEST_FILE, row)
+        return row
+
+    def _evaluate_and_log(self, bar) -> None:
+        row = self._evaluate(step_schedule=True)
+        self.history.append(row)
+        if self.dist.is_main:
+            self._write_metrics()
+            shown = {k: v for k, v in row.items() if k not in ("time",)}
+            bar.write(
+                " ".join(
+                    f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()
+                )
+            )
+
+    def _write_metrics(self) -> None:
+        atomic_write_text(self.out / "metrics.json", json.dumps(self.history, indent=1))
+        columns: list[str] = []
+        for row in self.history:
+            columns += [k for k in row if k not in columns]
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(self.history)
+        atomic_write_text(self.out / "metrics.csv", buffer.getvalue())
+
+    def _write_config(self) -> None:
+        import yaml
+
+        atomic_write_text(
+            self.out / "config.yaml", yaml.safe_dump(self.config.as_dict(), sort_keys=False)
+        )
+
+    # ---------------------------------------------------------------------------------------
+    # checkpoints
+
+    def _potential_record(self) -> dict[str, Any]:
+        info = self.potential.info
+        return {
+            "model": info.model,
+            "model_kwargs": dict(info.model_kwargs),
+            "normalizers": info.normalizers.as_dict(),
+            "source_format": info.source_format,
+            "elements": info.elements,
+        }
+
+    def save_state(self) -> Path | None:
+        """Write the resumable state (process 0; every process takes part).
+
+        Returns:
+            The path written (``None`` on processes other than 0).
+        """
+        rng = {"torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        rng_all = all_gather_objects(rng, self.dist)
+        if not self.dist.is_main:
+            return None
+        state = {
+            "format": STATE_FORMAT,
+            "format_version": STATE_VERSION,
+            "config": self.config.as_dict(),
+            "potential": self._potential_record(),
+            "model": {k: v.detach().cpu() for k, v in self.potential.model.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "ema": None if self.ema is None else self.ema.state_dict(),
+            "step": self.step,
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "best": self.best,
+            "history": self.history,
+            "elapsed": self.elapsed,
+            "sums": self._sums.cpu(),
+            "sum_steps": self._sum_steps,
+            "rng": rng_all,
+            "world_size": self.dist.world_size,
+            "data": self.data_info,
+        }
+        return atomic_torch_save(state, self.out / STATE_FILE)
+
+    def _load_state(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        if self.ema is not None:
+            if state["ema"] is None:
+                raise ValueError("the saved run had no moving average; set ema_decay to none")
+            self.ema.load_state_dict(state["ema"])
+        self.step = int(state["step"])
+        self.epoch = int(state["epoch"])
+        self.batch_in_epoch = int(state["batch_in_epoch"])
+        self.best = float(state["best"])
+        self.history = list(state["history"])
+        self.elapsed = float(state["elapsed"])
+        self._sums = state["sums"].to(self.device)
+        self._sum_steps = int(state["sum_steps"])
+        if int(state["world_size"]) != self.dist.world_size:
+            warnings.warn(
+                f"resuming a {state['world_size']}-process run with {self.dist.world_size} "
+                "processes: random states are re-seeded, the run is not an exact continuation",
+                stacklevel=2,
+            )
+            return
+        rng = state["rng"][self.dist.rank]
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and self.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], self.device)
+
+    def export(self, path: Path, metrics: dict[str, Any]) -> Path | None:
+        """Write the model (moving average if enabled) in forcecalc's checkpoint format with
+        the run's metadata (process 0 only)."""
+        if not self.dist.is_main:
+            return None
+        info = self.potential.info
+        record = CheckpointInfo(
+            model=info.model,
+            model_kwargs=effective_model_kwargs(info),
+            normalizers=info.normalizers,
+            source_format="forcecalc",
+            elements=info.elements,
+            metadata=dict(info.metadata),
+        )
+        metadata = {
+            "training": {
+                "config": self.config.as_dict(),
+                "data": self.data_info,
+                "metrics": metrics,
+                "best_score": self.best,
+                "step": self.step,
+                "epoch": self.epoch,
+                "hardware": self._hardware(),
+                "wall_seconds": self.elapsed,
+                "written": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+            }
+        }
+        with self._averaged():
+            return save_checkpoint(Potential(self.potential.model, record), path, metadata)
+
+    def _hardware(self) -> dict[str, Any]:
+        device = str(self.device)
+        if self.device.type == "cuda":
+            device = torch.cuda.get_device_name(self.device)
+        return {
+            "device": device,
+            "processes": self.dist.world_size,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "cpu_count": os.cpu_count(),
+        }
+
+
+def train(
+    config: TrainConfig,
+    train_frames: Sequence | None = None,
+    val_frames: Sequence | None = None,
+    resume: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """Run :class:`Trainer` to the end; returns :meth:`Trainer.fit`'s summary."""
+    return Trainer(config, train_frames, val_frames, resume=resume).fit()
