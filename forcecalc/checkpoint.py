@@ -207,6 +207,9 @@ def _ocp_info(data: dict[str, Any], path: Path) -> CheckpointInfo:
         if abs(_float(grad.get("mean", 0.0))) > 0:
             raise CheckpointError(f"checkpoint {path}: a nonzero force normalizer mean")
     kwargs = dict(config.get("model_attributes") or {})
+    if config["model"] == "spinconv":
+        # OCP checkpoints give OCP's numbers: the original's force definition by default.
+        kwargs.setdefault("forces", "compat")
     metadata = {key: config[key] for key in ("task", "optim", "dataset", "cmd") if key in config}
     metadata.update({k: data[k] for k in ("epoch", "step", "val_metrics") if k in data})
     return CheckpointInfo(
@@ -284,7 +287,7 @@ def load_checkpoint(
     """
     info, state_dict = read_checkpoint(source, allow_unsafe=allow_unsafe)
     kwargs = {**info.model_kwargs, **model_options}
-    model = build_model(info.model, kwargs, source_format=info.source_format)
+    model = build_model(info.model, kwargs)
     result = model.load_state_dict(state_dict, strict=False)
     if result.missing_keys or result.unexpected_keys:
         parts = []

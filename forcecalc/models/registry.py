@@ -28,15 +28,8 @@ def model_class(name: str) -> type[nn.Module]:
     return getattr(importlib.import_module(module), cls)
 
 
-def build_model(name: str, kwargs: dict[str, Any], source_format: str = "forcecalc") -> nn.Module:
-    """Construct model ``name`` from its keyword arguments.
-
-    For OCP-format checkpoints an energy-centric SpinConv defaults to the original's force
-    definition (``forces="compat"``), so that OCP checkpoints give OCP's numbers.
-    """
-    kwargs = dict(kwargs)
-    if name == "spinconv" and source_format == "ocp":
-        kwargs.setdefault("forces", "compat")
+def build_model(name: str, kwargs: dict[str, Any]) -> nn.Module:
+    """Construct model ``name`` from its keyword arguments (a clear error for unknown ones)."""
     cls = model_class(name)
     accepted = inspect.signature(cls.__init__).parameters
     if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values()):

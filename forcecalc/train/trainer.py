@@ -101,19 +101,6 @@ def fit_normalizers(frames: Sequence, max_frames: int, seed: int) -> Normalizers
     )
 
 
-def effective_model_kwargs(info: CheckpointInfo) -> dict[str, Any]:
-    """The keyword arguments that rebuild ``info``'s model in forcecalc's format.
-
-    An energy-centric SpinConv loaded from an OCP checkpoint uses the original's force
-    definition by default (:func:`forcecalc.models.registry.build_model`); a model fine-tuned
-    from it keeps that definition, so it is written out explicitly.
-    """
-    kwargs = dict(info.model_kwargs)
-    if info.model == "spinconv" and info.source_format == "ocp":
-        kwargs.setdefault("forces", "compat")
-    return kwargs
-
-
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to a temp file next to ``path`` and rename it into place."""
     handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -279,7 +266,7 @@ class Trainer:
                 source_format=saved["source_format"],
                 elements=saved["elements"],
             )
-            model = build_model(info.model, info.model_kwargs, source_format=info.source_format)
+            model = build_model(info.model, info.model_kwargs)
             model.load_state_dict(state["model"])
             potential = Potential(model, info)
         elif config.init_checkpoint:
@@ -622,7 +609,7 @@ class Trainer:
         info = self.potential.info
         record = CheckpointInfo(
             model=info.model,
-            model_kwargs=effective_model_kwargs(info),
+            model_kwargs=dict(info.model_kwargs),
             normalizers=info.normalizers,
             source_format="forcecalc",
             elements=info.elements,
