@@ -11,6 +11,7 @@ from forcecalc.calculator import (
 from forcecalc.checkpoint import load_checkpoint, save_checkpoint
 from forcecalc.hub import list_models
 from forcecalc.predict import predict
+from forcecalc.relax import relax
 
 __all__ = [
     "ForceCalculator",
@@ -21,5 +22,6 @@ __all__ = [
     "load_calculator",
     "load_checkpoint",
     "predict",
+    "relax",
     "save_checkpoint",
 ]

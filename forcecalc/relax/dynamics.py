@@ -1,0 +1,334 @@
+"""``md``: molecular dynamics of many independent systems at once.
+
+Two integrators, each reproducing the ASE class of the same name on every system separately
+(ASE 3.23-3.29):
+
+``"verlet"``
+    ``ase.md.verlet.VelocityVerlet`` (NVE): half kick, drift, forces, half kick, with ASE's
+    handling of FixAtoms (fixed atoms stay put; for a system with constraints the momenta after
+    the drift are recomputed from the actual displacement, the first half of RATTLE).
+``"langevin"``
+    ``ase.md.langevin.Langevin`` (NVT, the propagator of Vanden-Eijnden & Ciccotti 2006, eq.
+    23): the same coefficients ``c1..c5``, friction and temperature conventions, the same use of
+    two standard-normal draws ``xi, eta`` of shape ``[n_atoms, 3]`` per system and step, and
+    optionally ASE's (deprecated) ``fixcm`` centre-of-mass correction.
+
+Random numbers of Langevin (``rng``):
+
+``"numpy"``
+    system ``i`` of the input draws from ``numpy.random.default_rng(seed + i)`` exactly as
+    ASE's ``Langevin(..., rng=numpy.random.default_rng(seed + i))`` draws (``xi`` then ``eta``
+    each step), so each trajectory equals ASE's to rounding.  The draws happen on the host
+    (one transfer per step).
+``"torch"`` (default)
+    one ``torch.Generator`` on the device, seeded with ``seed``, draws ``xi`` and ``eta`` for
+    the whole batch: the same distribution (and so the same ensemble statistics) with no host
+    round trip, but the numbers depend on how the systems were batched.
+
+Units follow forcecalc's CLI: ``timestep`` in fs, ``friction`` in 1/fs (ASE's
+``Langevin(timestep=timestep * units.fs, friction=friction / units.fs)``), temperatures in K.
+Initial momenta are the structures' own (``atoms.get_momenta()``; set them e.g. with
+``MaxwellBoltzmannDistribution``); those of fixed atoms are zeroed as ASE's ``set_momenta`` does.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from ase import units
+from torch import Tensor, nn
+
+from forcecalc.relax.engine import SystemSet, admit, check_structures, segment_sum
+from forcecalc.relax.memory import MemoryModel
+from forcecalc.relax.relaxation import (
+    DEFAULT_SKIN,
+    plan_batches,
+    potential_device,
+    resolve_potential,
+)
+
+
+class VelocityVerlet:
+    """ASE's ``VelocityVerlet`` per system; state: momenta ``[N, 3]`` (amu Å / ASE time).
+
+    Args:
+        timestep: fs.
+    """
+
+    def __init__(self, timestep: float) -> None:
+        self.dt = timestep * units.fs
+        self.momenta: Tensor | None = None
+
+    def start(self, systems: SystemSet, momenta: Tensor) -> None:
+        """Initial momenta ``[N, 3]`` (zeroed on fixed atoms)."""
+        self.momenta = _unfixed(momenta, systems)
+
+    def drift(self, systems: SystemSet, forces: Tensor) -> Tensor:
+        """Half kick and drift with the forces ``[N, 3]`` (FixAtoms applied); returns the new
+        positions ``[N, 3]``."""
+        dt, masses = self.dt, systems.masses[:, None]
+        momenta = self.momenta + 0.5 * dt * forces
+        old = systems.positions
+        new = torch.where(systems.fixed[:, None], old, old + dt * momenta / masses)
+        recomputed = (new - old) * masses / dt
+        self.momenta = torch.where(
+            systems.constrained[systems.system_idx, None], recomputed, momenta
+        )
+        return new
+
+    def kick(self, systems: SystemSet, forces: Tensor) -> None:
+        """Second half kick with the new forces (momenta of fixed atoms set to zero)."""
+        self.momenta = _unfixed(self.momenta + 0.5 * self.dt * forces, systems)
+
+
+class Langevin:
+    """ASE's ``Langevin`` per system; state: momenta ``[N, 3]`` and the step's random kick.
+
+    Args:
+        timestep: fs.
+        temperature_K: bath temperature (K).
+        friction: 1/fs.
+        fixcm: ASE's deprecated centre-of-mass correction of the random forces (ASE's default
+            is True; ours False, as ASE recommends).
+        draw: ``draw(n_atoms_of_each_system) -> (xi, eta)``, two ``[N, 3]`` float64 standard
+            normal tensors on the device.
+    """
+
+    def __init__(
+        self,
+        timestep: float,
+        temperature_K: float,
+        friction: float,
+        fixcm: bool,
+        draw: Any,
+    ) -> None:
+        self.dt = timestep * units.fs
+        self.temperature = units.kB * temperature_K
+        self.friction = friction / units.fs
+        self.fixcm = fixcm
+        self.draw = draw
+        self.momenta: Tensor | None = None
+
+    def start(self, systems: SystemSet, momenta: Tensor) -> None:
+        """Initial momenta ``[N, 3]``; computes ASE's coefficients per atom."""
+        if self.fixcm and min(systems.natoms_list) < 2:
+            raise ValueError("fixcm=True needs at least two atoms per system")
+        self.momenta = _unfixed(momenta, systems)
+        dt, fr, masses = self.dt, self.friction, systems.masses[:, None]
+        sigma = torch.sqrt(2 * self.temperature * fr / masses)
+        self.c1 = dt / 2.0 - dt * dt * fr / 8.0
+        self.c2 = dt * fr / 2 - dt * dt * fr * fr / 8.0
+        self.c3 = math.sqrt(dt) * sigma / 2.0 - dt**1.5 * fr * sigma / 8.0
+        self.c5 = dt**1.5 * sigma / (2 * math.sqrt(3))
+        self.c4 = fr / 2.0 * self.c5
+
+    def drift(self, systems: SystemSet, forces: Tensor) -> Tensor:
+        """First half step of the velocities and the full position step; returns positions."""
+        masses = systems.masses[:, None]
+        velocity = self.momenta / masses
+        xi, eta = self.draw(systems.natoms_list)
+        rnd_pos = self.c5 * eta
+        rnd_vel = self.c3 * xi - self.c4 * eta
+        if self.fixcm:
+            idx, n_sys = systems.system_idx, systems.n_systems
+            natoms = systems.natoms.to(torch.float64)[idx, None]
+            factor = torch.sqrt(natoms / (natoms - 1.0))
+            rnd_pos = rnd_pos - segment_sum(rnd_pos, idx, n_sys)[idx] / natoms
+            rnd_vel = rnd_vel - segment_sum(rnd_vel * masses, idx, n_sys)[idx] / (masses * natoms)
+            rnd_pos = rnd_pos * factor
+            rnd_vel = rnd_vel * factor
+        velocity = velocity + (self.c1 * forces / masses - self.c2 * velocity + rnd_vel)
+        old = systems.positions
+        new = torch.where(systems.fixed[:, None], old, old + self.dt * velocity + rnd_pos)
+        self.velocity = (new - old - rnd_pos) / self.dt
+        self.rnd_vel = rnd_vel
+        return new
+
+    def kick(self, systems: SystemSet, forces: Tensor) -> None:
+        """Second half step of the velocities with the new forces."""
+        masses = systems.masses[:, None]
+        velocity = self.velocity + (
+            self.c1 * forces / masses - self.c2 * self.velocity + self.rnd_vel
+        )
+        self.momenta = _unfixed(velocity * masses, systems)
+
+
+def _unfixed(values: Tensor, systems: SystemSet) -> Tensor:
+    return torch.where(systems.fixed[:, None], torch.zeros_like(values), values)
+
+
+class NumpyDraws:
+    """ASE's random numbers: one ``numpy.random.default_rng(seed + i)`` per input system ``i``.
+
+    Call :meth:`select` with the input indices of the systems in flight before drawing.
+    """
+
+    def __init__(self, seed: int, device: torch.device) -> None:
+        self.seed, self.device = seed, device
+        self.generators: list[np.random.Generator] = []
+
+    def select(self, ids: Sequence[int]) -> None:
+        """Use the generators of input systems ``ids`` (in batch order)."""
+        self.generators = [np.random.default_rng(self.seed + i) for i in ids]
+
+    def __call__(self, natoms: Sequence[int]) -> tuple[Tensor, Tensor]:
+        xi, eta = [], []
+        for rng, n in zip(self.generators, natoms, strict=True):
+            xi.append(rng.standard_normal(size=(n, 3)))
+            eta.append(rng.standard_normal(size=(n, 3)))
+        both = torch.as_tensor(np.stack([np.concatenate(xi), np.concatenate(eta)]))
+        both = both.to(self.device, non_blocking=True)
+        return both[0], both[1]
+
+
+class TorchDraws:
+    """Standard normals from one seeded ``torch.Generator`` on the device."""
+
+    def __init__(self, seed: int, device: torch.device) -> None:
+        self.device = device
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+
+    def select(self, ids: Sequence[int]) -> None:
+        """No per-system streams (kept for the interface of :class:`NumpyDraws`)."""
+
+    def __call__(self, natoms: Sequence[int]) -> tuple[Tensor, Tensor]:
+        n = int(sum(natoms))
+        kwargs = {"generator": self.generator, "device": self.device, "dtype": torch.float64}
+        return torch.randn(n, 3, **kwargs), torch.randn(n, 3, **kwargs)
+
+
+def md(
+    structures: Sequence,
+    model: str | os.PathLike | nn.Module,
+    steps: int,
+    timestep: float = 1.0,
+    integrator: str = "verlet",
+    temperature_K: float | None = None,
+    friction: float = 0.01,
+    fixcm: bool = False,
+    seed: int = 0,
+    rng: str = "torch",
+    batch_size: str | int = "auto",
+    skin: float = DEFAULT_SKIN,
+    trajectory_interval: int = 0,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype = "float32",
+    progress: bool = False,
+    memory: MemoryModel | None = None,
+) -> list:
+    """Run ``steps`` MD steps of every structure, many systems per forward pass.
+
+    Args:
+        structures: ``ase.Atoms`` with their initial momenta (not modified); FixAtoms is
+            honored, other constraints are refused.
+        model: a checkpoint name or path, or a loaded potential (see :func:`relax`).
+        steps: MD steps per structure.
+        timestep: fs.
+        integrator: ``"verlet"`` (NVE) or ``"langevin"`` (NVT).
+        temperature_K: Langevin bath temperature (required for ``"langevin"``).
+        friction: Langevin friction (1/fs).
+        fixcm: Langevin: ASE's deprecated centre-of-mass correction (see :class:`Langevin`).
+        seed, rng: Langevin random numbers: ``"torch"`` or ``"numpy"`` (ASE's exact stream per
+            system, ``default_rng(seed + input index)``); see the module docstring.
+        batch_size: ``"auto"`` or the most systems per batch (systems run in batches one after
+            the other, all for ``steps`` steps).
+        skin: neighbor-list skin (Å); results do not depend on it.
+        trajectory_interval: if > 0, keep a frame every that many steps (and step 0) in
+            ``atoms.info["trajectory"]``, as ASE's ``dyn.attach(..., interval)`` would.
+        device, dtype: for loading a checkpoint (use ``"float64"`` for long NVE runs).
+        progress: show a progress bar of the steps of each batch.
+        memory: a memory model to budget with (``"auto"``).
+
+    Returns:
+        The final structures in input order: positions and momenta after ``steps`` steps, a
+        ``SinglePointCalculator`` with the final energy and (raw) forces, and
+        ``info["md_steps"]``.
+    """
+    from tqdm.auto import tqdm
+
+    if steps < 0:
+        raise ValueError(f"steps must be >= 0, got {steps}")
+    if integrator not in ("verlet", "langevin"):
+        raise ValueError(f"integrator must be 'verlet' or 'langevin', got {integrator!r}")
+    if integrator == "langevin" and temperature_K is None:
+        raise ValueError("Langevin dynamics needs temperature_K")
+    if rng not in ("torch", "numpy"):
+        raise ValueError(f"rng must be 'torch' or 'numpy', got {rng!r}")
+    structures = list(structures)
+    potential = resolve_potential(model, device, dtype)
+    check_structures(structures, potential)
+    if not structures:
+        return []
+    evaluate, max_systems = plan_batches(potential, structures, batch_size, skin, memory)
+    device_ = potential_device(potential)
+    draws = (NumpyDraws if rng == "numpy" else TorchDraws)(seed, device_)
+    results: list[Any] = [None] * len(structures)
+    queue = list(range(len(structures)))[::-1]
+    edge_counts: dict[int, int] = {}
+    while queue:
+        systems = SystemSet(float(potential.cutoff), skin, device_)
+        admit(systems, evaluate, structures, queue, max_systems, edge_counts)
+        if integrator == "verlet":
+            dynamics: VelocityVerlet | Langevin = VelocityVerlet(timestep)
+        else:
+            dynamics = Langevin(timestep, temperature_K, friction, fixcm, draws)
+            draws.select(systems.ids)
+        momenta = np.concatenate([structures[i].get_momenta() for i in systems.ids])
+        dynamics.start(systems, torch.as_tensor(momenta, dtype=torch.float64, device=device_))
+        energy, raw = evaluate(systems)
+        frames: list[list] = [[] for _ in systems.ids]
+        if trajectory_interval > 0:
+            _record(systems, structures, dynamics, energy, raw, frames)
+        for step in tqdm(range(1, steps + 1), disable=not progress, desc="md", unit="step"):
+            systems.positions = dynamics.drift(systems, systems.constrained_forces(raw))
+            energy, raw = evaluate(systems)
+            dynamics.kick(systems, systems.constrained_forces(raw))
+            if trajectory_interval > 0 and step % trajectory_interval == 0:
+                _record(systems, structures, dynamics, energy, raw, frames)
+        finals = _snapshots(systems, structures, dynamics, energy, raw)
+        for k, index in enumerate(systems.ids):
+            finals[k].info["md_steps"] = steps
+            if trajectory_interval > 0:
+                finals[k].info["trajectory"] = frames[k]
+            results[index] = finals[k]
+    return results
+
+
+def _snapshots(
+    systems: SystemSet, structures: Sequence, dynamics: Any, energy: Tensor, forces: Tensor
+) -> list:
+    """The systems as ``ase.Atoms`` with positions, momenta, energy and forces."""
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    split = np.cumsum(systems.natoms_list)[:-1]
+    positions = np.split(systems.positions.cpu().numpy(), split)
+    momenta = np.split(dynamics.momenta.cpu().numpy(), split)
+    force_list = np.split(forces.cpu().numpy(), split)
+    energies = energy.cpu().tolist()
+    out = []
+    for k, index in enumerate(systems.ids):
+        atoms = structures[index].copy()
+        atoms.positions = positions[k]
+        atoms.set_momenta(momenta[k], apply_constraint=False)
+        atoms.calc = SinglePointCalculator(
+            atoms, energy=energies[k], free_energy=energies[k], forces=force_list[k]
+        )
+        out.append(atoms)
+    return out
+
+
+def _record(
+    systems: SystemSet,
+    structures: Sequence,
+    dynamics: Any,
+    energy: Tensor,
+    forces: Tensor,
+    frames: list[list],
+) -> None:
+    for k, atoms in enumerate(_snapshots(systems, structures, dynamics, energy, forces)):
+        frames[k].append(atoms)

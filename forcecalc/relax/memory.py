@@ -1,0 +1,167 @@
+"""How many structures fit on the device: a memory model in atoms and edges, and OOM detection.
+
+The peak memory of one forward pass (with the autograd graph of an energy-centric model) is
+close to affine in the batch's atoms and edges::
+
+    bytes ≈ bytes_fixed + bytes_per_atom * n_atoms + bytes_per_edge * n_edges
+
+On CUDA :func:`measure_memory_model` fits the three numbers once per model and device from a
+few forward passes of growing batches (non-negative least squares on the measured peaks); the
+budget is a fraction of the free device memory.  On the CPU nothing is measured: a fixed model
+(:data:`CPU_MEMORY_MODEL`) and a fixed budget (:data:`CPU_BUDGET_BYTES`) are used.  Either way
+the engine also survives an out-of-memory error (:func:`is_out_of_memory`): it splits the
+batch, lowers its budget and goes on (see :class:`forcecalc.relax.engine.Evaluator`).
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from forcecalc.graph import Batch
+
+#: Bytes per atom / per edge assumed on the CPU (a forcecalc model in float32 with autograd
+#: stays well below these; the CPU gains nothing from huge batches anyway).
+CPU_MEMORY_MODEL_BYTES = (16_384.0, 4_096.0)
+#: Memory a CPU batch may use (bytes).
+CPU_BUDGET_BYTES = 2 * 2**30
+#: Fraction of the free CUDA memory a batch may use.
+CUDA_BUDGET_FRACTION = 0.8
+
+
+@dataclass(frozen=True)
+class MemoryModel:
+    """Peak bytes of one forward pass as an affine function of atoms and edges.
+
+    Attributes:
+        bytes_per_atom: slope in the number of atoms.
+        bytes_per_edge: slope in the number of edges (those given to the model, i.e. built at
+            ``cutoff + skin``).
+        bytes_fixed: intercept.
+        budget: bytes a batch may use on the device.
+    """
+
+    bytes_per_atom: float
+    bytes_per_edge: float
+    bytes_fixed: float = 0.0
+    budget: float = float("inf")
+
+    def cost(self, n_atoms: int, n_edges: int) -> float:
+        """Predicted peak bytes of a batch with ``n_atoms`` atoms and ``n_edges`` edges."""
+        return self.bytes_fixed + self.bytes_per_atom * n_atoms + self.bytes_per_edge * n_edges
+
+    def with_budget(self, budget: float) -> MemoryModel:
+        """The same model with another budget."""
+        return MemoryModel(self.bytes_per_atom, self.bytes_per_edge, self.bytes_fixed, budget)
+
+
+CPU_MEMORY_MODEL = MemoryModel(*CPU_MEMORY_MODEL_BYTES, budget=CPU_BUDGET_BYTES)
+
+_MEASURED: weakref.WeakKeyDictionary[nn.Module, dict[tuple[str, str], MemoryModel]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """True for a device out-of-memory error (``torch.cuda.OutOfMemoryError`` or a
+    ``RuntimeError`` whose message says "out of memory", as CPU and other backends raise)."""
+    if isinstance(error, torch.cuda.OutOfMemoryError):
+        return True
+    return isinstance(error, RuntimeError) and "out of memory" in str(error).lower()
+
+
+def release_cached_memory(device: torch.device) -> None:
+    """Give the allocator's cached blocks back after an out-of-memory error (CUDA only)."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def fit_memory_model(
+    n_atoms: Sequence[int], n_edges: Sequence[int], peak_bytes: Sequence[float]
+) -> MemoryModel:
+    """Fit ``peak ≈ fixed + per_atom * atoms + per_edge * edges`` with non-negative terms.
+
+    Args:
+        n_atoms: ``[k]`` atoms of each measured batch.
+        n_edges: ``[k]`` edges of each measured batch.
+        peak_bytes: ``[k]`` measured peak bytes of its forward pass.
+
+    Returns:
+        The model (with an infinite budget).  With collinear samples (atoms and edges in the
+        same ratio) the fit still reproduces the measured peaks, which is what the budget needs.
+    """
+    from scipy.optimize import nnls
+
+    atoms = np.asarray(n_atoms, dtype=np.float64)
+    edges = np.asarray(n_edges, dtype=np.float64)
+    peaks = np.asarray(peak_bytes, dtype=np.float64)
+    if not len(atoms) == len(edges) == len(peaks) or len(atoms) < 2:
+        raise ValueError("need at least two measurements of equal length")
+    # Columns scaled to ~1 so that nnls treats them evenly.
+    scale = np.array([1.0, max(atoms.max(), 1.0), max(edges.max(), 1.0)])
+    design = np.stack([np.ones_like(atoms), atoms, edges], axis=1) / scale
+    coefficients, _ = nnls(design, peaks)
+    fixed, per_atom, per_edge = coefficients / scale
+    return MemoryModel(float(per_atom), float(per_edge), float(fixed))
+
+
+def cuda_peak_bytes(potential: nn.Module, batch: Batch, grad: bool) -> float:
+    """Peak CUDA bytes allocated by one forward pass of ``potential`` on ``batch``."""
+    device = batch.positions.device
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    with torch.set_grad_enabled(grad):
+        out = potential(batch)
+        del out
+    torch.cuda.synchronize(device)
+    return float(torch.cuda.max_memory_allocated(device) - before)
+
+
+def measure_memory_model(
+    potential: nn.Module,
+    batches: Sequence[Batch],
+    grad: bool,
+    measure: Callable[[nn.Module, Batch, bool], float] = cuda_peak_bytes,
+) -> MemoryModel:
+    """Fit a :class:`MemoryModel` from forward passes of ``batches`` (growing sizes).
+
+    Args:
+        potential: the model (a :class:`~forcecalc.checkpoint.Potential` or alike).
+        batches: at least two batches on the model's device and in its dtype, with edges.
+        grad: run with autograd enabled (energy-centric models).
+        measure: ``measure(potential, batch, grad) -> peak bytes``; CUDA's allocator peak by
+            default (injectable for tests).
+
+    Returns:
+        The fitted model with an infinite budget (see :func:`memory_budget`).
+    """
+    peaks = [measure(potential, batch, grad) for batch in batches]
+    return fit_memory_model([b.n_atoms for b in batches], [b.n_edges for b in batches], peaks)
+
+
+def cached_memory_model(potential: nn.Module, device: torch.device) -> MemoryModel | None:
+    """The model measured earlier for ``potential`` on ``device`` (``None`` if not yet)."""
+    return _MEASURED.get(potential, {}).get((str(device), str(_dtype_of(potential))))
+
+
+def remember_memory_model(potential: nn.Module, device: torch.device, model: MemoryModel) -> None:
+    """Keep ``model`` for ``potential`` on ``device`` for later calls (lives as the potential)."""
+    _MEASURED.setdefault(potential, {})[(str(device), str(_dtype_of(potential)))] = model
+
+
+def memory_budget(device: torch.device) -> float:
+    """Bytes a batch may use: a fraction of the free CUDA memory, or the fixed CPU budget."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return CUDA_BUDGET_FRACTION * float(free)
+    return float(CPU_BUDGET_BYTES)
+
+
+def _dtype_of(potential: nn.Module) -> torch.dtype | None:
+    return getattr(potential, "dtype", None)

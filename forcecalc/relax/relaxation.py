@@ -1,0 +1,257 @@
+"""``relax``: many structures relaxed at once, with in-flight batching.
+
+Every structure gets its own optimizer state (no coupling between systems); each step runs one
+batched forward pass for all systems in flight.  A system leaves the batch as soon as it has
+converged (ASE's criterion: the largest per-atom force norm, FixAtoms applied, below
+``fmax``) or used its ``steps``, and the next queued structure takes its place.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from forcecalc.relax.engine import Evaluator, SystemSet, admit, check_structures
+from forcecalc.relax.memory import (
+    CPU_MEMORY_MODEL,
+    MemoryModel,
+    cached_memory_model,
+    measure_memory_model,
+    memory_budget,
+    remember_memory_model,
+)
+from forcecalc.relax.optimizers import make_optimizer
+
+#: Default neighbor-list skin (Å): a relaxation step moves an atom by at most 0.2 Å.
+DEFAULT_SKIN = 1.0
+
+
+def resolve_potential(
+    model: str | os.PathLike | nn.Module,
+    device: str | torch.device | None,
+    dtype: str | torch.dtype,
+) -> nn.Module:
+    """A loaded potential: ``model`` itself, or the checkpoint it names loaded on ``device``."""
+    if isinstance(model, nn.Module):
+        return model
+    from forcecalc.checkpoint import load_checkpoint
+
+    return load_checkpoint(model, device=device, dtype=dtype)
+
+
+def potential_device(potential: nn.Module) -> torch.device:
+    """The device a potential runs on (its ``device`` attribute, else its parameters')."""
+    device = getattr(potential, "device", None)
+    if device is not None:
+        return torch.device(device)
+    parameter = next(potential.parameters(), None)
+    return parameter.device if parameter is not None else torch.device("cpu")
+
+
+def plan_batches(
+    potential: nn.Module,
+    structures: Sequence,
+    batch_size: str | int,
+    skin: float,
+    memory: MemoryModel | None = None,
+) -> tuple[Evaluator, int | None]:
+    """The evaluator (with its memory model) and the most systems in flight.
+
+    Args:
+        potential: the loaded model.
+        structures: the inputs (a few are used to measure the memory model on CUDA).
+        batch_size: ``"auto"`` (as many systems as the memory model allows) or a count.
+        skin: neighbor-list skin (the edges the model receives are built at cutoff + skin).
+        memory: a memory model to use instead of the measured/default one (its budget is
+            kept; ``"auto"`` only).
+
+    Returns:
+        ``(evaluator, max_systems)`` with ``max_systems`` None for ``"auto"``.
+    """
+    device = potential_device(potential)
+    if batch_size == "auto":
+        if memory is None:
+            memory = _auto_memory_model(potential, structures, skin, device)
+        return Evaluator(potential, memory), None
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be 'auto' or an int >= 1, got {batch_size!r}")
+    model = memory or cached_memory_model(potential, device) or CPU_MEMORY_MODEL
+    return Evaluator(potential, model.with_budget(float("inf"))), batch_size
+
+
+def _auto_memory_model(
+    potential: nn.Module, structures: Sequence, skin: float, device: torch.device
+) -> MemoryModel:
+    if device.type != "cuda":
+        return CPU_MEMORY_MODEL
+    model = cached_memory_model(potential, device)
+    if model is None:
+        samples = list(structures[:8])
+        sizes = sorted({1, 2, 4, len(samples)} & set(range(1, len(samples) + 1)))
+        if len(sizes) < 2:
+            samples, sizes = samples * 2, [1, 2]
+        dtype = getattr(potential, "dtype", torch.float32)
+        batches = []
+        for size in sizes:
+            systems = SystemSet(float(potential.cutoff), skin, device)
+            systems.extend(samples[:size], list(range(size)))
+            batches.append(systems.batch(0, systems.n_systems, dtype))
+        grad = bool(getattr(potential, "defines_stress", False))
+        model = measure_memory_model(potential, batches, grad)
+        remember_memory_model(potential, device, model)
+    return model.with_budget(memory_budget(device))
+
+
+def relax(
+    structures: Sequence,
+    model: str | os.PathLike | nn.Module,
+    optimizer: str = "fire",
+    fmax: float = 0.05,
+    steps: int = 300,
+    batch_size: str | int = "auto",
+    skin: float = DEFAULT_SKIN,
+    trajectory: bool = False,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype = "float32",
+    optimizer_options: dict[str, Any] | None = None,
+    progress: bool = False,
+    memory: MemoryModel | None = None,
+) -> list:
+    """Relax many structures at once on the model's device, each as ASE's optimizer would.
+
+    Each structure is relaxed by its own copy of the optimizer (ASE's FIRE, LBFGS or BFGS with
+    ASE's defaults: see :mod:`forcecalc.relax.optimizers`), to the positions ASE reaches with
+    forcecalc's calculator, to float tolerance.  FixAtoms is honored (fixed atoms never move);
+    other constraints are refused.  Converged structures leave the batch and queued ones take
+    their place; on an out-of-memory error the batch is split and nothing is lost.
+
+    Args:
+        structures: ``ase.Atoms`` (not modified).
+        model: a checkpoint name or path, or a loaded :class:`~forcecalc.checkpoint.Potential`
+            (or any module with its interface: ``cutoff``, ``dtype``, ``forward(batch)``).
+        optimizer: ``"fire"``, ``"lbfgs"`` or ``"bfgs"`` (any case).
+        fmax: convergence threshold (eV/Å) on the largest per-atom force norm.
+        steps: most optimizer steps per structure (ASE's ``run(steps=...)``).
+        batch_size: ``"auto"`` (fill the device's memory budget: see
+            :mod:`forcecalc.relax.memory`) or the most structures in flight.
+        skin: neighbor lists are built at ``cutoff + skin`` and rebuilt per system when one of
+            its atoms moved more than ``skin / 2`` (0: rebuilt every step).  Results do not
+            depend on it.
+        trajectory: keep every step of each structure in ``atoms.info["trajectory"]`` (a list
+            of ``ase.Atoms`` with energies and forces, the initial structure first; pop it
+            before writing extxyz).
+        device, dtype: where and in which precision to load a checkpoint (ignored for a loaded
+            potential); default device CUDA when available.
+        optimizer_options: ASE-named options of the optimizer (e.g. ``{"maxstep": 0.1}``).
+        progress: show a progress bar of finished structures.
+        memory: a memory model to budget with (``"auto"``; default measured or fixed).
+
+    Returns:
+        The relaxed structures in input order: copies of the inputs with the final positions,
+        a ``SinglePointCalculator`` with the final ``energy``/``free_energy`` and (raw)
+        ``forces``, ``info["relax_steps"]`` (steps taken) and ``info["relax_converged"]``.
+    """
+    from tqdm.auto import tqdm
+
+    if fmax <= 0:
+        raise ValueError(f"fmax must be positive, got {fmax}")
+    if steps < 0:
+        raise ValueError(f"steps must be >= 0, got {steps}")
+    structures = list(structures)
+    opt = make_optimizer(optimizer, optimizer_options)
+    potential = resolve_potential(model, device, dtype)
+    check_structures(structures, potential)
+    if not structures:
+        return []
+    evaluate, max_systems = plan_batches(potential, structures, batch_size, skin, memory)
+    device_ = potential_device(potential)
+    systems = SystemSet(float(potential.cutoff), skin, device_)
+    results: list[Any] = [None] * len(structures)
+    frames: dict[int, list] = {}
+    taken: list[int] = []
+    edge_counts: dict[int, int] = {}
+    queue = list(range(len(structures)))[::-1]
+    bar = tqdm(total=len(structures), disable=not progress, desc="relax", unit="structure")
+    while queue or systems.n_systems:
+        admitted = admit(systems, evaluate, structures, queue, max_systems, edge_counts)
+        if admitted:
+            opt.add(systems.natoms[-admitted:])
+            taken.extend([0] * admitted)
+        energy, raw_forces = evaluate(systems)
+        forces = systems.constrained_forces(raw_forces)
+        converged = systems.max_force(forces) < fmax
+        done = converged | torch.as_tensor([n >= steps for n in taken], device=device_)
+        if trajectory:
+            _record(systems, structures, energy, raw_forces, frames)
+        done_host = done.tolist()
+        if any(done_host):
+            _finish(systems, structures, energy, raw_forces, done, converged, taken, results)
+            for index in [i for i, d in zip(systems.ids, done_host, strict=True) if d]:
+                if trajectory:
+                    results[index].info["trajectory"] = frames.pop(index)
+            bar.update(sum(done_host))
+            keep = ~done
+            atom_keep = systems.keep(keep)
+            opt.keep(keep, atom_keep)
+            forces = forces[atom_keep]
+            taken = [n for n, d in zip(taken, done_host, strict=True) if not d]
+        if systems.n_systems:
+            systems.positions = systems.positions + opt.step(systems, forces)
+            taken = [n + 1 for n in taken]
+    bar.close()
+    return results
+
+
+def _split(values: Tensor, systems: SystemSet) -> list[np.ndarray]:
+    """``[N, ...]`` device tensor → one float64 numpy array per system."""
+    host = values.detach().cpu().numpy()
+    return np.split(host, np.cumsum(systems.natoms_list)[:-1])
+
+
+def _snapshot(atoms, positions: np.ndarray, energy: float, forces: np.ndarray):
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    copy = atoms.copy()
+    copy.positions = positions
+    copy.calc = SinglePointCalculator(copy, energy=energy, free_energy=energy, forces=forces)
+    return copy
+
+
+def _record(
+    systems: SystemSet,
+    structures: Sequence,
+    energy: Tensor,
+    forces: Tensor,
+    frames: dict[int, list],
+) -> None:
+    positions, force_list = _split(systems.positions, systems), _split(forces, systems)
+    energies = energy.cpu().tolist()
+    for k, index in enumerate(systems.ids):
+        frame = _snapshot(structures[index], positions[k], energies[k], force_list[k])
+        frames.setdefault(index, []).append(frame)
+
+
+def _finish(
+    systems: SystemSet,
+    structures: Sequence,
+    energy: Tensor,
+    forces: Tensor,
+    done: Tensor,
+    converged: Tensor,
+    taken: list[int],
+    results: list,
+) -> None:
+    positions, force_list = _split(systems.positions, systems), _split(forces, systems)
+    energies, flags, done_host = energy.cpu().tolist(), converged.tolist(), done.tolist()
+    for k, index in enumerate(systems.ids):
+        if not done_host[k]:
+            continue
+        atoms = _snapshot(structures[index], positions[k], energies[k], force_list[k])
+        atoms.info["relax_steps"] = int(taken[k])
+        atoms.info["relax_converged"] = bool(flags[k])
+        results[index] = atoms
