@@ -1,0 +1,472 @@
+"""HDF5 store of labelled frames: an atomic writer and an O(1) random-access reader.
+
+Layout of a file (all datasets chunked, gzip-compressed with the shuffle filter)::
+
+    /frames/positions  [N, 3] float64   Å, all frames' atoms concatenated
+    /frames/forces     [N, 3] float32   eV/Å, unconstrained (forces on fixed atoms kept)
+    /frames/numbers    [N]    uint8     atomic numbers
+    /frames/tags       [N]    int32     OC20 tags (0 subsurface, 1 surface, 2 adsorbate)
+    /frames/fixed      [N]    bool      FixAtoms mask
+    /frames/offsets    [F+1]  int64     frame f owns atoms offsets[f]:offsets[f+1]
+    /frames/energy     [F]    float64   eV (NaN: unknown)
+    /frames/cell       [F, 3, 3] float64  lattice vectors as rows, Å
+    /frames/pbc        [F, 3] bool
+    /frames/system     [F]    int64     row of the frame's system in /systems (-1: none)
+    /frames/step       [F]    int64     step in the trajectory the frame comes from
+    /frames/kind       [F]    uint8     frame kind (the generator's names in attrs["frame_kinds"])
+    /systems/<column>  [S]    one column per system property (numbers, bools or strings)
+
+Root attributes: ``format``, ``format_version``, ``n_frames``, ``n_atoms``, ``n_systems`` and
+whatever metadata the writer was given (the generator stores its version, seed and config as
+JSON). Files are written to a temporary file in the same folder and renamed into place on
+success, so a path is either absent, the previous complete file, or the new complete file.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, overload
+
+import h5py
+import numpy as np
+from ase import Atoms
+from ase.calculators.singlepoint import SinglePointCalculator
+from ase.constraints import FixAtoms
+
+FORMAT = "forcecalc.frames"
+FORMAT_VERSION = 1
+_ATOM_CHUNK = 4096
+_FRAME_CHUNK = 4096
+_COMPRESSION = {"compression": "gzip", "compression_opts": 4, "shuffle": True}
+
+
+@dataclass
+class FrameBatch:
+    """Frames to append, flattened: per-atom arrays concatenated over frames.
+
+    Attributes:
+        positions: ``[N, 3]`` Å.
+        numbers: ``[N]`` atomic numbers.
+        forces: ``[N, 3]`` eV/Å (NaN where unknown).
+        tags: ``[N]`` OC20 tags.
+        fixed: ``[N]`` bool FixAtoms mask.
+        natoms: ``[F]`` atoms per frame (sums to N).
+        energy: ``[F]`` eV (NaN where unknown).
+        cell: ``[F, 3, 3]`` lattice vectors as rows (Å).
+        pbc: ``[F, 3]`` bool.
+        system: ``[F]`` row in the systems table (-1: none).
+        step: ``[F]`` trajectory step.
+        kind: ``[F]`` frame kind code.
+    """
+
+    positions: np.ndarray
+    numbers: np.ndarray
+    forces: np.ndarray
+    tags: np.ndarray
+    fixed: np.ndarray
+    natoms: np.ndarray
+    energy: np.ndarray
+    cell: np.ndarray
+    pbc: np.ndarray
+    system: np.ndarray
+    step: np.ndarray
+    kind: np.ndarray
+
+    @classmethod
+    def from_atoms(
+        cls,
+        images: Sequence[Atoms],
+        system: Sequence[int] | None = None,
+        step: Sequence[int] | None = None,
+        kind: Sequence[int] | None = None,
+    ) -> FrameBatch:
+        """Frames from ASE atoms (energy/forces from their calculator, NaN if absent).
+
+        Forces are taken unconstrained (``apply_constraint=False``); ``fixed`` comes from
+        ``FixAtoms`` constraints. ``system``, ``step`` and ``kind`` default to -1, 0, 0.
+        """
+        f = len(images)
+        natoms = np.array([len(a) for a in images], dtype=np.int64)
+        energy = np.full(f, np.nan)
+        forces = []
+        fixed = []
+        for k, atoms in enumerate(images):
+            results = atoms.calc.results if atoms.calc is not None else {}
+            if "energy" in results:
+                energy[k] = float(results["energy"])
+            forces.append(results.get("forces", np.full((len(atoms), 3), np.nan)))
+            mask = np.zeros(len(atoms), dtype=bool)
+            for c in atoms.constraints:
+                if isinstance(c, FixAtoms):
+                    mask[c.index] = True
+            fixed.append(mask)
+
+        def cat(arrays: list[np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
+            return np.concatenate(arrays) if arrays else np.zeros(shape)
+
+        return cls(
+            positions=cat([a.positions for a in images], (0, 3)),
+            numbers=cat([a.numbers for a in images], (0,)),
+            forces=cat([np.asarray(x, dtype=np.float64) for x in forces], (0, 3)),
+            tags=cat([a.get_tags() for a in images], (0,)),
+            fixed=cat(fixed, (0,)).astype(bool),
+            natoms=natoms,
+            energy=energy,
+            cell=np.array([np.asarray(a.cell) for a in images]).reshape(f, 3, 3),
+            pbc=np.array([a.pbc for a in images], dtype=bool).reshape(f, 3),
+            system=np.asarray(system if system is not None else [-1] * f, dtype=np.int64),
+            step=np.asarray(step if step is not None else [0] * f, dtype=np.int64),
+            kind=np.asarray(kind if kind is not None else [0] * f, dtype=np.uint8),
+        )
+
+
+#: name -> (dtype, trailing shape, per-atom?)
+_FRAME_FIELDS: dict[str, tuple[Any, tuple[int, ...], bool]] = {
+    "positions": (np.float64, (3,), True),
+    "forces": (np.float32, (3,), True),
+    "numbers": (np.uint8, (), True),
+    "tags": (np.int32, (), True),
+    "fixed": (np.bool_, (), True),
+    "energy": (np.float64, (), False),
+    "cell": (np.float64, (3, 3), False),
+    "pbc": (np.bool_, (3,), False),
+    "system": (np.int64, (), False),
+    "step": (np.int64, (), False),
+    "kind": (np.uint8, (), False),
+}
+
+
+def _column_dtype(values: np.ndarray) -> Any:
+    """HDF5 dtype of a systems column: strings as UTF-8, bools, int64 or float64."""
+    if values.dtype.kind in "USO":
+        return h5py.string_dtype("utf-8")
+    if values.dtype.kind == "b":
+        return np.bool_
+    if values.dtype.kind in "iu":
+        return np.int64
+    return np.float64
+
+
+class DatasetWriter:
+    """Appends frames and systems to a new HDF5 file, renamed into place only on success.
+
+    Use as a context manager (an exception inside the block discards the temporary file and
+    leaves any previous file at ``path`` untouched), or call :meth:`close` / :meth:`abort`.
+
+    Args:
+        path: destination file.
+        attrs: root attributes (str, int, float or bool values).
+    """
+
+    def __init__(self, path: str | os.PathLike[str], attrs: Mapping[str, Any] | None = None):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._tmp = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex[:12]}.tmp")
+        self._h5: h5py.File | None = h5py.File(self._tmp, "w")
+        self._h5.attrs["format"] = FORMAT
+        self._h5.attrs["format_version"] = FORMAT_VERSION
+        for key, value in (attrs or {}).items():
+            self._h5.attrs[key] = value
+        frames = self._h5.create_group("frames")
+        self._h5.create_group("systems")
+        for name, (dtype, shape, per_atom) in _FRAME_FIELDS.items():
+            chunk = _ATOM_CHUNK if per_atom else _FRAME_CHUNK
+            frames.create_dataset(
+                name, shape=(0, *shape), maxshape=(None, *shape), dtype=dtype,
+                chunks=(chunk, *shape), **_COMPRESSION,
+            )  # fmt: skip
+        frames.create_dataset(
+            "offsets", data=np.zeros(1, dtype=np.int64), maxshape=(None,),
+            chunks=(_FRAME_CHUNK,), **_COMPRESSION,
+        )  # fmt: skip
+        self.n_frames = 0
+        self.n_atoms = 0
+        self.n_systems = 0
+        self._columns: list[str] | None = None
+
+    def set_attr(self, key: str, value: Any) -> None:
+        """Set a root attribute."""
+        self._file.attrs[key] = value
+
+    @property
+    def _file(self) -> h5py.File:
+        if self._h5 is None:
+            raise ValueError(f"writer of {self.path} is closed")
+        return self._h5
+
+    def append(
+        self, batch: FrameBatch, systems: Mapping[str, Sequence[Any] | np.ndarray] | None = None
+    ) -> None:
+        """Append frames and (optionally) system rows.
+
+        Args:
+            batch: the frames; their ``system`` values refer to rows of the whole file.
+            systems: columns of new system rows, each ``[S_new]``; every call must give the
+                same column names as the first one that gave any.
+        """
+        arrays = {f.name: np.asarray(getattr(batch, f.name)) for f in fields(batch)}
+        natoms = arrays.pop("natoms").astype(np.int64)
+        n_new_atoms = int(natoms.sum())
+        n_new_frames = len(natoms)
+        for name, (_, shape, per_atom) in _FRAME_FIELDS.items():
+            expected = (n_new_atoms if per_atom else n_new_frames, *shape)
+            if arrays[name].shape != expected:
+                raise ValueError(f"{name}: shape {arrays[name].shape}, expected {expected}")
+        columns = {k: np.asarray(v) for k, v in (systems or {}).items()}
+        if columns:
+            if self._columns is None:
+                self._columns = sorted(columns)
+            if sorted(columns) != self._columns:
+                raise ValueError(f"system columns {sorted(columns)} != {self._columns}")
+            lengths = {len(v) for v in columns.values()}
+            if len(lengths) != 1 or any(v.ndim != 1 for v in columns.values()):
+                raise ValueError("system columns must be 1-D and of equal length")
+        frames = self._file["frames"]
+        for name, (dtype, _, per_atom) in _FRAME_FIELDS.items():
+            start = self.n_atoms if per_atom else self.n_frames
+            ds = frames[name]
+            ds.resize(start + len(arrays[name]), axis=0)
+            ds[start:] = arrays[name].astype(dtype, copy=False)
+        offsets = frames["offsets"]
+        offsets.resize(self.n_frames + n_new_frames + 1, axis=0)
+        offsets[self.n_frames + 1 :] = self.n_atoms + np.cumsum(natoms)
+        self.n_frames += n_new_frames
+        self.n_atoms += n_new_atoms
+        if columns:
+            group = self._file["systems"]
+            n_new = len(next(iter(columns.values())))
+            for name, values in columns.items():
+                if name not in group:
+                    group.create_dataset(
+                        name, shape=(0,), maxshape=(None,), dtype=_column_dtype(values),
+                        chunks=(_FRAME_CHUNK,), **_COMPRESSION,
+                    )  # fmt: skip
+                ds = group[name]
+                ds.resize(self.n_systems + n_new, axis=0)
+                ds[self.n_systems :] = values.astype(object) if values.dtype.kind == "U" else values
+            self.n_systems += n_new
+
+    def close(self) -> Path:
+        """Finish the file, make it durable and rename it to :attr:`path`; returns the path."""
+        h5 = self._file
+        h5.attrs["n_frames"] = self.n_frames
+        h5.attrs["n_atoms"] = self.n_atoms
+        h5.attrs["n_systems"] = self.n_systems
+        h5.close()
+        self._h5 = None
+        try:
+            with open(self._tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+            os.replace(self._tmp, self.path)
+        except BaseException:
+            self._tmp.unlink(missing_ok=True)
+            raise
+        dir_fd = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        return self.path
+
+    def abort(self) -> None:
+        """Discard the temporary file; :attr:`path` is left as it was."""
+        if self._h5 is not None:
+            self._h5.close()
+            self._h5 = None
+        self._tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> DatasetWriter:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def write_dataset(
+    path: str | os.PathLike[str],
+    batch: FrameBatch,
+    systems: Mapping[str, Sequence[Any] | np.ndarray] | None = None,
+    attrs: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write one batch of frames (and systems) to ``path`` atomically."""
+    with DatasetWriter(path, attrs) as writer:
+        writer.append(batch, systems)
+    return writer.path
+
+
+class Dataset(Sequence[Atoms]):
+    """Read-only view of a frames file: a Sequence of ``ase.Atoms`` with O(1) random access.
+
+    Items carry energy and forces in a ``SinglePointCalculator`` (``get_forces()`` applies the
+    FixAtoms constraint as usual; ``get_forces(apply_constraint=False)`` gives the stored
+    forces), FixAtoms constraints, tags, and ``info`` keys ``frame``, ``system``, ``step``,
+    ``kind``. Per-frame arrays and the systems table are read into memory at open; per-atom
+    arrays are read on demand unless ``in_memory``. The reader reopens the file lazily in each
+    process, so it can be pickled into data-loader workers.
+
+    Args:
+        path: an HDF5 file written by :class:`DatasetWriter`.
+        in_memory: read every per-atom array into memory at open (fastest random access).
+    """
+
+    def __init__(self, path: str | os.PathLike[str], in_memory: bool = False):
+        self.path = Path(path)
+        self.in_memory = in_memory
+        self._h5: h5py.File | None = None
+        self._pid = -1
+        h5 = self._file
+        if h5.attrs.get("format") != FORMAT:
+            raise ValueError(f"{self.path} is not a {FORMAT} file")
+        self.attrs: dict[str, Any] = {
+            k: (v.item() if isinstance(v, np.generic) else v) for k, v in h5.attrs.items()
+        }
+        frames = h5["frames"]
+        self.offsets: np.ndarray = frames["offsets"][()]
+        #: per-frame arrays: energy [F], cell [F, 3, 3], pbc [F, 3], system, step, kind [F]
+        self.frames: dict[str, np.ndarray] = {
+            name: frames[name][()] for name, (_, _, per_atom) in _FRAME_FIELDS.items()
+            if not per_atom
+        }  # fmt: skip
+        #: systems table: column name -> [S] array (strings decoded to ``str``)
+        self.systems: dict[str, np.ndarray] = {}
+        for name, ds in h5["systems"].items():
+            values = ds[()]
+            if h5py.check_string_dtype(ds.dtype) is not None:
+                values = np.array([v.decode() for v in values], dtype=object)
+            self.systems[name] = values
+        self._atom_arrays: dict[str, np.ndarray] = (
+            {n: frames[n][()] for n, (_, _, per_atom) in _FRAME_FIELDS.items() if per_atom}
+            if in_memory
+            else {}
+        )
+
+    @property
+    def _file(self) -> h5py.File:
+        if self._h5 is None or self._pid != os.getpid():
+            self._h5 = h5py.File(self.path, "r", rdcc_nbytes=16 * 1024**2)
+            self._pid = os.getpid()
+        return self._h5
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_h5"] = None
+        state["_pid"] = -1
+        return state
+
+    def close(self) -> None:
+        """Close the HDF5 handle (reopened on the next read)."""
+        if self._h5 is not None and self._pid == os.getpid():
+            self._h5.close()
+        self._h5 = None
+
+    def __enter__(self) -> Dataset:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def natoms(self) -> np.ndarray:
+        """``[F]`` atoms per frame."""
+        return np.diff(self.offsets)
+
+    @property
+    def n_systems(self) -> int:
+        return int(self.attrs.get("n_systems", 0))
+
+    def atom_array(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Rows ``start:stop`` of per-atom array ``name`` (positions, forces, numbers, tags,
+        fixed), for the whole file by default."""
+        if name in self._atom_arrays:
+            return self._atom_arrays[name][start:stop]
+        return self._file["frames"][name][start:stop]
+
+    def arrays(self, index: int) -> dict[str, np.ndarray]:
+        """Raw arrays of frame ``index``, for fast batching.
+
+        Returns:
+            ``positions`` [n, 3] float64, ``forces`` [n, 3] float32, ``numbers`` [n] uint8,
+            ``tags`` [n] int32, ``fixed`` [n] bool, ``energy`` [] float64, ``cell`` [3, 3],
+            ``pbc`` [3], ``system``, ``step``, ``kind`` (0-d arrays).
+        """
+        i = self._index(index)
+        lo, hi = int(self.offsets[i]), int(self.offsets[i + 1])
+        out = {
+            name: self.atom_array(name, lo, hi)
+            for name, (_, _, per_atom) in _FRAME_FIELDS.items()
+            if per_atom
+        }
+        out.update({name: values[i] for name, values in self.frames.items()})
+        return out
+
+    def _index(self, index: int) -> int:
+        n = len(self)
+        i = int(index) + n if index < 0 else int(index)
+        if not 0 <= i < n:
+            raise IndexError(f"frame {index} out of range for {n} frames")
+        return i
+
+    def _atoms(self, index: int) -> Atoms:
+        a = self.arrays(index)
+        atoms = Atoms(
+            numbers=a["numbers"].astype(np.int64),
+            positions=a["positions"],
+            cell=a["cell"],
+            pbc=a["pbc"],
+            tags=a["tags"].astype(np.int64),
+        )
+        if a["fixed"].any():
+            atoms.set_constraint(FixAtoms(mask=a["fixed"]))
+        results: dict[str, Any] = {}
+        if np.isfinite(a["energy"]):
+            results["energy"] = float(a["energy"])
+        forces = a["forces"].astype(np.float64)
+        if np.isfinite(forces).all():
+            results["forces"] = forces
+        if results:
+            atoms.calc = SinglePointCalculator(atoms, **results)
+        atoms.info.update(
+            frame=self._index(index),
+            system=int(a["system"]),
+            step=int(a["step"]),
+            kind=int(a["kind"]),
+        )
+        return atoms
+
+    @overload
+    def __getitem__(self, index: int) -> Atoms: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[Atoms]: ...
+
+    def __getitem__(self, index: int | slice) -> Atoms | list[Atoms]:
+        if isinstance(index, slice):
+            return [self._atoms(i) for i in range(*index.indices(len(self)))]
+        return self._atoms(index)
+
+    def __iter__(self) -> Iterator[Atoms]:
+        for i in range(len(self)):
+            yield self._atoms(i)
+
+    def initial(self, system: int) -> Atoms:
+        """Initial structure of ``system`` (row of the systems table), for IS2RS / IS2RE."""
+        return self._atoms(int(self.systems["initial_frame"][system]))
+
+    def relaxed(self, system: int) -> Atoms:
+        """Relaxed structure of ``system`` (its energy is the IS2RE target)."""
+        return self._atoms(int(self.systems["relaxed_frame"][system]))
+
+
+def open_dataset(path: str | os.PathLike[str], in_memory: bool = False) -> Dataset:
+    """Open a frames file written by :class:`DatasetWriter` (see :class:`Dataset`)."""
+    return Dataset(path, in_memory=in_memory)
