@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 import torch
 from ase import Atoms
 from ase.build import add_adsorbate, bulk, fcc100, fcc111, molecule
@@ -148,3 +149,52 @@ def mixed_structures() -> list[Atoms]:
 def rattled_slab(seed: int, size: tuple[int, int, int] = (2, 2, 3)) -> Atoms:
     """A Cu(111) slab with an O adatom, bottom layer fixed."""
     return _slab("111", "Cu", size, "O", seed)
+
+
+class OutOfMemoryAbove(nn.Module):
+    """Wraps a potential; raises CUDA's out-of-memory error for batches above ``max_atoms``.
+
+    Attributes:
+        failures: out-of-memory errors raised.
+        largest_success: most atoms in a batch that was evaluated.
+        calls: forward calls.
+    """
+
+    def __init__(self, potential: Potential, max_atoms: int) -> None:
+        super().__init__()
+        self.potential = potential
+        self.max_atoms = max_atoms
+        self.cutoff = potential.cutoff
+        self.failures = 0
+        self.largest_success = 0
+        self.calls = 0
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.potential.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.potential.device
+
+    def forward(self, batch: Batch) -> dict[str, Tensor]:
+        """The wrapped potential's outputs, or a RuntimeError like CUDA's allocator raises."""
+        self.calls += 1
+        if batch.n_atoms > self.max_atoms:
+            self.failures += 1
+            raise RuntimeError(
+                "CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.15 GiB total "
+                "capacity; simulated by the test)"
+            )
+        self.largest_success = max(self.largest_success, batch.n_atoms)
+        return self.potential(batch)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """One torch thread for the module: the test machine's cores are shared and oversubscribed
+    intra-op threads slow small tensor operations down by orders of magnitude."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

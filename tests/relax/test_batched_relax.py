@@ -1,0 +1,308 @@
+"""Batched relaxation: equality with ASE's optimizers, FixAtoms, in-flight batching, OOM."""
+
+from __future__ import annotations
+
+from functools import cache
+
+import numpy as np
+import pytest
+import torch
+from ase.constraints import FixAtoms, FixBondLength
+from ase.optimize import BFGS, FIRE, LBFGS
+from relax_helpers import (
+    OutOfMemoryAbove,
+    as_potential,
+    mixed_structures,
+    morse_potential,
+    rattled_slab,
+    single_thread,
+)
+
+from forcecalc.calculator import load_calculator
+from forcecalc.relax import MemoryModel, relax
+from forcecalc.relax.optimizers import make_optimizer
+
+__all__ = ["single_thread"]
+
+ASE_OPTIMIZERS = {"fire": FIRE, "lbfgs": LBFGS, "bfgs": BFGS}
+
+
+@cache
+def ase_reference(optimizer: str) -> tuple[list[np.ndarray], list[list[np.ndarray]], list, list]:
+    """One-by-one ASE runs with forcecalc's calculator on the Morse potential: final positions,
+    positions after every step, step counts and convergence flags."""
+    potential = morse_potential()
+    finals, paths, steps, converged = [], [], [], []
+    for atoms in mixed_structures():
+        atoms = atoms.copy()
+        atoms.calc = load_calculator(potential)
+        dynamics = ASE_OPTIMIZERS[optimizer](atoms, logfile=None)
+        path: list[np.ndarray] = []
+        dynamics.attach(lambda a=atoms, p=path: p.append(a.positions.copy()))
+        converged.append(bool(dynamics.run(fmax=0.05, steps=300)))
+        finals.append(atoms.positions.copy())
+        paths.append(path)
+        steps.append(dynamics.nsteps)
+    return finals, paths, steps, converged
+
+
+@cache
+def batched(optimizer: str) -> list:
+    """The same 20 structures relaxed by the batched engine, at most 8 in flight."""
+    return relax(
+        mixed_structures(),
+        morse_potential(),
+        optimizer=optimizer,
+        fmax=0.05,
+        steps=300,
+        batch_size=8,
+        trajectory=True,
+    )
+
+
+@pytest.mark.parametrize("optimizer", ["fire", "lbfgs", "bfgs"])
+def test_equals_ase_one_by_one(optimizer):
+    """Contract: for FIRE, LBFGS and BFGS, relaxing 20 mixed structures (slabs with FixAtoms
+    and adsorbates, molecules, bulk, a cluster; 2-21 atoms) in batches equals ASE's optimizer
+    run one by one with forcecalc's calculator on the same potential: final positions within
+    1e-3 Å, the same convergence flags and the same step counts; here the trajectories are
+    identical, so every intermediate step also agrees (1e-6 Å)."""
+    finals, paths, steps, converged = ase_reference(optimizer)
+    results = batched(optimizer)
+    assert [a.info["relax_steps"] for a in results] == steps
+    assert [a.info["relax_converged"] for a in results] == converged
+    assert all(converged)
+    for k, atoms in enumerate(results):
+        assert np.abs(atoms.positions - finals[k]).max() < 1e-3, k
+        frames = atoms.info["trajectory"]
+        assert len(frames) == len(paths[k]) == steps[k] + 1
+        deviation = max(
+            np.abs(f.positions - p).max() for f, p in zip(frames, paths[k], strict=True)
+        )
+        assert deviation < 1e-6, (k, deviation)
+
+
+@pytest.mark.parametrize("optimizer", ["fire", "lbfgs", "bfgs"])
+def test_results_carry_energy_forces_and_flags(optimizer):
+    """Contract: each result is a copy of its input (same atoms, cell, constraints) with a
+    SinglePointCalculator holding the final energy and forces of the potential at the final
+    positions, and the constrained forces are below fmax when converged."""
+    potential = morse_potential()
+    for original, atoms in zip(mixed_structures(), batched(optimizer), strict=True):
+        assert atoms.get_chemical_formula() == original.get_chemical_formula()
+        assert np.array_equal(atoms.cell.array, original.cell.array)
+        assert len(atoms.constraints) == len(original.constraints)
+        check = atoms.copy()
+        check.calc = load_calculator(potential)
+        assert atoms.get_potential_energy() == pytest.approx(check.get_potential_energy(), 1e-9)
+        np.testing.assert_allclose(atoms.get_forces(), check.get_forces(), atol=1e-9)
+        fmax = np.linalg.norm(atoms.get_forces(), axis=1).max()
+        assert fmax < 0.05
+
+
+@pytest.mark.parametrize("optimizer", ["fire", "lbfgs", "bfgs"])
+def test_fixed_atoms_never_move(optimizer):
+    """Contract: atoms held by FixAtoms keep their exact input positions at every step."""
+    for original, atoms in zip(mixed_structures(), batched(optimizer), strict=True):
+        if not original.constraints:
+            continue
+        fixed = original.constraints[0].get_indices()
+        assert len(fixed)
+        for frame in atoms.info["trajectory"]:
+            assert np.array_equal(frame.positions[fixed], original.positions[fixed])
+        free = np.setdiff1d(np.arange(len(atoms)), fixed)
+        assert np.abs(atoms.positions[free] - original.positions[free]).max() > 1e-3
+
+
+def test_in_flight_order_batch_of_four():
+    """Contract: with batch_size=4 and 10 structures, all 10 come back in input order and
+    equal the run with every structure in one batch (systems leave and enter mid-run)."""
+    structures = mixed_structures()[:10]
+    potential = morse_potential()
+    small = relax(structures, potential, optimizer="fire", batch_size=4)
+    whole = relax(structures, potential, optimizer="fire", batch_size=10)
+    assert len(small) == 10
+    for original, a, b in zip(structures, small, whole, strict=True):
+        assert a.get_chemical_formula() == original.get_chemical_formula()
+        assert a.info["relax_steps"] == b.info["relax_steps"]
+        np.testing.assert_allclose(a.positions, b.positions, atol=1e-10)
+    assert len({a.info["relax_steps"] for a in small}) > 1  # they did finish at different steps
+
+
+def test_simulated_out_of_memory_loses_nothing():
+    """Contract: a potential that raises CUDA's out-of-memory error above 40 atoms per forward
+    pass: the engine splits the batch and goes on; all 20 structures come back, equal to the
+    run without the error."""
+    structures = mixed_structures()
+    reference = relax(structures, morse_potential(), optimizer="lbfgs", batch_size=20)
+    flaky = OutOfMemoryAbove(morse_potential(), max_atoms=40)
+    results = relax(structures, flaky, optimizer="lbfgs", batch_size=20)
+    assert flaky.failures > 0
+    assert flaky.largest_success <= 40
+    assert len(results) == 20
+    for a, b in zip(results, reference, strict=True):
+        assert a.info["relax_steps"] == b.info["relax_steps"]
+        assert a.info["relax_converged"] == b.info["relax_converged"]
+        np.testing.assert_allclose(a.positions, b.positions, atol=1e-8)
+
+
+def test_out_of_memory_of_one_structure_alone_is_reported():
+    """Contract: a structure that does not fit even alone raises a RuntimeError naming it."""
+    flaky = OutOfMemoryAbove(morse_potential(), max_atoms=5)
+    with pytest.raises(RuntimeError, match="structure 0 alone"):
+        relax([rattled_slab(1)], flaky, batch_size=2)
+
+
+def test_auto_batch_size_respects_the_memory_budget():
+    """Contract: batch_size="auto" admits structures while the memory model's predicted cost
+    fits the budget (here a budget of about 3 slabs), and still relaxes everything to the same
+    result."""
+    structures = [rattled_slab(seed) for seed in range(6)]
+    potential = morse_potential()
+    counter = OutOfMemoryAbove(potential, max_atoms=10**9)
+    per_slab = len(structures[0])
+    budget = MemoryModel(bytes_per_atom=1.0, bytes_per_edge=0.0, budget=3.5 * per_slab)
+    results = relax(structures, counter, batch_size="auto", memory=budget)
+    assert counter.largest_success == 3 * per_slab
+    reference = relax(structures, potential, batch_size=6)
+    for a, b in zip(results, reference, strict=True):
+        np.testing.assert_allclose(a.positions, b.positions, atol=1e-10)
+
+
+def test_auto_batch_size_on_cpu_runs():
+    """Contract: the default batch_size="auto" works on the CPU (fixed budget)."""
+    results = relax(mixed_structures()[:4], morse_potential(), optimizer="bfgs")
+    assert all(a.info["relax_converged"] for a in results)
+
+
+@pytest.mark.parametrize("skin", [0.0, 0.3, 2.0])
+def test_skin_does_not_change_results(skin):
+    """Contract: the neighbor-list skin (0: rebuild every step) does not change the results."""
+    structures = mixed_structures()[:8]
+    potential = morse_potential()
+    reference = relax(structures, potential, optimizer="fire", skin=1.0)
+    results = relax(structures, potential, optimizer="fire", skin=skin)
+    for a, b in zip(results, reference, strict=True):
+        assert a.info["relax_steps"] == b.info["relax_steps"]
+        np.testing.assert_allclose(a.positions, b.positions, atol=1e-10)
+
+
+def test_steps_limit_and_zero_steps():
+    """Contract: ``steps`` caps the steps as ASE's ``run(steps=...)`` does (unconverged flag,
+    same positions as ASE after that many steps); steps=0 only evaluates."""
+    atoms = rattled_slab(3)
+    potential = morse_potential()
+    [limited] = relax([atoms], potential, optimizer="bfgs", steps=4)
+    reference = atoms.copy()
+    reference.calc = load_calculator(potential)
+    optimizer = BFGS(reference, logfile=None)
+    assert not optimizer.run(fmax=0.05, steps=4)
+    assert limited.info == {**atoms.info, "relax_steps": 4, "relax_converged": False}
+    np.testing.assert_allclose(limited.positions, reference.positions, atol=1e-9)
+    [untouched] = relax([atoms], potential, steps=0)
+    assert untouched.info["relax_steps"] == 0
+    assert np.array_equal(untouched.positions, atoms.positions)
+    assert untouched.get_potential_energy() == pytest.approx(
+        reference.calc.get_potential_energy(atoms)
+    )
+
+
+def test_optimizer_options_follow_ase():
+    """Contract: ASE-named options (maxstep, alpha, memory, dt, ...) change the run as in
+    ASE: LBFGS with memory=3, alpha=40 and maxstep=0.1 equals ASE's LBFGS with the same."""
+    atoms = mixed_structures()[1]
+    potential = morse_potential()
+    options = {"memory": 3, "alpha": 40.0, "maxstep": 0.1}
+    [result] = relax([atoms], potential, optimizer="LBFGS", optimizer_options=options)
+    reference = atoms.copy()
+    reference.calc = load_calculator(potential)
+    optimizer = LBFGS(reference, logfile=None, **options)
+    optimizer.run(fmax=0.05, steps=300)
+    assert result.info["relax_steps"] == optimizer.nsteps
+    np.testing.assert_allclose(result.positions, reference.positions, atol=1e-6)
+
+
+def test_input_structures_are_not_modified():
+    """Contract: relax returns copies; the inputs keep their positions and calculators."""
+    structures = mixed_structures()[:3]
+    before = [a.positions.copy() for a in structures]
+    relax(structures, morse_potential())
+    for atoms, positions in zip(structures, before, strict=True):
+        assert np.array_equal(atoms.positions, positions)
+        assert atoms.calc is None
+
+
+def test_invalid_inputs_are_refused():
+    """Contract: unknown optimizers or options, constraints other than FixAtoms, bad fmax or
+    batch sizes raise ValueError before anything runs; an empty input gives an empty list."""
+    potential = morse_potential()
+    atoms = mixed_structures()[8]
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        relax([atoms], potential, optimizer="cg")
+    with pytest.raises(ValueError, match="invalid options"):
+        make_optimizer("fire", {"maxmove": 0.1})
+    with pytest.raises(ValueError, match="too large"):
+        make_optimizer("lbfgs", {"maxstep": 1.5})
+    bonded = atoms.copy()
+    bonded.set_constraint(FixBondLength(0, 1))
+    with pytest.raises(ValueError, match="FixBondLength"):
+        relax([atoms, bonded], potential)
+    with pytest.raises(ValueError, match="fmax"):
+        relax([atoms], potential, fmax=0)
+    with pytest.raises(ValueError, match="batch_size"):
+        relax([atoms], potential, batch_size=0)
+    assert relax([], potential) == []
+
+
+def test_forcenet_checkpoint_integration():
+    """Contract: with a real forcecalc checkpoint (ForceNet fixture, float32, loaded by path),
+    10 FIRE steps of three slabs in one batch equal ASE's FIRE with forcecalc's calculator to
+    float32 rounding (1e-4 Å), FixAtoms included."""
+    from conftest import ocp_checkpoint_path
+
+    path = ocp_checkpoint_path("forcenet_small")
+    structures = [rattled_slab(seed) for seed in range(3)]
+    for atoms in structures:
+        atoms.set_constraint(FixAtoms(indices=[a.index for a in atoms if a.tag == 3]))
+    results = relax(structures, str(path), steps=10, device="cpu", batch_size=3)
+    calc = load_calculator(str(path), device="cpu")
+    for original, result in zip(structures, results, strict=True):
+        reference = original.copy()
+        reference.calc = calc
+        FIRE(reference, logfile=None).run(fmax=0.05, steps=10)
+        assert result.info["relax_steps"] == 10
+        np.testing.assert_allclose(result.positions, reference.positions, atol=1e-4)
+        fixed = original.constraints[0].get_indices()
+        assert np.array_equal(result.positions[fixed], original.positions[fixed])
+
+
+def test_energy_centric_spinconv_integration():
+    """Contract: an energy-centric SpinConv with conservative forces (autograd inside the
+    engine's forward) relaxes a batch like the calculator does one by one (3 BFGS steps)."""
+    from conftest import ocp_checkpoint_path
+
+    from forcecalc.checkpoint import load_checkpoint
+
+    path = ocp_checkpoint_path("spinconv_small_ec")
+    try:
+        potential = load_checkpoint(path, device="cpu", forces="conservative")
+    except (ImportError, ValueError, TypeError) as error:  # model still being written
+        pytest.skip(f"SpinConv not loadable: {error}")
+    structures = [rattled_slab(seed) for seed in (4, 5)]
+    results = relax(structures, potential, optimizer="bfgs", steps=3, batch_size=2)
+    for original, result in zip(structures, results, strict=True):
+        reference = original.copy()
+        reference.calc = load_calculator(potential)
+        BFGS(reference, logfile=None).run(fmax=0.05, steps=3)
+        np.testing.assert_allclose(result.positions, reference.positions, atol=1e-4)
+
+
+def test_float32_potential_runs_in_float32():
+    """Contract: a float32 potential gets float32 batches; positions stay float64 (as ASE's)."""
+    potential = as_potential(morse_potential().model).to(torch.float32)
+    structures = mixed_structures()[:3]
+    results = relax(structures, potential, optimizer="fire")
+    reference = relax(structures, morse_potential(), optimizer="fire")
+    for a, b in zip(results, reference, strict=True):
+        assert a.positions.dtype == np.float64
+        np.testing.assert_allclose(a.positions, b.positions, atol=1e-3)
