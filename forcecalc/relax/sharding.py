@@ -9,7 +9,7 @@ without talking to the others::
     mine = shard(structures, index, count)          # on machine `index`
     relaxed = relax(mine, model)
     ...
-    everything = merge_shards([out_0, out_1, ...])  # the shard outputs, by shard index
+    everything = merge_shards([out_0, out_1, ...], n_items=len(structures))
 
 On the command line a shard is written ``I/N`` with ``I`` from 1 to ``N`` (see
 :func:`parse_shard`).
@@ -51,24 +51,30 @@ def shard(items: Sequence[T], index: int, count: int) -> list[T]:
     return list(items[index::count])
 
 
-def merge_shards(outputs: Sequence[Sequence[T]]) -> list[T]:
+def merge_shards(outputs: Sequence[Sequence[T]], n_items: int | None = None) -> list[T]:
     """Undo :func:`shard`: the outputs of all shards, by shard index, back in input order.
 
     Args:
         outputs: ``outputs[k]`` is the list produced from ``shard(items, k, len(outputs))``,
             one result per item, in that shard's order.
+        n_items: the number of input items, if known: then a missing trailing shard is
+            detected too (without it, shards ``0..k`` of a larger split look like a complete
+            split in ``k + 1``).
 
     Returns:
         The results in the order of the original items.
 
     Raises:
-        ValueError: the shard lengths cannot come from one round-robin split (a shard is
-            missing or incomplete).
+        ValueError: the shard lengths cannot come from one round-robin split of ``n_items``
+            (a shard is missing or incomplete).
     """
     count = len(outputs)
-    if count == 0:
-        return []
     total = sum(len(out) for out in outputs)
+    if n_items is not None and total != n_items:
+        raise ValueError(
+            f"the {count} shard(s) hold {total} results for {n_items} items: a shard is "
+            "missing or incomplete"
+        )
     for k, out in enumerate(outputs):
         expected = len(range(k, total, count))
         if len(out) != expected:

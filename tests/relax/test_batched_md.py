@@ -1,0 +1,197 @@
+"""Batched MD: velocity Verlet and Langevin against ASE's integrators, FixAtoms, statistics."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from ase import Atoms, units
+from ase.md.langevin import Langevin
+from ase.md.verlet import VelocityVerlet
+from relax_helpers import (
+    HarmonicModel,
+    as_potential,
+    mixed_structures,
+    morse_potential,
+    rattled_slab,
+    single_thread,
+)
+
+from forcecalc.calculator import load_calculator
+from forcecalc.relax import md
+
+__all__ = ["single_thread"]
+
+
+def _thermalized() -> list[Atoms]:
+    """Three systems with random momenta: a slab with FixAtoms, CH4 and periodic Cu."""
+    systems = [rattled_slab(1), mixed_structures()[9], mixed_structures()[16]]
+    for k, atoms in enumerate(systems):
+        rng = np.random.default_rng(100 + k)
+        atoms.set_momenta(rng.normal(0, 0.3, size=(len(atoms), 3)))
+    return systems
+
+
+def _ase_run(atoms: Atoms, steps: int, integrator: str, seed: int, fixcm: bool, interval: int):
+    """ASE's integrator on a copy with forcecalc's calculator; returns it and its frames."""
+    atoms = atoms.copy()
+    atoms.calc = load_calculator(morse_potential())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # ASE deprecates fixcm=True
+        if integrator == "verlet":
+            dynamics = VelocityVerlet(atoms, timestep=0.5 * units.fs)
+        else:
+            dynamics = Langevin(
+                atoms,
+                timestep=0.5 * units.fs,
+                temperature_K=600,
+                friction=0.05 / units.fs,
+                fixcm=fixcm,
+                rng=np.random.default_rng(seed),
+            )
+    frames: list[tuple[np.ndarray, np.ndarray]] = []
+    dynamics.attach(lambda: frames.append((atoms.positions.copy(), atoms.get_momenta())), interval)
+    dynamics.run(steps)
+    return atoms, frames
+
+
+def test_velocity_verlet_equals_three_ase_runs():
+    """Contract: batched NVE velocity Verlet of 3 systems (one with FixAtoms, one periodic)
+    equals 3 single ASE VelocityVerlet runs with forcecalc's calculator: positions and momenta
+    at every 10th step within 1e-9, final energies and forces alike; fixed atoms never move."""
+    systems = _thermalized()
+    results = md(systems, morse_potential(), steps=60, timestep=0.5, trajectory_interval=10)
+    for original, result in zip(systems, results, strict=True):
+        reference, frames = _ase_run(original, 60, "verlet", 0, False, 10)
+        assert result.info["md_steps"] == 60
+        ours = result.info["trajectory"]
+        assert len(ours) == len(frames) == 7
+        for frame, (positions, momenta) in zip(ours, frames, strict=True):
+            np.testing.assert_allclose(frame.positions, positions, atol=1e-9)
+            np.testing.assert_allclose(frame.get_momenta(), momenta, atol=1e-9)
+        np.testing.assert_allclose(result.get_momenta(), reference.get_momenta(), atol=1e-9)
+        assert result.get_potential_energy() == pytest.approx(reference.get_potential_energy())
+        np.testing.assert_allclose(result.get_forces(), reference.get_forces(), atol=1e-9)
+        if original.constraints:
+            fixed = original.constraints[0].get_indices()
+            assert np.array_equal(result.positions[fixed], original.positions[fixed])
+            assert not result.get_momenta()[fixed].any()
+
+
+def test_velocity_verlet_conserves_energy():
+    """Contract: NVE with a float64 potential conserves the total energy (drift < 1e-3 eV
+    over 200 steps of 0.5 fs) for every system of the batch."""
+    systems = _thermalized()
+    start = []
+    for atoms in systems:
+        check = atoms.copy()
+        check.calc = load_calculator(morse_potential())
+        start.append(check.get_potential_energy() + check.get_kinetic_energy())
+    results = md(systems, morse_potential(), steps=200, timestep=0.5)
+    for total, result in zip(start, results, strict=True):
+        final = result.get_potential_energy() + result.get_kinetic_energy()
+        assert abs(final - total) < 1e-3
+
+
+@pytest.mark.parametrize("fixcm", [False, True])
+def test_langevin_numpy_stream_equals_ase(fixcm):
+    """Contract: Langevin with rng="numpy" draws system i's random numbers from
+    default_rng(seed + i) as ASE's Langevin(rng=default_rng(seed + i)) does, so the 3 batched
+    trajectories equal 3 ASE runs (ASE's friction/temperature conventions; with and without
+    ASE's fixcm correction) within 1e-9; fixed atoms stay put."""
+    systems = _thermalized()
+    results = md(
+        systems,
+        morse_potential(),
+        steps=40,
+        timestep=0.5,
+        integrator="langevin",
+        temperature_K=600,
+        friction=0.05,
+        fixcm=fixcm,
+        rng="numpy",
+        seed=11,
+        batch_size=2,
+    )
+    for k, (original, result) in enumerate(zip(systems, results, strict=True)):
+        reference, _ = _ase_run(original, 40, "langevin", 11 + k, fixcm, 1)
+        np.testing.assert_allclose(result.positions, reference.positions, atol=1e-9)
+        np.testing.assert_allclose(result.get_momenta(), reference.get_momenta(), atol=1e-9)
+        if original.constraints:
+            fixed = original.constraints[0].get_indices()
+            assert np.array_equal(result.positions[fixed], original.positions[fixed])
+
+
+def test_langevin_torch_stream_samples_the_canonical_ensemble():
+    """Contract: Langevin with on-device torch random numbers samples the canonical ensemble:
+    for 32 systems of 4 harmonically tethered atoms at 300 K, the mean kinetic energy per
+    degree of freedom is kT/2 and the position variance kT/k, within 5 % (averaged over
+    1000 steps after equilibration); the batched systems are independent (different paths)."""
+    n_systems, n_atoms, spring, temperature = 32, 4, 2.0, 300.0
+    anchors = np.random.default_rng(0).uniform(0, 10, size=(n_systems * n_atoms, 3))
+    potential = as_potential(HarmonicModel(anchors, spring), name="harmonic")
+    systems = []
+    for s in range(n_systems):
+        tags = np.arange(s * n_atoms, (s + 1) * n_atoms)
+        systems.append(Atoms("Cu4", positions=anchors[tags], tags=tags))
+    results = md(
+        systems,
+        potential,
+        steps=1400,
+        timestep=2.0,
+        integrator="langevin",
+        temperature_K=temperature,
+        friction=0.02,
+        seed=3,
+        trajectory_interval=2,
+    )
+    kinetic, squared = [], []
+    for result in results:
+        for frame in result.info["trajectory"][200:]:
+            kinetic.append(frame.get_kinetic_energy() / (3 * n_atoms))
+            squared.append(((frame.positions - anchors[frame.get_tags()]) ** 2).mean())
+    kT = units.kB * temperature
+    assert np.mean(kinetic) == pytest.approx(kT / 2, rel=0.05)
+    assert np.mean(squared) == pytest.approx(kT / spring, rel=0.05)
+    first = [r.positions[0] - anchors[r.get_tags()[0]] for r in results]
+    assert np.std(first) > 0.1 * np.sqrt(kT / spring)
+
+
+def test_md_batches_in_sequence_and_order():
+    """Contract: with batch_size=2, 5 systems run in batches one after another and come back
+    in input order, equal to the run with all in one batch."""
+    systems = (_thermalized() + _thermalized())[:5]
+    potential = morse_potential()
+    small = md(systems, potential, steps=15, timestep=0.5, batch_size=2)
+    whole = md(systems, potential, steps=15, timestep=0.5, batch_size=5)
+    for a, b in zip(small, whole, strict=True):
+        np.testing.assert_allclose(a.positions, b.positions, atol=1e-12)
+
+
+def test_md_invalid_arguments():
+    """Contract: a Langevin run without temperature, unknown integrators or rng modes and
+    negative steps raise ValueError."""
+    systems = _thermalized()
+    potential = morse_potential()
+    with pytest.raises(ValueError, match="temperature_K"):
+        md(systems, potential, steps=1, integrator="langevin")
+    with pytest.raises(ValueError, match="integrator"):
+        md(systems, potential, steps=1, integrator="nose-hoover")
+    with pytest.raises(ValueError, match="rng"):
+        md(systems, potential, steps=1, rng="python")
+    with pytest.raises(ValueError, match="steps"):
+        md(systems, potential, steps=-1)
+
+
+def test_md_float32_checkpoint_runs():
+    """Contract: MD with a real checkpoint (ForceNet, float32) runs and keeps FixAtoms."""
+    from conftest import ocp_checkpoint_path
+
+    path = ocp_checkpoint_path("forcenet_small")
+    systems = [rattled_slab(1)]
+    [result] = md(systems, str(path), steps=3, device="cpu", timestep=0.5)
+    fixed = systems[0].constraints[0].get_indices()
+    assert np.array_equal(result.positions[fixed], systems[0].positions[fixed])
+    assert torch.isfinite(torch.as_tensor(result.get_forces())).all()

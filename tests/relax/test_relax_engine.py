@@ -1,0 +1,174 @@
+"""The engine's parts: neighbor-list reuse, memory model, OOM detection, sharding."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from relax_helpers import mixed_structures, morse_potential, single_thread
+
+from forcecalc.graph import radius_graph
+from forcecalc.relax import (
+    fit_memory_model,
+    is_out_of_memory,
+    merge_shards,
+    parse_shard,
+    shard,
+    shard_indices,
+)
+from forcecalc.relax.engine import Evaluator, SystemSet
+from forcecalc.relax.memory import CPU_MEMORY_MODEL, MemoryModel, measure_memory_model
+
+__all__ = ["single_thread"]
+
+
+def _pairs(systems: SystemSet, cutoff: float) -> set[tuple[int, int, tuple[int, ...]]]:
+    """The set's edges shorter than ``cutoff`` as (source, target, shift)."""
+    batch = systems.batch(0, systems.n_systems, torch.float64)
+    keep = torch.linalg.norm(batch.edge_vectors(), dim=1) < cutoff
+    edges = batch.edge_index[:, keep].T.tolist()
+    shifts = batch.shifts[keep].tolist()
+    return {(j, i, tuple(s)) for (j, i), s in zip(edges, shifts, strict=True)}
+
+
+def _fresh_pairs(systems: SystemSet, cutoff: float) -> set[tuple[int, int, tuple[int, ...]]]:
+    graph = radius_graph(systems.positions, systems.cell, systems.pbc, systems.system_idx, cutoff)
+    edges = graph.edge_index.T.tolist()
+    return {(j, i, tuple(s)) for (j, i), s in zip(edges, graph.shifts.tolist(), strict=True)}
+
+
+def test_neighbor_lists_are_rebuilt_per_system_beyond_half_the_skin():
+    """Contract: a system's graph (built at cutoff + skin) is kept while none of its atoms
+    moved more than skin/2 and rebuilt, for that system only, once one did; the edges within
+    the cutoff always equal a fresh neighbor list's."""
+    structures = mixed_structures()[:4]
+    systems = SystemSet(cutoff=4.0, skin=0.6, device=torch.device("cpu"))
+    systems.extend(structures, [0, 1, 2, 3])
+    assert systems.builds == [1, 1, 1, 1]
+    shift = torch.zeros_like(systems.positions)
+    shift[systems.system_idx == 1] = 0.25 / np.sqrt(3)  # 0.25 Å, below skin/2 = 0.3
+    shift[systems.system_idx == 2] = 0.35 / np.sqrt(3)  # 0.35 Å: stale
+    shift[0] = 0.29  # atom 0 (system 0) moves 0.29 * sqrt(3) = 0.5 Å: stale
+    systems.positions = systems.positions + shift
+    assert systems.refresh_neighbors() == 2
+    assert systems.builds == [2, 1, 2, 1]
+    assert _pairs(systems, 4.0) == _fresh_pairs(systems, 4.0)
+
+
+def test_leaving_and_entering_systems_keep_consistent_edges():
+    """Contract: after systems leave (keep) and others enter (extend), every system's edges
+    still equal a fresh neighbor list, with atom indices remapped."""
+    structures = mixed_structures()
+    systems = SystemSet(cutoff=4.0, skin=0.5, device=torch.device("cpu"))
+    systems.extend(structures[:6], list(range(6)))
+    keep = torch.tensor([True, False, True, False, False, True])
+    atom_keep = systems.keep(keep)
+    assert int(atom_keep.sum()) == systems.n_atoms
+    assert systems.ids == [0, 2, 5]
+    systems.extend(structures[10:13], [10, 11, 12])
+    assert systems.ids == [0, 2, 5, 10, 11, 12]
+    assert _pairs(systems, 4.5) == _fresh_pairs(systems, 4.5)
+
+
+def test_evaluator_chunks_by_cost_and_recovers_from_oom():
+    """Contract: the evaluator cuts a set into forward passes within its cost cap and returns
+    the same energies and forces as one pass."""
+    structures = mixed_structures()[:8]
+    potential = morse_potential()
+    systems = SystemSet(potential.cutoff, 0.5, torch.device("cpu"))
+    systems.extend(structures, list(range(8)))
+    whole = Evaluator(potential, CPU_MEMORY_MODEL.with_budget(float("inf")))
+    energy, forces = whole(systems)
+    assert whole.forward_calls == 1
+    per_atom = MemoryModel(bytes_per_atom=1.0, bytes_per_edge=0.0, budget=30.0)
+    chunked = Evaluator(potential, per_atom)
+    energy2, forces2 = chunked(systems)
+    assert chunked.forward_calls > 2
+    torch.testing.assert_close(energy2, energy)
+    torch.testing.assert_close(forces2, forces)
+
+
+def test_memory_model_fit_recovers_coefficients():
+    """Contract: the non-negative least-squares fit of peak bytes in atoms and edges recovers
+    an affine law from noisy-free samples and predicts new sizes."""
+    atoms = [10, 40, 80, 200, 120]
+    edges = [300, 2000, 2500, 9000, 8000]
+    truth = MemoryModel(bytes_per_atom=5000.0, bytes_per_edge=1200.0, bytes_fixed=1e6)
+    peaks = [truth.cost(a, e) for a, e in zip(atoms, edges, strict=True)]
+    model = fit_memory_model(atoms, edges, peaks)
+    assert model.bytes_per_atom == pytest.approx(5000.0, rel=1e-6)
+    assert model.bytes_per_edge == pytest.approx(1200.0, rel=1e-6)
+    assert model.bytes_fixed == pytest.approx(1e6, rel=1e-6)
+    assert model.cost(500, 30000) == pytest.approx(truth.cost(500, 30000), rel=1e-6)
+    with pytest.raises(ValueError):
+        fit_memory_model([1], [2], [3.0])
+
+
+def test_measure_memory_model_with_injected_measurement():
+    """Contract: measure_memory_model runs the potential's batches through the measurement
+    (CUDA's peak by default; injected here) and fits the model from them."""
+    potential = morse_potential()
+    batches = []
+    for size in (1, 2, 4):
+        systems = SystemSet(potential.cutoff, 0.5, torch.device("cpu"))
+        systems.extend(mixed_structures()[:size], list(range(size)))
+        batches.append(systems.batch(0, size, torch.float64))
+
+    def fake_peak(model, batch, grad):
+        model(batch)
+        return 1e5 + 100.0 * batch.n_atoms + 10.0 * batch.n_edges
+
+    model = measure_memory_model(potential, batches, grad=False, measure=fake_peak)
+    big = batches[-1]
+    assert model.cost(big.n_atoms, big.n_edges) == pytest.approx(fake_peak(potential, big, False))
+
+
+def test_out_of_memory_detection():
+    """Contract: CUDA's OutOfMemoryError and RuntimeErrors saying "out of memory" count as
+    out-of-memory; other errors do not."""
+    assert is_out_of_memory(torch.cuda.OutOfMemoryError("CUDA out of memory"))
+    assert is_out_of_memory(RuntimeError("CUDA out of memory. Tried to allocate 20 MiB"))
+    assert is_out_of_memory(RuntimeError("[enforce fail] DefaultCPUAllocator: Out of memory"))
+    assert not is_out_of_memory(RuntimeError("shape mismatch"))
+    assert not is_out_of_memory(ValueError("out of memory"))
+
+
+def test_shard_and_merge_round_trip():
+    """Contract: shards are a deterministic round-robin split (sizes differ by at most one,
+    every item in exactly one shard) and merge_shards restores the input order."""
+    items = list(range(23))
+    for count in (1, 2, 5, 23, 30):
+        parts = [shard(items, k, count) for k in range(count)]
+        assert sorted(x for p in parts for x in p) == items
+        sizes = [len(p) for p in parts]
+        assert max(sizes) - min(sizes) <= 1
+        assert parts == [shard(items, k, count) for k in range(count)]
+        assert parts == [[items[i] for i in shard_indices(23, k, count)] for k in range(count)]
+        assert merge_shards(parts) == items
+        assert merge_shards([[f"r{x}" for x in p] for p in parts]) == [f"r{x}" for x in items]
+
+
+def test_merge_refuses_missing_or_incomplete_shards():
+    """Contract: merging a truncated shard, or (given n_items) with a shard missing, raises
+    ValueError instead of silently misplacing results."""
+    parts = [shard(list(range(10)), k, 3) for k in range(3)]
+    assert merge_shards(parts, n_items=10) == list(range(10))
+    with pytest.raises(ValueError, match="missing"):
+        merge_shards(parts[:2], n_items=10)
+    with pytest.raises(ValueError, match="shard 0"):
+        merge_shards([parts[0][:-1], parts[1], parts[2]])
+    assert merge_shards([]) == []
+
+
+def test_parse_shard_and_bad_indices():
+    """Contract: the CLI form I/N is 1-based (1/4 .. 4/4 → index 0..3); malformed or out of
+    range shards and bad index/count arguments raise ValueError."""
+    assert parse_shard("1/4") == (0, 4)
+    assert parse_shard(" 4/4 ") == (3, 4)
+    for bad in ("0/4", "5/4", "1/0", "2", "a/b", "1/2/3"):
+        with pytest.raises(ValueError):
+            parse_shard(bad)
+    with pytest.raises(ValueError):
+        shard([1, 2], 2, 2)
+    with pytest.raises(ValueError):
+        shard([1, 2], 0, 0)
