@@ -156,7 +156,9 @@ def test_merge_refuses_missing_or_incomplete_shards():
     with pytest.raises(ValueError, match="missing"):
         merge_shards(parts[:2], n_items=10)
     with pytest.raises(ValueError, match="shard 0"):
-        merge_shards([parts[0][:-1], parts[1], parts[2]])
+        merge_shards([parts[0], parts[1][:-1], parts[2]])
+    with pytest.raises(ValueError, match="missing"):
+        merge_shards([parts[0], parts[1], parts[2][:-1]], n_items=10)
     assert merge_shards([]) == []
 
 
