@@ -4,8 +4,8 @@ Each frame becomes one ASE ``Atoms`` (energy and unconstrained forces in a
 ``SinglePointCalculator``, FixAtoms, tags) with ``info`` keys ``kind``, ``step``, ``system``
 and, for frames of a system, that system's table row as ``sys_<column>`` keys. The file's
 attributes travel as JSON (ASE db metadata, or base64-encoded JSON in ``info["dataset_attrs"]``
-of the first extxyz frame, as extxyz cannot quote nested JSON), with the systems columns'
-types (extxyz reads a string such as ``"3"`` back as a number).
+of the first extxyz frame, as extxyz cannot quote nested JSON). String values that ASE would
+read back as numbers or booleans (or refuse, in a db), such as ``"3"``, travel as ``"str:3"``.
 Reading back groups the ``sys_*`` keys by ``system`` to rebuild the systems table, so
 HDF5 -> db -> HDF5 is exact and HDF5 -> extxyz -> HDF5 is exact up to extxyz's 8 printed
 decimals for positions and forces. Frames from other sources get defaults: no energy/forces
@@ -31,8 +31,7 @@ from forcecalc.data.store import DatasetWriter, FrameBatch, open_dataset
 _FORMATS = {".h5": "h5", ".hdf5": "h5", ".db": "db", ".xyz": "extxyz", ".extxyz": "extxyz"}
 _CHUNK = 1024
 _SYS = "sys_"
-_TYPES_KEY = "systems_column_types"
-_CASTS = {"str": str, "int": int, "float": float, "bool": bool}
+_ESCAPE = "str:"
 
 
 def file_format(path: str | os.PathLike[str]) -> str:
@@ -48,9 +47,21 @@ def _plain(value: Any) -> Any:
     return value.item() if isinstance(value, np.generic) else value
 
 
-def _type_name(values: np.ndarray) -> str:
-    kind = values.dtype.kind
-    return {"b": "bool", "i": "int", "u": "int", "f": "float"}.get(kind, "str")
+def _escape(value: str) -> str:
+    """``value`` prefixed with ``str:`` if ASE would parse it as a number or boolean."""
+    try:
+        float(value)
+    except ValueError:
+        if value.lower() not in ("t", "f", "true", "false") and not value.startswith(_ESCAPE):
+            return value
+    return _ESCAPE + value
+
+
+def _unescape(value: Any) -> Any:
+    """Inverse of :func:`_escape` (non-strings pass through)."""
+    if isinstance(value, str) and value.startswith(_ESCAPE):
+        return value[len(_ESCAPE) :]
+    return value
 
 
 def _read_h5(path: Path, attrs: dict[str, Any]) -> Iterator[Atoms]:
@@ -58,8 +69,6 @@ def _read_h5(path: Path, attrs: dict[str, Any]) -> Iterator[Atoms]:
     ds = open_dataset(path)
     reserved = {"format", "format_version", "n_frames", "n_atoms", "n_systems"}
     attrs.update({k: _plain(v) for k, v in ds.attrs.items() if k not in reserved})
-    if ds.systems:
-        attrs[_TYPES_KEY] = json.dumps({k: _type_name(v) for k, v in ds.systems.items()})
     with ds:
         for atoms in ds:
             system = atoms.info.pop("system")
@@ -67,7 +76,8 @@ def _read_h5(path: Path, attrs: dict[str, Any]) -> Iterator[Atoms]:
             atoms.info["system"] = system
             if system >= 0:
                 for name, values in ds.systems.items():
-                    atoms.info[_SYS + name] = _plain(values[system])
+                    value = _plain(values[system])
+                    atoms.info[_SYS + name] = _escape(value) if isinstance(value, str) else value
             yield atoms
 
 
@@ -107,7 +117,7 @@ def _write_h5(path: Path, images: Iterable[Atoms], attrs: dict[str, Any]) -> Non
             )
             for i in info:
                 if int(i.get("system", -1)) >= 0:
-                    row = {k[len(_SYS) :]: v for k, v in i.items() if k.startswith(_SYS)}
+                    row = {k[len(_SYS) :]: _unescape(v) for k, v in i.items() if k.startswith(_SYS)}
                     rows.setdefault(int(i["system"]), row)
             chunk.clear()
 
@@ -117,17 +127,13 @@ def _write_h5(path: Path, images: Iterable[Atoms], attrs: dict[str, Any]) -> Non
                 flush()
         if chunk:
             flush()
-        types = json.loads(attrs.pop(_TYPES_KEY, "{}"))
         for key, value in attrs.items():
             writer.set_attr(key, value)
         if rows:
             if sorted(rows) != list(range(len(rows))):
                 raise ValueError("the frames' system indices are not 0..S-1")
             columns = sorted({k for row in rows.values() for k in row})
-            table = {
-                c: [_CASTS[types.get(c, "str")](rows[s][c]) for s in range(len(rows))]
-                for c in columns
-            }
+            table = {c: [rows[s][c] for s in range(len(rows))] for c in columns}
             writer.append(FrameBatch.from_atoms([]), table)
 
 

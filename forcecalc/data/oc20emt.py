@@ -54,9 +54,8 @@ from ase.calculators.emt import EMT
 from ase.constraints import FixAtoms
 from ase.data import covalent_radii
 from ase.md.langevin import Langevin
-from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
 from ase.optimize import LBFGS
-from ase.units import fs
+from ase.units import fs, kB
 from scipy.optimize import minimize_scalar
 from scipy.spatial.transform import Rotation
 from tqdm import tqdm
@@ -639,7 +638,8 @@ def generate_system(task: SystemTask) -> SystemResult:
 
     temperature = float(rng.uniform(300.0, 1000.0))
     system.positions = relax_frames[-1][0].copy()
-    MaxwellBoltzmannDistribution(system, temperature_K=temperature, rng=rng)
+    sigma = np.sqrt(system.get_masses() * kB * temperature)  # Maxwell-Boltzmann momenta
+    system.set_momenta(rng.standard_normal((len(system), 3)) * sigma[:, None])  # fixed: 0
     dyn = Langevin(
         system, 1.0 * fs, temperature_K=temperature, friction=0.02 / fs, fixcm=False, rng=rng
     )

@@ -1,0 +1,173 @@
+"""The HDF5 frames store: reader round-trip, random access, atomic writes."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from ase import Atoms
+from ase.calculators.singlepoint import SinglePointCalculator
+from ase.constraints import FixAtoms
+
+from forcecalc.data import DatasetWriter, FrameBatch, open_dataset, write_dataset
+
+
+def _images(n: int, seed: int = 0) -> list[Atoms]:
+    """``n`` random frames of 3-7 atoms with energy, forces, tags, FixAtoms and step info."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for k in range(n):
+        m = int(rng.integers(3, 8))
+        atoms = Atoms(
+            numbers=rng.choice([1, 6, 8, 29, 78], m),
+            positions=rng.uniform(0, 8, (m, 3)),
+            cell=np.diag(rng.uniform(8, 12, 3)) + rng.uniform(-1, 1, (3, 3)),
+            pbc=[True, True, bool(k % 2)],
+            tags=rng.integers(0, 3, m),
+        )
+        atoms.set_constraint(FixAtoms(mask=atoms.get_tags() == 0))
+        atoms.calc = SinglePointCalculator(
+            atoms, energy=float(rng.normal()), forces=rng.normal(size=(m, 3))
+        )
+        out.append(atoms)
+    return out
+
+
+def _batch(images: list[Atoms]) -> FrameBatch:
+    n = len(images)
+    return FrameBatch.from_atoms(
+        images,
+        system=[k // 2 for k in range(n)],
+        step=list(range(n)),
+        kind=[k % 3 for k in range(n)],
+    )
+
+
+def _systems(n_systems: int) -> dict[str, list[object]]:
+    return {
+        "name": [f"sys{s}" for s in range(n_systems)],
+        "energy": [0.5 * s for s in range(n_systems)],
+        "ok": [s % 2 == 0 for s in range(n_systems)],
+        "initial_frame": [2 * s for s in range(n_systems)],
+        "relaxed_frame": [2 * s + 1 for s in range(n_systems)],
+    }
+
+
+def test_reader_round_trips_every_field(tmp_path: Path) -> None:
+    """Every per-atom, per-frame and per-system field and the attributes come back as written:
+    items are Atoms with energy and unconstrained forces in a SinglePointCalculator (forces
+    float32-rounded), FixAtoms, tags, pbc, cell and info; ``arrays`` gives the raw arrays;
+    negative indices, slices, iteration and ``initial``/``relaxed`` work."""
+    images = _images(10)
+    path = write_dataset(tmp_path / "a.h5", _batch(images), _systems(5), {"seed": 3, "note": "x"})
+    ds = open_dataset(path)
+    assert len(ds) == 10 and ds.n_systems == 5
+    assert ds.attrs["seed"] == 3 and ds.attrs["note"] == "x"
+    assert ds.attrs["n_atoms"] == sum(len(a) for a in images)
+    for k, (want, got) in enumerate(zip(images, ds, strict=True)):
+        assert np.array_equal(got.numbers, want.numbers)
+        assert np.array_equal(got.positions, want.positions)
+        assert np.array_equal(got.cell[:], want.cell[:])
+        assert np.array_equal(got.pbc, want.pbc)
+        assert np.array_equal(got.get_tags(), want.get_tags())
+        assert np.array_equal(got.constraints[0].index, want.constraints[0].index)
+        assert got.get_potential_energy() == want.get_potential_energy()
+        f = want.get_forces(apply_constraint=False).astype(np.float32)
+        assert np.array_equal(got.get_forces(apply_constraint=False), f)
+        assert np.abs(got.get_forces()[want.get_tags() == 0]).sum() == 0
+        assert got.info == {"frame": k, "system": k // 2, "step": k, "kind": k % 3}
+        raw = ds.arrays(k)
+        assert np.array_equal(raw["positions"], want.positions)
+        assert np.array_equal(raw["fixed"], want.get_tags() == 0)
+        assert raw["energy"] == want.get_potential_energy()
+    assert ds[-1].info["frame"] == 9
+    assert [a.info["frame"] for a in ds[2:7:2]] == [2, 4, 6]
+    with pytest.raises(IndexError):
+        ds[10]
+    assert list(ds.systems["name"]) == [f"sys{s}" for s in range(5)]
+    assert ds.systems["ok"].dtype == bool and ds.systems["energy"][3] == 1.5
+    assert ds.relaxed(2).info["frame"] == 5 and ds.initial(2).info["frame"] == 4
+    assert np.array_equal(ds.natoms, [len(a) for a in images])
+    mem = open_dataset(path, in_memory=True)
+    assert np.array_equal(mem.arrays(7)["forces"], ds.arrays(7)["forces"])
+
+
+def test_incremental_appends_equal_one_write(tmp_path: Path) -> None:
+    """Appending frames and systems in several calls gives the same file content as one call
+    (offsets continue across appends); files are chunked and gzip-compressed."""
+    images = _images(9, seed=1)
+    one = write_dataset(tmp_path / "one.h5", _batch(images), _systems(5))
+    with DatasetWriter(tmp_path / "many.h5") as writer:
+        full = _batch(images)
+        table = _systems(5)
+        for (lo, hi), rows in zip(((0, 4), (4, 5), (5, 9)), ((0, 2), None, (2, 5)), strict=True):
+            part = FrameBatch.from_atoms(
+                images[lo:hi],
+                system=full.system[lo:hi],
+                step=full.step[lo:hi],
+                kind=full.kind[lo:hi],
+            )
+            systems = {k: v[rows[0] : rows[1]] for k, v in table.items()} if rows else None
+            writer.append(part, systems)
+    with h5py.File(one) as a, h5py.File(writer.path) as b:
+        for name in a["frames"]:
+            assert np.array_equal(a["frames"][name][()], b["frames"][name][()]), name
+            assert b["frames"][name].compression == "gzip"
+            assert b["frames"][name].chunks is not None
+        for name in a["systems"]:
+            assert np.array_equal(a["systems"][name][()], b["systems"][name][()]), name
+
+
+def test_interrupted_write_keeps_the_previous_file(tmp_path: Path) -> None:
+    """An exception in the middle of a write (after part of the data went to disk) leaves no
+    temporary or partial file and the previous file at the path intact and readable."""
+    path = tmp_path / "data.h5"
+    write_dataset(path, _batch(_images(4)), attrs={"version": "old"})
+    before = path.read_bytes()
+    images = _images(6, seed=2)
+    with pytest.raises(RuntimeError, match="interrupted"), DatasetWriter(path, {"v": "new"}) as w:
+        w.append(_batch(images[:3]))
+        raise RuntimeError("interrupted")
+    bad = _batch(images[3:])
+    bad.forces = bad.forces[:-1]  # fails the shape check of the second append
+    with pytest.raises(ValueError, match="forces"), DatasetWriter(path) as w:
+        w.append(_batch(images[:3]))
+        w.append(bad)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.h5"]
+    ds = open_dataset(path)
+    assert ds.attrs["version"] == "old" and len(ds) == 4
+
+
+def test_failing_h5py_write_mid_append(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failure inside h5py while datasets are being resized and filled (simulated by
+    making the forces dataset's write raise) discards the temporary file; no file appears."""
+    path = tmp_path / "new.h5"
+    real_setitem = h5py.Dataset.__setitem__
+
+    def failing_setitem(self: h5py.Dataset, key: object, value: object) -> None:
+        if self.name == "/frames/forces":
+            raise OSError("disk full")
+        real_setitem(self, key, value)
+
+    monkeypatch.setattr(h5py.Dataset, "__setitem__", failing_setitem)
+    with pytest.raises(OSError, match="disk full"):
+        write_dataset(path, _batch(_images(3)))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_reader_pickles_for_worker_processes(tmp_path: Path) -> None:
+    """A pickled reader (as sent to data-loader workers) reopens the file and reads the same
+    frames; a non-store HDF5 file is refused."""
+    path = write_dataset(tmp_path / "a.h5", _batch(_images(5)))
+    ds = open_dataset(path)
+    ds[0]
+    copy = pickle.loads(pickle.dumps(ds))
+    assert np.array_equal(copy[3].positions, ds[3].positions)
+    with h5py.File(tmp_path / "other.h5", "w") as h5:
+        h5["x"] = 1
+    with pytest.raises(ValueError, match="not a"):
+        open_dataset(tmp_path / "other.h5")

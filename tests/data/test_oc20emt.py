@@ -1,0 +1,218 @@
+"""The OC20-EMT generator: determinism, OC20 conventions, energy meaning, OOD splits."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from ase import Atoms
+from ase.calculators.emt import EMT
+
+from forcecalc.data import open_dataset
+from forcecalc.data.oc20emt import (
+    ADSORBATES,
+    FACETS,
+    FRAME_KINDS,
+    METALS,
+    SIZES,
+    SPLITS,
+    STOICHIOMETRIES,
+    Bulk,
+    SystemSpec,
+    SystemTask,
+    _draw_spec,
+    build_slab,
+    emt_lattice_constants,
+    gas_references,
+    generate,
+    plan_splits,
+)
+
+SEED = 7
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Path], float]:
+    """The ``tiny`` data set generated in this process, and how long it took (s)."""
+    start = time.perf_counter()
+    paths = generate("tiny", tmp_path_factory.mktemp("tiny1"), seed=SEED, workers=1, progress=False)
+    return paths, time.perf_counter() - start
+
+
+def _file_content(path: Path) -> dict[str, object]:
+    """Every dataset and attribute of an HDF5 file, as numpy values."""
+    out: dict[str, object] = {}
+    with h5py.File(path, "r") as h5:
+        out.update({f"@{k}": v for k, v in h5.attrs.items()})
+        h5.visititems(
+            lambda name, obj: (
+                out.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None
+            )
+        )
+    return out
+
+
+def test_tiny_is_fast_and_deterministic_across_worker_counts(
+    tiny: tuple[dict[str, Path], float], tmp_path: Path
+) -> None:
+    """``tiny`` takes seconds, writes one file per split, and the same seed gives identical
+    HDF5 datasets and attributes with 1 worker (in process) and 2 worker processes."""
+    paths, seconds = tiny
+    assert seconds < 60
+    assert set(paths) == set(SPLITS)
+    other = generate("tiny", tmp_path, seed=SEED, workers=2, progress=False)
+    for split in SPLITS:
+        a, b = _file_content(paths[split]), _file_content(other[split])
+        assert a.keys() == b.keys()
+        for key, value in a.items():
+            assert np.array_equal(np.asarray(value), np.asarray(b[key])), (split, key)
+            assert np.asarray(value).dtype == np.asarray(b[key]).dtype, (split, key)
+
+
+def test_a_different_seed_gives_a_different_plan() -> None:
+    """The seed matters: another seed holds out other adsorbates or element pairs."""
+    assert plan_splits(SEED) != plan_splits(SEED + 1)
+
+
+def test_conventions_and_energy_meaning(tiny: tuple[dict[str, Path], float]) -> None:
+    """OC20 conventions hold (pbc on all axes, tags 0/1/2, FixAtoms exactly on tag 0, >= 10 Å
+    of vacuum above the adsorbate, EMT elements only) and every stored energy is
+    E_EMT - e_slab - e_ref with the stored forces the unconstrained EMT forces."""
+    paths, _ = tiny
+    refs = gas_references()
+    for split, path in paths.items():
+        with open_dataset(path) as ds:
+            assert ds.attrs["split"] == split
+            assert len(ds) > 0 and ds.n_systems == SIZES["tiny"].systems[split]
+            kinds = set(ds.frames["kind"].tolist())
+            assert kinds == set(range(len(FRAME_KINDS)))
+            for i in np.linspace(0, len(ds) - 1, 5).astype(int):
+                atoms = ds[int(i)]
+                row = {k: v[atoms.info["system"]] for k, v in ds.systems.items()}
+                tags = atoms.get_tags()
+                assert atoms.pbc.all()
+                assert set(tags.tolist()) == {0, 1, 2}
+                fixed = np.zeros(len(atoms), bool)
+                fixed[atoms.constraints[0].index] = True
+                assert np.array_equal(fixed, tags == 0)
+                assert set(atoms.get_chemical_symbols()) <= {*METALS, "H", "C", "N", "O"}
+                z = atoms.positions[:, 2]
+                assert atoms.cell[2, 2] - (z.max() - z.min()) >= 10.0
+                ads = atoms[tags == 2]
+                assert sorted(ads.get_chemical_symbols()) == sorted(
+                    Atoms(ADSORBATES[row["adsorbate"]][0]).get_chemical_symbols()
+                )
+                e_ref = sum(refs[s] for s in ads.get_chemical_symbols())
+                assert row["e_ref"] == pytest.approx(e_ref, abs=1e-12)
+                stored_e = atoms.get_potential_energy()
+                stored_f = atoms.get_forces(apply_constraint=False)
+                emt = atoms.copy()
+                emt.calc = EMT()
+                e_total = emt.get_potential_energy()
+                assert stored_e == pytest.approx(e_total - row["e_slab"] - e_ref, abs=1e-9)
+                f_emt = emt.get_forces(apply_constraint=False)
+                np.testing.assert_allclose(stored_f, f_emt, atol=1e-5, rtol=1e-5)
+                assert np.abs(atoms.get_forces()[fixed]).max() == 0.0
+
+
+def test_relaxation_systems_table(tiny: tuple[dict[str, Path], float]) -> None:
+    """Each system's initial frame is relaxation step 0 and its relaxed frame the last
+    relaxation step, with ``relaxed_energy`` that frame's energy (IS2RS/IS2RE targets); each
+    system also has its rattled and MD frames."""
+    paths, _ = tiny
+    for path in paths.values():
+        with open_dataset(path) as ds:
+            for s in range(ds.n_systems):
+                i0, i1 = ds.systems["initial_frame"][s], ds.systems["relaxed_frame"][s]
+                assert ds.frames["kind"][i0] == ds.frames["kind"][i1] == 0
+                assert ds.frames["step"][i0] == 0
+                assert ds.frames["step"][i1] == ds.systems["n_relax_steps"][s]
+                assert ds.frames["system"][i0] == ds.frames["system"][i1] == s
+                relaxed = ds.relaxed(s)
+                assert relaxed.get_potential_energy() == ds.systems["relaxed_energy"][s]
+                assert np.array_equal(relaxed.numbers, ds.initial(s).numbers)
+                kinds = ds.frames["kind"][ds.frames["system"] == s]
+                assert (kinds == 1).sum() == SIZES["tiny"].n_rattled
+                assert (kinds == 2).sum() == SIZES["tiny"].n_md
+
+
+def test_ood_splits_exclude_what_they_claim(tiny: tuple[dict[str, Path], float]) -> None:
+    """OOD-ads splits use only held-out adsorbates, never in train; OOD-cat splits use only
+    alloys of held-out element pairs, whose pairs (any composition, ordering, facet) never
+    appear in train; checked on the tiny files and on 400 drawn systems per split."""
+    paths, _ = tiny
+    plan = plan_splits(SEED)
+    assert set(plan.ood_adsorbates).isdisjoint(plan.id_adsorbates)
+    assert set(plan.ood_pairs).isdisjoint(plan.id_pairs)
+    assert {"H", "C", "N", "O"} <= {
+        s for a in plan.id_adsorbates for s in Atoms(ADSORBATES[a][0]).get_chemical_symbols()
+    }
+
+    def pair(bulk_name: str) -> tuple[str, ...]:
+        return tuple(sorted(set(Atoms(bulk_name.split(":")[0]).get_chemical_symbols())))
+
+    drawn: dict[str, tuple[set[str], set[tuple[str, ...]], set[tuple[str, str]]]] = {}
+    for split in SPLITS:
+        task = SystemTask(0, split, SEED, SIZES["small"], plan, {}, {})
+        specs = [_draw_spec(np.random.default_rng(k), split, task) for k in range(400)]
+        with open_dataset(paths[split]) as ds:
+            ads = set(ds.systems["adsorbate"]) | {s.adsorbate for s in specs}
+            pairs = {pair(b) for b in ds.systems["bulk"]} | {s.bulk.elements for s in specs}
+            cats = set(zip(ds.systems["bulk"], ds.systems["facet"], strict=True))
+            cats |= {(s.bulk.name, s.facet) for s in specs}
+        drawn[split] = (ads, pairs, cats)
+    train_ads, train_pairs, train_cats = drawn["train"]
+    assert train_ads <= set(plan.id_adsorbates)
+    for split in ("test_ood_ads", "test_ood_both"):
+        assert drawn[split][0] <= set(plan.ood_adsorbates)
+        assert drawn[split][0].isdisjoint(train_ads)
+    for split in ("val_id", "test_id", "test_ood_cat"):
+        assert drawn[split][0] <= set(plan.id_adsorbates)
+    for split in ("test_ood_cat", "test_ood_both"):
+        assert all(len(p) == 2 for p in drawn[split][1])
+        assert drawn[split][1] <= set(plan.ood_pairs)
+        assert drawn[split][1].isdisjoint(train_pairs)
+        assert drawn[split][2].isdisjoint(train_cats)
+    for split in ("val_id", "test_id", "test_ood_ads"):
+        assert {p for p in drawn[split][1] if len(p) == 2} <= set(plan.id_pairs)
+
+
+def test_catalog_and_slabs() -> None:
+    """At least 20 adsorbates of H, C, N, O with the binding atom first at the origin; every
+    facet and bulk kind gives a slab of 20-60 atoms for the ``small`` preset, with both
+    elements of an alloy present (random alloys in the exact ratio), tags 1 only in the top
+    layers and FixAtoms on the rest."""
+    assert len(ADSORBATES) >= 20
+    for symbols, positions in ADSORBATES.values():
+        assert set(Atoms(symbols).get_chemical_symbols()) <= {"H", "C", "N", "O"}
+        assert positions[0] == (0, 0, 0) and len(positions) == len(Atoms(symbols))
+    lattice = emt_lattice_constants()
+    assert lattice["Cu"] == pytest.approx(3.59, abs=0.01)
+    rng = np.random.default_rng(0)
+    for facet in FACETS:
+        for bulk in (
+            Bulk(("Cu",)),
+            Bulk(("Au", "Cu"), "A3B", "L12"),
+            Bulk(("Au", "Cu"), "AB", "L10"),
+            Bulk(("Ni", "Pt"), "AB3", "random"),
+        ):
+            for layers in (3, 4):
+                for repeat in {"(211)": [(1, 2)], "(111)": [(2, 1)]}.get(facet, [(2, 2)]):
+                    spec = SystemSpec("CO", bulk, facet, layers, repeat, 1, "top")
+                    slab = build_slab(spec, lattice, rng)
+                    assert 20 <= len(slab) <= 60, (facet, layers, len(slab))
+                    tags = slab.get_tags()
+                    assert set(tags.tolist()) == {0, 1}
+                    assert slab.positions[tags == 1, 2].min() > slab.positions[tags == 0, 2].max()
+                    assert np.array_equal(
+                        np.sort(slab.constraints[0].index), np.flatnonzero(tags == 0)
+                    )
+                    if len(bulk.elements) == 2:
+                        n_a, n_b, _ = STOICHIOMETRIES[bulk.stoichiometry]
+                        counts = [slab.get_chemical_symbols().count(e) for e in bulk.elements]
+                        assert min(counts) > 0
+                        if bulk.ordering == "random":
+                            assert counts[0] * n_b == counts[1] * n_a, (facet, bulk, counts)
