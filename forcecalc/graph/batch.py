@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from forcecalc.graph.neighbors import Backend, edge_vectors, radius_graph
+from forcecalc.graph.neighbors import DEPENDENCE_TOLERANCE, Backend, edge_vectors, radius_graph
 
 #: Largest atomic number forcecalc accepts anywhere (OCP's embeddings have rows 0..89).
 MAX_ATOMIC_NUMBER = 118
@@ -141,9 +141,7 @@ class Batch:
     ) -> Batch:
         """A batch without edges from flat numpy arrays (float64 positions and cells)."""
         natoms_t = torch.as_tensor(np.asarray(natoms, dtype=np.int64), device=device)
-        system_idx = torch.repeat_interleave(
-            torch.arange(len(natoms_t), device=device), natoms_t
-        )
+        system_idx = torch.repeat_interleave(torch.arange(len(natoms_t), device=device), natoms_t)
         return cls(
             positions=torch.as_tensor(np.asarray(positions, dtype=np.float64), device=device),
             numbers=torch.as_tensor(np.asarray(numbers, dtype=np.int64), device=device),
@@ -173,11 +171,9 @@ def fixed_mask(atoms) -> np.ndarray:
 
 def check_atoms(atoms, index: int = 0) -> None:
     """Raise ``ValueError`` naming the problem if ``atoms`` cannot be evaluated."""
-    label = f"structure {index} ({atoms.get_chemical_formula()})" if len(atoms) else (
-        f"structure {index}"
-    )
     if len(atoms) == 0:
-        raise ValueError(f"{label} has no atoms")
+        raise ValueError(f"structure {index} has no atoms")
+    label = f"structure {index} ({atoms.get_chemical_formula()})"
     positions = np.asarray(atoms.positions)
     bad = np.flatnonzero(~np.isfinite(positions).all(axis=1))
     if len(bad):
@@ -200,11 +196,9 @@ def check_atoms(atoms, index: int = 0) -> None:
             f"{label}: cell vector(s) {zero} have zero length along periodic axes "
             f"(pbc={pbc.tolist()}); set a cell or turn pbc off on those axes"
         )
-    periodic = cell[pbc]
-    if len(periodic) and np.linalg.matrix_rank(periodic, tol=1e-9) < len(periodic):
-        raise ValueError(
-            f"{label}: the periodic cell vectors are linearly dependent (zero volume)"
-        )
+    units = cell[pbc] / lengths[pbc, None]
+    if len(units) and np.linalg.det(units @ units.T) < DEPENDENCE_TOLERANCE**2:
+        raise ValueError(f"{label}: the periodic cell vectors are linearly dependent (zero volume)")
 
 
 def _stack_atoms(atoms_list: Sequence) -> tuple[np.ndarray, ...]:

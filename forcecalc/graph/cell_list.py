@@ -46,6 +46,9 @@ MAX_BINS_PER_AXIS = 1 << 15
 #: Relative safety margin on the reach, so rounding never drops a pair at the cutoff.
 _REACH_MARGIN = 1e-9
 
+#: The ordered pairs ``(i, j)`` of axes of one reduction sweep (``j`` reduced by ``i``).
+_ORDERED_PAIRS = [(i, j) for i in range(3) for j in range(3) if i != j]
+
 #: Bins per reach: an atom's neighbors lie within this many bins of its own along each axis.
 DIVISIONS = 2
 
@@ -67,7 +70,8 @@ def batched_cell_list(
     for each system (``i`` target, ``j`` source, ``S`` shift), with global atom indices:
     ``positions[j] - positions[i] + shifts @ cell[system]`` is shorter than ``cutoff``.
     An atom's periodic images are edges; its zero-shift self pair is not.  Edges are grouped
-    by target in atom order.  The search runs in float64 whatever the input dtype.
+    by target (in the order of the bins, deterministic).  The search runs in float64 whatever
+    the input dtype.
 
     Args:
         positions: ``[n_atoms, 3]`` Cartesian positions (Å); atoms may lie outside the cell.
@@ -92,13 +96,14 @@ def batched_cell_list(
             torch.zeros(0, 3, dtype=torch.int64, device=device),
         )
 
-    inverse = torch.linalg.inv(_frame(cell, pbc))
+    lattice, basis = _reduce(cell, pbc)
+    inverse = torch.linalg.inv(_frame(lattice, pbc))
     reach = cutoff * torch.linalg.norm(inverse, dim=1) * (1 + _REACH_MARGIN)
     periodic = pbc[system_idx]
     frac = torch.einsum("ni,nij->nj", pos, inverse[system_idx])
     wrap = torch.where(periodic, torch.floor(frac), 0.0)
     frac = frac - wrap
-    pos = pos - torch.einsum("na,nab->nb", wrap, cell[system_idx])
+    pos = pos - torch.einsum("na,nab->nb", wrap, lattice[system_idx])
 
     image_atom, image_shift = _images(frac, reach[system_idx], periodic)
     image_system = system_idx[image_atom]
@@ -108,12 +113,14 @@ def batched_cell_list(
     image_atom, image_shift, image_bins = image_atom[order], image_shift[order], image_bins[order]
     image_system = image_system[order]
     image_pos = pos[image_atom] + torch.einsum(
-        "na,nab->nb", image_shift.to(torch.float64), cell[image_system]
+        "na,nab->nb", image_shift.to(torch.float64), lattice[image_system]
     )
     # Columns ([3, n_images]) make the per-candidate gathers fast.  An edge's shift is
-    # offset[source image] - offset[target image] (a target image has S = 0).
+    # offset[source image] - offset[target image] (a target image has S = 0), with the
+    # offsets converted from the reduced lattice to the cell: S @ lattice = (S @ basis) @ cell.
     image_xyz = image_pos.T.contiguous()
-    image_offset = (image_shift - wrap.to(torch.int64)[image_atom]).T.contiguous()
+    offset = image_shift - wrap.to(torch.int64)[image_atom]
+    image_offset = (offset.unsqueeze(2) * basis[image_system]).sum(dim=1).T.contiguous()
     # The targets are the atoms themselves: their zero-shift images, in bin order.
     target_image = torch.nonzero((image_shift == 0).all(dim=1)).flatten()
     start, count = grid.neighbor_ranges(
@@ -144,6 +151,64 @@ def _squared_distances(xyz: Tensor, image: Tensor, target: Tensor) -> Tensor:
         delta = column.index_select(0, image) - column.index_select(0, target)
         result.addcmul_(delta, delta)
     return result
+
+
+def wrap_positions(
+    positions: Tensor, cell: Tensor, pbc: Tensor, system_idx: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Atoms moved into their cell along periodic axes by whole cell vectors.
+
+    Args:
+        positions: ``[n_atoms, 3]`` Cartesian positions.
+        cell: ``[n_systems, 3, 3]`` cell vectors as rows (periodic ones independent).
+        pbc: ``[n_systems, 3]`` bool.
+        system_idx: ``[n_atoms]`` system of each atom.
+
+    Returns:
+        ``(wrapped, wrap)``: ``[n_atoms, 3]`` float64 positions with fractional coordinates in
+        ``[0, 1)`` along periodic axes (up to rounding), and ``[n_atoms, 3]`` int64 ``wrap``
+        (zero on non-periodic axes) with ``wrapped = positions - wrap @ cell[system]``.
+    """
+    pos = positions.detach().to(torch.float64)
+    cell = cell.detach().to(device=pos.device, dtype=torch.float64)
+    pbc = pbc.to(device=pos.device, dtype=torch.bool)
+    inverse = torch.linalg.inv(_frame(cell, pbc))[system_idx]
+    wrap = torch.where(pbc[system_idx], torch.floor(torch.einsum("ni,nij->nj", pos, inverse)), 0.0)
+    return pos - torch.einsum("na,nab->nb", wrap, cell[system_idx]), wrap.to(torch.int64)
+
+
+def _reduce(cell: Tensor, pbc: Tensor, max_sweeps: int = 100) -> tuple[Tensor, Tensor]:
+    """Pairwise (Gauss) reduction of the periodic cell vectors of every system.
+
+    Repeatedly subtracts from each periodic vector the integer multiple of another periodic
+    vector that shortens it most, until no vector gets shorter.  The reduced lattice is the
+    same lattice (an integer basis change of determinant ±1) with near-orthogonal vectors,
+    so the fractional bins of a strongly skewed cell stay compact.  Each step strictly
+    shortens a vector, so the loop ends; ``max_sweeps`` only bounds pathological cells (any
+    basis of the lattice gives the same pairs).
+
+    Args:
+        cell: ``[n_systems, 3, 3]`` float64 cell vectors as rows.
+        pbc: ``[n_systems, 3]`` bool.
+
+    Returns:
+        ``(lattice, basis)``: ``[n_systems, 3, 3]`` float64 reduced vectors and the int64
+        ``basis`` with ``lattice = basis @ cell`` (rows of non-periodic axes unchanged).
+    """
+    basis = torch.eye(3, dtype=torch.int64, device=cell.device).repeat(len(cell), 1, 1)
+    lattice = cell.clone()
+    for _ in range(max_sweeps):
+        changed = torch.zeros(len(cell), dtype=torch.bool, device=cell.device)
+        for i, j in _ORDERED_PAIRS:
+            a, b = lattice[:, i], lattice[:, j]
+            ratio = (a * b).sum(dim=1) / (a * a).sum(dim=1).clamp(min=1e-300)
+            multiple = torch.where(pbc[:, i] & pbc[:, j], torch.round(ratio), 0.0)
+            basis[:, j] -= multiple.to(torch.int64).unsqueeze(1) * basis[:, i]
+            lattice[:, j] = (basis[:, j].unsqueeze(2).to(cell.dtype) * cell).sum(dim=1)
+            changed |= multiple != 0
+        if not bool(changed.any()):
+            break
+    return lattice, basis
 
 
 def _frame(cell: Tensor, pbc: Tensor) -> Tensor:

@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from forcecalc.graph.cell_list import batched_cell_list, wrap_positions
+
 Backend = Literal["auto", "vesin", "torch"]
 
 #: Two neighbor distances closer than this (Å) count as equal in the max-neighbor rule.
@@ -72,26 +74,67 @@ def edge_vectors(
     return positions[source] - positions[target] + offsets
 
 
-def _check_inputs(positions: Tensor, cell: Tensor, pbc: Tensor, cutoff: float) -> None:
-    if not cutoff > 0:
-        raise ValueError(f"cutoff must be positive, got {cutoff}")
+#: Periodic cell vectors whose normalized volume (volume spanned by the unit vectors along
+#: them) is below this count as linearly dependent.
+DEPENDENCE_TOLERANCE = 1e-9
+
+
+def _check_inputs(
+    positions: Tensor, cell: Tensor, pbc: Tensor, system_idx: Tensor, cutoff: float
+) -> None:
+    """Raise ``ValueError`` naming the problem (and the systems or atoms) in bad inputs.
+
+    Args:
+        positions: ``[n_atoms, 3]``.
+        cell: ``[n_systems, 3, 3]``.
+        pbc: ``[n_systems, 3]`` bool.
+        system_idx: ``[n_atoms]``.
+        cutoff: radius (Å).
+    """
+    if not (cutoff > 0 and np.isfinite(cutoff)):
+        raise ValueError(f"cutoff must be positive and finite, got {cutoff}")
     if positions.ndim != 2 or positions.shape[1] != 3:
         raise ValueError(f"positions must have shape [n_atoms, 3], got {list(positions.shape)}")
-    if not torch.isfinite(positions).all():
-        bad = torch.nonzero(~torch.isfinite(positions).all(dim=1)).flatten().tolist()
-        raise ValueError(f"positions contain NaN or inf (atoms {bad[:10]})")
-    if not torch.isfinite(cell).all():
-        raise ValueError("cell contains NaN or inf")
-    volumes = torch.linalg.det(cell.to(torch.float64)).abs()
-    for s in torch.nonzero(pbc.any(dim=1) & (volumes < 1e-9)).flatten().tolist():
-        lengths = torch.linalg.norm(cell[s].to(torch.float64), dim=1)
-        zero = [a for a in range(3) if bool(pbc[s, a]) and lengths[a] < 1e-9]
-        if zero:
-            raise ValueError(
-                f"system {s}: cell vector(s) {zero} have zero length but are periodic"
-            )
-        if bool(pbc[s].all()):
-            raise ValueError(f"system {s}: the cell has zero volume under periodic boundaries")
+    if cell.ndim != 3 or cell.shape[1:] != (3, 3):
+        raise ValueError(f"cell must have shape [n_systems, 3, 3], got {list(cell.shape)}")
+    if pbc.shape != (cell.shape[0], 3):
+        raise ValueError(f"pbc must have shape [{cell.shape[0]}, 3], got {list(pbc.shape)}")
+    if system_idx.shape != (positions.shape[0],):
+        raise ValueError(
+            f"system_idx must have shape [{positions.shape[0]}], got {list(system_idx.shape)}"
+        )
+    if len(system_idx):
+        if bool((system_idx[1:] < system_idx[:-1]).any()):
+            raise ValueError("atoms must be grouped by system (system_idx non-decreasing)")
+        if int(system_idx[0]) < 0 or int(system_idx[-1]) >= cell.shape[0]:
+            raise ValueError(f"system_idx must lie in [0, {cell.shape[0]}) (one cell per system)")
+    finite = torch.isfinite(positions).all(dim=1)
+    if not bool(finite.all()):
+        bad = torch.nonzero(~finite).flatten()[:10].tolist()
+        raise ValueError(f"positions of atoms {bad} are NaN or inf")
+    if not bool(torch.isfinite(cell).all()):
+        bad = torch.nonzero(~torch.isfinite(cell).flatten(1).all(dim=1)).flatten()[:10]
+        raise ValueError(f"the cells of systems {bad.tolist()} contain NaN or inf")
+    cell = cell.detach().to(torch.float64)
+    lengths = torch.linalg.norm(cell, dim=2)
+    zero = pbc & (lengths < 1e-9)
+    if bool(zero.any()):
+        s = int(torch.nonzero(zero.any(dim=1))[0])
+        raise ValueError(
+            f"system {s}: cell vector(s) {torch.nonzero(zero[s]).flatten().tolist()} have zero "
+            f"length but are periodic (pbc={pbc[s].tolist()}); set a cell or turn pbc off"
+        )
+    # Gram determinant of the periodic unit vectors (non-periodic rows count as orthonormal):
+    # the squared normalized volume they span.
+    units = torch.where(pbc.unsqueeze(-1), cell / lengths.clamp(min=1e-300).unsqueeze(-1), 0.0)
+    gram = units @ units.mT + torch.diag_embed((~pbc).to(torch.float64))
+    dependent = torch.linalg.det(gram) < DEPENDENCE_TOLERANCE**2
+    if bool(dependent.any()):
+        s = int(torch.nonzero(dependent)[0])
+        raise ValueError(
+            f"system {s}: the periodic cell vectors {torch.nonzero(pbc[s]).flatten().tolist()} "
+            f"are linearly dependent (zero volume): cell={cell[s].tolist()}"
+        )
 
 
 def _vesin_graph(
@@ -104,21 +147,20 @@ def _vesin_graph(
     n_systems = cell.shape[0]
     counts = torch.bincount(system_idx, minlength=n_systems).tolist()
     starts = np.concatenate([[0], np.cumsum(counts)]).tolist()
+    # vesin can be very slow for atoms many cells away along periodic axes (mixed pbc):
+    # search on wrapped positions and correct the shifts, S = S_wrapped - wrap_j + wrap_i.
+    wrapped, wrap = wrap_positions(positions, cell, pbc, system_idx)
+    cell = cell.detach().to(torch.float64)
     sources, targets, shifts = [], [], []
-    order_ok = bool((system_idx[1:] >= system_idx[:-1]).all()) if len(system_idx) > 1 else True
-    if not order_ok:
-        raise ValueError("atoms must be grouped by system (system_idx non-decreasing)")
     for s in range(n_systems):
         lo, hi = starts[s], starts[s + 1]
         if hi == lo:
             continue
-        pos = positions[lo:hi].detach().to(torch.float64)
-        box = cell[s].detach().to(torch.float64)
-        periodic = pbc[s].to(device=pos.device, dtype=torch.bool)
-        i, j, shift = calculator.compute(pos, box, periodic, "ijS", copy=True)
-        targets.append(i.to(torch.int64) + lo)
-        sources.append(j.to(torch.int64) + lo)
-        shifts.append(shift.to(torch.int64))
+        i, j, shift = calculator.compute(wrapped[lo:hi], cell[s], pbc[s], "ijS", copy=True)
+        i, j = i.to(torch.int64) + lo, j.to(torch.int64) + lo
+        targets.append(i)
+        sources.append(j)
+        shifts.append(shift.to(torch.int64) - wrap[j] + wrap[i])
     device = positions.device
     if not sources:
         return (
@@ -158,15 +200,13 @@ def radius_graph(
     Returns:
         The edges, in the dtype and on the device of ``positions``.
     """
-    pbc = pbc.to(torch.bool)
-    _check_inputs(positions, cell, pbc, cutoff)
+    pbc = pbc.to(device=positions.device, dtype=torch.bool)
+    _check_inputs(positions, cell, pbc, system_idx, cutoff)
     if backend == "auto":
         backend = "torch" if positions.is_cuda and cell.shape[0] > 1 else "vesin"
     if backend == "vesin":
         edge_index, shifts = _vesin_graph(positions, cell, pbc, system_idx, cutoff)
     elif backend == "torch":
-        from forcecalc.graph.cell_list import batched_cell_list
-
         edge_index, shifts = batched_cell_list(positions, cell, pbc, system_idx, cutoff)
     else:
         raise ValueError(f"unknown neighbor-list backend {backend!r}")

@@ -1,0 +1,474 @@
+"""Neighbor lists: both backends against ASE, edge cases, batching, the max-neighbor rule."""
+
+from __future__ import annotations
+
+from functools import cache
+
+import numpy as np
+import pytest
+import torch
+from ase import Atoms
+from ase.build import bulk, fcc111, molecule
+from ase.neighborlist import neighbor_list as ase_neighbor_list
+
+from forcecalc.graph import cell_list
+from forcecalc.graph.neighbors import (
+    NeighborGraph,
+    edge_vectors,
+    max_neighbors_mask,
+    neighbor_list,
+    radius_graph,
+)
+
+BACKENDS = ["vesin", "torch"]
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+N_RANDOM = 200
+
+
+def pair_rows(i: np.ndarray, j: np.ndarray, shifts: np.ndarray) -> np.ndarray:
+    """``[n_pairs, 5]`` rows ``(i, j, S)`` sorted lexicographically (a canonical pair set)."""
+    rows = np.column_stack([i, j, shifts]).astype(np.int64).reshape(-1, 5)
+    return rows[np.lexsort(rows.T[::-1])]
+
+
+def ase_rows(atoms: Atoms, cutoff: float) -> tuple[np.ndarray, np.ndarray]:
+    """ASE's pairs as sorted ``(i, j, S)`` rows ``[n, 5]`` and their vectors ``[n, 3]``.
+
+    Cached per structure object (the random structures are shared by both backends' tests).
+    """
+    key = (id(atoms), cutoff)
+    if key not in _ASE_CACHE:
+        _ASE_CACHE[key] = (atoms, _ase_rows(atoms, cutoff))
+    return _ASE_CACHE[key][1]
+
+
+_ASE_CACHE: dict[tuple[int, float], tuple[Atoms, tuple[np.ndarray, np.ndarray]]] = {}
+
+
+def _ase_rows(atoms: Atoms, cutoff: float) -> tuple[np.ndarray, np.ndarray]:
+    i, j, shifts, vectors = ase_neighbor_list("ijSD", atoms, cutoff)
+    rows = np.column_stack([i, j, shifts]).astype(np.int64).reshape(-1, 5)
+    order = np.lexsort(rows.T[::-1])
+    return rows[order], vectors.reshape(-1, 3)[order]
+
+
+def as_tensors(atoms_list: list[Atoms]) -> tuple[torch.Tensor, ...]:
+    """``(positions, cell, pbc, system_idx)`` of a batch of structures (float64)."""
+    positions = torch.tensor(np.concatenate([a.positions for a in atoms_list]))
+    cell = torch.tensor(np.stack([a.cell.array for a in atoms_list]))
+    pbc = torch.tensor(np.stack([a.pbc for a in atoms_list]))
+    counts = torch.tensor([len(a) for a in atoms_list])
+    system_idx = torch.repeat_interleave(torch.arange(len(atoms_list)), counts)
+    return positions, cell, pbc, system_idx
+
+
+def graph_of(atoms: Atoms, cutoff: float, backend: str, **kwargs) -> NeighborGraph:
+    return radius_graph(*as_tensors([atoms]), cutoff, backend=backend, **kwargs)
+
+
+def graph_rows(graph: NeighborGraph) -> tuple[np.ndarray, np.ndarray]:
+    """A graph's edges as sorted ``(i, j, S)`` rows ``[n, 5]`` and their vectors ``[n, 3]``."""
+    j, i = graph.edge_index.cpu().numpy()
+    rows = np.column_stack([i, j, graph.shifts.cpu().numpy()]).reshape(-1, 5)
+    order = np.lexsort(rows.T[::-1])
+    return rows[order], graph.vectors.detach().cpu().numpy().reshape(-1, 3)[order]
+
+
+def assert_matches_ase(atoms: Atoms, cutoff: float, backend: str, label: str = "") -> None:
+    """The graph of ``backend`` has exactly ASE's pairs (no duplicates) and vectors."""
+    expected, expected_vectors = ase_rows(atoms, cutoff)
+    rows, vectors = graph_rows(graph_of(atoms, cutoff, backend))
+    assert len(np.unique(rows, axis=0)) == len(rows), f"{label}: duplicate edges"
+    assert rows.shape == expected.shape, f"{label}: {len(rows)} edges, ASE has {len(expected)}"
+    np.testing.assert_array_equal(rows, expected, err_msg=label)
+    np.testing.assert_allclose(vectors, expected_vectors, atol=1e-9, err_msg=label)
+
+
+def random_cell(rng: np.random.Generator, volume: float) -> np.ndarray:
+    """A random triclinic cell of the given volume; about a third strongly skewed."""
+    while True:
+        cell = np.eye(3) + 0.35 * rng.normal(size=(3, 3))
+        if rng.random() < 0.35:
+            # Shear: add multiples of the other vectors (volume kept, angles far from 90°).
+            cell[1] += rng.uniform(-3, 3) * cell[0]
+            cell[2] += rng.uniform(-3, 3) * cell[0] + rng.uniform(-3, 3) * cell[1]
+        det = abs(np.linalg.det(cell))
+        lengths = np.linalg.norm(cell, axis=1)
+        if det / lengths.prod() > 0.02:
+            return cell * (volume / det) ** (1 / 3)
+
+
+def random_structure(rng: np.random.Generator) -> tuple[Atoms, float]:
+    """A random structure and cutoff for the comparison with ASE.
+
+    Mostly small (1 to 30 atoms), some up to 300; densities 0.02-0.1 atoms/Å^3; random pbc per
+    axis; non-periodic cell vectors sometimes zero; a third of the atoms moved outside the cell
+    (by up to 3 cell vectors along periodic axes, by fractions of them along all axes);
+    cutoffs from 1 Å to 3x the cell size, capped at about 5,000 pairs per structure.
+    """
+    n_atoms = int(rng.integers(1, 31)) if rng.random() < 0.85 else int(rng.integers(31, 301))
+    density = rng.uniform(0.02, 0.1)
+    cell = random_cell(rng, n_atoms / density)
+    pbc = rng.random(3) < 0.5
+    frac = rng.random((n_atoms, 3))
+    outside = rng.random(n_atoms) < 0.33
+    frac[outside] += rng.integers(-3, 4, size=(outside.sum(), 3)) * pbc
+    frac[outside] += rng.uniform(-0.4, 0.4, size=(outside.sum(), 3)) * (rng.random() < 0.5)
+    positions = frac @ cell
+    if rng.random() < 0.4:
+        cell[~pbc] = 0.0
+    size = (n_atoms / density) ** (1 / 3)
+    largest = (5_000 / (n_atoms * density * 4.19)) ** (1 / 3)
+    cutoff = float(min(rng.uniform(1.0, max(1.0, 3 * size)), max(largest, 1.0)))
+    return Atoms("H" * n_atoms, positions=positions, cell=cell, pbc=pbc), cutoff
+
+
+@cache
+def random_structures(seed: int, n: int) -> list[tuple[Atoms, float]]:
+    """``n`` random structures and cutoffs (:func:`random_structure`), seeded."""
+    rng = np.random.default_rng(seed)
+    return [random_structure(rng) for _ in range(n)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_random_structures_match_ase(backend: str) -> None:
+    """Both backends give exactly ASE's pair set (i, j, S) and vectors on 200 random structures.
+
+    Random triclinic (also strongly skewed) cells, random pbc per axis, zero non-periodic cell
+    vectors, atoms outside the cell, cutoffs from 1 Å to 3x the cell size, 1-300 atoms.
+    """
+    for index, (atoms, cutoff) in enumerate(random_structures(1234, N_RANDOM)):
+        label = f"structure {index}: {len(atoms)} atoms, pbc={atoms.pbc}, cutoff={cutoff:.2f}"
+        assert_matches_ase(atoms, cutoff, backend, label)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fcc_primitive_cell_needs_many_images(backend: str) -> None:
+    """A 1-atom fcc primitive cell at 6 Å has the 78 neighbors of its 5 shells, all images."""
+    atoms = bulk("Cu", "fcc", a=3.61)
+    graph = graph_of(atoms, 6.0, backend)
+    assert graph.edge_index.shape[1] == 78
+    assert (graph.edge_index == 0).all()
+    assert_matches_ase(atoms, 6.0, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_molecule_with_zero_cell(backend: str) -> None:
+    """A non-periodic molecule with a zero cell: ASE's pairs, all with zero shift."""
+    atoms = molecule("CH3CH2OH")
+    assert not atoms.cell.array.any()
+    graph = graph_of(atoms, 2.5, backend)
+    assert (graph.shifts == 0).all()
+    assert graph.edge_index.shape[1] > 0
+    assert_matches_ase(atoms, 2.5, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_isolated_atom_has_no_neighbors(backend: str) -> None:
+    """An atom farther than the cutoff from all others (and its images) has no edges."""
+    atoms = molecule("H2O")
+    atoms.append("Ar")
+    atoms.positions[-1] = [20.0, 0.0, 0.0]
+    atoms.set_cell([[40.0, 0, 0], [0, 40.0, 0], [0, 0, 40.0]])
+    atoms.pbc = True
+    graph = graph_of(atoms, 3.0, backend)
+    assert not (graph.edge_index == len(atoms) - 1).any()
+    assert graph.edge_index.shape[1] == 6
+    alone = graph_of(Atoms("Ar", positions=[[1.0, 2.0, 3.0]]), 5.0, backend)
+    assert alone.edge_index.shape == (2, 0) and alone.shifts.shape == (0, 3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_periodic_self_images_but_no_zero_shift_self_pair(backend: str) -> None:
+    """An atom's own periodic images are edges; the zero-shift self pair never is."""
+    atoms = Atoms("Cu", positions=[[0.3, 0.2, 0.1]], cell=np.diag([2.0, 2.5, 3.0]), pbc=True)
+    graph = graph_of(atoms, 2.6, backend)
+    rows, _ = graph_rows(graph)
+    expected = pair_rows(
+        np.zeros(4), np.zeros(4), np.array([[-1, 0, 0], [0, -1, 0], [0, 1, 0], [1, 0, 0]])
+    )
+    np.testing.assert_array_equal(rows, expected)
+    multi = bulk("Cu", "fcc", a=3.61).repeat((2, 1, 1))
+    graph = graph_of(multi, 6.0, backend)
+    self_pairs = graph.edge_index[0] == graph.edge_index[1]
+    assert self_pairs.any()
+    assert (graph.shifts[self_pairs] != 0).any(dim=1).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_slab_periodic_in_plane_only(backend: str) -> None:
+    """A Cu(111) slab with pbc (T, T, F): ASE's pairs, no shift along the slab normal."""
+    atoms = fcc111("Cu", (3, 3, 4), vacuum=8.0)
+    atoms.pbc = (True, True, False)
+    graph = graph_of(atoms, 6.0, backend)
+    assert (graph.shifts[:, 2] == 0).all()
+    assert_matches_ase(atoms, 6.0, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_unwrapped_positions(backend: str) -> None:
+    """Atoms displaced by lattice vectors: same distances, shifts corrected for the originals.
+
+    The vectors ``pos[j] - pos[i] + S @ cell`` use the unwrapped positions and equal those of
+    the wrapped structure edge for edge.
+    """
+    wrapped = bulk("Cu", "fcc", a=3.61).repeat((2, 3, 2))
+    wrapped.cell[1] += 0.7 * wrapped.cell[0]
+    wrapped.wrap()
+    rng = np.random.default_rng(5)
+    moves = rng.integers(-4, 5, size=(len(wrapped), 3))
+    unwrapped = wrapped.copy()
+    unwrapped.positions += moves @ wrapped.cell.array
+    assert_matches_ase(unwrapped, 5.0, backend)
+    g_wrapped, g_unwrapped = graph_of(wrapped, 5.0, backend), graph_of(unwrapped, 5.0, backend)
+    rows_w, vectors_w = graph_rows(g_wrapped)
+    rows_u, vectors_u = graph_rows(g_unwrapped)
+    # Edge (i, j, S) of the unwrapped structure is (i, j, S + moves[j] - moves[i]) wrapped.
+    i, j = rows_u[:, 0], rows_u[:, 1]
+    mapped = pair_rows(i, j, rows_u[:, 2:] + moves[j] - moves[i])
+    np.testing.assert_array_equal(mapped, rows_w)
+    np.testing.assert_allclose(
+        np.sort(np.linalg.norm(vectors_u, axis=1)), np.sort(np.linalg.norm(vectors_w, axis=1))
+    )
+
+
+def test_non_periodic_axis_outside_cell() -> None:
+    """Atoms far outside the cell along non-periodic axes (both backends agree with ASE)."""
+    atoms = fcc111("Cu", (2, 2, 3), vacuum=5.0)
+    atoms.pbc = (True, False, False)
+    atoms.positions[::2] += [0.0, 40.0, -25.0]
+    for backend in BACKENDS:
+        assert_matches_ase(atoms, 4.0, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_batch_equals_per_system(backend: str) -> None:
+    """One call on a batch of systems returns exactly the union of the per-system graphs.
+
+    Every edge joins two atoms of the same system, and each system's edges (indices shifted
+    by the system's first atom) equal those of a call on that system alone.
+    """
+    atoms_list = [atoms for atoms, _ in random_structures(99, 25)]
+    cutoff = 3.5
+    positions, cell, pbc, system_idx = as_tensors(atoms_list)
+    batched = radius_graph(positions, cell, pbc, system_idx, cutoff, backend=backend)
+    source_system, target_system = system_idx[batched.edge_index]
+    assert torch.equal(source_system, target_system)
+    first = 0
+    for index, atoms in enumerate(atoms_list):
+        mine = target_system == index
+        j, i = batched.edge_index[:, mine].numpy() - first
+        rows = pair_rows(i, j, batched.shifts[mine].numpy())
+        expected, _ = graph_rows(graph_of(atoms, cutoff, backend))
+        np.testing.assert_array_equal(rows, expected, err_msg=f"system {index}")
+        first += len(atoms)
+
+
+def test_torch_backend_empty_system_in_batch() -> None:
+    """A system without atoms inside a batch (and a batch without atoms) are handled."""
+    first, last = bulk("Cu", "fcc", a=3.61), molecule("H2O")
+    positions, cell, pbc, _ = as_tensors([first, last])
+    cell = torch.cat([cell[:1], torch.eye(3, dtype=torch.float64)[None] * 5, cell[1:]])
+    pbc = torch.cat([pbc[:1], torch.ones(1, 3, dtype=torch.bool), pbc[1:]])
+    system_idx = torch.tensor([0, 2, 2, 2])
+    graph = radius_graph(positions, cell, pbc, system_idx, 3.0, backend="torch")
+    expected = graph_of(first, 3.0, "vesin").edge_index.shape[1]
+    expected += graph_of(last, 3.0, "vesin").edge_index.shape[1]
+    assert graph.edge_index.shape[1] == expected
+    empty = cell_list.batched_cell_list(
+        torch.zeros(0, 3), cell, pbc, torch.zeros(0, dtype=torch.int64), 3.0
+    )
+    assert empty[0].shape == (2, 0) and empty[1].shape == (0, 3)
+
+
+@pytest.mark.parametrize(
+    ("table_factor", "max_candidates"), [(0, 1 << 18), (1 << 20, 1 << 18), (8, 1000)]
+)
+def test_cell_list_code_paths_agree(
+    monkeypatch: pytest.MonkeyPatch, table_factor: int, max_candidates: int
+) -> None:
+    """Binary-search and dense-table bin lookups, and tiny candidate chunks, give ASE's pairs."""
+    monkeypatch.setattr(cell_list, "DENSE_TABLE_FACTOR", table_factor)
+    monkeypatch.setattr(cell_list, "DENSE_TABLE_MIN", 0 if table_factor == 0 else 1 << 16)
+    monkeypatch.setattr(cell_list, "MAX_CANDIDATES", max_candidates)
+    for index, (atoms, cutoff) in enumerate(random_structures(7, 30)):
+        assert_matches_ase(atoms, cutoff, "torch", f"structure {index}")
+
+
+def test_float32_input_searches_in_float64() -> None:
+    """float32 positions: both backends find the same pairs (the search runs in float64)."""
+    atoms = fcc111("Cu", (4, 4, 3), vacuum=6.0)
+    atoms.rattle(0.1, seed=3)
+    positions, cell, pbc, system_idx = as_tensors([atoms])
+    graphs = [
+        radius_graph(positions.float(), cell.float(), pbc, system_idx, 5.0, backend=backend)
+        for backend in BACKENDS
+    ]
+    assert graphs[0].vectors.dtype == torch.float32
+    rows = [graph_rows(g)[0] for g in graphs]
+    np.testing.assert_array_equal(rows[0], rows[1])
+
+
+def test_neighbor_list_matches_ase() -> None:
+    """``neighbor_list(atoms, cutoff)`` returns ASE's (i, j, S) as numpy arrays."""
+    atoms = bulk("Pt", "fcc", a=3.92, cubic=True).repeat(2)
+    i, j, shifts = neighbor_list(atoms, 4.5)
+    np.testing.assert_array_equal(pair_rows(i, j, shifts), ase_rows(atoms, 4.5)[0])
+
+
+def test_edge_vectors_convention() -> None:
+    """``vectors = pos[j] - pos[i] + shifts @ cell`` with edge_index = (source j, target i)."""
+    atoms = bulk("Cu", "fcc", a=3.61, cubic=True)
+    atoms.positions[0] += [0.1, -0.2, 0.05]
+    graph = graph_of(atoms, 3.0, "torch")
+    j, i = graph.edge_index
+    positions, cell = torch.tensor(atoms.positions), torch.tensor(atoms.cell.array)
+    expected = positions[j] - positions[i] + graph.shifts.double() @ cell
+    torch.testing.assert_close(graph.vectors, expected)
+    torch.testing.assert_close(graph.distances, expected.norm(dim=1))
+    positions, cell, _, system_idx = as_tensors([atoms])
+    torch.testing.assert_close(
+        edge_vectors(positions, cell, system_idx, graph.edge_index, graph.shifts), expected
+    )
+
+
+# --- the max-neighbor rule -------------------------------------------------------------
+
+
+def test_max_neighbors_keeps_exactly_k_without_ties() -> None:
+    """Without ties each target keeps exactly its k closest edges (all if it has fewer)."""
+    rng = np.random.default_rng(0)
+    target = torch.tensor(rng.integers(0, 20, size=600))
+    distances = torch.tensor(rng.uniform(0.5, 6.0, size=600))
+    keep = max_neighbors_mask(target, distances, 7, 20)
+    for atom in range(20):
+        mine = target == atom
+        kept = keep[mine]
+        assert int(kept.sum()) == min(7, int(mine.sum()))
+        if kept.any() and (~kept).any():
+            assert distances[mine][kept].max() < distances[mine][~kept].min()
+
+
+def test_max_neighbors_shuffled_edges_same_result() -> None:
+    """The kept edges do not depend on the order of the edges."""
+    atoms = fcc111("Cu", (3, 3, 3), vacuum=6.0)
+    graph = graph_of(atoms, 6.0, "vesin")
+    target, distances = graph.edge_index[1], graph.distances
+    keep = max_neighbors_mask(target, distances, 12, len(atoms))
+    for seed in range(3):
+        perm = torch.randperm(len(target), generator=torch.Generator().manual_seed(seed))
+        shuffled = max_neighbors_mask(target[perm], distances[perm], 12, len(atoms))
+        assert torch.equal(shuffled, keep[perm])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_max_neighbors_keeps_all_ties_of_ideal_slab(dtype: torch.dtype) -> None:
+    """An ideal fcc(111) slab: all tied neighbors are kept, independent of atom order.
+
+    With k = 8 every atom keeps its whole first shell (9 neighbors in a surface layer, 12
+    inside), also when the distances are computed in float32; permuting the atoms gives the
+    same edge set.
+    """
+    atoms = fcc111("Cu", (3, 3, 4), vacuum=7.0)
+    atoms.pbc = (True, True, False)
+    positions, cell, pbc, system_idx = as_tensors([atoms])
+    graph = radius_graph(positions, cell, pbc, system_idx, 6.0, backend="vesin")
+    vectors = edge_vectors(
+        positions.to(dtype), cell.to(dtype), system_idx, graph.edge_index, graph.shifts
+    )
+    keep = max_neighbors_mask(graph.edge_index[1], vectors.norm(dim=1), 8, len(atoms))
+    counts = torch.bincount(graph.edge_index[1][keep], minlength=len(atoms))
+    layer = atoms.get_tags()  # 1 = top layer, 4 = bottom layer
+    surface = torch.tensor((layer == 1) | (layer == 4))
+    assert (counts[surface] == 9).all() and (counts[~surface] == 12).all()
+
+    perm = np.random.default_rng(1).permutation(len(atoms))
+    permuted = atoms[perm]
+    g1 = graph_of(atoms, 6.0, "torch", max_neighbors=8)
+    g2 = graph_of(permuted, 6.0, "torch", max_neighbors=8)
+    rows1, _ = graph_rows(g1)
+    j, i = g2.edge_index.numpy()
+    rows2 = pair_rows(perm[i], perm[j], g2.shifts.numpy())
+    np.testing.assert_array_equal(rows1, rows2)
+
+
+def test_max_neighbors_rejects_k_below_one() -> None:
+    """``max_neighbors < 1`` is a ValueError."""
+    with pytest.raises(ValueError, match="max_neighbors"):
+        max_neighbors_mask(torch.zeros(1, dtype=torch.int64), torch.ones(1), 0, 1)
+
+
+# --- input errors ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_positions_error_names_atoms(backend: str) -> None:
+    """NaN positions raise a ValueError naming the atoms."""
+    positions, cell, pbc, system_idx = as_tensors([bulk("Cu", cubic=True)])
+    positions[2, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"atoms \[2\] are NaN"):
+        radius_graph(positions, cell, pbc, system_idx, 3.0, backend=backend)
+
+
+@pytest.mark.parametrize(
+    ("cell", "pbc", "message"),
+    [
+        ([[3, 0, 0], [0, 3, 0], [3, 0, 0]], [True, True, True], "linearly dependent"),
+        ([[3, 0, 0], [6, 0, 0], [0, 0, 9]], [True, True, False], "linearly dependent"),
+        ([[3, 0, 0], [0, 0, 0], [0, 0, 3]], [True, True, False], r"vector\(s\) \[1\] have zero"),
+    ],
+)
+def test_degenerate_periodic_cell_errors(cell: list, pbc: list, message: str) -> None:
+    """A zero-volume periodic cell or a zero periodic vector raises a clear ValueError."""
+    positions = torch.tensor([[0.0, 0.0, 0.0], [1.0, 1.0, 1.0]], dtype=torch.float64)
+    cell_t = torch.tensor([cell], dtype=torch.float64)
+    with pytest.raises(ValueError, match=message):
+        radius_graph(positions, cell_t, torch.tensor([pbc]), torch.zeros(2, dtype=torch.int64), 2.0)
+
+
+def test_other_input_errors() -> None:
+    """Bad cutoff, unsorted system index or an unknown backend raise ValueError."""
+    positions, cell, pbc, system_idx = as_tensors([bulk("Cu", cubic=True)] * 2)
+    with pytest.raises(ValueError, match="cutoff"):
+        radius_graph(positions, cell, pbc, system_idx, 0.0)
+    with pytest.raises(ValueError, match="non-decreasing"):
+        radius_graph(positions, cell, pbc, system_idx.flip(0), 3.0)
+    with pytest.raises(ValueError, match="backend"):
+        radius_graph(positions, cell, pbc, system_idx, 3.0, backend="cuda-magic")
+
+
+# --- CUDA ------------------------------------------------------------------------------
+
+
+@CUDA
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cuda_matches_cpu(backend: str) -> None:
+    """On a GPU both backends give the CPU's pair set and vectors for a batch of systems."""
+    structures = random_structures(42, 40)
+    atoms_list = [atoms for atoms, _ in structures]
+    tensors = as_tensors(atoms_list)
+    cpu = radius_graph(*tensors, 4.0, backend=backend)
+    gpu = radius_graph(*(t.cuda() for t in tensors), 4.0, backend=backend)
+    assert gpu.edge_index.is_cuda and gpu.shifts.is_cuda
+    rows_cpu, vectors_cpu = graph_rows(cpu)
+    rows_gpu, vectors_gpu = graph_rows(gpu)
+    np.testing.assert_array_equal(rows_gpu, rows_cpu)
+    np.testing.assert_allclose(vectors_gpu, vectors_cpu, atol=1e-12)
+
+
+@CUDA
+def test_cuda_max_neighbors_matches_cpu() -> None:
+    """The max-neighbor rule keeps the same edges on the GPU (float32) as on the CPU."""
+    atoms = fcc111("Cu", (4, 4, 4), vacuum=7.0)
+    tensors = as_tensors([atoms])
+    cpu = radius_graph(*tensors, 6.0, max_neighbors=10, backend="torch")
+    gpu = radius_graph(
+        tensors[0].float().cuda(),
+        tensors[1].float().cuda(),
+        tensors[2].cuda(),
+        tensors[3].cuda(),
+        6.0,
+        max_neighbors=10,
+        backend="torch",
+    )
+    np.testing.assert_array_equal(graph_rows(gpu)[0], graph_rows(cpu)[0])
