@@ -1,0 +1,231 @@
+"""Batched relaxation vs one-by-one ASE relaxation with forcecalc's calculator.
+
+Builds N OC20-style slab + adsorbate structures (fcc111/fcc100 slabs, 2x2x3 or 3x3x4, of
+Cu/Pt/Pd/Ag/Ni/Au with O, OH or CO, rattled, lower half fixed), relaxes them
+
+* one by one: ASE's optimizer with ``forcecalc.load_calculator`` (default settings), and
+* batched: ``forcecalc.relax`` (same optimizer, same potential object),
+
+and prints a table (structures/s, speedup, converged fraction, mean steps, largest difference
+of the final energies and positions between the two) and writes everything as JSON, atomically
+(temporary file + rename).
+
+Examples::
+
+    python benchmarks/relax_speed.py --n 8 --steps 60 --threads 1       # quick CPU run
+    python benchmarks/relax_speed.py --n 256 --device cuda --model spinconv-ec
+
+With a random-weight test checkpoint the potential has no physical minimum, so few
+structures converge; the comparison of speed and of the two engines' results still holds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "tests" / "data" / "ocp" / "forcenet_small.pt"
+METALS = ("Cu", "Pt", "Pd", "Ag", "Ni", "Au")
+ADSORBATES = ("O", "OH", "CO")
+
+
+def build_structures(n: int, seed: int = 0) -> list:
+    """``n`` rattled slab + adsorbate structures with FixAtoms on the lower half."""
+    from ase.build import add_adsorbate, fcc100, fcc111, molecule
+    from ase.constraints import FixAtoms
+
+    rng = np.random.default_rng(seed)
+    structures = []
+    for k in range(n):
+        facet = (fcc111, fcc100)[k % 2]
+        size = ((2, 2, 3), (3, 3, 4))[(k // 2) % 2]
+        metal = METALS[k % len(METALS)]
+        name = ADSORBATES[k % len(ADSORBATES)]
+        slab = facet(metal, size=size, vacuum=7.0)
+        adsorbate = name if len(name) == 1 else molecule(name)
+        if name == "CO":
+            adsorbate.rotate(180, "x")  # carbon down
+        add_adsorbate(slab, adsorbate, 1.8, "ontop")
+        layers = size[2]
+        slab.set_constraint(FixAtoms(indices=[a.index for a in slab if a.tag > layers // 2]))
+        slab.rattle(0.05, seed=int(rng.integers(2**31)))
+        structures.append(slab)
+    return structures
+
+
+def one_by_one(structures: list, potential, optimizer: str, fmax: float, steps: int) -> dict:
+    """ASE's optimizer with forcecalc's calculator, one structure after the other."""
+    from ase.optimize import BFGS, FIRE, LBFGS
+
+    from forcecalc.calculator import load_calculator
+
+    cls = {"fire": FIRE, "lbfgs": LBFGS, "bfgs": BFGS}[optimizer]
+    calc = load_calculator(potential)
+    out = {"energies": [], "positions": [], "steps": [], "converged": []}
+    start = time.perf_counter()
+    for atoms in structures:
+        atoms = atoms.copy()
+        atoms.calc = calc
+        dynamics = cls(atoms, logfile=None)
+        out["converged"].append(bool(dynamics.run(fmax=fmax, steps=steps)))
+        out["steps"].append(int(dynamics.nsteps))
+        out["energies"].append(float(atoms.get_potential_energy()))
+        out["positions"].append(atoms.positions.copy())
+    _synchronize(potential)
+    out["seconds"] = time.perf_counter() - start
+    return out
+
+
+def batched(structures: list, potential, optimizer: str, fmax: float, steps: int, batch_size):
+    """``forcecalc.relax`` on all structures."""
+    from forcecalc.relax import relax
+
+    start = time.perf_counter()
+    results = relax(
+        structures, potential, optimizer=optimizer, fmax=fmax, steps=steps, batch_size=batch_size
+    )
+    _synchronize(potential)
+    return {
+        "seconds": time.perf_counter() - start,
+        "energies": [float(a.get_potential_energy()) for a in results],
+        "positions": [a.positions.copy() for a in results],
+        "steps": [int(a.info["relax_steps"]) for a in results],
+        "converged": [bool(a.info["relax_converged"]) for a in results],
+    }
+
+
+def _synchronize(potential) -> None:
+    if potential.device.type == "cuda":
+        torch.cuda.synchronize(potential.device)
+
+
+def write_json_atomically(data: dict, path: Path) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w") as stream:
+            json.dump(data, stream, indent=2)
+            stream.write("\n")
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n", type=int, default=16, help="number of structures")
+    parser.add_argument("--model", default=str(DEFAULT_MODEL), help="checkpoint path or name")
+    parser.add_argument("--forces", default=None, help="SpinConv energy-centric: conservative")
+    parser.add_argument("--optimizer", default="fire", choices=["fire", "lbfgs", "bfgs"])
+    parser.add_argument("--fmax", type=float, default=0.05)
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--batch-size", default="auto", help="'auto' or an int")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--skip-one-by-one", action="store_true", help="batched run only")
+    parser.add_argument("--out", default="benchmarks/results/relax_speed.json")
+    args = parser.parse_args(argv)
+
+    from forcecalc.checkpoint import load_checkpoint
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    options = {"forces": args.forces} if args.forces else {}
+    potential = load_checkpoint(args.model, device=args.device, dtype=args.dtype, **options)
+    batch_size = args.batch_size if args.batch_size == "auto" else int(args.batch_size)
+    structures = build_structures(args.n, args.seed)
+    n_atoms = [len(a) for a in structures]
+    print(
+        f"{args.n} structures ({min(n_atoms)}-{max(n_atoms)} atoms), {potential.name} on "
+        f"{potential.device} ({args.dtype}), {args.optimizer.upper()}, fmax {args.fmax}, "
+        f"at most {args.steps} steps, torch threads {torch.get_num_threads()}"
+    )
+    batched(structures[:2], potential, args.optimizer, args.fmax, 2, batch_size)  # warm-up
+    runs = {
+        "batched": batched(structures, potential, args.optimizer, args.fmax, args.steps, batch_size)
+    }
+    if not args.skip_one_by_one:
+        runs["one_by_one"] = one_by_one(
+            structures, potential, args.optimizer, args.fmax, args.steps
+        )
+    rows = []
+    reference = runs.get("one_by_one")
+    for mode, run in runs.items():
+        row = {
+            "mode": mode,
+            "seconds": run["seconds"],
+            "structures_per_s": len(structures) / run["seconds"],
+            "converged_fraction": float(np.mean(run["converged"])),
+            "mean_steps": float(np.mean(run["steps"])),
+        }
+        if reference is not None:
+            row["speedup"] = reference["seconds"] / run["seconds"]
+            row["max_energy_diff_eV"] = float(
+                np.max(np.abs(np.subtract(run["energies"], reference["energies"])))
+            )
+            row["max_position_diff_A"] = float(
+                max(
+                    np.abs(a - b).max()
+                    for a, b in zip(run["positions"], reference["positions"], strict=True)
+                )
+            )
+            row["same_steps_fraction"] = float(np.mean(np.equal(run["steps"], reference["steps"])))
+        rows.append(row)
+
+    header = (
+        f"{'mode':<11} {'time/s':>8} {'struct/s':>9} {'speedup':>8} {'converged':>9} "
+        f"{'steps':>6} {'max|dE|/eV':>11} {'max|dx|/Å':>10}"
+    )
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        speedup = f"{row['speedup']:.2f}" if "speedup" in row else "-"
+        de = f"{row['max_energy_diff_eV']:.2e}" if "speedup" in row else "-"
+        dx = f"{row['max_position_diff_A']:.2e}" if "speedup" in row else "-"
+        print(
+            f"{row['mode']:<11} {row['seconds']:>8.2f} {row['structures_per_s']:>9.3f} "
+            f"{speedup:>8} {row['converged_fraction']:>9.2f} {row['mean_steps']:>6.1f} "
+            f"{de:>11} {dx:>10}"
+        )
+    report = {
+        "benchmark": "relax_speed",
+        "config": {k: v for k, v in vars(args).items() if k != "out"},
+        "model": potential.name,
+        "device": str(potential.device),
+        "device_name": (
+            torch.cuda.get_device_name(potential.device)
+            if potential.device.type == "cuda"
+            else platform.processor() or platform.machine()
+        ),
+        "torch": torch.__version__,
+        "python": sys.version.split()[0],
+        "torch_threads": torch.get_num_threads(),
+        "n_atoms": n_atoms,
+        "rows": rows,
+        "per_structure": {
+            mode: {k: run[k] for k in ("energies", "steps", "converged")}
+            for mode, run in runs.items()
+        },
+    }
+    write_json_atomically(report, Path(args.out))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

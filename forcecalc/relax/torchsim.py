@@ -1,0 +1,129 @@
+"""torch-sim adapter: a forcecalc potential as torch-sim's ``ModelInterface`` (optional).
+
+With ``torch-sim-atomistic`` installed (``pip install torch-sim-atomistic``; it does not
+replace torch), torch-sim's batched optimizers, integrators and autobatchers can drive
+SpinConv and ForceNet::
+
+    import torch_sim as ts
+    from forcecalc.relax.torchsim import ForcecalcModel
+
+    model = ForcecalcModel("spinconv-ec", device="cuda")
+    relaxed = ts.optimize(atoms_list, model, optimizer=ts.optimizers.fire)
+
+Importing this module without torch-sim raises ``ImportError`` saying how to install it.
+forcecalc's own :func:`forcecalc.relax.relax` / :func:`forcecalc.relax.md` need none of it.
+
+Conventions: torch-sim stores cells with lattice vectors as *columns* (``state.cell``;
+``state.row_vector_cell`` is ASE's layout) and periodicity as one flag or a ``[3]`` flag; the
+adapter converts both.  torch-sim 0.3's ``atoms_to_state`` keeps one flag for all systems
+(``all(atoms.pbc)``): a slab with ``pbc=(True, True, False)`` becomes non-periodic there, so give
+slabs ``pbc=True`` with their vacuum (longer than the cutoff) as OC20's data does.
+
+Energies are eV ``[n_systems]``, forces eV/Å ``[n_atoms, 3]``, stress
+(energy-centric SpinConv only) eV/Å³ ``[n_systems, 3, 3]`` as ASE defines it
+(``(1/V) dE/dstrain``).  The neighbor list is rebuilt on every call (torch-sim passes no
+state between calls).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+try:
+    from torch_sim.models.interface import ModelInterface
+except ImportError as error:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "forcecalc.relax.torchsim needs torch-sim: pip install torch-sim-atomistic"
+    ) from error
+
+from forcecalc.graph import Batch, radius_graph
+from forcecalc.relax.relaxation import potential_device, resolve_potential
+
+
+class ForcecalcModel(ModelInterface):
+    """A forcecalc :class:`~forcecalc.checkpoint.Potential` behind torch-sim's interface.
+
+    Args:
+        model: a checkpoint name or path, or a loaded potential.
+        device, dtype: for loading a checkpoint (ignored for a loaded potential).
+        compute_stress: also return the stress (energy-centric SpinConv only).
+        **model_options: model options for :func:`~forcecalc.checkpoint.load_checkpoint`
+            (e.g. ``forces="conservative"``).
+    """
+
+    def __init__(
+        self,
+        model: str | os.PathLike | nn.Module,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype = "float32",
+        compute_stress: bool = False,
+        **model_options: Any,
+    ) -> None:
+        super().__init__()
+        if model_options and not isinstance(model, nn.Module):
+            from forcecalc.checkpoint import load_checkpoint
+
+            model = load_checkpoint(model, device=device, dtype=dtype, **model_options)
+        self.potential = resolve_potential(model, device, dtype)
+        if compute_stress and not getattr(self.potential, "defines_stress", False):
+            raise ValueError(
+                "this model defines no stress (forces are predicted directly); use an "
+                "energy-centric SpinConv checkpoint for stress"
+            )
+        self._device = potential_device(self.potential)
+        self._dtype = getattr(self.potential, "dtype", torch.float32)
+        self._compute_stress = bool(compute_stress)
+        self._compute_forces = True
+        self._memory_scales_with = "n_atoms_x_density"
+
+    def forward(self, state: Any, **kwargs: Any) -> dict[str, Tensor]:
+        """Energies ``[S]``, forces ``[N, 3]`` (and stress ``[S, 3, 3]``) of a torch-sim
+        ``SimState`` (or a dict with ``positions``, ``cell``, ``pbc``, ``atomic_numbers``,
+        ``system_idx``)."""
+        get = state.get if isinstance(state, dict) else lambda key: getattr(state, key)
+        positions = get("positions").to(self._device)
+        numbers = get("atomic_numbers").to(device=self._device, dtype=torch.int64)
+        system_idx = get("system_idx")
+        if system_idx is None:
+            system_idx = torch.zeros(len(positions), dtype=torch.int64, device=self._device)
+        system_idx = system_idx.to(device=self._device, dtype=torch.int64)
+        cell = get("cell").to(device=self._device, dtype=torch.float64)
+        cell = cell.reshape(-1, 3, 3).mT  # columns (torch-sim) -> rows (forcecalc, ASE)
+        n_systems = cell.shape[0]
+        pbc = torch.as_tensor(get("pbc"), dtype=torch.bool, device=self._device)
+        if pbc.ndim == 0:
+            pbc = pbc.repeat(3)
+        pbc = pbc.reshape(-1, 3).expand(n_systems, 3)
+        graph = radius_graph(
+            positions.detach().to(torch.float64),
+            cell,
+            pbc,
+            system_idx,
+            float(self.potential.cutoff),
+        )
+        batch = Batch(
+            positions=positions.detach().to(self._dtype),
+            numbers=numbers,
+            cell=cell.to(self._dtype),
+            pbc=pbc.contiguous(),
+            system_idx=system_idx,
+            natoms=torch.bincount(system_idx, minlength=n_systems),
+            tags=torch.zeros_like(numbers),
+            fixed=torch.zeros_like(numbers, dtype=torch.bool),
+            edge_index=graph.edge_index,
+            shifts=graph.shifts,
+        )
+        grad = bool(getattr(self.potential, "defines_stress", False))
+        with torch.set_grad_enabled(grad):
+            if self._compute_stress:
+                out = self.potential(batch, compute_stress=True)
+            else:
+                out = self.potential(batch)
+        results = {"energy": out["energy"].detach(), "forces": out["forces"].detach()}
+        if self._compute_stress:
+            results["stress"] = out["stress"].detach()
+        return results

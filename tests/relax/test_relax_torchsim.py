@@ -1,0 +1,54 @@
+"""The optional torch-sim adapter (skipped without torch-sim-atomistic)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from relax_helpers import mixed_structures, morse_potential, single_thread
+
+from forcecalc.calculator import load_calculator
+
+__all__ = ["single_thread"]
+
+torch_sim = pytest.importorskip("torch_sim")
+
+
+def test_model_interface_outputs_equal_the_calculator():
+    """Contract: ForcecalcModel takes a torch-sim SimState of several systems (column-vector
+    cells; torch-sim 0.3 has one pbc flag for all, so the slab is made periodic along z with
+    its vacuum) and returns the calculator's energies and forces per system."""
+    from forcecalc.relax.torchsim import ForcecalcModel
+
+    potential = morse_potential()
+    model = ForcecalcModel(potential)
+    assert model.device == potential.device and model.dtype == torch.float64
+    structures = [mixed_structures()[k] for k in (0, 16, 17)]
+    structures[0].pbc = True
+    state = torch_sim.io.atoms_to_state(structures, device=model.device, dtype=model.dtype)
+    out = model(state)
+    forces = np.split(out["forces"].numpy(), np.cumsum([len(a) for a in structures])[:-1])
+    for k, atoms in enumerate(structures):
+        atoms = atoms.copy()
+        atoms.calc = load_calculator(potential)
+        assert float(out["energy"][k]) == pytest.approx(atoms.get_potential_energy(), 1e-10)
+        np.testing.assert_allclose(forces[k], atoms.get_forces(apply_constraint=False), atol=1e-10)
+
+
+def test_torch_sim_static_runner():
+    """Contract: torch-sim's own runner (ts.static) accepts the adapter."""
+    from forcecalc.relax.torchsim import ForcecalcModel
+
+    model = ForcecalcModel(morse_potential())
+    structures = [mixed_structures()[k] for k in (16, 17)]
+    results = torch_sim.static(structures, model)
+    assert len(results) == 2
+    assert torch.isfinite(results[0]["potential_energy"]).all()
+
+
+def test_stress_needs_an_energy_centric_model():
+    """Contract: asking for stress from a model without it raises ValueError."""
+    from forcecalc.relax.torchsim import ForcecalcModel
+
+    with pytest.raises(ValueError, match="stress"):
+        ForcecalcModel(morse_potential(), compute_stress=True)
