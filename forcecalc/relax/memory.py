@@ -158,6 +158,7 @@ def remember_memory_model(potential: nn.Module, device: torch.device, model: Mem
 def memory_budget(device: torch.device) -> float:
     """Bytes a batch may use: a fraction of the free CUDA memory, or the fixed CPU budget."""
     if device.type == "cuda":
+        torch.cuda.empty_cache()  # blocks cached by the allocator count as used otherwise
         free, _ = torch.cuda.mem_get_info(device)
         return CUDA_BUDGET_FRACTION * float(free)
     return float(CPU_BUDGET_BYTES)
