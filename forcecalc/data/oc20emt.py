@@ -41,7 +41,7 @@ from __future__ import annotations
 import itertools
 import multiprocessing
 import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import cache
 from pathlib import Path
@@ -185,7 +185,7 @@ SIZES: dict[str, SizeConfig] = {
     ),
     "medium": SizeConfig(
         systems={
-            "train": 3000,
+            "train": 3350,
             "val_id": 150,
             "test_id": 150,
             "test_ood_ads": 150,
@@ -766,7 +766,6 @@ def generate(
     seed: int = 0,
     workers: int = 1,
     progress: bool = True,
-    on_split: Callable[[str, Path], None] | None = None,
 ) -> dict[str, Path]:
     """Generate the OC20-EMT data set ``size`` into one HDF5 file per split in ``out``.
 
@@ -776,7 +775,6 @@ def generate(
         seed: the data set's seed; results depend only on ``(size, seed)``.
         workers: processes generating systems (1: in this process).
         progress: show a tqdm progress bar.
-        on_split: called with ``(split, path)`` once each split file is in place.
 
     Returns:
         The path of each split's file.
@@ -790,8 +788,9 @@ def generate(
     writer: DatasetWriter | None = None
     bar = tqdm(total=len(tasks), unit="system", disable=not progress, desc=f"oc20emt {size}")
     frames = 0
+    results = _run_tasks(tasks, workers)
     try:
-        for task, result in zip(tasks, _run_tasks(tasks, workers), strict=True):
+        for task, result in zip(tasks, results, strict=True):
             if writer is None:
                 writer = DatasetWriter(out / f"{task.split}.h5", {**attrs, "split": task.split})
             row = dict(result.row)
@@ -807,9 +806,8 @@ def generate(
             if remaining[task.split] == 0:
                 paths[task.split] = writer.close()
                 writer = None
-                if on_split is not None:
-                    on_split(task.split, paths[task.split])
     finally:
+        results.close()  # stops the worker pool early on an error
         bar.close()
         if writer is not None:
             writer.abort()

@@ -167,12 +167,25 @@ class DatasetWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._tmp = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex[:12]}.tmp")
         self._h5: h5py.File | None = h5py.File(self._tmp, "w")
-        self._h5.attrs["format"] = FORMAT
-        self._h5.attrs["format_version"] = FORMAT_VERSION
-        for key, value in (attrs or {}).items():
-            self._h5.attrs[key] = value
-        frames = self._h5.create_group("frames")
-        self._h5.create_group("systems")
+        try:
+            self._create_layout(attrs or {})
+        except BaseException:
+            self.abort()
+            raise
+        self.n_frames = 0
+        self.n_atoms = 0
+        self.n_systems = 0
+        self._columns: list[str] | None = None
+
+    def _create_layout(self, attrs: Mapping[str, Any]) -> None:
+        """Root attributes and the empty, resizable datasets."""
+        h5 = self._file
+        h5.attrs["format"] = FORMAT
+        h5.attrs["format_version"] = FORMAT_VERSION
+        for key, value in attrs.items():
+            h5.attrs[key] = value
+        frames = h5.create_group("frames")
+        h5.create_group("systems")
         for name, (dtype, shape, per_atom) in _FRAME_FIELDS.items():
             chunk = _ATOM_CHUNK if per_atom else _FRAME_CHUNK
             frames.create_dataset(
@@ -183,10 +196,6 @@ class DatasetWriter:
             "offsets", data=np.zeros(1, dtype=np.int64), maxshape=(None,),
             chunks=(_FRAME_CHUNK,), **_COMPRESSION,
         )  # fmt: skip
-        self.n_frames = 0
-        self.n_atoms = 0
-        self.n_systems = 0
-        self._columns: list[str] | None = None
 
     def set_attr(self, key: str, value: Any) -> None:
         """Set a root attribute."""
