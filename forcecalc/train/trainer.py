@@ -638,7 +638,7 @@ class Trainer:
         return {
             "device": device,
             "processes": self.dist.world_size,
-            "torch": torch.__version__,
+            "torch": str(torch.__version__),
             "python": platform.python_version(),
             "cpu_count": os.cpu_count(),
         }

@@ -1,0 +1,237 @@
+"""The training loop: overfitting, exact resume, crash-safe checkpoints, outputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from train_fixtures import FORCENET_TINY, SPINCONV_TINY, one_thread, training_frames  # noqa: F401
+
+from forcecalc.checkpoint import load_checkpoint
+from forcecalc.predict import predict
+from forcecalc.train import TrainConfig, Trainer
+
+
+def _config(tmp_path: Path, model: str, kwargs: dict, **changes) -> TrainConfig:
+    values = {
+        "model": model,
+        "model_kwargs": kwargs,
+        "out": str(tmp_path / "run"),
+        "device": "cpu",
+        "val_fraction": 0.0,
+        "progress": False,
+        "batch_size": 20,
+        "scheduler": "cosine",
+        "force_loss": "mse",
+        "rotation": "none",
+        **changes,
+    }
+    return TrainConfig(**values)
+
+
+def _overfit(tmp_path: Path, frames: list, model: str, kwargs: dict, **changes) -> None:
+    config = _config(tmp_path, model, kwargs, **changes)
+    trainer = Trainer(config, frames, frames)
+    before = trainer.evaluate(frames)["force_mae"]
+    summary = trainer.fit()
+    after = summary["metrics"]["val_force_mae"]
+    assert after < before / 10, (before, after)
+
+
+def test_forcenet_overfits(tmp_path):
+    """A tiny ForceNet trained on 20 EMT frames (and evaluated on them, eval mode) lowers the
+    force MAE at least tenfold."""
+    frames = training_frames()
+    _overfit(tmp_path, frames, "forcenet", FORCENET_TINY, max_steps=220, lr=5e-3, eval_every=220)
+
+
+@pytest.mark.slow
+def test_spinconv_overfits(tmp_path):
+    """A tiny force-centric SpinConv trained on 20 EMT frames lowers the force MAE at least
+    tenfold."""
+    frames = training_frames()
+    pytest.importorskip("forcecalc.models.spinconv")
+    _overfit(
+        tmp_path,
+        frames,
+        "spinconv",
+        SPINCONV_TINY,
+        max_steps=300,
+        lr=1e-2,
+        batch_size=10,
+        eval_every=300,
+        energy_coefficient=0.1,
+    )
+
+
+def test_energy_centric_spinconv_trains_forces_by_double_backward(tmp_path):
+    """Energy-centric SpinConv: forces are an autograd derivative inside the forward; with a
+    force-only loss, training still moves the parameters (double backward) and lowers the
+    force loss."""
+    frames = training_frames()
+    pytest.importorskip("forcecalc.models.spinconv")
+    kwargs = {**SPINCONV_TINY, "force_estimator": "grad"}
+    config = _config(
+        tmp_path, "spinconv", kwargs, max_steps=6, lr=1e-2, energy_coefficient=0.0, batch_size=5
+    )
+    trainer = Trainer(config, frames[:5], frames[:5])
+    before = {k: v.clone() for k, v in trainer.potential.model.state_dict().items()}
+    first = trainer.evaluate(frames[:5])["force_mae"]
+    trainer.fit()
+    after = trainer.potential.model.state_dict()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert any(k.startswith("distfc1") for k in changed)
+    assert trainer.evaluate(frames[:5])["force_mae"] < first
+
+
+def _resume_config(tmp_path: Path, name: str, max_steps: int) -> TrainConfig:
+    return TrainConfig(
+        model="forcenet",
+        model_kwargs={**FORCENET_TINY, "hidden_channels": 16, "decoder_hidden_channels": 16},
+        out=str(tmp_path / name),
+        device="cpu",
+        progress=False,
+        batch_size=3,
+        val_fraction=0.2,
+        max_steps=max_steps,
+        eval_every=3,
+        checkpoint_every=100,
+        warmup_steps=2,
+        plateau_patience=0,
+        ema_decay=0.9,
+        rotation="auto",
+    )
+
+
+def test_resume_continues_exactly(tmp_path):
+    """2N steps in one run equal N steps, then ``resume`` for N more: same parameters, buffers,
+    optimizer state and metrics history (the data position, augmentation, schedule, moving
+    average and random states are all restored)."""
+    frames = training_frames()
+    n = 7  # crosses an epoch boundary (16 training frames, batch 3: 6 steps per epoch)
+    whole = Trainer(_resume_config(tmp_path, "whole", 2 * n), frames)
+    whole.fit()
+    first = Trainer(_resume_config(tmp_path, "split", n), frames)
+    first.fit()
+    second = Trainer(
+        _resume_config(tmp_path, "split", 2 * n),
+        frames,
+        resume=tmp_path / "split" / "checkpoint.pt",
+    )
+    assert second.step == n
+    second.fit()
+    expected = whole.potential.model.state_dict()
+    got = second.potential.model.state_dict()
+    for key, value in expected.items():
+        torch.testing.assert_close(got[key], value, rtol=1e-6, atol=1e-7, equal_nan=True, msg=key)
+    for a, b in zip(whole.ema.shadow, second.ema.shadow, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert [r["step"] for r in whole.history] == [r["step"] for r in second.history]
+    assert whole.history[-1]["val_force_mae"] == pytest.approx(
+        second.history[-1]["val_force_mae"], rel=1e-5
+    )
+    assert whole.schedule.state_dict() == pytest.approx(second.schedule.state_dict())
+
+
+_KILLER = """
+import os, signal, sys
+import torch
+real_save = torch.save
+calls = [0]
+
+def save(obj, stream, *args, **kwargs):
+    calls[0] += 1
+    if calls[0] == {kill_at}:
+        stream.write(b"half a checkpoint")
+        stream.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_save(obj, stream, *args, **kwargs)
+
+torch.save = save
+torch.set_num_threads(1)
+from forcecalc.train import TrainConfig, Trainer
+config = TrainConfig.from_file(sys.argv[1])
+Trainer(config).fit()
+"""
+
+
+def test_kill_during_checkpoint_write_keeps_previous(tmp_path):
+    """A process killed (SIGKILL) while writing ``checkpoint.pt`` leaves the previous one
+    intact and loadable; the next run removes the half-written temp file and resumes."""
+    frames = training_frames()
+    from ase.io import write
+
+    data = tmp_path / "frames.extxyz"
+    write(data, frames[:8])
+    config = TrainConfig(
+        data=[str(data)],
+        model="forcenet",
+        model_kwargs={**FORCENET_TINY, "hidden_channels": 8, "decoder_hidden_channels": 8},
+        out=str(tmp_path / "run"),
+        device="cpu",
+        progress=False,
+        batch_size=2,
+        val_fraction=0.0,
+        max_steps=8,
+        eval_every=1000,
+        checkpoint_every=2,
+    )
+    config_file = tmp_path / "config.json"
+    config_file.write_text(json.dumps(config.as_dict()))
+    script = tmp_path / "killer.py"
+    script.write_text(textwrap.dedent(_KILLER.format(kill_at=2)))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    process = subprocess.run(
+        [sys.executable, str(script), str(config_file)], env=env, capture_output=True
+    )
+    assert process.returncode == -signal.SIGKILL, process.stderr.decode()[-2000:]
+    state_path = tmp_path / "run" / "checkpoint.pt"
+    leftovers = list(state_path.parent.glob(".checkpoint.pt.*.tmp"))
+    assert leftovers, "the kill should have left the temp file behind"
+    state = torch.load(state_path, weights_only=True)
+    assert state["step"] == 2
+    trainer = Trainer(config, resume=state_path)
+    assert trainer.step == 2
+    assert not list(state_path.parent.glob(".checkpoint.pt.*.tmp"))
+    trainer.fit()
+    assert torch.load(state_path, weights_only=True)["step"] == 8
+
+
+def test_outputs_metrics_and_final_checkpoint(tmp_path):
+    """A run writes metrics.csv/json (energy MAE, force MAE, force cosine, EFwT per
+    evaluation), config.yaml, best.pt and final.pt; final.pt loads with ``load_checkpoint``
+    (forcecalc format, fitted normalizers, metadata) and predicts what the trained model
+    predicts."""
+    frames = training_frames()
+    config = _resume_config(tmp_path, "run", 6)
+    trainer = Trainer(config, frames)
+    summary = trainer.fit()
+    out = tmp_path / "run"
+    rows = json.loads((out / "metrics.json").read_text())
+    assert [r["step"] for r in rows] == [3, 6]
+    for key in ("val_energy_mae", "val_force_mae", "val_force_cos", "val_efwt", "train_loss"):
+        assert key in rows[0]
+    header = (out / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert "val_efwt" in header
+    assert (out / "config.yaml").exists() and (out / "best.pt").exists()
+    potential = load_checkpoint(summary["final"], device="cpu")
+    assert potential.info.source_format == "forcecalc"
+    assert potential.info.normalizers == trainer.potential.info.normalizers
+    meta = potential.info.metadata["training"]
+    assert meta["config"]["max_steps"] == 6
+    assert meta["data"]["train_frames"] == 16
+    assert meta["metrics"]["step"] == 6
+    assert {"device", "torch", "processes"} <= set(meta["hardware"])
+    with trainer.ema.applied():
+        reference = predict(frames[:4], trainer.potential.eval())
+    reloaded = predict(frames[:4], potential)
+    for a, b in zip(reference, reloaded, strict=True):
+        assert a["energy"] == pytest.approx(b["energy"], abs=1e-5)
+        torch.testing.assert_close(a["forces"], b["forces"], atol=1e-5, rtol=1e-5)
