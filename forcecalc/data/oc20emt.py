@@ -428,9 +428,10 @@ def _draw_spec(rng: np.random.Generator, split: str, task: SystemTask) -> System
 
 
 def build_slab(spec: SystemSpec, lattice: Mapping[str, float], rng: np.random.Generator) -> Atoms:
-    """The clean slab of ``spec``: tags 0/1, FixAtoms on tag 0, pbc on all axes, vacuum on top.
+    """The clean slab of ``spec``: tags 0/1, FixAtoms on tag 0, pbc on all axes.
 
-    The bottom two layers are fixed (tag 0), the others are free surface layers (tag 1).
+    The bottom two layers are fixed (tag 0), the others are free surface layers (tag 1). The
+    cell's c axis is normal to the surface, leaving 15 Å of vacuum between periodic images.
     """
     facet = spec.facet
     ppl = _PLANES_PER_LAYER[facet]
@@ -439,10 +440,7 @@ def build_slab(spec: SystemSpec, lattice: Mapping[str, float], rng: np.random.Ge
     raw = surface(spec.bulk.cubic_cell(lattice), _MILLER[facet], n_rep, vacuum=5.0, periodic=True)
     z = raw.positions[:, 2]
     order = np.argsort(-z, kind="stable")
-    gaps = np.flatnonzero(-np.diff(z[order]) > 0.3)
-    plane_of_sorted = np.zeros(len(z), dtype=int)
-    for g in gaps:
-        plane_of_sorted[g + 1 :] += 1
+    plane_of_sorted = np.concatenate([[0], np.cumsum(-np.diff(z[order]) > 0.3)])
     plane = np.empty(len(z), dtype=int)
     plane[order] = plane_of_sorted  # 0 = topmost plane
     keep = (plane >= spec.termination) & (plane < spec.termination + n_planes)
