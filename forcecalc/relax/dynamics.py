@@ -224,8 +224,8 @@ def md(
     """Run ``steps`` MD steps of every structure, many systems per forward pass.
 
     Args:
-        structures: ``ase.Atoms`` with their initial momenta (not modified); FixAtoms is
-            honored, other constraints are refused.
+        structures: ``ase.Atoms`` with their initial momenta (not modified; one ``Atoms`` is
+            taken as a list of one); FixAtoms is honored, other constraints are refused.
         model: a checkpoint name or path, or a loaded potential (see :func:`relax`).
         steps: MD steps per structure.
         timestep: fs.
@@ -259,7 +259,7 @@ def md(
         raise ValueError("Langevin dynamics needs temperature_K")
     if rng not in ("torch", "numpy"):
         raise ValueError(f"rng must be 'torch' or 'numpy', got {rng!r}")
-    structures = list(structures)
+    structures = [structures] if hasattr(structures, "get_positions") else list(structures)
     potential = resolve_potential(model, device, dtype)
     check_structures(structures, potential)
     if not structures:

@@ -131,7 +131,7 @@ def relax(
     their place; on an out-of-memory error the batch is split and nothing is lost.
 
     Args:
-        structures: ``ase.Atoms`` (not modified).
+        structures: ``ase.Atoms`` (not modified); one ``Atoms`` is taken as a list of one.
         model: a checkpoint name or path, or a loaded :class:`~forcecalc.checkpoint.Potential`
             (or any module with its interface: ``cutoff``, ``dtype``, ``forward(batch)``).
         optimizer: ``"fire"``, ``"lbfgs"`` or ``"bfgs"`` (any case).
@@ -154,7 +154,8 @@ def relax(
     Returns:
         The relaxed structures in input order: copies of the inputs with the final positions,
         a ``SinglePointCalculator`` with the final ``energy``/``free_energy`` and (raw)
-        ``forces``, ``info["relax_steps"]`` (steps taken) and ``info["relax_converged"]``.
+        ``forces``, ``info["relax_steps"]`` (steps taken), ``info["relax_converged"]`` and
+        ``info["relax_initial_energy"]`` (eV, before the first step).
     """
     from tqdm.auto import tqdm
 
@@ -162,7 +163,7 @@ def relax(
         raise ValueError(f"fmax must be positive, got {fmax}")
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
-    structures = list(structures)
+    structures = [structures] if hasattr(structures, "get_positions") else list(structures)
     opt = make_optimizer(optimizer, optimizer_options)
     potential = resolve_potential(model, device, dtype)
     check_structures(structures, potential)
@@ -174,6 +175,7 @@ def relax(
     results: list[Any] = [None] * len(structures)
     frames: dict[int, list] = {}
     taken: list[int] = []
+    initial: list[float] = []
     edge_counts: dict[int, int] = {}
     queue = list(range(len(structures)))[::-1]
     bar = tqdm(total=len(structures), disable=not progress, desc="relax", unit="structure")
@@ -183,6 +185,8 @@ def relax(
             opt.add(systems.natoms[-admitted:])
             taken.extend([0] * admitted)
         energy, raw_forces = evaluate(systems)
+        if admitted:
+            initial.extend(energy[-admitted:].tolist())
         forces = systems.constrained_forces(raw_forces)
         converged = systems.max_force(forces) < fmax
         done = converged | torch.as_tensor([n >= steps for n in taken], device=device_)
@@ -190,9 +194,11 @@ def relax(
             _record(systems, structures, energy, raw_forces, frames)
         done_host = done.tolist()
         if any(done_host):
-            _finish(systems, structures, energy, raw_forces, done, converged, taken, results)
-            for index in [i for i, d in zip(systems.ids, done_host, strict=True) if d]:
-                if trajectory:
+            _finish(
+                systems, structures, energy, raw_forces, done, converged, taken, initial, results
+            )
+            if trajectory:
+                for index in [i for i, d in zip(systems.ids, done_host, strict=True) if d]:
                     results[index].info["trajectory"] = frames.pop(index)
             bar.update(sum(done_host))
             keep = ~done
@@ -200,6 +206,7 @@ def relax(
             opt.keep(keep, atom_keep)
             forces = forces[atom_keep]
             taken = [n for n, d in zip(taken, done_host, strict=True) if not d]
+            initial = [e for e, d in zip(initial, done_host, strict=True) if not d]
         if systems.n_systems:
             systems.positions = systems.positions + opt.step(systems, forces)
             taken = [n + 1 for n in taken]
@@ -244,8 +251,10 @@ def _finish(
     done: Tensor,
     converged: Tensor,
     taken: list[int],
+    initial: list[float],
     results: list,
 ) -> None:
+    """Store the finished systems (``done`` ``[S]``) in ``results`` as ``ase.Atoms``."""
     positions, force_list = _split(systems.positions, systems), _split(forces, systems)
     energies, flags, done_host = energy.cpu().tolist(), converged.tolist(), done.tolist()
     for k, index in enumerate(systems.ids):
@@ -254,4 +263,5 @@ def _finish(
         atoms = _snapshot(structures[index], positions[k], energies[k], force_list[k])
         atoms.info["relax_steps"] = int(taken[k])
         atoms.info["relax_converged"] = bool(flags[k])
+        atoms.info["relax_initial_energy"] = float(initial[k])
         results[index] = atoms

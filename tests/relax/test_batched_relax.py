@@ -189,17 +189,24 @@ def test_skin_does_not_change_results(skin):
 
 def test_steps_limit_and_zero_steps():
     """Contract: ``steps`` caps the steps as ASE's ``run(steps=...)`` does (unconverged flag,
-    same positions as ASE after that many steps); steps=0 only evaluates."""
+    same positions as ASE after that many steps); steps=0 only evaluates (and one Atoms
+    instead of a list gives a list of one)."""
     atoms = rattled_slab(3)
     potential = morse_potential()
     [limited] = relax([atoms], potential, optimizer="bfgs", steps=4)
     reference = atoms.copy()
     reference.calc = load_calculator(potential)
+    initial = reference.get_potential_energy()
     optimizer = BFGS(reference, logfile=None)
     assert not optimizer.run(fmax=0.05, steps=4)
-    assert limited.info == {**atoms.info, "relax_steps": 4, "relax_converged": False}
+    assert limited.info == {
+        **atoms.info,
+        "relax_steps": 4,
+        "relax_converged": False,
+        "relax_initial_energy": pytest.approx(initial, abs=1e-12),
+    }
     np.testing.assert_allclose(limited.positions, reference.positions, atol=1e-9)
-    [untouched] = relax([atoms], potential, steps=0)
+    [untouched] = relax(atoms, potential, steps=0)  # one Atoms: a list of one
     assert untouched.info["relax_steps"] == 0
     assert np.array_equal(untouched.positions, atoms.positions)
     assert untouched.get_potential_energy() == pytest.approx(
