@@ -19,7 +19,7 @@ ROTATIONS = ("none", "z", "3d", "auto")
 OPTIMIZERS = ("adam", "adamw")
 SCHEDULERS = ("plateau", "cosine", "constant")
 NORMALIZER_MODES = ("auto", "fit", "keep")
-MONITORED = ("force_mae", "energy_mae", "efwt")
+MONITORED = ("forces_mae", "energy_mae", "efwt")
 
 
 #: Help text of every option (also the CLI flag's help).
@@ -117,7 +117,7 @@ class TrainConfig:
     amp: bool = False
     normalizers: str = "auto"
     normalizer_frames: int = 10000
-    monitor: str = "force_mae"
+    monitor: str = "forces_mae"
     # run
     out: str = "run"
     device: str | None = None

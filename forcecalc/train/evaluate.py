@@ -9,14 +9,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from forcecalc import metrics
 from forcecalc.checkpoint import Normalizers
 from forcecalc.train.data import Collater, IndexedFrames, SubsetFrames, shard
 from forcecalc.train.distributed import DistInfo, all_gather_objects
-
-#: OC20's EFwT thresholds: energy error below 0.02 eV and every force component error below
-#: 0.03 eV/Å (free atoms).
-EFWT_ENERGY = 0.02
-EFWT_FORCES = 0.03
 
 
 @dataclass
@@ -42,29 +38,6 @@ class Predictions:
         return cls(
             *(np.concatenate([getattr(p, name) for p in parts]) for name in cls.__annotations__)
         )
-
-
-def _s2ef_metrics(pred: Predictions, free_only: bool = True) -> dict[str, float]:
-    """Energy MAE (eV), force MAE (eV/Å, per component), force cosine (mean over atoms) and
-    EFwT (fraction of systems within both thresholds), forces over free atoms only when
-    ``free_only`` (OC20's convention)."""
-    system = np.repeat(np.arange(len(pred.natoms)), pred.natoms)
-    mask = pred.free if free_only else np.ones(len(pred.free), dtype=bool)
-    forces, target, system = pred.forces[mask], pred.forces_target[mask], system[mask]
-    error = np.abs(forces - target)
-    dot = (forces * target).sum(axis=1)
-    norms = np.linalg.norm(forces, axis=1) * np.linalg.norm(target, axis=1)
-    cosine = dot / np.maximum(norms, 1e-8)
-    max_error = np.zeros(len(pred.natoms))
-    np.maximum.at(max_error, system, error.max(axis=1) if len(error) else error)
-    energy_error = np.abs(pred.energy - pred.energy_target)
-    within = (energy_error < EFWT_ENERGY) & (max_error < EFWT_FORCES)
-    return {
-        "energy_mae": float(energy_error.mean()),
-        "force_mae": float(error.mean()) if len(error) else 0.0,
-        "force_cos": float(cosine.mean()) if len(cosine) else 0.0,
-        "efwt": float(within.mean()),
-    }
 
 
 def predict_frames(
@@ -116,6 +89,14 @@ def _empty() -> Predictions:
     )
 
 
-def s2ef_metrics(pred: Predictions, free_only: bool = True) -> dict[str, float]:
-    """The S2EF metrics of the papers (see :func:`_s2ef_metrics`)."""
-    return _s2ef_metrics(pred, free_only)
+def s2ef_metrics(pred: Predictions) -> dict[str, float]:
+    """OC20's S2EF metrics (:func:`forcecalc.metrics.s2ef_metrics`): ``energy_mae`` (eV),
+    ``forces_mae`` (eV/Å), ``forces_cos``, ``efwt``; forces over free atoms."""
+    return metrics.s2ef_metrics(
+        pred.energy,
+        pred.energy_target,
+        pred.forces,
+        pred.forces_target,
+        pred.natoms,
+        fixed=~pred.free,
+    )

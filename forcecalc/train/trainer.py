@@ -472,7 +472,7 @@ class Trainer:
         return {
             "train_loss": sums[0] / max(steps, 1),
             "train_energy_mae": sums[1] / max(sums[2], 1.0),
-            "train_force_mae": sums[3] / max(sums[4], 1.0),
+            "train_forces_mae": sums[3] / max(sums[4], 1.0),
         }
 
     def _evaluate(self, step_schedule: bool) -> dict[str, Any]:

@@ -39,9 +39,9 @@ def _config(tmp_path: Path, model: str, kwargs: dict, **changes) -> TrainConfig:
 def _overfit(tmp_path: Path, frames: list, model: str, kwargs: dict, **changes) -> None:
     config = _config(tmp_path, model, kwargs, **changes)
     trainer = Trainer(config, frames, frames)
-    before = trainer.evaluate(frames)["force_mae"]
+    before = trainer.evaluate(frames)["forces_mae"]
     summary = trainer.fit()
-    after = summary["metrics"]["val_force_mae"]
+    after = summary["metrics"]["val_forces_mae"]
     assert after < before / 10, (before, after)
 
 
@@ -83,12 +83,12 @@ def test_energy_centric_spinconv_trains_forces_by_double_backward(tmp_path):
     )
     trainer = Trainer(config, frames[:5], frames[:5])
     before = {k: v.clone() for k, v in trainer.potential.model.state_dict().items()}
-    first = trainer.evaluate(frames[:5])["force_mae"]
+    first = trainer.evaluate(frames[:5])["forces_mae"]
     trainer.fit()
     after = trainer.potential.model.state_dict()
     changed = [k for k in before if not torch.equal(before[k], after[k])]
     assert any(k.startswith("distfc1") for k in changed)
-    assert trainer.evaluate(frames[:5])["force_mae"] < first
+    assert trainer.evaluate(frames[:5])["forces_mae"] < first
 
 
 def _resume_config(tmp_path: Path, name: str, max_steps: int) -> TrainConfig:
@@ -134,8 +134,8 @@ def test_resume_continues_exactly(tmp_path):
     for a, b in zip(whole.ema.shadow, second.ema.shadow, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     assert [r["step"] for r in whole.history] == [r["step"] for r in second.history]
-    assert whole.history[-1]["val_force_mae"] == pytest.approx(
-        second.history[-1]["val_force_mae"], rel=1e-5
+    assert whole.history[-1]["val_forces_mae"] == pytest.approx(
+        second.history[-1]["val_forces_mae"], rel=1e-5
     )
     assert whole.schedule.state_dict() == pytest.approx(second.schedule.state_dict())
 
@@ -216,7 +216,7 @@ def test_outputs_metrics_and_final_checkpoint(tmp_path):
     out = tmp_path / "run"
     rows = json.loads((out / "metrics.json").read_text())
     assert [r["step"] for r in rows] == [3, 6]
-    for key in ("val_energy_mae", "val_force_mae", "val_force_cos", "val_efwt", "train_loss"):
+    for key in ("val_energy_mae", "val_forces_mae", "val_forces_cos", "val_efwt", "train_loss"):
         assert key in rows[0]
     header = (out / "metrics.csv").read_text().splitlines()[0].split(",")
     assert "val_efwt" in header
