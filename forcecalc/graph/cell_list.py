@@ -2,32 +2,40 @@
 
 :func:`batched_cell_list` finds, for every system of a batch at once, exactly the pairs of
 ``ase.neighborlist.neighbor_list("ijS", atoms, cutoff)``.  The steps, all vectorized over the
-atoms of every system:
+atoms (and systems) of a batch:
 
-1. **Frame.**  Each system gets a full-rank ``frame``: its periodic cell vectors, completed by
-   orthonormal vectors spanning the complement of the periodic ones on the non-periodic axes
-   (so zero or arbitrary cell vectors on non-periodic axes are fine).  Fractional
-   coordinates ``f = x @ inv(frame)``: along periodic axes in units of the cell vector, along
-   non-periodic axes in Å.
-2. **Wrap.**  Along periodic axes the atoms are moved into ``[0, 1)`` by an integer lattice
+1. **Reduce.**  The periodic cell vectors are replaced by a pairwise-reduced basis of the same
+   lattice (:func:`_reduce`), so strongly skewed cells get compact bins; the shifts are
+   converted back to the given cell at the end.
+2. **Frame.**  Each system gets a full-rank ``frame``: its periodic (reduced) vectors,
+   completed on the non-periodic axes by orthonormal vectors orthogonal to them (so zero or
+   arbitrary cell vectors on non-periodic axes are fine).  Fractional coordinates
+   ``f = x @ inv(frame)`` are in units of the cell vector along periodic axes, in Å along
+   non-periodic ones.
+3. **Wrap.**  Along periodic axes the atoms are moved into ``[0, 1)`` by an integer lattice
    translation ``wrap`` (remembered, to correct the shifts at the end).
-3. **Reach.**  A pair closer than ``cutoff`` differs by less than ``reach[a] = cutoff * |b_a|``
-   in fractional coordinate ``a`` (``b_a`` is column ``a`` of ``inv(frame)``, and
-   ``1 / |b_a|`` is the distance between the lattice planes of axis ``a``).
-4. **Images.**  Every atom gets the periodic images ``f + S`` (integer ``S``, zero on
+4. **Reach.**  A pair closer than ``cutoff`` differs by less than ``reach[a] = cutoff * |b_a|``
+   in fractional coordinate ``a`` (``b_a`` is column ``a`` of ``inv(frame)``; ``1 / |b_a|`` is
+   the distance between the lattice planes of axis ``a``).
+5. **Images.**  Every atom gets the periodic images ``f + S`` (integer ``S``, zero on
    non-periodic axes) whose periodic coordinates lie within ``reach`` of the cell
-   ``[0, 1)``: the only images within ``cutoff`` of an atom in the cell.  Small cells
-   (``reach > 1``) simply get more images per axis.
-5. **Bins.**  The images are binned on a grid over each system's region (periodic axes:
+   ``[0, 1)``: the only images within ``cutoff`` of an atom of the cell.  Cells smaller than
+   the cutoff (``reach > 1``) simply get more images per axis.
+6. **Bins.**  The images are binned on a grid over each system's region (periodic axes:
    ``(-reach, 1 + reach)``; non-periodic axes: the atoms' bounding box), with bins at least
-   ``reach`` wide, so an atom's neighbors lie in the 27 bins around its own.  A bin's key is
-   ``(system, bx, by, bz)`` flattened to one int64; the images are sorted by key.
-6. **Pairs.**  Each atom (a target) scans the 27 bins around its own: bin ranges come from
-   ``searchsorted`` on the sorted keys, candidate pairs from ``repeat_interleave``, and the
-   pairs closer than ``cutoff`` (float64) are kept, except an atom's zero-shift self pair.
+   ``reach / DIVISIONS`` wide, so an atom's neighbors lie within ``DIVISIONS`` bins of its
+   own.  A bin's key is ``(system, bx, by, bz)`` flattened to one int64; the images are
+   sorted by key.
+7. **Pairs.**  The targets are the atoms' zero-shift images.  Around each, the bins within
+   ``DIVISIONS`` form ``(2 DIVISIONS + 1)^2`` runs of consecutive keys, each one range of
+   sorted images (from a table of bin starts, or binary searches for sparse grids).  The
+   candidate pairs come from ``repeat_interleave`` over these ranges; those closer than
+   ``cutoff`` (float64) are kept, except each atom's zero-shift self pair.
 
-The images and candidate pairs are ``O(n_atoms)`` for a fixed density and cutoff; the
-candidates are processed in chunks of at most :data:`MAX_CANDIDATES` to bound memory.
+The images and candidates are ``O(n_atoms)`` for a fixed density and cutoff (about 3.7
+candidates per pair in dense bulk); the sort makes the whole ``O(n log n)``.  Candidates are
+processed in chunks of about :data:`MAX_CANDIDATES` (small enough to stay in the CPU cache)
+to bound memory.
 """
 
 from __future__ import annotations
@@ -71,7 +79,7 @@ def batched_cell_list(
     ``positions[j] - positions[i] + shifts @ cell[system]`` is shorter than ``cutoff``.
     An atom's periodic images are edges; its zero-shift self pair is not.  Edges are grouped
     by target (in the order of the bins, deterministic).  The search runs in float64 whatever
-    the input dtype.
+    the input dtype.  Inputs are not checked (:func:`~forcecalc.graph.radius_graph` does).
 
     Args:
         positions: ``[n_atoms, 3]`` Cartesian positions (Å); atoms may lie outside the cell.
@@ -100,10 +108,7 @@ def batched_cell_list(
     inverse = torch.linalg.inv(_frame(lattice, pbc))
     reach = cutoff * torch.linalg.norm(inverse, dim=1) * (1 + _REACH_MARGIN)
     periodic = pbc[system_idx]
-    frac = torch.einsum("ni,nij->nj", pos, inverse[system_idx])
-    wrap = torch.where(periodic, torch.floor(frac), 0.0)
-    frac = frac - wrap
-    pos = pos - torch.einsum("na,nab->nb", wrap, lattice[system_idx])
+    pos, frac, wrap = _wrap(pos, lattice, inverse, pbc, system_idx)
 
     image_atom, image_shift = _images(frac, reach[system_idx], periodic)
     image_system = system_idx[image_atom]
@@ -119,7 +124,7 @@ def batched_cell_list(
     # offset[source image] - offset[target image] (a target image has S = 0), with the
     # offsets converted from the reduced lattice to the cell: S @ lattice = (S @ basis) @ cell.
     image_xyz = image_pos.T.contiguous()
-    offset = image_shift - wrap.to(torch.int64)[image_atom]
+    offset = image_shift - wrap[image_atom]
     image_offset = (offset.unsqueeze(2) * basis[image_system]).sum(dim=1).T.contiguous()
     # The targets are the atoms themselves: their zero-shift images, in bin order.
     target_image = torch.nonzero((image_shift == 0).all(dim=1)).flatten()
@@ -172,9 +177,24 @@ def wrap_positions(
     pos = positions.detach().to(torch.float64)
     cell = cell.detach().to(device=pos.device, dtype=torch.float64)
     pbc = pbc.to(device=pos.device, dtype=torch.bool)
-    inverse = torch.linalg.inv(_frame(cell, pbc))[system_idx]
-    wrap = torch.where(pbc[system_idx], torch.floor(torch.einsum("ni,nij->nj", pos, inverse)), 0.0)
-    return pos - torch.einsum("na,nab->nb", wrap, cell[system_idx]), wrap.to(torch.int64)
+    inverse = torch.linalg.inv(_frame(cell, pbc))
+    wrapped, _, wrap = _wrap(pos, cell, inverse, pbc, system_idx)
+    return wrapped, wrap
+
+
+def _wrap(
+    pos: Tensor, cell: Tensor, inverse: Tensor, pbc: Tensor, system_idx: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Wrap float64 positions ``[n, 3]`` along periodic axes (``inverse``: of the frames).
+
+    Returns:
+        ``(wrapped, frac, wrap)``: ``[n, 3]`` wrapped positions, their fractional coordinates
+        in the frame and the int64 ``wrap`` with ``wrapped = pos - wrap @ cell[system]``.
+    """
+    frac = torch.einsum("ni,nij->nj", pos, inverse[system_idx])
+    wrap = torch.where(pbc[system_idx], torch.floor(frac), 0.0)
+    wrapped = pos - torch.einsum("na,nab->nb", wrap, cell[system_idx])
+    return wrapped, frac - wrap, wrap.to(torch.int64)
 
 
 def _reduce(cell: Tensor, pbc: Tensor, max_sweeps: int = 100) -> tuple[Tensor, Tensor]:

@@ -70,8 +70,16 @@ def edge_vectors(
         ``[n_edges, 3]``.
     """
     source, target = edge_index[0], edge_index[1]
-    offsets = torch.einsum("ek,ekl->el", shifts.to(positions.dtype), cell[system_idx[target]])
-    return positions[source] - positions[target] + offsets
+    shifts = shifts.to(positions.dtype)
+    if cell.shape[0] == 1:
+        offsets = shifts @ cell[0]
+    else:
+        offsets = torch.einsum("ek,ekl->el", shifts, cell[system_idx[target]])
+    # Gathering the three coordinate columns is several times faster on the CPU than rows.
+    differences = [
+        column.index_select(0, source) - column.index_select(0, target) for column in positions.T
+    ]
+    return torch.stack(differences, dim=1) + offsets
 
 
 #: Periodic cell vectors whose normalized volume (volume spanned by the unit vectors along

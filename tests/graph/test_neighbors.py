@@ -232,6 +232,20 @@ def test_unwrapped_positions(backend: str) -> None:
     )
 
 
+@pytest.mark.parametrize("pbc", [(True, True, True), (True, True, False)])
+def test_extremely_skewed_cell(pbc: tuple[bool, bool, bool]) -> None:
+    """A cell with vectors at a few degrees (shears of 12 and 30 cell lengths): ASE's pairs.
+
+    The torch cell list reduces such a lattice before binning; the shifts refer to the given
+    cell.
+    """
+    cell = np.array([[4.0, 0.0, 0.0], [48.3, 4.2, 0.0], [121.0, 1.7, 4.5]])
+    rng = np.random.default_rng(11)
+    atoms = Atoms("H12", positions=rng.random((12, 3)) @ cell, cell=cell, pbc=pbc)
+    for backend in BACKENDS:
+        assert_matches_ase(atoms, 5.5, backend, backend)
+
+
 def test_non_periodic_axis_outside_cell() -> None:
     """Atoms far outside the cell along non-periodic axes (both backends agree with ASE)."""
     atoms = fcc111("Cu", (2, 2, 3), vacuum=5.0)
