@@ -63,10 +63,10 @@ def test_spinconv_overfits(tmp_path):
         frames,
         "spinconv",
         SPINCONV_TINY,
-        max_steps=300,
+        max_steps=450,
         lr=1e-2,
         batch_size=10,
-        eval_every=300,
+        eval_every=450,
         energy_coefficient=0.1,
     )
 

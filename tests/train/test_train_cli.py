@@ -1,0 +1,96 @@
+"""The training config file and the ``train`` / ``finetune`` subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import fields
+
+import pytest
+import torch
+import yaml
+from ase.io import write
+from train_fixtures import FORCENET_TINY, ocp_checkpoint, one_thread, training_frames  # noqa: F401
+
+from forcecalc.train.cli import add_train_commands, build_config
+from forcecalc.train.config import TrainConfig
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="forcecalc")
+    add_train_commands(parser.add_subparsers(dest="command"))
+    return parser
+
+
+def test_every_option_is_a_flag():
+    """Each config option has a ``--flag`` on ``train`` and on ``finetune`` (which takes the
+    starting checkpoint as its argument instead of ``--init-checkpoint``)."""
+    parser = _parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for command in ("train", "finetune"):
+        dests = {action.dest for action in subparsers.choices[command]._actions}
+        missing = {f.name for f in fields(TrainConfig)} - dests
+        assert missing == (set() if command == "train" else {"init_checkpoint"}), command
+
+
+def test_config_file_and_flags(tmp_path):
+    """Values come from the defaults, then (finetune) a lower learning rate, then the YAML or
+    JSON file, then the flags; unknown options and invalid choices are errors."""
+    config_file = tmp_path / "cfg.yaml"
+    config_file.write_text(yaml.safe_dump({"batch_size": 4, "model_kwargs": {"cutoff": 5.0}}))
+    args = _parser().parse_args(
+        ["train", "--config", str(config_file), "--batch-size", "16", "--no-amsgrad",
+         "--clip-grad-norm", "none", "--data", "a.h5", "b.extxyz"]
+    )  # fmt: skip
+    config, resume = build_config(args)
+    assert resume is None
+    assert config.batch_size == 16 and config.model_kwargs == {"cutoff": 5.0}
+    assert config.amsgrad is False and config.clip_grad_norm is None
+    assert config.data == ["a.h5", "b.extxyz"]
+    args = _parser().parse_args(["finetune", "ckpt.pt", "--data", "a.h5"])
+    assert build_config(args, base={"lr": 1e-4})[0].lr == 1e-4
+    json_file = tmp_path / "cfg.json"
+    json_file.write_text(json.dumps({"lr": 3e-4}))
+    assert TrainConfig.from_file(json_file).lr == 3e-4
+    with pytest.raises(ValueError, match="unknown training option"):
+        TrainConfig.from_dict({"learning_rate": 1.0})
+    with pytest.raises(ValueError, match="force_loss must be one of"):
+        TrainConfig(force_loss="huber")
+
+
+def test_train_then_resume_from_the_command_line(tmp_path, capsys):
+    """``forcecalc train`` trains on a file and writes ``final.pt``; ``--resume`` with a larger
+    ``--max-steps`` continues the same run (its own options) from ``checkpoint.pt``."""
+    data = tmp_path / "frames.extxyz"
+    write(data, training_frames()[:6])
+    out = tmp_path / "run"
+    kwargs = json.dumps({**FORCENET_TINY, "hidden_channels": 8, "decoder_hidden_channels": 8})
+    args = _parser().parse_args(
+        ["train", "--data", str(data), "--model", "forcenet", "--model-kwargs", kwargs,
+         "--out", str(out), "--device", "cpu", "--batch-size", "2", "--max-steps", "2",
+         "--val-fraction", "0.34", "--no-progress"]
+    )  # fmt: skip
+    assert args.func(args) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["step"] == 2 and "val_forces_mae" in printed
+    assert (out / "final.pt").exists()
+    args = _parser().parse_args(["train", "--resume", "--out", str(out), "--max-steps", "4"])
+    assert args.func(args) == 0
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert state["step"] == 4 and state["config"]["batch_size"] == 2
+
+
+def test_finetune_from_the_command_line(tmp_path):
+    """``forcecalc finetune CHECKPOINT --freeze-except BLOCK`` fine-tunes an OCP checkpoint."""
+    data = tmp_path / "frames.extxyz"
+    write(data, training_frames()[:4])
+    out = tmp_path / "ft"
+    args = _parser().parse_args(
+        ["finetune", str(ocp_checkpoint("forcenet_small")), "--data", str(data),
+         "--freeze-except", "decoder", "--out", str(out), "--device", "cpu",
+         "--batch-size", "2", "--max-steps", "1", "--val-fraction", "0", "--no-progress"]
+    )  # fmt: skip
+    assert args.func(args) == 0
+    saved = torch.load(out / "final.pt", weights_only=True)
+    assert saved["metadata"]["training"]["config"]["freeze_except"] == ["decoder"]
+    assert saved["metadata"]["training"]["config"]["lr"] == 1e-4
