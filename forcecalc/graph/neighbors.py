@@ -158,6 +158,7 @@ def _vesin_graph(
     # vesin can be very slow for atoms many cells away along periodic axes (mixed pbc):
     # search on wrapped positions and correct the shifts, S = S_wrapped - wrap_j + wrap_i.
     wrapped, wrap = wrap_positions(positions, cell, pbc, system_idx)
+    moved = bool(wrap.any())
     cell = cell.detach().to(torch.float64)
     sources, targets, shifts = [], [], []
     for s in range(n_systems):
@@ -165,18 +166,28 @@ def _vesin_graph(
         if hi == lo:
             continue
         i, j, shift = calculator.compute(wrapped[lo:hi], cell[s], pbc[s], "ijS", copy=True)
-        i, j = i.to(torch.int64) + lo, j.to(torch.int64) + lo
+        i, j, shift = i.to(torch.int64), j.to(torch.int64), shift.to(torch.int64)
+        if lo:
+            i += lo
+            j += lo
+        if moved:
+            shift += wrap.index_select(0, i) - wrap.index_select(0, j)
         targets.append(i)
         sources.append(j)
-        shifts.append(shift.to(torch.int64) - wrap[j] + wrap[i])
+        shifts.append(shift)
     device = positions.device
     if not sources:
         return (
             torch.zeros(2, 0, dtype=torch.int64, device=device),
             torch.zeros(0, 3, dtype=torch.int64, device=device),
         )
-    edge_index = torch.stack([torch.cat(sources), torch.cat(targets)]).to(device)
-    return edge_index, torch.cat(shifts).to(device)
+    edge_index = torch.stack([_concat(sources), _concat(targets)]).to(device)
+    return edge_index, _concat(shifts).to(device)
+
+
+def _concat(tensors: list[Tensor]) -> Tensor:
+    """``torch.cat`` without the copy of a single tensor."""
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
 
 
 def radius_graph(
