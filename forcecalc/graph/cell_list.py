@@ -34,8 +34,8 @@ atoms (and systems) of a batch:
 
 The images and candidates are ``O(n_atoms)`` for a fixed density and cutoff (about 3.7
 candidates per pair in dense bulk); the sort makes the whole ``O(n log n)``.  Candidates are
-processed in chunks of about :data:`MAX_CANDIDATES` (small enough to stay in the CPU cache)
-to bound memory.
+processed in chunks of about :data:`MAX_CANDIDATES` (small enough to stay in the CPU cache;
+:data:`MAX_CANDIDATES_GPU` on a GPU) to bound memory.
 """
 
 from __future__ import annotations
@@ -45,8 +45,10 @@ from itertools import pairwise
 import torch
 from torch import Tensor
 
-#: Candidate pairs generated at once (memory is about 100 bytes per candidate).
+#: Candidate pairs generated at once on the CPU (about 100 bytes each; cache-sized chunks
+#: are fastest there) and on a GPU (larger chunks mean fewer kernel launches).
 MAX_CANDIDATES = 1 << 18
+MAX_CANDIDATES_GPU = 1 << 22
 
 #: Bins per axis and system at most (bounds the int64 bin keys; wider bins stay correct).
 MAX_BINS_PER_AXIS = 1 << 15
@@ -132,7 +134,8 @@ def batched_cell_list(
         image_bins[target_image], image_system[target_image], image_key
     )
     columns: list[list[Tensor]] = [[] for _ in range(5)]
-    for lo, hi in _chunks(count.sum(dim=1)):
+    chunk = MAX_CANDIDATES if device.type == "cpu" else MAX_CANDIDATES_GPU
+    for lo, hi in _chunks(count.sum(dim=1), chunk):
         image, target = _candidates(start[lo:hi], count[lo:hi], target_image[lo:hi])
         squared = _squared_distances(image_xyz, image, target)
         keep = torch.nonzero((squared < cutoff * cutoff) & (image != target)).flatten()
@@ -360,19 +363,20 @@ class _Grid:
         return start, torch.where(inside, end - start, 0)
 
 
-def _chunks(per_target: Tensor) -> list[tuple[int, int]]:
-    """Split targets into ranges of about :data:`MAX_CANDIDATES` candidates.
+def _chunks(per_target: Tensor, size: int) -> list[tuple[int, int]]:
+    """Split targets into ranges of about ``size`` candidates.
 
     Args:
         per_target: ``[n_targets]`` int64 candidates of each target.
+        size: candidates per range.
 
     Returns:
         ``(lo, hi)`` target ranges covering ``0 .. n_targets``; a range holds at most
-        ``MAX_CANDIDATES`` plus the candidates of its first target.
+        ``size`` plus the candidates of its first target.
     """
     total = torch.cumsum(per_target, 0)
-    n_chunks = int(total[-1]) // MAX_CANDIDATES + 1
-    limits = torch.arange(1, n_chunks, device=total.device) * MAX_CANDIDATES
+    n_chunks = int(total[-1]) // size + 1
+    limits = torch.arange(1, n_chunks, device=total.device) * size
     cuts = torch.searchsorted(total, limits, right=True).tolist()
     return list(pairwise(sorted({0, *cuts, len(per_target)})))
 
