@@ -310,7 +310,9 @@ class Trainer:
     # ---------------------------------------------------------------------------------------
     # one step
 
-    def _train_step(self, batch: TrainBatch) -> None:
+    def train_step(self, batch: TrainBatch) -> None:
+        """One optimisation step on a collated batch (this process's share of the global
+        batch): augmentation, loss, backward, gradient averaging, clipping, update, average."""
         config = self.config
         batch = batch.to(self.device, self.dtype)
         graph, forces = batch.graph, batch.forces
@@ -393,7 +395,7 @@ class Trainer:
             while self.step < self.total_steps:
                 self.plan.set_epoch(self.epoch, self.batch_in_epoch)
                 for batch in self.loader:
-                    self._train_step(batch)
+                    self.train_step(batch)
                     self.step += 1
                     self.batch_in_epoch += 1
                     self.elapsed = elapsed_before + time.perf_counter() - started

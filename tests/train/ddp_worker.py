@@ -1,6 +1,10 @@
-"""One process of the 2-process gloo test (``test_train_ddp.py``): reads the run's config and
-frames, trains, and lets rank 0 write the training state.  Started with torchrun's variables
-(``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``)."""
+"""One process of the 2-process gloo test (``test_train_ddp.py``): trains every run named on
+the command line, one after the other, in the same process group; rank 0 writes each run's
+training state.  Started with torchrun's variables (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
+``MASTER_ADDR``, ``MASTER_PORT``).
+
+Usage: ``python ddp_worker.py FRAMES CONFIG [CONFIG ...]``
+"""
 
 from __future__ import annotations
 
@@ -13,12 +17,13 @@ from ase.io import read
 from forcecalc.train import TrainConfig, Trainer
 
 
-def main(config_path: str, frames_path: str) -> None:
+def main(frames_path: str, *config_paths: str) -> None:
     torch.set_num_threads(1)
     frames = read(frames_path, index=":")
-    Trainer(TrainConfig.from_file(config_path), frames, []).fit()
+    for path in config_paths:
+        Trainer(TrainConfig.from_file(path), frames, []).fit()
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    main(*sys.argv[1:])

@@ -3,6 +3,7 @@ batch."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import socket
@@ -43,63 +44,73 @@ def _config(out: Path, model: str, kwargs: dict, batch_size: int) -> TrainConfig
     )
 
 
-def _launch(tmp_path: Path, runs: list[tuple[Path, Path]]) -> None:
-    """Start 2 worker processes per run (all runs at once) and wait for them."""
+MODELS = {
+    "forcenet-batchnorm": (
+        "forcenet",
+        {**FORCENET_TINY, "hidden_channels": 16, "decoder_hidden_channels": 16},
+    ),
+    "spinconv-energy-centric": ("spinconv", {**SPINCONV_TINY, "force_estimator": "grad"}),
+}
+
+
+@pytest.fixture(scope="module")
+def ddp_runs(tmp_path_factory) -> Path:
+    """Both models trained by 2 gloo worker processes (one launch: startup is the slow part).
+
+    Returns:
+        The folder holding ``frames.extxyz`` and one output folder per model.
+    """
+    folder = tmp_path_factory.mktemp("ddp")
+    frames_path = folder / "frames.extxyz"
+    write(frames_path, training_frames()[:8])
+    configs = []
+    for name, (model, kwargs) in MODELS.items():
+        if model == "spinconv" and importlib.util.find_spec("forcecalc.models.spinconv") is None:
+            continue
+        path = folder / f"{name}.json"
+        path.write_text(json.dumps(_config(folder / name, model, kwargs, 2).as_dict()))
+        configs.append(str(path))
     root = Path(__file__).resolve().parents[2]
+    port = _free_port()
     processes = []
-    for config_path, frames_path in runs:
-        port = _free_port()
-        for rank in range(2):
-            env = {
-                **os.environ,
-                "PYTHONPATH": str(root),
-                "MASTER_ADDR": "127.0.0.1",
-                "MASTER_PORT": str(port),
-                "WORLD_SIZE": "2",
-                "RANK": str(rank),
-                "LOCAL_RANK": str(rank),
-                "OMP_NUM_THREADS": "1",
-            }
-            processes.append(
-                subprocess.Popen(
-                    [sys.executable, str(WORKER), str(config_path), str(frames_path)],
-                    env=env,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.STDOUT,
-                )
+    for rank in range(2):
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(root),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "WORLD_SIZE": "2",
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "OMP_NUM_THREADS": "1",
+        }
+        processes.append(
+            subprocess.Popen(
+                [sys.executable, str(WORKER), str(frames_path), *configs],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
             )
+        )
     for process in processes:
         output, _ = process.communicate(timeout=300)
         assert process.returncode == 0, output.decode()[-3000:]
+    return folder
 
 
-@pytest.mark.parametrize(
-    ("model", "kwargs"),
-    [
-        ("forcenet", {**FORCENET_TINY, "hidden_channels": 16, "decoder_hidden_channels": 16}),
-        ("spinconv", {**SPINCONV_TINY, "force_estimator": "grad"}),
-    ],
-    ids=["forcenet-batchnorm", "spinconv-energy-centric"],
-)
-def test_two_gloo_processes_equal_one(tmp_path, model, kwargs):
+@pytest.mark.parametrize("name", list(MODELS))
+def test_two_gloo_processes_equal_one(ddp_runs, name):
     """2 processes with 2 frames each per step (gloo, CPU, float64) end with the parameters,
     batch-norm statistics and optimizer moments of 1 process with 4 frames per step: the loss
     is normalized over the global batch, gradients are averaged, batch-norm statistics are
     computed over both processes, and rotations are a function of the frame."""
-    frames = training_frames()
+    model, kwargs = MODELS[name]
     if model == "spinconv":
         pytest.importorskip("forcecalc.models.spinconv")
-    frames_path = tmp_path / "frames.extxyz"
-    write(frames_path, frames[:8])
-    config = _config(tmp_path / "ddp", model, kwargs, batch_size=2)
-    config_path = tmp_path / "config.json"
-    config_path.write_text(json.dumps(config.as_dict()))
-    _launch(tmp_path, [(config_path, frames_path)])
-
-    same_frames = read(frames_path, index=":")  # the workers' frames, to the last digit
-    single = Trainer(_config(tmp_path / "single", model, kwargs, batch_size=4), same_frames, [])
+    same_frames = read(ddp_runs / "frames.extxyz", index=":")  # the workers' frames, exactly
+    single = Trainer(_config(ddp_runs / f"{name}-single", model, kwargs, 4), same_frames, [])
     single.fit()
-    state = torch.load(tmp_path / "ddp" / "checkpoint.pt", weights_only=True)
+    state = torch.load(ddp_runs / name / "checkpoint.pt", weights_only=True)
     assert state["world_size"] == 2 and state["step"] == 3
     expected = single.potential.model.state_dict()
     assert set(state["model"]) == set(expected)

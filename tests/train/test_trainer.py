@@ -235,3 +235,22 @@ def test_outputs_metrics_and_final_checkpoint(tmp_path):
     for a, b in zip(reference, reloaded, strict=True):
         assert a["energy"] == pytest.approx(b["energy"], abs=1e-5)
         torch.testing.assert_close(a["forces"], b["forces"], atol=1e-5, rtol=1e-5)
+
+
+def test_data_loader_workers_change_nothing(tmp_path):
+    """Graphs built in data-loader worker processes (from a lazily read extxyz file) give the
+    same run, to the bit, as graphs built in the training process."""
+    from ase.io import write
+
+    data = tmp_path / "frames.extxyz"
+    write(data, training_frames()[:8])
+    results = []
+    for workers in (0, 2):
+        config = _resume_config(tmp_path, f"workers{workers}", 4).updated(
+            data=[str(data)], num_workers=workers, val_fraction=0.0
+        )
+        trainer = Trainer(config)
+        trainer.fit()
+        results.append(trainer.potential.model.state_dict())
+    for key, value in results[0].items():
+        assert torch.equal(value.nan_to_num(), results[1][key].nan_to_num()), key
