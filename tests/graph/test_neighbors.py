@@ -34,7 +34,8 @@ def pair_rows(i: np.ndarray, j: np.ndarray, shifts: np.ndarray) -> np.ndarray:
 def ase_rows(atoms: Atoms, cutoff: float) -> tuple[np.ndarray, np.ndarray]:
     """ASE's pairs as sorted ``(i, j, S)`` rows ``[n, 5]`` and their vectors ``[n, 3]``.
 
-    Cached per structure object (the random structures are shared by both backends' tests).
+    Cached per structure object (the random structures are shared by both backends' tests);
+    the cache holds the structure too, so its ``id`` is never reused.
     """
     key = (id(atoms), cutoff)
     if key not in _ASE_CACHE:
@@ -46,6 +47,7 @@ _ASE_CACHE: dict[tuple[int, float], tuple[Atoms, tuple[np.ndarray, np.ndarray]]]
 
 
 def _ase_rows(atoms: Atoms, cutoff: float) -> tuple[np.ndarray, np.ndarray]:
+    """Uncached :func:`ase_rows`."""
     i, j, shifts, vectors = ase_neighbor_list("ijSD", atoms, cutoff)
     rows = np.column_stack([i, j, shifts]).astype(np.int64).reshape(-1, 5)
     order = np.lexsort(rows.T[::-1])
@@ -62,7 +64,8 @@ def as_tensors(atoms_list: list[Atoms]) -> tuple[torch.Tensor, ...]:
     return positions, cell, pbc, system_idx
 
 
-def graph_of(atoms: Atoms, cutoff: float, backend: str, **kwargs) -> NeighborGraph:
+def graph_of(atoms: Atoms, cutoff: float, backend: str, **kwargs: int) -> NeighborGraph:
+    """``radius_graph`` of one structure (``kwargs``: ``max_neighbors``)."""
     return radius_graph(*as_tensors([atoms]), cutoff, backend=backend, **kwargs)
 
 
