@@ -3,8 +3,8 @@
 Structures: dense fcc Cu bulk and a Cu(111) slab with 12 Å of vacuum (fully periodic, as in
 OC20), about 100 to 20,000 atoms, cutoff 6 Å.  Every method returns the full pair list
 (i, j, shift and the edge vectors), and every method's pair count is checked against the
-others.  On a CUDA device also: 64 small slabs, forcecalc's per-system loop against its
-batched torch cell list.
+others.  Then 64 small slabs (37 atoms each), forcecalc's per-system loop against one batched
+call, on the CPU and (when available) on a CUDA device.
 
 Prints a table and writes JSON (atomically: a temporary file, then a rename)::
 
@@ -169,11 +169,11 @@ def small_slabs(n: int) -> list[Atoms]:
     return slabs
 
 
-def cuda_rows(repeats: int, n_systems: int = 64) -> list[dict]:
-    """On the GPU: 64 small slabs, per-system calls against one batched call."""
+def batch_rows(device: str, repeats: int, n_systems: int = 64) -> list[dict]:
+    """``n_systems`` small slabs on ``device``: per-system calls against one batched call."""
     slabs = small_slabs(n_systems)
-    batch = _tensors(slabs, "cuda")
-    singles = [_tensors([slab], "cuda") for slab in slabs]
+    batch = _tensors(slabs, device)
+    singles = [_tensors([slab], device) for slab in slabs]
 
     def loop(backend: str) -> int:
         return sum(radius_graph(*t, CUTOFF, backend=backend).edge_index.shape[1] for t in singles)
@@ -187,22 +187,25 @@ def cuda_rows(repeats: int, n_systems: int = 64) -> list[dict]:
         "forcecalc-vesin batch (loops inside)": lambda: batched("vesin"),
         "forcecalc-torch batched": lambda: batched("torch"),
     }
+    on_gpu = device.startswith("cuda")
     rows = []
     for name, function in cases.items():
         n_pairs = function()  # also the warm-up call
-        times = time_call(function, repeats, sync=True)
+        times = time_call(function, repeats, sync=on_gpu)
         rows.append(
             {
                 "structure": f"{n_systems} slabs",
                 "n_atoms": sum(len(s) for s in slabs),
                 "method": name,
-                "device": torch.cuda.get_device_name(),
+                "device": torch.cuda.get_device_name(device) if on_gpu else "cpu",
                 "n_pairs": n_pairs,
                 "median_s": statistics.median(times),
                 "min_s": min(times),
                 "repeats": repeats,
             }
         )
+    if len({row["n_pairs"] for row in rows}) != 1:
+        raise RuntimeError(f"{n_systems} slabs on {device}: pair counts differ")
     return rows
 
 
@@ -249,13 +252,19 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     rows = cpu_rows(args.repeats, args.max_ase_atoms, args.scale)
+    batches = batch_rows("cpu", args.repeats)
     if torch.cuda.is_available():
-        rows += cuda_rows(args.repeats)
+        batches += batch_rows("cuda", args.repeats)
     print(
         f"median wall time (ms) of {args.repeats} calls, cutoff {CUTOFF} Å, "
         f"torch CPU threads {torch.get_num_threads()}"
     )
     print_table(rows)
+    for row in batches:
+        print(
+            f"{row['structure']} ({row['n_atoms']} atoms, {row['n_pairs']} pairs) on "
+            f"{row['device']}: {row['method']:<38}{row['median_s'] * 1e3:9.2f} ms"
+        )
     write_json(
         args.out,
         {
@@ -268,7 +277,7 @@ def main(argv: list[str] | None = None) -> None:
             "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(),
             "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-            "results": rows,
+            "results": rows + batches,
         },
     )
     print(f"wrote {args.out}")
