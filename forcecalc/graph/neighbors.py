@@ -12,11 +12,14 @@ with integer cell shifts ``shifts[e]``.  This is the layout of OCP's ``radius_gr
 Backends
 --------
 ``"vesin"``
-    vesin-torch's cell lists, one call per system (CPU or CUDA).  Fastest on the CPU, and for
-    large systems on the GPU.
+    vesin-torch's cell lists, one call per system (CPU or CUDA), on positions wrapped into the
+    cell along periodic axes (vesin gets very slow for atoms many cells away).  Fastest on the
+    CPU, and for large systems on the GPU.
 ``"torch"``
     our own batched cell list (:mod:`forcecalc.graph.cell_list`): every system of a batch in
     one pass of tensor operations, so many small systems cost about as much as one on the GPU.
+    Robust to strongly skewed cells (it reduces the lattice) and to sparse, spread-out
+    non-periodic systems (its bins cost memory only where atoms are).
 Both return exactly the pair set of ``ase.neighborlist.neighbor_list`` (order differs).
 """
 
