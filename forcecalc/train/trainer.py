@@ -148,6 +148,10 @@ class Trainer:
         self.config = config
         self.dist, self.device = init_from_env(config.device)
         self.dtype = resolve_dtype(config.dtype)
+        if config.amp and self.device.type != "cuda":
+            warnings.warn(
+                "amp (bf16 autocast) applies on CUDA only; training in full precision", stacklevel=2
+            )
         self.out = Path(config.out)
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -167,9 +171,9 @@ class Trainer:
         self.potential = self._build_potential(state)
         model = self.potential.model
         self.trainable = freeze_except(model, config.freeze_except)
-        self.frozen_norms = frozen_norm_layers(model)
         if self.dist.active and config.sync_batchnorm:
             convert_batchnorm(model)
+        self.frozen_norms = frozen_norm_layers(model)
         self.parameters = [p for p in model.parameters() if p.requires_grad]
         if not self.parameters:
             raise ValueError("every parameter is frozen: nothing to train")
@@ -216,7 +220,6 @@ class Trainer:
             batch_sampler=self.plan,
             collate_fn=Collater(self.potential.cutoff),
             num_workers=config.num_workers,
-            pin_memory=self.device.type == "cuda",
         )
         self.step = 0
         self.epoch = 0
@@ -265,6 +268,7 @@ class Trainer:
                 normalizers=Normalizers(**saved["normalizers"]),
                 source_format=saved["source_format"],
                 elements=saved["elements"],
+                metadata=dict(saved["metadata"]),
             )
             model = build_model(info.model, info.model_kwargs)
             model.load_state_dict(state["model"])
@@ -539,6 +543,7 @@ class Trainer:
             "normalizers": info.normalizers.as_dict(),
             "source_format": info.source_format,
             "elements": info.elements,
+            "metadata": info.metadata,
         }
 
     def save_state(self) -> Path | None:

@@ -14,7 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 from ase.io import read, write
-from train_fixtures import FORCENET_TINY, SPINCONV_TINY, one_thread, training_frames  # noqa: F401
+from train_fixtures import (  # noqa: F401
+    FORCENET_TINY,
+    SPINCONV_TINY,
+    ocp_checkpoint,
+    one_thread,
+    training_frames,
+)
 
 from forcecalc.train import TrainConfig, Trainer
 
@@ -27,29 +33,36 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _config(out: Path, model: str, kwargs: dict, batch_size: int) -> TrainConfig:
-    return TrainConfig(
-        model=model,
-        model_kwargs=kwargs,
-        out=str(out),
-        device="cpu",
-        dtype="float64",
-        progress=False,
-        batch_size=batch_size,
-        val_fraction=0.0,
-        max_steps=3,
-        eval_every=1000,
-        rotation="auto",
-        lr=1e-2,
-    )
+def _config(out: Path, batch_size: int, **changes) -> TrainConfig:
+    values = {
+        "out": str(out),
+        "device": "cpu",
+        "dtype": "float64",
+        "progress": False,
+        "batch_size": batch_size,
+        "val_fraction": 0.0,
+        "max_steps": 3,
+        "eval_every": 1000,
+        "rotation": "auto",
+        "lr": 1e-2,
+        **changes,
+    }
+    return TrainConfig(**values)
 
 
-MODELS = {
-    "forcenet-batchnorm": (
-        "forcenet",
-        {**FORCENET_TINY, "hidden_channels": 16, "decoder_hidden_channels": 16},
-    ),
-    "spinconv-energy-centric": ("spinconv", {**SPINCONV_TINY, "force_estimator": "grad"}),
+RUNS = {
+    "forcenet-batchnorm": {
+        "model": "forcenet",
+        "model_kwargs": {**FORCENET_TINY, "hidden_channels": 16, "decoder_hidden_channels": 16},
+    },
+    "spinconv-energy-centric": {
+        "model": "spinconv",
+        "model_kwargs": {**SPINCONV_TINY, "force_estimator": "grad"},
+    },
+    "forcenet-finetune-decoder": {
+        "init_checkpoint": str(ocp_checkpoint("forcenet_small")),
+        "freeze_except": ["decoder"],
+    },
 }
 
 
@@ -64,11 +77,11 @@ def ddp_runs(tmp_path_factory) -> Path:
     frames_path = folder / "frames.extxyz"
     write(frames_path, training_frames()[:8])
     configs = []
-    for name, (model, kwargs) in MODELS.items():
-        if model == "spinconv" and importlib.util.find_spec("forcecalc.models.spinconv") is None:
+    for name, changes in RUNS.items():
+        if "spinconv" in name and importlib.util.find_spec("forcecalc.models.spinconv") is None:
             continue
         path = folder / f"{name}.json"
-        path.write_text(json.dumps(_config(folder / name, model, kwargs, 2).as_dict()))
+        path.write_text(json.dumps(_config(folder / name, 2, **changes).as_dict()))
         configs.append(str(path))
     root = Path(__file__).resolve().parents[2]
     port = _free_port()
@@ -98,17 +111,17 @@ def ddp_runs(tmp_path_factory) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("name", list(RUNS))
 def test_two_gloo_processes_equal_one(ddp_runs, name):
     """2 processes with 2 frames each per step (gloo, CPU, float64) end with the parameters,
     batch-norm statistics and optimizer moments of 1 process with 4 frames per step: the loss
     is normalized over the global batch, gradients are averaged, batch-norm statistics are
-    computed over both processes, and rotations are a function of the frame."""
-    model, kwargs = MODELS[name]
-    if model == "spinconv":
+    computed over both processes (and stay frozen in frozen blocks), rotations are a function
+    of the frame."""
+    if "spinconv" in name:
         pytest.importorskip("forcecalc.models.spinconv")
     same_frames = read(ddp_runs / "frames.extxyz", index=":")  # the workers' frames, exactly
-    single = Trainer(_config(ddp_runs / f"{name}-single", model, kwargs, 4), same_frames, [])
+    single = Trainer(_config(ddp_runs / f"{name}-single", 4, **RUNS[name]), same_frames, [])
     single.fit()
     state = torch.load(ddp_runs / name / "checkpoint.pt", weights_only=True)
     assert state["world_size"] == 2 and state["step"] == 3
