@@ -8,7 +8,11 @@ call, on the CPU and (when available) on a CUDA device.
 
 Prints a table and writes JSON (atomically: a temporary file, then a rename)::
 
-    python benchmarks/neighbors.py --out benchmarks/results/neighbors.json
+    OMP_NUM_THREADS=1 python benchmarks/neighbors.py --out benchmarks/results/neighbors.json
+
+vesin (also inside forcecalc's vesin backend) and torch use ``OMP_NUM_THREADS`` threads (all
+cores when unset); ``OMP_NUM_THREADS=1`` compares single-threaded code with single-threaded
+code (ASE, matscipy).
 """
 
 from __future__ import annotations
@@ -244,7 +248,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/neighbors.json"))
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per case (median)")
     parser.add_argument("--max-ase-atoms", type=int, default=5000, help="skip ASE above this")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (vesin: OMP_NUM_THREADS)"
+    )
     parser.add_argument(
         "--scale", type=int, default=len(BULK_REPEATS), help="number of sizes per series"
     )
@@ -276,6 +282,7 @@ def main(argv: list[str] | None = None) -> None:
             "cpu_count": os.cpu_count(),
             "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(),
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
             "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
             "results": rows + batches,
         },
