@@ -77,7 +77,7 @@ from torch import Tensor, nn
 
 from forcecalc.graph.batch import Batch
 from forcecalc.graph.neighbors import max_neighbors_mask
-from forcecalc.models.blocks import GaussianSmearing, Swish
+from forcecalc.models.blocks import GaussianSmearing
 
 #: A projected unit direction with ``y**2 + z**2`` below this lies on the pole (float64).
 POLE_EPS2 = 1e-12
@@ -108,7 +108,7 @@ class EmbeddingBlock(nn.Module):
     ) -> None:
         super().__init__()
         self.mid_channels = mid_channels
-        self.act = Swish()
+        self.act = F.silu  # Swish, x * sigmoid(x), in one pass
         self.fc1 = nn.Linear(in_channels, mid_channels)
         self.fc2 = nn.Linear(mid_channels, NUM_EXPERTS * mid_channels)
         self.fc3 = nn.Linear(mid_channels, out_channels)
@@ -204,35 +204,42 @@ class SpinConvBlock(nn.Module):
         )
         self.GroupNorm = nn.GroupNorm(self.groups, mid_channels)
 
-    def _kernel(self) -> Tensor:
-        """``[groups * n_freq, 2 * (C/groups) * lat, 2 * mid/groups]``: multiplication by
-        ``conj(DFT(kernel))`` at each frequency, as a real matrix acting on (re, im)."""
+    def _kernels(self) -> tuple[Tensor, Tensor]:
+        """Multiplication by ``conj(DFT(kernel))`` at each frequency as two real matrices
+        ``[groups * n_freq, (c, re/im, latitude), mid/groups]`` giving the real and the
+        imaginary part of the product."""
         weight = self.conv1.weight
-        groups, n_in = self.groups, weight.shape[1]
+        groups, per_group = self.groups, self.in_channels // self.groups
         cos, sin = _dft_matrices(self.long, weight.dtype, weight.device)  # [long, n_freq]
-        weight = weight.view(groups, -1, n_in, self.long)
-        # conj(DFT(w))[f] = sum_k w[k] (cos + i sin)(2 pi f k / long)
-        real = (weight @ cos).permute(0, 3, 2, 1)  # [groups, n_freq, n_in, mid/groups]
-        imag = (weight @ sin).permute(0, 3, 2, 1)
-        from_real = torch.cat([real, imag], dim=-1)
-        from_imag = torch.cat([-imag, real], dim=-1)
-        kernel = torch.cat([from_real, from_imag], dim=-2)
-        return kernel.reshape(groups * self.n_freq, 2 * n_in, -1)
+        weight = weight.view(groups, -1, per_group, self.lat, self.long)
+        # conj(DFT(w))[f] = sum_k w[k] (cos + i sin)(2 pi f k / long) = real + i imag
+        real = (weight @ cos).permute(0, 4, 2, 3, 1)  # [groups, n_freq, c, latitude, mid/g]
+        imag = (weight @ sin).permute(0, 4, 2, 3, 1)
+        shape = (groups * self.n_freq, 2 * per_group * self.lat, -1)
+        to_real = torch.stack([real, -imag], dim=3).reshape(shape)
+        to_imag = torch.stack([imag, real], dim=3).reshape(shape)
+        return to_real, to_imag
 
     def forward(self, spectrum: Tensor) -> Tensor:
         n = spectrum.shape[0]
-        groups, n_freq = self.groups, self.n_freq
-        mid_per_group = self.mid_channels // groups
-        # -> [groups * n_freq, n, (re/im, c, latitude)]: OCP's input channel order (c, latitude)
-        spectrum = spectrum.view(n, groups, -1, n_freq, 2, self.lat)
-        spectrum = spectrum.permute(1, 3, 0, 4, 2, 5).reshape(groups * n_freq, n, -1)
-        # Circular cross-correlation out[o] = sum_j x[j] w[j - o] <=> X * conj(W) per frequency.
-        product = torch.bmm(spectrum, self._kernel())
-        product = product.view(groups, n_freq, n, 2, mid_per_group)
-        inverse = _inverse_dft_matrix(self.long, product.dtype, product.device)
-        conv = torch.einsum("gfnpm,fpo->ngmo", product, inverse).reshape(n, -1, self.long)
-        conv = conv + self.conv1.bias.unsqueeze(-1)
-        return self.GroupNorm(F.silu(conv).mean(dim=-1))
+        groups, n_freq, long = self.groups, self.n_freq, self.long
+        per_group = self.in_channels // groups
+        # -> [groups * n_freq, n, (c, re/im, latitude)]; (c, latitude) is OCP's channel order
+        spectrum = spectrum.view(n, groups, per_group, n_freq, 2, self.lat)
+        spectrum = spectrum.permute(1, 3, 0, 2, 4, 5)
+        spectrum = spectrum.reshape(groups * n_freq, n, 2 * per_group * self.lat)
+        # Circular cross-correlation out[o] = sum_j x[j] w[j - o] <=> X * conj(W) per frequency,
+        # then the real inverse DFT over (frequency, re/im): [groups, long, n * mid/groups].
+        to_real, to_imag = self._kernels()
+        inverse = _inverse_dft_matrix(long, spectrum.dtype, spectrum.device)  # [n_freq, 2, long]
+        product = torch.bmm(spectrum, to_real).view(groups, n_freq, -1)
+        conv = torch.matmul(inverse[:, 0].T, product)
+        product = torch.bmm(spectrum, to_imag).view(groups, n_freq, -1)
+        conv = conv.baddbmm_(inverse[:, 1].T.expand(groups, -1, -1), product)
+        conv = conv.view(groups, long, n, self.mid_channels // groups)
+        conv = conv + self.conv1.bias.view(groups, 1, 1, -1)
+        pooled = F.silu(conv).mean(dim=1)  # [groups, n, mid/groups]
+        return self.GroupNorm(pooled.transpose(0, 1).reshape(n, self.mid_channels))
 
 
 class MessageBlock(nn.Module):
@@ -249,7 +256,7 @@ class MessageBlock(nn.Module):
         max_num_elements: int,
     ) -> None:
         super().__init__()
-        self.act = Swish()
+        self.act = F.silu  # Swish, x * sigmoid(x), in one pass
         self.spinconvblock = SpinConvBlock(hidden_channels, mid_channels, lat, long)
         self.embeddingblock1 = EmbeddingBlock(
             mid_channels, mid_channels, mid_channels, embedding_size, max_num_elements
@@ -283,7 +290,7 @@ class ForceOutputBlock(nn.Module):
         max_num_elements: int,
     ) -> None:
         super().__init__()
-        self.act = Swish()
+        self.act = F.silu  # Swish, x * sigmoid(x), in one pass
         self.spinconvblock = SpinConvBlock(hidden_channels, mid_channels, lat, long)
         self.block1 = EmbeddingBlock(
             mid_channels, mid_channels, mid_channels, embedding_size, max_num_elements
@@ -406,10 +413,13 @@ class SpinConv(nn.Module):
         self.forces = forces
         self.defines_stress = force_estimator == "grad"
         self.num_rand_rotations = num_rand_rotations
-        self.act = Swish()
+        self.act = F.silu  # Swish, x * sigmoid(x), in one pass
 
         self.distance_expansion_forces = GaussianSmearing(
             0.0, self.cutoff, num_basis_functions, basis_width_scalar
+        )
+        self.distance_expansion_forces.coeff = ocp_gaussian_coeff(
+            self.cutoff, num_basis_functions, basis_width_scalar
         )
         self.embeddingblock2 = EmbeddingBlock(
             mid_hidden_channels,
@@ -515,8 +525,13 @@ class SpinConv(nn.Module):
                 if self.regress_forces:
                     out["forces"] = -_zeros_if_none(grads[0], leaf)
                 if strain is not None:
+                    # Symmetric part: the response to a (symmetric) strain.  The antisymmetric
+                    # part, a torque, is ~1e-7 relative: OCP's frames are not exactly rotation
+                    # invariant (the +1e-4 added to the mean neighbor vector).
+                    derivative = _zeros_if_none(grads[1], strain)
+                    derivative = 0.5 * (derivative + derivative.transpose(1, 2))
                     volume = torch.linalg.det(batch.cell).abs().view(-1, 1, 1)
-                    out["stress"] = _zeros_if_none(grads[1], strain) / volume
+                    out["stress"] = derivative / volume
             elif self.regress_forces:
                 out["forces"] = forces
         return out
@@ -618,6 +633,14 @@ class SpinConv(nn.Module):
         return forces / n_rot
 
 
+def ocp_gaussian_coeff(stop: float, num_gaussians: int, basis_width_scalar: float) -> float:
+    """OCP's Gaussian exponent ``-0.5 / (basis_width_scalar * (offset[1] - offset[0]))**2``,
+    with the product rounded to float32 as OCP computes it (a float32 tensor operation); the
+    float64 product differs by up to ~1e-7 relative, which moves energies by ~5e-8 eV."""
+    offset = torch.linspace(0.0, stop, num_gaussians, dtype=torch.float32)
+    return -0.5 / (basis_width_scalar * (offset[1] - offset[0])).item() ** 2
+
+
 def ocp_random_rotations(
     n: int, generator: torch.Generator | None = None, device: torch.device | str | None = None
 ) -> Tensor:
@@ -717,14 +740,12 @@ def spectral_splat_weights(
     """
     y, z, p0 = projected[..., 1], projected[..., 2], projected[..., 0]
     pole = y * y + z * z < POLE_EPS2
-    # On the pole: longitude atan2(+0, +0) = 0, evaluated as atan2(0, 1) so that the (unused)
-    # derivative is finite; the latitude keeps its value but not its derivative.
+    # On the pole: longitude atan2(+0, +0) = 0 and latitude exactly +-pi/2, constants (the
+    # functions are evaluated at safe arguments there so that autograd never sees 0/0).
     longitude = torch.atan2(torch.where(pole, 0.0, y), torch.where(pole, 1.0, z))
-    latitude = torch.where(
-        pole,
-        torch.asin(p0.detach().clamp(-1.0, 1.0)),
-        torch.asin(torch.where(pole, 0.0, p0).clamp(-1.0, 1.0)),
-    )
+    latitude = torch.asin(torch.where(pole, 0.0, p0).clamp(-1.0, 1.0))
+    half_pi = torch.full_like(p0, math.pi / 2)
+    latitude = torch.where(pole, torch.where(p0 > 0, half_pi, -half_pi), latitude)
     col = (longitude + math.pi) / (2.0 * math.pi) * long
     row = (0.99 * ((latitude + math.pi / 2.0) / math.pi) + 0.005) * (lat - 1.0)
     col_floor, row_floor = torch.floor(col), torch.floor(row)

@@ -1,0 +1,529 @@
+"""SpinConv: OCP checkpoint compatibility, reference outputs, continuity, conservative forces,
+stress, invariances, batching and the spin convolution itself."""
+
+from __future__ import annotations
+
+import copy
+import math
+from functools import cache
+
+import numpy as np
+import pytest
+import torch
+from ase import Atoms
+from ase.build import molecule
+from conftest import load_ocp_raw, ocp_reference, ocp_structures
+
+from forcecalc.graph.batch import Batch
+from forcecalc.models.spinconv import (
+    SpinConv,
+    SpinConvBlock,
+    _project,
+    spectral_splat_weights,
+)
+
+MODELS = [
+    "spinconv_small_fc",
+    "spinconv_small_ec",
+    pytest.param("spinconv_all", marks=pytest.mark.slow),
+]
+DTYPES = [torch.float64, torch.float32]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    """Run this module's (small, latency-bound) evaluations on one intra-op thread: on a
+    shared two-core machine, two spinning OpenMP threads made them up to 10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _state_dict(raw: dict) -> dict[str, torch.Tensor]:
+    return {k.removeprefix("module."): v for k, v in raw["state_dict"].items()}
+
+
+def _fixture_rotations(name: str) -> torch.Tensor:
+    """The reference's force-block rotations, in float64 (``torch.tensor`` of a list would
+    round them to float32 and shift forces by ~1e-6 near a pole)."""
+    return torch.tensor(ocp_reference()["models"][name]["rotations"], dtype=torch.float64)
+
+
+@cache
+def _loaded(name: str, forces: str = "compat", rotations: str = "fixture") -> SpinConv:
+    """Float64 model of fixture ``name`` in eval mode; force-centric models get the fixture's
+    rotations (``rotations="fixture"``) or the default fixed set (``"default"``)."""
+    raw = load_ocp_raw(name)
+    options = dict(raw["config"]["model_attributes"])
+    if options["force_estimator"] == "grad":
+        options["forces"] = forces
+    elif rotations == "fixture":
+        options["rotations"] = _fixture_rotations(name)
+    model = SpinConv(**options)
+    model.load_state_dict(_state_dict(raw), strict=True)
+    return model.double().eval()
+
+
+def _model(name: str, dtype: torch.dtype = torch.float64, **kwargs) -> SpinConv:
+    model = _loaded(name, **kwargs)
+    return model if dtype == torch.float64 else copy.deepcopy(model).to(dtype)
+
+
+def _denormalize(name: str, energy: torch.Tensor, forces: torch.Tensor) -> tuple:
+    norm = load_ocp_raw(name)["normalizers"]
+    e_std, e_mean = float(norm["target"]["std"]), float(norm["target"]["mean"])
+    f_std = float(norm["grad_target"]["std"])
+    energy = energy.detach().double().numpy() * e_std + e_mean
+    return energy, forces.detach().double().numpy() * f_std
+
+
+def _run(model: SpinConv, atoms_list, dtype: torch.dtype, cutoff: float | None = None) -> dict:
+    batch = Batch.from_atoms(atoms_list, cutoff=cutoff or model.cutoff, dtype=dtype)
+    out = model(batch)
+    return {k: v.detach() for k, v in out.items()}
+
+
+def _non_tie(name: str) -> list[str]:
+    results = ocp_reference()["models"][name]["results"]
+    return [s for s, r in results.items() if not r["tie_cut"]]
+
+
+def _relative_force_error(forces: np.ndarray, reference: np.ndarray) -> float:
+    """max |F - F_ref| / max |F_ref| (absolute where the reference vanishes by symmetry)."""
+    return float(np.abs(forces - reference).max() / max(np.abs(reference).max(), 1e-3))
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_strict_load(name):
+    """Every SpinConv fixture checkpoint loads into ``SpinConv(**model_attributes)`` with
+    ``strict=True``: the same keys and shapes, and the force-block rotations are not saved."""
+    raw = load_ocp_raw(name)
+    sd = _state_dict(raw)
+    force_centric = raw["config"]["model_attributes"]["force_estimator"] == "random"
+    for rotations in (None, _fixture_rotations(name)) if force_centric else (None,):
+        options = dict(raw["config"]["model_attributes"])
+        if rotations is not None:
+            options["rotations"] = rotations
+        model = SpinConv(**options)
+        assert model.load_state_dict(sd, strict=True)
+        ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        assert ours == {k: tuple(v.shape) for k, v in sd.items()}
+        assert "rotations" not in ours
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_fresh_model_state_dict_matches_checkpoint_layout(name):
+    """A freshly initialised model has exactly the checkpoint's keys, shapes and dtypes, and its
+    fixed Gaussian centres are bitwise the checkpoint's."""
+    raw = load_ocp_raw(name)
+    fresh = SpinConv(**raw["config"]["model_attributes"]).state_dict()
+    saved = _state_dict(raw)
+    assert {k: (tuple(v.shape), v.dtype) for k, v in fresh.items()} == {
+        k: (tuple(v.shape), v.dtype) for k, v in saved.items()
+    }
+    for key in ("distance_expansion_forces.offset", "dist_block.distance_expansion.offset"):
+        assert torch.equal(fresh[key], saved[key])
+
+
+# --------------------------------------------------------------------------- references
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", MODELS)
+def test_matches_reference(name, dtype):
+    """Energies and forces equal the original's float64 references (denormalised) on every
+    structure without a tie at the max-neighbor cut: float64 within 1e-6 eV and 1e-6 x max|F|,
+    float32 within 2e-3 eV (x |E|/20 for large |E|) and 2e-3 x max|F|; the same bounds hold for
+    the forces minus their per-structure mean."""
+    model = _model(name, dtype)
+    structures = ocp_structures()
+    results = ocp_reference()["models"][name]["results"]
+    e_tol, f_tol = (1e-6, 1e-6) if dtype == torch.float64 else (2e-3, 2e-3)
+    for structure in _non_tie(name):
+        out = _run(model, structures[structure], dtype)
+        assert out["energy"].dtype == dtype and out["forces"].dtype == dtype
+        energy, forces = _denormalize(name, out["energy"], out["forces"])
+        ref_energy = results[structure]["energy"]
+        ref_forces = np.asarray(results[structure]["forces"])
+        scale = max(1.0, abs(ref_energy) / 20.0) if dtype == torch.float32 else 1.0
+        assert abs(energy[0] - ref_energy) <= e_tol * scale, structure
+        assert _relative_force_error(forces, ref_forces) <= f_tol, structure
+        centred = forces - forces.mean(axis=0)
+        ref_centred = ref_forces - ref_forces.mean(axis=0)
+        if len(forces) > 1:
+            assert _relative_force_error(centred, ref_centred) <= f_tol, structure
+
+
+# --------------------------------------------------------------------------- continuity
+
+
+def _all_structures() -> list:
+    return [a.copy() for a in ocp_structures().values()]
+
+
+def _per_structure(batch_forces: torch.Tensor, atoms_list) -> list[np.ndarray]:
+    sizes = [len(a) for a in atoms_list]
+    return [f.numpy() for f in torch.split(batch_forces, sizes)]
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_continuity_and_determinism(name):
+    """The original's failure, fixed: in float64, moving every atom by ~1e-9 Å or translating
+    the structure rigidly by (0.3, -0.7, 1.1) Å changes forces by < 1e-6 x max|F| (energies by
+    < 1e-9 relative) on every fixture structure, tie-cut ones included, with the default fixed
+    rotation set; two calls give bit-identical forces."""
+    model = _model(name, rotations="default")
+    structures = _all_structures()
+    base = _run(model, structures, torch.float64)
+    again = _run(model, structures, torch.float64)
+    assert torch.equal(base["forces"], again["forces"])
+    assert torch.equal(base["energy"], again["energy"])
+
+    rng = np.random.default_rng(7)
+    moved = []
+    for atoms in structures:
+        step = rng.normal(size=(len(atoms), 3))
+        moved.append(atoms.copy())
+        moved[-1].positions += 1e-9 * step / np.linalg.norm(step, axis=1, keepdims=True)
+    translated = []
+    for atoms in structures:
+        translated.append(atoms.copy())
+        translated[-1].translate([0.3, -0.7, 1.1])
+    reference = _per_structure(base["forces"], structures)
+    for variant in (moved, translated):
+        out = _run(model, variant, torch.float64)
+        torch.testing.assert_close(out["energy"], base["energy"], rtol=1e-9, atol=1e-9)
+        for atoms, forces, ref in zip(
+            structures, _per_structure(out["forces"], variant), reference, strict=True
+        ):
+            assert _relative_force_error(forces, ref) < 1e-6, atoms.info["name"]
+
+
+# --------------------------------------------------------------------------- conservative
+
+
+def _energy(model: SpinConv, batch: Batch, positions=None, cell=None) -> float:
+    return float(model(batch.with_positions(positions, cell))["energy"].detach().sum())
+
+
+@pytest.mark.parametrize("structure", ["o_pt100", "ch3_au211"])
+def test_conservative_forces_and_stress_match_finite_differences(structure):
+    """``forces="conservative"``: forces equal minus the central finite-difference gradient of
+    the energy (step 1e-5 Å), and the stress equals the finite-difference derivative of the
+    energy under a symmetric strain ``r -> r (I + e)``, ``cell -> cell (I + e)``, divided by
+    the volume."""
+    model = _model("spinconv_small_ec", forces="conservative")
+    atoms = ocp_structures()[structure]
+    batch = Batch.from_atoms(atoms, cutoff=model.cutoff)
+    out = model(batch, compute_stress=True)
+    forces, stress = out["forces"].detach(), out["stress"].detach()[0]
+    step = 1e-5
+    scale = float(forces.abs().max())
+    for atom, axis in [(0, 0), (len(atoms) // 2, 2), (len(atoms) - 1, 1)]:
+        shifted = []
+        for sign in (1.0, -1.0):
+            positions = batch.positions.clone()
+            positions[atom, axis] += sign * step
+            shifted.append(_energy(model, batch, positions))
+        numeric = -(shifted[0] - shifted[1]) / (2 * step)
+        assert abs(float(forces[atom, axis]) - numeric) < 1e-6 * scale, (atom, axis)
+    volume = abs(float(torch.linalg.det(batch.cell[0])))
+    stress_scale = float(stress.abs().max())
+    for i, j in [(0, 0), (2, 2), (0, 1), (1, 2), (2, 0)]:
+        strained = []
+        for sign in (1.0, -1.0):
+            deformation = torch.eye(3, dtype=torch.float64)
+            deformation[i, j] += 0.5 * sign * step
+            deformation[j, i] += 0.5 * sign * step
+            strained.append(
+                _energy(model, batch, batch.positions @ deformation, batch.cell @ deformation)
+            )
+        numeric = (strained[0] - strained[1]) / (2 * step) / volume
+        assert abs(float(stress[i, j]) - numeric) < 1e-5 * stress_scale, (i, j)
+    assert torch.equal(stress, stress.T)
+
+
+def test_compat_forces_are_the_distance_only_gradient():
+    """``forces="compat"`` (OCP's definition) differs from the full gradient where neighbors
+    are projected off the pole, and equals it for a dimer (every projection is on the pole)."""
+    compat = _model("spinconv_small_ec", forces="compat")
+    full = _model("spinconv_small_ec", forces="conservative")
+    slab = ocp_structures()["o_pt100"]
+    f_compat = _run(compat, slab, torch.float64)["forces"]
+    f_full = _run(full, slab, torch.float64)["forces"]
+    assert (f_compat - f_full).abs().max() > 1e-3 * f_full.abs().max()
+    dimer = ocp_structures()["n2_box"]
+    torch.testing.assert_close(
+        _run(compat, dimer, torch.float64)["forces"],
+        _run(full, dimer, torch.float64)["forces"],
+        rtol=1e-12,
+        atol=1e-14,
+    )
+
+
+def test_conservative_gradients_finite_at_poles_and_double_backward():
+    """Conservative forces and stress are finite where projections lie exactly on the pole (the
+    reverse edge, periodic self-images of a one-atom cell), and training mode builds a graph for
+    a force loss (double backward) with finite parameter gradients."""
+    model = copy.deepcopy(_model("spinconv_small_ec", forces="conservative"))
+    for name in ("cu_fcc_prim", "n2_box"):
+        batch = Batch.from_atoms(ocp_structures()[name], cutoff=model.cutoff)
+        out = model(batch, compute_stress=True)
+        assert torch.isfinite(out["forces"]).all() and torch.isfinite(out["stress"]).all()
+    model.train()
+    batch = Batch.from_atoms(
+        [ocp_structures()["n2_box"], ocp_structures()["o_pt100"]], cutoff=model.cutoff
+    )
+    out = model(batch)
+    assert out["forces"].requires_grad
+    loss = out["forces"].pow(2).sum() + out["energy"].pow(2).sum()
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    conv_grad = model.message_blocks[0].spinconvblock.conv1.weight.grad
+    assert conv_grad is not None and conv_grad.abs().sum() > 0
+
+
+def _rotation(axis, angle: float) -> np.ndarray:
+    axis = np.asarray(axis, dtype=float) / np.linalg.norm(axis)
+    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    return np.eye(3) + math.sin(angle) * k + (1 - math.cos(angle)) * k @ k
+
+
+@pytest.mark.parametrize("forces", ["compat", "conservative"])
+def test_dimer_energy_rotation_invariant(forces):
+    """Rotating a molecule (N2 in its box, CO in a big box) changes the energy by < 1e-10
+    relative (float64) and the energy-centric forces rotate with it."""
+    model = _model("spinconv_small_ec", forces=forces)
+    co = molecule("CO", cell=[20.0, 20.0, 20.0], pbc=False)
+    co.center()
+    for atoms in (ocp_structures()["n2_box"], co):
+        for angle in (0.4, 1.1, 2.9):
+            rotation = _rotation([0.3, -0.5, 0.8], angle)
+            rotated = atoms.copy()
+            centre = atoms.positions.mean(axis=0)
+            rotated.positions = (atoms.positions - centre) @ rotation.T + centre
+            before = _run(model, atoms, torch.float64)
+            after = _run(model, rotated, torch.float64)
+            energy = float(before["energy"][0])
+            assert abs(float(after["energy"][0]) - energy) < 1e-10 * max(abs(energy), 1.0)
+            expected = before["forces"].numpy() @ rotation.T
+            scale = np.abs(expected).max()
+            assert np.abs(after["forces"].numpy() - expected).max() < 1e-10 * scale
+
+
+@pytest.mark.parametrize("name", ["spinconv_small_ec", "spinconv_small_fc"])
+def test_slab_energy_nearly_rotation_invariant(name):
+    """Rotating a slab together with its cell changes the energy by < 1e-6 relative: the
+    original is not exactly invariant (it adds 1e-4 to every component of the mean neighbor
+    vector that fixes the roll of an edge frame), and neither is this re-implementation."""
+    model = _model(name)
+    atoms = ocp_structures()["ch3_au211"]
+    before = float(_run(model, atoms, torch.float64)["energy"][0])
+    for angle in (0.7, 2.2):
+        rotation = _rotation([1.0, 2.0, -0.5], angle)
+        rotated = atoms.copy()
+        rotated.positions = atoms.positions @ rotation.T
+        rotated.cell = atoms.cell.array @ rotation.T
+        after = float(_run(model, rotated, torch.float64)["energy"][0])
+        assert abs(after - before) < 1e-6 * abs(before)
+
+
+# --------------------------------------------------------------------------- batching, graphs
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_batch_equals_single(name):
+    """A batch of several fixture structures gives the per-structure energies and forces of one
+    structure at a time (float64, to rounding)."""
+    model = _model(name)
+    names = ["o_pt100", "n2_box", "ch3_au211", "cu_fcc_prim"]
+    structures = [ocp_structures()[n] for n in names]
+    together = _run(model, structures, torch.float64)
+    forces = _per_structure(together["forces"], structures)
+    for i, atoms in enumerate(structures):
+        alone = _run(model, atoms, torch.float64)
+        torch.testing.assert_close(
+            together["energy"][i], alone["energy"][0], rtol=1e-11, atol=1e-11
+        )
+        np.testing.assert_allclose(forces[i], alone["forces"].numpy(), rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", ["spinconv_small_fc", "spinconv_small_ec"])
+def test_superset_graph_gives_same_result(name):
+    """The model cuts the caller's graph itself: a graph built at cutoff + 1.5 Å (a skin), or
+    already cut to ``max_neighbors`` by the graph builder, gives the same outputs."""
+    model = _model(name)
+    structures = [ocp_structures()[n] for n in ("co_cu111", "n2_box")]
+    plain = _run(model, structures, torch.float64)
+    skin = _run(model, structures, torch.float64, cutoff=model.cutoff + 1.5)
+    batch = Batch.from_atoms(structures, cutoff=model.cutoff, max_neighbors=model.max_neighbors)
+    cut = {k: v.detach() for k, v in model(batch).items()}
+    for other in (skin, cut):
+        torch.testing.assert_close(other["energy"], plain["energy"], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(other["forces"], plain["forces"], rtol=1e-10, atol=1e-12)
+
+
+def test_max_neighbors_attribute_is_used():
+    """``max_neighbors`` (initially ``max_num_neighbors``) is the rule applied in ``forward``;
+    changing it changes the graph (not the energy readout's divisor)."""
+    model = copy.deepcopy(_model("spinconv_small_fc"))
+    assert model.max_neighbors == model.max_num_neighbors == 20
+    assert model.cutoff == 6.0
+    atoms = ocp_structures()["co_cu111"]
+    before = _run(model, atoms, torch.float64)
+    model.max_neighbors = 12
+    after = _run(model, atoms, torch.float64)
+    assert not torch.allclose(before["energy"], after["energy"])
+
+
+# --------------------------------------------------------------------------- options
+
+
+def test_rotation_options():
+    """Default rotations: a fixed seeded set (same in every instance, orthogonal, not in the
+    state_dict); ``"random"``: fresh rotations each call; an explicit ``[R, 3, 3]`` tensor:
+    used as given (its length sets R)."""
+    raw = load_ocp_raw("spinconv_small_fc")
+    options = dict(raw["config"]["model_attributes"])
+    a, b = SpinConv(**options), SpinConv(**options)
+    assert torch.equal(a.rotations, b.rotations)
+    assert a.rotations.shape == (options["num_rand_rotations"], 3, 3)
+    eye = torch.eye(3, dtype=a.rotations.dtype).expand_as(a.rotations)
+    torch.testing.assert_close(a.rotations @ a.rotations.transpose(1, 2), eye)
+    assert "rotations" not in a.state_dict()
+
+    random_model = SpinConv(**options, rotations="random")
+    random_model.load_state_dict(_state_dict(raw))
+    random_model = random_model.double().eval()
+    atoms = ocp_structures()["co_cu111"]
+    first = _run(random_model, atoms, torch.float64)
+    second = _run(random_model, atoms, torch.float64)
+    assert not torch.equal(first["forces"], second["forces"])
+    torch.testing.assert_close(first["energy"], second["energy"], rtol=1e-12, atol=1e-12)
+
+    two = _fixture_rotations("spinconv_small_fc")[:2]
+    explicit = SpinConv(**options, rotations=two)
+    assert explicit.rotations.shape == (2, 3, 3)
+    with pytest.raises(ValueError, match="shape"):
+        SpinConv(**options, rotations=torch.eye(3))
+    with pytest.raises(ValueError, match="orthogonal"):
+        SpinConv(**options, rotations=2 * torch.eye(3).expand(2, 3, 3))
+
+
+def test_options_we_do_not_implement_raise():
+    """Unsupported options raise a clear ``ValueError``; OCP's bookkeeping options are
+    accepted and ignored."""
+    base = {"hidden_channels": 16, "mid_hidden_channels": 16, "num_basis_functions": 8}
+    SpinConv(**base, num_atoms=3, bond_feat_dim=50, num_targets=1, otf_graph=True, use_pbc=True)
+    SpinConv(**base, show_timing_info=True, model_ref_number=3, readout="add")
+    for bad in (
+        {"sphere_message": "rotspharmwd", "lmax": 2},
+        {"output_message": "rotspharmwd", "lmax": 2},
+        {"force_estimator": "mean"},
+        {"forces": "conservative"},
+        {"forces": "exact", "force_estimator": "grad"},
+        {"force_estimator": "grad", "rotations": "random"},
+        {"rotations": "fixed"},
+        {"hidden_channels": 12},
+    ):
+        with pytest.raises(ValueError):
+            SpinConv(**{**base, **bad})
+
+
+def test_stress_and_elements_errors():
+    """Stress is only defined for the energy-centric model (``defines_stress``); atomic numbers
+    beyond the embeddings raise ``ValueError``."""
+    fc, ec = _model("spinconv_small_fc"), _model("spinconv_small_ec")
+    assert not fc.defines_stress and ec.defines_stress
+    batch = Batch.from_atoms(ocp_structures()["n2_box"], cutoff=6.0)
+    with pytest.raises(ValueError, match="stress"):
+        fc(batch, compute_stress=True)
+    out = ec(batch, compute_stress=True)
+    assert out["stress"].shape == (1, 3, 3)
+    heavy = Atoms("U2", positions=[[0, 0, 0], [2.5, 0, 0]], cell=[10, 10, 10], pbc=True)
+    with pytest.raises(ValueError, match="atomic numbers"):
+        ec(Batch.from_atoms(heavy, cutoff=6.0))
+
+
+def test_isolated_atom_and_no_edges():
+    """An atom without neighbors (and a batch without any edge) is evaluated as the original
+    evaluates it: the readout of an empty neighborhood (finite, the same alone or in a batch;
+    the force-centric force of an empty neighborhood is the force block's bias, not zero)."""
+    model = _model("spinconv_small_fc")
+    lonely = Atoms("Cu", positions=[[0, 0, 0]], cell=[20, 20, 20], pbc=False)
+    out = _run(model, [lonely, ocp_structures()["n2_box"]], torch.float64)
+    assert torch.isfinite(out["energy"]).all() and torch.isfinite(out["forces"]).all()
+    alone = _run(model, lonely, torch.float64)
+    torch.testing.assert_close(alone["energy"][0], out["energy"][0])
+    torch.testing.assert_close(alone["forces"][0], out["forces"][0])
+    ec = _model("spinconv_small_ec", forces="conservative")
+    assert torch.isfinite(_run(ec, lonely, torch.float64)["forces"]).all()
+
+
+# --------------------------------------------------------------------------- spin convolution
+
+
+def _direct_spin_convolution(
+    block: SpinConvBlock, values: torch.Tensor, directions: torch.Tensor, valid: torch.Tensor
+) -> torch.Tensor:
+    """Straightforward reference: bilinear splat onto the lat/long grid with scatter-adds, then
+    OCP's ``Conv1d`` with circular padding, Swish, AvgPool over the first ``long`` outputs and
+    GroupNorm."""
+    lat, long = block.lat, block.long
+    n, width, _ = directions.shape
+    d = directions.reshape(-1, 3)
+    y, z = d[:, 1], d[:, 2]
+    pole = y * y + z * z < 1e-12
+    y, z = torch.where(pole, 0.0, y), torch.where(pole, 0.0, z)
+    col = (torch.atan2(y, z) + math.pi) / (2 * math.pi) * long
+    row = (0.99 * (torch.asin(d[:, 0].clamp(-1, 1)) + math.pi / 2) / math.pi + 0.005) * (lat - 1)
+    x0, y0 = col.floor(), row.floor()
+    dx, dy = col - x0, row - y0
+    x0, y0 = x0.long() % long, y0.long() % lat
+    x1, y1 = (x0 + 1) % long, (y0 + 1) % lat
+    grid = torch.zeros(n * lat * long, values.shape[-1], dtype=values.dtype)
+    base = torch.arange(n).repeat_interleave(width) * lat * long
+    flat = values.reshape(-1, values.shape[-1]) * valid.reshape(-1, 1)
+    for yy, xx, w in (
+        (y0, x0, (1 - dx) * (1 - dy)),
+        (y0, x1, dx * (1 - dy)),
+        (y1, x0, (1 - dx) * dy),
+        (y1, x1, dx * dy),
+    ):
+        grid.index_add_(0, base + yy * long + xx, flat * w.unsqueeze(1))
+    grid = grid.view(n, lat * long, -1).transpose(1, 2).reshape(n, -1, long)  # (c, lat) channels
+    conv = block.conv1(grid)  # circular padding long // 2
+    pooled = torch.nn.functional.avg_pool1d((conv * torch.sigmoid(conv))[:, :, :long], long)
+    return block.GroupNorm(pooled.view(n, -1))
+
+
+@pytest.mark.parametrize(("lat", "long"), [(8, 8), (7, 9), (16, 12), (5, 1)])
+def test_spectral_spin_convolution_matches_direct_conv1d(lat, long):
+    """The Fourier-space projection + spin convolution equals the direct computation (scatter
+    splat, OCP's circular ``Conv1d``, Swish, pooling, GroupNorm) for even and odd longitudes,
+    including directions exactly on the poles and padding slots."""
+    torch.manual_seed(lat * 100 + long)
+    channels, mid, n, width = 16, 32, 5, 7
+    block = SpinConvBlock(channels, mid, lat, long).double()
+    torch.nn.init.normal_(block.GroupNorm.weight)
+    torch.nn.init.normal_(block.GroupNorm.bias)
+    directions = torch.nn.functional.normalize(
+        torch.randn(n, width, 3, dtype=torch.float64), dim=-1
+    )
+    directions[0, 0] = torch.tensor([1.0, 0.0, 0.0])
+    directions[1, 1] = torch.tensor([-1.0, 1e-18, -1e-18])
+    valid = torch.ones(n, width, dtype=torch.bool)
+    valid[2, 5:] = False
+    features = torch.randn(n * width, channels, dtype=torch.float64)
+    neighbors = torch.arange(n * width).view(n, width)
+    neighbors[~valid] = n * width  # padding index
+    weights = spectral_splat_weights(directions, valid, lat, long, torch.float64)
+    ours = block(_project(features, neighbors, weights, lat, long))
+    values = features[torch.where(valid, neighbors, 0)]
+    direct = _direct_spin_convolution(block, values, directions, valid)
+    torch.testing.assert_close(ours, direct, rtol=1e-10, atol=1e-10)
