@@ -117,18 +117,29 @@ def available_methods() -> dict[str, Method]:
     return methods
 
 
-def time_call(function: Callable[[], object], repeats: int, sync: bool = False) -> list[float]:
-    """Wall times (s) of ``repeats`` calls (the caller has made a warm-up call)."""
-    times = []
+def time_call(function: Callable[[], object], repeats: int, sync: bool = False) -> dict:
+    """Timings of ``repeats`` calls (the caller has made a warm-up call).
+
+    Returns:
+        ``median_s`` / ``min_s``: wall time; ``median_cpu_s``: the process's CPU time (less
+        sensitive to other processes on a shared machine; with several threads it adds them).
+    """
+    wall, cpu = [], []
     for _ in range(repeats):
         if sync:
             torch.cuda.synchronize()
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         function()
         if sync:
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return times
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+    return {
+        "median_s": statistics.median(wall),
+        "min_s": min(wall),
+        "median_cpu_s": statistics.median(cpu),
+        "repeats": repeats,
+    }
 
 
 def cpu_rows(repeats: int, max_ase_atoms: int, scale: int) -> list[dict]:
@@ -143,7 +154,7 @@ def cpu_rows(repeats: int, max_ase_atoms: int, scale: int) -> list[dict]:
                 continue
             n_pairs = method(atoms, CUTOFF)  # also the warm-up call
             counts[name] = n_pairs
-            times = time_call(lambda m=method, a=atoms: m(a, CUTOFF), repeats)
+            timing = time_call(lambda m=method, a=atoms: m(a, CUTOFF), repeats)
             rows.append(
                 {
                     "structure": kind,
@@ -151,9 +162,7 @@ def cpu_rows(repeats: int, max_ase_atoms: int, scale: int) -> list[dict]:
                     "method": name,
                     "device": "cpu",
                     "n_pairs": n_pairs,
-                    "median_s": statistics.median(times),
-                    "min_s": min(times),
-                    "repeats": repeats,
+                    **timing,
                 }
             )
         if len(set(counts.values())) != 1:
@@ -195,7 +204,7 @@ def batch_rows(device: str, repeats: int, n_systems: int = 64) -> list[dict]:
     rows = []
     for name, function in cases.items():
         n_pairs = function()  # also the warm-up call
-        times = time_call(function, repeats, sync=on_gpu)
+        timing = time_call(function, repeats, sync=on_gpu)
         rows.append(
             {
                 "structure": f"{n_systems} slabs",
@@ -203,9 +212,7 @@ def batch_rows(device: str, repeats: int, n_systems: int = 64) -> list[dict]:
                 "method": name,
                 "device": torch.cuda.get_device_name(device) if on_gpu else "cpu",
                 "n_pairs": n_pairs,
-                "median_s": statistics.median(times),
-                "min_s": min(times),
-                "repeats": repeats,
+                **timing,
             }
         )
     if len({row["n_pairs"] for row in rows}) != 1:
@@ -213,11 +220,11 @@ def batch_rows(device: str, repeats: int, n_systems: int = 64) -> list[dict]:
     return rows
 
 
-def print_table(rows: list[dict]) -> None:
-    """Median times (ms) per structure (rows) and method (columns)."""
+def print_table(rows: list[dict], key: str = "median_s") -> None:
+    """Times ``key`` (ms) per structure (rows) and method (columns)."""
     methods = list(dict.fromkeys(row["method"] for row in rows))
     keys = list(dict.fromkeys((row["structure"], row["n_atoms"]) for row in rows))
-    times = {(row["structure"], row["n_atoms"], row["method"]): row["median_s"] for row in rows}
+    times = {(row["structure"], row["n_atoms"], row["method"]): row[key] for row in rows}
     pairs = {(row["structure"], row["n_atoms"]): row["n_pairs"] for row in rows}
     width = max(len(m) for m in methods) + 2
     print(f"{'structure':<12}{'atoms':>8}{'pairs':>11}" + "".join(f"{m:>{width}}" for m in methods))
@@ -266,10 +273,14 @@ def main(argv: list[str] | None = None) -> None:
         f"torch CPU threads {torch.get_num_threads()}"
     )
     print_table(rows)
+    print("\nmedian CPU time of the process (ms)")
+    print_table(rows, "median_cpu_s")
+    print()
     for row in batches:
         print(
             f"{row['structure']} ({row['n_atoms']} atoms, {row['n_pairs']} pairs) on "
-            f"{row['device']}: {row['method']:<38}{row['median_s'] * 1e3:9.2f} ms"
+            f"{row['device']}: {row['method']:<38}{row['median_s'] * 1e3:9.2f} ms wall"
+            f"{row['median_cpu_s'] * 1e3:9.2f} ms CPU"
         )
     write_json(
         args.out,
