@@ -85,13 +85,28 @@ def one_by_one(structures: list, potential, optimizer: str, fmax: float, steps: 
     return out
 
 
-def batched(structures: list, potential, optimizer: str, fmax: float, steps: int, batch_size):
-    """``forcecalc.relax`` on all structures."""
+def batched(
+    structures: list,
+    potential,
+    optimizer: str,
+    fmax: float,
+    steps: int,
+    batch_size,
+    skin: float | None = None,
+) -> dict:
+    """``forcecalc.relax`` on all structures (``skin`` None: its default)."""
     from forcecalc.relax import relax
 
+    options = {} if skin is None else {"skin": skin}
     start = time.perf_counter()
     results = relax(
-        structures, potential, optimizer=optimizer, fmax=fmax, steps=steps, batch_size=batch_size
+        structures,
+        potential,
+        optimizer=optimizer,
+        fmax=fmax,
+        steps=steps,
+        batch_size=batch_size,
+        **options,
     )
     _synchronize(potential)
     return {
@@ -133,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fmax", type=float, default=0.05)
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--batch-size", default="auto", help="'auto' or an int")
+    parser.add_argument("--skin", type=float, default=None, help="neighbor-list skin (Å)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -163,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     for _ in range(max(args.repeat, 1)):
         candidates = {
             "batched": lambda: batched(
-                structures, potential, args.optimizer, args.fmax, args.steps, batch_size
+                structures, potential, args.optimizer, args.fmax, args.steps, batch_size, args.skin
             )
         }
         if not args.skip_one_by_one:

@@ -46,7 +46,7 @@ from torch import Tensor, nn
 from forcecalc.relax.engine import SystemSet, admit, check_structures, segment_sum
 from forcecalc.relax.memory import MemoryModel
 from forcecalc.relax.relaxation import (
-    DEFAULT_SKIN,
+    default_skin,
     plan_batches,
     potential_device,
     resolve_potential,
@@ -214,7 +214,7 @@ def md(
     seed: int = 0,
     rng: str = "torch",
     batch_size: str | int = "auto",
-    skin: float = DEFAULT_SKIN,
+    skin: float | None = None,
     trajectory_interval: int = 0,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype = "float32",
@@ -237,7 +237,8 @@ def md(
             system, ``default_rng(seed + input index)``); see the module docstring.
         batch_size: ``"auto"`` or the most systems per batch (systems run in batches one after
             the other, all for ``steps`` steps).
-        skin: neighbor-list skin (Å); results do not depend on it.
+        skin: neighbor-list skin (Å; None: the device's default, see :func:`relax`); results
+            do not depend on it.
         trajectory_interval: if > 0, keep a frame every that many steps (and step 0) in
             ``atoms.info["trajectory"]``, as ASE's ``dyn.attach(..., interval)`` would.
         device, dtype: for loading a checkpoint (use ``"float64"`` for long NVE runs).
@@ -264,8 +265,9 @@ def md(
     check_structures(structures, potential)
     if not structures:
         return []
-    evaluate, max_systems = plan_batches(potential, structures, batch_size, skin, memory)
     device_ = potential_device(potential)
+    skin = default_skin(device_) if skin is None else float(skin)
+    evaluate, max_systems = plan_batches(potential, structures, batch_size, skin, memory)
     draws = (NumpyDraws if rng == "numpy" else TorchDraws)(seed, device_)
     results: list[Any] = [None] * len(structures)
     queue = list(range(len(structures)))[::-1]

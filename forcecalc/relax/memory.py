@@ -139,10 +139,22 @@ def measure_memory_model(
             default (injectable for tests).
 
     Returns:
-        The fitted model with an infinite budget (see :func:`memory_budget`).
+        The fitted model with an infinite budget (see :func:`memory_budget`).  Batches that
+        run out of memory are left out (the smallest must fit).
     """
-    peaks = [measure(potential, batch, grad) for batch in batches]
-    return fit_memory_model([b.n_atoms for b in batches], [b.n_edges for b in batches], peaks)
+    sizes, peaks = [], []
+    for batch in sorted(batches, key=lambda b: b.n_atoms):
+        try:
+            peaks.append(measure(potential, batch, grad))
+        except Exception as error:
+            if not is_out_of_memory(error) or not peaks:
+                raise
+            release_cached_memory(batch.positions.device)
+            break
+        sizes.append((batch.n_atoms, batch.n_edges))
+    if len(peaks) == 1:  # the larger batches did not fit: all of the peak per edge
+        return MemoryModel(0.0, peaks[0] / max(sizes[0][1], 1))
+    return fit_memory_model([a for a, _ in sizes], [e for _, e in sizes], peaks)
 
 
 def cached_memory_model(potential: nn.Module, device: torch.device) -> MemoryModel | None:

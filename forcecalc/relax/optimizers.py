@@ -31,6 +31,9 @@ from forcecalc.relax.engine import SystemSet, segment_max, segment_sum
 #: ASE's default maximum step (Å) of every optimizer.
 DEFAULT_MAXSTEP = 0.2
 
+#: Per-atom and per-system state tensors, by name.
+_State = tuple[dict[str, Tensor], dict[str, Tensor]]
+
 
 class BatchedOptimizer(ABC):
     """Per-system optimizer state over an in-flight batch (see the module docstring)."""
@@ -42,9 +45,7 @@ class BatchedOptimizer(ABC):
         self.system_state: dict[str, Tensor] = {}
 
     @abstractmethod
-    def initial_state(
-        self, natoms: Tensor, device: torch.device
-    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    def initial_state(self, natoms: Tensor, device: torch.device) -> _State:
         """Per-atom and per-system state of new systems with ``natoms`` ``[S_new]`` atoms."""
 
     @abstractmethod
@@ -133,7 +134,7 @@ class FIRE(BatchedOptimizer):
         self.dt, self.maxstep, self.dtmax, self.Nmin = dt, maxstep, dtmax, Nmin
         self.finc, self.fdec, self.astart, self.fa, self.a = finc, fdec, astart, fa, a
 
-    def initial_state(self, natoms: Tensor, device: torch.device):
+    def initial_state(self, natoms: Tensor, device: torch.device) -> _State:
         n, s = int(natoms.sum()), len(natoms)
         f64 = torch.float64
         atom = {"velocity": torch.zeros(n, 3, dtype=f64, device=device)}
@@ -221,7 +222,7 @@ class LBFGS(BatchedOptimizer):
         self.maxstep, self.memory, self.damping, self.alpha = maxstep, memory, damping, alpha
         self.iterations: list[int] = []
 
-    def initial_state(self, natoms: Tensor, device: torch.device):
+    def initial_state(self, natoms: Tensor, device: torch.device) -> _State:
         n, s, m = int(natoms.sum()), len(natoms), self.memory
         f64 = torch.float64
         atom = {
@@ -312,7 +313,7 @@ class BFGS(BatchedOptimizer):
             )
         self.maxstep, self.alpha = maxstep, alpha
 
-    def initial_state(self, natoms: Tensor, device: torch.device):
+    def initial_state(self, natoms: Tensor, device: torch.device) -> _State:
         n, s = int(natoms.sum()), len(natoms)
         f64 = torch.float64
         dofs = 3 * natoms

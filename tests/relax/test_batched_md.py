@@ -146,6 +146,7 @@ def test_langevin_torch_stream_samples_the_canonical_ensemble():
         friction=0.02,
         seed=3,
         trajectory_interval=2,
+        skin=1.0,
     )
     kinetic, squared = [], []
     for result in results:

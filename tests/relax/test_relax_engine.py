@@ -106,7 +106,8 @@ def test_memory_model_fit_recovers_coefficients():
 
 def test_measure_memory_model_with_injected_measurement():
     """Contract: measure_memory_model runs the potential's batches through the measurement
-    (CUDA's peak by default; injected here) and fits the model from them."""
+    (CUDA's peak by default; injected here) and fits the model from them; batches that run
+    out of memory during the measurement are left out."""
     potential = morse_potential()
     batches = []
     for size in (1, 2, 4):
@@ -121,6 +122,19 @@ def test_measure_memory_model_with_injected_measurement():
     model = measure_memory_model(potential, batches, grad=False, measure=fake_peak)
     big = batches[-1]
     assert model.cost(big.n_atoms, big.n_edges) == pytest.approx(fake_peak(potential, big, False))
+
+    def small_device(model, batch, grad):
+        if batch.n_atoms > batches[1].n_atoms:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return fake_peak(model, batch, grad)
+
+    partial = measure_memory_model(potential, batches, grad=False, measure=small_device)
+    for batch in batches[:2]:  # fitted on the two that fit; extrapolates to the third
+        expected = fake_peak(potential, batch, False)
+        assert partial.cost(batch.n_atoms, batch.n_edges) == pytest.approx(expected)
+    assert partial.cost(big.n_atoms, big.n_edges) == pytest.approx(
+        fake_peak(potential, big, False), rel=0.05
+    )
 
 
 def test_out_of_memory_detection():
