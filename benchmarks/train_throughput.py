@@ -216,6 +216,7 @@ def main() -> None:
             "python": platform.python_version(),
             "cpu": platform.processor() or platform.machine(),
             "cpu_threads": torch.get_num_threads(),
+            "load_average_1min": os.getloadavg()[0],
             "gpu": gpu,
             "rows": rows,
         },

@@ -154,9 +154,8 @@ class AseFileFrames(Sequence):
 class ConcatFrames(Sequence):
     """Several sources as one sequence; :meth:`locate` says which source a frame comes from."""
 
-    def __init__(self, sources: Sequence[Sequence], names: Sequence[str]) -> None:
+    def __init__(self, sources: Sequence[Sequence]) -> None:
         self.sources = list(sources)
-        self.names = list(names)
         self._bounds = np.cumsum([0] + [len(s) for s in self.sources])
 
     def __len__(self) -> int:
@@ -220,9 +219,8 @@ def open_source(source: str | os.PathLike | Sequence) -> Sequence:
 def open_frames(sources: Sequence[str | os.PathLike] | Sequence) -> ConcatFrames:
     """Several sources (paths, or one list of ``Atoms``) as one :class:`ConcatFrames`."""
     if len(sources) and hasattr(sources[0], "positions"):
-        return ConcatFrames([sources], ["<atoms>"])
-    opened = [open_source(s) for s in sources]
-    return ConcatFrames(opened, [str(s) for s in sources])
+        return ConcatFrames([sources])
+    return ConcatFrames([open_source(s) for s in sources])
 
 
 def random_split(frames: Sequence, val_fraction: float, seed: int) -> tuple[Sequence, Sequence]:

@@ -318,11 +318,13 @@ class Trainer:
         """One optimisation step on a collated batch (this process's share of the global
         batch): augmentation, loss, backward, gradient averaging, clipping, update, average."""
         config = self.config
+        rotations = None
+        if config.rotation != "none":  # drawn from the batch on the host: no device sync
+            keys = [(config.seed, self.epoch, int(i)) for i in batch.index.tolist()]
+            rotations = random_rotations(keys, rotation_axes(batch.graph, config.rotation))
         batch = batch.to(self.device, self.dtype)
         graph, forces = batch.graph, batch.forces
-        if config.rotation != "none":
-            keys = [(config.seed, self.epoch, int(i)) for i in batch.index.tolist()]
-            rotations = random_rotations(keys, rotation_axes(graph, config.rotation))
+        if rotations is not None:
             graph, forces = rotate(graph, forces, torch.from_numpy(rotations))
         norm = self.potential.info.normalizers
         target_energy = (batch.energy - norm.energy_mean) / norm.energy_std
