@@ -85,6 +85,8 @@ POLE_EPS2 = 1e-12
 MIN_DISTANCE2 = 1e-4
 #: Seed of the default fixed set of force-block rotations.
 ROTATION_SEED = 0
+#: Working set (bytes) of one chunk of grids in the spin convolutions.
+CHUNK_BYTES = 1 << 28
 #: Width of the element-pair mixture of experts (OCP's ``num_embedding_basis``).
 NUM_EXPERTS = 8
 
@@ -171,7 +173,7 @@ class DistanceBlock(nn.Module):
 class SpinConvBlock(nn.Module):
     """Spin convolution of projected grids, given as their longitude spectra: ``[n, C, n_freq,
     2, lat] -> [n, mid]`` (``n_freq = long // 2 + 1``; real and imaginary parts of the DFT
-    along the longitude, see :func:`spectral_splat_weights`).
+    along the longitude, see :func:`splat_factors`).
 
     Equal to OCP's ``Conv1d(C*lat -> mid, kernel long, groups C//8, circular padding)`` over
     the longitude (input channel ``c * lat + latitude``), Swish, average over the ``long``
@@ -268,9 +270,14 @@ class MessageBlock(nn.Module):
         self.distfc2 = nn.Linear(mid_channels, mid_channels)
 
     def forward(
-        self, grid: Tensor, x_dist: Tensor, source_element: Tensor, target_element: Tensor
+        self,
+        x: Tensor,
+        projections: SphereProjections,
+        x_dist: Tensor,
+        source_element: Tensor,
+        target_element: Tensor,
     ) -> Tensor:
-        x = self.spinconvblock(grid)
+        x = projections.spin_convolution(self.spinconvblock, x)
         x = self.embeddingblock1(x, source_element, target_element)
         x = x + self.distfc2(self.act(self.distfc1(x_dist)))
         return self.embeddingblock2(self.act(x), source_element, target_element)
@@ -299,8 +306,8 @@ class ForceOutputBlock(nn.Module):
             mid_channels, 2, mid_channels, embedding_size, max_num_elements
         )
 
-    def forward(self, grid: Tensor, element: Tensor) -> Tensor:
-        x = self.spinconvblock(grid)
+    def forward(self, x: Tensor, projections: SphereProjections, element: Tensor) -> Tensor:
+        x = projections.spin_convolution(self.spinconvblock, x)
         x = self.act(self.block1(x, element, element))
         return self.block2(x, element, element)
 
@@ -566,15 +573,14 @@ class SpinConv(nn.Module):
         differentiable = self.forces == "conservative"
         with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
             unit = vectors / distances.unsqueeze(1)
-            frames = _edge_frames(vectors, distances, unit, incoming, self.cutoff)
+            frames = _edge_frames(vectors, distances, unit, target, n_atoms, incoming, self.cutoff)
             projected = torch.einsum("ekc,ejc->ejk", frames, _pad(unit)[neighbors])
-            weights = spectral_splat_weights(
-                projected, neighbors < n_edges, self.lat, self.long, dtype
+            projections = SphereProjections.from_directions(
+                projected, neighbors, n_edges, self.lat, self.long, dtype
             )
 
         for index, block in enumerate(self.message_blocks):
-            spectrum = _project(x, neighbors, weights, self.lat, self.long)
-            update = block(spectrum, x_dist, source_element, target_element)
+            update = block(x, projections, x_dist, source_element, target_element)
             x = update if index == 0 else x + update
 
         per_atom = _pad(x)[incoming].sum(dim=1) / (self.max_num_neighbors / 2.0 + 1.0)
@@ -617,14 +623,18 @@ class SpinConv(nn.Module):
                 projected = torch.einsum("ranxc,njc->ranjx", frames, directions)
             else:
                 projected = torch.einsum("raxc,njc->ranjx", frames, directions)
-            weights = spectral_splat_weights(
-                projected, incoming < n_edges, self.lat, self.long, x.dtype
-            )  # [R, 3, n_atoms, width, n_freq * 2 * lat]
-        features = _pad(x)[incoming].transpose(1, 2)  # [n_atoms, C, width]
-        spectrum = torch.matmul(features, weights)
-        spectrum = spectrum.view(3 * n_rot * n_atoms, x.shape[1], -1, 2, self.lat)
+            # Grid (r, axis, atom) receives the messages into the atom.
+            projections = SphereProjections.from_directions(
+                projected.reshape(3 * n_rot * n_atoms, -1, 3),
+                incoming.repeat(3 * n_rot, 1),
+                n_edges,
+                self.lat,
+                self.long,
+                x.dtype,
+            )
         element = numbers.repeat(3 * n_rot)
-        along_axis = self.force_output_block(spectrum, element)[:, 0].view(n_rot, 3, n_atoms)
+        along_axis = self.force_output_block(x, projections, element)[:, 0]
+        along_axis = along_axis.view(n_rot, 3, n_atoms)
         rotations = rotations.to(x.dtype)
         if self.random_rotations:
             forces = torch.einsum("rnac,ran->nc", rotations, along_axis)
@@ -671,14 +681,19 @@ def _axis_frames(rotations: Tensor) -> Tensor:
 
 
 def _edge_frames(
-    vectors: Tensor, distances: Tensor, unit: Tensor, incoming: Tensor, cutoff: float
+    vectors: Tensor,
+    distances: Tensor,
+    unit: Tensor,
+    target: Tensor,
+    n_atoms: int,
+    incoming: Tensor,
+    cutoff: float,
 ) -> Tensor:
     """``[n_edges, 3, 3]`` edge frames, rows ``(x, y, z)``: ``x = v/|v|``; the roll from the
     target's cosine-weighted mean neighbor vector (+1e-4 per component), with OCP's +1e-7 in
     the normalisations of ``z`` and ``y``."""
     weight = 0.5 * (torch.cos(distances * math.pi / cutoff) + 1.0)
     mean_vector = _pad(vectors * weight.unsqueeze(1))[incoming].sum(dim=1)  # [n_atoms, 3]
-    target = _edge_targets(incoming, len(vectors))
     helper = mean_vector[target] + 1e-4
     helper = helper / torch.linalg.norm(helper, dim=1, keepdim=True)
     axis_z = torch.linalg.cross(unit, helper, dim=1)
@@ -686,15 +701,6 @@ def _edge_frames(
     axis_y = torch.linalg.cross(unit, axis_z, dim=1)
     axis_y = axis_y / (torch.linalg.norm(axis_y, dim=1, keepdim=True) + 1e-7)
     return torch.stack([unit, axis_y, axis_z], dim=1)
-
-
-def _edge_targets(incoming: Tensor, n_edges: int) -> Tensor:
-    """``[n_edges]`` target atom of each edge, from the incoming-edge table."""
-    atoms = torch.arange(len(incoming), device=incoming.device).unsqueeze(1).expand_as(incoming)
-    valid = incoming < n_edges
-    target = torch.empty(n_edges, dtype=torch.int64, device=incoming.device)
-    target[incoming[valid]] = atoms[valid]
-    return target
 
 
 def _incoming_table(target: Tensor, n_atoms: int) -> Tensor:
@@ -717,26 +723,27 @@ def _pad(values: Tensor) -> Tensor:
     return torch.cat([values, values.new_zeros(1, *values.shape[1:])])
 
 
-def spectral_splat_weights(
+def splat_factors(
     projected: Tensor, valid: Tensor, lat: int, long: int, dtype: torch.dtype
-) -> Tensor:
-    """Bilinear splat weights of directions on a lat/long grid, as longitude spectra.
+) -> tuple[Tensor, Tensor]:
+    """Bilinear splat of directions onto a lat/long grid, as longitude spectra (factored).
 
     A direction ``p`` (row 0 = the grid's polar axis) lands at latitude row
     ``Y = (0.99 (asin(p0) + pi/2) / pi + 0.005) (lat - 1)`` and longitude column
     ``X = (atan2(p1, p2) + pi) / (2 pi) long`` and is splatted bilinearly onto the four
     surrounding cells (OCP's ``_project2D_init``; the longitude wraps around).  Instead of the
-    grid, this returns its real DFT along the longitude: the splat of a unit value is
-    ``rows[y] * ((1 - dx) e^{-2 pi i f x0 / long} + dx e^{-2 pi i f x1 / long})``.  Geometry in
-    float64 (see the module docstring for the pole convention and its derivative).
+    grid, the factors of its real DFT along the longitude are returned: a unit value splatted
+    there has spectrum ``rows[y] * phase[f]`` with ``rows = (1 - dy) [y0] + dy [y0 + 1]`` and
+    ``phase[f] = (1 - dx) e^{-2 pi i f x0 / long} + dx e^{-2 pi i f x1 / long}``.  The geometry
+    is evaluated in float64 (see the module docstring for the pole convention and derivative).
 
     Args:
         projected: ``[..., 3]`` float64 directions in the grid frames.
         valid: ``[...]`` bool, False for padding (weight zero).
-        dtype: dtype of the returned weights.
+        dtype: dtype of the returned factors.
 
     Returns:
-        ``[..., n_freq * 2 * lat]`` weights, flattened from ``[n_freq, (re, im), lat]``.
+        ``phase`` ``[..., n_freq, 2]`` (real, imaginary) and ``rows`` ``[..., lat]``.
     """
     y, z, p0 = projected[..., 1], projected[..., 2], projected[..., 0]
     pole = y * y + z * z < POLE_EPS2
@@ -749,23 +756,65 @@ def spectral_splat_weights(
     col = (longitude + math.pi) / (2.0 * math.pi) * long
     row = (0.99 * ((latitude + math.pi / 2.0) / math.pi) + 0.005) * (lat - 1.0)
     col_floor, row_floor = torch.floor(col), torch.floor(row)
-    dx, dy = (col - col_floor).unsqueeze(-1), (row - row_floor).unsqueeze(-1)
+    dx = (col - col_floor).unsqueeze(-1).unsqueeze(-1)
+    dy = (row - row_floor).unsqueeze(-1)
     x0 = col_floor.long() % long
     y0 = row_floor.long() % lat
     table = _splat_dft_table(long, projected.device)  # [long, n_freq, 2]
-    phase = (1.0 - dx.unsqueeze(-1)) * table[x0] + dx.unsqueeze(-1) * table[(x0 + 1) % long]
+    phase = (1.0 - dx) * table[x0] + dx * table[(x0 + 1) % long]
     rows = (1.0 - dy) * F.one_hot(y0, lat) + dy * F.one_hot((y0 + 1) % lat, lat)
     rows = rows * valid.unsqueeze(-1)
-    weights = phase.to(dtype).unsqueeze(-1) * rows.to(dtype).unsqueeze(-2).unsqueeze(-2)
-    return weights.flatten(-3)
+    return phase.to(dtype), rows.to(dtype)
 
 
-def _project(values: Tensor, neighbors: Tensor, weights: Tensor, lat: int, long: int) -> Tensor:
-    """Longitude spectra of the grids: ``[n, C, n_freq, 2, lat]``, where grid ``g`` receives
-    ``values[neighbors[g, j]]`` splatted with ``weights[g, j]``."""
-    features = _pad(values)[neighbors].transpose(1, 2)  # [n, C, width]
-    spectrum = torch.bmm(features, weights)
-    return spectrum.view(len(neighbors), values.shape[1], long // 2 + 1, 2, lat)
+class SphereProjections:
+    """Values projected onto lat/long grids, kept as splat factors: grid ``g`` receives
+    ``values[neighbors[g, j]]`` at the direction whose factors are ``phase[g, j]``,
+    ``rows[g, j]`` (see :func:`splat_factors`); ``neighbors`` is padded with ``len(values)``.
+
+    The grids' spectra (``[n, C, n_freq, 2, lat]``) are only built chunk by chunk inside
+    :meth:`spin_convolution`, so memory stays bounded for large systems.
+    """
+
+    def __init__(self, neighbors: Tensor, phase: Tensor, rows: Tensor) -> None:
+        self.neighbors = neighbors
+        self.phase = phase
+        self.rows = rows
+
+    @classmethod
+    def from_directions(
+        cls,
+        projected: Tensor,
+        neighbors: Tensor,
+        n_values: int,
+        lat: int,
+        long: int,
+        dtype: torch.dtype,
+    ) -> SphereProjections:
+        """``projected`` ``[n, width, 3]`` directions of ``neighbors`` ``[n, width]``."""
+        phase, rows = splat_factors(projected, neighbors < n_values, lat, long, dtype)
+        return cls(neighbors, phase, rows)
+
+    def spectra(self, values: Tensor, start: int = 0, stop: int | None = None) -> Tensor:
+        """``[stop - start, C, n_freq, 2, lat]`` longitude spectra of grids ``start:stop``."""
+        chunk = slice(start, stop)
+        phase, rows = self.phase[chunk], self.rows[chunk]
+        weights = (phase.unsqueeze(-1) * rows.unsqueeze(-2).unsqueeze(-2)).flatten(-3)
+        features = _pad(values)[self.neighbors[chunk]].transpose(1, 2)  # [n, C, width]
+        spectrum = torch.bmm(features, weights)
+        return spectrum.view(len(spectrum), values.shape[1], *phase.shape[-2:], rows.shape[-1])
+
+    def spin_convolution(self, block: SpinConvBlock, values: Tensor) -> Tensor:
+        """``block`` applied to the projected grids: ``[n, mid]``, in chunks of grids."""
+        n, width = self.neighbors.shape
+        n_spectrum = self.phase.shape[-2] * 2 * self.rows.shape[-1]
+        per_grid = values.element_size() * (
+            (width + 2 * values.shape[1]) * n_spectrum + 2 * block.mid_channels * block.long
+        )
+        step = max(1, CHUNK_BYTES // per_grid)
+        if n <= step:
+            return block(self.spectra(values))
+        return torch.cat([block(self.spectra(values, i, i + step)) for i in range(0, n, step)])
 
 
 def _splat_dft_table(long: int, device: torch.device) -> Tensor:

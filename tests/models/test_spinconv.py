@@ -14,13 +14,9 @@ from ase import Atoms
 from ase.build import molecule
 from conftest import load_ocp_raw, ocp_reference, ocp_structures
 
+import forcecalc.models.spinconv as spinconv_module
 from forcecalc.graph.batch import Batch
-from forcecalc.models.spinconv import (
-    SpinConv,
-    SpinConvBlock,
-    _project,
-    spectral_splat_weights,
-)
+from forcecalc.models.spinconv import SphereProjections, SpinConv, SpinConvBlock
 
 MODELS = [
     "spinconv_small_fc",
@@ -522,8 +518,22 @@ def test_spectral_spin_convolution_matches_direct_conv1d(lat, long):
     features = torch.randn(n * width, channels, dtype=torch.float64)
     neighbors = torch.arange(n * width).view(n, width)
     neighbors[~valid] = n * width  # padding index
-    weights = spectral_splat_weights(directions, valid, lat, long, torch.float64)
-    ours = block(_project(features, neighbors, weights, lat, long))
+    projections = SphereProjections.from_directions(
+        directions, neighbors, n * width, lat, long, torch.float64
+    )
+    ours = projections.spin_convolution(block, features)
     values = features[torch.where(valid, neighbors, 0)]
     direct = _direct_spin_convolution(block, values, directions, valid)
     torch.testing.assert_close(ours, direct, rtol=1e-10, atol=1e-10)
+
+
+def test_chunked_spin_convolution_equals_one_pass(monkeypatch):
+    """Projecting and convolving the grids chunk by chunk (to bound memory) gives the results
+    of one pass, for the message blocks and the force block."""
+    model = _model("spinconv_small_fc")
+    structures = [ocp_structures()[n] for n in ("o_pt100", "n2_box")]
+    whole = _run(model, structures, torch.float64)
+    monkeypatch.setattr(spinconv_module, "CHUNK_BYTES", 300_000)
+    chunked = _run(model, structures, torch.float64)
+    torch.testing.assert_close(chunked["energy"], whole["energy"], rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(chunked["forces"], whole["forces"], rtol=1e-12, atol=1e-13)
