@@ -1,4 +1,4 @@
-"""Shared test fixtures: the OCP reference outputs and checkpoints."""
+"""The OCP reference outputs and checkpoints (shared by the tests; see tests/data/README.md)."""
 
 from __future__ import annotations
 

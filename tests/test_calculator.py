@@ -9,7 +9,7 @@ from ase.build import add_adsorbate, fcc100, molecule
 from ase.calculators.calculator import PropertyNotImplementedError
 from ase.constraints import FixAtoms
 from ase.md.verlet import VelocityVerlet
-from conftest import OCP_DATA, ocp_reference, ocp_structures
+from ocp_fixtures import OCP_DATA, ocp_reference, ocp_structures
 
 from forcecalc import (
     ForceCalculator,

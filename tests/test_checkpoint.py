@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import OCP_DATA, load_ocp_raw
+from ocp_fixtures import OCP_DATA, load_ocp_raw
 
 from forcecalc.checkpoint import (
     CheckpointError,

@@ -11,7 +11,7 @@ import torch
 from ase.build import add_adsorbate, fcc111
 from ase.constraints import FixAtoms
 from ase.io import read, write
-from conftest import OCP_DATA
+from ocp_fixtures import OCP_DATA
 
 import forcecalc
 from forcecalc.cli import main

@@ -9,7 +9,7 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from conftest import OCP_DATA
+from ocp_fixtures import OCP_DATA
 
 from forcecalc import hub
 

@@ -220,7 +220,10 @@ def radius_graph(
             the batched torch cell list for several systems on a GPU).
 
     Returns:
-        The edges, in the dtype and on the device of ``positions``.
+        The edges, in the dtype and on the device of ``positions``, in canonical order
+        (:func:`canonical_order`): the same order from either backend, and a graph built at a
+        larger radius and then cut back lists the remaining edges in the same order, so sums
+        over edges (and model outputs) are bit-identical.
     """
     pbc = pbc.to(device=positions.device, dtype=torch.bool)
     _check_inputs(positions, cell, pbc, system_idx, cutoff)
@@ -232,6 +235,8 @@ def radius_graph(
         edge_index, shifts = batched_cell_list(positions, cell, pbc, system_idx, cutoff)
     else:
         raise ValueError(f"unknown neighbor-list backend {backend!r}")
+    order = canonical_order(edge_index, shifts, len(positions))
+    edge_index, shifts = edge_index[:, order], shifts[order]
     vectors = edge_vectors(positions, cell, system_idx, edge_index, shifts)
     distances = torch.linalg.norm(vectors, dim=1)
     if max_neighbors is not None:
@@ -239,6 +244,27 @@ def radius_graph(
         edge_index, shifts = edge_index[:, keep], shifts[keep]
         vectors, distances = vectors[keep], distances[keep]
     return NeighborGraph(edge_index, shifts, vectors, distances)
+
+
+def canonical_order(edge_index: Tensor, shifts: Tensor, n_atoms: int) -> Tensor:
+    """The permutation that sorts edges by target, then source, then cell shift.
+
+    Args:
+        edge_index: ``[2, n_edges]`` (source j, target i).
+        shifts: ``[n_edges, 3]`` integer cell shifts.
+        n_atoms: number of atoms.
+
+    Returns:
+        ``[n_edges]`` int64 permutation.
+    """
+    if shifts.shape[0] == 0:
+        return torch.zeros(0, dtype=torch.int64, device=shifts.device)
+    low = shifts.min()
+    span = shifts.max() - low + 1
+    shift_key = ((shifts[:, 0] - low) * span + (shifts[:, 1] - low)) * span + (shifts[:, 2] - low)
+    order = torch.argsort(shift_key, stable=True)
+    pair_key = edge_index[1] * n_atoms + edge_index[0]
+    return order[torch.argsort(pair_key[order], stable=True)]
 
 
 def max_neighbors_mask(

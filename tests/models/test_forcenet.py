@@ -9,7 +9,7 @@ from functools import cache
 import numpy as np
 import pytest
 import torch
-from conftest import load_ocp_raw, ocp_reference, ocp_structures
+from ocp_fixtures import load_ocp_raw, ocp_reference, ocp_structures
 
 from forcecalc.graph.batch import Batch
 from forcecalc.models.forcenet import (

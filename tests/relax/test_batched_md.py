@@ -188,7 +188,7 @@ def test_md_invalid_arguments():
 
 def test_md_float32_checkpoint_runs():
     """Contract: MD with a real checkpoint (ForceNet, float32) runs and keeps FixAtoms."""
-    from conftest import ocp_checkpoint_path
+    from ocp_fixtures import ocp_checkpoint_path
 
     path = ocp_checkpoint_path("forcenet_small")
     systems = [rattled_slab(1)]

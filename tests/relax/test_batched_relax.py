@@ -214,18 +214,26 @@ def test_steps_limit_and_zero_steps():
     )
 
 
-def test_optimizer_options_follow_ase():
-    """Contract: ASE-named options (maxstep, alpha, memory, dt, ...) change the run as in
-    ASE: LBFGS with memory=3, alpha=40 and maxstep=0.1 equals ASE's LBFGS with the same."""
+@pytest.mark.parametrize(
+    ("optimizer", "options"),
+    [
+        ("LBFGS", {"memory": 3, "alpha": 40.0, "maxstep": 0.1, "damping": 0.8}),
+        ("BFGS", {"alpha": 40.0, "maxstep": 0.1}),
+        ("FIRE", {"dt": 0.05, "maxstep": 0.1, "dtmax": 0.5, "Nmin": 3, "finc": 1.2}),
+        ("FIRE", {"fdec": 0.6, "astart": 0.2, "fa": 0.95, "a": 0.15}),
+    ],
+)
+def test_optimizer_options_follow_ase(optimizer, options):
+    """Contract: ASE-named options (maxstep, alpha, memory, damping, dt, dtmax, Nmin, finc,
+    fdec, astart, fa, a) change the run exactly as in ASE: same steps, same positions."""
     atoms = mixed_structures()[1]
     potential = morse_potential()
-    options = {"memory": 3, "alpha": 40.0, "maxstep": 0.1}
-    [result] = relax([atoms], potential, optimizer="LBFGS", optimizer_options=options)
+    [result] = relax([atoms], potential, optimizer=optimizer, optimizer_options=options)
     reference = atoms.copy()
     reference.calc = load_calculator(potential)
-    optimizer = LBFGS(reference, logfile=None, **options)
-    optimizer.run(fmax=0.05, steps=300)
-    assert result.info["relax_steps"] == optimizer.nsteps
+    dynamics = ASE_OPTIMIZERS[optimizer.lower()](reference, logfile=None, **options)
+    dynamics.run(fmax=0.05, steps=300)
+    assert result.info["relax_steps"] == dynamics.nsteps
     np.testing.assert_allclose(result.positions, reference.positions, atol=1e-6)
 
 
@@ -265,7 +273,7 @@ def test_forcenet_checkpoint_integration():
     """Contract: with a real forcecalc checkpoint (ForceNet fixture, float32, loaded by path),
     10 FIRE steps of three slabs in one batch equal ASE's FIRE with forcecalc's calculator to
     float32 rounding (1e-4 Å), FixAtoms included."""
-    from conftest import ocp_checkpoint_path
+    from ocp_fixtures import ocp_checkpoint_path
 
     path = ocp_checkpoint_path("forcenet_small")
     structures = [rattled_slab(seed) for seed in range(3)]
@@ -286,7 +294,7 @@ def test_forcenet_checkpoint_integration():
 def test_energy_centric_spinconv_integration():
     """Contract: an energy-centric SpinConv with conservative forces (autograd inside the
     engine's forward) relaxes a batch like the calculator does one by one (3 BFGS steps)."""
-    from conftest import ocp_checkpoint_path
+    from ocp_fixtures import ocp_checkpoint_path
 
     from forcecalc.checkpoint import load_checkpoint
 
