@@ -436,13 +436,17 @@ def build_slab(spec: SystemSpec, lattice: Mapping[str, float], rng: np.random.Ge
     facet = spec.facet
     ppl = _PLANES_PER_LAYER[facet]
     n_planes = spec.layers * ppl
-    n_rep = -(-(n_planes + spec.termination) // _PLANES_PER_REPEAT[facet]) + 1
+    # Two spare repeats: ase.build.surface may split its end planes across the boundary.
+    n_rep = -(-(n_planes + spec.termination) // _PLANES_PER_REPEAT[facet]) + 2
     raw = surface(spec.bulk.cubic_cell(lattice), _MILLER[facet], n_rep, vacuum=5.0, periodic=True)
     z = raw.positions[:, 2]
     order = np.argsort(-z, kind="stable")
     plane_of_sorted = np.concatenate([[0], np.cumsum(-np.diff(z[order]) > 0.3)])
     plane = np.empty(len(z), dtype=int)
     plane[order] = plane_of_sorted  # 0 = topmost plane
+    counts = np.bincount(plane)
+    complete = np.flatnonzero(counts == counts.max())  # contiguous: partial planes at the ends
+    plane -= complete[0]  # 0 = topmost complete plane
     keep = (plane >= spec.termination) & (plane < spec.termination + n_planes)
     slab = raw[keep]
     layer = (plane[keep] - spec.termination) // ppl  # 0 = top layer
@@ -474,31 +478,42 @@ def _in_plane_images(cell: np.ndarray) -> np.ndarray:
 
 
 def find_sites(slab: Atoms, facet: str, a: float) -> dict[str, list[np.ndarray]]:
-    """Candidate adsorption sites (Cartesian, Å) of a slab, by type.
+    """Candidate adsorption sites (Cartesian, Å) of a slab, by type, each site once.
 
     Top sites sit on surface atoms, bridge sites between neighbouring surface atoms, hollow
-    sites at the centroid of three mutually neighbouring surface atoms (minimum image in-plane).
+    sites at the centroid of three mutually neighbouring surface atoms or at the centre of a
+    square of four ((100)); neighbours are within 1.2 nearest-neighbour distances, minimum
+    image in-plane.
     """
     pos = slab.positions
     slab_mask = slab.get_tags() < 2
     z_top = pos[slab_mask, 2].max()
     surf = np.flatnonzero(slab_mask & (pos[:, 2] >= z_top - _SITE_DEPTH[facet] * a))
-    images = _in_plane_images(np.asarray(slab.cell))
+    cell = np.asarray(slab.cell)
+    images = _in_plane_images(cell)
     cutoff = 1.2 * a / np.sqrt(2)
-    neighbors: dict[int, list[np.ndarray]] = {int(i): [] for i in surf}
-    for i, j in itertools.combinations(surf, 2):
+    neighbors: dict[int, list[tuple[int, np.ndarray]]] = {int(i): [] for i in surf}
+    for i, j in itertools.permutations(surf, 2):
         d = pos[j] - pos[i] + images
-        for v in d[np.linalg.norm(d, axis=1) < cutoff]:
-            neighbors[int(i)].append(v)
-    sites: dict[str, list[np.ndarray]] = {"top": [pos[i].copy() for i in surf]}
-    sites["bridge"] = [pos[i] + v / 2 for i, vs in neighbors.items() for v in vs]
-    hollow = []
-    for i, vs in neighbors.items():
-        for v, w in itertools.combinations(vs, 2):
-            if np.linalg.norm(v - w) < cutoff:
+        neighbors[int(i)].extend((int(j), v) for v in d[np.linalg.norm(d, axis=1) < cutoff])
+
+    def unique(points: list[np.ndarray]) -> list[np.ndarray]:
+        """``points`` without periodic duplicates (in-plane fractional coordinates to 1e-3)."""
+        out: dict[tuple[float, float, float], np.ndarray] = {}
+        for p in points:
+            f = np.round(np.linalg.solve(cell.T, p)[:2] % 1.0, 3) % 1.0
+            out.setdefault((float(f[0]), float(f[1]), round(float(p[2]), 1)), p)
+        return list(out.values())
+
+    bridge, hollow = [], []
+    for i, nbrs in neighbors.items():
+        bridge.extend(pos[i] + v / 2 for j, v in nbrs if j > i)
+        for (_, v), (_, w) in itertools.combinations(nbrs, 2):
+            if np.linalg.norm(v - w) < cutoff:  # triangle
                 hollow.append(pos[i] + (v + w) / 3)
-    sites["hollow"] = hollow
-    return sites
+            elif abs(v @ w) < 0.25 * np.linalg.norm(v) * np.linalg.norm(w):  # square corner
+                hollow.append(pos[i] + (v + w) / 2)
+    return {"top": [pos[i].copy() for i in surf], "bridge": bridge, "hollow": unique(hollow)}
 
 
 def place_adsorbate(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from forcecalc.data.oc20emt import (
     _draw_spec,
     build_slab,
     emt_lattice_constants,
+    find_sites,
     gas_references,
     generate,
     plan_splits,
@@ -182,9 +184,9 @@ def test_ood_splits_exclude_what_they_claim(tiny: tuple[dict[str, Path], float])
 
 def test_catalog_and_slabs() -> None:
     """At least 20 adsorbates of H, C, N, O with the binding atom first at the origin; every
-    facet and bulk kind gives a slab of 20-60 atoms for the ``small`` preset, with both
-    elements of an alloy present (random alloys in the exact ratio), tags 1 only in the top
-    layers and FixAtoms on the rest."""
+    facet, metal, alloy kind, layer count and termination gives a slab of whole layers (20-60
+    atoms for the ``small`` preset), with both elements of an alloy present (random alloys in
+    the exact ratio), tags 1 on the layers above the bottom two and FixAtoms on those."""
     assert len(ADSORBATES) >= 20
     for symbols, positions in ADSORBATES.values():
         assert set(Atoms(symbols).get_chemical_symbols()) <= {"H", "C", "N", "O"}
@@ -192,27 +194,39 @@ def test_catalog_and_slabs() -> None:
     lattice = emt_lattice_constants()
     assert lattice["Cu"] == pytest.approx(3.59, abs=0.01)
     rng = np.random.default_rng(0)
-    for facet in FACETS:
-        for bulk in (
-            Bulk(("Cu",)),
-            Bulk(("Au", "Cu"), "A3B", "L12"),
-            Bulk(("Au", "Cu"), "AB", "L10"),
-            Bulk(("Ni", "Pt"), "AB3", "random"),
-        ):
-            for layers in (3, 4):
-                for repeat in {"(211)": [(1, 2)], "(111)": [(2, 1)]}.get(facet, [(2, 2)]):
-                    spec = SystemSpec("CO", bulk, facet, layers, repeat, 1, "top")
-                    slab = build_slab(spec, lattice, rng)
-                    assert 20 <= len(slab) <= 60, (facet, layers, len(slab))
-                    tags = slab.get_tags()
-                    assert set(tags.tolist()) == {0, 1}
-                    assert slab.positions[tags == 1, 2].min() > slab.positions[tags == 0, 2].max()
-                    assert np.array_equal(
-                        np.sort(slab.constraints[0].index), np.flatnonzero(tags == 0)
-                    )
-                    if len(bulk.elements) == 2:
-                        n_a, n_b, _ = STOICHIOMETRIES[bulk.stoichiometry]
-                        counts = [slab.get_chemical_symbols().count(e) for e in bulk.elements]
-                        assert min(counts) > 0
-                        if bulk.ordering == "random":
-                            assert counts[0] * n_b == counts[1] * n_a, (facet, bulk, counts)
+    per_layer = {"(111)": 4, "(100)": 2, "(110)": 2, "(211)": 6}
+    repeats = {"(111)": (2, 1), "(100)": (2, 2), "(110)": (2, 2), "(211)": (1, 2)}
+    bulks = [Bulk((m,)) for m in METALS] + [
+        Bulk(("Au", "Cu"), "A3B", "L12"),
+        Bulk(("Al", "Pt"), "AB", "L10"),
+        Bulk(("Ni", "Pt"), "AB3", "random"),
+    ]
+    for facet, bulk, layers, termination in itertools.product(FACETS, bulks, (3, 4), (0, 1)):
+        repeat = repeats[facet]
+        spec = SystemSpec("CO", bulk, facet, layers, repeat, termination, "top")
+        slab = build_slab(spec, lattice, rng)
+        n_layer = per_layer[facet] * repeat[0] * repeat[1]
+        assert len(slab) == n_layer * layers and 20 <= len(slab) <= 60, (spec, len(slab))
+        tags = slab.get_tags()
+        assert (tags == 1).sum() == n_layer * (layers - 2) and set(tags.tolist()) == {0, 1}
+        assert slab.positions[tags == 1, 2].min() > slab.positions[tags == 0, 2].max()
+        assert np.array_equal(np.sort(slab.constraints[0].index), np.flatnonzero(tags == 0))
+        if len(bulk.elements) == 2:
+            n_a, n_b, _ = STOICHIOMETRIES[bulk.stoichiometry]
+            counts = [slab.get_chemical_symbols().count(e) for e in bulk.elements]
+            assert min(counts) > 0
+            if bulk.ordering == "random":
+                assert counts[0] * n_b == counts[1] * n_a, (facet, bulk, counts)
+
+
+def test_sites_of_flat_facets() -> None:
+    """Site finding counts each site once: per surface atom, fcc(111) has 1 top, 3 bridge and
+    2 threefold hollow sites, fcc(100) 1 top, 2 bridge and 1 fourfold hollow site."""
+    lattice = emt_lattice_constants()
+    for facet, repeat, per_atom in (("(111)", (2, 2), (1, 3, 2)), ("(100)", (3, 3), (1, 2, 1))):
+        spec = SystemSpec("O", Bulk(("Pt",)), facet, 3, repeat, 0, "top")
+        slab = build_slab(spec, lattice, np.random.default_rng(0))
+        n_top = int((slab.get_tags() == 1).sum())
+        sites = find_sites(slab, facet, lattice["Pt"])
+        counts = tuple(len(sites[k]) // n_top for k in ("top", "bridge", "hollow"))
+        assert counts == per_atom and all(len(v) % n_top == 0 for v in sites.values())
