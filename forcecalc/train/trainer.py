@@ -170,7 +170,7 @@ class Trainer:
         torch.manual_seed(config.seed)
         self.potential = self._build_potential(state)
         model = self.potential.model
-        self.trainable = freeze_except(model, config.freeze_except)
+        freeze_except(model, config.freeze_except)
         if self.dist.active and config.sync_batchnorm:
             convert_batchnorm(model)
         self.frozen_norms = frozen_norm_layers(model)
@@ -379,7 +379,9 @@ class Trainer:
         """Train until ``max_steps`` (or ``max_epochs``), then write ``final.pt``.
 
         Returns:
-            ``{"step", "epoch", "metrics" (final validation), "best", "final", "best_path"}``.
+            ``{"step", "epoch", "metrics"`` (final evaluation), ``"best"`` (best monitored
+            score), ``"final"`` (path of ``final.pt``), ``"best_path"`` (``best.pt``, ``None``
+            if no evaluation ran)``}``.
         """
         from tqdm.auto import tqdm
 
@@ -406,7 +408,7 @@ class Trainer:
                     self.batch_in_epoch += 1
                     self.elapsed = elapsed_before + time.perf_counter() - started
                     bar.update(1)
-                    if self.step % 10 == 0 and config.progress:
+                    if self.step % 10 == 0 and not bar.disable:
                         bar.set_postfix(
                             loss=f"{float(self._sums[0]) / max(self._sum_steps, 1):.4g}",
                             lr=f"{self.optimizer.param_groups[0]['lr']:.3g}",
@@ -431,15 +433,16 @@ class Trainer:
             if last_eval_step == self.step and self.history
             else self._evaluate(step_schedule=False)
         )
-        final = self.export(self.out / FINAL_FILE, final_metrics)
+        self.export(self.out / FINAL_FILE, final_metrics)
         barrier(self.dist)
+        best = self.out / BEST_FILE
         return {
             "step": self.step,
             "epoch": self.epoch,
             "metrics": final_metrics,
             "best": self.best,
-            "final": str(final),
-            "best_path": str(self.out / BEST_FILE),
+            "final": str(self.out / FINAL_FILE),
+            "best_path": str(best) if best.exists() else None,
         }
 
     # ---------------------------------------------------------------------------------------
