@@ -9,6 +9,18 @@
 * :func:`shard` / :func:`merge_shards` / :func:`parse_shard`: deterministic splitting of a
   screening over machines.
 
+Example::
+
+    from forcecalc.relax import relax, md
+
+    relaxed = relax(structures, "spinconv-ec", optimizer="bfgs", fmax=0.05, steps=300)
+    for atoms in relaxed:
+        print(atoms.info["relax_steps"], atoms.info["relax_converged"],
+              atoms.get_potential_energy())
+
+    # screening on 8 machines: machine k (0-based) relaxes shard(structures, k, 8), and
+    # merge_shards([out_0, ..., out_7], n_items=len(structures)) restores the input order
+
 Note: ``forcecalc.relax`` *the attribute of the package* is the function :func:`relax`
 (exported by ``forcecalc/__init__``); import from this subpackage with
 ``from forcecalc.relax import ...``.
