@@ -7,10 +7,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch import nn
 
 from forcecalc import metrics
-from forcecalc.checkpoint import Normalizers
+from forcecalc.checkpoint import Potential
 from forcecalc.train.data import Collater, IndexedFrames, SubsetFrames, shard
 from forcecalc.train.distributed import DistInfo, all_gather_objects
 
@@ -41,29 +40,26 @@ class Predictions:
 
 
 def predict_frames(
-    model: nn.Module,
+    potential: Potential,
     frames: Sequence,
-    normalizers: Normalizers,
     batch_size: int,
     device: torch.device,
     dtype: torch.dtype,
     info: DistInfo,
 ) -> Predictions:
-    """Predictions for every frame (each process evaluates a contiguous shard; the shards are
-    gathered on every process, in frame order).  The model is used as it is (call ``eval()``
-    first for validation)."""
+    """Predictions (eV, eV/Å) for every frame: each process evaluates a contiguous shard, the
+    shards are gathered on every process, in frame order.  The potential is used as it is
+    (call ``eval()`` first for validation)."""
     indices = shard(len(frames), info.rank, info.world_size)
     subset = IndexedFrames(SubsetFrames(frames, list(indices)))
-    collate = Collater(float(model.cutoff))
-    needs_grad = bool(getattr(model, "defines_stress", False))
+    collate = Collater(potential.cutoff)
     parts = []
     for start in range(0, len(subset), batch_size):
         batch = collate([subset[i] for i in range(start, min(start + batch_size, len(subset)))])
         batch = batch.to(device, dtype)
-        with torch.set_grad_enabled(needs_grad):
-            out = model(batch.graph)
-        energy = out["energy"].detach() * normalizers.energy_std + normalizers.energy_mean
-        forces = out["forces"].detach() * normalizers.forces_std
+        with torch.set_grad_enabled(potential.defines_stress):
+            out = potential(batch.graph)
+        energy, forces = out["energy"].detach(), out["forces"].detach()
         parts.append(
             Predictions(
                 energy=energy.double().cpu().numpy(),

@@ -307,7 +307,7 @@ class Trainer:
         return potential
 
     def _train_mode(self) -> None:
-        self.potential.model.train()
+        self.potential.train()
         for module in self.frozen_norms:
             module.eval()
 
@@ -453,16 +453,14 @@ class Trainer:
 
         Leaves the random state, the schedule and the training mode as they were.
         """
-        model = self.potential.model
         devices = [self.device] if self.device.type == "cuda" else []
         batch_size = self.config.eval_batch_size or self.config.batch_size
         with torch.random.fork_rng(devices=devices), self._averaged():
-            model.eval()
+            self.potential.eval()
             try:
                 predictions = predict_frames(
-                    model,
+                    self.potential,
                     frames,
-                    self.potential.info.normalizers,
                     batch_size,
                     self.device,
                     self.dtype,
