@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 
 import forcecalc
+from forcecalc.data.cli import add_data_commands
+from forcecalc.train.cli import add_train_commands
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -235,12 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     md.add_argument("--out", default=None, help="trajectory file (.traj)")
     md.set_defaults(func=_cmd_md)
 
-    try:
-        from forcecalc.data.cli import add_data_commands
-    except ImportError:
-        add_data_commands = None
-    if add_data_commands is not None:
-        add_data_commands(sub)
+    add_data_commands(sub)
+    add_train_commands(sub)
     return parser
 
 
