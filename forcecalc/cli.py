@@ -101,37 +101,91 @@ def _write_structures(path: str, structures: list) -> None:
 
 def _cmd_relax(args: argparse.Namespace) -> int:
     from ase.constraints import FixAtoms
+
+    from forcecalc.checkpoint import load_checkpoint
+    from forcecalc.relax import parse_shard, shard_indices
+
+    potential = load_checkpoint(
+        args.model, device=args.device, dtype=args.dtype, allow_unsafe=args.allow_unsafe
+    )
+    structures = _read_structures(args.input)
+    indices = list(range(len(structures)))
+    if args.shard:
+        indices = shard_indices(len(structures), *parse_shard(args.shard))
+    selected = []
+    for index in indices:
+        atoms = structures[index]
+        atoms.info["input_index"] = index
+        if args.fix_below is not None:
+            below = np.flatnonzero(atoms.positions[:, 2] < args.fix_below)
+            atoms.set_constraint(FixAtoms(indices=below))
+        selected.append(atoms)
+    relaxed = (_relax_batched if args.batched else _relax_one_by_one)(selected, potential, args)
+    print(f"{'#':>5} {'formula':<16} {'steps':>6} {'E_initial':>12} {'E_final':>12} {'fmax':>8}")
+    for atoms in relaxed:
+        fmax = float(np.linalg.norm(atoms.get_forces(), axis=1).max())
+        flag = "" if atoms.info["relax_converged"] else "  (not converged)"
+        print(
+            f"{atoms.info['input_index']:>5} {atoms.get_chemical_formula():<16} "
+            f"{atoms.info['relax_steps']:>6} {atoms.info['relax_initial_energy']:>12.4f} "
+            f"{atoms.get_potential_energy():>12.4f} {fmax:>8.4f}{flag}"
+        )
+    if args.out:
+        _write_structures(args.out, relaxed)
+        print(f"wrote {len(relaxed)} relaxed structure(s) to {args.out}")
+    return 0
+
+
+def _relax_one_by_one(structures: list, potential, args: argparse.Namespace) -> list:
+    """ASE's own optimizer, one structure at a time, with our calculator."""
     from ase.optimize import BFGS, FIRE, LBFGS
 
     from forcecalc.calculator import load_calculator
 
-    optimizers = {"BFGS": BFGS, "LBFGS": LBFGS, "FIRE": FIRE}
-    calc = load_calculator(
-        args.model, device=args.device, dtype=args.dtype, allow_unsafe=args.allow_unsafe
-    )
-    structures = _read_structures(args.input)
-    print(f"{'#':>4} {'formula':<16} {'steps':>6} {'E_initial':>12} {'E_final':>12} {'fmax':>8}")
-    relaxed = []
-    for index, atoms in enumerate(structures):
-        if args.fix_below is not None:
-            below = np.flatnonzero(atoms.positions[:, 2] < args.fix_below)
-            atoms.set_constraint(FixAtoms(indices=below))
+    optimizer_class = {"BFGS": BFGS, "LBFGS": LBFGS, "FIRE": FIRE}[args.optimizer]
+    calc = load_calculator(potential, skin=args.skin or 0.0)
+    for atoms in structures:
         atoms.calc = calc
-        e0 = atoms.get_potential_energy()
-        optimizer = optimizers[args.optimizer](atoms, logfile=None)
+        atoms.info["relax_initial_energy"] = atoms.get_potential_energy()
+        optimizer = optimizer_class(atoms, logfile=None)
         converged = optimizer.run(fmax=args.fmax, steps=args.steps)
-        fmax = float(np.linalg.norm(atoms.get_forces(), axis=1).max())
-        energy = atoms.get_potential_energy()
-        flag = "" if converged else "  (not converged)"
-        print(
-            f"{index:>4} {atoms.get_chemical_formula():<16} {optimizer.nsteps:>6} "
-            f"{e0:>12.4f} {energy:>12.4f} {fmax:>8.4f}{flag}"
-        )
         atoms.info.update({"relax_steps": optimizer.nsteps, "relax_converged": bool(converged)})
-        relaxed.append(atoms)
-    if args.out:
-        _write_structures(args.out, relaxed)
-        print(f"wrote {len(relaxed)} relaxed structure(s) to {args.out}")
+    return structures
+
+
+def _relax_batched(structures: list, potential, args: argparse.Namespace) -> list:
+    """forcecalc's batched engine: many structures per forward pass."""
+    from forcecalc.relax import relax
+
+    batch_size = args.batch_size if args.batch_size == "auto" else int(args.batch_size)
+    return relax(
+        structures,
+        potential,
+        optimizer=args.optimizer.lower(),
+        fmax=args.fmax,
+        steps=args.steps,
+        batch_size=batch_size,
+        skin=args.skin,
+        progress=True,
+    )
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    structures = [atoms for path in args.inputs for atoms in _read_structures(path)]
+    missing = [i for i, atoms in enumerate(structures) if "input_index" not in atoms.info]
+    if missing:
+        raise ValueError(
+            f"structures {missing[:10]} carry no info['input_index'] (not from --shard)"
+        )
+    order = sorted(structures, key=lambda atoms: atoms.info["input_index"])
+    indices = [atoms.info["input_index"] for atoms in order]
+    if len(set(indices)) != len(indices):
+        raise ValueError("the shard outputs overlap: some input_index appears twice")
+    gaps = sorted(set(range(max(indices) + 1)) - set(indices))
+    if gaps:
+        print(f"warning: input structures {gaps[:10]} are missing from the shards", file=sys.stderr)
+    _write_structures(args.output, order)
+    print(f"wrote {len(order)} structure(s) in input order to {args.output}")
     return 0
 
 
@@ -221,7 +275,34 @@ def build_parser() -> argparse.ArgumentParser:
         "--fix-below", type=float, default=None, help="fix atoms with z below this (Å)"
     )
     relax.add_argument("--out", default=None, help="write relaxed structures here (extxyz)")
+    relax.add_argument(
+        "--batched",
+        action="store_true",
+        help="relax many structures per forward pass (forcecalc's engine; same results as "
+        "ASE's optimizers, much faster on a GPU)",
+    )
+    relax.add_argument(
+        "--batch-size", default="auto", help="structures per batch with --batched (or 'auto')"
+    )
+    relax.add_argument(
+        "--skin", type=float, default=None, help="neighbor-list skin, Å (reuse between steps)"
+    )
+    relax.add_argument(
+        "--shard",
+        default=None,
+        metavar="I/N",
+        help="relax only shard I of N (1-based) of the input, e.g. for a SLURM array; each "
+        "output structure keeps info['input_index'] so the shards' outputs can be merged",
+    )
     relax.set_defaults(func=_cmd_relax)
+
+    merge = sub.add_parser(
+        "merge",
+        help="merge the outputs of 'forcecalc relax --shard I/N' runs back into input order",
+    )
+    merge.add_argument("output", help="merged structure file (extxyz)")
+    merge.add_argument("inputs", nargs="+", help="the shards' --out files")
+    merge.set_defaults(func=_cmd_merge)
 
     md = sub.add_parser("md", help="molecular dynamics (velocity Verlet or Langevin)")
     md.add_argument("input", help="structure file")

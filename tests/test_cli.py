@@ -108,3 +108,36 @@ def test_md_logs_energies(tmp_path: Path, capsys) -> None:
     assert code == 0
     assert len(read(tmp_path / "md.traj", index=":")) == 3
     assert "E_total" in capsys.readouterr().out
+
+
+def test_sharded_batched_relax_merges_back_in_order(tmp_path: Path) -> None:
+    """`relax --batched --shard I/N` on every shard, then `merge`: all inputs, in input order."""
+    slabs = []
+    for size in (1, 2, 3):
+        slab = fcc111("Cu", size=(2, 2, size + 1), vacuum=5.0)
+        add_adsorbate(slab, "O", 2.0, "fcc")
+        slabs.append(slab)
+    write(tmp_path / "in.extxyz", slabs)
+    for shard in ("1/2", "2/2"):
+        code = main(
+            [
+                "relax",
+                str(tmp_path / "in.extxyz"),
+                "--model",
+                str(SPINCONV_EC),
+                "--batched",
+                "--steps",
+                "2",
+                "--shard",
+                shard,
+                "--out",
+                str(tmp_path / f"out{shard[0]}.extxyz"),
+            ]
+        )
+        assert code == 0
+    assert len(read(tmp_path / "out1.extxyz", index=":")) == 2
+    outputs = [str(tmp_path / "out2.extxyz"), str(tmp_path / "out1.extxyz")]
+    assert main(["merge", str(tmp_path / "merged.extxyz"), *outputs]) == 0
+    merged = read(tmp_path / "merged.extxyz", index=":")
+    assert [len(a) for a in merged] == [len(s) for s in slabs]
+    assert [a.info["input_index"] for a in merged] == [0, 1, 2]
