@@ -85,8 +85,14 @@ POLE_EPS2 = 1e-12
 MIN_DISTANCE2 = 1e-4
 #: Seed of the default fixed set of force-block rotations.
 ROTATION_SEED = 0
-#: Working set (bytes) of one chunk of grids in the spin convolutions.
-CHUNK_BYTES = 1 << 28
+#: Working set (bytes) of one chunk of grids in the spin convolutions, on the CPU.  Small on
+#: purpose: temporaries above glibc's mmap threshold (32 MiB) are fresh pages on every call,
+#: and faulting them in cost a third of the forward time (38-atom slab, spinconv_all).
+CHUNK_BYTES = 1 << 25
+#: The same on a GPU (the caching allocator reuses memory; larger chunks use it better).
+CHUNK_BYTES_CUDA = 1 << 30
+#: Splat weights of all grids are kept across the message blocks up to this size (bytes).
+WEIGHT_CACHE_BYTES = 1 << 28
 #: Width of the element-pair mixture of experts (OCP's ``num_embedding_basis``).
 NUM_EXPERTS = 8
 
@@ -206,7 +212,7 @@ class SpinConvBlock(nn.Module):
         )
         self.GroupNorm = nn.GroupNorm(self.groups, mid_channels)
 
-    def _kernels(self) -> tuple[Tensor, Tensor]:
+    def kernels(self) -> tuple[Tensor, Tensor]:
         """Multiplication by ``conj(DFT(kernel))`` at each frequency as two real matrices
         ``[groups * n_freq, (c, re/im, latitude), mid/groups]`` giving the real and the
         imaginary part of the product."""
@@ -222,7 +228,8 @@ class SpinConvBlock(nn.Module):
         to_imag = torch.stack([imag, real], dim=3).reshape(shape)
         return to_real, to_imag
 
-    def forward(self, spectrum: Tensor) -> Tensor:
+    def forward(self, spectrum: Tensor, kernels: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """``kernels``: :meth:`kernels`, if already computed (they depend on the weights only)."""
         n = spectrum.shape[0]
         groups, n_freq, long = self.groups, self.n_freq, self.long
         per_group = self.in_channels // groups
@@ -232,7 +239,7 @@ class SpinConvBlock(nn.Module):
         spectrum = spectrum.reshape(groups * n_freq, n, 2 * per_group * self.lat)
         # Circular cross-correlation out[o] = sum_j x[j] w[j - o] <=> X * conj(W) per frequency,
         # then the real inverse DFT over (frequency, re/im): [groups, long, n * mid/groups].
-        to_real, to_imag = self._kernels()
+        to_real, to_imag = self.kernels() if kernels is None else kernels
         inverse = _inverse_dft_matrix(long, spectrum.dtype, spectrum.device)  # [n_freq, 2, long]
         product = torch.bmm(spectrum, to_real).view(groups, n_freq, -1)
         conv = torch.matmul(inverse[:, 0].T, product)
@@ -780,6 +787,8 @@ class SphereProjections:
         self.neighbors = neighbors
         self.phase = phase
         self.rows = rows
+        self._weights: dict[tuple[int, int], Tensor] = {}
+        self._cache_weights = False
 
     @classmethod
     def from_directions(
@@ -797,24 +806,42 @@ class SphereProjections:
 
     def spectra(self, values: Tensor, start: int = 0, stop: int | None = None) -> Tensor:
         """``[stop - start, C, n_freq, 2, lat]`` longitude spectra of grids ``start:stop``."""
-        chunk = slice(start, stop)
-        phase, rows = self.phase[chunk], self.rows[chunk]
-        weights = (phase.unsqueeze(-1) * rows.unsqueeze(-2).unsqueeze(-2)).flatten(-3)
-        features = _pad(values)[self.neighbors[chunk]].transpose(1, 2)  # [n, C, width]
+        return self._spectra(_pad(values), start, len(self.neighbors) if stop is None else stop)
+
+    def _spectra(self, padded: Tensor, start: int, stop: int) -> Tensor:
+        weights = self._weights.get((start, stop))
+        if weights is None:
+            phase, rows = self.phase[start:stop], self.rows[start:stop]
+            weights = (phase.unsqueeze(-1) * rows.unsqueeze(-2).unsqueeze(-2)).flatten(-3)
+            if self._cache_weights:
+                self._weights[(start, stop)] = weights
+        features = padded[self.neighbors[start:stop]].transpose(1, 2)  # [n, C, width]
         spectrum = torch.bmm(features, weights)
-        return spectrum.view(len(spectrum), values.shape[1], *phase.shape[-2:], rows.shape[-1])
+        shape = (len(spectrum), padded.shape[1], *self.phase.shape[-2:], self.rows.shape[-1])
+        return spectrum.view(shape)
 
     def spin_convolution(self, block: SpinConvBlock, values: Tensor) -> Tensor:
-        """``block`` applied to the projected grids: ``[n, mid]``, in chunks of grids."""
+        """``block`` applied to the projected grids: ``[n, mid]``, in chunks of grids.
+
+        The splat weights of each chunk (``[chunk, width, n_freq * 2 * lat]``) are kept for
+        the next call (the message blocks share them) when all of them fit in
+        ``WEIGHT_CACHE_BYTES``.
+        """
         n, width = self.neighbors.shape
         n_spectrum = self.phase.shape[-2] * 2 * self.rows.shape[-1]
-        per_grid = values.element_size() * (
+        itemsize = values.element_size()
+        per_grid = itemsize * (
             (width + 2 * values.shape[1]) * n_spectrum + 2 * block.mid_channels * block.long
         )
-        step = max(1, CHUNK_BYTES // per_grid)
-        if n <= step:
-            return block(self.spectra(values))
-        return torch.cat([block(self.spectra(values, i, i + step)) for i in range(0, n, step)])
+        budget = CHUNK_BYTES_CUDA if values.is_cuda else CHUNK_BYTES
+        step = max(1, budget // per_grid)
+        self._cache_weights = n * width * n_spectrum * itemsize <= WEIGHT_CACHE_BYTES
+        padded, kernels = _pad(values), block.kernels()
+        outputs = [
+            block(self._spectra(padded, start, min(start + step, n)), kernels)
+            for start in range(0, max(n, 1), step)
+        ]
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
 
 def _splat_dft_table(long: int, device: torch.device) -> Tensor:
