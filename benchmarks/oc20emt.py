@@ -116,8 +116,8 @@ def main() -> None:
     attrs = train.attrs
 
     print(f"oc20emt/{attrs['size']} seed {attrs['seed']}, generator {attrs['generator_version']}")
-    print(f"medians (train): energy {e_med:.4f} eV, force {np.round(f_med, 5).tolist()} eV/Å, ")
-    print(f"relaxed energy {re_med:.4f} eV\n")
+    force = ", ".join(f"{x:.1e}" for x in f_med)
+    print(f"train medians: energy {e_med:.4f} eV, force [{force}] eV/Å, relaxed {re_med:.4f} eV\n")
     print("| split | systems | frames (relax/rattled/md) | atoms | MB | converged | steps |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for s, st in stats.items():

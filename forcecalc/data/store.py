@@ -39,7 +39,7 @@ from ase.constraints import FixAtoms
 
 FORMAT = "forcecalc.frames"
 FORMAT_VERSION = 1
-_ATOM_CHUNK = 4096
+_ATOM_CHUNK = 1024
 _FRAME_CHUNK = 4096
 _COMPRESSION = {"compression": "gzip", "compression_opts": 4, "shuffle": True}
 
