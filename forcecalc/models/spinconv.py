@@ -27,44 +27,61 @@ Conventions this implementation fixes (see ``shared/fixtures/ocp/README.md``):
 * **The pole.**  In an edge's frame the edge's own reverse message lies exactly on the polar
   axis, where the longitude ``atan2(y, z)`` is undefined; the original took it from the signs of
   rounding noise.  Here a projected direction with ``y**2 + z**2 < 1e-12`` gets ``y = z = +0``
-  (longitude ``atan2(+0, +0) = 0``).  All projection geometry (edge frames, projected
-  directions, latitudes/longitudes, bin indices and splat weights) is computed in float64 even
-  for a float32 model, so the threshold is 1e-12 in both precisions: the reverse edge is
-  *exactly* ``-v_e`` (its vector is computed from the same numbers with the opposite sign), so in
-  float64 it lands ~1e-32 from the axis, far below the threshold, while a genuine neighbor must
-  be within 1e-6 rad of the axis to count as on it.  Cost: ``n_pairs`` (about
-  ``n_edges * max_num_neighbors``) dot products, trig functions and index computations in
-  float64, about 10-15 ms of the ~0.3 s forward of a 38-atom slab with the published
-  hyperparameters on two CPU cores; on a GPU float64 elementwise work is
-  cheap relative to the convolutions.
+  (longitude ``atan2(+0, +0) = 0``) and the latitude exactly ``+-pi/2`` (the original's
+  ``asin`` of a rounded ``+-1`` adds up to ~1e-8 rad of noise there; the difference is ~1e-8 of
+  the outputs).  All projection geometry (edge frames, projected directions, latitudes and
+  longitudes, bins and splat weights) is computed in float64 even for a float32 model, so the
+  threshold is 1e-12 in both precisions: the reverse edge is *exactly* ``-v_e`` (computed from
+  the same numbers with the opposite sign), so it lands ~1e-32 from the axis, far below the
+  threshold, while a genuine neighbor must be within 1e-6 rad of the axis to count as on it.
+  Cost: about ``n_edges * max_num_neighbors`` float64 dot products, trig functions and index
+  computations: 15 ms of the 630 ms single-thread float32 forward of a 38-atom slab with the
+  published hyperparameters (2-3%); on a GPU this elementwise work is negligible.
 * **Max-neighbor ties.**  The graph is cut with
   :func:`~forcecalc.graph.neighbors.max_neighbors_mask` (each atom keeps its ``max_neighbors``
   closest neighbors plus every neighbor tied with the last one within 1e-5 Å), in place of
   OCP's sort-order dependent cut and ``_filter_edges`` (a no-op after OCP's strict cut: every
   remaining edge is within its target's closest ``k``).
+* The Gaussian width uses OCP's float32 product ``basis_width_scalar * (offset[1] -
+  offset[0])`` (:func:`ocp_gaussian_coeff`).
+
+With these, float64 energies and forces equal the original's float64 references to ~1e-8
+relative on every structure without a tie at the max-neighbor cut.  Not changed, because the
+checkpoints depend on it: the original adds 1e-4 to each component of the mean neighbor vector
+that fixes the roll of an edge frame, so the model is not exactly rotation invariant (~1e-7
+relative for slabs; up to ~1e-3 for a symmetric site such as CH4's carbon, whose mean neighbor
+vector vanishes); a force-centric model gives an isolated atom the force block's bias.
 
 Forces of the energy-centric model (``forces``):
 
 * ``"compat"`` (OCP's definition): the original computes the bilinear splat weights under
   ``no_grad``, so its forces are minus the gradient of the energy through the distance
   features only.  Stress (if asked for) is the same partial derivative with respect to strain.
-* ``"conservative"``: the full ``-dE/dx`` (and ``(1/V) dE/dstrain``), for MD.  The projection is
-  made differentiable everywhere it matters: on the pole the longitude is the convention's
-  constant 0 and the latitude is held at its computed value, both *detached*; the
-  reverse edge (and a periodic image collinear with the edge) is on the pole for every
-  configuration, so its projection is constant and its derivative is exactly zero.  Without
-  this, autograd would evaluate ``d atan2(y, z)`` at ``(0, 0)`` (``0/0``) and ``d asin(p)``
-  at ``|p| = 1`` and return NaN or rounding noise amplified by ~1e32.  Gradients of the other
-  terms are finite: off the pole ``y**2 + z**2 >= 1e-12`` bounds ``1/sqrt(1 - p0**2)`` by 1e6,
-  and the splat is piecewise bilinear (continuous across bin edges and the longitude wrap).
-  The model itself stays discontinuous where a *genuine* neighbor crosses a pole (its
-  longitude jumps); that is a property of the architecture, not of the gradient.
+* ``"conservative"``: the full ``-dE/dx`` (and ``(1/V) dE/dstrain``), for MD.  On the pole the
+  projection is the convention's constant (longitude 0, latitude ``+-pi/2``) with zero
+  derivative: the reverse edge (and a periodic image collinear with the edge) stays on the
+  pole for every configuration, so its projection is constant and the derivative is exactly
+  zero.  ``atan2`` and ``asin`` are evaluated at safe arguments there (``torch.where`` on
+  their inputs), otherwise autograd would form ``0/0`` (``d atan2`` at ``(+0, +0)``) and
+  ``1/0`` (``d asin`` at ``+-1``), or rounding noise amplified by ~1e32.  Off the pole the
+  derivative is finite (``y**2 + z**2 >= 1e-12`` bounds ``1/sqrt(1 - p0**2)`` by 1e6) and the
+  splat is piecewise bilinear, continuous across bin edges and the longitude wrap, so the
+  energy is continuous with a piecewise smooth gradient.  The model itself remains
+  discontinuous where a *genuine* neighbor crosses a pole (its longitude jumps), a property of
+  the architecture; near such configurations conservative forces vary steeply.
 
-The circular convolution is evaluated exactly, but in Fourier space along the longitude: one
-``rfft`` of the grid, a complex matrix product per frequency and group, one ``irfft``.  This is
-about five times fewer operations than ``nn.Conv1d`` with circular padding (the result is the
-same up to rounding: the pooled output averages over all longitudinal shifts, so the padding's
-alignment does not matter).
+The spin convolution is exact but evaluated in Fourier space along the longitude: the splat
+weights are built directly as the real DFT of the bilinear splat (no grid in space), the
+circular ``Conv1d`` becomes a real matrix product per frequency and group, and a real inverse
+DFT (a matrix product) returns the ``long`` shifted outputs that are pooled.  This takes about
+five times fewer operations than ``nn.Conv1d`` with circular padding (the pooled output
+averages over all longitudinal shifts, so the padding's alignment does not matter), uses no
+scatter (deterministic on any device) and runs in chunks of grids (bounded memory).
+
+Speed (this 2-core CPU, shared with other jobs, float32, no autograd, published
+hyperparameters): 38-atom Cu slab 630 ms on one thread (the original: 535 ms on two threads),
+29-atom slab 450 ms; float64 about 2.2x slower.  Two threads on a busy machine can be far
+slower than one (spinning OpenMP threads); set ``torch.set_num_threads`` accordingly.
 """
 
 from __future__ import annotations

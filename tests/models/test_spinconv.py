@@ -556,3 +556,14 @@ def test_chunked_spin_convolution_equals_one_pass(monkeypatch):
     chunked = _run(model, structures, torch.float64)
     torch.testing.assert_close(chunked["energy"], whole["energy"], rtol=1e-13, atol=1e-13)
     torch.testing.assert_close(chunked["forces"], whole["forces"], rtol=1e-12, atol=1e-13)
+
+
+def test_force_centric_training_gradients():
+    """In train mode a force-centric model's direct forces and energy are differentiable in the
+    parameters (force block and message blocks receive finite, non-zero gradients)."""
+    model = copy.deepcopy(_model("spinconv_small_fc")).train()
+    batch = Batch.from_atoms([ocp_structures()["n2_box"], ocp_structures()["o_pt100"]], cutoff=6.0)
+    out = model(batch)
+    (out["forces"].pow(2).sum() + out["energy"].pow(2).sum()).backward()
+    for module in (model.force_output_block.spinconvblock.conv1, model.message_blocks[0].distfc1):
+        assert torch.isfinite(module.weight.grad).all() and module.weight.grad.abs().sum() > 0
