@@ -525,7 +525,8 @@ class SpinConv(nn.Module):
         Returns:
             ``"energy"`` ``[n_systems]``, ``"forces"`` ``[n_atoms, 3]`` (unless
             ``regress_forces`` is False) and, with ``compute_stress`` (energy-centric only),
-            ``"stress"`` ``[n_systems, 3, 3]`` = ``(1/V) dE/dstrain`` (energy units per Å^3).
+            ``"stress"`` ``[n_systems, 3, 3]`` = ``(1/V) dE/dstrain`` (energy units per Å^3;
+            not finite for a system whose cell has zero volume).
         """
         if compute_stress and not self.defines_stress:
             raise ValueError(
@@ -597,7 +598,7 @@ class SpinConv(nn.Module):
         differentiable = self.forces == "conservative"
         with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
             unit = vectors / distances.unsqueeze(1)
-            frames = _edge_frames(vectors, distances, unit, target, n_atoms, incoming, self.cutoff)
+            frames = _edge_frames(vectors, distances, unit, target, incoming, self.cutoff)
             projected = torch.einsum("ekc,ejc->ejk", frames, _pad(unit)[neighbors])
             projections = SphereProjections.from_directions(
                 projected, neighbors, n_edges, self.lat, self.long, dtype
@@ -709,7 +710,6 @@ def _edge_frames(
     distances: Tensor,
     unit: Tensor,
     target: Tensor,
-    n_atoms: int,
     incoming: Tensor,
     cutoff: float,
 ) -> Tensor:
