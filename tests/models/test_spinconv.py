@@ -567,3 +567,41 @@ def test_force_centric_training_gradients():
     (out["forces"].pow(2).sum() + out["energy"].pow(2).sum()).backward()
     for module in (model.force_output_block.spinconvblock.conv1, model.message_blocks[0].distfc1):
         assert torch.isfinite(module.weight.grad).all() and module.weight.grad.abs().sum() > 0
+
+
+def test_odd_longitude_without_distance_scaling():
+    """The energy-centric layout of OCP's ``spinconv_small_grad`` (7 x 9 grid, no distance
+    scaling) has OCP's parameter shapes and evaluates; conservative forces match a finite
+    difference there too."""
+    torch.manual_seed(3)
+    options = {
+        "hidden_channels": 16,
+        "mid_hidden_channels": 32,
+        "num_interactions": 2,
+        "num_basis_functions": 64,
+        "sphere_size_lat": 7,
+        "sphere_size_long": 9,
+        "max_num_neighbors": 20,
+        "cutoff": 6.0,
+        "force_estimator": "grad",
+        "scale_distances": False,
+        "basis_width_scalar": 1.0,
+    }
+    model = SpinConv(**options, forces="conservative").double().eval()
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert shapes["message_blocks.0.spinconvblock.conv1.weight"] == (32, 56, 9)
+    assert shapes["embeddingblock2.source_embedding.weight"] == (90, 32)
+    assert not any(k.startswith("dist_block.dist_") for k in shapes)
+    assert not any(k.startswith("force_output_block") for k in shapes)
+    assert len(shapes) == 84
+    atoms = ocp_structures()["ch3_au211"]
+    batch = Batch.from_atoms(atoms, cutoff=6.0)
+    forces = model(batch)["forces"].detach()
+    step, atom = 1e-5, len(atoms) - 1
+    shifted = []
+    for sign in (1.0, -1.0):
+        positions = batch.positions.clone()
+        positions[atom, 2] += sign * step
+        shifted.append(_energy(model, batch, positions))
+    numeric = -(shifted[0] - shifted[1]) / (2 * step)
+    assert abs(float(forces[atom, 2]) - numeric) < 1e-6 * float(forces.abs().max())
