@@ -39,10 +39,11 @@ only on ``(size, seed)``, not on the number of worker processes.
 from __future__ import annotations
 
 import itertools
+import json
 import multiprocessing
 import os
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from functools import cache
 from pathlib import Path
 
@@ -57,6 +58,7 @@ from ase.md.langevin import Langevin
 from ase.optimize import LBFGS
 from ase.units import fs, kB
 from scipy.optimize import minimize_scalar
+from scipy.sparse.csgraph import connected_components
 from scipy.spatial.transform import Rotation
 from tqdm import tqdm
 
@@ -342,7 +344,7 @@ class Bulk:
 
 @dataclass(frozen=True)
 class SystemSpec:
-    """Everything drawn for one system before any EMT call (all JSON-friendly)."""
+    """Everything drawn for one system before any EMT call."""
 
     adsorbate: str
     bulk: Bulk
@@ -393,7 +395,7 @@ class SystemResult:
     energy: np.ndarray
     kind: np.ndarray
     step: np.ndarray
-    row: dict[str, float | int | str | bool] = field(default_factory=dict)
+    row: dict[str, float | int | str | bool]
 
 
 def _draw_spec(rng: np.random.Generator, split: str, task: SystemTask) -> SystemSpec:
@@ -596,15 +598,7 @@ def _anomalies(initial: Atoms, relaxed: Atoms) -> int:
     def n_components(atoms: Atoms) -> int:
         d = atoms.get_all_distances(mic=True)[np.ix_(ads, ads)]
         bonded = d < 1.25 * (radii[ads, None] + radii[None, ads])
-        seen = {0}
-        frontier = [0]
-        while frontier:
-            k = frontier.pop()
-            for m in np.flatnonzero(bonded[k]):
-                if int(m) not in seen:
-                    seen.add(int(m))
-                    frontier.append(int(m))
-        return len(ads) - len(seen) + 1
+        return int(connected_components(bonded, directed=False)[0])
 
     if n_components(relaxed) > n_components(initial):
         bits |= 2
@@ -629,7 +623,7 @@ def generate_system(task: SystemTask) -> SystemResult:
     system.calc = EMT()
     initial = system.copy()
     relax_frames, converged = _relax(system, cfg.relax_steps)
-    free = ~(system.get_tags() == 0)
+    free = system.get_tags() != 0
 
     positions = [f[0] for f in relax_frames]
     energies = [f[1] for f in relax_frames]
@@ -753,8 +747,6 @@ def _run_tasks(tasks: Sequence[SystemTask], workers: int) -> Iterator[SystemResu
 
 def dataset_attrs(size: str, seed: int) -> dict[str, str | int]:
     """Metadata written on every split file (JSON strings for the structured parts)."""
-    import json
-
     plan = plan_splits(seed)
     return {
         "generator": "forcecalc.data.oc20emt",

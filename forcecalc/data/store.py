@@ -327,7 +327,6 @@ class Dataset(Sequence[Atoms]):
 
     def __init__(self, path: str | os.PathLike[str], in_memory: bool = False):
         self.path = Path(path)
-        self.in_memory = in_memory
         self._h5: h5py.File | None = None
         self._pid = -1
         self._dsets: dict[str, h5py.Dataset] = {}
