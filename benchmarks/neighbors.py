@@ -18,11 +18,9 @@ code (ASE, matscipy).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
-import tempfile
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -34,6 +32,7 @@ from ase import Atoms
 from ase.build import add_adsorbate, bulk, fcc111
 from ase.neighborlist import neighbor_list as ase_neighbor_list
 
+from forcecalc.atomic import write_json
 from forcecalc.graph import radius_graph
 
 #: fcc Cu supercell repeats (4 n^3 atoms: 108 ... 19,652).
@@ -234,20 +233,6 @@ def print_table(rows: list[dict], key: str = "median_s") -> None:
             value = times.get((structure, n_atoms, method))
             cells.append(f"{'-' if value is None else f'{value * 1e3:.2f}':>{width}}")
         print(f"{structure:<12}{n_atoms:>8}{pairs[(structure, n_atoms)]:>11}" + "".join(cells))
-
-
-def write_json(path: Path, payload: dict) -> None:
-    """Write ``payload`` to ``path`` atomically (temporary file in the same folder + rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w") as stream:
-            json.dump(payload, stream, indent=1)
-            stream.write("\n")
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
 
 
 def main(argv: list[str] | None = None) -> None:

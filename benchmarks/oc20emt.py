@@ -19,9 +19,6 @@ Prints markdown tables and writes them as JSON (atomically: temporary file + ren
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -29,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from forcecalc import metrics
+from forcecalc.atomic import write_json
 from forcecalc.data import Dataset, open_dataset
 from forcecalc.data.oc20emt import FRAME_KINDS, SPLITS
 
@@ -142,15 +140,7 @@ def main() -> None:
             "stats": stats,
             "baselines": base,
         }
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=args.json.parent, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as fh:
-                json.dump(payload, fh, indent=1)
-            os.replace(tmp, args.json)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_json(args.json, payload)
 
 
 if __name__ == "__main__":

@@ -23,16 +23,15 @@ structures converge; the comparison of speed and of the two engines' results sti
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from forcecalc.atomic import write_json
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "tests" / "data" / "ocp" / "forcenet_small.pt"
 METALS = ("Cu", "Pt", "Pd", "Ag", "Ni", "Au")
@@ -124,22 +123,6 @@ def batched(
 def _synchronize(potential) -> None:
     if potential.device.type == "cuda":
         torch.cuda.synchronize(potential.device)
-
-
-def write_json_atomically(data: dict, path: Path) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w") as stream:
-            json.dump(data, stream, indent=2)
-            stream.write("\n")
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -256,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
             for mode, run in runs.items()
         },
     }
-    write_json_atomically(report, Path(args.out))
+    write_json(args.out, report)
     print(f"wrote {args.out}")
     return 0
 

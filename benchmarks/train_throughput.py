@@ -23,7 +23,6 @@ Prints a table and writes JSON (atomically: a temporary file, then a rename)::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import tempfile
@@ -35,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from forcecalc.atomic import write_json
 from forcecalc.train import Collater, TrainConfig, Trainer
 
 PRESETS: dict[str, dict[str, tuple[str, dict[str, Any]]]] = {
@@ -147,18 +147,6 @@ def measure(
     }
 
 
-def _write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w") as stream:
-            json.dump(data, stream, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="paper", choices=sorted(PRESETS))
@@ -205,7 +193,7 @@ def main() -> None:
                         flush=True,
                     )
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    _write_json(
+    write_json(
         Path(args.out),
         {
             "benchmark": "train_throughput",

@@ -70,7 +70,9 @@ class ForceCalculator(Calculator):
         options: dict[str, Any] = {}
         if rotations is not None:
             options["rotations"] = (
-                rotations if isinstance(rotations, str) else torch.as_tensor(rotations)
+                rotations
+                if isinstance(rotations, str)
+                else torch.as_tensor(rotations, dtype=torch.float64)
             )
         if forces is not None:
             options["forces"] = forces

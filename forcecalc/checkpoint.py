@@ -19,7 +19,6 @@ from __future__ import annotations
 import copy
 import os
 import pickle
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from forcecalc.atomic import torch_save
 from forcecalc.graph import Batch
 from forcecalc.models.registry import build_model, model_names
 
@@ -334,24 +334,7 @@ def save_checkpoint(
         "cutoff": potential.cutoff,
         "metadata": {**copy.deepcopy(info.metadata), **(metadata or {})},
     }
-    return atomic_torch_save(data, Path(path))
-
-
-def atomic_torch_save(data: Any, path: Path) -> Path:
-    """``torch.save`` to a temp file in ``path``'s folder, then rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            torch.save(data, stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return torch_save(data, path)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:

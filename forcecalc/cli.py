@@ -78,25 +78,15 @@ def _read_structures(path: str) -> list:
 
 
 def _write_structures(path: str, structures: list) -> None:
-    import os
-    import tempfile
-
     from ase.io import write
 
+    from forcecalc.atomic import atomic_output
+
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(
-        prefix=f".{target.name}.", suffix=target.suffix or ".extxyz", dir=target.parent
-    )
-    os.close(handle)
-    try:
+    with atomic_output(target, suffix=target.suffix or ".extxyz") as tmp:
         write(
             tmp, structures, format="extxyz" if target.suffix in ("", ".xyz", ".extxyz") else None
         )
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _cmd_relax(args: argparse.Namespace) -> int:
@@ -187,6 +177,65 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     _write_structures(args.output, order)
     print(f"wrote {len(order)} structure(s) in input order to {args.output}")
     return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from forcecalc import evaluate
+    from forcecalc.atomic import write_json
+    from forcecalc.checkpoint import load_checkpoint
+    from forcecalc.data import open_dataset
+
+    potential = load_checkpoint(
+        args.model, device=args.device, dtype=args.dtype, allow_unsafe=args.allow_unsafe
+    )
+    train = open_dataset(args.train) if args.train else None
+    report: dict[str, dict] = {}
+    for path in args.data:
+        dataset = open_dataset(path)
+        name = Path(path).stem
+        if args.task == "s2ef":
+            row = {"model": evaluate.evaluate_s2ef(potential, dataset, max_frames=args.max_frames)}
+            if train is not None:
+                row["median"] = evaluate.median_s2ef_metrics(train, dataset, args.max_frames)
+        else:
+            row = evaluate.evaluate_relaxations(
+                potential,
+                dataset,
+                optimizer=args.optimizer,
+                fmax=args.fmax,
+                steps=args.steps,
+                max_systems=args.max_systems,
+            )
+            if train is not None:
+                row["median_is2re"] = evaluate.median_is2re_metrics(train, dataset)
+        report[name] = row
+        print(_format_eval_row(name, row, args.task), flush=True)
+    if args.out:
+        write_json(args.out, report)
+        print(f"wrote {args.out}")
+    return 0
+
+
+def _format_eval_row(name: str, row: dict, task: str) -> str:
+    if task == "s2ef":
+        lines = []
+        for label, values in row.items():
+            lines.append(
+                f"{name:<14} {label:<7} energy MAE {values['energy_mae']:.4f} eV  "
+                f"force MAE {values['forces_mae']:.4f} eV/Å  force cos {values['forces_cos']:.3f}  "
+                f"EFwT {100 * values['efwt']:.2f}%"
+            )
+        return "\n".join(lines)
+    is2rs, is2re, base = row["is2rs"], row["is2re"], row["baseline_initial_structure"]
+    text = (
+        f"{name:<14} ADwT {100 * is2rs['adwt']:.1f}%  AFbT {100 * is2rs['afbt']:.1f}%  "
+        f"IS2RE MAE {is2re['energy_mae']:.4f} eV  EwT {100 * is2re['ewt']:.1f}%  "
+        f"converged {100 * row['converged']:.0f}% of {row['systems']}  "
+        f"(initial structures: ADwT {100 * base['adwt']:.1f}%, AFbT {100 * base['afbt']:.1f}%)"
+    )
+    if "median_is2re" in row:
+        text += f"  median IS2RE MAE {row['median_is2re']['energy_mae']:.4f} eV"
+    return text
 
 
 def _cmd_md(args: argparse.Namespace) -> int:
@@ -295,6 +344,22 @@ def build_parser() -> argparse.ArgumentParser:
         "output structure keeps info['input_index'] so the shards' outputs can be merged",
     )
     relax.set_defaults(func=_cmd_relax)
+
+    evaluation = sub.add_parser(
+        "eval",
+        help="evaluate a model on OC20-EMT splits (the papers' S2EF / IS2RS+IS2RE tables)",
+    )
+    evaluation.add_argument("task", choices=["s2ef", "is2rs"], help="is2rs also reports IS2RE")
+    _add_model_options(evaluation)
+    evaluation.add_argument("--data", nargs="+", required=True, help="split files (HDF5)")
+    evaluation.add_argument("--train", default=None, help="training split, for median baselines")
+    evaluation.add_argument("--max-frames", type=int, default=None, help="S2EF frame sample")
+    evaluation.add_argument("--max-systems", type=int, default=None, help="IS2RS system sample")
+    evaluation.add_argument("--optimizer", default="lbfgs", choices=["fire", "lbfgs", "bfgs"])
+    evaluation.add_argument("--fmax", type=float, default=0.05)
+    evaluation.add_argument("--steps", type=int, default=300)
+    evaluation.add_argument("--out", default=None, help="write the results as JSON")
+    evaluation.set_defaults(func=_cmd_eval)
 
     merge = sub.add_parser(
         "merge",

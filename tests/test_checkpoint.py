@@ -9,10 +9,10 @@ import pytest
 import torch
 from ocp_fixtures import OCP_DATA, load_ocp_raw
 
+from forcecalc.atomic import torch_save
 from forcecalc.checkpoint import (
     CheckpointError,
     Normalizers,
-    atomic_torch_save,
     load_checkpoint,
     read_checkpoint,
     save_checkpoint,
@@ -107,7 +107,7 @@ def test_own_format_round_trip(tmp_path: Path) -> None:
 def test_atomic_save_keeps_previous_file_on_failure(tmp_path: Path, monkeypatch) -> None:
     """A write that fails midway leaves the previous file intact and no temp file behind."""
     target = tmp_path / "ckpt.pt"
-    atomic_torch_save({"a": 1}, target)
+    torch_save({"a": 1}, target)
 
     def broken_save(obj, stream) -> None:
         stream.write(b"partial")
@@ -115,7 +115,7 @@ def test_atomic_save_keeps_previous_file_on_failure(tmp_path: Path, monkeypatch)
 
     monkeypatch.setattr(torch, "save", broken_save)
     with pytest.raises(KeyboardInterrupt):
-        atomic_torch_save({"a": 2}, target)
+        torch_save({"a": 2}, target)
     monkeypatch.undo()
     assert torch.load(target, weights_only=True) == {"a": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]

@@ -22,7 +22,6 @@ import json
 import math
 import os
 import platform
-import tempfile
 import time
 import warnings
 from collections.abc import Sequence
@@ -33,11 +32,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from forcecalc.atomic import torch_save, write_text
 from forcecalc.checkpoint import (
     CheckpointInfo,
     Normalizers,
     Potential,
-    atomic_torch_save,
     load_checkpoint,
     resolve_dtype,
     save_checkpoint,
@@ -99,20 +98,6 @@ def fit_normalizers(frames: Sequence, max_frames: int, seed: int) -> Normalizers
         energy_std=energy_std if energy_std > 1e-8 else 1.0,
         forces_std=forces_std if forces_std > 1e-8 else 1.0,
     )
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to a temp file next to ``path`` and rename it into place."""
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w") as stream:
-            stream.write(text)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _remove_stale_temp_files(folder: Path) -> None:
@@ -518,7 +503,7 @@ class Trainer:
             )
 
     def _write_metrics(self) -> None:
-        atomic_write_text(self.out / "metrics.json", json.dumps(self.history, indent=1))
+        write_text(self.out / "metrics.json", json.dumps(self.history, indent=1))
         columns: list[str] = []
         for row in self.history:
             columns += [k for k in row if k not in columns]
@@ -526,14 +511,12 @@ class Trainer:
         writer = csv.DictWriter(buffer, fieldnames=columns)
         writer.writeheader()
         writer.writerows(self.history)
-        atomic_write_text(self.out / "metrics.csv", buffer.getvalue())
+        write_text(self.out / "metrics.csv", buffer.getvalue())
 
     def _write_config(self) -> None:
         import yaml
 
-        atomic_write_text(
-            self.out / "config.yaml", yaml.safe_dump(self.config.as_dict(), sort_keys=False)
-        )
+        write_text(self.out / "config.yaml", yaml.safe_dump(self.config.as_dict(), sort_keys=False))
 
     # ---------------------------------------------------------------------------------------
     # checkpoints
@@ -582,7 +565,7 @@ class Trainer:
             "world_size": self.dist.world_size,
             "data": self.data_info,
         }
-        return atomic_torch_save(state, self.out / STATE_FILE)
+        return torch_save(state, self.out / STATE_FILE)
 
     def _load_state(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state["optimizer"])

@@ -1,0 +1,57 @@
+"""Atomic file writes: the data goes to a temp file beside the target, renamed into place.
+
+A write interrupted at any moment (an exception, a kill) leaves the previous file intact and
+no partial file under the target's name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+
+@contextmanager
+def atomic_output(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]:
+    """Yield a temp path in ``path``'s folder; on success it is renamed to ``path``.
+
+    The temp file is named ``.{name}.XXXX{suffix}`` (so a crashed writer's leftovers can be
+    found); on failure it is removed and the exception propagates.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(handle)
+    try:
+        yield Path(tmp)
+        with open(tmp, "rb") as stream:
+            os.fsync(stream.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically."""
+    with atomic_output(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
+def write_json(path: str | os.PathLike, data: Any, indent: int = 1) -> Path:
+    """Write ``data`` as JSON to ``path`` atomically."""
+    return write_text(path, json.dumps(data, indent=indent, default=str) + "\n")
+
+
+def torch_save(data: Any, path: str | os.PathLike) -> Path:
+    """``torch.save`` to ``path`` atomically."""
+    import torch
+
+    with atomic_output(path) as tmp, open(tmp, "wb") as stream:
+        torch.save(data, stream)
+    return Path(path)
