@@ -1,0 +1,84 @@
+"""Turn a training run's model into a shipped checkpoint in weights/ and record it in the manifest.
+
+    python benchmarks/package_weights.py scratch/runs/spinconv-fc/best.pt spinconv-fc \
+        --description "SpinConv force-centric trained on OC20-EMT small"
+
+What it does: loads the run's checkpoint (forcecalc format, as `forcecalc train` writes it),
+resets options that only matter for training (SpinConv's `rotations: random` becomes the default
+fixed, seeded set, so forces are a deterministic function of positions), records the elements of
+OC20-EMT (the only ones the model has seen), adds metadata, writes `weights/NAME.pt` atomically,
+and stores its SHA-256 and size in `weights/manifest.json` (which the tests check).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+from pathlib import Path
+
+from ase.data import atomic_numbers
+
+from forcecalc.atomic import write_json
+from forcecalc.checkpoint import load_checkpoint, save_checkpoint
+
+WEIGHTS = Path(__file__).resolve().parents[1] / "weights"
+#: The elements of OC20-EMT: EMT's metals and the adsorbate elements.
+OC20EMT_ELEMENTS = sorted(
+    atomic_numbers[s] for s in ("H", "C", "N", "O", "Al", "Ni", "Cu", "Pd", "Ag", "Pt", "Au")
+)
+#: Model options that configure training, not the model a user gets.
+TRAINING_ONLY_OPTIONS = ("rotations",)
+
+
+def sha256(path: Path) -> str:
+    """Hex SHA-256 of a file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        while chunk := stream.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_checkpoint", type=Path, help="best.pt or final.pt of a run")
+    parser.add_argument("name", help="shipped name, e.g. spinconv-fc")
+    parser.add_argument("--description", required=True)
+    parser.add_argument("--metadata", type=Path, default=None, help="extra metadata (JSON)")
+    args = parser.parse_args()
+
+    potential = load_checkpoint(args.run_checkpoint, device="cpu")
+    potential.info.model_kwargs = {
+        k: v for k, v in potential.info.model_kwargs.items() if k not in TRAINING_ONLY_OPTIONS
+    }
+    potential.info.elements = OC20EMT_ELEMENTS
+    extra = json.loads(args.metadata.read_text()) if args.metadata else {}
+    metadata = {
+        "name": args.name,
+        "description": args.description,
+        "license": "MIT",
+        "energy": "OC20-EMT adsorption energy (eV): E_EMT(system) - E_EMT(clean relaxed slab) "
+        "- sum of gas-phase references of the adsorbate atoms",
+        "source_checkpoint": str(args.run_checkpoint),
+        **extra,
+    }
+    target = save_checkpoint(potential, WEIGHTS / f"{args.name}.pt", metadata=metadata)
+    check = load_checkpoint(target, device="cpu")
+    assert "rotations" not in check.info.model_kwargs
+    manifest_path = WEIGHTS / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+    manifest[args.name] = {
+        "file": target.name,
+        "sha256": sha256(target),
+        "bytes": target.stat().st_size,
+        "model": check.name,
+        "parameters": sum(p.numel() for p in check.model.parameters()),
+        "description": args.description,
+    }
+    write_json(manifest_path, dict(sorted(manifest.items())), indent=2)
+    print(json.dumps(manifest[args.name], indent=2))
+
+
+if __name__ == "__main__":
+    main()
