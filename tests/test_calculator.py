@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from ase import Atoms
+from ase import Atoms, units
 from ase.build import add_adsorbate, fcc100, molecule
 from ase.calculators.calculator import PropertyNotImplementedError
 from ase.constraints import FixAtoms
 from ase.md.verlet import VelocityVerlet
+from ase.optimize import BFGS, FIRE, LBFGS
 from ocp_fixtures import OCP_DATA, ocp_reference, ocp_structures
 
 from forcecalc import (
@@ -170,3 +171,41 @@ def test_energy_centric_stress_is_the_strain_derivative() -> None:
             numeric[a, b] = (energies[0] - energies[1]) / (2 * step) / atoms.get_volume()
     numeric = 0.5 * (numeric + numeric.T)
     np.testing.assert_allclose(stress, numeric, atol=1e-7 * max(1.0, np.abs(numeric).max()))
+
+
+@pytest.mark.parametrize("optimizer", [BFGS, LBFGS, FIRE])
+def test_ase_optimizers_reach_fmax_with_fixed_atoms(optimizer) -> None:
+    """BFGS, LBFGS and FIRE reach fmax with a conservative model; FixAtoms atoms never move."""
+    atoms = _slab()
+    start = atoms.positions.copy()
+    fixed = atoms.constraints[0].get_indices()
+    atoms.calc = SpinConvCalculator(
+        SPINCONV_EC, device="cpu", dtype="float64", forces="conservative"
+    )
+    assert optimizer(atoms, logfile=None).run(fmax=0.1, steps=500)
+    assert np.linalg.norm(atoms.get_forces(), axis=1).max() < 0.1
+    np.testing.assert_array_equal(atoms.positions[fixed], start[fixed])
+
+
+def test_velocity_verlet_conserves_energy() -> None:
+    """NVE with conservative energy-centric forces (float64) keeps the total energy constant.
+
+    A molecule, so that no neighbor crosses the cutoff or the max-neighbor cut: SpinConv's
+    energy has no smooth envelope, so such crossings (frequent in slabs) make it jump.
+    """
+    atoms = molecule("CH3OH")
+    atoms.center(vacuum=5.0)
+    atoms.calc = SpinConvCalculator(
+        SPINCONV_EC, device="cpu", dtype="float64", forces="conservative"
+    )
+    rng = np.random.default_rng(0)
+    atoms.set_momenta(
+        rng.normal(scale=0.05, size=(len(atoms), 3)) * np.sqrt(atoms.get_masses())[:, None]
+    )
+    dyn = VelocityVerlet(atoms, timestep=0.25 * units.fs)
+    energies = []
+    dyn.attach(lambda: energies.append(atoms.get_total_energy()), interval=10)
+    dyn.run(120)  # 30 fs
+    energies = np.array(energies)
+    assert np.abs(energies - energies[0]).max() < 5e-4
+    assert atoms.get_kinetic_energy() > 0.05
