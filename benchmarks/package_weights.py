@@ -7,7 +7,8 @@ What it does: loads the run's checkpoint (forcecalc format, as `forcecalc train`
 resets options that only matter for training (SpinConv's `rotations: random` becomes the default
 fixed, seeded set, so forces are a deterministic function of positions), records the elements of
 OC20-EMT (the only ones the model has seen), adds metadata, writes `weights/NAME.pt` atomically,
-and stores its SHA-256 and size in `weights/manifest.json` (which the tests check).
+and stores its SHA-256, size and force MAE on the quick check sample
+(`forcecalc.evaluate.check_sample`) in `weights/manifest.json` (which the tests check).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from ase.data import atomic_numbers
 
 from forcecalc.atomic import write_json
 from forcecalc.checkpoint import load_checkpoint, save_checkpoint
+from forcecalc.evaluate import check_forces_mae
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "weights"
 #: The elements of OC20-EMT: EMT's metals and the adsorbate elements.
@@ -46,6 +48,13 @@ def main() -> None:
     parser.add_argument("name", help="shipped name, e.g. spinconv-fc")
     parser.add_argument("--description", required=True)
     parser.add_argument("--metadata", type=Path, default=None, help="extra metadata (JSON)")
+    parser.add_argument(
+        "--s2ef",
+        type=Path,
+        default=None,
+        help="`forcecalc eval s2ef --out` JSON of this file: its test_id row goes into the "
+        "manifest (the shipped-weights test checks the model against it)",
+    )
     args = parser.parse_args()
 
     potential = load_checkpoint(args.run_checkpoint, device="cpu")
@@ -76,6 +85,9 @@ def main() -> None:
         "parameters": sum(p.numel() for p in check.model.parameters()),
         "description": args.description,
     }
+    manifest[args.name]["check_forces_mae"] = check_forces_mae(check)
+    if args.s2ef is not None:
+        manifest[args.name]["test_id"] = json.loads(args.s2ef.read_text())["test_id"]["model"]
     write_json(manifest_path, dict(sorted(manifest.items())), indent=2)
     print(json.dumps(manifest[args.name], indent=2))
 

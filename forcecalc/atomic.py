@@ -20,7 +20,8 @@ def atomic_output(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Pat
     """Yield a temp path in ``path``'s folder; on success it is renamed to ``path``.
 
     The temp file is named ``.{name}.XXXX{suffix}`` (so a crashed writer's leftovers can be
-    found); on failure it is removed and the exception propagates.
+    found); on failure it is removed and the exception propagates. The file gets the usual
+    permissions (``0o666`` less the umask), not ``mkstemp``'s private ``0o600``.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -30,10 +31,17 @@ def atomic_output(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Pat
         yield Path(tmp)
         with open(tmp, "rb") as stream:
             os.fsync(stream.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:

@@ -164,3 +164,34 @@ def median_is2re_metrics(train: Any, dataset: Any) -> dict[str, float]:
     return metrics.is2re_metrics(
         np.full(len(true), metrics.median_is2re_baseline(train_energy)), true
     )
+
+
+#: The quick check of a shipped model: OC20-EMT ``tiny`` of this seed (not the training seed).
+CHECK_SEED = 7
+
+
+def check_sample() -> list:
+    """Frames for a quick accuracy check: every third frame of OC20-EMT ``tiny`` (seed
+    :data:`CHECK_SEED`) test_id and val_id splits, generated on the fly (~10 s on one core)."""
+    import tempfile
+    from pathlib import Path
+
+    from forcecalc.data import open_dataset
+    from forcecalc.data.oc20emt import generate
+
+    with tempfile.TemporaryDirectory(prefix="oc20emt-check-") as folder:
+        generate("tiny", folder, seed=CHECK_SEED, workers=1, progress=False)
+        frames = []
+        for split in ("test_id", "val_id"):
+            with open_dataset(Path(folder) / f"{split}.h5") as dataset:
+                frames += [dataset[i] for i in range(0, len(dataset), 3)]
+    return frames
+
+
+def check_forces_mae(potential: Potential | str, frames: Sequence | None = None) -> float:
+    """Force MAE (free atoms, eV/Å) of ``potential`` on :func:`check_sample` frames."""
+    frames = check_sample() if frames is None else frames
+    results = predict(frames, potential, batch_size=8, device="cpu")
+    forces_true, _, fixed = _concat_forces(frames)
+    forces_pred = np.concatenate([r["forces"] for r in results])
+    return metrics.forces_mae(forces_pred, forces_true, fixed)
