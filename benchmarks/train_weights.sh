@@ -27,14 +27,18 @@ train spinconv-fc spinconv-fc &
 train forcenet forcenet &
 wait
 
-python benchmarks/package_weights.py "$runs/spinconv-fc/best.pt" spinconv-fc \
-  --description "SpinConv force-centric (direct forces), trained on OC20-EMT $size"
-python benchmarks/package_weights.py "$runs/forcenet/best.pt" forcenet \
-  --description "ForceNet (direct forces), trained on OC20-EMT $size"
-
+declare -A description=(
+  [spinconv-fc]="SpinConv force-centric (direct forces), trained on OC20-EMT $size"
+  [forcenet]="ForceNet (direct forces), trained on OC20-EMT $size"
+)
 for name in spinconv-fc forcenet; do
+  python benchmarks/package_weights.py "$runs/$name/best.pt" "$name" \
+    --description "${description[$name]}"
   forcecalc eval s2ef --model "$name" --data "$data"/test_*.h5 --train "$data/train.h5" \
     --max-frames 400 --out "benchmarks/results/eval_s2ef_$name.json"
   forcecalc eval is2rs --model "$name" --data "$data"/test_*.h5 --train "$data/train.h5" \
     --max-systems 12 --out "benchmarks/results/eval_is2rs_$name.json"
+  python benchmarks/package_weights.py "$runs/$name/best.pt" "$name" \
+    --description "${description[$name]}" --s2ef "benchmarks/results/eval_s2ef_$name.json"
+  python benchmarks/model_card_table.py "$name"
 done
