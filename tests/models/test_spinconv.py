@@ -605,3 +605,29 @@ def test_odd_longitude_without_distance_scaling():
         shifted.append(_energy(model, batch, positions))
     numeric = -(shifted[0] - shifted[1]) / (2 * step)
     assert abs(float(forces[atom, 2]) - numeric) < 1e-6 * float(forces.abs().max())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize(
+    ("name", "forces"),
+    [
+        ("spinconv_small_fc", "compat"),
+        ("spinconv_small_ec", "compat"),
+        ("spinconv_small_ec", "conservative"),
+    ],
+)
+def test_cuda_matches_cpu(name, forces):
+    """On CUDA, float64, every fixture structure (tie_cut ones too) gives the CPU forces and
+    energies to float64 noise (1e-9 relative): no device-dependent pole or tie choices."""
+    model = _model(name, forces=forces)
+    atoms = _all_structures()
+    batch = Batch.from_atoms(atoms, cutoff=model.cutoff, dtype=torch.float64)
+    cpu = model(batch)
+    gpu = copy.deepcopy(model).cuda()(batch.to("cuda"))
+    scale = cpu["forces"].abs().max()
+    torch.testing.assert_close(
+        gpu["forces"].detach().cpu(), cpu["forces"].detach(), rtol=0, atol=1e-9 * scale
+    )
+    torch.testing.assert_close(
+        gpu["energy"].detach().cpu(), cpu["energy"].detach(), rtol=1e-9, atol=1e-9
+    )
