@@ -43,14 +43,9 @@ import torch
 from ase import units
 from torch import Tensor, nn
 
-from forcecalc.relax.engine import SystemSet, admit, check_structures, segment_sum
+from forcecalc.relax.engine import SystemSet, admit, segment_sum
 from forcecalc.relax.memory import MemoryModel
-from forcecalc.relax.relaxation import (
-    default_skin,
-    plan_batches,
-    potential_device,
-    resolve_potential,
-)
+from forcecalc.relax.relaxation import plan_run
 
 
 class VelocityVerlet:
@@ -260,14 +255,11 @@ def md(
         raise ValueError("Langevin dynamics needs temperature_K")
     if rng not in ("torch", "numpy"):
         raise ValueError(f"rng must be 'torch' or 'numpy', got {rng!r}")
-    structures = [structures] if hasattr(structures, "get_positions") else list(structures)
-    potential = resolve_potential(model, device, dtype)
-    check_structures(structures, potential)
-    if not structures:
+    plan = plan_run(structures, model, device, dtype, skin, batch_size, memory)
+    if plan is None:
         return []
-    device_ = potential_device(potential)
-    skin = default_skin(device_) if skin is None else float(skin)
-    evaluate, max_systems = plan_batches(potential, structures, batch_size, skin, memory)
+    structures, potential, device_, skin = plan.structures, plan.potential, plan.device, plan.skin
+    evaluate, max_systems = plan.evaluate, plan.max_systems
     draws = (NumpyDraws if rng == "numpy" else TorchDraws)(seed, device_)
     results: list[Any] = [None] * len(structures)
     queue = list(range(len(structures)))[::-1]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -92,6 +93,40 @@ def plan_batches(
     return Evaluator(potential, model.with_budget(float("inf"))), batch_size
 
 
+@dataclass
+class RunPlan:
+    """What a batched run needs, resolved from the user's arguments."""
+
+    structures: list
+    potential: nn.Module
+    device: torch.device
+    skin: float
+    evaluate: Evaluator
+    max_systems: int | None
+
+
+def plan_run(
+    structures: Sequence | Any,
+    model: str | nn.Module,
+    device: str | torch.device | None,
+    dtype: str | torch.dtype,
+    skin: float | None,
+    batch_size: str | int,
+    memory: MemoryModel | None,
+) -> RunPlan | None:
+    """Load the model, check the structures, choose the skin and the batching (None: no
+    structures). ``structures`` may be one ``Atoms`` or a sequence of them."""
+    structures = [structures] if hasattr(structures, "get_positions") else list(structures)
+    potential = resolve_potential(model, device, dtype)
+    check_structures(structures, potential)
+    if not structures:
+        return None
+    device_ = potential_device(potential)
+    skin = default_skin(device_) if skin is None else float(skin)
+    evaluate, max_systems = plan_batches(potential, structures, batch_size, skin, memory)
+    return RunPlan(structures, potential, device_, skin, evaluate, max_systems)
+
+
 def _auto_memory_model(
     potential: nn.Module, structures: Sequence, skin: float, device: torch.device
 ) -> MemoryModel:
@@ -171,15 +206,12 @@ def relax(
         raise ValueError(f"fmax must be positive, got {fmax}")
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
-    structures = [structures] if hasattr(structures, "get_positions") else list(structures)
     opt = make_optimizer(optimizer, optimizer_options)
-    potential = resolve_potential(model, device, dtype)
-    check_structures(structures, potential)
-    if not structures:
+    plan = plan_run(structures, model, device, dtype, skin, batch_size, memory)
+    if plan is None:
         return []
-    device_ = potential_device(potential)
-    skin = default_skin(device_) if skin is None else float(skin)
-    evaluate, max_systems = plan_batches(potential, structures, batch_size, skin, memory)
+    structures, potential, device_, skin = plan.structures, plan.potential, plan.device, plan.skin
+    evaluate, max_systems = plan.evaluate, plan.max_systems
     systems = SystemSet(float(potential.cutoff), skin, device_)
     results: list[Any] = [None] * len(structures)
     frames: dict[int, list] = {}
