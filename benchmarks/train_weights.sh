@@ -41,4 +41,5 @@ for name in spinconv-fc forcenet; do
   python benchmarks/package_weights.py "$runs/$name/best.pt" "$name" \
     --description "${description[$name]}" --s2ef "benchmarks/results/eval_s2ef_$name.json"
   python benchmarks/model_card_table.py "$name"
+  python benchmarks/parity_plot.py "$name" "$data/test_id.h5"
 done
