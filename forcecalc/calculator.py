@@ -21,7 +21,7 @@ from ase.calculators.calculator import (
 
 from forcecalc.checkpoint import Potential, load_checkpoint
 from forcecalc.graph import Batch, radius_graph
-from forcecalc.graph.batch import _stack_atoms
+from forcecalc.graph.batch import atoms_to_arrays
 
 #: The Voigt order ASE uses for stress: xx, yy, zz, yz, xz, xy.
 VOIGT = (np.array([0, 1, 2, 1, 0, 0]), np.array([0, 1, 2, 2, 2, 1]))
@@ -139,7 +139,7 @@ class ForceCalculator(Calculator):
 
     def _batch(self, atoms) -> Batch:
         """The atoms as a one-system batch, with edges built or reused (see ``skin``)."""
-        arrays = _stack_atoms([atoms])
+        arrays = atoms_to_arrays([atoms])
         positions, numbers, cell, pbc = arrays[:4]
         if not self._graph_is_valid(positions, numbers, cell, pbc):
             graph = radius_graph(

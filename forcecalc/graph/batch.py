@@ -115,7 +115,7 @@ class Batch:
         atoms_list = [atoms] if hasattr(atoms, "positions") else list(atoms)
         if not atoms_list:
             raise ValueError("no structures given")
-        batch = cls.from_arrays(*_stack_atoms(atoms_list), device=device)
+        batch = cls.from_arrays(*atoms_to_arrays(atoms_list), device=device)
         graph = radius_graph(
             batch.positions,
             batch.cell,
@@ -201,7 +201,14 @@ def check_atoms(atoms, index: int = 0) -> None:
         raise ValueError(f"{label}: the periodic cell vectors are linearly dependent (zero volume)")
 
 
-def _stack_atoms(atoms_list: Sequence) -> tuple[np.ndarray, ...]:
+def atoms_to_arrays(atoms_list: Sequence) -> tuple[np.ndarray, ...]:
+    """Checked, concatenated arrays of ``ase.Atoms``, in :meth:`Batch.from_arrays`' order:
+    ``(positions [N, 3], numbers [N], cell [S, 3, 3], pbc [S, 3], natoms [S], tags [N],
+    fixed [N])``.
+
+    Raises:
+        ValueError: from :func:`check_atoms`, naming the structure and the problem.
+    """
     for index, atoms in enumerate(atoms_list):
         check_atoms(atoms, index)
     positions = np.concatenate([a.positions for a in atoms_list]).astype(np.float64)
