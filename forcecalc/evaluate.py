@@ -157,10 +157,8 @@ def evaluate_relaxations(
 
 def median_is2re_metrics(train: Any, dataset: Any) -> dict[str, float]:
     """The IS2RE median baseline: the training median relaxed energy for every system."""
-    train_energy = np.array(
-        [train.relaxed(s).get_potential_energy() for s in range(train.n_systems)]
-    )
-    true = np.array([dataset.relaxed(s).get_potential_energy() for s in range(dataset.n_systems)])
+    train_energy = np.asarray(train.systems["relaxed_energy"], dtype=np.float64)
+    true = np.asarray(dataset.systems["relaxed_energy"], dtype=np.float64)
     return metrics.is2re_metrics(
         np.full(len(true), metrics.median_is2re_baseline(train_energy)), true
     )

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from ase.build import add_adsorbate, fcc111
 from ase.constraints import FixAtoms
@@ -141,3 +142,44 @@ def test_sharded_batched_relax_merges_back_in_order(tmp_path: Path) -> None:
     merged = read(tmp_path / "merged.extxyz", index=":")
     assert [len(a) for a in merged] == [len(s) for s in slabs]
     assert [a.info["input_index"] for a in merged] == [0, 1, 2]
+
+
+def test_eval_prints_the_papers_tables(tmp_path: Path, capsys) -> None:
+    """`forcecalc eval s2ef|is2rs` on an OC20-EMT split prints model and median-baseline rows
+    and writes JSON whose IS2RE baseline equals the training median's error."""
+    import numpy as np
+
+    from forcecalc.data import open_dataset
+    from forcecalc.data.oc20emt import generate
+
+    generate("tiny", tmp_path / "data", seed=3, workers=1, progress=False)
+    split, train = str(tmp_path / "data" / "test_id.h5"), str(tmp_path / "data" / "train.h5")
+    common = ["--model", str(OCP_DATA / "forcenet_small.pt"), "--data", split, "--train", train]
+    assert (
+        main(["eval", "s2ef", *common, "--max-frames", "10", "--out", str(tmp_path / "s.json")])
+        == 0
+    )
+    s2ef = json.loads((tmp_path / "s.json").read_text())["test_id"]
+    assert s2ef["model"]["frames"] == 10 and set(s2ef["median"]) >= {"forces_mae", "efwt"}
+    code = main(
+        [
+            "eval",
+            "is2rs",
+            *common,
+            "--max-systems",
+            "2",
+            "--steps",
+            "3",
+            "--out",
+            str(tmp_path / "r.json"),
+        ]
+    )
+    assert code == 0
+    row = json.loads((tmp_path / "r.json").read_text())["test_id"]
+    assert row["systems"] == min(2, open_dataset(split).n_systems)
+    assert 0 <= row["is2rs"]["adwt"] <= 1 and "afbt" in row["is2rs"]
+    relaxed = open_dataset(split).systems["relaxed_energy"]
+    median = np.median(open_dataset(train).systems["relaxed_energy"])
+    assert row["median_is2re"]["energy_mae"] == pytest.approx(np.abs(relaxed - median).mean())
+    out = capsys.readouterr().out
+    assert "force MAE" in out and "ADwT" in out
