@@ -368,6 +368,13 @@ class SpinConv(nn.Module):
         forces: energy-centric only. ``"compat"`` (OCP's definition, gradient through the
             distances only) or ``"conservative"`` (the full ``-dE/dx``); see the module
             docstring.
+        envelope: not in OCP (its checkpoints have none). Weight every edge's message by the
+            cosine cutoff ``(cos(pi d / cutoff) + 1) / 2`` wherever it leaves its edge: in the
+            energy readout and in every grid it is projected onto. An edge then enters and
+            leaves the graph smoothly, so the energy is continuous with continuous forces
+            as atoms cross the cutoff (what MD needs), provided the max-neighbor rule never
+            cuts: choose ``max_num_neighbors`` above the largest number of neighbors within
+            the cutoff.
 
     Attributes:
         cutoff: graph radius; the batch must hold at least every pair within it (it may hold
@@ -407,6 +414,7 @@ class SpinConv(nn.Module):
         scale_distances: bool = True,
         rotations: str | Tensor | None = None,
         forces: str = "compat",
+        envelope: bool = False,
     ) -> None:
         super().__init__()
         for name, value in (("sphere_message", sphere_message), ("output_message", output_message)):
@@ -442,6 +450,7 @@ class SpinConv(nn.Module):
         self.force_estimator = force_estimator
         self.regress_forces = regress_forces
         self.forces = forces
+        self.envelope = envelope
         self.defines_stress = force_estimator == "grad"
         self.num_rand_rotations = num_rand_rotations
         self.act = F.silu  # Swish, x * sigmoid(x), in one pass
@@ -603,19 +612,24 @@ class SpinConv(nn.Module):
             projections = SphereProjections.from_directions(
                 projected, neighbors, n_edges, self.lat, self.long, dtype
             )
+        edge_weight = None
+        if self.envelope:
+            edge_weight = cosine_cutoff(distances, self.cutoff).to(dtype)
+            projections = projections.weighted(_pad(edge_weight)[neighbors])
 
         for index, block in enumerate(self.message_blocks):
             update = block(x, projections, x_dist, source_element, target_element)
             x = update if index == 0 else x + update
 
-        per_atom = _pad(x)[incoming].sum(dim=1) / (self.max_num_neighbors / 2.0 + 1.0)
+        messages = x if edge_weight is None else x * edge_weight.unsqueeze(1)
+        per_atom = _pad(messages)[incoming].sum(dim=1) / (self.max_num_neighbors / 2.0 + 1.0)
         atom_energy = self.energyembeddingblock(per_atom, numbers, numbers).view(-1)
         energy = torch.zeros(batch.n_systems, dtype=dtype, device=x.device)
         energy = energy.index_add(0, batch.system_idx, atom_energy)
 
         forces = None
         if self.force_estimator == "random" and self.regress_forces:
-            forces = self._direct_forces(x, unit.detach(), incoming, numbers)
+            forces = self._direct_forces(x, unit.detach(), incoming, numbers, edge_weight)
         return energy, forces
 
     def _select_edges(
@@ -631,8 +645,16 @@ class SpinConv(nn.Module):
             keep = keep[mask]
         return edge_index[:, keep], vectors[keep]
 
-    def _direct_forces(self, x: Tensor, unit: Tensor, incoming: Tensor, numbers: Tensor) -> Tensor:
-        """Force-centric forces: all ``3 x R`` frames of every atom in one pass."""
+    def _direct_forces(
+        self,
+        x: Tensor,
+        unit: Tensor,
+        incoming: Tensor,
+        numbers: Tensor,
+        edge_weight: Tensor | None,
+    ) -> Tensor:
+        """Force-centric forces: all ``3 x R`` frames of every atom in one pass (messages
+        weighted by ``edge_weight`` ``[n_edges]`` if given: the envelope)."""
         n_atoms, n_edges = len(numbers), len(unit)
         if self.random_rotations:
             rotations = ocp_random_rotations(
@@ -657,6 +679,8 @@ class SpinConv(nn.Module):
                 self.long,
                 x.dtype,
             )
+        if edge_weight is not None:
+            projections = projections.weighted(_pad(edge_weight)[incoming].repeat(3 * n_rot, 1))
         element = numbers.repeat(3 * n_rot)
         along_axis = self.force_output_block(x, projections, element)[:, 0]
         along_axis = along_axis.view(n_rot, 3, n_atoms)
@@ -695,6 +719,11 @@ def ocp_random_rotations(
     return rot_a @ rot_b @ rot_c
 
 
+def cosine_cutoff(distances: Tensor, cutoff: float) -> Tensor:
+    """``(cos(pi d / cutoff) + 1) / 2``: 1 at ``d = 0``, zero value and slope at the cutoff."""
+    return 0.5 * (torch.cos(distances * (math.pi / cutoff)) + 1.0)
+
+
 def _axis_frames(rotations: Tensor) -> Tensor:
     """The force block's three frames per rotation, rows = axes: ``[R, (n,) 3, 3] ->
     [R, 3, (n,) 3, 3]``.  Frame ``a`` has row ``a`` of ``R`` as its polar axis: ``R``,
@@ -716,7 +745,7 @@ def _edge_frames(
     """``[n_edges, 3, 3]`` edge frames, rows ``(x, y, z)``: ``x = v/|v|``; the roll from the
     target's cosine-weighted mean neighbor vector (+1e-4 per component), with OCP's +1e-7 in
     the normalisations of ``z`` and ``y``."""
-    weight = 0.5 * (torch.cos(distances * math.pi / cutoff) + 1.0)
+    weight = cosine_cutoff(distances, cutoff)
     mean_vector = _pad(vectors * weight.unsqueeze(1))[incoming].sum(dim=1)  # [n_atoms, 3]
     helper = mean_vector[target] + 1e-4
     helper = helper / torch.linalg.norm(helper, dim=1, keepdim=True)
@@ -806,6 +835,10 @@ class SphereProjections:
         self.rows = rows
         self._weights: dict[tuple[int, int], Tensor] = {}
         self._cache_weights = False
+
+    def weighted(self, weights: Tensor) -> SphereProjections:
+        """The same grids with value ``j`` of grid ``g`` scaled by ``weights[g, j]``."""
+        return SphereProjections(self.neighbors, self.phase, self.rows * weights.unsqueeze(-1))
 
     @classmethod
     def from_directions(

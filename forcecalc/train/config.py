@@ -27,6 +27,7 @@ HELP: dict[str, str] = {
     "data": "training data: HDF5, ASE db, extxyz, traj, OUTCAR, ...",
     "val_data": "validation data (else a random split of --data)",
     "val_fraction": "fraction of --data held out when no --val-data",
+    "val_max_frames": "evaluate on at most this many validation frames (a seeded subset)",
     "split_seed": "seed of the random train/validation split",
     "model": "model name when training from scratch",
     "model_kwargs": "model keyword arguments (JSON)",
@@ -81,6 +82,7 @@ class TrainConfig:
     data: list[str] = field(default_factory=list)
     val_data: list[str] = field(default_factory=list)
     val_fraction: float = 0.1
+    val_max_frames: int | None = None
     split_seed: int = 0
     # model
     model: str = "forcenet"
@@ -154,6 +156,8 @@ class TrainConfig:
             raise ValueError(f"tag_weights needs 3 values (tags 0, 1, 2), got {self.tag_weights}")
         if self.batch_size < 1 or (self.eval_batch_size is not None and self.eval_batch_size < 1):
             raise ValueError("batch sizes must be >= 1")
+        if self.val_max_frames is not None and self.val_max_frames < 1:
+            raise ValueError(f"val_max_frames must be positive, got {self.val_max_frames}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.checkpoint_every < 1:

@@ -235,6 +235,12 @@ def random_split(frames: Sequence, val_fraction: float, seed: int) -> tuple[Sequ
     return train, SubsetFrames(frames, np.sort(order[:n_val]))
 
 
+def seeded_subset(frames: Sequence, size: int, seed: int) -> Sequence:
+    """``size`` frames chosen by a seeded permutation, in their original order."""
+    order = torch.randperm(len(frames), generator=torch.Generator().manual_seed(seed)).numpy()
+    return SubsetFrames(frames, np.sort(order[:size]))
+
+
 def frame_targets(atoms, index: int | None = None) -> tuple[float, np.ndarray]:
     """``(energy, forces [n_atoms, 3])`` of a labelled frame (eV, eV/Å).
 

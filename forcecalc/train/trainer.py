@@ -25,6 +25,7 @@ import platform
 import time
 import warnings
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,7 @@ from forcecalc.train.data import (
     frame_targets,
     open_frames,
     random_split,
+    seeded_subset,
 )
 from forcecalc.train.distributed import (
     all_gather_objects,
@@ -235,6 +237,9 @@ class Trainer:
             split = {"kind": "random", "fraction": config.val_fraction, "seed": config.split_seed}
         else:
             val, split = [], {"kind": "none"}
+        if config.val_max_frames is not None and len(val) > config.val_max_frames:
+            val = seeded_subset(val, config.val_max_frames, config.split_seed)
+            split["max_frames"] = config.val_max_frames
         info = {
             "train": names,
             "train_frames": len(train),
@@ -286,9 +291,12 @@ class Trainer:
             config.normalizers == "auto" and not config.init_checkpoint
         )
         if state is None and fit:
-            potential.info.normalizers = fit_normalizers(
-                self.train_frames, config.normalizer_frames, config.seed
-            )
+            normalizers = fit_normalizers(self.train_frames, config.normalizer_frames, config.seed)
+            if potential.defines_stress:
+                # Forces are the gradient of the normalized energy: they must be scaled by the
+                # energy's std, or they would not be -dE/dx of the energy the model reports.
+                normalizers = replace(normalizers, forces_std=normalizers.energy_std)
+            potential.info.normalizers = normalizers
         return potential
 
     def _train_mode(self) -> None:

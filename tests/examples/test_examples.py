@@ -55,3 +55,20 @@ def test_plot_relaxation_writes_a_png(tmp_path: Path) -> None:
     out_file = tmp_path / "relax.png"
     run_example("plot_relaxation.py", "--out", str(out_file))
     assert out_file.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_md_runs_langevin_then_nve_with_the_energy_centric_model() -> None:
+    """The MD example thermalises with Langevin and reports NVE energy conservation for the
+    shipped energy-centric model and for EMT; the model's drift is finite and small over a
+    short run (a model with discontinuities shows jumps of ~0.1 eV)."""
+    if "spinconv-ec" not in shipped_checkpoints():
+        pytest.fail("weights/spinconv-ec.pt is not shipped")
+    out = run_example("md_co_pt111.py", "--langevin-steps", "10", "--nve-steps", "20")
+    assert "stress (GPa" in out
+    spreads = [
+        float(line.split("spread")[1].split("meV")[0])
+        for line in out.splitlines()
+        if "NVE 20 steps" in line
+    ]
+    assert len(spreads) == 2
+    assert spreads[0] < 20.0

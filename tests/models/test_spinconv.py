@@ -631,3 +631,70 @@ def test_cuda_matches_cpu(name, forces):
     torch.testing.assert_close(
         gpu["energy"].detach().cpu(), cpu["energy"].detach(), rtol=1e-9, atol=1e-9
     )
+
+
+def _envelope_model(envelope: bool) -> SpinConv:
+    torch.manual_seed(3)
+    model = SpinConv(
+        hidden_channels=16,
+        mid_hidden_channels=32,
+        num_interactions=2,
+        num_basis_functions=16,
+        sphere_size_lat=6,
+        sphere_size_long=6,
+        max_num_neighbors=50,
+        cutoff=4.0,
+        embedding_size=8,
+        force_estimator="grad",
+        forces="conservative",
+        envelope=envelope,
+    )
+    for embedding in model.modules():
+        if isinstance(embedding, torch.nn.Embedding):
+            torch.nn.init.normal_(embedding.weight)
+    return model.double().eval()
+
+
+@pytest.mark.parametrize("envelope", [True, False])
+def test_envelope_makes_energy_and_forces_continuous_at_the_cutoff(envelope):
+    """With ``envelope=True`` an edge enters the graph with zero weight and zero slope: as
+    atom 2 crosses the cutoff of atom 0 (while staying bonded to atom 1), the change of energy
+    and forces across the cutoff shrinks linearly with the step (continuity); without it
+    (OCP's architecture) both jump by a step-independent amount."""
+    model = _envelope_model(envelope)
+
+    def evaluate(distance: float) -> tuple[float, np.ndarray]:
+        atoms = Atoms("CuOH", positions=[[0, 0, 0], [1.2, 1.5, 0.3], [0, 0.4, 0.1]], pbc=False)
+        atoms.positions[2, 0] = math.sqrt(distance**2 - 0.4**2 - 0.1**2)
+        out = model(Batch.from_atoms(atoms, cutoff=model.cutoff + 1.0))
+        return float(out["energy"].detach()), out["forces"].detach().numpy()
+
+    def jumps(step: float) -> tuple[float, float]:
+        inside, outside = evaluate(model.cutoff - step), evaluate(model.cutoff + step)
+        return abs(inside[0] - outside[0]), float(np.abs(inside[1] - outside[1]).max())
+
+    (energy_coarse, force_coarse), (energy_fine, force_fine) = jumps(1e-4), jumps(1e-6)
+    if envelope:
+        assert energy_fine < 0.02 * energy_coarse
+        assert force_fine < 0.02 * force_coarse
+    else:
+        assert energy_fine > 0.5 * energy_coarse
+        assert force_fine > 0.5 * force_coarse
+
+
+def test_envelope_conservative_forces_match_finite_differences():
+    """The envelope is part of the energy: forces of an ``envelope=True`` model are still minus
+    the finite-difference gradient (slab with periodic images, step 1e-5 Å)."""
+    model = _envelope_model(True)
+    atoms = ocp_structures()["o_pt100"]
+    batch = Batch.from_atoms(atoms, cutoff=model.cutoff)
+    forces = model(batch)["forces"].detach()
+    step, scale = 1e-5, float(forces.abs().max())
+    for atom, axis in [(0, 0), (len(atoms) - 1, 2)]:
+        shifted = []
+        for sign in (1.0, -1.0):
+            positions = batch.positions.clone()
+            positions[atom, axis] += sign * step
+            shifted.append(_energy(model, batch, positions))
+        numeric = -(shifted[0] - shifted[1]) / (2 * step)
+        assert abs(float(forces[atom, axis]) - numeric) < 1e-6 * scale, (atom, axis)

@@ -74,7 +74,7 @@ def test_spinconv_overfits(tmp_path):
 def test_energy_centric_spinconv_trains_forces_by_double_backward(tmp_path):
     """Energy-centric SpinConv: forces are an autograd derivative inside the forward; with a
     force-only loss, training still moves the parameters (double backward) and lowers the
-    force loss."""
+    force loss.  Its force normalizer is the energy's (forces = -dE/dx in eV/Å)."""
     frames = training_frames()
     pytest.importorskip("forcecalc.models.spinconv")
     kwargs = {**SPINCONV_TINY, "force_estimator": "grad"}
@@ -82,6 +82,8 @@ def test_energy_centric_spinconv_trains_forces_by_double_backward(tmp_path):
         tmp_path, "spinconv", kwargs, max_steps=6, lr=1e-2, energy_coefficient=0.0, batch_size=5
     )
     trainer = Trainer(config, frames[:5], frames[:5])
+    norm = trainer.potential.info.normalizers
+    assert norm.forces_std == norm.energy_std  # forces stay -dE/dx of the reported energy
     before = {k: v.clone() for k, v in trainer.potential.model.state_dict().items()}
     first = trainer.evaluate(frames[:5])["forces_mae"]
     trainer.fit()

@@ -1,0 +1,213 @@
+"""Speed of our SpinConv-All and ForceNet (hidden 512, 5 layers) configurations beside the
+original's, and of batched relaxation beside one-by-one ASE relaxation.
+
+Prints tables and writes JSON (atomically):
+
+1. Model forward (float32, forces without autograd: both configurations predict forces
+   directly, random weights as in the original's measurement), OC20-size Cu(111) + CO slabs of
+   38, 66 and 146 atoms: milliseconds per structure at batch 1, and atoms per second for a
+   batch of ``--batch`` 66-atom structures; on the CPU and on CUDA when available.  Beside
+   them, the original's figures (OCP code, same architectures, measured as documented in
+   shared/fixtures/ocp/README.md: the original cannot be installed on these machines, so its
+   numbers are quoted, not re-measured).
+2. One ASE step (``atoms.get_forces()`` after a move: graph, forward, transfer) with our
+   calculator at batch 1, the figure the issue's "ms per ASE step" target refers to.
+3. With ``--relax``: ``benchmarks/relax_speed.py`` (batched ``forcecalc.relax`` vs one-by-one
+   ASE relaxation with our calculator), with its own options after ``--relax-args``.
+
+    python benchmarks/speed.py --out benchmarks/results/speed_cpu.json [--batch 32 --repeats 3]
+    python benchmarks/speed.py --relax --relax-args --n 64 --model spinconv-fc
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+
+import numpy as np
+import torch
+from ase import Atoms
+from ase.build import add_adsorbate, fcc111, molecule
+
+from forcecalc.atomic import write_json
+from forcecalc.graph import Batch
+from forcecalc.models.registry import build_model
+
+CONFIGS = {
+    "spinconv_all": (
+        "spinconv",
+        {
+            "hidden_channels": 32,
+            "mid_hidden_channels": 256,
+            "num_interactions": 3,
+            "num_basis_functions": 512,
+            "sphere_size_lat": 16,
+            "sphere_size_long": 12,
+            "max_num_neighbors": 40,
+            "cutoff": 6.0,
+            "force_estimator": "random",
+            "num_rand_rotations": 5,
+            "scale_distances": True,
+            "basis_width_scalar": 3.0,
+        },
+    ),
+    "forcenet_all": (
+        "forcenet",
+        {
+            "hidden_channels": 512,
+            "decoder_hidden_channels": 512,
+            "num_interactions": 5,
+            "cutoff": 6.0,
+            "basis": "sphallmul",
+            "feat": "full",
+            "max_n": 3,
+        },
+    ),
+}
+
+
+#: The original's figures (shared/fixtures/ocp/README.md): ms per structure at batch 1 on an
+#: H100 and on this 2-core CPU (by structure size), and batched atoms/s on an H100.
+ORIGINAL = {
+    "spinconv_all": {"cuda_ms": 45.0, "cuda_atoms_per_s": 8400.0, "cpu_ms": {38: 535.0, 66: 828.0}},
+    "forcenet_all": {"cuda_ms": 13.0, "cuda_atoms_per_s": 15000.0, "cpu_ms": {}},
+}
+#: Slab repeats giving the issue's structure sizes (16 * layers + 2 or 9 * layers + 2 atoms).
+SIZES = {38: (3, 3, 4), 66: (4, 4, 4), 146: (4, 4, 9)}
+
+
+def structure(n_atoms: int, seed: int) -> Atoms:
+    """A rattled Cu(111) slab with CO of ``n_atoms`` atoms (a key of ``SIZES``), OC20 style."""
+    slab = fcc111("Cu", size=SIZES[n_atoms], vacuum=7.5)
+    slab.pbc = True
+    co = molecule("CO")
+    co.rotate(180, "x")
+    add_adsorbate(slab, co, 1.8, "fcc", mol_index=1)
+    slab.rattle(0.05, seed=seed)
+    return slab
+
+
+def time_forward(model: torch.nn.Module, batch: Batch, repeats: int) -> float:
+    """Median seconds of one forward pass (after one warm-up)."""
+    times = []
+    for _ in range(repeats + 1):
+        if batch.positions.is_cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        with torch.no_grad():
+            model(batch)
+        if batch.positions.is_cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times[1:]))
+
+
+def time_ase_step(name: str, model: torch.nn.Module, device: str, repeats: int) -> float:
+    """Median seconds of one ``get_forces()`` of our calculator after a small move (66 atoms)."""
+    from forcecalc.calculator import load_calculator
+    from forcecalc.checkpoint import CheckpointInfo, Normalizers, Potential
+
+    kind, kwargs = CONFIGS[name]
+    info = CheckpointInfo(kind, dict(kwargs), Normalizers(), "forcecalc")
+    atoms = structure(66, 0)
+    atoms.calc = load_calculator(Potential(model, info), device=device, dtype="float32")
+    rng = np.random.default_rng(0)
+    times = []
+    for _ in range(repeats + 1):
+        atoms.positions = atoms.positions + rng.normal(scale=1e-3, size=atoms.positions.shape)
+        start = time.perf_counter()
+        atoms.get_forces()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times[1:]))
+
+
+def model_rows(args: argparse.Namespace) -> list[dict]:
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    rows = []
+    print(f"{'model':<14}{'device':<7}{'what':<22}{'ours':>12}{'original':>12}{'speed-up':>10}")
+    for name in args.models:
+        kind, kwargs = CONFIGS[name]
+        torch.manual_seed(0)
+        model = build_model(kind, kwargs).eval()
+        original = ORIGINAL[name]
+        for device in devices:
+            model = model.to(device=device, dtype=torch.float32)
+            cases = [(size, 1) for size in SIZES] + [(66, args.batch)]
+            for n_atoms, batch_size in cases:
+                atoms = [structure(n_atoms, seed) for seed in range(batch_size)]
+                batch = Batch.from_atoms(atoms, cutoff=model.cutoff).to(device, torch.float32)
+                seconds = time_forward(model, batch, args.repeats)
+                row = {
+                    "model": name,
+                    "device": device,
+                    "what": "forward",
+                    "atoms_per_structure": n_atoms,
+                    "batch": batch_size,
+                    "ms_per_structure": 1000 * seconds / batch_size,
+                    "atoms_per_second": batch.n_atoms / seconds,
+                }
+                if batch_size == 1:
+                    label, ours = f"{n_atoms} atoms, ms", row["ms_per_structure"]
+                    theirs = (
+                        original["cuda_ms"] if device == "cuda" else original["cpu_ms"].get(n_atoms)
+                    )
+                    speedup = None if theirs is None else theirs / ours
+                else:
+                    label, ours = f"batch {batch_size}, atoms/s", row["atoms_per_second"]
+                    theirs = original["cuda_atoms_per_s"] if device == "cuda" else None
+                    speedup = None if theirs is None else ours / theirs
+                row.update(original=theirs, speedup=speedup)
+                rows.append(row)
+                print(
+                    f"{name:<14}{device:<7}{label:<22}{ours:>12.1f}"
+                    f"{'-' if theirs is None else f'{theirs:.1f}':>12}"
+                    f"{'-' if speedup is None else f'{speedup:.2f}x':>10}"
+                )
+            seconds = time_ase_step(name, model, device, args.repeats)
+            rows.append(
+                {
+                    "model": name,
+                    "device": device,
+                    "what": "ase_step",
+                    "atoms_per_structure": 66,
+                    "batch": 1,
+                    "ms_per_structure": 1000 * seconds,
+                }
+            )
+            print(f"{name:<14}{device:<7}{'ASE step, 66 atoms, ms':<22}{1000 * seconds:>12.1f}")
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--models", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--relax", action="store_true", help="also run relax_speed.py")
+    parser.add_argument(
+        "--relax-args", nargs=argparse.REMAINDER, default=[], help="options of relax_speed.py"
+    )
+    parser.add_argument("--out", default="benchmarks/results/speed.json")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    rows = model_rows(args)
+    hardware = {
+        "cpu": platform.processor() or platform.machine(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "torch": torch.__version__,
+    }
+    write_json(args.out, {"benchmark": "speed", "hardware": hardware, "rows": rows})
+    print(f"wrote {args.out}")
+    if args.relax:
+        import relax_speed
+
+        relax_speed.main(args.relax_args)
+
+
+if __name__ == "__main__":
+    main()
