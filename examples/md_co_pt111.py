@@ -6,7 +6,7 @@ then continues without thermostat (NVE, velocity Verlet) and reports how well th
 is conserved, the quantity a force field used for MD must get right. EMT, the model's ground
 truth, runs the same protocol (same start, same random numbers) for comparison.
 
-Run:  python examples/md_co_pt111.py [--model spinconv-ec] [--langevin-steps 200]
+Run:  python examples/md_co_pt111.py [--model spinconv-ec] [--langevin-steps 100]
       [--nve-steps 200] [--timestep 1.0] [--temperature 300]
 """
 
@@ -90,7 +90,7 @@ def drift_per_atom_ps(energies: np.ndarray, timestep: float, n_free: int) -> flo
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="spinconv-ec", help="checkpoint name or path")
-    parser.add_argument("--langevin-steps", type=int, default=200)
+    parser.add_argument("--langevin-steps", type=int, default=100)
     parser.add_argument("--nve-steps", type=int, default=200)
     parser.add_argument("--timestep", type=float, default=1.0, help="fs")
     parser.add_argument("--temperature", type=float, default=300.0, help="K")

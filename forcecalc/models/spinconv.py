@@ -229,40 +229,59 @@ class SpinConvBlock(nn.Module):
         )
         self.GroupNorm = nn.GroupNorm(self.groups, mid_channels)
 
-    def kernels(self) -> tuple[Tensor, Tensor]:
-        """Multiplication by ``conj(DFT(kernel))`` at each frequency as two real matrices
-        ``[groups * n_freq, (c, re/im, latitude), mid/groups]`` giving the real and the
-        imaginary part of the product."""
+    def kernels(self) -> tuple[Tensor, ...]:
+        """Multiplication by ``conj(DFT(kernel))`` per group and frequency, as real matrices
+        ``[groups, n, (c, latitude), mid/groups]`` ready for Gauss's three-product complex
+        multiplication: ``(real, imag - real, real + imag)`` at the frequencies with an
+        imaginary part (``0 < f < long / 2``), and ``real`` alone at ``f = 0`` and, for an even
+        ``long``, at ``f = long / 2``, where the spectra of real grids are real (their
+        imaginary parts, ~1e-16 from rounding, are dropped)."""
         weight = self.conv1.weight
         groups, per_group = self.groups, self.in_channels // self.groups
         cos, sin = _dft_matrices(self.long, weight.dtype, weight.device)  # [long, n_freq]
         weight = weight.view(groups, -1, per_group, self.lat, self.long)
         # conj(DFT(w))[f] = sum_k w[k] (cos + i sin)(2 pi f k / long) = real + i imag
-        real = (weight @ cos).permute(0, 4, 2, 3, 1)  # [groups, n_freq, c, latitude, mid/g]
-        imag = (weight @ sin).permute(0, 4, 2, 3, 1)
-        shape = (groups * self.n_freq, 2 * per_group * self.lat, -1)
-        to_real = torch.stack([real, -imag], dim=3).reshape(shape)
-        to_imag = torch.stack([imag, real], dim=3).reshape(shape)
-        return to_real, to_imag
+        shape = (groups, self.n_freq, per_group * self.lat, -1)
+        real = (weight @ cos).permute(0, 4, 2, 3, 1).reshape(shape)  # [g, f, (c, lat), mid/g]
+        imag = (weight @ sin).permute(0, 4, 2, 3, 1).reshape(shape)
+        middle = _middle_frequencies(self.long)
+        edge = _edge_frequencies(self.long)
+        real_mid, imag_mid = real[:, middle], imag[:, middle]
+        return real[:, edge], real_mid, imag_mid - real_mid, real_mid + imag_mid
 
-    def forward(self, spectrum: Tensor, kernels: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    def forward(self, spectrum: Tensor, kernels: tuple[Tensor, ...] | None = None) -> Tensor:
         """``kernels``: :meth:`kernels`, if already computed (they depend on the weights only)."""
         n = spectrum.shape[0]
         groups, n_freq, long = self.groups, self.n_freq, self.long
         per_group = self.in_channels // groups
-        # -> [groups * n_freq, n, (c, re/im, latitude)]; (c, latitude) is OCP's channel order
+        mid_per_group = self.mid_channels // groups
+        # -> [groups, n_freq, re/im, n, (c, latitude)]; (c, latitude) is OCP's channel order
         spectrum = spectrum.view(n, groups, per_group, n_freq, 2, self.lat)
-        spectrum = spectrum.permute(1, 3, 0, 2, 4, 5)
-        spectrum = spectrum.reshape(groups * n_freq, n, 2 * per_group * self.lat)
-        # Circular cross-correlation out[o] = sum_j x[j] w[j - o] <=> X * conj(W) per frequency,
-        # then the real inverse DFT over (frequency, re/im): [groups, long, n * mid/groups].
-        to_real, to_imag = self.kernels() if kernels is None else kernels
+        spectrum = spectrum.permute(1, 3, 4, 0, 2, 5)
+        spectrum = spectrum.reshape(groups, n_freq, 2, n, per_group * self.lat)
+        # Circular cross-correlation out[o] = sum_j x[j] w[j - o] <=> X * conj(W) per frequency:
+        # (a + ib)(c + id) = (k1 - k3) + i (k1 + k2) with k1 = (a + b) c, k2 = a (d - c),
+        # k3 = b (c + d); then the real inverse DFT over (frequency, re/im).
+        edge_kernel, real, imag_minus_real, real_plus_imag = (
+            self.kernels() if kernels is None else kernels
+        )
+        middle, edge = _middle_frequencies(long), _edge_frequencies(long)
         inverse = _inverse_dft_matrix(long, spectrum.dtype, spectrum.device)  # [n_freq, 2, long]
-        product = torch.bmm(spectrum, to_real).view(groups, n_freq, -1)
-        conv = torch.matmul(inverse[:, 0].T, product)
-        product = torch.bmm(spectrum, to_imag).view(groups, n_freq, -1)
-        conv = conv.baddbmm_(inverse[:, 1].T.expand(groups, -1, -1), product)
-        conv = conv.view(groups, long, n, self.mid_channels // groups)
+
+        def product(values: Tensor, kernel: Tensor) -> Tensor:
+            # [g, f, n, K] x [g, f, K, M] -> [g, f, n * M]
+            out = torch.matmul(values, kernel)
+            return out.view(groups, out.shape[1], n * mid_per_group)
+
+        conv = torch.matmul(inverse[edge, 0].T, product(spectrum[:, edge, 0], edge_kernel))
+        if middle:
+            re, im = spectrum[:, middle, 0], spectrum[:, middle, 1]
+            k1 = product(re + im, real)
+            k2 = product(re, imag_minus_real)
+            k3 = product(im, real_plus_imag)
+            conv = conv.baddbmm_(inverse[middle, 0].T.expand(groups, -1, -1), k1 - k3)
+            conv = conv.baddbmm_(inverse[middle, 1].T.expand(groups, -1, -1), k1 + k2)
+        conv = conv.view(groups, long, n, mid_per_group)
         conv = conv + self.conv1.bias.view(groups, 1, 1, -1)
         pooled = F.silu(conv).mean(dim=1)  # [groups, n, mid/groups]
         return self.GroupNorm(pooled.transpose(0, 1).reshape(n, self.mid_channels))
@@ -908,6 +927,17 @@ def _dft_matrices(long: int, dtype: torch.dtype, device: torch.device) -> tuple[
     f = torch.arange(long // 2 + 1, dtype=torch.float64, device=device)
     angle = 2.0 * math.pi * k * f / long
     return angle.cos().to(dtype), angle.sin().to(dtype)
+
+
+def _middle_frequencies(long: int) -> list[int]:
+    """Frequencies whose DFT coefficients of a real signal are complex: ``0 < f < long / 2``."""
+    return list(range(1, (long + 1) // 2))
+
+
+def _edge_frequencies(long: int) -> list[int]:
+    """Frequencies whose DFT coefficients of a real signal are real: 0 and, for even ``long``,
+    ``long / 2``."""
+    return [0, long // 2] if long % 2 == 0 and long > 1 else [0]
 
 
 def _inverse_dft_matrix(long: int, dtype: torch.dtype, device: torch.device) -> Tensor:
