@@ -25,19 +25,23 @@ train() {  # name config
 }
 train spinconv-fc spinconv-fc &
 train forcenet forcenet &
+train spinconv-ec spinconv-ec &
 wait
 
 declare -A description=(
   [spinconv-fc]="SpinConv force-centric (direct forces), trained on OC20-EMT $size"
   [forcenet]="ForceNet (direct forces), trained on OC20-EMT $size"
+  [spinconv-ec]="SpinConv energy-centric (conservative forces, stress; cosine envelope), trained on OC20-EMT $size"
 )
-for name in spinconv-fc forcenet; do
+for name in spinconv-fc forcenet spinconv-ec; do
   python benchmarks/package_weights.py "$runs/$name/best.pt" "$name" \
     --description "${description[$name]}"
   forcecalc eval s2ef --model "$name" --data "$data"/test_*.h5 --train "$data/train.h5" \
     --max-frames 400 --out "benchmarks/results/eval_s2ef_$name.json"
   forcecalc eval is2rs --model "$name" --data "$data"/test_*.h5 --train "$data/train.h5" \
     --max-systems 12 --out "benchmarks/results/eval_is2rs_$name.json"
+  [ "$name" != spinconv-ec ] || python benchmarks/nve_drift.py --model spinconv-ec \
+    --data "$data/test_id.h5" --out benchmarks/results/nve_drift_spinconv-ec.json
   python benchmarks/package_weights.py "$runs/$name/best.pt" "$name" \
     --description "${description[$name]}" --s2ef "benchmarks/results/eval_s2ef_$name.json"
   python benchmarks/model_card_table.py "$name"
