@@ -7,9 +7,14 @@ import json
 from functools import cache
 from pathlib import Path
 
+import numpy as np
 import pytest
+from ase import units
+from ase.build import add_adsorbate, fcc111, molecule
+from ase.constraints import FixAtoms
+from ase.md.verlet import VelocityVerlet
 
-from forcecalc import load_checkpoint
+from forcecalc import load_calculator, load_checkpoint
 from forcecalc.evaluate import check_forces_mae, check_sample
 from forcecalc.hub import shipped_checkpoints
 
@@ -18,6 +23,8 @@ MANIFEST = json.loads((WEIGHTS / "manifest.json").read_text())
 #: The check sample's force MAE may exceed the model card's figure by this factor at most
 #: (float32 rounding and BLAS differences between machines move it by far less).
 MARGIN = 1.05
+#: Largest spread of the total energy (eV) in the slab NVE test (measured: see weights/README.md).
+SLAB_NVE_SPREAD = 0.01
 
 
 @cache
@@ -55,3 +62,27 @@ def test_force_mae_within_model_card(name: str) -> None:
     mae = check_forces_mae(name, check_frames())
     card = MANIFEST[name]["check_forces_mae"]
     assert mae < MARGIN * card, f"{name}: force MAE {mae:.4f} vs model card {card:.4f}"
+
+
+def test_energy_centric_model_conserves_energy_on_a_slab() -> None:
+    """NVE (velocity Verlet, 0.5 fs, float64) of CO on a Pt(111) slab at 300 K with the shipped
+    energy-centric model keeps the total energy within a few meV: its envelope makes energy and
+    forces continuous as neighbors cross the cutoff (OCP's SpinConv has none and jumps)."""
+    if "spinconv-ec" not in MANIFEST:
+        pytest.fail("weights/spinconv-ec.pt is not shipped")
+    atoms = fcc111("Pt", size=(2, 2, 3), a=3.9325, vacuum=6.0)
+    atoms.pbc = True
+    co = molecule("CO")
+    co.rotate(180, "x")
+    add_adsorbate(atoms, co, 1.9, "ontop", mol_index=1)
+    atoms.set_constraint(FixAtoms(indices=[a.index for a in atoms if a.tag == 3]))
+    atoms.calc = load_calculator("spinconv-ec", device="cpu", dtype="float64")
+    rng = np.random.default_rng(0)
+    sigma = np.sqrt(atoms.get_masses()[:, None] * units.kB * 300.0)
+    atoms.set_momenta(rng.normal(size=(len(atoms), 3)) * sigma)
+    energies = []
+    dynamics = VelocityVerlet(atoms, timestep=0.5 * units.fs)
+    dynamics.attach(lambda: energies.append(atoms.get_total_energy()), interval=1)
+    dynamics.run(80)
+    spread = max(energies) - min(energies)
+    assert spread < SLAB_NVE_SPREAD, f"total energy spread {spread:.4f} eV over 40 fs"
