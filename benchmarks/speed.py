@@ -8,8 +8,8 @@ Prints tables and writes JSON (atomically):
    38, 66 and 146 atoms: milliseconds per structure at batch 1, and atoms per second for a
    batch of ``--batch`` 66-atom structures; on the CPU and on CUDA when available.  Beside
    them, the original's figures (OCP code, same architectures, measured as documented in
-   shared/fixtures/ocp/README.md: the original cannot be installed on these machines, so its
-   numbers are quoted, not re-measured).
+   shared/fixtures/ocp/README.md; quoted, not re-measured: rerunning the original needs
+   torch-geometric, torch-scatter and OCP's old ``ocpmodels`` package).
 2. One ASE step (``atoms.get_forces()`` after a move: graph, forward, transfer) with our
    calculator at batch 1, the figure the issue's "ms per ASE step" target refers to.
 3. With ``--relax``: ``benchmarks/relax_speed.py`` (batched ``forcecalc.relax`` vs one-by-one
