@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import argparse
 import platform
-import time
 
-import numpy as np
 import torch
-from speed import SIZES, structure
+from speed import SIZES, ase_step_seconds, structure
 
 from forcecalc import load_calculator
 from forcecalc.atomic import write_json
@@ -34,14 +32,7 @@ def main() -> None:
     for name in sorted(shipped_checkpoints()):
         atoms = structure(args.atoms, 0)
         atoms.calc = load_calculator(name, device="cpu")
-        rng = np.random.default_rng(0)
-        times = []
-        for _ in range(args.steps + 1):
-            atoms.positions = atoms.positions + rng.normal(scale=1e-3, size=(len(atoms), 3))
-            start = time.perf_counter()
-            atoms.get_forces()
-            times.append(time.perf_counter() - start)
-        ms = 1000 * float(np.median(times[1:]))
+        ms = 1000 * ase_step_seconds(atoms, args.steps)
         rows.append({"model": name, "atoms": args.atoms, "ms_per_step": ms})
         print(f"{name:<14}{args.atoms:>4} atoms {ms:8.1f} ms per ASE step ({args.threads} thread)")
     hardware = {"cpu": platform.processor() or platform.machine(), "threads": args.threads}

@@ -103,15 +103,9 @@ def time_forward(model: torch.nn.Module, batch: Batch, repeats: int) -> float:
     return float(np.median(times[1:]))
 
 
-def time_ase_step(name: str, model: torch.nn.Module, device: str, repeats: int) -> float:
-    """Median seconds of one ``get_forces()`` of our calculator after a small move (66 atoms)."""
-    from forcecalc.calculator import load_calculator
-    from forcecalc.checkpoint import CheckpointInfo, Normalizers, Potential
-
-    kind, kwargs = CONFIGS[name]
-    info = CheckpointInfo(kind, dict(kwargs), Normalizers(), "forcecalc")
-    atoms = structure(66, 0)
-    atoms.calc = load_calculator(Potential(model, info), device=device, dtype="float32")
+def ase_step_seconds(atoms: Atoms, repeats: int) -> float:
+    """Median seconds of one ``atoms.get_forces()`` (its calculator attached) after a small
+    random move, over ``repeats`` steps after one warm-up step."""
     rng = np.random.default_rng(0)
     times = []
     for _ in range(repeats + 1):
@@ -120,6 +114,18 @@ def time_ase_step(name: str, model: torch.nn.Module, device: str, repeats: int) 
         atoms.get_forces()
         times.append(time.perf_counter() - start)
     return float(np.median(times[1:]))
+
+
+def time_ase_step(name: str, model: torch.nn.Module, device: str, repeats: int) -> float:
+    """:func:`ase_step_seconds` of our calculator around ``model`` (66 atoms)."""
+    from forcecalc.calculator import load_calculator
+    from forcecalc.checkpoint import CheckpointInfo, Normalizers, Potential
+
+    kind, kwargs = CONFIGS[name]
+    info = CheckpointInfo(kind, dict(kwargs), Normalizers(), "forcecalc")
+    atoms = structure(66, 0)
+    atoms.calc = load_calculator(Potential(model, info), device=device, dtype="float32")
+    return ase_step_seconds(atoms, repeats)
 
 
 def model_rows(args: argparse.Namespace) -> list[dict]:
