@@ -230,15 +230,19 @@ def random_split(frames: Sequence, val_fraction: float, seed: int) -> tuple[Sequ
     n_val = round(n * val_fraction)
     if val_fraction > 0 and n > 1:
         n_val = min(max(n_val, 1), n - 1)
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).numpy()
+    order = _seeded_order(n, seed)
     train = SubsetFrames(frames, np.sort(order[n_val:]))
     return train, SubsetFrames(frames, np.sort(order[:n_val]))
 
 
 def seeded_subset(frames: Sequence, size: int, seed: int) -> Sequence:
-    """``size`` frames chosen by a seeded permutation, in their original order."""
-    order = torch.randperm(len(frames), generator=torch.Generator().manual_seed(seed)).numpy()
-    return SubsetFrames(frames, np.sort(order[:size]))
+    """``size`` frames chosen by a seeded permutation, in their original order (the
+    validation frames :func:`random_split` would hold out with ``size`` of them)."""
+    return SubsetFrames(frames, np.sort(_seeded_order(len(frames), seed)[:size]))
+
+
+def _seeded_order(n: int, seed: int) -> np.ndarray:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).numpy()
 
 
 def frame_targets(atoms, index: int | None = None) -> tuple[float, np.ndarray]:

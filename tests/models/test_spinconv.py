@@ -223,6 +223,18 @@ def _energy(model: SpinConv, batch: Batch, positions=None, cell=None) -> float:
     return float(model(batch.with_positions(positions, cell))["energy"].detach().sum())
 
 
+def _finite_difference_force(
+    model: SpinConv, batch: Batch, atom: int, axis: int, step: float = 1e-5
+) -> float:
+    """Minus the central finite-difference derivative of the energy along one coordinate."""
+    shifted = []
+    for sign in (1.0, -1.0):
+        positions = batch.positions.clone()
+        positions[atom, axis] += sign * step
+        shifted.append(_energy(model, batch, positions))
+    return -(shifted[0] - shifted[1]) / (2 * step)
+
+
 @pytest.mark.parametrize("structure", ["o_pt100", "ch3_au211"])
 def test_conservative_forces_and_stress_match_finite_differences(structure):
     """``forces="conservative"``: forces equal minus the central finite-difference gradient of
@@ -237,12 +249,7 @@ def test_conservative_forces_and_stress_match_finite_differences(structure):
     step = 1e-5
     scale = float(forces.abs().max())
     for atom, axis in [(0, 0), (len(atoms) // 2, 2), (len(atoms) - 1, 1)]:
-        shifted = []
-        for sign in (1.0, -1.0):
-            positions = batch.positions.clone()
-            positions[atom, axis] += sign * step
-            shifted.append(_energy(model, batch, positions))
-        numeric = -(shifted[0] - shifted[1]) / (2 * step)
+        numeric = _finite_difference_force(model, batch, atom, axis, step)
         assert abs(float(forces[atom, axis]) - numeric) < 1e-6 * scale, (atom, axis)
     volume = abs(float(torch.linalg.det(batch.cell[0])))
     stress_scale = float(stress.abs().max())
@@ -597,13 +604,8 @@ def test_odd_longitude_without_distance_scaling():
     atoms = ocp_structures()["ch3_au211"]
     batch = Batch.from_atoms(atoms, cutoff=6.0)
     forces = model(batch)["forces"].detach()
-    step, atom = 1e-5, len(atoms) - 1
-    shifted = []
-    for sign in (1.0, -1.0):
-        positions = batch.positions.clone()
-        positions[atom, 2] += sign * step
-        shifted.append(_energy(model, batch, positions))
-    numeric = -(shifted[0] - shifted[1]) / (2 * step)
+    atom = len(atoms) - 1
+    numeric = _finite_difference_force(model, batch, atom, 2, 1e-5)
     assert abs(float(forces[atom, 2]) - numeric) < 1e-6 * float(forces.abs().max())
 
 
@@ -689,12 +691,7 @@ def test_envelope_conservative_forces_match_finite_differences():
     atoms = ocp_structures()["o_pt100"]
     batch = Batch.from_atoms(atoms, cutoff=model.cutoff)
     forces = model(batch)["forces"].detach()
-    step, scale = 1e-5, float(forces.abs().max())
+    scale = float(forces.abs().max())
     for atom, axis in [(0, 0), (len(atoms) - 1, 2)]:
-        shifted = []
-        for sign in (1.0, -1.0):
-            positions = batch.positions.clone()
-            positions[atom, axis] += sign * step
-            shifted.append(_energy(model, batch, positions))
-        numeric = -(shifted[0] - shifted[1]) / (2 * step)
+        numeric = _finite_difference_force(model, batch, atom, axis, 1e-5)
         assert abs(float(forces[atom, axis]) - numeric) < 1e-6 * scale, (atom, axis)
