@@ -690,16 +690,17 @@ class SpinConv(nn.Module):
             else:
                 projected = torch.einsum("raxc,njc->ranjx", frames, directions)
             # Grid (r, axis, atom) receives the messages into the atom.
+            grid_neighbors = incoming.repeat(3 * n_rot, 1)
             projections = SphereProjections.from_directions(
                 projected.reshape(3 * n_rot * n_atoms, -1, 3),
-                incoming.repeat(3 * n_rot, 1),
+                grid_neighbors,
                 n_edges,
                 self.lat,
                 self.long,
                 x.dtype,
             )
         if edge_weight is not None:
-            projections = projections.weighted(_pad(edge_weight)[incoming].repeat(3 * n_rot, 1))
+            projections = projections.weighted(_pad(edge_weight)[grid_neighbors])
         element = numbers.repeat(3 * n_rot)
         along_axis = self.force_output_block(x, projections, element)[:, 0]
         along_axis = along_axis.view(n_rot, 3, n_atoms)
