@@ -635,7 +635,7 @@ def test_cuda_matches_cpu(name, forces):
     )
 
 
-def _envelope_model(envelope: bool) -> SpinConv:
+def _envelope_model(envelope: bool, force_estimator: str = "grad") -> SpinConv:
     torch.manual_seed(3)
     model = SpinConv(
         hidden_channels=16,
@@ -647,8 +647,8 @@ def _envelope_model(envelope: bool) -> SpinConv:
         max_num_neighbors=50,
         cutoff=4.0,
         embedding_size=8,
-        force_estimator="grad",
-        forces="conservative",
+        force_estimator=force_estimator,
+        forces="conservative" if force_estimator == "grad" else "compat",
         envelope=envelope,
     )
     for embedding in model.modules():
@@ -657,13 +657,15 @@ def _envelope_model(envelope: bool) -> SpinConv:
     return model.double().eval()
 
 
+@pytest.mark.parametrize("force_estimator", ["grad", "random"])
 @pytest.mark.parametrize("envelope", [True, False])
-def test_envelope_makes_energy_and_forces_continuous_at_the_cutoff(envelope):
+def test_envelope_makes_energy_and_forces_continuous_at_the_cutoff(envelope, force_estimator):
     """With ``envelope=True`` an edge enters the graph with zero weight and zero slope: as
     atom 2 crosses the cutoff of atom 0 (while staying bonded to atom 1), the change of energy
-    and forces across the cutoff shrinks linearly with the step (continuity); without it
-    (OCP's architecture) both jump by a step-independent amount."""
-    model = _envelope_model(envelope)
+    and forces across the cutoff shrinks linearly with the step (continuity), for conservative
+    and for direct (force-block) forces; without it (OCP's architecture) both jump by a
+    step-independent amount."""
+    model = _envelope_model(envelope, force_estimator)
 
     def evaluate(distance: float) -> tuple[float, np.ndarray]:
         atoms = Atoms("CuOH", positions=[[0, 0, 0], [1.2, 1.5, 0.3], [0, 0.4, 0.1]], pbc=False)
