@@ -16,6 +16,7 @@ Prints tables and writes JSON (atomically):
    ASE relaxation with our calculator), with its own options after ``--relax-args``.
 
     python benchmarks/speed.py --out benchmarks/results/speed_cpu.json [--batch 32 --repeats 3]
+    python benchmarks/speed.py --devices cuda --batch 32 256 --repeats 20 [--tf32]
     python benchmarks/speed.py --relax --relax-args --n 64 --model spinconv-fc
 """
 
@@ -129,7 +130,7 @@ def time_ase_step(name: str, model: torch.nn.Module, device: str, repeats: int) 
 
 
 def model_rows(args: argparse.Namespace) -> list[dict]:
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    devices = args.devices or ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     rows = []
     print(f"{'model':<14}{'device':<7}{'what':<22}{'ours':>12}{'original':>12}{'speed-up':>10}")
     for name in args.models:
@@ -139,7 +140,7 @@ def model_rows(args: argparse.Namespace) -> list[dict]:
         original = ORIGINAL[name]
         for device in devices:
             model = model.to(device=device, dtype=torch.float32)
-            cases = [(size, 1) for size in SIZES] + [(66, args.batch)]
+            cases = [(size, 1) for size in SIZES] + [(66, batch) for batch in args.batch]
             for n_atoms, batch_size in cases:
                 atoms = [structure(n_atoms, seed) for seed in range(batch_size)]
                 batch = Batch.from_atoms(atoms, cutoff=model.cutoff).to(device, torch.float32)
@@ -187,7 +188,11 @@ def model_rows(args: argparse.Namespace) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument(
+        "--batch", type=int, nargs="+", default=[32], help="batched rows: structures per batch"
+    )
+    parser.add_argument("--devices", nargs="+", default=None, help="default: cpu and cuda")
+    parser.add_argument("--tf32", action="store_true", help="CUDA: float32 matrix products in TF32")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--models", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -199,6 +204,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    torch.backends.cuda.matmul.allow_tf32 = args.tf32
+    torch.backends.cudnn.allow_tf32 = args.tf32
 
     rows = model_rows(args)
     hardware = {
@@ -206,6 +213,7 @@ def main() -> None:
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "torch": torch.__version__,
+        "tf32": args.tf32,
     }
     write_json(args.out, {"benchmark": "speed", "hardware": hardware, "rows": rows})
     print(f"wrote {args.out}")

@@ -50,6 +50,8 @@ HELP: dict[str, str] = {
     "eval_batch_size": "structures per evaluation batch",
     "max_epochs": "epochs (passes over the training data)",
     "max_steps": "stop after this many steps (overrides epochs)",
+    "max_time": "stop once the run has trained this many seconds in all (resumes included); "
+    "the schedule still spans max_steps or max_epochs",
     "warmup_steps": "linear warmup steps",
     "warmup_factor": "learning rate at step 0, as a fraction of --lr",
     "scheduler": f"after warmup: {', '.join(SCHEDULERS)}",
@@ -108,6 +110,7 @@ class TrainConfig:
     eval_batch_size: int | None = None
     max_epochs: int = 50
     max_steps: int | None = None
+    max_time: float | None = None
     warmup_steps: int = 0
     warmup_factor: float = 0.2
     scheduler: str = "plateau"
@@ -160,6 +163,8 @@ class TrainConfig:
             raise ValueError(f"val_max_frames must be positive, got {self.val_max_frames}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.max_time is not None and self.max_time <= 0:
+            raise ValueError(f"max_time must be positive, got {self.max_time}")
         if self.checkpoint_every < 1:
             raise ValueError("checkpoint_every must be >= 1")
 

@@ -392,8 +392,9 @@ class Trainer:
             dynamic_ncols=True,
         )
         last_eval_step = -1
+        done = self.step >= self.total_steps
         with bar:
-            while self.step < self.total_steps:
+            while not done:
                 self.plan.set_epoch(self.epoch, self.batch_in_epoch)
                 for batch in self.loader:
                     self.train_step(batch)
@@ -409,7 +410,7 @@ class Trainer:
                     if self.batch_in_epoch == self.steps_per_epoch:
                         self.epoch += 1
                         self.batch_in_epoch = 0
-                    done = self.step >= self.total_steps
+                    done = self.step >= self.total_steps or self._out_of_time()
                     if config.eval_every:
                         evaluate = self.step % config.eval_every == 0
                     else:
@@ -437,6 +438,15 @@ class Trainer:
             "final": str(self.out / FINAL_FILE),
             "best_path": str(best) if best.exists() else None,
         }
+
+    def _out_of_time(self) -> bool:
+        """Whether ``max_time`` is spent, decided by process 0 for every process (checked every
+        10 steps, so multi-process runs sync rarely and stop at the same step)."""
+        if self.config.max_time is None or self.step % 10:
+            return False
+        spent = float(self.elapsed >= self.config.max_time) if self.dist.is_main else 0.0
+        flag = all_reduce_sum(torch.tensor([spent], device=self.device), self.dist)
+        return bool(flag.item() > 0)
 
     # ---------------------------------------------------------------------------------------
     # evaluation and logging

@@ -24,6 +24,13 @@ MODELS = [
     pytest.param("spinconv_all", marks=pytest.mark.slow),
 ]
 DTYPES = [torch.float64, torch.float32]
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"),
+    ),
+]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -74,10 +81,18 @@ def _denormalize(name: str, energy: torch.Tensor, forces: torch.Tensor) -> tuple
     return energy, forces.detach().double().numpy() * f_std
 
 
-def _run(model: SpinConv, atoms_list, dtype: torch.dtype, cutoff: float | None = None) -> dict:
+def _run(
+    model: SpinConv,
+    atoms_list,
+    dtype: torch.dtype,
+    cutoff: float | None = None,
+    device: str = "cpu",
+) -> dict:
     batch = Batch.from_atoms(atoms_list, cutoff=cutoff or model.cutoff, dtype=dtype)
-    out = model(batch)
-    return {k: v.detach() for k, v in out.items()}
+    if device != "cpu":
+        model = copy.deepcopy(model).to(device)
+    out = model(batch.to(device))
+    return {k: v.detach().cpu() for k, v in out.items()}
 
 
 def _non_tie(name: str) -> list[str]:
@@ -128,19 +143,20 @@ def test_fresh_model_state_dict_matches_checkpoint_layout(name):
 # --------------------------------------------------------------------------- references
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name", MODELS)
-def test_matches_reference(name, dtype):
+def test_matches_reference(name, dtype, device):
     """Energies and forces equal the original's float64 references (denormalised) on every
-    structure without a tie at the max-neighbor cut: float64 within 1e-6 eV and 1e-6 x max|F|,
-    float32 within 2e-3 eV (x |E|/20 for large |E|) and 2e-3 x max|F|; the same bounds hold for
-    the forces minus their per-structure mean."""
+    structure without a tie at the max-neighbor cut, on the CPU and on CUDA: float64 within
+    1e-6 eV and 1e-6 x max|F|, float32 within 2e-3 eV (x |E|/20 for large |E|) and 2e-3 x
+    max|F|; the same bounds hold for the forces minus their per-structure mean."""
     model = _model(name, dtype)
     structures = ocp_structures()
     results = ocp_reference()["models"][name]["results"]
     e_tol, f_tol = (1e-6, 1e-6) if dtype == torch.float64 else (2e-3, 2e-3)
     for structure in _non_tie(name):
-        out = _run(model, structures[structure], dtype)
+        out = _run(model, structures[structure], dtype, device=device)
         assert out["energy"].dtype == dtype and out["forces"].dtype == dtype
         energy, forces = _denormalize(name, out["energy"], out["forces"])
         ref_energy = results[structure]["energy"]
@@ -616,6 +632,7 @@ def test_odd_longitude_without_distance_scaling():
         ("spinconv_small_fc", "compat"),
         ("spinconv_small_ec", "compat"),
         ("spinconv_small_ec", "conservative"),
+        pytest.param("spinconv_all", "compat", marks=pytest.mark.slow),
     ],
 )
 def test_cuda_matches_cpu(name, forces):

@@ -256,3 +256,17 @@ def test_data_loader_workers_change_nothing(tmp_path):
         results.append(trainer.potential.model.state_dict())
     for key, value in results[0].items():
         assert torch.equal(value.nan_to_num(), results[1][key].nan_to_num()), key
+
+
+def test_max_time_stops_the_run(tmp_path):
+    """A wall-clock limit (``max_time``, e.g. a cluster job's) ends the run at the first check
+    after it is spent (every 10 steps), with the resumable state and ``final.pt`` written; the
+    schedule still spans ``max_steps``."""
+    config = _resume_config(tmp_path, "timed", 40).updated(max_time=1e-9, eval_every=0)
+    summary = Trainer(config, training_frames()).fit()
+    assert summary["step"] == 10
+    assert Path(summary["final"]).exists()
+    state = torch.load(tmp_path / "timed" / "checkpoint.pt", weights_only=True)
+    assert state["step"] == 10
+    with pytest.raises(ValueError, match="max_time"):
+        config.updated(max_time=0.0)
