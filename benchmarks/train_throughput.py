@@ -12,7 +12,8 @@ labelled by EMT, pbc on all axes with vacuum, bottom two layers fixed.
 Models (``--preset``): ``paper`` uses the published sizes (ForceNet: 5 interactions, width
 512; SpinConv: the S2EF-All hyperparameters, energy-centric with a 12x8 sphere as in the
 paper); ``small`` the fixture sizes (ForceNet width 64, 2 interactions; SpinConv hidden 16,
-mid 32, 2 interactions, 8x8 sphere), for a quick CPU run.
+mid 32, 2 interactions, 8x8 sphere), for a quick CPU run; ``shipped`` the shipped weights'
+architectures (``benchmarks/configs/*.yaml``).
 
 Prints a table and writes JSON (atomically: a temporary file, then a rename)::
 
@@ -69,6 +70,21 @@ PRESETS: dict[str, dict[str, tuple[str, dict[str, Any]]]] = {
                                      "force_estimator": "grad", "basis_width_scalar": 3.0}),
     },
 }  # fmt: skip
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+def shipped_preset() -> dict[str, tuple[str, dict[str, Any]]]:
+    """The shipped weights' architectures, from ``benchmarks/configs/<name>.yaml``."""
+    import yaml
+
+    preset = {}
+    for name in ("forcenet", "spinconv-fc", "spinconv-ec"):
+        config = yaml.safe_load((CONFIG_DIR / f"{name}.yaml").read_text())
+        preset[name] = (config["model"], config["model_kwargs"])
+    return preset
+
+
+PRESETS["shipped"] = shipped_preset()
 
 
 def slab_frames(n: int, seed: int = 0) -> list:

@@ -490,7 +490,7 @@ class InteractionBlock(nn.Module):
             messages = x[source] * filters
         else:
             messages = filters
-        out = torch.zeros_like(h).index_add_(0, target, messages)
+        out = messages.new_zeros(h.shape[0], messages.shape[1]).index_add_(0, target, messages)
         if not self.filtered:
             out = out + self.center_W
         elif self.self_message:

@@ -95,6 +95,7 @@ from torch import Tensor, nn
 from forcecalc.graph.batch import Batch
 from forcecalc.graph.neighbors import max_neighbors_mask
 from forcecalc.models.blocks import GaussianSmearing
+from forcecalc.models.gather import RowIndex
 
 #: A projected unit direction with ``y**2 + z**2`` below this lies on the pole (float64).
 POLE_EPS2 = 1e-12
@@ -623,28 +624,29 @@ class SpinConv(nn.Module):
         n_edges = len(distances)
         incoming = _incoming_table(target, n_atoms)  # [n_atoms, width]
         neighbors = incoming[source]  # [n_edges, width]: the edges into each edge's source
+        incoming_rows, neighbor_rows = RowIndex(incoming, n_edges), RowIndex(neighbors, n_edges)
         differentiable = self.forces == "conservative"
         with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
             unit = vectors / distances.unsqueeze(1)
-            frames = _edge_frames(vectors, distances, unit, target, incoming, self.cutoff)
-            projected = torch.einsum("ekc,ejc->ejk", frames, _pad(unit)[neighbors])
+            frames = _edge_frames(vectors, distances, unit, target, incoming_rows, self.cutoff)
+            projected = torch.einsum("ekc,ejc->ejk", frames, neighbor_rows.gather(unit))
             projections = SphereProjections.from_directions(
                 projected, neighbors, n_edges, self.lat, self.long, dtype
             )
         edge_weight = None
         if self.envelope:
             edge_weight = cosine_cutoff(distances, self.cutoff).to(dtype)
-            projections = projections.weighted(_pad(edge_weight)[neighbors])
+            projections = projections.weighted(neighbor_rows.gather(edge_weight))
 
         for index, block in enumerate(self.message_blocks):
             update = block(x, projections, x_dist, source_element, target_element)
             x = update if index == 0 else x + update
 
         messages = x if edge_weight is None else x * edge_weight.unsqueeze(1)
-        per_atom = _pad(messages)[incoming].sum(dim=1) / (self.max_num_neighbors / 2.0 + 1.0)
+        per_atom = incoming_rows.gather(messages).sum(dim=1) / (self.max_num_neighbors / 2.0 + 1.0)
         atom_energy = self.energyembeddingblock(per_atom, numbers, numbers).view(-1)
         energy = torch.zeros(batch.n_systems, dtype=dtype, device=x.device)
-        energy = energy.index_add(0, batch.system_idx, atom_energy)
+        energy = energy.index_add(0, batch.system_idx, atom_energy.to(dtype))
 
         forces = None
         if self.force_estimator == "random" and self.regress_forces:
@@ -759,15 +761,15 @@ def _edge_frames(
     distances: Tensor,
     unit: Tensor,
     target: Tensor,
-    incoming: Tensor,
+    incoming: RowIndex,
     cutoff: float,
 ) -> Tensor:
     """``[n_edges, 3, 3]`` edge frames, rows ``(x, y, z)``: ``x = v/|v|``; the roll from the
     target's cosine-weighted mean neighbor vector (+1e-4 per component), with OCP's +1e-7 in
     the normalisations of ``z`` and ``y``."""
     weight = cosine_cutoff(distances, cutoff)
-    mean_vector = _pad(vectors * weight.unsqueeze(1))[incoming].sum(dim=1)  # [n_atoms, 3]
-    helper = mean_vector[target] + 1e-4
+    mean_vector = incoming.gather(vectors * weight.unsqueeze(1)).sum(dim=1)  # [n_atoms, 3]
+    helper = RowIndex(target, len(mean_vector)).gather(mean_vector) + 1e-4
     helper = helper / torch.linalg.norm(helper, dim=1, keepdim=True)
     axis_z = torch.linalg.cross(unit, helper, dim=1)
     axis_z = axis_z / (torch.linalg.norm(axis_z, dim=1, keepdim=True) + 1e-7)
@@ -849,16 +851,20 @@ class SphereProjections:
     :meth:`spin_convolution`, so memory stays bounded for large systems.
     """
 
-    def __init__(self, neighbors: Tensor, phase: Tensor, rows: Tensor) -> None:
+    def __init__(self, neighbors: Tensor, n_values: int, phase: Tensor, rows: Tensor) -> None:
         self.neighbors = neighbors
+        self.n_values = n_values
         self.phase = phase
         self.rows = rows
         self._weights: dict[tuple[int, int], Tensor] = {}
+        self._row_indices: dict[tuple[int, int], RowIndex] = {}
         self._cache_weights = False
 
     def weighted(self, weights: Tensor) -> SphereProjections:
         """The same grids with value ``j`` of grid ``g`` scaled by ``weights[g, j]``."""
-        return SphereProjections(self.neighbors, self.phase, self.rows * weights.unsqueeze(-1))
+        return SphereProjections(
+            self.neighbors, self.n_values, self.phase, self.rows * weights.unsqueeze(-1)
+        )
 
     @classmethod
     def from_directions(
@@ -872,22 +878,27 @@ class SphereProjections:
     ) -> SphereProjections:
         """``projected`` ``[n, width, 3]`` directions of ``neighbors`` ``[n, width]``."""
         phase, rows = splat_factors(projected, neighbors < n_values, lat, long, dtype)
-        return cls(neighbors, phase, rows)
+        return cls(neighbors, n_values, phase, rows)
 
     def spectra(self, values: Tensor, start: int = 0, stop: int | None = None) -> Tensor:
-        """``[stop - start, C, n_freq, 2, lat]`` longitude spectra of grids ``start:stop``."""
-        return self._spectra(_pad(values), start, len(self.neighbors) if stop is None else stop)
+        """``[stop - start, C, n_freq, 2, lat]`` longitude spectra of grids ``start:stop`` of
+        ``values`` ``[n_values, C]``."""
+        return self._spectra(values, start, len(self.neighbors) if stop is None else stop)
 
-    def _spectra(self, padded: Tensor, start: int, stop: int) -> Tensor:
+    def _spectra(self, values: Tensor, start: int, stop: int) -> Tensor:
         weights = self._weights.get((start, stop))
         if weights is None:
             phase, rows = self.phase[start:stop], self.rows[start:stop]
             weights = (phase.unsqueeze(-1) * rows.unsqueeze(-2).unsqueeze(-2)).flatten(-3)
             if self._cache_weights:
                 self._weights[(start, stop)] = weights
-        features = padded[self.neighbors[start:stop]].transpose(1, 2)  # [n, C, width]
+        rows = self._row_indices.get((start, stop))
+        if rows is None:  # kept for the other blocks: the inverse is built once, if needed
+            rows = RowIndex(self.neighbors[start:stop], self.n_values)
+            self._row_indices[(start, stop)] = rows
+        features = rows.gather(values).transpose(1, 2)  # [n, C, width]
         spectrum = torch.bmm(features, weights)
-        shape = (len(spectrum), padded.shape[1], *self.phase.shape[-2:], self.rows.shape[-1])
+        shape = (len(spectrum), values.shape[1], *self.phase.shape[-2:], self.rows.shape[-1])
         return spectrum.view(shape)
 
     def spin_convolution(self, block: SpinConvBlock, values: Tensor) -> Tensor:
@@ -906,9 +917,9 @@ class SphereProjections:
         budget = CHUNK_BYTES_CUDA if values.is_cuda else CHUNK_BYTES
         step = max(1, budget // per_grid)
         self._cache_weights = n * width * n_spectrum * itemsize <= WEIGHT_CACHE_BYTES
-        padded, kernels = _pad(values), block.kernels()
+        kernels = block.kernels()
         outputs = [
-            block(self._spectra(padded, start, min(start + step, n)), kernels)
+            block(self._spectra(values, start, min(start + step, n)), kernels)
             for start in range(0, max(n, 1), step)
         ]
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs)

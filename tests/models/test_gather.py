@@ -1,0 +1,69 @@
+"""RowIndex gathers: the same values and gradients (first and second order) as plain indexing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from forcecalc.models.gather import RowIndex
+
+
+def _case(seed: int, n_rows: int = 7, shape: tuple[int, ...] = (5, 4)):
+    generator = torch.Generator().manual_seed(seed)
+    index = torch.randint(0, n_rows + 1, shape, generator=generator)  # n_rows = padding
+    values = torch.randn(n_rows, 3, 2, dtype=torch.float64, generator=generator)
+    return index, values.requires_grad_(True)
+
+
+def _reference(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    return torch.cat([values, values.new_zeros(1, *values.shape[1:])])[index]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_gather_equals_indexing_with_padding(seed):
+    """Forward: ``values[index]`` with zero rows where the index is the padding value."""
+    index, values = _case(seed)
+    out = RowIndex(index, len(values)).gather(values)
+    assert torch.equal(out, _reference(values, index))
+    assert out[index == len(values)].abs().max() == 0
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_first_and_second_derivatives_match_indexing(seed):
+    """The gradient (a gather through the inverse table) and the gradient of the gradient equal
+    those of advanced indexing, for a nonlinear function of the gathered rows."""
+    index, values = _case(seed)
+
+    def loss(gathered: torch.Tensor) -> torch.Tensor:
+        return (gathered.sin() * gathered.sum(dim=-1, keepdim=True) ** 2).sum()
+
+    ours = torch.autograd.grad(loss(RowIndex(index, 7).gather(values)), values, create_graph=True)
+    ref = torch.autograd.grad(loss(_reference(values, index)), values, create_graph=True)
+    torch.testing.assert_close(ours[0], ref[0], rtol=1e-12, atol=1e-12)
+    direction = torch.randn_like(values)
+    second = torch.autograd.grad((ours[0] * direction).sum(), values)[0]
+    second_ref = torch.autograd.grad((ref[0] * direction).sum(), values)[0]
+    torch.testing.assert_close(second, second_ref, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(
+        lambda v: RowIndex(index, 7).gather(v), (values,), check_grad_dtypes=True
+    )
+    assert torch.autograd.gradgradcheck(lambda v: RowIndex(index, 7).gather(v).sin(), (values,))
+
+
+def test_inverse_lists_every_reader_once_in_order():
+    """``inverse`` holds, for each row, the flat positions that read it (increasing, padded),
+    so the gradient's sum runs in a fixed order: deterministic on every device."""
+    index = torch.tensor([[2, 0, 3], [0, 2, 2]])  # 3 = padding
+    transposed = RowIndex(index, 3).transposed()
+    assert transposed.index.tolist() == [[1, 3, 6], [6, 6, 6], [0, 4, 5]]
+    assert transposed.gather(torch.arange(6.0).view(6, 1)).sum(1).view(-1).tolist() == [4, 0, 9]
+
+
+def test_empty_index_and_wrong_row_count():
+    values = torch.randn(4, 2, requires_grad=True)
+    out = RowIndex(torch.zeros(0, 3, dtype=torch.int64), 4).gather(values)
+    assert out.shape == (0, 3, 2)
+    out.sum().backward()
+    assert torch.equal(values.grad, torch.zeros(4, 2))
+    with pytest.raises(ValueError, match="expected 5 rows"):
+        RowIndex(torch.zeros(2, dtype=torch.int64), 5).gather(values)
