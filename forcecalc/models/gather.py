@@ -77,6 +77,16 @@ class RowIndex:
         )
 
 
+def sum_rows(values: Tensor, index: Tensor, n_rows: int) -> Tensor:
+    """``[n_rows, *F]``: row ``r`` is the sum of ``values[m]`` ``[M, *F]`` over the ``m`` with
+    ``index[m] == r`` ``[M]``, added in increasing ``m``: ``index_add`` without atomics, so the
+    same bits on every run (on CUDA too).  On the CPU, where ``index_add_`` adds sequentially
+    (deterministic) and is faster than the gather, it is ``index_add_``."""
+    if values.device.type == "cpu":
+        return values.new_zeros(n_rows, *values.shape[1:]).index_add_(0, index, values)
+    return RowIndex(index, n_rows).transposed().gather(values).sum(dim=1)
+
+
 class _GatherRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, values: Tensor, row_index: RowIndex) -> Tensor:  # type: ignore[override]

@@ -95,7 +95,7 @@ from torch import Tensor, nn
 from forcecalc.graph.batch import Batch
 from forcecalc.graph.neighbors import max_neighbors_mask
 from forcecalc.models.blocks import GaussianSmearing
-from forcecalc.models.gather import RowIndex
+from forcecalc.models.gather import RowIndex, sum_rows
 
 #: A projected unit direction with ``y**2 + z**2`` below this lies on the pole (float64).
 POLE_EPS2 = 1e-12
@@ -645,8 +645,7 @@ class SpinConv(nn.Module):
         messages = x if edge_weight is None else x * edge_weight.unsqueeze(1)
         per_atom = incoming_rows.gather(messages).sum(dim=1) / (self.max_num_neighbors / 2.0 + 1.0)
         atom_energy = self.energyembeddingblock(per_atom, numbers, numbers).view(-1)
-        energy = torch.zeros(batch.n_systems, dtype=dtype, device=x.device)
-        energy = energy.index_add(0, batch.system_idx, atom_energy.to(dtype))
+        energy = sum_rows(atom_energy.to(dtype), batch.system_idx, batch.n_systems)
 
         forces = None
         if self.force_estimator == "random" and self.regress_forces:

@@ -714,3 +714,19 @@ def test_envelope_conservative_forces_match_finite_differences():
     for atom, axis in [(0, 0), (len(atoms) - 1, 2)]:
         numeric = _finite_difference_force(model, batch, atom, axis, 1e-5)
         assert abs(float(forces[atom, axis]) - numeric) < 1e-6 * scale, (atom, axis)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("name", ["spinconv_small_fc", "spinconv_small_ec"])
+def test_cuda_repeated_calls_bit_identical(name):
+    """On CUDA, float32, repeated calls give bitwise the same energies and forces (conservative
+    forces of the energy-centric model included): no atomics in sums or gradients."""
+    model = copy.deepcopy(_model(name, forces="conservative" if name.endswith("ec") else "compat"))
+    model = model.float().cuda()
+    batch = Batch.from_atoms(_all_structures(), cutoff=model.cutoff, dtype=torch.float32)
+    batch = batch.to("cuda")
+    first = model(batch)
+    for _ in range(3):
+        again = model(batch)
+        assert torch.equal(again["energy"], first["energy"])
+        assert torch.equal(again["forces"], first["forces"])
