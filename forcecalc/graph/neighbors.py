@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from forcecalc.graph.cell_list import batched_cell_list, wrap_positions
+from forcecalc.graph.gather import RowIndex
 
 Backend = Literal["auto", "vesin", "torch"]
 
@@ -74,6 +75,8 @@ def edge_vectors(
     """
     source, target = edge_index[0], edge_index[1]
     shifts = shifts.to(positions.dtype)
+    if positions.is_cuda:
+        return fixed_order_edge_vectors(positions, cell, system_idx, edge_index, shifts)
     if cell.shape[0] == 1:
         offsets = shifts @ cell[0]
     else:
@@ -83,6 +86,19 @@ def edge_vectors(
         column.index_select(0, source) - column.index_select(0, target) for column in positions.T
     ]
     return torch.stack(differences, dim=1) + offsets
+
+
+def fixed_order_edge_vectors(
+    positions: Tensor, cell: Tensor, system_idx: Tensor, edge_index: Tensor, shifts: Tensor
+) -> Tensor:
+    """:func:`edge_vectors` by :class:`RowIndex` gathers, whose gradients (forces, stress) add
+    in a fixed order: what CUDA uses, where the gradient of ``index_select`` is an atomic add
+    (different bits on every call)."""
+    source, target = edge_index[0], edge_index[1]
+    rows = RowIndex(source, len(positions)).gather(positions)
+    rows = rows - RowIndex(target, len(positions)).gather(positions)
+    edge_cell = RowIndex(system_idx[target], len(cell)).gather(cell)
+    return rows + torch.einsum("ek,ekl->el", shifts.to(positions.dtype), edge_cell)
 
 
 #: Periodic cell vectors whose normalized volume (volume spanned by the unit vectors along

@@ -31,7 +31,7 @@ into its three blocks, the node blocks applied once per atom and gathered, and t
 folded into ``lin_basis`` (same function, ~2.5x fewer operations per edge).  The spherical
 harmonics are computed in torch (polynomials of ``n``, no ``acos``/``atan2``), on the device
 of the model and in its dtype.  Gathers and sums over edges go through
-:class:`~forcecalc.models.gather.RowIndex` (a sum in a fixed order, no atomics), so results are
+:class:`~forcecalc.graph.gather.RowIndex` (a sum in a fixed order, no atomics), so results are
 bitwise reproducible from run to run, on the CPU and on CUDA.  Measured (2-core CPU, float32,
 no autograd, the ``forcenet_all`` configuration on a 38-atom slab, ~1900 edges): ~95 ms with 2
 threads, ~170 ms with 1 (OCP's original: ~420 ms with 1 thread); without the split, about twice
@@ -48,9 +48,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from forcecalc.graph.batch import Batch
+from forcecalc.graph.gather import RowIndex, sum_rows
 from forcecalc.graph.neighbors import max_neighbors_mask
 from forcecalc.models import elements
-from forcecalc.models.gather import RowIndex, sum_rows
 
 #: Edges shorter than this (Å, squared) are dropped, as in OCP's ``radius_graph_pbc``.
 MIN_DISTANCE_SQ = 1e-4
@@ -496,7 +496,7 @@ class InteractionBlock(nn.Module):
             messages = source.gather(x) * filters
         else:
             messages = filters
-        out = sum_rows(messages, target.index, len(h))
+        out = target.sum_by_row(messages)
         if not self.filtered:
             out = out + self.center_W
         elif self.self_message:

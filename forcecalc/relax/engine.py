@@ -26,12 +26,6 @@ from forcecalc.graph.batch import check_atoms, fixed_mask
 from forcecalc.relax.memory import MemoryModel, is_out_of_memory, release_cached_memory
 
 
-def segment_sum(values: Tensor, index: Tensor, n_segments: int) -> Tensor:
-    """``[n_segments, ...]`` sums of ``values`` ``[n, ...]`` grouped by ``index`` ``[n]``."""
-    out = values.new_zeros((n_segments, *values.shape[1:]))
-    return out.index_add_(0, index, values)
-
-
 def segment_max(values: Tensor, index: Tensor, n_segments: int) -> Tensor:
     """``[n_segments]`` maxima of ``values`` ``[n]`` grouped by ``index`` (``-inf`` if empty)."""
     out = values.new_full((n_segments,), float("-inf"))

@@ -26,7 +26,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from forcecalc.relax.engine import SystemSet, segment_max, segment_sum
+from forcecalc.graph.gather import sum_rows
+from forcecalc.relax.engine import SystemSet, segment_max
 
 #: ASE's default maximum step (Å) of every optimizer.
 DEFAULT_MAXSTEP = 0.2
@@ -152,9 +153,9 @@ class FIRE(BatchedOptimizer):
         velocity = self.atom_state["velocity"]
         dt, a, n_positive, started = state["dt"], state["a"], state["n_positive"], state["started"]
 
-        vf = segment_sum((forces * velocity).sum(dim=1), idx, n_sys)
-        grad2 = segment_sum((forces * forces).sum(dim=1), idx, n_sys)
-        vel2 = segment_sum((velocity * velocity).sum(dim=1), idx, n_sys)
+        vf = sum_rows((forces * velocity).sum(dim=1), idx, n_sys)
+        grad2 = sum_rows((forces * forces).sum(dim=1), idx, n_sys)
+        vel2 = sum_rows((velocity * velocity).sum(dim=1), idx, n_sys)
         uphill_free = started & (vf > 0.0)
         reset = started & ~(vf > 0.0)
 
@@ -175,7 +176,7 @@ class FIRE(BatchedOptimizer):
 
         velocity = velocity + _per_atom(dt, systems) * forces
         dr = _per_atom(dt, systems) * velocity
-        norm = segment_sum((dr * dr).sum(dim=1), idx, n_sys).sqrt()
+        norm = sum_rows((dr * dr).sum(dim=1), idx, n_sys).sqrt()
         too_long = norm > self.maxstep
         safe_norm = torch.where(too_long, norm, torch.ones_like(norm))
         dr = torch.where(
@@ -255,7 +256,7 @@ class LBFGS(BatchedOptimizer):
         updating = state["iteration"] > 0
         s_new = positions - atom["r0"]
         y_new = gradient - (-atom["f0"])
-        ys = segment_sum((y_new * s_new).sum(dim=1), idx, n_sys)
+        ys = sum_rows((y_new * s_new).sum(dim=1), idx, n_sys)
         rho_new = 1.0 / torch.where(updating, ys, torch.ones_like(ys))
         atom_updating = updating[idx][:, None, None]
         s_hist = torch.where(atom_updating, torch.cat([s_new[:, None], s_hist[:, :-1]], 1), s_hist)
@@ -268,12 +269,12 @@ class LBFGS(BatchedOptimizer):
         q = gradient.clone()
         alphas = []
         for j in range(n_pairs):
-            a_j = rho[:, j] * segment_sum((s_hist[:, j] * q).sum(dim=1), idx, n_sys)
+            a_j = rho[:, j] * sum_rows((s_hist[:, j] * q).sum(dim=1), idx, n_sys)
             q = q - a_j[idx, None] * y_hist[:, j]
             alphas.append(a_j)
         z = q * (1.0 / self.alpha)
         for j in reversed(range(n_pairs)):
-            b = rho[:, j] * segment_sum((y_hist[:, j] * z).sum(dim=1), idx, n_sys)
+            b = rho[:, j] * sum_rows((y_hist[:, j] * z).sum(dim=1), idx, n_sys)
             z = z + s_hist[:, j] * (alphas[j] - b)[idx, None]
         p = -z
 

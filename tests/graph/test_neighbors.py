@@ -15,6 +15,7 @@ from forcecalc.graph import cell_list
 from forcecalc.graph.neighbors import (
     NeighborGraph,
     edge_vectors,
+    fixed_order_edge_vectors,
     max_neighbors_mask,
     neighbor_list,
     radius_graph,
@@ -347,6 +348,25 @@ def test_edge_vectors_convention() -> None:
     torch.testing.assert_close(
         edge_vectors(positions, cell, system_idx, graph.edge_index, graph.shifts), expected
     )
+
+
+def test_fixed_order_edge_vectors_equal_edge_vectors_with_gradients() -> None:
+    """The CUDA formulation (RowIndex gathers, deterministic gradients) gives the CPU one's
+    vectors and the same gradients with respect to positions and cells (forces, stress), for a
+    batch of two systems."""
+    systems = [bulk("Cu", "fcc", a=3.61, cubic=True), fcc111("Pt", (2, 2, 3), vacuum=5.0)]
+    systems[1].pbc = True
+    systems[0].rattle(0.05, seed=1)
+    positions, cell, pbc, system_idx = as_tensors(systems)
+    graph = radius_graph(positions, cell, pbc, system_idx, 4.0)
+    weights = torch.randn(graph.edge_index.shape[1], 3, dtype=torch.float64)
+    results = []
+    for function in (edge_vectors, fixed_order_edge_vectors):
+        p, c = positions.clone().requires_grad_(), cell.clone().requires_grad_()
+        vectors = function(p, c, system_idx, graph.edge_index, graph.shifts)
+        results.append((vectors, *torch.autograd.grad((vectors.sin() * weights).sum(), (p, c))))
+    for ours, reference in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(ours, reference, rtol=1e-12, atol=1e-12)
 
 
 # --- the max-neighbor rule -------------------------------------------------------------

@@ -47,6 +47,18 @@ class RowIndex:
             raise ValueError(f"expected {self.n_rows} rows, got {len(values)}")
         return _GatherRows.apply(values, self)
 
+    def sum_by_row(self, values: Tensor) -> Tensor:
+        """The adjoint of :meth:`gather`, ``[*S, *F] -> [n_rows, *F]``: row ``r`` is the sum of
+        the ``values`` at the positions that read it, added in increasing position (no
+        atomics: the same bits on every run, on CUDA too).  On the CPU, where ``index_add_``
+        adds sequentially (deterministic) and is faster than the gather, it is ``index_add_``.
+        """
+        flat = values.reshape(self.index.numel(), *values.shape[self.index.dim() :])
+        if values.device.type == "cpu":
+            out = values.new_zeros(self.n_rows + 1, *flat.shape[1:])
+            return out.index_add_(0, self.index.reshape(-1), flat)[: self.n_rows]
+        return self.transposed().gather(flat).sum(dim=1)
+
     def _build(self) -> None:
         flat = self.index.reshape(-1)
         size = flat.numel()
@@ -79,12 +91,8 @@ class RowIndex:
 
 def sum_rows(values: Tensor, index: Tensor, n_rows: int) -> Tensor:
     """``[n_rows, *F]``: row ``r`` is the sum of ``values[m]`` ``[M, *F]`` over the ``m`` with
-    ``index[m] == r`` ``[M]``, added in increasing ``m``: ``index_add`` without atomics, so the
-    same bits on every run (on CUDA too).  On the CPU, where ``index_add_`` adds sequentially
-    (deterministic) and is faster than the gather, it is ``index_add_``."""
-    if values.device.type == "cpu":
-        return values.new_zeros(n_rows, *values.shape[1:]).index_add_(0, index, values)
-    return RowIndex(index, n_rows).transposed().gather(values).sum(dim=1)
+    ``index[m] == r`` ``[M]`` (:meth:`RowIndex.sum_by_row`)."""
+    return RowIndex(index, n_rows).sum_by_row(values)
 
 
 class _GatherRows(torch.autograd.Function):

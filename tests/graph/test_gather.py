@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from forcecalc.models.gather import RowIndex, sum_rows
+from forcecalc.graph.gather import RowIndex, sum_rows
 
 
 def _case(seed: int, n_rows: int = 7, shape: tuple[int, ...] = (5, 4)):
