@@ -30,12 +30,11 @@ Speed: the first layer of ``mlp_edge`` acts on ``[lin_basis(edge), h_j, h_i]``; 
 into its three blocks, the node blocks applied once per atom and gathered, and the edge block
 folded into ``lin_basis`` (same function, ~2.5x fewer operations per edge).  The spherical
 harmonics are computed in torch (polynomials of ``n``, no ``acos``/``atan2``), on the device
-of the model and in its dtype.  Gathers and sums over edges go through
-:class:`~forcecalc.graph.gather.RowIndex` (a sum in a fixed order, no atomics), so results are
-bitwise reproducible from run to run, on the CPU and on CUDA.  Measured (2-core CPU, float32,
-no autograd, the ``forcenet_all`` configuration on a 38-atom slab, ~1900 edges): ~95 ms with 2
-threads, ~170 ms with 1 (OCP's original: ~420 ms with 1 thread); without the split, about twice
-as long.
+of the model and in its dtype.  Sums over edges use ``index_add_``, which is deterministic
+on the CPU; on CUDA it is not bitwise reproducible unless
+``torch.use_deterministic_algorithms(True)``.  Measured (2-core CPU, float32, no autograd, the
+``forcenet_all`` configuration on a 38-atom slab, ~1900 edges): ~95 ms with 2 threads, ~170 ms
+with 1 (OCP's original: ~420 ms with 1 thread); without the split, about twice as long.
 """
 
 from __future__ import annotations
@@ -48,7 +47,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from forcecalc.graph.batch import Batch
-from forcecalc.graph.gather import RowIndex, sum_rows
 from forcecalc.graph.neighbors import max_neighbors_mask
 from forcecalc.models import elements
 
@@ -458,9 +456,7 @@ class InteractionBlock(nn.Module):
         if self.self_message:
             nn.init.xavier_uniform_(self.center_W)
 
-    def _first_layer(
-        self, h: Tensor, edge_attr: Tensor, source: RowIndex, target: RowIndex
-    ) -> Tensor:
+    def _first_layer(self, h: Tensor, edge_attr: Tensor, source: Tensor, target: Tensor) -> Tensor:
         """``mlp_edge[0]([lin_basis(edge_attr), h[source], h[target]])``, split by blocks."""
         first: nn.Linear = self.mlp_edge[0]
         weight_edge = first.weight[:, : self.edge_dim]
@@ -474,29 +470,27 @@ class InteractionBlock(nn.Module):
             hidden = h.shape[1]
             weight_source = first.weight[:, self.edge_dim : self.edge_dim + hidden]
             weight_target = first.weight[:, self.edge_dim + hidden :]
-            out = out + source.gather(h @ weight_source.T) + target.gather(h @ weight_target.T)
+            out = out + (h @ weight_source.T)[source] + (h @ weight_target.T)[target]
         return out
 
     def forward(
         self,
         h: Tensor,
         edge_attr: Tensor,
-        source: RowIndex,
-        target: RowIndex,
+        source: Tensor,
+        target: Tensor,
         edge_weight: Tensor,
     ) -> Tensor:
-        """The update of ``h`` ``[n_atoms, D]`` from edges (``source`` j -> ``target`` i: the
-        edges' atom indices as :class:`RowIndex`, so that gathers and the sum over incoming
-        edges are deterministic, with fast gradients)."""
+        """The update of ``h`` ``[n_atoms, D]`` from edges (source j -> target i)."""
         layers = self.mlp_edge
         filters = layers[1:](self._first_layer(h, edge_attr, source, target))
         filters = filters * edge_weight.unsqueeze(1)
         if self.filtered:
             x = self.lin(h)
-            messages = source.gather(x) * filters
+            messages = x[source] * filters
         else:
             messages = filters
-        out = target.sum_by_row(messages)
+        out = messages.new_zeros(h.shape[0], messages.shape[1]).index_add_(0, target, messages)
         if not self.filtered:
             out = out + self.center_W
         elif self.self_message:
@@ -729,9 +723,9 @@ class ForceNet(nn.Module):
         else:
             h = self.embedding(numbers)
         edge_attr, edge_weight = self.edge_features(numbers, edge_index, vectors)
-        source_rows, target_rows = RowIndex(source, len(h)), RowIndex(target, len(h))
         for interaction in self.interactions:
-            h = h + interaction(h, edge_attr, source_rows, target_rows, edge_weight)
+            h = h + interaction(h, edge_attr, source, target, edge_weight)
         h = self.activation(self.lin(h))
-        pooled = sum_rows(h, batch.system_idx, batch.natoms.shape[0])
+        n_systems = batch.natoms.shape[0]
+        pooled = h.new_zeros(n_systems, h.shape[1]).index_add_(0, batch.system_idx, h)
         return {"energy": self.energy_mlp(pooled).squeeze(1), "forces": self.decoder(h)}
