@@ -1,40 +1,47 @@
 #!/usr/bin/env bash
 # Reproduce the shipped weights from scratch: OC20-EMT data, training, packaging, evaluation.
 #
-#   bash benchmarks/train_weights.sh [DATA_SIZE] [MAX_STEPS]
+#   bash benchmarks/train_weights.sh [NAME ...]        (default: all three)
 #
-# DATA_SIZE: tiny | small | medium (default small: what the current weights used).
-# MAX_STEPS: training steps per model (default 20000; the current weights stopped earlier, at
-# the step recorded in weights/README.md, when the session's time ran out: resume a run with
-# `forcecalc train --resume --out scratch/runs/NAME --max-steps N`).
-# Everything is seeded (data seed 0, training seed 0 in the configs); runs write into scratch/.
+# Each file's recipe (data size, training steps) is the one its model card in weights/README.md
+# reports: the runs stopped on a wall-clock limit, and --max-steps replays them to that step.
+#   forcenet     OC20-EMT medium, 3,400 steps of 32 (one H100, 8 min; its card)
+#   spinconv-fc  OC20-EMT small,  2,000 steps of 8  (one CPU thread, 54 min)
+#   spinconv-ec  OC20-EMT small,  1,250 steps of 8  (one CPU thread, 90 min)
+# Override the steps with STEPS=N.  Everything is seeded (data seed 0, training seed 0 in the
+# configs, benchmarks/configs/NAME.yaml); runs write into scratch/runs/NAME, data into
+# scratch/SIZE.  A killed run continues with
+# `forcecalc train --resume --out scratch/runs/NAME --max-steps N`.  Models are evaluated on
+# the test splits of the data they were trained on (the splits of different sizes overlap:
+# `small`'s test systems are in `medium`'s training split; see benchmarks/oc20emt.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-size=${1:-small}
-steps=${2:-20000}
-data=scratch/$size
+declare -A size=([forcenet]=medium [spinconv-fc]=small [spinconv-ec]=small)
+declare -A steps=([forcenet]=3400 [spinconv-fc]=2000 [spinconv-ec]=1250)
+# the file shipped: the run's last model (forcenet, whose last evaluation was its best) or its
+# best validation model
+declare -A shipped=([forcenet]=final.pt [spinconv-fc]=best.pt [spinconv-ec]=best.pt)
+names=("${@:-forcenet spinconv-fc spinconv-ec}")
+read -r -a names <<< "${names[*]}"
 runs=scratch/runs
 mkdir -p "$runs"
 
-[ -f "$data/train.h5" ] || forcecalc data oc20emt --size "$size" --out "$data" --seed 0
-
-train() {  # name config
-  OMP_NUM_THREADS=1 forcecalc train --config "benchmarks/configs/$2.yaml" \
-    --data "$data/train.h5" --val-data "$data/val_id.h5" --max-steps "$steps" \
-    --out "$runs/$1" --no-progress
-}
-train spinconv-fc spinconv-fc &
-train forcenet forcenet &
-train spinconv-ec spinconv-ec &
-wait
+for name in "${names[@]}"; do
+  data=scratch/${size[$name]}
+  [ -f "$data/train.h5" ] || forcecalc data oc20emt --size "${size[$name]}" --out "$data" --seed 0
+  OMP_NUM_THREADS=1 forcecalc train --config "benchmarks/configs/$name.yaml" \
+    --data "$data/train.h5" --val-data "$data/val_id.h5" --max-steps "${STEPS:-${steps[$name]}}" \
+    --out "$runs/$name" --no-progress
+done
 
 declare -A description=(
-  [spinconv-fc]="SpinConv force-centric (direct forces), trained on OC20-EMT $size"
-  [forcenet]="ForceNet (direct forces), trained on OC20-EMT $size"
-  [spinconv-ec]="SpinConv energy-centric (conservative forces, stress; cosine envelope), trained on OC20-EMT $size"
+  [spinconv-fc]="SpinConv force-centric (direct forces), trained on OC20-EMT small"
+  [forcenet]="ForceNet (direct forces), trained on OC20-EMT medium (one H100, 8 min)"
+  [spinconv-ec]="SpinConv energy-centric (conservative forces, stress; cosine envelope), trained on OC20-EMT small"
 )
-for name in spinconv-fc forcenet spinconv-ec; do
-  python benchmarks/package_weights.py "$runs/$name/best.pt" "$name" \
+for name in "${names[@]}"; do
+  data=scratch/${size[$name]}
+  python benchmarks/package_weights.py "$runs/$name/${shipped[$name]}" "$name" \
     --description "${description[$name]}"
   forcecalc eval s2ef --model "$name" --data "$data"/test_*.h5 --train "$data/train.h5" \
     --max-frames 400 --out "benchmarks/results/eval_s2ef_$name.json"
@@ -42,7 +49,7 @@ for name in spinconv-fc forcenet spinconv-ec; do
     --max-systems 12 --out "benchmarks/results/eval_is2rs_$name.json"
   [ "$name" != spinconv-ec ] || python benchmarks/nve_drift.py --model spinconv-ec \
     --data "$data/test_id.h5" --out benchmarks/results/nve_drift_spinconv-ec.json
-  python benchmarks/package_weights.py "$runs/$name/best.pt" "$name" \
+  python benchmarks/package_weights.py "$runs/$name/${shipped[$name]}" "$name" \
     --description "${description[$name]}" --s2ef "benchmarks/results/eval_s2ef_$name.json"
   python benchmarks/model_card_table.py "$name"
   python benchmarks/parity_plot.py "$name" "$data/test_id.h5"
