@@ -891,11 +891,11 @@ class SphereProjections:
             weights = (phase.unsqueeze(-1) * rows.unsqueeze(-2).unsqueeze(-2)).flatten(-3)
             if self._cache_weights:
                 self._weights[(start, stop)] = weights
-        rows = self._row_indices.get((start, stop))
-        if rows is None:  # kept for the other blocks: the inverse is built once, if needed
-            rows = RowIndex(self.neighbors[start:stop], self.n_values)
-            self._row_indices[(start, stop)] = rows
-        features = rows.gather(values).transpose(1, 2)  # [n, C, width]
+        readers = self._row_indices.get((start, stop))
+        if readers is None:  # kept for the other blocks: the inverse is built once, if needed
+            readers = RowIndex(self.neighbors[start:stop], self.n_values)
+            self._row_indices[(start, stop)] = readers
+        features = readers.gather(values).transpose(1, 2)  # [n, C, width]
         spectrum = torch.bmm(features, weights)
         shape = (len(spectrum), values.shape[1], *self.phase.shape[-2:], self.rows.shape[-1])
         return spectrum.view(shape)

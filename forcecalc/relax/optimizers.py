@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from forcecalc.graph.gather import sum_rows
+from forcecalc.graph.gather import RowIndex
 from forcecalc.relax.engine import SystemSet, segment_max
 
 #: ASE's default maximum step (Å) of every optimizer.
@@ -150,12 +150,13 @@ class FIRE(BatchedOptimizer):
     def step(self, systems: SystemSet, forces: Tensor) -> Tensor:
         state = self.system_state
         idx, n_sys = systems.system_idx, systems.n_systems
+        per_system = RowIndex(idx, n_sys)  # sums over each system's atoms, built once per step
         velocity = self.atom_state["velocity"]
         dt, a, n_positive, started = state["dt"], state["a"], state["n_positive"], state["started"]
 
-        vf = sum_rows((forces * velocity).sum(dim=1), idx, n_sys)
-        grad2 = sum_rows((forces * forces).sum(dim=1), idx, n_sys)
-        vel2 = sum_rows((velocity * velocity).sum(dim=1), idx, n_sys)
+        vf = per_system.sum_by_row((forces * velocity).sum(dim=1))
+        grad2 = per_system.sum_by_row((forces * forces).sum(dim=1))
+        vel2 = per_system.sum_by_row((velocity * velocity).sum(dim=1))
         uphill_free = started & (vf > 0.0)
         reset = started & ~(vf > 0.0)
 
@@ -176,7 +177,7 @@ class FIRE(BatchedOptimizer):
 
         velocity = velocity + _per_atom(dt, systems) * forces
         dr = _per_atom(dt, systems) * velocity
-        norm = sum_rows((dr * dr).sum(dim=1), idx, n_sys).sqrt()
+        norm = per_system.sum_by_row((dr * dr).sum(dim=1)).sqrt()
         too_long = norm > self.maxstep
         safe_norm = torch.where(too_long, norm, torch.ones_like(norm))
         dr = torch.where(
@@ -247,6 +248,7 @@ class LBFGS(BatchedOptimizer):
 
     def step(self, systems: SystemSet, forces: Tensor) -> Tensor:
         idx, n_sys = systems.system_idx, systems.n_systems
+        per_system = RowIndex(idx, n_sys)  # sums over each system's atoms, built once per step
         positions = systems.positions
         atom, state = self.atom_state, self.system_state
         s_hist, y_hist, rho = atom["s"], atom["y"], state["rho"]
@@ -256,7 +258,7 @@ class LBFGS(BatchedOptimizer):
         updating = state["iteration"] > 0
         s_new = positions - atom["r0"]
         y_new = gradient - (-atom["f0"])
-        ys = sum_rows((y_new * s_new).sum(dim=1), idx, n_sys)
+        ys = per_system.sum_by_row((y_new * s_new).sum(dim=1))
         rho_new = 1.0 / torch.where(updating, ys, torch.ones_like(ys))
         atom_updating = updating[idx][:, None, None]
         s_hist = torch.where(atom_updating, torch.cat([s_new[:, None], s_hist[:, :-1]], 1), s_hist)
@@ -269,12 +271,12 @@ class LBFGS(BatchedOptimizer):
         q = gradient.clone()
         alphas = []
         for j in range(n_pairs):
-            a_j = rho[:, j] * sum_rows((s_hist[:, j] * q).sum(dim=1), idx, n_sys)
+            a_j = rho[:, j] * per_system.sum_by_row((s_hist[:, j] * q).sum(dim=1))
             q = q - a_j[idx, None] * y_hist[:, j]
             alphas.append(a_j)
         z = q * (1.0 / self.alpha)
         for j in reversed(range(n_pairs)):
-            b = rho[:, j] * sum_rows((y_hist[:, j] * z).sum(dim=1), idx, n_sys)
+            b = rho[:, j] * per_system.sum_by_row((y_hist[:, j] * z).sum(dim=1))
             z = z + s_hist[:, j] * (alphas[j] - b)[idx, None]
         p = -z
 
