@@ -6,7 +6,7 @@
 # Each file's recipe (data size, training steps) is the one its model card in weights/README.md
 # reports: the runs stopped on a wall-clock limit, and --max-steps replays them to that step.
 #   forcenet     OC20-EMT medium, 3,400 steps of 32 (one H100, 8 min; its card)
-#   spinconv-fc  OC20-EMT small,  4,000 steps of 8  (one CPU thread, 54 + 50 min, resumed once)
+#   spinconv-fc  OC20-EMT small,  5,000 steps of 8  (one CPU thread, 54 + 50 + 22 min, resumed twice)
 #   spinconv-ec  OC20-EMT small,  1,250 steps of 8  (one CPU thread, 90 min)
 # Override the steps with STEPS=N.  Everything is seeded (data seed 0, training seed 0 in the
 # configs, benchmarks/configs/NAME.yaml); runs write into scratch/runs/NAME, data into
@@ -17,7 +17,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 declare -A size=([forcenet]=medium [spinconv-fc]=small [spinconv-ec]=small)
-declare -A steps=([forcenet]=3400 [spinconv-fc]=4000 [spinconv-ec]=1250)
+declare -A steps=([forcenet]=3400 [spinconv-fc]=5000 [spinconv-ec]=1250)
 # the file shipped: the run's last model (forcenet, whose last evaluation was its best) or its
 # best validation model
 declare -A shipped=([forcenet]=final.pt [spinconv-fc]=best.pt [spinconv-ec]=best.pt)
