@@ -622,13 +622,16 @@ class SpinConv(nn.Module):
         x = self.embeddingblock2(x, source_element, target_element)
 
         n_edges = len(distances)
-        incoming = _incoming_table(target, n_atoms)  # [n_atoms, width]
+        target_rows = RowIndex(target, n_atoms)
+        # [n_atoms, width]: the edges into each atom (increasing edge index, padded with n_edges)
+        incoming_rows = target_rows.transposed()
+        incoming = incoming_rows.index
         neighbors = incoming[source]  # [n_edges, width]: the edges into each edge's source
-        incoming_rows, neighbor_rows = RowIndex(incoming, n_edges), RowIndex(neighbors, n_edges)
+        neighbor_rows = RowIndex(neighbors, n_edges)
         differentiable = self.forces == "conservative"
         with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
             unit = vectors / distances.unsqueeze(1)
-            frames = _edge_frames(vectors, distances, unit, target, incoming_rows, self.cutoff)
+            frames = _edge_frames(vectors, distances, unit, target_rows, incoming_rows, self.cutoff)
             projected = torch.einsum("ekc,ejc->ejk", frames, neighbor_rows.gather(unit))
             projections = SphereProjections.from_directions(
                 projected, neighbors, n_edges, self.lat, self.long, dtype
@@ -759,7 +762,7 @@ def _edge_frames(
     vectors: Tensor,
     distances: Tensor,
     unit: Tensor,
-    target: Tensor,
+    target: RowIndex,
     incoming: RowIndex,
     cutoff: float,
 ) -> Tensor:
@@ -768,28 +771,13 @@ def _edge_frames(
     the normalisations of ``z`` and ``y``."""
     weight = cosine_cutoff(distances, cutoff)
     mean_vector = incoming.gather(vectors * weight.unsqueeze(1)).sum(dim=1)  # [n_atoms, 3]
-    helper = RowIndex(target, len(mean_vector)).gather(mean_vector) + 1e-4
+    helper = target.gather(mean_vector) + 1e-4
     helper = helper / torch.linalg.norm(helper, dim=1, keepdim=True)
     axis_z = torch.linalg.cross(unit, helper, dim=1)
     axis_z = axis_z / (torch.linalg.norm(axis_z, dim=1, keepdim=True) + 1e-7)
     axis_y = torch.linalg.cross(unit, axis_z, dim=1)
     axis_y = axis_y / (torch.linalg.norm(axis_y, dim=1, keepdim=True) + 1e-7)
     return torch.stack([unit, axis_y, axis_z], dim=1)
-
-
-def _incoming_table(target: Tensor, n_atoms: int) -> Tensor:
-    """``[n_atoms, width]``: the edges into each atom (by increasing edge index), padded with
-    ``n_edges``; ``width`` is the largest in-degree (at least 1)."""
-    n_edges = len(target)
-    order = torch.argsort(target, stable=True)
-    counts = torch.bincount(target, minlength=n_atoms)
-    width = max(int(counts.max()), 1) if n_edges else 1
-    first = torch.cumsum(counts, 0) - counts
-    sorted_target = target[order]
-    slot = torch.arange(n_edges, device=target.device) - first[sorted_target]
-    table = torch.full((n_atoms, width), n_edges, dtype=torch.int64, device=target.device)
-    table[sorted_target, slot] = order
-    return table
 
 
 def _pad(values: Tensor) -> Tensor:

@@ -43,7 +43,7 @@ import torch
 from ase import units
 from torch import Tensor, nn
 
-from forcecalc.graph.gather import sum_rows
+from forcecalc.graph.gather import RowIndex
 from forcecalc.relax.engine import SystemSet, admit
 from forcecalc.relax.memory import MemoryModel
 from forcecalc.relax.relaxation import plan_run
@@ -134,8 +134,9 @@ class Langevin:
             idx, n_sys = systems.system_idx, systems.n_systems
             natoms = systems.natoms.to(torch.float64)[idx, None]
             factor = torch.sqrt(natoms / (natoms - 1.0))
-            rnd_pos = rnd_pos - sum_rows(rnd_pos, idx, n_sys)[idx] / natoms
-            rnd_vel = rnd_vel - sum_rows(rnd_vel * masses, idx, n_sys)[idx] / (masses * natoms)
+            per_system = RowIndex(idx, n_sys)
+            rnd_pos = rnd_pos - per_system.sum_by_row(rnd_pos)[idx] / natoms
+            rnd_vel = rnd_vel - per_system.sum_by_row(rnd_vel * masses)[idx] / (masses * natoms)
             rnd_pos = rnd_pos * factor
             rnd_vel = rnd_vel * factor
         velocity = velocity + (self.c1 * forces / masses - self.c2 * velocity + rnd_vel)
