@@ -104,15 +104,19 @@ MIN_DISTANCE2 = 1e-4
 #: Seed of the default fixed set of force-block rotations.
 ROTATION_SEED = 0
 #: Working set (bytes) of one chunk of grids in the spin convolutions, on the CPU.  Small on
-#: purpose: temporaries above glibc's mmap threshold (32 MiB) are fresh pages on every call,
-#: and faulting them in cost a third of the forward time (38-atom slab, spinconv_all).
-CHUNK_BYTES = 1 << 25
+#: purpose: a chunk's temporaries stay in cache, and temporaries above glibc's mmap threshold
+#: are fresh pages on every call (faulting them in once cost a third of the forward time).
+#: 8 MiB was the fastest of 2-32 MiB for SpinConv-All and the shipped models (38- and 66-atom
+#: slabs, one thread; 12% faster than 32 MiB for SpinConv-All).
+CHUNK_BYTES = 1 << 23
 #: The same on a GPU (the caching allocator reuses memory; larger chunks use it better).
 CHUNK_BYTES_CUDA = 1 << 30
 #: Splat weights of all grids are kept across the message blocks up to this size (bytes).
 WEIGHT_CACHE_BYTES = 1 << 28
 #: Width of the element-pair mixture of experts (OCP's ``num_embedding_basis``).
 NUM_EXPERTS = 8
+#: Rows per chunk of a mixture of experts on the CPU (see :meth:`EmbeddingBlock.forward`).
+MOE_CHUNK_ROWS = 256
 
 _SUPPORTED_SPHERE = ("fullconv",)
 
@@ -145,7 +149,25 @@ class EmbeddingBlock(nn.Module):
         self.embed_fc1 = nn.Linear(2 * embedding_size, NUM_EXPERTS)
 
     def forward(self, x: Tensor, source_element: Tensor, target_element: Tensor) -> Tensor:
-        """``[n, in] -> [n, out]``; elements ``[n]`` int64."""
+        """``[n, in] -> [n, out]``; elements ``[n]`` int64.  On the CPU, in chunks of
+        ``MOE_CHUNK_ROWS`` rows: the ``[rows, NUM_EXPERTS * mid]`` expert outputs of a chunk stay
+        in cache between the matrix product, the Swish and the mixing (a third faster than one
+        pass for SpinConv-All's 256-wide experts)."""
+        if x.is_cuda or len(x) <= MOE_CHUNK_ROWS:
+            return self._mixture(x, source_element, target_element)
+        return torch.cat(
+            [
+                self._mixture(*chunk)
+                for chunk in zip(
+                    x.split(MOE_CHUNK_ROWS),
+                    source_element.split(MOE_CHUNK_ROWS),
+                    target_element.split(MOE_CHUNK_ROWS),
+                    strict=True,
+                )
+            ]
+        )
+
+    def _mixture(self, x: Tensor, source_element: Tensor, target_element: Tensor) -> Tensor:
         pair = torch.cat(
             [self.source_embedding(source_element), self.target_embedding(target_element)], dim=1
         )
@@ -195,9 +217,9 @@ class DistanceBlock(nn.Module):
 
 
 class SpinConvBlock(nn.Module):
-    """Spin convolution of projected grids, given as their longitude spectra: ``[n, C, n_freq,
-    2, lat] -> [n, mid]`` (``n_freq = long // 2 + 1``; real and imaginary parts of the DFT
-    along the longitude, see :func:`splat_factors`).
+    """Spin convolution of projected grids, given as their packed longitude spectra: ``[n, C,
+    long, lat] -> [n, mid]`` (the ``long`` real numbers of the real DFT along the longitude in
+    the order of :func:`_packed_frequencies`; see :func:`splat_factors`).
 
     Equal to OCP's ``Conv1d(C*lat -> mid, kernel long, groups C//8, circular padding)`` over
     the longitude (input channel ``c * lat + latitude``), Swish, average over the ``long``
@@ -213,7 +235,6 @@ class SpinConvBlock(nn.Module):
         self.mid_channels = mid_channels
         self.lat = lat
         self.long = long
-        self.n_freq = long // 2 + 1
         self.groups = in_channels // 8
         if mid_channels % self.groups:
             raise ValueError(
@@ -235,14 +256,14 @@ class SpinConvBlock(nn.Module):
         ``[groups, n, (c, latitude), mid/groups]`` ready for Gauss's three-product complex
         multiplication: ``(real, imag - real, real + imag)`` at the frequencies with an
         imaginary part (``0 < f < long / 2``), and ``real`` alone at ``f = 0`` and, for an even
-        ``long``, at ``f = long / 2``, where the spectra of real grids are real (their
-        imaginary parts, ~1e-16 from rounding, are dropped)."""
+        ``long``, at ``f = long / 2``, where the spectra of real grids are real (the packed
+        spectrum has no imaginary part there)."""
         weight = self.conv1.weight
         groups, per_group = self.groups, self.in_channels // self.groups
         cos, sin = _dft_matrices(self.long, weight.dtype, weight.device)  # [long, n_freq]
         weight = weight.view(groups, -1, per_group, self.lat, self.long)
         # conj(DFT(w))[f] = sum_k w[k] (cos + i sin)(2 pi f k / long) = real + i imag
-        shape = (groups, self.n_freq, per_group * self.lat, -1)
+        shape = (groups, self.long // 2 + 1, per_group * self.lat, -1)
         real = (weight @ cos).permute(0, 4, 2, 3, 1).reshape(shape)  # [g, f, (c, lat), mid/g]
         imag = (weight @ sin).permute(0, 4, 2, 3, 1).reshape(shape)
         middle = _middle_frequencies(self.long)
@@ -253,35 +274,35 @@ class SpinConvBlock(nn.Module):
     def forward(self, spectrum: Tensor, kernels: tuple[Tensor, ...] | None = None) -> Tensor:
         """``kernels``: :meth:`kernels`, if already computed (they depend on the weights only)."""
         n = spectrum.shape[0]
-        groups, n_freq, long = self.groups, self.n_freq, self.long
+        groups, long = self.groups, self.long
         per_group = self.in_channels // groups
         mid_per_group = self.mid_channels // groups
-        # -> [groups, n_freq, re/im, n, (c, latitude)]; (c, latitude) is OCP's channel order
-        spectrum = spectrum.view(n, groups, per_group, n_freq, 2, self.lat)
-        spectrum = spectrum.permute(1, 3, 4, 0, 2, 5)
-        spectrum = spectrum.reshape(groups, n_freq, 2, n, per_group * self.lat)
+        # -> [groups, long, n, (c, latitude)]; (c, latitude) is OCP's channel order
+        spectrum = spectrum.view(n, groups, per_group, long, self.lat)
+        spectrum = spectrum.permute(1, 3, 0, 2, 4).reshape(groups, long, n, per_group * self.lat)
+        n_edge, n_middle = len(_edge_frequencies(long)), len(_middle_frequencies(long))
+        edge, re, im = spectrum.split([n_edge, n_middle, n_middle], dim=1)
         # Circular cross-correlation out[o] = sum_j x[j] w[j - o] <=> X * conj(W) per frequency:
         # (a + ib)(c + id) = (k1 - k3) + i (k1 + k2) with k1 = (a + b) c, k2 = a (d - c),
-        # k3 = b (c + d); then the real inverse DFT over (frequency, re/im).
+        # k3 = b (c + d); then the real inverse DFT of the packed spectrum.
         edge_kernel, real, imag_minus_real, real_plus_imag = (
             self.kernels() if kernels is None else kernels
         )
-        middle, edge = _middle_frequencies(long), _edge_frequencies(long)
-        inverse = _inverse_dft_matrix(long, spectrum.dtype, spectrum.device)  # [n_freq, 2, long]
+        inverse = _inverse_dft_matrix(long, spectrum.dtype, spectrum.device)  # [long, long]
+        inverse_edge, inverse_re, inverse_im = inverse.split([n_edge, n_middle, n_middle])
 
         def product(values: Tensor, kernel: Tensor) -> Tensor:
             # [g, f, n, K] x [g, f, K, M] -> [g, f, n * M]
             out = torch.matmul(values, kernel)
             return out.view(groups, out.shape[1], n * mid_per_group)
 
-        conv = torch.matmul(inverse[edge, 0].T, product(spectrum[:, edge, 0], edge_kernel))
-        if middle:
-            re, im = spectrum[:, middle, 0], spectrum[:, middle, 1]
+        conv = torch.matmul(inverse_edge.T, product(edge, edge_kernel))
+        if n_middle:
             k1 = product(re + im, real)
             k2 = product(re, imag_minus_real)
             k3 = product(im, real_plus_imag)
-            conv = conv.baddbmm_(inverse[middle, 0].T.expand(groups, -1, -1), k1 - k3)
-            conv = conv.baddbmm_(inverse[middle, 1].T.expand(groups, -1, -1), k1 + k2)
+            conv = conv.baddbmm_(inverse_re.T.expand(groups, -1, -1), k1 - k3)
+            conv = conv.baddbmm_(inverse_im.T.expand(groups, -1, -1), k1 + k2)
         conv = conv.view(groups, long, n, mid_per_group)
         conv = conv + self.conv1.bias.view(groups, 1, 1, -1)
         pooled = F.silu(conv).mean(dim=1)  # [groups, n, mid/groups]
@@ -795,9 +816,12 @@ def splat_factors(
     ``X = (atan2(p1, p2) + pi) / (2 pi) long`` and is splatted bilinearly onto the four
     surrounding cells (OCP's ``_project2D_init``; the longitude wraps around).  Instead of the
     grid, the factors of its real DFT along the longitude are returned: a unit value splatted
-    there has spectrum ``rows[y] * phase[f]`` with ``rows = (1 - dy) [y0] + dy [y0 + 1]`` and
-    ``phase[f] = (1 - dx) e^{-2 pi i f x0 / long} + dx e^{-2 pi i f x1 / long}``.  The geometry
-    is evaluated in float64 (see the module docstring for the pole convention and derivative).
+    there has spectrum ``rows[y] * phase[k]`` with ``rows = (1 - dy) [y0] + dy [y0 + 1]`` and
+    ``phase = (1 - dx) D[x0] + dx D[x1]``, where ``D[x]`` is the packed DFT of a unit impulse
+    at column ``x`` (:func:`_packed_frequencies`: ``long`` real numbers, the real parts of
+    ``e^{-2 pi i f x / long}`` at every frequency ``f <= long / 2``, then the imaginary parts
+    at ``0 < f < long / 2``; the others vanish for a real grid).  The geometry is evaluated in
+    float64 (see the module docstring for the pole convention and derivative).
 
     Args:
         projected: ``[..., 3]`` float64 directions in the grid frames.
@@ -805,7 +829,7 @@ def splat_factors(
         dtype: dtype of the returned factors.
 
     Returns:
-        ``phase`` ``[..., n_freq, 2]`` (real, imaginary) and ``rows`` ``[..., lat]``.
+        ``phase`` ``[..., long]`` and ``rows`` ``[..., lat]``.
     """
     y, z, p0 = projected[..., 1], projected[..., 2], projected[..., 0]
     pole = y * y + z * z < POLE_EPS2
@@ -818,15 +842,17 @@ def splat_factors(
     col = (longitude + math.pi) / (2.0 * math.pi) * long
     row = (0.99 * ((latitude + math.pi / 2.0) / math.pi) + 0.005) * (lat - 1.0)
     col_floor, row_floor = torch.floor(col), torch.floor(row)
-    dx = (col - col_floor).unsqueeze(-1).unsqueeze(-1)
-    dy = (row - row_floor).unsqueeze(-1)
+    # The bins in float64; the weights in ``dtype``, built directly (no one-hot temporaries).
+    dx = (col - col_floor).to(dtype).unsqueeze(-1)
+    dy = ((row - row_floor).to(dtype) * valid).unsqueeze(-1)
     x0 = col_floor.long() % long
-    y0 = row_floor.long() % lat
-    table = _splat_dft_table(long, projected.device)  # [long, n_freq, 2]
-    phase = (1.0 - dx) * table[x0] + dx * table[(x0 + 1) % long]
-    rows = (1.0 - dy) * F.one_hot(y0, lat) + dy * F.one_hot((y0 + 1) % lat, lat)
-    rows = rows * valid.unsqueeze(-1)
-    return phase.to(dtype), rows.to(dtype)
+    y0 = (row_floor.long() % lat).unsqueeze(-1)
+    table = _splat_dft_table(long, projected.device).to(dtype)  # [long, long]
+    phase = torch.lerp(table[x0], table[(x0 + 1) % long], dx)
+    rows = projected.new_zeros(*y0.shape[:-1], lat, dtype=dtype)
+    rows = rows.scatter_add(-1, y0, valid.to(dtype).unsqueeze(-1) - dy)
+    rows = rows.scatter_add(-1, (y0 + 1) % lat, dy)
+    return phase, rows
 
 
 class SphereProjections:
@@ -834,7 +860,7 @@ class SphereProjections:
     ``values[neighbors[g, j]]`` at the direction whose factors are ``phase[g, j]``,
     ``rows[g, j]`` (see :func:`splat_factors`); ``neighbors`` is padded with ``len(values)``.
 
-    The grids' spectra (``[n, C, n_freq, 2, lat]``) are only built chunk by chunk inside
+    The grids' packed spectra (``[n, C, long, lat]``) are only built chunk by chunk inside
     :meth:`spin_convolution`, so memory stays bounded for large systems.
     """
 
@@ -868,7 +894,7 @@ class SphereProjections:
         return cls(neighbors, n_values, phase, rows)
 
     def spectra(self, values: Tensor, start: int = 0, stop: int | None = None) -> Tensor:
-        """``[stop - start, C, n_freq, 2, lat]`` longitude spectra of grids ``start:stop`` of
+        """``[stop - start, C, long, lat]`` packed longitude spectra of grids ``start:stop`` of
         ``values`` ``[n_values, C]``."""
         return self._spectra(values, start, len(self.neighbors) if stop is None else stop)
 
@@ -876,7 +902,7 @@ class SphereProjections:
         weights = self._weights.get((start, stop))
         if weights is None:
             phase, rows = self.phase[start:stop], self.rows[start:stop]
-            weights = (phase.unsqueeze(-1) * rows.unsqueeze(-2).unsqueeze(-2)).flatten(-3)
+            weights = (phase.unsqueeze(-1) * rows.unsqueeze(-2)).flatten(-2)
             if self._cache_weights:
                 self._weights[(start, stop)] = weights
         readers = self._row_indices.get((start, stop))
@@ -885,18 +911,18 @@ class SphereProjections:
             self._row_indices[(start, stop)] = readers
         features = readers.gather(values).transpose(1, 2)  # [n, C, width]
         spectrum = torch.bmm(features, weights)
-        shape = (len(spectrum), values.shape[1], *self.phase.shape[-2:], self.rows.shape[-1])
+        shape = (len(spectrum), values.shape[1], self.phase.shape[-1], self.rows.shape[-1])
         return spectrum.view(shape)
 
     def spin_convolution(self, block: SpinConvBlock, values: Tensor) -> Tensor:
         """``block`` applied to the projected grids: ``[n, mid]``, in chunks of grids.
 
-        The splat weights of each chunk (``[chunk, width, n_freq * 2 * lat]``) are kept for
+        The splat weights of each chunk (``[chunk, width, long * lat]``) are kept for
         the next call (the message blocks share them) when all of them fit in
         ``WEIGHT_CACHE_BYTES``.
         """
         n, width = self.neighbors.shape
-        n_spectrum = self.phase.shape[-2] * 2 * self.rows.shape[-1]
+        n_spectrum = self.phase.shape[-1] * self.rows.shape[-1]
         itemsize = values.element_size()
         per_grid = itemsize * (
             (width + 2 * values.shape[1]) * n_spectrum + 2 * block.mid_channels * block.long
@@ -912,12 +938,25 @@ class SphereProjections:
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
 
+def _packed_frequencies(long: int) -> tuple[list[int], list[int]]:
+    """The packed real spectrum of a length-``long`` real signal: the real parts at the
+    frequencies :func:`_edge_frequencies` and :func:`_middle_frequencies`, then the imaginary
+    parts at the middle ones (``long`` numbers in all).  Returns (frequency, part) per entry,
+    part 0 = real, 1 = imaginary."""
+    edge, middle = _edge_frequencies(long), _middle_frequencies(long)
+    return edge + middle + middle, [0] * (len(edge) + len(middle)) + [1] * len(middle)
+
+
 def _splat_dft_table(long: int, device: torch.device) -> Tensor:
-    """``[long, n_freq, 2]`` float64: ``(cos, -sin)(2 pi f j / long)`` for column ``j``."""
-    j = torch.arange(long, dtype=torch.float64, device=device).unsqueeze(1)
-    f = torch.arange(long // 2 + 1, dtype=torch.float64, device=device)
-    angle = 2.0 * math.pi * j * f / long
-    return torch.stack([angle.cos(), -angle.sin()], dim=-1)
+    """``[long, long]`` float64: row ``x`` is the packed DFT (:func:`_packed_frequencies`) of a
+    unit impulse at column ``x``: ``cos(2 pi f x / long)`` (real), ``-sin(2 pi f x / long)``
+    (imaginary)."""
+    frequency, part = _packed_frequencies(long)
+    x = torch.arange(long, dtype=torch.float64, device=device).unsqueeze(1)
+    f = torch.tensor(frequency, dtype=torch.float64, device=device)
+    angle = 2.0 * math.pi * x * f / long
+    imaginary = torch.tensor(part, dtype=torch.bool, device=device)
+    return torch.where(imaginary, -angle.sin(), angle.cos())
 
 
 def _dft_matrices(long: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -940,14 +979,17 @@ def _edge_frequencies(long: int) -> list[int]:
 
 
 def _inverse_dft_matrix(long: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """``[n_freq, 2, long]``: the real inverse DFT of a half spectrum (re, im)."""
-    cos, sin = _dft_matrices(long, torch.float64, device)
-    multiplicity = torch.full((long // 2 + 1, 1), 2.0, dtype=torch.float64, device=device)
-    multiplicity[0] = 1.0
-    if long % 2 == 0:
-        multiplicity[-1] = 1.0
-    inverse = torch.stack([multiplicity * cos.T, -multiplicity * sin.T], dim=1) / long
-    return inverse.to(dtype)
+    """``[long, long]``: row ``k`` maps entry ``k`` of a packed spectrum
+    (:func:`_packed_frequencies`) to the ``long`` samples of the real signal (the inverse DFT,
+    counting the conjugate frequency ``long - f`` of every middle frequency ``f``)."""
+    frequency, part = _packed_frequencies(long)
+    f = torch.tensor(frequency, dtype=torch.float64, device=device).unsqueeze(1)
+    x = torch.arange(long, dtype=torch.float64, device=device)
+    angle = 2.0 * math.pi * f * x / long
+    imaginary = torch.tensor(part, dtype=torch.bool, device=device).unsqueeze(1)
+    middle = (f > 0) & (2 * f != long)
+    inverse = torch.where(imaginary, -angle.sin(), angle.cos()) * torch.where(middle, 2.0, 1.0)
+    return (inverse / long).to(dtype)
 
 
 def _zeros_if_none(grad: Tensor | None, like: Tensor) -> Tensor:
