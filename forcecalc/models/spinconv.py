@@ -78,9 +78,11 @@ five times fewer operations than ``nn.Conv1d`` with circular padding (the pooled
 averages over all longitudinal shifts, so the padding's alignment does not matter), uses no
 scatter (deterministic on any device) and runs in chunks of grids (bounded memory).
 
-Speed (this 2-core CPU, shared with other jobs, float32, no autograd, published
-hyperparameters): 38-atom Cu slab 630 ms on one thread (the original: 535 ms on two threads),
-29-atom slab 450 ms; float64 about 2.2x slower.  Two threads on a busy machine can be far
+Speed (this 2-core AMD EPYC, float32, no autograd, SpinConv-All's hyperparameters, 66-atom
+Cu(111) + CO slab): 598 ms on two threads (the original: 828 ms), 860 ms on one.  Matrix
+products are 43 GFLOP of that forward (29 of them the mixtures of experts, which evaluate all
+eight 256-wide experts on every edge), about 450 ms at this core's ~95 GFLOP/s: the rest is
+gathers, copies and elementwise work.  Two threads on a busy machine can be far
 slower than one (spinning OpenMP threads); set ``torch.set_num_threads`` accordingly.
 """
 
@@ -849,9 +851,9 @@ def splat_factors(
     y0 = (row_floor.long() % lat).unsqueeze(-1)
     table = _splat_dft_table(long, projected.device).to(dtype)  # [long, long]
     phase = torch.lerp(table[x0], table[(x0 + 1) % long], dx)
-    rows = projected.new_zeros(*y0.shape[:-1], lat, dtype=dtype)
-    rows = rows.scatter_add(-1, y0, valid.to(dtype).unsqueeze(-1) - dy)
-    rows = rows.scatter_add(-1, (y0 + 1) % lat, dy)
+    latitudes = torch.arange(lat, device=projected.device)
+    lower = torch.where(latitudes == y0, valid.to(dtype).unsqueeze(-1) - dy, 0.0)
+    rows = lower + torch.where(latitudes == (y0 + 1) % lat, dy, 0.0)
     return phase, rows
 
 
