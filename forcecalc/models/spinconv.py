@@ -89,6 +89,7 @@ slower than one (spinning OpenMP threads); set ``torch.set_num_threads`` accordi
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -871,9 +872,9 @@ class SphereProjections:
         self.n_values = n_values
         self.phase = phase
         self.rows = rows
-        self._weights: dict[tuple[int, int], Tensor] = {}
-        self._row_indices: dict[tuple[int, int], RowIndex] = {}
-        self._cache_weights = False
+        # Kept across the message blocks, by chunk size: splat weights (if they fit) and readers.
+        self._weights: dict[int, list[Tensor]] = {}
+        self._readers: dict[int, list[RowIndex]] = {}
 
     def weighted(self, weights: Tensor) -> SphereProjections:
         """The same grids with value ``j`` of grid ``g`` scaled by ``weights[g, j]``."""
@@ -895,49 +896,65 @@ class SphereProjections:
         phase, rows = splat_factors(projected, neighbors < n_values, lat, long, dtype)
         return cls(neighbors, n_values, phase, rows)
 
-    def spectra(self, values: Tensor, start: int = 0, stop: int | None = None) -> Tensor:
-        """``[stop - start, C, long, lat]`` packed longitude spectra of grids ``start:stop`` of
-        ``values`` ``[n_values, C]``."""
-        return self._spectra(values, start, len(self.neighbors) if stop is None else stop)
-
-    def _spectra(self, values: Tensor, start: int, stop: int) -> Tensor:
-        weights = self._weights.get((start, stop))
-        if weights is None:
-            phase, rows = self.phase[start:stop], self.rows[start:stop]
-            weights = (phase.unsqueeze(-1) * rows.unsqueeze(-2)).flatten(-2)
-            if self._cache_weights:
-                self._weights[(start, stop)] = weights
-        readers = self._row_indices.get((start, stop))
-        if readers is None:  # kept for the other blocks: the inverse is built once, if needed
-            readers = RowIndex(self.neighbors[start:stop], self.n_values)
-            self._row_indices[(start, stop)] = readers
-        features = readers.gather(values).transpose(1, 2)  # [n, C, width]
-        spectrum = torch.bmm(features, weights)
-        shape = (len(spectrum), values.shape[1], self.phase.shape[-1], self.rows.shape[-1])
-        return spectrum.view(shape)
-
     def spin_convolution(self, block: SpinConvBlock, values: Tensor) -> Tensor:
-        """``block`` applied to the projected grids: ``[n, mid]``, in chunks of grids.
+        """``block`` applied to the projected grids of ``values`` ``[n_values, C]``: ``[n,
+        mid]``, in chunks of grids (each chunk's packed spectra ``[chunk, C, long, lat]`` are
+        built, convolved and dropped).
 
-        The splat weights of each chunk (``[chunk, width, long * lat]``) are kept for
-        the next call (the message blocks share them) when all of them fit in
-        ``WEIGHT_CACHE_BYTES``.
+        The splat weights of each chunk (``[chunk, width, long * lat]``) are kept for the next
+        call (the message blocks share them) when all of them fit in ``WEIGHT_CACHE_BYTES``.
+        Chunks are splits, not slices: the gradient of a split is one concatenation, that of
+        a slice a zero-filled tensor of the full size per chunk.
         """
         n, width = self.neighbors.shape
-        n_spectrum = self.phase.shape[-1] * self.rows.shape[-1]
+        channels, long, lat = values.shape[1], self.phase.shape[-1], self.rows.shape[-1]
         itemsize = values.element_size()
-        per_grid = itemsize * (
-            (width + 2 * values.shape[1]) * n_spectrum + 2 * block.mid_channels * block.long
-        )
+        per_grid = itemsize * ((width + 2 * channels) * long * lat + 2 * block.mid_channels * long)
         budget = CHUNK_BYTES_CUDA if values.is_cuda else CHUNK_BYTES
         step = max(1, budget // per_grid)
-        self._cache_weights = n * width * n_spectrum * itemsize <= WEIGHT_CACHE_BYTES
+        cache = n * width * long * lat * itemsize <= WEIGHT_CACHE_BYTES
         kernels = block.kernels()
-        outputs = [
-            block(self._spectra(values, start, min(start + step, n)), kernels)
-            for start in range(0, max(n, 1), step)
-        ]
+        outputs = []
+        for features, weights in zip(
+            self._chunk_features(values, step), self._chunk_weights(step, cache), strict=True
+        ):
+            spectrum = torch.bmm(features.transpose(1, 2), weights)
+            outputs.append(block(spectrum.view(len(spectrum), channels, long, lat), kernels))
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+
+    def _chunk_weights(self, step: int, cache: bool) -> Iterable[Tensor]:
+        """Splat weights ``[chunk, width, long * lat]`` of the chunks of ``step`` grids (kept
+        if ``cache``, else made one at a time)."""
+        if step in self._weights:
+            return self._weights[step]
+        chunks = (
+            (phase.unsqueeze(-1) * rows.unsqueeze(-2)).flatten(-2)
+            for phase, rows in zip(self.phase.split(step), self.rows.split(step), strict=True)
+        )
+        if not cache:
+            return chunks
+        self._weights[step] = list(chunks)
+        return self._weights[step]
+
+    def _chunk_features(self, values: Tensor, step: int) -> Iterable[Tensor]:
+        """``[chunk, width, C]`` neighbor values of the chunks of ``step`` grids.  With
+        autograd they are gathered for all grids at once and split (the backward saves every
+        chunk's values anyway, and one gather's gradient is one pass over the values, where a
+        gather per chunk makes a full ``[n_values, C]`` gradient per chunk); without, one
+        chunk at a time (bounded memory)."""
+        if torch.is_grad_enabled() and values.requires_grad:
+            (everything,) = self._chunk_readers(max(len(self.neighbors), 1))
+            return everything.gather(values).split(step)
+        return (readers.gather(values) for readers in self._chunk_readers(step))
+
+    def _chunk_readers(self, step: int) -> list[RowIndex]:
+        """Gathers of the chunks of ``step`` grids, built once (the inverse tables of their
+        gradients are built when first needed and then kept too)."""
+        if step not in self._readers:
+            self._readers[step] = [
+                RowIndex(neighbors, self.n_values) for neighbors in self.neighbors.split(step)
+            ]
+        return self._readers[step]
 
 
 def _packed_frequencies(long: int) -> tuple[list[int], list[int]]:
