@@ -73,10 +73,10 @@ def edge_vectors(
     Returns:
         ``[n_edges, 3]``.
     """
-    source, target = edge_index[0], edge_index[1]
-    shifts = shifts.to(positions.dtype)
     if positions.is_cuda:
         return fixed_order_edge_vectors(positions, cell, system_idx, edge_index, shifts)
+    source, target = edge_index[0], edge_index[1]
+    shifts = shifts.to(positions.dtype)
     if cell.shape[0] == 1:
         offsets = shifts @ cell[0]
     else:

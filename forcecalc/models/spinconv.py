@@ -957,24 +957,26 @@ class SphereProjections:
         return self._readers[step]
 
 
-def _packed_frequencies(long: int) -> tuple[list[int], list[int]]:
+def _packed_frequencies(long: int, device: torch.device) -> tuple[Tensor, Tensor]:
     """The packed real spectrum of a length-``long`` real signal: the real parts at the
     frequencies :func:`_edge_frequencies` and :func:`_middle_frequencies`, then the imaginary
-    parts at the middle ones (``long`` numbers in all).  Returns (frequency, part) per entry,
-    part 0 = real, 1 = imaginary."""
-    edge, middle = _edge_frequencies(long), _middle_frequencies(long)
-    return edge + middle + middle, [0] * (len(edge) + len(middle)) + [1] * len(middle)
+    parts at the middle ones (``long`` numbers in all).  Returns each entry's frequency
+    ``[long]`` float64 and whether it is an imaginary part ``[long]`` bool (built on
+    ``device`` from an ``arange``: no host-to-device copy)."""
+    n_edge, n_middle = len(_edge_frequencies(long)), len(_middle_frequencies(long))
+    k = torch.arange(long, dtype=torch.float64, device=device)
+    imaginary = k >= n_edge + n_middle
+    middle = torch.where(imaginary, k - (n_edge + n_middle - 1), k - (n_edge - 1))
+    return torch.where(k < n_edge, k * (long // 2), middle), imaginary
 
 
 def _splat_dft_table(long: int, device: torch.device) -> Tensor:
     """``[long, long]`` float64: row ``x`` is the packed DFT (:func:`_packed_frequencies`) of a
     unit impulse at column ``x``: ``cos(2 pi f x / long)`` (real), ``-sin(2 pi f x / long)``
     (imaginary)."""
-    frequency, part = _packed_frequencies(long)
+    frequency, imaginary = _packed_frequencies(long, device)
     x = torch.arange(long, dtype=torch.float64, device=device).unsqueeze(1)
-    f = torch.tensor(frequency, dtype=torch.float64, device=device)
-    angle = 2.0 * math.pi * x * f / long
-    imaginary = torch.tensor(part, dtype=torch.bool, device=device)
+    angle = 2.0 * math.pi * x * frequency / long
     return torch.where(imaginary, -angle.sin(), angle.cos())
 
 
@@ -1001,11 +1003,10 @@ def _inverse_dft_matrix(long: int, dtype: torch.dtype, device: torch.device) -> 
     """``[long, long]``: row ``k`` maps entry ``k`` of a packed spectrum
     (:func:`_packed_frequencies`) to the ``long`` samples of the real signal (the inverse DFT,
     counting the conjugate frequency ``long - f`` of every middle frequency ``f``)."""
-    frequency, part = _packed_frequencies(long)
-    f = torch.tensor(frequency, dtype=torch.float64, device=device).unsqueeze(1)
+    frequency, imaginary = _packed_frequencies(long, device)
+    f, imaginary = frequency.unsqueeze(1), imaginary.unsqueeze(1)
     x = torch.arange(long, dtype=torch.float64, device=device)
     angle = 2.0 * math.pi * f * x / long
-    imaginary = torch.tensor(part, dtype=torch.bool, device=device).unsqueeze(1)
     middle = (f > 0) & (2 * f != long)
     inverse = torch.where(imaginary, -angle.sin(), angle.cos()) * torch.where(middle, 2.0, 1.0)
     return (inverse / long).to(dtype)
