@@ -572,16 +572,19 @@ def test_spectral_spin_convolution_matches_direct_conv1d(lat, long):
 def test_chunked_spin_convolution_equals_one_pass(monkeypatch):
     """Projecting and convolving the grids chunk by chunk (to bound memory), and evaluating the
     mixtures of experts in chunks of rows (to stay in cache), gives the results of one pass,
-    for the message blocks and the force block."""
+    for the message blocks and the force block, and for conservative forces (gradients through
+    the chunks)."""
     model = _model("spinconv_small_fc")
     structures = [ocp_structures()[n] for n in ("o_pt100", "n2_box")]
+    conservative = _model("spinconv_small_ec", forces="conservative")
     monkeypatch.setattr(spinconv_module, "MOE_CHUNK_ROWS", 1 << 30)
-    whole = _run(model, structures, torch.float64)
+    whole = [_run(m, structures, torch.float64) for m in (model, conservative)]
     monkeypatch.setattr(spinconv_module, "CHUNK_BYTES", 300_000)
     monkeypatch.setattr(spinconv_module, "MOE_CHUNK_ROWS", 7)
-    chunked = _run(model, structures, torch.float64)
-    torch.testing.assert_close(chunked["energy"], whole["energy"], rtol=1e-13, atol=1e-13)
-    torch.testing.assert_close(chunked["forces"], whole["forces"], rtol=1e-12, atol=1e-13)
+    chunked = [_run(m, structures, torch.float64) for m in (model, conservative)]
+    for ours, reference in zip(chunked, whole, strict=True):
+        torch.testing.assert_close(ours["energy"], reference["energy"], rtol=1e-13, atol=1e-13)
+        torch.testing.assert_close(ours["forces"], reference["forces"], rtol=1e-12, atol=1e-13)
 
 
 def test_force_centric_training_gradients():
