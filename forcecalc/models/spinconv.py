@@ -152,11 +152,14 @@ class EmbeddingBlock(nn.Module):
         self.embed_fc1 = nn.Linear(2 * embedding_size, NUM_EXPERTS)
 
     def forward(self, x: Tensor, source_element: Tensor, target_element: Tensor) -> Tensor:
-        """``[n, in] -> [n, out]``; elements ``[n]`` int64.  On the CPU, in chunks of
-        ``MOE_CHUNK_ROWS`` rows: the ``[rows, NUM_EXPERTS * mid]`` expert outputs of a chunk stay
-        in cache between the matrix product, the Swish and the mixing (a third faster than one
-        pass for SpinConv-All's 256-wide experts)."""
-        if x.is_cuda or len(x) <= MOE_CHUNK_ROWS:
+        """``[n, in] -> [n, out]``; elements ``[n]`` int64.  On the CPU without autograd, in
+        chunks of ``MOE_CHUNK_ROWS`` rows: the ``[rows, NUM_EXPERTS * mid]`` expert outputs of a
+        chunk stay in cache between the matrix product, the Swish and the mixing (a third faster
+        than one pass for SpinConv-All's 256-wide experts).  With autograd the expert outputs
+        are kept for the backward pass anyway, and chunks only add work (force-centric training
+        step 5% slower)."""
+        recording = torch.is_grad_enabled() and x.requires_grad
+        if x.is_cuda or recording or len(x) <= MOE_CHUNK_ROWS:
             return self._mixture(x, source_element, target_element)
         return torch.cat(
             [
@@ -260,7 +263,9 @@ class SpinConvBlock(nn.Module):
         multiplication: ``(real, imag - real, real + imag)`` at the frequencies with an
         imaginary part (``0 < f < long / 2``), and ``real`` alone at ``f = 0`` and, for an even
         ``long``, at ``f = long / 2``, where the spectra of real grids are real (the packed
-        spectrum has no imaginary part there)."""
+        spectrum has no imaginary part there); last, the inverse DFT of a packed spectrum
+        ``[long, long]`` (:func:`_inverse_dft_matrix`).  Computed once per spin convolution,
+        not per chunk of grids."""
         weight = self.conv1.weight
         groups, per_group = self.groups, self.in_channels // self.groups
         cos, sin = _dft_matrices(self.long, weight.dtype, weight.device)  # [long, n_freq]
@@ -272,7 +277,8 @@ class SpinConvBlock(nn.Module):
         middle = _middle_frequencies(self.long)
         edge = _edge_frequencies(self.long)
         real_mid, imag_mid = real[:, middle], imag[:, middle]
-        return real[:, edge], real_mid, imag_mid - real_mid, real_mid + imag_mid
+        inverse = _inverse_dft_matrix(self.long, weight.dtype, weight.device)
+        return real[:, edge], real_mid, imag_mid - real_mid, real_mid + imag_mid, inverse
 
     def forward(self, spectrum: Tensor, kernels: tuple[Tensor, ...] | None = None) -> Tensor:
         """``kernels``: :meth:`kernels`, if already computed (they depend on the weights only)."""
@@ -288,10 +294,10 @@ class SpinConvBlock(nn.Module):
         # Circular cross-correlation out[o] = sum_j x[j] w[j - o] <=> X * conj(W) per frequency:
         # (a + ib)(c + id) = (k1 - k3) + i (k1 + k2) with k1 = (a + b) c, k2 = a (d - c),
         # k3 = b (c + d); then the real inverse DFT of the packed spectrum.
-        edge_kernel, real, imag_minus_real, real_plus_imag = (
+        edge_kernel, real, imag_minus_real, real_plus_imag, inverse = (
             self.kernels() if kernels is None else kernels
         )
-        inverse = _inverse_dft_matrix(long, spectrum.dtype, spectrum.device)  # [long, long]
+        inverse = inverse.to(spectrum.dtype)  # [long, long]; bf16 under autocast
         inverse_edge, inverse_re, inverse_im = inverse.split([n_edge, n_middle, n_middle])
 
         def product(values: Tensor, kernel: Tensor) -> Tensor:
