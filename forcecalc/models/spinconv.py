@@ -274,8 +274,8 @@ class SpinConvBlock(nn.Module):
         shape = (groups, self.long // 2 + 1, per_group * self.lat, -1)
         real = (weight @ cos).permute(0, 4, 2, 3, 1).reshape(shape)  # [g, f, (c, lat), mid/g]
         imag = (weight @ sin).permute(0, 4, 2, 3, 1).reshape(shape)
-        middle = _middle_frequencies(self.long)
-        edge = _edge_frequencies(self.long)
+        middle = _frequency_slice(_middle_frequencies(self.long))
+        edge = _frequency_slice(_edge_frequencies(self.long))
         real_mid, imag_mid = real[:, middle], imag[:, middle]
         inverse = _inverse_dft_matrix(self.long, weight.dtype, weight.device)
         return real[:, edge], real_mid, imag_mid - real_mid, real_mid + imag_mid, inverse
@@ -994,15 +994,22 @@ def _dft_matrices(long: int, dtype: torch.dtype, device: torch.device) -> tuple[
     return angle.cos().to(dtype), angle.sin().to(dtype)
 
 
-def _middle_frequencies(long: int) -> list[int]:
+def _middle_frequencies(long: int) -> range:
     """Frequencies whose DFT coefficients of a real signal are complex: ``0 < f < long / 2``."""
-    return list(range(1, (long + 1) // 2))
+    return range(1, (long + 1) // 2)
 
 
-def _edge_frequencies(long: int) -> list[int]:
+def _edge_frequencies(long: int) -> range:
     """Frequencies whose DFT coefficients of a real signal are real: 0 and, for even ``long``,
     ``long / 2``."""
-    return [0, long // 2] if long % 2 == 0 and long > 1 else [0]
+    return range(0, long // 2 + 1, long // 2) if long % 2 == 0 and long > 1 else range(1)
+
+
+def _frequency_slice(frequencies: range) -> slice:
+    """``frequencies`` as a slice: indexing with it is a view, where indexing with a list of
+    integers copies the list to the device first (on CUDA a synchronizing host-to-device
+    copy)."""
+    return slice(frequencies.start, frequencies.stop, frequencies.step)
 
 
 def _inverse_dft_matrix(long: int, dtype: torch.dtype, device: torch.device) -> Tensor:
