@@ -7,7 +7,8 @@
 #    (32 and 256 structures of 66 atoms), ASE step; float32, then again with TF32 matmuls;
 # 2. train_throughput.py: training frames/s, paper sizes, batch 8-64, float32 and bf16 autocast;
 # 3. neighbors.py: batched neighbor lists on CUDA beside the CPU backends;
-# 4. relax_speed.py: N_RELAX (default 100) relaxations batched vs one by one with ASE, spinconv-fc.
+# 4. relax_speed.py: N_RELAX (default 100) relaxations batched vs one by one with ASE, spinconv-fc;
+# 5. kernel_profile.py: operators, host synchronizations and top kernels per forward (batch 1, 64).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 dir=${1:-benchmarks/results}
@@ -22,4 +23,5 @@ run python3 benchmarks/train_throughput.py --devices cuda --amp --out "$dir/trai
 OMP_NUM_THREADS=1 run python3 benchmarks/neighbors.py --scale 3 --out "$dir/neighbors_cuda.json"
 run python3 benchmarks/relax_speed.py --n "$n_relax" --device cuda --model spinconv-fc \
   --out "$dir/relax_speed_cuda.json"
+run python3 benchmarks/kernel_profile.py --devices cuda --batch 1 64 --out "$dir/kernel_profile_cuda.json"
 exit $status

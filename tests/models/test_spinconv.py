@@ -283,6 +283,44 @@ def test_conservative_forces_and_stress_match_finite_differences(structure):
     assert torch.equal(stress, stress.T)
 
 
+def test_dft_matrices_built_once_serve_every_mode():
+    """The DFT matrices a spin convolution keeps (constants, by dtype and device) give the same
+    results as fresh ones: after a ``torch.inference_mode`` forward has built them, a training
+    forward and backward (autograd through the spin convolutions) works and its outputs equal
+    those of a copy that builds its own; after ``model.double()`` they are float64."""
+    model = copy.deepcopy(_model("spinconv_small_fc", dtype=torch.float32))
+    batch = Batch.from_atoms(ocp_structures()["o_pt100"], cutoff=model.cutoff).to(
+        "cpu", torch.float32
+    )
+    with torch.inference_mode():
+        model(batch)
+    fresh = copy.deepcopy(model)
+    for block in fresh.modules():
+        if isinstance(block, SpinConvBlock):
+            block._dft.clear()
+    torch.manual_seed(0)
+    kept = model.train()(batch)
+    torch.manual_seed(0)
+    new = fresh.train()(batch)
+    torch.testing.assert_close(kept["forces"], new["forces"], rtol=0, atol=0)
+    (kept["energy"].sum() + kept["forces"].square().sum()).backward()
+    assert model.message_blocks[0].spinconvblock.conv1.weight.grad.abs().sum() > 0
+    model.eval().double()
+    block = model.message_blocks[0].spinconvblock
+    cos, _, inverse = block.dft_matrices(torch.float64, torch.device("cpu"))
+    assert cos.dtype == inverse.dtype == torch.float64
+    assert model(batch.to("cpu", torch.float64))["forces"].dtype == torch.float64
+
+
+def test_energy_centric_under_inference_mode_is_a_clear_error():
+    """Conservative forces are an autograd gradient: ``torch.inference_mode`` (no autograd at
+    all) gets an error that says so, not autograd's 'does not require grad'."""
+    model = _model("spinconv_small_ec", forces="conservative")
+    batch = Batch.from_atoms(ocp_structures()["o_pt100"], cutoff=model.cutoff)
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="inference_mode"):
+        model(batch)
+
+
 def test_compat_forces_are_the_distance_only_gradient():
     """``forces="compat"`` (OCP's definition) differs from the full gradient where neighbors
     are projected off the pole, and equals it for a dimer (every projection is on the pole)."""
