@@ -5,7 +5,9 @@
 
 What it does: loads the run's checkpoint (forcecalc format, as `forcecalc train` writes it),
 resets options that only matter for training (SpinConv's `rotations: random` becomes the default
-fixed, seeded set, so forces are a deterministic function of positions), records the elements of
+fixed, seeded set, so forces are a deterministic function of positions), fills the distance
+scaling of element pairs the training data lacked (`fill_untrained_pairs`; a no-op for files
+`forcecalc train` wrote since it does so itself), records the elements of
 OC20-EMT (the only ones the model has seen), adds metadata, writes `weights/NAME.pt` atomically,
 and stores its SHA-256, size and force MAE on the quick check sample
 (`forcecalc.evaluate.check_sample`) in `weights/manifest.json` (which the tests check).
@@ -23,6 +25,7 @@ from ase.data import atomic_numbers
 from forcecalc.atomic import write_json
 from forcecalc.checkpoint import load_checkpoint, save_checkpoint
 from forcecalc.evaluate import check_forces_mae
+from forcecalc.models.spinconv import fill_untrained_pairs
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "weights"
 #: The elements of OC20-EMT: EMT's metals and the adsorbate elements.
@@ -62,6 +65,7 @@ def main() -> None:
         k: v for k, v in potential.info.model_kwargs.items() if k not in TRAINING_ONLY_OPTIONS
     }
     potential.info.elements = OC20EMT_ELEMENTS
+    filled = fill_untrained_pairs(potential.model)
     extra = json.loads(args.metadata.read_text()) if args.metadata else {}
     metadata = {
         "name": args.name,
@@ -70,6 +74,7 @@ def main() -> None:
         "energy": "OC20-EMT adsorption energy (eV): E_EMT(system) - E_EMT(clean relaxed slab) "
         "- sum of gas-phase references of the adsorbate atoms",
         "source_checkpoint": str(args.run_checkpoint),
+        **({"filled_pairs": filled} if filled else {}),
         **extra,
     }
     target = save_checkpoint(potential, WEIGHTS / f"{args.name}.pt", metadata=metadata)

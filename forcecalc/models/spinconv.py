@@ -104,6 +104,8 @@ from forcecalc.models.blocks import GaussianSmearing
 POLE_EPS2 = 1e-12
 #: OCP's graph drops pairs with squared distance at or below this (Å^2): coincident atoms.
 MIN_DISTANCE2 = 1e-4
+#: Half-width of the uniform initialization of the per-element-pair distance scaling.
+PAIR_INIT = 1e-4
 #: Seed of the default fixed set of force-block rotations.
 ROTATION_SEED = 0
 #: Working set (bytes) of one chunk of grids in the spin convolutions, on the CPU.  Small on
@@ -208,9 +210,40 @@ class DistanceBlock(nn.Module):
         if scale_distances:
             self.dist_scalar = nn.Embedding(max_num_elements**2, 1)
             self.dist_offset = nn.Embedding(max_num_elements**2, 1)
-            nn.init.uniform_(self.dist_scalar.weight, -1e-4, 1e-4)
-            nn.init.uniform_(self.dist_offset.weight, -1e-4, 1e-4)
+            nn.init.uniform_(self.dist_scalar.weight, -PAIR_INIT, PAIR_INIT)
+            nn.init.uniform_(self.dist_offset.weight, -PAIR_INIT, PAIR_INIT)
         self.fc1 = nn.Linear(num_basis, out_channels)
+
+    @torch.no_grad()
+    def fill_untrained_pairs(self) -> list[tuple[int, int]]:
+        """Give the ordered element pairs ``(a, b)``, ``a != b``, that training never saw the
+        scaling of the reverse pair ``(b, a)`` if that was trained, else the mean of the self
+        pairs ``(a, a)`` and ``(b, b)``; returns the pairs filled.
+
+        A pair's scaling only learns from edges between those two elements, so a pair absent
+        from the training data keeps its initialization (scale 1, offset 0), which the rest of
+        the trained model has not seen for any pair; alloys of held-out metal pairs then get
+        forces no better than the median baseline.  "Never trained" means both parameters
+        still inside the initialization range ``[-PAIR_INIT, PAIR_INIT]`` (an Adam step moves
+        a trained one well outside); self pairs must be trained to serve.  Idempotent.  For
+        models we train (``forcecalc train`` applies it to the files it writes), never on
+        loading a checkpoint: a loaded model computes what it was given.
+        """
+        if not self.scale_distances:
+            return []
+        n = self.max_num_elements
+        scalar = self.dist_scalar.weight.view(n, n)
+        offset = self.dist_offset.weight.view(n, n)
+        untrained = (scalar.abs() <= PAIR_INIT) & (offset.abs() <= PAIR_INIT)
+        trained_self = ~untrained.diagonal()
+        reverse = ~untrained.T
+        fill = untrained & (reverse | (trained_self.unsqueeze(0) & trained_self.unsqueeze(1)))
+        fill.fill_diagonal_(False)
+        for table in (scalar, offset):
+            diagonal = table.diagonal()
+            mean = 0.5 * (diagonal.unsqueeze(0) + diagonal.unsqueeze(1))
+            table.copy_(torch.where(fill, torch.where(reverse, table.T, mean), table))
+        return [(int(a), int(b)) for a, b in fill.nonzero().tolist()]
 
     def forward(self, distances: Tensor, source_element: Tensor, target_element: Tensor) -> Tensor:
         """``[n_edges] -> [n_edges, out]``."""
@@ -766,6 +799,16 @@ class SpinConv(nn.Module):
         else:
             forces = torch.einsum("rac,ran->nc", rotations, along_axis)
         return forces / n_rot
+
+
+def fill_untrained_pairs(model: nn.Module) -> list[tuple[int, int]]:
+    """:meth:`DistanceBlock.fill_untrained_pairs` on every distance block of ``model`` (in
+    place); returns the element pairs filled (those of the first block that had any)."""
+    filled: list[tuple[int, int]] = []
+    for module in model.modules():
+        if isinstance(module, DistanceBlock):
+            filled = module.fill_untrained_pairs() or filled
+    return filled
 
 
 def ocp_gaussian_coeff(stop: float, num_gaussians: int, basis_width_scalar: float) -> float:

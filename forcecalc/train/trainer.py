@@ -9,12 +9,16 @@ Files written to ``config.out`` (each by temp file + rename, by process 0 only):
   format (:func:`forcecalc.checkpoint.save_checkpoint`);
 * ``final.pt``: the model at the end, same format, with metadata (data, config, metrics,
   hardware, time);
+* in both, a SpinConv's distance scaling of element pairs absent from the training data is
+  filled from the pairs' self pairs (:func:`forcecalc.models.spinconv.fill_untrained_pairs`;
+  the pairs filled are in the metadata);
 * ``metrics.csv``, ``metrics.json``: one row per evaluation; ``config.yaml``: the config.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import csv
 import datetime
 import io
@@ -43,6 +47,7 @@ from forcecalc.checkpoint import (
     save_checkpoint,
 )
 from forcecalc.models.registry import build_model
+from forcecalc.models.spinconv import fill_untrained_pairs
 from forcecalc.train.config import TrainConfig
 from forcecalc.train.data import (
     BatchPlan,
@@ -640,7 +645,11 @@ class Trainer:
             }
         }
         with self._averaged():
-            return save_checkpoint(Potential(self.potential.model, record), path, metadata)
+            model = copy.deepcopy(self.potential.model)
+        filled = fill_untrained_pairs(model)
+        if filled:
+            metadata["training"]["filled_pairs"] = filled
+        return save_checkpoint(Potential(model, record), path, metadata)
 
     def _hardware(self) -> dict[str, Any]:
         device = str(self.device)

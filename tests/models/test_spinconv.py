@@ -321,6 +321,40 @@ def test_energy_centric_under_inference_mode_is_a_clear_error():
         model(batch)
 
 
+def test_fill_untrained_pairs():
+    """An ordered pair whose distance scaling is still at its initialization gets that of the
+    reverse pair if trained, else the mean of the two self pairs if both are trained; pairs
+    involving an untrained element, trained pairs and the diagonal are untouched; a second
+    call changes nothing."""
+    torch.manual_seed(0)
+    model = SpinConv(
+        hidden_channels=8,
+        mid_hidden_channels=16,
+        num_interactions=1,
+        num_basis_functions=8,
+        sphere_size_lat=4,
+        sphere_size_long=4,
+        embedding_size=4,
+    )
+    block = model.dist_block
+    n = block.max_num_elements
+    scalar = block.dist_scalar.weight.detach().view(n, n)
+    offset = block.dist_offset.weight.detach().view(n, n)
+    with torch.no_grad():
+        for (a, b), value in {(29, 29): 0.4, (79, 79): -0.2, (8, 8): 0.1, (29, 8): 0.7}.items():
+            scalar[a, b], offset[a, b] = value, -value
+    before = (scalar.clone(), offset.clone())
+    filled = spinconv_module.fill_untrained_pairs(model)
+    assert sorted(filled) == [(8, 29), (8, 79), (29, 79), (79, 8), (79, 29)]
+    assert scalar[29, 79] == scalar[79, 29] == pytest.approx(0.1)
+    assert offset[8, 79] == pytest.approx(0.05)
+    assert scalar[8, 29] == pytest.approx(0.7) and offset[8, 29] == pytest.approx(-0.7)
+    changed = (scalar != before[0]) | (offset != before[1])
+    assert int(changed.sum()) == 5 and scalar[29, 8] == before[0][29, 8]
+    assert scalar[1, 29] == before[0][1, 29] and scalar[29, 29] == before[0][29, 29]
+    assert spinconv_module.fill_untrained_pairs(model) == []
+
+
 def test_compat_forces_are_the_distance_only_gradient():
     """``forces="compat"`` (OCP's definition) differs from the full gradient where neighbors
     are projected off the pole, and equals it for a dimer (every projection is on the pole)."""

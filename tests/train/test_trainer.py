@@ -270,3 +270,37 @@ def test_max_time_stops_the_run(tmp_path):
     assert state["step"] == 10
     with pytest.raises(ValueError, match="max_time"):
         config.updated(max_time=0.0)
+
+
+def test_exported_spinconv_fills_distance_scaling_of_pairs_absent_from_training(tmp_path):
+    """Trained on Cu/O slabs and pure Au slabs (no Cu-Au edge), the written model's Cu-Au and
+    Au-Cu distance scalings are the mean of the trained Cu-Cu and Au-Au ones (listed in the
+    metadata); the live model is left alone."""
+    from ase.build import fcc111
+    from ase.calculators.emt import EMT
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    gold = []
+    for seed in range(4):
+        slab = fcc111("Au", (2, 2, 2), vacuum=5.0)
+        slab.rattle(0.1, seed=seed)
+        slab.calc = EMT()
+        energy, forces = slab.get_potential_energy(), slab.get_forces()
+        slab.calc = SinglePointCalculator(slab, energy=energy, forces=forces)
+        gold.append(slab)
+    frames = training_frames()[:8] + gold
+    config = _config(tmp_path, "spinconv", SPINCONV_TINY, max_steps=2, eval_every=2, lr=1e-2)
+    trainer = Trainer(config, frames, frames)
+    summary = trainer.fit()
+    written = load_checkpoint(summary["final"], device="cpu")
+    assert sorted(map(tuple, written.info.metadata["training"]["filled_pairs"])) == [
+        (29, 79),
+        (79, 29),
+    ]
+    n = written.model.dist_block.max_num_elements
+    for name in ("dist_scalar", "dist_offset"):
+        table = getattr(written.model.dist_block, name).weight.view(n, n)
+        live = getattr(trainer.potential.model.dist_block, name).weight.detach().view(n, n)
+        mean = 0.5 * (table[29, 29] + table[79, 79])
+        assert table[29, 79] == mean and table[79, 29] == mean
+        assert abs(float(live[29, 79])) <= 1e-4
