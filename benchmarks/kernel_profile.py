@@ -1,21 +1,25 @@
-"""Where a forward pass spends its time: operators dispatched, host synchronisations, and the
-top operators by time, for the configurations of ``speed.py`` (SpinConv-All, ForceNet-All).
+"""Where a forward pass spends its time: operators dispatched, host synchronisations, bytes
+moved and matrix-product FLOPs per operator (a roofline), and the top operators by measured
+time, for the configurations of ``speed.py`` (SpinConv-All, ForceNet-All).
 
 A batch-1 forward on a GPU is bound by launching kernels (the host dispatches one operator
 after the other) and stalls at every host synchronisation (a data-dependent shape, a
 ``.item()``, a copy from pageable host memory); a large batch is bound by the kernels
-themselves.  This script measures both, so one short GPU session tells where to work next:
+themselves, i.e. by memory traffic or matrix-product throughput.  Per forward:
 
-1. counts, per forward: operators reaching the dispatcher, those that launch work (not views),
-   and the host synchronisations among them, each with the line of forcecalc that issued it;
-2. ``torch.profiler`` over ``--repeats`` forwards: the ``--top`` operators by self device time
-   on CUDA (self CPU time on the CPU), in ms per forward, and the forward's wall time.
+1. operators reaching the dispatcher, those that launch work (not views), and the host
+   synchronisations among them, each with the line of forcecalc that issued it;
+2. the roofline: for every launching operator (by line), the bytes its inputs and outputs
+   occupy and the FLOPs of matrix products; ``max(bytes / bandwidth, flops / peak)`` summed
+   is the time a device with that bandwidth and peak needs at the least when each operator is
+   one kernel (device independent: it can be computed on the CPU for an H100);
+3. unless ``--roofline-only``: the wall time and ``torch.profiler``'s top operators by self
+   device time on CUDA (self CPU time on the CPU).
 
 Prints tables and writes JSON (atomically).
 
     python benchmarks/kernel_profile.py --devices cuda --batch 1 64 --out DIR/profile_cuda.json
-    python benchmarks/kernel_profile.py --models spinconv_all --batch 1   (CPU; the CPU chunks
-        the mixture of experts and the grids, so its operator counts are larger than CUDA's)
+    python benchmarks/kernel_profile.py --devices cpu --batch 16 --roofline-only --cuda-chunks
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from speed import CONFIGS, structure
 from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import forcecalc.models.spinconv as spinconv
 from forcecalc.atomic import write_json
 from forcecalc.graph import Batch
 from forcecalc.models.registry import build_model
@@ -78,34 +83,91 @@ SYNCHRONIZING = frozenset(
     ]
 )
 PACKAGE = str(Path(__file__).resolve().parent.parent / "forcecalc")
+#: H100 SXM peaks (dense): float32 on CUDA cores, TF32 on tensor cores (TFLOP/s).
+PEAK_FP32_TFLOPS = 67.0
+PEAK_TF32_TFLOPS = 495.0
 
 
-class OperatorCount(TorchDispatchMode):
-    """Counts the operators that reach the dispatcher, and where the synchronising ones come
-    from (``file:line`` of the innermost forcecalc frame)."""
+#: Matrix products: (operator, index of the left factor) for the GEMM FLOP count.
+PRODUCTS = {"aten.mm": 0, "aten.bmm": 0, "aten.addmm": 1, "aten.baddbmm": 1, "aten.baddbmm_": 1}
+
+
+def tensor_bytes(value: Any) -> int:
+    """Bytes a kernel reads or writes for ``value`` (tensors, lists of them): the elements
+    of each tensor, at most its storage (an expanded view reads its storage once)."""
+    if isinstance(value, torch.Tensor):
+        storage = value.untyped_storage().nbytes() - value.storage_offset() * value.element_size()
+        return min(value.numel() * value.element_size(), storage)
+    if isinstance(value, (list, tuple)):
+        return sum(tensor_bytes(item) for item in value)
+    return 0
+
+
+def _where() -> str:
+    """``file:line`` of the innermost forcecalc frame on the stack."""
+    frames = [f for f in traceback.extract_stack() if f.filename.startswith(PACKAGE)]
+    return (
+        f"{Path(frames[-1].filename).relative_to(PACKAGE)}:{frames[-1].lineno}" if frames else "?"
+    )
+
+
+class OperatorLog(TorchDispatchMode):
+    """Counts the operators that reach the dispatcher and, for those that launch work, the
+    bytes they move (inputs and outputs) and the FLOPs of matrix products, by operator and
+    ``file:line`` of the innermost forcecalc frame; and where the synchronising ones are."""
 
     def __init__(self) -> None:
         super().__init__()
         self.operators: collections.Counter[str] = collections.Counter()
         self.synchronizing: collections.Counter[str] = collections.Counter()
+        self.traffic: dict[str, list[float]] = collections.defaultdict(lambda: [0, 0.0, 0.0])
 
     def __torch_dispatch__(
         self, func: Any, types: Any, args: tuple = (), kwargs: Any = None
     ) -> Any:
+        out = func(*args, **(kwargs or {}))
         name = str(func.overloadpacket)
         self.operators[name] += 1
+        if name in VIEWS:
+            return out
+        where = _where()
         boolean_index = name == "aten.index" and any(
             index is not None and index.dtype == torch.bool for index in args[1]
         )
         if name in SYNCHRONIZING or boolean_index:
-            frames = [f for f in traceback.extract_stack() if f.filename.startswith(PACKAGE)]
-            where = (
-                f"{Path(frames[-1].filename).relative_to(PACKAGE)}:{frames[-1].lineno}"
-                if frames
-                else "?"
-            )
-            self.synchronizing[f"{name}{' (boolean mask)' if boolean_index else ''} @ {where}"] += 1
-        return func(*args, **(kwargs or {}))
+            mask = " (boolean mask)" if boolean_index else ""
+            self.synchronizing[f"{name}{mask} @ {where}"] += 1
+        flops = 0.0
+        if name in PRODUCTS:
+            left, right = args[PRODUCTS[name]], args[PRODUCTS[name] + 1]
+            flops = 2.0 * left.numel() * right.shape[-1]
+        entry = self.traffic[f"{name} @ {where}"]
+        entry[0] += 1
+        entry[1] += tensor_bytes(list(args)) + tensor_bytes(out)
+        entry[2] += flops
+        return out
+
+
+def roofline(log: OperatorLog, peak_flops: float, bandwidth: float, top: int) -> dict[str, Any]:
+    """Lower bound of a forward's device time: every operator as one kernel that runs at the
+    device's peak, ``max(bytes / bandwidth, flops / peak_flops)`` (no fusion, no caches)."""
+    rows = [
+        {
+            "operator": key,
+            "calls": calls,
+            "gigabytes": moved / 1e9,
+            "gemm_gflop": flops / 1e9,
+            "bound_ms": 1000 * max(moved / bandwidth, flops / peak_flops),
+        }
+        for key, (calls, moved, flops) in log.traffic.items()
+    ]
+    rows.sort(key=lambda row: -row["bound_ms"])
+    return {
+        "bound_ms": sum(row["bound_ms"] for row in rows),
+        "gigabytes": sum(row["gigabytes"] for row in rows),
+        "gemm_gflop": sum(row["gemm_gflop"] for row in rows),
+        "top": rows[:top],
+    }
 
 
 def synchronize(device: str) -> None:
@@ -114,15 +176,33 @@ def synchronize(device: str) -> None:
 
 
 def profile_case(
+    model: torch.nn.Module, batch: Batch, device: str, args: argparse.Namespace
+) -> dict[str, Any]:
+    """Operator counts, roofline and (unless ``args.roofline_only``) the profile of
+    ``model(batch)`` without autograd."""
+    with torch.no_grad():
+        model(batch)
+        synchronize(device)
+        with OperatorLog() as log:
+            model(batch)
+    peak = 1e12 * (args.peak_tflops or (PEAK_TF32_TFLOPS if args.tf32 else PEAK_FP32_TFLOPS))
+    case = {
+        "operators": sum(log.operators.values()),
+        "launching_operators": sum(n for op, n in log.operators.items() if op not in VIEWS),
+        "synchronizations": sum(log.synchronizing.values()),
+        "synchronizing": dict(log.synchronizing.most_common()),
+        "roofline": roofline(log, peak, 1e12 * args.bandwidth_tbs, args.top),
+    }
+    if not args.roofline_only:
+        case.update(timed(model, batch, device, args.repeats, args.top))
+    return case
+
+
+def timed(
     model: torch.nn.Module, batch: Batch, device: str, repeats: int, top: int
 ) -> dict[str, Any]:
-    """Operator counts and profile of ``model(batch)`` without autograd."""
+    """Wall time per forward and the ``top`` operators by self time (device time on CUDA)."""
     with torch.no_grad():
-        for _ in range(2):
-            model(batch)
-        synchronize(device)
-        with OperatorCount() as count:
-            model(batch)
         synchronize(device)
         start = time.perf_counter()
         for _ in range(repeats):
@@ -135,16 +215,11 @@ def profile_case(
                 model(batch)
             synchronize(device)
     on_device = device == "cuda"
-    averages = prof.key_averages()
     key = "self_device_time_total" if on_device else "self_cpu_time_total"
-    rows = sorted(averages, key=lambda event: getattr(event, key, 0.0), reverse=True)[:top]
+    rows = sorted(prof.key_averages(), key=lambda e: getattr(e, key, 0.0), reverse=True)[:top]
     kernels = [event for event in prof.events() if event.device_type.name == "CUDA"]
     return {
         "wall_ms": wall_ms,
-        "operators": sum(count.operators.values()),
-        "launching_operators": sum(n for op, n in count.operators.items() if op not in VIEWS),
-        "synchronizations": sum(count.synchronizing.values()),
-        "synchronizing": dict(count.synchronizing.most_common()),
         "device_kernels": len(kernels) / repeats if on_device else None,
         "top": [
             {
@@ -157,6 +232,38 @@ def profile_case(
     }
 
 
+def report(case: dict[str, Any]) -> None:
+    """Print one case."""
+    bound = case["roofline"]
+    head = f"\n{case['model']} on {case['device']}, batch {case['batch']} ({case['atoms']} atoms): "
+    if "wall_ms" in case:
+        head += f"{case['wall_ms']:.1f} ms per forward; "
+    kernels = case.get("device_kernels")
+    print(
+        head
+        + f"{case['operators']} operators, {case['launching_operators']} launching"
+        + ("" if kernels is None else f", {kernels:.0f} device kernels")
+        + f", {case['synchronizations']} host synchronizations"
+    )
+    for where, n in case["synchronizing"].items():
+        print(f"    sync x{n}: {where}")
+    print(
+        f"    roofline (each operator one kernel at peak): {bound['bound_ms']:.2f} ms = "
+        f"{case['atoms'] / bound['bound_ms'] * 1000:.0f} atoms/s; {bound['gigabytes']:.2f} GB "
+        f"moved, {bound['gemm_gflop']:.1f} GFLOP of matrix products"
+    )
+    print(f"    {'operator @ line':<56}{'calls':>6}{'GB':>9}{'GFLOP':>9}{'bound ms':>10}")
+    for row in bound["top"]:
+        print(
+            f"    {row['operator'][:55]:<56}{row['calls']:>6}{row['gigabytes']:>9.3f}"
+            f"{row['gemm_gflop']:>9.1f}{row['bound_ms']:>10.3f}"
+        )
+    if "top" in case:
+        print(f"    {'operator (profiler)':<56}{'calls':>6}{'self ms':>10}")
+        for row in case["top"]:
+            print(f"    {row['name'][:55]:<56}{row['calls']:>6.0f}{row['self_ms']:>10.3f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--devices", nargs="+", default=None, help="default: cpu and cuda")
@@ -166,10 +273,30 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--top", type=int, default=15)
     parser.add_argument("--tf32", action="store_true", help="CUDA: float32 matrix products in TF32")
+    parser.add_argument(
+        "--roofline-only", action="store_true", help="only counts and roofline (no timing)"
+    )
+    parser.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help=f"roofline: matrix-product peak (default H100 SXM: {PEAK_FP32_TFLOPS:g} float32, "
+        f"{PEAK_TF32_TFLOPS:g} with --tf32)",
+    )
+    parser.add_argument("--bandwidth-tbs", type=float, default=3.35, help="roofline: TB/s")
+    parser.add_argument(
+        "--cuda-chunks",
+        action="store_true",
+        help="on the CPU, chunk SpinConv's grids and mixtures of experts as on CUDA (for the "
+        "roofline of the CUDA path; slow)",
+    )
     parser.add_argument("--out", default="benchmarks/results/kernel_profile.json")
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = args.tf32
     devices = args.devices or ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    if args.cuda_chunks:
+        spinconv.CHUNK_BYTES = spinconv.CHUNK_BYTES_CUDA
+        spinconv.MOE_CHUNK_ROWS = 1 << 62
     cases = []
     for name in args.models:
         kind, kwargs = CONFIGS[name]
@@ -180,22 +307,10 @@ def main() -> None:
             for batch_size in args.batch:
                 atoms = [structure(args.atoms, seed) for seed in range(batch_size)]
                 batch = Batch.from_atoms(atoms, cutoff=model.cutoff).to(device, torch.float32)
-                case = profile_case(model, batch, device, args.repeats, args.top)
+                case = profile_case(model, batch, device, args)
                 case.update(model=name, device=device, batch=batch_size, atoms=batch.n_atoms)
                 cases.append(case)
-                kernels = case["device_kernels"]
-                print(
-                    f"\n{name} on {device}, batch {batch_size} ({batch.n_atoms} atoms): "
-                    f"{case['wall_ms']:.1f} ms per forward; {case['operators']} operators, "
-                    f"{case['launching_operators']} launching"
-                    + ("" if kernels is None else f", {kernels:.0f} device kernels")
-                    + f", {case['synchronizations']} host synchronizations"
-                )
-                for where, n in case["synchronizing"].items():
-                    print(f"    sync x{n}: {where}")
-                print(f"    {'operator':<48}{'calls':>8}{'self ms':>10}")
-                for row in case["top"]:
-                    print(f"    {row['name'][:47]:<48}{row['calls']:>8.0f}{row['self_ms']:>10.3f}")
+                report(case)
     hardware = {
         "cpu": platform.processor() or platform.machine(),
         "torch_threads": torch.get_num_threads(),

@@ -3,54 +3,77 @@
 #
 #   bash benchmarks/train_weights.sh [NAME ...]        (default: all three)
 #
-# Each file's recipe (data size, training steps) is the one its model card in weights/README.md
-# reports: the runs stopped on a wall-clock limit, and --max-steps replays them to that step.
-#   forcenet     OC20-EMT medium, 3,400 steps of 32 (one H100, 8 min; its card)
-#   spinconv-fc  OC20-EMT small, 10,500 steps of 8  (one CPU thread, about 4 h in four runs, resumed)
-#   spinconv-ec  OC20-EMT medium, 2,000 steps of 32 (820 on one H100, 1,180 on one CPU thread)
-# Override the steps with STEPS=N.  Everything is seeded (data seed 0, training seed 0 in the
-# configs, benchmarks/configs/NAME.yaml); runs write into scratch/runs/NAME, data into
-# scratch/SIZE.  A killed run continues with
-# `forcecalc train --resume --out scratch/runs/NAME --max-steps N`.  Models are evaluated on
-# the test splits of the data they were trained on (the splits of different sizes overlap:
-# `small`'s test systems are in `medium`'s training split; see benchmarks/oc20emt.md).
+# Each file's recipe is the one its model card in weights/README.md reports (the runs stopped
+# on wall-clock limits and were resumed; --max-steps replays them to the steps shipped):
+#   forcenet     OC20-EMT medium, 3,400 steps of 32 (one H100, 8 min)
+#   spinconv-fc  OC20-EMT small, 10,500 steps of 8 (benchmarks/configs/spinconv-fc.yaml), then
+#                fine-tuned on medium, 6,000 steps of 8 with a cosine learning rate from 3e-4
+#                (benchmarks/configs/spinconv-fc-medium.yaml); one CPU thread, about 5.5 h
+#   spinconv-ec  OC20-EMT medium, 2,000 steps of 32 (plateau schedule, still at lr 1e-3), then
+#                the same run resumed with a cosine learning rate to 1e-5 at step 2,700
+#                (820 steps on one H100, the rest on one CPU thread)
+# Everything is seeded (data seed 0, training seed 0 in the configs).  Runs write into
+# scratch/runs/NAME, data into scratch/SIZE.  A killed run continues with
+# `forcecalc train --resume --out scratch/runs/NAME --max-steps N`.  Every model is evaluated
+# on OC20-EMT medium's test splits (the sizes share systems: `small`'s in-domain test systems
+# are in `medium`'s training split, see benchmarks/oc20emt.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-declare -A size=([forcenet]=medium [spinconv-fc]=small [spinconv-ec]=medium)
-declare -A steps=([forcenet]=3400 [spinconv-fc]=10500 [spinconv-ec]=2000)
-# the file shipped: the run's last model (forcenet, whose last evaluation was its best) or its
-# best validation model
-declare -A shipped=([forcenet]=final.pt [spinconv-fc]=best.pt [spinconv-ec]=best.pt)
 names=("${@:-forcenet spinconv-fc spinconv-ec}")
 read -r -a names <<< "${names[*]}"
 runs=scratch/runs
 mkdir -p "$runs"
+export OMP_NUM_THREADS=1
 
+data() {  # data SIZE: generate OC20-EMT SIZE once
+  [ -f "scratch/$1/train.h5" ] || forcecalc data oc20emt --size "$1" --out "scratch/$1" --seed 0
+}
+train() {  # train CONFIG SIZE OUT STEPS [FLAG ...]
+  local config=$1 size=$2 out=$3 steps=$4
+  shift 4
+  data "$size"
+  forcecalc train --config "$config" --data "scratch/$size/train.h5" \
+    --val-data "scratch/$size/val_id.h5" --max-steps "$steps" --out "$out" --no-progress "$@"
+}
+
+declare -A shipped description
 for name in "${names[@]}"; do
-  data=scratch/${size[$name]}
-  [ -f "$data/train.h5" ] || forcecalc data oc20emt --size "${size[$name]}" --out "$data" --seed 0
-  OMP_NUM_THREADS=1 forcecalc train --config "benchmarks/configs/$name.yaml" \
-    --data "$data/train.h5" --val-data "$data/val_id.h5" --max-steps "${STEPS:-${steps[$name]}}" \
-    --out "$runs/$name" --no-progress
+  case $name in
+    forcenet)
+      train benchmarks/configs/forcenet.yaml medium "$runs/forcenet" "${STEPS:-3400}"
+      shipped[$name]=$runs/forcenet/final.pt
+      description[$name]="ForceNet (direct forces), trained on OC20-EMT medium (one H100, 8 min)"
+      ;;
+    spinconv-fc)
+      train benchmarks/configs/spinconv-fc.yaml small "$runs/spinconv-fc" 10500
+      train benchmarks/configs/spinconv-fc-medium.yaml medium "$runs/spinconv-fc-medium" \
+        "${STEPS:-6000}" --init-checkpoint "$runs/spinconv-fc/best.pt"
+      shipped[$name]=$runs/spinconv-fc-medium/best.pt
+      description[$name]="SpinConv force-centric (direct forces), trained on OC20-EMT small, fine-tuned on medium"
+      ;;
+    spinconv-ec)
+      train benchmarks/configs/spinconv-ec.yaml medium "$runs/spinconv-ec" 2000
+      forcecalc train --resume --out "$runs/spinconv-ec" --scheduler cosine --min-lr 1e-5 \
+        --max-steps "${STEPS:-2700}" --no-progress
+      shipped[$name]=$runs/spinconv-ec/best.pt
+      description[$name]="SpinConv energy-centric (conservative forces, stress; cosine envelope, 4 Å cutoff), trained on OC20-EMT medium"
+      ;;
+    *) echo "unknown name: $name (forcenet, spinconv-fc, spinconv-ec)" >&2; exit 2 ;;
+  esac
 done
 
-declare -A description=(
-  [spinconv-fc]="SpinConv force-centric (direct forces), trained on OC20-EMT small"
-  [forcenet]="ForceNet (direct forces), trained on OC20-EMT medium (one H100, 8 min)"
-  [spinconv-ec]="SpinConv energy-centric (conservative forces, stress; cosine envelope, 4 Å cutoff), trained on OC20-EMT medium"
-)
 for name in "${names[@]}"; do
-  data=scratch/${size[$name]}
-  python benchmarks/package_weights.py "$runs/$name/${shipped[$name]}" "$name" \
+  test=(scratch/medium/test_*.h5)
+  python benchmarks/package_weights.py "${shipped[$name]}" "$name" \
     --description "${description[$name]}"
-  forcecalc eval s2ef --model "$name" --data "$data"/test_*.h5 --train "$data/train.h5" \
+  forcecalc eval s2ef --model "$name" --data "${test[@]}" --train scratch/medium/train.h5 \
     --max-frames 400 --out "benchmarks/results/eval_s2ef_$name.json"
-  forcecalc eval is2rs --model "$name" --data "$data"/test_*.h5 --train "$data/train.h5" \
+  forcecalc eval is2rs --model "$name" --data "${test[@]}" --train scratch/medium/train.h5 \
     --max-systems 12 --out "benchmarks/results/eval_is2rs_$name.json"
   [ "$name" != spinconv-ec ] || python benchmarks/nve_drift.py --model spinconv-ec \
-    --data "$data/test_id.h5" --out benchmarks/results/nve_drift_spinconv-ec.json
-  python benchmarks/package_weights.py "$runs/$name/${shipped[$name]}" "$name" \
+    --data scratch/medium/test_id.h5 --out benchmarks/results/nve_drift_spinconv-ec.json
+  python benchmarks/package_weights.py "${shipped[$name]}" "$name" \
     --description "${description[$name]}" --s2ef "benchmarks/results/eval_s2ef_$name.json"
   python benchmarks/model_card_table.py "$name"
-  python benchmarks/parity_plot.py "$name" "$data/test_id.h5"
+  python benchmarks/parity_plot.py "$name" scratch/medium/test_id.h5
 done

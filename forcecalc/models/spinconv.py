@@ -1012,11 +1012,12 @@ class SphereProjections:
         autograd they are gathered for all grids at once and split (the backward saves every
         chunk's values anyway, and one gather's gradient is one pass over the values, where a
         gather per chunk makes a full ``[n_values, C]`` gradient per chunk); without, one
-        chunk at a time (bounded memory)."""
+        chunk at a time (bounded memory) from the values padded once."""
         if torch.is_grad_enabled() and values.requires_grad:
             (everything,) = self._chunk_readers(max(len(self.neighbors), 1))
             return everything.gather(values).split(step)
-        return (readers.gather(values) for readers in self._chunk_readers(step))
+        padded = _pad(values)  # once, not per chunk (a copy of all values per chunk otherwise)
+        return (padded[readers.index] for readers in self._chunk_readers(step))
 
     def _chunk_readers(self, step: int) -> list[RowIndex]:
         """Gathers of the chunks of ``step`` grids, built once (the inverse tables of their
