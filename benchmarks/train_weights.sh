@@ -7,8 +7,10 @@
 # on wall-clock limits and were resumed; --max-steps replays them to the steps shipped):
 #   forcenet     OC20-EMT medium, 3,400 steps of 32 (one H100, 8 min)
 #   spinconv-fc  OC20-EMT small, 10,500 steps of 8 (benchmarks/configs/spinconv-fc.yaml), then
-#                fine-tuned on medium, 6,000 steps of 8 with a cosine learning rate from 3e-4
-#                (benchmarks/configs/spinconv-fc-medium.yaml); one CPU thread, about 5.5 h
+#                fine-tuned on medium with a 6,000-step cosine learning rate from 3e-4
+#                (benchmarks/configs/spinconv-fc-medium.yaml); one CPU thread, about 5.5 h.
+#                The shipped run was stopped after its step-5,000 evaluation (lr 3e-5 by
+#                then); this replay runs all 6,000 steps and ships the best validation model
 #   spinconv-ec  OC20-EMT medium, 2,000 steps of 32 (plateau schedule, still at lr 1e-3), then
 #                the same run resumed with a cosine learning rate to 1e-5 at step 2,700
 #                (820 steps on one H100, the rest on one CPU thread)
@@ -66,10 +68,13 @@ for name in "${names[@]}"; do
   test=(scratch/medium/test_*.h5)
   python benchmarks/package_weights.py "${shipped[$name]}" "$name" \
     --description "${description[$name]}"
+  # the relaxation model on larger samples (1,000 frames, 30 relaxations per split)
+  frames=400 systems=12
+  [ "$name" != spinconv-fc ] || frames=1000 systems=30
   forcecalc eval s2ef --model "$name" --data "${test[@]}" --train scratch/medium/train.h5 \
-    --max-frames 400 --out "benchmarks/results/eval_s2ef_$name.json"
+    --max-frames "$frames" --out "benchmarks/results/eval_s2ef_$name.json"
   forcecalc eval is2rs --model "$name" --data "${test[@]}" --train scratch/medium/train.h5 \
-    --max-systems 12 --out "benchmarks/results/eval_is2rs_$name.json"
+    --max-systems "$systems" --out "benchmarks/results/eval_is2rs_$name.json"
   [ "$name" != spinconv-ec ] || python benchmarks/nve_drift.py --model spinconv-ec \
     --data scratch/medium/test_id.h5 --out benchmarks/results/nve_drift_spinconv-ec.json
   python benchmarks/package_weights.py "${shipped[$name]}" "$name" \
