@@ -10,7 +10,8 @@ Files written to ``config.out`` (each by temp file + rename, by process 0 only):
 * ``final.pt``: the model at the end, same format, with metadata (data, config, metrics,
   hardware, time);
 * in both, a SpinConv's distance scaling of element pairs absent from the training data is
-  filled from the pairs' self pairs (:func:`forcecalc.models.spinconv.fill_untrained_pairs`;
+  filled from the reverse pair or the two self pairs
+  (:func:`forcecalc.models.spinconv.fill_untrained_pairs`;
   the pairs filled are in the metadata);
 * ``metrics.csv``, ``metrics.json``: one row per evaluation; ``config.yaml``: the config.
 """
