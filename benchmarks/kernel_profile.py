@@ -26,14 +26,13 @@ from __future__ import annotations
 
 import argparse
 import collections
-import platform
 import time
 import traceback
 from pathlib import Path
 from typing import Any
 
 import torch
-from speed import CONFIGS, structure
+from speed import CONFIGS, hardware, structure
 from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -311,14 +310,8 @@ def main() -> None:
                 case.update(model=name, device=device, batch=batch_size, atoms=batch.n_atoms)
                 cases.append(case)
                 report(case)
-    hardware = {
-        "cpu": platform.processor() or platform.machine(),
-        "torch_threads": torch.get_num_threads(),
-        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        "torch": torch.__version__,
-        "tf32": args.tf32,
-    }
-    write_json(args.out, {"benchmark": "kernel_profile", "hardware": hardware, "cases": cases})
+    machine = hardware(args.tf32)
+    write_json(args.out, {"benchmark": "kernel_profile", "hardware": machine, "cases": cases})
     print(f"\nwrote {args.out}")
 
 

@@ -89,6 +89,17 @@ def structure(n_atoms: int, seed: int) -> Atoms:
     return slab
 
 
+def hardware(tf32: bool) -> dict:
+    """The machine a benchmark ran on, for its JSON."""
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "torch": torch.__version__,
+        "tf32": tf32,
+    }
+
+
 def time_forward(model: torch.nn.Module, batch: Batch, repeats: int) -> float:
     """Median seconds of one forward pass (after one warm-up)."""
     times = []
@@ -208,14 +219,7 @@ def main() -> None:
     torch.backends.cudnn.allow_tf32 = args.tf32
 
     rows = model_rows(args)
-    hardware = {
-        "cpu": platform.processor() or platform.machine(),
-        "torch_threads": torch.get_num_threads(),
-        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        "torch": torch.__version__,
-        "tf32": args.tf32,
-    }
-    write_json(args.out, {"benchmark": "speed", "hardware": hardware, "rows": rows})
+    write_json(args.out, {"benchmark": "speed", "hardware": hardware(args.tf32), "rows": rows})
     print(f"wrote {args.out}")
     if args.relax:
         import relax_speed

@@ -91,6 +91,12 @@ class RowIndex:
         )
 
 
+def pad_rows(values: Tensor) -> Tensor:
+    """``values`` ``[n, *F]`` with a row of zeros appended, ``[n + 1, *F]``: the row that the
+    padding index ``n`` reads."""
+    return torch.cat([values, values.new_zeros(1, *values.shape[1:])])
+
+
 def sum_rows(values: Tensor, index: Tensor, n_rows: int) -> Tensor:
     """``[n_rows, *F]``: row ``r`` is the sum of ``values[m]`` ``[M, *F]`` over the ``m`` with
     ``index[m] == r`` ``[M]`` (:meth:`RowIndex.sum_by_row`)."""
@@ -101,8 +107,7 @@ class _GatherRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, values: Tensor, row_index: RowIndex) -> Tensor:  # type: ignore[override]
         ctx.row_index = row_index
-        padded = torch.cat([values, values.new_zeros(1, *values.shape[1:])])
-        return padded[row_index.index]
+        return pad_rows(values)[row_index.index]
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]

@@ -96,7 +96,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from forcecalc.graph.batch import Batch
-from forcecalc.graph.gather import RowIndex, sum_rows
+from forcecalc.graph.gather import RowIndex, pad_rows, sum_rows
 from forcecalc.graph.neighbors import max_neighbors_mask
 from forcecalc.models.blocks import GaussianSmearing
 
@@ -773,7 +773,7 @@ class SpinConv(nn.Module):
         n_rot = len(rotations)
         with torch.no_grad():
             frames = _axis_frames(rotations)  # [R, 3, (n_atoms,) 3, 3]
-            directions = _pad(unit)[incoming]  # [n_atoms, width, 3]
+            directions = pad_rows(unit)[incoming]  # [n_atoms, width, 3]
             if self.random_rotations:
                 projected = torch.einsum("ranxc,njc->ranjx", frames, directions)
             else:
@@ -789,7 +789,7 @@ class SpinConv(nn.Module):
                 x.dtype,
             )
         if edge_weight is not None:
-            projections = projections.weighted(_pad(edge_weight)[grid_neighbors])
+            projections = projections.weighted(pad_rows(edge_weight)[grid_neighbors])
         element = numbers.repeat(3 * n_rot)
         along_axis = self.force_output_block(x, projections, element)[:, 0]
         along_axis = along_axis.view(n_rot, 3, n_atoms)
@@ -803,12 +803,9 @@ class SpinConv(nn.Module):
 
 def fill_untrained_pairs(model: nn.Module) -> list[tuple[int, int]]:
     """:meth:`DistanceBlock.fill_untrained_pairs` on every distance block of ``model`` (in
-    place); returns the element pairs filled (those of the first block that had any)."""
-    filled: list[tuple[int, int]] = []
-    for module in model.modules():
-        if isinstance(module, DistanceBlock):
-            filled = module.fill_untrained_pairs() or filled
-    return filled
+    place); returns the element pairs filled in any of them, sorted."""
+    blocks = [module for module in model.modules() if isinstance(module, DistanceBlock)]
+    return sorted({pair for block in blocks for pair in block.fill_untrained_pairs()})
 
 
 def ocp_gaussian_coeff(stop: float, num_gaussians: int, basis_width_scalar: float) -> float:
@@ -873,11 +870,6 @@ def _edge_frames(
     axis_y = torch.linalg.cross(unit, axis_z, dim=1)
     axis_y = axis_y / (torch.linalg.norm(axis_y, dim=1, keepdim=True) + 1e-7)
     return torch.stack([unit, axis_y, axis_z], dim=1)
-
-
-def _pad(values: Tensor) -> Tensor:
-    """``values`` with a row of zeros appended (the target of padding indices)."""
-    return torch.cat([values, values.new_zeros(1, *values.shape[1:])])
 
 
 def splat_factors(
@@ -1016,7 +1008,7 @@ class SphereProjections:
         if torch.is_grad_enabled() and values.requires_grad:
             (everything,) = self._chunk_readers(max(len(self.neighbors), 1))
             return everything.gather(values).split(step)
-        padded = _pad(values)  # once, not per chunk (a copy of all values per chunk otherwise)
+        padded = pad_rows(values)  # once, not per chunk (a copy of all values per chunk otherwise)
         return (padded[readers.index] for readers in self._chunk_readers(step))
 
     def _chunk_readers(self, step: int) -> list[RowIndex]:
