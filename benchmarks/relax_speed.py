@@ -1,12 +1,14 @@
 """Batched relaxation vs one-by-one ASE relaxation with forcecalc's calculator.
 
 Builds N OC20-style slab + adsorbate structures (fcc111/fcc100 slabs, 2x2x3 or 3x3x4, of
-Cu/Pt/Pd/Ag/Ni/Au with O, OH or CO, rattled, lower half fixed), relaxes them
+Cu/Pt/Pd/Ag/Ni/Au with O, OH or CO, rattled, lower half fixed), or reads them (``--data``, e.g.
+OC20-EMT's IS2RS test inputs from ``forcecalc data is2rs``), relaxes them
 
 * one by one: ASE's optimizer with ``forcecalc.load_calculator`` (default settings), and
 * batched: ``forcecalc.relax`` (same optimizer, same potential object),
 
 and prints a table (wall and CPU time, structures/s, speedup in wall and in CPU time,
+per structure when ``--one-by-one-max`` relaxes only an evenly spread sample one by one,
 converged fraction, mean steps, largest difference of the final energies and positions between
 the two; on a shared machine the CPU-time speedup is the steadier figure) and writes everything
 as JSON, atomically (temporary file + rename).
@@ -15,6 +17,9 @@ Examples::
 
     python benchmarks/relax_speed.py --n 8 --steps 60 --threads 1       # quick CPU run
     python benchmarks/relax_speed.py --n 256 --device cuda --model spinconv-ec
+    forcecalc data is2rs --size large --out is2rs_large.extxyz    # 1,000 IS2RS test inputs
+    python benchmarks/relax_speed.py --data is2rs_large.extxyz --model spinconv-fc \
+        --optimizer lbfgs --steps 300 --one-by-one-max 50 --device cuda
 
 With a random-weight test checkpoint the potential has no physical minimum, so few
 structures converge; the comparison of speed and of the two engines' results still holds.
@@ -125,9 +130,78 @@ def _synchronize(potential) -> None:
         torch.cuda.synchronize(potential.device)
 
 
+def load_structures(path: str, n: int | None) -> list:
+    """The first ``n`` (all if None) structures of an ASE-readable file, e.g. the IS2RS inputs
+    written by ``forcecalc data is2rs`` (FixAtoms and tags kept)."""
+    import ase.io
+
+    structures = ase.io.read(path, index=":")
+    return structures if n is None else structures[:n]
+
+
+def one_by_one_subset(n: int, most: int | None) -> list[int]:
+    """Indices of the structures relaxed one by one: all, or ``most`` of them evenly spread
+    (a throughput sample when relaxing every one of them one by one would take too long)."""
+    if most is None or most >= n:
+        return list(range(n))
+    return sorted({int(k) for k in np.linspace(0, n - 1, most).round()})
+
+
+def compare(mode: str, run: dict, reference: dict | None, subset: list[int]) -> dict:
+    """One row of the table: ``run``'s throughput and convergence, and, beside the one-by-one
+    ``reference`` (which relaxed the structures ``subset``), the speed-up in structures per
+    second (wall and CPU time) and the largest differences of the results on ``subset``."""
+    n = len(run["steps"])
+    row = {
+        "mode": mode,
+        "structures": n,
+        "seconds": run["seconds"],
+        "cpu_seconds": run["cpu_seconds"],
+        "structures_per_s": n / run["seconds"],
+        "converged_fraction": float(np.mean(run["converged"])),
+        "mean_steps": float(np.mean(run["steps"])),
+    }
+    if reference is None:
+        return row
+    m = len(reference["steps"])
+    mine = subset if mode == "batched" else list(range(m))
+    pick = {k: [run[k][i] for i in mine] for k in ("energies", "positions", "steps", "converged")}
+    row["speedup"] = (n / run["seconds"]) / (m / reference["seconds"])
+    row["cpu_time_speedup"] = (n / run["cpu_seconds"]) / (m / reference["cpu_seconds"])
+    row["compared_structures"] = m
+    row["converged_fraction_compared"] = float(np.mean(pick["converged"]))
+    row["max_energy_diff_eV"] = float(
+        np.max(np.abs(np.subtract(pick["energies"], reference["energies"])))
+    )
+    row["max_position_diff_A"] = float(
+        max(
+            np.abs(a - b).max()
+            for a, b in zip(pick["positions"], reference["positions"], strict=True)
+        )
+    )
+    row["same_steps_fraction"] = float(np.mean(np.equal(pick["steps"], reference["steps"])))
+    row["same_convergence_fraction"] = float(
+        np.mean(np.equal(pick["converged"], reference["converged"]))
+    )
+    return row
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--n", type=int, default=16, help="number of structures")
+    parser.add_argument(
+        "--n", type=int, default=None, help="number of structures (default: 16, or all of --data)"
+    )
+    parser.add_argument(
+        "--data",
+        default=None,
+        help="structures to relax (extxyz, e.g. from 'forcecalc data is2rs')",
+    )
+    parser.add_argument(
+        "--one-by-one-max",
+        type=int,
+        default=None,
+        help="relax only this many (evenly spread) one by one; the speed-up is then per structure",
+    )
     parser.add_argument("--model", default=str(DEFAULT_MODEL), help="checkpoint path or name")
     parser.add_argument("--forces", default=None, help="SpinConv energy-centric: conservative")
     parser.add_argument("--optimizer", default="fire", choices=["fire", "lbfgs", "bfgs"])
@@ -145,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", default="benchmarks/results/relax_speed.json")
     args = parser.parse_args(argv)
+    if args.data is None and args.n is None:
+        args.n = 16
 
     from forcecalc.checkpoint import load_checkpoint
 
@@ -153,12 +229,16 @@ def main(argv: list[str] | None = None) -> int:
     options = {"forces": args.forces} if args.forces else {}
     potential = load_checkpoint(args.model, device=args.device, dtype=args.dtype, **options)
     batch_size = args.batch_size if args.batch_size == "auto" else int(args.batch_size)
-    structures = build_structures(args.n, args.seed)
+    structures = (
+        load_structures(args.data, args.n) if args.data else build_structures(args.n, args.seed)
+    )
     n_atoms = [len(a) for a in structures]
+    subset = one_by_one_subset(len(structures), args.one_by_one_max)
     print(
-        f"{args.n} structures ({min(n_atoms)}-{max(n_atoms)} atoms), {potential.name} on "
-        f"{potential.device} ({args.dtype}), {args.optimizer.upper()}, fmax {args.fmax}, "
-        f"at most {args.steps} steps, torch threads {torch.get_num_threads()}"
+        f"{len(structures)} structures ({min(n_atoms)}-{max(n_atoms)} atoms), {potential.name} "
+        f"on {potential.device} ({args.dtype}), {args.optimizer.upper()}, fmax {args.fmax}, "
+        f"at most {args.steps} steps, torch threads {torch.get_num_threads()}; one by one: "
+        f"{len(subset)} of them"
     )
     batched(structures[:2], potential, args.optimizer, args.fmax, 2, batch_size)  # warm-up
     runs: dict[str, dict] = {}
@@ -170,41 +250,18 @@ def main(argv: list[str] | None = None) -> int:
         }
         if not args.skip_one_by_one:
             candidates["one_by_one"] = lambda: one_by_one(
-                structures, potential, args.optimizer, args.fmax, args.steps
+                [structures[k] for k in subset], potential, args.optimizer, args.fmax, args.steps
             )
         for mode, run in candidates.items():
             result = run()
             if mode not in runs or result["seconds"] < runs[mode]["seconds"]:
                 runs[mode] = result
-    rows = []
-    reference = runs.get("one_by_one")
-    for mode, run in runs.items():
-        row = {
-            "mode": mode,
-            "seconds": run["seconds"],
-            "cpu_seconds": run["cpu_seconds"],
-            "structures_per_s": len(structures) / run["seconds"],
-            "converged_fraction": float(np.mean(run["converged"])),
-            "mean_steps": float(np.mean(run["steps"])),
-        }
-        if reference is not None:
-            row["speedup"] = reference["seconds"] / run["seconds"]
-            row["cpu_time_speedup"] = reference["cpu_seconds"] / run["cpu_seconds"]
-            row["max_energy_diff_eV"] = float(
-                np.max(np.abs(np.subtract(run["energies"], reference["energies"])))
-            )
-            row["max_position_diff_A"] = float(
-                max(
-                    np.abs(a - b).max()
-                    for a, b in zip(run["positions"], reference["positions"], strict=True)
-                )
-            )
-            row["same_steps_fraction"] = float(np.mean(np.equal(run["steps"], reference["steps"])))
-        rows.append(row)
+    rows = [compare(mode, run, runs.get("one_by_one"), subset) for mode, run in runs.items()]
 
     header = (
         f"{'mode':<11} {'wall/s':>8} {'cpu/s':>8} {'struct/s':>9} {'speedup':>8} "
-        f"{'cpu-speedup':>11} {'converged':>9} {'steps':>6} {'max|dE|/eV':>11} {'max|dx|/Å':>10}"
+        f"{'cpu-speedup':>11} {'converged':>9} {'steps':>6} {'max|dE|/eV':>11} {'max|dx|/Å':>10} "
+        f"{'same-conv':>9}"
     )
     print(header)
     print("-" * len(header))
@@ -217,7 +274,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{format(row['cpu_time_speedup'], '.2f') if compared else '-':>11} "
             f"{row['converged_fraction']:>9.2f} {row['mean_steps']:>6.1f} "
             f"{format(row['max_energy_diff_eV'], '.2e') if compared else '-':>11} "
-            f"{format(row['max_position_diff_A'], '.2e') if compared else '-':>10}"
+            f"{format(row['max_position_diff_A'], '.2e') if compared else '-':>10} "
+            f"{format(row['same_convergence_fraction'], '.2f') if compared else '-':>9}"
         )
     report = {
         "benchmark": "relax_speed",

@@ -16,13 +16,14 @@ Prints tables and writes JSON (atomically):
    ASE relaxation with our calculator), with its own options after ``--relax-args``.
 
     python benchmarks/speed.py --out benchmarks/results/speed_cpu.json [--batch 32 --repeats 3]
-    python benchmarks/speed.py --devices cuda --batch 32 256 --repeats 20 [--tf32]
+    python benchmarks/speed.py --devices cuda --batch 32 256 --repeats 20 [--tf32] [--compile]
     python benchmarks/speed.py --relax --relax-args --n 64 --model spinconv-fc
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import platform
 import time
 
@@ -100,8 +101,23 @@ def hardware(tf32: bool) -> dict:
     }
 
 
-def time_forward(model: torch.nn.Module, batch: Batch, repeats: int) -> float:
-    """Median seconds of one forward pass (after one warm-up)."""
+def compile_spin_convolutions(model: torch.nn.Module, mode: str) -> None:
+    """``torch.compile`` (dynamic shapes) each ``SpinConvBlock`` of ``model``: its spin
+    convolution (kernel products, inverse DFT, bias, Swish, mean, GroupNorm), the hot,
+    shape-static part of a SpinConv.  Compiling the whole model instead breaks its graph about
+    20 times (data-dependent edge selection) and compiles for minutes."""
+    from forcecalc.models.spinconv import SpinConvBlock
+
+    blocks = [m for m in model.modules() if isinstance(m, SpinConvBlock)]
+    if not blocks:
+        raise ValueError("--compile applies to SpinConv models only")
+    for block in blocks:
+        block.forward = torch.compile(block.forward, dynamic=True, mode=mode)
+
+
+def time_forward(model: torch.nn.Module, batch: Batch, repeats: int) -> tuple[float, float]:
+    """Seconds of the first forward pass (the warm-up; with ``torch.compile`` the
+    compilation) and the median seconds of the ``repeats`` after it."""
     times = []
     for _ in range(repeats + 1):
         if batch.positions.is_cuda:
@@ -112,7 +128,7 @@ def time_forward(model: torch.nn.Module, batch: Batch, repeats: int) -> float:
         if batch.positions.is_cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    return float(np.median(times[1:]))
+    return times[0], float(np.median(times[1:]))
 
 
 def ase_step_seconds(atoms: Atoms, repeats: int) -> float:
@@ -151,11 +167,19 @@ def model_rows(args: argparse.Namespace) -> list[dict]:
         original = ORIGINAL[name]
         for device in devices:
             model = model.to(device=device, dtype=torch.float32)
-            cases = [(size, 1) for size in SIZES] + [(66, batch) for batch in args.batch]
+            runner = model
+            if args.compile:
+                runner = copy.deepcopy(model)
+                compile_spin_convolutions(runner, args.compile)
+            cases = [(size, 1) for size in args.sizes] + [(66, batch) for batch in args.batch]
             for n_atoms, batch_size in cases:
                 atoms = [structure(n_atoms, seed) for seed in range(batch_size)]
                 batch = Batch.from_atoms(atoms, cutoff=model.cutoff).to(device, torch.float32)
-                seconds = time_forward(model, batch, args.repeats)
+                first, seconds = time_forward(runner, batch, args.repeats)
+                if args.compile:
+                    with torch.no_grad():
+                        difference = runner(batch)["forces"] - model(batch)["forces"]
+                    compile_error = float(difference.abs().max())
                 row = {
                     "model": name,
                     "device": device,
@@ -164,7 +188,11 @@ def model_rows(args: argparse.Namespace) -> list[dict]:
                     "batch": batch_size,
                     "ms_per_structure": 1000 * seconds / batch_size,
                     "atoms_per_second": batch.n_atoms / seconds,
+                    "compiled": args.compile,
+                    "first_call_seconds": first,
                 }
+                if args.compile:
+                    row["max_force_difference_to_eager"] = compile_error
                 if batch_size == 1:
                     label, ours = f"{n_atoms} atoms, ms", row["ms_per_structure"]
                     theirs = (
@@ -182,7 +210,9 @@ def model_rows(args: argparse.Namespace) -> list[dict]:
                     f"{'-' if theirs is None else f'{theirs:.1f}':>12}"
                     f"{'-' if speedup is None else f'{speedup:.2f}x':>10}"
                 )
-            seconds = time_ase_step(name, model, device, args.repeats)
+            if args.skip_ase_step:
+                continue
+            seconds = time_ase_step(name, runner, device, args.repeats)
             rows.append(
                 {
                     "model": name,
@@ -191,6 +221,7 @@ def model_rows(args: argparse.Namespace) -> list[dict]:
                     "atoms_per_structure": 66,
                     "batch": 1,
                     "ms_per_structure": 1000 * seconds,
+                    "compiled": args.compile,
                 }
             )
             print(f"{name:<14}{device:<7}{'ASE step, 66 atoms, ms':<22}{1000 * seconds:>12.1f}")
@@ -205,6 +236,24 @@ def main() -> None:
     parser.add_argument("--devices", nargs="+", default=None, help="default: cpu and cuda")
     parser.add_argument("--tf32", action="store_true", help="CUDA: float32 matrix products in TF32")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--compile",
+        nargs="?",
+        const="default",
+        default=None,
+        choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
+        help="SpinConv: time its spin convolutions compiled by torch.compile (dynamic shapes, "
+        "mode MODE; the first call, with the compilation, apart)",
+    )
+    parser.add_argument("--skip-ase-step", action="store_true", help="no ASE-step rows")
+    parser.add_argument(
+        "--sizes",
+        type=int,
+        nargs="*",
+        default=list(SIZES),
+        choices=list(SIZES),
+        help="atoms of the batch-1 rows",
+    )
     parser.add_argument("--models", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--relax", action="store_true", help="also run relax_speed.py")
@@ -219,7 +268,15 @@ def main() -> None:
     torch.backends.cudnn.allow_tf32 = args.tf32
 
     rows = model_rows(args)
-    write_json(args.out, {"benchmark": "speed", "hardware": hardware(args.tf32), "rows": rows})
+    write_json(
+        args.out,
+        {
+            "benchmark": "speed",
+            "hardware": hardware(args.tf32),
+            "compile": args.compile,
+            "rows": rows,
+        },
+    )
     print(f"wrote {args.out}")
     if args.relax:
         import relax_speed

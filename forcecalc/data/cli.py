@@ -1,8 +1,10 @@
 """The ``forcecalc data`` subcommand: generate OC20-EMT, convert between file formats.
 
 ``forcecalc data oc20emt --size tiny|small|medium --out DIR [--seed N --workers N]`` writes
-``DIR/<split>.h5`` for the six splits; ``forcecalc data convert IN OUT`` converts between
-HDF5 (.h5), ASE db (.db) and extxyz (.xyz/.extxyz).
+``DIR/<split>.h5`` for the six splits; ``forcecalc data is2rs --size large --out FILE.extxyz``
+writes only the initial structures of the test splits (the IS2RS inputs, FixAtoms and tags
+kept); ``forcecalc data convert IN OUT`` converts between HDF5 (.h5), ASE db (.db) and extxyz
+(.xyz/.extxyz).
 """
 
 from __future__ import annotations
@@ -27,6 +29,25 @@ def _oc20emt(args: argparse.Namespace) -> int:
     return 0
 
 
+def _is2rs(args: argparse.Namespace) -> int:
+    import ase.io
+
+    from forcecalc.atomic import atomic_output
+    from forcecalc.data.oc20emt import is2rs_inputs
+
+    start = time.perf_counter()
+    structures = is2rs_inputs(
+        args.size, args.seed, args.splits, workers=args.workers, progress=not args.quiet
+    )
+    with atomic_output(args.out, suffix=".tmp.extxyz") as tmp:
+        ase.io.write(tmp, structures, format="extxyz")
+    print(
+        f"wrote {len(structures)} IS2RS inputs of oc20emt/{args.size} (seed {args.seed}, "
+        f"{', '.join(args.splits)}) to {args.out} in {time.perf_counter() - start:.1f} s"
+    )
+    return 0
+
+
 def _convert(args: argparse.Namespace) -> int:
     from forcecalc.data.convert import convert
 
@@ -37,7 +58,7 @@ def _convert(args: argparse.Namespace) -> int:
 def add_data_commands(subparsers: argparse._SubParsersAction) -> None:
     """Register ``data`` (with ``oc20emt`` and ``convert``) on a CLI's subparsers; each leaf
     parser sets ``func`` to a callable taking the parsed arguments and returning an exit code."""
-    from forcecalc.data.oc20emt import SIZES
+    from forcecalc.data.oc20emt import SIZES, SPLITS, TEST_SPLITS
 
     data = subparsers.add_parser("data", help="generate and convert data sets")
     sub = data.add_subparsers(dest="data_command", required=True)
@@ -56,6 +77,25 @@ def add_data_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
     gen.set_defaults(func=_oc20emt)
+
+    is2rs = sub.add_parser(
+        "is2rs",
+        help="write the initial structures (IS2RS inputs) of OC20-EMT splits to extxyz",
+        description="Only the initial adsorbate + slab structures of a data set's systems, "
+        "identical to the initial frames 'forcecalc data oc20emt' stores, at the cost of one "
+        "clean-slab EMT relaxation each.",
+    )
+    is2rs.add_argument("--size", choices=sorted(SIZES), required=True)
+    is2rs.add_argument("--out", required=True, help="output extxyz file (written atomically)")
+    is2rs.add_argument("--seed", type=int, default=0)
+    is2rs.add_argument(
+        "--splits", nargs="+", default=list(TEST_SPLITS), choices=list(SPLITS), metavar="SPLIT"
+    )
+    is2rs.add_argument(
+        "--workers", type=int, default=os.cpu_count() or 1, help="processes (default: all cores)"
+    )
+    is2rs.add_argument("--quiet", action="store_true", help="no progress bar")
+    is2rs.set_defaults(func=_is2rs)
 
     conv = sub.add_parser(
         "convert",

@@ -42,10 +42,11 @@ import itertools
 import json
 import multiprocessing
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from functools import cache
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 from ase import Atoms
@@ -63,6 +64,8 @@ from scipy.spatial.transform import Rotation
 from tqdm import tqdm
 
 from forcecalc.data.store import DatasetWriter, FrameBatch
+
+_Result = TypeVar("_Result")
 
 #: Bumped whenever the same ``(size, seed)`` would produce different data.
 GENERATOR_VERSION = "1.0"
@@ -195,7 +198,21 @@ SIZES: dict[str, SizeConfig] = {
             "test_ood_both": 150,
         },
     ),
+    # Its IS2RS test set (the four test splits, 1,000 systems) is what the batched-relaxation
+    # benchmark relaxes (:func:`is2rs_inputs`); generating all of its frames takes hours.
+    "large": SizeConfig(
+        systems={
+            "train": 10_000,
+            "val_id": 250,
+            "test_id": 250,
+            "test_ood_ads": 250,
+            "test_ood_cat": 250,
+            "test_ood_both": 250,
+        },
+    ),
 }
+#: OC20's IS2RS / IS2RE test splits.
+TEST_SPLITS = ("test_id", "test_ood_ads", "test_ood_cat", "test_ood_both")
 
 
 @dataclass(frozen=True)
@@ -608,17 +625,43 @@ def _anomalies(initial: Atoms, relaxed: Atoms) -> int:
     return bits
 
 
-def generate_system(task: SystemTask) -> SystemResult:
-    """Generate system ``task.index``: clean-slab relaxation, adsorbate relaxation trajectory,
-    rattled frames and Langevin MD frames, all labelled by EMT (see the module docstring)."""
+def _placed_system(
+    task: SystemTask,
+) -> tuple[np.random.Generator, SystemSpec, float, Atoms, str]:
+    """System ``task.index`` before its adsorbate relaxation: the random stream (advanced past
+    the draws made so far), the spec, the EMT energy of the relaxed clean slab, the initial
+    adsorbate + slab structure (the IS2RS input) and the site type used."""
     rng = np.random.default_rng(np.random.SeedSequence(task.seed, spawn_key=(1, task.index)))
-    cfg = task.config
     spec = _draw_spec(rng, task.split, task)
     slab = build_slab(spec, task.lattice, rng)
     slab.calc = EMT()
-    slab_frames, _ = _relax(slab, cfg.relax_steps)
-    e_slab = slab_frames[-1][1]
+    slab_frames, _ = _relax(slab, task.config.relax_steps)
     system, site = place_adsorbate(slab, spec, spec.bulk.lattice_constant(task.lattice), rng)
+    return rng, spec, slab_frames[-1][1], system, site
+
+
+def initial_structure(task: SystemTask) -> Atoms:
+    """The IS2RS input of system ``task.index`` (equal to the initial frame that
+    :func:`generate_system` stores), without the adsorbate relaxation, rattling and MD: one
+    clean-slab EMT relaxation instead of the whole system.  ``info`` holds ``sid``, ``split``,
+    ``adsorbate``, ``bulk``, ``facet`` and ``site``."""
+    _, spec, _, system, site = _placed_system(task)
+    system.info.update(
+        sid=task.index,
+        split=task.split,
+        adsorbate=spec.adsorbate,
+        bulk=spec.bulk.name,
+        facet=spec.facet,
+        site=site,
+    )
+    return system
+
+
+def generate_system(task: SystemTask) -> SystemResult:
+    """Generate system ``task.index``: clean-slab relaxation, adsorbate relaxation trajectory,
+    rattled frames and Langevin MD frames, all labelled by EMT (see the module docstring)."""
+    rng, spec, e_slab, system, site = _placed_system(task)
+    cfg = task.config
     e_ref = float(sum(task.references[s] for s in system.symbols[system.get_tags() == 2]))
     system.calc = EMT()
     initial = system.copy()
@@ -714,6 +757,8 @@ def result_to_batch(result: SystemResult, system_row: int) -> FrameBatch:
 
 def _tasks(size: str, seed: int) -> list[SystemTask]:
     """All systems of all splits, in split order; ``index`` is global across splits."""
+    if size not in SIZES:
+        raise ValueError(f"unknown OC20-EMT size {size!r}; sizes are {sorted(SIZES)}")
     config = SIZES[size]
     plan = plan_splits(seed)
     lattice = emt_lattice_constants()
@@ -725,10 +770,15 @@ def _tasks(size: str, seed: int) -> list[SystemTask]:
     return tasks
 
 
-def _run_tasks(tasks: Sequence[SystemTask], workers: int) -> Iterator[SystemResult]:
-    """Results in task order, computed here (``workers <= 1``) or by spawned processes."""
+def _run_tasks(
+    tasks: Sequence[SystemTask],
+    workers: int,
+    work: Callable[[SystemTask], _Result] = generate_system,
+) -> Iterator[_Result]:
+    """``work`` of each task in task order, computed here (``workers <= 1``) or by spawned
+    processes."""
     if workers <= 1:
-        yield from map(generate_system, tasks)
+        yield from map(work, tasks)
         return
     single_thread = {k: "1" for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
     saved = {k: os.environ.get(k) for k in single_thread}
@@ -742,7 +792,35 @@ def _run_tasks(tasks: Sequence[SystemTask], workers: int) -> Iterator[SystemResu
             else:
                 os.environ[k] = v
     with pool:
-        yield from pool.imap(generate_system, tasks, chunksize=1)
+        yield from pool.imap(work, tasks, chunksize=1)
+
+
+def is2rs_inputs(
+    size: str,
+    seed: int = 0,
+    splits: Sequence[str] = TEST_SPLITS,
+    workers: int = 1,
+    progress: bool = False,
+) -> list[Atoms]:
+    """The initial structures (IS2RS inputs) of the systems of ``splits`` of data set
+    ``(size, seed)``, in data-set order, equal to the initial frames :func:`generate` stores
+    for them, made without generating the frames (one clean-slab EMT relaxation per system;
+    see :func:`initial_structure`)."""
+    unknown = sorted(set(splits) - set(SPLITS))
+    if unknown:
+        raise ValueError(f"unknown split(s) {unknown}; splits are {list(SPLITS)}")
+    tasks = [t for t in _tasks(size, seed) if t.split in splits]
+    bar = tqdm(total=len(tasks), unit="system", disable=not progress, desc=f"is2rs {size}")
+    structures = []
+    results = _run_tasks(tasks, workers, initial_structure)
+    try:
+        for atoms in results:
+            structures.append(atoms)
+            bar.update(1)
+    finally:
+        results.close()
+        bar.close()
+    return structures
 
 
 def dataset_attrs(size: str, seed: int) -> dict[str, str | int]:
@@ -775,7 +853,7 @@ def generate(
     """Generate the OC20-EMT data set ``size`` into one HDF5 file per split in ``out``.
 
     Args:
-        size: a key of :data:`SIZES` (``"tiny"``, ``"small"``, ``"medium"``).
+        size: a key of :data:`SIZES` (``"tiny"``, ``"small"``, ``"medium"``, ``"large"``).
         out: output folder (created); files are ``<out>/<split>.h5``, each written atomically.
         seed: the data set's seed; results depend only on ``(size, seed)``.
         workers: processes generating systems (1: in this process).

@@ -6,6 +6,7 @@ import itertools
 import time
 from pathlib import Path
 
+import ase.io
 import h5py
 import numpy as np
 import pytest
@@ -21,6 +22,7 @@ from forcecalc.data.oc20emt import (
     SIZES,
     SPLITS,
     STOICHIOMETRIES,
+    TEST_SPLITS,
     Bulk,
     SystemSpec,
     SystemTask,
@@ -30,6 +32,7 @@ from forcecalc.data.oc20emt import (
     find_sites,
     gas_references,
     generate,
+    is2rs_inputs,
     plan_splits,
 )
 
@@ -72,6 +75,64 @@ def test_tiny_is_fast_and_deterministic_across_worker_counts(
         for key, value in a.items():
             assert np.array_equal(np.asarray(value), np.asarray(b[key])), (split, key)
             assert np.asarray(value).dtype == np.asarray(b[key]).dtype, (split, key)
+
+
+def test_is2rs_inputs_are_the_stored_initial_frames(
+    tiny: tuple[dict[str, Path], float], tmp_path: Path
+) -> None:
+    """``is2rs_inputs`` rebuilds the test splits' initial structures without their frames:
+    the same atoms, cell, positions, tags and FixAtoms as the initial frames ``generate``
+    stored, in data-set order, with the system's id and split in ``info``; the ``data is2rs``
+    command writes them to extxyz, which keeps all of that."""
+    from forcecalc.cli import main
+
+    paths, _ = tiny
+    inputs = is2rs_inputs("tiny", SEED)
+    stored = [
+        (split, s, open_dataset(paths[split]).initial(s))
+        for split in TEST_SPLITS
+        for s in range(SIZES["tiny"].systems[split])
+    ]
+    assert len(inputs) == len(stored)
+    for atoms, (split, system, initial) in zip(inputs, stored, strict=True):
+        assert atoms.info["split"] == split
+        assert atoms.info["sid"] == int(open_dataset(paths[split]).systems["sid"][system])
+        assert np.array_equal(atoms.numbers, initial.numbers)
+        assert np.array_equal(atoms.positions, initial.positions)
+        assert np.array_equal(atoms.cell[:], initial.cell[:])
+        assert np.array_equal(atoms.get_tags(), initial.get_tags())
+        assert atoms.constraints[0].index.tolist() == initial.constraints[0].index.tolist()
+    out = tmp_path / "is2rs.extxyz"
+    assert (
+        main(
+            [
+                "data",
+                "is2rs",
+                "--size",
+                "tiny",
+                "--seed",
+                str(SEED),
+                "--out",
+                str(out),
+                "--splits",
+                "test_id",
+                "test_ood_cat",
+                "--workers",
+                "1",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    read = ase.io.read(out, ":")
+    assert [a.info["split"] for a in read] == ["test_id", "test_ood_cat"]
+    assert np.allclose(read[1].positions, inputs[2].positions, atol=1e-7)
+    assert read[1].constraints[0].index.tolist() == inputs[2].constraints[0].index.tolist()
+    assert np.array_equal(read[1].get_tags(), inputs[2].get_tags())
+    with pytest.raises(ValueError, match="unknown split"):
+        is2rs_inputs("tiny", SEED, splits=["test"])
+    with pytest.raises(ValueError, match="unknown OC20-EMT size 'huge'"):
+        is2rs_inputs("huge", SEED)
 
 
 def test_a_different_seed_gives_a_different_plan() -> None:
