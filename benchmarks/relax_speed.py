@@ -170,9 +170,10 @@ def compare(mode: str, run: dict, reference: dict | None, subset: list[int]) -> 
     row["cpu_time_speedup"] = (n / run["cpu_seconds"]) / (m / reference["cpu_seconds"])
     row["compared_structures"] = m
     row["converged_fraction_compared"] = float(np.mean(pick["converged"]))
-    row["max_energy_diff_eV"] = float(
-        np.max(np.abs(np.subtract(pick["energies"], reference["energies"])))
-    )
+    energy_diff = np.abs(np.subtract(pick["energies"], reference["energies"]))
+    row["max_energy_diff_eV"] = float(np.max(energy_diff))
+    row["median_energy_diff_eV"] = float(np.median(energy_diff))
+    row["energy_within_10meV_fraction"] = float(np.mean(energy_diff < 0.01))
     row["max_position_diff_A"] = float(
         max(
             np.abs(a - b).max()
@@ -260,8 +261,8 @@ def main(argv: list[str] | None = None) -> int:
 
     header = (
         f"{'mode':<11} {'wall/s':>8} {'cpu/s':>8} {'struct/s':>9} {'speedup':>8} "
-        f"{'cpu-speedup':>11} {'converged':>9} {'steps':>6} {'max|dE|/eV':>11} {'max|dx|/Å':>10} "
-        f"{'same-conv':>9}"
+        f"{'cpu-speedup':>11} {'converged':>9} {'steps':>6} {'max|dE|/eV':>11} {'med|dE|/eV':>11} "
+        f"{'max|dx|/Å':>10} {'same-conv':>9}"
     )
     print(header)
     print("-" * len(header))
@@ -274,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{format(row['cpu_time_speedup'], '.2f') if compared else '-':>11} "
             f"{row['converged_fraction']:>9.2f} {row['mean_steps']:>6.1f} "
             f"{format(row['max_energy_diff_eV'], '.2e') if compared else '-':>11} "
+            f"{format(row['median_energy_diff_eV'], '.2e') if compared else '-':>11} "
             f"{format(row['max_position_diff_A'], '.2e') if compared else '-':>10} "
             f"{format(row['same_convergence_fraction'], '.2f') if compared else '-':>9}"
         )
