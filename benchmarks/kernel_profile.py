@@ -88,7 +88,14 @@ PEAK_TF32_TFLOPS = 495.0
 
 
 #: Matrix products: (operator, index of the left factor) for the GEMM FLOP count.
-PRODUCTS = {"aten.mm": 0, "aten.bmm": 0, "aten.addmm": 1, "aten.baddbmm": 1, "aten.baddbmm_": 1}
+PRODUCTS = {
+    "aten.mm": 0,
+    "aten.bmm": 0,
+    "aten.addmm": 1,
+    "aten.addmm_": 1,
+    "aten.baddbmm": 1,
+    "aten.baddbmm_": 1,
+}
 
 
 def tensor_bytes(value: Any) -> int:

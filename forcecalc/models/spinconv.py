@@ -307,8 +307,8 @@ class SpinConvBlock(nn.Module):
         return self._dft[key]
 
     def kernels(self) -> tuple[Tensor, ...]:
-        """Multiplication by ``conj(DFT(kernel))`` per group and frequency, as real matrices
-        ``[groups, n, (c, latitude), mid/groups]`` ready for Gauss's three-product complex
+        """Multiplication by ``conj(DFT(kernel))`` per frequency and group, as real matrices
+        ``[n, groups, (c, latitude), mid/groups]`` ready for Gauss's three-product complex
         multiplication: ``(real, imag - real, real + imag)`` at the frequencies with an
         imaginary part (``0 < f < long / 2``), and ``real`` alone at ``f = 0`` and, for an even
         ``long``, at ``f = long / 2``, where the spectra of real grids are real (the packed
@@ -320,13 +320,13 @@ class SpinConvBlock(nn.Module):
         cos, sin, inverse = self.dft_matrices(weight.dtype, weight.device)
         weight = weight.view(groups, -1, per_group, self.lat, self.long)
         # conj(DFT(w))[f] = sum_k w[k] (cos + i sin)(2 pi f k / long) = real + i imag
-        shape = (groups, self.long // 2 + 1, per_group * self.lat, -1)
-        real = (weight @ cos).permute(0, 4, 2, 3, 1).reshape(shape)  # [g, f, (c, lat), mid/g]
-        imag = (weight @ sin).permute(0, 4, 2, 3, 1).reshape(shape)
+        shape = (self.long // 2 + 1, groups, per_group * self.lat, -1)
+        real = (weight @ cos).permute(4, 0, 2, 3, 1).reshape(shape)  # [f, g, (c, lat), mid/g]
+        imag = (weight @ sin).permute(4, 0, 2, 3, 1).reshape(shape)
         middle = _frequency_slice(_middle_frequencies(self.long))
         edge = _frequency_slice(_edge_frequencies(self.long))
-        real_mid, imag_mid = real[:, middle].contiguous(), imag[:, middle]
-        edge_real = real[:, edge].contiguous()
+        real_mid, imag_mid = real[middle], imag[middle]
+        edge_real = real[edge].contiguous()
         return edge_real, real_mid, imag_mid - real_mid, real_mid + imag_mid, inverse
 
     def forward(self, spectrum: Tensor, kernels: tuple[Tensor, ...] | None = None) -> Tensor:
@@ -335,11 +335,13 @@ class SpinConvBlock(nn.Module):
         groups, long = self.groups, self.long
         per_group = self.in_channels // groups
         mid_per_group = self.mid_channels // groups
-        # -> [groups, long, n, (c, latitude)]; (c, latitude) is OCP's channel order
+        # -> [long, groups, n, (c, latitude)]; (c, latitude) is OCP's channel order.  Frequency
+        # outermost: each frequency range is contiguous, so its products with the kernels are
+        # one batched matrix product over (frequency, group) without a copy.
         spectrum = spectrum.view(n, groups, per_group, long, self.lat)
-        spectrum = spectrum.permute(1, 3, 0, 2, 4).reshape(groups, long, n, per_group * self.lat)
+        spectrum = spectrum.permute(3, 1, 0, 2, 4).reshape(long, groups, n, per_group * self.lat)
         n_edge, n_middle = len(_edge_frequencies(long)), len(_middle_frequencies(long))
-        edge, re, im = spectrum.split([n_edge, n_middle, n_middle], dim=1)
+        edge, re, im = spectrum.split([n_edge, n_middle, n_middle])
         # Circular cross-correlation out[o] = sum_j x[j] w[j - o] <=> X * conj(W) per frequency:
         # (a + ib)(c + id) = (k1 - k3) + i (k1 + k2) with k1 = (a + b) c, k2 = a (d - c),
         # k3 = b (c + d); then the real inverse DFT of the packed spectrum.
@@ -350,20 +352,21 @@ class SpinConvBlock(nn.Module):
         inverse_edge, inverse_re, inverse_im = inverse.split([n_edge, n_middle, n_middle])
 
         def product(values: Tensor, kernel: Tensor) -> Tensor:
-            # [g, f, n, K] x [g, f, K, M] -> [g, f, n * M]
+            # [f, g, n, K] x [f, g, K, M] -> [f, g * n * M]
             out = torch.matmul(values, kernel)
-            return out.view(groups, out.shape[1], n * mid_per_group)
+            return out.view(len(out), groups * n * mid_per_group)
 
-        conv = torch.matmul(inverse_edge.T, product(edge, edge_kernel))
+        # the inverse DFT over the frequencies: [long, f] x [f, g * n * M] -> [long, g * n * M]
+        conv = inverse_edge.T @ product(edge, edge_kernel)
         if n_middle:
             k1 = product(re + im, real)
             k2 = product(re, imag_minus_real)
             k3 = product(im, real_plus_imag)
-            conv = conv.baddbmm_(inverse_re.T.expand(groups, -1, -1), k1 - k3)
-            conv = conv.baddbmm_(inverse_im.T.expand(groups, -1, -1), k1 + k2)
-        conv = conv.view(groups, long, n, mid_per_group)
-        conv = conv + self.conv1.bias.view(groups, 1, 1, -1)
-        pooled = F.silu(conv).mean(dim=1)  # [groups, n, mid/groups]
+            conv = conv.addmm_(inverse_re.T, k1 - k3)
+            conv = conv.addmm_(inverse_im.T, k1 + k2)
+        conv = conv.view(long, groups, n, mid_per_group)
+        conv = conv + self.conv1.bias.view(1, groups, 1, -1)
+        pooled = F.silu(conv).mean(dim=0)  # [groups, n, mid/groups]
         return self.GroupNorm(pooled.transpose(0, 1).reshape(n, self.mid_channels))
 
 

@@ -13,7 +13,8 @@ Files written to ``config.out`` (each by temp file + rename, by process 0 only):
   filled from the reverse pair or the two self pairs
   (:func:`forcecalc.models.spinconv.fill_untrained_pairs`;
   the pairs filled are in the metadata);
-* ``metrics.csv``, ``metrics.json``: one row per evaluation; ``config.yaml``: the config.
+* ``metrics.csv``, ``metrics.json``: one row per evaluation (when the last step is not an
+  evaluation step, one more row there, marked ``final``); ``config.yaml``: the config.
 """
 
 from __future__ import annotations
@@ -431,7 +432,7 @@ class Trainer:
         final_metrics = (
             self.history[-1]
             if last_eval_step == self.step and self.history
-            else self._evaluate(step_schedule=False)
+            else self._final_evaluation()
         )
         self.export(self.out / FINAL_FILE, final_metrics)
         barrier(self.dist)
@@ -493,7 +494,8 @@ class Trainer:
             "train_forces_mae": sums[3] / max(sums[4], 1.0),
         }
 
-    def _evaluate(self, step_schedule: bool) -> dict[str, Any]:
+    def _evaluate(self) -> tuple[dict[str, Any], float]:
+        """A metrics row of the current model and its monitored score (lower is better)."""
         row: dict[str, Any] = {
             "epoch": self.epoch,
             "step": self.step,
@@ -507,18 +509,20 @@ class Trainer:
         else:
             score = row["train_loss"]
         row["time"] = self.elapsed
-        if step_schedule:
-            self.schedule.report(score)
-            if score < self.best:
-                self.best = score
-                self.export(self.out / BEST_FILE, row)
-        return row
+        return row, score
+
+    def _keep_if_best(self, row: dict[str, Any], score: float) -> None:
+        if score < self.best:
+            self.best = score
+            self.export(self.out / BEST_FILE, row)
 
     def _evaluate_and_log(self, bar) -> None:
-        row = self._evaluate(step_schedule=True)
+        row, score = self._evaluate()
+        self.schedule.report(score)
+        self._keep_if_best(row, score)
         self.history.append(row)
         if self.dist.is_main:
-            self._write_metrics()
+            self._write_metrics(self.history)
             shown = {k: v for k, v in row.items() if k not in ("time",)}
             bar.write(
                 " ".join(
@@ -526,15 +530,31 @@ class Trainer:
                 )
             )
 
-    def _write_metrics(self) -> None:
-        write_text(self.out / "metrics.json", json.dumps(self.history, indent=1))
+    def _final_evaluation(self) -> dict[str, Any]:
+        """The evaluation after the last step when that step had none: a metrics row marked
+        ``"final": True`` and ``best.pt`` if it scores best, but neither the schedule, nor the
+        resumable history, nor the running training-loss sums see it, so that a run extended
+        with ``--resume`` continues as one that never stopped."""
+        sums, steps = self._sums.clone(), self._sum_steps
+        row, score = self._evaluate()
+        self._sums.copy_(sums)
+        self._sum_steps = steps
+        row["final"] = True
+        self._keep_if_best(row, score)
+        if self.dist.is_main:
+            self._write_metrics([*self.history, row])
+        self.save_state()  # keeps ``best``
+        return row
+
+    def _write_metrics(self, rows: list[dict[str, Any]]) -> None:
+        write_text(self.out / "metrics.json", json.dumps(rows, indent=1))
         columns: list[str] = []
-        for row in self.history:
+        for row in rows:
             columns += [k for k in row if k not in columns]
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=columns)
         writer.writeheader()
-        writer.writerows(self.history)
+        writer.writerows(rows)
         write_text(self.out / "metrics.csv", buffer.getvalue())
 
     def _write_config(self) -> None:

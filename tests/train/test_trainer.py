@@ -239,6 +239,26 @@ def test_outputs_metrics_and_final_checkpoint(tmp_path):
         torch.testing.assert_close(a["forces"], b["forces"], atol=1e-5, rtol=1e-5)
 
 
+def test_evaluation_after_a_last_step_off_the_evaluation_grid(tmp_path):
+    """When the last step is not an evaluation step, the run still evaluates it: a metrics row
+    marked ``final`` (also in final.pt's metadata), and best.pt if it scores best; the
+    resumable history keeps only the regular evaluations (resuming stays exact)."""
+    frames = training_frames()
+    trainer = Trainer(_resume_config(tmp_path, "run", 7), frames)
+    summary = trainer.fit()
+    out = tmp_path / "run"
+    rows = json.loads((out / "metrics.json").read_text())
+    assert [r["step"] for r in rows] == [3, 6, 7]
+    assert rows[-1]["final"] is True and "final" not in rows[0]
+    assert summary["metrics"]["step"] == 7
+    state = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert [r["step"] for r in state["history"]] == [3, 6]
+    scores = [r["val_forces_mae"] for r in rows]
+    assert state["best"] == pytest.approx(min(scores))
+    best = load_checkpoint(out / "best.pt", device="cpu").info.metadata["training"]["metrics"]
+    assert best["step"] == rows[scores.index(min(scores))]["step"]
+
+
 def test_data_loader_workers_change_nothing(tmp_path):
     """Graphs built in data-loader worker processes (from a lazily read extxyz file) give the
     same run, to the bit, as graphs built in the training process."""
