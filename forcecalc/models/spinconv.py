@@ -321,8 +321,10 @@ class SpinConvBlock(nn.Module):
         weight = weight.view(groups, -1, per_group, self.lat, self.long)
         # conj(DFT(w))[f] = sum_k w[k] (cos + i sin)(2 pi f k / long) = real + i imag
         shape = (self.long // 2 + 1, groups, per_group * self.lat, -1)
-        real = (weight @ cos).permute(4, 0, 2, 3, 1).reshape(shape)  # [f, g, (c, lat), mid/g]
-        imag = (weight @ sin).permute(4, 0, 2, 3, 1).reshape(shape)
+        # [f, g, (c, lat), mid/g], laid out for the products (a strided kernel would be copied
+        # by every product, once per chunk of grids)
+        real = (weight @ cos).permute(4, 0, 2, 3, 1).reshape(shape).contiguous()
+        imag = (weight @ sin).permute(4, 0, 2, 3, 1).reshape(shape).contiguous()
         middle = _frequency_slice(_middle_frequencies(self.long))
         edge = _frequency_slice(_edge_frequencies(self.long))
         real_mid, imag_mid = real[middle], imag[middle]
