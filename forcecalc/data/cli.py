@@ -1,6 +1,6 @@
 """The ``forcecalc data`` subcommand: generate OC20-EMT, convert between file formats.
 
-``forcecalc data oc20emt --size tiny|small|medium --out DIR [--seed N --workers N]`` writes
+``forcecalc data oc20emt --size tiny|small|medium|large --out DIR [--seed N --workers N]`` writes
 ``DIR/<split>.h5`` for the six splits; ``forcecalc data is2rs --size large --out FILE.extxyz``
 writes only the initial structures of the test splits (the IS2RS inputs, FixAtoms and tags
 kept); ``forcecalc data convert IN OUT`` converts between HDF5 (.h5), ASE db (.db) and extxyz
@@ -56,8 +56,9 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def add_data_commands(subparsers: argparse._SubParsersAction) -> None:
-    """Register ``data`` (with ``oc20emt`` and ``convert``) on a CLI's subparsers; each leaf
-    parser sets ``func`` to a callable taking the parsed arguments and returning an exit code."""
+    """Register ``data`` (with ``oc20emt``, ``is2rs`` and ``convert``) on a CLI's subparsers;
+    each leaf parser sets ``func`` to a callable taking the parsed arguments and returning an
+    exit code."""
     from forcecalc.data.oc20emt import SIZES, SPLITS, TEST_SPLITS
 
     data = subparsers.add_parser("data", help="generate and convert data sets")

@@ -308,7 +308,7 @@ class SpinConvBlock(nn.Module):
 
     def kernels(self) -> tuple[Tensor, ...]:
         """Multiplication by ``conj(DFT(kernel))`` per frequency and group, as real matrices
-        ``[n, groups, (c, latitude), mid/groups]`` ready for Gauss's three-product complex
+        ``[frequencies, groups, (c, latitude), mid/groups]`` ready for Gauss's three-product complex
         multiplication: ``(real, imag - real, real + imag)`` at the frequencies with an
         imaginary part (``0 < f < long / 2``), and ``real`` alone at ``f = 0`` and, for an even
         ``long``, at ``f = long / 2``, where the spectra of real grids are real (the packed
