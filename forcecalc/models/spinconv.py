@@ -597,6 +597,8 @@ class SpinConv(nn.Module):
             hidden_channels, 1, mid_hidden_channels, embedding_size, max_num_elements
         )
         self.random_rotations = False
+        # The splat DFT table by (dtype, device): a constant (see splat_table).
+        self._splat_tables: dict[tuple[torch.dtype, torch.device], Tensor] = {}
         if force_estimator == "random":
             self.force_output_block = ForceOutputBlock(
                 hidden_channels,
@@ -611,6 +613,15 @@ class SpinConv(nn.Module):
             raise ValueError(
                 "rotations only apply to a force-centric model (force_estimator='random')"
             )
+
+    def splat_table(self, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """:func:`_splat_dft_table` in ``dtype`` on ``device``, built once per dtype and device
+        (as an ordinary tensor without history, also under ``torch.inference_mode``)."""
+        key = (dtype, device)
+        if key not in self._splat_tables:
+            with torch.inference_mode(False), torch.no_grad():
+                self._splat_tables[key] = _splat_dft_table(self.long, device).to(dtype)
+        return self._splat_tables[key]
 
     def _init_rotations(self, rotations: str | Tensor | None) -> None:
         if isinstance(rotations, str):
@@ -724,7 +735,13 @@ class SpinConv(nn.Module):
             frames = _edge_frames(vectors, distances, unit, target_rows, incoming_rows, self.cutoff)
             projected = torch.einsum("ekc,ejc->ejk", frames, neighbor_rows.gather(unit))
             projections = SphereProjections.from_directions(
-                projected, neighbors, n_edges, self.lat, self.long, dtype
+                projected,
+                neighbors,
+                n_edges,
+                self.lat,
+                self.long,
+                dtype,
+                self.splat_table(dtype, projected.device),
             )
         edge_weight = None
         if self.envelope:
@@ -792,6 +809,7 @@ class SpinConv(nn.Module):
                 self.lat,
                 self.long,
                 x.dtype,
+                self.splat_table(x.dtype, unit.device),
             )
         if edge_weight is not None:
             projections = projections.weighted(pad_rows(edge_weight)[grid_neighbors])
@@ -878,7 +896,12 @@ def _edge_frames(
 
 
 def splat_factors(
-    projected: Tensor, valid: Tensor, lat: int, long: int, dtype: torch.dtype
+    projected: Tensor,
+    valid: Tensor,
+    lat: int,
+    long: int,
+    dtype: torch.dtype,
+    table: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Bilinear splat of directions onto a lat/long grid, as longitude spectra (factored).
 
@@ -898,6 +921,8 @@ def splat_factors(
         projected: ``[..., 3]`` float64 directions in the grid frames.
         valid: ``[...]`` bool, False for padding (weight zero).
         dtype: dtype of the returned factors.
+        table: :func:`_splat_dft_table` in ``dtype`` on ``projected``'s device, if already
+            built (a constant: about 15 operations less per call).
 
     Returns:
         ``phase`` ``[..., long]`` and ``rows`` ``[..., lat]``.
@@ -918,7 +943,8 @@ def splat_factors(
     dy = ((row - row_floor).to(dtype) * valid).unsqueeze(-1)
     x0 = col_floor.long() % long
     y0 = (row_floor.long() % lat).unsqueeze(-1)
-    table = _splat_dft_table(long, projected.device).to(dtype)  # [long, long]
+    if table is None:
+        table = _splat_dft_table(long, projected.device).to(dtype)  # [long, long]
     phase = torch.lerp(table[x0], table[(x0 + 1) % long], dx)
     latitudes = torch.arange(lat, device=projected.device)
     lower = torch.where(latitudes == y0, valid.to(dtype).unsqueeze(-1) - dy, 0.0)
@@ -959,9 +985,11 @@ class SphereProjections:
         lat: int,
         long: int,
         dtype: torch.dtype,
+        table: Tensor | None = None,
     ) -> SphereProjections:
-        """``projected`` ``[n, width, 3]`` directions of ``neighbors`` ``[n, width]``."""
-        phase, rows = splat_factors(projected, neighbors < n_values, lat, long, dtype)
+        """``projected`` ``[n, width, 3]`` directions of ``neighbors`` ``[n, width]``;
+        ``table`` as for :func:`splat_factors`."""
+        phase, rows = splat_factors(projected, neighbors < n_values, lat, long, dtype, table)
         return cls(neighbors, n_values, phase, rows)
 
     def spin_convolution(self, block: SpinConvBlock, values: Tensor) -> Tensor:
