@@ -284,17 +284,20 @@ def test_conservative_forces_and_stress_match_finite_differences(structure):
 
 
 def test_dft_matrices_built_once_serve_every_mode():
-    """The DFT matrices a spin convolution keeps (constants, by dtype and device) give the same
-    results as fresh ones: after a ``torch.inference_mode`` forward has built them, a training
-    forward and backward (autograd through the spin convolutions) works and its outputs equal
-    those of a copy that builds its own; after ``model.double()`` they are float64."""
+    """The DFT matrices a spin convolution keeps and the model's splat table (constants, by
+    dtype and device) give the same results as fresh ones: after a ``torch.inference_mode``
+    forward has built them, a training forward and backward (autograd through the spin
+    convolutions) works and its outputs equal those of a copy that builds its own; after
+    ``model.double()`` they are float64."""
     model = copy.deepcopy(_model("spinconv_small_fc", dtype=torch.float32))
     batch = Batch.from_atoms(ocp_structures()["o_pt100"], cutoff=model.cutoff).to(
         "cpu", torch.float32
     )
     with torch.inference_mode():
         model(batch)
+    assert model._splat_tables
     fresh = copy.deepcopy(model)
+    fresh._splat_tables.clear()
     for block in fresh.modules():
         if isinstance(block, SpinConvBlock):
             block._dft.clear()
@@ -309,6 +312,7 @@ def test_dft_matrices_built_once_serve_every_mode():
     block = model.message_blocks[0].spinconvblock
     cos, _, inverse = block.dft_matrices(torch.float64, torch.device("cpu"))
     assert cos.dtype == inverse.dtype == torch.float64
+    assert model.splat_table(torch.float64, torch.device("cpu")).dtype == torch.float64
     assert model(batch.to("cpu", torch.float64))["forces"].dtype == torch.float64
 
 
