@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU figure of the issues in one run (needs a CUDA device); JSON into DIR.
 #
-#   bash benchmarks/gpu_figures.sh [DIR]
+#   bash benchmarks/gpu_figures.sh [DIR]      (IS2RS=FILE: the IS2RS inputs, made if missing)
 #
 # 1. speed.py: SpinConv-All and ForceNet-All forward at batch 1 (38/66/146 atoms) and batched
 #    (64 and 256 structures of 66 atoms), ASE step; float32, then with TF32 matmuls, then with
@@ -18,7 +18,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 dir=${1:-benchmarks/results}
 mkdir -p "$dir"
-is2rs="$dir/is2rs_large.extxyz"
+is2rs=${IS2RS:-scratch/is2rs_large.extxyz}  # input structures, kept out of DIR
+mkdir -p "$(dirname "$is2rs")"
 status=0
 run() { echo "== $*"; "$@" || status=1; }
 run python3 benchmarks/speed.py --devices cuda --batch 64 256 --repeats 10 --out "$dir/speed_cuda.json"
