@@ -127,6 +127,38 @@ def plan_run(
     return RunPlan(structures, potential, device_, skin, evaluate, max_systems)
 
 
+#: Scale of the compressed copy of the samples among the memory-model measurements (denser:
+#: about twice the edges per atom, so that the fit tells the cost of an edge from that of an
+#: atom; with the samples alone the two grow in one ratio).
+DENSE_SAMPLE_SCALE = 0.8
+
+
+def memory_sample_batches(
+    potential: nn.Module, structures: Sequence, skin: float, device: torch.device
+) -> list:
+    """The batches the memory model is measured on: the first (up to 8) structures in batches
+    of 1, 2, 4 and 8, and the largest of them again with every length scaled by
+    :data:`DENSE_SAMPLE_SCALE` (more edges per atom).  Graphs at the model's cutoff + ``skin``,
+    on ``device`` in the model's dtype."""
+    samples = list(structures[:8])
+    sizes = sorted({1, 2, 4, len(samples)} & set(range(1, len(samples) + 1)))
+    if len(sizes) < 2:
+        samples, sizes = samples * 2, [1, 2]
+    dense = []
+    for atoms in samples[: sizes[-1]]:
+        atoms = atoms.copy()  # scaled about the origin (also without a cell)
+        atoms.set_positions(atoms.positions * DENSE_SAMPLE_SCALE, apply_constraint=False)
+        atoms.set_cell(atoms.cell[:] * DENSE_SAMPLE_SCALE)
+        dense.append(atoms)
+    dtype = getattr(potential, "dtype", torch.float32)
+    batches = []
+    for chosen in [samples[:size] for size in sizes] + [dense]:
+        systems = SystemSet(float(potential.cutoff), skin, device)
+        systems.extend(chosen, list(range(len(chosen))))
+        batches.append(systems.batch(0, systems.n_systems, dtype))
+    return batches
+
+
 def _auto_memory_model(
     potential: nn.Module, structures: Sequence, skin: float, device: torch.device
 ) -> MemoryModel:
@@ -134,16 +166,7 @@ def _auto_memory_model(
         return CPU_MEMORY_MODEL
     model = cached_memory_model(potential, device)
     if model is None:
-        samples = list(structures[:8])
-        sizes = sorted({1, 2, 4, len(samples)} & set(range(1, len(samples) + 1)))
-        if len(sizes) < 2:
-            samples, sizes = samples * 2, [1, 2]
-        dtype = getattr(potential, "dtype", torch.float32)
-        batches = []
-        for size in sizes:
-            systems = SystemSet(float(potential.cutoff), skin, device)
-            systems.extend(samples[:size], list(range(size)))
-            batches.append(systems.batch(0, systems.n_systems, dtype))
+        batches = memory_sample_batches(potential, structures, skin, device)
         grad = bool(getattr(potential, "defines_stress", False))
         model = measure_memory_model(potential, batches, grad)
         remember_memory_model(potential, device, model)

@@ -137,6 +137,36 @@ def test_measure_memory_model_with_injected_measurement():
     )
 
 
+def test_memory_samples_vary_edges_per_atom():
+    """The memory model is measured on batches of 1, 2, 4, 8 of the first structures and on a
+    compressed copy of the largest (same atoms, about twice the edges), so that the fit can
+    tell an edge's cost from an atom's (with the samples alone the two grow in one ratio and
+    the fit put everything on atoms); molecules without a cell are compressed too."""
+    from ase.build import fcc111, molecule
+
+    from forcecalc.relax.relaxation import DENSE_SAMPLE_SCALE, memory_sample_batches
+
+    slab = fcc111("Cu", size=(2, 2, 3), vacuum=6.0)
+    slab.pbc = True
+    potential = morse_potential()
+    structures = [slab] * 6 + [molecule("CH4")] * 4
+    batches = memory_sample_batches(potential, structures, 0.0, torch.device("cpu"))
+    assert [b.n_systems for b in batches] == [1, 2, 4, 8, 8]
+    plain, dense = batches[-2], batches[-1]
+    assert dense.n_atoms == plain.n_atoms
+    assert dense.n_edges > 1.5 * plain.n_edges
+    torch.testing.assert_close(dense.positions, plain.positions * DENSE_SAMPLE_SCALE)
+    ratios = [b.n_edges / b.n_atoms for b in batches]
+    assert max(ratios) > 1.5 * min(ratios)
+    model = fit_memory_model(
+        [b.n_atoms for b in batches],
+        [b.n_edges for b in batches],
+        [1e6 + 1e3 * b.n_atoms + 50.0 * b.n_edges for b in batches],
+    )
+    assert model.bytes_per_edge == pytest.approx(50.0, rel=1e-6)
+    assert model.bytes_per_atom == pytest.approx(1e3, rel=1e-6)
+
+
 def test_out_of_memory_detection():
     """Contract: CUDA's OutOfMemoryError and RuntimeErrors saying "out of memory" count as
     out-of-memory; other errors do not."""
