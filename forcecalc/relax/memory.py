@@ -6,9 +6,11 @@ close to affine in the batch's atoms and edges::
     bytes ≈ bytes_fixed + bytes_per_atom * n_atoms + bytes_per_edge * n_edges
 
 On CUDA :func:`measure_memory_model` fits the three numbers once per model and device from a
-few forward passes of growing batches (non-negative least squares on the measured peaks); the
-budget is a fraction of the free device memory.  On the CPU nothing is measured: a fixed model
-(:data:`CPU_MEMORY_MODEL`) and a fixed budget (:data:`CPU_BUDGET_BYTES`) are used.  Either way
+few forward passes of growing batches and of a compressed copy of the largest (more edges per
+atom: :func:`forcecalc.relax.relaxation.memory_sample_batches`), by non-negative least squares
+on the measured peaks; the budget is a fraction of the free device memory.  On the CPU
+nothing is measured: a fixed model (:data:`CPU_MEMORY_MODEL`) and a fixed budget
+(:data:`CPU_BUDGET_BYTES`) are used.  Either way
 the engine also survives an out-of-memory error (:func:`is_out_of_memory`): it splits the
 batch, lowers its budget and goes on (see :class:`forcecalc.relax.engine.Evaluator`).
 """
