@@ -103,7 +103,7 @@ class Activation(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         name = self.name
         if name == "swish":
-            return x * torch.sigmoid(x)
+            return F.silu(x)  # x * sigmoid(x) in one pass
         if name == "relu":
             return F.relu(x)
         if name == "leaky_relu":
