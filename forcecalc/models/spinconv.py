@@ -358,8 +358,10 @@ class SpinConvBlock(nn.Module):
             out = torch.matmul(values, kernel)
             return out.view(len(out), groups * n * mid_per_group)
 
-        # the inverse DFT over the frequencies: [long, f] x [f, g * n * M] -> [long, g * n * M]
-        conv = inverse_edge.T @ product(edge, edge_kernel)
+        # the inverse DFT over the frequencies: [long, f] x [f, g * n * M] -> [long, g * n * M],
+        # the convolution's bias added by the first product (no pass of its own)
+        bias = self.conv1.bias.view(groups, 1, mid_per_group).expand(groups, n, mid_per_group)
+        conv = torch.addmm(bias.reshape(1, -1), inverse_edge.T, product(edge, edge_kernel))
         if n_middle:
             k1 = product(re + im, real)
             k2 = product(re, imag_minus_real)
@@ -367,7 +369,6 @@ class SpinConvBlock(nn.Module):
             conv = conv.addmm_(inverse_re.T, k1 - k3)
             conv = conv.addmm_(inverse_im.T, k1 + k2)
         conv = conv.view(long, groups, n, mid_per_group)
-        conv = conv + self.conv1.bias.view(1, groups, 1, -1)
         pooled = F.silu(conv).mean(dim=0)  # [groups, n, mid/groups]
         return self.GroupNorm(pooled.transpose(0, 1).reshape(n, self.mid_channels))
 
