@@ -398,7 +398,6 @@ class Trainer:
             disable=not (config.progress and self.dist.is_main),
             dynamic_ncols=True,
         )
-        last_eval_step = -1
         done = self.step >= self.total_steps
         with bar:
             while not done:
@@ -424,14 +423,14 @@ class Trainer:
                         evaluate = self.batch_in_epoch == 0
                     if evaluate:
                         self._evaluate_and_log(bar)
-                        last_eval_step = self.step
-                    if evaluate or done or self.step % config.checkpoint_every == 0:
+                    # at the end without an evaluation, _final_evaluation saves the state
+                    if evaluate or (not done and self.step % config.checkpoint_every == 0):
                         self.save_state()
                     if done:
                         break
         final_metrics = (
             self.history[-1]
-            if last_eval_step == self.step and self.history
+            if self.history and self.history[-1]["step"] == self.step
             else self._final_evaluation()
         )
         self.export(self.out / FINAL_FILE, final_metrics)
@@ -543,7 +542,7 @@ class Trainer:
         self._keep_if_best(row, score)
         if self.dist.is_main:
             self._write_metrics([*self.history, row])
-        self.save_state()  # keeps ``best``
+        self.save_state()  # the state at the last step, with ``best``
         return row
 
     def _write_metrics(self, rows: list[dict[str, Any]]) -> None:
