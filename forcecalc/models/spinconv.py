@@ -89,7 +89,8 @@ slower than one (spinning OpenMP threads); set ``torch.set_num_threads`` accordi
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -99,6 +100,8 @@ from forcecalc.graph.batch import Batch
 from forcecalc.graph.gather import RowIndex, pad_rows, sum_rows
 from forcecalc.graph.neighbors import max_neighbors_mask
 from forcecalc.models.blocks import GaussianSmearing
+
+_Constant = TypeVar("_Constant")
 
 #: A projected unit direction with ``y**2 + z**2`` below this lies on the pole (float64).
 POLE_EPS2 = 1e-12
@@ -299,12 +302,15 @@ class SpinConvBlock(nn.Module):
         """``cos`` and ``sin`` ``[long, long // 2 + 1]`` of :func:`_dft_matrices` and the
         inverse DFT ``[long, long]`` of :func:`_inverse_dft_matrix`, built once per dtype and
         device (as ordinary tensors without history, also under ``torch.inference_mode``)."""
-        key = (dtype, device)
-        if key not in self._dft:
-            with torch.inference_mode(False), torch.no_grad():
-                cos, sin = _dft_matrices(self.long, dtype, device)
-                self._dft[key] = (cos, sin, _inverse_dft_matrix(self.long, dtype, device))
-        return self._dft[key]
+        return _kept_constant(
+            self._dft,
+            dtype,
+            device,
+            lambda: (
+                *_dft_matrices(self.long, dtype, device),
+                _inverse_dft_matrix(self.long, dtype, device),
+            ),
+        )
 
     def kernels(self) -> tuple[Tensor, ...]:
         """Multiplication by ``conj(DFT(kernel))`` per frequency and group, as real matrices
@@ -618,11 +624,9 @@ class SpinConv(nn.Module):
     def splat_table(self, dtype: torch.dtype, device: torch.device) -> Tensor:
         """:func:`_splat_dft_table` in ``dtype`` on ``device``, built once per dtype and device
         (as an ordinary tensor without history, also under ``torch.inference_mode``)."""
-        key = (dtype, device)
-        if key not in self._splat_tables:
-            with torch.inference_mode(False), torch.no_grad():
-                self._splat_tables[key] = _splat_dft_table(self.long, device).to(dtype)
-        return self._splat_tables[key]
+        return _kept_constant(
+            self._splat_tables, dtype, device, lambda: _splat_dft_table(self.long, device).to(dtype)
+        )
 
     def _init_rotations(self, rotations: str | Tensor | None) -> None:
         if isinstance(rotations, str):
@@ -1115,6 +1119,21 @@ def _inverse_dft_matrix(long: int, dtype: torch.dtype, device: torch.device) -> 
     middle = (f > 0) & (2 * f != long)
     inverse = torch.where(imaginary, -angle.sin(), angle.cos()) * torch.where(middle, 2.0, 1.0)
     return (inverse / long).to(dtype)
+
+
+def _kept_constant(
+    cache: dict[tuple[torch.dtype, torch.device], _Constant],
+    dtype: torch.dtype,
+    device: torch.device,
+    build: Callable[[], _Constant],
+) -> _Constant:
+    """``build()`` kept in ``cache`` by ``(dtype, device)``: built on first use as ordinary
+    tensors without history (also under ``torch.inference_mode``), then reused."""
+    key = (dtype, device)
+    if key not in cache:
+        with torch.inference_mode(False), torch.no_grad():
+            cache[key] = build()
+    return cache[key]
 
 
 def _zeros_if_none(grad: Tensor | None, like: Tensor) -> Tensor:
