@@ -86,12 +86,12 @@ def shipped_rows(device: str) -> list[dict]:
     with float32 and with TF32 matrix products, and the largest force difference between the
     two runs."""
     from forcecalc.checkpoint import load_checkpoint
-    from forcecalc.evaluate import check_sample
-    from forcecalc.graph.batch import fixed_mask
+    from forcecalc.evaluate import check_sample, stacked_forces
     from forcecalc.metrics import forces_mae
     from forcecalc.predict import predict
 
     frames = check_sample()
+    true, _, fixed = stacked_forces(frames)
     rows = []
     print(f"{'shipped model':<16}{'MAE float32':>12}{'MAE tf32':>10}{'max|F32-TF32|':>15}")
     for name in ("spinconv-fc", "spinconv-ec", "forcenet"):
@@ -101,8 +101,6 @@ def shipped_rows(device: str) -> list[dict]:
             set_tf32(tf32)
             runs[tf32] = np.concatenate([r["forces"] for r in predict(frames, potential)])
         set_tf32(False)
-        true = np.concatenate([f.get_forces(apply_constraint=False) for f in frames])
-        fixed = np.concatenate([fixed_mask(f) for f in frames])
         row = {
             "model": name,
             "forces_mae_float32": forces_mae(runs[False], true, fixed),

@@ -21,7 +21,9 @@ from forcecalc.checkpoint import Potential
 from forcecalc.predict import predict
 
 
-def _concat_forces(structures: Sequence) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def stacked_forces(structures: Sequence) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The labelled (unconstrained) forces of ``structures`` stacked ``[N, 3]``, their atom
+    counts ``[S]`` and the fixed-atom mask ``[N]``."""
     forces = np.concatenate([a.get_forces(apply_constraint=False) for a in structures])
     natoms = np.array([len(a) for a in structures])
     fixed = np.concatenate([_fixed(a) for a in structures])
@@ -51,7 +53,7 @@ def evaluate_s2ef(
     """S2EF metrics (free atoms, as OC20) of ``potential`` on the frames of ``dataset``."""
     frames = [dataset[int(i)] for i in sample_frames(len(dataset), max_frames, seed)]
     results = predict(frames, potential, batch_size=batch_size)
-    forces_true, natoms, fixed = _concat_forces(frames)
+    forces_true, natoms, fixed = stacked_forces(frames)
     return {
         **metrics.s2ef_metrics(
             np.array([r["energy"] for r in results]),
@@ -70,12 +72,12 @@ def median_s2ef_metrics(
 ) -> dict[str, float]:
     """The S2EF median baseline: training medians of energy and force components."""
     train_frames = [train[int(i)] for i in sample_frames(len(train), 20_000, seed)]
-    train_forces, _, train_fixed = _concat_forces(train_frames)
+    train_forces, _, train_fixed = stacked_forces(train_frames)
     median_energy, median_force = metrics.median_s2ef_baseline(
         np.array([a.get_potential_energy() for a in train_frames]), train_forces, train_fixed
     )
     frames = [dataset[int(i)] for i in sample_frames(len(dataset), max_frames, seed)]
-    forces_true, natoms, fixed = _concat_forces(frames)
+    forces_true, natoms, fixed = stacked_forces(frames)
     return metrics.s2ef_metrics(
         np.full(len(frames), median_energy),
         np.array([a.get_potential_energy() for a in frames]),
@@ -190,6 +192,6 @@ def check_forces_mae(potential: Potential | str, frames: Sequence | None = None)
     """Force MAE (free atoms, eV/Å) of ``potential`` on :func:`check_sample` frames."""
     frames = check_sample() if frames is None else frames
     results = predict(frames, potential, batch_size=8, device="cpu")
-    forces_true, _, fixed = _concat_forces(frames)
+    forces_true, _, fixed = stacked_forces(frames)
     forces_pred = np.concatenate([r["forces"] for r in results])
     return metrics.forces_mae(forces_pred, forces_true, fixed)
