@@ -36,7 +36,6 @@ from ase.build import add_adsorbate, bulk, fcc111, molecule
 from torch import nn
 
 from forcecalc.atomic import write_json
-from forcecalc.graph import Batch
 
 
 def hard_cells() -> list[Atoms]:
@@ -76,45 +75,28 @@ def slabs(n: int, seed: int) -> list[Atoms]:
     return relax_speed.build_structures(n, seed)
 
 
-class Recorder(nn.Module):
-    """A potential that records every forward pass: atoms, edges, systems, and whether it
-    raised (out of memory)."""
+def record_calls(potential: nn.Module) -> list[dict]:
+    """A list that hooks on ``potential`` fill with every forward pass: atoms, edges,
+    systems, and ``failed`` (it raised: out of memory) until it returns."""
+    calls: list[dict] = []
 
-    def __init__(self, potential: nn.Module) -> None:
-        super().__init__()
-        self.potential = potential
-        self.calls: list[dict] = []
+    def before(_module: nn.Module, args: tuple) -> None:
+        (batch,) = args
+        calls.append(
+            {
+                "atoms": batch.n_atoms,
+                "edges": batch.n_edges,
+                "systems": batch.n_systems,
+                "failed": True,
+            }
+        )
 
-    @property
-    def cutoff(self) -> float:
-        return self.potential.cutoff
+    def after(_module: nn.Module, _args: tuple, _out: object) -> None:
+        calls[-1]["failed"] = False
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.potential.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.potential.device
-
-    @property
-    def defines_stress(self) -> bool:
-        return self.potential.defines_stress
-
-    def check_numbers(self, numbers: torch.Tensor) -> None:
-        self.potential.check_numbers(numbers)
-
-    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
-        call = {
-            "atoms": batch.n_atoms,
-            "edges": batch.n_edges,
-            "systems": batch.n_systems,
-            "failed": True,
-        }
-        self.calls.append(call)
-        out = self.potential(batch)
-        call["failed"] = False
-        return out
+    potential.register_forward_pre_hook(before)
+    potential.register_forward_hook(after)
+    return calls
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,22 +126,22 @@ def main(argv: list[str] | None = None) -> int:
     mix = mix + hard_cells()
     order = np.random.default_rng(args.seed).permutation(len(mix))
     mix = [mix[k] for k in order]
-    recorder = Recorder(potential)
+    calls = record_calls(potential)
     cuda = device.type == "cuda"
     total = torch.cuda.get_device_properties(device).total_memory if cuda else None
     if cuda:
         # The engine measures its memory model first; squeeze only after, so that the budget
         # (a fraction of the free memory) overestimates what this process may use.
-        relax(mix[:2], recorder, steps=1, batch_size="auto")
+        relax(mix[:2], potential, steps=1, batch_size="auto")
         if args.squeeze:
             torch.cuda.set_per_process_memory_fraction(args.squeeze, device)
         torch.cuda.reset_peak_memory_stats(device)
-    recorder.calls.clear()
+    calls.clear()
     start = time.perf_counter()
-    results = relax(mix, recorder, optimizer="fire", steps=args.steps, batch_size="auto")
+    results = relax(mix, potential, optimizer="fire", steps=args.steps, batch_size="auto")
     seconds = time.perf_counter() - start
-    model = cached_memory_model(recorder, device)
-    largest = max((c for c in recorder.calls if not c["failed"]), key=lambda c: c["atoms"])
+    model = cached_memory_model(potential, device)
+    largest = max((c for c in calls if not c["failed"]), key=lambda c: c["atoms"])
     report = {
         "benchmark": "auto_batch_memory",
         "config": {k: v for k, v in vars(args).items() if k != "out"},
@@ -171,8 +153,8 @@ def main(argv: list[str] | None = None) -> int:
         "lost": len(mix) - len(results),
         "atoms_range": [min(map(len, mix)), max(map(len, mix))],
         "seconds": seconds,
-        "forward_calls": len(recorder.calls),
-        "out_of_memory_errors": sum(c["failed"] for c in recorder.calls),
+        "forward_calls": len(calls),
+        "out_of_memory_errors": sum(c["failed"] for c in calls),
         "largest_batch": largest,
         "device_memory_bytes": total,
         "budget_bytes_now": memory_budget(device),
@@ -182,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         ),
         "measured_peak_bytes": torch.cuda.max_memory_allocated(device) if cuda else None,
         "squeeze": args.squeeze,
-        "calls": recorder.calls,
+        "calls": calls,
     }
     gib = 2.0**30
     print(
