@@ -11,7 +11,10 @@ Prints tables and writes JSON (atomically):
    shared/fixtures/ocp/README.md; quoted, not re-measured: rerunning the original needs
    torch-geometric, torch-scatter and OCP's old ``ocpmodels`` package).
 2. One ASE step (``atoms.get_forces()`` after a move: graph, forward, transfer) with our
-   calculator at batch 1, the figure the issue's "ms per ASE step" target refers to.
+   calculator at batch 1, the figure the issue's "ms per ASE step" target refers to; for
+   SpinConv also with ``cuda_graph=True`` (on the CPU: the fixed-shape forward without a
+   graph), with the largest force difference to the plain step, and the replayed forward
+   alone.
 3. With ``--relax``: ``benchmarks/relax_speed.py`` (batched ``forcecalc.relax`` vs one-by-one
    ASE relaxation with our calculator), with its own options after ``--relax-args``.
 
@@ -144,16 +147,81 @@ def ase_step_seconds(atoms: Atoms, repeats: int) -> float:
     return float(np.median(times[1:]))
 
 
-def time_ase_step(name: str, model: torch.nn.Module, device: str, repeats: int) -> float:
-    """:func:`ase_step_seconds` of our calculator around ``model`` (66 atoms)."""
+def time_ase_step(
+    name: str, model: torch.nn.Module, device: str, repeats: int, cuda_graph: bool = False
+) -> tuple[float, np.ndarray]:
+    """:func:`ase_step_seconds` of our calculator around ``model`` (66 atoms), optionally
+    replaying CUDA graphs, and the forces it gives for the unmoved structure."""
     from forcecalc.calculator import load_calculator
     from forcecalc.checkpoint import CheckpointInfo, Normalizers, Potential
 
     kind, kwargs = CONFIGS[name]
     info = CheckpointInfo(kind, dict(kwargs), Normalizers(), "forcecalc")
+    calc = load_calculator(
+        Potential(model, info), device=device, dtype="float32", cuda_graph=cuda_graph
+    )
+    forces = calc.get_forces(structure(66, 0))
     atoms = structure(66, 0)
-    atoms.calc = load_calculator(Potential(model, info), device=device, dtype="float32")
-    return ase_step_seconds(atoms, repeats)
+    atoms.calc = calc
+    return ase_step_seconds(atoms, repeats), forces
+
+
+def time_replay(model: torch.nn.Module, device: str, repeats: int) -> float:
+    """Median seconds of one replayed fixed-shape forward of the 66-atom slab (its inputs
+    built once on the CPU; the copies to the device included)."""
+    from forcecalc.replay import GraphReplay
+
+    batch = Batch.from_atoms([structure(66, 0)], cutoff=model.cutoff).to(dtype=torch.float32)
+    inputs = model.fixed_shape_inputs(batch)
+    replay = GraphReplay(model.fixed_shape_forward, device)
+    times = []
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        replay(inputs)["forces"].cpu()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times[1:]))
+
+
+def ase_step_rows(name: str, runner: torch.nn.Module, device: str, args) -> list[dict]:
+    """One ASE step with our calculator; for a model with a fixed-shape forward (SpinConv
+    force-centric) also with ``cuda_graph=True``, its forces' largest difference to the plain
+    step's, and the replayed forward alone."""
+    graph_options = [False] + ([True] if getattr(runner, "fixed_shapes", False) else [])
+    rows, plain_forces = [], None
+    for cuda_graph in graph_options:
+        seconds, forces = time_ase_step(name, runner, device, args.repeats, cuda_graph)
+        row = {
+            "model": name,
+            "device": device,
+            "what": "ase_step",
+            "atoms_per_structure": 66,
+            "batch": 1,
+            "ms_per_structure": 1000 * seconds,
+            "compiled": args.compile,
+            "cuda_graph": cuda_graph,
+        }
+        label = "ASE step, 66 atoms, ms"
+        if cuda_graph:
+            label = "ASE step, CUDA graph"
+            row["max_force_difference_to_plain"] = float(np.abs(forces - plain_forces).max())
+        plain_forces = forces
+        rows.append(row)
+        print(f"{name:<14}{device:<7}{label:<22}{1000 * seconds:>12.1f}")
+    if len(graph_options) == 2:
+        seconds = time_replay(runner, device, args.repeats)
+        rows.append(
+            {
+                "model": name,
+                "device": device,
+                "what": "replayed_forward",
+                "atoms_per_structure": 66,
+                "batch": 1,
+                "ms_per_structure": 1000 * seconds,
+                "cuda_graph": True,
+            }
+        )
+        print(f"{name:<14}{device:<7}{'replayed forward, ms':<22}{1000 * seconds:>12.1f}")
+    return rows
 
 
 def model_rows(args: argparse.Namespace) -> list[dict]:
@@ -210,28 +278,15 @@ def model_rows(args: argparse.Namespace) -> list[dict]:
                     f"{'-' if theirs is None else f'{theirs:.1f}':>12}"
                     f"{'-' if speedup is None else f'{speedup:.2f}x':>10}"
                 )
-            if args.skip_ase_step:
-                continue
-            seconds = time_ase_step(name, runner, device, args.repeats)
-            rows.append(
-                {
-                    "model": name,
-                    "device": device,
-                    "what": "ase_step",
-                    "atoms_per_structure": 66,
-                    "batch": 1,
-                    "ms_per_structure": 1000 * seconds,
-                    "compiled": args.compile,
-                }
-            )
-            print(f"{name:<14}{device:<7}{'ASE step, 66 atoms, ms':<22}{1000 * seconds:>12.1f}")
+            if not args.skip_ase_step:
+                rows.extend(ase_step_rows(name, runner, device, args))
     return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--batch", type=int, nargs="+", default=[32], help="batched rows: structures per batch"
+        "--batch", type=int, nargs="*", default=[32], help="batched rows: structures per batch"
     )
     parser.add_argument("--devices", nargs="+", default=None, help="default: cpu and cuda")
     parser.add_argument("--tf32", action="store_true", help="CUDA: float32 matrix products in TF32")

@@ -136,6 +136,31 @@ class Potential(nn.Module):
             if compute_stress
             else self.model(batch)
         )
+        return self._denormalized(raw)
+
+    @property
+    def fixed_shapes(self) -> bool:
+        """Whether the model has a fixed-shape forward (:meth:`fixed_shape_forward`)."""
+        return bool(getattr(self.model, "fixed_shapes", False))
+
+    def fixed_shape_inputs(self, batch: Batch) -> dict[str, Tensor]:
+        """The model's ``fixed_shape_inputs`` (see
+        :meth:`forcecalc.models.spinconv.SpinConv.fixed_shape_inputs`); a clear error for a
+        model without a fixed-shape forward."""
+        if not self.fixed_shapes:
+            raise ValueError(
+                f"the {self.name} model ({self._kind()}) has no fixed-shape forward (CUDA "
+                "graphs): that needs a force-centric SpinConv"
+            )
+        return self.model.fixed_shape_inputs(batch)
+
+    def fixed_shape_forward(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
+        """``energy`` (eV) and ``forces`` (eV/Å) of :meth:`fixed_shape_inputs`, the same as
+        :meth:`forward`, with fixed shapes and no host synchronisation (capturable in a CUDA
+        graph: :class:`forcecalc.replay.GraphReplay`)."""
+        return self._denormalized(self.model.fixed_shape_forward(inputs))
+
+    def _denormalized(self, raw: dict[str, Tensor]) -> dict[str, Tensor]:
         norm = self.info.normalizers
         out = {
             "energy": raw["energy"] * norm.energy_std + norm.energy_mean,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from ase import Atoms, units
 from ase.build import add_adsorbate, fcc100, molecule
 from ase.calculators.calculator import PropertyNotImplementedError
@@ -209,3 +210,45 @@ def test_velocity_verlet_conserves_energy() -> None:
     energies = np.array(energies)
     assert np.abs(energies - energies[0]).max() < 5e-4
     assert atoms.get_kinetic_energy() > 0.05
+
+
+def _relaxation_path(calc: ForceCalculator, steps: int) -> tuple[np.ndarray, list[float]]:
+    atoms = _slab()
+    atoms.calc = calc
+    energies: list[float] = []
+    optimizer = BFGS(atoms, logfile=None)
+    optimizer.attach(lambda: energies.append(atoms.get_potential_energy()))
+    optimizer.run(fmax=1e-4, steps=steps)
+    return atoms.positions.copy(), energies
+
+
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"),
+        ),
+    ],
+)
+def test_cuda_graph_relaxation_follows_the_same_path(device: str) -> None:
+    """With ``cuda_graph`` (the fixed-shape forward, replayed from one captured graph on
+    CUDA), a BFGS relaxation takes the steps it takes without: the same energies and positions
+    to rounding (float64), with a single capture for the whole run."""
+    potential = load_checkpoint(SPINCONV_FC, device=device, dtype="float64")
+    plain = _relaxation_path(load_calculator(potential), 8)
+    graphed = load_calculator(potential, cuda_graph=True)
+    replayed = _relaxation_path(graphed, 8)
+    np.testing.assert_allclose(replayed[0], plain[0], rtol=0, atol=1e-10)
+    np.testing.assert_allclose(replayed[1], plain[1], rtol=1e-12, atol=1e-12)
+    assert graphed.replay is not None
+    assert graphed.replay.captures == (1 if device == "cuda" else 0)
+
+
+@pytest.mark.parametrize("checkpoint", [SPINCONV_EC, FORCENET])
+def test_cuda_graph_needs_a_force_centric_spinconv(checkpoint) -> None:
+    """Only direct forces can be replayed without autograd: other models refuse cuda_graph
+    with an error naming the model."""
+    with pytest.raises(ValueError, match="cuda_graph needs a force-centric SpinConv"):
+        load_calculator(checkpoint, device="cpu", cuda_graph=True)

@@ -78,16 +78,30 @@ class RowIndex:
         position[order] = rows * width + slot
         self._inverse, self._position = inverse, position
 
+    @property
+    def inverse(self) -> Tensor:
+        """``[n_rows, k]`` (see the class docstring), built on first use (host-synchronizing
+        on CUDA: the width ``k`` is data dependent)."""
+        if self._inverse is None:
+            self._build()
+        assert self._inverse is not None
+        return self._inverse
+
+    @property
+    def position(self) -> Tensor:
+        """``[index.numel()]`` (see the class docstring), built on first use."""
+        if self._position is None:
+            self._build()
+        assert self._position is not None
+        return self._position
+
     def transposed(self) -> RowIndex:
         """The index of the gradient: ``inverse`` into the ``index.numel()`` positions."""
-        if self._inverse is None or self._position is None:
-            self._build()
-        assert self._inverse is not None and self._position is not None
         return RowIndex(
-            self._inverse,
+            self.inverse,
             self.index.numel(),
-            inverse=self._position.view(-1, 1),
-            position=self._inverse.reshape(-1),
+            inverse=self.position.view(-1, 1),
+            position=self.inverse.reshape(-1),
         )
 
 

@@ -97,7 +97,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from forcecalc.graph.batch import Batch
-from forcecalc.graph.gather import RowIndex, pad_rows, sum_rows
+from forcecalc.graph.gather import RowIndex, pad_rows
 from forcecalc.graph.neighbors import max_neighbors_mask
 from forcecalc.models.blocks import GaussianSmearing
 
@@ -714,12 +714,42 @@ class SpinConv(nn.Module):
     def _energy_and_direct_forces(
         self, batch: Batch, positions: Tensor, cell: Tensor
     ) -> tuple[Tensor, Tensor | None]:
-        dtype = self.distfc1.weight.dtype
-        n_atoms = batch.n_atoms
-        numbers = batch.numbers
         vectors = batch.edge_vectors(positions.to(torch.float64), cell.to(torch.float64))
-        edge_index, vectors = self._select_edges(batch.edge_index, vectors, n_atoms)
-        source, target = edge_index[0], edge_index[1]
+        edge_index, vectors = self._select_edges(batch.edge_index, vectors, batch.n_atoms)
+        target_rows = RowIndex(edge_index[1], batch.n_atoms)
+        return self._evaluate(
+            batch.numbers,
+            edge_index[0],
+            vectors,
+            target_rows,
+            target_rows.transposed(),
+            RowIndex(batch.system_idx, batch.n_systems),
+        )
+
+    def _evaluate(
+        self,
+        numbers: Tensor,
+        source: Tensor,
+        vectors: Tensor,
+        target_rows: RowIndex,
+        incoming_rows: RowIndex,
+        systems: RowIndex,
+    ) -> tuple[Tensor, Tensor | None]:
+        """Energies ``[n_systems]`` and direct forces ``[n_atoms, 3]`` (``None`` for an
+        energy-centric model) of a graph given by its tables; no data-dependent shapes.
+
+        Args:
+            numbers: ``[n_atoms]`` atomic numbers.
+            source: ``[n_edges]`` source atom of every edge.
+            vectors: ``[n_edges, 3]`` float64 edge vectors (differentiable).
+            target_rows: the target atom of every edge, ``[n_edges]`` into ``n_atoms`` rows.
+            incoming_rows: the edges into every atom, ``[n_atoms, width]`` into ``n_edges``
+                rows (increasing edge index, padded with ``n_edges``).  An edge that no atom
+                lists is evaluated and never read: padding of a fixed-shape graph.
+            systems: the system of every atom, ``[n_atoms]`` into ``n_systems`` rows.
+        """
+        dtype = self.distfc1.weight.dtype
+        target = target_rows.index
         distances = torch.linalg.norm(vectors, dim=1)
         source_element, target_element = numbers[source], numbers[target]
 
@@ -728,9 +758,6 @@ class SpinConv(nn.Module):
         x = self.embeddingblock2(x, source_element, target_element)
 
         n_edges = len(distances)
-        target_rows = RowIndex(target, n_atoms)
-        # [n_atoms, width]: the edges into each atom (increasing edge index, padded with n_edges)
-        incoming_rows = target_rows.transposed()
         incoming = incoming_rows.index
         neighbors = incoming[source]  # [n_edges, width]: the edges into each edge's source
         neighbor_rows = RowIndex(neighbors, n_edges)
@@ -760,12 +787,92 @@ class SpinConv(nn.Module):
         messages = x if edge_weight is None else x * edge_weight.unsqueeze(1)
         per_atom = incoming_rows.gather(messages).sum(dim=1) / (self.max_num_neighbors / 2.0 + 1.0)
         atom_energy = self.energyembeddingblock(per_atom, numbers, numbers).view(-1)
-        energy = sum_rows(atom_energy.to(dtype), batch.system_idx, batch.n_systems)
+        energy = systems.sum_by_row(atom_energy.to(dtype))
 
         forces = None
         if self.force_estimator == "random" and self.regress_forces:
             forces = self._direct_forces(x, unit.detach(), incoming, numbers, edge_weight)
         return energy, forces
+
+    # ------------------------------------------------------------ fixed shapes
+
+    @property
+    def fixed_shapes(self) -> bool:
+        """Whether :meth:`fixed_shape_forward` is available: direct (force-centric) forces,
+        so that inference needs no autograd."""
+        return self.force_estimator == "random" and self.regress_forces
+
+    def fixed_shape_inputs(self, batch: Batch) -> dict[str, Tensor]:
+        """The data-dependent part of a forward (edge selection, the max-neighbor rule, the
+        tables of incoming edges and of systems), as tensors for :meth:`fixed_shape_forward`.
+
+        Edges are padded to a capacity that changes rarely as atoms move: the number of edges
+        rounded up to the next of ``{8, 10, 12, 14} x 2**k`` (at most 25% more), at most
+        ``n_atoms`` times the width, which is the largest number of edges into an atom
+        rounded up to a multiple of 8, at most ``max(max_neighbors, width)``.  Padding edges
+        join atom 0 to itself along ``x`` and no atom lists them: they are evaluated and never
+        read.  Host-synchronizing on CUDA; computed on ``batch``'s device.
+
+        Returns:
+            ``numbers`` ``[n_atoms]``, ``source`` and ``target`` ``[edges]``, ``vectors``
+            ``[edges, 3]`` float64, ``incoming`` ``[n_atoms, width]`` (padded with
+            ``edges``), ``system_idx`` ``[n_atoms]``, ``system_atoms`` ``[n_systems, k]`` and
+            ``system_slot`` ``[n_atoms]`` (the tables of :class:`RowIndex`).
+        """
+        if not self.fixed_shapes:
+            raise ValueError(
+                "the fixed-shape forward needs direct forces (a force-centric SpinConv with "
+                "regress_forces); an energy-centric model's forces need autograd"
+            )
+        self._check_elements(batch.numbers)
+        n_atoms = batch.n_atoms
+        with torch.no_grad():
+            vectors = batch.edge_vectors(
+                batch.positions.to(torch.float64), batch.cell.to(torch.float64)
+            )
+            edge_index, vectors = self._select_edges(batch.edge_index, vectors, n_atoms)
+            incoming = RowIndex(edge_index[1], n_atoms).inverse
+        systems = RowIndex(batch.system_idx, batch.n_systems)
+        n_edges, width = len(vectors), incoming.shape[1]
+        width_cap = min(-(-width // 8) * 8, max(width, self.max_neighbors))
+        capacity = min(padded_size(n_edges), n_atoms * width_cap)
+        pad = edge_index.new_zeros(capacity - n_edges)
+        incoming = torch.where(incoming == n_edges, capacity, incoming)
+        return {
+            "numbers": batch.numbers,
+            "source": torch.cat([edge_index[0], pad]),
+            "target": torch.cat([edge_index[1], pad]),
+            "vectors": torch.cat([vectors, F.one_hot(pad, 3).to(vectors.dtype)]),
+            "incoming": F.pad(incoming, (0, width_cap - width), value=capacity),
+            "system_idx": batch.system_idx,
+            "system_atoms": systems.inverse,
+            "system_slot": systems.position,
+        }
+
+    def fixed_shape_forward(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Raw ``energy`` ``[n_systems]`` and ``forces`` ``[n_atoms, 3]`` from
+        :meth:`fixed_shape_inputs` (on this model's device): the same numbers as
+        :meth:`forward`, with every shape fixed by the inputs' shapes and no host
+        synchronisation, so that a CUDA graph can capture it (see
+        :class:`forcecalc.replay.GraphReplay`).  Inference only (no autograd)."""
+        numbers = inputs["numbers"]
+        systems = RowIndex(
+            inputs["system_idx"],
+            len(inputs["system_atoms"]),
+            inverse=inputs["system_atoms"],
+            position=inputs["system_slot"],
+        )
+        with torch.no_grad():
+            energy, forces = self._evaluate(
+                numbers,
+                inputs["source"],
+                inputs["vectors"],
+                RowIndex(inputs["target"], len(numbers)),
+                RowIndex(inputs["incoming"], len(inputs["source"])),
+                systems,
+            )
+        assert forces is not None
+        return {"energy": energy, "forces": forces}
 
     def _select_edges(
         self, edge_index: Tensor, vectors: Tensor, n_atoms: int
@@ -866,6 +973,15 @@ def ocp_random_rotations(
 def cosine_cutoff(distances: Tensor, cutoff: float) -> Tensor:
     """``(cos(pi d / cutoff) + 1) / 2``: 1 at ``d = 0``, zero value and slope at the cutoff."""
     return 0.5 * (torch.cos(distances * (math.pi / cutoff)) + 1.0)
+
+
+def padded_size(n: int) -> int:
+    """The smallest of ``{8, 10, 12, 14} x 2**k`` that is at least ``n`` (at least 8): a
+    capacity at most 25% above ``n`` that takes one value over a range of sizes."""
+    if n <= 8:
+        return 8
+    power = 1 << ((n - 1).bit_length() - 4)  # 8 * power <= n - 1 < 16 * power
+    return -(-n // (2 * power)) * (2 * power)
 
 
 def _axis_frames(rotations: Tensor) -> Tensor:

@@ -495,6 +495,88 @@ def test_max_neighbors_attribute_is_used():
     assert not torch.allclose(before["energy"], after["energy"])
 
 
+# --------------------------------------------------------------------------- fixed shapes
+
+
+def _fixed_shape(model: SpinConv, atoms_list, dtype: torch.dtype = torch.float64) -> tuple:
+    batch = Batch.from_atoms(atoms_list, cutoff=model.cutoff, dtype=dtype)
+    inputs = model.fixed_shape_inputs(batch)
+    return inputs, model.fixed_shape_forward(inputs), model(batch)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fixed_shape_forward_equals_forward(dtype):
+    """The fixed-shape forward (padded edges and width, the tables built outside: what a CUDA
+    graph replays) gives the forward's energies and forces, for single structures and a batch,
+    padding included: N2 has 2 edges in a capacity of 8 and a width of 1 padded to 8; the
+    one-atom fcc cell keeps 42 edges tied at the cut (width above max_neighbors)."""
+    model = _model("spinconv_small_fc", dtype)
+    structures = ocp_structures()
+    cases = [[structures[name]] for name in ("co_cu111", "n2_box", "cu_fcc_prim")]
+    cases.append([structures[name] for name in ("o_pt100", "n2_box", "oh_ni111_skew")])
+    for atoms_list in cases:
+        inputs, fixed, plain = _fixed_shape(model, atoms_list, dtype)
+        tolerance = 1e-12 if dtype == torch.float64 else 1e-6
+        torch.testing.assert_close(fixed["energy"], plain["energy"], rtol=tolerance, atol=tolerance)
+        torch.testing.assert_close(fixed["forces"], plain["forces"], rtol=tolerance, atol=tolerance)
+    inputs, _, _ = _fixed_shape(model, [structures["n2_box"]])
+    assert inputs["source"].shape == (8,) and inputs["incoming"].shape == (2, 8)
+    inputs, _, _ = _fixed_shape(model, [structures["cu_fcc_prim"]])
+    assert inputs["incoming"].shape == (1, 42)
+
+
+def test_fixed_shapes_do_not_change_as_atoms_move():
+    """A relaxation replays one graph: while every atom keeps at least ``max_neighbors``
+    neighbors, the capacity is ``n_atoms * max_neighbors`` whatever the positions."""
+    model = _model("spinconv_small_fc")
+    atoms = ocp_structures()["co_cu111"].copy()
+    rng = np.random.default_rng(0)
+    shapes = set()
+    for _ in range(4):
+        atoms.positions += rng.normal(scale=0.05, size=atoms.positions.shape)
+        inputs = model.fixed_shape_inputs(Batch.from_atoms(atoms, cutoff=model.cutoff))
+        shapes.add(tuple(tuple(value.shape) for value in inputs.values()))
+    assert len(shapes) == 1
+    assert dict(zip(inputs, next(iter(shapes)), strict=True))["incoming"] == (len(atoms), 20)
+
+
+@pytest.mark.parametrize("envelope", [False, True])
+def test_fixed_shape_forward_never_reads_values_on_the_host(envelope):
+    """CUDA graph capture forbids every operation whose result shape or control flow depends
+    on tensor values (``.item()``, ``nonzero``, ``bool(tensor)``).  The meta device has shapes
+    and no values, so such an operation fails there: the fixed-shape forward runs on it, the
+    plain forward (edge selection, table building) does not."""
+    model = copy.deepcopy(_model("spinconv_small_fc"))
+    model.envelope = envelope
+    batch = Batch.from_atoms(ocp_structures()["co_cu111"], cutoff=model.cutoff)
+    inputs = model.fixed_shape_inputs(batch)
+    meta = model.to("meta")
+    out = meta.fixed_shape_forward({name: value.to("meta") for name, value in inputs.items()})
+    assert out["energy"].shape == (1,) and out["forces"].shape == (batch.n_atoms, 3)
+    with pytest.raises((RuntimeError, NotImplementedError)):
+        meta(batch.to("meta"))
+
+
+def test_fixed_shape_forward_needs_direct_forces():
+    """An energy-centric model's forces are an autograd gradient: no fixed-shape forward,
+    and a clear error saying so."""
+    model = _model("spinconv_small_ec")
+    assert not model.fixed_shapes and _model("spinconv_small_fc").fixed_shapes
+    batch = Batch.from_atoms(ocp_structures()["n2_box"], cutoff=model.cutoff)
+    with pytest.raises(ValueError, match="direct forces"):
+        model.fixed_shape_inputs(batch)
+
+
+def test_padded_size_is_a_coarse_capacity():
+    """Capacities take one value over ranges of sizes (few distinct graphs) and waste at most
+    25% (sizes above 8)."""
+    sizes = [spinconv_module.padded_size(n) for n in range(0, 5000)]
+    assert all(size >= n for n, size in enumerate(sizes))
+    assert all(size <= 1.25 * n for n, size in enumerate(sizes) if n > 8)
+    allowed = {m << k for m in (8, 10, 12, 14) for k in range(10)}
+    assert sizes == sorted(sizes) and set(sizes) == {a for a in allowed if a <= 5120}
+
+
 # --------------------------------------------------------------------------- options
 
 

@@ -1,0 +1,103 @@
+"""CUDA-graph replay of a fixed-shape forward.
+
+A forward of a small system on a GPU is bound by the host: each of its ~500 operators costs
+10-20 us to launch, far more than its kernel runs.  A CUDA graph records the kernels of one
+call and replays them with a single launch.  That needs a function whose shapes depend only on
+its inputs' shapes and that never waits for the device (no ``.item()``, no ``nonzero``):
+a model's ``fixed_shape_forward`` (see :meth:`forcecalc.models.spinconv.SpinConv.
+fixed_shape_forward`), fed by ``fixed_shape_inputs``, which does the data-dependent work and
+pads to capacities that change rarely.
+
+:class:`GraphReplay` captures one graph per input signature (names, shapes and dtypes) and
+replays it with the new values copied into the captured input buffers.  On a device other than
+CUDA it calls the function directly (the same numbers, no graph).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+Inputs = dict[str, Tensor]
+Signature = tuple[tuple[str, tuple[int, ...], torch.dtype], ...]
+
+#: Calls before a capture (on a side stream, as CUDA graphs require: they let the caching
+#: allocator and cuBLAS set up their state outside the graph).
+WARMUP_CALLS = 2
+
+
+@dataclass
+class _Captured:
+    graph: torch.cuda.CUDAGraph
+    inputs: Inputs
+    outputs: dict[str, Tensor]
+
+
+class GraphReplay:
+    """``function(inputs) -> outputs`` (dicts of tensors) through CUDA graphs.
+
+    Args:
+        function: fixed shapes given the inputs' shapes, no host synchronisation, no autograd.
+        device: where the function runs; the inputs may be anywhere (they are copied).
+        max_graphs: graphs kept (least recently used dropped first); each holds its own memory.
+
+    Attributes:
+        captures: how many graphs were captured (a new signature, or one dropped and seen
+            again).
+    """
+
+    def __init__(
+        self,
+        function: Callable[[Inputs], dict[str, Tensor]],
+        device: torch.device | str,
+        max_graphs: int = 4,
+    ) -> None:
+        if max_graphs < 1:
+            raise ValueError(f"max_graphs must be >= 1, got {max_graphs}")
+        self.function = function
+        self.device = torch.device(device)
+        self.max_graphs = max_graphs
+        self.captures = 0
+        self._graphs: OrderedDict[Signature, _Captured] = OrderedDict()
+
+    @property
+    def uses_graphs(self) -> bool:
+        """True on CUDA; elsewhere the function is called directly."""
+        return self.device.type == "cuda"
+
+    def __call__(self, inputs: Inputs) -> dict[str, Tensor]:
+        """The function's outputs for ``inputs`` (fresh tensors, on the function's device)."""
+        if not self.uses_graphs:
+            with torch.no_grad():
+                return self.function({k: v.to(self.device) for k, v in inputs.items()})
+        signature = tuple((k, tuple(v.shape), v.dtype) for k, v in inputs.items())
+        captured = self._graphs.get(signature)
+        if captured is None:
+            captured = self._capture(inputs)
+            self._graphs[signature] = captured
+            if len(self._graphs) > self.max_graphs:
+                self._graphs.popitem(last=False)
+        else:
+            self._graphs.move_to_end(signature)
+            for name, buffer in captured.inputs.items():
+                buffer.copy_(inputs[name], non_blocking=True)
+        captured.graph.replay()
+        return {name: value.clone() for name, value in captured.outputs.items()}
+
+    def _capture(self, inputs: Inputs) -> _Captured:
+        static = {k: v.to(self.device, copy=True) for k, v in inputs.items()}
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream), torch.no_grad():
+            for _ in range(WARMUP_CALLS):
+                self.function(static)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph), torch.no_grad():
+            outputs = self.function(static)
+        self.captures += 1
+        return _Captured(graph, static, outputs)
