@@ -111,12 +111,6 @@ def pad_rows(values: Tensor) -> Tensor:
     return torch.cat([values, values.new_zeros(1, *values.shape[1:])])
 
 
-def sum_rows(values: Tensor, index: Tensor, n_rows: int) -> Tensor:
-    """``[n_rows, *F]``: row ``r`` is the sum of ``values[m]`` ``[M, *F]`` over the ``m`` with
-    ``index[m] == r`` ``[M]`` (:meth:`RowIndex.sum_by_row`)."""
-    return RowIndex(index, n_rows).sum_by_row(values)
-
-
 class _GatherRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, values: Tensor, row_index: RowIndex) -> Tensor:  # type: ignore[override]

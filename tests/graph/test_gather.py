@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from forcecalc.graph.gather import RowIndex, sum_rows
+from forcecalc.graph.gather import RowIndex
 
 
 def _case(seed: int, n_rows: int = 7, shape: tuple[int, ...] = (5, 4)):
@@ -70,15 +70,17 @@ def test_empty_index_and_wrong_row_count():
 
 
 @pytest.mark.parametrize("seed", range(3))
-def test_sum_rows_equals_index_add(seed):
-    """``sum_rows`` (and the gather path it takes on CUDA) is ``index_add``: row sums over the
+def test_sum_by_row_equals_index_add(seed):
+    """``sum_by_row`` (and the gather path it takes on CUDA) is ``index_add``: row sums over the
     entries with each index, with the same gradient."""
     generator = torch.Generator().manual_seed(seed)
     index = torch.randint(0, 6, (40,), generator=generator)
     values = torch.randn(40, 3, dtype=torch.float64, generator=generator, requires_grad=True)
     expected = torch.zeros(6, 3, dtype=torch.float64).index_add_(0, index, values)
     gathered = RowIndex(index, 6).transposed().gather(values).sum(dim=1)
-    torch.testing.assert_close(sum_rows(values, index, 6), expected, rtol=1e-14, atol=1e-14)
+    torch.testing.assert_close(
+        RowIndex(index, 6).sum_by_row(values), expected, rtol=1e-14, atol=1e-14
+    )
     torch.testing.assert_close(gathered, expected, rtol=1e-14, atol=1e-14)
     weights = torch.randn(6, 3, dtype=torch.float64)
     grad = torch.autograd.grad((gathered * weights).sum(), values)[0]
@@ -87,9 +89,10 @@ def test_sum_rows_equals_index_add(seed):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_cuda_sums_are_bitwise_repeatable():
-    """On CUDA, where ``index_add_`` uses atomics, ``sum_rows`` gives the same bits every call."""
+    """On CUDA, where ``index_add_`` uses atomics, ``sum_by_row`` gives the same bits every
+    call."""
     generator = torch.Generator().manual_seed(0)
     index = torch.randint(0, 50, (200_000,), generator=generator).cuda()
     values = torch.randn(200_000, 8, generator=generator).cuda()
-    first = sum_rows(values, index, 50)
-    assert all(torch.equal(first, sum_rows(values, index, 50)) for _ in range(5))
+    first = RowIndex(index, 50).sum_by_row(values)
+    assert all(torch.equal(first, RowIndex(index, 50).sum_by_row(values)) for _ in range(5))
