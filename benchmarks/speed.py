@@ -12,7 +12,7 @@ Prints tables and writes JSON (atomically):
    torch-geometric, torch-scatter and OCP's old ``ocpmodels`` package).
 2. One ASE step (``atoms.get_forces()`` after a move: graph, forward, transfer) with our
    calculator at batch 1, the figure the issue's "ms per ASE step" target refers to; for
-   SpinConv also with ``cuda_graph=True`` (on the CPU: the fixed-shape forward without a
+   both models also with ``cuda_graph=True`` (on the CPU: the fixed-shape forward without a
    graph), with the largest force difference to the plain step, and the replayed forward
    alone.
 3. With ``--relax``: ``benchmarks/relax_speed.py`` (batched ``forcecalc.relax`` vs one-by-one
@@ -183,10 +183,11 @@ def time_replay(model: torch.nn.Module, device: str, repeats: int) -> float:
 
 
 def ase_step_rows(name: str, runner: torch.nn.Module, device: str, args) -> list[dict]:
-    """One ASE step with our calculator; for a model with a fixed-shape forward (SpinConv
-    force-centric) also with ``cuda_graph=True``, its forces' largest difference to the plain
-    step's, and the replayed forward alone."""
-    graph_options = [False] + ([True] if getattr(runner, "fixed_shapes", False) else [])
+    """One ASE step with our calculator; for a model with a fixed-shape forward (direct
+    forces) also with ``cuda_graph=True`` (not with ``--compile``), its forces' largest
+    difference to the plain step's, and the replayed forward alone."""
+    replayable = getattr(runner, "fixed_shapes", False) and not args.compile
+    graph_options = [False] + ([True] if replayable else [])
     rows, plain_forces = [], None
     for cuda_graph in graph_options:
         seconds, forces = time_ase_step(name, runner, device, args.repeats, cuda_graph)

@@ -44,7 +44,8 @@ class ForceCalculator(Calculator):
         skin: if > 0, keep the neighbor list built at ``cutoff + skin`` and rebuild it only
             when an atom moved more than ``skin / 2`` or the cell, numbers or pbc changed.
             Results are identical to rebuilding every step.
-        cuda_graph: replay the model's forward as a CUDA graph (force-centric SpinConv only):
+        cuda_graph: replay the model's forward as a CUDA graph (direct forces only:
+            force-centric SpinConv and ForceNet):
             the graph's edges and tables are built on the CPU, padded to sizes that rarely
             change, and one captured graph per size runs the model with a single launch, in
             place of ~500 (a small system's forward is bound by those launches).  The same
@@ -113,8 +114,8 @@ class ForceCalculator(Calculator):
         if cuda_graph:
             if not potential.fixed_shapes:
                 raise ValueError(
-                    f"cuda_graph needs a force-centric SpinConv; this {potential.name} model has "
-                    "no fixed-shape forward"
+                    "cuda_graph needs a model with direct forces (force-centric SpinConv or "
+                    f"ForceNet); this {potential.name} model's forces are an autograd gradient"
                 )
             self.replay = GraphReplay(potential.fixed_shape_forward, potential.device)
         self._graph: tuple[np.ndarray, ...] | None = None

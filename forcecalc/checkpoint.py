@@ -150,7 +150,7 @@ class Potential(nn.Module):
         if not self.fixed_shapes:
             raise ValueError(
                 f"the {self.name} model ({self._kind()}) has no fixed-shape forward (CUDA "
-                "graphs): that needs a force-centric SpinConv"
+                "graphs): that needs direct forces (force-centric SpinConv or ForceNet)"
             )
         return self.model.fixed_shape_inputs(batch)
 

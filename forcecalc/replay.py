@@ -4,9 +4,10 @@ A forward of a small system on a GPU is bound by the host: each of its ~500 oper
 10-20 us to launch, far more than its kernel runs.  A CUDA graph records the kernels of one
 call and replays them with a single launch.  That needs a function whose shapes depend only on
 its inputs' shapes and that never waits for the device (no ``.item()``, no ``nonzero``):
-a model's ``fixed_shape_forward`` (see :meth:`forcecalc.models.spinconv.SpinConv.
-fixed_shape_forward`), fed by ``fixed_shape_inputs``, which does the data-dependent work and
-pads to capacities that change rarely.
+a model's ``fixed_shape_forward`` (SpinConv force-centric and ForceNet: see
+:meth:`forcecalc.models.spinconv.SpinConv.fixed_shape_forward`), fed by
+``fixed_shape_inputs``, which does the data-dependent work and pads to capacities that change
+rarely (:func:`padded_size`).
 
 :class:`GraphReplay` captures one graph per input signature (names, shapes and dtypes) and
 replays it with the new values copied into the captured input buffers.  On a device other than
@@ -101,3 +102,12 @@ class GraphReplay:
             outputs = self.function(static)
         self.captures += 1
         return _Captured(graph, static, outputs)
+
+
+def padded_size(n: int) -> int:
+    """The smallest of ``{8, 10, 12, 14} x 2**k`` that is at least ``n`` (at least 8): a
+    capacity at most 25% above ``n`` that takes one value over a range of sizes."""
+    if n <= 8:
+        return 8
+    power = 1 << ((n - 1).bit_length() - 4)  # 8 * power <= n - 1 < 16 * power
+    return -(-n // (2 * power)) * (2 * power)

@@ -232,11 +232,12 @@ def _relaxation_path(calc: ForceCalculator, steps: int) -> tuple[np.ndarray, lis
         ),
     ],
 )
-def test_cuda_graph_relaxation_follows_the_same_path(device: str) -> None:
+@pytest.mark.parametrize("checkpoint", [SPINCONV_FC, FORCENET])
+def test_cuda_graph_relaxation_follows_the_same_path(device: str, checkpoint) -> None:
     """With ``cuda_graph`` (the fixed-shape forward, replayed from one captured graph on
     CUDA), a BFGS relaxation takes the steps it takes without: the same energies and positions
     to rounding (float64), with a single capture for the whole run."""
-    potential = load_checkpoint(SPINCONV_FC, device=device, dtype="float64")
+    potential = load_checkpoint(checkpoint, device=device, dtype="float64")
     plain = _relaxation_path(load_calculator(potential), 8)
     graphed = load_calculator(potential, cuda_graph=True)
     replayed = _relaxation_path(graphed, 8)
@@ -246,9 +247,9 @@ def test_cuda_graph_relaxation_follows_the_same_path(device: str) -> None:
     assert graphed.replay.captures == (1 if device == "cuda" else 0)
 
 
-@pytest.mark.parametrize("checkpoint", [SPINCONV_EC, FORCENET])
-def test_cuda_graph_needs_a_force_centric_spinconv(checkpoint) -> None:
-    """Only direct forces can be replayed without autograd: other models refuse cuda_graph
-    with an error naming the model."""
-    with pytest.raises(ValueError, match="cuda_graph needs a force-centric SpinConv"):
-        load_calculator(checkpoint, device="cpu", cuda_graph=True)
+def test_cuda_graph_needs_direct_forces() -> None:
+    """Only direct forces can be replayed without autograd: an energy-centric SpinConv
+    refuses cuda_graph with an error saying why; ForceNet takes it."""
+    with pytest.raises(ValueError, match="cuda_graph needs a model with direct forces"):
+        load_calculator(SPINCONV_EC, device="cpu", cuda_graph=True)
+    assert load_calculator(FORCENET, device="cpu", cuda_graph=True).replay is not None

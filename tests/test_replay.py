@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from forcecalc.replay import GraphReplay
+from forcecalc.replay import GraphReplay, padded_size
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
@@ -38,6 +38,16 @@ def test_off_cuda_the_function_is_called_directly():
         for name, value in _expected(inputs).items():
             torch.testing.assert_close(out[name], value, rtol=0, atol=0)
     assert replay.captures == 0
+
+
+def test_padded_size_is_a_coarse_capacity():
+    """Capacities take one value over ranges of sizes (few distinct graphs) and waste at most
+    25% (sizes above 8)."""
+    sizes = [padded_size(n) for n in range(0, 5000)]
+    assert all(size >= n for n, size in enumerate(sizes))
+    assert all(size <= 1.25 * n for n, size in enumerate(sizes) if n > 8)
+    allowed = {m << k for m in (8, 10, 12, 14) for k in range(10)}
+    assert sizes == sorted(sizes) and set(sizes) == {a for a in allowed if a <= 5120}
 
 
 def test_max_graphs_must_be_positive():

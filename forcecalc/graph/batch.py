@@ -201,7 +201,9 @@ def check_atoms(atoms, index: int = 0) -> None:
         )
     units = cell[pbc] / lengths[pbc, None]
     if len(units) and np.linalg.det(units @ units.T) < DEPENDENCE_TOLERANCE**2:
-        raise ValueError(f"{label()}: the periodic cell vectors are linearly dependent (zero volume)")
+        raise ValueError(
+            f"{label()}: the periodic cell vectors are linearly dependent (zero volume)"
+        )
 
 
 def atoms_to_arrays(atoms_list: Sequence) -> tuple[np.ndarray, ...]:

@@ -49,6 +49,7 @@ from torch import Tensor, nn
 from forcecalc.graph.batch import Batch
 from forcecalc.graph.neighbors import max_neighbors_mask
 from forcecalc.models import elements
+from forcecalc.replay import padded_size
 
 #: Edges shorter than this (Å, squared) are dropped, as in OCP's ``radius_graph_pbc``.
 MIN_DISTANCE_SQ = 1e-4
@@ -715,17 +716,81 @@ class ForceNet(nn.Module):
 
     def forward(self, batch: Batch) -> dict[str, Tensor]:
         """Raw (normalised) outputs: ``energy`` ``[n_systems]``, ``forces`` ``[n_atoms, 3]``."""
-        numbers = batch.numbers
         edge_index, vectors = self.graph(batch)
+        return self._evaluate(
+            batch.numbers, edge_index, vectors, None, batch.system_idx, len(batch.natoms)
+        )
+
+    def _evaluate(
+        self,
+        numbers: Tensor,
+        edge_index: Tensor,
+        vectors: Tensor,
+        edge_mask: Tensor | None,
+        system_idx: Tensor,
+        n_systems: int,
+    ) -> dict[str, Tensor]:
+        """The network on the model's edges ``edge_index`` ``[2, E]``, ``vectors`` ``[E, 3]``;
+        ``edge_mask`` ``[E]`` (1 or 0, optional) multiplies the edge weights: an edge with 0
+        sends zero messages (padding of a fixed-shape graph)."""
         source, target = edge_index
         if self.feat == "full":
             h = self.embedding(self.atom_map[numbers])
         else:
             h = self.embedding(numbers)
         edge_attr, edge_weight = self.edge_features(numbers, edge_index, vectors)
+        if edge_mask is not None:
+            edge_weight = edge_weight * edge_mask
         for interaction in self.interactions:
             h = h + interaction(h, edge_attr, source, target, edge_weight)
         h = self.activation(self.lin(h))
-        n_systems = batch.natoms.shape[0]
-        pooled = h.new_zeros(n_systems, h.shape[1]).index_add_(0, batch.system_idx, h)
+        pooled = h.new_zeros(n_systems, h.shape[1]).index_add_(0, system_idx, h)
         return {"energy": self.energy_mlp(pooled).squeeze(1), "forces": self.decoder(h)}
+
+    # ------------------------------------------------------------ fixed shapes
+
+    #: :meth:`fixed_shape_forward` is available (forces are direct: no autograd).
+    fixed_shapes = True
+
+    def fixed_shape_inputs(self, batch: Batch) -> dict[str, Tensor]:
+        """The data-dependent part of a forward (edge selection and the max-neighbor rule), as
+        tensors for :meth:`fixed_shape_forward`.  The edges are padded to
+        :func:`~forcecalc.replay.padded_size`, at most ``n_atoms * max_neighbors`` when they
+        fit (a capacity that changes rarely as atoms move); padding edges join atom 0 to
+        itself along ``x`` with mask 0.  Host-synchronizing on CUDA.
+
+        Returns:
+            ``numbers`` ``[n_atoms]``, ``edge_index`` ``[2, edges]``, ``vectors`` ``[edges,
+            3]`` and ``edge_mask`` ``[edges]`` in the model's dtype, ``system_idx``
+            ``[n_atoms]``, ``natoms`` ``[n_systems]``.
+        """
+        with torch.no_grad():
+            edge_index, vectors = self.graph(batch)
+        n_edges = len(vectors)
+        capacity = padded_size(n_edges)
+        if n_edges <= batch.n_atoms * self.max_neighbors:
+            capacity = min(capacity, batch.n_atoms * self.max_neighbors)
+        pad = edge_index.new_zeros(capacity - n_edges)
+        mask = torch.arange(capacity, device=vectors.device) < n_edges
+        return {
+            "numbers": batch.numbers,
+            "edge_index": torch.cat([edge_index, pad.expand(2, -1)], dim=1),
+            "vectors": torch.cat([vectors, F.one_hot(pad, 3).to(vectors.dtype)]),
+            "edge_mask": mask.to(vectors.dtype),
+            "system_idx": batch.system_idx,
+            "natoms": batch.natoms,
+        }
+
+    def fixed_shape_forward(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Raw ``energy`` and ``forces`` from :meth:`fixed_shape_inputs`: the numbers of
+        :meth:`forward`, every shape fixed by the inputs' and no host synchronisation
+        (capturable in a CUDA graph).  Inference only."""
+        with torch.no_grad():
+            return self._evaluate(
+                inputs["numbers"],
+                inputs["edge_index"],
+                inputs["vectors"],
+                inputs["edge_mask"],
+                inputs["system_idx"],
+                len(inputs["natoms"]),
+            )

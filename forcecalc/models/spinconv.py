@@ -100,6 +100,7 @@ from forcecalc.graph.batch import Batch
 from forcecalc.graph.gather import RowIndex, pad_rows
 from forcecalc.graph.neighbors import max_neighbors_mask
 from forcecalc.models.blocks import GaussianSmearing
+from forcecalc.replay import padded_size
 
 _Constant = TypeVar("_Constant")
 
@@ -973,15 +974,6 @@ def ocp_random_rotations(
 def cosine_cutoff(distances: Tensor, cutoff: float) -> Tensor:
     """``(cos(pi d / cutoff) + 1) / 2``: 1 at ``d = 0``, zero value and slope at the cutoff."""
     return 0.5 * (torch.cos(distances * (math.pi / cutoff)) + 1.0)
-
-
-def padded_size(n: int) -> int:
-    """The smallest of ``{8, 10, 12, 14} x 2**k`` that is at least ``n`` (at least 8): a
-    capacity at most 25% above ``n`` that takes one value over a range of sizes."""
-    if n <= 8:
-        return 8
-    power = 1 << ((n - 1).bit_length() - 4)  # 8 * power <= n - 1 < 16 * power
-    return -(-n // (2 * power)) * (2 * power)
 
 
 def _axis_frames(rotations: Tensor) -> Tensor:

@@ -567,16 +567,6 @@ def test_fixed_shape_forward_needs_direct_forces():
         model.fixed_shape_inputs(batch)
 
 
-def test_padded_size_is_a_coarse_capacity():
-    """Capacities take one value over ranges of sizes (few distinct graphs) and waste at most
-    25% (sizes above 8)."""
-    sizes = [spinconv_module.padded_size(n) for n in range(0, 5000)]
-    assert all(size >= n for n, size in enumerate(sizes))
-    assert all(size <= 1.25 * n for n, size in enumerate(sizes) if n > 8)
-    allowed = {m << k for m in (8, 10, 12, 14) for k in range(10)}
-    assert sizes == sorted(sizes) and set(sizes) == {a for a in allowed if a <= 5120}
-
-
 # --------------------------------------------------------------------------- options
 
 
