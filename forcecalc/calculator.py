@@ -44,13 +44,12 @@ class ForceCalculator(Calculator):
         skin: if > 0, keep the neighbor list built at ``cutoff + skin`` and rebuild it only
             when an atom moved more than ``skin / 2`` or the cell, numbers or pbc changed.
             Results are identical to rebuilding every step.
-        cuda_graph: replay the model's forward as a CUDA graph (direct forces only:
-            force-centric SpinConv and ForceNet):
-            the graph's edges and tables are built on the CPU, padded to sizes that rarely
-            change, and one captured graph per size runs the model with a single launch, in
-            place of ~500 (a small system's forward is bound by those launches).  The same
-            numbers as without.  On a CPU device the same fixed-shape forward runs without a
-            graph.
+        cuda_graph: replay the model's forward (for an energy-centric SpinConv with its
+            backward pass, forces and stress) from captured CUDA graphs: the graph's edges and
+            tables are built on the CPU, padded to sizes that rarely change, and one graph per
+            size runs the model with a single launch in place of hundreds (a small system's
+            forward is bound by those launches).  The same numbers as without.  On a CPU
+            device the same fixed-shape forward runs without a graph.
         allow_unsafe: allow full unpickling of the checkpoint (trusted files only).
         **kwargs: passed to :class:`ase.calculators.calculator.Calculator`.
 
@@ -114,8 +113,8 @@ class ForceCalculator(Calculator):
         if cuda_graph:
             if not potential.fixed_shapes:
                 raise ValueError(
-                    "cuda_graph needs a model with direct forces (force-centric SpinConv or "
-                    f"ForceNet); this {potential.name} model's forces are an autograd gradient"
+                    f"cuda_graph needs a fixed-shape forward, which this {potential.name} model "
+                    "does not have"
                 )
             self.replay = GraphReplay(potential.fixed_shape_forward, potential.device)
         self._graph: tuple[np.ndarray, ...] | None = None
@@ -137,18 +136,20 @@ class ForceCalculator(Calculator):
         system_changes: list[str] = all_changes,
     ) -> None:
         super().calculate(atoms, properties, system_changes)
-        if self.replay is not None:
-            batch = self._batch(self.atoms, torch.device("cpu"))
-            self.potential.check_numbers(batch.numbers)
-            self._store(self.replay(self.potential.fixed_shape_inputs(batch)))
-            return
-        batch = self._batch(self.atoms, self.potential.device)
-        self.potential.check_numbers(batch.numbers)
+        periodic = bool(self.atoms.pbc.all())
         want_stress = "stress" in properties and self.potential.defines_stress
-        if want_stress and not self.atoms.pbc.all():
+        if want_stress and not periodic:
             raise ValueError("stress needs a periodic cell in all three directions")
-        with torch.set_grad_enabled(self.potential.defines_stress):
-            out = self.potential(batch, compute_stress=want_stress)
+        on_cpu = self.replay is not None  # the fixed-shape inputs are built on the CPU
+        batch = self._batch(self.atoms, torch.device("cpu") if on_cpu else self.potential.device)
+        self.potential.check_numbers(batch.numbers)
+        if self.replay is not None:
+            out = self.replay(self.potential.fixed_shape_inputs(batch))
+            if not periodic:  # an energy-centric model's stress, meaningless without a cell
+                out.pop("stress", None)
+        else:
+            with torch.set_grad_enabled(self.potential.defines_stress):
+                out = self.potential(batch, compute_stress=want_stress)
         self._store(out)
 
     def _store(self, out: dict[str, torch.Tensor]) -> None:

@@ -149,15 +149,15 @@ class Potential(nn.Module):
         model without a fixed-shape forward."""
         if not self.fixed_shapes:
             raise ValueError(
-                f"the {self.name} model ({self._kind()}) has no fixed-shape forward (CUDA "
-                "graphs): that needs direct forces (force-centric SpinConv or ForceNet)"
+                f"the {self.name} model ({self._kind()}) has no fixed-shape forward (CUDA graphs)"
             )
         return self.model.fixed_shape_inputs(batch)
 
     def fixed_shape_forward(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
-        """``energy`` (eV) and ``forces`` (eV/Å) of :meth:`fixed_shape_inputs`, the same as
-        :meth:`forward`, with fixed shapes and no host synchronisation (capturable in a CUDA
-        graph: :class:`forcecalc.replay.GraphReplay`)."""
+        """``energy`` (eV), ``forces`` (eV/Å) and, for a model that defines it, ``stress``
+        (eV/Å^3) of :meth:`fixed_shape_inputs`, the same as :meth:`forward`, with fixed shapes
+        and no host synchronisation (capturable in a CUDA graph:
+        :class:`forcecalc.replay.GraphReplay`)."""
         return self._denormalized(self.model.fixed_shape_forward(inputs))
 
     def _denormalized(self, raw: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -222,6 +222,13 @@ def _relaxation_path(calc: ForceCalculator, steps: int) -> tuple[np.ndarray, lis
     return atoms.positions.copy(), energies
 
 
+CUDA_GRAPH_MODELS = [
+    (SPINCONV_FC, {}),
+    (FORCENET, {}),
+    (SPINCONV_EC, {"forces": "conservative"}),
+]
+
+
 @pytest.mark.parametrize(
     "device",
     [
@@ -232,12 +239,13 @@ def _relaxation_path(calc: ForceCalculator, steps: int) -> tuple[np.ndarray, lis
         ),
     ],
 )
-@pytest.mark.parametrize("checkpoint", [SPINCONV_FC, FORCENET])
-def test_cuda_graph_relaxation_follows_the_same_path(device: str, checkpoint) -> None:
+@pytest.mark.parametrize(("checkpoint", "options"), CUDA_GRAPH_MODELS)
+def test_cuda_graph_relaxation_follows_the_same_path(device: str, checkpoint, options) -> None:
     """With ``cuda_graph`` (the fixed-shape forward, replayed from one captured graph on
-    CUDA), a BFGS relaxation takes the steps it takes without: the same energies and positions
-    to rounding (float64), with a single capture for the whole run."""
-    potential = load_checkpoint(checkpoint, device=device, dtype="float64")
+    CUDA; energy-centric: with its backward pass), a BFGS relaxation takes the steps it takes
+    without: the same energies and positions to rounding (float64), with a single capture for
+    the whole run; the stress of an energy-centric model is the plain calculator's."""
+    potential = load_checkpoint(checkpoint, device=device, dtype="float64", **options)
     plain = _relaxation_path(load_calculator(potential), 8)
     graphed = load_calculator(potential, cuda_graph=True)
     replayed = _relaxation_path(graphed, 8)
@@ -245,11 +253,25 @@ def test_cuda_graph_relaxation_follows_the_same_path(device: str, checkpoint) ->
     np.testing.assert_allclose(replayed[1], plain[1], rtol=1e-12, atol=1e-12)
     assert graphed.replay is not None
     assert graphed.replay.captures == (1 if device == "cuda" else 0)
+    if potential.defines_stress:
+        atoms = _slab()
+        atoms.pbc = True
+        stress = load_calculator(potential).get_stress(atoms)
+        np.testing.assert_allclose(graphed.get_stress(atoms), stress, rtol=1e-10, atol=1e-12)
+        atoms.pbc = [True, True, False]
+        graphed.get_forces(atoms)
+        assert "stress" not in graphed.results  # no cell, no stress
+        with pytest.raises(ValueError, match="stress needs a periodic cell"):
+            graphed.get_stress(atoms)
 
 
-def test_cuda_graph_needs_direct_forces() -> None:
-    """Only direct forces can be replayed without autograd: an energy-centric SpinConv
-    refuses cuda_graph with an error saying why; ForceNet takes it."""
-    with pytest.raises(ValueError, match="cuda_graph needs a model with direct forces"):
-        load_calculator(SPINCONV_EC, device="cpu", cuda_graph=True)
-    assert load_calculator(FORCENET, device="cpu", cuda_graph=True).replay is not None
+def test_cuda_graph_needs_a_fixed_shape_forward() -> None:
+    """A model without a fixed-shape forward (here a SpinConv without forces) refuses
+    cuda_graph with an error naming the model."""
+    from forcecalc.checkpoint import CheckpointInfo, Normalizers, Potential
+    from forcecalc.models.spinconv import SpinConv
+
+    model = SpinConv(regress_forces=False)
+    potential = Potential(model, CheckpointInfo("spinconv", {}, Normalizers(), "forcecalc"))
+    with pytest.raises(ValueError, match="cuda_graph needs a fixed-shape forward"):
+        load_calculator(potential, cuda_graph=True)

@@ -717,13 +717,16 @@ class SpinConv(nn.Module):
     ) -> tuple[Tensor, Tensor | None]:
         vectors = batch.edge_vectors(positions.to(torch.float64), cell.to(torch.float64))
         edge_index, vectors = self._select_edges(batch.edge_index, vectors, batch.n_atoms)
-        target_rows = RowIndex(edge_index[1], batch.n_atoms)
+        source, target = edge_index
+        target_rows = RowIndex(target, batch.n_atoms)
+        incoming_rows = target_rows.transposed()
         return self._evaluate(
             batch.numbers,
-            edge_index[0],
+            source,
             vectors,
             target_rows,
-            target_rows.transposed(),
+            incoming_rows,
+            RowIndex(incoming_rows.index[source], len(vectors)),
             RowIndex(batch.system_idx, batch.n_systems),
         )
 
@@ -734,6 +737,7 @@ class SpinConv(nn.Module):
         vectors: Tensor,
         target_rows: RowIndex,
         incoming_rows: RowIndex,
+        neighbor_rows: RowIndex,
         systems: RowIndex,
     ) -> tuple[Tensor, Tensor | None]:
         """Energies ``[n_systems]`` and direct forces ``[n_atoms, 3]`` (``None`` for an
@@ -747,6 +751,8 @@ class SpinConv(nn.Module):
             incoming_rows: the edges into every atom, ``[n_atoms, width]`` into ``n_edges``
                 rows (increasing edge index, padded with ``n_edges``).  An edge that no atom
                 lists is evaluated and never read: padding of a fixed-shape graph.
+            neighbor_rows: the edges into every edge's source, ``[n_edges, width]`` into
+                ``n_edges`` rows (``incoming_rows.index[source]``).
             systems: the system of every atom, ``[n_atoms]`` into ``n_systems`` rows.
         """
         dtype = self.distfc1.weight.dtype
@@ -758,10 +764,6 @@ class SpinConv(nn.Module):
         x = self.act(self.distfc2(self.act(self.distfc1(x_dist))))
         x = self.embeddingblock2(x, source_element, target_element)
 
-        n_edges = len(distances)
-        incoming = incoming_rows.index
-        neighbors = incoming[source]  # [n_edges, width]: the edges into each edge's source
-        neighbor_rows = RowIndex(neighbors, n_edges)
         differentiable = self.forces == "conservative"
         with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
             unit = vectors / distances.unsqueeze(1)
@@ -769,8 +771,7 @@ class SpinConv(nn.Module):
             projected = torch.einsum("ekc,ejc->ejk", frames, neighbor_rows.gather(unit))
             projections = SphereProjections.from_directions(
                 projected,
-                neighbors,
-                n_edges,
+                neighbor_rows,
                 self.lat,
                 self.long,
                 dtype,
@@ -792,38 +793,43 @@ class SpinConv(nn.Module):
 
         forces = None
         if self.force_estimator == "random" and self.regress_forces:
-            forces = self._direct_forces(x, unit.detach(), incoming, numbers, edge_weight)
+            forces = self._direct_forces(
+                x, unit.detach(), incoming_rows.index, numbers, edge_weight
+            )
         return energy, forces
 
     # ------------------------------------------------------------ fixed shapes
 
     @property
     def fixed_shapes(self) -> bool:
-        """Whether :meth:`fixed_shape_forward` is available: direct (force-centric) forces,
-        so that inference needs no autograd."""
-        return self.force_estimator == "random" and self.regress_forces
+        """Whether :meth:`fixed_shape_forward` is available (a model that regresses forces)."""
+        return self.regress_forces
 
     def fixed_shape_inputs(self, batch: Batch) -> dict[str, Tensor]:
         """The data-dependent part of a forward (edge selection, the max-neighbor rule, the
         tables of incoming edges and of systems), as tensors for :meth:`fixed_shape_forward`.
 
         Edges are padded to a capacity that changes rarely as atoms move: the number of edges
-        rounded up to the next of ``{8, 10, 12, 14} x 2**k`` (at most 25% more), at most
-        ``n_atoms`` times the width, which is the largest number of edges into an atom
-        rounded up to a multiple of 8, at most ``max(max_neighbors, width)``.  Padding edges
-        join atom 0 to itself along ``x`` and no atom lists them: they are evaluated and never
-        read.  Host-synchronizing on CUDA; computed on ``batch``'s device.
+        rounded up by :func:`~forcecalc.replay.padded_size`, at most ``n_atoms`` times the
+        width, which is the largest number of edges into an atom rounded up to a multiple of
+        8, at most ``max(max_neighbors, width)``.  Padding edges join atom 0 to itself along
+        ``x`` and no atom lists them: they are evaluated and never read.  Host-synchronizing
+        on CUDA; computed on ``batch``'s device.
 
         Returns:
             ``numbers`` ``[n_atoms]``, ``source`` and ``target`` ``[edges]``, ``vectors``
             ``[edges, 3]`` float64, ``incoming`` ``[n_atoms, width]`` (padded with
             ``edges``), ``system_idx`` ``[n_atoms]``, ``system_atoms`` ``[n_systems, k]`` and
-            ``system_slot`` ``[n_atoms]`` (the tables of :class:`RowIndex`).
+            ``system_slot`` ``[n_atoms]`` (the tables of :class:`RowIndex`).  For an
+            energy-centric model also the tables its gradient needs: ``target_slot``
+            ``[edges]`` (each edge's flat position in ``incoming``; ``n_atoms * width`` for
+            padding), ``outgoing`` ``[n_atoms, out_width]`` (the edges out of each atom,
+            padded with ``edges``; the width a multiple of 8), ``source_slot`` ``[edges]``
+            (the same for ``outgoing``) and ``cell`` ``[n_systems, 3, 3]`` float64.
         """
         if not self.fixed_shapes:
             raise ValueError(
-                "the fixed-shape forward needs direct forces (a force-centric SpinConv with "
-                "regress_forces); an energy-centric model's forces need autograd"
+                "the fixed-shape forward needs a model that regresses forces (regress_forces)"
             )
         self._check_elements(batch.numbers)
         n_atoms = batch.n_atoms
@@ -832,48 +838,138 @@ class SpinConv(nn.Module):
                 batch.positions.to(torch.float64), batch.cell.to(torch.float64)
             )
             edge_index, vectors = self._select_edges(batch.edge_index, vectors, n_atoms)
-            incoming = RowIndex(edge_index[1], n_atoms).inverse
+        source, target = edge_index
+        target_rows = RowIndex(target, n_atoms)
         systems = RowIndex(batch.system_idx, batch.n_systems)
-        n_edges, width = len(vectors), incoming.shape[1]
-        width_cap = min(-(-width // 8) * 8, max(width, self.max_neighbors))
+        n_edges, width = len(vectors), target_rows.inverse.shape[1]
+        width_cap = min(_multiple_of_8(width), max(width, self.max_neighbors))
         capacity = min(padded_size(n_edges), n_atoms * width_cap)
         pad = edge_index.new_zeros(capacity - n_edges)
-        incoming = torch.where(incoming == n_edges, capacity, incoming)
-        return {
+        inputs = {
             "numbers": batch.numbers,
-            "source": torch.cat([edge_index[0], pad]),
-            "target": torch.cat([edge_index[1], pad]),
+            "source": torch.cat([source, pad]),
+            "target": torch.cat([target, pad]),
             "vectors": torch.cat([vectors, F.one_hot(pad, 3).to(vectors.dtype)]),
-            "incoming": F.pad(incoming, (0, width_cap - width), value=capacity),
+            "incoming": _padded_table(target_rows.inverse, width_cap, n_edges, capacity),
             "system_idx": batch.system_idx,
             "system_atoms": systems.inverse,
             "system_slot": systems.position,
         }
+        if self.force_estimator == "grad":
+            source_rows = RowIndex(source, n_atoms)
+            out_width = source_rows.inverse.shape[1]
+            out_cap = _multiple_of_8(out_width)
+            inputs["target_slot"] = _padded_slots(
+                target_rows.position, width, width_cap, n_atoms, capacity
+            )
+            inputs["outgoing"] = _padded_table(source_rows.inverse, out_cap, n_edges, capacity)
+            inputs["source_slot"] = _padded_slots(
+                source_rows.position, out_width, out_cap, n_atoms, capacity
+            )
+            inputs["cell"] = batch.cell.to(torch.float64)
+        return inputs
 
     def fixed_shape_forward(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Raw ``energy`` ``[n_systems]`` and ``forces`` ``[n_atoms, 3]`` from
-        :meth:`fixed_shape_inputs` (on this model's device): the same numbers as
+        """Raw ``energy`` ``[n_systems]`` and ``forces`` ``[n_atoms, 3]`` (for an
+        energy-centric model also ``stress`` ``[n_systems, 3, 3]``, not finite for a cell of
+        zero volume) from :meth:`fixed_shape_inputs` (on this model's device): the numbers of
         :meth:`forward`, with every shape fixed by the inputs' shapes and no host
         synchronisation, so that a CUDA graph can capture it (see
-        :class:`forcecalc.replay.GraphReplay`).  Inference only (no autograd)."""
-        numbers = inputs["numbers"]
+        :class:`forcecalc.replay.GraphReplay`).  Inference only: no gradient with respect to
+        the parameters; an energy-centric model's gradient runs through tables built from
+        the inputs (no table is built on the first backward pass, which would wait for the
+        device)."""
+        numbers, source = inputs["numbers"], inputs["source"]
         systems = RowIndex(
             inputs["system_idx"],
             len(inputs["system_atoms"]),
             inverse=inputs["system_atoms"],
             position=inputs["system_slot"],
         )
+        if self.force_estimator == "grad":
+            return self._fixed_shape_gradient(inputs, systems)
+        incoming = inputs["incoming"]
+        tables = (
+            RowIndex(inputs["target"], len(numbers)),
+            RowIndex(incoming, len(source)),
+            RowIndex(incoming[source], len(source)),
+        )
         with torch.no_grad():
-            energy, forces = self._evaluate(
-                numbers,
-                inputs["source"],
-                inputs["vectors"],
-                RowIndex(inputs["target"], len(numbers)),
-                RowIndex(inputs["incoming"], len(inputs["source"])),
-                systems,
-            )
+            energy, forces = self._evaluate(numbers, source, inputs["vectors"], *tables, systems)
         assert forces is not None
         return {"energy": energy, "forces": forces}
+
+    @staticmethod
+    def gradient_tables(
+        inputs: dict[str, Tensor],
+    ) -> tuple[RowIndex, RowIndex, RowIndex, RowIndex]:
+        """The gathers of an energy-centric fixed-shape forward with their inverse tables
+        (what their backward passes read) built from :meth:`fixed_shape_inputs` by fixed-shape
+        operations: edge targets (``[edges]`` into atoms), the edges into every atom and into
+        every edge's source (both into edges), and the edges out of every atom.  Padding edges
+        are neither listed nor read; their gradients are zero (nothing reads them)."""
+        source, target, incoming, outgoing, target_slot, source_slot = (
+            inputs[name]
+            for name in ("source", "target", "incoming", "outgoing", "target_slot", "source_slot")
+        )
+        n_atoms, capacity = len(inputs["numbers"]), len(source)
+        width, out_width = incoming.shape[1], outgoing.shape[1]
+        target_rows = RowIndex(target, n_atoms, inverse=incoming, position=target_slot)
+        incoming_rows = RowIndex(
+            incoming, capacity, inverse=target_slot.view(-1, 1), position=incoming.reshape(-1)
+        )
+        outgoing_rows = RowIndex(
+            outgoing, capacity, inverse=source_slot.view(-1, 1), position=outgoing.reshape(-1)
+        )
+        # Entry (e, c) of the neighbor table reads e' = incoming[source[e], c].  So the readers
+        # of e' (an edge into t', in column c' of t''s row) are the entries (e, c') of the
+        # edges e out of t', and entry (e, c) is read by e' at e's rank among the edges out of
+        # its source.
+        neighbors = incoming[source]
+        readers = outgoing[target]
+        read = (readers < capacity) & (target_slot < n_atoms * width).unsqueeze(1)
+        neighbor_inverse = torch.where(
+            read, readers * width + (target_slot % width).unsqueeze(1), capacity * width
+        )
+        reading = (neighbors < capacity) & (source_slot < n_atoms * out_width).unsqueeze(1)
+        neighbor_position = torch.where(
+            reading,
+            neighbors * out_width + (source_slot % out_width).unsqueeze(1),
+            capacity * out_width,
+        )
+        neighbor_rows = RowIndex(
+            neighbors, capacity, inverse=neighbor_inverse, position=neighbor_position.reshape(-1)
+        )
+        return target_rows, incoming_rows, neighbor_rows, outgoing_rows
+
+    def _fixed_shape_gradient(
+        self, inputs: dict[str, Tensor], systems: RowIndex
+    ) -> dict[str, Tensor]:
+        """:meth:`fixed_shape_forward` of an energy-centric model: the energy's gradient with
+        respect to the edge vectors ``g`` (one backward pass), then forces (``v = x_source -
+        x_target + shift``: ``F_i`` is the sum of ``g`` over the edges into ``i`` minus the sum
+        over the edges out of it) and stress (``sum_e v_e g_e^T`` per system, symmetrized,
+        over the volume)."""
+        numbers, source = inputs["numbers"], inputs["source"]
+        target_rows, incoming_rows, neighbor_rows, outgoing_rows = self.gradient_tables(inputs)
+        with torch.enable_grad():
+            vectors = inputs["vectors"].detach().requires_grad_(True)
+            energy, _ = self._evaluate(
+                numbers, source, vectors, target_rows, incoming_rows, neighbor_rows, systems
+            )
+            (gradient,) = torch.autograd.grad(energy.sum(), [vectors])
+        dtype = self.distfc1.weight.dtype
+        forces = incoming_rows.gather(gradient).sum(dim=1) - outgoing_rows.gather(gradient).sum(1)
+        outer = vectors.detach().unsqueeze(2) * gradient.unsqueeze(1)  # [edges, 3, 3]
+        derivative = systems.sum_by_row(incoming_rows.gather(outer).sum(dim=1))
+        derivative = 0.5 * (derivative + derivative.transpose(1, 2))
+        cell = inputs["cell"]
+        volume = (cell[:, 0] * torch.linalg.cross(cell[:, 1], cell[:, 2], dim=1)).sum(dim=1)
+        return {
+            "energy": energy.detach(),
+            "forces": forces.to(dtype),
+            "stress": (derivative / volume.abs().view(-1, 1, 1)).to(dtype),
+        }
 
     def _select_edges(
         self, edge_index: Tensor, vectors: Tensor, n_atoms: int
@@ -917,8 +1013,7 @@ class SpinConv(nn.Module):
             grid_neighbors = incoming.repeat(3 * n_rot, 1)
             projections = SphereProjections.from_directions(
                 projected.reshape(3 * n_rot * n_atoms, -1, 3),
-                grid_neighbors,
-                n_edges,
+                RowIndex(grid_neighbors, n_edges),
                 self.lat,
                 self.long,
                 x.dtype,
@@ -974,6 +1069,27 @@ def ocp_random_rotations(
 def cosine_cutoff(distances: Tensor, cutoff: float) -> Tensor:
     """``(cos(pi d / cutoff) + 1) / 2``: 1 at ``d = 0``, zero value and slope at the cutoff."""
     return 0.5 * (torch.cos(distances * (math.pi / cutoff)) + 1.0)
+
+
+def _multiple_of_8(n: int) -> int:
+    return -(-n // 8) * 8
+
+
+def _padded_table(table: Tensor, width: int, n_edges: int, capacity: int) -> Tensor:
+    """A ``[n_rows, w]`` table of edges (padded with ``n_edges``) widened to ``width`` columns,
+    padded with ``capacity``: the table of the edges padded to ``capacity``."""
+    table = torch.where(table == n_edges, capacity, table)
+    return F.pad(table, (0, width - table.shape[1]), value=capacity)
+
+
+def _padded_slots(
+    position: Tensor, width: int, new_width: int, n_rows: int, capacity: int
+) -> Tensor:
+    """Flat positions in a ``[n_rows, width]`` table (:attr:`RowIndex.position`) moved to the
+    table widened to ``new_width`` columns, for the edges padded to ``capacity`` (padding
+    edges: ``n_rows * new_width``, listed nowhere)."""
+    moved = position // width * new_width + position % width
+    return F.pad(moved, (0, capacity - len(position)), value=n_rows * new_width)
 
 
 def _axis_frames(rotations: Tensor) -> Tensor:
@@ -1067,43 +1183,39 @@ def splat_factors(
 
 class SphereProjections:
     """Values projected onto lat/long grids, kept as splat factors: grid ``g`` receives
-    ``values[neighbors[g, j]]`` at the direction whose factors are ``phase[g, j]``,
-    ``rows[g, j]`` (see :func:`splat_factors`); ``neighbors`` is padded with ``len(values)``.
+    ``values[readers.index[g, j]]`` at the direction whose factors are ``phase[g, j]``,
+    ``rows[g, j]`` (see :func:`splat_factors`); the index is padded with ``len(values)``.
 
     The grids' packed spectra (``[n, C, long, lat]``) are only built chunk by chunk inside
     :meth:`spin_convolution`, so memory stays bounded for large systems.
     """
 
-    def __init__(self, neighbors: Tensor, n_values: int, phase: Tensor, rows: Tensor) -> None:
-        self.neighbors = neighbors
-        self.n_values = n_values
+    def __init__(self, readers: RowIndex, phase: Tensor, rows: Tensor) -> None:
+        self.readers = readers
         self.phase = phase
         self.rows = rows
-        # Kept across the message blocks, by chunk size: splat weights (if they fit) and readers.
+        # Splat weights by chunk size, kept across the message blocks (if they fit).
         self._weights: dict[int, list[Tensor]] = {}
-        self._readers: dict[int, list[RowIndex]] = {}
 
     def weighted(self, weights: Tensor) -> SphereProjections:
         """The same grids with value ``j`` of grid ``g`` scaled by ``weights[g, j]``."""
-        return SphereProjections(
-            self.neighbors, self.n_values, self.phase, self.rows * weights.unsqueeze(-1)
-        )
+        return SphereProjections(self.readers, self.phase, self.rows * weights.unsqueeze(-1))
 
     @classmethod
     def from_directions(
         cls,
         projected: Tensor,
-        neighbors: Tensor,
-        n_values: int,
+        readers: RowIndex,
         lat: int,
         long: int,
         dtype: torch.dtype,
         table: Tensor | None = None,
     ) -> SphereProjections:
-        """``projected`` ``[n, width, 3]`` directions of ``neighbors`` ``[n, width]``;
-        ``table`` as for :func:`splat_factors`."""
-        phase, rows = splat_factors(projected, neighbors < n_values, lat, long, dtype, table)
-        return cls(neighbors, n_values, phase, rows)
+        """``projected`` ``[n, width, 3]`` directions of the values ``readers`` reads
+        (``[n, width]``); ``table`` as for :func:`splat_factors`."""
+        valid = readers.index < readers.n_rows
+        phase, rows = splat_factors(projected, valid, lat, long, dtype, table)
+        return cls(readers, phase, rows)
 
     def spin_convolution(self, block: SpinConvBlock, values: Tensor) -> Tensor:
         """``block`` applied to the projected grids of ``values`` ``[n_values, C]``: ``[n,
@@ -1115,7 +1227,7 @@ class SphereProjections:
         Chunks are splits, not slices: the gradient of a split is one concatenation, that of
         a slice a zero-filled tensor of the full size per chunk.
         """
-        n, width = self.neighbors.shape
+        n, width = self.readers.index.shape
         channels, long, lat = values.shape[1], self.phase.shape[-1], self.rows.shape[-1]
         itemsize = values.element_size()
         per_grid = itemsize * ((width + 2 * channels) * long * lat + 2 * block.mid_channels * long)
@@ -1147,24 +1259,15 @@ class SphereProjections:
 
     def _chunk_features(self, values: Tensor, step: int) -> Iterable[Tensor]:
         """``[chunk, width, C]`` neighbor values of the chunks of ``step`` grids.  With
-        autograd they are gathered for all grids at once and split (the backward saves every
-        chunk's values anyway, and one gather's gradient is one pass over the values, where a
-        gather per chunk makes a full ``[n_values, C]`` gradient per chunk); without, one
-        chunk at a time (bounded memory) from the values padded once."""
+        autograd they are gathered for all grids at once through ``readers`` (whose inverse
+        tables, built on the first backward pass, serve every later one) and split: the
+        backward saves every chunk's values anyway, and one gather's gradient is one pass over
+        the values, where a gather per chunk makes a full ``[n_values, C]`` gradient per
+        chunk.  Without, one chunk at a time (bounded memory) from the values padded once."""
         if torch.is_grad_enabled() and values.requires_grad:
-            (everything,) = self._chunk_readers(max(len(self.neighbors), 1))
-            return everything.gather(values).split(step)
+            return self.readers.gather(values).split(step)
         padded = pad_rows(values)  # once, not per chunk (a copy of all values per chunk otherwise)
-        return (padded[readers.index] for readers in self._chunk_readers(step))
-
-    def _chunk_readers(self, step: int) -> list[RowIndex]:
-        """Gathers of the chunks of ``step`` grids, built once (the inverse tables of their
-        gradients are built when first needed and then kept too)."""
-        if step not in self._readers:
-            self._readers[step] = [
-                RowIndex(neighbors, self.n_values) for neighbors in self.neighbors.split(step)
-            ]
-        return self._readers[step]
+        return (padded[index] for index in self.readers.index.split(step))
 
 
 def _packed_frequencies(long: int, device: torch.device) -> tuple[Tensor, Tensor]:

@@ -16,6 +16,7 @@ from ocp_fixtures import load_ocp_raw, ocp_reference, ocp_structures
 
 import forcecalc.models.spinconv as spinconv_module
 from forcecalc.graph.batch import Batch
+from forcecalc.graph.gather import RowIndex
 from forcecalc.models.spinconv import SphereProjections, SpinConv, SpinConvBlock
 
 MODELS = [
@@ -497,32 +498,82 @@ def test_max_neighbors_attribute_is_used():
 
 # --------------------------------------------------------------------------- fixed shapes
 
+#: The variants a fixed-shape forward must reproduce: (fixture, options of ``_model``,
+#: envelope).  Energy-centric ones need the gradient tables; the envelope weights the grids.
+FIXED_SHAPE_VARIANTS = [
+    ("spinconv_small_fc", {}, False),
+    ("spinconv_small_fc", {}, True),
+    ("spinconv_small_ec", {"forces": "compat"}, False),
+    ("spinconv_small_ec", {"forces": "conservative"}, True),
+]
+
+
+def _variant(name: str, options: dict, envelope: bool, dtype=torch.float64) -> SpinConv:
+    model = copy.deepcopy(_model(name, dtype, **options))
+    model.envelope = envelope
+    return model
+
 
 def _fixed_shape(model: SpinConv, atoms_list, dtype: torch.dtype = torch.float64) -> tuple:
     batch = Batch.from_atoms(atoms_list, cutoff=model.cutoff, dtype=dtype)
     inputs = model.fixed_shape_inputs(batch)
-    return inputs, model.fixed_shape_forward(inputs), model(batch)
+    return inputs, model.fixed_shape_forward(inputs), model(batch, model.defines_stress)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_fixed_shape_forward_equals_forward(dtype):
+@pytest.mark.parametrize(("name", "options", "envelope"), FIXED_SHAPE_VARIANTS)
+def test_fixed_shape_forward_equals_forward(dtype, name, options, envelope):
     """The fixed-shape forward (padded edges and width, the tables built outside: what a CUDA
-    graph replays) gives the forward's energies and forces, for single structures and a batch,
-    padding included: N2 has 2 edges in a capacity of 8 and a width of 1 padded to 8; the
-    one-atom fcc cell keeps 42 edges tied at the cut (width above max_neighbors)."""
-    model = _model("spinconv_small_fc", dtype)
+    graph replays) gives the forward's energies, forces and (energy-centric) stress, for
+    single structures and a batch, padding included: N2 has 2 edges in a capacity of 8 and a
+    width of 1 padded to 8; the one-atom fcc cell keeps 42 edges tied at the cut (width above
+    max_neighbors)."""
+    model = _variant(name, options, envelope, dtype)
     structures = ocp_structures()
     cases = [[structures[name]] for name in ("co_cu111", "n2_box", "cu_fcc_prim")]
     cases.append([structures[name] for name in ("o_pt100", "n2_box", "oh_ni111_skew")])
+    tolerance = 1e-12 if dtype == torch.float64 else 1e-6
     for atoms_list in cases:
         inputs, fixed, plain = _fixed_shape(model, atoms_list, dtype)
-        tolerance = 1e-12 if dtype == torch.float64 else 1e-6
-        torch.testing.assert_close(fixed["energy"], plain["energy"], rtol=tolerance, atol=tolerance)
-        torch.testing.assert_close(fixed["forces"], plain["forces"], rtol=tolerance, atol=tolerance)
+        assert fixed.keys() == plain.keys()
+        for key, value in plain.items():
+            torch.testing.assert_close(fixed[key], value, rtol=tolerance, atol=tolerance)
     inputs, _, _ = _fixed_shape(model, [structures["n2_box"]])
     assert inputs["source"].shape == (8,) and inputs["incoming"].shape == (2, 8)
     inputs, _, _ = _fixed_shape(model, [structures["cu_fcc_prim"]])
     assert inputs["incoming"].shape == (1, 42)
+
+
+def test_gradient_tables_are_the_adjoints_of_their_gathers():
+    """The energy-centric fixed-shape forward's backward passes read prebuilt tables (on CUDA,
+    a gather through ``inverse``; in a double backward, through ``position``).  Each must be
+    the adjoint of its gather: ``<gather(v), w> = <v, sum over the readers of w>`` for every
+    ``v`` and every ``w`` that vanishes on the padding edges' entries (nobody reads those
+    edges: their gradients are zero)."""
+    model = _model("spinconv_small_ec")
+    structures = ocp_structures()
+    batch = Batch.from_atoms(
+        [structures[name] for name in ("o_pt100", "n2_box", "co_cu111")], cutoff=model.cutoff
+    )
+    inputs = model.fixed_shape_inputs(batch)
+    n_atoms, width = inputs["incoming"].shape
+    padding = inputs["target_slot"] >= n_atoms * width  # [edges]
+    assert padding.any()
+    tables = model.gradient_tables(inputs)
+    generator = torch.Generator().manual_seed(0)
+    for rows, dead in zip(
+        tables,
+        (padding, None, padding.unsqueeze(1).expand(-1, inputs["incoming"].shape[1]), None),
+        strict=True,
+    ):
+        for table in (rows, rows.transposed()):
+            values = torch.randn(table.n_rows, 2, generator=generator, dtype=torch.float64)
+            weights = torch.randn(*table.index.shape, 2, generator=generator, dtype=torch.float64)
+            if dead is not None and table is rows:
+                weights[dead] = 0.0
+            summed = table.transposed().gather(weights.reshape(table.index.numel(), 2)).sum(1)
+            left = (table.gather(values) * weights).sum()
+            torch.testing.assert_close(left, (values * summed).sum(), rtol=1e-12, atol=1e-12)
 
 
 def test_fixed_shapes_do_not_change_as_atoms_move():
@@ -540,30 +591,32 @@ def test_fixed_shapes_do_not_change_as_atoms_move():
     assert dict(zip(inputs, next(iter(shapes)), strict=True))["incoming"] == (len(atoms), 20)
 
 
-@pytest.mark.parametrize("envelope", [False, True])
-def test_fixed_shape_forward_never_reads_values_on_the_host(envelope):
+@pytest.mark.parametrize(("name", "options", "envelope"), FIXED_SHAPE_VARIANTS)
+def test_fixed_shape_forward_never_reads_values_on_the_host(name, options, envelope):
     """CUDA graph capture forbids every operation whose result shape or control flow depends
-    on tensor values (``.item()``, ``nonzero``, ``bool(tensor)``).  The meta device has shapes
-    and no values, so such an operation fails there: the fixed-shape forward runs on it, the
-    plain forward (edge selection, table building) does not."""
-    model = copy.deepcopy(_model("spinconv_small_fc"))
-    model.envelope = envelope
+    on tensor values (``.item()``, ``nonzero``, ``bool(tensor)``), and so does a table built
+    on a first backward pass.  The meta device has shapes and no values, so such an operation
+    fails there: the fixed-shape forward (with its backward pass, energy-centric) runs on it,
+    the plain forward (edge selection, table building) does not."""
+    model = _variant(name, options, envelope)
     batch = Batch.from_atoms(ocp_structures()["co_cu111"], cutoff=model.cutoff)
     inputs = model.fixed_shape_inputs(batch)
     meta = model.to("meta")
     out = meta.fixed_shape_forward({name: value.to("meta") for name, value in inputs.items()})
     assert out["energy"].shape == (1,) and out["forces"].shape == (batch.n_atoms, 3)
+    assert ("stress" in out) == model.defines_stress
     with pytest.raises((RuntimeError, NotImplementedError)):
         meta(batch.to("meta"))
 
 
-def test_fixed_shape_forward_needs_direct_forces():
-    """An energy-centric model's forces are an autograd gradient: no fixed-shape forward,
-    and a clear error saying so."""
-    model = _model("spinconv_small_ec")
-    assert not model.fixed_shapes and _model("spinconv_small_fc").fixed_shapes
+def test_fixed_shape_forward_needs_forces():
+    """A model without forces (``regress_forces=False``) has no fixed-shape forward, and says
+    so."""
+    raw = load_ocp_raw("spinconv_small_fc")
+    model = SpinConv(**{**raw["config"]["model_attributes"], "regress_forces": False})
+    assert not model.fixed_shapes and _model("spinconv_small_ec").fixed_shapes
     batch = Batch.from_atoms(ocp_structures()["n2_box"], cutoff=model.cutoff)
-    with pytest.raises(ValueError, match="direct forces"):
+    with pytest.raises(ValueError, match="regresses forces"):
         model.fixed_shape_inputs(batch)
 
 
@@ -709,7 +762,7 @@ def test_spectral_spin_convolution_matches_direct_conv1d(lat, long):
     neighbors = torch.arange(n * width).view(n, width)
     neighbors[~valid] = n * width  # padding index
     projections = SphereProjections.from_directions(
-        directions, neighbors, n * width, lat, long, torch.float64
+        directions, RowIndex(neighbors, n * width), lat, long, torch.float64
     )
     ours = projections.spin_convolution(block, features)
     values = features[torch.where(valid, neighbors, 0)]
