@@ -13,8 +13,8 @@ Prints tables and writes JSON (atomically):
 2. One ASE step (``atoms.get_forces()`` after a move: graph, forward, transfer) with our
    calculator at batch 1, the figure the issue's "ms per ASE step" target refers to; for
    both models also with ``cuda_graph=True`` (on the CPU: the fixed-shape forward without a
-   graph), with the largest force difference to the plain step, and the replayed forward
-   alone.
+   graph), without and with a 1 Å neighbor-list skin, with the largest force difference to
+   the plain step, and the replayed forward alone.
 3. With ``--relax``: ``benchmarks/relax_speed.py`` (batched ``forcecalc.relax`` vs one-by-one
    ASE relaxation with our calculator), with its own options after ``--relax-args``.
 
@@ -147,18 +147,29 @@ def ase_step_seconds(atoms: Atoms, repeats: int) -> float:
     return float(np.median(times[1:]))
 
 
+#: Neighbor-list skin (Å) of the last ASE-step row: the graph rebuilt only when an atom moved
+#: by half of it (the benchmark's steps move atoms by ~1e-3 Å).
+ASE_STEP_SKIN = 1.0
+
+
 def time_ase_step(
-    name: str, model: torch.nn.Module, device: str, repeats: int, cuda_graph: bool = False
+    name: str,
+    model: torch.nn.Module,
+    device: str,
+    repeats: int,
+    cuda_graph: bool = False,
+    skin: float = 0.0,
 ) -> tuple[float, np.ndarray]:
     """:func:`ase_step_seconds` of our calculator around ``model`` (66 atoms), optionally
-    replaying CUDA graphs, and the forces it gives for the unmoved structure."""
+    replaying CUDA graphs and with a neighbor-list skin, and the forces it gives for the
+    unmoved structure."""
     from forcecalc.calculator import load_calculator
     from forcecalc.checkpoint import CheckpointInfo, Normalizers, Potential
 
     kind, kwargs = CONFIGS[name]
     info = CheckpointInfo(kind, dict(kwargs), Normalizers(), "forcecalc")
     calc = load_calculator(
-        Potential(model, info), device=device, dtype="float32", cuda_graph=cuda_graph
+        Potential(model, info), device=device, dtype="float32", cuda_graph=cuda_graph, skin=skin
     )
     forces = calc.get_forces(structure(66, 0))
     atoms = structure(66, 0)
@@ -183,14 +194,16 @@ def time_replay(model: torch.nn.Module, device: str, repeats: int) -> float:
 
 
 def ase_step_rows(name: str, runner: torch.nn.Module, device: str, args) -> list[dict]:
-    """One ASE step with our calculator; for a model with a fixed-shape forward (direct
-    forces) also with ``cuda_graph=True`` (not with ``--compile``), its forces' largest
-    difference to the plain step's, and the replayed forward alone."""
-    replayable = getattr(runner, "fixed_shapes", False) and not args.compile
-    graph_options = [False] + ([True] if replayable else [])
+    """One ASE step with our calculator; for a model with a fixed-shape forward also with
+    ``cuda_graph=True`` (not with ``--compile``), without and with a skin of
+    ``ASE_STEP_SKIN``, each with its forces' largest difference to the plain step's, and the
+    replayed forward alone."""
+    variants = [(False, 0.0)]
+    if getattr(runner, "fixed_shapes", False) and not args.compile:
+        variants += [(True, 0.0), (True, ASE_STEP_SKIN)]
     rows, plain_forces = [], None
-    for cuda_graph in graph_options:
-        seconds, forces = time_ase_step(name, runner, device, args.repeats, cuda_graph)
+    for cuda_graph, skin in variants:
+        seconds, forces = time_ase_step(name, runner, device, args.repeats, cuda_graph, skin)
         row = {
             "model": name,
             "device": device,
@@ -200,15 +213,16 @@ def ase_step_rows(name: str, runner: torch.nn.Module, device: str, args) -> list
             "ms_per_structure": 1000 * seconds,
             "compiled": args.compile,
             "cuda_graph": cuda_graph,
+            "skin": skin,
         }
-        label = "ASE step, 66 atoms, ms"
-        if cuda_graph:
-            label = "ASE step, CUDA graph"
+        if plain_forces is None:
+            label, plain_forces = "ASE step, 66 atoms, ms", forces
+        else:
+            label = "ASE step, CUDA graph" + (f", skin {skin:g}" if skin else "")
             row["max_force_difference_to_plain"] = float(np.abs(forces - plain_forces).max())
-        plain_forces = forces
         rows.append(row)
-        print(f"{name:<14}{device:<7}{label:<22}{1000 * seconds:>12.1f}")
-    if len(graph_options) == 2:
+        print(f"{name:<14}{device:<7}{label:<24}{1000 * seconds:>12.1f}")
+    if len(variants) > 1:
         seconds = time_replay(runner, device, args.repeats)
         rows.append(
             {
@@ -221,14 +235,14 @@ def ase_step_rows(name: str, runner: torch.nn.Module, device: str, args) -> list
                 "cuda_graph": True,
             }
         )
-        print(f"{name:<14}{device:<7}{'replayed forward, ms':<22}{1000 * seconds:>12.1f}")
+        print(f"{name:<14}{device:<7}{'replayed forward, ms':<24}{1000 * seconds:>12.1f}")
     return rows
 
 
 def model_rows(args: argparse.Namespace) -> list[dict]:
     devices = args.devices or ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     rows = []
-    print(f"{'model':<14}{'device':<7}{'what':<22}{'ours':>12}{'original':>12}{'speed-up':>10}")
+    print(f"{'model':<14}{'device':<7}{'what':<24}{'ours':>12}{'original':>12}{'speed-up':>10}")
     for name in args.models:
         kind, kwargs = CONFIGS[name]
         torch.manual_seed(0)
@@ -275,7 +289,7 @@ def model_rows(args: argparse.Namespace) -> list[dict]:
                 row.update(original=theirs, speedup=speedup)
                 rows.append(row)
                 print(
-                    f"{name:<14}{device:<7}{label:<22}{ours:>12.1f}"
+                    f"{name:<14}{device:<7}{label:<24}{ours:>12.1f}"
                     f"{'-' if theirs is None else f'{theirs:.1f}':>12}"
                     f"{'-' if speedup is None else f'{speedup:.2f}x':>10}"
                 )
