@@ -218,7 +218,7 @@ def ase_step_rows(name: str, runner: torch.nn.Module, device: str, args) -> list
         if plain_forces is None:
             label, plain_forces = "ASE step, 66 atoms, ms", forces
         else:
-            label = "ASE step, CUDA graph" + (f", skin {skin:g}" if skin else "")
+            label = "ASE step, graph" + (f", skin {skin:g}" if skin else "")
             row["max_force_difference_to_plain"] = float(np.abs(forces - plain_forces).max())
         rows.append(row)
         print(f"{name:<14}{device:<7}{label:<24}{1000 * seconds:>12.1f}")
