@@ -4,7 +4,8 @@
 #   bash benchmarks/gpu_figures.sh [DIR]      (IS2RS=FILE: the IS2RS inputs, made if missing)
 #
 # 1. speed.py: SpinConv-All and ForceNet-All forward at batch 1 (38/66/146 atoms) and batched
-#    (64 and 256 structures of 66 atoms), ASE step; float32, then with TF32 matmuls, then with
+#    (64 and 256 structures of 66 atoms), ASE step (plain, CUDA graph, graph + 1 Å skin) and
+#    the replayed forward; float32, then with TF32 matmuls, then with
 #    SpinConv's spin convolutions compiled;
 # 2. train_throughput.py: training frames/s, paper sizes, batch 8-64, float32 and bf16 autocast;
 # 3. neighbors.py: batched neighbor lists on CUDA beside the CPU backends;

@@ -266,6 +266,7 @@ def _cmd_md(args: argparse.Namespace) -> int:
             timestep=dt,
             temperature_K=args.temperature,
             friction=args.friction / units.fs,
+            fixcm=False,
             rng=rng,
         )
     traj = Trajectory(args.out, "w", atoms) if args.out else None
