@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The short GPU check of the latest changes (a few minutes on one GPU); JSON and logs into DIR.
+#
+#   bash benchmarks/gpu_quick.sh [DIR]
+#
+# 1. the CUDA tests of the fixed-shape forward and its CUDA-graph replay (tests/test_replay.py,
+#    the calculator's cuda_graph relaxations for SpinConv force- and energy-centric and
+#    ForceNet), then every other CUDA test;
+# 2. speed.py on CUDA: SpinConv-All and ForceNet-All at batch 1 (66 atoms) and batch 64, and the
+#    ASE step plain, with cuda_graph, and with cuda_graph and a 1 Å skin, with the replayed
+#    forward alone and the largest force difference to the plain step.
+# The full set of figures is benchmarks/gpu_figures.sh (much longer).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+dir=${1:-benchmarks/results}
+mkdir -p "$dir"
+status=0
+run() { echo "== $*"; "$@" || status=1; }
+run python3 -m pytest -q -x tests/test_replay.py tests/test_calculator.py -k "cuda or replay or signature"
+run python3 -m pytest -q tests -k "cuda and not replay" -p no:cacheprovider
+run python3 benchmarks/speed.py --devices cuda --sizes 66 --batch 64 --repeats 20 \
+  --out "$dir/speed_cuda_graph.json"
+exit $status
