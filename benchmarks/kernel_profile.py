@@ -20,6 +20,8 @@ Prints tables and writes JSON (atomically).
 
     python benchmarks/kernel_profile.py --devices cuda --batch 1 64 --out DIR/profile_cuda.json
     python benchmarks/kernel_profile.py --devices cpu --batch 16 --roofline-only --cuda-chunks
+    python benchmarks/kernel_profile.py --devices cpu --batch 1 --roofline-only --cuda-chunks \
+        --fixed-shapes     (the forward a CUDA graph replays: no host synchronisation)
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import argparse
 import collections
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -185,12 +188,24 @@ def profile_case(
     model: torch.nn.Module, batch: Batch, device: str, args: argparse.Namespace
 ) -> dict[str, Any]:
     """Operator counts, roofline and (unless ``args.roofline_only``) the profile of
-    ``model(batch)`` without autograd."""
+    ``model(batch)`` without autograd, or with ``args.fixed_shapes`` of the model's
+    fixed-shape forward (what a CUDA graph replays; its inputs built once, outside)."""
+    if args.fixed_shapes:
+        inputs = model.fixed_shape_inputs(batch)
+
+        def forward() -> Any:
+            return model.fixed_shape_forward(inputs)
+
+    else:
+
+        def forward() -> Any:
+            return model(batch)
+
     with torch.no_grad():
-        model(batch)
+        forward()
         synchronize(device)
         with OperatorLog() as log:
-            model(batch)
+            forward()
     peak = 1e12 * (args.peak_tflops or (PEAK_TF32_TFLOPS if args.tf32 else PEAK_FP32_TFLOPS))
     case = {
         "operators": sum(log.operators.values()),
@@ -200,25 +215,24 @@ def profile_case(
         "roofline": roofline(log, peak, 1e12 * args.bandwidth_tbs, args.top),
     }
     if not args.roofline_only:
-        case.update(timed(model, batch, device, args.repeats, args.top))
+        case.update(timed(forward, device, args.repeats, args.top))
     return case
 
 
-def timed(
-    model: torch.nn.Module, batch: Batch, device: str, repeats: int, top: int
-) -> dict[str, Any]:
-    """Wall time per forward and the ``top`` operators by self time (device time on CUDA)."""
+def timed(forward: Callable[[], Any], device: str, repeats: int, top: int) -> dict[str, Any]:
+    """Wall time per ``forward()`` and the ``top`` operators by self time (device time on
+    CUDA)."""
     with torch.no_grad():
         synchronize(device)
         start = time.perf_counter()
         for _ in range(repeats):
-            model(batch)
+            forward()
         synchronize(device)
         wall_ms = 1000 * (time.perf_counter() - start) / repeats
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
         with profile(activities=activities) as prof:
             for _ in range(repeats):
-                model(batch)
+                forward()
             synchronize(device)
     on_device = device == "cuda"
     key = "self_device_time_total" if on_device else "self_cpu_time_total"
@@ -296,6 +310,11 @@ def main() -> None:
         help="on the CPU, chunk SpinConv's grids and mixtures of experts as on CUDA (for the "
         "roofline of the CUDA path; slow)",
     )
+    parser.add_argument(
+        "--fixed-shapes",
+        action="store_true",
+        help="profile the fixed-shape forward (the one CUDA graphs replay), inputs built outside",
+    )
     parser.add_argument("--out", default="benchmarks/results/kernel_profile.json")
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = args.tf32
@@ -314,7 +333,13 @@ def main() -> None:
                 atoms = [structure(args.atoms, seed) for seed in range(batch_size)]
                 batch = Batch.from_atoms(atoms, cutoff=model.cutoff).to(device, torch.float32)
                 case = profile_case(model, batch, device, args)
-                case.update(model=name, device=device, batch=batch_size, atoms=batch.n_atoms)
+                case.update(
+                    model=name,
+                    device=device,
+                    batch=batch_size,
+                    atoms=batch.n_atoms,
+                    fixed_shapes=args.fixed_shapes,
+                )
                 cases.append(case)
                 report(case)
     machine = hardware(args.tf32)
