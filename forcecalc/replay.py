@@ -78,7 +78,7 @@ class GraphReplay:
         signature = tuple((k, tuple(v.shape), v.dtype) for k, v in inputs.items())
         captured = self._graphs.get(signature)
         if captured is None:
-            captured = self._capture(inputs)
+            captured = self._capture(inputs)  # replayed once already, on these inputs
             self._graphs[signature] = captured
             if len(self._graphs) > self.max_graphs:
                 self._graphs.popitem(last=False)
@@ -86,22 +86,47 @@ class GraphReplay:
             self._graphs.move_to_end(signature)
             for name, buffer in captured.inputs.items():
                 buffer.copy_(inputs[name], non_blocking=True)
-        captured.graph.replay()
+            captured.graph.replay()
         return {name: value.clone() for name, value in captured.outputs.items()}
 
     def _capture(self, inputs: Inputs) -> _Captured:
+        """Warm up, capture, replay once and check the replay against the warm-up's eager
+        outputs (a graph that captured stale state, e.g. a tensor made during the capture and
+        kept, would replay other numbers: an error, never a silent wrong result)."""
         static = {k: v.to(self.device, copy=True) for k, v in inputs.items()}
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream), torch.no_grad():
             for _ in range(WARMUP_CALLS):
-                self.function(static)
+                expected = self.function(static)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph), torch.no_grad():
             outputs = self.function(static)
         self.captures += 1
+        graph.replay()
+        check_replay(outputs, expected)
         return _Captured(graph, static, outputs)
+
+
+def check_replay(replayed: dict[str, Tensor], expected: dict[str, Tensor]) -> None:
+    """Raise ``RuntimeError`` unless a replay's outputs equal the eager call's to rounding
+    (``1e-4`` relative to each output's largest finite magnitude: the same kernels run, but
+    sums by atomic adds may take another order); non-finite entries must match (the stress of
+    a cell without volume)."""
+    for name, value in expected.items():
+        got = replayed.get(name)
+        finite = value[torch.isfinite(value)]
+        scale = float(finite.abs().max()) if finite.numel() else 0.0
+        if (
+            got is None
+            or got.shape != value.shape
+            or not torch.allclose(got, value, rtol=1e-4, atol=1e-4 * scale, equal_nan=True)
+        ):
+            raise RuntimeError(
+                f"the CUDA graph's replay of {name!r} differs from the eager call: capturing "
+                "this forward is not safe here; run without cuda_graph"
+            )
 
 
 def padded_size(n: int) -> int:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from forcecalc.replay import GraphReplay, padded_size
+from forcecalc.replay import GraphReplay, check_replay, padded_size
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
@@ -48,6 +48,22 @@ def test_padded_size_is_a_coarse_capacity():
     assert all(size <= 1.25 * n for n, size in enumerate(sizes) if n > 8)
     allowed = {m << k for m in (8, 10, 12, 14) for k in range(10)}
     assert sizes == sorted(sizes) and set(sizes) == {a for a in allowed if a <= 5120}
+
+
+def test_a_replay_that_differs_from_the_eager_call_is_an_error():
+    """The first replay of every capture is checked against the eager warm-up: equal to
+    rounding passes (non-finite entries too, where they match), anything else raises."""
+    expected = {"energy": torch.tensor([1.0, -2.0]), "stress": torch.tensor([float("inf"), 0.0])}
+    check_replay({k: v.clone() for k, v in expected.items()}, expected)
+    check_replay({"energy": torch.tensor([1.00001, -2.0]), "stress": expected["stress"]}, expected)
+    for wrong in (
+        {"energy": torch.tensor([1.1, -2.0]), "stress": expected["stress"]},
+        {"energy": expected["energy"], "stress": torch.tensor([1.0, 0.0])},
+        {"energy": expected["energy"]},
+        {"energy": expected["energy"][:1], "stress": expected["stress"]},
+    ):
+        with pytest.raises(RuntimeError, match="differs from the eager call"):
+            check_replay(wrong, expected)
 
 
 def test_max_graphs_must_be_positive():
