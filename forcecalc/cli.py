@@ -30,6 +30,15 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_cuda_graph_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        help="replay the model's forward from captured CUDA graphs (one launch per step; for "
+        "small systems on a GPU; the same numbers)",
+    )
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
     if args.checkpoint is None:
         import torch
@@ -110,6 +119,11 @@ def _cmd_relax(args: argparse.Namespace) -> int:
             below = np.flatnonzero(atoms.positions[:, 2] < args.fix_below)
             atoms.set_constraint(FixAtoms(indices=below))
         selected.append(atoms)
+    if args.batched and args.cuda_graph:
+        raise ValueError(
+            "--cuda-graph applies to ASE's optimizers (without --batched): the batched "
+            "engine's batches change shape as structures converge"
+        )
     relaxed = (_relax_batched if args.batched else _relax_one_by_one)(selected, potential, args)
     print(f"{'#':>5} {'formula':<16} {'steps':>6} {'E_initial':>12} {'E_final':>12} {'fmax':>8}")
     for atoms in relaxed:
@@ -133,7 +147,7 @@ def _relax_one_by_one(structures: list, potential, args: argparse.Namespace) -> 
     from forcecalc.calculator import load_calculator
 
     optimizer_class = {"BFGS": BFGS, "LBFGS": LBFGS, "FIRE": FIRE}[args.optimizer]
-    calc = load_calculator(potential, skin=args.skin or 0.0)
+    calc = load_calculator(potential, skin=args.skin or 0.0, cuda_graph=args.cuda_graph)
     for atoms in structures:
         atoms.calc = calc
         atoms.info["relax_initial_energy"] = atoms.get_potential_energy()
@@ -253,7 +267,12 @@ def _cmd_md(args: argparse.Namespace) -> int:
 
     atoms = _read_structures(args.input)[args.index]
     atoms.calc = load_calculator(
-        args.model, device=args.device, dtype=args.dtype, allow_unsafe=args.allow_unsafe
+        args.model,
+        device=args.device,
+        dtype=args.dtype,
+        allow_unsafe=args.allow_unsafe,
+        skin=args.skin,
+        cuda_graph=args.cuda_graph,
     )
     rng = np.random.default_rng(args.seed)
     thermalize_momenta(atoms, temperature_K=args.temperature, rng=rng)
@@ -337,6 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     relax.add_argument(
         "--skin", type=float, default=None, help="neighbor-list skin, Å (reuse between steps)"
     )
+    _add_cuda_graph_option(relax)
     relax.add_argument(
         "--shard",
         default=None,
@@ -382,6 +402,10 @@ def build_parser() -> argparse.ArgumentParser:
     md.add_argument("--seed", type=int, default=0)
     md.add_argument("--log-interval", type=int, default=10)
     md.add_argument("--out", default=None, help="trajectory file (.traj)")
+    md.add_argument(
+        "--skin", type=float, default=0.0, help="neighbor-list skin, Å (reuse between steps)"
+    )
+    _add_cuda_graph_option(md)
     md.set_defaults(func=_cmd_md)
 
     add_data_commands(sub)

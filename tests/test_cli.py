@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from ase.build import add_adsorbate, fcc111
@@ -109,6 +110,26 @@ def test_md_logs_energies(tmp_path: Path, capsys) -> None:
     assert code == 0
     assert len(read(tmp_path / "md.traj", index=":")) == 3
     assert "E_total" in capsys.readouterr().out
+
+
+def test_md_with_cuda_graph_and_skin_follows_the_same_trajectory(tmp_path: Path) -> None:
+    """`md --cuda-graph --skin` (the fixed-shape forward; a graph on CUDA) integrates the same
+    trajectory as plain `md` (float64, seeded Langevin); `relax --batched --cuda-graph` is a
+    clear error."""
+    slab = fcc111("Cu", size=(2, 2, 2), vacuum=5.0)
+    write(tmp_path / "in.extxyz", slab)
+    frames = []
+    for extra in ([], ["--cuda-graph", "--skin", "0.5"]):
+        out = tmp_path / f"md{len(extra)}.traj"
+        common = ["--model", str(SPINCONV_EC), "--dtype", "float64", "--steps", "6"]
+        common += ["--log-interval", "2"]
+        assert main(["md", str(tmp_path / "in.extxyz"), *common, "--out", str(out), *extra]) == 0
+        frames.append(read(out, index=":"))
+    assert len(frames[0]) == len(frames[1]) > 1
+    for plain, graphed in zip(*frames, strict=True):
+        np.testing.assert_allclose(graphed.positions, plain.positions, rtol=0, atol=1e-10)
+    relax = ["relax", str(tmp_path / "in.extxyz"), "--model", str(SPINCONV_EC)]
+    assert main([*relax, "--batched", "--cuda-graph"]) == 2
 
 
 def test_sharded_batched_relax_merges_back_in_order(tmp_path: Path) -> None:
