@@ -101,8 +101,14 @@ class GraphReplay:
                 expected = self.function(static)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph), torch.no_grad():
-            outputs = self.function(static)
+        try:
+            with torch.cuda.graph(graph), torch.no_grad():
+                outputs = self.function(static)
+        except RuntimeError as error:
+            raise RuntimeError(
+                f"capturing the forward as a CUDA graph failed ({str(error).splitlines()[0]}); "
+                "run without cuda_graph"
+            ) from error
         self.captures += 1
         graph.replay()
         check_replay(outputs, expected)
