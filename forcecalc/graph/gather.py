@@ -66,7 +66,10 @@ class RowIndex:
         size = flat.numel()
         counts = torch.bincount(flat, minlength=self.n_rows + 1)[: self.n_rows]
         width = max(int(counts.max()), 1) if size and self.n_rows else 1
-        order = torch.argsort(flat, stable=True)
+        if bool((flat[1:] >= flat[:-1]).all()):  # already in order (edges by target, atoms)
+            order = torch.arange(size, device=flat.device)
+        else:
+            order = torch.argsort(flat, stable=True)
         rows = flat[order]
         first = torch.cumsum(counts, 0) - counts
         keep = rows < self.n_rows

@@ -30,6 +30,7 @@ from typing import Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from forcecalc.graph.cell_list import batched_cell_list, wrap_positions
@@ -314,19 +315,16 @@ def max_neighbors_mask(
     """
     if max_neighbors < 1:
         raise ValueError(f"max_neighbors must be >= 1, got {max_neighbors}")
-    n_edges = len(distances)
-    if n_edges == 0:
+    if len(distances) == 0:
         return torch.ones(0, dtype=torch.bool, device=distances.device)
     d = distances.detach()
-    by_distance = torch.argsort(d, stable=True)
-    order = by_distance[torch.argsort(target[by_distance], stable=True)]
-    sorted_target = target[order]
-    counts = torch.bincount(target, minlength=n_atoms)
-    first = torch.cumsum(counts, 0) - counts
-    rank = torch.arange(n_edges, device=d.device) - first[sorted_target]
-    kth = torch.full((n_atoms,), float("inf"), dtype=d.dtype, device=d.device)
-    at_cut = rank == max_neighbors - 1
-    kth[sorted_target[at_cut]] = d[order[at_cut]]
+    # Each atom's distances in a row padded with inf, then the k-th smallest (inf for an atom
+    # with fewer than k neighbors: it keeps them all).
+    incoming = RowIndex(target, n_atoms).inverse  # [n_atoms, width], padded with n_edges
+    table = torch.cat([d, d.new_full((1,), float("inf"))])[incoming]
+    if table.shape[1] < max_neighbors:
+        table = F.pad(table, (0, max_neighbors - table.shape[1]), value=float("inf"))
+    kth = table.kthvalue(max_neighbors, dim=1).values
     return d <= kth[target] + tolerance
 
 
