@@ -288,7 +288,10 @@ def _cmd_md(args: argparse.Namespace) -> int:
             fixcm=False,
             rng=rng,
         )
-    traj = Trajectory(args.out, "w", atoms) if args.out else None
+    # Frames go to OUT.part, renamed to OUT when the run ends: an earlier OUT survives a run
+    # that fails or is interrupted, and the frames written so far stay in OUT.part.
+    partial = Path(f"{args.out}.part") if args.out else None
+    traj = Trajectory(partial, "w", atoms) if partial else None
     print(f"{'step':>6} {'time/fs':>9} {'E_pot':>12} {'E_kin':>10} {'E_total':>12} {'T/K':>8}")
 
     def log() -> None:
@@ -300,11 +303,18 @@ def _cmd_md(args: argparse.Namespace) -> int:
         )
 
     dyn.attach(log, interval=args.log_interval)
-    if traj is not None:
-        dyn.attach(traj.write, interval=args.log_interval)
-    dyn.run(args.steps)
-    if traj is not None:
+    if traj is None:
+        dyn.run(args.steps)
+        return 0
+    dyn.attach(traj.write, interval=args.log_interval)
+    try:
+        dyn.run(args.steps)
+    except BaseException:
         traj.close()
+        print(f"forcecalc: md stopped; the frames written so far are in {partial}", file=sys.stderr)
+        raise
+    traj.close()
+    partial.replace(args.out)
     return 0
 
 

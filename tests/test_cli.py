@@ -112,6 +112,35 @@ def test_md_logs_energies(tmp_path: Path, capsys) -> None:
     assert "E_total" in capsys.readouterr().out
 
 
+def test_md_that_fails_keeps_the_old_trajectory_and_its_frames(tmp_path: Path, monkeypatch) -> None:
+    """`md --out OUT` writes OUT.part and renames it at the end: a run that fails midway
+    leaves an earlier OUT untouched and its own frames in OUT.part, and a run that finishes
+    leaves OUT alone (no .part)."""
+    from forcecalc.calculator import ForceCalculator
+
+    slab = fcc111("Cu", size=(2, 2, 2), vacuum=5.0)
+    write(tmp_path / "in.extxyz", slab)
+    out = tmp_path / "md.traj"
+    command = ["md", str(tmp_path / "in.extxyz"), "--model", str(SPINCONV_EC), "--out", str(out)]
+    command += ["--steps", "6", "--log-interval", "2"]
+    assert main(command) == 0
+    assert len(read(out, index=":")) == 4 and not Path(f"{out}.part").exists()
+    before = out.read_bytes()
+    calculate = ForceCalculator.calculate
+    calls = []
+
+    def failing(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) > 4:
+            raise ValueError("simulated failure")
+        return calculate(self, *args, **kwargs)
+
+    monkeypatch.setattr(ForceCalculator, "calculate", failing)
+    assert main(command) == 2
+    assert out.read_bytes() == before
+    assert len(read(f"{out}.part", index=":")) >= 1
+
+
 def test_md_with_cuda_graph_and_skin_follows_the_same_trajectory(tmp_path: Path) -> None:
     """`md --cuda-graph --skin` (the fixed-shape forward; a graph on CUDA) integrates the same
     trajectory as plain `md` (float64, seeded Langevin); `relax --batched --cuda-graph` is a
