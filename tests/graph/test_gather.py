@@ -59,6 +59,25 @@ def test_inverse_lists_every_reader_once_in_order():
     assert transposed.gather(torch.arange(6.0).view(6, 1)).sum(1).view(-1).tolist() == [4, 0, 9]
 
 
+@pytest.mark.parametrize("sorted_index", [True, False])
+def test_tables_of_sorted_and_unsorted_indexes(sorted_index):
+    """An index already in order (edges by target, atoms by system: no sort is needed) and a
+    shuffled one get consistent tables: every reader listed once, in increasing position,
+    and ``position`` pointing back at it; padding entries point nowhere."""
+    generator = torch.Generator().manual_seed(1)
+    index = torch.randint(0, 6, (40,), generator=generator)  # 5 rows + padding value 5
+    index = index.sort().values if sorted_index else index
+    rows = RowIndex(index, 5)
+    inverse, position = rows.inverse, rows.position
+    for row in range(5):
+        readers = inverse[row][inverse[row] < 40]
+        assert readers.tolist() == torch.nonzero(index == row).flatten().tolist()
+    flat = inverse.reshape(-1)
+    live = index < 5
+    assert torch.equal(flat[position[live]], torch.nonzero(live).flatten())
+    assert bool((position[~live] == inverse.numel()).all())
+
+
 def test_empty_index_and_wrong_row_count():
     values = torch.randn(4, 2, requires_grad=True)
     out = RowIndex(torch.zeros(0, 3, dtype=torch.int64), 4).gather(values)
