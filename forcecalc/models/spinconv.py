@@ -664,12 +664,8 @@ class SpinConv(nn.Module):
                 "this model predicts forces directly"
             )
         gradient = self.force_estimator == "grad" and (self.regress_forces or compute_stress)
-        if gradient and torch.is_inference_mode_enabled():
-            raise RuntimeError(
-                "an energy-centric SpinConv's forces and stress are gradients of its energy: "
-                "they need autograd, which torch.inference_mode() turns off (torch.no_grad() "
-                "is fine)"
-            )
+        if gradient:
+            _check_autograd_available()
         self._check_elements(batch.numbers)
         with torch.set_grad_enabled(gradient or torch.is_grad_enabled()):
             positions, cell = batch.positions, batch.cell
@@ -950,6 +946,7 @@ class SpinConv(nn.Module):
         x_target + shift``: ``F_i`` is the sum of ``g`` over the edges into ``i`` minus the sum
         over the edges out of it) and stress (``sum_e v_e g_e^T`` per system, symmetrized,
         over the volume)."""
+        _check_autograd_available()
         numbers, source = inputs["numbers"], inputs["source"]
         target_rows, incoming_rows, neighbor_rows, outgoing_rows = self.gradient_tables(inputs)
         with torch.enable_grad():
@@ -1345,6 +1342,15 @@ def _kept_constant(
         with torch.inference_mode(False), torch.no_grad():
             cache[key] = build()
     return cache[key]
+
+
+def _check_autograd_available() -> None:
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            "an energy-centric SpinConv's forces and stress are gradients of its energy: "
+            "they need autograd, which torch.inference_mode() turns off (torch.no_grad() "
+            "is fine)"
+        )
 
 
 def _zeros_if_none(grad: Tensor | None, like: Tensor) -> Tensor:

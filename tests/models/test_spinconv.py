@@ -319,11 +319,15 @@ def test_dft_matrices_built_once_serve_every_mode():
 
 def test_energy_centric_under_inference_mode_is_a_clear_error():
     """Conservative forces are an autograd gradient: ``torch.inference_mode`` (no autograd at
-    all) gets an error that says so, not autograd's 'does not require grad'."""
+    all) gets an error that says so, not autograd's 'does not require grad', from the forward
+    and from the fixed-shape forward."""
     model = _model("spinconv_small_ec", forces="conservative")
     batch = Batch.from_atoms(ocp_structures()["o_pt100"], cutoff=model.cutoff)
     with torch.inference_mode(), pytest.raises(RuntimeError, match="inference_mode"):
         model(batch)
+    inputs = model.fixed_shape_inputs(batch)
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="inference_mode"):
+        model.fixed_shape_forward(inputs)
 
 
 def test_fill_untrained_pairs():
