@@ -45,11 +45,13 @@ class ForceCalculator(Calculator):
             when an atom moved more than ``skin / 2`` or the cell, numbers or pbc changed.
             Results are identical to rebuilding every step.
         cuda_graph: replay the model's forward (for an energy-centric SpinConv with its
-            backward pass, forces and stress) from captured CUDA graphs: the graph's edges and
-            tables are built on the CPU, padded to sizes that rarely change, and one graph per
-            size runs the model with a single launch in place of hundreds (a small system's
-            forward is bound by those launches).  The same numbers as without.  On a CPU
-            device the same fixed-shape forward runs without a graph.
+            backward pass, forces and stress) from captured CUDA graphs, one launch per step
+            in place of hundreds (a small system's forward is bound by those launches).  The
+            neighbor list's edges and tables are built on the CPU, padded to sizes that rarely
+            change; the edge selection (cutoff, max-neighbor rule) runs inside the graph, so
+            with a ``skin`` a step copies only the new positions to the device.  The same
+            numbers as without.  On a CPU device the same fixed-shape forward runs without a
+            graph.
         allow_unsafe: allow full unpickling of the checkpoint (trusted files only).
         **kwargs: passed to :class:`ase.calculators.calculator.Calculator`.
 
@@ -119,6 +121,8 @@ class ForceCalculator(Calculator):
             self.replay = GraphReplay(potential.fixed_shape_forward, potential.device)
         self._graph: tuple[np.ndarray, ...] | None = None
         self.graph_builds = 0
+        # the fixed-shape inputs of the last call, with the graph build they came from
+        self._inputs: tuple[int, dict[str, torch.Tensor]] | None = None
 
     def get_property(self, name: str, atoms=None, allow_calculation: bool = True):
         if name == "stress" and not self.potential.defines_stress:
@@ -144,13 +148,30 @@ class ForceCalculator(Calculator):
         batch = self._batch(self.atoms, torch.device("cpu") if on_cpu else self.potential.device)
         self.potential.check_numbers(batch.numbers)
         if self.replay is not None:
-            out = self.replay(self.potential.fixed_shape_inputs(batch))
+            out = self._replayed(batch)
             if not periodic:  # an energy-centric model's stress, meaningless without a cell
                 out.pop("stress", None)
         else:
             with torch.set_grad_enabled(self.potential.defines_stress):
                 out = self.potential(batch, compute_stress=want_stress)
         self._store(out)
+
+    def _replayed(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """The fixed-shape forward replayed on ``batch``: while the neighbor list is reused
+        (``skin``), the inputs of its last build with the new positions (one small copy to
+        the device, no host work on the graph); built again from the batch when the list was
+        rebuilt, or when the forward reports more kept edges than slots (ties at the cut)."""
+        assert self.replay is not None
+        if self._inputs is None or self._inputs[0] != self.graph_builds:
+            inputs = self.potential.fixed_shape_inputs(batch)
+        else:
+            inputs = self.potential.moved(self._inputs[1], batch)
+        out = self.replay(inputs)
+        if bool(out["overflow"]):
+            inputs = self.potential.fixed_shape_inputs(batch)
+            out = self.replay(inputs)
+        self._inputs = (self.graph_builds, inputs)
+        return out
 
     def _store(self, out: dict[str, torch.Tensor]) -> None:
         energy = float(out["energy"][0].detach().cpu())

@@ -153,12 +153,22 @@ class Potential(nn.Module):
             )
         return self.model.fixed_shape_inputs(batch)
 
+    @staticmethod
+    def moved(inputs: dict[str, Tensor], batch: Batch) -> dict[str, Tensor]:
+        """:meth:`fixed_shape_inputs` for ``batch``, given those of the same atoms with the
+        same edges (numbers, cell, pbc and neighbor list unchanged) at other positions: the
+        models' fixed-shape inputs depend on the positions only through ``positions``."""
+        return {**inputs, "positions": batch.positions.to(torch.float64)}
+
     def fixed_shape_forward(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
         """``energy`` (eV), ``forces`` (eV/Å) and, for a model that defines it, ``stress``
         (eV/Å^3) of :meth:`fixed_shape_inputs`, the same as :meth:`forward`, with fixed shapes
         and no host synchronisation (capturable in a CUDA graph:
-        :class:`forcecalc.replay.GraphReplay`)."""
-        return self._denormalized(self.model.fixed_shape_forward(inputs))
+        :class:`forcecalc.replay.GraphReplay`); and ``overflow`` ``[1]`` bool: True when the
+        inputs' slots were too few for the edges kept at these positions (the other outputs
+        are then wrong: build the inputs again from this batch)."""
+        raw = self.model.fixed_shape_forward(inputs)
+        return {**self._denormalized(raw), "overflow": raw["overflow"]}
 
     def _denormalized(self, raw: dict[str, Tensor]) -> dict[str, Tensor]:
         norm = self.info.normalizers

@@ -243,16 +243,20 @@ CUDA_GRAPH_MODELS = [
 def test_cuda_graph_relaxation_follows_the_same_path(device: str, checkpoint, options) -> None:
     """With ``cuda_graph`` (the fixed-shape forward, replayed from one captured graph on
     CUDA; energy-centric: with its backward pass), a BFGS relaxation takes the steps it takes
-    without: the same energies and positions to rounding (float64), with a single capture for
-    the whole run; the stress of an energy-centric model is the plain calculator's."""
+    without: the same energies and positions to rounding (float64), with a neighbor list
+    rebuilt every step and with a skin (inputs of one build reused with new positions), with
+    a single capture for the whole run; the stress of an energy-centric model is the plain
+    calculator's."""
     potential = load_checkpoint(checkpoint, device=device, dtype="float64", **options)
     plain = _relaxation_path(load_calculator(potential), 8)
-    graphed = load_calculator(potential, cuda_graph=True)
-    replayed = _relaxation_path(graphed, 8)
-    np.testing.assert_allclose(replayed[0], plain[0], rtol=0, atol=1e-10)
-    np.testing.assert_allclose(replayed[1], plain[1], rtol=1e-12, atol=1e-12)
-    assert graphed.replay is not None
-    assert graphed.replay.captures == (1 if device == "cuda" else 0)
+    for skin in (0.0, 1.0):
+        graphed = load_calculator(potential, cuda_graph=True, skin=skin)
+        replayed = _relaxation_path(graphed, 8)
+        np.testing.assert_allclose(replayed[0], plain[0], rtol=0, atol=1e-10)
+        np.testing.assert_allclose(replayed[1], plain[1], rtol=1e-12, atol=1e-12)
+        assert graphed.replay is not None
+        assert graphed.replay.captures == (1 if device == "cuda" else 0)
+    assert graphed.graph_builds < 8  # the skin's list served several steps
     if potential.defines_stress:
         atoms = _slab()
         atoms.pbc = True
@@ -263,6 +267,32 @@ def test_cuda_graph_relaxation_follows_the_same_path(device: str, checkpoint, op
         assert "stress" not in graphed.results  # no cell, no stress
         with pytest.raises(ValueError, match="stress needs a periodic cell"):
             graphed.get_stress(atoms)
+
+
+def test_cuda_graph_rebuilds_inputs_when_slots_overflow(monkeypatch) -> None:
+    """When moved atoms keep more edges than the inputs have slots (new ties at the cut), the
+    forward reports it and the calculator builds the inputs again at these positions: the
+    results are the plain calculator's, never those of a graph missing edges."""
+    from forcecalc.checkpoint import Potential
+
+    potential = load_checkpoint(SPINCONV_FC, device="cpu", dtype="float64")
+    build = Potential.fixed_shape_inputs
+    calls = []
+
+    def narrow_first(self, batch):
+        inputs = build(self, batch)
+        calls.append(1)
+        if len(calls) == 1:  # as if the first build had seen fewer edges per atom
+            n_atoms = len(inputs["numbers"])
+            inputs["slots"] = torch.arange(n_atoms * 4).view(n_atoms, 4)
+        return inputs
+
+    monkeypatch.setattr(Potential, "fixed_shape_inputs", narrow_first)
+    atoms = _slab()
+    graphed = load_calculator(potential, cuda_graph=True, skin=1.0)
+    forces = graphed.get_forces(atoms)
+    assert len(calls) == 2
+    np.testing.assert_allclose(forces, load_calculator(potential).get_forces(atoms), atol=1e-12)
 
 
 def test_cuda_graph_needs_a_fixed_shape_forward() -> None:

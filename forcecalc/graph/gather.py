@@ -108,10 +108,10 @@ class RowIndex:
         )
 
 
-def pad_rows(values: Tensor) -> Tensor:
-    """``values`` ``[n, *F]`` with a row of zeros appended, ``[n + 1, *F]``: the row that the
-    padding index ``n`` reads."""
-    return torch.cat([values, values.new_zeros(1, *values.shape[1:])])
+def pad_rows(values: Tensor, value: float = 0) -> Tensor:
+    """``values`` ``[n, *F]`` with a row of ``value`` (zeros) appended, ``[n + 1, *F]``: the
+    row that the padding index ``n`` reads."""
+    return torch.cat([values, values.new_full((1, *values.shape[1:]), value)])
 
 
 class _GatherRows(torch.autograd.Function):

@@ -47,7 +47,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from forcecalc.graph.batch import Batch
-from forcecalc.graph.neighbors import max_neighbors_mask
+from forcecalc.graph.gather import RowIndex, pad_rows
+from forcecalc.graph.neighbors import TIE_TOLERANCE, edge_vectors, max_neighbors_mask
 from forcecalc.models import elements
 from forcecalc.replay import padded_size
 
@@ -753,44 +754,69 @@ class ForceNet(nn.Module):
     fixed_shapes = True
 
     def fixed_shape_inputs(self, batch: Batch) -> dict[str, Tensor]:
-        """The data-dependent part of a forward (edge selection and the max-neighbor rule), as
-        tensors for :meth:`fixed_shape_forward`.  The edges are padded to
-        :func:`~forcecalc.replay.padded_size`, at most ``n_atoms * max_neighbors`` when they
-        fit (a capacity that changes rarely as atoms move); padding edges join atom 0 to
-        itself along ``x`` with mask 0.  Host-synchronizing on CUDA.
+        """The inputs of :meth:`fixed_shape_forward`: the batch's edges as candidates (any
+        superset of the graph), padded by :func:`~forcecalc.replay.padded_size` (padding
+        candidates join atom 0 to itself: zero length, never kept), with the table of the
+        candidates into each atom; the selection (cutoff, the 50-neighbor rule) happens in
+        the forward, so the inputs depend on the positions only through
+        ``inputs["positions"]`` (see :meth:`forcecalc.checkpoint.Potential.moved`).
 
         Returns:
-            ``numbers`` ``[n_atoms]``, ``edge_index`` ``[2, edges]``, ``vectors`` ``[edges,
-            3]`` and ``edge_mask`` ``[edges]`` in the model's dtype, ``system_idx``
-            ``[n_atoms]``, ``natoms`` ``[n_systems]``.
+            ``numbers`` ``[n_atoms]``, ``positions`` ``[n_atoms, 3]`` and ``cell``
+            ``[n_systems, 3, 3]`` (float64 of the batch's), ``system_idx`` ``[n_atoms]``,
+            ``natoms`` ``[n_systems]``, ``candidate_index`` ``[2, C]``, ``candidate_shifts``
+            ``[C, 3]`` and ``candidates_in`` ``[n_atoms, Wc]`` (increasing, padded with
+            ``C``; ``Wc >= max_neighbors``).
         """
-        with torch.no_grad():
-            edge_index, vectors = self.graph(batch)
-        n_edges = len(vectors)
-        capacity = padded_size(n_edges)
-        if n_edges <= batch.n_atoms * self.max_neighbors:
-            capacity = min(capacity, batch.n_atoms * self.max_neighbors)
-        pad = edge_index.new_zeros(capacity - n_edges)
-        mask = torch.arange(capacity, device=vectors.device) < n_edges
+        n_candidates = batch.n_edges
+        capacity = padded_size(n_candidates)
+        pad = batch.edge_index.new_zeros(capacity - n_candidates)
+        into = RowIndex(batch.edge_index[1], batch.n_atoms).inverse
+        into = torch.where(into == n_candidates, capacity, into)
+        width = max(-(-into.shape[1] // 8) * 8, self.max_neighbors)
         return {
             "numbers": batch.numbers,
-            "edge_index": torch.cat([edge_index, pad.expand(2, -1)], dim=1),
-            "vectors": torch.cat([vectors, F.one_hot(pad, 3).to(vectors.dtype)]),
-            "edge_mask": mask.to(vectors.dtype),
+            "positions": batch.positions.to(torch.float64),
+            "cell": batch.cell.to(torch.float64),
             "system_idx": batch.system_idx,
             "natoms": batch.natoms,
+            "candidate_index": torch.cat([batch.edge_index, pad.expand(2, -1)], dim=1),
+            "candidate_shifts": torch.cat([batch.shifts, pad.new_zeros(len(pad), 3)]),
+            "candidates_in": F.pad(into, (0, width - into.shape[1]), value=capacity),
         }
 
     def fixed_shape_forward(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Raw ``energy`` and ``forces`` from :meth:`fixed_shape_inputs`: the numbers of
-        :meth:`forward`, every shape fixed by the inputs' and no host synchronisation
-        (capturable in a CUDA graph).  Inference only."""
+        """Raw ``energy`` and ``forces`` from :meth:`fixed_shape_inputs` (and ``overflow``
+        ``[1]``, always False: every candidate has a place), the numbers of :meth:`forward`
+        with every shape fixed by the inputs' and no host synchronisation (capturable in a
+        CUDA graph).  The graph's selection is a mask on the candidates' edge weights: the
+        cutoff, and each atom's 50th distance by ``kthvalue`` (as
+        :func:`~forcecalc.graph.neighbors.max_neighbors_mask`); masked candidates are
+        evaluated along ``x`` and send zero messages.  Inference only."""
+        dtype = self.atom_radii.dtype
+        edge_index, into = inputs["candidate_index"], inputs["candidates_in"]
         with torch.no_grad():
-            return self._evaluate(
+            vectors = edge_vectors(
+                inputs["positions"].to(dtype),
+                inputs["cell"].to(dtype),
+                inputs["system_idx"],
+                edge_index,
+                inputs["candidate_shifts"],
+            )
+            length_sq = (vectors * vectors).sum(dim=1)
+            valid = (length_sq <= self.cutoff**2) & (length_sq > MIN_DISTANCE_SQ)
+            distances = torch.where(valid, length_sq, torch.inf).sqrt()
+            kth = pad_rows(distances.unsqueeze(1), torch.inf)[into, 0].kthvalue(
+                self.max_neighbors, dim=1
+            )
+            keep = valid & (distances <= kth.values[edge_index[1]] + TIE_TOLERANCE)
+            along_x = (torch.arange(3, device=vectors.device) == 0).to(dtype)
+            out = self._evaluate(
                 inputs["numbers"],
-                inputs["edge_index"],
-                inputs["vectors"],
-                inputs["edge_mask"],
+                edge_index,
+                torch.where(keep.unsqueeze(1), vectors, along_x),
+                keep.to(dtype),
                 inputs["system_idx"],
                 len(inputs["natoms"]),
             )
+        return {**out, "overflow": torch.zeros(1, dtype=torch.bool, device=vectors.device)}

@@ -98,7 +98,7 @@ from torch import Tensor, nn
 
 from forcecalc.graph.batch import Batch
 from forcecalc.graph.gather import RowIndex, pad_rows
-from forcecalc.graph.neighbors import max_neighbors_mask
+from forcecalc.graph.neighbors import TIE_TOLERANCE, edge_vectors, max_neighbors_mask
 from forcecalc.models.blocks import GaussianSmearing
 from forcecalc.replay import padded_size
 
@@ -802,80 +802,86 @@ class SpinConv(nn.Module):
         return self.regress_forces
 
     def fixed_shape_inputs(self, batch: Batch) -> dict[str, Tensor]:
-        """The data-dependent part of a forward (edge selection, the max-neighbor rule, the
-        tables of incoming edges and of systems), as tensors for :meth:`fixed_shape_forward`.
+        """The inputs of :meth:`fixed_shape_forward`: the batch's edges as candidates (any
+        superset of the graph, e.g. built at ``cutoff + skin``), with their tables, padded to
+        sizes that change rarely; the selection itself (cutoff, max-neighbor rule) happens
+        inside the fixed-shape forward.  So these inputs depend on the positions only through
+        ``inputs["positions"]``: while the batch's edges stay the same, a caller may replace
+        that entry alone (``positions.to(float64)`` of the moved atoms; see
+        :meth:`forcecalc.checkpoint.Potential.moved`).  Host-synchronizing on CUDA; computed on
+        ``batch``'s device.
 
-        Edges are padded to a capacity that changes rarely as atoms move: the number of edges
-        rounded up by :func:`~forcecalc.replay.padded_size`, at most ``n_atoms`` times the
-        width, which is the largest number of edges into an atom rounded up to a multiple of
-        8, at most ``max(max_neighbors, width)``.  Padding edges join atom 0 to itself along
-        ``x`` and no atom lists them: they are evaluated and never read.  Host-synchronizing
-        on CUDA; computed on ``batch``'s device.
+        Sizes: candidates padded by :func:`~forcecalc.replay.padded_size` (padding candidates
+        join atom 0 to itself: zero length, never selected); ``slots`` ``[n_atoms, W]``, the
+        edges an atom may keep: ``W`` is the largest number of edges into an atom that the
+        rule keeps at these positions, rounded up to a multiple of 8, at most
+        ``max(max_neighbors, W)``.  If moved atoms keep more (ties at the cut), the forward
+        says so (``overflow``) and the inputs must be built again.
 
         Returns:
-            ``numbers`` ``[n_atoms]``, ``source`` and ``target`` ``[edges]``, ``vectors``
-            ``[edges, 3]`` float64, ``incoming`` ``[n_atoms, width]`` (padded with
-            ``edges``), ``system_idx`` ``[n_atoms]``, ``system_atoms`` ``[n_systems, k]`` and
-            ``system_slot`` ``[n_atoms]`` (the tables of :class:`RowIndex`).  For an
-            energy-centric model also the tables its gradient needs: ``target_slot``
-            ``[edges]`` (each edge's flat position in ``incoming``; ``n_atoms * width`` for
-            padding), ``outgoing`` ``[n_atoms, out_width]`` (the edges out of each atom,
-            padded with ``edges``; the width a multiple of 8), ``source_slot`` ``[edges]``
-            (the same for ``outgoing``) and ``cell`` ``[n_systems, 3, 3]`` float64.
+            ``numbers`` ``[n_atoms]``, ``positions`` ``[n_atoms, 3]`` and ``cell``
+            ``[n_systems, 3, 3]`` (float64 of the batch's), ``system_idx`` ``[n_atoms]``,
+            ``system_atoms`` and ``system_slot`` (its :class:`RowIndex` tables), candidates
+            ``candidate_source``, ``candidate_target`` ``[C]`` and ``candidate_shifts``
+            ``[C, 3]``, ``candidates_in`` ``[n_atoms, Wc]`` (the candidates into each atom,
+            increasing, padded with ``C``; ``Wc >= max_neighbors``), ``slots`` ``[n_atoms, W]``
+            (``arange``: the edge of each slot); for an energy-centric model also
+            ``candidates_out`` ``[n_atoms, Wo]`` (the candidates out of each atom).
         """
         if not self.fixed_shapes:
             raise ValueError(
                 "the fixed-shape forward needs a model that regresses forces (regress_forces)"
             )
         self._check_elements(batch.numbers)
-        n_atoms = batch.n_atoms
+        n_atoms, n_candidates = batch.n_atoms, batch.n_edges
+        positions, cell = batch.positions.to(torch.float64), batch.cell.to(torch.float64)
         with torch.no_grad():
-            vectors = batch.edge_vectors(
-                batch.positions.to(torch.float64), batch.cell.to(torch.float64)
-            )
-            edge_index, vectors = self._select_edges(batch.edge_index, vectors, n_atoms)
-        source, target = edge_index
-        target_rows = RowIndex(target, n_atoms)
+            vectors = batch.edge_vectors(positions, cell)
+            kept, _ = self._select_edges(batch.edge_index, vectors, n_atoms)
+        counts = torch.bincount(kept[1], minlength=n_atoms)
+        width = int(counts.max()) if len(counts) else 0
+        slots = min(_multiple_of_8(max(width, 1)), max(width, self.max_neighbors))
+        capacity = padded_size(n_candidates)
+        source, target = batch.edge_index
+        pad = source.new_zeros(capacity - n_candidates)
+        into = RowIndex(target, n_atoms).inverse
+        into_width = max(_multiple_of_8(into.shape[1]), self.max_neighbors)
         systems = RowIndex(batch.system_idx, batch.n_systems)
-        n_edges, width = len(vectors), target_rows.inverse.shape[1]
-        width_cap = min(_multiple_of_8(width), max(width, self.max_neighbors))
-        capacity = min(padded_size(n_edges), n_atoms * width_cap)
-        pad = edge_index.new_zeros(capacity - n_edges)
         inputs = {
             "numbers": batch.numbers,
-            "source": torch.cat([source, pad]),
-            "target": torch.cat([target, pad]),
-            "vectors": torch.cat([vectors, F.one_hot(pad, 3).to(vectors.dtype)]),
-            "incoming": _padded_table(target_rows.inverse, width_cap, n_edges, capacity),
+            "positions": positions,
+            "cell": cell,
             "system_idx": batch.system_idx,
             "system_atoms": systems.inverse,
             "system_slot": systems.position,
+            "candidate_source": torch.cat([source, pad]),
+            "candidate_target": torch.cat([target, pad]),
+            "candidate_shifts": torch.cat([batch.shifts, pad.new_zeros(len(pad), 3)]),
+            "candidates_in": _padded_table(into, into_width, n_candidates, capacity),
+            "slots": torch.arange(n_atoms * slots, device=source.device).view(n_atoms, slots),
         }
         if self.force_estimator == "grad":
-            source_rows = RowIndex(source, n_atoms)
-            out_width = source_rows.inverse.shape[1]
-            out_cap = _multiple_of_8(out_width)
-            inputs["target_slot"] = _padded_slots(
-                target_rows.position, width, width_cap, n_atoms, capacity
+            out = RowIndex(source, n_atoms).inverse
+            inputs["candidates_out"] = _padded_table(
+                out, _multiple_of_8(out.shape[1]), n_candidates, capacity
             )
-            inputs["outgoing"] = _padded_table(source_rows.inverse, out_cap, n_edges, capacity)
-            inputs["source_slot"] = _padded_slots(
-                source_rows.position, out_width, out_cap, n_atoms, capacity
-            )
-            inputs["cell"] = batch.cell.to(torch.float64)
         return inputs
 
     def fixed_shape_forward(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
         """Raw ``energy`` ``[n_systems]`` and ``forces`` ``[n_atoms, 3]`` (for an
         energy-centric model also ``stress`` ``[n_systems, 3, 3]``, not finite for a cell of
-        zero volume) from :meth:`fixed_shape_inputs` (on this model's device): the numbers of
+        zero volume) from :meth:`fixed_shape_inputs` (on this model's device), and
+        ``overflow`` ``[1]`` bool: more edges kept into an atom than it has slots (the
+        results are then incomplete; build the inputs again).  The numbers of
         :meth:`forward`, with every shape fixed by the inputs' shapes and no host
         synchronisation, so that a CUDA graph can capture it (see
-        :class:`forcecalc.replay.GraphReplay`).  Inference only: no gradient with respect to
-        the parameters; an energy-centric model's gradient runs through tables built from
-        the inputs (no table is built on the first backward pass, which would wait for the
-        device)."""
-        numbers, source = inputs["numbers"], inputs["source"]
+        :class:`forcecalc.replay.GraphReplay`): the edge selection is a mask and a
+        compaction into the slots, in the forward's edge order.  Inference only (no
+        gradient with respect to the parameters); an energy-centric model's gradient runs
+        through tables built here (no table is built on a backward pass, which would wait
+        for the device)."""
+        graph = self._slot_graph(inputs)
+        numbers, source = inputs["numbers"], graph["source"]
         systems = RowIndex(
             inputs["system_idx"],
             len(inputs["system_atoms"]),
@@ -883,17 +889,135 @@ class SpinConv(nn.Module):
             position=inputs["system_slot"],
         )
         if self.force_estimator == "grad":
-            return self._fixed_shape_gradient(inputs, systems)
-        incoming = inputs["incoming"]
-        tables = (
-            RowIndex(inputs["target"], len(numbers)),
-            RowIndex(incoming, len(source)),
-            RowIndex(incoming[source], len(source)),
-        )
+            out = self._fixed_shape_gradient(graph, numbers, inputs["cell"], systems)
+        else:
+            incoming = graph["incoming"]
+            tables = (
+                RowIndex(graph["target"], len(numbers)),
+                RowIndex(incoming, len(source)),
+                RowIndex(incoming[source], len(source)),
+            )
+            with torch.no_grad():
+                energy, forces = self._evaluate(numbers, source, graph["vectors"], *tables, systems)
+            assert forces is not None
+            out = {"energy": energy, "forces": forces}
+        out["overflow"] = graph["overflow"]
+        return out
+
+    def _slot_graph(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The kept edges in slot layout, by fixed-shape operations: candidate vectors, the
+        cutoff and the max-neighbor rule as a mask (each atom's k-th distance by
+        ``kthvalue``, as :func:`~forcecalc.graph.neighbors.max_neighbors_mask`), then each
+        atom's kept candidates, in candidate order, into its slots.  Edge ``e`` of the result
+        is slot ``e`` (atom ``e // W``); empty slots are padding edges (atom 0 to itself along
+        ``x``, listed nowhere).
+
+        Returns ``source``, ``target`` ``[E]``, ``vectors`` ``[E, 3]`` float64, ``incoming``
+        ``[n_atoms, W]`` (padded with ``E``), ``target_slot`` ``[E]`` (each edge's flat
+        position in ``incoming``, ``E`` for padding), ``overflow`` ``[1]`` and, for an
+        energy-centric model, ``outgoing`` ``[n_atoms, Wo]`` and ``source_slot`` ``[E]``.
+        """
+        candidate_source = inputs["candidate_source"]
+        candidate_target = inputs["candidate_target"]
+        into, slots = inputs["candidates_in"], inputs["slots"]
+        n_atoms, width = slots.shape
+        n_edges, capacity = slots.numel(), len(candidate_source)
         with torch.no_grad():
-            energy, forces = self._evaluate(numbers, source, inputs["vectors"], *tables, systems)
-        assert forces is not None
-        return {"energy": energy, "forces": forces}
+            vectors = edge_vectors(
+                inputs["positions"],
+                inputs["cell"],
+                inputs["system_idx"],
+                torch.stack([candidate_source, candidate_target]),
+                inputs["candidate_shifts"],
+            )
+            d2 = (vectors * vectors).sum(dim=1)
+            valid = (d2 <= self.cutoff**2) & (d2 > MIN_DISTANCE2)
+            distances = torch.where(valid, d2, torch.inf).sqrt()
+            kth = pad_rows(distances.unsqueeze(1), torch.inf)[into, 0].kthvalue(
+                self.max_neighbors, dim=1
+            )
+            kept = valid & (distances <= kth.values[candidate_target] + TIE_TOLERANCE)
+            # atom i's kept candidates, in order, into slots i * W ... i * W + W - 1
+            keep = pad_rows(kept.unsqueeze(1), False)[into, 0]  # [n_atoms, Wc]
+            rank = keep.cumsum(dim=1) - 1
+            fits = keep & (rank < width)
+            overflow = (keep & (rank >= width)).any().view(1)
+            slot = torch.where(fits, slots[:, :1] + rank, n_edges)
+            candidate = torch.full((n_edges + 1,), capacity, dtype=into.dtype, device=into.device)
+            candidate = candidate.scatter(0, slot.reshape(-1), into.reshape(-1))[:n_edges]
+            filled = candidate < capacity
+            edge = slots.reshape(-1)
+            graph = {
+                "source": pad_rows(candidate_source.unsqueeze(1))[candidate, 0],
+                "target": torch.div(edge, width, rounding_mode="floor"),
+                "vectors": torch.where(  # padding edges along x, from no host data
+                    filled.unsqueeze(1),
+                    pad_rows(vectors)[candidate],
+                    (torch.arange(3, device=vectors.device) == 0).to(vectors.dtype),
+                ),
+                "incoming": torch.where(filled, edge, n_edges).view(n_atoms, width),
+                "target_slot": torch.where(filled, edge, n_edges),
+                "overflow": overflow,
+            }
+            if "candidates_out" in inputs:
+                # the kept edges out of each atom (in candidate order), as slot edges
+                out = inputs["candidates_out"]
+                out_width = out.shape[1]
+                edge_of = torch.full((capacity + 1,), n_edges, dtype=edge.dtype, device=edge.device)
+                edge_of = edge_of.scatter(0, torch.where(filled, candidate, capacity), edge)
+                edge_of[capacity] = n_edges
+                leaving = pad_rows(kept.unsqueeze(1), False)[out, 0]
+                rank = leaving.cumsum(dim=1) - 1
+                row_start = slots[:, :1] // width * out_width
+                place = torch.where(leaving, row_start + rank, n_atoms * out_width)
+                outgoing = torch.full(
+                    (n_atoms * out_width + 1,), n_edges, dtype=edge.dtype, device=edge.device
+                )
+                outgoing = outgoing.scatter(0, place.reshape(-1), edge_of[out].reshape(-1))
+                outgoing = outgoing[:-1].view(n_atoms, out_width)
+                positions = torch.arange(n_atoms * out_width, device=edge.device)
+                source_slot = torch.full(
+                    (n_edges + 1,), n_atoms * out_width, dtype=edge.dtype, device=edge.device
+                )
+                source_slot = source_slot.scatter(0, outgoing.reshape(-1), positions)[:n_edges]
+                graph["outgoing"] = outgoing
+                graph["source_slot"] = source_slot
+        return graph
+
+    def _fixed_shape_gradient(
+        self, graph: dict[str, Tensor], numbers: Tensor, cell: Tensor, systems: RowIndex
+    ) -> dict[str, Tensor]:
+        """:meth:`fixed_shape_forward` of an energy-centric model on its slot graph: the
+        energy's gradient with respect to the edge vectors ``g`` (one backward pass), then
+        forces (``v = x_source - x_target + shift``: ``F_i`` is the sum of ``g`` over the
+        edges into ``i`` minus the sum over the edges out of it) and stress (``sum_e v_e
+        g_e^T`` per system, symmetrized, over the volume)."""
+        _check_autograd_available()
+        tables = self.gradient_tables({"numbers": numbers, **graph})
+        target_rows, incoming_rows, neighbor_rows, outgoing_rows = tables
+        with torch.enable_grad():
+            vectors = graph["vectors"].detach().requires_grad_(True)
+            energy, _ = self._evaluate(
+                numbers,
+                graph["source"],
+                vectors,
+                target_rows,
+                incoming_rows,
+                neighbor_rows,
+                systems,
+            )
+            (gradient,) = torch.autograd.grad(energy.sum(), [vectors])
+        dtype = self.distfc1.weight.dtype
+        forces = incoming_rows.gather(gradient).sum(dim=1) - outgoing_rows.gather(gradient).sum(1)
+        outer = vectors.detach().unsqueeze(2) * gradient.unsqueeze(1)  # [edges, 3, 3]
+        derivative = systems.sum_by_row(incoming_rows.gather(outer).sum(dim=1))
+        derivative = 0.5 * (derivative + derivative.transpose(1, 2))
+        volume = (cell[:, 0] * torch.linalg.cross(cell[:, 1], cell[:, 2], dim=1)).sum(dim=1)
+        return {
+            "energy": energy.detach(),
+            "forces": forces.to(dtype),
+            "stress": (derivative / volume.abs().view(-1, 1, 1)).to(dtype),
+        }
 
     @staticmethod
     def gradient_tables(
@@ -937,36 +1061,6 @@ class SpinConv(nn.Module):
             neighbors, capacity, inverse=neighbor_inverse, position=neighbor_position.reshape(-1)
         )
         return target_rows, incoming_rows, neighbor_rows, outgoing_rows
-
-    def _fixed_shape_gradient(
-        self, inputs: dict[str, Tensor], systems: RowIndex
-    ) -> dict[str, Tensor]:
-        """:meth:`fixed_shape_forward` of an energy-centric model: the energy's gradient with
-        respect to the edge vectors ``g`` (one backward pass), then forces (``v = x_source -
-        x_target + shift``: ``F_i`` is the sum of ``g`` over the edges into ``i`` minus the sum
-        over the edges out of it) and stress (``sum_e v_e g_e^T`` per system, symmetrized,
-        over the volume)."""
-        _check_autograd_available()
-        numbers, source = inputs["numbers"], inputs["source"]
-        target_rows, incoming_rows, neighbor_rows, outgoing_rows = self.gradient_tables(inputs)
-        with torch.enable_grad():
-            vectors = inputs["vectors"].detach().requires_grad_(True)
-            energy, _ = self._evaluate(
-                numbers, source, vectors, target_rows, incoming_rows, neighbor_rows, systems
-            )
-            (gradient,) = torch.autograd.grad(energy.sum(), [vectors])
-        dtype = self.distfc1.weight.dtype
-        forces = incoming_rows.gather(gradient).sum(dim=1) - outgoing_rows.gather(gradient).sum(1)
-        outer = vectors.detach().unsqueeze(2) * gradient.unsqueeze(1)  # [edges, 3, 3]
-        derivative = systems.sum_by_row(incoming_rows.gather(outer).sum(dim=1))
-        derivative = 0.5 * (derivative + derivative.transpose(1, 2))
-        cell = inputs["cell"]
-        volume = (cell[:, 0] * torch.linalg.cross(cell[:, 1], cell[:, 2], dim=1)).sum(dim=1)
-        return {
-            "energy": energy.detach(),
-            "forces": forces.to(dtype),
-            "stress": (derivative / volume.abs().view(-1, 1, 1)).to(dtype),
-        }
 
     def _select_edges(
         self, edge_index: Tensor, vectors: Tensor, n_atoms: int
@@ -1077,16 +1171,6 @@ def _padded_table(table: Tensor, width: int, n_edges: int, capacity: int) -> Ten
     padded with ``capacity``: the table of the edges padded to ``capacity``."""
     table = torch.where(table == n_edges, capacity, table)
     return F.pad(table, (0, width - table.shape[1]), value=capacity)
-
-
-def _padded_slots(
-    position: Tensor, width: int, new_width: int, n_rows: int, capacity: int
-) -> Tensor:
-    """Flat positions in a ``[n_rows, width]`` table (:attr:`RowIndex.position`) moved to the
-    table widened to ``new_width`` columns, for the edges padded to ``capacity`` (padding
-    edges: ``n_rows * new_width``, listed nowhere)."""
-    moved = position // width * new_width + position % width
-    return F.pad(moved, (0, capacity - len(position)), value=n_rows * new_width)
 
 
 def _axis_frames(rotations: Tensor) -> Tensor:

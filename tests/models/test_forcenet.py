@@ -11,6 +11,7 @@ import pytest
 import torch
 from ocp_fixtures import load_ocp_raw, ocp_reference, ocp_structures
 
+from forcecalc.checkpoint import Potential
 from forcecalc.graph.batch import Batch
 from forcecalc.models.forcenet import (
     ABLATIONS,
@@ -242,9 +243,11 @@ def test_every_basis_runs(basis, feat):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("ablation", ["none", "nofilter"])
 def test_fixed_shape_forward_equals_forward(dtype, ablation):
-    """The fixed-shape forward (edges padded with masked self-edges of atom 0: what a CUDA
-    graph replays) gives the forward's energies and forces, single structures and a batch;
-    with ``nofilter`` the messages are the masked filters themselves."""
+    """The fixed-shape forward (the batch's edges as candidates, padded; the cutoff and the
+    50-neighbor rule as a mask inside: what a CUDA graph replays) gives the forward's
+    energies and forces, single structures and a batch, and for candidates of a graph with a
+    skin after the atoms moved; with ``nofilter`` the messages are the masked filters
+    themselves."""
     if ablation == "none":
         model = _model("forcenet_small", dtype)
     else:
@@ -256,12 +259,27 @@ def test_fixed_shape_forward_equals_forward(dtype, ablation):
     for atoms in cases:
         batch = Batch.from_atoms(atoms, cutoff=model.cutoff, dtype=dtype)
         inputs = model.fixed_shape_inputs(batch)
-        assert inputs["edge_mask"].sum() < len(inputs["edge_mask"])  # padding present
+        assert inputs["candidate_index"].shape[1] > batch.n_edges  # padding present
         fixed = model.fixed_shape_forward(inputs)
         with torch.no_grad():
             plain = model(batch)
+        assert not fixed["overflow"]
         torch.testing.assert_close(fixed["energy"], plain["energy"], rtol=tolerance, atol=tolerance)
         torch.testing.assert_close(fixed["forces"], plain["forces"], rtol=tolerance, atol=tolerance)
+    # candidates from a graph with a skin, atoms moved: the mask selects what forward keeps
+    atoms = ocp_structures()["co_cu111"].copy()
+    first = Batch.from_atoms(atoms, cutoff=model.cutoff + 1.0, dtype=dtype)
+    inputs = model.fixed_shape_inputs(first)
+    atoms.positions += (
+        np.random.default_rng(0).normal(scale=0.15, size=(len(atoms), 3)).clip(-0.45, 0.45)
+    )
+    fixed = model.fixed_shape_forward(
+        Potential.moved(inputs, first.with_positions(torch.as_tensor(atoms.positions)))
+    )
+    with torch.no_grad():
+        plain = model(Batch.from_atoms(atoms, cutoff=model.cutoff, dtype=dtype))
+    torch.testing.assert_close(fixed["energy"], plain["energy"], rtol=tolerance, atol=tolerance)
+    torch.testing.assert_close(fixed["forces"], plain["forces"], rtol=tolerance, atol=tolerance)
 
 
 def test_fixed_shape_forward_never_reads_values_on_the_host():

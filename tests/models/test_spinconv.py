@@ -15,6 +15,7 @@ from ase.build import molecule
 from ocp_fixtures import load_ocp_raw, ocp_reference, ocp_structures
 
 import forcecalc.models.spinconv as spinconv_module
+from forcecalc.checkpoint import Potential
 from forcecalc.graph.batch import Batch
 from forcecalc.graph.gather import RowIndex
 from forcecalc.models.spinconv import SphereProjections, SpinConv, SpinConvBlock
@@ -539,13 +540,52 @@ def test_fixed_shape_forward_equals_forward(dtype, name, options, envelope):
     tolerance = 1e-12 if dtype == torch.float64 else 1e-6
     for atoms_list in cases:
         inputs, fixed, plain = _fixed_shape(model, atoms_list, dtype)
-        assert fixed.keys() == plain.keys()
+        assert fixed.keys() == {*plain, "overflow"} and not fixed["overflow"]
         for key, value in plain.items():
             torch.testing.assert_close(fixed[key], value, rtol=tolerance, atol=tolerance)
     inputs, _, _ = _fixed_shape(model, [structures["n2_box"]])
-    assert inputs["source"].shape == (8,) and inputs["incoming"].shape == (2, 8)
+    assert inputs["candidate_source"].shape == (8,) and inputs["slots"].shape == (2, 8)
     inputs, _, _ = _fixed_shape(model, [structures["cu_fcc_prim"]])
-    assert inputs["incoming"].shape == (1, 42)
+    assert inputs["slots"].shape == (1, 42)
+
+
+@pytest.mark.parametrize(("name", "options", "envelope"), FIXED_SHAPE_VARIANTS)
+def test_fixed_shape_inputs_of_a_skin_graph_serve_moved_atoms(name, options, envelope):
+    """The selection (cutoff, max-neighbor rule) runs inside the fixed-shape forward, so the
+    inputs built once from a graph at ``cutoff + skin`` serve every later step with new
+    positions alone (``Potential.moved``): the results equal the forward at the moved
+    positions, atoms entering and leaving the cutoff and the cut included, with the same
+    input shapes (one graph replays them all)."""
+    model = _variant(name, options, envelope)
+    atoms = ocp_structures()["co_cu111"].copy()
+    first = Batch.from_atoms(atoms, cutoff=model.cutoff + 1.0, dtype=torch.float64)
+    inputs = model.fixed_shape_inputs(first)
+    shapes = {k: v.shape for k, v in inputs.items()}
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        moved = atoms.copy()
+        moved.positions += rng.normal(scale=0.15, size=atoms.positions.shape).clip(-0.45, 0.45)
+        batch = first.with_positions(torch.as_tensor(moved.positions))
+        moved_inputs = Potential.moved(inputs, batch)
+        assert {k: v.shape for k, v in moved_inputs.items()} == shapes
+        fixed = model.fixed_shape_forward(moved_inputs)
+        plain = model(Batch.from_atoms(moved, cutoff=model.cutoff, dtype=torch.float64))
+        assert not fixed["overflow"]
+        for key in ("energy", "forces"):
+            torch.testing.assert_close(fixed[key], plain[key], rtol=1e-12, atol=1e-12)
+
+
+def test_more_kept_edges_than_slots_is_reported():
+    """Slots hold the edges an atom kept when the inputs were built; if moved atoms keep more
+    (new ties at the cut), the forward says so instead of dropping edges silently."""
+    model = _model("spinconv_small_fc")
+    inputs = model.fixed_shape_inputs(
+        Batch.from_atoms(ocp_structures()["co_cu111"], cutoff=model.cutoff, dtype=torch.float64)
+    )
+    n_atoms = len(inputs["numbers"])
+    narrow = {**inputs, "slots": torch.arange(n_atoms * 4).view(n_atoms, 4)}
+    assert bool(model.fixed_shape_forward(narrow)["overflow"])
+    assert not bool(model.fixed_shape_forward(inputs)["overflow"])
 
 
 def test_gradient_tables_are_the_adjoints_of_their_gathers():
@@ -560,14 +600,15 @@ def test_gradient_tables_are_the_adjoints_of_their_gathers():
         [structures[name] for name in ("o_pt100", "n2_box", "co_cu111")], cutoff=model.cutoff
     )
     inputs = model.fixed_shape_inputs(batch)
-    n_atoms, width = inputs["incoming"].shape
-    padding = inputs["target_slot"] >= n_atoms * width  # [edges]
+    graph = model._slot_graph(inputs)
+    n_atoms, width = graph["incoming"].shape
+    padding = graph["target_slot"] >= n_atoms * width  # [edges]
     assert padding.any()
-    tables = model.gradient_tables(inputs)
+    tables = model.gradient_tables({"numbers": inputs["numbers"], **graph})
     generator = torch.Generator().manual_seed(0)
     for rows, dead in zip(
         tables,
-        (padding, None, padding.unsqueeze(1).expand(-1, inputs["incoming"].shape[1]), None),
+        (padding, None, padding.unsqueeze(1).expand(-1, width), None),
         strict=True,
     ):
         for table in (rows, rows.transposed()):
@@ -578,21 +619,6 @@ def test_gradient_tables_are_the_adjoints_of_their_gathers():
             summed = table.transposed().gather(weights.reshape(table.index.numel(), 2)).sum(1)
             left = (table.gather(values) * weights).sum()
             torch.testing.assert_close(left, (values * summed).sum(), rtol=1e-12, atol=1e-12)
-
-
-def test_fixed_shapes_do_not_change_as_atoms_move():
-    """A relaxation replays one graph: while every atom keeps at least ``max_neighbors``
-    neighbors, the capacity is ``n_atoms * max_neighbors`` whatever the positions."""
-    model = _model("spinconv_small_fc")
-    atoms = ocp_structures()["co_cu111"].copy()
-    rng = np.random.default_rng(0)
-    shapes = set()
-    for _ in range(4):
-        atoms.positions += rng.normal(scale=0.05, size=atoms.positions.shape)
-        inputs = model.fixed_shape_inputs(Batch.from_atoms(atoms, cutoff=model.cutoff))
-        shapes.add(tuple(tuple(value.shape) for value in inputs.values()))
-    assert len(shapes) == 1
-    assert dict(zip(inputs, next(iter(shapes)), strict=True))["incoming"] == (len(atoms), 20)
 
 
 @pytest.mark.parametrize(("name", "options", "envelope"), FIXED_SHAPE_VARIANTS)
