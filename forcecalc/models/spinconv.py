@@ -1024,10 +1024,11 @@ class SpinConv(nn.Module):
         inputs: dict[str, Tensor],
     ) -> tuple[RowIndex, RowIndex, RowIndex, RowIndex]:
         """The gathers of an energy-centric fixed-shape forward with their inverse tables
-        (what their backward passes read) built from :meth:`fixed_shape_inputs` by fixed-shape
-        operations: edge targets (``[edges]`` into atoms), the edges into every atom and into
-        every edge's source (both into edges), and the edges out of every atom.  Padding edges
-        are neither listed nor read; their gradients are zero (nothing reads them)."""
+        (what their backward passes read), built by fixed-shape operations from its slot graph
+        (``numbers`` and the tables of :meth:`_slot_graph`): edge targets (``[edges]`` into
+        atoms), the edges into every atom and into every edge's source (both into edges), and
+        the edges out of every atom.  Padding edges are neither listed nor read; their
+        gradients are zero (nothing reads them)."""
         source, target, incoming, outgoing, target_slot, source_slot = (
             inputs[name]
             for name in ("source", "target", "incoming", "outgoing", "target_slot", "source_slot")
