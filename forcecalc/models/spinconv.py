@@ -937,14 +937,10 @@ class SpinConv(nn.Module):
                 self.max_neighbors, dim=1
             )
             kept = valid & (distances <= kth.values[candidate_target] + TIE_TOLERANCE)
-            # atom i's kept candidates, in order, into slots i * W ... i * W + W - 1
-            keep = pad_rows(kept.unsqueeze(1), False)[into, 0]  # [n_atoms, Wc]
-            rank = keep.cumsum(dim=1) - 1
-            fits = keep & (rank < width)
-            overflow = (keep & (rank >= width)).any().view(1)
-            slot = torch.where(fits, slots[:, :1] + rank, n_edges)
-            candidate = torch.full((n_edges + 1,), capacity, dtype=into.dtype, device=into.device)
-            candidate = candidate.scatter(0, slot.reshape(-1), into.reshape(-1))[:n_edges]
+            kept = pad_rows(kept.unsqueeze(1), False)[:, 0]  # [C + 1]: the padding index too
+            # atom i's kept candidates, in order, in slots i * W ... i * W + W - 1
+            candidate, overflow = _compacted(into, kept, width, capacity)
+            candidate = candidate.reshape(-1)  # [E]: the candidate in each slot
             filled = candidate < capacity
             edge = slots.reshape(-1)
             graph = {
@@ -960,26 +956,18 @@ class SpinConv(nn.Module):
                 "overflow": overflow,
             }
             if "candidates_out" in inputs:
-                # the kept edges out of each atom (in candidate order), as slot edges
+                # the kept edges out of each atom (in candidate order), as slot edges; this
+                # table has room for every candidate, so it never overflows
                 out = inputs["candidates_out"]
-                out_width = out.shape[1]
-                edge_of = torch.full((capacity + 1,), n_edges, dtype=edge.dtype, device=edge.device)
+                edge_of = torch.full_like(kept, n_edges, dtype=edge.dtype)  # [C + 1]
                 edge_of = edge_of.scatter(0, torch.where(filled, candidate, capacity), edge)
                 edge_of[capacity] = n_edges
-                leaving = pad_rows(kept.unsqueeze(1), False)[out, 0]
-                rank = leaving.cumsum(dim=1) - 1
-                row_start = slots[:, :1] // width * out_width
-                place = torch.where(leaving, row_start + rank, n_atoms * out_width)
-                outgoing = torch.full(
-                    (n_atoms * out_width + 1,), n_edges, dtype=edge.dtype, device=edge.device
-                )
-                outgoing = outgoing.scatter(0, place.reshape(-1), edge_of[out].reshape(-1))
-                outgoing = outgoing[:-1].view(n_atoms, out_width)
-                positions = torch.arange(n_atoms * out_width, device=edge.device)
-                source_slot = torch.full(
-                    (n_edges + 1,), n_atoms * out_width, dtype=edge.dtype, device=edge.device
-                )
-                source_slot = source_slot.scatter(0, outgoing.reshape(-1), positions)[:n_edges]
+                outgoing = edge_of[_compacted(out, kept, out.shape[1], capacity)[0]]
+                n_places = outgoing.numel()
+                source_slot = torch.full_like(edge, n_places)
+                source_slot = pad_rows(source_slot.unsqueeze(1))[:, 0].scatter(
+                    0, outgoing.reshape(-1), torch.arange(n_places, device=edge.device)
+                )[:n_edges]
                 graph["outgoing"] = outgoing
                 graph["source_slot"] = source_slot
         return graph
@@ -1172,6 +1160,22 @@ def _padded_table(table: Tensor, width: int, n_edges: int, capacity: int) -> Ten
     padded with ``capacity``: the table of the edges padded to ``capacity``."""
     table = torch.where(table == n_edges, capacity, table)
     return F.pad(table, (0, width - table.shape[1]), value=capacity)
+
+
+def _compacted(table: Tensor, kept: Tensor, width: int, fill: int) -> tuple[Tensor, Tensor]:
+    """Each row's kept entries of ``table`` ``[rows, w]`` (indices into ``kept`` ``[n + 1]``,
+    bool), in order, in a ``[rows, width]`` table padded with ``fill``, and whether a row
+    kept more than ``width`` (``[1]`` bool; those entries are dropped).  Fixed shapes, no
+    host synchronisation."""
+    keep = kept[table]
+    rank = keep.cumsum(dim=1) - 1
+    fits = keep & (rank < width)
+    rows = len(table)
+    start = torch.arange(rows, device=table.device).unsqueeze(1) * width
+    place = torch.where(fits, start + rank, rows * width)
+    compact = torch.full((rows * width + 1,), fill, dtype=table.dtype, device=table.device)
+    compact = compact.scatter(0, place.reshape(-1), table.reshape(-1))[:-1]
+    return compact.view(rows, width), (keep & (rank >= width)).any().view(1)
 
 
 def _axis_frames(rotations: Tensor) -> Tensor:
