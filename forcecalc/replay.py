@@ -4,10 +4,10 @@ A forward of a small system on a GPU is bound by the host: each of its ~500 oper
 10-20 us to launch, far more than its kernel runs.  A CUDA graph records the kernels of one
 call and replays them with a single launch.  That needs a function whose shapes depend only on
 its inputs' shapes and that never waits for the device (no ``.item()``, no ``nonzero``):
-a model's ``fixed_shape_forward`` (SpinConv force-centric and ForceNet: see
+a model's ``fixed_shape_forward`` (SpinConv, both kinds, and ForceNet: see
 :meth:`forcecalc.models.spinconv.SpinConv.fixed_shape_forward`), fed by
-``fixed_shape_inputs``, which does the data-dependent work and pads to capacities that change
-rarely (:func:`padded_size`).
+``fixed_shape_inputs``: the neighbor list's edges as candidates, padded to sizes that change
+rarely (:func:`padded_size`); the edge selection happens inside the forward.
 
 :class:`GraphReplay` captures one graph per input signature (names, shapes and dtypes) and
 replays it with the new values copied into the captured input buffers.  On a device other than
