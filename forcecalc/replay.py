@@ -43,7 +43,9 @@ class GraphReplay:
     """``function(inputs) -> outputs`` (dicts of tensors) through CUDA graphs.
 
     Args:
-        function: fixed shapes given the inputs' shapes, no host synchronisation, no autograd.
+        function: fixed shapes given the inputs' shapes, no host synchronisation; outputs
+            without autograd history (a backward pass inside it, as an energy-centric
+            model's forces, is captured with the rest).
         device: where the function runs; the inputs may be anywhere (they are copied).
         max_graphs: graphs kept (least recently used dropped first); each holds its own memory.
 
