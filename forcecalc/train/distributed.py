@@ -75,15 +75,6 @@ def all_gather_objects(value: Any, info: DistInfo) -> list[Any]:
     return out
 
 
-def broadcast_object(value: Any, info: DistInfo) -> Any:
-    """Rank 0's ``value`` on every process."""
-    if not info.active:
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def barrier(info: DistInfo) -> None:
     if info.active:
         dist.barrier()
