@@ -283,8 +283,7 @@ def test_cuda_graph_rebuilds_inputs_when_slots_overflow(monkeypatch) -> None:
         inputs = build(self, batch)
         calls.append(1)
         if len(calls) == 1:  # as if the first build had seen fewer edges per atom
-            n_atoms = len(inputs["numbers"])
-            inputs["slots"] = torch.arange(n_atoms * 4).view(n_atoms, 4)
+            inputs["columns"] = torch.arange(4)
         return inputs
 
     monkeypatch.setattr(Potential, "fixed_shape_inputs", narrow_first)

@@ -812,11 +812,12 @@ class SpinConv(nn.Module):
         ``batch``'s device.
 
         Sizes: candidates padded by :func:`~forcecalc.replay.padded_size` (padding candidates
-        join atom 0 to itself: zero length, never selected); ``slots`` ``[n_atoms, W]``, the
-        edges an atom may keep: ``W`` is the largest number of edges into an atom that the
-        rule keeps at these positions, rounded up to a multiple of 8, at most
-        ``max(max_neighbors, W)``.  If moved atoms keep more (ties at the cut), the forward
-        says so (``overflow``) and the inputs must be built again.
+        join atom 0 to itself: zero length, never selected).  The kept edges get room for
+        ``E`` edges and ``W`` per atom, from the edges the rule keeps at these positions:
+        ``W`` their largest number into an atom rounded up to a multiple of 8 (at most
+        ``max(max_neighbors, W)``), ``E`` their number plus one per atom, rounded up by
+        ``padded_size`` (at most ``n_atoms * W``).  If moved atoms keep more, the forward says
+        so (``overflow``) and the inputs must be built again.
 
         Returns:
             ``numbers`` ``[n_atoms]``, ``positions`` ``[n_atoms, 3]`` and ``cell``
@@ -824,9 +825,10 @@ class SpinConv(nn.Module):
             ``system_atoms`` and ``system_slot`` (its :class:`RowIndex` tables), candidates
             ``candidate_source``, ``candidate_target`` ``[C]`` and ``candidate_shifts``
             ``[C, 3]``, ``candidates_in`` ``[n_atoms, Wc]`` (the candidates into each atom,
-            increasing, padded with ``C``; ``Wc >= max_neighbors``), ``slots`` ``[n_atoms, W]``
-            (``arange``: the edge of each slot); for an energy-centric model also
-            ``candidates_out`` ``[n_atoms, Wo]`` (the candidates out of each atom).
+            increasing, padded with ``C``; ``Wc >= max_neighbors``), ``edges`` ``[E]`` and
+            ``columns`` ``[W]`` (``arange``: the kept edges' ids and an atom's places); for an
+            energy-centric model also ``candidates_out`` ``[n_atoms, Wo]`` (the candidates out
+            of each atom).
         """
         if not self.fixed_shapes:
             raise ValueError(
@@ -840,9 +842,11 @@ class SpinConv(nn.Module):
             kept, _ = self._select_edges(batch.edge_index, vectors, n_atoms)
         counts = torch.bincount(kept[1], minlength=n_atoms)
         width = int(counts.max()) if len(counts) else 0
-        slots = min(_multiple_of_8(max(width, 1)), max(width, self.max_neighbors))
+        width = min(_multiple_of_8(max(width, 1)), max(width, self.max_neighbors))
+        n_edges = min(padded_size(kept.shape[1] + n_atoms), n_atoms * width)
         capacity = padded_size(n_candidates)
         source, target = batch.edge_index
+        device = source.device
         pad = source.new_zeros(capacity - n_candidates)
         into = RowIndex(target, n_atoms).inverse
         into_width = max(_multiple_of_8(into.shape[1]), self.max_neighbors)
@@ -858,7 +862,8 @@ class SpinConv(nn.Module):
             "candidate_target": torch.cat([target, pad]),
             "candidate_shifts": torch.cat([batch.shifts, pad.new_zeros(len(pad), 3)]),
             "candidates_in": _padded_table(into, into_width, n_candidates, capacity),
-            "slots": torch.arange(n_atoms * slots, device=source.device).view(n_atoms, slots),
+            "edges": torch.arange(n_edges, device=device),
+            "columns": torch.arange(width, device=device),
         }
         if self.force_estimator == "grad":
             out = RowIndex(source, n_atoms).inverse
@@ -871,16 +876,16 @@ class SpinConv(nn.Module):
         """Raw ``energy`` ``[n_systems]`` and ``forces`` ``[n_atoms, 3]`` (for an
         energy-centric model also ``stress`` ``[n_systems, 3, 3]``, not finite for a cell of
         zero volume) from :meth:`fixed_shape_inputs` (on this model's device), and
-        ``overflow`` ``[1]`` bool: more edges kept into an atom than it has slots (the
+        ``overflow`` ``[1]`` bool: more edges kept than the inputs have room for (the
         results are then incomplete; build the inputs again).  The numbers of
         :meth:`forward`, with every shape fixed by the inputs' shapes and no host
         synchronisation, so that a CUDA graph can capture it (see
         :class:`forcecalc.replay.GraphReplay`): the edge selection is a mask and a
-        compaction into the slots, in the forward's edge order.  Inference only (no
+        compaction, in the forward's edge order.  Inference only (no
         gradient with respect to the parameters); an energy-centric model's gradient runs
         through tables built here (no table is built on a backward pass, which would wait
         for the device)."""
-        graph = self._slot_graph(inputs)
+        graph = self._kept_graph(inputs)
         numbers, source = inputs["numbers"], graph["source"]
         systems = RowIndex(
             inputs["system_idx"],
@@ -904,24 +909,23 @@ class SpinConv(nn.Module):
         out["overflow"] = graph["overflow"]
         return out
 
-    def _slot_graph(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
-        """The kept edges in slot layout, by fixed-shape operations: candidate vectors, the
-        cutoff and the max-neighbor rule as a mask (each atom's k-th distance by
-        ``kthvalue``, as :func:`~forcecalc.graph.neighbors.max_neighbors_mask`), then each
-        atom's kept candidates, in candidate order, into its slots.  Edge ``e`` of the result
-        is slot ``e`` (atom ``e // W``); empty slots are padding edges (atom 0 to itself along
-        ``x``, listed nowhere).
+    def _kept_graph(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The kept edges by fixed-shape operations: candidate vectors, the cutoff and the
+        max-neighbor rule as a mask (each atom's k-th distance by ``kthvalue``, as
+        :func:`~forcecalc.graph.neighbors.max_neighbors_mask`), then the kept candidates, atom
+        by atom in candidate order (the forward's edge order), as edges ``0 .. kept - 1`` of
+        ``E``; the rest are padding edges (atom 0 to itself along ``x``, listed nowhere).
 
         Returns ``source``, ``target`` ``[E]``, ``vectors`` ``[E, 3]`` float64, ``incoming``
         ``[n_atoms, W]`` (padded with ``E``), ``target_slot`` ``[E]`` (each edge's flat
-        position in ``incoming``, ``E`` for padding), ``overflow`` ``[1]`` and, for an
-        energy-centric model, ``outgoing`` ``[n_atoms, Wo]`` and ``source_slot`` ``[E]``.
+        position in ``incoming``, ``n_atoms * W`` for padding), ``overflow`` ``[1]`` and, for
+        an energy-centric model, ``outgoing`` ``[n_atoms, Wo]`` and ``source_slot`` ``[E]``.
         """
         candidate_source = inputs["candidate_source"]
         candidate_target = inputs["candidate_target"]
-        into, slots = inputs["candidates_in"], inputs["slots"]
-        n_atoms, width = slots.shape
-        n_edges, capacity = slots.numel(), len(candidate_source)
+        into, edges, columns = inputs["candidates_in"], inputs["edges"], inputs["columns"]
+        n_atoms, width, n_edges = len(into), len(columns), len(edges)
+        capacity = len(candidate_source)
         with torch.no_grad():
             vectors = edge_vectors(
                 inputs["positions"],
@@ -938,35 +942,54 @@ class SpinConv(nn.Module):
             )
             kept = valid & (distances <= kth.values[candidate_target] + TIE_TOLERANCE)
             kept = pad_rows(kept.unsqueeze(1), False)[:, 0]  # [C + 1]: the padding index too
-            # atom i's kept candidates, in order, in slots i * W ... i * W + W - 1
-            candidate, overflow = _compacted(into, kept, width, capacity)
-            candidate = candidate.reshape(-1)  # [E]: the candidate in each slot
+            # atom i's kept candidates become edges start[i] .. start[i] + count[i] - 1
+            keep = kept[into]  # [n_atoms, Wc]
+            count = keep.sum(dim=1)
+            start = count.cumsum(dim=0) - count
+            rank = keep.cumsum(dim=1) - 1
+            edge_id = start.unsqueeze(1) + rank
+            fits = keep & (rank < width) & (edge_id < n_edges)
+            overflow = (keep & ~fits).any().view(1)
+            candidate = torch.full((n_edges + 1,), capacity, dtype=into.dtype, device=into.device)
+            candidate = candidate.scatter(
+                0, torch.where(fits, edge_id, n_edges).reshape(-1), into.reshape(-1)
+            )
+            candidate = candidate[:n_edges]  # [E]: the candidate of each edge
             filled = candidate < capacity
-            edge = slots.reshape(-1)
+            # atom i's edges, in its first count[i] places (the places of edges past E stay
+            # empty; they only occur with an overflow)
+            listed = start.unsqueeze(1) + columns  # [n_atoms, W]
+            listed = (columns < count.unsqueeze(1)) & (listed < n_edges)
+            incoming = torch.where(listed, start.unsqueeze(1) + columns, n_edges)
+            places = torch.arange(n_atoms * width, device=edges.device)
+            target_slot = torch.full(
+                (n_edges + 1,), n_atoms * width, dtype=edges.dtype, device=edges.device
+            )
+            target_slot = target_slot.scatter(0, incoming.reshape(-1), places)[:n_edges]
             graph = {
                 "source": pad_rows(candidate_source.unsqueeze(1))[candidate, 0],
-                "target": torch.div(edge, width, rounding_mode="floor"),
+                "target": pad_rows(candidate_target.unsqueeze(1))[candidate, 0],
                 "vectors": torch.where(  # padding edges along x, from no host data
                     filled.unsqueeze(1),
                     pad_rows(vectors)[candidate],
                     (torch.arange(3, device=vectors.device) == 0).to(vectors.dtype),
                 ),
-                "incoming": torch.where(filled, edge, n_edges).view(n_atoms, width),
-                "target_slot": torch.where(filled, edge, n_edges),
+                "incoming": incoming,
+                "target_slot": target_slot,
                 "overflow": overflow,
             }
             if "candidates_out" in inputs:
-                # the kept edges out of each atom (in candidate order), as slot edges; this
-                # table has room for every candidate, so it never overflows
+                # the kept edges out of each atom (in candidate order); this table has room
+                # for every candidate, so it never overflows
                 out = inputs["candidates_out"]
-                edge_of = torch.full_like(kept, n_edges, dtype=edge.dtype)  # [C + 1]
-                edge_of = edge_of.scatter(0, torch.where(filled, candidate, capacity), edge)
+                edge_of = torch.full_like(kept, n_edges, dtype=edges.dtype)  # [C + 1]
+                edge_of = edge_of.scatter(0, torch.where(filled, candidate, capacity), edges)
                 edge_of[capacity] = n_edges
                 outgoing = edge_of[_compacted(out, kept, out.shape[1], capacity)[0]]
                 n_places = outgoing.numel()
-                source_slot = torch.full_like(edge, n_places)
+                source_slot = torch.full_like(edges, n_places)
                 source_slot = pad_rows(source_slot.unsqueeze(1))[:, 0].scatter(
-                    0, outgoing.reshape(-1), torch.arange(n_places, device=edge.device)
+                    0, outgoing.reshape(-1), torch.arange(n_places, device=edges.device)
                 )[:n_edges]
                 graph["outgoing"] = outgoing
                 graph["source_slot"] = source_slot
@@ -975,7 +998,7 @@ class SpinConv(nn.Module):
     def _fixed_shape_gradient(
         self, graph: dict[str, Tensor], numbers: Tensor, cell: Tensor, systems: RowIndex
     ) -> dict[str, Tensor]:
-        """:meth:`fixed_shape_forward` of an energy-centric model on its slot graph: the
+        """:meth:`fixed_shape_forward` of an energy-centric model on its kept graph: the
         energy's gradient with respect to the edge vectors ``g`` (one backward pass), then
         forces (``v = x_source - x_target + shift``: ``F_i`` is the sum of ``g`` over the
         edges into ``i`` minus the sum over the edges out of it) and stress (``sum_e v_e
@@ -1013,7 +1036,7 @@ class SpinConv(nn.Module):
     ) -> tuple[RowIndex, RowIndex, RowIndex, RowIndex]:
         """The gathers of an energy-centric fixed-shape forward with their inverse tables
         (what their backward passes read), built by fixed-shape operations from its slot graph
-        (``numbers`` and the tables of :meth:`_slot_graph`): edge targets (``[edges]`` into
+        (``numbers`` and the tables of :meth:`_kept_graph`): edge targets (``[edges]`` into
         atoms), the edges into every atom and into every edge's source (both into edges), and
         the edges out of every atom.  Padding edges are neither listed nor read; their
         gradients are zero (nothing reads them)."""

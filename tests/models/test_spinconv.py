@@ -544,9 +544,10 @@ def test_fixed_shape_forward_equals_forward(dtype, name, options, envelope):
         for key, value in plain.items():
             torch.testing.assert_close(fixed[key], value, rtol=tolerance, atol=tolerance)
     inputs, _, _ = _fixed_shape(model, [structures["n2_box"]])
-    assert inputs["candidate_source"].shape == (8,) and inputs["slots"].shape == (2, 8)
+    assert inputs["candidate_source"].shape == (8,) and inputs["edges"].shape == (8,)
+    assert inputs["columns"].shape == (8,)
     inputs, _, _ = _fixed_shape(model, [structures["cu_fcc_prim"]])
-    assert inputs["slots"].shape == (1, 42)
+    assert inputs["columns"].shape == inputs["edges"].shape == (42,)
 
 
 @pytest.mark.parametrize(("name", "options", "envelope"), FIXED_SHAPE_VARIANTS)
@@ -575,17 +576,35 @@ def test_fixed_shape_inputs_of_a_skin_graph_serve_moved_atoms(name, options, env
             torch.testing.assert_close(fixed[key], plain[key], rtol=1e-12, atol=1e-12)
 
 
-def test_more_kept_edges_than_slots_is_reported():
-    """Slots hold the edges an atom kept when the inputs were built; if moved atoms keep more
-    (new ties at the cut), the forward says so instead of dropping edges silently."""
+def test_more_kept_edges_than_room_is_reported():
+    """The inputs have room for the edges kept when they were built (per atom and in all);
+    if moved atoms keep more (new ties at the cut), the forward says so instead of dropping
+    edges silently."""
     model = _model("spinconv_small_fc")
     inputs = model.fixed_shape_inputs(
         Batch.from_atoms(ocp_structures()["co_cu111"], cutoff=model.cutoff, dtype=torch.float64)
     )
-    n_atoms = len(inputs["numbers"])
-    narrow = {**inputs, "slots": torch.arange(n_atoms * 4).view(n_atoms, 4)}
-    assert bool(model.fixed_shape_forward(narrow)["overflow"])
     assert not bool(model.fixed_shape_forward(inputs)["overflow"])
+    for narrow in ({"columns": torch.arange(4)}, {"edges": torch.arange(100)}):
+        assert bool(model.fixed_shape_forward({**inputs, **narrow})["overflow"])
+
+
+def test_kept_edges_are_stored_without_per_atom_padding():
+    """Kept edges sit in one list (padded in all, not per atom): a slab whose atoms keep
+    different numbers of edges needs little more room than it has edges."""
+    from ase.build import add_adsorbate, fcc111
+
+    from forcecalc.checkpoint import load_checkpoint
+
+    model = load_checkpoint("spinconv-ec", device="cpu").model  # 4 Å: 8 to 19 edges per atom
+    slab = fcc111("Pt", (3, 3, 3), vacuum=8.0)
+    add_adsorbate(slab, molecule("CO"), 1.9, "ontop")
+    inputs = model.fixed_shape_inputs(Batch.from_atoms(slab, cutoff=model.cutoff))
+    graph = model._kept_graph(inputs)
+    n_kept = int((graph["target_slot"] < graph["incoming"].numel()).sum())
+    n_atoms = len(inputs["numbers"])
+    assert len(inputs["edges"]) <= 1.25 * (n_kept + n_atoms)
+    assert len(inputs["edges"]) < n_atoms * len(inputs["columns"])
 
 
 def test_gradient_tables_are_the_adjoints_of_their_gathers():
@@ -600,7 +619,7 @@ def test_gradient_tables_are_the_adjoints_of_their_gathers():
         [structures[name] for name in ("o_pt100", "n2_box", "co_cu111")], cutoff=model.cutoff
     )
     inputs = model.fixed_shape_inputs(batch)
-    graph = model._slot_graph(inputs)
+    graph = model._kept_graph(inputs)
     n_atoms, width = graph["incoming"].shape
     padding = graph["target_slot"] >= n_atoms * width  # [edges]
     assert padding.any()
