@@ -160,7 +160,7 @@ class ForceCalculator(Calculator):
         """The fixed-shape forward replayed on ``batch``: while the neighbor list is reused
         (``skin``), the inputs of its last build with the new positions (one small copy to
         the device, no host work on the graph); built again from the batch when the list was
-        rebuilt, or when the forward reports more kept edges than slots (ties at the cut)."""
+        rebuilt, or when the forward reports more kept edges than room (ties at the cut)."""
         assert self.replay is not None
         if self._inputs is None or self._inputs[0] != self.graph_builds:
             inputs = self.potential.fixed_shape_inputs(batch)

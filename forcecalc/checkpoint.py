@@ -165,7 +165,7 @@ class Potential(nn.Module):
         (eV/Å^3) of :meth:`fixed_shape_inputs`, the same as :meth:`forward`, with fixed shapes
         and no host synchronisation (capturable in a CUDA graph:
         :class:`forcecalc.replay.GraphReplay`); and ``overflow`` ``[1]`` bool: True when the
-        inputs' slots were too few for the edges kept at these positions (the other outputs
+        inputs had too little room for the edges kept at these positions (the other outputs
         are then wrong: build the inputs again from this batch)."""
         raw = self.model.fixed_shape_forward(inputs)
         return {**self._denormalized(raw), "overflow": raw["overflow"]}

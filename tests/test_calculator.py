@@ -269,8 +269,8 @@ def test_cuda_graph_relaxation_follows_the_same_path(device: str, checkpoint, op
             graphed.get_stress(atoms)
 
 
-def test_cuda_graph_rebuilds_inputs_when_slots_overflow(monkeypatch) -> None:
-    """When moved atoms keep more edges than the inputs have slots (new ties at the cut), the
+def test_cuda_graph_rebuilds_inputs_when_kept_edges_overflow(monkeypatch) -> None:
+    """When moved atoms keep more edges than the inputs have room for (new ties at the cut), the
     forward reports it and the calculator builds the inputs again at these positions: the
     results are the plain calculator's, never those of a graph missing edges."""
     from forcecalc.checkpoint import Potential
