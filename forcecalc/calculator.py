@@ -50,8 +50,11 @@ class ForceCalculator(Calculator):
             neighbor list's edges and tables are built on the CPU, padded to sizes that rarely
             change; the edge selection (cutoff, max-neighbor rule) runs inside the graph, so
             with a ``skin`` a step copies only the new positions to the device.  The same
-            numbers as without.  On a CPU device the same fixed-shape forward runs without a
-            graph.
+            numbers as without.  Each new set of sizes (another structure, or edges that
+            outgrow their padding) costs a capture, about three forwards; the last 4 graphs
+            are kept.  For many steps of one structure (relaxation, MD), not for screening
+            many structures once each.  On a CPU device the same fixed-shape forward runs
+            without a graph.
         allow_unsafe: allow full unpickling of the checkpoint (trusted files only).
         **kwargs: passed to :class:`ase.calculators.calculator.Calculator`.
 
