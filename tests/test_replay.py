@@ -74,8 +74,9 @@ def test_max_graphs_must_be_positive():
 @CUDA
 def test_replay_gives_the_new_values_results():
     """A captured graph replays with each call's values (copied into its input buffers from
-    the CPU or the GPU); one capture per signature; outputs are fresh tensors, not the graph's
-    buffers that the next replay overwrites."""
+    the CPU or the GPU; an entry that is the previous call's very tensor is not copied
+    again); one capture per signature; outputs are fresh tensors, not the graph's buffers
+    that the next replay overwrites."""
     replay = GraphReplay(_affine, "cuda")
     outputs = []
     for seed in range(4):
@@ -87,6 +88,12 @@ def test_replay_gives_the_new_values_results():
     assert replay.captures == 1
     for inputs, out in outputs:
         torch.testing.assert_close(out["y"].cpu(), _expected(inputs)["y"], rtol=1e-12, atol=1e-12)
+    # the same tensor for "w" as in the last call (not copied again), a new "x"
+    last = outputs[-1][0]
+    moved = {**last, "x": _inputs(6, 99, device=last["x"].device.type)["x"]}
+    torch.testing.assert_close(
+        replay(moved)["y"].cpu(), _expected(moved)["y"], rtol=1e-12, atol=1e-12
+    )
 
 
 @CUDA
