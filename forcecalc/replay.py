@@ -21,7 +21,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+
+from forcecalc.graph.batch import Batch
+from forcecalc.graph.gather import RowIndex
 
 Inputs = dict[str, Tensor]
 Signature = tuple[tuple[str, tuple[int, ...], torch.dtype], ...]
@@ -151,3 +155,40 @@ def padded_size(n: int) -> int:
         return 8
     power = 1 << ((n - 1).bit_length() - 4)  # 8 * power <= n - 1 < 16 * power
     return -(-n // (2 * power)) * (2 * power)
+
+
+def padded_table(table: Tensor, n_edges: int, capacity: int, min_width: int = 1) -> Tensor:
+    """A ``[rows, w]`` table of edges padded with ``n_edges`` (a :attr:`RowIndex.inverse`) for
+    the edges padded to ``capacity``: padded with ``capacity``, its width rounded up to a
+    multiple of 8 and at least ``min_width``."""
+    width = max(-(-table.shape[1] // 8) * 8, min_width)
+    table = torch.where(table == n_edges, capacity, table)
+    return F.pad(table, (0, width - table.shape[1]), value=capacity)
+
+
+def candidate_inputs(batch: Batch, min_width: int) -> dict[str, Tensor]:
+    """The fixed-shape inputs every model takes: the batch's edges as candidates (any superset
+    of a model's graph), padded by :func:`padded_size` with edges from atom 0 to itself with a
+    zero shift (zero length: never kept), and the table of the candidates into each atom.
+
+    Returns:
+        ``numbers`` ``[n_atoms]``, ``positions`` ``[n_atoms, 3]`` and ``cell``
+        ``[n_systems, 3, 3]`` (float64 of the batch's: the only entries that change when
+        atoms move, see :meth:`forcecalc.checkpoint.Potential.moved`), ``system_idx``
+        ``[n_atoms]``, ``candidate_index`` ``[2, C]``, ``candidate_shifts`` ``[C, 3]`` and
+        ``candidates_in`` ``[n_atoms, Wc]`` (increasing, padded with ``C``; ``Wc >=
+        min_width``).
+    """
+    n_candidates = batch.n_edges
+    capacity = padded_size(n_candidates)
+    pad = batch.edge_index.new_zeros(capacity - n_candidates)
+    into = RowIndex(batch.edge_index[1], batch.n_atoms).inverse
+    return {
+        "numbers": batch.numbers,
+        "positions": batch.positions.to(torch.float64),
+        "cell": batch.cell.to(torch.float64),
+        "system_idx": batch.system_idx,
+        "candidate_index": torch.cat([batch.edge_index, pad.expand(2, -1)], dim=1),
+        "candidate_shifts": torch.cat([batch.shifts, pad.new_zeros(len(pad), 3)]),
+        "candidates_in": padded_table(into, n_candidates, capacity, min_width),
+    }

@@ -34,12 +34,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from forcecalc.graph.cell_list import batched_cell_list, wrap_positions
-from forcecalc.graph.gather import RowIndex
+from forcecalc.graph.gather import RowIndex, pad_rows
 
 Backend = Literal["auto", "vesin", "torch"]
 
 #: Two neighbor distances closer than this (Å) count as equal in the max-neighbor rule.
 TIE_TOLERANCE = 1e-5
+#: The models' graphs drop pairs with squared distance at or below this (Å^2), as OCP's
+#: ``radius_graph_pbc``: an atom's own zero shift, and overlapping atoms.
+MIN_DISTANCE_SQ = 1e-4
 
 
 @dataclass(frozen=True)
@@ -318,14 +321,41 @@ def max_neighbors_mask(
     if len(distances) == 0:
         return torch.ones(0, dtype=torch.bool, device=distances.device)
     d = distances.detach()
-    # Each atom's distances in a row padded with inf, then the k-th smallest (inf for an atom
-    # with fewer than k neighbors: it keeps them all).
-    incoming = RowIndex(target, n_atoms).inverse  # [n_atoms, width], padded with n_edges
-    table = torch.cat([d, d.new_full((1,), float("inf"))])[incoming]
-    if table.shape[1] < max_neighbors:
-        table = F.pad(table, (0, max_neighbors - table.shape[1]), value=float("inf"))
-    kth = table.kthvalue(max_neighbors, dim=1).values
+    kth = _kth_distances(d, RowIndex(target, n_atoms).inverse, max_neighbors)
     return d <= kth[target] + tolerance
+
+
+def kept_edges_mask(
+    vectors: Tensor, target: Tensor, incoming: Tensor, cutoff: float, max_neighbors: int
+) -> Tensor:
+    """The models' graph rule as a mask, with fixed shapes and no host synchronisation (what
+    a CUDA graph can capture): edges with ``MIN_DISTANCE_SQ < d**2 <= cutoff**2``, then
+    :func:`max_neighbors_mask` among them (the same edges as those two steps).
+
+    Args:
+        vectors: ``[n_edges, 3]`` candidate edge vectors.
+        target: ``[n_edges]`` target atom of each edge.
+        incoming: ``[n_atoms, w]`` the edges into each atom, padded with ``n_edges``.
+        cutoff: graph radius (Å).
+        max_neighbors: k.
+
+    Returns:
+        ``[n_edges]`` bool.
+    """
+    d2 = (vectors * vectors).sum(dim=1)
+    valid = (d2 <= cutoff**2) & (d2 > MIN_DISTANCE_SQ)
+    distances = torch.where(valid, d2, torch.inf).sqrt()
+    kth = _kth_distances(distances, incoming, max_neighbors)
+    return valid & (distances <= kth[target] + TIE_TOLERANCE)
+
+
+def _kth_distances(distances: Tensor, incoming: Tensor, k: int) -> Tensor:
+    """``[n_atoms]``: the k-th smallest distance into each atom (``incoming`` ``[n_atoms, w]``,
+    padded with ``len(distances)``), inf for an atom with fewer than k edges."""
+    table = pad_rows(distances.unsqueeze(1), torch.inf)[incoming, 0]
+    if table.shape[1] < k:
+        table = F.pad(table, (0, k - table.shape[1]), value=torch.inf)
+    return table.kthvalue(k, dim=1).values
 
 
 def neighbor_list(atoms, cutoff: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

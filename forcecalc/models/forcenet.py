@@ -47,13 +47,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from forcecalc.graph.batch import Batch
-from forcecalc.graph.gather import RowIndex, pad_rows
-from forcecalc.graph.neighbors import TIE_TOLERANCE, edge_vectors, max_neighbors_mask
+from forcecalc.graph.neighbors import (
+    MIN_DISTANCE_SQ,
+    edge_vectors,
+    kept_edges_mask,
+    max_neighbors_mask,
+)
 from forcecalc.models import elements
-from forcecalc.replay import padded_size
-
-#: Edges shorter than this (Å, squared) are dropped, as in OCP's ``radius_graph_pbc``.
-MIN_DISTANCE_SQ = 1e-4
+from forcecalc.replay import candidate_inputs
 
 ACTIVATIONS = (
     "relu",
@@ -754,45 +755,20 @@ class ForceNet(nn.Module):
     fixed_shapes = True
 
     def fixed_shape_inputs(self, batch: Batch) -> dict[str, Tensor]:
-        """The inputs of :meth:`fixed_shape_forward`: the batch's edges as candidates (any
-        superset of the graph), padded by :func:`~forcecalc.replay.padded_size` (padding
-        candidates join atom 0 to itself: zero length, never kept), with the table of the
-        candidates into each atom; the selection (cutoff, the 50-neighbor rule) happens in
+        """The inputs of :meth:`fixed_shape_forward`: the batch's edges as candidates
+        (:func:`~forcecalc.replay.candidate_inputs`, at least ``max_neighbors`` wide) and
+        ``natoms`` ``[n_systems]``.  The selection (cutoff, the 50-neighbor rule) happens in
         the forward, so the inputs depend on the positions only through
-        ``inputs["positions"]`` (see :meth:`forcecalc.checkpoint.Potential.moved`).
-
-        Returns:
-            ``numbers`` ``[n_atoms]``, ``positions`` ``[n_atoms, 3]`` and ``cell``
-            ``[n_systems, 3, 3]`` (float64 of the batch's), ``system_idx`` ``[n_atoms]``,
-            ``natoms`` ``[n_systems]``, ``candidate_index`` ``[2, C]``, ``candidate_shifts``
-            ``[C, 3]`` and ``candidates_in`` ``[n_atoms, Wc]`` (increasing, padded with
-            ``C``; ``Wc >= max_neighbors``).
-        """
-        n_candidates = batch.n_edges
-        capacity = padded_size(n_candidates)
-        pad = batch.edge_index.new_zeros(capacity - n_candidates)
-        into = RowIndex(batch.edge_index[1], batch.n_atoms).inverse
-        into = torch.where(into == n_candidates, capacity, into)
-        width = max(-(-into.shape[1] // 8) * 8, self.max_neighbors)
-        return {
-            "numbers": batch.numbers,
-            "positions": batch.positions.to(torch.float64),
-            "cell": batch.cell.to(torch.float64),
-            "system_idx": batch.system_idx,
-            "natoms": batch.natoms,
-            "candidate_index": torch.cat([batch.edge_index, pad.expand(2, -1)], dim=1),
-            "candidate_shifts": torch.cat([batch.shifts, pad.new_zeros(len(pad), 3)]),
-            "candidates_in": F.pad(into, (0, width - into.shape[1]), value=capacity),
-        }
+        ``inputs["positions"]`` (see :meth:`forcecalc.checkpoint.Potential.moved`)."""
+        return {**candidate_inputs(batch, self.max_neighbors), "natoms": batch.natoms}
 
     def fixed_shape_forward(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
         """Raw ``energy`` and ``forces`` from :meth:`fixed_shape_inputs` (and ``overflow``
         ``[1]``, always False: every candidate has a place), the numbers of :meth:`forward`
         with every shape fixed by the inputs' and no host synchronisation (capturable in a
-        CUDA graph).  The graph's selection is a mask on the candidates' edge weights: the
-        cutoff, and each atom's 50th distance by ``kthvalue`` (as
-        :func:`~forcecalc.graph.neighbors.max_neighbors_mask`); masked candidates are
-        evaluated along ``x`` and send zero messages.  Inference only."""
+        CUDA graph).  The graph's selection is a mask on the candidates' edge weights
+        (:func:`~forcecalc.graph.neighbors.kept_edges_mask`); masked candidates are evaluated
+        along ``x`` and send zero messages.  Inference only."""
         dtype = self.atom_radii.dtype
         edge_index, into = inputs["candidate_index"], inputs["candidates_in"]
         with torch.no_grad():
@@ -803,13 +779,7 @@ class ForceNet(nn.Module):
                 edge_index,
                 inputs["candidate_shifts"],
             )
-            length_sq = (vectors * vectors).sum(dim=1)
-            valid = (length_sq <= self.cutoff**2) & (length_sq > MIN_DISTANCE_SQ)
-            distances = torch.where(valid, length_sq, torch.inf).sqrt()
-            kth = pad_rows(distances.unsqueeze(1), torch.inf)[into, 0].kthvalue(
-                self.max_neighbors, dim=1
-            )
-            keep = valid & (distances <= kth.values[edge_index[1]] + TIE_TOLERANCE)
+            keep = kept_edges_mask(vectors, edge_index[1], into, self.cutoff, self.max_neighbors)
             along_x = (torch.arange(3, device=vectors.device) == 0).to(dtype)
             out = self._evaluate(
                 inputs["numbers"],

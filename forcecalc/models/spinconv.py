@@ -98,16 +98,19 @@ from torch import Tensor, nn
 
 from forcecalc.graph.batch import Batch
 from forcecalc.graph.gather import RowIndex, pad_rows
-from forcecalc.graph.neighbors import TIE_TOLERANCE, edge_vectors, max_neighbors_mask
+from forcecalc.graph.neighbors import (
+    MIN_DISTANCE_SQ,
+    edge_vectors,
+    kept_edges_mask,
+    max_neighbors_mask,
+)
 from forcecalc.models.blocks import GaussianSmearing
-from forcecalc.replay import padded_size
+from forcecalc.replay import candidate_inputs, padded_size, padded_table
 
 _Constant = TypeVar("_Constant")
 
 #: A projected unit direction with ``y**2 + z**2`` below this lies on the pole (float64).
 POLE_EPS2 = 1e-12
-#: OCP's graph drops pairs with squared distance at or below this (Å^2): coincident atoms.
-MIN_DISTANCE2 = 1e-4
 #: Half-width of the uniform initialization of the per-element-pair distance scaling.
 PAIR_INIT = 1e-4
 #: Seed of the default fixed set of force-block rotations.
@@ -811,22 +814,17 @@ class SpinConv(nn.Module):
         :meth:`forcecalc.checkpoint.Potential.moved`).  Host-synchronizing on CUDA; computed on
         ``batch``'s device.
 
-        Sizes: candidates padded by :func:`~forcecalc.replay.padded_size` (padding candidates
-        join atom 0 to itself: zero length, never selected).  The kept edges get room for
-        ``E`` edges and ``W`` per atom, from the edges the rule keeps at these positions:
-        ``W`` their largest number into an atom rounded up to a multiple of 8 (at most
-        ``max(max_neighbors, W)``), ``E`` their number plus one per atom, rounded up by
-        ``padded_size`` (at most ``n_atoms * W``).  If moved atoms keep more, the forward says
-        so (``overflow``) and the inputs must be built again.
+        Sizes: the kept edges get room for ``E`` edges and ``W`` per atom, from the edges the
+        rule keeps at these positions: ``W`` their largest number into an atom rounded up to a
+        multiple of 8 (at most ``max(max_neighbors, W)``), ``E`` their number plus one per
+        atom, rounded up by ``padded_size`` (at most ``n_atoms * W``).  If moved atoms keep
+        more, the forward says so (``overflow``) and the inputs must be built again.
 
         Returns:
-            ``numbers`` ``[n_atoms]``, ``positions`` ``[n_atoms, 3]`` and ``cell``
-            ``[n_systems, 3, 3]`` (float64 of the batch's), ``system_idx`` ``[n_atoms]``,
-            ``system_atoms`` and ``system_slot`` (its :class:`RowIndex` tables), candidates
-            ``candidate_source``, ``candidate_target`` ``[C]`` and ``candidate_shifts``
-            ``[C, 3]``, ``candidates_in`` ``[n_atoms, Wc]`` (the candidates into each atom,
-            increasing, padded with ``C``; ``Wc >= max_neighbors``), ``edges`` ``[E]`` and
-            ``columns`` ``[W]`` (``arange``: the kept edges' ids and an atom's places); for an
+            The candidates (:func:`~forcecalc.replay.candidate_inputs`, at least
+            ``max_neighbors`` wide), ``system_atoms`` and ``system_slot`` (the
+            :class:`RowIndex` tables of ``system_idx``), ``edges`` ``[E]`` and ``columns``
+            ``[W]`` (``arange``: the kept edges' ids and an atom's places); for an
             energy-centric model also ``candidates_out`` ``[n_atoms, Wo]`` (the candidates out
             of each atom).
         """
@@ -835,41 +833,27 @@ class SpinConv(nn.Module):
                 "the fixed-shape forward needs a model that regresses forces (regress_forces)"
             )
         self._check_elements(batch.numbers)
+        inputs = candidate_inputs(batch, self.max_neighbors)
         n_atoms, n_candidates = batch.n_atoms, batch.n_edges
-        positions, cell = batch.positions.to(torch.float64), batch.cell.to(torch.float64)
+        capacity = inputs["candidate_index"].shape[1]
         with torch.no_grad():
-            vectors = batch.edge_vectors(positions, cell)
+            vectors = batch.edge_vectors(inputs["positions"], inputs["cell"])
             kept, _ = self._select_edges(batch.edge_index, vectors, n_atoms)
         counts = torch.bincount(kept[1], minlength=n_atoms)
         width = int(counts.max()) if len(counts) else 0
-        width = min(_multiple_of_8(max(width, 1)), max(width, self.max_neighbors))
+        width = min(-(-max(width, 1) // 8) * 8, max(width, self.max_neighbors))
         n_edges = min(padded_size(kept.shape[1] + n_atoms), n_atoms * width)
-        capacity = padded_size(n_candidates)
-        source, target = batch.edge_index
-        device = source.device
-        pad = source.new_zeros(capacity - n_candidates)
-        into = RowIndex(target, n_atoms).inverse
-        into_width = max(_multiple_of_8(into.shape[1]), self.max_neighbors)
         systems = RowIndex(batch.system_idx, batch.n_systems)
-        inputs = {
-            "numbers": batch.numbers,
-            "positions": positions,
-            "cell": cell,
-            "system_idx": batch.system_idx,
-            "system_atoms": systems.inverse,
-            "system_slot": systems.position,
-            "candidate_source": torch.cat([source, pad]),
-            "candidate_target": torch.cat([target, pad]),
-            "candidate_shifts": torch.cat([batch.shifts, pad.new_zeros(len(pad), 3)]),
-            "candidates_in": _padded_table(into, into_width, n_candidates, capacity),
-            "edges": torch.arange(n_edges, device=device),
-            "columns": torch.arange(width, device=device),
-        }
+        device = batch.edge_index.device
+        inputs.update(
+            system_atoms=systems.inverse,
+            system_slot=systems.position,
+            edges=torch.arange(n_edges, device=device),
+            columns=torch.arange(width, device=device),
+        )
         if self.force_estimator == "grad":
-            out = RowIndex(source, n_atoms).inverse
-            inputs["candidates_out"] = _padded_table(
-                out, _multiple_of_8(out.shape[1]), n_candidates, capacity
-            )
+            out = RowIndex(batch.edge_index[0], n_atoms).inverse
+            inputs["candidates_out"] = padded_table(out, n_candidates, capacity)
         return inputs
 
     def fixed_shape_forward(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -910,19 +894,17 @@ class SpinConv(nn.Module):
         return out
 
     def _kept_graph(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
-        """The kept edges by fixed-shape operations: candidate vectors, the cutoff and the
-        max-neighbor rule as a mask (each atom's k-th distance by ``kthvalue``, as
-        :func:`~forcecalc.graph.neighbors.max_neighbors_mask`), then the kept candidates, atom
-        by atom in candidate order (the forward's edge order), as edges ``0 .. kept - 1`` of
-        ``E``; the rest are padding edges (atom 0 to itself along ``x``, listed nowhere).
+        """The kept edges by fixed-shape operations: candidate vectors, the graph rule as a
+        mask (:func:`~forcecalc.graph.neighbors.kept_edges_mask`), then the kept candidates,
+        atom by atom in candidate order (the forward's edge order), as edges ``0 .. kept - 1``
+        of ``E``; the rest are padding edges (atom 0 to itself along ``x``, listed nowhere).
 
         Returns ``source``, ``target`` ``[E]``, ``vectors`` ``[E, 3]`` float64, ``incoming``
         ``[n_atoms, W]`` (padded with ``E``), ``target_slot`` ``[E]`` (each edge's flat
         position in ``incoming``, ``n_atoms * W`` for padding), ``overflow`` ``[1]`` and, for
         an energy-centric model, ``outgoing`` ``[n_atoms, Wo]`` and ``source_slot`` ``[E]``.
         """
-        candidate_source = inputs["candidate_source"]
-        candidate_target = inputs["candidate_target"]
+        candidate_source, candidate_target = inputs["candidate_index"]
         into, edges, columns = inputs["candidates_in"], inputs["edges"], inputs["columns"]
         n_atoms, width, n_edges = len(into), len(columns), len(edges)
         capacity = len(candidate_source)
@@ -931,16 +913,10 @@ class SpinConv(nn.Module):
                 inputs["positions"],
                 inputs["cell"],
                 inputs["system_idx"],
-                torch.stack([candidate_source, candidate_target]),
+                inputs["candidate_index"],
                 inputs["candidate_shifts"],
             )
-            d2 = (vectors * vectors).sum(dim=1)
-            valid = (d2 <= self.cutoff**2) & (d2 > MIN_DISTANCE2)
-            distances = torch.where(valid, d2, torch.inf).sqrt()
-            kth = pad_rows(distances.unsqueeze(1), torch.inf)[into, 0].kthvalue(
-                self.max_neighbors, dim=1
-            )
-            kept = valid & (distances <= kth.values[candidate_target] + TIE_TOLERANCE)
+            kept = kept_edges_mask(vectors, candidate_target, into, self.cutoff, self.max_neighbors)
             kept = pad_rows(kept.unsqueeze(1), False)[:, 0]  # [C + 1]: the padding index too
             # atom i's kept candidates become edges start[i] .. start[i] + count[i] - 1
             keep = kept[into]  # [n_atoms, Wc]
@@ -1081,7 +1057,7 @@ class SpinConv(nn.Module):
         apply the max-neighbor rule."""
         with torch.no_grad():
             d2 = (vectors * vectors).sum(dim=1)
-            keep = torch.nonzero((d2 <= self.cutoff**2) & (d2 > MIN_DISTANCE2)).view(-1)
+            keep = torch.nonzero((d2 <= self.cutoff**2) & (d2 > MIN_DISTANCE_SQ)).view(-1)
             target = edge_index[1, keep]
             mask = max_neighbors_mask(target, d2[keep].sqrt(), self.max_neighbors, n_atoms)
             keep = keep[mask]
@@ -1172,17 +1148,6 @@ def ocp_random_rotations(
 def cosine_cutoff(distances: Tensor, cutoff: float) -> Tensor:
     """``(cos(pi d / cutoff) + 1) / 2``: 1 at ``d = 0``, zero value and slope at the cutoff."""
     return 0.5 * (torch.cos(distances * (math.pi / cutoff)) + 1.0)
-
-
-def _multiple_of_8(n: int) -> int:
-    return -(-n // 8) * 8
-
-
-def _padded_table(table: Tensor, width: int, n_edges: int, capacity: int) -> Tensor:
-    """A ``[n_rows, w]`` table of edges (padded with ``n_edges``) widened to ``width`` columns,
-    padded with ``capacity``: the table of the edges padded to ``capacity``."""
-    table = torch.where(table == n_edges, capacity, table)
-    return F.pad(table, (0, width - table.shape[1]), value=capacity)
 
 
 def _compacted(table: Tensor, kept: Tensor, width: int, fill: int) -> tuple[Tensor, Tensor]:

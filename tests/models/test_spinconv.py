@@ -544,7 +544,7 @@ def test_fixed_shape_forward_equals_forward(dtype, name, options, envelope):
         for key, value in plain.items():
             torch.testing.assert_close(fixed[key], value, rtol=tolerance, atol=tolerance)
     inputs, _, _ = _fixed_shape(model, [structures["n2_box"]])
-    assert inputs["candidate_source"].shape == (8,) and inputs["edges"].shape == (8,)
+    assert inputs["candidate_index"].shape == (2, 8) and inputs["edges"].shape == (8,)
     assert inputs["columns"].shape == (8,)
     inputs, _, _ = _fixed_shape(model, [structures["cu_fcc_prim"]])
     assert inputs["columns"].shape == inputs["edges"].shape == (42,)
