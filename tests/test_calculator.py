@@ -11,6 +11,7 @@ from ase.calculators.calculator import PropertyNotImplementedError
 from ase.constraints import FixAtoms
 from ase.md.verlet import VelocityVerlet
 from ase.optimize import BFGS, FIRE, LBFGS
+from devices import DEVICES
 from ocp_fixtures import OCP_DATA, ocp_reference, ocp_structures
 
 from forcecalc import (
@@ -231,13 +232,7 @@ CUDA_GRAPH_MODELS = [
 
 @pytest.mark.parametrize(
     "device",
-    [
-        "cpu",
-        pytest.param(
-            "cuda",
-            marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"),
-        ),
-    ],
+    DEVICES,
 )
 @pytest.mark.parametrize(("checkpoint", "options"), CUDA_GRAPH_MODELS)
 def test_cuda_graph_relaxation_follows_the_same_path(device: str, checkpoint, options) -> None:

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from devices import CUDA
 
 from forcecalc.replay import GraphReplay, check_replay, padded_size
-
-CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
 
 def _affine(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from devices import CUDA
 
 from forcecalc.graph.gather import RowIndex
 
@@ -106,7 +107,7 @@ def test_sum_by_row_equals_index_add(seed):
     torch.testing.assert_close(grad, weights[index], rtol=0, atol=0)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@CUDA
 def test_cuda_sums_are_bitwise_repeatable():
     """On CUDA, where ``index_add_`` uses atomics, ``sum_by_row`` gives the same bits every
     call."""

@@ -10,6 +10,7 @@ import torch
 from ase import Atoms
 from ase.build import bulk, fcc111, molecule
 from ase.neighborlist import neighbor_list as ase_neighbor_list
+from devices import CUDA
 
 from forcecalc.graph import cell_list
 from forcecalc.graph.neighbors import (
@@ -22,7 +23,6 @@ from forcecalc.graph.neighbors import (
 )
 
 BACKENDS = ["vesin", "torch"]
-CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 N_RANDOM = 200
 
 

@@ -9,6 +9,7 @@ from functools import cache
 import numpy as np
 import pytest
 import torch
+from devices import CUDA, DEVICES
 from ocp_fixtures import load_ocp_raw, ocp_reference, ocp_structures
 
 from forcecalc.checkpoint import Potential
@@ -93,13 +94,7 @@ def test_fresh_tables_equal_checkpoint(name):
 
 @pytest.mark.parametrize(
     "device",
-    [
-        "cpu",
-        pytest.param(
-            "cuda",
-            marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"),
-        ),
-    ],
+    DEVICES,
 )
 @pytest.mark.parametrize("dtype", DTYPES, ids=["float64", "float32"])
 @pytest.mark.parametrize("name", MODELS)
@@ -361,7 +356,7 @@ def test_contract_attributes():
     assert math.isnan(float(model.atom_radii[36]))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@CUDA
 @pytest.mark.parametrize("dtype", DTYPES, ids=["float64", "float32"])
 def test_cuda_matches_cpu(dtype):
     """On CUDA the model gives the CPU results (float64 1e-9, float32 1e-4 relative to max|F|)."""

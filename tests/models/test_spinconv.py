@@ -12,6 +12,7 @@ import pytest
 import torch
 from ase import Atoms
 from ase.build import molecule
+from devices import CUDA, DEVICES
 from ocp_fixtures import load_ocp_raw, ocp_reference, ocp_structures
 
 import forcecalc.models.spinconv as spinconv_module
@@ -26,13 +27,6 @@ MODELS = [
     pytest.param("spinconv_all", marks=pytest.mark.slow),
 ]
 DTYPES = [torch.float64, torch.float32]
-DEVICES = [
-    "cpu",
-    pytest.param(
-        "cuda",
-        marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"),
-    ),
-]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -881,7 +875,7 @@ def test_odd_longitude_without_distance_scaling():
     assert abs(float(forces[atom, 2]) - numeric) < 1e-6 * float(forces.abs().max())
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@CUDA
 @pytest.mark.parametrize(
     ("name", "forces"),
     [
@@ -972,7 +966,7 @@ def test_envelope_conservative_forces_match_finite_differences():
         assert abs(float(forces[atom, axis]) - numeric) < 1e-6 * scale, (atom, axis)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@CUDA
 @pytest.mark.parametrize("name", ["spinconv_small_fc", "spinconv_small_ec"])
 def test_cuda_repeated_calls_bit_identical(name):
     """On CUDA, float32, repeated calls give bitwise the same energies and forces (conservative
