@@ -22,6 +22,7 @@ from types import ModuleType
 
 import numpy as np
 import torch
+from kernel_profile import synchronize
 from speed import CONFIGS, hardware, structure
 
 from forcecalc.atomic import write_json
@@ -36,11 +37,6 @@ def load_module(path: str, name: str) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def synchronize(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def compare(models: dict[str, torch.nn.Module], batch: Batch, repeats: int, device: str) -> dict:

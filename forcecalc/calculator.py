@@ -147,8 +147,9 @@ class ForceCalculator(Calculator):
         want_stress = "stress" in properties and self.potential.defines_stress
         if want_stress and not periodic:
             raise ValueError("stress needs a periodic cell in all three directions")
-        on_cpu = self.replay is not None  # the fixed-shape inputs are built on the CPU
-        batch = self._batch(self.atoms, torch.device("cpu") if on_cpu else self.potential.device)
+        # the fixed-shape inputs are built on the CPU
+        device = self.potential.device if self.replay is None else torch.device("cpu")
+        batch = self._batch(self.atoms, device)
         self.potential.check_numbers(batch.numbers)
         if self.replay is not None:
             out = self._replayed(batch)
