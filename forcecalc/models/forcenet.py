@@ -47,12 +47,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from forcecalc.graph.batch import Batch
-from forcecalc.graph.neighbors import (
-    MIN_DISTANCE_SQ,
-    edge_vectors,
-    kept_edges_mask,
-    max_neighbors_mask,
-)
+from forcecalc.graph.gather import RowIndex
+from forcecalc.graph.neighbors import edge_vectors, kept_edges_mask
 from forcecalc.models import elements
 from forcecalc.replay import candidate_inputs
 
@@ -676,12 +672,9 @@ class ForceNet(nn.Module):
         """
         dtype = self.atom_radii.dtype
         vectors = batch.edge_vectors()
-        length_sq = (vectors * vectors).sum(dim=1)
-        valid = (length_sq <= self.cutoff**2) & (length_sq > MIN_DISTANCE_SQ)
-        distances = torch.where(valid, length_sq, torch.inf).sqrt()
-        keep = valid & max_neighbors_mask(
-            batch.edge_index[1], distances, self.max_neighbors, batch.n_atoms
-        )
+        target = batch.edge_index[1]
+        incoming = RowIndex(target, batch.n_atoms).inverse
+        keep = kept_edges_mask(vectors, target, incoming, self.cutoff, self.max_neighbors)
         index = torch.nonzero(keep).flatten()
         return batch.edge_index[:, index], vectors[index].to(dtype)
 

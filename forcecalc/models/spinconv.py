@@ -98,12 +98,7 @@ from torch import Tensor, nn
 
 from forcecalc.graph.batch import Batch
 from forcecalc.graph.gather import RowIndex, pad_rows
-from forcecalc.graph.neighbors import (
-    MIN_DISTANCE_SQ,
-    edge_vectors,
-    kept_edges_mask,
-    max_neighbors_mask,
-)
+from forcecalc.graph.neighbors import edge_vectors, kept_edges_mask
 from forcecalc.models.blocks import GaussianSmearing
 from forcecalc.replay import candidate_inputs, padded_size, padded_table
 
@@ -1054,13 +1049,13 @@ class SpinConv(nn.Module):
         self, edge_index: Tensor, vectors: Tensor, n_atoms: int
     ) -> tuple[Tensor, Tensor]:
         """Drop pairs beyond the cutoff (OCP keeps ``d <= cutoff``) and coincident pairs, then
-        apply the max-neighbor rule."""
+        apply the max-neighbor rule (:func:`~forcecalc.graph.neighbors.kept_edges_mask`)."""
+        target = edge_index[1]
         with torch.no_grad():
-            d2 = (vectors * vectors).sum(dim=1)
-            keep = torch.nonzero((d2 <= self.cutoff**2) & (d2 > MIN_DISTANCE_SQ)).view(-1)
-            target = edge_index[1, keep]
-            mask = max_neighbors_mask(target, d2[keep].sqrt(), self.max_neighbors, n_atoms)
-            keep = keep[mask]
+            kept = kept_edges_mask(
+                vectors, target, RowIndex(target, n_atoms).inverse, self.cutoff, self.max_neighbors
+            )
+            keep = torch.nonzero(kept).view(-1)
         return edge_index[:, keep], vectors[keep]
 
     def _direct_forces(
