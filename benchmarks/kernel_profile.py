@@ -131,6 +131,23 @@ class OperatorLog(TorchDispatchMode):
         self.synchronizing: collections.Counter[str] = collections.Counter()
         self.traffic: dict[str, list[float]] = collections.defaultdict(lambda: [0, 0.0, 0.0])
 
+    def __enter__(self) -> OperatorLog:
+        # ``Tensor.tolist`` reads the data without an operator (the dispatcher never sees it);
+        # on CUDA it copies to the host and waits.
+        self._tolist = torch.Tensor.tolist
+        log, tolist = self, self._tolist
+
+        def counted_tolist(tensor: torch.Tensor) -> Any:
+            log.synchronizing[f"Tensor.tolist @ {_where()}"] += 1
+            return tolist(tensor)
+
+        torch.Tensor.tolist = counted_tolist  # type: ignore[method-assign]
+        return super().__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        torch.Tensor.tolist = self._tolist  # type: ignore[method-assign]
+        super().__exit__(*exc)
+
     def __torch_dispatch__(
         self, func: Any, types: Any, args: tuple = (), kwargs: Any = None
     ) -> Any:

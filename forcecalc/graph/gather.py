@@ -64,22 +64,36 @@ class RowIndex:
     def _build(self) -> None:
         flat = self.index.reshape(-1)
         size = flat.numel()
-        counts = torch.bincount(flat, minlength=self.n_rows + 1)[: self.n_rows]
-        width = max(int(counts.max()), 1) if size and self.n_rows else 1
-        if bool((flat[1:] >= flat[:-1]).all()):  # already in order (edges by target, atoms)
-            order = torch.arange(size, device=flat.device)
+        # counts by scatter, not bincount (which waits for the device on CUDA to size its output)
+        counts = flat.new_zeros(self.n_rows + 1).index_add_(0, flat, torch.ones_like(flat))
+        counts = counts[: self.n_rows]
+        if size and self.n_rows:
+            # the width and whether the index is in order, in one fetch (one wait on CUDA)
+            summary = torch.stack([counts.max(), (flat[1:] >= flat[:-1]).all().long()])
+            largest, ordered = summary.tolist()
+        else:
+            largest, ordered = 0, True
+        width = max(largest, 1)
+        if ordered:  # edges by target, atoms
+            order, rows = torch.arange(size, device=flat.device), flat
         else:
             order = torch.argsort(flat, stable=True)
-        rows = flat[order]
+            rows = flat[order]
         first = torch.cumsum(counts, 0) - counts
-        keep = rows < self.n_rows
-        order, rows = order[keep], rows[keep]
-        slot = torch.arange(len(rows), device=flat.device) - first[rows]
-        inverse = torch.full((self.n_rows, width), size, dtype=torch.int64, device=flat.device)
-        inverse[rows, slot] = order
-        position = torch.full((size,), self.n_rows * width, dtype=torch.int64, device=flat.device)
-        position[order] = rows * width + slot
-        self._inverse, self._position = inverse, position
+        # padding entries (row n_rows) go to one extra place past the table, then dropped
+        padding = rows == self.n_rows
+        slot = torch.arange(size, device=flat.device) - pad_rows(first, size)[rows]
+        place = torch.where(padding, self.n_rows * width, rows * width + slot)
+        inverse = torch.full(
+            (self.n_rows * width + 1,), size, dtype=torch.int64, device=flat.device
+        )
+        inverse[place] = order
+        position = place
+        if not ordered:
+            position = torch.empty_like(place)
+            position[order] = place
+        self._inverse = inverse[:-1].view(self.n_rows, width)
+        self._position = position
 
     @property
     def inverse(self) -> Tensor:

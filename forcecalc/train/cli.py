@@ -122,10 +122,12 @@ def build_config(
 
 
 def _run(config: TrainConfig, resume: Path | None) -> int:
+    from forcecalc.train.distributed import leave_process_group
     from forcecalc.train.trainer import Trainer
 
     trainer = Trainer(config, resume=resume)
     summary = trainer.fit()
+    leave_process_group()
     if trainer.dist.is_main:
         metrics = {k: v for k, v in summary["metrics"].items() if k.startswith("val_")}
         print(json.dumps({"final": summary["final"], "step": summary["step"], **metrics}))

@@ -80,6 +80,16 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
+def leave_process_group() -> None:
+    """Leave the process group at the end of a successful run: a barrier first, so that no
+    process closes its connections while another still reads from them, then
+    ``destroy_process_group`` (a process that exits without it can abort in gloo's or NCCL's
+    threads during interpreter shutdown).  Does nothing outside a process group."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 class GlobalBatchNorm(nn.BatchNorm1d):
     """``BatchNorm1d`` whose training statistics cover the batch of every process.
 

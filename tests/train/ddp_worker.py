@@ -11,10 +11,10 @@ from __future__ import annotations
 import sys
 
 import torch
-import torch.distributed as dist
 from ase.io import read
 
 from forcecalc.train import TrainConfig, Trainer
+from forcecalc.train.distributed import leave_process_group
 
 
 def main(frames_path: str, *config_paths: str) -> None:
@@ -22,7 +22,7 @@ def main(frames_path: str, *config_paths: str) -> None:
     frames = read(frames_path, index=":")
     for path in config_paths:
         Trainer(TrainConfig.from_file(path), frames, []).fit()
-    dist.destroy_process_group()
+    leave_process_group()
 
 
 if __name__ == "__main__":
