@@ -329,7 +329,7 @@ def kept_edges_mask(
     vectors: Tensor, target: Tensor, incoming: Tensor, cutoff: float, max_neighbors: int
 ) -> Tensor:
     """The models' graph rule as a mask, with fixed shapes and no host synchronisation (what
-    a CUDA graph can capture): edges with ``MIN_DISTANCE_SQ < d**2 <= cutoff**2``, then
+    a CUDA graph can capture): edges with ``MIN_DISTANCE_SQ < d**2 < cutoff**2``, then
     :func:`max_neighbors_mask` among them (the same edges as those two steps).
 
     Args:
@@ -343,7 +343,9 @@ def kept_edges_mask(
         ``[n_edges]`` bool.
     """
     d2 = (vectors * vectors).sum(dim=1)
-    valid = (d2 <= cutoff**2) & (d2 > MIN_DISTANCE_SQ)
+    # strictly inside, as every neighbor list (ASE's, vesin, ours): a pair exactly at the cutoff
+    # is then dropped whether the candidates were built at the cutoff or beyond (a skin)
+    valid = (d2 < cutoff**2) & (d2 > MIN_DISTANCE_SQ)
     distances = torch.where(valid, d2, torch.inf).sqrt()
     kth = _kth_distances(distances, incoming, max_neighbors)
     return valid & (distances <= kth[target] + TIE_TOLERANCE)

@@ -19,7 +19,7 @@ plus the periodic shift, ``d = |v|``, unit ``n = v / d``):
 
 The graph, from the batch's edges (which may be a superset built at a larger radius):
 
-* edges longer than ``cutoff`` are dropped (OCP keeps ``d**2 <= cutoff**2``), and so are edges
+* edges at or beyond ``cutoff`` are dropped (OCP keeps ``d**2 <= cutoff**2``), and so are edges
   shorter than 0.01 Å (OCP's ``radius_graph_pbc`` drops ``d**2 <= 1e-4``: an atom's own zero
   shift, and overlapping atoms);
 * each atom keeps its 50 closest neighbors (OCP's hard-coded ``max_neighbors``) plus every
@@ -667,7 +667,7 @@ class ForceNet(nn.Module):
     def graph(self, batch: Batch) -> tuple[Tensor, Tensor]:
         """The model's edges: ``(edge_index [2, E], vectors [E, 3])`` in the model's dtype.
 
-        Keeps the batch's edges with ``0.01 Å < d <= cutoff`` and then each atom's 50 closest
+        Keeps the batch's edges with ``0.01 Å < d < cutoff`` and then each atom's 50 closest
         (plus ties, see the module docstring).
         """
         dtype = self.atom_radii.dtype
