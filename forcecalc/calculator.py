@@ -9,11 +9,14 @@ comparing the absolute number with a DFT total energy is not.
 
 from __future__ import annotations
 
+import copy
+import math
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from ase.calculators.calculator import (
+    CalculationFailed,
     Calculator,
     PropertyNotImplementedError,
     all_changes,
@@ -34,13 +37,16 @@ class ForceCalculator(Calculator):
     Args:
         checkpoint: a path, a shipped name (``"spinconv-fc"``), an OCP name
             (``"SpinConv-S2EF-OC20-All"``) or a loaded :class:`~forcecalc.checkpoint.Potential`.
-        device: ``"cpu"``, ``"cuda"``...; default CUDA when available, else CPU.
-        dtype: ``"float32"`` (default) or ``"float64"`` (use it for NVE MD).
+        device: ``"cpu"``, ``"cuda"``...; default CUDA when available, else CPU (with a
+            loaded ``Potential``: its device, and another one is an error).
+        dtype: ``"float32"`` (default) or ``"float64"`` (use it for NVE MD); with a loaded
+            ``Potential``: its dtype, and another one is an error.
         rotations: SpinConv force-centric only: ``None`` (a fixed, seeded set: forces are a
             deterministic function of positions), ``"random"`` (fresh every call, as the
             original) or a ``[R, 3, 3]`` array of rotation matrices.
         max_neighbors: override the max-neighbor rule of the graph (the trained value
-            otherwise; SpinConv's energy readout keeps its trained normalisation).
+            otherwise; SpinConv's energy readout keeps its trained normalisation), for this
+            calculator only (a ``Potential`` passed in is not changed).
         skin: if > 0, keep the neighbor list built at ``cutoff + skin`` and rebuild it only
             when an atom moved more than ``skin / 2`` or the cell, numbers or pbc changed.
             Results are identical to rebuilding every step.
@@ -56,11 +62,12 @@ class ForceCalculator(Calculator):
             many structures once each.  On a CPU device the same fixed-shape forward runs
             without a graph.
         allow_unsafe: allow full unpickling of the checkpoint (trusted files only).
-        **kwargs: passed to :class:`ase.calculators.calculator.Calculator`.
+        label, directory, atoms: as for :class:`ase.calculators.calculator.Calculator`.
 
     Properties: ``energy`` and ``free_energy`` (eV, adsorption-referenced for OC20 models: see
     the module docstring), ``forces`` (eV/Å) and, for energy-centric SpinConv only, ``stress``
-    (eV/Å^3, Voigt order).
+    (eV/Å^3, Voigt order; for cells periodic in all three directions).  A model output that
+    is not finite raises :class:`~ase.calculators.calculator.CalculationFailed`.
     """
 
     implemented_properties: ClassVar[list[str]] = ["energy", "free_energy", "forces", "stress"]
@@ -70,16 +77,18 @@ class ForceCalculator(Calculator):
         self,
         checkpoint: str | Potential,
         device: str | torch.device | None = None,
-        dtype: str | torch.dtype = "float32",
+        dtype: str | torch.dtype | None = None,
         rotations: str | np.ndarray | torch.Tensor | None = None,
         forces: str | None = None,
         max_neighbors: int | None = None,
         skin: float = 0.0,
         cuda_graph: bool = False,
         allow_unsafe: bool = False,
-        **kwargs: Any,
+        label: str | None = None,
+        directory: str = ".",
+        atoms: Any = None,
     ) -> None:
-        super().__init__(**kwargs)
+        super().__init__(label=label, directory=directory, atoms=atoms)
         options: dict[str, Any] = {}
         if rotations is not None:
             options["rotations"] = (
@@ -93,9 +102,19 @@ class ForceCalculator(Calculator):
             if options:
                 raise ValueError("pass model options when loading, not with a loaded Potential")
             potential = checkpoint
+            potential.check_same(device, dtype)
         else:
             potential = load_checkpoint(
-                checkpoint, device=device, dtype=dtype, allow_unsafe=allow_unsafe, **options
+                checkpoint,
+                device=device,
+                dtype="float32" if dtype is None else dtype,
+                allow_unsafe=allow_unsafe,
+                **options,
+            )
+        if forces is not None and not potential.defines_stress:
+            raise ValueError(
+                f"forces={forces!r} applies to energy-centric SpinConv models only; this "
+                f"{potential.name} model predicts its forces directly"
             )
         if self.model_name is not None and potential.name != self.model_name:
             raise ValueError(
@@ -104,11 +123,9 @@ class ForceCalculator(Calculator):
                 f"forcecalc.load_calculator() to pick the calculator from the checkpoint"
             )
         if max_neighbors is not None:
-            if max_neighbors < 1:
-                raise ValueError(f"max_neighbors must be >= 1, got {max_neighbors}")
-            potential.model.max_neighbors = int(max_neighbors)
-        if skin < 0:
-            raise ValueError(f"skin must be >= 0, got {skin}")
+            potential = _with_max_neighbors(potential, max_neighbors)
+        if not (math.isfinite(skin) and skin >= 0):
+            raise ValueError(f"skin must be a finite number >= 0 (Å), got {skin}")
         self.potential = potential
         self.implemented_properties = ["energy", "free_energy", "forces"] + (
             ["stress"] if potential.defines_stress else []
@@ -146,7 +163,9 @@ class ForceCalculator(Calculator):
         periodic = bool(self.atoms.pbc.all())
         want_stress = "stress" in properties and self.potential.defines_stress
         if want_stress and not periodic:
-            raise ValueError("stress needs a periodic cell in all three directions")
+            raise PropertyNotImplementedError(
+                f"stress needs a cell periodic in all three directions (pbc={self.atoms.pbc})"
+            )
         # the fixed-shape inputs are built on the CPU
         device = self.potential.device if self.replay is None else torch.device("cpu")
         batch = self._batch(self.atoms, device)
@@ -179,14 +198,22 @@ class ForceCalculator(Calculator):
 
     def _store(self, out: dict[str, torch.Tensor]) -> None:
         energy = float(out["energy"][0].detach().cpu())
-        self.results = {
+        results = {
             "energy": energy,
             "free_energy": energy,
             "forces": out["forces"].detach().cpu().double().numpy(),
         }
         if "stress" in out:
             stress = out["stress"][0].detach().cpu().double().numpy()
-            self.results["stress"] = stress[VOIGT]
+            results["stress"] = stress[VOIGT]
+        bad = [name for name, value in results.items() if not np.isfinite(value).all()]
+        if bad:
+            raise CalculationFailed(
+                f"the {self.potential.name} model returned non-finite {', '.join(bad)} (NaN or "
+                f"inf) for {self.atoms.get_chemical_formula()}: its weights or normalizers are "
+                "not finite, or the structure is far outside what it was trained on"
+            )
+        self.results = results
 
     def _batch(self, atoms, device: torch.device) -> Batch:
         """The atoms as a one-system batch on ``device``, in the model's dtype, with edges
@@ -222,6 +249,18 @@ class ForceCalculator(Calculator):
             return False
         moved = np.linalg.norm(positions - old_positions, axis=1).max()
         return bool(moved <= 0.5 * self.skin)
+
+
+def _with_max_neighbors(potential: Potential, max_neighbors: int) -> Potential:
+    """``potential`` with another max-neighbor rule, sharing its weights: the model is a
+    shallow copy, so ``potential`` itself (perhaps shared by other calculators) is unchanged."""
+    if isinstance(max_neighbors, bool) or int(max_neighbors) != max_neighbors or max_neighbors < 1:
+        raise ValueError(f"max_neighbors must be an integer >= 1, got {max_neighbors!r}")
+    if potential.max_neighbors is None:
+        raise ValueError(f"the {potential.name} model has no max-neighbor rule to override")
+    model = copy.copy(potential.model)
+    model.max_neighbors = int(max_neighbors)
+    return Potential(model, potential.info)
 
 
 class SpinConvCalculator(ForceCalculator):

@@ -191,7 +191,8 @@ def check_sample() -> list:
 def check_forces_mae(potential: Potential | str, frames: Sequence | None = None) -> float:
     """Force MAE (free atoms, eV/Å) of ``potential`` on :func:`check_sample` frames."""
     frames = check_sample() if frames is None else frames
-    results = predict(frames, potential, batch_size=8, device="cpu")
+    device = "cpu" if isinstance(potential, str) else None
+    results = predict(frames, potential, batch_size=8, device=device)
     forces_true, _, fixed = stacked_forces(frames)
     forces_pred = np.concatenate([r["forces"] for r in results])
     return metrics.forces_mae(forces_pred, forces_true, fixed)

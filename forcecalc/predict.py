@@ -17,33 +17,52 @@ def predict(
     model: str | Potential,
     batch_size: int = 32,
     device: str | torch.device | None = None,
-    dtype: str | torch.dtype = "float32",
+    dtype: str | torch.dtype | None = None,
     progress: bool = False,
+    apply_constraint: bool = True,
     **model_options: Any,
 ) -> list[dict[str, Any]]:
     """Energies and forces of many ``ase.Atoms`` with one forward pass per batch.
 
     Args:
-        structures: the ``ase.Atoms`` to evaluate.
+        structures: the ``ase.Atoms`` to evaluate (one ``Atoms`` is taken as a list of one).
         model: a checkpoint name/path or a loaded :class:`~forcecalc.checkpoint.Potential`.
         batch_size: structures per forward pass.
         device, dtype, **model_options: as for :func:`~forcecalc.checkpoint.load_checkpoint`
-            (ignored for a loaded Potential).
+            (dtype float32 by default); with a loaded Potential, its device and dtype, and
+            others are an error.
         progress: show a progress bar.
+        apply_constraint: adjust the forces by each structure's constraints (FixAtoms: zero
+            on fixed atoms), as ``Atoms.get_forces()`` does by default.
 
     Returns:
         One dict per structure, in input order: ``energy`` (float, eV) and ``forces``
-        (``[n_atoms, 3]`` float64 array, eV/Å). Equal to the calculator's one-by-one results.
+        (``[n_atoms, 3]`` float64 array, eV/Å). Equal to the calculator's one-by-one results
+        (``atoms.get_forces(apply_constraint=apply_constraint)``).
     """
+    from ase import Atoms
     from tqdm.auto import tqdm
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    potential = (
-        model
-        if isinstance(model, Potential)
-        else load_checkpoint(model, device=device, dtype=dtype, **model_options)
-    )
+    if isinstance(structures, Atoms):
+        structures = [structures]
+    if isinstance(model, Potential):
+        if model_options:
+            raise ValueError("pass model options when loading, not with a loaded Potential")
+        model.check_same(device, dtype)
+        potential = model
+    else:
+        potential = load_checkpoint(
+            model, device=device, dtype="float32" if dtype is None else dtype, **model_options
+        )
+    for index, atoms in enumerate(structures):
+        try:
+            potential.check_numbers(torch.as_tensor(atoms.numbers))
+        except ValueError as error:
+            raise ValueError(
+                f"structure {index} ({atoms.get_chemical_formula()}): {error}"
+            ) from None
     results: list[dict[str, Any]] = []
     starts = range(0, len(structures), batch_size)
     for start in tqdm(starts, disable=not progress, desc="predict", unit="batch"):
@@ -51,14 +70,15 @@ def predict(
         batch = Batch.from_atoms(chunk, cutoff=potential.cutoff).to(
             device=potential.device, dtype=potential.dtype
         )
-        potential.check_numbers(batch.numbers)
         with torch.set_grad_enabled(potential.defines_stress):
             out = potential(batch)
         energies = out["energy"].detach().cpu().double().numpy()
         forces = out["forces"].detach().cpu().double().numpy()
         bounds = np.cumsum([0] + [len(a) for a in chunk])
-        for k in range(len(chunk)):
-            results.append(
-                {"energy": float(energies[k]), "forces": forces[bounds[k] : bounds[k + 1]]}
-            )
+        for k, atoms in enumerate(chunk):
+            own = forces[bounds[k] : bounds[k + 1]]
+            if apply_constraint:
+                for constraint in atoms.constraints:
+                    constraint.adjust_forces(atoms, own)
+            results.append({"energy": float(energies[k]), "forces": own})
     return results

@@ -7,7 +7,7 @@ import pytest
 import torch
 from ase import Atoms, units
 from ase.build import add_adsorbate, fcc100, molecule
-from ase.calculators.calculator import PropertyNotImplementedError
+from ase.calculators.calculator import CalculationFailed, PropertyNotImplementedError
 from ase.constraints import FixAtoms
 from ase.md.verlet import VelocityVerlet
 from ase.optimize import BFGS, FIRE, LBFGS
@@ -115,6 +115,75 @@ def test_bad_input_is_named(atoms: Atoms, message: str) -> None:
         atoms.get_potential_energy()
 
 
+def test_max_neighbors_applies_to_its_calculator_only() -> None:
+    """``max_neighbors`` changes the graph of the calculator it is given to, not the loaded
+    Potential it came with (which other calculators, e.g. NEB images, may share)."""
+    atoms = _slab()
+    potential = load_checkpoint(SPINCONV_FC, device="cpu", dtype="float64")
+    shared = load_calculator(potential)
+    before = shared.get_potential_energy(atoms.copy())
+    narrow = load_calculator(potential, max_neighbors=2)
+    assert potential.max_neighbors == potential.model.max_num_neighbors
+    assert narrow.potential.max_neighbors == 2
+    assert narrow.get_potential_energy(atoms.copy()) != pytest.approx(before, abs=1e-6)
+    assert load_calculator(potential).get_potential_energy(atoms.copy()) == before
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "message"),
+    [
+        ({"skn": 0.5}, TypeError, "skn"),
+        ({"dtype": "float64"}, ValueError, r"dtype='float64', but the loaded Potential"),
+        ({"device": "meta"}, ValueError, r"device='meta', but the loaded Potential is on cpu"),
+        ({"skin": float("nan")}, ValueError, "skin must be a finite number"),
+        ({"max_neighbors": 2.7}, ValueError, "max_neighbors must be an integer"),
+    ],
+)
+def test_wrong_options_are_named(options: dict, error: type, message: str) -> None:
+    """A misspelled option, a dtype or device other than the loaded Potential's, a NaN skin
+    or a fractional max_neighbors raise errors naming them (they were accepted silently)."""
+    potential = load_checkpoint(FORCENET, device="cpu")
+    with pytest.raises(error, match=message):
+        load_calculator(potential, **options)
+
+
+def test_forces_option_is_refused_for_force_centric_models() -> None:
+    """``forces=`` (compat or conservative) only applies to energy-centric SpinConv."""
+    for forces in ("compat", "conservative"):
+        with pytest.raises(ValueError, match=r"forces=.* energy-centric|conservative"):
+            load_calculator(SPINCONV_FC, device="cpu", forces=forces)
+
+
+def test_non_finite_model_output_is_an_error() -> None:
+    """A model that returns NaN (here: NaN weights) raises CalculationFailed naming the
+    results, never a NaN energy."""
+    potential = load_checkpoint(FORCENET, device="cpu")
+    with torch.no_grad():
+        list(potential.model.parameters())[-1].fill_(float("nan"))  # the output layer
+    atoms = _slab()
+    atoms.calc = load_calculator(potential)
+    with pytest.raises(CalculationFailed, match="non-finite energy"):
+        atoms.get_potential_energy()
+
+
+def test_predict_names_the_structure_and_applies_constraints() -> None:
+    """predict() takes one Atoms as a list of one, names the structure holding an unknown
+    element, and gives the forces that ``atoms.get_forces()`` gives (zero on FixAtoms atoms)."""
+    potential = load_checkpoint(FORCENET, device="cpu", dtype="float64")
+    atoms = _slab()
+    (result,) = predict(atoms, potential)
+    atoms.calc = load_calculator(potential)
+    np.testing.assert_allclose(result["forces"], atoms.get_forces())
+    assert (result["forces"][atoms.constraints[0].index] == 0).all()
+    raw = predict([atoms], potential, apply_constraint=False)[0]["forces"]
+    assert (raw[atoms.constraints[0].index] != 0).any()
+    bad = Atoms("CuAt", positions=[[0, 0, 0], [0, 0, 2]])
+    with pytest.raises(ValueError, match=r"structure 1 \(AtCu\): .*At \(atoms \[1\]\)"):
+        predict([atoms, bad], potential)
+    with pytest.raises(ValueError, match="dtype='float32', but the loaded Potential"):
+        predict([atoms], potential, dtype="float32")
+
+
 def test_skin_reuses_the_graph_with_identical_results() -> None:
     """With a skin, an MD run rebuilds the neighbor list rarely and gives the same forces."""
     atoms = _slab()
@@ -133,6 +202,19 @@ def test_skin_reuses_the_graph_with_identical_results() -> None:
     assert 1 <= reuse.graph_builds < steps
 
 
+def test_a_pair_exactly_at_the_cutoff_is_no_edge_with_or_without_a_skin() -> None:
+    """A periodic image exactly one cutoff away (6 Å = 2 x a 3 Å cell axis) is not an edge:
+    the neighbor list keeps ``d < cutoff``, and so does the model's own selection from a
+    neighbor list built beyond the cutoff, so a skin changes nothing (it changed the energy by
+    0.025 eV when the model kept ``d <= cutoff``)."""
+    atoms = Atoms("Cu", cell=[3.0, 4.1, 4.3], pbc=True)
+    plain = load_calculator(SPINCONV_FC, device="cpu", dtype="float64")
+    assert plain.potential.cutoff == 6.0
+    skin = load_calculator(plain.potential, skin=0.5)
+    np.testing.assert_array_equal(skin.get_forces(atoms), plain.get_forces(atoms))
+    assert skin.get_potential_energy(atoms) == plain.get_potential_energy(atoms)
+
+
 def test_predict_equals_the_calculator() -> None:
     """predict() over a batch gives the one-by-one calculator numbers."""
     structures = list(ocp_structures().values())
@@ -143,9 +225,7 @@ def test_predict_equals_the_calculator() -> None:
         atoms = atoms.copy()
         atoms.calc = calc
         assert result["energy"] == pytest.approx(atoms.get_potential_energy(), abs=1e-9)
-        np.testing.assert_allclose(
-            result["forces"], atoms.get_forces(apply_constraint=False), atol=1e-9
-        )
+        np.testing.assert_allclose(result["forces"], atoms.get_forces(), atol=1e-9)
 
 
 def test_energy_centric_stress_is_the_strain_derivative() -> None:
@@ -260,7 +340,7 @@ def test_cuda_graph_relaxation_follows_the_same_path(device: str, checkpoint, op
         atoms.pbc = [True, True, False]
         graphed.get_forces(atoms)
         assert "stress" not in graphed.results  # no cell, no stress
-        with pytest.raises(ValueError, match="stress needs a periodic cell"):
+        with pytest.raises(PropertyNotImplementedError, match="stress needs a cell periodic"):
             graphed.get_stress(atoms)
 
 
