@@ -51,15 +51,16 @@ def _cmd_info(args: argparse.Namespace) -> int:
         print("checkpoints:")
         list_models(show=True)
         return 0
-    from forcecalc.checkpoint import read_checkpoint
+    from forcecalc.checkpoint import load_checkpoint
 
-    info, state_dict = read_checkpoint(args.checkpoint, allow_unsafe=args.allow_unsafe)
-    n_params = sum(v.numel() for v in state_dict.values() if v.is_floating_point())
+    potential = load_checkpoint(args.checkpoint, device="cpu", allow_unsafe=args.allow_unsafe)
+    info = potential.info
     report = {
         "file": info.path,
         "format": info.source_format,
         "model": info.model,
-        "parameters": n_params,
+        "parameters": sum(p.numel() for p in potential.model.parameters()),
+        "buffer_values": sum(b.numel() for b in potential.model.buffers()),
         "cutoff": info.model_kwargs.get("cutoff"),
         "elements": info.elements,
         "normalizers": info.normalizers.as_dict(),
@@ -79,51 +80,126 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_errors() -> tuple[type[Exception], ...]:
+    """What ``ase.io.read`` raises on a file it cannot parse (XYZError, ULM's are OSErrors)."""
+    from ase.io.formats import UnknownFileTypeError
+
+    return (OSError, ValueError, IndexError, KeyError, RuntimeError, UnknownFileTypeError)
+
+
 def _read_structures(path: str) -> list:
+    """Every structure of ``path``; a missing or unreadable file is a ValueError naming it."""
     from ase.io import read
 
-    structures = read(path, index=":")
+    if not Path(path).exists():
+        raise FileNotFoundError(f"input file {path} does not exist")
+    try:
+        structures = read(path, index=":")
+    except _read_errors() as error:
+        raise ValueError(
+            f"cannot read structures from {path}: {type(error).__name__}: {error}"
+        ) from error
     return structures if isinstance(structures, list) else [structures]
 
 
-def _write_structures(path: str, structures: list) -> None:
+def _output_format(path: str, n_frames: int) -> str:
+    """ASE's format for writing ``n_frames`` structures to ``path`` (extxyz for .xyz and for a
+    name without suffix), or a ValueError naming what ASE cannot do, before any work is done."""
+    from ase.io.formats import UnknownFileTypeError, filetype, ioformats
+
+    suffix = Path(path).suffix
+    if suffix in ("", ".xyz", ".extxyz"):
+        return "extxyz"
+    try:
+        name = filetype(path, read=False)
+    except UnknownFileTypeError as error:
+        raise ValueError(f"cannot tell which format to write {path} in: {error}") from error
+    io = ioformats.get(name)
+    if io is None or not io.can_write:
+        raise ValueError(
+            f"cannot write {path}: ASE writes no format for the suffix {suffix!r} (use .extxyz "
+            "or .traj)"
+        )
+    if io.single and n_frames != 1:
+        raise ValueError(
+            f"cannot write {path}: the {name} format holds one structure, but {n_frames} "
+            "would be written (use .extxyz or .traj)"
+        )
+    return name
+
+
+def _write_structures(path: str, structures: list, fmt: str) -> None:
+    """Write ``structures`` to ``path`` in ASE's format ``fmt``, atomically."""
     from ase.io import write
 
     from forcecalc.atomic import atomic_output
 
     target = Path(path)
     with atomic_output(target, suffix=target.suffix or ".extxyz") as tmp:
-        write(
-            tmp, structures, format="extxyz" if target.suffix in ("", ".xyz", ".extxyz") else None
+        write(tmp, structures, format=fmt)
+
+
+def _check_at_least(args: argparse.Namespace, name: str, minimum: float) -> None:
+    value = getattr(args, name)
+    if value is not None and value < minimum:
+        raise ValueError(f"--{name.replace('_', '-')} must be >= {minimum}, got {value}")
+
+
+def _check_relax_args(args: argparse.Namespace) -> None:
+    if args.fmax <= 0:
+        raise ValueError(f"--fmax must be > 0 (eV/Å), got {args.fmax}")
+    _check_at_least(args, "steps", 0)
+    _check_at_least(args, "skin", 0)
+    if args.batch_size != "auto" and not (args.batch_size.isdigit() and int(args.batch_size)):
+        raise ValueError(
+            f"--batch-size must be 'auto' or a positive integer, got {args.batch_size!r}"
         )
-
-
-def _cmd_relax(args: argparse.Namespace) -> int:
-    from ase.constraints import FixAtoms
-
-    from forcecalc.checkpoint import load_checkpoint
-    from forcecalc.relax import parse_shard, shard_indices
-
-    potential = load_checkpoint(
-        args.model, device=args.device, dtype=args.dtype, allow_unsafe=args.allow_unsafe
-    )
-    structures = _read_structures(args.input)
-    indices = list(range(len(structures)))
-    if args.shard:
-        indices = shard_indices(len(structures), *parse_shard(args.shard))
-    selected = []
-    for index in indices:
-        atoms = structures[index]
-        atoms.info["input_index"] = index
-        if args.fix_below is not None:
-            below = np.flatnonzero(atoms.positions[:, 2] < args.fix_below)
-            atoms.set_constraint(FixAtoms(indices=below))
-        selected.append(atoms)
     if args.batched and args.cuda_graph:
         raise ValueError(
             "--cuda-graph applies to ASE's optimizers (without --batched): the batched "
             "engine's batches change shape as structures converge"
         )
+
+
+def _fix_below(atoms, z: float) -> None:
+    """Add a FixAtoms for the atoms below ``z`` to ``atoms``' constraints, merged with a
+    FixAtoms already there (into the place of the first one); other constraints are kept."""
+    from ase.constraints import FixAtoms
+
+    constraints = list(atoms.constraints)
+    fixed = [i for i, c in enumerate(constraints) if isinstance(c, FixAtoms)]
+    indices = np.flatnonzero(atoms.positions[:, 2] < z)
+    for i in fixed:
+        indices = np.union1d(indices, constraints[i].get_indices())
+    merged = FixAtoms(indices=indices)
+    if fixed:
+        constraints[fixed[0]] = merged
+        constraints = [c for i, c in enumerate(constraints) if i not in fixed[1:]]
+    else:
+        constraints.append(merged)
+    atoms.set_constraint(constraints)
+
+
+def _cmd_relax(args: argparse.Namespace) -> int:
+    from forcecalc.checkpoint import load_checkpoint
+    from forcecalc.relax import parse_shard, shard_indices
+
+    _check_relax_args(args)
+    structures = _read_structures(args.input)
+    indices = list(range(len(structures)))
+    if args.shard:
+        indices = shard_indices(len(structures), *parse_shard(args.shard))
+    out_format = _output_format(args.out, len(indices)) if args.out else None
+    selected = []
+    for index in indices:
+        atoms = structures[index]
+        atoms.info["input_index"] = index
+        if args.fix_below is not None:
+            _fix_below(atoms, args.fix_below)
+        selected.append(atoms)
+    potential = load_checkpoint(
+        args.model, device=args.device, dtype=args.dtype, allow_unsafe=args.allow_unsafe
+    )
     relaxed = (_relax_batched if args.batched else _relax_one_by_one)(selected, potential, args)
     print(f"{'#':>5} {'formula':<16} {'steps':>6} {'E_initial':>12} {'E_final':>12} {'fmax':>8}")
     for atoms in relaxed:
@@ -135,9 +211,23 @@ def _cmd_relax(args: argparse.Namespace) -> int:
             f"{atoms.get_potential_energy():>12.4f} {fmax:>8.4f}{flag}"
         )
     if args.out:
-        _write_structures(args.out, relaxed)
+        _write_structures(args.out, relaxed, out_format)
         print(f"wrote {len(relaxed)} relaxed structure(s) to {args.out}")
     return 0
+
+
+def _freeze_results(atoms) -> None:
+    """Replace ``atoms.calc`` by a SinglePointCalculator with its energy and (raw) forces at
+    ``atoms``' positions (and its stress, if computed there), as the batched engine returns:
+    a calculator shared by several structures keeps only the last one's results."""
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    calc = atoms.calc
+    energy = calc.get_potential_energy(atoms)
+    results = {"energy": energy, "free_energy": energy, "forces": calc.get_forces(atoms)}
+    if "stress" in calc.results:
+        results["stress"] = calc.results["stress"]
+    atoms.calc = SinglePointCalculator(atoms, **results)
 
 
 def _relax_one_by_one(structures: list, potential, args: argparse.Namespace) -> list:
@@ -154,6 +244,7 @@ def _relax_one_by_one(structures: list, potential, args: argparse.Namespace) -> 
         optimizer = optimizer_class(atoms, logfile=None)
         converged = optimizer.run(fmax=args.fmax, steps=args.steps)
         atoms.info.update({"relax_steps": optimizer.nsteps, "relax_converged": bool(converged)})
+        _freeze_results(atoms)
     return structures
 
 
@@ -181,6 +272,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
         raise ValueError(
             f"structures {missing[:10]} carry no info['input_index'] (not from --shard)"
         )
+    out_format = _output_format(args.output, len(structures))
     order = sorted(structures, key=lambda atoms: atoms.info["input_index"])
     indices = [atoms.info["input_index"] for atoms in order]
     if len(set(indices)) != len(indices):
@@ -188,7 +280,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     gaps = sorted(set(range(max(indices) + 1)) - set(indices))
     if gaps:
         print(f"warning: input structures {gaps[:10]} are missing from the shards", file=sys.stderr)
-    _write_structures(args.output, order)
+    _write_structures(args.output, order, out_format)
     print(f"wrote {len(order)} structure(s) in input order to {args.output}")
     return 0
 
@@ -252,8 +344,19 @@ def _format_eval_row(name: str, row: dict, task: str) -> str:
     return text
 
 
+def _check_md_args(args: argparse.Namespace) -> None:
+    if args.timestep <= 0:
+        raise ValueError(f"--timestep must be > 0 (fs), got {args.timestep}")
+    _check_at_least(args, "temperature", 0)
+    _check_at_least(args, "steps", 0)
+    _check_at_least(args, "log_interval", 1)
+    _check_at_least(args, "friction", 0)
+    _check_at_least(args, "skin", 0)
+
+
 def _cmd_md(args: argparse.Namespace) -> int:
     from ase import units
+    from ase.io import read
     from ase.io.trajectory import Trajectory
     from ase.md.langevin import Langevin
     from ase.md.verlet import VelocityVerlet
@@ -265,7 +368,15 @@ def _cmd_md(args: argparse.Namespace) -> int:
     except ImportError:  # ASE < 3.29
         from ase.md.velocitydistribution import MaxwellBoltzmannDistribution as thermalize_momenta
 
-    atoms = _read_structures(args.input)[args.index]
+    _check_md_args(args)
+    structures = _read_structures(args.input)
+    if not -len(structures) <= args.index < len(structures):
+        raise ValueError(
+            f"--index {args.index} is out of range: {args.input} holds {len(structures)} "
+            "structure(s)"
+        )
+    out_format = _output_format(args.out, args.steps // args.log_interval + 1) if args.out else None
+    atoms = structures[args.index]
     atoms.calc = load_calculator(
         args.model,
         device=args.device,
@@ -288,10 +399,6 @@ def _cmd_md(args: argparse.Namespace) -> int:
             fixcm=False,
             rng=rng,
         )
-    # Frames go to OUT.part, renamed to OUT when the run ends: an earlier OUT survives a run
-    # that fails or is interrupted, and the frames written so far stay in OUT.part.
-    partial = Path(f"{args.out}.part") if args.out else None
-    traj = Trajectory(partial, "w", atoms) if partial else None
     print(f"{'step':>6} {'time/fs':>9} {'E_pot':>12} {'E_kin':>10} {'E_total':>12} {'T/K':>8}")
 
     def log() -> None:
@@ -303,18 +410,32 @@ def _cmd_md(args: argparse.Namespace) -> int:
         )
 
     dyn.attach(log, interval=args.log_interval)
-    if traj is None:
+    if not args.out:
         dyn.run(args.steps)
         return 0
+    # Frames go to OUT.part (an ASE trajectory), then to OUT in its format when the run ends:
+    # an earlier OUT survives a run that fails or is interrupted, and the frames written so
+    # far stay in OUT.part.
+    partial = Path(f"{args.out}.part")
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    traj = Trajectory(partial, "w", atoms)
     dyn.attach(traj.write, interval=args.log_interval)
     try:
         dyn.run(args.steps)
     except BaseException:
         traj.close()
-        print(f"forcecalc: md stopped; the frames written so far are in {partial}", file=sys.stderr)
+        print(
+            f"forcecalc: md stopped; the frames written so far are in {partial} (an ASE "
+            "trajectory)",
+            file=sys.stderr,
+        )
         raise
     traj.close()
-    partial.replace(args.out)
+    if out_format == "traj":
+        partial.replace(args.out)
+    else:
+        _write_structures(args.out, read(partial, index=":", format="traj"), out_format)
+        partial.unlink()
     return 0
 
 
@@ -351,9 +472,18 @@ def build_parser() -> argparse.ArgumentParser:
     relax.add_argument("--steps", type=int, default=300, help="maximum optimizer steps")
     relax.add_argument("--optimizer", default="BFGS", choices=["BFGS", "LBFGS", "FIRE"])
     relax.add_argument(
-        "--fix-below", type=float, default=None, help="fix atoms with z below this (Å)"
+        "--fix-below",
+        type=float,
+        default=None,
+        help="also fix the atoms with z below this (Å), keeping the input's constraints",
     )
-    relax.add_argument("--out", default=None, help="write relaxed structures here (extxyz)")
+    relax.add_argument(
+        "--out",
+        default=None,
+        help="write the relaxed structures here, each with its final energy and forces; the "
+        "format follows the suffix (.extxyz, .traj, ...; extxyz without one), checked before "
+        "relaxing",
+    )
     relax.add_argument(
         "--batched",
         action="store_true",
@@ -396,22 +526,37 @@ def build_parser() -> argparse.ArgumentParser:
         "merge",
         help="merge the outputs of 'forcecalc relax --shard I/N' runs back into input order",
     )
-    merge.add_argument("output", help="merged structure file (extxyz)")
+    merge.add_argument(
+        "output", help="merged structure file (format from the suffix; extxyz without one)"
+    )
     merge.add_argument("inputs", nargs="+", help="the shards' --out files")
     merge.set_defaults(func=_cmd_merge)
 
     md = sub.add_parser("md", help="molecular dynamics (velocity Verlet or Langevin)")
     md.add_argument("input", help="structure file")
     _add_model_options(md)
-    md.add_argument("--index", type=int, default=0, help="which structure of INPUT")
+    md.add_argument(
+        "--index", type=int, default=0, help="which structure of INPUT (0-based; -1: the last)"
+    )
     md.add_argument("--integrator", default="langevin", choices=["verlet", "langevin"])
     md.add_argument("--temperature", type=float, default=300.0, help="K (initial velocities too)")
     md.add_argument("--timestep", type=float, default=1.0, help="fs")
     md.add_argument("--steps", type=int, default=100)
     md.add_argument("--friction", type=float, default=0.01, help="Langevin friction, 1/fs")
     md.add_argument("--seed", type=int, default=0)
-    md.add_argument("--log-interval", type=int, default=10)
-    md.add_argument("--out", default=None, help="trajectory file (.traj)")
+    md.add_argument(
+        "--log-interval",
+        type=int,
+        default=10,
+        help="print a line, and save a frame to --out, every this many steps (and at step 0)",
+    )
+    md.add_argument(
+        "--out",
+        default=None,
+        help="trajectory: a frame every --log-interval steps, with energy, forces and momenta; "
+        "the format follows the suffix (.traj, .extxyz, ...; extxyz without one); frames are "
+        "saved to OUT.part as the run goes, then OUT is written when it ends",
+    )
     md.add_argument(
         "--skin", type=float, default=0.0, help="neighbor-list skin, Å (reuse between steps)"
     )
@@ -433,7 +578,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError, NotImplementedError) as error:
-        print(f"forcecalc: error: {error}", file=sys.stderr)
+        message = " ".join(str(error).splitlines())  # one line, whatever the exception says
+        print(f"forcecalc: error: {message}", file=sys.stderr)
         return 2
 
 

@@ -1,0 +1,72 @@
+"""Bad arguments and unreadable inputs of `forcecalc relax`, `md` and `merge`: a one-line error
+on stderr that names the problem, exit code 2, no traceback, before any model is loaded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from ase.build import fcc111
+from ase.io import write
+
+from forcecalc.cli import main
+
+# a model name that does not exist: an argument error must come before loading the model
+NO_MODEL = ["--model", "no-such-model"]
+
+CASES = [
+    (["md", "one.extxyz", "--index", "7"], "--index 7 is out of range: one.extxyz holds 1"),
+    (["md", "one.extxyz", "--timestep", "-1"], "--timestep must be > 0"),
+    (["md", "one.extxyz", "--temperature", "-5"], "--temperature must be >= 0"),
+    (["md", "one.extxyz", "--steps", "-1"], "--steps must be >= 0"),
+    (["md", "one.extxyz", "--log-interval", "0"], "--log-interval must be >= 1"),
+    (["md", "one.extxyz", "--steps", "20", "--out", "md.vasp"], "the vasp format holds one"),
+    (["md", "bad.xyz"], "cannot read structures from bad.xyz: XYZError"),
+    (["relax", "bad.traj"], "cannot read structures from bad.traj"),
+    (["relax", "missing.xyz"], "input file missing.xyz does not exist"),
+    (["relax", "one.extxyz", "--steps", "-5"], "--steps must be >= 0, got -5"),
+    (["relax", "one.extxyz", "--fmax", "-1"], "--fmax must be > 0"),
+    (["relax", "one.extxyz", "--fmax", "0"], "--fmax must be > 0"),
+    (["relax", "one.extxyz", "--batched", "--batch-size", "x"], "--batch-size must be 'auto'"),
+]
+
+
+@pytest.mark.parametrize(("argv", "expected"), CASES, ids=[" ".join(c[0]) for c in CASES])
+def test_bad_input_is_a_one_line_error(
+    tmp_path: Path, monkeypatch, capsys, argv: list[str], expected: str
+) -> None:
+    """Each bad argument or unreadable input file ends with exit code 2 and one stderr line,
+    `forcecalc: error: ...`, that names the problem (checked before loading the model)."""
+    monkeypatch.chdir(tmp_path)
+    write("one.extxyz", fcc111("Cu", size=(2, 2, 2), vacuum=5.0))
+    Path("bad.xyz").write_text("hello world\nthis is not a structure\n")
+    Path("bad.traj").write_bytes(b"garbage")
+    assert main([*argv, *NO_MODEL]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("forcecalc: error: ")
+    assert expected in err
+
+
+def test_merge_checks_the_output_format(tmp_path: Path, capsys) -> None:
+    """`merge OUT.vasp` of several structures is a one-line error naming the format."""
+    slabs = [fcc111("Cu", size=(2, 2, layers), vacuum=5.0) for layers in (2, 3)]
+    for index, slab in enumerate(slabs):
+        slab.info["input_index"] = index
+    write(tmp_path / "shard.extxyz", slabs)
+    assert main(["merge", str(tmp_path / "out.vasp"), str(tmp_path / "shard.extxyz")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "the vasp format holds one structure, but 2" in err
+
+
+@pytest.mark.parametrize("argv", [["info", "bad.pt"], ["relax", "one.extxyz", "--model", "bad.pt"]])
+def test_a_corrupt_checkpoint_is_a_one_line_error(
+    tmp_path: Path, monkeypatch, capsys, argv: list[str]
+) -> None:
+    """A checkpoint file that is not one (checkpoint.py's CheckpointError) is a one-line
+    error naming the file, exit code 2, for `info` and for a command that loads the model."""
+    monkeypatch.chdir(tmp_path)
+    Path("bad.pt").write_bytes(b"garbage")
+    write("one.extxyz", fcc111("Cu", size=(2, 2, 2), vacuum=5.0))
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("forcecalc: error: ") and "bad.pt" in err
