@@ -10,8 +10,9 @@ Two formats are read:
   "state_dict", "normalizers": {"energy_mean", "energy_std", "forces_std"}, "elements",
   "cutoff", "metadata"}`` written by :func:`save_checkpoint`.
 
-Both load with ``torch.load(weights_only=True)``; a file that needs unsafe unpickling is
-refused unless the caller passes ``allow_unsafe=True``.
+Both load with ``torch.load(weights_only=True)``; a torch file that needs unsafe unpickling
+is refused unless the caller passes ``allow_unsafe=True``, and a file that is no torch file
+(or a truncated or corrupt one) is reported as such, with or without it.
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ from __future__ import annotations
 import copy
 import os
 import pickle
+import pickletools
+import re
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -112,6 +116,28 @@ class Potential(nn.Module):
         supported = getattr(self.model, "supported_numbers", None)
         return list(supported()) if callable(supported) else None
 
+    def check_same(
+        self, device: str | torch.device | None, dtype: str | torch.dtype | None
+    ) -> None:
+        """Raise ``ValueError`` if ``device`` or ``dtype`` (when given) are not this loaded
+        model's: a caller would otherwise run on another device or precision than asked for."""
+        if dtype is not None:
+            wanted = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+            if wanted != self.dtype:
+                raise ValueError(
+                    f"dtype={str(dtype)!r}, but the loaded Potential is {self.dtype}: convert "
+                    "it (potential.to(dtype)) or pass the checkpoint's path or name"
+                )
+        if device is not None:
+            wanted_device, have = torch.device(device), self.device
+            if wanted_device.type != have.type or (
+                wanted_device.index is not None and wanted_device.index != have.index
+            ):
+                raise ValueError(
+                    f"device={str(device)!r}, but the loaded Potential is on {have}: move it "
+                    "(potential.to(device)) or pass the checkpoint's path or name"
+                )
+
     def check_numbers(self, numbers: Tensor) -> None:
         """Raise ``ValueError`` naming the atoms whose element the model cannot represent."""
         allowed = self.elements
@@ -196,25 +222,89 @@ def _strip_module_prefix(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
     return stripped
 
 
+#: How a file in torch's legacy (not zip) format begins: its magic number, pickled.
+_LEGACY_HEADERS = tuple(
+    pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=protocol)
+    for protocol in range(2, pickle.HIGHEST_PROTOCOL + 1)
+)
+
+
+#: What ``torch.load`` raises for a file that is not a checkpoint; unsafe unpickling of junk
+#: can also fail to import or call what it names.
+_LOAD_ERRORS = (
+    pickle.UnpicklingError,
+    RuntimeError,
+    EOFError,
+    OSError,
+    ValueError,
+    ImportError,
+    AttributeError,
+    KeyError,
+    IndexError,
+    TypeError,
+)
+
+
+def _is_torch_file(path: Path) -> bool:
+    """Whether ``path`` has the layout ``torch.save`` writes: a zip archive with one
+    ``data.pkl`` record that is a well-formed pickle, or the legacy format's magic number.
+    Parses the pickle's opcodes only: nothing is unpickled."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                names = [n for n in archive.namelist() if n.rsplit("/", 1)[-1] == "data.pkl"]
+                if len(names) != 1:
+                    return False
+                for _ in pickletools.genops(archive.read(names[0])):
+                    pass
+                return True
+        with path.open("rb") as stream:
+            head = stream.read(max(len(header) for header in _LEGACY_HEADERS))
+        return head.startswith(_LEGACY_HEADERS)
+    except (OSError, EOFError, ValueError, RuntimeError, NotImplementedError, zipfile.BadZipFile):
+        return False
+
+
+def _reason(error: BaseException) -> str:
+    """The gist of a ``torch.load`` error: torch's weights-only unpickler's own message
+    rather than the advice around it; its first sentence, at most 200 characters."""
+    message = str(error).split("WeightsUnpickler error:", 1)[-1]
+    message = re.sub(r"\[enforce fail at [^\]]*\][\s.]*", "", message)
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    if lines:
+        return lines[0].split(". ", 1)[0][:200]
+    return "the file ends early" if isinstance(error, EOFError) else type(error).__name__
+
+
 def _read(path: Path, allow_unsafe: bool) -> dict[str, Any]:
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
         data = torch.load(path, map_location="cpu", weights_only=not allow_unsafe)
-    except pickle.UnpicklingError as error:
+    except _LOAD_ERRORS as error:
+        if _is_torch_file(path):
+            if isinstance(error, pickle.UnpicklingError) and not allow_unsafe:
+                raise CheckpointError(
+                    f"checkpoint {path} contains Python objects that only unsafe unpickling "
+                    f"can load ({_reason(error)}); if you trust its source, load it with "
+                    "allow_unsafe=True (CLI: --allow-unsafe)"
+                ) from None
+            if isinstance(error, (ImportError, AttributeError)):
+                raise CheckpointError(
+                    f"checkpoint {path} holds Python objects whose code cannot be imported "
+                    f"here ({_reason(error)}); install the package that wrote it"
+                ) from None
         raise CheckpointError(
-            f"checkpoint {path} contains Python objects that only unsafe unpickling can load "
-            f"({str(error).splitlines()[0][:200]}); if you trust its source, load it with "
-            "allow_unsafe=True (CLI: --allow-unsafe)"
-        ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as error:
-        raise CheckpointError(
-            f"checkpoint {path} could not be read (truncated or not a torch checkpoint?): "
-            f"{str(error).splitlines()[0][:200]}"
+            f"{path} is not a PyTorch checkpoint (or is truncated/corrupt): {_reason(error)}"
         ) from None
     if not isinstance(data, dict) or "state_dict" not in data:
         raise CheckpointError(
             f"checkpoint {path} is not a model checkpoint: expected a dict with a 'state_dict'"
+        )
+    if not isinstance(data["state_dict"], dict):
+        raise CheckpointError(
+            f"checkpoint {path}: its 'state_dict' is a {type(data['state_dict']).__name__}, "
+            "not a dict of tensors"
         )
     return data
 
@@ -233,15 +323,23 @@ def _ocp_info(data: dict[str, Any], path: Path) -> CheckpointInfo:
     normalizers = Normalizers()
     saved = data.get("normalizers") or {}
     if "target" in saved:
-        grad = saved.get("grad_target", saved["target"])
-        normalizers = Normalizers(
-            energy_mean=_float(saved["target"]["mean"]),
-            energy_std=_float(saved["target"]["std"]),
-            forces_std=_float(grad["std"]),
-        )
-        if abs(_float(grad.get("mean", 0.0))) > 0:
+        try:
+            grad = saved.get("grad_target", saved["target"])
+            normalizers = Normalizers(
+                energy_mean=_float(saved["target"]["mean"]),
+                energy_std=_float(saved["target"]["std"]),
+                forces_std=_float(grad["std"]),
+            )
+            grad_mean = _float(grad.get("mean", 0.0))
+        except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as error:
+            raise CheckpointError(
+                f"checkpoint {path}: its normalizers are not OCP's "
+                "{'target': {'mean', 'std'}, 'grad_target': {'mean', 'std'}} of numbers "
+                f"({type(error).__name__}: {error})"
+            ) from None
+        if abs(grad_mean) > 0:
             raise CheckpointError(f"checkpoint {path}: a nonzero force normalizer mean")
-    kwargs = dict(config.get("model_attributes") or {})
+    kwargs = _dict_entry(config, "model_attributes", path, "config['model_attributes']")
     if config["model"] == "spinconv":
         # OCP checkpoints give OCP's numbers: the original's force definition by default.
         kwargs.setdefault("forces", "compat")
@@ -256,6 +354,16 @@ def _ocp_info(data: dict[str, Any], path: Path) -> CheckpointInfo:
     )
 
 
+def _dict_entry(data: dict[str, Any], key: str, path: Path, label: str) -> dict[str, Any]:
+    """A copy of dict ``data[key]`` (``{}`` when absent or None); ``label`` names it in errors."""
+    value = data.get(key) or {}
+    if not isinstance(value, dict):
+        raise CheckpointError(
+            f"checkpoint {path}: {label} is a {type(value).__name__}, expected a dict"
+        )
+    return dict(value)
+
+
 def _own_info(data: dict[str, Any], path: Path) -> CheckpointInfo:
     version = data.get("format_version")
     if version != FORMAT_VERSION:
@@ -263,10 +371,29 @@ def _own_info(data: dict[str, Any], path: Path) -> CheckpointInfo:
             f"checkpoint {path} has forcecalc format version {version}; this forcecalc reads "
             f"version {FORMAT_VERSION}"
         )
+    missing = [key for key in ("model", "model_kwargs", "normalizers") if key not in data]
+    if missing:
+        raise CheckpointError(
+            f"checkpoint {path} (forcecalc format) lacks the entry or entries "
+            f"{', '.join(repr(key) for key in missing)}"
+        )
+    saved = _dict_entry(data, "normalizers", path, "'normalizers'")
+    expected = set(Normalizers().as_dict())
+    if set(saved) != expected:
+        raise CheckpointError(
+            f"checkpoint {path}: 'normalizers' has the keys {sorted(saved)}, expected "
+            f"{sorted(expected)}"
+        )
+    try:
+        normalizers = Normalizers(**{key: _float(value) for key, value in saved.items()})
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise CheckpointError(
+            f"checkpoint {path}: 'normalizers' are not numbers ({error})"
+        ) from None
     return CheckpointInfo(
         model=str(data["model"]),
-        model_kwargs=dict(data["model_kwargs"]),
-        normalizers=Normalizers(**data["normalizers"]),
+        model_kwargs=_dict_entry(data, "model_kwargs", path, "'model_kwargs'"),
+        normalizers=normalizers,
         source_format=FORMAT,
         elements=data.get("elements"),
         metadata=dict(data.get("metadata") or {}),
@@ -318,11 +445,24 @@ def load_checkpoint(
             (e.g. SpinConv's ``rotations`` or ``forces``).
 
     Raises:
-        CheckpointError: unreadable file, unknown model, missing or unexpected weights.
+        CheckpointError: unreadable file, unknown model, model options it cannot be built
+            with, missing, unexpected or wrongly shaped weights.
+        ValueError: a device that is unknown or not available, or an unknown dtype.
     """
+    torch_device, torch_dtype = resolve_device(device), resolve_dtype(dtype)
     info, state_dict = read_checkpoint(source, allow_unsafe=allow_unsafe)
     kwargs = {**info.model_kwargs, **model_options}
-    model = build_model(info.model, kwargs)
+    try:
+        model = build_model(info.model, kwargs)
+    except (ValueError, TypeError) as error:
+        given = (
+            f" and the options given ({', '.join(sorted(model_options))})" if model_options else ""
+        )
+        raise CheckpointError(
+            f"checkpoint {info.path}: the {info.model} model cannot be built from its "
+            f"model_kwargs{given}: {error}"
+        ) from None
+    _check_shapes(model, state_dict, info)
     result = model.load_state_dict(state_dict, strict=False)
     if result.missing_keys or result.unexpected_keys:
         parts = []
@@ -336,7 +476,27 @@ def load_checkpoint(
         )
     info.model_kwargs = kwargs
     potential = Potential(model, info).eval()
-    return potential.to(device=resolve_device(device), dtype=resolve_dtype(dtype))
+    return potential.to(device=torch_device, dtype=torch_dtype)
+
+
+def _check_shapes(model: nn.Module, state_dict: dict[str, Tensor], info: CheckpointInfo) -> None:
+    """A :class:`CheckpointError` naming the weights whose shape is not the model's."""
+    expected = model.state_dict()
+    wrong = [
+        f"{key}: model {tuple(expected[key].shape)}, checkpoint {tuple(value.shape)}"
+        for key, value in state_dict.items()
+        if key in expected
+        and isinstance(value, Tensor)
+        and isinstance(expected[key], Tensor)
+        and value.shape != expected[key].shape
+    ]
+    if not wrong:
+        return
+    more = f" (and {len(wrong) - 8} more)" if len(wrong) > 8 else ""
+    raise CheckpointError(
+        f"checkpoint {info.path} does not fit the {info.model} model built from its config: "
+        f"weights of the wrong shape: {'; '.join(wrong[:8])}{more}"
+    )
 
 
 def save_checkpoint(
@@ -373,10 +533,48 @@ def save_checkpoint(
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``None`` → CUDA when available, else CPU."""
+    """``None`` → CUDA when available, else CPU; otherwise the device named, which must exist.
+
+    Raises:
+        ValueError: an unknown device string, an accelerator that is not available (CUDA on
+            a torch built without it or with no GPU visible), or an index past the device count.
+    """
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(
+            f"unknown device {device!r} (expected 'cpu', 'cuda' or 'cuda:N'): "
+            f"{str(error).splitlines()[0][:200]}"
+        ) from None
+    if resolved.type == "cpu":
+        return resolved
+    backend = getattr(torch, resolved.type, None)
+    if not callable(getattr(backend, "is_available", None)):
+        raise ValueError(
+            f"device {str(device)!r} is not one forcecalc can compute on "
+            "(expected 'cpu', 'cuda' or 'cuda:N')"
+        )
+    if not backend.is_available():
+        if resolved.type == "cuda":
+            why = (
+                f"torch {torch.__version__} built without CUDA"
+                if torch.version.cuda is None and torch.version.hip is None
+                else "no GPU visible"
+            )
+        else:
+            why = f"torch {torch.__version__} sees no {resolved.type} device"
+        raise ValueError(
+            f"device {str(device)!r} requested but {resolved.type.upper()} is not available ({why})"
+        )
+    count = backend.device_count()
+    if resolved.index is not None and resolved.index >= count:
+        raise ValueError(
+            f"device {str(device)!r} requested but only {count} {resolved.type} device(s) "
+            f"are visible ({resolved.type}:0 to {resolved.type}:{count - 1})"
+        )
+    return resolved
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:

@@ -4,23 +4,39 @@ A checkpoint argument is resolved in this order:
 
 1. an existing file path: used as is;
 2. a shipped name, with or without ``.pt`` (``"spinconv-fc"``): the file installed with the
-   package (``forcecalc.weights``);
+   package (``forcecalc.weights``), checked against the SHA-256 in its ``manifest.json``;
 3. an OCP name (``"SpinConv-S2EF-OC20-All"``) or its file name
    (``"spinconv_force_centric_all.pt"``): downloaded once into the cache directory
    (``$FORCECALC_CACHE``, default ``$XDG_CACHE_HOME/forcecalc`` or ``~/.cache/forcecalc``) with
-   a progress bar, checked against its SHA-256 where known, and renamed into place only when
-   complete.
+   a progress bar, checked against its SHA-256 where known (also when found in the cache), and
+   renamed into place only when complete.
+
+A file's SHA-256 is computed once per process for a given path, size and modification time.
 """
 
 from __future__ import annotations
 
 import hashlib
+import http.client
+import json
 import os
 import tempfile
+import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+
+from forcecalc.checkpoint import CheckpointError
+
+#: The file in the shipped weights folder with each shipped file's SHA-256.
+MANIFEST = "manifest.json"
+
+#: What to do about a shipped file that is missing from the manifest or does not match it.
+_REINSTALL = "reinstall forcecalc (pip install --force-reinstall forcecalc)"
+
+#: (resolved path, size, mtime in ns) -> SHA-256 of the files hashed in this process.
+_DIGESTS: dict[tuple[str, int, int], str] = {}
 
 
 @dataclass(frozen=True)
@@ -66,14 +82,61 @@ def cache_dir() -> Path:
     return Path(base).expanduser() / "forcecalc"
 
 
+def weights_dir() -> Path:
+    """The folder of the checkpoints installed with the package (``forcecalc.weights``)."""
+    return Path(str(resources.files("forcecalc.weights")))
+
+
 def shipped_checkpoints() -> dict[str, Path]:
     """Name (without ``.pt``) -> path of each checkpoint installed with the package."""
-    folder = resources.files("forcecalc.weights")
     return {
-        entry.name[: -len(".pt")]: Path(str(entry))
-        for entry in folder.iterdir()
+        entry.name[: -len(".pt")]: entry
+        for entry in weights_dir().iterdir()
         if entry.name.endswith(".pt")
     }
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 (hex) of ``path``, computed once per process for its path, size and mtime."""
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _DIGESTS:
+        digest = hashlib.sha256()
+        with path.open("rb") as stream:
+            while chunk := stream.read(1 << 20):
+                digest.update(chunk)
+        _DIGESTS[key] = digest.hexdigest()
+    return _DIGESTS[key]
+
+
+def _shipped_sha256(path: Path) -> str:
+    """The SHA-256 that the weights folder's manifest gives for shipped file ``path``."""
+    manifest = path.parent / MANIFEST
+    try:
+        entries = json.loads(manifest.read_text())
+        by_file = {entry["file"]: entry["sha256"] for entry in entries.values()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise CheckpointError(
+            f"the manifest {manifest} of the shipped checkpoints cannot be read ({error}), so "
+            f"{path.name} cannot be verified; {_REINSTALL}"
+        ) from None
+    if path.name not in by_file:
+        raise CheckpointError(
+            f"shipped checkpoint {path} has no SHA-256 in {manifest}, so it cannot be verified; "
+            f"{_REINSTALL}"
+        )
+    return str(by_file[path.name])
+
+
+def _verify(path: Path, expected: str, remedy: str) -> Path:
+    """``path`` if its SHA-256 is ``expected``, else a :class:`CheckpointError` saying so."""
+    actual = file_sha256(path)
+    if actual != expected.lower():
+        raise CheckpointError(
+            f"checkpoint {path} is damaged or was modified: its SHA-256 is {actual}, expected "
+            f"{expected.lower()}; {remedy}"
+        )
+    return path
 
 
 def _remote(name: str) -> RemoteCheckpoint | None:
@@ -88,6 +151,8 @@ def resolve_checkpoint(source: str | os.PathLike, progress: bool = True) -> Path
 
     Raises:
         FileNotFoundError: neither a file, a shipped name nor a known remote name.
+        CheckpointError: a shipped or cached file whose SHA-256 is not the expected one, or a
+            download that failed.
     """
     path = Path(source).expanduser()
     if path.is_file():
@@ -96,17 +161,40 @@ def resolve_checkpoint(source: str | os.PathLike, progress: bool = True) -> Path
     shipped = shipped_checkpoints()
     stem = name[: -len(".pt")] if name.endswith(".pt") else name
     if stem in shipped:
-        return shipped[stem]
+        path = shipped[stem]
+        return _verify(
+            path,
+            _shipped_sha256(path),
+            f"{_REINSTALL}, or restore weights/{path.name} from its repository",
+        )
     remote = _remote(name)
     if remote is not None:
         target = cache_dir() / remote.filename
-        if target.is_file():
+        if not target.is_file():
+            return _download_remote(remote, target, progress)
+        if remote.sha256 is None:
             return target
-        return download(remote.url, target, sha256=remote.sha256, progress=progress)
+        return _verify(
+            target,
+            remote.sha256,
+            f"delete it, and {remote.name} is downloaded again when next used",
+        )
     known = sorted(shipped) + sorted(REMOTE_CHECKPOINTS)
     raise FileNotFoundError(
         f"no checkpoint file or known name {name!r} (known names: {', '.join(known)})"
     )
+
+
+def _download_remote(remote: RemoteCheckpoint, target: Path, progress: bool) -> Path:
+    """:func:`download` of ``remote``, its failures as a :class:`CheckpointError`."""
+    try:
+        return download(remote.url, target, sha256=remote.sha256, progress=progress)
+    except (OSError, http.client.HTTPException, ValueError) as error:
+        reason = error.reason if type(error) is urllib.error.URLError else error
+        raise CheckpointError(
+            f"the download of {remote.name} from {remote.url} failed ({reason}); check the "
+            "network connection, or download the file elsewhere and give its local path instead"
+        ) from error
 
 
 def download(

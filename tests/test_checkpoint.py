@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import collections
+import pickle
+import re
+import sys
+import types
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -41,26 +46,89 @@ def test_double_module_prefix_is_stripped(tmp_path: Path) -> None:
     assert "atom_map" in state_dict
 
 
-def test_truncated_file_names_the_problem(tmp_path: Path) -> None:
-    """A truncated checkpoint raises CheckpointError saying it could not be read."""
+@pytest.mark.parametrize("allow_unsafe", [False, True])
+def test_truncated_file_names_the_problem(tmp_path: Path, allow_unsafe: bool) -> None:
+    """A truncated checkpoint raises CheckpointError saying it is not a PyTorch checkpoint or
+    is truncated/corrupt, with or without allow_unsafe."""
     data = (OCP_DATA / "forcenet_small.pt").read_bytes()
     (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match=r"cut\.pt could not be read"):
-        read_checkpoint(tmp_path / "cut.pt")
+    with pytest.raises(CheckpointError, match=r"cut\.pt is not a PyTorch checkpoint \(or is"):
+        read_checkpoint(tmp_path / "cut.pt", allow_unsafe=allow_unsafe)
+
+
+#: Files that are no torch checkpoint: name -> content.
+JUNK = {
+    "byte": b"x",
+    "empty": b"",
+    "extxyz": (OCP_DATA / "structures.extxyz").read_bytes()[:4096],
+    # 'c' is pickle's GLOBAL opcode: torch's weights-only loader reports an unsupported global.
+    "text_starting_with_c": b"cell 1 2 3\npositions\n0 0 0\n",
+    "plain_pickle": pickle.dumps({"state_dict": {}}, protocol=2),
+    "zip_without_data_pkl": b"",
+}
+
+
+def _write_junk(path: Path, name: str) -> None:
+    if name == "zip_without_data_pkl":
+        with zipfile.ZipFile(path, "w") as archive:
+            archive.writestr("model/weights.txt", "1 2 3")
+    else:
+        path.write_bytes(JUNK[name])
+
+
+@pytest.mark.parametrize("allow_unsafe", [False, True])
+@pytest.mark.parametrize("name", sorted(JUNK))
+def test_junk_file_is_not_a_checkpoint(tmp_path: Path, name: str, allow_unsafe: bool) -> None:
+    """A file that is no torch checkpoint (a byte, an empty file, an .extxyz, a plain pickle, a
+    zip) raises CheckpointError saying so, with or without allow_unsafe, and never advises
+    unsafe unpickling."""
+    path = tmp_path / f"{name}.pt"
+    _write_junk(path, name)
+    with pytest.raises(CheckpointError, match="is not a PyTorch checkpoint") as error:
+        read_checkpoint(path, allow_unsafe=allow_unsafe)
+    assert str(path) in str(error.value)
+    assert "unsafe" not in str(error.value)
 
 
 class _Arbitrary:
     pass
 
 
-def test_unsafe_pickle_is_refused_unless_allowed(tmp_path: Path) -> None:
-    """A checkpoint that needs full unpickling is refused by default, naming allow_unsafe."""
+@pytest.mark.parametrize("zip_format", [True, False])
+def test_unsafe_pickle_is_refused_unless_allowed(tmp_path: Path, zip_format: bool) -> None:
+    """A checkpoint that needs full unpickling (zip or legacy format) is refused by default,
+    naming allow_unsafe and the refused global, and loads with allow_unsafe=True."""
     raw = load_ocp_raw("forcenet_small")
     raw["extra"] = _Arbitrary()
-    torch.save(raw, tmp_path / "unsafe.pt")
-    with pytest.raises(CheckpointError, match="allow_unsafe=True"):
+    torch.save(raw, tmp_path / "unsafe.pt", _use_new_zipfile_serialization=zip_format)
+    with pytest.raises(CheckpointError, match=r"_Arbitrary.*allow_unsafe=True"):
         read_checkpoint(tmp_path / "unsafe.pt")
     info, _ = read_checkpoint(tmp_path / "unsafe.pt", allow_unsafe=True)
+    assert info.model == "forcenet"
+
+
+def test_unimportable_class_with_allow_unsafe_is_named(tmp_path: Path, monkeypatch) -> None:
+    """With allow_unsafe, a torch file that refers to a class no module here defines raises
+    CheckpointError saying its code cannot be imported (not that the file is corrupt)."""
+    module = types.ModuleType("forcecalc_test_gone")
+    module.Gone = type("Gone", (), {"__module__": module.__name__})
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    raw = load_ocp_raw("forcenet_small")
+    raw["extra"] = module.Gone()
+    torch.save(raw, tmp_path / "gone.pt")
+    monkeypatch.delitem(sys.modules, module.__name__)
+    with pytest.raises(CheckpointError, match=r"gone\.pt holds .* cannot be imported here"):
+        read_checkpoint(tmp_path / "gone.pt", allow_unsafe=True)
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol 4")
+def test_checkpoint_weights_only_cannot_parse_gets_the_advice(tmp_path: Path) -> None:
+    """A genuine torch file that torch's weights-only loader cannot parse (pickle protocol 4)
+    is refused with the allow_unsafe advice, not called corrupt, and loads with it."""
+    torch.save(load_ocp_raw("forcenet_small"), tmp_path / "p4.pt", pickle_protocol=4)
+    with pytest.raises(CheckpointError, match="allow_unsafe=True"):
+        read_checkpoint(tmp_path / "p4.pt")
+    info, _ = read_checkpoint(tmp_path / "p4.pt", allow_unsafe=True)
     assert info.model == "forcenet"
 
 
@@ -124,3 +192,56 @@ def test_atomic_save_keeps_previous_file_on_failure(tmp_path: Path, monkeypatch)
 def test_normalizers_default_to_identity() -> None:
     """Without normalizers the raw outputs are eV and eV/Å."""
     assert Normalizers().as_dict() == {"energy_mean": 0.0, "energy_std": 1.0, "forces_std": 1.0}
+
+
+def test_wrongly_shaped_weight_is_named(tmp_path: Path) -> None:
+    """A weight whose shape is not the model's raises CheckpointError naming the parameter,
+    the model's shape and the checkpoint's."""
+    raw = load_ocp_raw("forcenet_small")
+    shape = tuple(raw["state_dict"]["module.lin.weight"].shape)
+    raw["state_dict"]["module.lin.weight"] = torch.zeros(shape[0] + 1, *shape[1:])
+    torch.save(raw, tmp_path / "shape.pt")
+    message = f"lin.weight: model {shape}, checkpoint {(shape[0] + 1, *shape[1:])}"
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        load_checkpoint(tmp_path / "shape.pt", device="cpu")
+
+
+def _own_format(tmp_path: Path) -> dict:
+    """The raw dict of a forcecalc-format checkpoint (written from an OCP fixture)."""
+    potential = load_checkpoint(OCP_DATA / "forcenet_small.pt", device="cpu")
+    return torch.load(save_checkpoint(potential, tmp_path / "own.pt"), weights_only=True)
+
+
+@pytest.mark.parametrize("entry", ["model", "model_kwargs", "normalizers"])
+def test_own_format_missing_entry_is_named(tmp_path: Path, entry: str) -> None:
+    """A forcecalc-format file without model, model_kwargs or normalizers raises
+    CheckpointError naming the file and the missing entry."""
+    data = _own_format(tmp_path)
+    del data[entry]
+    torch.save(data, tmp_path / "lacking.pt")
+    with pytest.raises(CheckpointError, match=rf"lacking\.pt .*lacks .*'{entry}'"):
+        read_checkpoint(tmp_path / "lacking.pt")
+
+
+def test_own_format_bad_normalizers_are_named(tmp_path: Path) -> None:
+    """Normalizers with other keys than energy_mean, energy_std and forces_std raise
+    CheckpointError listing the keys found and expected."""
+    data = _own_format(tmp_path)
+    data["normalizers"] = {"energy_mean": 0.0, "scale": 1.0}
+    torch.save(data, tmp_path / "norm.pt")
+    with pytest.raises(CheckpointError, match=r"norm\.pt: 'normalizers' has the keys"):
+        read_checkpoint(tmp_path / "norm.pt")
+
+
+def test_bad_model_kwargs_name_the_file(tmp_path: Path) -> None:
+    """A model_kwargs entry the model rejects raises CheckpointError (a ValueError) naming the
+    file, the model and the option."""
+    data = _own_format(tmp_path)
+    data["model_kwargs"]["no_such_option"] = 1
+    torch.save(data, tmp_path / "kwargs.pt")
+    with pytest.raises(CheckpointError, match=r"kwargs\.pt: the forcenet model .*no_such_option"):
+        load_checkpoint(tmp_path / "kwargs.pt", device="cpu")
+    data["model_kwargs"] = [1, 2]
+    torch.save(data, tmp_path / "kwargs.pt")
+    with pytest.raises(CheckpointError, match=r"kwargs\.pt: 'model_kwargs' is a list"):
+        read_checkpoint(tmp_path / "kwargs.pt")
