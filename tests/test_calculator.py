@@ -106,6 +106,11 @@ def test_force_centric_models_define_no_stress() -> None:
             "linearly dependent",
         ),
         (Atoms("CuAt", positions=[[0, 0, 0], [0, 0, 2]]), r"element\(s\) At \(atoms \[1\]\)"),
+        (Atoms("CuO", positions=[[0, 0, 0], [0, 0, 0.001]]), r"atoms 0 and 1 are 0.001 Å apart"),
+        (
+            Atoms("Cu", positions=[[0, 0, 0]], cell=[0.005, 3, 3], pbc=True),
+            r"atoms 0 and 0 are 0.005 Å apart \(counting periodic images\)",
+        ),
     ],
 )
 def test_bad_input_is_named(atoms: Atoms, message: str) -> None:

@@ -259,11 +259,27 @@ def radius_graph(
     edge_index, shifts = edge_index[:, order], shifts[order]
     vectors = edge_vectors(positions, cell, system_idx, edge_index, shifts)
     distances = torch.linalg.norm(vectors, dim=1)
+    _check_no_overlap(edge_index, distances)
     if max_neighbors is not None:
         keep = max_neighbors_mask(edge_index[1], distances, max_neighbors, len(positions))
         edge_index, shifts = edge_index[:, keep], shifts[keep]
         vectors, distances = vectors[keep], distances[keep]
     return NeighborGraph(edge_index, shifts, vectors, distances)
+
+
+def _check_no_overlap(edge_index: Tensor, distances: Tensor) -> None:
+    """Raise ``ValueError`` naming two atoms (or an atom and its periodic image) closer than
+    ``sqrt(MIN_DISTANCE_SQ)`` = 0.01 Å: no structure has them, and the models would drop the
+    pair silently (as OCP does), giving a number for a broken input."""
+    close = torch.nonzero(distances * distances <= MIN_DISTANCE_SQ).flatten()
+    if len(close):
+        first = int(close[distances[close].argmin()])
+        i, j = edge_index[0, first].item(), edge_index[1, first].item()
+        raise ValueError(
+            f"atoms {j} and {i} are {float(distances[first]):.2g} Å apart (counting periodic "
+            f"images), closer than 0.01 Å: overlapping atoms ({len(close)} such edge(s)); "
+            "check the positions"
+        )
 
 
 def canonical_order(edge_index: Tensor, shifts: Tensor, n_atoms: int) -> Tensor:
