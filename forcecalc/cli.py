@@ -146,8 +146,7 @@ def _check_at_least(args: argparse.Namespace, name: str, minimum: float) -> None
 
 
 def _check_relax_args(args: argparse.Namespace) -> None:
-    if args.fmax <= 0:
-        raise ValueError(f"--fmax must be > 0 (eV/Å), got {args.fmax}")
+    _check_at_least(args, "fmax", 0)
     _check_at_least(args, "steps", 0)
     _check_at_least(args, "skin", 0)
     if args.batch_size != "auto" and not (args.batch_size.isdigit() and int(args.batch_size)):
@@ -194,6 +193,7 @@ def _cmd_relax(args: argparse.Namespace) -> int:
     for index in indices:
         atoms = structures[index]
         atoms.info["input_index"] = index
+        atoms.info["input_count"] = len(structures)
         if args.fix_below is not None:
             _fix_below(atoms, args.fix_below)
         selected.append(atoms)
@@ -266,7 +266,15 @@ def _relax_batched(structures: list, potential, args: argparse.Namespace) -> lis
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
-    structures = [atoms for path in args.inputs for atoms in _read_structures(path)]
+    # an empty file is the output of an empty shard (more shards than structures)
+    structures = [
+        atoms
+        for path in args.inputs
+        if not (Path(path).is_file() and Path(path).stat().st_size == 0)
+        for atoms in _read_structures(path)
+    ]
+    if not structures:
+        raise ValueError("the shard outputs hold no structures")
     missing = [i for i, atoms in enumerate(structures) if "input_index" not in atoms.info]
     if missing:
         raise ValueError(
@@ -277,9 +285,17 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     indices = [atoms.info["input_index"] for atoms in order]
     if len(set(indices)) != len(indices):
         raise ValueError("the shard outputs overlap: some input_index appears twice")
-    gaps = sorted(set(range(max(indices) + 1)) - set(indices))
+    counts = {atoms.info.get("input_count") for atoms in order}
+    if len(counts) > 1:
+        raise ValueError(f"the shard outputs come from inputs of different sizes: {counts}")
+    count = counts.pop()
+    expected = int(count) if count is not None else max(indices) + 1
+    gaps = sorted(set(range(expected)) - set(indices))
     if gaps:
-        print(f"warning: input structures {gaps[:10]} are missing from the shards", file=sys.stderr)
+        raise ValueError(
+            f"input structures {gaps[:10]} ({len(gaps)} of {expected}) are missing from the "
+            "shard outputs: a shard's output is missing or incomplete"
+        )
     _write_structures(args.output, order, out_format)
     print(f"wrote {len(order)} structure(s) in input order to {args.output}")
     return 0

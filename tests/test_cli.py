@@ -161,15 +161,17 @@ def test_md_with_cuda_graph_and_skin_follows_the_same_trajectory(tmp_path: Path)
     assert main([*relax, "--batched", "--cuda-graph"]) == 2
 
 
-def test_sharded_batched_relax_merges_back_in_order(tmp_path: Path) -> None:
-    """`relax --batched --shard I/N` on every shard, then `merge`: all inputs, in input order."""
+def test_sharded_batched_relax_merges_back_in_order(tmp_path: Path, capsys) -> None:
+    """`relax --batched --shard I/N` on every shard, then `merge`: all inputs, in input order;
+    the empty output of a shard beyond the inputs merges as nothing, and a missing shard
+    output (even the last one) is an error, not a partial file."""
     slabs = []
     for size in (1, 2, 3):
         slab = fcc111("Cu", size=(2, 2, size + 1), vacuum=5.0)
         add_adsorbate(slab, "O", 2.0, "fcc")
         slabs.append(slab)
     write(tmp_path / "in.extxyz", slabs)
-    for shard in ("1/2", "2/2"):
+    for shard in ("1/4", "2/4", "3/4", "4/4"):
         code = main(
             [
                 "relax",
@@ -186,12 +188,19 @@ def test_sharded_batched_relax_merges_back_in_order(tmp_path: Path) -> None:
             ]
         )
         assert code == 0
-    assert len(read(tmp_path / "out1.extxyz", index=":")) == 2
-    outputs = [str(tmp_path / "out2.extxyz"), str(tmp_path / "out1.extxyz")]
+    assert len(read(tmp_path / "out1.extxyz", index=":")) == 1
+    assert (tmp_path / "out4.extxyz").stat().st_size == 0  # the 4th of 4 shards of 3 inputs
+    outputs = [str(tmp_path / f"out{k}.extxyz") for k in (2, 4, 1, 3)]
     assert main(["merge", str(tmp_path / "merged.extxyz"), *outputs]) == 0
     merged = read(tmp_path / "merged.extxyz", index=":")
     assert [len(a) for a in merged] == [len(s) for s in slabs]
     assert [a.info["input_index"] for a in merged] == [0, 1, 2]
+    capsys.readouterr()
+    for left_out in (outputs[0], outputs[3]):  # the middle and the last input
+        rest = [path for path in outputs if path != left_out]
+        assert main(["merge", str(tmp_path / "partial.extxyz"), *rest]) == 2
+        assert "are missing from the shard outputs" in capsys.readouterr().err
+    assert not (tmp_path / "partial.extxyz").exists()
 
 
 def test_eval_prints_the_papers_tables(tmp_path: Path, capsys) -> None:

@@ -252,8 +252,15 @@ def check_structures(structures: Sequence, potential: nn.Module) -> None:
         check_atoms(atoms, index)
         supported_constraints(atoms, index)
     check = getattr(potential, "check_numbers", None)
-    if check is not None and structures:
-        check(torch.as_tensor(np.concatenate([a.numbers for a in structures])))
+    if check is None:
+        return
+    for index, atoms in enumerate(structures):
+        try:
+            check(torch.as_tensor(atoms.numbers))
+        except ValueError as error:
+            raise ValueError(
+                f"structure {index} ({atoms.get_chemical_formula()}): {error}"
+            ) from None
 
 
 class Evaluator:

@@ -69,12 +69,24 @@ _MEASURED: weakref.WeakKeyDictionary[nn.Module, dict[tuple[str, str], MemoryMode
 )
 
 
+#: Words of the messages of allocation failures that are not ``torch.OutOfMemoryError``: the
+#: CPU allocator's ("DefaultCPUAllocator: can't allocate memory"), cuBLAS's and cuDNN's
+#: workspace failures, other backends' "out of memory".
+_OUT_OF_MEMORY_WORDS = (
+    "out of memory",
+    "can't allocate memory",
+    "cannot allocate memory",
+    "status_alloc_failed",
+)
+
+
 def is_out_of_memory(error: BaseException) -> bool:
-    """True for a device out-of-memory error (``torch.cuda.OutOfMemoryError`` or a
-    ``RuntimeError`` whose message says "out of memory", as CPU and other backends raise)."""
+    """True for an allocation failure on any device: ``torch.cuda.OutOfMemoryError``, or a
+    ``RuntimeError`` whose message is one of :data:`_OUT_OF_MEMORY_WORDS`."""
     if isinstance(error, torch.cuda.OutOfMemoryError):
         return True
-    return isinstance(error, RuntimeError) and "out of memory" in str(error).lower()
+    text = str(error).lower()
+    return isinstance(error, RuntimeError) and any(word in text for word in _OUT_OF_MEMORY_WORDS)
 
 
 def release_cached_memory(device: torch.device) -> None:

@@ -225,8 +225,8 @@ def relax(
     """
     from tqdm.auto import tqdm
 
-    if fmax <= 0:
-        raise ValueError(f"fmax must be positive, got {fmax}")
+    if not fmax >= 0:  # 0, as in ASE: run all the steps
+        raise ValueError(f"fmax must be >= 0, got {fmax}")
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
     opt = make_optimizer(optimizer, optimizer_options)

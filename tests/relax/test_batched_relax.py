@@ -189,8 +189,8 @@ def test_skin_does_not_change_results(skin):
 
 def test_steps_limit_and_zero_steps():
     """Contract: ``steps`` caps the steps as ASE's ``run(steps=...)`` does (unconverged flag,
-    same positions as ASE after that many steps); steps=0 only evaluates (and one Atoms
-    instead of a list gives a list of one)."""
+    same positions as ASE after that many steps; fmax=0 runs them all); steps=0 only
+    evaluates (and one Atoms instead of a list gives a list of one)."""
     atoms = rattled_slab(3)
     potential = morse_potential()
     [limited] = relax([atoms], potential, optimizer="bfgs", steps=4)
@@ -206,6 +206,9 @@ def test_steps_limit_and_zero_steps():
         "relax_initial_energy": pytest.approx(initial, abs=1e-12),
     }
     np.testing.assert_allclose(limited.positions, reference.positions, atol=1e-9)
+    [every_step] = relax([atoms], potential, optimizer="bfgs", fmax=0, steps=4)  # as ASE's
+    assert every_step.info["relax_steps"] == 4 and not every_step.info["relax_converged"]
+    np.testing.assert_allclose(every_step.positions, reference.positions, atol=1e-9)
     [untouched] = relax(atoms, potential, steps=0)  # one Atoms: a list of one
     assert untouched.info["relax_steps"] == 0
     assert np.array_equal(untouched.positions, atoms.positions)
@@ -263,7 +266,7 @@ def test_invalid_inputs_are_refused():
     with pytest.raises(ValueError, match="FixBondLength"):
         relax([atoms, bonded], potential)
     with pytest.raises(ValueError, match="fmax"):
-        relax([atoms], potential, fmax=0)
+        relax([atoms], potential, fmax=-0.1)
     with pytest.raises(ValueError, match="batch_size"):
         relax([atoms], potential, batch_size=0)
     assert relax([], potential) == []
@@ -272,7 +275,8 @@ def test_invalid_inputs_are_refused():
 def test_forcenet_checkpoint_integration():
     """Contract: with a real forcecalc checkpoint (ForceNet fixture, float32, loaded by path),
     10 FIRE steps of three slabs in one batch equal ASE's FIRE with forcecalc's calculator to
-    float32 rounding (1e-4 Å), FixAtoms included."""
+    float32 rounding (1e-4 Å), FixAtoms included; an element the model lacks is named with
+    its structure and atom."""
     from ocp_fixtures import ocp_checkpoint_path
 
     path = ocp_checkpoint_path("forcenet_small")
@@ -289,6 +293,12 @@ def test_forcenet_checkpoint_integration():
         np.testing.assert_allclose(result.positions, reference.positions, atol=1e-4)
         fixed = original.constraints[0].get_indices()
         assert np.array_equal(result.positions[fixed], original.positions[fixed])
+    unknown = structures[1].copy()
+    unknown[0].symbol = "At"
+    with pytest.raises(
+        ValueError, match=r"structure 1 \(.*At.*\): .*element\(s\) At \(atoms \[0\]\)"
+    ):
+        relax([structures[0], unknown], str(path), steps=1, device="cpu")
 
 
 def test_energy_centric_spinconv_integration():

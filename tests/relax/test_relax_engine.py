@@ -168,11 +168,16 @@ def test_memory_samples_vary_edges_per_atom():
 
 
 def test_out_of_memory_detection():
-    """Contract: CUDA's OutOfMemoryError and RuntimeErrors saying "out of memory" count as
-    out-of-memory; other errors do not."""
+    """Contract: CUDA's OutOfMemoryError, RuntimeErrors saying "out of memory", the CPU
+    allocator's refusal and cuBLAS's allocation failure count as out-of-memory; other errors
+    do not."""
     assert is_out_of_memory(torch.cuda.OutOfMemoryError("CUDA out of memory"))
     assert is_out_of_memory(RuntimeError("CUDA out of memory. Tried to allocate 20 MiB"))
     assert is_out_of_memory(RuntimeError("[enforce fail] DefaultCPUAllocator: Out of memory"))
+    with pytest.raises(RuntimeError) as refused:  # 400 TB, more than any address space
+        torch.empty(10**14)
+    assert is_out_of_memory(refused.value), str(refused.value)  # the CPU allocator's message
+    assert is_out_of_memory(RuntimeError("CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate"))
     assert not is_out_of_memory(RuntimeError("shape mismatch"))
     assert not is_out_of_memory(ValueError("out of memory"))
 
