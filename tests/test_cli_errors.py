@@ -25,8 +25,7 @@ CASES = [
     (["relax", "bad.traj"], "cannot read structures from bad.traj"),
     (["relax", "missing.xyz"], "input file missing.xyz does not exist"),
     (["relax", "one.extxyz", "--steps", "-5"], "--steps must be >= 0, got -5"),
-    (["relax", "one.extxyz", "--fmax", "-1"], "--fmax must be > 0"),
-    (["relax", "one.extxyz", "--fmax", "0"], "--fmax must be > 0"),
+    (["relax", "one.extxyz", "--fmax", "-1"], "--fmax must be >= 0"),
     (["relax", "one.extxyz", "--batched", "--batch-size", "x"], "--batch-size must be 'auto'"),
 ]
 
