@@ -462,6 +462,9 @@ def load_checkpoint(
             f"checkpoint {info.path}: the {info.model} model cannot be built from its "
             f"model_kwargs{given}: {error}"
         ) from None
+    # in the wanted dtype before loading: float64 weights stay float64 (loading into float32
+    # parameters would round them)
+    model = model.to(dtype=torch_dtype)
     _check_shapes(model, state_dict, info)
     result = model.load_state_dict(state_dict, strict=False)
     if result.missing_keys or result.unexpected_keys:
@@ -506,6 +509,9 @@ def save_checkpoint(
 ) -> Path:
     """Write ``potential`` in forcecalc's format, atomically (temp file + rename).
 
+    The weights keep the potential's dtype (a float64 model is saved in float64, so that
+    loading it with ``dtype="float64"`` gives back its exact numbers).
+
     Args:
         potential: the model and its normalizers.
         path: destination.
@@ -516,7 +522,6 @@ def save_checkpoint(
     """
     info = potential.info
     state_dict = {k: v.detach().to("cpu") for k, v in potential.model.state_dict().items()}
-    state_dict = {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()}
     kwargs = {k: v for k, v in info.model_kwargs.items() if not isinstance(v, Tensor)}
     data = {
         "format": FORMAT,

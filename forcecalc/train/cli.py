@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from forcecalc.train.config import TrainConfig, option_fields
+from forcecalc.train.config import TrainConfig, option_fields, read_options
 
 #: Defaults of ``finetune`` that differ from ``train``'s.
 FINETUNE_DEFAULTS: dict[str, Any] = {"lr": 1e-4}
@@ -101,12 +101,15 @@ def _option_values(args: argparse.Namespace) -> dict[str, Any]:
 def build_config(
     args: argparse.Namespace, base: dict[str, Any] | None = None
 ) -> tuple[TrainConfig, Path | None]:
-    """The run's config and the state to resume from (if ``--resume``)."""
+    """The run's config and the state to resume from (if ``--resume``).
+
+    Values, in increasing priority: the defaults, ``base`` (``finetune``'s defaults), the
+    options ``--config`` sets (only those it names), the flags given."""
     import torch
 
     values: dict[str, Any] = dict(base or {})
     if args.config:
-        values.update(TrainConfig.from_file(args.config).as_dict())
+        values.update(read_options(args.config))
     flags = _option_values(args)
     resume = None
     if args.resume is not None:

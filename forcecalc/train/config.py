@@ -9,6 +9,9 @@ when the validation force MAE plateaus (SpinConv).  See ``forcecalc/train/README
 from __future__ import annotations
 
 import json
+import math
+import numbers
+import os
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -20,6 +23,38 @@ OPTIMIZERS = ("adam", "adamw")
 SCHEDULERS = ("plateau", "cosine", "constant")
 NORMALIZER_MODES = ("auto", "fit", "keep")
 MONITORED = ("forces_mae", "energy_mae", "efwt")
+
+
+#: Allowed range of each numeric option: ``(low, high, low excluded, high excluded)``, a bound
+#: of ``None`` meaning none; lists (``tag_weights``) are checked item by item.
+RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
+    "val_fraction": (0, 1, False, True),
+    "val_max_frames": (1, None, False, False),
+    "split_seed": (0, 2**32 - 1, False, False),
+    "energy_coefficient": (0, None, False, False),
+    "force_coefficient": (0, None, False, False),
+    "fixed_atom_weight": (0, None, False, False),
+    "tag_weights": (0, None, False, False),
+    "weight_decay": (0, None, False, False),
+    "lr": (0, None, True, False),
+    "batch_size": (1, None, False, False),
+    "eval_batch_size": (1, None, False, False),
+    "max_epochs": (1, None, False, False),
+    "max_steps": (1, None, False, False),
+    "max_time": (0, None, True, False),
+    "warmup_steps": (0, None, False, False),
+    "warmup_factor": (0, 1, False, False),
+    "plateau_factor": (0, 1, True, True),
+    "plateau_patience": (0, None, False, False),
+    "min_lr": (0, None, False, False),
+    "clip_grad_norm": (0, None, True, False),
+    "ema_decay": (0, 1, True, True),
+    "normalizer_frames": (1, None, False, False),
+    "seed": (0, 2**32 - 1, False, False),
+    "num_workers": (0, None, False, False),
+    "eval_every": (0, None, False, False),
+    "checkpoint_every": (1, None, False, False),
+}
 
 
 #: Help text of every option (also the CLI flag's help).
@@ -134,6 +169,12 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        for option in fields(self):
+            setattr(
+                self,
+                option.name,
+                _checked(option.name, str(option.type), getattr(self, option.name)),
+            )
         choices = {
             "energy_loss": ENERGY_LOSSES,
             "force_loss": FORCE_LOSSES,
@@ -149,24 +190,21 @@ class TrainConfig:
                 raise ValueError(
                     f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}"
                 )
-        if isinstance(self.data, str):
-            self.data = [self.data]
-        if isinstance(self.val_data, str):
-            self.val_data = [self.val_data]
-        if isinstance(self.freeze_except, str):
-            self.freeze_except = [self.freeze_except]
+        for name, (low, high, low_open, high_open) in RANGES.items():
+            value = getattr(self, name)
+            if value is None:
+                continue
+            for item in value if isinstance(value, list) else [value]:
+                if not _within(item, low, high, low_open, high_open):
+                    raise ValueError(
+                        f"{name} must be {_describe(low, high, low_open, high_open)}, got {value!r}"
+                    )
         if self.tag_weights is not None and len(self.tag_weights) != 3:
             raise ValueError(f"tag_weights needs 3 values (tags 0, 1, 2), got {self.tag_weights}")
-        if self.batch_size < 1 or (self.eval_batch_size is not None and self.eval_batch_size < 1):
-            raise ValueError("batch sizes must be >= 1")
-        if self.val_max_frames is not None and self.val_max_frames < 1:
-            raise ValueError(f"val_max_frames must be positive, got {self.val_max_frames}")
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
-        if self.max_time is not None and self.max_time <= 0:
-            raise ValueError(f"max_time must be positive, got {self.max_time}")
-        if self.checkpoint_every < 1:
-            raise ValueError("checkpoint_every must be >= 1")
+        if self.energy_coefficient == 0 and self.force_coefficient == 0:
+            raise ValueError(
+                "energy_coefficient and force_coefficient are both 0: the loss would be 0"
+            )
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
@@ -183,18 +221,8 @@ class TrainConfig:
 
     @classmethod
     def from_file(cls, path: str | Path) -> TrainConfig:
-        """Read a YAML (``.yaml``/``.yml``) or JSON file."""
-        path = Path(path)
-        text = path.read_text()
-        if path.suffix in (".yaml", ".yml"):
-            import yaml
-
-            values = yaml.safe_load(text) or {}
-        else:
-            values = json.loads(text)
-        if not isinstance(values, dict):
-            raise ValueError(f"{path}: expected a mapping of option names to values")
-        return cls.from_dict(values)
+        """Read a YAML (``.yaml``/``.yml``) or JSON file; options it lacks keep their default."""
+        return cls.from_dict(read_options(path))
 
     def updated(self, **changes: Any) -> TrainConfig:
         """A copy with ``changes`` applied (validated again)."""
@@ -202,6 +230,119 @@ class TrainConfig:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _checked(name: str, annotation: str, value: Any) -> Any:
+    """``value`` of option ``name`` as its declared type ``annotation``: numbers written as
+    text (YAML reads ``1e-3`` as a string) become numbers, integral floats integers, ``"none"``
+    ``None`` where allowed, paths strings; anything else of the wrong type is a ``ValueError``
+    naming the option and the value."""
+    kinds = annotation.split(" | ")
+    optional = "None" in kinds
+    if optional and isinstance(value, str) and value.strip().lower() in ("none", "null"):
+        value = None
+    if value is None:
+        if optional:
+            return None
+        raise ValueError(f"{name} must be {_KIND_TEXT[kinds[0]]}, got None")
+    kind = kinds[0]
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+    elif kind == "int":
+        number = _as_number(value)
+        if number is not None and float(number).is_integer():
+            return int(number)
+    elif kind == "float":
+        number = _as_number(value)
+        if number is not None:
+            return float(number)
+    elif kind == "str":
+        if isinstance(value, (str, os.PathLike)):
+            return os.fspath(value)
+    elif kind == "list[str]":
+        items = [value] if isinstance(value, (str, os.PathLike)) else value
+        if isinstance(items, (list, tuple)) and all(
+            isinstance(item, (str, os.PathLike)) for item in items
+        ):
+            return [os.fspath(item) for item in items]
+    elif kind == "list[float]":
+        if isinstance(value, (list, tuple)):
+            items = [_as_number(item) for item in value]
+            if all(item is not None for item in items):
+                return [float(item) for item in items]
+    elif kind.startswith("dict["):
+        if isinstance(value, dict):
+            return dict(value)
+    else:
+        raise TypeError(f"option {name} has a type the config cannot check: {annotation}")
+    raise ValueError(f"{name} must be {_KIND_TEXT[kind]}, got {value!r}")
+
+
+_KIND_TEXT = {
+    "bool": "true or false",
+    "int": "an integer",
+    "float": "a number",
+    "str": "a string",
+    "list[str]": "a string or a list of strings",
+    "list[float]": "a list of numbers",
+    "dict[str, Any]": "a mapping",
+}
+
+
+def _as_number(value: Any) -> float | int | None:
+    """``value`` as a number (``bool`` excluded; numeric text parsed), else ``None``."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if isinstance(value, str):
+        text = value.strip()
+        for parse in (int, float):
+            try:
+                return parse(text)
+            except ValueError:
+                continue
+    return None
+
+
+def _within(
+    value: float, low: float | None, high: float | None, low_open: bool, high_open: bool
+) -> bool:
+    if not math.isfinite(value):
+        return False
+    if low is not None and (value < low or (low_open and value == low)):
+        return False
+    return high is None or not (value > high or (high_open and value == high))
+
+
+def _describe(low: float | None, high: float | None, low_open: bool, high_open: bool) -> str:
+    """``RANGES``' bounds in words: ``> 0``, ``>= 1``, ``in [0, 1)``."""
+    if high is None:
+        return f"{'>' if low_open else '>='} {low}"
+    return f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+
+
+def read_options(path: str | Path) -> dict[str, Any]:
+    """The options a YAML (``.yaml``/``.yml``) or JSON file sets, and only those, checked and
+    converted to their types (``ValueError`` naming the file, the option and the value)."""
+    path = Path(path)
+    text = path.read_text()
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        values = yaml.safe_load(text) or {}
+    else:
+        values = json.loads(text)
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a mapping of option names to values")
+    try:
+        config = TrainConfig.from_dict(values)
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
+    return {key.replace("-", "_"): getattr(config, key.replace("-", "_")) for key in values}
 
 
 def option_fields() -> list[tuple[str, str, Any, str]]:

@@ -71,6 +71,55 @@ class ExtxyzFrames(Sequence):
     def __len__(self) -> int:
         return len(self._offsets)
 
+    def labelled_numbers(self) -> set[int]:
+        """The atomic numbers of every frame, after checking from each frame's comment line
+        (no frame is parsed) that ASE will read an energy and forces for it.
+
+        Raises:
+            ValueError: a frame without energy or forces, or with an unknown element (the
+                message names the file and the frame's index in it).
+        """
+        from ase.data import atomic_numbers
+        from ase.io.extxyz import key_val_str_to_dict, parse_properties
+
+        found: set[int] = set()
+        with open(self.path, "rb") as stream:
+            for index, start in enumerate(self._offsets):
+                stream.seek(start)
+                n_atoms = int(stream.readline().split()[0])
+                info = key_val_str_to_dict(stream.readline().decode().strip())
+                properties, names = parse_properties(info.get("Properties", "species:S:1:pos:R:3"))[
+                    :2
+                ]
+                columns, column = {}, 0
+                for name in names:
+                    ase_name, width = properties[name]
+                    columns[ase_name] = (column, width)
+                    column += width
+                missing = [
+                    label
+                    for label, present in (
+                        ("energy", "energy" in info or "free_energy" in info),
+                        ("forces", columns.get("forces", (0, 0))[1] == 3),
+                    )
+                    if not present
+                ]
+                if missing:
+                    raise ValueError(_unlabelled(f"{self.path}: frame {index}", missing))
+                species = columns.get("symbols", columns.get("numbers"))
+                if species is None:
+                    raise ValueError(f"{self.path}: frame {index} has no species column")
+                values = {stream.readline().split()[species[0]] for _ in range(n_atoms)}
+                for value in values:
+                    text = value.decode()
+                    number = int(text) if text.isdigit() else atomic_numbers.get(text.capitalize())
+                    if number is None:
+                        raise ValueError(
+                            f"{self.path}: frame {index} has an unknown element {text!r}"
+                        )
+                    found.add(number)
+        return found
+
     def __getitem__(self, index: int):  # type: ignore[override]
         from ase.io import read
 
@@ -108,6 +157,30 @@ class AseDbFrames(Sequence):
     def __getitem__(self, index: int):  # type: ignore[override]
         return self._db().get(id=self._ids[index]).toatoms()
 
+    def labelled_numbers(self) -> set[int]:
+        """The atomic numbers of every row, after checking from the rows' columns (no
+        ``Atoms`` built) that each has an energy and forces.
+
+        Raises:
+            ValueError: a row without energy or forces (the message names the file, the
+                frame's index in it and the row's id).
+        """
+        found: set[int] = set()
+        for index, row in enumerate(self._db().select(include_data=False)):
+            missing = [
+                label
+                for label, present in (
+                    ("energy", row.get("energy", row.get("free_energy")) is not None),
+                    ("forces", row.get("forces") is not None),
+                )
+                if not present
+            ]
+            if missing:
+                where = f"{self.path}: frame {index} (row id {row.id}, {row.formula})"
+                raise ValueError(_unlabelled(where, missing))
+            found.update(int(z) for z in np.unique(row.numbers))
+        return found
+
 
 class TrajectoryFrames(Sequence):
     """Lazy random access to an ASE ``.traj`` file (opened per access, fork-safe)."""
@@ -127,6 +200,12 @@ class TrajectoryFrames(Sequence):
 
         with Trajectory(self.path) as trajectory:
             return trajectory[index]
+
+    def __iter__(self) -> Iterator:
+        from ase.io import Trajectory
+
+        with Trajectory(self.path) as trajectory:
+            yield from trajectory
 
 
 class AseFileFrames(Sequence):
@@ -152,10 +231,13 @@ class AseFileFrames(Sequence):
 
 
 class ConcatFrames(Sequence):
-    """Several sources as one sequence; :meth:`locate` says which source a frame comes from."""
+    """Several sources as one sequence; :meth:`locate` says which source a frame comes from,
+    ``names`` what each source is called in messages."""
 
-    def __init__(self, sources: Sequence[Sequence]) -> None:
+    def __init__(self, sources: Sequence[Sequence], names: Sequence[str] | None = None) -> None:
         self.sources = list(sources)
+        #: what each source is called in messages (its path)
+        self.names = [str(n) for n in names] if names is not None else ["<frames>"] * len(sources)
         self._bounds = np.cumsum([0] + [len(s) for s in self.sources])
 
     def __len__(self) -> int:
@@ -220,7 +302,66 @@ def open_frames(sources: Sequence[str | os.PathLike] | Sequence) -> ConcatFrames
     """Several sources (paths, or one list of ``Atoms``) as one :class:`ConcatFrames`."""
     if len(sources) and hasattr(sources[0], "positions"):
         return ConcatFrames([sources])
-    return ConcatFrames([open_source(s) for s in sources])
+    return ConcatFrames([open_source(s) for s in sources], [str(s) for s in sources])
+
+
+def labelled_numbers(frames: Sequence) -> dict[str, set[int]]:
+    """Check that every frame of ``frames`` has the energy and forces training needs, and
+    return the atomic numbers found, per source (a :class:`ConcatFrames`' ``names``, else
+    ``"<frames>"``).
+
+    Reads only what the check needs where the format allows: the comment lines of an
+    extended XYZ file, the energy and force arrays of our HDF5 files, the columns of an ASE
+    database; other sources are read frame by frame.
+
+    Raises:
+        ValueError: a frame without energy or forces, or with forces of the wrong shape; the
+            message names the source (file) and the frame's index within it.
+    """
+    if isinstance(frames, ConcatFrames):
+        pairs = list(zip(frames.names, frames.sources, strict=True))
+    else:
+        pairs = [("<frames>", frames)]
+    found: dict[str, set[int]] = {}
+    for name, source in pairs:
+        if isinstance(source, (ExtxyzFrames, AseDbFrames)):
+            numbers = source.labelled_numbers()
+        elif hasattr(source, "atom_array") and hasattr(source, "offsets"):
+            numbers = _dataset_numbers(source, name)
+        else:
+            numbers = set()
+            for index, atoms in enumerate(source):
+                frame_targets(atoms, index, source=name)
+                numbers.update(int(z) for z in np.unique(atoms.numbers))
+        found[name] = found.get(name, set()) | numbers
+    return found
+
+
+def _dataset_numbers(dataset, name: str, chunk: int = 4096) -> set[int]:
+    """:func:`labelled_numbers` of a :class:`forcecalc.data.Dataset` (energy NaN or any force
+    not finite: unlabelled, as the reader treats them), read ``chunk`` frames at a time."""
+    unknown = np.flatnonzero(~np.isfinite(np.asarray(dataset.frames["energy"], dtype=np.float64)))
+    if len(unknown):
+        raise ValueError(_unlabelled(f"{name}: frame {int(unknown[0])}", ["energy"]))
+    offsets = np.asarray(dataset.offsets, dtype=np.int64)
+    found: set[int] = set()
+    for first in range(0, len(offsets) - 1, chunk):
+        last = min(first + chunk, len(offsets) - 1)
+        lo, hi = int(offsets[first]), int(offsets[last])
+        forces = np.asarray(dataset.atom_array("forces", lo, hi))
+        bad = np.flatnonzero(~np.isfinite(forces).all(axis=1))
+        if len(bad):
+            frame = int(np.searchsorted(offsets, lo + bad[0], side="right")) - 1
+            raise ValueError(_unlabelled(f"{name}: frame {frame}", ["forces"]))
+        found.update(int(z) for z in np.unique(dataset.atom_array("numbers", lo, hi)))
+    return found
+
+
+def _unlabelled(where: str, missing: Sequence[str]) -> str:
+    return (
+        f"{where} has no {' and no '.join(missing)}: training needs an energy and forces for "
+        "every frame (attach a SinglePointCalculator, or store them in the file)"
+    )
 
 
 def random_split(frames: Sequence, val_fraction: float, seed: int) -> tuple[Sequence, Sequence]:
@@ -245,26 +386,28 @@ def _seeded_order(n: int, seed: int) -> np.ndarray:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).numpy()
 
 
-def frame_targets(atoms, index: int | None = None) -> tuple[float, np.ndarray]:
+def frame_targets(
+    atoms, index: int | None = None, source: str | None = None
+) -> tuple[float, np.ndarray]:
     """``(energy, forces [n_atoms, 3])`` of a labelled frame (eV, eV/Å).
 
     Raises:
-        ValueError: the frame has no energy or no forces (the message names the frame).
+        ValueError: the frame has no energy or no forces, or forces of the wrong shape (the
+            message names the frame: ``source`` and ``index`` when given).
     """
+    label = f"frame {index}" if index is not None else "a frame"
+    if source is not None:
+        label = f"{source}: {label}"
     calc = atoms.calc
     results = getattr(calc, "results", None) or {}
     energy = results.get("energy", results.get("free_energy"))
     forces = results.get("forces")
-    if energy is None or forces is None:
-        label = f"frame {index}" if index is not None else "a frame"
-        raise ValueError(
-            f"{label} ({atoms.get_chemical_formula()}) has no "
-            f"{'energy' if energy is None else 'forces'}: training needs both (attach a "
-            "SinglePointCalculator, or store them in the file)"
-        )
+    missing = [name for name, value in (("energy", energy), ("forces", forces)) if value is None]
+    if missing:
+        raise ValueError(_unlabelled(f"{label} ({atoms.get_chemical_formula()})", missing))
     forces = np.asarray(forces, dtype=np.float64)
     if forces.shape != (len(atoms), 3):
-        raise ValueError(f"frame {index}: forces of shape {forces.shape} for {len(atoms)} atoms")
+        raise ValueError(f"{label}: forces of shape {forces.shape} for {len(atoms)} atoms")
     return float(energy), forces
 
 

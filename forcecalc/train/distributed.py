@@ -14,6 +14,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from forcecalc.checkpoint import resolve_device
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -40,14 +42,17 @@ def init_from_env(device: str | None) -> tuple[DistInfo, torch.device]:
 
     Returns:
         ``(info, device)``; under torchrun with CUDA the device is ``cuda:LOCAL_RANK``.
+
+    Raises:
+        ValueError: an unknown device, or one that is not available (e.g. ``"cuda"`` without
+            a GPU), before anything else is done.
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    kind = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(kind)
+    resolved = resolve_device(device)
     if resolved.type == "cuda" and resolved.index is None:
-        resolved = torch.device("cuda", local_rank if world_size > 1 else 0)
+        resolved = resolve_device(f"cuda:{local_rank if world_size > 1 else 0}")
     if resolved.type == "cuda":
         torch.cuda.set_device(resolved)
     if world_size > 1 and not dist.is_initialized():

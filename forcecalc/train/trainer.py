@@ -58,6 +58,7 @@ from forcecalc.train.data import (
     TrainBatch,
     atom_weights,
     frame_targets,
+    labelled_numbers,
     open_frames,
     random_split,
     seeded_subset,
@@ -109,6 +110,43 @@ def fit_normalizers(frames: Sequence, max_frames: int, seed: int) -> Normalizers
     )
 
 
+def representable_numbers(model: torch.nn.Module) -> set[int] | None:
+    """The atomic numbers ``model``'s tables cover (``None``: the model does not say):
+    its ``supported_numbers()`` (ForceNet), else ``1 .. max_num_elements - 1`` (SpinConv's
+    embedding tables)."""
+    supported = getattr(model, "supported_numbers", None)
+    if callable(supported):
+        return {int(z) for z in supported()}
+    limit = getattr(model, "max_num_elements", None)
+    return set(range(1, limit)) if isinstance(limit, int) else None
+
+
+def _number_ranges(values: Sequence[int]) -> str:
+    """``[1, 2, 3, 5]`` -> ``"1-3, 5"``."""
+    parts: list[str] = []
+    start = previous = None
+    for value in [*values, None]:
+        if previous is not None and value == previous + 1:
+            previous = value
+            continue
+        if start is not None:
+            parts.append(str(start) if start == previous else f"{start}-{previous}")
+        start = previous = value
+    return ", ".join(parts)
+
+
+def _check_not_empty(frames: Sequence, role: str) -> None:
+    """A ``ValueError`` naming the source when ``frames`` (a :class:`ConcatFrames` of files,
+    or a list) or one of its files holds no frame; ``role``: training or validation."""
+    names = getattr(frames, "names", ["<frames>"])
+    sources = getattr(frames, "sources", [frames])
+    for name, source in zip(names, sources, strict=True):
+        if len(source) == 0:
+            raise ValueError(f"{role} data {name} has no frames")
+    if len(frames) == 0:
+        raise ValueError(f"no {role} frames")
+
+
 def _remove_stale_temp_files(folder: Path) -> None:
     """Delete temp files a killed run left behind (its completed files are untouched)."""
     for name in _WRITTEN:
@@ -155,14 +193,13 @@ class Trainer:
             state = torch.load(resume, map_location="cpu", weights_only=True)
             if state.get("format") != STATE_FORMAT:
                 raise ValueError(f"{resume} is not a forcecalc training state")
-        self.train_frames, self.val_frames, self.data_info = self._open_data(
+        self.train_frames, self.val_frames, self.data_info, numbers = self._open_data(
             train_frames, val_frames
         )
-        if len(self.train_frames) == 0:
-            raise ValueError("no training frames")
 
         torch.manual_seed(config.seed)
         self.potential = self._build_potential(state)
+        self._check_elements(numbers)
         model = self.potential.model
         freeze_except(model, config.freeze_except)
         if self.dist.active and config.sync_batchnorm:
@@ -196,7 +233,11 @@ class Trainer:
                 f"{len(self.train_frames)} training frames cannot feed "
                 f"{self.dist.world_size} processes"
             )
-        self.total_steps = config.max_steps or config.max_epochs * self.steps_per_epoch
+        self.total_steps = (
+            config.max_steps
+            if config.max_steps is not None
+            else config.max_epochs * self.steps_per_epoch
+        )
         self.schedule = LRSchedule(
             self.optimizer,
             config.scheduler,
@@ -232,12 +273,19 @@ class Trainer:
 
     def _open_data(
         self, train_frames: Sequence | None, val_frames: Sequence | None
-    ) -> tuple[Sequence, Sequence, dict[str, Any]]:
+    ) -> tuple[Sequence, Sequence, dict[str, Any], dict[str, set[int]]]:
+        """``(train, val, data info, atomic numbers per training source)``; every frame of
+        every source is checked for the energy and forces training needs."""
         config = self.config
         train = open_frames(config.data) if train_frames is None else train_frames
         names = list(config.data) if train_frames is None else ["<frames>"]
+        numbers = labelled_numbers(train)
+        _check_not_empty(train, "training")
         if val_frames is not None or config.val_data:
             val = open_frames(config.val_data) if val_frames is None else val_frames
+            labelled_numbers(val)
+            if val_frames is None:
+                _check_not_empty(val, "validation")
             split = {"kind": "files", "val": list(config.val_data) or ["<frames>"]}
         elif config.val_fraction > 0:
             train, val = random_split(train, config.val_fraction, config.split_seed)
@@ -253,7 +301,32 @@ class Trainer:
             "val_frames": len(val),
             "split": split,
         }
-        return train, val, info
+        return train, val, info, numbers
+
+    def _check_elements(self, numbers: dict[str, set[int]]) -> None:
+        """Refuse training data with elements the model's tables cannot represent (naming the
+        elements and the sources holding them); when the checkpoint lists the elements it
+        accepts, extend the list by the training data's, so that the checkpoints written
+        accept what the model was trained on."""
+        info = self.potential.info
+        seen = set().union(*numbers.values())
+        representable = representable_numbers(self.potential.model)
+        if representable is not None and not seen <= representable:
+            from ase.data import chemical_symbols
+
+            bad = seen - representable
+            sources = [name for name, found in numbers.items() if found & bad]
+            symbols = [
+                chemical_symbols[z] if z < len(chemical_symbols) else str(z) for z in sorted(bad)
+            ]
+            raise ValueError(
+                f"the training data ({', '.join(sources)}) has element(s) "
+                f"{', '.join(symbols)} "
+                f"that the {info.model} model cannot represent (its tables cover atomic numbers "
+                f"{_number_ranges(sorted(representable))})"
+            )
+        if info.elements is not None:
+            info.elements = sorted(set(info.elements) | seen)
 
     def _build_potential(self, state: dict[str, Any] | None) -> Potential:
         config = self.config
@@ -282,6 +355,7 @@ class Trainer:
                     "path": potential.info.path,
                     "format": potential.info.source_format,
                     "normalizers": potential.info.normalizers.as_dict(),
+                    "elements": potential.info.elements,
                 }
             }
         else:

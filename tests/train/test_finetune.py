@@ -1,14 +1,28 @@
-"""Fine-tuning from OCP-format checkpoints, with frozen blocks."""
+"""Fine-tuning from OCP-format checkpoints, with frozen blocks; elements new to a checkpoint."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
-from train_fixtures import ocp_checkpoint, one_thread, training_frames  # noqa: F401
+from ase.calculators.singlepoint import SinglePointCalculator
+from train_fixtures import SPINCONV_TINY, ocp_checkpoint, one_thread, training_frames  # noqa: F401
 
-from forcecalc.checkpoint import load_checkpoint, read_checkpoint
+from forcecalc.calculator import load_calculator
+from forcecalc.checkpoint import (
+    CheckpointInfo,
+    Normalizers,
+    Potential,
+    load_checkpoint,
+    read_checkpoint,
+    save_checkpoint,
+)
+from forcecalc.models.registry import build_model
 from forcecalc.predict import predict
 from forcecalc.train import TrainConfig, Trainer
+from forcecalc.train.data import frame_targets
 from forcecalc.train.optim import freeze_except
 
 CASES = [
@@ -78,3 +92,69 @@ def test_freeze_except_rejects_unknown_block():
         freeze_except(model, ["force_output_block"])
     assert freeze_except(model, ["head"]) == ["head.weight", "head.bias"]
     assert not model.encoder.weight.requires_grad
+
+
+def _spinconv_checkpoint(path: Path, elements: list[int], **changes) -> Path:
+    """A freshly initialised tiny SpinConv saved in forcecalc's format, accepting ``elements``."""
+    torch.manual_seed(0)
+    kwargs = {**SPINCONV_TINY, **changes}
+    info = CheckpointInfo(
+        model="spinconv",
+        model_kwargs=kwargs,
+        normalizers=Normalizers(),
+        source_format="forcecalc",
+        elements=elements,
+    )
+    return save_checkpoint(Potential(build_model("spinconv", kwargs), info), path)
+
+
+def _with_nickel(frames: list) -> list:
+    """``frames`` with their atom 1 (Cu) turned into Ni, labels kept."""
+    out = []
+    for atoms in frames:
+        changed = atoms.copy()
+        changed.numbers[1] = 28
+        energy, forces = frame_targets(atoms)
+        changed.calc = SinglePointCalculator(changed, energy=energy, forces=forces)
+        out.append(changed)
+    return out
+
+
+def _finetune_config(tmp_path: Path, checkpoint: Path) -> TrainConfig:
+    return TrainConfig(
+        init_checkpoint=str(checkpoint),
+        out=str(tmp_path / "run"),
+        device="cpu",
+        progress=False,
+        batch_size=2,
+        val_fraction=0.0,
+        max_steps=1,
+        rotation="none",
+    )
+
+
+def test_finetune_on_a_new_element_extends_the_checkpoint_elements(tmp_path):
+    """Fine-tuning a checkpoint that lists its elements (Cu, O) on frames with an element it
+    lacks but its tables cover (Ni) writes a final.pt listing the union (O, Ni, Cu), records
+    the starting checkpoint's list, and the calculator built from it evaluates the new
+    element."""
+    checkpoint = _spinconv_checkpoint(tmp_path / "start.pt", [8, 29])
+    frames = _with_nickel(training_frames()[:4])
+    summary = Trainer(_finetune_config(tmp_path, checkpoint), frames).fit()
+    final = load_checkpoint(summary["final"], device="cpu")
+    assert final.info.elements == [8, 28, 29]
+    assert final.info.metadata["init_checkpoint"]["elements"] == [8, 29]
+    atoms = frames[0].copy()
+    atoms.calc = load_calculator(summary["final"], device="cpu")
+    assert np.isfinite(atoms.get_potential_energy())
+    assert np.isfinite(atoms.get_forces()).all()
+
+
+def test_finetune_refuses_an_element_the_model_cannot_represent(tmp_path):
+    """A training element outside the model's tables (Cu for a SpinConv whose tables stop at
+    Z = 28) is refused when the run starts, naming the element and the model's range, before
+    anything is written."""
+    checkpoint = _spinconv_checkpoint(tmp_path / "start.pt", [8, 28], max_num_elements=29)
+    with pytest.raises(ValueError, match=r"element\(s\) Cu that the spinconv model cannot.*1-28"):
+        Trainer(_finetune_config(tmp_path, checkpoint), training_frames()[:4])
+    assert not (tmp_path / "run" / "final.pt").exists()

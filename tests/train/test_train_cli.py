@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from dataclasses import fields
 
 import pytest
@@ -12,7 +13,7 @@ import yaml
 from ase.io import write
 from train_fixtures import FORCENET_TINY, ocp_checkpoint, one_thread, training_frames  # noqa: F401
 
-from forcecalc.train.cli import add_train_commands, build_config
+from forcecalc.train.cli import FINETUNE_DEFAULTS, add_train_commands, build_config
 from forcecalc.train.config import TrainConfig
 
 
@@ -94,3 +95,90 @@ def test_finetune_from_the_command_line(tmp_path):
     saved = torch.load(out / "final.pt", weights_only=True)
     assert saved["metadata"]["training"]["config"]["freeze_except"] == ["decoder"]
     assert saved["metadata"]["training"]["config"]["lr"] == 1e-4
+
+
+def test_finetune_keeps_its_learning_rate_unless_the_file_or_a_flag_sets_it(tmp_path):
+    """``finetune --config FILE``: options the file does not name keep finetune's defaults
+    (lr 1e-4), not ``train``'s; an ``lr`` in the file, then an ``--lr`` flag, override it."""
+    without_lr = tmp_path / "cfg.yaml"
+    without_lr.write_text(yaml.safe_dump({"batch_size": 4}))
+    with_lr = tmp_path / "lr.yaml"
+    with_lr.write_text("lr: 3e-4\n")  # PyYAML reads 3e-4 as a string
+    base = FINETUNE_DEFAULTS
+
+    def config(*extra: str) -> TrainConfig:
+        args = _parser().parse_args(["finetune", "ckpt.pt", "--data", "a.h5", *extra])
+        return build_config(args, base=base)[0]
+
+    assert config("--config", str(without_lr)).lr == 1e-4
+    assert config("--config", str(without_lr)).batch_size == 4
+    assert config("--config", str(with_lr)).lr == 3e-4
+    assert config("--config", str(with_lr), "--lr", "2e-5").lr == 2e-5
+
+
+def test_numbers_written_as_text_are_converted(tmp_path):
+    """Numbers YAML leaves as strings (``1e-3``, ``1e4``) become the option's type; ``none``
+    switches an optional option off; a path becomes a string."""
+    path = tmp_path / "cfg.yaml"
+    path.write_text("lr: 1e-3\nmax_steps: 1e4\nclip_grad_norm: none\nbatch_size: '4'\n")
+    config = TrainConfig.from_file(path)
+    assert config.lr == 1e-3 and isinstance(config.lr, float)
+    assert config.max_steps == 10000 and isinstance(config.max_steps, int)
+    assert config.clip_grad_norm is None and config.batch_size == 4
+    assert TrainConfig(data=tmp_path / "a.h5", out=tmp_path).data == [str(tmp_path / "a.h5")]
+
+
+BAD_VALUES = [
+    ("lr", "fast"),
+    ("lr", "-1e-3"),
+    ("lr", 0),
+    ("batch_size", 2.5),
+    ("batch_size", 0),
+    ("eval_batch_size", 0),
+    ("max_steps", 0),
+    ("max_steps", -3),
+    ("max_epochs", -1),
+    ("max_epochs", 0),
+    ("max_time", float("inf")),
+    ("energy_coefficient", -1.0),
+    ("force_coefficient", -1.0),
+    ("fixed_atom_weight", -0.05),
+    ("tag_weights", [0.05, -1.0, 1.0]),
+    ("tag_weights", [1.0, 1.0]),
+    ("weight_decay", float("nan")),
+    ("clip_grad_norm", -1.0),
+    ("clip_grad_norm", 0),
+    ("warmup_steps", -1),
+    ("warmup_factor", 1.5),
+    ("eval_every", -1),
+    ("checkpoint_every", 2.5),
+    ("checkpoint_every", 0),
+    ("ema_decay", 1.5),
+    ("ema_decay", 0),
+    ("plateau_factor", 1.5),
+    ("plateau_factor", 0),
+    ("plateau_patience", -1),
+    ("min_lr", -1e-6),
+    ("normalizer_frames", 0),
+    ("val_fraction", 1.0),
+    ("val_max_frames", 0),
+    ("seed", -1),
+    ("split_seed", "abc"),
+    ("num_workers", -2),
+    ("amsgrad", "yes"),
+    ("data", 3),
+    ("model_kwargs", "cutoff=5"),
+    ("dtype", "float16"),
+]
+
+
+@pytest.mark.parametrize(("key", "value"), BAD_VALUES, ids=[f"{k}={v}" for k, v in BAD_VALUES])
+def test_bad_option_values_are_named_errors(tmp_path, key, value):
+    """Each option of the wrong type or out of its range is a ``ValueError`` naming the option
+    and the value, from Python and from a config file (the message then names the file)."""
+    with pytest.raises(ValueError, match=rf"^{key}\b.*got"):
+        TrainConfig(**{key: value})
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps({key: value}))
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: {key}\b.*got"):
+        TrainConfig.from_file(path)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
+from ase.calculators.singlepoint import SinglePointCalculator
 from ase.io import write
 from train_fixtures import one_thread, training_frames  # noqa: F401
 
@@ -17,6 +20,7 @@ from forcecalc.train.data import (
     TrajectoryFrames,
     atom_weights,
     frame_targets,
+    labelled_numbers,
     open_frames,
     open_source,
     random_split,
@@ -149,3 +153,50 @@ def test_batch_plan_splits_global_batches_over_ranks():
     assert list(single) == expected[2:] and len(single) == 2
     assert list(BatchPlan(3, 1, world_size=2).global_batches(0))[-1].size == 2  # 1 left: dropped
     assert [list(shard(10, r, 3)) for r in range(3)] == [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
+
+
+def _partly_labelled(frames: list, index: int, missing: str) -> list:
+    """Copies of ``frames`` in which frame ``index`` lacks its ``missing`` label."""
+    out = []
+    for k, atoms in enumerate(frames):
+        energy, forces = frame_targets(atoms)
+        labels = {"energy": energy, "forces": forces}
+        if k == index:
+            del labels[missing]
+        copy = atoms.copy()
+        copy.calc = SinglePointCalculator(copy, **labels)
+        out.append(copy)
+    return out
+
+
+def _write(path, frames: list) -> None:
+    if path.suffix == ".h5":
+        data = pytest.importorskip("forcecalc.data")
+        data.write_dataset(path, data.FrameBatch.from_atoms(frames))
+    elif path.suffix == ".db":
+        from ase.db import connect
+
+        with connect(path) as db:
+            for atoms in frames:
+                db.write(atoms)
+    else:
+        write(path, frames, format="json" if path.suffix == ".json" else None)
+
+
+@pytest.mark.parametrize("missing", ["energy", "forces"])
+@pytest.mark.parametrize("suffix", [".extxyz", ".db", ".traj", ".h5", ".json"])
+def test_unlabelled_frames_are_found_when_the_data_is_opened(tmp_path, suffix, missing):
+    """Every frame's labels are checked before training: a frame without energy or forces is
+    an error naming its file and its index within that file (not within the concatenated or
+    split data), and what it lacks; labelled data gives its atomic numbers per file."""
+    frames = training_frames()[:4]
+    good = tmp_path / "good.extxyz"
+    write(good, frames[:3])
+    bad = tmp_path / f"bad{suffix}"
+    _write(bad, _partly_labelled(frames, 2, missing))
+    opened = open_frames([good, bad])
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(bad))}: frame 2\b.* no {missing}"):
+        labelled_numbers(opened)
+    fine = tmp_path / f"fine{suffix}"
+    _write(fine, frames)
+    assert labelled_numbers(open_frames([good, fine])) == {str(good): {8, 29}, str(fine): {8, 29}}

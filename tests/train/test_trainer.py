@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,7 +15,8 @@ import pytest
 import torch
 from train_fixtures import FORCENET_TINY, SPINCONV_TINY, one_thread, training_frames  # noqa: F401
 
-from forcecalc.checkpoint import load_checkpoint
+from forcecalc.checkpoint import Potential, load_checkpoint
+from forcecalc.models.registry import build_model
 from forcecalc.predict import predict
 from forcecalc.train import TrainConfig, Trainer
 
@@ -324,3 +326,79 @@ def test_exported_spinconv_fills_distance_scaling_of_pairs_absent_from_training(
         mean = 0.5 * (table[29, 29] + table[79, 79])
         assert table[29, 79] == mean and table[79, 29] == mean
         assert abs(float(live[29, 79])) <= 1e-4
+
+
+def _float64_run(tmp_path: Path) -> tuple[Trainer, list]:
+    frames = training_frames()[:4]
+    config = _resume_config(tmp_path, "f64", 2).updated(
+        dtype="float64", ema_decay=None, val_fraction=0.0, rotation="none"
+    )
+    trainer = Trainer(config, frames)
+    trainer.fit()
+    return trainer, frames
+
+
+def _assert_same_predictions(reference: list, other: list) -> None:
+    for a, b in zip(reference, other, strict=True):
+        assert a["energy"] == pytest.approx(b["energy"], abs=1e-12, rel=0)
+        torch.testing.assert_close(a["forces"], b["forces"], atol=1e-12, rtol=0)
+
+
+def test_float64_run_saves_float64_weights(tmp_path):
+    """A float64 run writes best.pt and final.pt with float64 weights, final.pt's bit for bit
+    the trained model's: a float64 model given them predicts the trained model's energies and
+    forces to 1e-12."""
+    trainer, frames = _float64_run(tmp_path)
+    trained = trainer.potential.model.state_dict()
+    for name in ("best.pt", "final.pt"):
+        saved = torch.load(tmp_path / "f64" / name, weights_only=True)
+        floats = {v.dtype for v in saved["state_dict"].values() if v.is_floating_point()}
+        assert floats == {torch.float64}, name
+    for key, value in saved["state_dict"].items():
+        assert torch.equal(value.nan_to_num(), trained[key].nan_to_num()), key
+    model = build_model(saved["model"], saved["model_kwargs"]).to(torch.float64)
+    model.load_state_dict(saved["state_dict"])
+    rebuilt = Potential(model, trainer.potential.info).eval()
+    _assert_same_predictions(predict(frames, trainer.potential.eval()), predict(frames, rebuilt))
+
+
+def test_float64_final_checkpoint_loads_with_the_trained_numbers(tmp_path):
+    """final.pt of a float64 run, loaded with ``load_checkpoint(dtype="float64")``, predicts
+    the trained model's energies and forces to 1e-12."""
+    trainer, frames = _float64_run(tmp_path)
+    reloaded = load_checkpoint(tmp_path / "f64" / "final.pt", device="cpu", dtype="float64")
+    _assert_same_predictions(predict(frames, trainer.potential.eval()), predict(frames, reloaded))
+
+
+def test_empty_or_unlabelled_data_files_are_named(tmp_path):
+    """A training or validation file with no frames, or with a frame lacking forces, stops the
+    run when it starts, naming the file (and the frame's index within that file)."""
+    from ase.calculators.singlepoint import SinglePointCalculator
+    from ase.io import write
+
+    frames = training_frames()[:4]
+    data = tmp_path / "frames.extxyz"
+    write(data, frames)
+    empty = tmp_path / "empty.extxyz"
+    empty.write_text("")
+    unlabelled = frames[1].copy()
+    unlabelled.calc = SinglePointCalculator(unlabelled, energy=1.0)
+    partly = tmp_path / "partly.extxyz"
+    write(partly, [frames[0], unlabelled])
+    config = _resume_config(tmp_path, "run", 1).updated(data=[str(data)], val_fraction=0.0)
+    with pytest.raises(ValueError, match=rf"validation data {re.escape(str(empty))} has no frames"):
+        Trainer(config.updated(val_data=[str(empty)]))
+    with pytest.raises(ValueError, match=rf"training data {re.escape(str(empty))} has no frames"):
+        Trainer(config.updated(data=[str(data), str(empty)]))
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(partly))}: frame 1 has no forces"):
+        Trainer(config.updated(data=[str(data), str(partly)]))
+    assert not (tmp_path / "run" / "final.pt").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_device_without_cuda_is_a_clear_error(tmp_path):
+    """``device="cuda"`` where CUDA is not available is a ``ValueError`` saying so, raised
+    before any data is read."""
+    config = _resume_config(tmp_path, "run", 1).updated(device="cuda", data=["missing.h5"])
+    with pytest.raises(ValueError, match="'cuda' requested but CUDA is not available"):
+        Trainer(config)
