@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
+import warnings
 
 
 def _oc20emt(args: argparse.Namespace) -> int:
@@ -51,7 +53,12 @@ def _is2rs(args: argparse.Namespace) -> int:
 def _convert(args: argparse.Namespace) -> int:
     from forcecalc.data.convert import convert
 
-    print(convert(args.input, args.output))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        path = convert(args.input, args.output)
+    for warning in caught:
+        print(f"forcecalc: warning: {warning.message}", file=sys.stderr)
+    print(path)
     return 0
 
 

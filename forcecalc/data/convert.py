@@ -1,22 +1,27 @@
 """Converters between the HDF5 frames store, ASE databases (``.db``) and extended XYZ.
 
-Each frame becomes one ASE ``Atoms`` (energy and unconstrained forces in a
+Each frame becomes one ASE ``Atoms`` (energy, unconstrained forces and, where known, stress in a
 ``SinglePointCalculator``, FixAtoms, tags) with ``info`` keys ``kind``, ``step``, ``system``
 and, for frames of a system, that system's table row as ``sys_<column>`` keys. The file's
-attributes travel as JSON (ASE db metadata, or base64-encoded JSON in ``info["dataset_attrs"]``
-of the first extxyz frame, as extxyz cannot quote nested JSON). String values that ASE would
-read back as numbers or booleans (or refuse, in a db), such as ``"3"``, travel as ``"str:3"``.
+attributes travel as JSON (ASE db metadata, or base64-encoded JSON without ``=`` padding in
+``info["dataset_attrs"]`` of the first extxyz frame, as extxyz cannot quote nested JSON and
+ASE's extxyz parser merges an unquoted value ending in ``=`` with the next key). String
+values that ASE would read back as numbers or booleans (or refuse, in a db), such as ``"3"``,
+travel as ``"str:3"``.
 Reading back groups the ``sys_*`` keys by ``system`` to rebuild the systems table, so
 HDF5 -> db -> HDF5 is exact and HDF5 -> extxyz -> HDF5 is exact up to extxyz's 8 printed
 decimals for positions and forces. Frames from other sources get defaults: no energy/forces
--> NaN, no tags -> 0, no ``system`` -> -1 (no systems table).
+-> NaN, no tags -> 0, no ``system`` -> -1 (no systems table); converting to HDF5 warns about
+calculator results and ``info`` keys the store has no place for (they are not converted).
 """
 
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import os
+import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -25,13 +30,23 @@ import ase.db
 import ase.io
 import numpy as np
 from ase import Atoms
+from ase.calculators.calculator import all_properties
+from ase.calculators.singlepoint import SinglePointCalculator
+from ase.io.extxyz import key_val_dict_to_str, key_val_str_to_dict
+from ase.stress import full_3x3_to_voigt_6_stress
 
+from forcecalc.atomic import atomic_output
 from forcecalc.data.store import DatasetWriter, FrameBatch, open_dataset
 
 _FORMATS = {".h5": "h5", ".hdf5": "h5", ".db": "db", ".xyz": "extxyz", ".extxyz": "extxyz"}
 _CHUNK = 1024
 _SYS = "sys_"
 _ESCAPE = "str:"
+_ATTRS = "dataset_attrs"
+#: ``info`` keys the HDF5 store keeps (besides ``sys_*``)
+_STORED_INFO = {"system", "step", "kind"}
+#: calculator results the HDF5 store keeps
+_STORED_RESULTS = {"energy", "forces", "stress"}
 
 
 def file_format(path: str | os.PathLike[str]) -> str:
@@ -48,11 +63,13 @@ def _plain(value: Any) -> Any:
 
 
 def _escape(value: str) -> str:
-    """``value`` prefixed with ``str:`` if ASE would parse it as a number or boolean."""
+    """``value`` prefixed with ``str:`` if ASE would parse it as a number or boolean, or if it
+    is empty (extxyz would merge the next key into an empty value)."""
     try:
         float(value)
     except ValueError:
-        if value.lower() not in ("t", "f", "true", "false") and not value.startswith(_ESCAPE):
+        plain = value.lower() not in ("", "t", "f", "true", "false")
+        if plain and not value.startswith(_ESCAPE):
             return value
     return _ESCAPE + value
 
@@ -91,22 +108,59 @@ def _read_db(path: Path, attrs: dict[str, Any]) -> Iterator[Atoms]:
         yield atoms
 
 
+def _encode_attrs(attrs: dict[str, Any]) -> str:
+    """``attrs`` as base64 JSON without ``=`` padding (one token on an extxyz comment line)."""
+    return base64.b64encode(json.dumps(attrs, sort_keys=True).encode()).decode().rstrip("=")
+
+
+def _decode_attrs(atoms: Atoms) -> dict[str, Any]:
+    """Pop and decode ``info["dataset_attrs"]`` of ``atoms``.
+
+    Older versions wrote the base64 padding, which made ASE's parser merge the next
+    ``key=value`` of the comment line into the value (``...J9==energy=-1.5``); that pair is
+    split off and restored to the calculator results, ``pbc`` or ``info``.
+    """
+    value = str(atoms.info.pop(_ATTRS))
+    text, _, merged = value.partition("=")  # "=" is only base64 padding
+    merged = merged.lstrip("=")
+    try:
+        attrs = json.loads(base64.b64decode(text + "=" * (-len(text) % 4), validate=True))
+    except ValueError as err:
+        raise ValueError(f"info[{_ATTRS!r}] is not base64-encoded JSON: {value!r}") from err
+    if merged:
+        key, _, raw = merged.partition("=")
+        parsed = key_val_str_to_dict(f'{key}="{raw}"')[key]
+        if key == "pbc":
+            atoms.pbc = parsed
+        elif key in all_properties:
+            if atoms.calc is None:
+                atoms.calc = SinglePointCalculator(atoms)
+            is_matrix = key == "stress" and np.shape(parsed) == (3, 3)
+            atoms.calc.results[key] = full_3x3_to_voigt_6_stress(parsed) if is_matrix else parsed
+        else:
+            atoms.info[key] = parsed
+    return attrs
+
+
 def _read_extxyz(path: Path, attrs: dict[str, Any]) -> Iterator[Atoms]:
     """Frames of an extxyz file; fills ``attrs`` before yielding the first frame."""
     for atoms in ase.io.iread(path, index=":", format="extxyz"):
-        if "dataset_attrs" in atoms.info:
-            attrs.update(json.loads(base64.b64decode(atoms.info.pop("dataset_attrs"))))
+        if _ATTRS in atoms.info:
+            attrs.update(_decode_attrs(atoms))
         yield atoms
 
 
 def _write_h5(path: Path, images: Iterable[Atoms], attrs: dict[str, Any]) -> None:
     """Frames (with ``sys_*`` info) to an HDF5 file, rebuilding the systems table."""
     rows: dict[int, dict[str, Any]] = {}
+    dropped: set[str] = set()
     with DatasetWriter(path) as writer:
         chunk: list[Atoms] = []
 
         def flush() -> None:
             info = [a.info for a in chunk]
+            for atoms in chunk:
+                dropped.update(_unstored(atoms))
             writer.append(
                 FrameBatch.from_atoms(
                     chunk,
@@ -135,6 +189,23 @@ def _write_h5(path: Path, images: Iterable[Atoms], attrs: dict[str, Any]) -> Non
             columns = sorted({k for row in rows.values() for k in row})
             table = {c: [rows[s][c] for s in range(len(rows))] for c in columns}
             writer.append(FrameBatch.from_atoms([]), table)
+    if dropped:
+        warnings.warn(
+            f"{path}: the HDF5 store has no place for {', '.join(sorted(dropped))}; not converted",
+            stacklevel=3,
+        )
+
+
+def _unstored(atoms: Atoms) -> list[str]:
+    """``atoms``' calculator results and ``info`` keys that :func:`_write_h5` does not keep
+    (``free_energy`` equal to ``energy`` counts as kept)."""
+    results = atoms.calc.results if atoms.calc is not None else {}
+    names = [f"info[{k!r}]" for k in atoms.info if k not in _STORED_INFO and not k.startswith(_SYS)]
+    for key, value in results.items():
+        same = key == "free_energy" and value == results.get("energy")
+        if key not in _STORED_RESULTS and not same:
+            names.append(f"calculator result {key!r}")
+    return names
 
 
 def _write_db(path: Path, images: Iterable[Atoms], attrs: dict[str, Any]) -> None:
@@ -144,12 +215,29 @@ def _write_db(path: Path, images: Iterable[Atoms], attrs: dict[str, Any]) -> Non
     ase.db.connect(path).metadata = attrs
 
 
+@functools.lru_cache(maxsize=4096)
+def _extxyz_safe(value: str) -> bool:
+    """Whether ASE writes and parses back ``value`` as the same ``info`` string, without
+    touching the next key (not so for values ending in ``=``, with backslashes or newlines)."""
+    try:
+        parsed = key_val_str_to_dict(key_val_dict_to_str({"s": value, "next": 0}))
+    except ValueError:
+        return False
+    return isinstance(parsed.get("s"), str) and parsed["s"] == value and parsed.get("next") == 0
+
+
 def _write_extxyz(path: Path, images: Iterable[Atoms], attrs: dict[str, Any]) -> None:
+    """Frames to an extxyz file; refuses ``info`` strings that would not read back as written."""
     with open(path, "w") as fh:
         for k, atoms in enumerate(images):
+            for key, value in atoms.info.items():
+                if isinstance(value, str) and not _extxyz_safe(value):
+                    raise ValueError(
+                        f"frame {k}: extxyz cannot hold info[{key!r}] = {value!r} (ASE would "
+                        "read it back differently); convert to .h5 or .db instead"
+                    )
             if k == 0 and attrs:
-                text = json.dumps(attrs, sort_keys=True).encode()
-                atoms.info["dataset_attrs"] = base64.b64encode(text).decode()
+                atoms.info[_ATTRS] = _encode_attrs(attrs)
             ase.io.write(fh, atoms, format="extxyz")
 
 
@@ -162,17 +250,13 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> Path:
     file in the same folder, renamed on success). Returns ``dst``."""
     src, dst = Path(src), Path(dst)
     fin, fout = file_format(src), file_format(dst)
+    if not src.is_file():  # ase.db.connect would create an empty database
+        raise FileNotFoundError(f"no such file: {src}")
     attrs: dict[str, Any] = {}
     images = _READERS[fin](src, attrs)
     if fout == "h5":
         _write_h5(dst, images, attrs)
         return dst
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp{dst.suffix}")
-    tmp.unlink(missing_ok=True)
-    try:
+    with atomic_output(dst, suffix=f".tmp{dst.suffix}") as tmp:
         (_write_db if fout == "db" else _write_extxyz)(tmp, images, attrs)
-        os.replace(tmp, dst)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return dst

@@ -14,12 +14,15 @@ Layout of a file (all datasets chunked, gzip-compressed with the shuffle filter)
     /frames/system     [F]    int64     row of the frame's system in /systems (-1: none)
     /frames/step       [F]    int64     step in the trajectory the frame comes from
     /frames/kind       [F]    uint8     frame kind (the generator's names in attrs["frame_kinds"])
+    /frames/stress     [F, 6] float64   optional: eV/Å³, Voigt xx yy zz yz xz xy (NaN: unknown)
     /systems/<column>  [S]    one column per system property (numbers, bools or strings)
 
 Root attributes: ``format``, ``format_version``, ``n_frames``, ``n_atoms``, ``n_systems`` and
 whatever metadata the writer was given (the generator stores its version, seed and config as
-JSON). Files are written to a temporary file in the same folder and renamed into place on
-success, so a path is either absent, the previous complete file, or the new complete file.
+JSON). Optional frame fields (``stress``) exist only in files where some frame has them; a
+reader of a file without one sees no such field. Files are written to a temporary file in the
+same folder and renamed into place on success, so a path is either absent, the previous
+complete file, or the new complete file.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, overload
 
@@ -36,6 +39,7 @@ import numpy as np
 from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.constraints import FixAtoms
+from ase.stress import full_3x3_to_voigt_6_stress
 
 FORMAT = "forcecalc.frames"
 FORMAT_VERSION = 1
@@ -61,6 +65,8 @@ class FrameBatch:
         system: ``[F]`` row in the systems table (-1: none).
         step: ``[F]`` trajectory step.
         kind: ``[F]`` frame kind code.
+        stress: ``[F, 6]`` eV/Å³ in Voigt order (NaN rows where unknown), or None when no
+            frame has a stress.
     """
 
     positions: np.ndarray
@@ -75,6 +81,7 @@ class FrameBatch:
     system: np.ndarray
     step: np.ndarray
     kind: np.ndarray
+    stress: np.ndarray | None = None
 
     @classmethod
     def from_atoms(
@@ -84,7 +91,8 @@ class FrameBatch:
         step: Sequence[int] | None = None,
         kind: Sequence[int] | None = None,
     ) -> FrameBatch:
-        """Frames from ASE atoms (energy/forces from their calculator, NaN if absent).
+        """Frames from ASE atoms (energy/forces/stress from their calculator, NaN if absent;
+        ``stress`` None if no frame has one).
 
         Forces are taken unconstrained (``apply_constraint=False``); ``fixed`` comes from
         ``FixAtoms`` constraints. ``system``, ``step`` and ``kind`` default to -1, 0, 0.
@@ -92,12 +100,15 @@ class FrameBatch:
         f = len(images)
         natoms = np.array([len(a) for a in images], dtype=np.int64)
         energy = np.full(f, np.nan)
+        stress = np.full((f, 6), np.nan)
         forces = []
         fixed = []
         for k, atoms in enumerate(images):
             results = atoms.calc.results if atoms.calc is not None else {}
             if "energy" in results:
                 energy[k] = float(results["energy"])
+            if "stress" in results:
+                stress[k] = _voigt(results["stress"])
             forces.append(results.get("forces", np.full((len(atoms), 3), np.nan)))
             mask = np.zeros(len(atoms), dtype=bool)
             for c in atoms.constraints:
@@ -121,7 +132,18 @@ class FrameBatch:
             system=np.asarray(system if system is not None else [-1] * f, dtype=np.int64),
             step=np.asarray(step if step is not None else [0] * f, dtype=np.int64),
             kind=np.asarray(kind if kind is not None else [0] * f, dtype=np.uint8),
+            stress=None if np.isnan(stress).all() else stress,
         )
+
+
+def _voigt(stress: Any) -> np.ndarray:
+    """A stress as the 6 Voigt components (from 6 values or a 3x3 matrix)."""
+    values = np.asarray(stress, dtype=np.float64)
+    if values.shape == (3, 3):
+        return full_3x3_to_voigt_6_stress(values)
+    if values.shape != (6,):
+        raise ValueError(f"stress of shape {values.shape}: expected (6,) or (3, 3)")
+    return values
 
 
 #: name -> (dtype, trailing shape, per-atom?)
@@ -138,6 +160,8 @@ _FRAME_FIELDS: dict[str, tuple[Any, tuple[int, ...], bool]] = {
     "step": (np.int64, (), False),
     "kind": (np.uint8, (), False),
 }
+#: per-frame fields a file may lack (a reader gives no such field then), NaN where unknown
+_OPTIONAL_FIELDS: dict[str, tuple[Any, tuple[int, ...]]] = {"stress": (np.float64, (6,))}
 
 
 def _column_dtype(values: np.ndarray) -> Any:
@@ -217,14 +241,21 @@ class DatasetWriter:
             systems: columns of new system rows, each ``[S_new]``; every call must give the
                 same column names as the first one that gave any.
         """
-        arrays = {f.name: np.asarray(getattr(batch, f.name)) for f in fields(batch)}
-        natoms = arrays.pop("natoms").astype(np.int64)
+        arrays = {name: np.asarray(getattr(batch, name)) for name in _FRAME_FIELDS}
+        natoms = np.asarray(batch.natoms).astype(np.int64)
         n_new_atoms = int(natoms.sum())
         n_new_frames = len(natoms)
         for name, (_, shape, per_atom) in _FRAME_FIELDS.items():
             expected = (n_new_atoms if per_atom else n_new_frames, *shape)
             if arrays[name].shape != expected:
                 raise ValueError(f"{name}: shape {arrays[name].shape}, expected {expected}")
+        optional = {name: getattr(batch, name) for name in _OPTIONAL_FIELDS}
+        for name, (_, shape) in _OPTIONAL_FIELDS.items():
+            values = optional[name]
+            if values is not None and np.shape(values) != (n_new_frames, *shape):
+                raise ValueError(
+                    f"{name}: shape {np.shape(values)}, expected {(n_new_frames, *shape)}"
+                )
         columns = {k: np.asarray(v) for k, v in (systems or {}).items()}
         if columns:
             if self._columns is None:
@@ -240,6 +271,17 @@ class DatasetWriter:
             ds = frames[name]
             ds.resize(start + len(arrays[name]), axis=0)
             ds[start:] = arrays[name].astype(dtype, copy=False)
+        for name, (dtype, shape) in _OPTIONAL_FIELDS.items():
+            if optional[name] is None and name not in frames:
+                continue
+            if name not in frames:  # the frames before this batch lack it: NaN
+                frames.create_dataset(
+                    name, shape=(self.n_frames, *shape), maxshape=(None, *shape), dtype=dtype,
+                    chunks=(_FRAME_CHUNK, *shape), fillvalue=np.nan, **_COMPRESSION,
+                )  # fmt: skip
+            ds = frames[name]
+            ds.resize(self.n_frames + n_new_frames, axis=0)
+            ds[self.n_frames :] = np.nan if optional[name] is None else optional[name]
         offsets = frames["offsets"]
         offsets.resize(self.n_frames + n_new_frames + 1, axis=0)
         offsets[self.n_frames + 1 :] = self.n_atoms + np.cumsum(natoms)
@@ -313,12 +355,13 @@ def write_dataset(
 class Dataset(Sequence[Atoms]):
     """Read-only view of a frames file: a Sequence of ``ase.Atoms`` with O(1) random access.
 
-    Items carry energy and forces in a ``SinglePointCalculator`` (``get_forces()`` applies the
-    FixAtoms constraint as usual; ``get_forces(apply_constraint=False)`` gives the stored
-    forces), FixAtoms constraints, tags, and ``info`` keys ``frame``, ``system``, ``step``,
-    ``kind``. Per-frame arrays and the systems table are read into memory at open; per-atom
-    arrays are read on demand unless ``in_memory``. The reader reopens the file lazily in each
-    process, so it can be pickled into data-loader workers.
+    Items carry energy, forces and (where stored) stress in a ``SinglePointCalculator``
+    (``get_forces()`` applies the FixAtoms constraint as usual;
+    ``get_forces(apply_constraint=False)`` gives the stored forces), FixAtoms constraints,
+    tags, and ``info`` keys ``frame``, ``system``, ``step``, ``kind``. Per-frame arrays and
+    the systems table are read into memory at open; per-atom arrays are read on demand unless
+    ``in_memory``. The reader reopens the file lazily in each process, so it can be pickled
+    into data-loader workers.
 
     Args:
         path: an HDF5 file written by :class:`DatasetWriter`.
@@ -336,11 +379,13 @@ class Dataset(Sequence[Atoms]):
         }
         frames = h5["frames"]
         self.offsets: np.ndarray = frames["offsets"][()]
-        #: per-frame arrays: energy [F], cell [F, 3, 3], pbc [F, 3], system, step, kind [F]
+        #: per-frame arrays: energy [F], cell [F, 3, 3], pbc [F, 3], system, step, kind [F],
+        #: and stress [F, 6] if the file has it
         self.frames: dict[str, np.ndarray] = {
             name: frames[name][()] for name, (_, _, per_atom) in _FRAME_FIELDS.items()
             if not per_atom
         }  # fmt: skip
+        self.frames.update({name: frames[name][()] for name in _OPTIONAL_FIELDS if name in frames})
         #: systems table: column name -> [S] array (strings decoded to ``str``)
         self.systems: dict[str, np.ndarray] = {}
         for name, ds in h5["systems"].items():
@@ -424,7 +469,8 @@ class Dataset(Sequence[Atoms]):
         Returns:
             ``positions`` [n, 3] float64, ``forces`` [n, 3] float32, ``numbers`` [n] uint8,
             ``tags`` [n] int32, ``fixed`` [n] bool, ``energy`` [] float64, ``cell`` [3, 3],
-            ``pbc`` [3], ``system``, ``step``, ``kind`` (0-d arrays).
+            ``pbc`` [3], ``system``, ``step``, ``kind`` (0-d arrays), and ``stress`` [6] if
+            the file has it.
         """
         i = self._index(index)
         lo, hi = int(self.offsets[i]), int(self.offsets[i + 1])
@@ -460,6 +506,8 @@ class Dataset(Sequence[Atoms]):
         forces = a["forces"].astype(np.float64)
         if np.isfinite(forces).all():
             results["forces"] = forces
+        if "stress" in a and np.isfinite(a["stress"]).all():
+            results["stress"] = a["stress"].copy()
         if results:
             atoms.calc = SinglePointCalculator(atoms, **results)
         atoms.info.update(

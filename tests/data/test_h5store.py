@@ -171,3 +171,30 @@ def test_reader_pickles_for_worker_processes(tmp_path: Path) -> None:
         h5["x"] = 1
     with pytest.raises(ValueError, match="not a"):
         open_dataset(tmp_path / "other.h5")
+
+
+def test_stress_is_an_optional_frame_field(tmp_path: Path) -> None:
+    """Stress is stored only in files where some frame has one (files without it keep the
+    original layout and read without a stress field); appended after stress-less frames, it
+    is NaN for those; frames with stress (given as 3x3 or Voigt) read back in Voigt order."""
+    images = _images(5, seed=3)
+    plain = write_dataset(tmp_path / "plain.h5", _batch(images))
+    with h5py.File(plain) as h5:
+        assert "stress" not in h5["frames"]
+    ds = open_dataset(plain)
+    assert "stress" not in ds.frames and "stress" not in ds.arrays(0)
+    assert "stress" not in ds[0].calc.results
+    voigt = np.arange(6.0) + 1
+    images[3].calc.results["stress"] = voigt
+    images[4].calc.results["stress"] = np.array([[1.0, 6, 5], [6, 2, 4], [5, 4, 3]])
+    with DatasetWriter(tmp_path / "s.h5") as writer:
+        writer.append(_batch(images[:3]))
+        writer.append(_batch(images[3:]))
+    ds = open_dataset(writer.path)
+    assert np.isnan(ds.frames["stress"][:3]).all()
+    assert np.array_equal(ds.frames["stress"][3:], [voigt, voigt])
+    assert np.array_equal(ds[4].get_stress(), voigt) and "stress" not in ds[1].calc.results
+    bad = _batch(images[3:])
+    bad.stress = np.zeros((2, 9))
+    with pytest.raises(ValueError, match="stress"):
+        write_dataset(tmp_path / "bad.h5", bad)
