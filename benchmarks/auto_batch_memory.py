@@ -117,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
 
     potential = load_checkpoint(args.model, device=args.device)
     device = potential.device
+    if args.squeeze is not None and device.type != "cuda":
+        parser.error(f"--squeeze limits CUDA memory, but the device is {device}")
     if args.data:
         import ase.io
 

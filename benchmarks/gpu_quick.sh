@@ -16,6 +16,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 dir=${1:-benchmarks/results}
+python3 -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'gpu_quick.sh: no CUDA device is visible to torch')" || exit 1
 mkdir -p "$dir"
 status=0
 run() { echo "== $*"; "$@" || status=1; }

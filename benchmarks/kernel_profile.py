@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from speed import CONFIGS, hardware, structure
+from speed import CONFIGS, available_devices, hardware, structure
 from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -302,7 +302,9 @@ def report(case: dict[str, Any]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--devices", nargs="+", default=None, help="default: cpu and cuda")
     parser.add_argument("--models", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--atoms", type=int, default=66, help="atoms per structure (38, 66, 146)")
@@ -335,7 +337,7 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/kernel_profile.json")
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = args.tf32
-    devices = args.devices or ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    devices = available_devices(parser, args.devices)
     if args.cuda_chunks:
         spinconv.CHUNK_BYTES = spinconv.CHUNK_BYTES_CUDA
         spinconv.MOE_CHUNK_ROWS = 1 << 62

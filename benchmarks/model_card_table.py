@@ -7,15 +7,19 @@ benchmarks/train_weights.sh); baselines in parentheses.
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def main() -> None:
-    name = sys.argv[1]
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("name", help="the model card's name, e.g. spinconv-fc")
+    name = parser.parse_args().name
     s2ef = json.loads((RESULTS / f"eval_s2ef_{name}.json").read_text())
     is2rs = json.loads((RESULTS / f"eval_is2rs_{name}.json").read_text())
     print(

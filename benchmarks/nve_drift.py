@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import platform
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -75,7 +76,9 @@ def summary(energies: np.ndarray, timestep: float, n_free: int) -> dict[str, flo
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="spinconv-ec")
     parser.add_argument("--data", default="scratch/small/test_id.h5")
     parser.add_argument("--systems", type=int, default=4)
@@ -85,9 +88,14 @@ def main() -> None:
     parser.add_argument("--langevin-steps", type=int, default=100)
     parser.add_argument("--nve-steps", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=None, help="JSON file")
+    parser.add_argument("--out", default="benchmarks/results/nve_drift.json", help="JSON file")
     args = parser.parse_args()
 
+    if not Path(args.data).is_file():
+        parser.error(
+            f"no data file {args.data}: make one with 'forcecalc data oc20emt --size small "
+            "--out scratch/small' or pass --data"
+        )
     dataset = open_dataset(args.data)
     n = min(args.systems, len(dataset.systems["relaxed_frame"]))
     starts = [

@@ -46,7 +46,9 @@ def sha256(path: Path) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("run_checkpoint", type=Path, help="best.pt or final.pt of a run")
     parser.add_argument("name", help="shipped name, e.g. spinconv-fc")
     parser.add_argument("--description", required=True)
@@ -64,7 +66,8 @@ def main() -> None:
     potential.info.model_kwargs = {
         k: v for k, v in potential.info.model_kwargs.items() if k not in TRAINING_ONLY_OPTIONS
     }
-    potential.info.elements = OC20EMT_ELEMENTS
+    # the run's own elements (a fine-tune may have added some) and every OC20-EMT element
+    potential.info.elements = sorted(set(OC20EMT_ELEMENTS) | set(potential.info.elements or []))
     filled = fill_untrained_pairs(potential.model)
     extra = json.loads(args.metadata.read_text()) if args.metadata else {}
     metadata = {

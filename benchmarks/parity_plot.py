@@ -1,7 +1,8 @@
 """Parity plots of a shipped model on an OC20-EMT split: energies and force components.
 
-    python benchmarks/parity_plot.py NAME scratch/small/test_id.h5 [--max-frames 400]
-writes weights/NAME-parity.png (atomically). Free atoms only, as the metrics.
+    python benchmarks/parity_plot.py NAME scratch/small/test_id.h5 [--max-frames 400] [--out F]
+writes benchmarks/results/NAME-parity.png, or F (atomically); the shipped figure is made with
+``--out weights/NAME-parity.png``. Free atoms only, as the metrics.
 """
 
 from __future__ import annotations
@@ -21,14 +22,17 @@ from forcecalc.data import open_dataset
 from forcecalc.evaluate import sample_frames
 from forcecalc.graph.batch import fixed_mask
 
-WEIGHTS = Path(__file__).resolve().parents[1] / "weights"
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("name")
     parser.add_argument("data")
     parser.add_argument("--max-frames", type=int, default=400)
+    parser.add_argument("--out", type=Path, default=None, help="the PNG (see above)")
     args = parser.parse_args()
 
     dataset = open_dataset(args.data)
@@ -58,7 +62,7 @@ def main() -> None:
         axis.set_title(f"MAE {mae:.3f}")
     figure.suptitle(f"{args.name} on OC20-EMT {Path(args.data).stem} ({len(frames)} frames)")
     figure.tight_layout()
-    target = WEIGHTS / f"{args.name}-parity.png"
+    target = args.out or RESULTS / f"{args.name}-parity.png"
     with atomic_output(target, suffix=".png") as tmp:
         figure.savefig(tmp, dpi=100)
     print(f"wrote {target}")

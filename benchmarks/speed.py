@@ -19,7 +19,8 @@ Prints tables and writes JSON (atomically):
    ASE relaxation with our calculator), with its own options after ``--relax-args``.
 
     python benchmarks/speed.py --out benchmarks/results/speed_cpu.json [--batch 32 --repeats 3]
-    python benchmarks/speed.py --devices cuda --batch 32 256 --repeats 20 [--tf32] [--compile]
+    python benchmarks/speed.py --devices cuda --batch 32 256 --repeats 20 [--tf32]
+        [--compile --models spinconv_all]
     python benchmarks/speed.py --relax --relax-args --n 64 --model spinconv-fc
 """
 
@@ -239,8 +240,21 @@ def ase_step_rows(name: str, runner: torch.nn.Module, device: str, args) -> list
     return rows
 
 
+def available_devices(parser: argparse.ArgumentParser, devices: list[str] | None) -> list[str]:
+    """``devices``, each checked (``parser.error`` naming one that is unknown or missing here),
+    or by default the CPU and, when there is one, CUDA."""
+    from forcecalc.checkpoint import resolve_device
+
+    for device in devices or []:
+        try:
+            resolve_device(device)
+        except ValueError as error:
+            parser.error(str(error))
+    return devices or ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
 def model_rows(args: argparse.Namespace) -> list[dict]:
-    devices = args.devices or ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    devices = args.devices
     rows = []
     print(f"{'model':<14}{'device':<7}{'what':<24}{'ours':>12}{'original':>12}{'speed-up':>10}")
     for name in args.models:
@@ -299,7 +313,9 @@ def model_rows(args: argparse.Namespace) -> list[dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument(
         "--batch", type=int, nargs="*", default=[32], help="batched rows: structures per batch"
     )
@@ -332,6 +348,9 @@ def main() -> None:
     )
     parser.add_argument("--out", default="benchmarks/results/speed.json")
     args = parser.parse_args()
+    args.devices = available_devices(parser, args.devices)
+    if args.compile and any(CONFIGS[name][0] != "spinconv" for name in args.models):
+        parser.error("--compile applies to SpinConv models only: add --models spinconv_all")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.backends.cuda.matmul.allow_tf32 = args.tf32

@@ -23,7 +23,7 @@ from types import ModuleType
 import numpy as np
 import torch
 from kernel_profile import synchronize
-from speed import CONFIGS, hardware, structure
+from speed import CONFIGS, available_devices, hardware, structure
 
 from forcecalc.atomic import write_json
 from forcecalc.graph import Batch
@@ -62,7 +62,9 @@ def compare(models: dict[str, torch.nn.Module], batch: Batch, repeats: int, devi
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("a", help="version A of spinconv.py")
     parser.add_argument("b", help="version B of spinconv.py")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -72,6 +74,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--out", default="benchmarks/results/spinconv_ab.json")
     args = parser.parse_args()
+    available_devices(parser, [args.device])
     if args.threads:
         torch.set_num_threads(args.threads)
     kind, kwargs = CONFIGS["spinconv_all"]

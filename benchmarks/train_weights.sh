@@ -83,5 +83,5 @@ for name in "${names[@]}"; do
   python benchmarks/package_weights.py "${shipped[$name]}" "$name" \
     --description "${description[$name]}" --s2ef "benchmarks/results/eval_s2ef_$name.json"
   python benchmarks/model_card_table.py "$name"
-  python benchmarks/parity_plot.py "$name" scratch/medium/test_id.h5
+  python benchmarks/parity_plot.py "$name" scratch/medium/test_id.h5 --out "weights/$name-parity.png"
 done

@@ -52,7 +52,7 @@ def barrier(initial: Atoms, final: Atoms, make_calc, n_images: int, fmax: float)
     images = [ends[0]] + [ends[0].copy() for _ in range(n_images)] + [ends[1]]
     for image in images[1:-1]:
         image.calc = make_calc()
-    band = NEB(images, climb=True)
+    band = NEB(images, climb=True, method="improvedtangent")
     band.interpolate()
     FIRE(band, logfile=None).run(fmax=fmax, steps=300)
     energies = [image.get_potential_energy() for image in images]

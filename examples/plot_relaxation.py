@@ -51,7 +51,10 @@ def main() -> None:
     figure.tight_layout()
     with atomic_output(args.out, suffix=".png") as tmp:
         figure.savefig(tmp, dpi=120)
-    print(f"{len(energies)} steps; final energy {energies[-1]:.3f} eV; wrote {args.out}")
+    print(
+        f"{optimizer.nsteps} optimizer steps ({len(energies)} points with the start); "
+        f"final energy {energies[-1]:.3f} eV; wrote {args.out}"
+    )
 
 
 if __name__ == "__main__":

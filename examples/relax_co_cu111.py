@@ -88,6 +88,12 @@ def main() -> None:
     print(f"EMT energy at the forcecalc minimum: {e_emt_at_ml:.3f} eV")
     print(f"EMT max force at the forcecalc minimum: {emt_max_force:.3f} eV/Å")
     print(f"RMSD of the free atoms between the two minima: {rmsd:.3f} Å")
+    print(f"model error at its own minimum (forcecalc - EMT there): {e_ml - e_emt_at_ml:+.3f} eV")
+    if rmsd > 0.1:
+        print(
+            "(the two relaxations ended in different minima, so the energy difference above "
+            "compares two geometries; the line before compares one)"
+        )
     per_step = 1000 * ml_time / max(ml_steps, 1)
     print(f"forcecalc relaxation time: {ml_time:.1f} s ({per_step:.0f} ms/step)")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -597,6 +598,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = " ".join(str(error).splitlines())  # one line, whatever the exception says
         print(f"forcecalc: error: {message}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader of the output stopped early (forcecalc info | head)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":
