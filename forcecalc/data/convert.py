@@ -32,6 +32,7 @@ import numpy as np
 from ase import Atoms
 from ase.calculators.calculator import all_properties
 from ase.calculators.singlepoint import SinglePointCalculator
+from ase.constraints import FixAtoms
 from ase.io.extxyz import key_val_dict_to_str, key_val_str_to_dict
 from ase.stress import full_3x3_to_voigt_6_stress
 
@@ -196,11 +197,20 @@ def _write_h5(path: Path, images: Iterable[Atoms], attrs: dict[str, Any]) -> Non
         )
 
 
+#: The per-atom arrays the HDF5 store keeps (besides forces, a calculator result).
+_STORED_ARRAYS = ("numbers", "positions", "tags")
+
+
 def _unstored(atoms: Atoms) -> list[str]:
-    """``atoms``' calculator results and ``info`` keys that :func:`_write_h5` does not keep
-    (``free_energy`` equal to ``energy`` counts as kept)."""
+    """``atoms``' calculator results, ``info`` keys, per-atom arrays and constraints (other
+    than FixAtoms) that :func:`_write_h5` does not keep (``free_energy`` equal to ``energy``
+    counts as kept)."""
     results = atoms.calc.results if atoms.calc is not None else {}
     names = [f"info[{k!r}]" for k in atoms.info if k not in _STORED_INFO and not k.startswith(_SYS)]
+    names += [f"per-atom array {k!r}" for k in atoms.arrays if k not in _STORED_ARRAYS]
+    names += [
+        f"constraint {type(c).__name__}" for c in atoms.constraints if not isinstance(c, FixAtoms)
+    ]
     for key, value in results.items():
         same = key == "free_energy" and value == results.get("energy")
         if key not in _STORED_RESULTS and not same:

@@ -17,7 +17,7 @@ from ase import Atoms
 from ase.build import bulk, molecule
 from ase.calculators.emt import EMT
 from ase.calculators.singlepoint import SinglePointCalculator
-from ase.constraints import FixAtoms
+from ase.constraints import FixAtoms, FixBondLength
 
 from forcecalc.data import FrameBatch, open_dataset, write_dataset
 from forcecalc.data.cli import add_data_commands
@@ -304,7 +304,8 @@ def test_frames_without_energies_and_with_mixed_pbc(tmp_path: Path) -> None:
 
 def test_results_and_info_the_store_cannot_hold_warn(tmp_path: Path) -> None:
     """Converting to HDF5 warns, naming them, about calculator results (EMT's per-atom
-    ``energies``) and ``info`` keys the store has no place for; ``free_energy`` equal to
+    ``energies``), ``info`` keys, per-atom arrays (magnetic moments) and constraints other than
+    FixAtoms the store has no place for; ``free_energy`` equal to
     ``energy`` and the store's own keys give no warning."""
     atoms = bulk("Cu", "fcc", a=3.6, cubic=True)
     atoms.calc = EMT()
@@ -315,6 +316,14 @@ def test_results_and_info_the_store_cannot_hold_warn(tmp_path: Path) -> None:
         convert(tmp_path / "emt.xyz", tmp_path / "emt.h5")
     message = str(record[0].message)
     assert "'energies'" in message and "'config_type'" in message
+    magnetic = atoms.copy()
+    magnetic.set_initial_magnetic_moments([1.0] * len(atoms))
+    magnetic.set_constraint(FixBondLength(0, 1))
+    ase.io.write(tmp_path / "magnetic.db", magnetic)
+    with pytest.warns(UserWarning, match="no place for") as record:
+        convert(tmp_path / "magnetic.db", tmp_path / "magnetic.h5")
+    message = str(record[0].message)
+    assert "'initial_magmoms'" in message and "FixBondLength" in message
     assert "free_energy" not in message and "'stress'" not in message
     with warnings.catch_warnings():
         warnings.simplefilter("error")
