@@ -308,6 +308,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from forcecalc.checkpoint import load_checkpoint
     from forcecalc.data import open_dataset
 
+    _check_at_least(args, "fmax", 0)
+    _check_at_least(args, "steps", 0)
+    _check_at_least(args, "max_frames", 1)
     potential = load_checkpoint(
         args.model, device=args.device, dtype=args.dtype, allow_unsafe=args.allow_unsafe
     )

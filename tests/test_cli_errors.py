@@ -26,6 +26,8 @@ CASES = [
     (["relax", "missing.xyz"], "input file missing.xyz does not exist"),
     (["relax", "one.extxyz", "--steps", "-5"], "--steps must be >= 0, got -5"),
     (["relax", "one.extxyz", "--fmax", "-1"], "--fmax must be >= 0"),
+    (["eval", "s2ef", "--data", "one.h5", "--steps", "-1"], "--steps must be >= 0"),
+    (["eval", "s2ef", "--data", "one.h5", "--max-frames", "0"], "--max-frames must be >= 1"),
     (["relax", "one.extxyz", "--batched", "--batch-size", "x"], "--batch-size must be 'auto'"),
 ]
 
