@@ -5,13 +5,14 @@
 #
 # 1. the CUDA tests of the fixed-shape forward and its CUDA-graph replay (tests/test_replay.py,
 #    the calculator's cuda_graph relaxations for SpinConv force- and energy-centric and
-#    ForceNet), then every other CUDA test;
-# 2. speed.py on CUDA: SpinConv-All and ForceNet-All at batch 1 (66 atoms) and batch 64, and the
-#    ASE step plain, with cuda_graph, and with cuda_graph and a 1 Å skin, with the replayed
-#    forward alone and the largest force difference to the plain step;
+#    ForceNet);
+# 2. speed.py on CUDA: SpinConv-All and ForceNet-All at batch 1 (66 atoms) and batches 64 and
+#    256, and the ASE step plain, with cuda_graph, and with cuda_graph and a 1 Å skin, with the
+#    replayed forward alone and the largest force difference to the plain step;
 # 3. with AB=FILE (another version of forcecalc/models/spinconv.py, e.g. the experiment branch's
 #    `git show experiment/four-product-spinconv:forcecalc/models/spinconv.py`, carried in an
-#    ignored folder): spinconv_ab.py at batch 1, 64 and 256.
+#    ignored folder): spinconv_ab.py at batch 1, 64 and 256;
+# 4. every other CUDA test (last: the figures come first if time runs short).
 # The full set of figures is benchmarks/gpu_figures.sh (much longer).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -21,11 +22,11 @@ mkdir -p "$dir"
 status=0
 run() { echo "== $*"; "$@" || status=1; }
 run python3 -m pytest -q -x tests/test_replay.py tests/test_calculator.py -k "cuda or replay or signature"
-run python3 -m pytest -q tests -k "cuda and not replay" -p no:cacheprovider
-run python3 benchmarks/speed.py --devices cuda --sizes 66 --batch 64 --repeats 20 \
+run python3 benchmarks/speed.py --devices cuda --sizes 66 --batch 64 256 --repeats 20 \
   --out "$dir/speed_cuda_graph.json"
 if [ -n "${AB:-}" ]; then
   run python3 benchmarks/spinconv_ab.py forcecalc/models/spinconv.py "$AB" --device cuda \
     --batch 1 64 256 --repeats 10 --out "$dir/spinconv_ab.json"
 fi
+run python3 -m pytest -q tests -k "cuda and not replay" -p no:cacheprovider
 exit $status
