@@ -23,6 +23,7 @@ import pickle
 import pickletools
 import re
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -137,6 +138,17 @@ class Potential(nn.Module):
                     f"device={str(device)!r}, but the loaded Potential is on {have}: move it "
                     "(potential.to(device)) or pass the checkpoint's path or name"
                 )
+
+    def check_elements(self, structures: Sequence[Any]) -> None:
+        """:meth:`check_numbers` for each of ``structures`` (``ase.Atoms``), its error naming
+        the structure by index and formula."""
+        for index, atoms in enumerate(structures):
+            try:
+                self.check_numbers(torch.as_tensor(atoms.numbers))
+            except ValueError as error:
+                raise ValueError(
+                    f"structure {index} ({atoms.get_chemical_formula()}): {error}"
+                ) from None
 
     def check_numbers(self, numbers: Tensor) -> None:
         """Raise ``ValueError`` naming the atoms whose element the model cannot represent."""

@@ -56,13 +56,7 @@ def predict(
         potential = load_checkpoint(
             model, device=device, dtype="float32" if dtype is None else dtype, **model_options
         )
-    for index, atoms in enumerate(structures):
-        try:
-            potential.check_numbers(torch.as_tensor(atoms.numbers))
-        except ValueError as error:
-            raise ValueError(
-                f"structure {index} ({atoms.get_chemical_formula()}): {error}"
-            ) from None
+    potential.check_elements(structures)
     results: list[dict[str, Any]] = []
     starts = range(0, len(structures), batch_size)
     for start in tqdm(starts, disable=not progress, desc="predict", unit="batch"):

@@ -251,16 +251,9 @@ def check_structures(structures: Sequence, potential: nn.Module) -> None:
     for index, atoms in enumerate(structures):
         check_atoms(atoms, index)
         supported_constraints(atoms, index)
-    check = getattr(potential, "check_numbers", None)
-    if check is None:
-        return
-    for index, atoms in enumerate(structures):
-        try:
-            check(torch.as_tensor(atoms.numbers))
-        except ValueError as error:
-            raise ValueError(
-                f"structure {index} ({atoms.get_chemical_formula()}): {error}"
-            ) from None
+    check = getattr(potential, "check_elements", None)
+    if check is not None:
+        check(structures)
 
 
 class Evaluator:
