@@ -155,10 +155,12 @@ def resolve_checkpoint(source: str | os.PathLike, progress: bool = True) -> Path
             download that failed.
     """
     path = Path(source).expanduser()
+    shipped = shipped_checkpoints()
     if path.is_file():
+        if path.resolve() in {file.resolve() for file in shipped.values()}:  # by its path
+            return _verify(path, _shipped_sha256(path.resolve()), _REINSTALL)
         return path
     name = str(source)
-    shipped = shipped_checkpoints()
     stem = name[: -len(".pt")] if name.endswith(".pt") else name
     if stem in shipped:
         path = shipped[stem]

@@ -118,7 +118,8 @@ def test_shipped_names_are_verified_against_the_manifest() -> None:
 
 def test_corrupted_shipped_file_is_refused(weights_copy: Path) -> None:
     """A shipped file with 1000 bytes zeroed in the middle raises CheckpointError naming the
-    file, the expected and the actual SHA-256, and saying to reinstall."""
+    file, the expected and the actual SHA-256, and saying to reinstall, whether it is loaded
+    by name or by its path."""
     path = weights_copy / "forcenet.pt"
     data = bytearray(path.read_bytes())
     middle = len(data) // 2
@@ -126,7 +127,7 @@ def test_corrupted_shipped_file_is_refused(weights_copy: Path) -> None:
     path.write_bytes(bytes(data))
     expected = json.loads((weights_copy / hub.MANIFEST).read_text())["forcenet"]["sha256"]
     actual = hashlib.sha256(bytes(data)).hexdigest()
-    for name in ("forcenet", "forcenet.pt"):
+    for name in ("forcenet", "forcenet.pt", str(path)):  # by name, and by its own path
         with pytest.raises(CheckpointError) as error:
             hub.resolve_checkpoint(name)
         message = str(error.value)

@@ -34,12 +34,18 @@ def _json_object(text: str) -> dict[str, Any]:
     return value
 
 
-def _add_option_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
-    """One flag per config option; absent flags leave the config's value alone."""
+def _add_option_flags(
+    parser: argparse.ArgumentParser,
+    skip: tuple[str, ...] = (),
+    defaults: dict[str, Any] | None = None,
+) -> None:
+    """One flag per config option; absent flags leave the config's value alone.  ``defaults``:
+    the command's own defaults where they differ from the config's (shown in the help)."""
     group = parser.add_argument_group("training options (also settable in --config)")
     for name, annotation, default, help_text in option_fields():
         if name in skip:
             continue
+        default = (defaults or {}).get(name, default)
         flag = "--" + name.replace("_", "-")
         text = f"{help_text} (default: {default})"
         kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": text}
@@ -89,7 +95,7 @@ def add_train_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     finetune.add_argument("checkpoint", help="the checkpoint to start from")
     _add_common(finetune)
-    _add_option_flags(finetune, skip=("init_checkpoint",))
+    _add_option_flags(finetune, skip=("init_checkpoint",), defaults=FINETUNE_DEFAULTS)
     finetune.set_defaults(func=_cmd_finetune)
 
 
