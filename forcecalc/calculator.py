@@ -216,8 +216,8 @@ class ForceCalculator(Calculator):
         self.results = results
 
     def _batch(self, atoms, device: torch.device) -> Batch:
-        """The atoms as a one-system batch on ``device``, in the model's dtype, with edges
-        built or reused (see ``skin``)."""
+        """The atoms as a one-system batch on ``device`` (positions and cell in float64), with
+        edges built or reused (see ``skin``)."""
         arrays = atoms_to_arrays([atoms])
         positions, numbers, cell, pbc = arrays[:4]
         if not self._graph_is_valid(positions, numbers, cell, pbc):
@@ -232,7 +232,9 @@ class ForceCalculator(Calculator):
             self.graph_builds += 1
         edge_index, shifts = self._graph[4], self._graph[5]
         batch = Batch.from_arrays(*arrays).with_edges(edge_index, shifts)
-        return batch.to(device=device, dtype=self.potential.dtype)
+        # positions and cell stay float64: the models cast what they compute in their dtype,
+        # and SpinConv's frame geometry is float64 from the exact positions
+        return batch.to(device=device, dtype=torch.float64)
 
     def _graph_is_valid(
         self, positions: np.ndarray, numbers: np.ndarray, cell: np.ndarray, pbc: np.ndarray

@@ -62,7 +62,7 @@ def predict(
     for start in tqdm(starts, disable=not progress, desc="predict", unit="batch"):
         chunk = list(structures[start : start + batch_size])
         batch = Batch.from_atoms(chunk, cutoff=potential.cutoff).to(
-            device=potential.device, dtype=potential.dtype
+            device=potential.device, dtype=torch.float64
         )
         with torch.set_grad_enabled(potential.defines_stress):
             out = potential(batch)

@@ -220,6 +220,26 @@ def test_a_pair_exactly_at_the_cutoff_is_no_edge_with_or_without_a_skin() -> Non
     assert skin.get_potential_energy(atoms) == plain.get_potential_energy(atoms)
 
 
+def test_float32_models_see_float64_positions() -> None:
+    """The calculator passes float64 positions to a float32 model, so SpinConv's frames are
+    built from the exact geometry: on a perfect B2 crystal (edges along its frames' helper
+    direction) float32 conservative forces are the float64 ones to float32 rounding, where
+    positions rounded to float32 put the crystal just off its symmetric point, where the frames
+    are steepest, and gave forces 5e3 eV/A away from them."""
+    atoms = Atoms(
+        "CuPd", scaled_positions=[[0, 0, 0], [0.5, 0.5, 0.5]], cell=[2.99] * 3, pbc=True
+    ).repeat((2, 1, 1))
+    atoms.positions += [0.37, -0.81, 0.55]
+    forces = {
+        dtype: load_calculator(
+            SPINCONV_EC, device="cpu", dtype=dtype, forces="conservative"
+        ).get_forces(atoms)
+        for dtype in ("float32", "float64")
+    }
+    assert np.abs(forces["float64"]).max() < 100.0
+    np.testing.assert_allclose(forces["float32"], forces["float64"], atol=1e-4)
+
+
 def test_predict_equals_the_calculator() -> None:
     """predict() over a batch gives the one-by-one calculator numbers."""
     structures = list(ocp_structures().values())
