@@ -214,8 +214,10 @@ class SystemSet:
         for s in systems.tolist():
             self.builds[s] += 1
 
-    def batch(self, start: int, stop: int, dtype: torch.dtype) -> Batch:
-        """Systems ``start..stop-1`` as a :class:`~forcecalc.graph.Batch` in ``dtype``."""
+    def batch(self, start: int, stop: int) -> Batch:
+        """Systems ``start..stop-1`` as a :class:`~forcecalc.graph.Batch`, positions and cell
+        in float64 whatever the model's dtype (as the calculators pass them: the models cast
+        what they compute, and SpinConv's frames come from the exact geometry)."""
         offsets = self.atom_offsets()
         a0, a1 = offsets[start], offsets[stop]
         if start == 0 and stop == self.n_systems:
@@ -224,9 +226,9 @@ class SystemSet:
             mask = (self.edge_system >= start) & (self.edge_system < stop)
             edge_index, shifts = self.edge_index[:, mask] - a0, self.shifts[mask]
         return Batch(
-            positions=self.positions[a0:a1].to(dtype),
+            positions=self.positions[a0:a1],
             numbers=self.numbers[a0:a1],
-            cell=self.cell[start:stop].to(dtype),
+            cell=self.cell[start:stop],
             pbc=self.pbc[start:stop],
             system_idx=self.system_idx[a0:a1] - start,
             natoms=self.natoms[start:stop],
@@ -277,7 +279,6 @@ class Evaluator:
         self.potential = potential
         self.memory = memory
         self.cap = float(memory.budget)
-        self.dtype = getattr(potential, "dtype", torch.float32)
         self.grad = bool(getattr(potential, "defines_stress", False))
         self.forward_calls = 0
         self.oom_splits = 0
@@ -337,7 +338,7 @@ class Evaluator:
         return self.memory.cost(n_atoms, n_edges) <= self.cap
 
     def _forward(self, systems: SystemSet, start: int, stop: int) -> tuple[Tensor, Tensor]:
-        batch = systems.batch(start, stop, self.dtype)
+        batch = systems.batch(start, stop)
         with torch.set_grad_enabled(self.grad):
             out = self.potential(batch)
         return (

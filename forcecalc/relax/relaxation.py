@@ -150,12 +150,11 @@ def memory_sample_batches(
         atoms.set_positions(atoms.positions * DENSE_SAMPLE_SCALE, apply_constraint=False)
         atoms.set_cell(atoms.cell[:] * DENSE_SAMPLE_SCALE)
         dense.append(atoms)
-    dtype = getattr(potential, "dtype", torch.float32)
     batches = []
     for chosen in [samples[:size] for size in sizes] + [dense]:
         systems = SystemSet(float(potential.cutoff), skin, device)
         systems.extend(chosen, list(range(len(chosen))))
-        batches.append(systems.batch(0, systems.n_systems, dtype))
+        batches.append(systems.batch(0, systems.n_systems))
     return batches
 
 

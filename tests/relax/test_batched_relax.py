@@ -323,7 +323,9 @@ def test_energy_centric_spinconv_integration():
 
 
 def test_float32_potential_runs_in_float32():
-    """Contract: a float32 potential gets float32 batches; positions stay float64 (as ASE's)."""
+    """Contract: a float32 potential relaxes to the float64 one's positions within float32
+    rounding; the batches carry float64 positions (as the calculators pass them) and the
+    results' positions stay float64 (as ASE's)."""
     potential = as_potential(morse_potential().model).to(torch.float32)
     structures = mixed_structures()[:3]
     results = relax(structures, potential, optimizer="fire")

@@ -24,7 +24,7 @@ __all__ = ["single_thread"]
 
 def _pairs(systems: SystemSet, cutoff: float) -> set[tuple[int, int, tuple[int, ...]]]:
     """The set's edges shorter than ``cutoff`` as (source, target, shift)."""
-    batch = systems.batch(0, systems.n_systems, torch.float64)
+    batch = systems.batch(0, systems.n_systems)
     keep = torch.linalg.norm(batch.edge_vectors(), dim=1) < cutoff
     edges = batch.edge_index[:, keep].T.tolist()
     shifts = batch.shifts[keep].tolist()
@@ -113,7 +113,7 @@ def test_measure_memory_model_with_injected_measurement():
     for size in (1, 2, 4):
         systems = SystemSet(potential.cutoff, 0.5, torch.device("cpu"))
         systems.extend(mixed_structures()[:size], list(range(size)))
-        batches.append(systems.batch(0, size, torch.float64))
+        batches.append(systems.batch(0, size))
 
     def fake_peak(model, batch, grad):
         model(batch)
