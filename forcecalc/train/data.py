@@ -96,14 +96,10 @@ class ExtxyzFrames(Sequence):
                     ase_name, width = properties[name]
                     columns[ase_name] = (column, width)
                     column += width
-                missing = [
-                    label
-                    for label, present in (
-                        ("energy", "energy" in info or "free_energy" in info),
-                        ("forces", columns.get("forces", (0, 0))[1] == 3),
-                    )
-                    if not present
-                ]
+                missing = _missing_labels(
+                    "energy" in info or "free_energy" in info,
+                    columns.get("forces", (0, 0))[1] == 3,
+                )
                 if missing:
                     raise ValueError(_unlabelled(f"{self.path}: frame {index}", missing))
                 species = columns.get("symbols", columns.get("numbers"))
@@ -167,14 +163,10 @@ class AseDbFrames(Sequence):
         """
         found: set[int] = set()
         for index, row in enumerate(self._db().select(include_data=False)):
-            missing = [
-                label
-                for label, present in (
-                    ("energy", row.get("energy", row.get("free_energy")) is not None),
-                    ("forces", row.get("forces") is not None),
-                )
-                if not present
-            ]
+            missing = _missing_labels(
+                row.get("energy", row.get("free_energy")) is not None,
+                row.get("forces") is not None,
+            )
             if missing:
                 where = f"{self.path}: frame {index} (row id {row.id}, {row.formula})"
                 raise ValueError(_unlabelled(where, missing))
@@ -357,6 +349,11 @@ def _dataset_numbers(dataset, name: str, chunk: int = 4096) -> set[int]:
     return found
 
 
+def _missing_labels(has_energy: bool, has_forces: bool) -> list[str]:
+    """The labels training needs that a frame lacks: ``"energy"``, ``"forces"``, in order."""
+    return [name for name, has in (("energy", has_energy), ("forces", has_forces)) if not has]
+
+
 def _unlabelled(where: str, missing: Sequence[str]) -> str:
     return (
         f"{where} has no {' and no '.join(missing)}: training needs an energy and forces for "
@@ -402,7 +399,7 @@ def frame_targets(
     results = getattr(calc, "results", None) or {}
     energy = results.get("energy", results.get("free_energy"))
     forces = results.get("forces")
-    missing = [name for name, value in (("energy", energy), ("forces", forces)) if value is None]
+    missing = _missing_labels(energy is not None, forces is not None)
     if missing:
         raise ValueError(_unlabelled(f"{label} ({atoms.get_chemical_formula()})", missing))
     forces = np.asarray(forces, dtype=np.float64)
