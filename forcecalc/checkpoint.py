@@ -122,13 +122,11 @@ class Potential(nn.Module):
     ) -> None:
         """Raise ``ValueError`` if ``device`` or ``dtype`` (when given) are not this loaded
         model's: a caller would otherwise run on another device or precision than asked for."""
-        if dtype is not None:
-            wanted = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-            if wanted != self.dtype:
-                raise ValueError(
-                    f"dtype={str(dtype)!r}, but the loaded Potential is {self.dtype}: convert "
-                    "it (potential.to(dtype)) or pass the checkpoint's path or name"
-                )
+        if dtype is not None and resolve_dtype(dtype) != self.dtype:
+            raise ValueError(
+                f"dtype={str(dtype)!r}, but the loaded Potential is {self.dtype}: convert "
+                "it (potential.to(dtype)) or pass the checkpoint's path or name"
+            )
         if device is not None:
             wanted_device, have = torch.device(device), self.device
             if wanted_device.type != have.type or (
