@@ -16,7 +16,6 @@ and stores its SHA-256, size and force MAE on the quick check sample
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from ase.data import atomic_numbers
 from forcecalc.atomic import write_json
 from forcecalc.checkpoint import load_checkpoint, save_checkpoint
 from forcecalc.evaluate import check_forces_mae
+from forcecalc.hub import file_sha256
 from forcecalc.models.spinconv import fill_untrained_pairs
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "weights"
@@ -34,15 +34,6 @@ OC20EMT_ELEMENTS = sorted(
 )
 #: Model options that configure training, not the model a user gets.
 TRAINING_ONLY_OPTIONS = ("rotations",)
-
-
-def sha256(path: Path) -> str:
-    """Hex SHA-256 of a file."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        while chunk := stream.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def main() -> None:
@@ -87,7 +78,7 @@ def main() -> None:
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
     manifest[args.name] = {
         "file": target.name,
-        "sha256": sha256(target),
+        "sha256": file_sha256(target),
         "bytes": target.stat().st_size,
         "model": check.name,
         "parameters": sum(p.numel() for p in check.model.parameters()),
