@@ -7,9 +7,11 @@ Prints tables and writes JSON (atomically):
    directly, random weights as in the original's measurement), OC20-size Cu(111) + CO slabs of
    38, 66 and 146 atoms: milliseconds per structure at batch 1, and atoms per second for a
    batch of ``--batch`` 66-atom structures; on the CPU and on CUDA when available.  Beside
-   them, the original's figures (OCP code, same architectures, measured as documented in
-   shared/fixtures/ocp/README.md; quoted, not re-measured: rerunning the original needs
-   torch-geometric, torch-scatter and OCP's old ``ocpmodels`` package).
+   them, the original's figures: with ``--original-src DIR`` measured in the same run, the
+   original (OCP's code, imported from a fairchem checkout, see ``original.py``) and ours
+   taking turns on the same structures with the same weights, with how far their outputs
+   are apart; otherwise quoted from ``shared/fixtures/ocp/README.md`` (measured by its
+   authors on the same machine types).
 2. One ASE step (``atoms.get_forces()`` after a move: graph, forward, transfer) with our
    calculator at batch 1, the figure the issue's "ms per ASE step" target refers to; for
    both models also with ``cuda_graph=True`` (on the CPU: the fixed-shape forward without a
@@ -22,6 +24,7 @@ Prints tables and writes JSON (atomically):
     python benchmarks/speed.py --devices cuda --batch 32 256 --repeats 20 [--tf32]
         [--compile --models spinconv_all]
     python benchmarks/speed.py --relax --relax-args --n 64 --model spinconv-fc
+    python benchmarks/speed.py --devices cpu --batch --skip-ase-step --original-src DIR
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import argparse
 import copy
 import platform
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -119,20 +123,43 @@ def compile_spin_convolutions(model: torch.nn.Module, mode: str) -> None:
         block.forward = torch.compile(block.forward, dynamic=True, mode=mode)
 
 
-def time_forward(model: torch.nn.Module, batch: Batch, repeats: int) -> tuple[float, float]:
-    """Seconds of the first forward pass (the warm-up; with ``torch.compile`` the
-    compilation) and the median seconds of the ``repeats`` after it."""
-    times = []
+def time_calls(calls: list[Callable[[], object]], cuda: bool, repeats: int) -> list[list[float]]:
+    """Seconds of ``repeats + 1`` calls of each of ``calls`` (the first is the warm-up; with
+    ``torch.compile`` the compilation), ``[call][round]``.  The calls take turns, one round
+    after the other, so a slow spell of a shared machine falls on all of them alike."""
+    times: list[list[float]] = [[] for _ in calls]
     for _ in range(repeats + 1):
-        if batch.positions.is_cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
+        for call, seconds in zip(calls, times, strict=True):
+            if cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            call()
+            if cuda:
+                torch.cuda.synchronize()
+            seconds.append(time.perf_counter() - start)
+    return times
+
+
+def forward_call(model: torch.nn.Module, batch: Batch) -> Callable[[], object]:
+    """One forward pass of our ``model`` on ``batch`` without autograd."""
+
+    def call() -> object:
         with torch.no_grad():
-            model(batch)
-        if batch.positions.is_cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return times[0], float(np.median(times[1:]))
+            return model(batch)
+
+    return call
+
+
+def original_call(model: torch.nn.Module, data: object) -> Callable[[], object]:
+    """One forward pass of the original ``model`` without autograd, as its figures in
+    ``shared/fixtures/ocp/README.md`` were measured (under ``torch.no_grad`` its SpinConv
+    turns autograd back on for its input positions)."""
+
+    def call() -> object:
+        with torch.inference_mode():
+            return model(data)
+
+    return call
 
 
 def ase_step_seconds(atoms: Atoms, repeats: int) -> float:
@@ -253,26 +280,87 @@ def available_devices(parser: argparse.ArgumentParser, devices: list[str] | None
     return devices or ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
+def original_models(args: argparse.Namespace) -> dict[str, type] | None:
+    """The original's model classes from ``--original-src`` (see ``original.py``), or None."""
+    if not args.original_src:
+        return None
+    import original
+
+    return original.import_models(args.original_src)
+
+
+def same_weights(model: torch.nn.Module, theirs: torch.nn.Module) -> None:
+    """Give our ``model`` the original model's weights (the same parameter names: ours load
+    OCP's checkpoints as they are), so both compute the same function."""
+    result = model.load_state_dict(theirs.state_dict(), strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise RuntimeError(f"the original's weights do not fit ours: {result}")
+
+
+def compare_outputs(name: str, ours: dict, theirs: tuple) -> dict:
+    """How far our forward's outputs are from the original's ``(energy, forces)`` on the same
+    batch (raw model outputs, no normalizers), relative to their size (random weights give
+    outputs far from eV scale): largest energy difference over largest energy, and largest
+    force component difference over largest force component.  SpinConv's forces are left
+    out: with ``force_estimator="random"`` the original draws new rotations per atom at every
+    call, ours uses fixed ones."""
+    energy, their_energy = ours["energy"].view(-1), theirs[0].view(-1).to(ours["energy"])
+    out = {
+        "energy_relative_difference": float(
+            (energy - their_energy).abs().max() / their_energy.abs().max()
+        )
+    }
+    if not name.startswith("spinconv"):
+        forces, their_forces = ours["forces"], theirs[1].to(ours["forces"])
+        out["force_relative_difference"] = float(
+            (forces - their_forces).abs().max() / their_forces.abs().max()
+        )
+    return out
+
+
+def quoted_original(name: str, device: str, n_atoms: int, per_structure: bool) -> float | None:
+    """The original's figure from ``ORIGINAL`` for a row: ms per structure at batch 1
+    (``per_structure``), else batched atoms per second; None where none was measured."""
+    quoted = ORIGINAL[name]
+    if device == "cuda":
+        return quoted["cuda_ms"] if per_structure else quoted["cuda_atoms_per_s"]
+    return quoted["cpu_ms"].get(n_atoms) if per_structure else None
+
+
 def model_rows(args: argparse.Namespace) -> list[dict]:
     devices = args.devices
+    classes = original_models(args)
     rows = []
     print(f"{'model':<14}{'device':<7}{'what':<24}{'ours':>12}{'original':>12}{'speed-up':>10}")
     for name in args.models:
         kind, kwargs = CONFIGS[name]
         torch.manual_seed(0)
         model = build_model(kind, kwargs).eval()
-        original = ORIGINAL[name]
+        theirs = None
+        if classes is not None:
+            import original
+
+            torch.manual_seed(0)
+            theirs = original.build(classes, kind, kwargs)
+            same_weights(model, theirs)
         for device in devices:
             model = model.to(device=device, dtype=torch.float32)
             runner = model
             if args.compile:
                 runner = copy.deepcopy(model)
                 compile_spin_convolutions(runner, args.compile)
+            if theirs is not None:
+                theirs = theirs.to(device=device, dtype=torch.float32)
             cases = [(size, 1) for size in args.sizes] + [(66, batch) for batch in args.batch]
             for n_atoms, batch_size in cases:
                 atoms = [structure(n_atoms, seed) for seed in range(batch_size)]
                 batch = Batch.from_atoms(atoms, cutoff=model.cutoff).to(device, torch.float32)
-                first, seconds = time_forward(runner, batch, args.repeats)
+                calls = [forward_call(runner, batch)]
+                if theirs is not None:
+                    data = original.batch(atoms, device)
+                    calls.append(original_call(theirs, data))
+                timings = time_calls(calls, device == "cuda", args.repeats)
+                first, seconds = timings[0][0], float(np.median(timings[0][1:]))
                 if args.compile:
                     with torch.no_grad():
                         difference = runner(batch)["forces"] - model(batch)["forces"]
@@ -290,22 +378,43 @@ def model_rows(args: argparse.Namespace) -> list[dict]:
                 }
                 if args.compile:
                     row["max_force_difference_to_eager"] = compile_error
-                if batch_size == 1:
-                    label, ours = f"{n_atoms} atoms, ms", row["ms_per_structure"]
-                    theirs = (
-                        original["cuda_ms"] if device == "cuda" else original["cpu_ms"].get(n_atoms)
-                    )
-                    speedup = None if theirs is None else theirs / ours
+                if theirs is not None:
+                    their_seconds = float(np.median(timings[1][1:]))
+                    with torch.no_grad():
+                        row |= compare_outputs(name, model(batch), calls[1]())
+                    row["original_source"] = "measured"
+                    row["original_atoms_per_second"] = batch.n_atoms / their_seconds
+                    row["original_ms_per_structure"] = 1000 * their_seconds / batch_size
+                    rounds = np.array(timings[1][1:]) / np.array(timings[0][1:])
+                    row["speedup_per_round"] = rounds.tolist()
+                per_structure = batch_size == 1
+                label = f"{n_atoms} atoms, ms" if per_structure else f"batch {batch_size}, atoms/s"
+                ours = row["ms_per_structure" if per_structure else "atoms_per_second"]
+                if theirs is not None:
+                    theirs_value = row[
+                        "original_ms_per_structure"
+                        if per_structure
+                        else "original_atoms_per_second"
+                    ]
+                    speedup = float(np.median(rounds))
                 else:
-                    label, ours = f"batch {batch_size}, atoms/s", row["atoms_per_second"]
-                    theirs = original["cuda_atoms_per_s"] if device == "cuda" else None
-                    speedup = None if theirs is None else ours / theirs
-                row.update(original=theirs, speedup=speedup)
+                    theirs_value = quoted_original(name, device, n_atoms, per_structure)
+                    speedup = None
+                    if theirs_value is not None:
+                        row["original_source"] = "quoted (shared/fixtures/ocp/README.md)"
+                        speedup = theirs_value / ours if per_structure else ours / theirs_value
+                row.update(original=theirs_value, speedup=speedup)
                 rows.append(row)
+                differences = [
+                    f"{key.split('_')[0]} {row[key]:.1e}"
+                    for key in row
+                    if key.endswith("difference")
+                ]
                 print(
                     f"{name:<14}{device:<7}{label:<24}{ours:>12.1f}"
-                    f"{'-' if theirs is None else f'{theirs:.1f}':>12}"
+                    f"{'-' if theirs_value is None else f'{theirs_value:.1f}':>12}"
                     f"{'-' if speedup is None else f'{speedup:.2f}x':>10}"
+                    + (f"  (relative differences: {', '.join(differences)})" if differences else "")
                 )
             if not args.skip_ase_step:
                 rows.extend(ase_step_rows(name, runner, device, args))
@@ -345,6 +454,13 @@ def main() -> None:
     parser.add_argument("--relax", action="store_true", help="also run relax_speed.py")
     parser.add_argument(
         "--relax-args", nargs=argparse.REMAINDER, default=[], help="options of relax_speed.py"
+    )
+    parser.add_argument(
+        "--original-src",
+        default=None,
+        metavar="DIR",
+        help="time the original implementation side by side, imported from DIR, a checkout "
+        "of FAIR-Chem/fairchem at e7a8745eb (see original.py), with the same weights",
     )
     parser.add_argument("--out", default="benchmarks/results/speed.json")
     args = parser.parse_args()
