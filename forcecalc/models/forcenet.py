@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from forcecalc.graph.batch import Batch
-from forcecalc.graph.gather import RowIndex
+from forcecalc.graph.gather import RowIndex, take_rows
 from forcecalc.graph.neighbors import edge_vectors, kept_edges_mask
 from forcecalc.models import elements
 from forcecalc.replay import candidate_inputs
@@ -469,7 +469,11 @@ class InteractionBlock(nn.Module):
             hidden = h.shape[1]
             weight_source = first.weight[:, self.edge_dim : self.edge_dim + hidden]
             weight_target = first.weight[:, self.edge_dim + hidden :]
-            out = out + (h @ weight_source.T)[source] + (h @ weight_target.T)[target]
+            out = (
+                out
+                + take_rows(h @ weight_source.T, source)
+                + take_rows(h @ weight_target.T, target)
+            )
         return out
 
     def forward(
@@ -486,7 +490,7 @@ class InteractionBlock(nn.Module):
         filters = filters * edge_weight.unsqueeze(1)
         if self.filtered:
             x = self.lin(h)
-            messages = x[source] * filters
+            messages = take_rows(x, source) * filters
         else:
             messages = filters
         out = messages.new_zeros(h.shape[0], messages.shape[1]).index_add_(0, target, messages)

@@ -109,7 +109,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from forcecalc.graph.batch import Batch
-from forcecalc.graph.gather import RowIndex, pad_rows
+from forcecalc.graph.gather import RowIndex, pad_rows, take_rows
 from forcecalc.graph.neighbors import edge_vectors, kept_edges_mask
 from forcecalc.models.blocks import GaussianSmearing
 from forcecalc.replay import candidate_inputs, padded_size, padded_table
@@ -1371,7 +1371,7 @@ class SphereProjections:
         if torch.is_grad_enabled() and values.requires_grad:
             return self.readers.gather(values).split(step)
         padded = pad_rows(values)  # once, not per chunk (a copy of all values per chunk otherwise)
-        return (padded[index] for index in self.readers.index.split(step))
+        return (take_rows(padded, index) for index in self.readers.index.split(step))
 
 
 def _packed_frequencies(long: int, device: torch.device) -> tuple[Tensor, Tensor]:

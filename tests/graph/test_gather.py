@@ -6,7 +6,7 @@ import pytest
 import torch
 from devices import CUDA
 
-from forcecalc.graph.gather import RowIndex
+from forcecalc.graph.gather import RowIndex, take_rows
 
 
 def _case(seed: int, n_rows: int = 7, shape: tuple[int, ...] = (5, 4)):
@@ -105,6 +105,28 @@ def test_sum_by_row_equals_index_add(seed):
     weights = torch.randn(6, 3, dtype=torch.float64)
     grad = torch.autograd.grad((gathered * weights).sum(), values)[0]
     torch.testing.assert_close(grad, weights[index], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("shape", [(11,), (5, 4), (0,)])
+def test_take_rows_is_advanced_indexing_with_its_gradients(shape):
+    """``take_rows(values, index)`` is ``values[index]`` for an index of any shape (repeats
+    and empty included), with the same first and second derivatives."""
+    generator = torch.Generator().manual_seed(1)
+    index = torch.randint(0, 7, shape, generator=generator)
+    values = torch.randn(7, 3, 2, dtype=torch.float64, generator=generator).requires_grad_(True)
+    assert torch.equal(take_rows(values, index), values[index])
+
+    def loss(gathered: torch.Tensor) -> torch.Tensor:
+        return (gathered.sin() * gathered.sum(dim=-1, keepdim=True) ** 2).sum()
+
+    ours = torch.autograd.grad(loss(take_rows(values, index)), values, create_graph=True)[0]
+    ref = torch.autograd.grad(loss(values[index]), values, create_graph=True)[0]
+    assert torch.equal(ours, ref)
+    direction = torch.randn_like(values)
+    second = torch.autograd.grad((ours * direction).sum(), values)[0]
+    second_ref = torch.autograd.grad((ref * direction).sum(), values)[0]
+    torch.testing.assert_close(second, second_ref, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda v: take_rows(v, index), (values,))
 
 
 @CUDA
