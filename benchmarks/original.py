@@ -10,9 +10,9 @@ last with both models:
 Its imports need ``torch_geometric``, ``torch_scatter`` (built for the installed torch:
 ``pip install --no-build-isolation torch_scatter``, 4 minutes on 2 cores), ``pyyaml``,
 ``matplotlib`` and a scipy that still has ``scipy.special.sph_harm`` (1.17 has not; 1.14.1
-works) in the same environment as forcecalc.  Measured that way in session 9 with torch
-2.13.0+cpu, torch_geometric 2.8.1, torch_scatter 2.1.2.  The models build their graphs themselves, as the original
-calculator ran them (``otf_graph``; ``shared/fixtures/ocp/README.md``), from a
+works) in the same environment as forcecalc (session 9 used torch 2.13.0+cpu,
+torch_geometric 2.8.1, torch_scatter 2.1.2).  The models build their graphs themselves, as
+the original calculator ran them (``otf_graph``; ``shared/fixtures/ocp/README.md``), from a
 ``torch_geometric`` batch of the same structures that our forward gets.
 """
 

@@ -280,13 +280,17 @@ def available_devices(parser: argparse.ArgumentParser, devices: list[str] | None
     return devices or ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-def original_models(args: argparse.Namespace) -> dict[str, type] | None:
-    """The original's model classes from ``--original-src`` (see ``original.py``), or None."""
-    if not args.original_src:
+def original_models(parser: argparse.ArgumentParser, src: str | None) -> dict[str, type] | None:
+    """The original's model classes from ``--original-src`` (see ``original.py``), or None;
+    ``parser.error`` if they cannot be imported from there."""
+    if not src:
         return None
     import original
 
-    return original.import_models(args.original_src)
+    try:
+        return original.import_models(src)
+    except (ImportError, OSError) as error:
+        parser.error(f"--original-src {src}: cannot import the original models: {error}")
 
 
 def same_weights(model: torch.nn.Module, theirs: torch.nn.Module) -> None:
@@ -327,9 +331,8 @@ def quoted_original(name: str, device: str, n_atoms: int, per_structure: bool) -
     return quoted["cpu_ms"].get(n_atoms) if per_structure else None
 
 
-def model_rows(args: argparse.Namespace) -> list[dict]:
+def model_rows(args: argparse.Namespace, classes: dict[str, type] | None) -> list[dict]:
     devices = args.devices
-    classes = original_models(args)
     rows = []
     print(f"{'model':<14}{'device':<7}{'what':<24}{'ours':>12}{'original':>12}{'speed-up':>10}")
     for name in args.models:
@@ -472,7 +475,7 @@ def main() -> None:
     torch.backends.cuda.matmul.allow_tf32 = args.tf32
     torch.backends.cudnn.allow_tf32 = args.tf32
 
-    rows = model_rows(args)
+    rows = model_rows(args, original_models(parser, args.original_src))
     write_json(
         args.out,
         {
