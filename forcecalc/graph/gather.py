@@ -125,7 +125,7 @@ class RowIndex:
 def take_rows(values: Tensor, index: Tensor) -> Tensor:
     """``values[index]``: the rows of ``values`` ``[n, *F]`` at an int64 ``index`` ``[*S]``,
     ``[*S, *F]``, by ``index_select``, which copies whole rows (advanced indexing runs a
-    generic element-wise kernel: on the CPU 4-10x slower for rows of 32-512 numbers).  The
+    generic element-wise kernel: on the CPU 3.5-10x slower for rows of 32-512 numbers).  The
     gradient is advanced indexing's own, so autograd computes exactly what it did before
     (``index_put_`` with accumulation, deterministic on CUDA, where ``index_select``'s own
     gradient adds atomically)."""
