@@ -18,6 +18,7 @@ from ase.calculators.emt import EMT
 from ase.constraints import FixAtoms
 from ase.mep import NEB
 from ase.optimize import BFGS, FIRE
+from threadpoolctl import threadpool_limits
 
 from forcecalc import load_calculator
 from forcecalc.data.oc20emt import emt_lattice_constants
@@ -47,7 +48,8 @@ def barrier(initial: Atoms, final: Atoms, make_calc, n_images: int, fmax: float)
     for atoms in (initial, final):
         atoms = atoms.copy()
         atoms.calc = make_calc()
-        BFGS(atoms, logfile=None).run(fmax=fmax, steps=200)
+        with threadpool_limits(1, user_api="blas"):  # see README, "Calculators"
+            BFGS(atoms, logfile=None).run(fmax=fmax, steps=200)
         ends.append(atoms)
     images = [ends[0]] + [ends[0].copy() for _ in range(n_images)] + [ends[1]]
     for image in images[1:-1]:

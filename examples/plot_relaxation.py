@@ -15,6 +15,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from ase.optimize import BFGS
 from relax_co_cu111 import co_on_cu111
+from threadpoolctl import threadpool_limits
 
 from forcecalc import load_calculator
 from forcecalc.atomic import atomic_output
@@ -37,7 +38,8 @@ def main() -> None:
 
     optimizer = BFGS(atoms, logfile=None)
     optimizer.attach(record, interval=1)
-    optimizer.run(fmax=args.fmax, steps=300)
+    with threadpool_limits(1, user_api="blas"):  # see README, "Calculators"
+        optimizer.run(fmax=args.fmax, steps=300)
 
     figure, (top, bottom) = plt.subplots(2, 1, sharex=True, figsize=(5, 5))
     top.plot(energies, marker="o", markersize=3)

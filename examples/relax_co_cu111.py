@@ -19,6 +19,7 @@ from ase.build import add_adsorbate, fcc111, molecule
 from ase.calculators.emt import EMT
 from ase.constraints import FixAtoms
 from ase.optimize import BFGS
+from threadpoolctl import threadpool_limits
 
 from forcecalc import load_calculator
 from forcecalc.data.oc20emt import emt_lattice_constants, gas_references
@@ -45,12 +46,17 @@ def co_on_cu111() -> tuple[Atoms, Atoms]:
 
 
 def relax(atoms: Atoms, calc, fmax: float) -> tuple[Atoms, int, float]:
-    """Relax a copy of ``atoms`` with BFGS; returns (relaxed, steps, seconds)."""
+    """Relax a copy of ``atoms`` with BFGS; returns (relaxed, steps, seconds).
+
+    numpy's BLAS is held to one thread meanwhile: BFGS calls it every step, and its threads
+    would then compete with torch's for the cores (3x slower steps on 2 cores; README,
+    "Calculators")."""
     atoms = atoms.copy()
     atoms.calc = calc
     start = time.perf_counter()
     optimizer = BFGS(atoms, logfile=None)
-    optimizer.run(fmax=fmax, steps=300)
+    with threadpool_limits(1, user_api="blas"):
+        optimizer.run(fmax=fmax, steps=300)
     return atoms, optimizer.nsteps, time.perf_counter() - start
 
 

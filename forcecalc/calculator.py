@@ -68,6 +68,10 @@ class ForceCalculator(Calculator):
     the module docstring), ``forces`` (eV/Å) and, for energy-centric SpinConv only, ``stress``
     (eV/Å^3, Voigt order; for cells periodic in all three directions).  A model output that
     is not finite raises :class:`~ase.calculators.calculator.CalculationFailed`.
+
+    On the CPU, run ASE's ``BFGS`` with numpy's BLAS held to one thread
+    (``threadpoolctl.threadpool_limits(1, user_api="blas")``): its threads, busy after the
+    Hessian's diagonalization, otherwise slow the next forward pass down (3x on 2 cores).
     """
 
     implemented_properties: ClassVar[list[str]] = ["energy", "free_energy", "forces", "stress"]

@@ -89,6 +89,29 @@ def test_relax_writes_structures_and_a_table(tmp_path: Path, capsys) -> None:
     assert "E_final" in capsys.readouterr().out
 
 
+def test_ase_relaxation_holds_blas_to_one_thread_on_the_cpu(tmp_path: Path, monkeypatch) -> None:
+    """ASE's BFGS calls numpy's threaded BLAS every step, whose threads then compete with
+    torch's for the cores: `forcecalc relax` runs it with one BLAS thread on the CPU, and
+    gives the threads back afterwards."""
+    from ase.optimize import BFGS
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    def blas_threads() -> list[int]:
+        return [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
+
+    seen: list[list[int]] = []
+    step = BFGS.step
+    monkeypatch.setattr(
+        BFGS, "step", lambda self, *a: (seen.append(blas_threads()), step(self, *a))
+    )
+    write(tmp_path / "in.extxyz", fcc111("Cu", size=(2, 2, 2), vacuum=5.0))
+    with threadpool_limits(2, user_api="blas"):
+        before = blas_threads()
+        assert main(["relax", str(tmp_path / "in.extxyz"), "--model", str(SPINCONV_EC)]) == 0
+        assert blas_threads() == before
+    assert seen and all(threads == [1] * len(before) for threads in seen)
+
+
 def test_md_logs_energies(tmp_path: Path, capsys) -> None:
     """`forcecalc md` runs the integrator and logs energy and temperature."""
     slab = fcc111("Cu", size=(2, 2, 2), vacuum=5.0)
