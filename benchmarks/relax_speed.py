@@ -68,8 +68,11 @@ def build_structures(n: int, seed: int = 0) -> list:
 
 
 def one_by_one(structures: list, potential, optimizer: str, fmax: float, steps: int) -> dict:
-    """ASE's optimizer with forcecalc's calculator, one structure after the other."""
+    """ASE's optimizer with forcecalc's calculator, one structure after the other (on the
+    CPU with numpy's BLAS on one thread, as ``forcecalc relax`` runs it: ASE's BFGS is 3x
+    slower otherwise, see the README)."""
     from ase.optimize import BFGS, FIRE, LBFGS
+    from threadpoolctl import threadpool_limits
 
     from forcecalc.calculator import load_calculator
 
@@ -77,14 +80,16 @@ def one_by_one(structures: list, potential, optimizer: str, fmax: float, steps: 
     calc = load_calculator(potential)
     out = {"energies": [], "positions": [], "steps": [], "converged": []}
     start, cpu_start = time.perf_counter(), time.process_time()
-    for atoms in structures:
-        atoms = atoms.copy()
-        atoms.calc = calc
-        dynamics = cls(atoms, logfile=None)
-        out["converged"].append(bool(dynamics.run(fmax=fmax, steps=steps)))
-        out["steps"].append(int(dynamics.nsteps))
-        out["energies"].append(float(atoms.get_potential_energy()))
-        out["positions"].append(atoms.positions.copy())
+    blas_threads = 1 if potential.device.type == "cpu" else None
+    with threadpool_limits(blas_threads, user_api="blas"):
+        for atoms in structures:
+            atoms = atoms.copy()
+            atoms.calc = calc
+            dynamics = cls(atoms, logfile=None)
+            out["converged"].append(bool(dynamics.run(fmax=fmax, steps=steps)))
+            out["steps"].append(int(dynamics.nsteps))
+            out["energies"].append(float(atoms.get_potential_energy()))
+            out["positions"].append(atoms.positions.copy())
     _synchronize(potential)
     out["seconds"] = time.perf_counter() - start
     out["cpu_seconds"] = time.process_time() - cpu_start
