@@ -22,7 +22,7 @@ from ase.calculators.calculator import (
     all_changes,
 )
 
-from forcecalc.checkpoint import Potential, load_checkpoint
+from forcecalc.checkpoint import Potential, as_potential
 from forcecalc.graph import Batch, radius_graph
 from forcecalc.graph.batch import atoms_to_arrays
 from forcecalc.replay import GraphReplay
@@ -102,19 +102,9 @@ class ForceCalculator(Calculator):
             )
         if forces is not None:
             options["forces"] = forces
-        if isinstance(checkpoint, Potential):
-            if options:
-                raise ValueError("pass model options when loading, not with a loaded Potential")
-            potential = checkpoint
-            potential.check_same(device, dtype)
-        else:
-            potential = load_checkpoint(
-                checkpoint,
-                device=device,
-                dtype="float32" if dtype is None else dtype,
-                allow_unsafe=allow_unsafe,
-                **options,
-            )
+        potential = as_potential(
+            checkpoint, device=device, dtype=dtype, allow_unsafe=allow_unsafe, **options
+        )
         if forces is not None and not potential.defines_stress:
             raise ValueError(
                 f"forces={forces!r} applies to energy-centric SpinConv models only; this "

@@ -492,6 +492,30 @@ def load_checkpoint(
     return potential.to(device=torch_device, dtype=torch_dtype)
 
 
+def as_potential(
+    model: str | os.PathLike | Potential,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    allow_unsafe: bool = False,
+    **model_options: Any,
+) -> Potential:
+    """``model`` if it is a loaded :class:`Potential` (a ``device`` or ``dtype`` other than
+    its own, or model options, are a ``ValueError``), else the checkpoint it names loaded by
+    :func:`load_checkpoint` (float32 unless ``dtype`` says otherwise)."""
+    if isinstance(model, Potential):
+        if model_options:
+            raise ValueError("pass model options when loading, not with a loaded Potential")
+        model.check_same(device, dtype)
+        return model
+    return load_checkpoint(
+        model,
+        device=device,
+        dtype="float32" if dtype is None else dtype,
+        allow_unsafe=allow_unsafe,
+        **model_options,
+    )
+
+
 def _check_shapes(model: nn.Module, state_dict: dict[str, Tensor], info: CheckpointInfo) -> None:
     """A :class:`CheckpointError` naming the weights whose shape is not the model's."""
     expected = model.state_dict()

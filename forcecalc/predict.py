@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from forcecalc.checkpoint import Potential, load_checkpoint
+from forcecalc.checkpoint import Potential, as_potential
 from forcecalc.graph import Batch
 
 
@@ -47,15 +47,7 @@ def predict(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if isinstance(structures, Atoms):
         structures = [structures]
-    if isinstance(model, Potential):
-        if model_options:
-            raise ValueError("pass model options when loading, not with a loaded Potential")
-        model.check_same(device, dtype)
-        potential = model
-    else:
-        potential = load_checkpoint(
-            model, device=device, dtype="float32" if dtype is None else dtype, **model_options
-        )
+    potential = as_potential(model, device=device, dtype=dtype, **model_options)
     potential.check_elements(structures)
     results: list[dict[str, Any]] = []
     starts = range(0, len(structures), batch_size)
