@@ -15,14 +15,15 @@ Prints tables and writes JSON (atomically):
 2. One ASE step (``atoms.get_forces()`` after a move: graph, forward, transfer) with our
    calculator at batch 1, the figure the issue's "ms per ASE step" target refers to; for
    both models also with ``cuda_graph=True`` (on the CPU: the fixed-shape forward without a
-   graph), without and with a 1 Å neighbor-list skin, with the largest force difference to
-   the plain step, and the replayed forward alone.
+   graph), without and with a 1 Å neighbor-list skin, on CUDA also with the skin and the
+   replayed forward compiled (``compile_mode="default"``), with the largest force difference
+   to the plain step, and the replayed forward alone.
 3. With ``--relax``: ``benchmarks/relax_speed.py`` (batched ``forcecalc.relax`` vs one-by-one
    ASE relaxation with our calculator), with its own options after ``--relax-args``.
 
     python benchmarks/speed.py --out benchmarks/results/speed_cpu.json [--batch 32 --repeats 3]
     python benchmarks/speed.py --devices cuda --batch 32 256 --repeats 20 [--tf32]
-        [--compile --models spinconv_all]
+        [--compile]
     python benchmarks/speed.py --relax --relax-args --n 64 --model spinconv-fc
     python benchmarks/speed.py --devices cpu --batch --skip-ase-step --original-src DIR
 """
@@ -30,7 +31,6 @@ Prints tables and writes JSON (atomically):
 from __future__ import annotations
 
 import argparse
-import copy
 import platform
 import time
 from collections.abc import Callable
@@ -41,6 +41,7 @@ from ase import Atoms
 from ase.build import add_adsorbate, fcc111, molecule
 
 from forcecalc.atomic import write_json
+from forcecalc.compiled import compiled_blocks
 from forcecalc.graph import Batch
 from forcecalc.models.registry import build_model
 
@@ -109,20 +110,6 @@ def hardware(tf32: bool) -> dict:
     }
 
 
-def compile_spin_convolutions(model: torch.nn.Module, mode: str) -> None:
-    """``torch.compile`` (dynamic shapes) each ``SpinConvBlock`` of ``model``: its spin
-    convolution (kernel products, inverse DFT, bias, Swish, mean, GroupNorm), the hot,
-    shape-static part of a SpinConv.  Compiling the whole model instead breaks its graph about
-    20 times (data-dependent edge selection) and compiles for minutes."""
-    from forcecalc.models.spinconv import SpinConvBlock
-
-    blocks = [m for m in model.modules() if isinstance(m, SpinConvBlock)]
-    if not blocks:
-        raise ValueError("--compile applies to SpinConv models only")
-    for block in blocks:
-        block.forward = torch.compile(block.forward, dynamic=True, mode=mode)
-
-
 def time_calls(calls: list[Callable[[], object]], cuda: bool, repeats: int) -> list[list[float]]:
     """Seconds of ``repeats + 1`` calls of each of ``calls`` (the first is the warm-up; with
     ``torch.compile`` the compilation), ``[call][round]``.  The calls take turns, one round
@@ -187,17 +174,23 @@ def time_ase_step(
     repeats: int,
     cuda_graph: bool = False,
     skin: float = 0.0,
+    compile_mode: str | None = None,
 ) -> tuple[float, np.ndarray]:
     """:func:`ase_step_seconds` of our calculator around ``model`` (66 atoms), optionally
-    replaying CUDA graphs and with a neighbor-list skin, and the forces it gives for the
-    unmoved structure."""
+    replaying CUDA graphs (of a compiled forward) and with a neighbor-list skin, and the
+    forces it gives for the unmoved structure."""
     from forcecalc.calculator import load_calculator
     from forcecalc.checkpoint import CheckpointInfo, Normalizers, Potential
 
     kind, kwargs = CONFIGS[name]
     info = CheckpointInfo(kind, dict(kwargs), Normalizers(), "forcecalc")
     calc = load_calculator(
-        Potential(model, info), device=device, dtype="float32", cuda_graph=cuda_graph, skin=skin
+        Potential(model, info),
+        device=device,
+        dtype="float32",
+        cuda_graph=cuda_graph,
+        skin=skin,
+        compile_mode=compile_mode,
     )
     forces = calc.get_forces(structure(66, 0))
     atoms = structure(66, 0)
@@ -224,14 +217,16 @@ def time_replay(model: torch.nn.Module, device: str, repeats: int) -> float:
 def ase_step_rows(name: str, runner: torch.nn.Module, device: str, args) -> list[dict]:
     """One ASE step with our calculator; for a model with a fixed-shape forward also with
     ``cuda_graph=True`` (not with ``--compile``), without and with a skin of
-    ``ASE_STEP_SKIN``, each with its forces' largest difference to the plain step's, and the
-    replayed forward alone."""
-    variants = [(False, 0.0)]
+    ``ASE_STEP_SKIN`` (on CUDA also with the skin and ``compile_mode="default"``), each with
+    its forces' largest difference to the plain step's, and the replayed forward alone."""
+    variants = [(False, 0.0, None)]
     if getattr(runner, "fixed_shapes", False) and not args.compile:
-        variants += [(True, 0.0), (True, ASE_STEP_SKIN)]
+        variants += [(True, 0.0, None), (True, ASE_STEP_SKIN, None)]
+        if device == "cuda":
+            variants.append((True, ASE_STEP_SKIN, "default"))
     rows, plain_forces = [], None
-    for cuda_graph, skin in variants:
-        seconds, forces = time_ase_step(name, runner, device, args.repeats, cuda_graph, skin)
+    for cuda_graph, skin, mode in variants:
+        seconds, forces = time_ase_step(name, runner, device, args.repeats, cuda_graph, skin, mode)
         row = {
             "model": name,
             "device": device,
@@ -242,12 +237,16 @@ def ase_step_rows(name: str, runner: torch.nn.Module, device: str, args) -> list
             "compiled": args.compile,
             "cuda_graph": cuda_graph,
             "skin": skin,
+            "compile_mode": mode,
         }
         if plain_forces is None:
             label, plain_forces = "ASE step, 66 atoms, ms", forces
         else:
             label = "ASE step, graph" + (f", skin {skin:g}" if skin else "")
-            row["max_force_difference_to_plain"] = float(np.abs(forces - plain_forces).max())
+            label += ", compiled" if mode else ""
+            difference = float(np.abs(forces - plain_forces).max())
+            row["max_force_difference_to_plain"] = difference
+            row["max_force_difference_relative"] = difference / float(np.abs(plain_forces).max())
         rows.append(row)
         print(f"{name:<14}{device:<7}{label:<24}{1000 * seconds:>12.1f}")
     if len(variants) > 1:
@@ -350,8 +349,7 @@ def model_rows(args: argparse.Namespace, classes: dict[str, type] | None) -> lis
             model = model.to(device=device, dtype=torch.float32)
             runner = model
             if args.compile:
-                runner = copy.deepcopy(model)
-                compile_spin_convolutions(runner, args.compile)
+                runner = compiled_blocks(model, args.compile)
             if theirs is not None:
                 theirs = theirs.to(device=device, dtype=torch.float32)
             cases = [(size, 1) for size in args.sizes] + [(66, batch) for batch in args.batch]
@@ -366,8 +364,9 @@ def model_rows(args: argparse.Namespace, classes: dict[str, type] | None) -> lis
                 first, seconds = timings[0][0], float(np.median(timings[0][1:]))
                 if args.compile:
                     with torch.no_grad():
-                        difference = runner(batch)["forces"] - model(batch)["forces"]
-                    compile_error = float(difference.abs().max())
+                        eager = model(batch)["forces"]
+                        difference = (runner(batch)["forces"] - eager).abs().max()
+                    compile_error = float(difference / eager.abs().max())
                 row = {
                     "model": name,
                     "device": device,
@@ -380,7 +379,7 @@ def model_rows(args: argparse.Namespace, classes: dict[str, type] | None) -> lis
                     "first_call_seconds": first,
                 }
                 if args.compile:
-                    row["max_force_difference_to_eager"] = compile_error
+                    row["max_force_difference_to_eager_relative"] = compile_error
                 per_structure = batch_size == 1
                 label = f"{n_atoms} atoms, ms" if per_structure else f"batch {batch_size}, atoms/s"
                 ours = row["ms_per_structure" if per_structure else "atoms_per_second"]
@@ -441,8 +440,9 @@ def main() -> None:
         const="default",
         default=None,
         choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
-        help="SpinConv: time its spin convolutions compiled by torch.compile (dynamic shapes, "
-        "mode MODE; the first call, with the compilation, apart)",
+        help="time the models with their blocks compiled by torch.compile (SpinConv's spin "
+        "convolutions, ForceNet's interactions; dynamic shapes, mode MODE; the first call, "
+        "with the compilation, apart)",
     )
     parser.add_argument("--skip-ase-step", action="store_true", help="no ASE-step rows")
     parser.add_argument(
@@ -469,8 +469,6 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/speed.json")
     args = parser.parse_args()
     args.devices = available_devices(parser, args.devices)
-    if args.compile and any(CONFIGS[name][0] != "spinconv" for name in args.models):
-        parser.error("--compile applies to SpinConv models only: add --models spinconv_all")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.backends.cuda.matmul.allow_tf32 = args.tf32

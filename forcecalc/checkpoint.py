@@ -18,6 +18,7 @@ is refused unless the caller passes ``allow_unsafe=True``, and a file that is no
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import pickle
 import pickletools
@@ -109,9 +110,10 @@ class Potential(nn.Module):
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    @property
+    @functools.cached_property
     def elements(self) -> list[int] | None:
-        """Atomic numbers the model accepts (``None``: every element its tables cover)."""
+        """Atomic numbers the model accepts (``None``: every element its tables cover); read
+        once (from the model's tables on its device: a host synchronisation on a GPU)."""
         if self.info.elements is not None:
             return self.info.elements
         supported = getattr(self.model, "supported_numbers", None)
@@ -179,15 +181,18 @@ class Potential(nn.Module):
         """Whether the model has a fixed-shape forward (:meth:`fixed_shape_forward`)."""
         return bool(getattr(self.model, "fixed_shapes", False))
 
-    def fixed_shape_inputs(self, batch: Batch) -> dict[str, Tensor]:
-        """The model's ``fixed_shape_inputs`` (see
+    def fixed_shape_inputs(
+        self, batch: Batch, previous: dict[str, Tensor] | None = None
+    ) -> dict[str, Tensor]:
+        """The model's ``fixed_shape_inputs``, at least as large as ``previous`` (inputs built
+        earlier for the same atoms; see
         :meth:`forcecalc.models.spinconv.SpinConv.fixed_shape_inputs`); a clear error for a
         model without a fixed-shape forward."""
         if not self.fixed_shapes:
             raise ValueError(
                 f"the {self.name} model ({self._kind()}) has no fixed-shape forward (CUDA graphs)"
             )
-        return self.model.fixed_shape_inputs(batch)
+        return self.model.fixed_shape_inputs(batch, previous)
 
     @staticmethod
     def moved(inputs: dict[str, Tensor], batch: Batch) -> dict[str, Tensor]:

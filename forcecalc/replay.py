@@ -56,6 +56,7 @@ class GraphReplay:
     Attributes:
         captures: how many graphs were captured (a new signature, or one dropped and seen
             again).
+        signatures: every input signature seen, on any device (on CUDA each was captured).
     """
 
     def __init__(
@@ -70,6 +71,7 @@ class GraphReplay:
         self.device = torch.device(device)
         self.max_graphs = max_graphs
         self.captures = 0
+        self.signatures: set[Signature] = set()
         self._graphs: OrderedDict[Signature, _Captured] = OrderedDict()
 
     @property
@@ -83,10 +85,11 @@ class GraphReplay:
         Inputs are taken as immutable: an entry that is the very tensor of the previous call
         with this signature is not copied to the device again (a caller that moves atoms
         passes a new ``positions`` tensor and the same tables)."""
+        signature = tuple((k, tuple(v.shape), v.dtype) for k, v in inputs.items())
+        self.signatures.add(signature)
         if not self.uses_graphs:
             with torch.no_grad():
                 return self.function({k: v.to(self.device) for k, v in inputs.items()})
-        signature = tuple((k, tuple(v.shape), v.dtype) for k, v in inputs.items())
         captured = self._graphs.get(signature)
         if captured is None:
             captured = self._capture(inputs)  # replayed once already, on these inputs
@@ -157,19 +160,34 @@ def padded_size(n: int) -> int:
     return -(-n // (2 * power)) * (2 * power)
 
 
+def room(previous: Inputs | None, name: str, n_atoms: int) -> int:
+    """The last dimension of ``previous[name]``: the room inputs built earlier for these atoms
+    had (0 without them, or when they were built for another number of atoms).  Builds that
+    keep at least the room of the last one give a replay the same signature while the atoms
+    move (a capture per growth, not per change of the neighbor count)."""
+    if previous is None or len(previous["numbers"]) != n_atoms or name not in previous:
+        return 0
+    return previous[name].shape[-1]
+
+
 def padded_table(table: Tensor, n_edges: int, capacity: int, min_width: int = 1) -> Tensor:
     """A ``[rows, w]`` table of edges padded with ``n_edges`` (a :attr:`RowIndex.inverse`) for
-    the edges padded to ``capacity``: padded with ``capacity``, its width rounded up to a
-    multiple of 8 and at least ``min_width``."""
-    width = max(-(-table.shape[1] // 8) * 8, min_width)
+    the edges padded to ``capacity``: padded with ``capacity``, with room for an eighth more
+    edges per row than the widest has (so that the width survives small moves), rounded up to
+    a multiple of 8, and at least ``min_width`` wide."""
+    width = table.shape[1] + table.shape[1] // 8
+    width = max(-(-width // 8) * 8, min_width)
     table = torch.where(table == n_edges, capacity, table)
     return F.pad(table, (0, width - table.shape[1]), value=capacity)
 
 
-def candidate_inputs(batch: Batch, min_width: int) -> dict[str, Tensor]:
+def candidate_inputs(
+    batch: Batch, min_width: int, previous: Inputs | None = None
+) -> dict[str, Tensor]:
     """The fixed-shape inputs every model takes: the batch's edges as candidates (any superset
     of a model's graph), padded by :func:`padded_size` with edges from atom 0 to itself with a
-    zero shift (zero length: never kept), and the table of the candidates into each atom.
+    zero shift (zero length: never kept), and the table of the candidates into each atom; at
+    least as large as ``previous`` (inputs built earlier for the same atoms, see :func:`room`).
 
     Returns:
         ``numbers`` ``[n_atoms]``, ``positions`` ``[n_atoms, 3]`` and ``cell``
@@ -179,10 +197,11 @@ def candidate_inputs(batch: Batch, min_width: int) -> dict[str, Tensor]:
         ``candidates_in`` ``[n_atoms, Wc]`` (increasing, padded with ``C``; ``Wc >=
         min_width``).
     """
-    n_candidates = batch.n_edges
-    capacity = padded_size(n_candidates)
+    n_candidates, n_atoms = batch.n_edges, batch.n_atoms
+    capacity = max(padded_size(n_candidates), room(previous, "candidate_index", n_atoms))
+    width = max(min_width, room(previous, "candidates_in", n_atoms))
     pad = batch.edge_index.new_zeros(capacity - n_candidates)
-    into = RowIndex(batch.edge_index[1], batch.n_atoms).inverse
+    into = RowIndex(batch.edge_index[1], n_atoms).inverse
     return {
         "numbers": batch.numbers,
         "positions": batch.positions.to(torch.float64),
@@ -190,5 +209,5 @@ def candidate_inputs(batch: Batch, min_width: int) -> dict[str, Tensor]:
         "system_idx": batch.system_idx,
         "candidate_index": torch.cat([batch.edge_index, pad.expand(2, -1)], dim=1),
         "candidate_shifts": torch.cat([batch.shifts, pad.new_zeros(len(pad), 3)]),
-        "candidates_in": padded_table(into, n_candidates, capacity, min_width),
+        "candidates_in": padded_table(into, n_candidates, capacity, width),
     }

@@ -751,13 +751,17 @@ class ForceNet(nn.Module):
     #: :meth:`fixed_shape_forward` is available (forces are direct: no autograd).
     fixed_shapes = True
 
-    def fixed_shape_inputs(self, batch: Batch) -> dict[str, Tensor]:
+    def fixed_shape_inputs(
+        self, batch: Batch, previous: dict[str, Tensor] | None = None
+    ) -> dict[str, Tensor]:
         """The inputs of :meth:`fixed_shape_forward`: the batch's edges as candidates
-        (:func:`~forcecalc.replay.candidate_inputs`, at least ``max_neighbors`` wide) and
-        ``natoms`` ``[n_systems]``.  The selection (cutoff, the 50-neighbor rule) happens in
-        the forward, so the inputs depend on the positions only through
-        ``inputs["positions"]`` (see :meth:`forcecalc.checkpoint.Potential.moved`)."""
-        return {**candidate_inputs(batch, self.max_neighbors), "natoms": batch.natoms}
+        (:func:`~forcecalc.replay.candidate_inputs`, at least ``max_neighbors`` wide and as
+        large as ``previous``, inputs built earlier for the same atoms) and ``natoms``
+        ``[n_systems]``.  The selection (cutoff, the 50-neighbor rule) happens in the forward,
+        so the inputs depend on the positions only through ``inputs["positions"]`` (see
+        :meth:`forcecalc.checkpoint.Potential.moved`)."""
+        candidates = candidate_inputs(batch, self.max_neighbors, previous)
+        return {**candidates, "natoms": batch.natoms}
 
     def fixed_shape_forward(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
         """Raw ``energy`` and ``forces`` from :meth:`fixed_shape_inputs` (and ``overflow``

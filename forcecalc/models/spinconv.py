@@ -78,9 +78,14 @@ Forces of the energy-centric model (``forces``):
   ``1/0`` (``d asin`` at ``+-1``), or rounding noise amplified by ~1e32.  Off the pole the
   derivative is finite (``y**2 + z**2 >= 1e-12`` bounds ``1/sqrt(1 - p0**2)`` by 1e6) and the
   splat is piecewise bilinear, continuous across bin edges and the longitude wrap, so the
-  energy is continuous with a piecewise smooth gradient.  The model itself remains
-  discontinuous where a *genuine* neighbor crosses a pole (its longitude jumps), a property of
-  the architecture; near such configurations conservative forces vary steeply.
+  energy is continuous with a piecewise smooth gradient.  Its gradient jumps across a bin
+  edge, and a symmetric structure puts directions exactly on bin edges, where rounding picks
+  the side: there two evaluations that round differently (another padding or summation
+  order, another device) can give forces that differ by O(1) eV/Å (1e-13 Å off the
+  symmetric O/Cu(100) test slab, the small test model's forces move by 4.6 eV/Å).  The
+  model itself remains discontinuous where a *genuine* neighbor crosses a pole (its
+  longitude jumps), a property of the architecture; near such configurations conservative
+  forces vary steeply.
 
 The spin convolution is exact but evaluated in Fourier space along the longitude: the splat
 weights are built directly as the real DFT of the bilinear splat (no grid in space), the
@@ -112,7 +117,7 @@ from forcecalc.graph.batch import Batch
 from forcecalc.graph.gather import RowIndex, pad_rows, take_rows
 from forcecalc.graph.neighbors import edge_vectors, kept_edges_mask
 from forcecalc.models.blocks import GaussianSmearing
-from forcecalc.replay import candidate_inputs, padded_size, padded_table
+from forcecalc.replay import candidate_inputs, padded_size, padded_table, room
 
 _Constant = TypeVar("_Constant")
 
@@ -815,7 +820,9 @@ class SpinConv(nn.Module):
         """Whether :meth:`fixed_shape_forward` is available (a model that regresses forces)."""
         return self.regress_forces
 
-    def fixed_shape_inputs(self, batch: Batch) -> dict[str, Tensor]:
+    def fixed_shape_inputs(
+        self, batch: Batch, previous: dict[str, Tensor] | None = None
+    ) -> dict[str, Tensor]:
         """The inputs of :meth:`fixed_shape_forward`: the batch's edges as candidates (any
         superset of the graph, e.g. built at ``cutoff + skin``), with their tables, padded to
         sizes that change rarely; the selection itself (cutoff, max-neighbor rule) happens
@@ -827,9 +834,12 @@ class SpinConv(nn.Module):
 
         Sizes: the kept edges get room for ``E`` edges and ``W`` per atom, from the edges the
         rule keeps at these positions: ``W`` their largest number into an atom rounded up to a
-        multiple of 8 (at most ``max(max_neighbors, W)``), ``E`` their number plus one per
-        atom, rounded up by ``padded_size`` (at most ``n_atoms * W``).  If moved atoms keep
-        more, the forward says so (``overflow``) and the inputs must be built again.
+        multiple of 8, ``E`` their number plus an eighth plus one per atom, rounded up by
+        ``padded_size`` (at most ``n_atoms * W``); every size at least that of ``previous``,
+        inputs built earlier for the same atoms (:func:`~forcecalc.replay.room`: a replay
+        keeps its signature while the atoms move).  If moved atoms keep more, the forward
+        says so (``overflow``) and the inputs must be built again (with these as
+        ``previous``).
 
         Returns:
             The candidates (:func:`~forcecalc.replay.candidate_inputs`, at least
@@ -844,7 +854,7 @@ class SpinConv(nn.Module):
                 "the fixed-shape forward needs a model that regresses forces (regress_forces)"
             )
         self._check_elements(batch.numbers)
-        inputs = candidate_inputs(batch, self.max_neighbors)
+        inputs = candidate_inputs(batch, self.max_neighbors, previous)
         n_atoms, n_candidates = batch.n_atoms, batch.n_edges
         capacity = inputs["candidate_index"].shape[1]
         with torch.no_grad():
@@ -852,8 +862,10 @@ class SpinConv(nn.Module):
             kept, _ = self._select_edges(batch.edge_index, vectors, n_atoms)
         counts = torch.bincount(kept[1], minlength=n_atoms)
         width = int(counts.max()) if len(counts) else 0
-        width = min(-(-max(width, 1) // 8) * 8, max(width, self.max_neighbors))
-        n_edges = min(padded_size(kept.shape[1] + n_atoms), n_atoms * width)
+        width = max(-(-max(width, 1) // 8) * 8, room(previous, "columns", n_atoms))
+        n_kept = kept.shape[1]
+        n_edges = min(padded_size(n_kept + n_kept // 8 + n_atoms), n_atoms * width)
+        n_edges = max(n_edges, room(previous, "edges", n_atoms))
         systems = RowIndex(batch.system_idx, batch.n_systems)
         device = batch.edge_index.device
         inputs.update(
@@ -864,7 +876,8 @@ class SpinConv(nn.Module):
         )
         if self.force_estimator == "grad":
             out = RowIndex(batch.edge_index[0], n_atoms).inverse
-            inputs["candidates_out"] = padded_table(out, n_candidates, capacity)
+            min_width = room(previous, "candidates_out", n_atoms)
+            inputs["candidates_out"] = padded_table(out, n_candidates, capacity, min_width)
         return inputs
 
     def fixed_shape_forward(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -971,7 +984,7 @@ class SpinConv(nn.Module):
                 out = inputs["candidates_out"]
                 edge_of = torch.full_like(kept, n_edges, dtype=edges.dtype)  # [C + 1]
                 edge_of = edge_of.scatter(0, torch.where(filled, candidate, capacity), edges)
-                edge_of[capacity] = n_edges
+                edge_of[capacity:].fill_(n_edges)  # a Python number set by a kernel, no copy
                 outgoing = edge_of[_compacted(out, kept, out.shape[1], capacity)[0]]
                 n_places = outgoing.numel()
                 source_slot = torch.full_like(edges, n_places)

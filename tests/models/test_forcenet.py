@@ -9,7 +9,7 @@ from functools import cache
 import numpy as np
 import pytest
 import torch
-from devices import CUDA, DEVICES
+from devices import CUDA, DEVICES, CaptureSafety
 from ocp_fixtures import load_ocp_raw, ocp_reference, ocp_structures
 
 from forcecalc.checkpoint import Potential
@@ -280,12 +280,14 @@ def test_fixed_shape_forward_equals_forward(dtype, ablation):
 def test_fixed_shape_forward_never_reads_values_on_the_host():
     """As for SpinConv: the meta device has shapes and no values, so an operation that CUDA
     graph capture forbids (a result shape or branch that depends on values) fails there; the
-    fixed-shape forward runs on it, the plain forward does not."""
+    fixed-shape forward runs on it (storing no Python number by indexing), the plain forward
+    does not."""
     model = _model("forcenet_small", torch.float32)
     batch = Batch.from_atoms(ocp_structures()["co_cu111"], cutoff=model.cutoff)
     inputs = model.fixed_shape_inputs(batch.to(dtype=torch.float32))
     meta = model.to("meta")
-    out = meta.fixed_shape_forward({name: value.to("meta") for name, value in inputs.items()})
+    with CaptureSafety():
+        out = meta.fixed_shape_forward({k: v.to("meta") for k, v in inputs.items()})
     assert out["energy"].shape == (1,) and out["forces"].shape == (batch.n_atoms, 3)
     with pytest.raises((RuntimeError, NotImplementedError)):
         meta(batch.to("meta"))

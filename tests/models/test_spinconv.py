@@ -12,7 +12,7 @@ import pytest
 import torch
 from ase import Atoms
 from ase.build import molecule
-from devices import CUDA, DEVICES
+from devices import CUDA, DEVICES, CaptureSafety
 from ocp_fixtures import load_ocp_raw, ocp_reference, ocp_structures
 
 import forcecalc.models.spinconv as spinconv_module
@@ -559,9 +559,16 @@ def test_fixed_shape_forward_equals_forward(dtype, name, options, envelope):
     graph replays) gives the forward's energies, forces and (energy-centric) stress, for
     single structures and a batch, padding included: N2 has 2 edges in a capacity of 8 and a
     width of 1 padded to 8; the one-atom fcc cell keeps 42 edges tied at the cut (width above
-    max_neighbors)."""
+    max_neighbors, rounded up to 48)."""
     model = _variant(name, options, envelope, dtype)
-    structures = ocp_structures()
+    structures = dict(ocp_structures())
+    # strained by 1e-8: the one-atom cell puts projected directions exactly on bin edges of
+    # the splat, where the conservative stress jumps (rounding picks the side); the ties at
+    # the cut (within 1e-5 Å) stay
+    prim = structures["cu_fcc_prim"].copy()
+    strain = np.eye(3) + 1e-8 * np.random.default_rng(0).normal(size=(3, 3))
+    prim.set_cell(prim.cell[:] @ strain, scale_atoms=True)
+    structures["cu_fcc_prim"] = prim
     cases = [[structures[name]] for name in ("co_cu111", "n2_box", "cu_fcc_prim")]
     cases.append([structures[name] for name in ("o_pt100", "n2_box", "oh_ni111_skew")])
     tolerance = 1e-12 if dtype == torch.float64 else 1e-6
@@ -573,8 +580,10 @@ def test_fixed_shape_forward_equals_forward(dtype, name, options, envelope):
     inputs, _, _ = _fixed_shape(model, [structures["n2_box"]])
     assert inputs["candidate_index"].shape == (2, 8) and inputs["edges"].shape == (8,)
     assert inputs["columns"].shape == (8,)
-    inputs, _, _ = _fixed_shape(model, [structures["cu_fcc_prim"]])
-    assert inputs["columns"].shape == inputs["edges"].shape == (42,)
+    inputs, _, _ = _fixed_shape(model, [prim])
+    assert inputs["columns"].shape == inputs["edges"].shape == (48,)
+    graph = model._kept_graph(inputs)
+    assert int((graph["target_slot"] < graph["incoming"].numel()).sum()) == 42
 
 
 @pytest.mark.parametrize(("name", "options", "envelope"), FIXED_SHAPE_VARIANTS)
@@ -673,12 +682,14 @@ def test_fixed_shape_forward_never_reads_values_on_the_host(name, options, envel
     on tensor values (``.item()``, ``nonzero``, ``bool(tensor)``), and so does a table built
     on a first backward pass.  The meta device has shapes and no values, so such an operation
     fails there: the fixed-shape forward (with its backward pass, energy-centric) runs on it,
-    the plain forward (edge selection, table building) does not."""
+    the plain forward (edge selection, table building) does not.  Nor may it store a Python
+    number by indexing, a host-to-device copy on CUDA (:class:`CaptureSafety`)."""
     model = _variant(name, options, envelope)
     batch = Batch.from_atoms(ocp_structures()["co_cu111"], cutoff=model.cutoff)
     inputs = model.fixed_shape_inputs(batch)
     meta = model.to("meta")
-    out = meta.fixed_shape_forward({name: value.to("meta") for name, value in inputs.items()})
+    with CaptureSafety():
+        out = meta.fixed_shape_forward({k: v.to("meta") for k, v in inputs.items()})
     assert out["energy"].shape == (1,) and out["forces"].shape == (batch.n_atoms, 3)
     assert ("stress" in out) == model.defines_stress
     with pytest.raises((RuntimeError, NotImplementedError)):
