@@ -265,3 +265,37 @@ def test_eval_prints_the_papers_tables(tmp_path: Path, capsys) -> None:
     assert row["median_is2re"]["energy_mae"] == pytest.approx(np.abs(relaxed - median).mean())
     out = capsys.readouterr().out
     assert "force MAE" in out and "ADwT" in out
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_relax_with_compile_gives_the_eager_structures(
+    tmp_path: Path, batched: bool, monkeypatch
+) -> None:
+    """`forcecalc relax --compile` (ASE's optimizer with compiled blocks, or the batched
+    engine with them) compiles the model once and relaxes to the positions of the eager run,
+    to rounding (float64)."""
+    import forcecalc.calculator
+    import forcecalc.compiled
+
+    modes = []
+    compile_blocks = forcecalc.compiled.compiled_blocks
+
+    def recorded(module, mode="default"):
+        modes.append(mode)
+        return compile_blocks(module, mode)
+
+    monkeypatch.setattr(forcecalc.compiled, "compiled_blocks", recorded)
+    monkeypatch.setattr(forcecalc.calculator, "compiled_blocks", recorded)
+    slab = fcc111("Cu", size=(2, 2, 2), vacuum=5.0)
+    add_adsorbate(slab, "O", 2.0, "fcc")
+    write(tmp_path / "in.extxyz", [slab])
+    model = str(OCP_DATA / "forcenet_small.pt")
+    common = ["--model", model, "--dtype", "float64", "--steps", "4", "--device", "cpu"]
+    common += ["--batched"] if batched else []
+    for name, extra in (("eager", []), ("compiled", ["--compile"])):
+        out = str(tmp_path / f"{name}.extxyz")
+        assert main(["relax", str(tmp_path / "in.extxyz"), *common, *extra, "--out", out]) == 0
+    assert modes == ["default"]
+    eager, compiled = read(tmp_path / "eager.extxyz"), read(tmp_path / "compiled.extxyz")
+    assert abs(compiled.positions - eager.positions).max() < 1e-8
+    assert abs(compiled.positions - slab.positions).max() > 1e-3  # the atoms did move

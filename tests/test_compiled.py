@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from ase.build import add_adsorbate, fcc100
+from devices import DEVICES
 from ocp_fixtures import OCP_DATA
 
 from forcecalc import load_calculator
@@ -24,12 +25,14 @@ def _slab():
     return slab
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("cuda_graph", [False, True])
-def test_compiled_calculator_gives_the_eager_numbers(cuda_graph: bool) -> None:
+def test_compiled_calculator_gives_the_eager_numbers(cuda_graph: bool, device: str) -> None:
     """With ``compile_mode`` (the blocks compiled with dynamic shapes, or the replayed
-    fixed-shape forward with static ones) the calculator's energy and forces are the eager
-    calculator's to rounding (float64), here and after the atoms moved."""
-    potential = load_checkpoint(FORCENET, device="cpu", dtype="float64")
+    fixed-shape forward with static ones, captured in one CUDA graph on CUDA) the
+    calculator's energy and forces are the eager calculator's to rounding (float64), here and
+    after the atoms moved."""
+    potential = load_checkpoint(FORCENET, device=device, dtype="float64")
     eager = load_calculator(potential)
     compiled = load_calculator(potential, cuda_graph=cuda_graph, compile_mode="default")
     atoms = _slab()
@@ -41,6 +44,8 @@ def test_compiled_calculator_gives_the_eager_numbers(cuda_graph: bool) -> None:
             eager.get_potential_energy(atoms), abs=1e-10
         )
         atoms.positions[0] += 0.05
+    if cuda_graph:
+        assert compiled.replay.captures == (1 if device == "cuda" else 0)
 
 
 def test_compile_mode_refuses_modes_that_capture_their_own_graphs() -> None:

@@ -214,7 +214,7 @@ def md(
     skin: float | None = None,
     trajectory_interval: int = 0,
     device: str | torch.device | None = None,
-    dtype: str | torch.dtype = "float32",
+    dtype: str | torch.dtype | None = None,
     progress: bool = False,
     memory: MemoryModel | None = None,
 ) -> list:
@@ -238,7 +238,8 @@ def md(
             do not depend on it.
         trajectory_interval: if > 0, keep a frame every that many steps (and step 0) in
             ``atoms.info["trajectory"]``, as ASE's ``dyn.attach(..., interval)`` would.
-        device, dtype: for loading a checkpoint (use ``"float64"`` for long NVE runs).
+        device, dtype: for loading a checkpoint (default float32; use ``"float64"`` for long
+            NVE runs); with a loaded Potential, its own (another one is an error).
         progress: show a progress bar of the steps of each batch.
         memory: a memory model to budget with (``"auto"``).
 

@@ -43,14 +43,17 @@ def default_skin(device: torch.device) -> float:
 def resolve_potential(
     model: str | os.PathLike | nn.Module,
     device: str | torch.device | None,
-    dtype: str | torch.dtype,
+    dtype: str | torch.dtype | None,
 ) -> nn.Module:
-    """A loaded potential: ``model`` itself, or the checkpoint it names loaded on ``device``."""
-    if isinstance(model, nn.Module):
-        return model
-    from forcecalc.checkpoint import load_checkpoint
+    """A loaded potential: the checkpoint ``model`` names, loaded on ``device`` in ``dtype``
+    (float32 unless said otherwise); a loaded :class:`~forcecalc.checkpoint.Potential`
+    itself (a ``device`` or ``dtype`` other than its own is a ``ValueError``); any other
+    module itself, as it is."""
+    from forcecalc.checkpoint import Potential, as_potential
 
-    return load_checkpoint(model, device=device, dtype=dtype)
+    if isinstance(model, nn.Module) and not isinstance(model, Potential):
+        return model
+    return as_potential(model, device=device, dtype=dtype)
 
 
 def potential_device(potential: nn.Module) -> torch.device:
@@ -109,7 +112,7 @@ def plan_run(
     structures: Sequence | Any,
     model: str | nn.Module,
     device: str | torch.device | None,
-    dtype: str | torch.dtype,
+    dtype: str | torch.dtype | None,
     skin: float | None,
     batch_size: str | int,
     memory: MemoryModel | None,
@@ -182,7 +185,7 @@ def relax(
     skin: float | None = None,
     trajectory: bool = False,
     device: str | torch.device | None = None,
-    dtype: str | torch.dtype = "float32",
+    dtype: str | torch.dtype | None = None,
     optimizer_options: dict[str, Any] | None = None,
     progress: bool = False,
     memory: MemoryModel | None = None,
@@ -210,8 +213,8 @@ def relax(
         trajectory: keep every step of each structure in ``atoms.info["trajectory"]`` (a list
             of ``ase.Atoms`` with energies and forces, the initial structure first; pop it
             before writing extxyz).
-        device, dtype: where and in which precision to load a checkpoint (ignored for a loaded
-            potential); default device CUDA when available.
+        device, dtype: where and in which precision to load a checkpoint (default CUDA when
+            available, float32); with a loaded Potential, its own (another one is an error).
         optimizer_options: ASE-named options of the optimizer (e.g. ``{"maxstep": 0.1}``).
         progress: show a progress bar of finished structures.
         memory: a memory model to budget with (``"auto"``; default measured or fixed).

@@ -49,7 +49,8 @@ class ForcecalcModel(ModelInterface):
 
     Args:
         model: a checkpoint name or path, or a loaded potential.
-        device, dtype: for loading a checkpoint (ignored for a loaded potential).
+        device, dtype: for loading a checkpoint (default float32); with a loaded Potential,
+            its own (another one is an error).
         compute_stress: also return the stress (energy-centric SpinConv only).
         **model_options: model options for :func:`~forcecalc.checkpoint.load_checkpoint`
             (e.g. ``forces="conservative"``).
@@ -59,15 +60,15 @@ class ForcecalcModel(ModelInterface):
         self,
         model: str | os.PathLike | nn.Module,
         device: str | torch.device | None = None,
-        dtype: str | torch.dtype = "float32",
+        dtype: str | torch.dtype | None = None,
         compute_stress: bool = False,
         **model_options: Any,
     ) -> None:
         super().__init__()
         if model_options and not isinstance(model, nn.Module):
-            from forcecalc.checkpoint import load_checkpoint
+            from forcecalc.checkpoint import as_potential
 
-            model = load_checkpoint(model, device=device, dtype=dtype, **model_options)
+            model = as_potential(model, device=device, dtype=dtype, **model_options)
         self.potential = resolve_potential(model, device, dtype)
         if compute_stress and not getattr(self.potential, "defines_stress", False):
             raise ValueError(

@@ -11,8 +11,10 @@ from forcecalc.graph import radius_graph
 from forcecalc.relax import (
     fit_memory_model,
     is_out_of_memory,
+    md,
     merge_shards,
     parse_shard,
+    relax,
     shard,
     shard_indices,
 )
@@ -223,3 +225,16 @@ def test_parse_shard_and_bad_indices():
         shard([1, 2], 2, 2)
     with pytest.raises(ValueError):
         shard([1, 2], 0, 0)
+
+
+def test_a_loaded_potential_runs_as_it_is_or_is_refused():
+    """``relax`` and ``md`` run a loaded Potential in its own precision and on its own device;
+    asking for another one is an error naming both (as the calculators do), never a run in
+    a precision other than the one asked for."""
+    potential = morse_potential()  # float64, on the CPU
+    atoms = mixed_structures()[0]
+    relaxed = relax([atoms], potential, steps=2, batch_size=1, device="cpu", dtype="float64")
+    assert len(relaxed) == 1
+    for run in (relax, md):
+        with pytest.raises(ValueError, match="dtype='float32', but the loaded Potential is"):
+            run([atoms], potential, steps=1, dtype="float32")
