@@ -4,9 +4,9 @@
 #   bash benchmarks/gpu_figures.sh [DIR]      (IS2RS=FILE: the IS2RS inputs, made if missing)
 #
 # 1. speed.py: SpinConv-All and ForceNet-All forward at batch 1 (38/66/146 atoms) and batched
-#    (64 and 256 structures of 66 atoms), ASE step (plain, CUDA graph, graph + 1 Å skin) and
-#    the replayed forward; float32, then with TF32 matmuls, then with
-#    SpinConv's spin convolutions compiled;
+#    (64 and 256 structures of 66 atoms), ASE step (plain, CUDA graph, graph + 1 Å skin, and
+#    also compiled) and the replayed forward; float32, then with TF32 matmuls, then with the
+#    models' blocks compiled; the replayed forward eager and compiled (replay_compile.py);
 # 2. train_throughput.py: training frames/s, paper sizes, batch 8-64, float32 and bf16 autocast;
 # 3. neighbors.py: batched neighbor lists on CUDA beside the CPU backends;
 # 4. relax_speed.py: the 1,000 IS2RS inputs of OC20-EMT 'large' (made first, ~30 s) relaxed
@@ -26,8 +26,9 @@ run() { echo "== $*"; "$@" || status=1; }
 run python3 benchmarks/speed.py --devices cuda --batch 64 256 --repeats 10 --out "$dir/speed_cuda.json"
 run python3 benchmarks/speed.py --devices cuda --batch 64 256 --repeats 10 --tf32 \
   --out "$dir/speed_cuda_tf32.json"
-run python3 benchmarks/speed.py --devices cuda --models spinconv_all --sizes 66 --batch 256 \
+run python3 benchmarks/speed.py --devices cuda --sizes --batch 64 256 \
   --repeats 10 --compile --skip-ase-step --out "$dir/speed_cuda_compile.json"
+run python3 benchmarks/replay_compile.py --modes default --out "$dir/replay_compile_cuda.json"
 run python3 benchmarks/train_throughput.py --devices cuda --amp --out "$dir/train_throughput_cuda.json"
 OMP_NUM_THREADS=1 run python3 benchmarks/neighbors.py --scale 3 --out "$dir/neighbors_cuda.json"
 [ -f "$is2rs" ] || run python3 -m forcecalc data is2rs --size large --out "$is2rs" --quiet
