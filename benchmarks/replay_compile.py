@@ -21,12 +21,14 @@ import torch
 from speed import CONFIGS, hardware, structure
 
 from forcecalc.atomic import write_json
+from forcecalc.compiled import COMPILE_MODES, compiled_function
 from forcecalc.graph import Batch
 from forcecalc.models.registry import build_model
 from forcecalc.replay import GraphReplay
 
-#: ``torch.compile`` modes timed beside the eager forward by default.
-MODES = ["default", "max-autotune-no-cudagraphs"]
+#: ``torch.compile`` modes timed beside the eager forward by default: all that the
+#: calculator accepts.
+MODES = list(COMPILE_MODES)
 
 
 def replay_ms(replay: GraphReplay, inputs: dict[str, torch.Tensor], repeats: int) -> float:
@@ -53,7 +55,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--modes", nargs="*", default=MODES, help="torch.compile modes")
+    parser.add_argument(
+        "--modes", nargs="*", default=MODES, choices=MODES, help="torch.compile modes"
+    )
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--profile", action="store_true", help="busiest kernels (eager)")
     parser.add_argument("--out", default="benchmarks/results/replay_compile.json")
@@ -71,7 +75,7 @@ def main() -> None:
             function = model.fixed_shape_forward
             if mode is not None:
                 torch._dynamo.reset()
-                function = torch.compile(function, dynamic=False, mode=mode)
+                function = compiled_function(function, mode)
             start = time.perf_counter()
             try:
                 replay = GraphReplay(function, args.device)

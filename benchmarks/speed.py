@@ -41,7 +41,7 @@ from ase import Atoms
 from ase.build import add_adsorbate, fcc111, molecule
 
 from forcecalc.atomic import write_json
-from forcecalc.compiled import compiled_blocks
+from forcecalc.compiled import COMPILE_MODES, compiled_blocks
 from forcecalc.graph import Batch
 from forcecalc.models.registry import build_model
 
@@ -439,7 +439,7 @@ def main() -> None:
         nargs="?",
         const="default",
         default=None,
-        choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
+        choices=list(COMPILE_MODES),
         help="time the models with their blocks compiled by torch.compile (SpinConv's spin "
         "convolutions, ForceNet's interactions; dynamic shapes, mode MODE; the first call, "
         "with the compilation, apart)",

@@ -18,9 +18,13 @@ the calculator captures its own.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import torch
-from torch import nn
+from torch import Tensor, nn
+
+#: A fixed-shape forward: named input tensors to named output tensors.
+Forward = Callable[[dict[str, Tensor]], dict[str, Tensor]]
 
 #: ``torch.compile`` modes accepted (none of them captures CUDA graphs of its own).
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
@@ -52,7 +56,7 @@ def compiled_blocks(module: nn.Module, mode: str = "default") -> nn.Module:
     return module
 
 
-def compiled_function(function, mode: str = "default"):
+def compiled_function(function: Forward, mode: str = "default") -> Forward:
     """``function`` compiled with static shapes (for a fixed-shape forward, replayed from CUDA
     graphs: one compilation per set of input sizes)."""
     check_compile_mode(mode)

@@ -20,7 +20,8 @@ class CaptureSafety(TorchDispatchMode):
 
     def __init__(self) -> None:
         super().__init__()
-        self._host_scalars: set[int] = set()
+        # the scalars made so far, kept alive so that their ids stay theirs
+        self._host_scalars: dict[int, torch.Tensor] = {}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func is torch.ops.aten.copy_.default and id(args[1]) in self._host_scalars:
@@ -30,5 +31,5 @@ class CaptureSafety(TorchDispatchMode):
             )
         out = func(*args, **(kwargs or {}))
         if func is torch.ops.aten.scalar_tensor.default:
-            self._host_scalars.add(id(out))
+            self._host_scalars[id(out)] = out
         return out
