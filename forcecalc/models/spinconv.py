@@ -719,6 +719,10 @@ class SpinConv(nn.Module):
                 out["forces"] = forces
         return out
 
+    def supported_numbers(self) -> list[int]:
+        """Atomic numbers the model's embedding tables cover: ``1 .. max_num_elements - 1``."""
+        return list(range(1, self.max_num_elements))
+
     def _check_elements(self, numbers: Tensor) -> None:
         if len(numbers) and not bool(((numbers >= 1) & (numbers < self.max_num_elements)).all()):
             bad = numbers[(numbers < 1) | (numbers >= self.max_num_elements)].unique()

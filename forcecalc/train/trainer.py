@@ -111,14 +111,10 @@ def fit_normalizers(frames: Sequence, max_frames: int, seed: int) -> Normalizers
 
 
 def representable_numbers(model: torch.nn.Module) -> set[int] | None:
-    """The atomic numbers ``model``'s tables cover (``None``: the model does not say):
-    its ``supported_numbers()`` (ForceNet), else ``1 .. max_num_elements - 1`` (SpinConv's
-    embedding tables)."""
+    """The atomic numbers ``model``'s tables cover: its ``supported_numbers()`` (``None``: the
+    model does not say)."""
     supported = getattr(model, "supported_numbers", None)
-    if callable(supported):
-        return {int(z) for z in supported()}
-    limit = getattr(model, "max_num_elements", None)
-    return set(range(1, limit)) if isinstance(limit, int) else None
+    return {int(z) for z in supported()} if callable(supported) else None
 
 
 def _number_ranges(values: Sequence[int]) -> str:

@@ -16,7 +16,7 @@ from devices import CUDA, DEVICES, CaptureSafety
 from ocp_fixtures import load_ocp_raw, ocp_reference, ocp_structures
 
 import forcecalc.models.spinconv as spinconv_module
-from forcecalc.checkpoint import Potential
+from forcecalc.checkpoint import CheckpointInfo, Normalizers, Potential
 from forcecalc.graph.batch import Batch
 from forcecalc.graph.gather import RowIndex
 from forcecalc.models.spinconv import SphereProjections, SpinConv, SpinConvBlock
@@ -774,6 +774,12 @@ def test_stress_and_elements_errors():
     heavy = Atoms("U2", positions=[[0, 0, 0], [2.5, 0, 0]], cell=[10, 10, 10], pbc=True)
     with pytest.raises(ValueError, match="atomic numbers"):
         ec(Batch.from_atoms(heavy, cutoff=6.0))
+    # the same range, as the calculators and the trainer read it
+    assert ec.supported_numbers() == list(range(1, ec.max_num_elements))
+    assert 92 not in ec.supported_numbers()
+    potential = Potential(ec, CheckpointInfo("spinconv", {}, Normalizers(), "forcecalc"))
+    with pytest.raises(ValueError, match="no parameters for element"):
+        potential.check_numbers(torch.tensor([1, 92]))
 
 
 def test_isolated_atom_and_no_edges():
