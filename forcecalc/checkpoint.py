@@ -110,12 +110,18 @@ class Potential(nn.Module):
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    @functools.cached_property
+    @property
     def elements(self) -> list[int] | None:
-        """Atomic numbers the model accepts (``None``: every element its tables cover); read
-        once (from the model's tables on its device: a host synchronisation on a GPU)."""
+        """Atomic numbers the model accepts: the checkpoint's list (which fine-tuning extends),
+        else those its tables cover (``None``: every element)."""
         if self.info.elements is not None:
             return self.info.elements
+        return self._table_elements
+
+    @functools.cached_property
+    def _table_elements(self) -> list[int] | None:
+        """The model's ``supported_numbers()``, read once (from its tables on its device: a
+        host synchronisation per call on a GPU, ~1 ms of every ASE step)."""
         supported = getattr(self.model, "supported_numbers", None)
         return list(supported()) if callable(supported) else None
 

@@ -245,3 +245,22 @@ def test_bad_model_kwargs_name_the_file(tmp_path: Path) -> None:
     torch.save(data, tmp_path / "kwargs.pt")
     with pytest.raises(CheckpointError, match=r"kwargs\.pt: 'model_kwargs' is a list"):
         read_checkpoint(tmp_path / "kwargs.pt")
+
+
+def test_elements_follow_the_checkpoint_list_and_read_the_tables_once(monkeypatch) -> None:
+    """A Potential's elements: those its model's tables cover, read from the tables once (on
+    a GPU each read waits for the device, ~1 ms of every ASE step), unless the checkpoint lists
+    its own, which are read live (fine-tuning extends the list)."""
+    from forcecalc.models.forcenet import ForceNet
+
+    potential = load_checkpoint(OCP_DATA / "forcenet_small.pt", device="cpu")
+    assert potential.info.elements is None
+    reads = []
+    tables = ForceNet.supported_numbers
+    monkeypatch.setattr(ForceNet, "supported_numbers", lambda self: reads.append(1) or tables(self))
+    first = potential.elements
+    assert potential.elements == first and 29 in first and len(reads) == 1
+    potential.info.elements = [1, 8]
+    assert potential.elements == [1, 8]
+    potential.info.elements.append(29)
+    assert potential.elements == [1, 8, 29]
