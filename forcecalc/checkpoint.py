@@ -116,12 +116,13 @@ class Potential(nn.Module):
         else those its tables cover (``None``: every element)."""
         if self.info.elements is not None:
             return self.info.elements
-        return self._table_elements
+        return self.table_elements
 
     @functools.cached_property
-    def _table_elements(self) -> list[int] | None:
-        """The model's ``supported_numbers()``, read once (from its tables on its device: a
-        host synchronisation per call on a GPU, ~1 ms of every ASE step)."""
+    def table_elements(self) -> list[int] | None:
+        """Atomic numbers the model's tables cover (its ``supported_numbers()``; ``None``: the
+        model does not say), read once (from its tables on its device: a host
+        synchronisation per call on a GPU, ~1 ms of every ASE step)."""
         supported = getattr(self.model, "supported_numbers", None)
         return list(supported()) if callable(supported) else None
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 import forcecalc
+from forcecalc.compiled import COMPILE_MODES
 from forcecalc.data.cli import add_data_commands
 from forcecalc.train.cli import add_train_commands
 
@@ -44,10 +45,10 @@ def _add_cuda_graph_option(parser: argparse.ArgumentParser) -> None:
         const="default",
         default=None,
         metavar="MODE",
-        choices=["default", "max-autotune-no-cudagraphs"],
+        choices=COMPILE_MODES,
         help="torch.compile the forward (fused kernels; the first step compiles, seconds to a "
         "minute; the same numbers to rounding): with --cuda-graph the replayed forward, "
-        "else the model's blocks; MODE default or max-autotune-no-cudagraphs",
+        f"else the model's blocks; MODE one of {', '.join(COMPILE_MODES)}",
     )
 
 

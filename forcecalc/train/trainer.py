@@ -110,13 +110,6 @@ def fit_normalizers(frames: Sequence, max_frames: int, seed: int) -> Normalizers
     )
 
 
-def representable_numbers(model: torch.nn.Module) -> set[int] | None:
-    """The atomic numbers ``model``'s tables cover: its ``supported_numbers()`` (``None``: the
-    model does not say)."""
-    supported = getattr(model, "supported_numbers", None)
-    return {int(z) for z in supported()} if callable(supported) else None
-
-
 def _number_ranges(values: Sequence[int]) -> str:
     """``[1, 2, 3, 5]`` -> ``"1-3, 5"``."""
     parts: list[str] = []
@@ -306,11 +299,11 @@ class Trainer:
         accept what the model was trained on."""
         info = self.potential.info
         seen = set().union(*numbers.values())
-        representable = representable_numbers(self.potential.model)
-        if representable is not None and not seen <= representable:
+        representable = self.potential.table_elements
+        if representable is not None and not seen <= set(representable):
             from ase.data import chemical_symbols
 
-            bad = seen - representable
+            bad = seen - set(representable)
             sources = [name for name, found in numbers.items() if found & bad]
             symbols = [
                 chemical_symbols[z] if z < len(chemical_symbols) else str(z) for z in sorted(bad)
