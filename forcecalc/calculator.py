@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import copy
 import math
+import os
+from numbers import Real
 from typing import Any, ClassVar
 
 import numpy as np
@@ -72,7 +74,8 @@ class ForceCalculator(Calculator):
 
     Properties: ``energy`` and ``free_energy`` (eV, adsorption-referenced for OC20 models: see
     the module docstring), ``forces`` (eV/Å) and, for energy-centric SpinConv only, ``stress``
-    (eV/Å^3, Voigt order; for cells periodic in all three directions).  A model output that
+    (eV/Å^3, Voigt order; for cells periodic in all three directions, computed with the
+    forces, as ASE's EMT does, so that asking for it afterwards costs nothing).  A model output that
     is not finite raises :class:`~ase.calculators.calculator.CalculationFailed`.
 
     On the CPU, run ASE's ``BFGS`` with numpy's BLAS held to one thread
@@ -125,13 +128,23 @@ class ForceCalculator(Calculator):
             )
         if max_neighbors is not None:
             potential = _with_max_neighbors(potential, max_neighbors)
-        if not (math.isfinite(skin) and skin >= 0):
-            raise ValueError(f"skin must be a finite number >= 0 (Å), got {skin}")
+        if not (isinstance(skin, Real) and math.isfinite(skin) and skin >= 0):
+            raise ValueError(f"skin must be a finite number >= 0 (Å), got {skin!r}")
         self.potential = potential
         self.implemented_properties = ["energy", "free_energy", "forces"] + (
             ["stress"] if potential.defines_stress else []
         )
         self.skin = float(skin)
+        # what todict() reports (ASE writes it into trajectories and databases)
+        self.parameters.update(
+            checkpoint=str(checkpoint) if isinstance(checkpoint, str | os.PathLike) else None,
+            model=potential.name,
+            path=potential.info.path,
+            device=str(potential.device),
+            dtype=str(potential.dtype).removeprefix("torch."),
+            max_neighbors=potential.max_neighbors,
+            skin=self.skin,
+        )
         self.replay: GraphReplay | None = None
         if cuda_graph:
             if not potential.fixed_shapes:
@@ -167,11 +180,13 @@ class ForceCalculator(Calculator):
     ) -> None:
         super().calculate(atoms, properties, system_changes)
         periodic = bool(self.atoms.pbc.all())
-        want_stress = "stress" in properties and self.potential.defines_stress
-        if want_stress and not periodic:
+        if "stress" in properties and not periodic:
             raise PropertyNotImplementedError(
                 f"stress needs a cell periodic in all three directions (pbc={self.atoms.pbc})"
             )
+        # with the forces, as ASE's EMT: ASE asks for one property at a time, and stress asked
+        # for after the forces (MD loggers, NPT) would otherwise cost a second evaluation
+        want_stress = periodic and self.potential.defines_stress
         # the fixed-shape inputs are built on the CPU
         device = self.potential.device if self.replay is None else torch.device("cpu")
         batch = self._batch(self.atoms, device)

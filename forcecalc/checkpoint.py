@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -316,8 +317,13 @@ def _read(path: Path, allow_unsafe: bool) -> dict[str, Any]:
                     f"checkpoint {path} holds Python objects whose code cannot be imported "
                     f"here ({_reason(error)}); install the package that wrote it"
                 ) from None
+        detail = (
+            _reason(error)
+            if _is_torch_file(path)
+            else "not a zip archive with one data.pkl record, nor torch's legacy format"
+        )
         raise CheckpointError(
-            f"{path} is not a PyTorch checkpoint (or is truncated/corrupt): {_reason(error)}"
+            f"{path} is not a PyTorch checkpoint (or is truncated/corrupt): {detail}"
         ) from None
     if not isinstance(data, dict) or "state_dict" not in data:
         raise CheckpointError(
@@ -628,12 +634,19 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return resolved
 
 
-def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    """``"float32"``/``"float64"`` (or a torch dtype) → the torch dtype."""
+def resolve_dtype(dtype: str | torch.dtype | np.dtype | type) -> torch.dtype:
+    """``"float32"``/``"float64"``, a torch dtype or a numpy one (``np.float64``) → the torch
+    dtype."""
     if isinstance(dtype, torch.dtype):
         resolved = dtype
     else:
-        resolved = {"float32": torch.float32, "float64": torch.float64}.get(str(dtype))
+        name = dtype
+        if not isinstance(dtype, str) and dtype is not None:
+            try:
+                name = np.dtype(dtype).name
+            except TypeError:
+                name = None
+        resolved = {"float32": torch.float32, "float64": torch.float64}.get(name)
     if resolved not in (torch.float32, torch.float64):
         raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
     return resolved

@@ -115,11 +115,34 @@ def _read_structures(path: str) -> list:
     return structures if isinstance(structures, list) else [structures]
 
 
-def _output_format(path: str, n_frames: int) -> str:
+#: Output formats that keep every structure's energy, forces and ``info`` (the relaxation's
+#: steps and convergence, ``input_index`` for ``merge``).
+COMPLETE_FORMATS = ("extxyz", "traj")
+
+
+def _check_writable(path: str) -> None:
+    """A ValueError, before any work is done, if ``path`` cannot be written: a folder, under
+    a file, or without permission (missing folders are made when it is written)."""
+    target = Path(path)
+    if target.is_dir():
+        raise ValueError(f"cannot write {path}: it is a folder")
+    ancestor = target.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ValueError(f"cannot write {path}: {ancestor} is a file, not a folder")
+    if not os.access(ancestor, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        raise ValueError(f"cannot write {path}: no permission to write there")
+
+
+def _output_format(path: str, n_frames: int, complete: bool = False) -> str:
     """ASE's format for writing ``n_frames`` structures to ``path`` (extxyz for .xyz and for a
-    name without suffix), or a ValueError naming what ASE cannot do, before any work is done."""
+    name without suffix), or a ValueError naming what ASE cannot do, before any work is done.
+    ``complete``: only a format of :data:`COMPLETE_FORMATS`; otherwise another one gets a
+    note on stderr that energies, forces and info may be lost."""
     from ase.io.formats import UnknownFileTypeError, filetype, ioformats
 
+    _check_writable(path)
     suffix = Path(path).suffix
     if suffix in ("", ".xyz", ".extxyz"):
         return "extxyz"
@@ -137,6 +160,17 @@ def _output_format(path: str, n_frames: int) -> str:
         raise ValueError(
             f"cannot write {path}: the {name} format holds one structure, but {n_frames} "
             "would be written (use .extxyz or .traj)"
+        )
+    if name not in COMPLETE_FORMATS:
+        if complete:
+            raise ValueError(
+                f"cannot write {path}: `merge` needs each structure's info['input_index'], "
+                f"which the {name} format does not keep (use .extxyz or .traj)"
+            )
+        print(
+            f"forcecalc: note: {path} ({name}) may not keep the energies, forces and info "
+            "(steps, convergence, input_index) of the structures; .extxyz and .traj keep them",
+            file=sys.stderr,
         )
     return name
 
@@ -195,13 +229,14 @@ def _fix_below(atoms, z: float) -> None:
 def _cmd_relax(args: argparse.Namespace) -> int:
     from forcecalc.checkpoint import load_checkpoint
     from forcecalc.relax import parse_shard, shard_indices
+    from forcecalc.relax.engine import check_structures
 
     _check_relax_args(args)
     structures = _read_structures(args.input)
     indices = list(range(len(structures)))
     if args.shard:
         indices = shard_indices(len(structures), *parse_shard(args.shard))
-    out_format = _output_format(args.out, len(indices)) if args.out else None
+    out_format = _output_format(args.out, len(indices), bool(args.shard)) if args.out else None
     selected = []
     for index in indices:
         atoms = structures[index]
@@ -213,6 +248,7 @@ def _cmd_relax(args: argparse.Namespace) -> int:
     potential = load_checkpoint(
         args.model, device=args.device, dtype=args.dtype, allow_unsafe=args.allow_unsafe
     )
+    check_structures(selected, potential, engine=args.batched)  # all, before the first step
     if args.batched and args.compile:
         from forcecalc.compiled import compiled_blocks
 
@@ -338,6 +374,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     _check_at_least(args, "fmax", 0)
     _check_at_least(args, "steps", 0)
     _check_at_least(args, "max_frames", 1)
+    if args.out:
+        _check_writable(args.out)
     potential = load_checkpoint(
         args.model, device=args.device, dtype=args.dtype, allow_unsafe=args.allow_unsafe
     )

@@ -141,6 +141,7 @@ def test_max_neighbors_applies_to_its_calculator_only() -> None:
         ({"dtype": "float64"}, ValueError, r"dtype='float64', but the loaded Potential"),
         ({"device": "meta"}, ValueError, r"device='meta', but the loaded Potential is on cpu"),
         ({"skin": float("nan")}, ValueError, "skin must be a finite number"),
+        ({"skin": "1"}, ValueError, r"skin must be a finite number >= 0 \(Å\), got '1'"),
         ({"max_neighbors": 2.7}, ValueError, "max_neighbors must be an integer"),
     ],
 )
@@ -278,6 +279,41 @@ def test_energy_centric_stress_is_the_strain_derivative() -> None:
             numeric[a, b] = (energies[0] - energies[1]) / (2 * step) / atoms.get_volume()
     numeric = 0.5 * (numeric + numeric.T)
     np.testing.assert_allclose(stress, numeric, atol=1e-7 * max(1.0, np.abs(numeric).max()))
+
+
+def test_stress_comes_with_the_forces() -> None:
+    """An energy-centric model on a periodic cell computes stress with the forces (as ASE's
+    EMT): stress asked for after the forces (MD loggers, NPT) costs no second evaluation, and
+    equals the stress asked for first."""
+    atoms = molecule("CO", cell=[[4.0, 0.3, 0.1], [0.2, 4.2, 0.0], [0.1, 0.0, 4.4]], pbc=True)
+    atoms.positions += 1.0
+    calc = SpinConvCalculator(SPINCONV_EC, device="cpu", dtype="float64")
+    evaluations = []
+    forward = calc.potential.forward
+    calc.potential.forward = lambda *args, **kwargs: (
+        evaluations.append(1) or forward(*args, **kwargs)
+    )
+    atoms.calc = calc
+    forces = atoms.get_forces()
+    stress = atoms.get_stress()
+    assert len(evaluations) == 1
+    fresh = atoms.copy()
+    fresh.calc = SpinConvCalculator(SPINCONV_EC, device="cpu", dtype="float64")
+    np.testing.assert_array_equal(fresh.get_stress(), stress)
+    np.testing.assert_array_equal(fresh.get_forces(), forces)
+
+
+def test_todict_names_the_model() -> None:
+    """``todict()`` (what ASE writes into trajectories and databases) names the checkpoint,
+    the model and its precision, as JSON-serializable values; numpy dtypes are accepted."""
+    import json
+
+    calc = load_calculator(SPINCONV_FC, device="cpu", dtype=np.float64, skin=0.5)
+    record = calc.todict()
+    assert record["checkpoint"] == str(SPINCONV_FC) and record["model"] == "spinconv"
+    assert record["dtype"] == "float64" and record["device"] == "cpu"
+    assert record["skin"] == 0.5 and record["max_neighbors"] == calc.potential.max_neighbors
+    json.dumps(record)
 
 
 @pytest.mark.parametrize("optimizer", [BFGS, LBFGS, FIRE])

@@ -11,6 +11,8 @@ from ase.io import write
 
 from forcecalc.cli import main
 
+FORCENET = Path(__file__).parent / "data" / "ocp" / "forcenet_small.pt"
+
 # a model name that does not exist: an argument error must come before loading the model
 NO_MODEL = ["--model", "no-such-model"]
 
@@ -29,6 +31,10 @@ CASES = [
     (["eval", "s2ef", "--data", "one.h5", "--steps", "-1"], "--steps must be >= 0"),
     (["eval", "s2ef", "--data", "one.h5", "--max-frames", "0"], "--max-frames must be >= 1"),
     (["relax", "one.extxyz", "--batched", "--batch-size", "x"], "--batch-size must be 'auto'"),
+    (["relax", "one.extxyz", "--out", "."], "cannot write .: it is a folder"),
+    (["relax", "one.extxyz", "--out", "one.extxyz/r.xyz"], "one.extxyz is a file, not a"),
+    (["relax", "one.extxyz", "--shard", "1/2", "--out", "r.db"], "which the db format does"),
+    (["eval", "s2ef", "--data", "one.h5", "--out", "one.extxyz/e.json"], "is a file, not a"),
 ]
 
 
@@ -71,3 +77,36 @@ def test_a_corrupt_checkpoint_is_a_one_line_error(
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("forcecalc: error: ") and "bad.pt" in err
+
+
+def test_one_by_one_relax_checks_every_structure_first(tmp_path: Path, monkeypatch, capsys):
+    """`relax` (ASE's optimizers, one structure at a time) checks every structure before the
+    first step and names the bad one by its place in the input, as `--batched` does."""
+    monkeypatch.chdir(tmp_path)
+    good = fcc111("Cu", size=(2, 2, 2), vacuum=5.0)
+    bad = good.copy()
+    bad.positions[1] = bad.positions[0]
+    write("in.extxyz", [good, good, bad])
+    steps = []
+    monkeypatch.setattr("ase.optimize.BFGS.step", lambda self, *a, **k: steps.append(1))
+    assert main(["relax", "in.extxyz", "--model", str(FORCENET), "--optimizer", "BFGS"]) == 2
+    err = capsys.readouterr().err
+    assert "structure 2 (Cu8): atoms 0 and 1 are 0 Å apart" in err and not steps
+
+
+def test_unreadable_data_and_configs_are_one_line_errors(tmp_path: Path, monkeypatch, capsys):
+    """A --data file that is not a frames file, a --config that is not valid YAML and a
+    --resume that is a model checkpoint (not a training state) are one-line errors naming
+    the file."""
+    monkeypatch.chdir(tmp_path)
+    Path("junk.h5").write_text("not hdf5")
+    Path("bad.yaml").write_text("lr: [1, 2\n")
+    cases = [
+        (["eval", "s2ef", "--model", str(FORCENET), "--data", "junk.h5"], "junk.h5 is not a"),
+        (["train", "--config", "bad.yaml"], "bad.yaml: not valid YAML"),
+        (["train", "--resume", str(FORCENET)], "is not a training state"),
+    ]
+    for argv, expected in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and expected in err, err

@@ -543,5 +543,13 @@ class Dataset(Sequence[Atoms]):
 
 
 def open_dataset(path: str | os.PathLike[str], in_memory: bool = False) -> Dataset:
-    """Open a frames file written by :class:`DatasetWriter` (see :class:`Dataset`)."""
-    return Dataset(path, in_memory=in_memory)
+    """Open a frames file written by :class:`DatasetWriter` (see :class:`Dataset`); a file
+    that is not one is a ``ValueError`` naming it."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no frames file at {path}")
+    try:
+        return Dataset(path, in_memory=in_memory)
+    except (OSError, KeyError) as error:
+        raise ValueError(
+            f"{path} is not a forcecalc frames file (HDF5 with a 'frames' group): {error}"
+        ) from None

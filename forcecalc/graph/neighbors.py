@@ -38,6 +38,12 @@ from forcecalc.graph.gather import RowIndex, pad_rows
 
 Backend = Literal["auto", "vesin", "torch"]
 
+#: Systems whose box holds more cutoff-sized cells than this go to the torch cell list even
+#: when vesin is chosen: vesin 0.6's cell list caps its grid at 1e5 cells by rescaling the
+#: axes and divides by zero (SIGFPE: the process dies) when an axis rescales to no cell (two
+#: molecules 1,500 and 2,500 Å apart, no periodicity, cutoff 6 Å).
+VESIN_MAX_CELLS = 1e4
+
 #: Two neighbor distances closer than this (Å) count as equal in the max-neighbor rule.
 TIE_TOLERANCE = 1e-5
 #: The models' graphs drop pairs with squared distance at or below this (Å^2), as OCP's
@@ -188,7 +194,13 @@ def _vesin_graph(
         lo, hi = starts[s], starts[s + 1]
         if hi == lo:
             continue
-        i, j, shift = calculator.compute(wrapped[lo:hi], cell[s], pbc[s], "ijS", copy=True)
+        if _cells_of_box(wrapped[lo:hi], cell[s], pbc[s], cutoff) > VESIN_MAX_CELLS:
+            one = torch.zeros(hi - lo, dtype=torch.int64, device=positions.device)
+            (j, i), shift = batched_cell_list(
+                wrapped[lo:hi], cell[s : s + 1], pbc[s : s + 1], one, cutoff
+            )
+        else:
+            i, j, shift = calculator.compute(wrapped[lo:hi], cell[s], pbc[s], "ijS", copy=True)
         i, j, shift = i.to(torch.int64), j.to(torch.int64), shift.to(torch.int64)
         if lo:
             i += lo
@@ -259,7 +271,7 @@ def radius_graph(
     edge_index, shifts = edge_index[:, order], shifts[order]
     vectors = edge_vectors(positions, cell, system_idx, edge_index, shifts)
     distances = torch.linalg.norm(vectors, dim=1)
-    _check_no_overlap(edge_index, distances)
+    _check_no_overlap(edge_index, distances, system_idx)
     if max_neighbors is not None:
         keep = max_neighbors_mask(edge_index[1], distances, max_neighbors, len(positions))
         edge_index, shifts = edge_index[:, keep], shifts[keep]
@@ -267,18 +279,31 @@ def radius_graph(
     return NeighborGraph(edge_index, shifts, vectors, distances)
 
 
-def _check_no_overlap(edge_index: Tensor, distances: Tensor) -> None:
+def _cells_of_box(positions: Tensor, cell: Tensor, pbc: Tensor, cutoff: float) -> float:
+    """How many ``cutoff``-sized cells a box holding ``positions`` has: along a periodic
+    axis the cell vector's length, along an open one the atoms' extent."""
+    lengths = torch.linalg.norm(cell.to(torch.float64), dim=1)
+    extent = positions.to(torch.float64).amax(dim=0) - positions.to(torch.float64).amin(dim=0)
+    sizes = torch.where(pbc, lengths, extent)
+    return float(torch.clamp(sizes / cutoff, min=1.0).prod())
+
+
+def _check_no_overlap(edge_index: Tensor, distances: Tensor, system_idx: Tensor) -> None:
     """Raise ``ValueError`` naming two atoms (or an atom and its periodic image) closer than
-    ``sqrt(MIN_DISTANCE_SQ)`` = 0.01 Å: no structure has them, and the models would drop the
-    pair silently (as OCP does), giving a number for a broken input."""
+    ``sqrt(MIN_DISTANCE_SQ)`` = 0.01 Å, by their indices in their own structure (and that
+    structure's place in a batch of several): no structure has them, and the models would
+    drop the pair silently (as OCP does), giving a number for a broken input."""
     close = torch.nonzero(distances * distances <= MIN_DISTANCE_SQ).flatten()
     if len(close):
         first = int(close[distances[close].argmin()])
         i, j = edge_index[0, first].item(), edge_index[1, first].item()
+        system = int(system_idx[i])
+        start = int((system_idx < system).sum())
+        where = f" of structure {system} in the batch" if int(system_idx.max()) > 0 else ""
         raise ValueError(
-            f"atoms {j} and {i} are {float(distances[first]):.2g} Å apart (counting periodic "
-            f"images), closer than 0.01 Å: overlapping atoms ({len(close)} such edge(s)); "
-            "check the positions"
+            f"atoms {j - start} and {i - start}{where} are {float(distances[first]):.2g} Å "
+            f"apart (counting periodic images), closer than 0.01 Å: overlapping atoms "
+            f"({len(close)} such edge(s)); check the positions"
         )
 
 

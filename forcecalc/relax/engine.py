@@ -248,14 +248,32 @@ class SystemSet:
         return segment_max(torch.linalg.norm(forces, dim=1), self.system_idx, self.n_systems)
 
 
-def check_structures(structures: Sequence, potential: nn.Module) -> None:
-    """Validate every structure before anything runs (ValueError naming the structure)."""
+def check_structures(structures: Sequence, potential: nn.Module, engine: bool = True) -> None:
+    """Validate every structure before anything runs (ValueError naming the structure);
+    ``engine``: also that its constraints are those the batched engine honors."""
     for index, atoms in enumerate(structures):
         check_atoms(atoms, index)
-        supported_constraints(atoms, index)
+        if engine:
+            supported_constraints(atoms, index)
+        _check_no_overlap(atoms, index)
     check = getattr(potential, "check_elements", None)
     if check is not None:
         check(structures)
+
+
+def _check_no_overlap(atoms, index: int) -> None:
+    """A ValueError naming structure ``index`` if two of its atoms (or an atom and a periodic
+    image) are closer than 0.01 Å (the graph builder names the atoms)."""
+    try:
+        radius_graph(
+            torch.as_tensor(atoms.positions, dtype=torch.float64),
+            torch.as_tensor(atoms.cell.array, dtype=torch.float64).unsqueeze(0),
+            torch.as_tensor(atoms.pbc).unsqueeze(0),
+            torch.zeros(len(atoms), dtype=torch.int64),
+            0.0101,
+        )
+    except ValueError as error:
+        raise ValueError(f"structure {index} ({atoms.get_chemical_formula()}): {error}") from None
 
 
 class Evaluator:

@@ -113,6 +113,8 @@ def build_config(
     options ``--config`` sets (only those it names), the flags given."""
     import torch
 
+    from forcecalc.train.trainer import STATE_FORMAT
+
     values: dict[str, Any] = dict(base or {})
     if args.config:
         values.update(read_options(args.config))
@@ -124,8 +126,13 @@ def build_config(
         if not resume.exists():
             raise FileNotFoundError(f"no training state to resume at {resume}")
         if not args.config:
-            saved = torch.load(resume, map_location="cpu", weights_only=True)["config"]
-            values.update(saved)
+            state = torch.load(resume, map_location="cpu", weights_only=True)
+            if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+                raise ValueError(
+                    f"{resume} is not a training state (a model checkpoint?): --resume takes "
+                    "the checkpoint.pt that training writes into its --out folder"
+                )
+            values.update(state["config"])
     values.update(flags)
     return TrainConfig.from_dict(values), resume
 

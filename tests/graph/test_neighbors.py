@@ -12,7 +12,7 @@ from ase.build import bulk, fcc111, molecule
 from ase.neighborlist import neighbor_list as ase_neighbor_list
 from devices import CUDA
 
-from forcecalc.graph import cell_list
+from forcecalc.graph import cell_list, neighbors
 from forcecalc.graph.neighbors import (
     NeighborGraph,
     edge_vectors,
@@ -509,3 +509,19 @@ def test_cuda_max_neighbors_matches_cpu() -> None:
         backend="torch",
     )
     np.testing.assert_array_equal(graph_rows(gpu)[0], graph_rows(cpu)[0])
+
+
+def test_box_of_many_cells_is_searched_without_vesin(monkeypatch) -> None:
+    """Two molecules 2,900 Å apart without periodicity (a box of ~1e5 cutoff-sized cells,
+    where vesin 0.6 divides by zero and kills the process) get ASE's edges: such a system
+    goes to the torch cell list; and that fallback gives vesin's graph on a bulk cell."""
+    far = molecule("CO") + molecule("CO")
+    far.positions[2:] += [1500.0, 2500.0, 1.0]
+    assert_matches_ase(far, 6.0, "vesin", "far apart")
+    atoms = bulk("Cu", "fcc", a=3.6, cubic=True).repeat((2, 2, 2))
+    atoms.rattle(0.05, seed=0)
+    expected = graph_rows(graph_of(atoms, 5.0, "vesin"))
+    monkeypatch.setattr(neighbors, "VESIN_MAX_CELLS", 1.0)
+    fallback = graph_rows(graph_of(atoms, 5.0, "vesin"))
+    for a, b in zip(fallback, expected, strict=True):
+        np.testing.assert_array_equal(a, b)
