@@ -91,7 +91,10 @@ def test_force_centric_models_define_no_stress() -> None:
     ("atoms", "message"),
     [
         (Atoms(), "has no atoms"),
-        (Atoms("CO", positions=[[0, 0, 0], [0, 0, np.nan]]), r"atoms \[1\] are NaN or inf"),
+        (
+            Atoms("CO", positions=[[0, 0, 0], [0, 0, np.nan]]),
+            r"^the structure \(CO\): positions of atoms \[1\] are NaN or inf",
+        ),
         (
             Atoms("Cu", positions=[[0, 0, 0]], cell=[[3, 0, 0], [0, 3, 0], [0, 0, 0]], pbc=True),
             r"zero length along periodic axes",

@@ -169,13 +169,15 @@ def fixed_mask(atoms) -> np.ndarray:
     return mask
 
 
-def check_atoms(atoms, index: int = 0) -> None:
-    """Raise ``ValueError`` naming the problem if ``atoms`` cannot be evaluated."""
+def check_atoms(atoms, index: int | None = None) -> None:
+    """Raise ``ValueError`` naming the problem if ``atoms`` cannot be evaluated, and the
+    structure: by ``index`` (its place among several) if given."""
+    name = "the structure" if index is None else f"structure {index}"
     if len(atoms) == 0:
-        raise ValueError(f"structure {index} has no atoms")
+        raise ValueError(f"{name} has no atoms")
 
     def label() -> str:  # only on error: the formula costs 0.1 ms, a cost on every MD step
-        return f"structure {index} ({atoms.get_chemical_formula()})"
+        return f"{name} ({atoms.get_chemical_formula()})"
 
     positions = np.asarray(atoms.positions)
     bad = np.flatnonzero(~np.isfinite(positions).all(axis=1))
@@ -215,7 +217,7 @@ def atoms_to_arrays(atoms_list: Sequence) -> tuple[np.ndarray, ...]:
         ValueError: from :func:`check_atoms`, naming the structure and the problem.
     """
     for index, atoms in enumerate(atoms_list):
-        check_atoms(atoms, index)
+        check_atoms(atoms, index if len(atoms_list) > 1 else None)
     positions = np.concatenate([a.positions for a in atoms_list]).astype(np.float64)
     numbers = np.concatenate([a.numbers for a in atoms_list])
     cell = np.stack([a.cell.array for a in atoms_list]).astype(np.float64)
