@@ -22,6 +22,9 @@ from forcecalc.relax.memory import (
     CPU_MEMORY_MODEL,
     MemoryModel,
     cached_memory_model,
+    cpu_peak_bytes,
+    cpu_peak_measurable,
+    cuda_peak_bytes,
     measure_memory_model,
     memory_budget,
     remember_memory_model,
@@ -164,13 +167,15 @@ def memory_sample_batches(
 def _auto_memory_model(
     potential: nn.Module, structures: Sequence, skin: float, device: torch.device
 ) -> MemoryModel:
-    if device.type != "cuda":
+    cuda = device.type == "cuda"
+    if not cuda and not cpu_peak_measurable():
         return CPU_MEMORY_MODEL
     model = cached_memory_model(potential, device)
     if model is None:
         batches = memory_sample_batches(potential, structures, skin, device)
         grad = bool(getattr(potential, "defines_stress", False))
-        model = measure_memory_model(potential, batches, grad)
+        measure = cuda_peak_bytes if cuda else cpu_peak_bytes
+        model = measure_memory_model(potential, batches, grad, measure)
         remember_memory_model(potential, device, model)
     return model.with_budget(memory_budget(device))
 

@@ -19,7 +19,15 @@ from forcecalc.relax import (
     shard_indices,
 )
 from forcecalc.relax.engine import Evaluator, SystemSet
-from forcecalc.relax.memory import CPU_MEMORY_MODEL, MemoryModel, measure_memory_model
+from forcecalc.relax.memory import (
+    CPU_MEMORY_MODEL,
+    MemoryModel,
+    cached_memory_model,
+    cpu_peak_bytes,
+    cpu_peak_measurable,
+    measure_memory_model,
+)
+from forcecalc.relax.relaxation import _auto_memory_model
 
 __all__ = ["single_thread"]
 
@@ -238,3 +246,27 @@ def test_a_loaded_potential_runs_as_it_is_or_is_refused():
     for run in (relax, md):
         with pytest.raises(ValueError, match="dtype='float32', but the loaded Potential is"):
             run([atoms], potential, steps=1, dtype="float32")
+
+
+@pytest.mark.skipif(not cpu_peak_measurable(), reason="needs Linux's /proc/self/clear_refs")
+def test_cpu_peak_bytes_sees_the_forward_pass():
+    """On a Linux CPU the memory model is measured, not assumed: the peak a forward adds to
+    the resident memory covers the tensors it makes (a potential allocating 200 MB is seen
+    as at least that), and the automatic model on the CPU is a measured one, kept for the
+    potential."""
+    potential = morse_potential()
+    systems = SystemSet(potential.cutoff, 0.0, torch.device("cpu"))
+    systems.extend(mixed_structures()[:2], [0, 1])
+    batch = systems.batch(0, 2)
+
+    def hungry(batch_, compute_stress=False):
+        big = torch.ones(50_000_000, dtype=torch.float32)  # 200 MB, touched
+        out = potential(batch_)
+        out["energy"] = out["energy"] + big[0]
+        return out
+
+    assert cpu_peak_bytes(hungry, batch, False) >= 1.9e8  # up to a few freed pages reused
+    structures = mixed_structures()[:4]
+    model = _auto_memory_model(potential, structures, 0.0, torch.device("cpu"))
+    assert model is not CPU_MEMORY_MODEL
+    assert cached_memory_model(potential, torch.device("cpu")) is not None
