@@ -111,8 +111,8 @@ def main() -> None:
             f"steps at {args.temperature:.0f} K: T = {atoms.get_temperature():.0f} K, "
             f"{per_step:.0f} ms/step"
         )
-        if label == "forcecalc":
-            stress = atoms.get_stress()  # eV/Å^3, Voigt order: the energy-centric model's
+        if label == "forcecalc" and "stress" in calc.implemented_properties:
+            stress = atoms.get_stress()  # eV/Å^3, Voigt order: energy-centric models only
             print(
                 f"  stress (GPa, xx yy zz): {' '.join(f'{x / units.GPa:.3f}' for x in stress[:3])}"
             )

@@ -27,7 +27,7 @@ def predict(
     Args:
         structures: the ``ase.Atoms`` to evaluate (one ``Atoms`` is taken as a list of one).
         model: a checkpoint name/path or a loaded :class:`~forcecalc.checkpoint.Potential`.
-        batch_size: structures per forward pass.
+        batch_size: structures per forward pass (an integer).
         device, dtype, **model_options: as for :func:`~forcecalc.checkpoint.load_checkpoint`
             (dtype float32 by default); with a loaded Potential, its device and dtype, and
             others are an error.
@@ -43,12 +43,17 @@ def predict(
     from ase import Atoms
     from tqdm.auto import tqdm
 
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    from forcecalc.relax.engine import check_structures
+
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(
+            f"batch_size must be an integer >= 1, got {batch_size!r} (for a batch size chosen "
+            "from the memory, use forcecalc.relax with steps=0)"
+        )
     if isinstance(structures, Atoms):
         structures = [structures]
     potential = as_potential(model, device=device, dtype=dtype, **model_options)
-    potential.check_elements(structures)
+    check_structures(structures, potential, engine=False)  # all, named by input place
     results: list[dict[str, Any]] = []
     starts = range(0, len(structures), batch_size)
     for start in tqdm(starts, disable=not progress, desc="predict", unit="batch"):

@@ -191,6 +191,13 @@ def test_predict_names_the_structure_and_applies_constraints() -> None:
         predict([atoms, bad], potential)
     with pytest.raises(ValueError, match="dtype='float32', but the loaded Potential"):
         predict([atoms], potential, dtype="float32")
+    overlapping = atoms.copy()
+    overlapping.positions[1] = overlapping.positions[0]
+    with pytest.raises(ValueError, match=r"^structure 3 \(Cu8O\): atoms 0 and 1 are 0 Å"):
+        predict([atoms] * 3 + [overlapping], potential, batch_size=2)
+    for batch_size in ("auto", True, 0):
+        with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
+            predict([atoms], potential, batch_size=batch_size)
 
 
 def test_skin_reuses_the_graph_with_identical_results() -> None:

@@ -258,6 +258,17 @@ def md(
         raise ValueError("Langevin dynamics needs temperature_K")
     if rng not in ("torch", "numpy"):
         raise ValueError(f"rng must be 'torch' or 'numpy', got {rng!r}")
+    if integrator == "verlet" and temperature_K is not None:
+        raise ValueError(
+            "temperature_K applies to Langevin dynamics only; for NVE at a temperature, "
+            "give the structures momenta first (ase.md.velocitydistribution)"
+        )
+    if not (math.isfinite(timestep) and timestep > 0):
+        raise ValueError(f"timestep must be > 0 (fs), got {timestep}")
+    if temperature_K is not None and not (math.isfinite(temperature_K) and temperature_K >= 0):
+        raise ValueError(f"temperature_K must be >= 0, got {temperature_K}")
+    if not (math.isfinite(friction) and friction >= 0):
+        raise ValueError(f"friction must be >= 0, got {friction}")
     plan = plan_run(structures, model, device, dtype, skin, batch_size, memory)
     if plan is None:
         return []
@@ -310,6 +321,7 @@ def _snapshots(
     out = []
     for k, index in enumerate(systems.ids):
         atoms = structures[index].copy()
+        atoms.info.pop("trajectory", None)  # an input's own (from an earlier run): not nested
         atoms.positions = positions[k]
         atoms.set_momenta(momenta[k], apply_constraint=False)
         atoms.calc = SinglePointCalculator(

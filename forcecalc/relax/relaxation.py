@@ -295,6 +295,7 @@ def _snapshot(atoms, positions: np.ndarray, energy: float, forces: np.ndarray):
     from ase.calculators.singlepoint import SinglePointCalculator
 
     copy = atoms.copy()
+    copy.info.pop("trajectory", None)  # an input's own (from an earlier run): not nested
     copy.positions = positions
     copy.calc = SinglePointCalculator(copy, energy=energy, free_energy=energy, forces=forces)
     return copy

@@ -65,7 +65,12 @@ class ForcecalcModel(ModelInterface):
         **model_options: Any,
     ) -> None:
         super().__init__()
-        if model_options and not isinstance(model, nn.Module):
+        if model_options:
+            if isinstance(model, nn.Module):
+                raise ValueError(
+                    "pass model options when loading, not with a loaded model: "
+                    f"{', '.join(sorted(model_options))}"
+                )
             from forcecalc.checkpoint import as_potential
 
             model = as_potential(model, device=device, dtype=dtype, **model_options)
@@ -99,6 +104,11 @@ class ForcecalcModel(ModelInterface):
         if pbc.ndim == 0:
             pbc = pbc.repeat(3)
         pbc = pbc.reshape(-1, 3).expand(n_systems, 3)
+        if self._compute_stress and not bool(pbc.all()):
+            raise ValueError(
+                "stress needs cells periodic in all three directions; this state has "
+                f"pbc={pbc.tolist()} (build the model with compute_stress=False)"
+            )
         graph = radius_graph(
             positions.detach().to(torch.float64),
             cell,
@@ -106,10 +116,12 @@ class ForcecalcModel(ModelInterface):
             system_idx,
             float(self.potential.cutoff),
         )
+        # positions and cell in float64 whatever the model's dtype, as every other path
+        # (calculators, predict, the engine): SpinConv's frame geometry is float64
         batch = Batch(
-            positions=positions.detach().to(self._dtype),
+            positions=positions.detach().to(torch.float64),
             numbers=numbers,
-            cell=cell.to(self._dtype),
+            cell=cell,
             pbc=pbc.contiguous(),
             system_idx=system_idx,
             natoms=torch.bincount(system_idx, minlength=n_systems),

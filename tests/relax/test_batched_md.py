@@ -20,7 +20,7 @@ from relax_helpers import (
 )
 
 from forcecalc.calculator import load_calculator
-from forcecalc.relax import md
+from forcecalc.relax import md, relax
 
 __all__ = ["single_thread"]
 
@@ -184,6 +184,22 @@ def test_md_invalid_arguments():
         md(systems, potential, steps=1, rng="python")
     with pytest.raises(ValueError, match="steps"):
         md(systems, potential, steps=-1)
+    with pytest.raises(ValueError, match="temperature_K applies to Langevin dynamics only"):
+        md(systems, potential, steps=1, temperature_K=300)
+    for bad in ({"timestep": 0.0}, {"timestep": -1.0}, {"temperature_K": -5.0}, {"friction": -1}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            md(systems, potential, steps=1, integrator="langevin", **{"temperature_K": 300, **bad})
+
+
+def test_continued_runs_do_not_nest_trajectories():
+    """Contract: a run started from an earlier run's outputs (which carry their trajectory in
+    ``info``) records frames without that old trajectory inside them."""
+    potential = morse_potential()
+    first = md(_thermalized(), potential, steps=4, timestep=0.5, trajectory_interval=1)
+    second = md(first, potential, steps=4, timestep=0.5, trajectory_interval=1)
+    assert all("trajectory" not in frame.info for frame in second[0].info["trajectory"])
+    relaxed = relax(second, potential, steps=3, trajectory=True)
+    assert all("trajectory" not in frame.info for frame in relaxed[0].info["trajectory"])
 
 
 def test_md_float32_checkpoint_runs():

@@ -52,3 +52,42 @@ def test_stress_needs_an_energy_centric_model():
 
     with pytest.raises(ValueError, match="stress"):
         ForcecalcModel(morse_potential(), compute_stress=True)
+
+
+def test_adapter_refuses_what_it_would_ignore():
+    """Contract: model options with an already loaded model, and stress of a state that is not
+    periodic in all three directions, are errors (they were ignored, or gave NaN stress)."""
+    from ocp_fixtures import ocp_checkpoint_path
+
+    from forcecalc.checkpoint import load_checkpoint
+    from forcecalc.relax.torchsim import ForcecalcModel
+
+    potential = load_checkpoint(ocp_checkpoint_path("spinconv_small_ec"), device="cpu")
+    with pytest.raises(ValueError, match=r"pass model options when loading.*forces"):
+        ForcecalcModel(potential, forces="compat")
+    model = ForcecalcModel(potential, compute_stress=True)
+    molecule = mixed_structures()[17].copy()
+    molecule.pbc = False
+    state = torch_sim.io.atoms_to_state([molecule], device=model.device, dtype=torch.float64)
+    with pytest.raises(ValueError, match="stress needs cells periodic"):
+        model(state)
+
+
+def test_float32_model_sees_float64_positions():
+    """Contract: as the calculator, the adapter gives a float32 model float64 positions (the
+    frame geometry is float64): its forces equal the calculator's."""
+    from ocp_fixtures import ocp_checkpoint_path
+
+    from forcecalc.checkpoint import load_checkpoint
+    from forcecalc.relax.torchsim import ForcecalcModel
+
+    potential = load_checkpoint(ocp_checkpoint_path("spinconv_small_ec"), device="cpu")
+    model = ForcecalcModel(potential)
+    atoms = mixed_structures()[0].copy()
+    atoms.pbc = True
+    state = torch_sim.io.atoms_to_state([atoms], device=model.device, dtype=torch.float64)
+    out = model(state)
+    atoms.calc = load_calculator(potential)
+    np.testing.assert_array_equal(
+        out["forces"].double().numpy(), atoms.get_forces(apply_constraint=False)
+    )
