@@ -374,16 +374,19 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     _check_at_least(args, "fmax", 0)
     _check_at_least(args, "steps", 0)
     _check_at_least(args, "max_frames", 1)
+    _check_at_least(args, "max_systems", 1)
     if args.out:
         _check_writable(args.out)
     potential = load_checkpoint(
         args.model, device=args.device, dtype=args.dtype, allow_unsafe=args.allow_unsafe
     )
     train = open_dataset(args.train) if args.train else None
+    names = [Path(path).stem for path in args.data]
+    if len(set(names)) != len(names):
+        raise ValueError(f"--data files must have distinct names (the report's keys): {names}")
+    datasets = [open_dataset(path) for path in args.data]  # all readable before any work
     report: dict[str, dict] = {}
-    for path in args.data:
-        dataset = open_dataset(path)
-        name = Path(path).stem
+    for name, dataset in zip(names, datasets, strict=True):
         if args.task == "s2ef":
             row = {"model": evaluate.evaluate_s2ef(potential, dataset, max_frames=args.max_frames)}
             if train is not None:
@@ -398,7 +401,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                 max_systems=args.max_systems,
             )
             if train is not None:
-                row["median_is2re"] = evaluate.median_is2re_metrics(train, dataset)
+                row["median_is2re"] = evaluate.median_is2re_metrics(
+                    train, dataset, args.max_systems
+                )
         report[name] = row
         print(_format_eval_row(name, row, args.task), flush=True)
     if args.out:

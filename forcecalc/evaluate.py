@@ -24,6 +24,12 @@ from forcecalc.predict import predict
 def stacked_forces(structures: Sequence) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The labelled (unconstrained) forces of ``structures`` stacked ``[N, 3]``, their atom
     counts ``[S]`` and the fixed-atom mask ``[N]``."""
+    unlabelled = [k for k, a in enumerate(structures) if a.calc is None]
+    if unlabelled:
+        raise ValueError(
+            f"frames {unlabelled[:10]} ({len(unlabelled)} of {len(structures)}) have no stored "
+            "energy and forces to evaluate against"
+        )
     forces = np.concatenate([a.get_forces(apply_constraint=False) for a in structures])
     natoms = np.array([len(a) for a in structures])
     fixed = np.concatenate([_fixed(a) for a in structures])
@@ -126,6 +132,11 @@ def evaluate_relaxations(
     """
     from forcecalc.relax import relax
 
+    if dataset.n_systems == 0:
+        raise ValueError(
+            f"{getattr(dataset, 'path', 'the data set')} has no systems (initial and relaxed "
+            "structures) to relax: IS2RS needs an OC20-EMT split, not converted frames"
+        )
     systems = sample_frames(dataset.n_systems, max_systems, seed)
     initial = [dataset.initial(int(s)) for s in systems]
     reference = [dataset.relaxed(int(s)) for s in systems]
@@ -157,10 +168,14 @@ def evaluate_relaxations(
     return out
 
 
-def median_is2re_metrics(train: Any, dataset: Any) -> dict[str, float]:
-    """The IS2RE median baseline: the training median relaxed energy for every system."""
+def median_is2re_metrics(
+    train: Any, dataset: Any, max_systems: int | None = None, seed: int = 0
+) -> dict[str, float]:
+    """The IS2RE median baseline: the training median relaxed energy for every system, on the
+    same seeded sample of at most ``max_systems`` systems as :func:`evaluate_relaxations`."""
     train_energy = np.asarray(train.systems["relaxed_energy"], dtype=np.float64)
-    true = np.asarray(dataset.systems["relaxed_energy"], dtype=np.float64)
+    systems = sample_frames(dataset.n_systems, max_systems, seed)
+    true = np.asarray(dataset.systems["relaxed_energy"], dtype=np.float64)[systems]
     return metrics.is2re_metrics(
         np.full(len(true), metrics.median_is2re_baseline(train_energy)), true
     )

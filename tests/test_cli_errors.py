@@ -110,3 +110,27 @@ def test_unreadable_data_and_configs_are_one_line_errors(tmp_path: Path, monkeyp
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and expected in err, err
+
+
+def test_eval_checks_its_data_first(tmp_path: Path, monkeypatch, capsys):
+    """`eval` refuses, in one line and before evaluating anything: frames without stored
+    labels, a file without systems for is2rs, --max-systems below 1, and two --data files
+    with one name (the report's keys); `data oc20emt --out` a file (not a folder) too."""
+    monkeypatch.chdir(tmp_path)
+    write("nolabel.extxyz", fcc111("Cu", size=(2, 2, 2), vacuum=5.0))
+    assert main(["data", "convert", "nolabel.extxyz", "nolabel.h5"]) == 0
+    Path("b").mkdir()
+    assert main(["data", "convert", "nolabel.extxyz", "b/nolabel.h5"]) == 0
+    capsys.readouterr()
+    model = ["--model", str(FORCENET), "--device", "cpu"]
+    cases = [
+        (["eval", "s2ef", *model, "--data", "nolabel.h5"], "have no stored energy and forces"),
+        (["eval", "is2rs", *model, "--data", "nolabel.h5"], "has no systems"),
+        (["eval", "is2rs", *model, "--data", "nolabel.h5", "--max-systems", "0"], ">= 1"),
+        (["eval", "s2ef", *model, "--data", "nolabel.h5", "b/nolabel.h5"], "distinct names"),
+        (["data", "oc20emt", "--size", "tiny", "--out", "nolabel.h5"], "nolabel.h5 is a file"),
+    ]
+    for argv, expected in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and expected in err, err

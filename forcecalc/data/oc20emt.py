@@ -863,6 +863,8 @@ def generate(
         The path of each split's file.
     """
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file: the data set is a folder of split files")
     out.mkdir(parents=True, exist_ok=True)
     tasks = _tasks(size, seed)
     attrs = dataset_attrs(size, seed)
