@@ -293,11 +293,11 @@ class LBFGS(BatchedOptimizer):
 
 
 class BFGS(BatchedOptimizer):
-    """ASE's ``BFGS`` per system: a dense ``3n x 3n`` Hessian per system, batched eigh.
+    """ASE's ``BFGS`` per system: a dense ``3n x 3n`` Hessian per system.
 
-    The Hessians of a batch are stored zero-padded to the largest system (``[S, D, D]``,
-    ``D = 3 * max(natoms)``); padded coordinates get ``alpha`` on the diagonal for the
-    eigendecomposition, which decouples them (their gradient is zero, so their step is zero).
+    Each system's Hessian is kept at its own size (a list, not a padded stack: a 256-atom
+    structure in flight does not make forty 4-atom ones carry ``768 x 768`` matrices); a step
+    updates and diagonalizes them in one batched ``eigh`` per group of systems of equal size.
 
     Args:
         maxstep: largest per-atom step (Å); the whole step is scaled so its longest atom step
@@ -315,72 +315,78 @@ class BFGS(BatchedOptimizer):
                 stacklevel=2,
             )
         self.maxstep, self.alpha = maxstep, alpha
+        #: ``[3 n_s, 3 n_s]`` float64 Hessian of each system, in the set's order.
+        self.hessians: list[Tensor] = []
 
     def initial_state(self, natoms: Tensor, device: torch.device) -> _State:
         n, s = int(natoms.sum()), len(natoms)
         f64 = torch.float64
-        dofs = 3 * natoms
-        size = int(dofs.max())
-        diagonal = torch.arange(size, device=device)[None, :] < dofs[:, None]
-        hessian = torch.diag_embed(diagonal.to(f64) * self.alpha)
         atom = {
             "r0": torch.zeros(n, 3, dtype=f64, device=device),
             "f0": torch.zeros(n, 3, dtype=f64, device=device),
         }
-        system = {"hessian": hessian, "started": torch.zeros(s, dtype=torch.bool, device=device)}
-        return atom, system
+        return atom, {"started": torch.zeros(s, dtype=torch.bool, device=device)}
+
+    def add(self, natoms: Tensor) -> None:
+        super().add(natoms)
+        self.hessians += [
+            torch.eye(3 * n, dtype=torch.float64, device=natoms.device) * self.alpha
+            for n in natoms.tolist()
+        ]
+
+    def keep(self, system_keep: Tensor, atom_keep: Tensor) -> None:
+        super().keep(system_keep, atom_keep)
+        kept = system_keep.tolist()
+        self.hessians = [h for h, k in zip(self.hessians, kept, strict=True) if k]
 
     def step(self, systems: SystemSet, forces: Tensor) -> Tensor:
-        idx, n_sys = systems.system_idx, systems.n_systems
         positions = systems.positions
-        atom, state = self.atom_state, self.system_state
-        size = 3 * max(systems.natoms_list)
-        hessian = state["hessian"][:, :size, :size]
-        local = torch.arange(systems.n_atoms, device=positions.device) - torch.repeat_interleave(
-            torch.cumsum(systems.natoms, 0) - systems.natoms, systems.natoms
-        )
-        n_max = size // 3
-
-        def padded(x: Tensor) -> Tensor:
-            out = x.new_zeros(n_sys, n_max, 3)
-            out[idx, local] = x
-            return out.reshape(n_sys, size)
-
-        gradient = padded(-forces)
-        # update(): skipped on the first step and when the configuration did not change
-        dpos = padded(positions - atom["r0"])
-        dgrad = gradient - padded(-atom["f0"])
-        updating = state["started"] & (dpos.abs().amax(dim=1) >= 1e-7)
-        a = (dpos * dgrad).sum(dim=1)
-        dg = (hessian @ dpos.unsqueeze(2)).squeeze(2)
-        b = (dpos * dg).sum(dim=1)
-        safe_a = torch.where(updating, a, torch.ones_like(a))
-        safe_b = torch.where(updating, b, torch.ones_like(b))
-        change = (
-            dgrad.unsqueeze(2) * dgrad.unsqueeze(1) / safe_a[:, None, None]
-            - dg.unsqueeze(2) * dg.unsqueeze(1) / safe_b[:, None, None]
-        )
-        hessian = torch.where(updating[:, None, None], hessian + change, hessian)
-
-        # compute_step(): -V (g V / |omega|), padded coordinates decoupled with alpha
-        padding = (
-            torch.arange(size, device=positions.device)[None, :] >= 3 * systems.natoms[:, None]
-        )
-        omega, vectors = torch.linalg.eigh(
-            hessian + torch.diag_embed(padding.to(hessian.dtype) * self.alpha)
-        )
-        coefficients = (gradient.unsqueeze(1) @ vectors).squeeze(1) / omega.abs()
-        step = -(vectors @ coefficients.unsqueeze(2)).squeeze(2)
-        dr = step.reshape(n_sys, n_max, 3)[idx, local]
+        atom, started = self.atom_state, self.system_state["started"]
+        starts = systems.atom_offsets()
+        groups: dict[int, list[int]] = {}
+        for k, n in enumerate(systems.natoms_list):
+            groups.setdefault(n, []).append(k)
+        dr = torch.zeros_like(positions)
+        for n, members in groups.items():
+            chosen = torch.tensor(members, device=positions.device)
+            rows = torch.tensor(
+                [a for k in members for a in range(starts[k], starts[k] + n)],
+                device=positions.device,
+            )
+            shape = (len(members), 3 * n)  # the group's coordinates, one row per system
+            hessian = torch.stack([self.hessians[k] for k in members])
+            gradient = -forces.index_select(0, rows).reshape(shape)
+            # update(): skipped on the first step and when the configuration did not change
+            dpos = (positions - atom["r0"]).index_select(0, rows).reshape(shape)
+            dgrad = gradient + atom["f0"].index_select(0, rows).reshape(shape)
+            updating = started[chosen] & (dpos.abs().amax(dim=1) >= 1e-7)
+            a = (dpos * dgrad).sum(dim=1)
+            dg = (hessian @ dpos.unsqueeze(2)).squeeze(2)
+            b = (dpos * dg).sum(dim=1)
+            safe_a = torch.where(updating, a, torch.ones_like(a))
+            safe_b = torch.where(updating, b, torch.ones_like(b))
+            change = (
+                dgrad.unsqueeze(2) * dgrad.unsqueeze(1) / safe_a[:, None, None]
+                - dg.unsqueeze(2) * dg.unsqueeze(1) / safe_b[:, None, None]
+            )
+            hessian = torch.where(updating[:, None, None], hessian + change, hessian)
+            for k, h in zip(members, hessian.unbind(0), strict=True):
+                self.hessians[k] = h
+            # compute_step(): -V (g V / |omega|)
+            omega, eigenvectors = torch.linalg.eigh(hessian)
+            coefficients = (gradient.unsqueeze(1) @ eigenvectors).squeeze(1) / omega.abs()
+            step = -(eigenvectors @ coefficients.unsqueeze(2)).squeeze(2)
+            dr.index_copy_(0, rows, step.reshape(-1, 3))
 
         # determine_step(): scale so that the longest atom step is at most maxstep
+        idx, n_sys = systems.system_idx, systems.n_systems
         longest = segment_max(torch.linalg.norm(dr, dim=1), idx, n_sys)
         too_long = longest >= self.maxstep
         scale = torch.where(too_long, self.maxstep / longest, torch.ones_like(longest))
         dr = torch.where(too_long[idx, None], dr * scale[idx, None], dr)
 
         self.atom_state = {"r0": positions, "f0": forces}
-        self.system_state = {"hessian": hessian, "started": torch.ones_like(state["started"])}
+        self.system_state = {"started": torch.ones_like(started)}
         return _unfixed(dr, systems)
 
 

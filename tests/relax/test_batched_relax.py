@@ -20,6 +20,7 @@ from relax_helpers import (
 
 from forcecalc.calculator import load_calculator
 from forcecalc.relax import MemoryModel, relax
+from forcecalc.relax.engine import SystemSet
 from forcecalc.relax.optimizers import make_optimizer
 
 __all__ = ["single_thread"]
@@ -173,6 +174,23 @@ def test_auto_batch_size_on_cpu_runs():
     """Contract: the default batch_size="auto" works on the CPU (fixed budget)."""
     results = relax(mixed_structures()[:4], morse_potential(), optimizer="bfgs")
     assert all(a.info["relax_converged"] for a in results)
+
+
+def test_bfgs_keeps_each_hessian_at_its_own_size():
+    """Contract: batched BFGS stores one ``3n x 3n`` Hessian per system (not padded to the
+    largest in flight), also after systems leave and others join."""
+    structures = mixed_structures()
+    systems = SystemSet(4.0, 0.0, torch.device("cpu"))
+    systems.extend(structures[:3], [0, 1, 2])
+    optimizer = make_optimizer("bfgs")
+    optimizer.add(systems.natoms)
+    keep = torch.tensor([True, False, True])
+    optimizer.keep(keep, systems.keep(keep))
+    systems.extend(structures[3:5], [3, 4])
+    optimizer.add(systems.natoms[-2:])
+    sizes = [tuple(h.shape) for h in optimizer.hessians]
+    assert sizes == [(3 * n, 3 * n) for n in systems.natoms_list]
+    assert len(set(sizes)) > 1
 
 
 @pytest.mark.parametrize("skin", [0.0, 0.3, 2.0])
