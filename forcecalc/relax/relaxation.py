@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from forcecalc.relax.engine import Evaluator, SystemSet, admit, check_structures
+from forcecalc.relax.engine import Evaluator, SystemSet, admit, check_structures, segment_max
 from forcecalc.relax.memory import (
     CPU_MEMORY_MODEL,
     MemoryModel,
@@ -228,7 +228,9 @@ def relax(
         The relaxed structures in input order: copies of the inputs with the final positions,
         a ``SinglePointCalculator`` with the final ``energy``/``free_energy`` and (raw)
         ``forces``, ``info["relax_steps"]`` (steps taken), ``info["relax_converged"]`` and
-        ``info["relax_initial_energy"]`` (eV, before the first step).
+        ``info["relax_initial_energy"]`` (eV, before the first step); a structure whose
+        optimizer step was not finite (e.g. LBFGS where the forces vanish) ends there,
+        unconverged, with ``info["relax_error"]`` saying so.
     """
     from tqdm.auto import tqdm
 
@@ -275,11 +277,34 @@ def relax(
             keep = ~done
             atom_keep = systems.keep(keep)
             opt.keep(keep, atom_keep)
-            forces = forces[atom_keep]
+            forces, raw_forces, energy = forces[atom_keep], raw_forces[atom_keep], energy[keep]
             taken = [n for n, d in zip(taken, done_host, strict=True) if not d]
             initial = [e for e, d in zip(initial, done_host, strict=True) if not d]
         if systems.n_systems:
-            systems.positions = systems.positions + opt.step(systems, forces)
+            step = opt.step(systems, forces)
+            not_finite = (~torch.isfinite(step).all(dim=1)).to(step.dtype)
+            finite = segment_max(not_finite, systems.system_idx, systems.n_systems) <= 0
+            if not bool(finite.all()):
+                # the optimizer broke down on these (e.g. LBFGS with zero forces, as ASE's):
+                # they end here, unconverged, with their last finite positions
+                broken = ~finite
+                _finish(
+                    systems, structures, energy, raw_forces, broken, finite, taken, initial, results
+                )
+                for index, bad in zip(systems.ids, broken.tolist(), strict=True):
+                    if bad:
+                        results[index].info["relax_error"] = (
+                            f"the {opt.name} step was not finite (NaN or inf)"
+                        )
+                        if trajectory:
+                            results[index].info["trajectory"] = frames.pop(index)
+                bar.update(int(broken.sum()))
+                atom_keep = systems.keep(finite)
+                opt.keep(finite, atom_keep)
+                step, energy = step[atom_keep], energy[finite]
+                taken = [n for n, f in zip(taken, finite.tolist(), strict=True) if f]
+                initial = [e for e, f in zip(initial, finite.tolist(), strict=True) if f]
+            systems.positions = systems.positions + step
             taken = [n + 1 for n in taken]
     bar.close()
     return results

@@ -351,3 +351,22 @@ def test_float32_potential_runs_in_float32():
     for a, b in zip(results, reference, strict=True):
         assert a.positions.dtype == np.float64
         np.testing.assert_allclose(a.positions, b.positions, atol=1e-3)
+
+
+def test_a_broken_optimizer_step_ends_that_structure_only():
+    """Contract: where the optimizer's step is not finite (LBFGS on a structure whose forces
+    vanish, as ASE's LBFGS also breaks down there), that structure ends unconverged with its
+    last finite positions and ``info["relax_error"]``; the others relax on as without it."""
+    from ase import Atoms
+
+    lone = Atoms("Cu", positions=[[5.0, 5.0, 5.0]], cell=[10, 10, 10])
+    structures = mixed_structures()[:3]
+    potential = morse_potential()
+    reference = relax(structures, potential, optimizer="lbfgs", fmax=0.0, steps=6)
+    results = relax([*structures, lone], potential, optimizer="lbfgs", fmax=0.0, steps=6)
+    broken = results[-1]
+    assert "not finite" in broken.info["relax_error"] and not broken.info["relax_converged"]
+    np.testing.assert_array_equal(broken.positions, lone.positions)
+    for a, b in zip(results[:3], reference, strict=True):
+        np.testing.assert_allclose(a.positions, b.positions, atol=1e-12)
+        assert "relax_error" not in a.info
