@@ -90,8 +90,8 @@ def add_data_commands(subparsers: argparse._SubParsersAction) -> None:
         "is2rs",
         help="write the initial structures (IS2RS inputs) of OC20-EMT splits to extxyz",
         description="Only the initial adsorbate + slab structures of a data set's systems, "
-        "identical to the initial frames 'forcecalc data oc20emt' stores, at the cost of one "
-        "clean-slab EMT relaxation each.",
+        "the initial frames 'forcecalc data oc20emt' stores (equal to extxyz's printed "
+        "precision, 1e-8 Å), at the cost of one clean-slab EMT relaxation each.",
     )
     is2rs.add_argument("--size", choices=sorted(SIZES), required=True)
     is2rs.add_argument("--out", required=True, help="output extxyz file (written atomically)")
