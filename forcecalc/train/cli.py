@@ -95,7 +95,7 @@ def add_train_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     finetune.add_argument("checkpoint", help="the checkpoint to start from")
     _add_common(finetune)
-    _add_option_flags(finetune, skip=("init_checkpoint",), defaults=FINETUNE_DEFAULTS)
+    _add_option_flags(finetune, skip=("init_checkpoint", "model"), defaults=FINETUNE_DEFAULTS)
     finetune.set_defaults(func=_cmd_finetune)
 
 

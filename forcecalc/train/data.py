@@ -389,8 +389,9 @@ def frame_targets(
     """``(energy, forces [n_atoms, 3])`` of a labelled frame (eV, eV/Å).
 
     Raises:
-        ValueError: the frame has no energy or no forces, or forces of the wrong shape (the
-            message names the frame: ``source`` and ``index`` when given).
+        ValueError: the frame has no energy or no forces, forces of the wrong shape, or labels
+            that are not finite (the message names the frame: ``source`` and ``index`` when
+            given).
     """
     label = f"frame {index}" if index is not None else "a frame"
     if source is not None:
@@ -405,6 +406,15 @@ def frame_targets(
     forces = np.asarray(forces, dtype=np.float64)
     if forces.shape != (len(atoms), 3):
         raise ValueError(f"{label}: forces of shape {forces.shape} for {len(atoms)} atoms")
+    bad = [
+        name
+        for name, ok in (("energy", np.isfinite(energy)), ("forces", np.isfinite(forces).all()))
+        if not ok
+    ]
+    if bad:
+        raise ValueError(
+            f"{label} ({atoms.get_chemical_formula()}): {' and '.join(bad)} not finite (NaN or inf)"
+        )
     return float(energy), forces
 
 

@@ -188,6 +188,9 @@ class Trainer:
 
         torch.manual_seed(config.seed)
         self.potential = self._build_potential(state)
+        if config.init_checkpoint and config.model != self.potential.name:
+            # the architecture is the checkpoint's: record that, not a default
+            self.config = config = replace(config, model=self.potential.name)
         self._check_elements(numbers)
         model = self.potential.model
         freeze_except(model, config.freeze_except)
@@ -244,6 +247,9 @@ class Trainer:
             batch_sampler=self.plan,
             collate_fn=Collater(self.potential.cutoff),
             num_workers=config.num_workers,
+            # its own generator: making an iterator (each epoch, and on a resume mid-epoch)
+            # must not draw from the global generator the random rotations use
+            generator=torch.Generator().manual_seed(config.seed + self.dist.rank),
         )
         self.step = 0
         self.epoch = 0
@@ -333,11 +339,14 @@ class Trainer:
             model.load_state_dict(state["model"])
             potential = Potential(model, info)
         elif config.init_checkpoint:
+            # model_kwargs override the checkpoint's own (e.g. envelope, forces), as
+            # load_checkpoint's model options; the weights must still fit
             potential = load_checkpoint(
                 config.init_checkpoint,
                 device=self.device,
                 dtype=self.dtype,
                 allow_unsafe=config.allow_unsafe,
+                **config.model_kwargs,
             )
             potential.info.metadata = {
                 "init_checkpoint": {
@@ -729,7 +738,10 @@ class Trainer:
         }
         with self._averaged():
             model = copy.deepcopy(self.potential.model)
-        filled = fill_untrained_pairs(model)
+        trainable = {name for name, p in self.potential.model.named_parameters() if p.requires_grad}
+        # the pair tables only where they were trained here: frozen weights keep their values
+        tables = ("dist_scalar.weight", "dist_offset.weight")
+        filled = fill_untrained_pairs(model) if any(n.endswith(tables) for n in trainable) else []
         if filled:
             metadata["training"]["filled_pairs"] = filled
         return save_checkpoint(Potential(model, record), path, metadata)

@@ -36,8 +36,9 @@ CASES = [
 def test_finetune_from_ocp_checkpoint_freezes_the_rest(tmp_path, name, trainable):
     """Fine-tuning an OCP-format checkpoint with ``freeze_except`` changes only the named
     blocks: every other parameter and buffer (batch-norm statistics included) is bit-identical
-    after training; the checkpoint's normalizers are kept; ``final.pt`` (forcecalc format)
-    reloads to the same predictions and records where it started from."""
+    after training and in the files written; the checkpoint's normalizers are kept;
+    ``final.pt`` (forcecalc format) reloads to the same predictions and records where it
+    started from."""
     frames = training_frames()
     if name.startswith("spinconv"):
         pytest.importorskip("forcecalc.models.spinconv")
@@ -74,6 +75,9 @@ def test_finetune_from_ocp_checkpoint_freezes_the_rest(tmp_path, name, trainable
     assert trainer.potential.info.normalizers == info.normalizers
 
     final = load_checkpoint(summary["final"], device="cpu")
+    written = final.model.state_dict()
+    for key in frozen:  # as written too: exporting fills no frozen element-pair table
+        assert torch.equal(before[key].nan_to_num(), written[key].nan_to_num()), key
     assert final.info.normalizers == info.normalizers
     assert final.info.metadata["init_checkpoint"]["format"] == "ocp"
     reference = predict(frames[:3], trainer.potential.eval())
@@ -158,3 +162,36 @@ def test_finetune_refuses_an_element_the_model_cannot_represent(tmp_path):
     with pytest.raises(ValueError, match=r"element\(s\) Cu that the spinconv model cannot.*1-28"):
         Trainer(_finetune_config(tmp_path, checkpoint), training_frames()[:4])
     assert not (tmp_path / "run" / "final.pt").exists()
+
+
+def test_finetune_applies_model_kwargs_and_records_the_checkpoint_model(tmp_path):
+    """Fine-tuning takes ``model_kwargs`` as options over the checkpoint's own (here an OCP
+    energy-centric checkpoint switched to conservative forces, as the MD recipe needs; they
+    were ignored), and records the checkpoint's model, not the config's default."""
+    config = TrainConfig(
+        init_checkpoint=str(ocp_checkpoint("spinconv_small_ec")),
+        model_kwargs={"forces": "conservative"},
+        out=str(tmp_path / "run"),
+        device="cpu",
+        progress=False,
+        batch_size=3,
+        val_fraction=0.0,
+        max_steps=1,
+        eval_every=1000,
+    )
+    trainer = Trainer(config, training_frames()[:3])
+    assert trainer.potential.model.forces == "conservative"
+    assert trainer.config.model == "spinconv"
+
+
+def test_non_finite_labels_are_named():
+    """A frame whose energy or forces are NaN (extxyz, database or Atoms lists alike) is an
+    error naming it, not a NaN loss."""
+    frame = training_frames()[0]
+    energy, forces = frame_targets(frame)
+    atoms = frame.copy()
+    forces = forces.copy()
+    forces[1, 2] = np.nan
+    atoms.calc = SinglePointCalculator(atoms, energy=energy, forces=forces)
+    with pytest.raises(ValueError, match=r"frame 4 \(.*\): forces not finite"):
+        frame_targets(atoms, 4)

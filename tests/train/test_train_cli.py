@@ -25,13 +25,14 @@ def _parser() -> argparse.ArgumentParser:
 
 def test_every_option_is_a_flag():
     """Each config option has a ``--flag`` on ``train`` and on ``finetune`` (which takes the
-    starting checkpoint as its argument instead of ``--init-checkpoint``)."""
+    starting checkpoint as its argument instead of ``--init-checkpoint``, and its model from
+    that checkpoint: no ``--model``)."""
     parser = _parser()
     subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     for command in ("train", "finetune"):
         dests = {action.dest for action in subparsers.choices[command]._actions}
         missing = {f.name for f in fields(TrainConfig)} - dests
-        assert missing == (set() if command == "train" else {"init_checkpoint"}), command
+        assert missing == (set() if command == "train" else {"init_checkpoint", "model"}), command
 
 
 def test_config_file_and_flags(tmp_path):

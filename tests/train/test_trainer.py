@@ -95,10 +95,19 @@ def test_energy_centric_spinconv_trains_forces_by_double_backward(tmp_path):
     assert trainer.evaluate(frames[:5])["forces_mae"] < first
 
 
-def _resume_config(tmp_path: Path, name: str, max_steps: int) -> TrainConfig:
+RESUME_MODELS = {
+    "forcenet": {**FORCENET_TINY, "hidden_channels": 16, "decoder_hidden_channels": 16},
+    # force-block rotations drawn afresh at every forward, from the global generator
+    "spinconv": {**SPINCONV_TINY, "rotations": "random"},
+}
+
+
+def _resume_config(
+    tmp_path: Path, name: str, max_steps: int, model: str = "forcenet"
+) -> TrainConfig:
     return TrainConfig(
-        model="forcenet",
-        model_kwargs={**FORCENET_TINY, "hidden_channels": 16, "decoder_hidden_channels": 16},
+        model=model,
+        model_kwargs=RESUME_MODELS[model],
         out=str(tmp_path / name),
         device="cpu",
         progress=False,
@@ -114,18 +123,21 @@ def _resume_config(tmp_path: Path, name: str, max_steps: int) -> TrainConfig:
     )
 
 
-def test_resume_continues_exactly(tmp_path):
+@pytest.mark.parametrize("model", sorted(RESUME_MODELS))
+def test_resume_continues_exactly(tmp_path, model):
     """2N steps in one run equal N steps, then ``resume`` for N more: same parameters, buffers,
     optimizer state and metrics history (the data position, augmentation, schedule, moving
-    average and random states are all restored)."""
+    average and random states are all restored), also for a model that draws random numbers
+    in its forward (SpinConv's random force-block rotations: the data loader has a generator
+    of its own, so a resumed iterator does not shift the global one)."""
     frames = training_frames()
     n = 7  # crosses an epoch boundary (16 training frames, batch 3: 6 steps per epoch)
-    whole = Trainer(_resume_config(tmp_path, "whole", 2 * n), frames)
+    whole = Trainer(_resume_config(tmp_path, "whole", 2 * n, model), frames)
     whole.fit()
-    first = Trainer(_resume_config(tmp_path, "split", n), frames)
+    first = Trainer(_resume_config(tmp_path, "split", n, model), frames)
     first.fit()
     second = Trainer(
-        _resume_config(tmp_path, "split", 2 * n),
+        _resume_config(tmp_path, "split", 2 * n, model),
         frames,
         resume=tmp_path / "split" / "checkpoint.pt",
     )
