@@ -451,7 +451,38 @@ def read_checkpoint(
             f"checkpoint {path} is for model {info.model!r}, which forcecalc does not know "
             f"(known: {', '.join(model_names())})"
         )
-    return info, _strip_module_prefix(data["state_dict"])
+    state_dict = _strip_module_prefix(data["state_dict"])
+    if info.source_format == "ocp" and data.get("ema") is not None:
+        state_dict = _ema_weights(state_dict, data["ema"], info, path)
+        info.metadata["weights"] = "ema"
+    return info, state_dict
+
+
+def _ema_weights(
+    state_dict: dict[str, Tensor], ema: Any, info: CheckpointInfo, path: Path
+) -> dict[str, Tensor]:
+    """``state_dict`` with its parameters replaced by an OCP checkpoint's exponential moving
+    average, which OCP's trainer predicts with: ``shadow_params`` lists the trainable
+    parameters in the model's order, which is the order of the parameters among the
+    checkpoint's weights (buffers told apart by building the model)."""
+    shadow = ema.get("shadow_params") if isinstance(ema, dict) else None
+    if not isinstance(shadow, list | tuple):
+        raise CheckpointError(
+            f"checkpoint {path}: its 'ema' entry is not OCP's moving average "
+            "(a dict with a 'shadow_params' list)"
+        )
+    parameters = {name for name, _ in build_model(info.model, info.model_kwargs).named_parameters()}
+    names = [name for name in state_dict if name in parameters]
+    shapes_match = len(names) == len(shadow) and all(
+        isinstance(value, Tensor) and value.shape == state_dict[name].shape
+        for name, value in zip(names, shadow, strict=False)
+    )
+    if not shapes_match:
+        raise CheckpointError(
+            f"checkpoint {path}: its moving-average weights ({len(shadow)} tensors) do not "
+            f"match its {len(names)} parameters in order and shape"
+        )
+    return {**state_dict, **dict(zip(names, shadow, strict=True))}
 
 
 def load_checkpoint(

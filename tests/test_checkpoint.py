@@ -266,3 +266,27 @@ def test_elements_follow_the_checkpoint_list_and_read_the_tables_once(monkeypatc
     assert potential.elements == [1, 8]
     potential.info.elements.append(29)
     assert potential.elements == [1, 8, 29]
+
+
+def test_ocp_moving_average_weights_are_the_ones_loaded(tmp_path: Path) -> None:
+    """An OCP checkpoint with an exponential moving average (``ema``: OCP's trainer predicts
+    with it) loads the averaged weights, mapped to the parameters in the checkpoint's order
+    (buffers skipped); an average that does not fit the parameters is an error."""
+    raw = load_ocp_raw("spinconv_small_fc")
+    model = load_checkpoint(OCP_DATA / "spinconv_small_fc.pt", device="cpu").model
+    names = [n for n, _ in model.named_parameters()]
+    weights = {k.removeprefix("module."): v for k, v in raw["state_dict"].items()}
+    ordered = [k for k in weights if k in names]
+    shadow = [weights[k] + 0.01 * (i + 1) for i, k in enumerate(ordered)]
+    torch_save({**raw, "ema": {"decay": 0.999, "shadow_params": shadow}}, tmp_path / "ema.pt")
+    info, state_dict = read_checkpoint(tmp_path / "ema.pt")
+    assert info.metadata["weights"] == "ema"
+    for i, key in enumerate(ordered):
+        assert torch.equal(state_dict[key], weights[key] + 0.01 * (i + 1)), key
+    buffers = [k for k in weights if k not in names]
+    assert all(torch.equal(state_dict[k], weights[k]) for k in buffers)
+    loaded = load_checkpoint(tmp_path / "ema.pt", device="cpu", dtype="float64").model
+    assert torch.equal(dict(loaded.named_parameters())[ordered[0]], shadow[0].double())
+    torch_save({**raw, "ema": {"shadow_params": shadow[:-1]}}, tmp_path / "short.pt")
+    with pytest.raises(CheckpointError, match="moving-average weights"):
+        read_checkpoint(tmp_path / "short.pt")
