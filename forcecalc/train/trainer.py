@@ -82,6 +82,8 @@ from forcecalc.train.optim import (
 
 STATE_FORMAT = "forcecalc-train-state"
 STATE_VERSION = 1
+#: Metadata a fine-tuned checkpoint keeps from the one it started from.
+INHERITED_METADATA = ("license", "energy")
 STATE_FILE = "checkpoint.pt"
 BEST_FILE = "best.pt"
 FINAL_FILE = "final.pt"
@@ -348,13 +350,17 @@ class Trainer:
                 allow_unsafe=config.allow_unsafe,
                 **config.model_kwargs,
             )
+            started = potential.info.metadata
             potential.info.metadata = {
+                # what the fine-tuned model still is: its license and energy definition
+                **{k: started[k] for k in INHERITED_METADATA if k in started},
                 "init_checkpoint": {
                     "path": potential.info.path,
                     "format": potential.info.source_format,
                     "normalizers": potential.info.normalizers.as_dict(),
                     "elements": potential.info.elements,
-                }
+                    "name": started.get("name"),
+                },
             }
         else:
             model = build_model(config.model, config.model_kwargs)
@@ -366,6 +372,11 @@ class Trainer:
             )
             potential = Potential(model, info)
         potential = potential.to(device=self.device, dtype=self.dtype)
+        if state is None and config.normalizers == "keep" and not config.init_checkpoint:
+            raise ValueError(
+                "normalizers='keep' keeps a checkpoint's normalizers, but no init_checkpoint "
+                "is given: use 'fit' (or 'auto') to fit them on the training frames"
+            )
         fit = config.normalizers == "fit" or (
             config.normalizers == "auto" and not config.init_checkpoint
         )

@@ -184,6 +184,26 @@ def test_finetune_applies_model_kwargs_and_records_the_checkpoint_model(tmp_path
     assert trainer.config.model == "spinconv"
 
 
+def test_finetuned_checkpoint_keeps_the_license_and_energy_definition(tmp_path):
+    """A checkpoint fine-tuned from a shipped one keeps its license and energy definition
+    (they were dropped) and names where it started."""
+    started = load_checkpoint("forcenet", device="cpu").info.metadata
+    config = TrainConfig(
+        init_checkpoint="forcenet",
+        out=str(tmp_path / "run"),
+        device="cpu",
+        progress=False,
+        batch_size=3,
+        val_fraction=0.0,
+        max_steps=1,
+        eval_every=1000,
+    )
+    summary = Trainer(config, training_frames()[:3]).fit()
+    written = load_checkpoint(summary["final"], device="cpu").info.metadata
+    assert written["license"] == started["license"] and written["energy"] == started["energy"]
+    assert written["init_checkpoint"]["name"] == "forcenet"
+
+
 def test_non_finite_labels_are_named():
     """A frame whose energy or forces are NaN (extxyz, database or Atoms lists alike) is an
     error naming it, not a NaN loss."""

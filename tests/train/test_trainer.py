@@ -414,3 +414,11 @@ def test_cuda_device_without_cuda_is_a_clear_error(tmp_path):
     config = _resume_config(tmp_path, "run", 1).updated(device="cuda", data=["missing.h5"])
     with pytest.raises(ValueError, match="'cuda' requested but CUDA is not available"):
         Trainer(config)
+
+
+def test_keeping_normalizers_needs_a_checkpoint(tmp_path):
+    """``normalizers="keep"`` without an init checkpoint is an error (it trained with the
+    identity normalizers)."""
+    config = _resume_config(tmp_path, "run", 1).updated(normalizers="keep")
+    with pytest.raises(ValueError, match="normalizers='keep' keeps a checkpoint's normalizers"):
+        Trainer(config, training_frames())
