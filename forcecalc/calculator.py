@@ -47,6 +47,9 @@ class ForceCalculator(Calculator):
         rotations: SpinConv force-centric only: ``None`` (a fixed, seeded set: forces are a
             deterministic function of positions), ``"random"`` (fresh every call, as the
             original) or a ``[R, 3, 3]`` array of rotation matrices.
+        forces: energy-centric SpinConv only: ``"conservative"`` (the full ``-dE/dx``, and
+            stress; the default of our checkpoints) or ``"compat"`` (OCP's definition, the
+            gradient through the distances only; the default of OCP's checkpoints).
         max_neighbors: override the max-neighbor rule of the graph (the trained value
             otherwise; SpinConv's energy readout keeps its trained normalisation), for this
             calculator only (a ``Potential`` passed in is not changed).
@@ -144,6 +147,10 @@ class ForceCalculator(Calculator):
             dtype=str(potential.dtype).removeprefix("torch."),
             max_neighbors=potential.max_neighbors,
             skin=self.skin,
+            forces=potential.model.forces if potential.defines_stress else None,
+            rotations=rotations if isinstance(rotations, str) or rotations is None else "array",
+            cuda_graph=bool(cuda_graph),
+            compile_mode=compile_mode,
         )
         self.replay: GraphReplay | None = None
         if cuda_graph:

@@ -323,7 +323,11 @@ def test_todict_names_the_model() -> None:
     assert record["checkpoint"] == str(SPINCONV_FC) and record["model"] == "spinconv"
     assert record["dtype"] == "float64" and record["device"] == "cpu"
     assert record["skin"] == 0.5 and record["max_neighbors"] == calc.potential.max_neighbors
+    assert record["forces"] is None and record["rotations"] is None
+    assert not record["cuda_graph"] and record["compile_mode"] is None
     json.dumps(record)
+    conservative = load_calculator(SPINCONV_EC, device="cpu", forces="conservative").todict()
+    assert conservative["forces"] == "conservative"
 
 
 @pytest.mark.parametrize("optimizer", [BFGS, LBFGS, FIRE])
