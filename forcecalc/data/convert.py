@@ -203,8 +203,8 @@ _STORED_ARRAYS = ("numbers", "positions", "tags")
 
 def _unstored(atoms: Atoms) -> list[str]:
     """``atoms``' calculator results, ``info`` keys, per-atom arrays and constraints (other
-    than FixAtoms) that :func:`_write_h5` does not keep (``free_energy`` equal to ``energy``
-    counts as kept)."""
+    than FixAtoms) that :func:`_write_h5` does not keep (``free_energy`` equal to ``energy``,
+    or alone, stored as the energy, counts as kept)."""
     results = atoms.calc.results if atoms.calc is not None else {}
     names = [f"info[{k!r}]" for k in atoms.info if k not in _STORED_INFO and not k.startswith(_SYS)]
     names += [f"per-atom array {k!r}" for k in atoms.arrays if k not in _STORED_ARRAYS]
@@ -212,7 +212,7 @@ def _unstored(atoms: Atoms) -> list[str]:
         f"constraint {type(c).__name__}" for c in atoms.constraints if not isinstance(c, FixAtoms)
     ]
     for key, value in results.items():
-        same = key == "free_energy" and value == results.get("energy")
+        same = key == "free_energy" and value == results.get("energy", value)
         if key not in _STORED_RESULTS and not same:
             names.append(f"calculator result {key!r}")
     return names

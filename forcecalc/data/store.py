@@ -105,8 +105,10 @@ class FrameBatch:
         fixed = []
         for k, atoms in enumerate(images):
             results = atoms.calc.results if atoms.calc is not None else {}
-            if "energy" in results:
-                energy[k] = float(results["energy"])
+            # the energy, or a free energy alone (as training reads such frames)
+            value = results.get("energy", results.get("free_energy"))
+            if value is not None:
+                energy[k] = float(value)
             if "stress" in results:
                 stress[k] = _voigt(results["stress"])
             forces.append(results.get("forces", np.full((len(atoms), 3), np.nan)))

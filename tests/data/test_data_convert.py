@@ -372,3 +372,14 @@ def test_cli_convert_reports_warnings_on_one_line(
     out, err = capsys.readouterr()
     assert out == f"{tmp_path / 'o.h5'}\n"
     assert err.startswith("forcecalc: warning: ") and err.count("\n") == 1 and "energies" in err
+
+
+def test_a_free_energy_alone_is_stored_as_the_energy(tmp_path):
+    """A frame labelled with a free energy and no energy (some DFT outputs) keeps it as its
+    energy in HDF5, as training reads such frames (it was dropped, and the file refused)."""
+    atoms = bulk("Cu", "fcc", a=3.6, cubic=True)
+    atoms.calc = SinglePointCalculator(atoms, free_energy=-3.5, forces=np.zeros((4, 3)))
+    ase.io.write(tmp_path / "in.extxyz", atoms)
+    convert(tmp_path / "in.extxyz", tmp_path / "out.h5")
+    with open_dataset(tmp_path / "out.h5") as dataset:
+        assert dataset[0].get_potential_energy() == -3.5
