@@ -47,18 +47,55 @@ class CheckpointError(ValueError):
 
 @dataclass(frozen=True)
 class Normalizers:
-    """Affine maps from the model's raw outputs to eV and eV/Å: ``E = raw * std + mean``."""
+    """Affine maps from the model's raw outputs to eV and eV/Å: ``E = raw * std + mean``,
+    plus, where ``element_references`` are given (``(Z, eV)`` pairs), the sum of the atoms'
+    reference energies: for total energies, which grow with the number of atoms (OC20's
+    adsorption energies have none: the mean is per structure)."""
 
     energy_mean: float = 0.0
     energy_std: float = 1.0
     forces_std: float = 1.0
+    element_references: tuple[tuple[int, float], ...] = ()
 
-    def as_dict(self) -> dict[str, float]:
-        return {
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
             "energy_mean": self.energy_mean,
             "energy_std": self.energy_std,
             "forces_std": self.forces_std,
         }
+        if self.element_references:
+            out["element_references"] = [[z, e] for z, e in self.element_references]
+        return out
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> Normalizers:
+        """The inverse of :meth:`as_dict` (``ValueError``/``TypeError`` for other values)."""
+        references = tuple((int(z), _float(e)) for z, e in values.get("element_references", ()))
+        scalars = {k: _float(v) for k, v in values.items() if k != "element_references"}
+        return cls(**scalars, element_references=references)
+
+    def reference_energy(self, numbers: Tensor, system_idx: Tensor, n_systems: int) -> Tensor:
+        """``[n_systems]`` float64: the sum of each system's atoms' reference energies
+        (zero without references); ``numbers`` ``[n_atoms]``, ``system_idx`` ``[n_atoms]``."""
+        out = torch.zeros(n_systems, dtype=torch.float64, device=numbers.device)
+        if not self.element_references:
+            return out
+        table = torch.zeros(MAX_REFERENCE_Z + 1, dtype=torch.float64, device=numbers.device)
+        for z, energy in self.element_references:
+            table[z] = energy
+        return out.index_add_(0, system_idx, table[numbers])
+
+    def missing_references(self, numbers: Sequence[int]) -> list[int]:
+        """The atomic numbers among ``numbers`` without a reference energy (none when the
+        normalizers have no references at all)."""
+        if not self.element_references:
+            return []
+        known = {z for z, _ in self.element_references}
+        return sorted({int(z) for z in numbers} - known)
+
+
+#: Largest atomic number an energy reference may have.
+MAX_REFERENCE_Z = 118
 
 
 @dataclass
@@ -159,7 +196,18 @@ class Potential(nn.Module):
                 ) from None
 
     def check_numbers(self, numbers: Tensor) -> None:
-        """Raise ``ValueError`` naming the atoms whose element the model cannot represent."""
+        """Raise ``ValueError`` naming the atoms whose element the model cannot represent (or
+        has no reference energy for, where its normalizers have references)."""
+        references = self.info.normalizers.element_references
+        missing = self.info.normalizers.missing_references(numbers.tolist()) if references else []
+        if missing:
+            from ase.data import chemical_symbols
+
+            raise ValueError(
+                f"the {self.name} model has no reference energy for element(s) "
+                f"{', '.join(chemical_symbols[z] for z in missing)} (its energies are total "
+                "energies referenced per element)"
+            )
         allowed = self.elements
         if allowed is None:
             return
@@ -182,7 +230,14 @@ class Potential(nn.Module):
             if compute_stress
             else self.model(batch)
         )
-        return self._denormalized(raw)
+        return self._denormalized(raw, self._reference(batch))
+
+    def _reference(self, batch: Batch) -> Tensor | None:
+        """``[n_systems]`` summed element reference energies of ``batch`` (None without)."""
+        norm = self.info.normalizers
+        if not norm.element_references:
+            return None
+        return norm.reference_energy(batch.numbers, batch.system_idx, batch.n_systems)
 
     @property
     def fixed_shapes(self) -> bool:
@@ -200,7 +255,11 @@ class Potential(nn.Module):
             raise ValueError(
                 f"the {self.name} model ({self._kind()}) has no fixed-shape forward (CUDA graphs)"
             )
-        return self.model.fixed_shape_inputs(batch, previous)
+        inputs = self.model.fixed_shape_inputs(batch, previous)
+        reference = self._reference(batch)
+        if reference is not None:  # constant while the atoms move (same numbers)
+            inputs["energy_reference"] = reference
+        return inputs
 
     @staticmethod
     def moved(inputs: dict[str, Tensor], batch: Batch) -> dict[str, Tensor]:
@@ -217,12 +276,20 @@ class Potential(nn.Module):
         inputs had too little room for the edges kept at these positions (the other outputs
         are then wrong: build the inputs again from this batch)."""
         raw = self.model.fixed_shape_forward(inputs)
-        return {**self._denormalized(raw), "overflow": raw["overflow"]}
+        reference = inputs.get("energy_reference")
+        return {**self._denormalized(raw, reference), "overflow": raw["overflow"]}
 
-    def _denormalized(self, raw: dict[str, Tensor]) -> dict[str, Tensor]:
+    def _denormalized(
+        self, raw: dict[str, Tensor], reference: Tensor | None = None
+    ) -> dict[str, Tensor]:
+        """eV and Å from the raw outputs; ``reference`` ``[n_systems]``: the systems' summed
+        element reference energies, if the normalizers have them."""
         norm = self.info.normalizers
+        energy = raw["energy"] * norm.energy_std + norm.energy_mean
+        if reference is not None:
+            energy = energy + reference.to(energy.dtype)
         out = {
-            "energy": raw["energy"] * norm.energy_std + norm.energy_mean,
+            "energy": energy,
             "forces": raw["forces"] * norm.forces_std,
         }
         if "stress" in raw:
@@ -407,13 +474,13 @@ def _own_info(data: dict[str, Any], path: Path) -> CheckpointInfo:
         )
     saved = _dict_entry(data, "normalizers", path, "'normalizers'")
     expected = set(Normalizers().as_dict())
-    if set(saved) != expected:
+    if set(saved) - {"element_references"} != expected:
         raise CheckpointError(
             f"checkpoint {path}: 'normalizers' has the keys {sorted(saved)}, expected "
-            f"{sorted(expected)}"
+            f"{sorted(expected)} (and optionally 'element_references')"
         )
     try:
-        normalizers = Normalizers(**{key: _float(value) for key, value in saved.items()})
+        normalizers = Normalizers.from_dict(saved)
     except (TypeError, ValueError, RuntimeError) as error:
         raise CheckpointError(
             f"checkpoint {path}: 'normalizers' are not numbers ({error})"

@@ -18,6 +18,7 @@ from forcecalc.atomic import torch_save
 from forcecalc.checkpoint import (
     CheckpointError,
     Normalizers,
+    Potential,
     load_checkpoint,
     read_checkpoint,
     save_checkpoint,
@@ -290,3 +291,39 @@ def test_ocp_moving_average_weights_are_the_ones_loaded(tmp_path: Path) -> None:
     torch_save({**raw, "ema": {"shadow_params": shadow[:-1]}}, tmp_path / "short.pt")
     with pytest.raises(CheckpointError, match="moving-average weights"):
         read_checkpoint(tmp_path / "short.pt")
+
+
+def test_element_reference_energies_are_added_per_atom(tmp_path: Path) -> None:
+    """Normalizers with element reference energies add each atom's to the energy (total
+    energies grow with the atoms), on the plain and the fixed-shape (CUDA-graph) forward
+    alike; forces are unchanged; they survive a save and load; an element without one is
+    an error naming it."""
+    from dataclasses import replace
+
+    from ase.build import bulk, molecule
+
+    from forcecalc.graph.batch import Batch
+
+    plain = load_checkpoint(OCP_DATA / "spinconv_small_ec.pt", device="cpu", dtype="float64")
+    references = ((6, -5.0), (8, -3.0), (29, -1.5))
+    info = replace(
+        plain.info, normalizers=replace(plain.info.normalizers, element_references=references)
+    )
+    referenced = Potential(plain.model, info)
+    cell = bulk("Cu", "fcc", a=3.6, cubic=True)
+    co = molecule("CO", cell=[8, 8, 8], pbc=True)
+    co.positions += 4.0
+    batch = Batch.from_atoms([cell, co], cutoff=plain.cutoff, dtype=torch.float64)
+    a, b = plain(batch), referenced(batch)
+    torch.testing.assert_close(
+        b["energy"] - a["energy"], torch.tensor([-6.0, -8.0], dtype=torch.float64)
+    )
+    assert torch.equal(a["forces"], b["forces"])
+    one = Batch.from_atoms([cell], cutoff=plain.cutoff, dtype=torch.float64)
+    fixed = referenced.fixed_shape_forward(referenced.fixed_shape_inputs(one))
+    torch.testing.assert_close(fixed["energy"], referenced(one)["energy"])
+    save_checkpoint(referenced, tmp_path / "ref.pt")
+    loaded = load_checkpoint(tmp_path / "ref.pt", device="cpu", dtype="float64")
+    assert loaded.info.normalizers.element_references == references
+    with pytest.raises(ValueError, match="no reference energy for element"):
+        loaded.check_numbers(torch.tensor([29, 1]))

@@ -22,6 +22,7 @@ ROTATIONS = ("none", "z", "3d", "auto")
 OPTIMIZERS = ("adam", "adamw")
 SCHEDULERS = ("plateau", "cosine", "constant")
 NORMALIZER_MODES = ("auto", "fit", "keep")
+ENERGY_REFERENCES = ("none", "fit")
 MONITORED = ("forces_mae", "energy_mae", "efwt")
 
 
@@ -98,6 +99,8 @@ HELP: dict[str, str] = {
     "amp": "bf16 autocast (CUDA only)",
     "normalizers": "auto (fit from data unless fine-tuning), fit, or keep the checkpoint's",
     "normalizer_frames": "frames used to fit the normalizers",
+    "energy_references": "none (OC20: the energy mean per structure), or fit a reference energy "
+    "per element with the normalizers (total energies of structures of different sizes)",
     "monitor": f"validation metric for plateau and best: {', '.join(MONITORED)} "
     "(no validation data: the training loss)",
     "out": "output folder",
@@ -157,6 +160,7 @@ class TrainConfig:
     amp: bool = False
     normalizers: str = "auto"
     normalizer_frames: int = 10000
+    energy_references: str = "none"
     monitor: str = "forces_mae"
     # run
     out: str = "run"
@@ -182,6 +186,7 @@ class TrainConfig:
             "optimizer": OPTIMIZERS,
             "scheduler": SCHEDULERS,
             "normalizers": NORMALIZER_MODES,
+            "energy_references": ENERGY_REFERENCES,
             "monitor": MONITORED,
             "dtype": ("float32", "float64"),
         }

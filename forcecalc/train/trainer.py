@@ -41,6 +41,7 @@ from torch.utils.data import DataLoader
 
 from forcecalc.atomic import torch_save, write_text
 from forcecalc.checkpoint import (
+    MAX_REFERENCE_Z,
     CheckpointInfo,
     Normalizers,
     Potential,
@@ -90,25 +91,43 @@ FINAL_FILE = "final.pt"
 _WRITTEN = (STATE_FILE, BEST_FILE, FINAL_FILE, "metrics.csv", "metrics.json", "config.yaml")
 
 
-def fit_normalizers(frames: Sequence, max_frames: int, seed: int) -> Normalizers:
+def fit_normalizers(
+    frames: Sequence, max_frames: int, seed: int, references: bool = False
+) -> Normalizers:
     """Energy mean and standard deviation, and the force RMS (a standard deviation about 0),
-    over at most ``max_frames`` randomly chosen frames."""
+    over at most ``max_frames`` randomly chosen frames.  With ``references``, first a
+    reference energy per element, the least-squares fit of the energies on the frames'
+    element counts (for total energies), and then the mean and standard deviation of what
+    they leave."""
     n = len(frames)
     if n == 0:
         raise ValueError("no training frames to fit the normalizers on")
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).numpy()
-    energies, squares, count = [], 0.0, 0
+    energies, counts, squares, count = [], [], 0.0, 0
     for index in np.sort(order[: min(max_frames, n)]):
-        energy, forces = frame_targets(frames[int(index)], int(index))
+        atoms = frames[int(index)]
+        energy, forces = frame_targets(atoms, int(index))
         energies.append(energy)
+        counts.append(np.bincount(atoms.numbers, minlength=MAX_REFERENCE_Z + 1))
         squares += float((forces * forces).sum())
         count += forces.size
-    energy_std = float(np.std(energies)) if len(energies) > 1 else 0.0
+    element_references: tuple[tuple[int, float], ...] = ()
+    residual = np.asarray(energies)
+    if references:
+        matrix = np.stack(counts).astype(np.float64)
+        present = np.flatnonzero(matrix.any(axis=0))
+        solution, *_ = np.linalg.lstsq(matrix[:, present], residual, rcond=None)
+        element_references = tuple(
+            (int(z), float(e)) for z, e in zip(present, solution, strict=True)
+        )
+        residual = residual - matrix[:, present] @ solution
+    energy_std = float(np.std(residual)) if len(residual) > 1 else 0.0
     forces_std = math.sqrt(squares / max(count, 1))
     return Normalizers(
-        energy_mean=float(np.mean(energies)),
+        energy_mean=float(np.mean(residual)),
         energy_std=energy_std if energy_std > 1e-8 else 1.0,
         forces_std=forces_std if forces_std > 1e-8 else 1.0,
+        element_references=element_references,
     )
 
 
@@ -332,7 +351,7 @@ class Trainer:
             info = CheckpointInfo(
                 model=saved["model"],
                 model_kwargs=dict(saved["model_kwargs"]),
-                normalizers=Normalizers(**saved["normalizers"]),
+                normalizers=Normalizers.from_dict(saved["normalizers"]),
                 source_format=saved["source_format"],
                 elements=saved["elements"],
                 metadata=dict(saved["metadata"]),
@@ -380,8 +399,18 @@ class Trainer:
         fit = config.normalizers == "fit" or (
             config.normalizers == "auto" and not config.init_checkpoint
         )
+        if config.energy_references == "fit" and not fit:
+            raise ValueError(
+                "energy_references='fit' fits them with the normalizers: use "
+                "normalizers='fit' (or 'auto' when training from scratch)"
+            )
         if state is None and fit:
-            normalizers = fit_normalizers(self.train_frames, config.normalizer_frames, config.seed)
+            normalizers = fit_normalizers(
+                self.train_frames,
+                config.normalizer_frames,
+                config.seed,
+                references=config.energy_references == "fit",
+            )
             if potential.defines_stress:
                 # Forces are the gradient of the normalized energy: they must be scaled by the
                 # energy's std, or they would not be -dE/dx of the energy the model reports.
@@ -410,7 +439,10 @@ class Trainer:
         if rotations is not None:
             graph, forces = rotate(graph, forces, torch.from_numpy(rotations))
         norm = self.potential.info.normalizers
-        target_energy = (batch.energy - norm.energy_mean) / norm.energy_std
+        reference = norm.reference_energy(graph.numbers, graph.system_idx, graph.n_systems)
+        target_energy = (batch.energy - reference.to(batch.energy.dtype) - norm.energy_mean) / (
+            norm.energy_std
+        )
         target_forces = forces / norm.forces_std
         weights = atom_weights(graph, config.fixed_atom_weight, config.tag_weights)
         denominators = all_reduce_sum(

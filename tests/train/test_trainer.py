@@ -11,6 +11,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from train_fixtures import FORCENET_TINY, SPINCONV_TINY, one_thread, training_frames  # noqa: F401
@@ -422,3 +423,42 @@ def test_keeping_normalizers_needs_a_checkpoint(tmp_path):
     config = _resume_config(tmp_path, "run", 1).updated(normalizers="keep")
     with pytest.raises(ValueError, match="normalizers='keep' keeps a checkpoint's normalizers"):
         Trainer(config, training_frames())
+
+
+def test_energy_references_are_fitted_per_element(tmp_path):
+    """``energy_references="fit"``: the normalizers get a reference energy per element, the
+    least-squares fit of the energies on the element counts (exact here, where the energies
+    are per-element sums, over CuO and Cu cells of 1 to 4 repeats), and the written model
+    keeps them; it needs normalizers that are fitted."""
+    from ase.build import bulk
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    from forcecalc.train.trainer import fit_normalizers
+
+    frames = []
+    structures = [bulk("CuO", "rocksalt", a=4.2), bulk("Cu", "fcc", a=3.6, cubic=True)]
+    for k, repeat in enumerate([(1, 1, 1), (2, 1, 1), (3, 1, 1), (2, 2, 1)]):
+        atoms = structures[k % 2].repeat(repeat)
+        atoms.rattle(0.05, seed=k)
+        counts = np.bincount(atoms.numbers, minlength=30)
+        energy = -3.5 * counts[29] - 4.25 * counts[8]
+        atoms.calc = SinglePointCalculator(atoms, energy=energy, forces=np.zeros((len(atoms), 3)))
+        frames.append(atoms)
+    norm = fit_normalizers(frames, 100, 0, references=True)
+    assert dict(norm.element_references) == pytest.approx({8: -4.25, 29: -3.5})
+    assert abs(norm.energy_mean) < 1e-9
+    config = _resume_config(tmp_path, "refs", 1).updated(
+        energy_references="fit", val_fraction=0.0, rotation="none"
+    )
+    summary = Trainer(config, frames).fit()
+    written = load_checkpoint(summary["final"], device="cpu")
+    assert dict(written.info.normalizers.element_references) == pytest.approx({8: -4.25, 29: -3.5})
+    finetune = TrainConfig(
+        init_checkpoint=str(Path(__file__).parents[1] / "data" / "ocp" / "forcenet_small.pt"),
+        energy_references="fit",
+        out=str(tmp_path / "finetune"),
+        device="cpu",
+        progress=False,
+    )  # fine-tuning keeps the checkpoint's normalizers unless told to fit them
+    with pytest.raises(ValueError, match="energy_references='fit' fits them with the normalizers"):
+        Trainer(finetune, frames)
