@@ -8,6 +8,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 
@@ -530,9 +531,17 @@ def _cmd_md(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser whose usage errors are one line (``forcecalc relax: error: ...``,
+    exit code 2), like forcecalc's own errors, instead of the usage block first."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``forcecalc`` command."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="forcecalc",
         description="SpinConv and ForceNet force fields (Open Catalyst Project) for ASE.",
     )

@@ -83,6 +83,8 @@ from forcecalc.train.optim import (
 
 STATE_FORMAT = "forcecalc-train-state"
 STATE_VERSION = 1
+#: Options whose change makes a resumed run another run (the data position means nothing).
+RUN_DEFINING = ("data", "val_data", "val_fraction", "split_seed", "batch_size", "seed")
 #: Metadata a fine-tuned checkpoint keeps from the one it started from.
 INHERITED_METADATA = ("license", "energy")
 STATE_FILE = "checkpoint.pt"
@@ -732,6 +734,19 @@ class Trainer:
             if state["ema"] is None:
                 raise ValueError("the saved run had no moving average; set ema_decay to none")
             self.ema.load_state_dict(state["ema"])
+        saved = state["config"]
+        changed = [
+            name
+            for name in RUN_DEFINING
+            if name in saved and saved[name] != self.config.as_dict()[name]
+        ]
+        if changed:
+            warnings.warn(
+                f"resuming with other {', '.join(changed)} than the saved run's: it goes on "
+                "from the saved step and data position, but is not a continuation of that run "
+                "(to train further on new data, fine-tune from its best.pt instead)",
+                stacklevel=2,
+            )
         self.step = int(state["step"])
         self.epoch = int(state["epoch"])
         self.batch_in_epoch = int(state["batch_in_epoch"])

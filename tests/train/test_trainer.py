@@ -462,3 +462,13 @@ def test_energy_references_are_fitted_per_element(tmp_path):
     )  # fine-tuning keeps the checkpoint's normalizers unless told to fit them
     with pytest.raises(ValueError, match="energy_references='fit' fits them with the normalizers"):
         Trainer(finetune, frames)
+
+
+def test_resuming_another_run_is_said(tmp_path):
+    """Resuming with other data or batch size than the saved run's warns that the result is
+    not a continuation of that run (it was silent)."""
+    frames = training_frames()
+    Trainer(_resume_config(tmp_path, "run", 2), frames).fit()
+    state = tmp_path / "run" / "checkpoint.pt"
+    with pytest.warns(UserWarning, match="resuming with other batch_size than the saved run"):
+        Trainer(_resume_config(tmp_path, "run", 4).updated(batch_size=4), frames, resume=state)
