@@ -163,7 +163,10 @@ class EMA:
     """Exponential moving average of the trainable parameters.
 
     After each optimizer step ``shadow = d * shadow + (1 - d) * parameter`` with
-    ``d = min(decay, (1 + n) / (10 + n))`` after ``n`` updates (the warm-up OCP used).
+    ``d = min(decay, (1 + n) / (10 + n))`` where ``n`` counts the updates including this one
+    (the warm-up of ``torch_ema`` with ``use_num_updates``: the first update uses ``2 / 11``;
+    OCP's trainer averages with the constant ``decay`` from its first step, so its average
+    keeps the initial weights longer).
     """
 
     def __init__(self, parameters: Sequence[nn.Parameter], decay: float) -> None:
@@ -174,8 +177,8 @@ class EMA:
 
     @torch.no_grad()
     def update(self) -> None:
-        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
         self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
         torch._foreach_lerp_(self.shadow, [p.detach() for p in self.parameters], 1.0 - decay)
 
     @contextmanager

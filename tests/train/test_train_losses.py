@@ -124,16 +124,19 @@ def test_schedule_warmup_plateau_cosine():
 
 
 def test_ema_averages_and_restores():
-    """The moving average follows ``d * shadow + (1 - d) * p`` with OCP's warm-up of ``d``;
-    inside ``applied()`` the parameters hold the averages, afterwards their own values."""
+    """The moving average follows ``d * shadow + (1 - d) * p`` with ``torch_ema``'s warm-up
+    of ``d`` (``n`` counting this update); inside ``applied()`` the parameters hold the
+    averages, afterwards their own values."""
     parameter = torch.nn.Parameter(torch.zeros(2))
     ema = EMA([parameter], decay=0.5)
     with torch.no_grad():
         parameter.fill_(1.0)
-    ema.update()  # d = min(0.5, 1/10) = 0.1
-    assert ema.shadow[0].tolist() == pytest.approx([0.9, 0.9])
+    ema.update()  # d = min(0.5, 2/11)
+    assert ema.shadow[0].tolist() == pytest.approx([9 / 11, 9 / 11])
+    ema.update()  # d = min(0.5, 3/12) = 0.25
+    assert ema.shadow[0].tolist() == pytest.approx([0.25 * 9 / 11 + 0.75] * 2)
     with ema.applied():
-        assert parameter.tolist() == pytest.approx([0.9, 0.9])
+        assert parameter.tolist() == pytest.approx([0.25 * 9 / 11 + 0.75] * 2)
     assert parameter.tolist() == [1.0, 1.0]
 
 
