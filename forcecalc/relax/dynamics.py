@@ -294,7 +294,11 @@ def md(
             _record(systems, structures, dynamics, energy, raw, frames)
         for step in tqdm(range(1, steps + 1), disable=not progress, desc="md", unit="step"):
             systems.positions = dynamics.drift(systems, systems.constrained_forces(raw))
-            energy, raw = evaluate(systems)
+            try:
+                energy, raw = evaluate(systems)
+            except ValueError as error:
+                _check_finite(systems, structures, step, error)
+                raise
             dynamics.kick(systems, systems.constrained_forces(raw))
             if trajectory_interval > 0 and step % trajectory_interval == 0:
                 _record(systems, structures, dynamics, energy, raw, frames)
@@ -305,6 +309,22 @@ def md(
                 finals[k].info["trajectory"] = frames[k]
             results[index] = finals[k]
     return results
+
+
+def _check_finite(systems: SystemSet, structures: Sequence, step: int, error: ValueError) -> None:
+    """Raise a ValueError naming the structures whose positions stopped being finite at
+    ``step`` (the dynamics diverged), in place of the graph builder's ``error``."""
+    finite = torch.isfinite(systems.positions).all(dim=1).cpu().numpy()
+    per_system = np.split(finite, np.cumsum(systems.natoms_list)[:-1])
+    diverged = [index for index, ok in zip(systems.ids, per_system, strict=True) if not ok.all()]
+    if diverged:
+        names = ", ".join(
+            f"{index} ({structures[index].get_chemical_formula()})" for index in diverged[:10]
+        )
+        raise ValueError(
+            f"MD of structure(s) {names} diverged at step {step}: positions are not finite "
+            "(a time step too large for the forces, or an unphysical start)"
+        ) from error
 
 
 def _snapshots(

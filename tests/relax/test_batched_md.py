@@ -212,3 +212,31 @@ def test_md_float32_checkpoint_runs():
     fixed = systems[0].constraints[0].get_indices()
     assert np.array_equal(result.positions[fixed], systems[0].positions[fixed])
     assert torch.isfinite(torch.as_tensor(result.get_forces())).all()
+
+
+def test_diverging_md_names_the_structure():
+    """Contract: when a system's positions stop being finite (here its forces are), the error
+    names that structure by its input place and the step, not batch-wide atom indices."""
+    potential = morse_potential()
+
+    class Exploding(torch.nn.Module):
+        """The Morse potential, with infinite forces on the atoms of the second system."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = potential
+
+        def __getattr__(self, name):
+            try:
+                return super().__getattr__(name)
+            except AttributeError:
+                return getattr(self.inner, name)
+
+        def forward(self, batch, compute_stress=False):
+            out = self.inner(batch)
+            forces = torch.where((batch.system_idx == 1)[:, None], torch.inf, out["forces"])
+            return {**out, "forces": forces}
+
+    systems = _thermalized()[:3]
+    with pytest.raises(ValueError, match=r"MD of structure\(s\) 1 \(.*\) diverged at step 1"):
+        md(systems, Exploding(), steps=3, timestep=0.5, batch_size=3)
