@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 import os
 import pickle
 import pickletools
@@ -67,6 +68,19 @@ class Normalizers:
             out["element_references"] = [[z, e] for z, e in self.element_references]
         return out
 
+    def __post_init__(self) -> None:
+        zs = [z for z, _ in self.element_references]
+        bad = [
+            (z, e)
+            for z, e in self.element_references
+            if not 1 <= z <= MAX_REFERENCE_Z or not math.isfinite(e)
+        ]
+        if bad or len(set(zs)) != len(zs):
+            raise ValueError(
+                "element_references must be (Z, eV) pairs with distinct Z in 1..118 and finite "
+                f"energies, got {list(self.element_references)}"
+            )
+
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> Normalizers:
         """The inverse of :meth:`as_dict` (``ValueError``/``TypeError`` for other values)."""
@@ -76,11 +90,15 @@ class Normalizers:
 
     def reference_energy(self, numbers: Tensor, system_idx: Tensor, n_systems: int) -> Tensor:
         """``[n_systems]`` float64: the sum of each system's atoms' reference energies
-        (zero without references); ``numbers`` ``[n_atoms]``, ``system_idx`` ``[n_atoms]``."""
+        (zero without references; NaN for a system with an element that has none, so that
+        no path gives a number for it); ``numbers`` ``[n_atoms]``, ``system_idx``
+        ``[n_atoms]``."""
         out = torch.zeros(n_systems, dtype=torch.float64, device=numbers.device)
         if not self.element_references:
             return out
-        table = torch.zeros(MAX_REFERENCE_Z + 1, dtype=torch.float64, device=numbers.device)
+        table = torch.full(
+            (MAX_REFERENCE_Z + 1,), torch.nan, dtype=torch.float64, device=numbers.device
+        )
         for z, energy in self.element_references:
             table[z] = energy
         return out.index_add_(0, system_idx, table[numbers])

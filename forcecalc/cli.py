@@ -249,7 +249,8 @@ def _cmd_relax(args: argparse.Namespace) -> int:
     potential = load_checkpoint(
         args.model, device=args.device, dtype=args.dtype, allow_unsafe=args.allow_unsafe
     )
-    check_structures(selected, potential, engine=args.batched)  # all, before the first step
+    # all, before the first step (the engine names overlaps itself, as it builds graphs)
+    check_structures(selected, potential, engine=args.batched, overlaps=not args.batched)
     if args.batched and args.compile:
         from forcecalc.compiled import compiled_blocks
 

@@ -53,7 +53,7 @@ def predict(
     if isinstance(structures, Atoms):
         structures = [structures]
     potential = as_potential(model, device=device, dtype=dtype, **model_options)
-    check_structures(structures, potential, engine=False)  # all, named by input place
+    check_structures(structures, potential, engine=False, overlaps=True)  # by input place
     results: list[dict[str, Any]] = []
     starts = range(0, len(structures), batch_size)
     for start in tqdm(starts, disable=not progress, desc="predict", unit="batch"):

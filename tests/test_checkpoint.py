@@ -297,7 +297,8 @@ def test_element_reference_energies_are_added_per_atom(tmp_path: Path) -> None:
     """Normalizers with element reference energies add each atom's to the energy (total
     energies grow with the atoms), on the plain and the fixed-shape (CUDA-graph) forward
     alike; forces are unchanged; they survive a save and load; an element without one is
-    an error naming it."""
+    an error naming it (and NaN on the forward itself, never a number); invalid references
+    are refused."""
     from dataclasses import replace
 
     from ase.build import bulk, molecule
@@ -327,3 +328,9 @@ def test_element_reference_energies_are_added_per_atom(tmp_path: Path) -> None:
     assert loaded.info.normalizers.element_references == references
     with pytest.raises(ValueError, match="no reference energy for element"):
         loaded.check_numbers(torch.tensor([29, 1]))
+    h2 = molecule("H2", cell=[8, 8, 8], pbc=True)  # H has no reference: no number for it
+    energy = referenced(Batch.from_atoms([h2], cutoff=plain.cutoff, dtype=torch.float64))["energy"]
+    assert torch.isnan(energy).all()
+    for bad in [((0, -1.0),), ((29, float("nan")),), ((29, -1.0), (29, -2.0))]:
+        with pytest.raises(ValueError, match="element_references must be"):
+            Normalizers(element_references=bad)

@@ -182,7 +182,9 @@ class SystemSet:
         else:
             moved = ((self.positions - self.reference) ** 2).sum(dim=1)
             farthest = segment_max(moved, self.system_idx, self.n_systems)
-            stale = farthest > (0.5 * self.skin) ** 2
+            # "not within": a system whose positions stopped being finite is stale too, so
+            # the graph builder sees them and refuses (NaN compares false)
+            stale = ~(farthest <= (0.5 * self.skin) ** 2)
         systems = torch.nonzero(stale).flatten()
         if systems.numel() == 0:
             return 0
@@ -194,13 +196,17 @@ class SystemSet:
         """New graphs for ``systems`` (sorted indices) whose atoms are ``atoms`` (sorted)."""
         local_system = torch.zeros(self.n_systems, dtype=torch.int64, device=self.device)
         local_system[systems] = torch.arange(len(systems), device=self.device)
-        graph = radius_graph(
-            self.positions[atoms],
-            self.cell[systems],
-            self.pbc[systems],
-            local_system[self.system_idx[atoms]],
-            self.graph_cutoff,
-        )
+        try:
+            graph = radius_graph(
+                self.positions[atoms],
+                self.cell[systems],
+                self.pbc[systems],
+                local_system[self.system_idx[atoms]],
+                self.graph_cutoff,
+            )
+        except ValueError as error:
+            self._name_the_system(systems.tolist(), error)
+            raise
         stale = torch.zeros(self.n_systems, dtype=torch.bool, device=self.device)
         stale[systems] = True
         old = ~stale[self.edge_system]
@@ -213,6 +219,27 @@ class SystemSet:
         self.edge_counts = counts
         for s in systems.tolist():
             self.builds[s] += 1
+
+    def _name_the_system(self, systems: list[int], error: ValueError) -> None:
+        """Raise ``error`` again naming the first of ``systems`` whose graph cannot be built
+        (overlapping atoms, positions that are not finite) by its input index and formula,
+        with its own atom indices (the graph builder counts atoms over the whole call)."""
+        from ase import Atoms
+
+        offsets = self.atom_offsets()
+        for s in systems:
+            a0, a1 = offsets[s], offsets[s + 1]
+            try:
+                radius_graph(
+                    self.positions[a0:a1],
+                    self.cell[s : s + 1],
+                    self.pbc[s : s + 1],
+                    torch.zeros(a1 - a0, dtype=torch.int64, device=self.device),
+                    self.graph_cutoff,
+                )
+            except ValueError as own:
+                formula = Atoms(numbers=self.numbers[a0:a1].tolist()).get_chemical_formula()
+                raise ValueError(f"structure {self.ids[s]} ({formula}): {own}") from error
 
     def batch(self, start: int, stop: int) -> Batch:
         """Systems ``start..stop-1`` as a :class:`~forcecalc.graph.Batch`, positions and cell
@@ -248,14 +275,19 @@ class SystemSet:
         return segment_max(torch.linalg.norm(forces, dim=1), self.system_idx, self.n_systems)
 
 
-def check_structures(structures: Sequence, potential: nn.Module, engine: bool = True) -> None:
+def check_structures(
+    structures: Sequence, potential: nn.Module, engine: bool = True, overlaps: bool = False
+) -> None:
     """Validate every structure before anything runs (ValueError naming the structure);
-    ``engine``: also that its constraints are those the batched engine honors."""
+    ``engine``: also that its constraints are those the batched engine honors (which names
+    overlapping atoms itself, when it builds a structure's graph); ``overlaps``: also that no
+    two atoms overlap (a neighbor search per structure)."""
     for index, atoms in enumerate(structures):
         check_atoms(atoms, index)
         if engine:
             supported_constraints(atoms, index)
-        _check_no_overlap(atoms, index)
+        if overlaps:
+            _check_no_overlap(atoms, index)
     check = getattr(potential, "check_elements", None)
     if check is not None:
         check(structures)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import os
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -156,13 +157,14 @@ def cpu_peak_bytes(potential: nn.Module, batch: Batch, grad: bool) -> float:
 
 
 def cpu_peak_measurable() -> bool:
-    """Whether :func:`cpu_peak_bytes` works here (Linux with a writable ``clear_refs``)."""
+    """Whether :func:`cpu_peak_bytes` works here (Linux with a writable ``clear_refs``);
+    resets nothing (a measurement resets the process's peak-memory figure, ``ru_maxrss``
+    too, once per model and device)."""
     try:
         _status_bytes("VmHWM")
-        Path("/proc/self/clear_refs").write_text("5")
     except (OSError, ValueError):
         return False
-    return True
+    return os.access("/proc/self/clear_refs", os.W_OK)
 
 
 def _status_bytes(field: str) -> int:

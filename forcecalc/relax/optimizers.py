@@ -317,6 +317,10 @@ class BFGS(BatchedOptimizer):
         self.maxstep, self.alpha = maxstep, alpha
         #: ``[3 n_s, 3 n_s]`` float64 Hessian of each system, in the set's order.
         self.hessians: list[Tensor] = []
+        # the size groups of the set's systems, by their sizes (see _size_groups)
+        self._groups: tuple[tuple[int, ...], list[tuple[int, list[int], Tensor, Tensor]]] | None = (
+            None
+        )
 
     def initial_state(self, natoms: Tensor, device: torch.device) -> _State:
         n, s = int(natoms.sum()), len(natoms)
@@ -339,20 +343,38 @@ class BFGS(BatchedOptimizer):
         kept = system_keep.tolist()
         self.hessians = [h for h, k in zip(self.hessians, kept, strict=True) if k]
 
+    def _size_groups(self, systems: SystemSet) -> list[tuple[int, list[int], Tensor, Tensor]]:
+        """The systems grouped by size: ``(n_atoms, members, members [G] and their atoms
+        [G * n_atoms] as device tensors)``, made again only when the set's sizes changed
+        (systems left or joined), not at every step (each made index is a host-to-device
+        copy)."""
+        key = tuple(systems.natoms_list)
+        if self._groups is None or self._groups[0] != key:
+            starts = systems.atom_offsets()
+            members: dict[int, list[int]] = {}
+            for k, n in enumerate(key):
+                members.setdefault(n, []).append(k)
+            device = systems.positions.device
+            groups = [
+                (
+                    n,
+                    chosen,
+                    torch.tensor(chosen, device=device),
+                    torch.tensor(
+                        [a for k in chosen for a in range(starts[k], starts[k] + n)],
+                        device=device,
+                    ),
+                )
+                for n, chosen in members.items()
+            ]
+            self._groups = (key, groups)
+        return self._groups[1]
+
     def step(self, systems: SystemSet, forces: Tensor) -> Tensor:
         positions = systems.positions
         atom, started = self.atom_state, self.system_state["started"]
-        starts = systems.atom_offsets()
-        groups: dict[int, list[int]] = {}
-        for k, n in enumerate(systems.natoms_list):
-            groups.setdefault(n, []).append(k)
         dr = torch.zeros_like(positions)
-        for n, members in groups.items():
-            chosen = torch.tensor(members, device=positions.device)
-            rows = torch.tensor(
-                [a for k in members for a in range(starts[k], starts[k] + n)],
-                device=positions.device,
-            )
+        for n, members, chosen, rows in self._size_groups(systems):
             shape = (len(members), 3 * n)  # the group's coordinates, one row per system
             hessian = torch.stack([self.hessians[k] for k in members])
             gradient = -forces.index_select(0, rows).reshape(shape)

@@ -168,9 +168,9 @@ def _auto_memory_model(
     potential: nn.Module, structures: Sequence, skin: float, device: torch.device
 ) -> MemoryModel:
     cuda = device.type == "cuda"
-    if not cuda and not cpu_peak_measurable():
-        return CPU_MEMORY_MODEL
     model = cached_memory_model(potential, device)
+    if model is None and not cuda and not cpu_peak_measurable():
+        return CPU_MEMORY_MODEL
     if model is None:
         batches = memory_sample_batches(potential, structures, skin, device)
         grad = bool(getattr(potential, "defines_stress", False))

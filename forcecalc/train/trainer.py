@@ -118,6 +118,13 @@ def fit_normalizers(
     if references:
         matrix = np.stack(counts).astype(np.float64)
         present = np.flatnonzero(matrix.any(axis=0))
+        if np.linalg.matrix_rank(matrix[:, present]) < len(present):
+            raise ValueError(
+                "the element counts of the frames the normalizers are fitted on do not "
+                f"determine a reference energy for each of the elements {present.tolist()} "
+                "(e.g. every frame holds two of them in one ratio): add frames of other "
+                "compositions, or train without energy_references"
+            )
         solution, *_ = np.linalg.lstsq(matrix[:, present], residual, rcond=None)
         element_references = tuple(
             (int(z), float(e)) for z, e in zip(present, solution, strict=True)
@@ -342,6 +349,13 @@ class Trainer:
                 f"{', '.join(symbols)} "
                 f"that the {info.model} model cannot represent (its tables cover atomic numbers "
                 f"{_number_ranges(sorted(representable))})"
+            )
+        missing = info.normalizers.missing_references(seen)
+        if missing:
+            raise ValueError(
+                f"the training data has element(s) {missing} without a reference energy (the "
+                "references come from the frames the normalizers were fitted on, or from the "
+                "checkpoint): raise normalizer_frames, or refit them"
             )
         if info.elements is not None:
             info.elements = sorted(set(info.elements) | seen)

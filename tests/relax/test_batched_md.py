@@ -214,9 +214,12 @@ def test_md_float32_checkpoint_runs():
     assert torch.isfinite(torch.as_tensor(result.get_forces())).all()
 
 
-def test_diverging_md_names_the_structure():
+@pytest.mark.parametrize(("skin", "bad"), [(0.0, torch.inf), (0.5, torch.nan)])
+def test_diverging_md_names_the_structure(skin, bad):
     """Contract: when a system's positions stop being finite (here its forces are), the error
-    names that structure by its input place and the step, not batch-wide atom indices."""
+    names that structure by its input place and the step, not batch-wide atom indices; also
+    with a neighbor-list skin, where NaN positions never looked "moved" (the run went on and
+    returned NaN positions)."""
     potential = morse_potential()
 
     class Exploding(torch.nn.Module):
@@ -234,9 +237,9 @@ def test_diverging_md_names_the_structure():
 
         def forward(self, batch, compute_stress=False):
             out = self.inner(batch)
-            forces = torch.where((batch.system_idx == 1)[:, None], torch.inf, out["forces"])
+            forces = torch.where((batch.system_idx == 1)[:, None], bad, out["forces"])
             return {**out, "forces": forces}
 
     systems = _thermalized()[:3]
     with pytest.raises(ValueError, match=r"MD of structure\(s\) 1 \(.*\) diverged at step 1"):
-        md(systems, Exploding(), steps=3, timestep=0.5, batch_size=3)
+        md(systems, Exploding(), steps=3, timestep=0.5, batch_size=3, skin=skin)

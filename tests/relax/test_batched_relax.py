@@ -370,3 +370,14 @@ def test_a_broken_optimizer_step_ends_that_structure_only():
     for a, b in zip(results[:3], reference, strict=True):
         np.testing.assert_allclose(a.positions, b.positions, atol=1e-12)
         assert "relax_error" not in a.info
+
+
+def test_overlapping_atoms_are_named_by_input_place():
+    """Contract: the engine names a structure whose atoms overlap by its input index, with
+    its own atom indices (the graph builder's are batch-wide)."""
+    structures = mixed_structures()[:3]
+    bad = structures[2].copy()
+    bad.positions[1] = bad.positions[0]
+    formula = bad.get_chemical_formula()
+    with pytest.raises(ValueError, match=rf"^structure 2 \({formula}\): atoms 0 and 1 are 0 Å"):
+        relax([*structures[:2], bad], morse_potential(), batch_size=3, steps=2)

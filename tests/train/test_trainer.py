@@ -446,6 +446,8 @@ def test_energy_references_are_fitted_per_element(tmp_path):
         frames.append(atoms)
     norm = fit_normalizers(frames, 100, 0, references=True)
     assert dict(norm.element_references) == pytest.approx({8: -4.25, 29: -3.5})
+    with pytest.raises(ValueError, match="do not determine a reference energy"):
+        fit_normalizers(frames[::2], 100, 0, references=True)  # CuO only: one ratio
     assert abs(norm.energy_mean) < 1e-9
     config = _resume_config(tmp_path, "refs", 1).updated(
         energy_references="fit", val_fraction=0.0, rotation="none"
