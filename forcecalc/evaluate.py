@@ -24,7 +24,11 @@ from forcecalc.predict import predict
 def stacked_forces(structures: Sequence) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The labelled (unconstrained) forces of ``structures`` stacked ``[N, 3]``, their atom
     counts ``[S]`` and the fixed-atom mask ``[N]``."""
-    unlabelled = [k for k, a in enumerate(structures) if a.calc is None]
+    unlabelled = [
+        k
+        for k, a in enumerate(structures)
+        if a.calc is None or not {"energy", "forces"} <= set(a.calc.results)
+    ]
     if unlabelled:
         raise ValueError(
             f"frames {unlabelled[:10]} ({len(unlabelled)} of {len(structures)}) have no stored "
@@ -58,8 +62,8 @@ def evaluate_s2ef(
 ) -> dict[str, float]:
     """S2EF metrics (free atoms, as OC20) of ``potential`` on the frames of ``dataset``."""
     frames = [dataset[int(i)] for i in sample_frames(len(dataset), max_frames, seed)]
+    forces_true, natoms, fixed = stacked_forces(frames)  # the labels checked before the model
     results = predict(frames, potential, batch_size=batch_size)
-    forces_true, natoms, fixed = stacked_forces(frames)
     return {
         **metrics.s2ef_metrics(
             np.array([r["energy"] for r in results]),

@@ -288,8 +288,17 @@ def relax(
                 # the optimizer broke down on these (e.g. LBFGS with zero forces, as ASE's):
                 # they end here, unconverged, with their last finite positions
                 broken = ~finite
+                unconverged = torch.zeros_like(broken)
                 _finish(
-                    systems, structures, energy, raw_forces, broken, finite, taken, initial, results
+                    systems,
+                    structures,
+                    energy,
+                    raw_forces,
+                    broken,
+                    unconverged,
+                    taken,
+                    initial,
+                    results,
                 )
                 for index, bad in zip(systems.ids, broken.tolist(), strict=True):
                     if bad:
