@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from numbers import Integral
 from typing import Any
 
 import numpy as np
@@ -45,7 +46,7 @@ def predict(
 
     from forcecalc.relax.engine import check_structures
 
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, Integral) or batch_size < 1:
         raise ValueError(
             f"batch_size must be an integer >= 1, got {batch_size!r} (for a batch size chosen "
             "from the memory, use forcecalc.relax with steps=0)"
@@ -55,7 +56,7 @@ def predict(
     potential = as_potential(model, device=device, dtype=dtype, **model_options)
     check_structures(structures, potential, engine=False, overlaps=True)  # by input place
     results: list[dict[str, Any]] = []
-    starts = range(0, len(structures), batch_size)
+    starts = range(0, len(structures), int(batch_size))
     for start in tqdm(starts, disable=not progress, desc="predict", unit="batch"):
         chunk = list(structures[start : start + batch_size])
         batch = Batch.from_atoms(chunk, cutoff=potential.cutoff).to(

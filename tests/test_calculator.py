@@ -198,6 +198,7 @@ def test_predict_names_the_structure_and_applies_constraints() -> None:
     for batch_size in ("auto", True, 0):
         with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
             predict([atoms], potential, batch_size=batch_size)
+    assert len(predict([atoms] * 3, potential, batch_size=np.int64(2))) == 3
 
 
 def test_skin_reuses_the_graph_with_identical_results() -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from numbers import Integral
 from typing import Any
 
 import numpy as np
@@ -93,8 +94,9 @@ def plan_batches(
         if memory is None:
             memory = _auto_memory_model(potential, structures, skin, device)
         return Evaluator(potential, memory), None
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, Integral) or batch_size < 1:
         raise ValueError(f"batch_size must be 'auto' or an int >= 1, got {batch_size!r}")
+    batch_size = int(batch_size)
     model = memory or cached_memory_model(potential, device) or CPU_MEMORY_MODEL
     return Evaluator(potential, model.with_budget(float("inf"))), batch_size
 
