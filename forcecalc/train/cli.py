@@ -111,9 +111,7 @@ def build_config(
 
     Values, in increasing priority: the defaults, ``base`` (``finetune``'s defaults), the
     options ``--config`` sets (only those it names), the flags given."""
-    import torch
-
-    from forcecalc.train.trainer import STATE_FORMAT
+    from forcecalc.train.trainer import read_training_state
 
     values: dict[str, Any] = dict(base or {})
     if args.config:
@@ -126,13 +124,7 @@ def build_config(
         if not resume.exists():
             raise FileNotFoundError(f"no training state to resume at {resume}")
         if not args.config:
-            state = torch.load(resume, map_location="cpu", weights_only=True)
-            if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-                raise ValueError(
-                    f"{resume} is not a training state (a model checkpoint?): --resume takes "
-                    "the checkpoint.pt that training writes into its --out folder"
-                )
-            values.update(state["config"])
+            values.update(read_training_state(resume)["config"])
     values.update(flags)
     return TrainConfig.from_dict(values), resume
 

@@ -93,6 +93,18 @@ FINAL_FILE = "final.pt"
 _WRITTEN = (STATE_FILE, BEST_FILE, FINAL_FILE, "metrics.csv", "metrics.json", "config.yaml")
 
 
+def read_training_state(path: str | os.PathLike) -> dict[str, Any]:
+    """The training state at ``path`` (``checkpoint.pt`` in a run's folder), or a
+    ``ValueError`` saying it is none (e.g. a model checkpoint, ``best.pt``)."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise ValueError(
+            f"{path} is not a training state (a model checkpoint?): resuming takes the "
+            "checkpoint.pt that training writes into its out folder"
+        )
+    return state
+
+
 def fit_normalizers(
     frames: Sequence, max_frames: int, seed: int, references: bool = False
 ) -> Normalizers:
@@ -207,11 +219,7 @@ class Trainer:
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             _remove_stale_temp_files(self.out)
-        state = None
-        if resume is not None:
-            state = torch.load(resume, map_location="cpu", weights_only=True)
-            if state.get("format") != STATE_FORMAT:
-                raise ValueError(f"{resume} is not a forcecalc training state")
+        state = None if resume is None else read_training_state(resume)
         self.train_frames, self.val_frames, self.data_info, numbers = self._open_data(
             train_frames, val_frames
         )
