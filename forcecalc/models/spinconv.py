@@ -250,10 +250,15 @@ class DistanceBlock(nn.Module):
         still inside the initialization range ``[-PAIR_INIT, PAIR_INIT]`` (an Adam step moves
         a trained one well outside); self pairs must be trained to serve.  Idempotent.  For
         models we train (``forcecalc train`` applies it to the files it writes), never on
-        loading a checkpoint: a loaded model computes what it was given.
+        loading a checkpoint: a loaded model computes what it was given.  Tables that do not
+        require gradients (frozen while fine-tuning other blocks) are left as they are.
         """
-        if not self.scale_distances:
-            return []
+        if not (
+            self.scale_distances
+            and self.dist_scalar.weight.requires_grad
+            and self.dist_offset.weight.requires_grad
+        ):
+            return []  # frozen tables (fine-tuning other blocks) keep their values
         n = self.max_num_elements
         scalar = self.dist_scalar.weight.view(n, n)
         offset = self.dist_offset.weight.view(n, n)

@@ -818,10 +818,7 @@ class Trainer:
         }
         with self._averaged():
             model = copy.deepcopy(self.potential.model)
-        trainable = {name for name, p in self.potential.model.named_parameters() if p.requires_grad}
-        # the pair tables only where they were trained here: frozen weights keep their values
-        tables = ("dist_scalar.weight", "dist_offset.weight")
-        filled = fill_untrained_pairs(model) if any(n.endswith(tables) for n in trainable) else []
+        filled = fill_untrained_pairs(model)  # frozen tables are left as they are
         if filled:
             metadata["training"]["filled_pairs"] = filled
         return save_checkpoint(Potential(model, record), path, metadata)

@@ -348,6 +348,10 @@ def test_fill_untrained_pairs():
         for (a, b), value in {(29, 29): 0.4, (79, 79): -0.2, (8, 8): 0.1, (29, 8): 0.7}.items():
             scalar[a, b], offset[a, b] = value, -value
     before = (scalar.clone(), offset.clone())
+    block.dist_offset.weight.requires_grad_(False)  # a frozen table is left as it is
+    assert spinconv_module.fill_untrained_pairs(model) == []
+    assert torch.equal(scalar, before[0]) and torch.equal(offset, before[1])
+    block.dist_offset.weight.requires_grad_(True)
     filled = spinconv_module.fill_untrained_pairs(model)
     assert sorted(filled) == [(8, 29), (8, 79), (29, 79), (79, 8), (79, 29)]
     assert scalar[29, 79] == scalar[79, 29] == pytest.approx(0.1)
