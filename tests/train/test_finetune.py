@@ -124,7 +124,7 @@ def _with_nickel(frames: list) -> list:
     return out
 
 
-def _finetune_config(tmp_path: Path, checkpoint: Path) -> TrainConfig:
+def _finetune_config(tmp_path: Path, checkpoint: str | Path) -> TrainConfig:
     return TrainConfig(
         init_checkpoint=str(checkpoint),
         out=str(tmp_path / "run"),
@@ -168,18 +168,10 @@ def test_finetune_applies_model_kwargs_and_records_the_checkpoint_model(tmp_path
     """Fine-tuning takes ``model_kwargs`` as options over the checkpoint's own (here an OCP
     energy-centric checkpoint switched to conservative forces, as the MD recipe needs; they
     were ignored), and records the checkpoint's model, not the config's default."""
-    config = TrainConfig(
-        init_checkpoint=str(ocp_checkpoint("spinconv_small_ec")),
-        model_kwargs={"forces": "conservative"},
-        out=str(tmp_path / "run"),
-        device="cpu",
-        progress=False,
-        batch_size=3,
-        val_fraction=0.0,
-        max_steps=1,
-        eval_every=1000,
+    config = _finetune_config(tmp_path, ocp_checkpoint("spinconv_small_ec"))
+    trainer = Trainer(
+        config.updated(model_kwargs={"forces": "conservative"}), training_frames()[:3]
     )
-    trainer = Trainer(config, training_frames()[:3])
     assert trainer.potential.model.forces == "conservative"
     assert trainer.config.model == "spinconv"
 
@@ -188,17 +180,7 @@ def test_finetuned_checkpoint_keeps_the_license_and_energy_definition(tmp_path):
     """A checkpoint fine-tuned from a shipped one keeps its license and energy definition
     (they were dropped) and names where it started."""
     started = load_checkpoint("forcenet", device="cpu").info.metadata
-    config = TrainConfig(
-        init_checkpoint="forcenet",
-        out=str(tmp_path / "run"),
-        device="cpu",
-        progress=False,
-        batch_size=3,
-        val_fraction=0.0,
-        max_steps=1,
-        eval_every=1000,
-    )
-    summary = Trainer(config, training_frames()[:3]).fit()
+    summary = Trainer(_finetune_config(tmp_path, "forcenet"), training_frames()[:3]).fit()
     written = load_checkpoint(summary["final"], device="cpu").info.metadata
     assert written["license"] == started["license"] and written["energy"] == started["energy"]
     assert written["init_checkpoint"]["name"] == "forcenet"
