@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from forcecalc.atomic import write_json
+from forcecalc.checkpoint import Potential
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "tests" / "data" / "ocp" / "forcenet_small.pt"
 METALS = ("Cu", "Pt", "Pd", "Ag", "Ni", "Au")
@@ -67,7 +68,9 @@ def build_structures(n: int, seed: int = 0) -> list:
     return structures
 
 
-def one_by_one(structures: list, potential, optimizer: str, fmax: float, steps: int) -> dict:
+def one_by_one(
+    structures: list, potential: Potential, optimizer: str, fmax: float, steps: int
+) -> dict:
     """ASE's optimizer with forcecalc's calculator, one structure after the other (on the
     CPU with numpy's BLAS on one thread, as ``forcecalc relax`` runs it: ASE's BFGS is 3x
     slower otherwise, see the README)."""
@@ -98,11 +101,11 @@ def one_by_one(structures: list, potential, optimizer: str, fmax: float, steps: 
 
 def batched(
     structures: list,
-    potential,
+    potential: Potential,
     optimizer: str,
     fmax: float,
     steps: int,
-    batch_size,
+    batch_size: int | str,
     skin: float | None = None,
 ) -> dict:
     """``forcecalc.relax`` on all structures (``skin`` None: its default)."""
@@ -130,7 +133,7 @@ def batched(
     }
 
 
-def _synchronize(potential) -> None:
+def _synchronize(potential: Potential) -> None:
     if potential.device.type == "cuda":
         torch.cuda.synchronize(potential.device)
 

@@ -214,7 +214,9 @@ def time_replay(model: torch.nn.Module, device: str, repeats: int) -> float:
     return float(np.median(times[1:]))
 
 
-def ase_step_rows(name: str, runner: torch.nn.Module, device: str, args) -> list[dict]:
+def ase_step_rows(
+    name: str, runner: torch.nn.Module, device: str, args: argparse.Namespace
+) -> list[dict]:
     """One ASE step with our calculator; for a model with a fixed-shape forward also with
     ``cuda_graph=True`` (not with ``--compile``), without and with a skin of
     ``ASE_STEP_SKIN`` (on CUDA also with the skin and ``compile_mode="default"``), each with

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from forcecalc.atomic import write_json
+from forcecalc.checkpoint import Potential
 from forcecalc.graph import Batch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,7 +48,7 @@ def checkpoint(name: str) -> Path | None:
     return None
 
 
-def errors(potential, structures: dict, results: dict, device: str) -> dict:
+def errors(potential: Potential, structures: dict, results: dict, device: str) -> dict:
     """Largest energy error (eV), its tolerance use, and largest relative force error."""
     worst_energy, worst_energy_ratio, worst_force = 0.0, 0.0, 0.0
     for name, expected in results.items():

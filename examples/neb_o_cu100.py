@@ -10,10 +10,12 @@ Run:  python examples/neb_o_cu100.py [--model spinconv-fc] [--images 5]
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 
 import numpy as np
 from ase import Atoms
 from ase.build import add_adsorbate, fcc100
+from ase.calculators.calculator import Calculator
 from ase.calculators.emt import EMT
 from ase.constraints import FixAtoms
 from ase.mep import NEB
@@ -41,7 +43,9 @@ def end_states() -> tuple[Atoms, Atoms]:
     return initial, final
 
 
-def barrier(initial: Atoms, final: Atoms, make_calc, n_images: int, fmax: float) -> float:
+def barrier(
+    initial: Atoms, final: Atoms, make_calc: Callable[[], Calculator], n_images: int, fmax: float
+) -> float:
     """Climbing-image NEB barrier (eV) from relaxed end states, with calculators from
     ``make_calc()``."""
     ends = []

@@ -19,6 +19,7 @@ import time
 import numpy as np
 from ase import Atoms
 from ase.build import add_adsorbate, fcc111, molecule
+from ase.calculators.calculator import Calculator
 from ase.calculators.emt import EMT
 from ase.constraints import FixAtoms
 from ase.optimize import BFGS
@@ -48,7 +49,7 @@ def co_on_cu111() -> tuple[Atoms, Atoms]:
     return slab, system
 
 
-def relax(atoms: Atoms, calc, fmax: float) -> tuple[Atoms, int, float]:
+def relax(atoms: Atoms, calc: Calculator, fmax: float) -> tuple[Atoms, int, float]:
     """Relax a copy of ``atoms`` with BFGS; returns (relaxed, steps, seconds).
 
     numpy's BLAS is held to one thread meanwhile: BFGS calls it every step, and its threads

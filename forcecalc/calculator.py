@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
+from ase import Atoms
 from ase.calculators.calculator import (
     CalculationFailed,
     Calculator,
@@ -170,7 +171,9 @@ class ForceCalculator(Calculator):
         # the fixed-shape inputs of the last call, with the graph build they came from
         self._inputs: tuple[int, dict[str, torch.Tensor]] | None = None
 
-    def get_property(self, name: str, atoms=None, allow_calculation: bool = True):
+    def get_property(
+        self, name: str, atoms: Atoms | None = None, allow_calculation: bool = True
+    ) -> Any:
         if name == "stress" and not self.potential.defines_stress:
             raise PropertyNotImplementedError(
                 f"stress is not defined by this {self.potential.name} model: its forces are "
@@ -181,7 +184,7 @@ class ForceCalculator(Calculator):
 
     def calculate(
         self,
-        atoms=None,
+        atoms: Atoms | None = None,
         properties: list[str] | tuple[str, ...] = ("energy",),
         system_changes: list[str] = all_changes,
     ) -> None:
@@ -246,7 +249,7 @@ class ForceCalculator(Calculator):
             )
         self.results = results
 
-    def _batch(self, atoms, device: torch.device) -> Batch:
+    def _batch(self, atoms: Atoms, device: torch.device) -> Batch:
         """The atoms as a one-system batch on ``device`` (positions and cell in float64), with
         edges built or reused (see ``skin``)."""
         arrays = atoms_to_arrays([atoms])

@@ -301,11 +301,12 @@ class Potential(nn.Module):
         self, raw: dict[str, Tensor], reference: Tensor | None = None
     ) -> dict[str, Tensor]:
         """eV and Å from the raw outputs; ``reference`` ``[n_systems]``: the systems' summed
-        element reference energies, if the normalizers have them."""
+        element reference energies, if the normalizers have them; the energy is then float64
+        (a float32 sum of hundreds of eV would carry ~1e-5 eV of rounding)."""
         norm = self.info.normalizers
         energy = raw["energy"] * norm.energy_std + norm.energy_mean
         if reference is not None:
-            energy = energy + reference.to(energy.dtype)
+            energy = energy.to(torch.float64) + reference
         out = {
             "energy": energy,
             "forces": raw["forces"] * norm.forces_std,

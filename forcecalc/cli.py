@@ -8,7 +8,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import numpy as np
 
@@ -16,6 +16,11 @@ import forcecalc
 from forcecalc.compiled import COMPILE_MODES
 from forcecalc.data.cli import add_data_commands
 from forcecalc.train.cli import add_train_commands
+
+if TYPE_CHECKING:
+    from ase import Atoms
+
+    from forcecalc.checkpoint import Potential
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -208,7 +213,7 @@ def _check_relax_args(args: argparse.Namespace) -> None:
         )
 
 
-def _fix_below(atoms, z: float) -> None:
+def _fix_below(atoms: Atoms, z: float) -> None:
     """Add a FixAtoms for the atoms below ``z`` to ``atoms``' constraints, merged with a
     FixAtoms already there (into the place of the first one); other constraints are kept."""
     from ase.constraints import FixAtoms
@@ -271,7 +276,7 @@ def _cmd_relax(args: argparse.Namespace) -> int:
     return 0
 
 
-def _freeze_results(atoms) -> None:
+def _freeze_results(atoms: Atoms) -> None:
     """Replace ``atoms.calc`` by a SinglePointCalculator with its energy and (raw) forces at
     ``atoms``' positions (and its stress, if computed there), as the batched engine returns:
     a calculator shared by several structures keeps only the last one's results."""
@@ -285,7 +290,7 @@ def _freeze_results(atoms) -> None:
     atoms.calc = SinglePointCalculator(atoms, **results)
 
 
-def _relax_one_by_one(structures: list, potential, args: argparse.Namespace) -> list:
+def _relax_one_by_one(structures: list, potential: Potential, args: argparse.Namespace) -> list:
     """ASE's own optimizer, one structure at a time, with our calculator.
 
     On the CPU, numpy's BLAS is held to one thread meanwhile: ASE's BFGS diagonalizes its
@@ -314,7 +319,7 @@ def _relax_one_by_one(structures: list, potential, args: argparse.Namespace) -> 
     return structures
 
 
-def _relax_batched(structures: list, potential, args: argparse.Namespace) -> list:
+def _relax_batched(structures: list, potential: Potential, args: argparse.Namespace) -> list:
     """forcecalc's batched engine: many structures per forward pass."""
     from forcecalc.relax import relax
 

@@ -12,13 +12,16 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from forcecalc import metrics
 from forcecalc.checkpoint import Potential
 from forcecalc.predict import predict
+
+if TYPE_CHECKING:
+    from ase import Atoms
 
 
 def stacked_forces(structures: Sequence) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -40,7 +43,7 @@ def stacked_forces(structures: Sequence) -> tuple[np.ndarray, np.ndarray, np.nda
     return forces, natoms, fixed
 
 
-def _fixed(atoms) -> np.ndarray:
+def _fixed(atoms: Atoms) -> np.ndarray:
     from forcecalc.graph.batch import fixed_mask
 
     return fixed_mask(atoms)

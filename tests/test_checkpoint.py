@@ -334,3 +334,27 @@ def test_element_reference_energies_are_added_per_atom(tmp_path: Path) -> None:
     for bad in [((0, -1.0),), ((29, float("nan")),), ((29, -1.0), (29, -2.0))]:
         with pytest.raises(ValueError, match="element_references must be"):
             Normalizers(element_references=bad)
+
+
+def test_element_references_are_added_in_float64() -> None:
+    """A float32 model's energy with element references is the float64 sum of its float32
+    energy and the references: total energies of hundreds of eV keep the model's absolute
+    precision (float32 would round -2,000 eV to 1.2e-4 eV)."""
+    from dataclasses import replace
+
+    from ase.build import bulk
+
+    from forcecalc.graph.batch import Batch
+
+    plain = load_checkpoint(OCP_DATA / "spinconv_small_ec.pt", device="cpu", dtype="float32")
+    info = replace(
+        plain.info,
+        normalizers=replace(plain.info.normalizers, element_references=((29, -250.123456789),)),
+    )
+    referenced = Potential(plain.model, info)
+    cell = bulk("Cu", "fcc", a=3.6, cubic=True).repeat((2, 1, 1))  # 8 atoms: -2,000.99 eV
+    batch = Batch.from_atoms([cell], cutoff=plain.cutoff)
+    with torch.no_grad():
+        raw, total = plain(batch)["energy"], referenced(batch)["energy"]
+    assert total.dtype == torch.float64
+    assert (total - raw.double()).item() == pytest.approx(8 * -250.123456789, abs=1e-9)

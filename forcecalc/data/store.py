@@ -188,7 +188,9 @@ class DatasetWriter:
         attrs: root attributes (str, int, float or bool values).
     """
 
-    def __init__(self, path: str | os.PathLike[str], attrs: Mapping[str, Any] | None = None):
+    def __init__(
+        self, path: str | os.PathLike[str], attrs: Mapping[str, Any] | None = None
+    ) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._tmp = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex[:12]}.tmp")
@@ -370,7 +372,7 @@ class Dataset(Sequence[Atoms]):
         in_memory: read every per-atom array into memory at open (fastest random access).
     """
 
-    def __init__(self, path: str | os.PathLike[str], in_memory: bool = False):
+    def __init__(self, path: str | os.PathLike[str], in_memory: bool = False) -> None:
         self.path = Path(path)
         self._h5: h5py.File | None = None
         self._pid = -1

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from forcecalc.graph.neighbors import DEPENDENCE_TOLERANCE, Backend, edge_vectors, radius_graph
+
+if TYPE_CHECKING:
+    from ase import Atoms
 
 #: Largest atomic number forcecalc accepts anywhere (OCP's embeddings have rows 0..89).
 MAX_ATOMIC_NUMBER = 118
@@ -158,7 +162,7 @@ class Batch:
         )
 
 
-def fixed_mask(atoms) -> np.ndarray:
+def fixed_mask(atoms: Atoms) -> np.ndarray:
     """``[n_atoms]`` bool: atoms held in place by an ``ase.constraints.FixAtoms``."""
     from ase.constraints import FixAtoms
 
@@ -169,7 +173,7 @@ def fixed_mask(atoms) -> np.ndarray:
     return mask
 
 
-def check_atoms(atoms, index: int | None = None) -> None:
+def check_atoms(atoms: Atoms, index: int | None = None) -> None:
     """Raise ``ValueError`` naming the problem if ``atoms`` cannot be evaluated, and the
     structure: by ``index`` (its place among several) if given."""
     name = "the structure" if index is None else f"structure {index}"

@@ -17,8 +17,13 @@ there (no padded copy of the gradient, no ``[n_rows, k, *F]`` temporary).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from torch.autograd.function import FunctionCtx
 
 
 class RowIndex:
@@ -145,13 +150,13 @@ def _select_rows(values: Tensor, index: Tensor) -> Tensor:
 
 class _TakeRows(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, values: Tensor, index: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx: FunctionCtx, values: Tensor, index: Tensor) -> Tensor:  # type: ignore[override]
         ctx.save_for_backward(index)
         ctx.shape = values.shape
         return _select_rows(values, index)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+    def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
         (index,) = ctx.saved_tensors
         zeros = grad.new_zeros(ctx.shape)
         return zeros.index_put((index,), grad, accumulate=True), None
@@ -159,11 +164,11 @@ class _TakeRows(torch.autograd.Function):
 
 class _GatherRows(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, values: Tensor, row_index: RowIndex) -> Tensor:  # type: ignore[override]
+    def forward(ctx: FunctionCtx, values: Tensor, row_index: RowIndex) -> Tensor:  # type: ignore[override]
         ctx.row_index = row_index
         return _select_rows(pad_rows(values), row_index.index)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+    def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
         row_index: RowIndex = ctx.row_index
         return row_index.sum_by_row(grad), None

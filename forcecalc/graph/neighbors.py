@@ -26,7 +26,7 @@ Both return exactly the pair set of ``ase.neighborlist.neighbor_list`` (order di
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
@@ -35,6 +35,9 @@ from torch import Tensor
 
 from forcecalc.graph.cell_list import batched_cell_list, wrap_positions
 from forcecalc.graph.gather import RowIndex, pad_rows
+
+if TYPE_CHECKING:
+    from ase import Atoms
 
 Backend = Literal["auto", "vesin", "torch"]
 
@@ -401,7 +404,7 @@ def _kth_distances(distances: Tensor, incoming: Tensor, k: int) -> Tensor:
     return table.kthvalue(k, dim=1).values
 
 
-def neighbor_list(atoms, cutoff: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def neighbor_list(atoms: Atoms, cutoff: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Neighbor list of one ``ase.Atoms``, with exactly ASE's ``neighbor_list("ijS")`` pairs.
 
     Args:

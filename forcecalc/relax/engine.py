@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -25,6 +26,9 @@ from forcecalc.graph import Batch, radius_graph
 from forcecalc.graph.batch import check_atoms, fixed_mask
 from forcecalc.relax.memory import MemoryModel, is_out_of_memory, release_cached_memory
 
+if TYPE_CHECKING:
+    from ase import Atoms
+
 
 def segment_max(values: Tensor, index: Tensor, n_segments: int) -> Tensor:
     """``[n_segments]`` maxima of ``values`` ``[n]`` grouped by ``index`` (``-inf`` if empty)."""
@@ -32,7 +36,7 @@ def segment_max(values: Tensor, index: Tensor, n_segments: int) -> Tensor:
     return out.scatter_reduce_(0, index, values, "amax")
 
 
-def supported_constraints(atoms, index: int) -> None:
+def supported_constraints(atoms: Atoms, index: int) -> None:
     """Raise ``ValueError`` if ``atoms`` has a constraint other than ``FixAtoms``."""
     from ase.constraints import FixAtoms
 
@@ -293,7 +297,7 @@ def check_structures(
         check(structures)
 
 
-def _check_no_overlap(atoms, index: int) -> None:
+def _check_no_overlap(atoms: Atoms, index: int) -> None:
     """A ValueError naming structure ``index`` if two of its atoms (or an atom and a periodic
     image) are closer than 0.01 Å (the graph builder names the atoms)."""
     try:
@@ -463,7 +467,7 @@ def admit(
     return len(chosen)
 
 
-def count_edges(atoms, cutoff: float) -> int:
+def count_edges(atoms: Atoms, cutoff: float) -> int:
     """Number of directed edges of ``atoms`` within ``cutoff`` (its neighbor list, on the CPU)."""
     from forcecalc.graph import neighbor_list
 

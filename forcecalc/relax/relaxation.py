@@ -12,7 +12,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from numbers import Integral
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -31,6 +31,9 @@ from forcecalc.relax.memory import (
     remember_memory_model,
 )
 from forcecalc.relax.optimizers import make_optimizer
+
+if TYPE_CHECKING:
+    from ase import Atoms
 
 #: Default neighbor-list skin (Å) by device type.  On the CPU a neighbor list costs far less
 #: than the forward pass, while the extra edges of a skin slow the model down: no skin.  On
@@ -327,7 +330,7 @@ def _split(values: Tensor, systems: SystemSet) -> list[np.ndarray]:
     return np.split(host, np.cumsum(systems.natoms_list)[:-1])
 
 
-def _snapshot(atoms, positions: np.ndarray, energy: float, forces: np.ndarray):
+def _snapshot(atoms: Atoms, positions: np.ndarray, energy: float, forces: np.ndarray) -> Atoms:
     from ase.calculators.singlepoint import SinglePointCalculator
 
     copy = atoms.copy()

@@ -24,12 +24,19 @@ import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from forcecalc.graph import Batch
+
+if TYPE_CHECKING:
+    from ase import Atoms
+    from ase.db.core import Database
+
+    from forcecalc.data.store import Dataset
 
 HDF5_SUFFIXES = (".h5", ".hdf5")
 EXTXYZ_SUFFIXES = (".xyz", ".extxyz")
@@ -116,7 +123,7 @@ class ExtxyzFrames(Sequence):
                     found.add(number)
         return found
 
-    def __getitem__(self, index: int):  # type: ignore[override]
+    def __getitem__(self, index: int) -> Atoms:  # type: ignore[override]
         from ase.io import read
 
         start = self._offsets[index]
@@ -136,7 +143,7 @@ class AseDbFrames(Sequence):
         self._pid: int | None = None
         self._ids = [row.id for row in self._db().select(include_data=False)]
 
-    def _db(self):
+    def _db(self) -> Database:
         if self._connection is None or self._pid != os.getpid():
             from ase.db import connect
 
@@ -150,7 +157,7 @@ class AseDbFrames(Sequence):
     def __len__(self) -> int:
         return len(self._ids)
 
-    def __getitem__(self, index: int):  # type: ignore[override]
+    def __getitem__(self, index: int) -> Atoms:  # type: ignore[override]
         return self._db().get(id=self._ids[index]).toatoms()
 
     def labelled_numbers(self) -> set[int]:
@@ -187,7 +194,7 @@ class TrajectoryFrames(Sequence):
     def __len__(self) -> int:
         return self._length
 
-    def __getitem__(self, index: int):  # type: ignore[override]
+    def __getitem__(self, index: int) -> Atoms:  # type: ignore[override]
         from ase.io import Trajectory
 
         with Trajectory(self.path) as trajectory:
@@ -218,7 +225,7 @@ class AseFileFrames(Sequence):
     def __len__(self) -> int:
         return len(self._load())
 
-    def __getitem__(self, index: int):  # type: ignore[override]
+    def __getitem__(self, index: int) -> Atoms:  # type: ignore[override]
         return self._load()[index]
 
 
@@ -242,7 +249,7 @@ class ConcatFrames(Sequence):
         source = int(np.searchsorted(self._bounds, index, side="right")) - 1
         return source, index - int(self._bounds[source])
 
-    def __getitem__(self, index: int):  # type: ignore[override]
+    def __getitem__(self, index: int) -> Atoms:  # type: ignore[override]
         source, local = self.locate(int(index))
         return self.sources[source][local]
 
@@ -257,7 +264,7 @@ class SubsetFrames(Sequence):
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, index: int):  # type: ignore[override]
+    def __getitem__(self, index: int) -> Atoms:  # type: ignore[override]
         return self.frames[int(self.indices[index])]
 
 
@@ -329,7 +336,7 @@ def labelled_numbers(frames: Sequence) -> dict[str, set[int]]:
     return found
 
 
-def _dataset_numbers(dataset, name: str, chunk: int = 4096) -> set[int]:
+def _dataset_numbers(dataset: Dataset, name: str, chunk: int = 4096) -> set[int]:
     """:func:`labelled_numbers` of a :class:`forcecalc.data.Dataset` (energy NaN or any force
     not finite: unlabelled, as the reader treats them), read ``chunk`` frames at a time."""
     unknown = np.flatnonzero(~np.isfinite(np.asarray(dataset.frames["energy"], dtype=np.float64)))
@@ -384,7 +391,7 @@ def _seeded_order(n: int, seed: int) -> np.ndarray:
 
 
 def frame_targets(
-    atoms, index: int | None = None, source: str | None = None
+    atoms: Atoms, index: int | None = None, source: str | None = None
 ) -> tuple[float, np.ndarray]:
     """``(energy, forces [n_atoms, 3])`` of a labelled frame (eV, eV/Å).
 
@@ -453,7 +460,7 @@ class IndexedFrames(Sequence):
     def __len__(self) -> int:
         return len(self.frames)
 
-    def __getitem__(self, index: int):  # type: ignore[override]
+    def __getitem__(self, index: int) -> tuple[int, Atoms]:  # type: ignore[override]
         return int(index), self.frames[int(index)]
 
 

@@ -33,7 +33,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -80,6 +80,9 @@ from forcecalc.train.optim import (
     freeze_except,
     frozen_norm_layers,
 )
+
+if TYPE_CHECKING:
+    from tqdm.auto import tqdm
 
 STATE_FORMAT = "forcecalc-train-state"
 STATE_VERSION = 1
@@ -458,15 +461,18 @@ class Trainer:
         if config.rotation != "none":  # drawn from the batch on the host: no device sync
             keys = [(config.seed, self.epoch, int(i)) for i in batch.index.tolist()]
             rotations = random_rotations(keys, rotation_axes(batch.graph, config.rotation))
+        norm = self.potential.info.normalizers
+        # in float64 before the model's dtype: total energies of hundreds of eV and their
+        # element references cancel to a few eV, which float32 would give to ~1e-5 eV only
+        cpu = batch.graph
+        reference = norm.reference_energy(cpu.numbers, cpu.system_idx, cpu.n_systems)
+        target_energy = ((batch.energy - reference - norm.energy_mean) / norm.energy_std).to(
+            self.device, self.dtype
+        )
         batch = batch.to(self.device, self.dtype)
         graph, forces = batch.graph, batch.forces
         if rotations is not None:
             graph, forces = rotate(graph, forces, torch.from_numpy(rotations))
-        norm = self.potential.info.normalizers
-        reference = norm.reference_energy(graph.numbers, graph.system_idx, graph.n_systems)
-        target_energy = (batch.energy - reference.to(batch.energy.dtype) - norm.energy_mean) / (
-            norm.energy_std
-        )
         target_forces = forces / norm.forces_std
         weights = atom_weights(graph, config.fixed_atom_weight, config.tag_weights)
         denominators = all_reduce_sum(
@@ -654,7 +660,7 @@ class Trainer:
             self.best = score
             self.export(self.out / BEST_FILE, row)
 
-    def _evaluate_and_log(self, bar) -> None:
+    def _evaluate_and_log(self, bar: tqdm) -> None:
         row, score = self._evaluate()
         self.schedule.report(score)
         self._keep_if_best(row, score)
