@@ -12,7 +12,10 @@ For each shipped model, float64, on the CPU:
    and the net force on a free CO molecule;
 4. **orientation**: a rattled slab and its cell rotated by 90° about the surface normal:
    energy change and the largest change of the forces rotated back;
-5. **extensivity**: ``E(2x2 repeat) - 4 E(cell)`` of a periodic Cu bulk cell.
+5. **extensivity**: ``E(2x2 repeat) - 4 E(cell)`` of a periodic Cu bulk cell;
+6. **centrosymmetric sites**: the largest force on B2 CuPd (2x2x2) and on CH4 as ASE builds
+   it, with every atom moved by 0 / 1e-9 / 1e-7 / 1e-5 / 1e-3 Å in a random direction: where
+   the mean neighbor vector almost vanishes, SpinConv's frame roll follows its direction.
 
     python benchmarks/model_limits.py [--out benchmarks/results/model_limits.json]
 
@@ -116,6 +119,31 @@ def extensivity(model: str) -> dict:
     return {"repeat_minus_4x": e_repeat - 4 * e_cell}
 
 
+CENTROSYMMETRIC_MOVES = (0.0, 1e-9, 1e-7, 1e-5, 1e-3)
+
+
+def centrosymmetric(model: str) -> dict:
+    from ase.build import molecule
+
+    ch4 = molecule("CH4", cell=[12.0] * 3, pbc=True)
+    ch4.center()
+    structures = {
+        "B2 CuPd": bulk("CuPd", "cesiumchloride", a=2.99).repeat(2),
+        "CH4": ch4,
+    }
+    out = {}
+    for name, atoms in structures.items():
+        directions = np.random.default_rng(11).normal(size=(len(atoms), 3))
+        directions /= np.linalg.norm(directions, axis=1, keepdims=True)
+        forces = []
+        for move in CENTROSYMMETRIC_MOVES:
+            moved = atoms.copy()
+            moved.positions += move * directions
+            forces.append(float(np.abs(evaluate(moved, model)[1]).max()))
+        out[name] = dict(zip([f"{m:g}" for m in CENTROSYMMETRIC_MOVES], forces, strict=True))
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -131,6 +159,7 @@ def main() -> None:
             "no_neighbors": no_neighbors(model),
             "orientation_90_about_z": orientation(model),
             "extensivity_eV": extensivity(model),
+            "centrosymmetric_max_force": centrosymmetric(model),
         }
         r = results[model]
         print(f"== {model}")
@@ -154,6 +183,9 @@ def main() -> None:
             f"max |dF| {o['max_force_change']:.3f} eV/Å"
         )
         print(f"  E(2x2 repeat) - 4 E(cell): {r['extensivity_eV']['repeat_minus_4x']:+.3f} eV")
+        for name, row in r["centrosymmetric_max_force"].items():
+            cells = " / ".join(f"{v:.2g}" for v in row.values())
+            print(f"  {name}, every atom moved by {' / '.join(row)} Å: max |F| {cells} eV/Å")
     write_json(args.out, {"benchmark": "model_limits", "device": "cpu", "models": results})
     print(f"wrote {args.out}")
 

@@ -59,10 +59,21 @@ vector); a force-centric model gives an isolated atom the force block's bias.
   CH4 as ASE builds it.  The original then takes the roll from rounding noise amplified 1e7
   times (its ``+1e-7`` normalisation): energies change by up to 0.03 eV and force-centric
   forces by 70% when atoms move by 1e-9 Å, and conservative forces reach 1e7 eV/Å.  Here an
-  edge within 1e-6 rad of its helper (``|cross|**2 < 1e-12``, as for the pole) takes its roll
-  from the mean vector plus :data:`ROLL_FALLBACK` instead, a direction 1e-6 rad or more away
-  from it wherever the mean vector is smaller than ~100 Å.  Elsewhere the numbers are the
-  original's.  Like the original's frame, this one jumps where an edge crosses into that cone.
+  edge within 1e-6 rad of its helper (``|cross|**2 < 1e-12``, as for the pole), or within 1e-3
+  rad where the helper is hypersensitive (``|mean + 1e-4| < 1e-3`` Å, :data:`HELPER_SENSITIVE`:
+  near a centrosymmetric site), takes its roll from the mean vector plus
+  :data:`ROLL_FALLBACK` instead, a direction 1e-6 rad or more away from it wherever the mean
+  vector is smaller than ~100 Å.  The wider cone covers atoms up to ~1e-8 Å off the symmetric
+  site (a perfect crystal read back from a file with 8 decimals: conservative forces 0.36
+  instead of 4.8e3 eV/Å with the shipped ``spinconv-ec``); no rattled fixture edge comes within
+  3e-3 rad of its helper, and edges along a helper that is not hypersensitive (an atom whose
+  mean vector points along one of its bonds, 1e-4 rad from it) keep the original's roll.
+  Elsewhere the numbers are the original's.  Like the original's frame, this one jumps where
+  an edge crosses into the cone, and between ~1e-7 and ~1e-4 Å off the site the original's
+  steepness remains (the roll follows the direction of a 1e-7-1e-4 Å vector: conservative
+  forces of 10-400 eV/Å with ``spinconv-ec``, see the README).  No continuous roll can agree
+  with the original outside a cone around the helper (the original's roll winds once around
+  it), so a cone and its edge are the price of keeping the checkpoints' numbers.
 
 Forces of the energy-centric model (``forces``):
 
@@ -123,6 +134,12 @@ _Constant = TypeVar("_Constant")
 
 #: A projected unit direction with ``y**2 + z**2`` below this lies on the pole (float64).
 POLE_EPS2 = 1e-12
+#: Near a centrosymmetric site (the helper's vector ``mean + 1e-4`` shorter than
+#: ``HELPER_SENSITIVE`` Å, so the helper turns by more than 1e3 rad per Å), an edge whose
+#: direction has ``|cross(edge, helper)|**2`` below ``HELPER_EPS2`` lies along its frame's helper
+#: (float64); elsewhere below ``POLE_EPS2`` (see the module docstring).
+HELPER_EPS2 = 1e-6
+HELPER_SENSITIVE = 1e-3
 #: Added to the mean neighbor vector, in place of OCP's +1e-4 per component, to fix the roll of
 #: an edge frame whose edge lies along OCP's helper direction (see the module docstring).
 ROLL_FALLBACK = (2e-4, 0.0, 1e-4)
@@ -1229,9 +1246,12 @@ def _edge_frames(
     weight = cosine_cutoff(distances, cutoff)
     mean_vector = incoming.gather(vectors * weight.unsqueeze(1)).sum(dim=1)  # [n_atoms, 3]
     mean_vector = target.gather(mean_vector)  # [n_edges, 3]
-    helper = _unit_rows(mean_vector + 1e-4)
+    offset = mean_vector + 1e-4
+    helper = _unit_rows(offset)
     cross = torch.linalg.cross(unit, helper, dim=1)
-    along = (cross * cross).sum(dim=1, keepdim=True) < POLE_EPS2
+    cross2 = (cross * cross).sum(dim=1, keepdim=True)
+    sensitive = (offset * offset).sum(dim=1, keepdim=True) < HELPER_SENSITIVE**2
+    along = (cross2 < POLE_EPS2) | (sensitive & (cross2 < HELPER_EPS2))
     fallback = _unit_rows(
         torch.stack([mean_vector[:, i] + ROLL_FALLBACK[i] for i in range(3)], dim=1)
     )

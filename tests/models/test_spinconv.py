@@ -437,6 +437,30 @@ def test_edges_along_the_frame_helper_get_a_defined_roll(name, forces):
             assert (after["forces"] - before["forces"]).abs().max() < 1e-8
 
 
+def test_near_a_centrosymmetric_site_the_roll_comes_from_the_fallback(monkeypatch):
+    """Atoms 1e-9 A off a centrosymmetric site (a perfect crystal read back from a file with
+    8 decimals) leave the mean neighbor vector ~1e-9 A long: OCP's helper then turns ~1e4 rad
+    per A and the roll of a diagonal edge follows the direction of that vector, so conservative
+    forces went as ~1/displacement (2.5e3 eV/A on B2 CuPd, 1e6 with this fixture's weights).
+    Edges within 1e-3 rad of such a hypersensitive helper take the fallback roll: forces stay
+    those of the symmetric crystal's size.  Edges along a helper that is not hypersensitive
+    (CH4's hydrogens: their mean vector points along their C-H bond, 1e-4 rad from it) keep
+    the original's roll."""
+    model = _model("spinconv_small_ec", forces="conservative")
+    b2 = Atoms(
+        "CuPd", scaled_positions=[[0, 0, 0], [0.5, 0.5, 0.5]], cell=[2.99] * 3, pbc=True
+    ).repeat(2)
+    moved = b2.copy()
+    moved.positions += 1e-9 * np.random.default_rng(7).normal(size=(len(b2), 3))
+    ch4 = molecule("CH4")
+    symmetric = _run(model, b2, torch.float64)["forces"].abs().max()
+    assert _run(model, moved, torch.float64)["forces"].abs().max() < 3 * symmetric
+    ch4_forces = _run(model, ch4, torch.float64)["forces"]
+    monkeypatch.setattr(spinconv_module, "HELPER_EPS2", spinconv_module.POLE_EPS2)
+    assert _run(model, moved, torch.float64)["forces"].abs().max() > 100 * symmetric
+    assert torch.equal(_run(model, ch4, torch.float64)["forces"], ch4_forces)
+
+
 def _rotation(axis, angle: float) -> np.ndarray:
     axis = np.asarray(axis, dtype=float) / np.linalg.norm(axis)
     k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
