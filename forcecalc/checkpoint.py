@@ -549,15 +549,17 @@ def _ema_weights(
 ) -> dict[str, Tensor]:
     """``state_dict`` with its parameters replaced by an OCP checkpoint's exponential moving
     average, which OCP's trainer predicts with: ``shadow_params`` lists the trainable
-    parameters in the model's order, which is the order of the parameters among the
-    checkpoint's weights (buffers told apart by building the model)."""
+    parameters (``requires_grad``: not ForceNet's frozen tables) in the model's order, which is
+    the order of the parameters among the checkpoint's weights (buffers and frozen parameters
+    told apart by building the model)."""
     shadow = ema.get("shadow_params") if isinstance(ema, dict) else None
     if not isinstance(shadow, list | tuple):
         raise CheckpointError(
             f"checkpoint {path}: its 'ema' entry is not OCP's moving average "
             "(a dict with a 'shadow_params' list)"
         )
-    parameters = {name for name, _ in build_model(info.model, info.model_kwargs).named_parameters()}
+    model = build_model(info.model, info.model_kwargs)
+    parameters = {name for name, value in model.named_parameters() if value.requires_grad}
     names = [name for name in state_dict if name in parameters]
     shapes_match = len(names) == len(shadow) and all(
         isinstance(value, Tensor) and value.shape == state_dict[name].shape
