@@ -119,7 +119,7 @@ class ForceCalculator(Calculator):
         potential = as_potential(
             checkpoint, device=device, dtype=dtype, allow_unsafe=allow_unsafe, **options
         )
-        if forces is not None and not potential.defines_stress:
+        if forces is not None and not potential.energy_gradient:
             raise ValueError(
                 f"forces={forces!r} applies to energy-centric SpinConv models only; this "
                 f"{potential.name} model predicts its forces directly"
@@ -148,7 +148,7 @@ class ForceCalculator(Calculator):
             dtype=str(potential.dtype).removeprefix("torch."),
             max_neighbors=potential.max_neighbors,
             skin=self.skin,
-            forces=potential.model.forces if potential.defines_stress else None,
+            forces=potential.model.forces if potential.energy_gradient else None,
             rotations=rotations if isinstance(rotations, str) or rotations is None else "array",
             cuda_graph=bool(cuda_graph),
             compile_mode=compile_mode,
@@ -176,9 +176,13 @@ class ForceCalculator(Calculator):
     ) -> Any:
         if name == "stress" and not self.potential.defines_stress:
             raise PropertyNotImplementedError(
-                f"stress is not defined by this {self.potential.name} model: its forces are "
-                "predicted directly, not as an energy gradient; use an energy-centric SpinConv "
-                "checkpoint (e.g. 'spinconv-ec') for stress"
+                f"stress of this {self.potential.name} model needs forces='conservative' (its "
+                "compat forces, OCP's, differentiate the energy through the distance features "
+                "only, and a stress so made is not the strain derivative of the energy)"
+                if self.potential.energy_gradient
+                else f"stress is not defined by this {self.potential.name} model: its forces "
+                "are predicted directly, not as an energy gradient; use an energy-centric "
+                "SpinConv checkpoint (e.g. 'spinconv-ec') for stress"
             )
         return super().get_property(name, atoms, allow_calculation)
 
@@ -206,7 +210,7 @@ class ForceCalculator(Calculator):
             if not periodic:  # an energy-centric model's stress, meaningless without a cell
                 out.pop("stress", None)
         else:
-            with torch.set_grad_enabled(self.potential.defines_stress):
+            with torch.set_grad_enabled(self.potential.energy_gradient):
                 out = self.potential(batch, compute_stress=want_stress)
         self._store(out)
 

@@ -155,7 +155,14 @@ class Potential(nn.Module):
         return getattr(self.model, "max_neighbors", None)
 
     @property
+    def energy_gradient(self) -> bool:
+        """Whether the forces are the energy's gradient (by autograd: an energy-centric
+        model), so that a forward needs gradients enabled."""
+        return bool(getattr(self.model, "energy_gradient", False))
+
+    @property
     def defines_stress(self) -> bool:
+        """Whether the model gives a stress: the strain derivative of its energy."""
         return bool(getattr(self.model, "defines_stress", False))
 
     @property
@@ -319,7 +326,11 @@ class Potential(nn.Module):
         estimator = self.info.model_kwargs.get("force_estimator")
         if estimator == "random":
             return "force-centric: direct forces, no energy gradient"
-        return "direct forces" if estimator is None else f"force_estimator={estimator}"
+        if estimator is None:
+            return "direct forces"
+        if self.energy_gradient and not self.defines_stress:
+            return "forces='compat', a partial derivative: stress needs forces='conservative'"
+        return f"force_estimator={estimator}"
 
 
 def _strip_module_prefix(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -62,7 +62,7 @@ def predict(
         batch = Batch.from_atoms(chunk, cutoff=potential.cutoff).to(
             device=potential.device, dtype=torch.float64
         )
-        with torch.set_grad_enabled(potential.defines_stress):
+        with torch.set_grad_enabled(potential.energy_gradient):
             out = potential(batch)
         energies = out["energy"].detach().cpu().double().numpy()
         forces = out["forces"].detach().cpu().double().numpy()

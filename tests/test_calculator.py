@@ -298,7 +298,8 @@ def test_stress_comes_with_the_forces() -> None:
     equals the stress asked for first."""
     atoms = molecule("CO", cell=[[4.0, 0.3, 0.1], [0.2, 4.2, 0.0], [0.1, 0.0, 4.4]], pbc=True)
     atoms.positions += 1.0
-    calc = SpinConvCalculator(SPINCONV_EC, device="cpu", dtype="float64")
+    options = {"device": "cpu", "dtype": "float64", "forces": "conservative"}
+    calc = SpinConvCalculator(SPINCONV_EC, **options)
     evaluations = []
     forward = calc.potential.forward
     calc.potential.forward = lambda *args, **kwargs: (
@@ -309,9 +310,23 @@ def test_stress_comes_with_the_forces() -> None:
     stress = atoms.get_stress()
     assert len(evaluations) == 1
     fresh = atoms.copy()
-    fresh.calc = SpinConvCalculator(SPINCONV_EC, device="cpu", dtype="float64")
+    fresh.calc = SpinConvCalculator(SPINCONV_EC, **options)
     np.testing.assert_array_equal(fresh.get_stress(), stress)
     np.testing.assert_array_equal(fresh.get_forces(), forces)
+
+
+def test_compat_forces_give_no_stress() -> None:
+    """OCP's compat forces of an energy-centric model differentiate the energy through the
+    distance features only; a stress made the same way is not the energy's strain derivative
+    (off by up to half of a component), so the calculator does not offer one and says how to
+    get it."""
+    atoms = molecule("CO", cell=[4.0, 4.2, 4.4], pbc=True)
+    atoms.positions += 1.0
+    atoms.calc = SpinConvCalculator(SPINCONV_EC, device="cpu", dtype="float64")
+    assert "stress" not in atoms.calc.implemented_properties
+    atoms.get_forces()
+    with pytest.raises(PropertyNotImplementedError, match="needs forces='conservative'"):
+        atoms.get_stress()
 
 
 def test_todict_names_the_model() -> None:

@@ -558,9 +558,10 @@ class ForceNet(nn.Module):
     Attributes:
         cutoff: graph radius (Å).
         max_neighbors: 50, OCP's hard-coded limit.
-        defines_stress: False (direct forces; no energy derivative).
+        energy_gradient, defines_stress: False (direct forces; no energy derivative).
     """
 
+    energy_gradient = False
     defines_stress = False
 
     def __init__(

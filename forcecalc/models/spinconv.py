@@ -79,7 +79,9 @@ Forces of the energy-centric model (``forces``):
 
 * ``"compat"`` (OCP's definition): the original computes the bilinear splat weights under
   ``no_grad``, so its forces are minus the gradient of the energy through the distance
-  features only.  Stress (if asked for) is the same partial derivative with respect to strain.
+  features only.  No stress: the same partial derivative with respect to strain is not the
+  energy's strain derivative (off by up to half of a component, with signs flipped), and OCP
+  never defined one, so ``compute_stress`` asks for ``"conservative"``.
 * ``"conservative"``: the full ``-dE/dx`` (and ``(1/V) dE/dstrain``), for MD.  On the pole the
   projection is the convention's constant (longitude 0, latitude ``+-pi/2``) with zero
   derivative: the reverse edge (and a periodic image collinear with the edge) stays on the
@@ -533,7 +535,10 @@ class SpinConv(nn.Module):
         cutoff: graph radius; the batch must hold at least every pair within it (it may hold
             more, e.g. built at ``cutoff + skin`` and without a max-neighbor cut).
         max_neighbors: the max-neighbor rule applied in :meth:`forward` (may be changed).
-        defines_stress: True for the energy-centric model.
+        energy_gradient: True for the energy-centric model (forces from the energy's
+            gradient, by autograd).
+        defines_stress: True for the energy-centric model with ``forces="conservative"``
+            (``compat`` forces are a partial derivative, and so would its stress be).
     """
 
     def __init__(
@@ -604,7 +609,7 @@ class SpinConv(nn.Module):
         self.regress_forces = regress_forces
         self.forces = forces
         self.envelope = envelope
-        self.defines_stress = force_estimator == "grad"
+        self.energy_gradient = force_estimator == "grad"
         self.num_rand_rotations = num_rand_rotations
         self.act = F.silu  # Swish, x * sigmoid(x), in one pass
 
@@ -701,8 +706,12 @@ class SpinConv(nn.Module):
         """
         if compute_stress and not self.defines_stress:
             raise ValueError(
-                "stress is only defined for an energy-centric SpinConv (force_estimator='grad'); "
-                "this model predicts forces directly"
+                "stress needs forces='conservative': OCP's compat forces differentiate the "
+                "energy through the distance features only, and a stress so made is not the "
+                "strain derivative of the energy"
+                if self.energy_gradient
+                else "stress is only defined for an energy-centric SpinConv "
+                "(force_estimator='grad'); this model predicts forces directly"
             )
         gradient = self.force_estimator == "grad" and (self.regress_forces or compute_stress)
         if gradient:
@@ -840,6 +849,11 @@ class SpinConv(nn.Module):
         return energy, forces
 
     # ------------------------------------------------------------ fixed shapes
+
+    @property
+    def defines_stress(self) -> bool:
+        """Whether the stress is the strain derivative of the energy (see the attributes)."""
+        return self.energy_gradient and self.forces == "conservative"
 
     @property
     def fixed_shapes(self) -> bool:
@@ -1046,15 +1060,14 @@ class SpinConv(nn.Module):
             (gradient,) = torch.autograd.grad(energy.sum(), [vectors])
         dtype = self.distfc1.weight.dtype
         forces = incoming_rows.gather(gradient).sum(dim=1) - outgoing_rows.gather(gradient).sum(1)
-        outer = vectors.detach().unsqueeze(2) * gradient.unsqueeze(1)  # [edges, 3, 3]
-        derivative = systems.sum_by_row(incoming_rows.gather(outer).sum(dim=1))
-        derivative = 0.5 * (derivative + derivative.transpose(1, 2))
-        volume = (cell[:, 0] * torch.linalg.cross(cell[:, 1], cell[:, 2], dim=1)).sum(dim=1)
-        return {
-            "energy": energy.detach(),
-            "forces": forces.to(dtype),
-            "stress": (derivative / volume.abs().view(-1, 1, 1)).to(dtype),
-        }
+        out = {"energy": energy.detach(), "forces": forces.to(dtype)}
+        if self.defines_stress:
+            outer = vectors.detach().unsqueeze(2) * gradient.unsqueeze(1)  # [edges, 3, 3]
+            derivative = systems.sum_by_row(incoming_rows.gather(outer).sum(dim=1))
+            derivative = 0.5 * (derivative + derivative.transpose(1, 2))
+            volume = (cell[:, 0] * torch.linalg.cross(cell[:, 1], cell[:, 2], dim=1)).sum(dim=1)
+            out["stress"] = (derivative / volume.abs().view(-1, 1, 1)).to(dtype)
+        return out
 
     @staticmethod
     def gradient_tables(

@@ -318,7 +318,7 @@ class Evaluator:
     Args:
         potential: ``potential(batch) -> {"energy": [S], "forces": [N, 3]}`` (a
             :class:`~forcecalc.checkpoint.Potential` or any module with ``dtype`` and
-            ``defines_stress``).
+            ``energy_gradient``).
         memory: the memory model; its ``budget`` caps the cost of one forward pass.  After an
             out-of-memory error the failed chunk is split in two (by cost), the cap drops to half
             its cost, and the evaluation goes on; a single system that does not fit re-raises.
@@ -333,7 +333,7 @@ class Evaluator:
         self.potential = potential
         self.memory = memory
         self.cap = float(memory.budget)
-        self.grad = bool(getattr(potential, "defines_stress", False))
+        self.grad = bool(getattr(potential, "energy_gradient", False))
         self.forward_calls = 0
         self.oom_splits = 0
 

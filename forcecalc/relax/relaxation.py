@@ -178,7 +178,7 @@ def _auto_memory_model(
         return CPU_MEMORY_MODEL
     if model is None:
         batches = memory_sample_batches(potential, structures, skin, device)
-        grad = bool(getattr(potential, "defines_stress", False))
+        grad = bool(getattr(potential, "energy_gradient", False))
         measure = cuda_peak_bytes if cuda else cpu_peak_bytes
         model = measure_memory_model(potential, batches, grad, measure)
         remember_memory_model(potential, device, model)

@@ -77,8 +77,9 @@ class ForcecalcModel(ModelInterface):
         self.potential = resolve_potential(model, device, dtype)
         if compute_stress and not getattr(self.potential, "defines_stress", False):
             raise ValueError(
-                "this model defines no stress (forces are predicted directly); use an "
-                "energy-centric SpinConv checkpoint for stress"
+                "this model defines no stress: its forces are predicted directly, or (an "
+                "energy-centric SpinConv with forces='compat') are a partial derivative; use "
+                "an energy-centric SpinConv with forces='conservative' for stress"
             )
         self._device = potential_device(self.potential)
         self._dtype = getattr(self.potential, "dtype", torch.float32)
@@ -130,7 +131,7 @@ class ForcecalcModel(ModelInterface):
             edge_index=graph.edge_index,
             shifts=graph.shifts,
         )
-        grad = bool(getattr(self.potential, "defines_stress", False))
+        grad = bool(getattr(self.potential, "energy_gradient", False))
         with torch.set_grad_enabled(grad):
             if self._compute_stress:
                 out = self.potential(batch, compute_stress=True)

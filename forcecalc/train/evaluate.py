@@ -57,7 +57,7 @@ def predict_frames(
     for start in range(0, len(subset), batch_size):
         batch = collate([subset[i] for i in range(start, min(start + batch_size, len(subset)))])
         batch = batch.to(device, dtype)
-        with torch.set_grad_enabled(potential.defines_stress):
+        with torch.set_grad_enabled(potential.energy_gradient):
             out = potential(batch.graph)
         energy, forces = out["energy"].detach(), out["forces"].detach()
         parts.append(

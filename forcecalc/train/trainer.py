@@ -438,7 +438,7 @@ class Trainer:
                 config.seed,
                 references=config.energy_references == "fit",
             )
-            if potential.defines_stress:
+            if potential.energy_gradient:
                 # Forces are the gradient of the normalized energy: they must be scaled by the
                 # energy's std, or they would not be -dE/dx of the energy the model reports.
                 normalizers = replace(normalizers, forces_std=normalizers.energy_std)

@@ -790,13 +790,20 @@ def test_options_we_do_not_implement_raise():
 
 
 def test_stress_and_elements_errors():
-    """Stress is only defined for the energy-centric model (``defines_stress``); atomic numbers
-    beyond the embeddings raise ``ValueError``."""
-    fc, ec = _model("spinconv_small_fc"), _model("spinconv_small_ec")
-    assert not fc.defines_stress and ec.defines_stress
+    """Stress is only defined for the energy-centric model with conservative forces
+    (``defines_stress``): not for direct forces, nor for OCP's compat forces, whose stress
+    would be the partial derivative through the distance features only (not the energy's
+    strain derivative); atomic numbers beyond the embeddings raise ``ValueError``."""
+    fc, compat = _model("spinconv_small_fc"), _model("spinconv_small_ec")
+    ec = _model("spinconv_small_ec", forces="conservative")
+    assert not fc.defines_stress and not compat.defines_stress and ec.defines_stress
+    assert compat.energy_gradient and ec.energy_gradient and not fc.energy_gradient
     batch = Batch.from_atoms(ocp_structures()["n2_box"], cutoff=6.0)
     with pytest.raises(ValueError, match="stress"):
         fc(batch, compute_stress=True)
+    with pytest.raises(ValueError, match="stress needs forces='conservative'"):
+        compat(batch, compute_stress=True)
+    assert "stress" not in compat.fixed_shape_forward(compat.fixed_shape_inputs(batch))
     out = ec(batch, compute_stress=True)
     assert out["stress"].shape == (1, 3, 3)
     heavy = Atoms("U2", positions=[[0, 0, 0], [2.5, 0, 0]], cell=[10, 10, 10], pbc=True)

@@ -65,6 +65,11 @@ def test_adapter_refuses_what_it_would_ignore():
     potential = load_checkpoint(ocp_checkpoint_path("spinconv_small_ec"), device="cpu")
     with pytest.raises(ValueError, match=r"pass model options when loading.*forces"):
         ForcecalcModel(potential, forces="compat")
+    with pytest.raises(ValueError, match=r"defines no stress.*forces='conservative'"):
+        ForcecalcModel(potential, compute_stress=True)  # OCP's compat forces: no stress
+    potential = load_checkpoint(
+        ocp_checkpoint_path("spinconv_small_ec"), device="cpu", forces="conservative"
+    )
     model = ForcecalcModel(potential, compute_stress=True)
     molecule = mixed_structures()[17].copy()
     molecule.pbc = False
