@@ -691,6 +691,11 @@ class SpinConv(nn.Module):
             eye = torch.eye(3, dtype=torch.float64)
             if not torch.allclose(matrices @ matrices.transpose(1, 2), eye, atol=1e-5):
                 raise ValueError("rotations must be orthogonal matrices")
+            if (torch.linalg.det(matrices) < 0).any():
+                raise ValueError(
+                    "rotations must be proper rotations (determinant +1), not reflections: "
+                    "a mirrored frame changes the forces"
+                )
         self.register_buffer("rotations", matrices, persistent=False)
 
     # ------------------------------------------------------------------ forward

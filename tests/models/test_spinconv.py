@@ -767,6 +767,8 @@ def test_rotation_options():
         SpinConv(**options, rotations=torch.eye(3))
     with pytest.raises(ValueError, match="orthogonal"):
         SpinConv(**options, rotations=2 * torch.eye(3).expand(2, 3, 3))
+    with pytest.raises(ValueError, match="determinant"):  # orthogonal, but a reflection
+        SpinConv(**options, rotations=-two)
 
 
 def test_options_we_do_not_implement_raise():
