@@ -8,7 +8,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
 
@@ -30,7 +30,12 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
         help="checkpoint: a file, a shipped name (see 'forcecalc info') or an OCP name",
     )
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "float64"],
+        help="the model's precision (positions are float64 either way)",
+    )
     parser.add_argument(
         "--allow-unsafe",
         action="store_true",
@@ -143,18 +148,21 @@ def _check_writable(path: str) -> None:
 
 def _output_format(path: str, n_frames: int, complete: bool = False) -> str:
     """ASE's format for writing ``n_frames`` structures to ``path`` (extxyz for .xyz and for a
-    name without suffix), or a ValueError naming what ASE cannot do, before any work is done.
-    ``complete``: only a format of :data:`COMPLETE_FORMATS`; otherwise another one gets a
-    note on stderr that energies, forces and info may be lost."""
+    name without suffix that ASE does not know, such as ``relaxed``; a name ASE knows, such as
+    ``CONTCAR``, gets its format: vasp), or a ValueError naming what ASE cannot do, before any
+    work is done.  ``complete``: only a format of :data:`COMPLETE_FORMATS`; otherwise another
+    one gets a note on stderr that energies, forces and info may be lost."""
     from ase.io.formats import UnknownFileTypeError, filetype, ioformats
 
     _check_writable(path)
     suffix = Path(path).suffix
-    if suffix in ("", ".xyz", ".extxyz"):
+    if suffix in (".xyz", ".extxyz"):
         return "extxyz"
     try:
         name = filetype(path, read=False)
     except UnknownFileTypeError as error:
+        if not suffix:
+            return "extxyz"
         raise ValueError(f"cannot tell which format to write {path} in: {error}") from error
     io = ioformats.get(name)
     if io is None or not io.can_write:
@@ -537,9 +545,29 @@ def _cmd_md(args: argparse.Namespace) -> int:
     return 0
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """argparse's help, with each option's default where it has one to show (not for flags,
+    nor for options whose help already says what their default is)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        shown = action.option_strings and not (
+            default is None or default is False or default == argparse.SUPPRESS
+        )
+        if shown and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse's parser whose usage errors are one line (``forcecalc relax: error: ...``,
-    exit code 2), like forcecalc's own errors, instead of the usage block first."""
+    exit code 2), like forcecalc's own errors, instead of the usage block first, and whose
+    help shows the options' defaults (its subcommands' parsers are of this class too)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
@@ -576,7 +604,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(relax)
     relax.add_argument("--fmax", type=float, default=0.05, help="force threshold, eV/Å")
     relax.add_argument("--steps", type=int, default=300, help="maximum optimizer steps")
-    relax.add_argument("--optimizer", default="BFGS", choices=["BFGS", "LBFGS", "FIRE"])
+    relax.add_argument(
+        "--optimizer", default="BFGS", choices=["BFGS", "LBFGS", "FIRE"], help="ASE optimizer"
+    )
     relax.add_argument(
         "--fix-below",
         type=float,
@@ -587,7 +617,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--out",
         default=None,
         help="write the relaxed structures here, each with its final energy and forces; the "
-        "format follows the suffix (.extxyz, .traj, ...; extxyz without one), checked before "
+        "format follows the name (.extxyz, .traj, CONTCAR, ...; extxyz for other names "
+        "without a suffix), checked before "
         "relaxing",
     )
     relax.add_argument(
@@ -600,7 +631,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch-size", default="auto", help="structures per batch with --batched (or 'auto')"
     )
     relax.add_argument(
-        "--skin", type=float, default=None, help="neighbor-list skin, Å (reuse between steps)"
+        "--skin",
+        type=float,
+        default=None,
+        help="neighbor-list skin, Å (reuse between steps; default: 0 one by one and on the "
+        "CPU, 0.5 batched on CUDA)",
     )
     _add_cuda_graph_option(relax)
     relax.add_argument(
@@ -620,11 +655,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(evaluation)
     evaluation.add_argument("--data", nargs="+", required=True, help="split files (HDF5)")
     evaluation.add_argument("--train", default=None, help="training split, for median baselines")
-    evaluation.add_argument("--max-frames", type=int, default=None, help="S2EF frame sample")
-    evaluation.add_argument("--max-systems", type=int, default=None, help="IS2RS system sample")
-    evaluation.add_argument("--optimizer", default="lbfgs", choices=["fire", "lbfgs", "bfgs"])
-    evaluation.add_argument("--fmax", type=float, default=0.05)
-    evaluation.add_argument("--steps", type=int, default=300)
+    evaluation.add_argument(
+        "--max-frames", type=int, default=None, help="S2EF frame sample (default: all)"
+    )
+    evaluation.add_argument(
+        "--max-systems", type=int, default=None, help="IS2RS system sample (default: all)"
+    )
+    evaluation.add_argument(
+        "--optimizer",
+        default="lbfgs",
+        choices=["fire", "lbfgs", "bfgs"],
+        help="IS2RS relaxations' optimizer (forcecalc's batched engine)",
+    )
+    evaluation.add_argument("--fmax", type=float, default=0.05, help="IS2RS force threshold, eV/Å")
+    evaluation.add_argument("--steps", type=int, default=300, help="IS2RS maximum steps")
     evaluation.add_argument("--out", default=None, help="write the results as JSON")
     evaluation.set_defaults(func=_cmd_eval)
 
@@ -633,7 +677,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="merge the outputs of 'forcecalc relax --shard I/N' runs back into input order",
     )
     merge.add_argument(
-        "output", help="merged structure file (format from the suffix; extxyz without one)"
+        "output",
+        help="merged structure file (format from the name, as for relax --out)",
     )
     merge.add_argument("inputs", nargs="+", help="the shards' --out files")
     merge.set_defaults(func=_cmd_merge)
@@ -644,12 +689,19 @@ def build_parser() -> argparse.ArgumentParser:
     md.add_argument(
         "--index", type=int, default=0, help="which structure of INPUT (0-based; -1: the last)"
     )
-    md.add_argument("--integrator", default="langevin", choices=["verlet", "langevin"])
+    md.add_argument(
+        "--integrator",
+        default="langevin",
+        choices=["verlet", "langevin"],
+        help="verlet: NVE; langevin: NVT at --temperature",
+    )
     md.add_argument("--temperature", type=float, default=300.0, help="K (initial velocities too)")
     md.add_argument("--timestep", type=float, default=1.0, help="fs")
-    md.add_argument("--steps", type=int, default=100)
+    md.add_argument("--steps", type=int, default=100, help="MD steps")
     md.add_argument("--friction", type=float, default=0.01, help="Langevin friction, 1/fs")
-    md.add_argument("--seed", type=int, default=0)
+    md.add_argument(
+        "--seed", type=int, default=0, help="seed of the initial velocities and Langevin noise"
+    )
     md.add_argument(
         "--log-interval",
         type=int,
@@ -660,7 +712,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--out",
         default=None,
         help="trajectory: a frame every --log-interval steps, with energy, forces and momenta; "
-        "the format follows the suffix (.traj, .extxyz, ...; extxyz without one); frames are "
+        "the format follows the name (.traj, .extxyz, ...; extxyz for a name without a "
+        "suffix that ASE does not know); frames are "
         "saved to OUT.part as the run goes, then OUT is written when it ends",
     )
     md.add_argument(

@@ -44,6 +44,25 @@ def test_info_without_checkpoint_lists_models(capsys) -> None:
     assert forcecalc.__version__ in out and "SpinConv-S2EF-OC20-All" in out
 
 
+@pytest.mark.parametrize(
+    ("command", "shown"),
+    [
+        (["relax"], ["(default: 0.05)", "(default: 300)", "(default: BFGS)", "0.5 batched"]),
+        (["md"], ["(default: langevin)", "(default: 300.0)", "(default: 100)"]),
+        (["eval"], ["(default: lbfgs)", "(default: all)"]),
+        (["data", "oc20emt"], ["(default: 0)"]),
+    ],
+)
+def test_help_shows_the_defaults(capsys, command: list[str], shown: list[str]) -> None:
+    """Every subcommand's --help says what each option defaults to (README: `forcecalc
+    COMMAND --help` lists every option with its default)."""
+    with pytest.raises(SystemExit):
+        main([*command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for expected in shown:
+        assert expected in text
+
+
 def test_convert_writes_our_format(tmp_path: Path) -> None:
     """`forcecalc convert` turns an OCP checkpoint into forcecalc's format."""
     out = tmp_path / "converted.pt"

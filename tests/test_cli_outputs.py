@@ -68,7 +68,11 @@ def test_relax_frames_carry_their_own_energy_and_forces(tmp_path: Path, suffix: 
 
 @pytest.mark.parametrize(
     ("name", "expected"),
-    [("out.vasp", "the vasp format holds one structure, but 2"), ("out.foo", "'.foo'")],
+    [
+        ("out.vasp", "the vasp format holds one structure, but 2"),
+        ("POSCAR", "the vasp format holds one structure, but 2"),
+        ("out.foo", "'.foo'"),
+    ],
 )
 def test_relax_refuses_an_unwritable_out_before_relaxing(
     tmp_path: Path, monkeypatch, capsys, name: str, expected: str
@@ -88,11 +92,19 @@ def test_relax_refuses_an_unwritable_out_before_relaxing(
     assert not (tmp_path / name).exists()
 
 
-def test_relax_writes_one_structure_in_a_single_structure_format(tmp_path: Path) -> None:
-    """`relax --out CONTCAR.vasp` with one input structure writes it in VASP's format."""
+@pytest.mark.parametrize("name", ["CONTCAR.vasp", "CONTCAR"])
+def test_relax_writes_one_structure_in_a_single_structure_format(
+    tmp_path: Path, name: str
+) -> None:
+    """`relax --out CONTCAR.vasp` with one input structure writes it in VASP's format, and so
+    does `--out CONTCAR`: a name without suffix that ASE knows gets ASE's format (others,
+    such as `relaxed`, get extxyz), so that ASE, VESTA and VASP read it back."""
     write(tmp_path / "in.extxyz", _two_slabs()[0])
-    assert _relax(tmp_path, tmp_path / "CONTCAR.vasp") == 0
-    assert len(read(tmp_path / "CONTCAR.vasp", format="vasp")) == 9
+    assert _relax(tmp_path, tmp_path / name) == 0
+    assert len(read(tmp_path / name)) == 9
+    assert (tmp_path / name).read_text().splitlines()[0].strip() != "9"  # not xyz
+    assert _relax(tmp_path, tmp_path / "relaxed") == 0
+    assert "relax_converged" in read(tmp_path / "relaxed", format="extxyz").info
 
 
 def test_fix_below_adds_to_the_input_constraints(tmp_path: Path) -> None:

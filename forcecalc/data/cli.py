@@ -77,9 +77,14 @@ def add_data_commands(subparsers: argparse._SubParsersAction) -> None:
         description="Adsorbate + slab systems labelled by ASE's EMT, OC20-shaped; "
         "reproducible from (size, seed) whatever the number of workers.",
     )
-    gen.add_argument("--size", choices=sorted(SIZES), required=True)
+    gen.add_argument(
+        "--size",
+        choices=sorted(SIZES),
+        required=True,
+        help="how many systems (benchmarks/oc20emt.md)",
+    )
     gen.add_argument("--out", required=True, help="output folder")
-    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--seed", type=int, default=0, help="the data set's seed")
     gen.add_argument(
         "--workers", type=int, default=os.cpu_count() or 1, help="processes (default: all cores)"
     )
@@ -93,11 +98,16 @@ def add_data_commands(subparsers: argparse._SubParsersAction) -> None:
         "the initial frames 'forcecalc data oc20emt' stores (equal to extxyz's printed "
         "precision, 1e-8 Å), at the cost of one clean-slab EMT relaxation each.",
     )
-    is2rs.add_argument("--size", choices=sorted(SIZES), required=True)
+    is2rs.add_argument("--size", choices=sorted(SIZES), required=True, help="the data set's size")
     is2rs.add_argument("--out", required=True, help="output extxyz file (written atomically)")
-    is2rs.add_argument("--seed", type=int, default=0)
+    is2rs.add_argument("--seed", type=int, default=0, help="the data set's seed")
     is2rs.add_argument(
-        "--splits", nargs="+", default=list(TEST_SPLITS), choices=list(SPLITS), metavar="SPLIT"
+        "--splits",
+        nargs="+",
+        default=list(TEST_SPLITS),
+        choices=list(SPLITS),
+        metavar="SPLIT",
+        help=f"which splits ({', '.join(SPLITS)})",
     )
     is2rs.add_argument(
         "--workers", type=int, default=os.cpu_count() or 1, help="processes (default: all cores)"
@@ -109,6 +119,6 @@ def add_data_commands(subparsers: argparse._SubParsersAction) -> None:
         "convert",
         help="convert between HDF5 (.h5), ASE db (.db) and extxyz (.xyz/.extxyz)",
     )
-    conv.add_argument("input")
-    conv.add_argument("output")
+    conv.add_argument("input", help="a data file (.h5, .db, .xyz/.extxyz, or any file ASE reads)")
+    conv.add_argument("output", help="the converted file (format from its suffix)")
     conv.set_defaults(func=_convert)

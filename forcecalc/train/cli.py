@@ -47,7 +47,7 @@ def _add_option_flags(
             continue
         default = (defaults or {}).get(name, default)
         flag = "--" + name.replace("_", "-")
-        text = f"{help_text} (default: {default})"
+        text = help_text if "default" in help_text else f"{help_text} (default: {default})"
         kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": text}
         if annotation == "bool":
             kwargs["action"] = argparse.BooleanOptionalAction
