@@ -93,9 +93,7 @@ def test_relax_refuses_an_unwritable_out_before_relaxing(
 
 
 @pytest.mark.parametrize("name", ["CONTCAR.vasp", "CONTCAR"])
-def test_relax_writes_one_structure_in_a_single_structure_format(
-    tmp_path: Path, name: str
-) -> None:
+def test_relax_writes_one_structure_in_a_single_structure_format(tmp_path: Path, name: str) -> None:
     """`relax --out CONTCAR.vasp` with one input structure writes it in VASP's format, and so
     does `--out CONTCAR`: a name without suffix that ASE knows gets ASE's format (others,
     such as `relaxed`, get extxyz), so that ASE, VESTA and VASP read it back."""
