@@ -117,6 +117,12 @@ def _read_structures(path: str) -> list:
 
     if not Path(path).exists():
         raise FileNotFoundError(f"input file {path} does not exist")
+    if Path(path).suffix.lower() in (".h5", ".hdf5"):
+        raise ValueError(
+            f"{path} is a forcecalc data set (HDF5), which ASE does not read: `forcecalc data "
+            "is2rs` writes the initial structures of OC20-EMT splits, `forcecalc data convert "
+            f"{path} FILE.extxyz` its frames"
+        )
     try:
         structures = read(path, index=":")
     except _read_errors() as error:
@@ -210,6 +216,8 @@ def _check_relax_args(args: argparse.Namespace) -> None:
     _check_at_least(args, "fmax", 0)
     _check_at_least(args, "steps", 0)
     _check_at_least(args, "skin", 0)
+    if args.batch_size != "auto" and not args.batched:
+        raise ValueError("--batch-size applies to --batched relaxations: add --batched")
     if args.batch_size != "auto" and not (args.batch_size.isdigit() and int(args.batch_size)):
         raise ValueError(
             f"--batch-size must be 'auto' or a positive integer, got {args.batch_size!r}"
@@ -605,7 +613,11 @@ def build_parser() -> argparse.ArgumentParser:
     relax.add_argument("--fmax", type=float, default=0.05, help="force threshold, eV/Å")
     relax.add_argument("--steps", type=int, default=300, help="maximum optimizer steps")
     relax.add_argument(
-        "--optimizer", default="BFGS", choices=["BFGS", "LBFGS", "FIRE"], help="ASE optimizer"
+        "--optimizer",
+        default="BFGS",
+        type=str.upper,
+        choices=["BFGS", "LBFGS", "FIRE"],
+        help="ASE optimizer (any case)",
     )
     relax.add_argument(
         "--fix-below",
@@ -664,8 +676,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument(
         "--optimizer",
         default="lbfgs",
+        type=str.lower,
         choices=["fire", "lbfgs", "bfgs"],
-        help="IS2RS relaxations' optimizer (forcecalc's batched engine)",
+        help="IS2RS relaxations' optimizer (forcecalc's batched engine; any case)",
     )
     evaluation.add_argument("--fmax", type=float, default=0.05, help="IS2RS force threshold, eV/Å")
     evaluation.add_argument("--steps", type=int, default=300, help="IS2RS maximum steps")

@@ -64,6 +64,8 @@ def evaluate_s2ef(
     seed: int = 0,
 ) -> dict[str, float]:
     """S2EF metrics (free atoms, as OC20) of ``potential`` on the frames of ``dataset``."""
+    if len(dataset) == 0:
+        raise ValueError(f"{getattr(dataset, 'path', 'the data set')} has no frames to evaluate")
     frames = [dataset[int(i)] for i in sample_frames(len(dataset), max_frames, seed)]
     forces_true, natoms, fixed = stacked_forces(frames)  # the labels checked before the model
     results = predict(frames, potential, batch_size=batch_size)

@@ -63,6 +63,18 @@ def test_help_shows_the_defaults(capsys, command: list[str], shown: list[str]) -
         assert expected in text
 
 
+def test_optimizer_names_take_any_case() -> None:
+    """`relax --optimizer lbfgs` and `eval --optimizer LBFGS` name the same optimizer as the
+    canonical spelling of each command (the Python `relax()` takes any case too)."""
+    from forcecalc.cli import build_parser
+
+    parser = build_parser()
+    relax = ["relax", "in.xyz", "--model", "m.pt", "--optimizer", "lbfgs"]
+    assert parser.parse_args(relax).optimizer == "LBFGS"
+    evaluation = ["eval", "is2rs", "--model", "m.pt", "--data", "x.h5", "--optimizer", "LBFGS"]
+    assert parser.parse_args(evaluation).optimizer == "lbfgs"
+
+
 def test_convert_writes_our_format(tmp_path: Path) -> None:
     """`forcecalc convert` turns an OCP checkpoint into forcecalc's format."""
     out = tmp_path / "converted.pt"

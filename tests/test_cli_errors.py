@@ -31,6 +31,8 @@ CASES = [
     (["eval", "s2ef", "--data", "one.h5", "--steps", "-1"], "--steps must be >= 0"),
     (["eval", "s2ef", "--data", "one.h5", "--max-frames", "0"], "--max-frames must be >= 1"),
     (["relax", "one.extxyz", "--batched", "--batch-size", "x"], "--batch-size must be 'auto'"),
+    (["relax", "one.extxyz", "--batch-size", "4"], "--batch-size applies to --batched"),
+    (["relax", "data.h5"], "data.h5 is a forcecalc data set (HDF5), which ASE does not read"),
     (["relax", "one.extxyz", "--out", "."], "cannot write .: it is a folder"),
     (["relax", "one.extxyz", "--out", "one.extxyz/r.xyz"], "one.extxyz is a file, not a"),
     (["relax", "one.extxyz", "--shard", "1/2", "--out", "r.db"], "which the db format does"),
@@ -48,6 +50,7 @@ def test_bad_input_is_a_one_line_error(
     write("one.extxyz", fcc111("Cu", size=(2, 2, 2), vacuum=5.0))
     Path("bad.xyz").write_text("hello world\nthis is not a structure\n")
     Path("bad.traj").write_bytes(b"garbage")
+    Path("data.h5").write_bytes(b"")
     assert main([*argv, *NO_MODEL]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("forcecalc: error: ")
@@ -114,17 +117,21 @@ def test_unreadable_data_and_configs_are_one_line_errors(tmp_path: Path, monkeyp
 
 def test_eval_checks_its_data_first(tmp_path: Path, monkeypatch, capsys):
     """`eval` refuses, in one line and before evaluating anything: frames without stored
-    labels, a file without systems for is2rs, --max-systems below 1, and two --data files
-    with one name (the report's keys); `data oc20emt --out` a file (not a folder) too."""
+    labels, a file without frames, a file without systems for is2rs, --max-systems below 1,
+    and two --data files with one name (the report's keys); `data oc20emt --out` a file (not
+    a folder) too."""
     monkeypatch.chdir(tmp_path)
     write("nolabel.extxyz", fcc111("Cu", size=(2, 2, 2), vacuum=5.0))
     assert main(["data", "convert", "nolabel.extxyz", "nolabel.h5"]) == 0
     Path("b").mkdir()
     assert main(["data", "convert", "nolabel.extxyz", "b/nolabel.h5"]) == 0
-    capsys.readouterr()
+    Path("empty.extxyz").write_text("")
+    assert main(["data", "convert", "empty.extxyz", "empty.h5"]) == 0
+    assert "holds no frames" in capsys.readouterr().err
     model = ["--model", str(FORCENET), "--device", "cpu"]
     cases = [
         (["eval", "s2ef", *model, "--data", "nolabel.h5"], "have no stored energy and forces"),
+        (["eval", "s2ef", *model, "--data", "empty.h5"], "empty.h5 has no frames"),
         (["eval", "is2rs", *model, "--data", "nolabel.h5"], "has no systems"),
         (["eval", "is2rs", *model, "--data", "nolabel.h5", "--max-systems", "0"], ">= 1"),
         (["eval", "s2ef", *model, "--data", "nolabel.h5", "b/nolabel.h5"], "distinct names"),

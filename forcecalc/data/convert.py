@@ -254,16 +254,35 @@ def _write_extxyz(path: Path, images: Iterable[Atoms], attrs: dict[str, Any]) ->
 _READERS = {"h5": _read_h5, "db": _read_db, "extxyz": _read_extxyz}
 
 
+def _readable(images: Iterable[Atoms], src: Path, dst: Path) -> Iterator[Atoms]:
+    """``images``, with a reader's failure (a file that is not what its suffix says, a
+    truncated frame) as a ValueError naming ``src``, and a warning where ``src`` has no
+    frames (``dst`` is then empty)."""
+    count = 0
+    try:
+        for atoms in images:
+            count += 1
+            yield atoms
+    except Exception as error:  # each format's parser raises its own kinds
+        raise ValueError(f"cannot read {src}: {type(error).__name__}: {error}") from error
+    if not count:
+        warnings.warn(f"{src} holds no frames: {dst} is empty", stacklevel=2)
+
+
 def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> Path:
     """Convert ``src`` to ``dst`` between HDF5 (.h5/.hdf5), ASE db (.db) and extxyz
     (.xyz/.extxyz); formats come from the suffixes. ``dst`` is written atomically (temporary
-    file in the same folder, renamed on success). Returns ``dst``."""
+    file in the same folder, renamed on success). Returns ``dst``.
+
+    Raises:
+        ValueError: ``src`` cannot be read in its format (nothing is written then); a
+            ``src`` without frames gives an empty ``dst`` and a warning."""
     src, dst = Path(src), Path(dst)
     fin, fout = file_format(src), file_format(dst)
     if not src.is_file():  # ase.db.connect would create an empty database
         raise FileNotFoundError(f"no such file: {src}")
     attrs: dict[str, Any] = {}
-    images = _READERS[fin](src, attrs)
+    images = _readable(_READERS[fin](src, attrs), src, dst)
     if fout == "h5":
         _write_h5(dst, images, attrs)
         return dst

@@ -265,16 +265,18 @@ def test_stress_is_stored_and_round_trips(tmp_path: Path) -> None:
 
 
 def test_empty_files_convert_to_empty_files(tmp_path: Path) -> None:
-    """An empty extxyz converts to an empty store, db and extxyz; an empty store converts to
-    empty db and extxyz files and back to an empty store."""
+    """An empty extxyz converts to an empty store, db and extxyz, with a warning that says so;
+    an empty store converts to empty db and extxyz files and back to an empty store."""
     (tmp_path / "empty.xyz").write_text("")
     for dst in ("e.h5", "e.db", "e2.xyz"):
-        convert(tmp_path / "empty.xyz", tmp_path / dst)
+        with pytest.warns(UserWarning, match="holds no frames"):
+            convert(tmp_path / "empty.xyz", tmp_path / dst)
     assert len(open_dataset(tmp_path / "e.h5")) == 0
     assert ase.db.connect(tmp_path / "e.db").count() == 0
     assert (tmp_path / "e2.xyz").read_text() == ""
     for mid in ("f.db", "f.xyz"):
-        back = convert(convert(tmp_path / "e.h5", tmp_path / mid), tmp_path / f"{mid}.h5")
+        with pytest.warns(UserWarning, match="holds no frames"):
+            back = convert(convert(tmp_path / "e.h5", tmp_path / mid), tmp_path / f"{mid}.h5")
         assert len(open_dataset(back)) == 0
 
 
@@ -346,6 +348,16 @@ def test_extxyz_refuses_strings_it_cannot_hold(tmp_path: Path) -> None:
     write_dataset(src, FrameBatch.from_atoms([Atoms("H")], system=[0]), {"empty": [""]})
     back = convert(convert(src, tmp_path / "out.extxyz"), tmp_path / "back.h5")
     assert open_dataset(back).systems["empty"].tolist() == [""]
+
+
+@pytest.mark.parametrize("dst", ["out.h5", "out.db", "out.xyz"])
+def test_unreadable_input_is_one_error_naming_it(tmp_path: Path, dst: str) -> None:
+    """A file that is not what its suffix says is a ValueError naming it (the CLI prints it
+    on one line; it was the parser's traceback), and nothing is written."""
+    (tmp_path / "bad.extxyz").write_text("garbage\n")
+    with pytest.raises(ValueError, match=r"cannot read .*bad.extxyz: XYZError"):
+        convert(tmp_path / "bad.extxyz", tmp_path / dst)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.extxyz"]
 
 
 def test_missing_input_is_refused(tmp_path: Path) -> None:
