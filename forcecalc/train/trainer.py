@@ -181,6 +181,21 @@ def _check_not_empty(frames: Sequence, role: str) -> None:
         raise ValueError(f"no {role} frames")
 
 
+def _check_output_folder(folder: Path) -> None:
+    """A ValueError, before any work, if ``folder`` cannot be made or written into (a file
+    there or above it, no permission); it is not made here, so a run that fails its set-up
+    leaves no empty folder behind."""
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"cannot write the run into {folder}: it is a file")
+    ancestor = folder
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ValueError(f"cannot write the run into {folder}: {ancestor} is a file")
+    if not os.access(ancestor, os.W_OK):
+        raise ValueError(f"cannot write the run into {folder}: no permission to write there")
+
+
 def _remove_stale_temp_files(folder: Path) -> None:
     """Delete temp files a killed run left behind (its completed files are untouched)."""
     for name in _WRITTEN:
@@ -220,8 +235,7 @@ class Trainer:
             )
         self.out = Path(config.out)
         if self.dist.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            _remove_stale_temp_files(self.out)
+            _check_output_folder(self.out)  # made once the set-up has passed its checks
         state = None if resume is None else read_training_state(resume)
         self.train_frames, self.val_frames, self.data_info, numbers = self._open_data(
             train_frames, val_frames
@@ -303,6 +317,9 @@ class Trainer:
         torch.manual_seed(config.seed + self.dist.rank)
         if state is not None:
             self._load_state(state)
+        if self.dist.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            _remove_stale_temp_files(self.out)
 
     # ---------------------------------------------------------------------------------------
     # set-up

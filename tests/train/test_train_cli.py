@@ -183,3 +183,20 @@ def test_bad_option_values_are_named_errors(tmp_path, key, value):
     path.write_text(json.dumps({key: value}))
     with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: {key}\b.*got"):
         TrainConfig.from_file(path)
+
+
+def test_a_run_that_fails_its_set_up_leaves_no_folder(tmp_path, monkeypatch, capsys):
+    """`forcecalc train` on frames without labels fails with one line and leaves no empty
+    output folder behind (the folder is made once the set-up has passed its checks); an
+    output path under a file is refused before anything is read."""
+    from ase.build import fcc111
+
+    from forcecalc.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    write("nolabel.extxyz", fcc111("Cu", size=(2, 2, 2), vacuum=5.0))
+    assert main(["train", "--data", "nolabel.extxyz", "--out", "run", "--device", "cpu"]) == 2
+    assert "forcecalc: error:" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+    assert main(["train", "--data", "nolabel.extxyz", "--out", "nolabel.extxyz/run"]) == 2
+    assert "nolabel.extxyz is a file" in capsys.readouterr().err
