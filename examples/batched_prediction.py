@@ -70,7 +70,11 @@ def main() -> None:
     )
     print(f"one by one:                {single_time:.2f} s ({n_atoms / single_time:.0f} atoms/s)")
     print(f"largest batched vs one-by-one force difference: {agreement:.2e} eV/Å")
-    print(f"force MAE against EMT: {np.mean(errors):.3f} eV/Å")
+    print(
+        f"force MAE against EMT: {np.mean(errors):.3f} eV/Å (hand-built structures, every atom "
+        "rattled, adsorbates on top: off OC20-EMT's distribution; spinconv-fc's test_id force "
+        "MAE is 0.010 eV/Å, weights/README.md)"
+    )
 
 
 if __name__ == "__main__":

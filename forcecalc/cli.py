@@ -499,6 +499,13 @@ def _cmd_md(args: argparse.Namespace) -> int:
         cuda_graph=args.cuda_graph,
         compile_mode=args.compile,
     )
+    potential = atoms.calc.potential
+    if not potential.energy_gradient:
+        print(
+            f"forcecalc: note: the {potential.name} model predicts forces directly, not as an "
+            "energy gradient: its dynamics conserve no energy (use spinconv-ec for MD)",
+            file=sys.stderr,
+        )
     rng = np.random.default_rng(args.seed)
     thermalize_momenta(atoms, temperature_K=args.temperature, rng=rng)
     dt = args.timestep * units.fs

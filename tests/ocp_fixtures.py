@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from functools import cache
 from pathlib import Path
 
@@ -11,7 +12,14 @@ import torch
 
 DATA = Path(__file__).parent / "data"
 OCP_DATA = DATA / "ocp"
-SHARED_OCP = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "ocp"
+#: The large fixture checkpoints (SpinConv-All, ForceNet-All): ``$FORCECALC_OCP_FIXTURES``, else
+#: the project's ``../shared/fixtures/ocp`` (a folder holding ``checkpoints/``).
+SHARED_OCP = Path(
+    os.environ.get(
+        "FORCECALC_OCP_FIXTURES",
+        Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "ocp",
+    )
+)
 
 
 @cache
@@ -34,7 +42,10 @@ def ocp_checkpoint_path(name: str) -> Path:
         path = folder / f"{name}.pt"
         if path.exists():
             return path
-    pytest.skip(f"checkpoint {name}.pt not found (large fixtures live in ../shared/fixtures/ocp)")
+    pytest.skip(
+        f"checkpoint {name}.pt not found (the large fixtures: set FORCECALC_OCP_FIXTURES to "
+        f"a folder with checkpoints/, now {SHARED_OCP})"
+    )
 
 
 def load_ocp_raw(name: str) -> dict:

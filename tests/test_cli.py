@@ -163,7 +163,17 @@ def test_md_logs_energies(tmp_path: Path, capsys) -> None:
     )
     assert code == 0
     assert len(read(tmp_path / "md.traj", index=":")) == 3
-    assert "E_total" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "E_total" in captured.out and "note" not in captured.err
+
+
+def test_md_with_direct_forces_says_energy_is_not_conserved(tmp_path: Path, capsys) -> None:
+    """`forcecalc md` with a model whose forces are no energy gradient runs, with a note that
+    its dynamics conserve no energy (the README's advice, where a user running MD meets it)."""
+    write(tmp_path / "in.extxyz", fcc111("Cu", size=(2, 2, 2), vacuum=5.0))
+    model = str(OCP_DATA / "forcenet_small.pt")
+    assert main(["md", str(tmp_path / "in.extxyz"), "--model", model, "--steps", "1"]) == 0
+    assert "conserve no energy" in capsys.readouterr().err
 
 
 def test_md_that_fails_keeps_the_old_trajectory_and_its_frames(tmp_path: Path, monkeypatch) -> None:
