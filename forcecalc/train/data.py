@@ -281,12 +281,8 @@ def open_source(source: str | os.PathLike | Sequence) -> Sequence:
         raise FileNotFoundError(f"training data {path} does not exist")
     suffix = path.suffix.lower()
     if suffix in HDF5_SUFFIXES:
-        try:
-            from forcecalc.data import open_dataset
-        except ImportError as error:
-            raise ImportError(
-                f"reading {path} needs forcecalc.data.open_dataset, which this installation lacks"
-            ) from error
+        from forcecalc.data import open_dataset
+
         return open_dataset(path)
     if suffix == ".db":
         return AseDbFrames(path)
@@ -442,9 +438,11 @@ class TrainBatch:
     index: Tensor
 
     def to(self, device: torch.device | str, dtype: torch.dtype) -> TrainBatch:
-        """A copy on ``device`` with the float tensors in ``dtype``."""
+        """A copy on ``device`` with the labels in ``dtype``; the graph's positions and cell
+        stay float64, as every inference path gives them to the models (SpinConv's frame
+        geometry is float64 whatever the model's dtype)."""
         return TrainBatch(
-            graph=self.graph.to(device=device, dtype=dtype),
+            graph=self.graph.to(device=device, dtype=torch.float64),
             energy=self.energy.to(device=device, dtype=dtype),
             forces=self.forces.to(device=device, dtype=dtype),
             index=self.index.to(device=device),

@@ -44,7 +44,6 @@ def predict_frames(
     frames: Sequence,
     batch_size: int,
     device: torch.device,
-    dtype: torch.dtype,
     info: DistInfo,
 ) -> Predictions:
     """Predictions (eV, eV/Å) for every frame: each process evaluates a contiguous shard, the
@@ -56,16 +55,15 @@ def predict_frames(
     parts = []
     for start in range(0, len(subset), batch_size):
         batch = collate([subset[i] for i in range(start, min(start + batch_size, len(subset)))])
-        batch = batch.to(device, dtype)
         with torch.set_grad_enabled(potential.energy_gradient):
-            out = potential(batch.graph)
+            out = potential(batch.graph.to(device))  # float64 positions, as in inference
         energy, forces = out["energy"].detach(), out["forces"].detach()
         parts.append(
             Predictions(
                 energy=energy.double().cpu().numpy(),
-                energy_target=batch.energy.double().cpu().numpy(),
+                energy_target=batch.energy.numpy(),
                 forces=forces.double().cpu().numpy(),
-                forces_target=batch.forces.double().cpu().numpy(),
+                forces_target=batch.forces.numpy(),
                 natoms=batch.graph.natoms.cpu().numpy(),
                 free=(~batch.graph.fixed).cpu().numpy(),
             )

@@ -132,11 +132,11 @@ def rotate(graph: Batch, forces: Tensor, rotations: Tensor) -> tuple[Batch, Tens
         forces: ``[n_atoms, 3]`` target forces.
         rotations: ``[n_systems, 3, 3]`` rotation matrices ``R`` (vectors ``v -> R v``).
     """
-    rotations = rotations.to(device=forces.device, dtype=forces.dtype)
+    rotations = rotations.to(device=forces.device, dtype=graph.positions.dtype)
     per_atom = rotations[graph.system_idx]
     positions = torch.einsum("nij,nj->ni", per_atom, graph.positions)
     cell = torch.einsum("sij,skj->ski", rotations, graph.cell)
     return (
         graph.with_positions(positions, cell),
-        torch.einsum("nij,nj->ni", per_atom, forces),
+        torch.einsum("nij,nj->ni", per_atom.to(forces.dtype), forces),
     )

@@ -491,7 +491,7 @@ class Trainer:
         if rotations is not None:
             graph, forces = rotate(graph, forces, torch.from_numpy(rotations))
         target_forces = forces / norm.forces_std
-        weights = atom_weights(graph, config.fixed_atom_weight, config.tag_weights)
+        weights = atom_weights(graph, config.fixed_atom_weight, config.tag_weights).to(self.dtype)
         denominators = all_reduce_sum(
             torch.stack([weights.new_tensor(float(graph.n_systems)), weights.sum()]), self.dist
         )
@@ -634,7 +634,6 @@ class Trainer:
                     frames,
                     batch_size,
                     self.device,
-                    self.dtype,
                     self.dist,
                 )
             finally:

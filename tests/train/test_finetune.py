@@ -40,8 +40,6 @@ def test_finetune_from_ocp_checkpoint_freezes_the_rest(tmp_path, name, trainable
     ``final.pt`` (forcecalc format) reloads to the same predictions and records where it
     started from."""
     frames = training_frames()
-    if name.startswith("spinconv"):
-        pytest.importorskip("forcecalc.models.spinconv")
     path = ocp_checkpoint(name)
     info, _ = read_checkpoint(path)
     config = TrainConfig(

@@ -51,7 +51,8 @@ def test_every_file_source_gives_the_frames_back(tmp_path, suffix):
     frames = training_frames()[:5]
     path = tmp_path / f"frames{suffix}"
     if suffix == ".h5":
-        data = pytest.importorskip("forcecalc.data")
+        import forcecalc.data as data
+
         data.write_dataset(path, data.FrameBatch.from_atoms(frames))
     elif suffix == ".db":
         from ase.db import connect
@@ -110,7 +111,9 @@ def test_random_split_is_seeded_disjoint_and_complete():
 
 def test_collate_builds_graph_and_targets():
     """The collate function returns the neighbor graph of the frames (float64) and their
-    targets: ``energy [n_systems]``, ``forces [n_atoms, 3]``, the frame indices."""
+    targets: ``energy [n_systems]``, ``forces [n_atoms, 3]``, the frame indices; moved to a
+    float32 model, the labels are float32 and the positions stay float64, as every inference
+    path gives them."""
     frames = training_frames()[:3]
     batch = Collater(cutoff=4.0)([(5, frames[0]), (9, frames[1]), (2, frames[2])])
     assert batch.graph.n_systems == 3 and batch.graph.n_atoms == 27
@@ -119,8 +122,9 @@ def test_collate_builds_graph_and_targets():
     np.testing.assert_allclose(batch.energy.numpy(), [frame_targets(a)[0] for a in frames])
     np.testing.assert_allclose(batch.forces[9:18].numpy(), frame_targets(frames[1])[1])
     assert batch.graph.fixed.sum() == 12
-    moved = batch.to("cpu", torch.float32)
-    assert moved.forces.dtype == torch.float32 and moved.graph.positions.dtype == torch.float32
+    moved = batch.to("cpu", torch.float32)  # labels in the model's dtype, geometry float64
+    assert moved.forces.dtype == torch.float32 and moved.energy.dtype == torch.float32
+    assert moved.graph.positions.dtype == torch.float64 and moved.graph.cell.dtype == torch.float64
 
 
 def test_atom_weights_from_fixatoms_or_tags():
@@ -171,7 +175,8 @@ def _partly_labelled(frames: list, index: int, missing: str) -> list:
 
 def _write(path, frames: list) -> None:
     if path.suffix == ".h5":
-        data = pytest.importorskip("forcecalc.data")
+        import forcecalc.data as data
+
         data.write_dataset(path, data.FrameBatch.from_atoms(frames))
     elif path.suffix == ".db":
         from ase.db import connect

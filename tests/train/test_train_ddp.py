@@ -118,8 +118,6 @@ def test_two_gloo_processes_equal_one(ddp_runs, name):
     is normalized over the global batch, gradients are averaged, batch-norm statistics are
     computed over both processes (and stay frozen in frozen blocks), rotations are a function
     of the frame."""
-    if "spinconv" in name:
-        pytest.importorskip("forcecalc.models.spinconv")
     same_frames = read(ddp_runs / "frames.extxyz", index=":")  # the workers' frames, exactly
     single = Trainer(_config(ddp_runs / f"{name}-single", 4, **RUNS[name]), same_frames, [])
     single.fit()

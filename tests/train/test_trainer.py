@@ -60,7 +60,6 @@ def test_spinconv_overfits(tmp_path):
     """A tiny force-centric SpinConv trained on 20 EMT frames lowers the force MAE at least
     tenfold."""
     frames = training_frames()
-    pytest.importorskip("forcecalc.models.spinconv")
     _overfit(
         tmp_path,
         frames,
@@ -79,7 +78,6 @@ def test_energy_centric_spinconv_trains_forces_by_double_backward(tmp_path):
     force-only loss, training still moves the parameters (double backward) and lowers the
     force loss.  Its force normalizer is the energy's (forces = -dE/dx in eV/Å)."""
     frames = training_frames()
-    pytest.importorskip("forcecalc.models.spinconv")
     kwargs = {**SPINCONV_TINY, "force_estimator": "grad"}
     config = _config(
         tmp_path, "spinconv", kwargs, max_steps=6, lr=1e-2, energy_coefficient=0.0, batch_size=5
