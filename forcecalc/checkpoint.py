@@ -396,7 +396,9 @@ def _reason(error: BaseException) -> str:
     return "the file ends early" if isinstance(error, EOFError) else type(error).__name__
 
 
-def _read(path: Path, allow_unsafe: bool) -> dict[str, Any]:
+def read_torch_file(path: Path, allow_unsafe: bool = False) -> Any:
+    """What ``torch.load`` reads from ``path`` (on the CPU); a missing, truncated or foreign
+    file is a :class:`CheckpointError` naming it and the problem."""
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
@@ -422,6 +424,12 @@ def _read(path: Path, allow_unsafe: bool) -> dict[str, Any]:
         raise CheckpointError(
             f"{path} is not a PyTorch checkpoint (or is truncated/corrupt): {detail}"
         ) from None
+    return data
+
+
+def _read(path: Path, allow_unsafe: bool) -> dict[str, Any]:
+    """The model checkpoint at ``path``: :func:`read_torch_file`, a dict with a state dict."""
+    data = read_torch_file(path, allow_unsafe)
     if not isinstance(data, dict) or "state_dict" not in data:
         raise CheckpointError(
             f"checkpoint {path} is not a model checkpoint: expected a dict with a 'state_dict'"

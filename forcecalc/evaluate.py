@@ -136,8 +136,8 @@ def evaluate_relaxations(
 
     Returns:
         ``{"is2rs": {...}, "is2re": {...}, "converged": fraction, "systems": n,
-        "baseline": {...}}`` where the baseline relaxes nothing (ADwT / AFbT of the initial
-        structures).
+        "baseline_initial_structure": {...}}`` where the baseline relaxes nothing (ADwT /
+        AFbT of the initial structures).
     """
     from forcecalc.relax import relax
 

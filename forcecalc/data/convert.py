@@ -21,6 +21,7 @@ import base64
 import functools
 import json
 import os
+import sqlite3
 import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -263,7 +264,7 @@ def _readable(images: Iterable[Atoms], src: Path, dst: Path) -> Iterator[Atoms]:
         for atoms in images:
             count += 1
             yield atoms
-    except Exception as error:  # each format's parser raises its own kinds
+    except (OSError, ValueError, KeyError, IndexError, sqlite3.Error) as error:  # the parsers'
         raise ValueError(f"cannot read {src}: {type(error).__name__}: {error}") from error
     if not count:
         warnings.warn(f"{src} holds no frames: {dst} is empty", stacklevel=2)

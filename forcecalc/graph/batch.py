@@ -89,11 +89,13 @@ class Batch:
         )
 
     def with_edges(self, edge_index: Tensor, shifts: Tensor) -> Batch:
-        """A copy with other edges (same atoms)."""
+        """A copy with other edges (same atoms): ``edge_index`` ``[2, n_edges]`` int64
+        (source j, target i), ``shifts`` ``[n_edges, 3]`` integer cell shifts."""
         return replace(self, edge_index=edge_index, shifts=shifts)
 
     def with_positions(self, positions: Tensor, cell: Tensor | None = None) -> Batch:
-        """A copy with new positions (and cell), keeping the edges."""
+        """A copy with new ``positions`` ``[n_atoms, 3]`` (and ``cell`` ``[n_systems, 3, 3]``),
+        keeping the edges."""
         return replace(self, positions=positions, cell=self.cell if cell is None else cell)
 
     @classmethod

@@ -484,7 +484,9 @@ class InteractionBlock(nn.Module):
         target: Tensor,
         edge_weight: Tensor,
     ) -> Tensor:
-        """The update of ``h`` ``[n_atoms, D]`` from edges (source j -> target i)."""
+        """The update of ``h`` ``[n_atoms, D]`` from the edges (source j -> target i):
+        ``edge_attr`` ``[n_edges, edge_dim]`` their basis features, ``source``/``target``
+        ``[n_edges]`` int64, ``edge_weight`` ``[n_edges]`` the cosine cutoff."""
         layers = self.mlp_edge
         filters = layers[1:](self._first_layer(h, edge_attr, source, target))
         filters = filters * edge_weight.unsqueeze(1)
@@ -523,6 +525,7 @@ class FNDecoder(nn.Module):
                 _xavier_(module)
 
     def forward(self, h: Tensor) -> Tensor:
+        """``[n_atoms, width] -> [n_atoms, 3]`` forces (normalized units)."""
         return self.decoder(h)
 
 

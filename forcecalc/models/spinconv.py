@@ -43,7 +43,7 @@ Conventions this implementation fixes (see ``shared/fixtures/ocp/README.md``):
   OCP's sort-order dependent cut and ``_filter_edges`` (a no-op after OCP's strict cut: every
   remaining edge is within its target's closest ``k``).
 * The Gaussian width uses OCP's float32 product ``basis_width_scalar * (offset[1] -
-  offset[0])`` (:func:`ocp_gaussian_coeff`).
+  offset[0])`` (:class:`~forcecalc.models.blocks.GaussianSmearing`).
 
 With these, float64 energies and forces equal the original's float64 references to ~1e-8
 relative on every structure without a tie at the max-neighbor cut.  Not changed, because the
@@ -456,6 +456,9 @@ class MessageBlock(nn.Module):
         source_element: Tensor,
         target_element: Tensor,
     ) -> Tensor:
+        """Messages ``x`` ``[n_edges, hidden]`` -> ``[n_edges, hidden]``: ``projections``
+        holds one grid per edge (its target's other incoming messages in the edge's frame),
+        ``x_dist`` ``[n_edges, mid]`` the distance features, elements ``[n_edges]`` int64."""
         x = projections.spin_convolution(self.spinconvblock, x)
         x = self.embeddingblock1(x, source_element, target_element)
         x = x + self.distfc2(self.act(self.distfc1(x_dist)))
@@ -486,6 +489,9 @@ class ForceOutputBlock(nn.Module):
         )
 
     def forward(self, x: Tensor, projections: SphereProjections, element: Tensor) -> Tensor:
+        """Messages ``x`` ``[n_edges, hidden]`` -> ``[n_grids, 2]`` (channel 0: the force along
+        each grid's polar axis): ``projections`` holds the force block's grids (an atom's
+        incoming messages per axis and rotation), ``element`` ``[n_grids]`` int64 the atom's."""
         x = projections.spin_convolution(self.spinconvblock, x)
         x = self.act(self.block1(x, element, element))
         return self.block2(x, element, element)
@@ -615,9 +621,6 @@ class SpinConv(nn.Module):
 
         self.distance_expansion_forces = GaussianSmearing(
             0.0, self.cutoff, num_basis_functions, basis_width_scalar
-        )
-        self.distance_expansion_forces.coeff = ocp_gaussian_coeff(
-            self.cutoff, num_basis_functions, basis_width_scalar
         )
         self.embeddingblock2 = EmbeddingBlock(
             mid_hidden_channels,
@@ -1184,14 +1187,6 @@ def fill_untrained_pairs(model: nn.Module) -> list[tuple[int, int]]:
     place); returns the element pairs filled in any of them, sorted."""
     blocks = [module for module in model.modules() if isinstance(module, DistanceBlock)]
     return sorted({pair for block in blocks for pair in block.fill_untrained_pairs()})
-
-
-def ocp_gaussian_coeff(stop: float, num_gaussians: int, basis_width_scalar: float) -> float:
-    """OCP's Gaussian exponent ``-0.5 / (basis_width_scalar * (offset[1] - offset[0]))**2``,
-    with the product rounded to float32 as OCP computes it (a float32 tensor operation); the
-    float64 product differs by up to ~1e-7 relative, which moves energies by ~5e-8 eV."""
-    offset = torch.linspace(0.0, stop, num_gaussians, dtype=torch.float32)
-    return -0.5 / (basis_width_scalar * (offset[1] - offset[0])).item() ** 2
 
 
 def ocp_random_rotations(

@@ -38,6 +38,8 @@ if TYPE_CHECKING:
 
     from forcecalc.data.store import Dataset
 
+#: What ASE's readers raise on a file they cannot parse (XYZError is an OSError).
+_PARSE_ERRORS = (OSError, ValueError, KeyError, IndexError, RuntimeError)
 HDF5_SUFFIXES = (".h5", ".hdf5")
 EXTXYZ_SUFFIXES = (".xyz", ".extxyz")
 
@@ -131,7 +133,12 @@ class ExtxyzFrames(Sequence):
         with open(self.path, "rb") as stream:
             stream.seek(start)
             text = stream.read(-1 if end is None else end - start).decode()
-        return read(io.StringIO(text), format="extxyz")
+        try:
+            return read(io.StringIO(text), format="extxyz")
+        except _PARSE_ERRORS as error:
+            raise ValueError(
+                f"{self.path}: frame {index} cannot be read: {type(error).__name__}: {error}"
+            ) from error
 
 
 class AseDbFrames(Sequence):
@@ -218,7 +225,12 @@ class AseFileFrames(Sequence):
         if self._frames is None:
             from ase.io import read
 
-            frames = read(self.path, index=":")
+            try:
+                frames = read(self.path, index=":")
+            except _PARSE_ERRORS as error:
+                raise ValueError(
+                    f"cannot read {self.path}: {type(error).__name__}: {error}"
+                ) from error
             self._frames = frames if isinstance(frames, list) else [frames]
         return self._frames
 

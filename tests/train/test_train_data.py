@@ -89,6 +89,25 @@ def test_other_ase_formats_and_concatenation(tmp_path):
         open_frames([tmp_path / "missing.extxyz"])
 
 
+def test_a_frame_that_cannot_be_parsed_is_named(tmp_path):
+    """A frame whose body is broken (its comment line, which opening the file checks, is fine)
+    is an error naming the file and the frame when it is read, not the parser's bare error;
+    a file read whole names the file."""
+    frames = training_frames()[:3]
+    write(tmp_path / "frames.extxyz", frames)
+    lines = (tmp_path / "frames.extxyz").read_text().splitlines()
+    second = len(frames[0]) + 2 + 2  # the first atom line of frame 1
+    lines[second] = "Cu not-a-number 0.0 0.0"
+    (tmp_path / "frames.extxyz").write_text("\n".join(lines) + "\n")
+    source = open_source(tmp_path / "frames.extxyz")
+    _same_frame(source[0], frames[0])
+    with pytest.raises(ValueError, match=r"frames.extxyz: frame 1 cannot be read"):
+        source[1]
+    (tmp_path / "broken.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"cannot read .*broken.json"):
+        len(open_source(tmp_path / "broken.json"))
+
+
 def test_unlabelled_frame_is_named():
     """A frame without energy or forces is an error naming the frame and what is missing."""
     atoms = training_frames()[0].copy()
