@@ -30,7 +30,9 @@ def stacked_forces(structures: Sequence) -> tuple[np.ndarray, np.ndarray, np.nda
     unlabelled = [
         k
         for k, a in enumerate(structures)
-        if a.calc is None or not {"energy", "forces"} <= set(a.calc.results)
+        if a.calc is None
+        or "forces" not in a.calc.results
+        or not {"energy", "free_energy"} & set(a.calc.results)
     ]
     if unlabelled:
         raise ValueError(
@@ -41,6 +43,13 @@ def stacked_forces(structures: Sequence) -> tuple[np.ndarray, np.ndarray, np.nda
     natoms = np.array([len(a) for a in structures])
     fixed = np.concatenate([_fixed(a) for a in structures])
     return forces, natoms, fixed
+
+
+def label_energies(structures: Sequence) -> np.ndarray:
+    """``[S]`` the labelled energies of ``structures`` (``energy``, else ``free_energy``, the
+    rule training reads labels by)."""
+    results = [a.calc.results for a in structures]
+    return np.array([r["energy"] if "energy" in r else r["free_energy"] for r in results])
 
 
 def _fixed(atoms: Atoms) -> np.ndarray:
@@ -72,7 +81,7 @@ def evaluate_s2ef(
     return {
         **metrics.s2ef_metrics(
             np.array([r["energy"] for r in results]),
-            np.array([a.get_potential_energy() for a in frames]),
+            label_energies(frames),
             np.concatenate([r["forces"] for r in results]),
             forces_true,
             natoms,
@@ -89,13 +98,13 @@ def median_s2ef_metrics(
     train_frames = [train[int(i)] for i in sample_frames(len(train), 20_000, seed)]
     train_forces, _, train_fixed = stacked_forces(train_frames)
     median_energy, median_force = metrics.median_s2ef_baseline(
-        np.array([a.get_potential_energy() for a in train_frames]), train_forces, train_fixed
+        label_energies(train_frames), train_forces, train_fixed
     )
     frames = [dataset[int(i)] for i in sample_frames(len(dataset), max_frames, seed)]
     forces_true, natoms, fixed = stacked_forces(frames)
     return metrics.s2ef_metrics(
         np.full(len(frames), median_energy),
-        np.array([a.get_potential_energy() for a in frames]),
+        label_energies(frames),
         np.broadcast_to(median_force, forces_true.shape),
         forces_true,
         natoms,
