@@ -553,7 +553,9 @@ def _cmd_md(args: argparse.Namespace) -> int:
         raise
     traj.close()
     if out_format == "traj":
-        partial.replace(args.out)
+        from forcecalc.atomic import commit_file
+
+        commit_file(partial, Path(args.out))
     else:
         _write_structures(args.out, read(partial, index=":", format="traj"), out_format)
         partial.unlink()

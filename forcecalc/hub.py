@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from forcecalc.atomic import commit_file
 from forcecalc.checkpoint import CheckpointError
 
 #: The file in the shipped weights folder with each shipped file's SHA-256.
@@ -230,7 +231,7 @@ def download(
                 raise OSError(f"download of {url} stopped at {stream.tell()} of {total} bytes")
         if sha256 is not None and digest.hexdigest() != sha256.lower():
             raise OSError(f"download of {url} has SHA-256 {digest.hexdigest()}, expected {sha256}")
-        os.replace(tmp, target)
+        commit_file(Path(tmp), target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -41,6 +41,8 @@ from ase.calculators.singlepoint import SinglePointCalculator
 from ase.constraints import FixAtoms
 from ase.stress import full_3x3_to_voigt_6_stress
 
+from forcecalc.atomic import commit_file
+
 FORMAT = "forcecalc.frames"
 FORMAT_VERSION = 1
 _ATOM_CHUNK = 1024
@@ -314,17 +316,10 @@ class DatasetWriter:
         h5.close()
         self._h5 = None
         try:
-            with open(self._tmp, "rb+") as fh:
-                os.fsync(fh.fileno())
-            os.replace(self._tmp, self.path)
+            commit_file(self._tmp, self.path)
         except BaseException:
             self._tmp.unlink(missing_ok=True)
             raise
-        dir_fd = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
         return self.path
 
     def abort(self) -> None:
