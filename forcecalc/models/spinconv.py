@@ -1033,7 +1033,7 @@ class SpinConv(nn.Module):
                 edge_of = torch.full_like(kept, n_edges, dtype=edges.dtype)  # [C + 1]
                 edge_of = edge_of.scatter(0, torch.where(filled, candidate, capacity), edges)
                 edge_of[capacity:].fill_(n_edges)  # a Python number set by a kernel, no copy
-                outgoing = edge_of[_compacted(out, kept, out.shape[1], capacity)[0]]
+                outgoing = edge_of[_compacted(out, kept, out.shape[1], capacity)]
                 n_places = outgoing.numel()
                 source_slot = torch.full_like(edges, n_places)
                 source_slot = pad_rows(source_slot.unsqueeze(1))[:, 0].scatter(
@@ -1213,11 +1213,11 @@ def cosine_cutoff(distances: Tensor, cutoff: float) -> Tensor:
     return 0.5 * (torch.cos(distances * (math.pi / cutoff)) + 1.0)
 
 
-def _compacted(table: Tensor, kept: Tensor, width: int, fill: int) -> tuple[Tensor, Tensor]:
+def _compacted(table: Tensor, kept: Tensor, width: int, fill: int) -> Tensor:
     """Each row's kept entries of ``table`` ``[rows, w]`` (indices into ``kept`` ``[n + 1]``,
-    bool), in order, in a ``[rows, width]`` table padded with ``fill``, and whether a row
-    kept more than ``width`` (``[1]`` bool; those entries are dropped).  Fixed shapes, no
-    host synchronisation."""
+    bool), in order, in a ``[rows, width]`` table padded with ``fill`` (entries beyond
+    ``width`` are dropped: pass ``width >= w`` to keep all).  Fixed shapes, no host
+    synchronisation."""
     keep = kept[table]
     rank = keep.cumsum(dim=1) - 1
     fits = keep & (rank < width)
@@ -1226,7 +1226,7 @@ def _compacted(table: Tensor, kept: Tensor, width: int, fill: int) -> tuple[Tens
     place = torch.where(fits, start + rank, rows * width)
     compact = torch.full((rows * width + 1,), fill, dtype=table.dtype, device=table.device)
     compact = compact.scatter(0, place.reshape(-1), table.reshape(-1))[:-1]
-    return compact.view(rows, width), (keep & (rank >= width)).any().view(1)
+    return compact.view(rows, width)
 
 
 def _unit_rows(vectors: Tensor) -> Tensor:
