@@ -16,7 +16,7 @@ from forcecalc.graph import Batch
 def predict(
     structures: Sequence,
     model: str | Potential,
-    batch_size: int = 32,
+    batch_size: int | str = 32,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
     progress: bool = False,
@@ -28,7 +28,9 @@ def predict(
     Args:
         structures: the ``ase.Atoms`` to evaluate (one ``Atoms`` is taken as a list of one).
         model: a checkpoint name/path or a loaded :class:`~forcecalc.checkpoint.Potential`.
-        batch_size: structures per forward pass (an integer).
+        batch_size: structures per forward pass (an integer), or ``"auto"``: batches filled
+            by the memory model of :func:`forcecalc.relax.relax`, split on an out-of-memory
+            error without losing a structure (it evaluates them: ``relax(steps=0)``).
         device, dtype, **model_options: as for :func:`~forcecalc.checkpoint.load_checkpoint`
             (dtype float32 by default); with a loaded Potential, its device and dtype, and
             others are an error.
@@ -46,15 +48,26 @@ def predict(
 
     from forcecalc.relax.engine import check_structures
 
-    if isinstance(batch_size, bool) or not isinstance(batch_size, Integral) or batch_size < 1:
-        raise ValueError(
-            f"batch_size must be an integer >= 1, got {batch_size!r} (for a batch size chosen "
-            "from the memory, use forcecalc.relax with steps=0)"
-        )
+    auto = batch_size == "auto"
+    if not auto and (
+        isinstance(batch_size, bool) or not isinstance(batch_size, Integral) or batch_size < 1
+    ):
+        raise ValueError(f"batch_size must be 'auto' or an integer >= 1, got {batch_size!r}")
     if isinstance(structures, Atoms):
         structures = [structures]
     potential = as_potential(model, device=device, dtype=dtype, **model_options)
     check_structures(structures, potential, engine=False, overlaps=True)  # by input place
+    if auto:
+        from forcecalc.relax import relax
+
+        evaluated = relax(structures, potential, steps=0, batch_size="auto", progress=progress)
+        return [
+            {
+                "energy": atoms.get_potential_energy(),
+                "forces": atoms.get_forces(apply_constraint=apply_constraint),
+            }
+            for atoms in evaluated
+        ]
     results: list[dict[str, Any]] = []
     starts = range(0, len(structures), int(batch_size))
     for start in tqdm(starts, disable=not progress, desc="predict", unit="batch"):

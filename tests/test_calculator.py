@@ -195,10 +195,26 @@ def test_predict_names_the_structure_and_applies_constraints() -> None:
     overlapping.positions[1] = overlapping.positions[0]
     with pytest.raises(ValueError, match=r"^structure 3 \(Cu8O\): atoms 0 and 1 are 0 Å"):
         predict([atoms] * 3 + [overlapping], potential, batch_size=2)
-    for batch_size in ("auto", True, 0):
-        with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
+    for batch_size in ("all", True, 0):
+        with pytest.raises(ValueError, match="batch_size must be 'auto' or an integer >= 1"):
             predict([atoms], potential, batch_size=batch_size)
     assert len(predict([atoms] * 3, potential, batch_size=np.int64(2))) == 3
+
+
+def test_predict_with_an_automatic_batch_size_gives_the_same_results() -> None:
+    """``batch_size="auto"`` (batches from the engine's memory model, split on out-of-memory)
+    gives each structure's energy and forces, constrained or not, as a fixed batch size does
+    (float64: to rounding), in input order."""
+    potential = load_checkpoint(FORCENET, device="cpu", dtype="float64")
+    structures = [_slab(), molecule("CO", cell=[8.0] * 3, pbc=True), _slab()]
+    structures[1].positions += 4.0
+    structures[2].rattle(0.05, seed=3)
+    for apply_constraint in (True, False):
+        fixed = predict(structures, potential, batch_size=2, apply_constraint=apply_constraint)
+        auto = predict(structures, potential, batch_size="auto", apply_constraint=apply_constraint)
+        for a, b in zip(fixed, auto, strict=True):
+            assert a["energy"] == pytest.approx(b["energy"], abs=1e-10)
+            np.testing.assert_allclose(a["forces"], b["forces"], atol=1e-10)
 
 
 def test_skin_reuses_the_graph_with_identical_results() -> None:
