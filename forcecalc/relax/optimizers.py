@@ -394,10 +394,18 @@ class BFGS(BatchedOptimizer):
             hessian = torch.where(updating[:, None, None], hessian + change, hessian)
             for k, h in zip(members, hessian.unbind(0), strict=True):
                 self.hessians[k] = h
-            # compute_step(): -V (g V / |omega|)
-            omega, eigenvectors = torch.linalg.eigh(hessian)
+            # compute_step(): -V (g V / |omega|).  A Hessian the update made non-finite (a
+            # gradient that did not change along the step: an atom alone, whose direct force
+            # does not depend on its position) would fail the whole group's eigh; it gets a
+            # NaN step instead, which ends that system alone (as ASE's BFGS fails on it).
+            finite = torch.isfinite(hessian).all(dim=2).all(dim=1)
+            eye = torch.eye(3 * n, dtype=hessian.dtype, device=hessian.device)
+            omega, eigenvectors = torch.linalg.eigh(
+                torch.where(finite[:, None, None], hessian, eye)
+            )
             coefficients = (gradient.unsqueeze(1) @ eigenvectors).squeeze(1) / omega.abs()
             step = -(eigenvectors @ coefficients.unsqueeze(2)).squeeze(2)
+            step = torch.where(finite[:, None], step, torch.nan)
             dr.index_copy_(0, rows, step.reshape(-1, 3))
 
         # determine_step(): scale so that the longest atom step is at most maxstep

@@ -137,7 +137,9 @@ class ForcecalcModel(ModelInterface):
                 out = self.potential(batch, compute_stress=True)
             else:
                 out = self.potential(batch)
-        results = {"energy": out["energy"].detach(), "forces": out["forces"].detach()}
+        # in the state's dtype: an energy-centric model's forces and stress are gradients with
+        # respect to the float64 positions (and its energy with element references float64)
+        results = {"energy": out["energy"], "forces": out["forces"]}
         if self._compute_stress:
-            results["stress"] = out["stress"].detach()
-        return results
+            results["stress"] = out["stress"]
+        return {key: value.detach().to(self._dtype) for key, value in results.items()}

@@ -369,6 +369,28 @@ def test_a_broken_optimizer_step_ends_that_structure_only():
         assert "relax_error" not in a.info
 
 
+def test_bfgs_on_a_force_that_does_not_change_ends_that_structure_only():
+    """Contract: a direct-force model gives a lone atom a force that does not change as it
+    moves; BFGS's Hessian update then divides by zero (ASE's BFGS fails there too).  That
+    structure ends unconverged with ``info["relax_error"]``, and the others, of the same size
+    group or not, relax on as without it (one batched ``eigh`` failed the whole call)."""
+    from ase import Atoms
+    from ocp_fixtures import OCP_DATA
+
+    from forcecalc.checkpoint import load_checkpoint
+
+    potential = load_checkpoint(OCP_DATA / "forcenet_small.pt", device="cpu", dtype="float64")
+    lone = Atoms("O", positions=[[6.0, 6.0, 6.0]], cell=[12, 12, 12], pbc=True)
+    structures = [rattled_slab(seed) for seed in (1, 2)]
+    reference = relax(structures, potential, optimizer="bfgs", steps=4, batch_size=3)
+    results = relax([structures[0], lone, structures[1]], potential, optimizer="bfgs", steps=4)
+    assert "bfgs step was not finite" in results[1].info["relax_error"]
+    assert not results[1].info["relax_converged"]
+    for a, b in zip([results[0], results[2]], reference, strict=True):
+        np.testing.assert_allclose(a.positions, b.positions, atol=1e-5)
+        assert "relax_error" not in a.info
+
+
 def test_overlapping_atoms_are_named_by_input_place():
     """Contract: the engine names a structure whose atoms overlap by its input index, with
     its own atom indices (the graph builder's are batch-wide)."""

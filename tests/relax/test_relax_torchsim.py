@@ -80,7 +80,7 @@ def test_adapter_refuses_what_it_would_ignore():
 
 def test_float32_model_sees_float64_positions():
     """Contract: as the calculator, the adapter gives a float32 model float64 positions (the
-    frame geometry is float64): its forces equal the calculator's."""
+    frame geometry is float64): its forces equal the calculator's to float32 rounding."""
     from ocp_fixtures import ocp_checkpoint_path
 
     from forcecalc.checkpoint import load_checkpoint
@@ -93,6 +93,40 @@ def test_float32_model_sees_float64_positions():
     state = torch_sim.io.atoms_to_state([atoms], device=model.device, dtype=torch.float64)
     out = model(state)
     atoms.calc = load_calculator(potential)
-    np.testing.assert_array_equal(
-        out["forces"].double().numpy(), atoms.get_forces(apply_constraint=False)
+    assert out["forces"].dtype == torch.float32  # returned in the model's dtype
+    np.testing.assert_allclose(  # to the output's rounding (float32 positions: 4.6e-3 eV/Å)
+        out["forces"].double().numpy(), atoms.get_forces(apply_constraint=False), atol=1e-6
     )
+
+
+def test_float32_energy_centric_model_runs_torch_sims_optimizers_and_integrators():
+    """Contract: the adapter returns every output in the model's dtype (an energy-centric
+    model's forces and stress are gradients with respect to float64 positions), so torch-sim's
+    float32 states run its optimizers (a cell relaxation too) and integrators; they crashed on
+    float64 forces."""
+    from ase.build import bulk
+    from ocp_fixtures import ocp_checkpoint_path
+
+    from forcecalc.checkpoint import load_checkpoint
+    from forcecalc.relax.torchsim import ForcecalcModel
+
+    potential = load_checkpoint(
+        ocp_checkpoint_path("spinconv_small_ec"), device="cpu", forces="conservative"
+    )
+    model = ForcecalcModel(potential, compute_stress=True)
+    assert model.dtype == torch.float32
+    cells = [bulk("Cu", "fcc", a=3.7, cubic=True), bulk("Pt", "fcc", a=4.0, cubic=True)]
+    state = torch_sim.io.atoms_to_state(cells, device=model.device, dtype=model.dtype)
+    assert {value.dtype for value in model(state).values()} == {torch.float32}
+    optimizers = torch_sim.optimizers
+    relaxed = torch_sim.optimize(cells, model, optimizer=optimizers.frechet_cell_fire, max_steps=3)
+    assert relaxed.positions.dtype == torch.float32
+    moved = torch_sim.integrate(
+        cells,
+        model,
+        integrator=torch_sim.integrators.nve,
+        n_steps=3,
+        temperature=300,
+        timestep=0.001,
+    )
+    assert torch.isfinite(moved.positions).all() and moved.positions.dtype == torch.float32
