@@ -70,7 +70,9 @@ class MemoryModel:
 
 CPU_MEMORY_MODEL = MemoryModel(*CPU_MEMORY_MODEL_BYTES, budget=CPU_BUDGET_BYTES)
 
-_MEASURED: weakref.WeakKeyDictionary[nn.Module, dict[tuple[str, str], MemoryModel]] = (
+#: Measured models by potential, then (device, dtype): the model and the atoms of the largest
+#: structure it was measured on.
+_MEASURED: weakref.WeakKeyDictionary[nn.Module, dict[tuple[str, str], tuple[MemoryModel, int]]] = (
     weakref.WeakKeyDictionary()
 )
 
@@ -215,14 +217,25 @@ def measure_memory_model(
     return fit_memory_model([a for a, _ in sizes], [e for _, e in sizes], peaks)
 
 
-def cached_memory_model(potential: nn.Module, device: torch.device) -> MemoryModel | None:
-    """The model measured earlier for ``potential`` on ``device`` (``None`` if not yet)."""
-    return _MEASURED.get(potential, {}).get((str(device), str(_dtype_of(potential))))
+def cached_memory_model(
+    potential: nn.Module, device: torch.device, largest_atoms: int | None = None
+) -> MemoryModel | None:
+    """The model measured earlier for ``potential`` on ``device`` (``None`` if not yet, or
+    if ``largest_atoms``, the largest structure to come, has more than twice the atoms of
+    the largest it was measured on: an extrapolation that far is not to be trusted)."""
+    cached = _MEASURED.get(potential, {}).get((str(device), str(_dtype_of(potential))))
+    if cached is None or (largest_atoms is not None and largest_atoms > 2 * cached[1]):
+        return None
+    return cached[0]
 
 
-def remember_memory_model(potential: nn.Module, device: torch.device, model: MemoryModel) -> None:
-    """Keep ``model`` for ``potential`` on ``device`` for later calls (lives as the potential)."""
-    _MEASURED.setdefault(potential, {})[(str(device), str(_dtype_of(potential)))] = model
+def remember_memory_model(
+    potential: nn.Module, device: torch.device, model: MemoryModel, largest_atoms: int
+) -> None:
+    """Keep ``model``, measured on structures of up to ``largest_atoms`` atoms, for
+    ``potential`` on ``device`` for later calls (it lives as long as the potential)."""
+    key = (str(device), str(_dtype_of(potential)))
+    _MEASURED.setdefault(potential, {})[key] = (model, largest_atoms)
 
 
 def memory_budget(device: torch.device) -> float:

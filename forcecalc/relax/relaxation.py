@@ -147,11 +147,14 @@ DENSE_SAMPLE_SCALE = 0.8
 def memory_sample_batches(
     potential: nn.Module, structures: Sequence, skin: float, device: torch.device
 ) -> list:
-    """The batches the memory model is measured on: the first (up to 8) structures in batches
-    of 1, 2, 4 and 8, and the largest of them again with every length scaled by
-    :data:`DENSE_SAMPLE_SCALE` (more edges per atom).  Graphs at the model's cutoff + ``skin``,
-    on ``device`` in the model's dtype."""
-    samples = list(structures[:8])
+    """The batches the memory model is measured on: the (up to 8) largest structures, by
+    atoms, in batches of 1, 2, 4 and 8, and the largest of them again with every length
+    scaled by :data:`DENSE_SAMPLE_SCALE` (more edges per atom).  Graphs at the model's cutoff
+    + ``skin``, on ``device`` in the model's dtype.  The largest, because the peaks of tiny
+    structures (gas-phase atoms, small molecules, often first in a screening) are below what
+    a measurement resolves, and the fit would admit everything after them."""
+    largest = sorted(range(len(structures)), key=lambda k: -len(structures[k]))[:8]
+    samples = [structures[k] for k in sorted(largest)]
     sizes = sorted({1, 2, 4, len(samples)} & set(range(1, len(samples) + 1)))
     if len(sizes) < 2:
         samples, sizes = samples * 2, [1, 2]
@@ -172,8 +175,13 @@ def memory_sample_batches(
 def _auto_memory_model(
     potential: nn.Module, structures: Sequence, skin: float, device: torch.device
 ) -> MemoryModel:
+    """The memory model of ``potential`` on ``device`` with the device's budget: measured on
+    ``structures`` (or earlier, on structures at least half as large as the largest here);
+    the fixed :data:`CPU_MEMORY_MODEL` where a CPU cannot measure, or where a measurement
+    resolved no cost per atom or edge (structures too small to tell: then not kept)."""
     cuda = device.type == "cuda"
-    model = cached_memory_model(potential, device)
+    largest = max((len(atoms) for atoms in structures), default=0)
+    model = cached_memory_model(potential, device, largest)
     if model is None and not cuda and not cpu_peak_measurable():
         return CPU_MEMORY_MODEL
     if model is None:
@@ -181,7 +189,9 @@ def _auto_memory_model(
         grad = bool(getattr(potential, "energy_gradient", False))
         measure = cuda_peak_bytes if cuda else cpu_peak_bytes
         model = measure_memory_model(potential, batches, grad, measure)
-        remember_memory_model(potential, device, model)
+        if model.bytes_per_atom <= 0 and model.bytes_per_edge <= 0:
+            return CPU_MEMORY_MODEL.with_budget(memory_budget(device))
+        remember_memory_model(potential, device, model, largest)
     return model.with_budget(memory_budget(device))
 
 

@@ -270,3 +270,38 @@ def test_cpu_peak_bytes_sees_the_forward_pass():
     model = _auto_memory_model(potential, structures, 0.0, torch.device("cpu"))
     assert model is not CPU_MEMORY_MODEL
     assert cached_memory_model(potential, torch.device("cpu")) is not None
+
+
+def test_memory_model_is_measured_on_the_largest_structures(monkeypatch):
+    """Contract: gas-phase atoms first in a screening do not decide the memory model: it is
+    measured on the largest structures; a measurement that resolves no cost per atom or edge
+    (tiny structures only) gives the fixed CPU model and is not kept; a model measured on
+    small structures is measured again for structures more than twice as large (an atom-only
+    fit let 408 slabs into one 17 GiB forward pass)."""
+    from ase import Atoms
+    from ase.build import fcc111
+
+    from forcecalc.relax import relaxation
+
+    slab = fcc111("Cu", size=(2, 2, 3), vacuum=6.0)
+    slab.pbc = True
+    atoms = [Atoms("Cu", positions=[[5, 5, 5]], cell=[10, 10, 10], pbc=True)] * 8
+    potential = morse_potential()
+    cpu = torch.device("cpu")
+    batches = relaxation.memory_sample_batches(potential, [*atoms, slab, slab], 0.0, cpu)
+    assert max(b.n_atoms for b in batches) >= 2 * len(slab)  # the slabs are sampled
+
+    monkeypatch.setattr(relaxation, "cpu_peak_measurable", lambda: True)
+    monkeypatch.setattr(relaxation, "cpu_peak_bytes", lambda potential, batch, grad: 0.0)
+    fresh = morse_potential()
+    assert relaxation._auto_memory_model(fresh, atoms, 0.0, cpu) == CPU_MEMORY_MODEL
+    assert cached_memory_model(fresh, cpu) is None
+
+    def measured(potential, batch, grad):
+        return 1e6 + 1e4 * batch.n_edges
+
+    monkeypatch.setattr(relaxation, "cpu_peak_bytes", measured)
+    small = [Atoms("Cu2", positions=[[0, 0, 0], [2.5, 0, 0]], cell=[10] * 3, pbc=True)] * 3
+    relaxation._auto_memory_model(fresh, small, 0.0, cpu)
+    assert cached_memory_model(fresh, cpu, largest_atoms=4) is not None
+    assert cached_memory_model(fresh, cpu, largest_atoms=len(slab)) is None  # measured again
