@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable
 from numbers import Integral
 from typing import Any
 
@@ -14,7 +14,7 @@ from forcecalc.graph import Batch
 
 
 def predict(
-    structures: Sequence,
+    structures: Iterable,
     model: str | Potential,
     batch_size: int | str = 32,
     device: str | torch.device | None = None,
@@ -26,7 +26,8 @@ def predict(
     """Energies and forces of many ``ase.Atoms`` with one forward pass per batch.
 
     Args:
-        structures: the ``ase.Atoms`` to evaluate (one ``Atoms`` is taken as a list of one).
+        structures: the ``ase.Atoms`` to evaluate, any iterable (one ``Atoms`` is taken as a
+            list of one).
         model: a checkpoint name/path or a loaded :class:`~forcecalc.checkpoint.Potential`.
         batch_size: structures per forward pass (an integer), or ``"auto"``: batches filled
             by the memory model of :func:`forcecalc.relax.relax`, split on an out-of-memory
@@ -41,7 +42,9 @@ def predict(
     Returns:
         One dict per structure, in input order: ``energy`` (float, eV) and ``forces``
         (``[n_atoms, 3]`` float64 array, eV/Å). Equal to the calculator's one-by-one results
-        (``atoms.get_forces(apply_constraint=apply_constraint)``).
+        (``atoms.get_potential_energy(apply_constraint=...)`` and ``atoms.get_forces(...)``:
+        with constraints applied, a restraint such as ``Hookean`` adds its energy and
+        forces).
     """
     from ase import Atoms
     from tqdm.auto import tqdm
@@ -53,37 +56,49 @@ def predict(
         isinstance(batch_size, bool) or not isinstance(batch_size, Integral) or batch_size < 1
     ):
         raise ValueError(f"batch_size must be 'auto' or an integer >= 1, got {batch_size!r}")
-    if isinstance(structures, Atoms):
-        structures = [structures]
+    structures = [structures] if isinstance(structures, Atoms) else list(structures)
     potential = as_potential(model, device=device, dtype=dtype, **model_options)
     check_structures(structures, potential, engine=False, overlaps=True)  # by input place
     if auto:
-        from forcecalc.relax import relax
-
-        evaluated = relax(structures, potential, steps=0, batch_size="auto", progress=progress)
-        return [
-            {
-                "energy": atoms.get_potential_energy(),
-                "forces": atoms.get_forces(apply_constraint=apply_constraint),
-            }
-            for atoms in evaluated
-        ]
+        raw = _evaluated_by_the_engine(structures, potential, progress)
+    else:
+        raw = []
+        starts = range(0, len(structures), int(batch_size))
+        for start in tqdm(starts, disable=not progress, desc="predict", unit="batch"):
+            chunk = structures[start : start + batch_size]
+            batch = Batch.from_atoms(chunk, cutoff=potential.cutoff).to(
+                device=potential.device, dtype=torch.float64
+            )
+            with torch.set_grad_enabled(potential.energy_gradient):
+                out = potential(batch)
+            energies = out["energy"].detach().cpu().double().numpy()
+            forces = out["forces"].detach().cpu().double().numpy()
+            bounds = np.cumsum([0] + [len(a) for a in chunk])
+            raw += [(float(e), forces[bounds[k] : bounds[k + 1]]) for k, e in enumerate(energies)]
     results: list[dict[str, Any]] = []
-    starts = range(0, len(structures), int(batch_size))
-    for start in tqdm(starts, disable=not progress, desc="predict", unit="batch"):
-        chunk = list(structures[start : start + batch_size])
-        batch = Batch.from_atoms(chunk, cutoff=potential.cutoff).to(
-            device=potential.device, dtype=torch.float64
-        )
-        with torch.set_grad_enabled(potential.energy_gradient):
-            out = potential(batch)
-        energies = out["energy"].detach().cpu().double().numpy()
-        forces = out["forces"].detach().cpu().double().numpy()
-        bounds = np.cumsum([0] + [len(a) for a in chunk])
-        for k, atoms in enumerate(chunk):
-            own = forces[bounds[k] : bounds[k + 1]]
-            if apply_constraint:
-                for constraint in atoms.constraints:
-                    constraint.adjust_forces(atoms, own)
-            results.append({"energy": float(energies[k]), "forces": own})
+    for atoms, (energy, forces) in zip(structures, raw, strict=True):
+        if apply_constraint:  # as Atoms.get_potential_energy() and get_forces() apply them
+            for constraint in atoms.constraints:
+                constraint.adjust_forces(atoms, forces)
+                if hasattr(constraint, "adjust_potential_energy"):
+                    energy += float(constraint.adjust_potential_energy(atoms))
+        results.append({"energy": energy, "forces": forces})
     return results
+
+
+def _evaluated_by_the_engine(
+    structures: list, potential: Potential, progress: bool
+) -> list[tuple[float, np.ndarray]]:
+    """``(energy, forces [n_atoms, 3])`` of each structure from the batched engine
+    (``relax(steps=0)``: batches from its memory model, split on out-of-memory), on copies
+    without constraints (the engine refuses those it cannot move atoms under; evaluating
+    needs none)."""
+    from forcecalc.relax import relax
+
+    bare = []
+    for atoms in structures:
+        copy = atoms.copy()
+        copy.set_constraint()
+        bare.append(copy)
+    evaluated = relax(bare, potential, steps=0, batch_size="auto", progress=progress)
+    return [(a.get_potential_energy(), a.get_forces(apply_constraint=False)) for a in evaluated]

@@ -201,6 +201,31 @@ def test_predict_names_the_structure_and_applies_constraints() -> None:
     assert len(predict([atoms] * 3, potential, batch_size=np.int64(2))) == 3
 
 
+@pytest.mark.parametrize("batch_size", [2, "auto"])
+def test_predict_applies_every_constraint_as_atoms_do(batch_size: int | str) -> None:
+    """With constraints applied, predict gives what ``atoms.get_potential_energy()`` and
+    ``atoms.get_forces()`` give: FixCartesian zeroes the fixed components, a Hookean
+    restraint adds its force and its energy (the energy lacked it); a generator of structures
+    is evaluated like a list (with "auto" it gave no results)."""
+    from ase.constraints import FixCartesian, Hookean
+
+    potential = load_checkpoint(FORCENET, device="cpu", dtype="float64")
+    restrained, partly_fixed = _slab(), _slab()
+    restrained.set_constraint(Hookean(a1=8, a2=0, rt=1.0, k=5.0))  # O pulled toward atom 0
+    partly_fixed.set_constraint(FixCartesian(8, [True, True, False]))
+    structures = [restrained, partly_fixed]
+    results = predict((a for a in structures), potential, batch_size=batch_size)
+    assert len(results) == 2
+    for atoms, result in zip(structures, results, strict=True):
+        atoms = atoms.copy()
+        atoms.calc = load_calculator(potential)
+        assert result["energy"] == pytest.approx(atoms.get_potential_energy(), abs=1e-9)
+        np.testing.assert_allclose(result["forces"], atoms.get_forces(), atol=1e-9)
+    plain = predict(structures, potential, batch_size=batch_size, apply_constraint=False)
+    assert plain[0]["energy"] != pytest.approx(results[0]["energy"])  # the restraint's energy
+    assert (results[1]["forces"][8, :2] == 0).all() and (plain[1]["forces"][8, :2] != 0).all()
+
+
 def test_predict_with_an_automatic_batch_size_gives_the_same_results() -> None:
     """``batch_size="auto"`` (batches from the engine's memory model, split on out-of-memory)
     gives each structure's energy and forces, constrained or not, as a fixed batch size does
