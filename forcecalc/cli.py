@@ -714,6 +714,7 @@ def build_parser() -> argparse.ArgumentParser:
     md.add_argument(
         "--integrator",
         default="langevin",
+        type=str.lower,
         choices=["verlet", "langevin"],
         help="verlet: NVE; langevin: NVT at --temperature",
     )

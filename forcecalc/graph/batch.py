@@ -179,6 +179,8 @@ def check_atoms(atoms: Atoms, index: int | None = None) -> None:
     """Raise ``ValueError`` naming the problem if ``atoms`` cannot be evaluated, and the
     structure: by ``index`` (its place among several) if given."""
     name = "the structure" if index is None else f"structure {index}"
+    if not hasattr(atoms, "get_chemical_formula"):
+        raise ValueError(f"{name} is a {type(atoms).__name__}, not an ase.Atoms")
     if len(atoms) == 0:
         raise ValueError(f"{name} has no atoms")
 

@@ -36,6 +36,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
+from numbers import Integral
 from typing import Any
 
 import numpy as np
@@ -250,8 +251,14 @@ def md(
     """
     from tqdm.auto import tqdm
 
-    if steps < 0:
-        raise ValueError(f"steps must be >= 0, got {steps}")
+    for name, value in (
+        ("steps", steps),
+        ("seed", seed),
+        ("trajectory_interval", trajectory_interval),
+    ):
+        if isinstance(value, bool) or not isinstance(value, Integral) or value < 0:
+            raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+    integrator = str(integrator).lower()
     if integrator not in ("verlet", "langevin"):
         raise ValueError(f"integrator must be 'verlet' or 'langevin', got {integrator!r}")
     if integrator == "langevin" and temperature_K is None:

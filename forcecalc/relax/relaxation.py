@@ -8,10 +8,11 @@ converged (ASE's criterion: the largest per-atom force norm, FixAtoms applied, b
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from numbers import Integral
+from numbers import Integral, Real
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -133,6 +134,8 @@ def plan_run(
     if not structures:
         return None
     device_ = potential_device(potential)
+    if skin is not None and not (isinstance(skin, Real) and math.isfinite(skin) and skin >= 0):
+        raise ValueError(f"skin must be a finite number >= 0 (Å), got {skin!r}")
     skin = default_skin(device_) if skin is None else float(skin)
     evaluate, max_systems = plan_batches(potential, structures, batch_size, skin, memory)
     return RunPlan(structures, potential, device_, skin, evaluate, max_systems)
@@ -251,8 +254,8 @@ def relax(
 
     if not fmax >= 0:  # 0, as in ASE: run all the steps
         raise ValueError(f"fmax must be >= 0, got {fmax}")
-    if steps < 0:
-        raise ValueError(f"steps must be >= 0, got {steps}")
+    if isinstance(steps, bool) or not isinstance(steps, Real) or not steps >= 0:
+        raise ValueError(f"steps must be a number >= 0, got {steps!r}")
     opt = make_optimizer(optimizer, optimizer_options)
     plan = plan_run(structures, model, device, dtype, skin, batch_size, memory)
     if plan is None:

@@ -172,8 +172,9 @@ def test_md_batches_in_sequence_and_order():
 
 
 def test_md_invalid_arguments():
-    """Contract: a Langevin run without temperature, unknown integrators or rng modes and
-    negative steps raise ValueError."""
+    """Contract: a Langevin run without temperature, unknown integrators (names in any case
+    are known) or rng modes, steps, seeds or trajectory intervals that are not integers >= 0
+    raise ValueError naming them."""
     systems = _thermalized()
     potential = morse_potential()
     with pytest.raises(ValueError, match="temperature_K"):
@@ -182,8 +183,13 @@ def test_md_invalid_arguments():
         md(systems, potential, steps=1, integrator="nose-hoover")
     with pytest.raises(ValueError, match="rng"):
         md(systems, potential, steps=1, rng="python")
-    with pytest.raises(ValueError, match="steps"):
-        md(systems, potential, steps=-1)
+    for name, bad in (("steps", -1), ("steps", 2.0), ("seed", 1.5), ("seed", -1)):
+        with pytest.raises(ValueError, match=f"{name} must be an integer >= 0"):
+            md(systems, potential, **{"steps": 1, name: bad})
+    for bad in (-1, 2.5):
+        with pytest.raises(ValueError, match="trajectory_interval must be an integer >= 0"):
+            md(systems, potential, steps=1, trajectory_interval=bad)
+    assert len(md(systems[:1], potential, steps=1, integrator="VERLET")) == 1  # any case
     with pytest.raises(ValueError, match="temperature_K applies to Langevin dynamics only"):
         md(systems, potential, steps=1, temperature_K=300)
     for bad in ({"timestep": 0.0}, {"timestep": -1.0}, {"temperature_K": -5.0}, {"friction": -1}):

@@ -269,8 +269,9 @@ def test_input_structures_are_not_modified():
 
 
 def test_invalid_inputs_are_refused():
-    """Contract: unknown optimizers or options, constraints other than FixAtoms, bad fmax or
-    batch sizes raise ValueError before anything runs; an empty input gives an empty list."""
+    """Contract: unknown optimizers or options, constraints other than FixAtoms, bad fmax,
+    steps, skin or batch sizes, and inputs that are not Atoms raise ValueError naming them
+    before anything runs; an empty input gives an empty list."""
     potential = morse_potential()
     atoms = mixed_structures()[8]
     with pytest.raises(ValueError, match="unknown optimizer"):
@@ -287,6 +288,13 @@ def test_invalid_inputs_are_refused():
         relax([atoms], potential, fmax=-0.1)
     with pytest.raises(ValueError, match="batch_size"):
         relax([atoms], potential, batch_size=0)
+    for bad in (None, -1, True):
+        with pytest.raises(ValueError, match="steps must be a number >= 0"):
+            relax([atoms], potential, steps=bad)
+    with pytest.raises(ValueError, match="skin must be a finite number"):
+        relax([atoms], potential, skin=float("nan"))
+    with pytest.raises(ValueError, match=r"structure 0 is a str, not an ase\.Atoms"):
+        relax({"a": atoms}, potential)
     assert relax([], potential) == []
 
 
