@@ -77,7 +77,8 @@ class ForceCalculator(Calculator):
         label, directory, atoms: as for :class:`ase.calculators.calculator.Calculator`.
 
     Properties: ``energy`` and ``free_energy`` (eV, adsorption-referenced for OC20 models: see
-    the module docstring), ``forces`` (eV/Å) and, for energy-centric SpinConv only, ``stress``
+    the module docstring), ``forces`` (eV/Å) and, for energy-centric SpinConv with
+    ``forces="conservative"`` only (the default of our checkpoints, not of OCP's), ``stress``
     (eV/Å^3, Voigt order; for cells periodic in all three directions, computed with the
     forces, as ASE's EMT does, so that asking for it afterwards costs nothing).  A model output that
     is not finite raises :class:`~ase.calculators.calculator.CalculationFailed`.

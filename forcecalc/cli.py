@@ -172,9 +172,9 @@ def _output_format(path: str, n_frames: int, complete: bool = False) -> str:
         raise ValueError(f"cannot tell which format to write {path} in: {error}") from error
     io = ioformats.get(name)
     if io is None or not io.can_write:
+        what = f"the suffix {suffix!r}" if suffix else f"the name {Path(path).name!r} ({name})"
         raise ValueError(
-            f"cannot write {path}: ASE writes no format for the suffix {suffix!r} (use .extxyz "
-            "or .traj)"
+            f"cannot write {path}: ASE writes no format for {what} (use .extxyz or .traj)"
         )
     if io.single and n_frames != 1:
         raise ValueError(
@@ -208,7 +208,7 @@ def _write_structures(path: str, structures: list, fmt: str) -> None:
 
 def _check_at_least(args: argparse.Namespace, name: str, minimum: float) -> None:
     value = getattr(args, name)
-    if value is not None and value < minimum:
+    if value is not None and not value >= minimum:  # NaN too
         raise ValueError(f"--{name.replace('_', '-')} must be >= {minimum}, got {value}")
 
 
@@ -458,8 +458,9 @@ def _format_eval_row(name: str, row: dict, task: str) -> str:
 
 
 def _check_md_args(args: argparse.Namespace) -> None:
-    if args.timestep <= 0:
+    if not args.timestep > 0:  # NaN too
         raise ValueError(f"--timestep must be > 0 (fs), got {args.timestep}")
+    _check_at_least(args, "seed", 0)
     _check_at_least(args, "temperature", 0)
     _check_at_least(args, "steps", 0)
     _check_at_least(args, "log_interval", 1)
@@ -498,12 +499,20 @@ def _cmd_md(args: argparse.Namespace) -> int:
         skin=args.skin,
         cuda_graph=args.cuda_graph,
         compile_mode=args.compile,
+        **({} if args.forces is None else {"forces": args.forces}),
     )
     potential = atoms.calc.potential
     if not potential.energy_gradient:
         print(
             f"forcecalc: note: the {potential.name} model predicts forces directly, not as an "
             "energy gradient: its dynamics conserve no energy (use spinconv-ec for MD)",
+            file=sys.stderr,
+        )
+    elif not potential.defines_stress:
+        print(
+            "forcecalc: note: OCP's compat forces differentiate the energy through the distance "
+            "features only, not the full -dE/dx: its dynamics conserve no energy (add --forces "
+            "conservative)",
             file=sys.stderr,
         )
     rng = np.random.default_rng(args.seed)
@@ -741,6 +750,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     md.add_argument(
         "--skin", type=float, default=0.0, help="neighbor-list skin, Å (reuse between steps)"
+    )
+    md.add_argument(
+        "--forces",
+        default=None,
+        choices=["conservative", "compat"],
+        help="energy-centric SpinConv only: the full -dE/dx (for MD), or OCP's definition "
+        "(default: the checkpoint's: conservative for ours, compat for OCP's)",
     )
     _add_cuda_graph_option(md)
     md.set_defaults(func=_cmd_md)

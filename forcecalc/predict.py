@@ -30,14 +30,16 @@ def predict(
             list of one).
         model: a checkpoint name/path or a loaded :class:`~forcecalc.checkpoint.Potential`.
         batch_size: structures per forward pass (an integer), or ``"auto"``: batches filled
-            by the memory model of :func:`forcecalc.relax.relax`, split on an out-of-memory
-            error without losing a structure (it evaluates them: ``relax(steps=0)``).
+            by the memory model of :func:`forcecalc.relax.relaxation.relax`, split on an
+            out-of-memory error without losing a structure (it evaluates them:
+            ``relax(steps=0)``).
         device, dtype, **model_options: as for :func:`~forcecalc.checkpoint.load_checkpoint`
             (dtype float32 by default); with a loaded Potential, its device and dtype, and
             others are an error.
         progress: show a progress bar.
-        apply_constraint: adjust the forces by each structure's constraints (FixAtoms: zero
-            on fixed atoms), as ``Atoms.get_forces()`` does by default.
+        apply_constraint: adjust energies and forces by each structure's constraints
+            (FixAtoms: zero force on fixed atoms; Hookean: its energy and forces), as
+            ``Atoms.get_potential_energy()`` and ``get_forces()`` do by default.
 
     Returns:
         One dict per structure, in input order: ``energy`` (float, eV) and ``forces``

@@ -153,6 +153,8 @@ def test_md_logs_energies(tmp_path: Path, capsys) -> None:
             str(tmp_path / "in.extxyz"),
             "--model",
             str(SPINCONV_EC),
+            "--forces",
+            "conservative",
             "--steps",
             "4",
             "--log-interval",
@@ -168,12 +170,18 @@ def test_md_logs_energies(tmp_path: Path, capsys) -> None:
 
 
 def test_md_with_direct_forces_says_energy_is_not_conserved(tmp_path: Path, capsys) -> None:
-    """`forcecalc md` with a model whose forces are no energy gradient runs, with a note that
-    its dynamics conserve no energy (the README's advice, where a user running MD meets it)."""
+    """`forcecalc md` with a model whose forces are no energy gradient (direct forces, or an
+    OCP energy-centric checkpoint's compat forces) runs, with a note that its dynamics conserve
+    no energy (the README's advice, where a user running MD meets it); `--forces
+    conservative` gives the full gradient, without the note."""
     write(tmp_path / "in.extxyz", fcc111("Cu", size=(2, 2, 2), vacuum=5.0))
-    model = str(OCP_DATA / "forcenet_small.pt")
-    assert main(["md", str(tmp_path / "in.extxyz"), "--model", model, "--steps", "1"]) == 0
-    assert "conserve no energy" in capsys.readouterr().err
+    command = ["md", str(tmp_path / "in.extxyz"), "--steps", "1", "--model"]
+    assert main([*command, str(OCP_DATA / "forcenet_small.pt")]) == 0
+    assert "predicts forces directly" in capsys.readouterr().err
+    assert main([*command, str(SPINCONV_EC)]) == 0
+    assert "add --forces conservative" in capsys.readouterr().err
+    assert main([*command, str(SPINCONV_EC), "--forces", "conservative"]) == 0
+    assert "note" not in capsys.readouterr().err
 
 
 def test_md_that_fails_keeps_the_old_trajectory_and_its_frames(tmp_path: Path, monkeypatch) -> None:

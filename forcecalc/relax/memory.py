@@ -5,8 +5,9 @@ close to affine in the batch's atoms and edges::
 
     bytes ≈ bytes_fixed + bytes_per_atom * n_atoms + bytes_per_edge * n_edges
 
-:func:`measure_memory_model` fits the three numbers once per model and device from a few
-forward passes of growing batches and of a compressed copy of the largest (more edges per
+:func:`measure_memory_model` fits the three numbers per loaded model, device and dtype (again
+for structures more than twice as large as it saw) from a few forward passes of growing
+batches of the largest structures and of a compressed copy of them (more edges per
 atom: :func:`forcecalc.relax.relaxation.memory_sample_batches`), by non-negative least squares
 on the measured peaks: on CUDA the allocator's peaks, with a budget that is a fraction of the
 free device memory; on a Linux CPU the process's resident high-water mark
@@ -161,7 +162,7 @@ def cpu_peak_bytes(potential: nn.Module, batch: Batch, grad: bool) -> float:
 def cpu_peak_measurable() -> bool:
     """Whether :func:`cpu_peak_bytes` works here (Linux with a writable ``clear_refs``);
     resets nothing (a measurement resets the process's peak-memory figure, ``ru_maxrss``
-    too, once per model and device)."""
+    too)."""
     try:
         _status_bytes("VmHWM")
     except (OSError, ValueError):

@@ -84,7 +84,8 @@ def plan_batches(
 
     Args:
         potential: the loaded model.
-        structures: the inputs (a few are used to measure the memory model on CUDA).
+        structures: the inputs (the up to 8 largest are used to measure the memory model, on
+            CUDA and on a Linux CPU).
         batch_size: ``"auto"`` (as many systems as the memory model allows) or a count.
         skin: neighbor-list skin (the edges the model receives are built at cutoff + skin).
         memory: a memory model to use instead of the measured/default one (its budget is

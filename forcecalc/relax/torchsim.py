@@ -20,8 +20,10 @@ adapter converts both.  torch-sim 0.3's ``atoms_to_state`` keeps one flag for al
 slabs ``pbc=True`` with their vacuum (longer than the cutoff) as OC20's data does.
 
 Energies are eV ``[n_systems]``, forces eV/Å ``[n_atoms, 3]``, stress
-(energy-centric SpinConv only) eV/Å³ ``[n_systems, 3, 3]`` as ASE defines it
-(``(1/V) dE/dstrain``).  The neighbor list is rebuilt on every call (torch-sim passes no
+(energy-centric SpinConv with ``forces="conservative"`` only) eV/Å³ ``[n_systems, 3, 3]`` as
+ASE defines it (``(1/V) dE/dstrain``), all in the model's dtype (``model.dtype``: float32
+unless loaded with ``dtype="float64"``, which NVE wants): torch-sim then runs its state in that
+dtype.  The neighbor list is rebuilt on every call (torch-sim passes no
 state between calls).
 """
 
@@ -51,7 +53,8 @@ class ForcecalcModel(ModelInterface):
         model: a checkpoint name or path, or a loaded potential.
         device, dtype: for loading a checkpoint (default float32); with a loaded Potential,
             its own (another one is an error).
-        compute_stress: also return the stress (energy-centric SpinConv only).
+        compute_stress: also return the stress (energy-centric SpinConv with
+            ``forces="conservative"``: pass it for an OCP energy-centric checkpoint).
         **model_options: model options for :func:`~forcecalc.checkpoint.load_checkpoint`
             (e.g. ``forces="conservative"``).
     """
@@ -137,7 +140,7 @@ class ForcecalcModel(ModelInterface):
                 out = self.potential(batch, compute_stress=True)
             else:
                 out = self.potential(batch)
-        # in the state's dtype: an energy-centric model's forces and stress are gradients with
+        # in the model's dtype: an energy-centric model's forces and stress are gradients with
         # respect to the float64 positions (and its energy with element references float64)
         results = {"energy": out["energy"], "forces": out["forces"]}
         if self._compute_stress:
