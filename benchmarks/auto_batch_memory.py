@@ -134,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     if cuda:
         # The engine measures its memory model first; squeeze only after, so that the budget
         # (a fraction of the free memory) overestimates what this process may use.
-        relax(mix[:2], potential, steps=1, batch_size="auto")
+        largest = sorted(mix, key=len)[-8:]  # the structures the engine measures on
+        relax(largest, potential, steps=1, batch_size="auto")
         if args.squeeze:
             torch.cuda.set_per_process_memory_fraction(args.squeeze, device)
         torch.cuda.reset_peak_memory_stats(device)

@@ -38,15 +38,21 @@ def atomic_output(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Pat
 def commit_file(tmp: Path, path: Path) -> None:
     """Make the finished file ``tmp`` durable and rename it to ``path`` (same folder): its
     data is flushed to disk, it gets the usual permissions (``0o666`` less the umask), and
-    the folder is flushed after the rename, so that a crash then leaves either the old file
-    or the whole new one.  The one way every writer of the package puts a file in place."""
+    the folder is flushed after the rename (where it can be opened), so that a crash then
+    leaves either the old file or the whole new one.  The one way every writer of the package
+    puts a file in place."""
     with open(tmp, "rb") as stream:
         os.fsync(stream.fileno())
     os.chmod(tmp, 0o666 & ~_umask())
     os.replace(tmp, path)
-    folder = os.open(path.parent, os.O_RDONLY)
+    try:  # best effort: the file is in place; a folder we may write but not read stays unsynced
+        folder = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return
     try:
         os.fsync(folder)
+    except OSError:
+        pass
     finally:
         os.close(folder)
 

@@ -396,9 +396,15 @@ def _reason(error: BaseException) -> str:
     return "the file ends early" if isinstance(error, EOFError) else type(error).__name__
 
 
-def read_torch_file(path: Path, allow_unsafe: bool = False) -> Any:
+def read_torch_file(
+    path: Path,
+    allow_unsafe: bool = False,
+    unsafe_hint: str = "if you trust its source, load it with allow_unsafe=True (CLI: "
+    "--allow-unsafe)",
+) -> Any:
     """What ``torch.load`` reads from ``path`` (on the CPU); a missing, truncated or foreign
-    file is a :class:`CheckpointError` naming it and the problem."""
+    file is a :class:`CheckpointError` naming it and the problem (``unsafe_hint``: what to
+    do about a file that only unsafe unpickling can load)."""
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
@@ -408,8 +414,7 @@ def read_torch_file(path: Path, allow_unsafe: bool = False) -> Any:
             if isinstance(error, pickle.UnpicklingError) and not allow_unsafe:
                 raise CheckpointError(
                     f"checkpoint {path} contains Python objects that only unsafe unpickling "
-                    f"can load ({_reason(error)}); if you trust its source, load it with "
-                    "allow_unsafe=True (CLI: --allow-unsafe)"
+                    f"can load ({_reason(error)}); {unsafe_hint}"
                 ) from None
             if isinstance(error, (ImportError, AttributeError)):
                 raise CheckpointError(

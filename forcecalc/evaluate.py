@@ -77,7 +77,8 @@ def evaluate_s2ef(
         raise ValueError(f"{getattr(dataset, 'path', 'the data set')} has no frames to evaluate")
     frames = [dataset[int(i)] for i in sample_frames(len(dataset), max_frames, seed)]
     forces_true, natoms, fixed = stacked_forces(frames)  # the labels checked before the model
-    results = predict(frames, potential, batch_size=batch_size)
+    # the model's own outputs, as the labels are read (no restraint energy or force added)
+    results = predict(frames, potential, batch_size=batch_size, apply_constraint=False)
     return {
         **metrics.s2ef_metrics(
             np.array([r["energy"] for r in results]),
@@ -225,7 +226,7 @@ def check_forces_mae(potential: Potential | str, frames: Sequence | None = None)
     """Force MAE (free atoms, eV/Å) of ``potential`` on :func:`check_sample` frames."""
     frames = check_sample() if frames is None else frames
     device = "cpu" if isinstance(potential, str) else None
-    results = predict(frames, potential, batch_size=8, device=device)
+    results = predict(frames, potential, batch_size=8, device=device, apply_constraint=False)
     forces_true, _, fixed = stacked_forces(frames)
     forces_pred = np.concatenate([r["forces"] for r in results])
     return metrics.forces_mae(forces_pred, forces_true, fixed)

@@ -7,7 +7,7 @@ import pytest
 from ase.build import add_adsorbate, fcc111
 from ase.calculators.emt import EMT
 from ase.calculators.singlepoint import SinglePointCalculator
-from ase.constraints import FixAtoms
+from ase.constraints import FixAtoms, Hookean
 from ocp_fixtures import OCP_DATA
 
 from forcecalc import load_checkpoint, predict
@@ -36,7 +36,8 @@ def _frames(free_energy_only: bool = False) -> list:
 def test_s2ef_scores_the_models_predictions_on_free_atoms() -> None:
     """The S2EF metrics are those of the model's predictions against the stored labels, the
     force MAE over free atoms only (OC20's convention), and frames labelled with a free energy
-    alone score the same (the rule training reads labels by)."""
+    alone score the same (the rule training reads labels by), as do frames with a restraint
+    (Hookean), whose energy belongs to neither the labels nor the model."""
     potential = load_checkpoint(OCP_DATA / "forcenet_small.pt", device="cpu", dtype="float64")
     frames = _frames()
     scores = evaluate_s2ef(potential, frames)
@@ -50,6 +51,9 @@ def test_s2ef_scores_the_models_predictions_on_free_atoms() -> None:
     expected = np.mean(np.abs(np.array([r["energy"] for r in results]) - energies))
     assert scores["energy_mae"] == pytest.approx(expected)
     assert evaluate_s2ef(potential, _frames(free_energy_only=True)) == pytest.approx(scores)
+    restrained = _frames()  # a restraint is no part of the labels nor of the model's output
+    restrained[0].set_constraint([*restrained[0].constraints, Hookean(8, 0, rt=1.0, k=5.0)])
+    assert evaluate_s2ef(potential, restrained) == pytest.approx(scores)
 
 
 def test_s2ef_refuses_unlabelled_and_empty_data() -> None:

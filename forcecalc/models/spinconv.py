@@ -1255,7 +1255,8 @@ def _edge_frames(
     """``[n_edges, 3, 3]`` edge frames, rows ``(x, y, z)``: ``x = v/|v|``; the roll from the
     target's cosine-weighted mean neighbor vector (+1e-4 per component), with OCP's +1e-7 in
     the normalisations of ``z`` and ``y``; for an edge within 1e-6 rad of that helper
-    direction, from the mean vector plus :data:`ROLL_FALLBACK` (see the module docstring)."""
+    direction, or within 1e-3 rad of a hypersensitive one (:data:`HELPER_SENSITIVE`), from
+    the mean vector plus :data:`ROLL_FALLBACK` (see the module docstring)."""
     weight = cosine_cutoff(distances, cutoff)
     mean_vector = incoming.gather(vectors * weight.unsqueeze(1)).sum(dim=1)  # [n_atoms, 3]
     mean_vector = target.gather(mean_vector)  # [n_edges, 3]

@@ -248,5 +248,21 @@ def memory_budget(device: torch.device) -> float:
     return float(CPU_BUDGET_BYTES)
 
 
+def measurement_limit(device: torch.device) -> float:
+    """Bytes a measuring forward pass may be expected to take, by the conservative
+    :data:`CPU_MEMORY_MODEL`: on a Linux CPU half of the memory the kernel reports available
+    (a pass beyond it would meet the out-of-memory killer, not an error); unlimited on CUDA,
+    where an out-of-memory error is caught."""
+    if device.type == "cuda":
+        return float("inf")
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return 0.5 * int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return float("inf")
+
+
 def _dtype_of(potential: nn.Module) -> torch.dtype | None:
     return getattr(potential, "dtype", None)

@@ -28,6 +28,7 @@ from forcecalc.relax.memory import (
     cpu_peak_measurable,
     cuda_peak_bytes,
     measure_memory_model,
+    measurement_limit,
     memory_budget,
     remember_memory_model,
 )
@@ -156,7 +157,9 @@ def memory_sample_batches(
     scaled by :data:`DENSE_SAMPLE_SCALE` (more edges per atom).  Graphs at the model's cutoff
     + ``skin``, on ``device`` in the model's dtype.  The largest, because the peaks of tiny
     structures (gas-phase atoms, small molecules, often first in a screening) are below what
-    a measurement resolves, and the fit would admit everything after them."""
+    a measurement resolves, and the fit would admit everything after them.  Beyond the first
+    two, batches that :data:`CPU_MEMORY_MODEL` puts past :func:`measurement_limit` are left
+    out (a measuring pass on a CPU must not meet the out-of-memory killer)."""
     largest = sorted(range(len(structures)), key=lambda k: -len(structures[k]))[:8]
     samples = [structures[k] for k in sorted(largest)]
     sizes = sorted({1, 2, 4, len(samples)} & set(range(1, len(samples) + 1)))
@@ -169,10 +172,14 @@ def memory_sample_batches(
         atoms.set_cell(atoms.cell[:] * DENSE_SAMPLE_SCALE)
         dense.append(atoms)
     batches = []
+    limit = measurement_limit(device)
     for chosen in [samples[:size] for size in sizes] + [dense]:
         systems = SystemSet(float(potential.cutoff), skin, device)
         systems.extend(chosen, list(range(len(chosen))))
-        batches.append(systems.batch(0, systems.n_systems))
+        batch = systems.batch(0, systems.n_systems)
+        # beyond the first two, none a conservative estimate puts past the memory at hand
+        if len(batches) < 2 or CPU_MEMORY_MODEL.cost(batch.n_atoms, batch.n_edges) <= limit:
+            batches.append(batch)
     return batches
 
 

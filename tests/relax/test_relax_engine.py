@@ -277,7 +277,8 @@ def test_memory_model_is_measured_on_the_largest_structures(monkeypatch):
     measured on the largest structures; a measurement that resolves no cost per atom or edge
     (tiny structures only) gives the fixed CPU model and is not kept; a model measured on
     small structures is measured again for structures more than twice as large (an atom-only
-    fit let 408 slabs into one 17 GiB forward pass)."""
+    fit let 408 slabs into one 17 GiB forward pass); the measuring passes themselves stay
+    within the memory at hand (two at least)."""
     from ase import Atoms
     from ase.build import fcc111
 
@@ -290,6 +291,10 @@ def test_memory_model_is_measured_on_the_largest_structures(monkeypatch):
     cpu = torch.device("cpu")
     batches = relaxation.memory_sample_batches(potential, [*atoms, slab, slab], 0.0, cpu)
     assert max(b.n_atoms for b in batches) >= 2 * len(slab)  # the slabs are sampled
+    with monkeypatch.context() as patched:  # a machine with little memory left: two batches
+        patched.setattr(relaxation, "measurement_limit", lambda device: 1.0)
+        few = relaxation.memory_sample_batches(potential, [*atoms, slab, slab], 0.0, cpu)
+    assert [b.n_systems for b in few] == [1, 2]
 
     monkeypatch.setattr(relaxation, "cpu_peak_measurable", lambda: True)
     monkeypatch.setattr(relaxation, "cpu_peak_bytes", lambda potential, batch, grad: 0.0)
