@@ -109,10 +109,12 @@ def test_unreadable_data_and_configs_are_one_line_errors(tmp_path: Path, monkeyp
     monkeypatch.chdir(tmp_path)
     Path("junk.h5").write_text("not hdf5")
     Path("bad.yaml").write_text("lr: [1, 2\n")
+    Path("cut.pt").write_bytes(FORCENET.read_bytes()[:1000])  # a truncated training state
     cases = [
         (["eval", "s2ef", "--model", str(FORCENET), "--data", "junk.h5"], "junk.h5 is not a"),
         (["train", "--config", "bad.yaml"], "bad.yaml: not valid YAML"),
         (["train", "--resume", str(FORCENET)], "is not a training state"),
+        (["train", "--resume", "cut.pt"], "cut.pt is not a PyTorch checkpoint (or is truncated"),
     ]
     for argv, expected in cases:
         assert main(argv) == 2, argv
