@@ -112,6 +112,16 @@ def read_training_state(path: str | os.PathLike) -> dict[str, Any]:
     return state
 
 
+def energy_targets(batch: TrainBatch, normalizers: Normalizers) -> torch.Tensor:
+    """``[n_systems]`` float64 normalized energy targets of a collated (host) batch,
+    ``(E - element references - mean) / std``, computed in float64 before any cast to the
+    model's dtype: total energies of hundreds of eV and their references cancel to a few eV,
+    which float32 would carry to ~1e-5 eV only."""
+    graph = batch.graph
+    reference = normalizers.reference_energy(graph.numbers, graph.system_idx, graph.n_systems)
+    return (batch.energy - reference - normalizers.energy_mean) / normalizers.energy_std
+
+
 def fit_normalizers(
     frames: Sequence, max_frames: int, seed: int, references: bool = False
 ) -> Normalizers:
@@ -483,13 +493,7 @@ class Trainer:
             keys = [(config.seed, self.epoch, int(i)) for i in batch.index.tolist()]
             rotations = random_rotations(keys, rotation_axes(batch.graph, config.rotation))
         norm = self.potential.info.normalizers
-        # in float64 before the model's dtype: total energies of hundreds of eV and their
-        # element references cancel to a few eV, which float32 would give to ~1e-5 eV only
-        cpu = batch.graph
-        reference = norm.reference_energy(cpu.numbers, cpu.system_idx, cpu.n_systems)
-        target_energy = ((batch.energy - reference - norm.energy_mean) / norm.energy_std).to(
-            self.device, self.dtype
-        )
+        target_energy = energy_targets(batch, norm).to(self.device, self.dtype)
         batch = batch.to(self.device, self.dtype)
         graph, forces = batch.graph, batch.forces
         if rotations is not None:

@@ -472,3 +472,27 @@ def test_resuming_another_run_is_said(tmp_path):
     state = tmp_path / "run" / "checkpoint.pt"
     with pytest.warns(UserWarning, match="resuming with other batch_size than the saved run"):
         Trainer(_resume_config(tmp_path, "run", 4).updated(batch_size=4), frames, resume=state)
+
+
+def test_energy_targets_are_computed_in_float64():
+    """The normalized energy targets subtract the element references from total energies in
+    float64, before the cast to the model's dtype: a -2,000 eV total keeps the model's
+    precision (in float32 the subtraction would be off by ~1e-4 eV)."""
+    from ase.build import bulk
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    from forcecalc.checkpoint import Normalizers
+    from forcecalc.train.data import Collater
+    from forcecalc.train.trainer import energy_targets
+
+    atoms = bulk("Cu", "fcc", a=3.6, cubic=True).repeat((2, 1, 1))  # 8 atoms
+    total = 8 * -250.123456789 + 0.987654321
+    atoms.calc = SinglePointCalculator(atoms, energy=total, forces=np.zeros((8, 3)))
+    norm = Normalizers(energy_mean=0.5, energy_std=2.0, element_references=((29, -250.123456789),))
+    batch = Collater(cutoff=4.0)([(0, atoms)])
+    targets = energy_targets(batch, norm)
+    assert targets.dtype == torch.float64
+    expected = (total - 8 * -250.123456789 - 0.5) / 2.0
+    assert float(targets[0]) == pytest.approx(expected, abs=1e-10)
+    in_float32 = (np.float32(total) - np.float32(8 * -250.123456789) - 0.5) / 2.0
+    assert abs(in_float32 - expected) > 1e-6  # what the cast first would have given
