@@ -238,7 +238,8 @@ def md(
         skin: neighbor-list skin (Å; None: the device's default, see :func:`relax`); results
             do not depend on it.
         trajectory_interval: if > 0, keep a frame every that many steps (and step 0) in
-            ``atoms.info["trajectory"]``, as ASE's ``dyn.attach(..., interval)`` would.
+            ``atoms.info["trajectory"]``, as ASE's ``dyn.attach(..., interval)`` would (a
+            list of ``ase.Atoms``; pop it before writing extxyz, which cannot hold it).
         device, dtype: for loading a checkpoint (default float32; use ``"float64"`` for long
             NVE runs); with a loaded Potential, its own (another one is an error).
         progress: show a progress bar of the steps of each batch.
