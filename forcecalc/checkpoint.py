@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from forcecalc.atomic import torch_save
 from forcecalc.graph import Batch
+from forcecalc.graph.batch import MAX_ATOMIC_NUMBER
 from forcecalc.models.registry import build_model, model_names
 
 FORMAT = "forcecalc"
@@ -73,7 +74,7 @@ class Normalizers:
         bad = [
             (z, e)
             for z, e in self.element_references
-            if not 1 <= z <= MAX_REFERENCE_Z or not math.isfinite(e)
+            if not 1 <= z <= MAX_ATOMIC_NUMBER or not math.isfinite(e)
         ]
         if bad or len(set(zs)) != len(zs):
             raise ValueError(
@@ -97,7 +98,7 @@ class Normalizers:
         if not self.element_references:
             return out
         table = torch.full(
-            (MAX_REFERENCE_Z + 1,), torch.nan, dtype=torch.float64, device=numbers.device
+            (MAX_ATOMIC_NUMBER + 1,), torch.nan, dtype=torch.float64, device=numbers.device
         )
         for z, energy in self.element_references:
             table[z] = energy
@@ -110,10 +111,6 @@ class Normalizers:
             return []
         known = {z for z, _ in self.element_references}
         return sorted({int(z) for z in numbers} - known)
-
-
-#: Largest atomic number an energy reference may have.
-MAX_REFERENCE_Z = 118
 
 
 @dataclass

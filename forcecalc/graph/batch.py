@@ -15,7 +15,8 @@ from forcecalc.graph.neighbors import DEPENDENCE_TOLERANCE, Backend, edge_vector
 if TYPE_CHECKING:
     from ase import Atoms
 
-#: Largest atomic number forcecalc accepts anywhere (OCP's embeddings have rows 0..89).
+#: Largest atomic number forcecalc accepts anywhere (a model may accept fewer: OCP's SpinConv
+#: embeddings have rows 0..89, ForceNet's tables 0..100).
 MAX_ATOMIC_NUMBER = 118
 
 

@@ -41,7 +41,6 @@ from torch.utils.data import DataLoader
 
 from forcecalc.atomic import torch_save, write_text
 from forcecalc.checkpoint import (
-    MAX_REFERENCE_Z,
     CheckpointInfo,
     Normalizers,
     Potential,
@@ -50,6 +49,7 @@ from forcecalc.checkpoint import (
     resolve_dtype,
     save_checkpoint,
 )
+from forcecalc.graph.batch import MAX_ATOMIC_NUMBER
 from forcecalc.models.registry import build_model
 from forcecalc.models.spinconv import fill_untrained_pairs
 from forcecalc.train.config import TrainConfig
@@ -139,7 +139,7 @@ def fit_normalizers(
         atoms = frames[int(index)]
         energy, forces = frame_targets(atoms, int(index))
         energies.append(energy)
-        counts.append(np.bincount(atoms.numbers, minlength=MAX_REFERENCE_Z + 1))
+        counts.append(np.bincount(atoms.numbers, minlength=MAX_ATOMIC_NUMBER + 1))
         squares += float((forces * forces).sum())
         count += forces.size
     element_references: tuple[tuple[int, float], ...] = ()
