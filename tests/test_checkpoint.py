@@ -175,23 +175,6 @@ def test_own_format_round_trip(tmp_path: Path) -> None:
         assert k1 == k2 and torch.equal(v1, v2)
 
 
-def test_atomic_save_keeps_previous_file_on_failure(tmp_path: Path, monkeypatch) -> None:
-    """A write that fails midway leaves the previous file intact and no temp file behind."""
-    target = tmp_path / "ckpt.pt"
-    torch_save({"a": 1}, target)
-
-    def broken_save(obj, stream) -> None:
-        stream.write(b"partial")
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(torch, "save", broken_save)
-    with pytest.raises(KeyboardInterrupt):
-        torch_save({"a": 2}, target)
-    monkeypatch.undo()
-    assert torch.load(target, weights_only=True) == {"a": 1}
-    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
-
-
 def test_normalizers_default_to_identity() -> None:
     """Without normalizers the raw outputs are eV and eV/Å."""
     assert Normalizers().as_dict() == {"energy_mean": 0.0, "energy_std": 1.0, "forces_std": 1.0}

@@ -1,0 +1,42 @@
+"""Atomic file writes (forcecalc.atomic): a file is replaced whole or not at all."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from forcecalc.atomic import torch_save, write_json
+
+
+def test_atomic_save_keeps_previous_file_on_failure(tmp_path: Path, monkeypatch) -> None:
+    """A write that fails midway leaves the previous file intact and no temp file behind."""
+    target = tmp_path / "ckpt.pt"
+    torch_save({"a": 1}, target)
+
+    def broken_save(obj, stream) -> None:
+        stream.write(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(KeyboardInterrupt):
+        torch_save({"a": 2}, target)
+    monkeypatch.undo()
+    assert torch.load(target, weights_only=True) == {"a": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
+
+
+def test_written_files_have_the_usual_permissions(tmp_path: Path) -> None:
+    """A committed file gets ``0o666`` less the umask, not the temp file's private ``0o600``,
+    and holds what was written."""
+    mask = os.umask(0o022)
+    try:
+        path = write_json(tmp_path / "sub" / "out.json", {"a": [1, 2]})
+    finally:
+        os.umask(mask)
+    assert json.loads(path.read_text()) == {"a": [1, 2]}
+    assert path.stat().st_mode & 0o777 == 0o644
+    assert sorted(p.name for p in path.parent.iterdir()) == ["out.json"]
