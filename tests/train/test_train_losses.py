@@ -1,4 +1,4 @@
-"""Losses, rotation augmentation, learning-rate schedule, moving average, global batch norm."""
+"""Losses and rotation augmentation (forcecalc.train.losses)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import torch
 from train_fixtures import one_thread, training_frames  # noqa: F401
 
 from forcecalc.train.data import Collater
-from forcecalc.train.distributed import GlobalBatchNorm, convert_batchnorm
 from forcecalc.train.losses import (
     compute_loss,
     force_errors,
@@ -18,7 +17,6 @@ from forcecalc.train.losses import (
     rotate,
     rotation_axes,
 )
-from forcecalc.train.optim import EMA, LRSchedule
 
 
 def test_force_and_energy_loss_kinds():
@@ -96,60 +94,3 @@ def test_rotation_keeps_edges_and_rotates_forces():
     torch.testing.assert_close(graph.edge_vectors(), expected)
     per_atom = rotations[batch.graph.system_idx]
     torch.testing.assert_close(forces, torch.einsum("nij,nj->ni", per_atom, batch.forces))
-
-
-def test_schedule_warmup_plateau_cosine():
-    """Warmup rises linearly from ``warmup_factor * lr``; the plateau schedule multiplies by
-    0.8 after more than ``patience`` reports without improvement (not below ``min_lr``);
-    cosine ends at ``min_lr``; the state round-trips."""
-    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    schedule = LRSchedule(
-        optimizer, "plateau", 1.0, 100, warmup_steps=4, warmup_factor=0.2, min_lr=0.7, patience=1
-    )
-    assert [schedule.lr_at(s) for s in (0, 2, 4, 50)] == pytest.approx([0.2, 0.6, 1.0, 1.0])
-    for metric in (1.0, 1.0, 1.0):
-        schedule.report(metric)
-    assert schedule.lr_at(10) == pytest.approx(0.8)
-    for metric in (1.0, 1.0):
-        schedule.report(metric)
-    assert schedule.lr_at(10) == pytest.approx(0.7)
-    assert schedule.apply(10) == optimizer.param_groups[0]["lr"]
-    restored = LRSchedule(optimizer, "plateau", 1.0, 100)
-    restored.load_state_dict(schedule.state_dict())
-    assert restored.state_dict() == schedule.state_dict()
-    cosine = LRSchedule(optimizer, "cosine", 1.0, 100, warmup_steps=10, min_lr=0.1)
-    assert cosine.lr_at(10) == pytest.approx(1.0)
-    assert cosine.lr_at(55) == pytest.approx(0.55)
-    assert cosine.lr_at(100) == pytest.approx(0.1)
-
-
-def test_ema_averages_and_restores():
-    """The moving average follows ``d * shadow + (1 - d) * p`` with ``torch_ema``'s warm-up
-    of ``d`` (``n`` counting this update); inside ``applied()`` the parameters hold the
-    averages, afterwards their own values."""
-    parameter = torch.nn.Parameter(torch.zeros(2))
-    ema = EMA([parameter], decay=0.5)
-    with torch.no_grad():
-        parameter.fill_(1.0)
-    ema.update()  # d = min(0.5, 2/11)
-    assert ema.shadow[0].tolist() == pytest.approx([9 / 11, 9 / 11])
-    ema.update()  # d = min(0.5, 3/12) = 0.25
-    assert ema.shadow[0].tolist() == pytest.approx([0.25 * 9 / 11 + 0.75] * 2)
-    with ema.applied():
-        assert parameter.tolist() == pytest.approx([0.25 * 9 / 11 + 0.75] * 2)
-    assert parameter.tolist() == [1.0, 1.0]
-
-
-def test_global_batchnorm_without_processes_is_batchnorm():
-    """Converted batch norms keep their state-dict keys and, in one process, compute exactly
-    what ``nn.BatchNorm1d`` computes (outputs and running statistics)."""
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8))
-    reference = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8))
-    reference.load_state_dict(model.state_dict())
-    convert_batchnorm(model)
-    assert isinstance(model[1], GlobalBatchNorm)
-    assert model.state_dict().keys() == reference.state_dict().keys()
-    x = torch.randn(16, 4)
-    torch.testing.assert_close(model(x), reference(x))
-    torch.testing.assert_close(model[1].running_var, reference[1].running_var)
