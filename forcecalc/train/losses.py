@@ -75,9 +75,11 @@ def compute_loss(
         world_size: processes whose gradients are averaged.
     """
     energy = energy_errors(pred_energy, target_energy, energy_loss).sum() / denominators[0]
-    forces = (force_errors(pred_forces, target_forces, force_loss) * weights).sum() / (
-        denominators[1].clamp(min=torch.finfo(weights.dtype).tiny)
-    )
+    # a global batch whose atoms all weigh 0 (tag weights 0 for bulk or molecules) has no force
+    # term: 0 / 1, with a zero gradient (a tiny denominator made the gradient inf * 0 = NaN)
+    weight_sum = denominators[1]
+    weight_sum = torch.where(weight_sum > 0, weight_sum, torch.ones_like(weight_sum))
+    forces = (force_errors(pred_forces, target_forces, force_loss) * weights).sum() / weight_sum
     loss = (energy_coefficient * energy + force_coefficient * forces) * world_size
     return LossTerms(loss=loss, energy=energy, forces=forces)
 

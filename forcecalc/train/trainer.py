@@ -414,7 +414,9 @@ class Trainer:
                 elements=saved["elements"],
                 metadata=dict(saved["metadata"]),
             )
-            model = build_model(info.model, info.model_kwargs)
+            # in the run's dtype before the weights arrive (float64 weights loaded into a
+            # float32 model were rounded)
+            model = build_model(info.model, info.model_kwargs).to(self.dtype)
             model.load_state_dict(state["model"])
             potential = Potential(model, info)
         elif config.init_checkpoint:

@@ -94,3 +94,25 @@ def test_rotation_keeps_edges_and_rotates_forces():
     torch.testing.assert_close(graph.edge_vectors(), expected)
     per_atom = rotations[batch.graph.system_idx]
     torch.testing.assert_close(forces, torch.einsum("nij,nj->ni", per_atom, batch.forces))
+
+
+def test_a_batch_without_force_weight_has_no_force_term():
+    """A global batch whose atoms all weigh 0 (tag weights 0 for bulk cells or molecules, ASE's
+    tag 0) contributes no force loss and a zero, finite force gradient: its 0 / 0 made the
+    gradient NaN and the whole model NaN at the next update."""
+    pred_forces = torch.randn(5, 3, requires_grad=True)
+    weights = torch.zeros(5)
+    for kind in ("l2mae", "mae", "mse"):
+        terms = compute_loss(
+            torch.zeros(2, requires_grad=True),
+            pred_forces,
+            torch.ones(2),
+            torch.randn(5, 3),
+            weights,
+            torch.stack([torch.tensor(2.0), weights.sum()]),
+            force_loss=kind,
+        )
+        terms.loss.backward()
+        assert terms.forces.item() == 0.0 and torch.isfinite(terms.loss)
+        assert torch.equal(pred_forces.grad, torch.zeros(5, 3))
+        pred_forces.grad = None

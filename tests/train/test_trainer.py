@@ -155,6 +155,21 @@ def test_resume_continues_exactly(tmp_path, model):
     assert whole.schedule.state_dict() == pytest.approx(second.schedule.state_dict())
 
 
+def test_a_float64_run_resumes_in_float64(tmp_path):
+    """Resuming a float64 run loads its weights into a float64 model: no weight is rounded to
+    float32 on the way (they were: 56 of 58 tensors), so the resumed state equals the saved
+    one bit for bit."""
+    frames = training_frames()
+    config = _resume_config(tmp_path, "f64", 2).updated(dtype="float64")
+    first = Trainer(config, frames)
+    first.fit()
+    saved = {k: v.clone() for k, v in first.potential.model.state_dict().items()}
+    resumed = Trainer(config, frames, resume=tmp_path / "f64" / "checkpoint.pt")
+    for key, value in resumed.potential.model.state_dict().items():
+        assert value.dtype == saved[key].dtype, key
+        torch.testing.assert_close(value, saved[key], rtol=0, atol=0, equal_nan=True, msg=key)
+
+
 _KILLER = """
 import os, signal, sys
 import torch
