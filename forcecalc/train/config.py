@@ -23,6 +23,7 @@ OPTIMIZERS = ("adam", "adamw")
 SCHEDULERS = ("plateau", "cosine", "constant")
 NORMALIZER_MODES = ("auto", "fit", "keep")
 ENERGY_REFERENCES = ("none", "fit")
+NORM_STATISTICS = ("auto", "train", "keep")
 MONITORED = ("forces_mae", "energy_mae", "efwt")
 
 
@@ -110,6 +111,9 @@ HELP: dict[str, str] = {
     "eval_every": "evaluate every N steps (0: every epoch)",
     "checkpoint_every": "save the resumable state every N steps",
     "sync_batchnorm": "multi-process: batch statistics over all processes",
+    "norm_statistics": "batch norms' running statistics: train (update them from the training "
+    "batches), keep (as loaded: the layers stay in eval mode, their weights still train), or "
+    "auto (keep when fine-tuning, train from scratch)",
     "progress": "show a progress bar",
 }
 
@@ -170,6 +174,7 @@ class TrainConfig:
     eval_every: int = 0
     checkpoint_every: int = 500
     sync_batchnorm: bool = True
+    norm_statistics: str = "auto"
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -187,6 +192,7 @@ class TrainConfig:
             "scheduler": SCHEDULERS,
             "normalizers": NORMALIZER_MODES,
             "energy_references": ENERGY_REFERENCES,
+            "norm_statistics": NORM_STATISTICS,
             "monitor": MONITORED,
             "dtype": ("float32", "float64"),
         }

@@ -47,18 +47,18 @@ def _under(name: str, prefix: str) -> bool:
     return name == prefix or name.startswith(prefix + ".")
 
 
+def all_norm_layers(model: nn.Module) -> list[nn.Module]:
+    """Every normalisation layer with running statistics (batch norms)."""
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
 def frozen_norm_layers(model: nn.Module) -> list[nn.Module]:
     """Normalisation layers with running statistics and no trainable parameter.
 
     They are kept in eval mode during training, so that a frozen block's running statistics
     stay frozen too.
     """
-    return [
-        module
-        for module in model.modules()
-        if isinstance(module, nn.modules.batchnorm._BatchNorm)
-        and not any(p.requires_grad for p in module.parameters())
-    ]
+    return [m for m in all_norm_layers(model) if not any(p.requires_grad for p in m.parameters())]
 
 
 def build_optimizer(

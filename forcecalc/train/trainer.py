@@ -77,6 +77,7 @@ from forcecalc.train.losses import compute_loss, random_rotations, rotate, rotat
 from forcecalc.train.optim import (
     EMA,
     LRSchedule,
+    all_norm_layers,
     build_optimizer,
     freeze_except,
     frozen_norm_layers,
@@ -265,7 +266,12 @@ class Trainer:
         freeze_except(model, config.freeze_except)
         if self.dist.active and config.sync_batchnorm:
             convert_batchnorm(model)
-        self.frozen_norms = frozen_norm_layers(model)
+        keep = config.norm_statistics == "keep" or (
+            config.norm_statistics == "auto" and bool(config.init_checkpoint)
+        )
+        # a fine-tuned model's statistics are those its weights were trained with: a few small
+        # fine-tuning batches overwrote ForceNet's (force MAE 0.07 -> 0.70 eV/Å in 30 steps)
+        self.frozen_norms = all_norm_layers(model) if keep else frozen_norm_layers(model)
         self.parameters = [p for p in model.parameters() if p.requires_grad]
         if not self.parameters:
             raise ValueError("every parameter is frozen: nothing to train")

@@ -195,3 +195,25 @@ def test_non_finite_labels_are_named():
     atoms.calc = SinglePointCalculator(atoms, energy=energy, forces=forces)
     with pytest.raises(ValueError, match=r"frame 4 \(.*\): forces not finite"):
         frame_targets(atoms, 4)
+
+
+@pytest.mark.parametrize(("mode", "kept"), [("auto", True), ("keep", True), ("train", False)])
+def test_fine_tuning_keeps_the_batch_norm_statistics(tmp_path, mode: str, kept: bool):
+    """Fine-tuning keeps the checkpoint's batch-norm running statistics by default (those its
+    weights were trained with; a few small batches overwrote ForceNet's decoder statistics and
+    made its forces 10x worse), while the norms' weights still train; ``norm_statistics:
+    train`` updates them."""
+    from forcecalc.checkpoint import load_checkpoint as load
+
+    checkpoint = Path(__file__).parents[1] / "data" / "ocp" / "forcenet_small.pt"
+    start = load(checkpoint, device="cpu").model
+    norms = [n for n, m in start.named_modules() if isinstance(m, torch.nn.BatchNorm1d)]
+    assert norms  # the fixture's decoder has one
+    config = _finetune_config(tmp_path, checkpoint).updated(max_steps=3, norm_statistics=mode)
+    trainer = Trainer(config, training_frames()[:4])
+    trainer.fit()
+    tuned = dict(trainer.potential.model.named_modules())
+    before = dict(start.named_modules())
+    for name in norms:
+        same = torch.equal(tuned[name].running_mean, before[name].running_mean)
+        assert same == kept, name
