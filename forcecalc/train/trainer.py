@@ -350,13 +350,16 @@ class Trainer:
         """``(train, val, data info, atomic numbers per training source)``; every frame of
         every source is checked for the energy and forces training needs."""
         config = self.config
+        #: the atomic numbers of separate validation data (a split of the training data's are
+        #: the training data's)
+        self.val_numbers: set[int] = set()
         train = open_frames(config.data) if train_frames is None else train_frames
         names = list(config.data) if train_frames is None else ["<frames>"]
         numbers = labelled_numbers(train)
         _check_not_empty(train, "training")
         if val_frames is not None or config.val_data:
             val = open_frames(config.val_data) if val_frames is None else val_frames
-            labelled_numbers(val)
+            self.val_numbers = set().union(*labelled_numbers(val).values())
             if val_frames is None:
                 _check_not_empty(val, "validation")
             split = {"kind": "files", "val": list(config.val_data) or ["<frames>"]}
@@ -398,13 +401,14 @@ class Trainer:
                 f"that the {info.model} model cannot represent (its tables cover atomic numbers "
                 f"{_number_ranges(sorted(representable))})"
             )
-        missing = info.normalizers.missing_references(seen)
-        if missing:
-            raise ValueError(
-                f"the training data has element(s) {missing} without a reference energy (the "
-                "references come from the frames the normalizers were fitted on, or from the "
-                "checkpoint): raise normalizer_frames, or refit them"
-            )
+        for which, elements in (("training", seen), ("validation", self.val_numbers)):
+            missing = info.normalizers.missing_references(elements)
+            if missing:  # (validation: its energy errors would be NaN, its best never kept)
+                raise ValueError(
+                    f"the {which} data has element(s) {missing} without a reference energy (the "
+                    "references come from the frames the normalizers were fitted on, or from "
+                    "the checkpoint): raise normalizer_frames, or refit them"
+                )
         if info.elements is not None:
             info.elements = sorted(set(info.elements) | seen)
 

@@ -511,3 +511,25 @@ def test_energy_targets_are_computed_in_float64():
     assert float(targets[0]) == pytest.approx(expected, abs=1e-10)
     in_float32 = (np.float32(total) - np.float32(8 * -250.123456789) - 0.5) / 2.0
     assert abs(in_float32 - expected) > 1e-6  # what the cast first would have given
+
+
+def test_validation_elements_without_a_reference_energy_are_refused(tmp_path):
+    """With per-element energy references, validation frames holding an element that has
+    none are refused at the start, naming it (their energy errors were NaN, and with
+    ``monitor: energy_mae`` no best checkpoint was ever kept)."""
+    from ase.build import bulk
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    def labelled(atoms):
+        atoms.calc = SinglePointCalculator(
+            atoms, energy=-3.0 * len(atoms), forces=np.zeros((len(atoms), 3))
+        )
+        return atoms
+
+    cells = [bulk("CuO", "rocksalt", a=4.2), bulk("Cu", "fcc", a=3.6, cubic=True)]
+    train = [labelled(cells[k % 2].repeat((k + 1, 1, 1))) for k in range(4)]
+    val = [labelled(bulk("Ni", "fcc", a=3.52, cubic=True))]
+    config = _resume_config(tmp_path, "refs", 1).updated(energy_references="fit", rotation="none")
+    with pytest.raises(ValueError, match=r"the validation data has element\(s\) \[28\] without"):
+        Trainer(config, train, val)
+    assert not (tmp_path / "refs").exists()
