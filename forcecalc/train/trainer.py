@@ -338,6 +338,12 @@ class Trainer:
         if state is not None:
             self._load_state(state)
         if self.dist.is_main:
+            if state is None and (self.out / STATE_FILE).exists():
+                warnings.warn(
+                    f"{self.out} holds a training run ({STATE_FILE}); this new run overwrites "
+                    "its files (to continue it instead: --resume)",
+                    stacklevel=2,
+                )
             self.out.mkdir(parents=True, exist_ok=True)
             _remove_stale_temp_files(self.out)
 

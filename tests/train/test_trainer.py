@@ -533,3 +533,12 @@ def test_validation_elements_without_a_reference_energy_are_refused(tmp_path):
     with pytest.raises(ValueError, match=r"the validation data has element\(s\) \[28\] without"):
         Trainer(config, train, val)
     assert not (tmp_path / "refs").exists()
+
+
+def test_a_new_run_into_a_run_folder_says_it_overwrites_it(tmp_path):
+    """Starting a new run (not ``--resume``) where a run left its state warns that its files
+    are overwritten and how to continue it instead."""
+    frames = training_frames()
+    Trainer(_resume_config(tmp_path, "run", 1), frames).fit()
+    with pytest.warns(UserWarning, match=r"holds a training run .* --resume"):
+        Trainer(_resume_config(tmp_path, "run", 1), frames)
