@@ -278,6 +278,26 @@ def relax(
     edge_counts: dict[int, int] = {}
     queue = list(range(len(structures)))[::-1]
     bar = tqdm(total=len(structures), disable=not progress, desc="relax", unit="structure")
+
+    def retire(ended: Tensor, converged: Tensor, error: str | None = None) -> tuple[Tensor, Tensor]:
+        """Store the systems ``ended`` ``[S]`` in ``results`` (with ``error`` as their
+        ``info["relax_error"]``, if given) and drop them from the set and the optimizer;
+        returns the kept systems' and atoms' masks."""
+        _finish(systems, structures, energy, raw_forces, ended, converged, taken, initial, results)
+        ended_host = ended.tolist()
+        for index, gone in zip(systems.ids, ended_host, strict=True):
+            if gone and error is not None:
+                results[index].info["relax_error"] = error
+            if gone and trajectory:
+                results[index].info["trajectory"] = frames.pop(index)
+        bar.update(sum(ended_host))
+        keep = ~ended
+        atom_keep = systems.keep(keep)
+        opt.keep(keep, atom_keep)
+        taken[:] = [n for n, gone in zip(taken, ended_host, strict=True) if not gone]
+        initial[:] = [e for e, gone in zip(initial, ended_host, strict=True) if not gone]
+        return keep, atom_keep
+
     while queue or systems.n_systems:
         admitted = admit(systems, evaluate, structures, queue, max_systems, edge_counts)
         if admitted:
@@ -291,21 +311,9 @@ def relax(
         done = converged | torch.as_tensor([n >= steps for n in taken], device=device_)
         if trajectory:
             _record(systems, structures, energy, raw_forces, frames)
-        done_host = done.tolist()
-        if any(done_host):
-            _finish(
-                systems, structures, energy, raw_forces, done, converged, taken, initial, results
-            )
-            if trajectory:
-                for index in [i for i, d in zip(systems.ids, done_host, strict=True) if d]:
-                    results[index].info["trajectory"] = frames.pop(index)
-            bar.update(sum(done_host))
-            keep = ~done
-            atom_keep = systems.keep(keep)
-            opt.keep(keep, atom_keep)
+        if bool(done.any()):
+            keep, atom_keep = retire(done, converged)
             forces, raw_forces, energy = forces[atom_keep], raw_forces[atom_keep], energy[keep]
-            taken = [n for n, d in zip(taken, done_host, strict=True) if not d]
-            initial = [e for e, d in zip(initial, done_host, strict=True) if not d]
         if systems.n_systems:
             step = opt.step(systems, forces)
             not_finite = (~torch.isfinite(step).all(dim=1)).to(step.dtype)
@@ -313,34 +321,11 @@ def relax(
             if not bool(finite.all()):
                 # the optimizer broke down on these (e.g. LBFGS with zero forces, as ASE's):
                 # they end here, unconverged, with their last finite positions
-                broken = ~finite
-                unconverged = torch.zeros_like(broken)
-                _finish(
-                    systems,
-                    structures,
-                    energy,
-                    raw_forces,
-                    broken,
-                    unconverged,
-                    taken,
-                    initial,
-                    results,
-                )
-                for index, bad in zip(systems.ids, broken.tolist(), strict=True):
-                    if bad:
-                        results[index].info["relax_error"] = (
-                            f"the {opt.name} step was not finite (NaN or inf)"
-                        )
-                        if trajectory:
-                            results[index].info["trajectory"] = frames.pop(index)
-                bar.update(int(broken.sum()))
-                atom_keep = systems.keep(finite)
-                opt.keep(finite, atom_keep)
-                step, energy = step[atom_keep], energy[finite]
-                taken = [n for n, f in zip(taken, finite.tolist(), strict=True) if f]
-                initial = [e for e, f in zip(initial, finite.tolist(), strict=True) if f]
+                error = f"the {opt.name} step was not finite (NaN or inf)"
+                keep, atom_keep = retire(~finite, torch.zeros_like(finite), error)
+                step, energy = step[atom_keep], energy[keep]
             systems.positions = systems.positions + step
-            taken = [n + 1 for n in taken]
+            taken[:] = [n + 1 for n in taken]
     bar.close()
     return results
 
