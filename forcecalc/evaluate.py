@@ -18,6 +18,7 @@ import numpy as np
 
 from forcecalc import metrics
 from forcecalc.checkpoint import Potential
+from forcecalc.data.store import label_energy
 from forcecalc.predict import predict
 
 if TYPE_CHECKING:
@@ -30,9 +31,7 @@ def stacked_forces(structures: Sequence) -> tuple[np.ndarray, np.ndarray, np.nda
     unlabelled = [
         k
         for k, a in enumerate(structures)
-        if a.calc is None
-        or "forces" not in a.calc.results
-        or not {"energy", "free_energy"} & set(a.calc.results)
+        if a.calc is None or "forces" not in a.calc.results or label_energy(a.calc.results) is None
     ]
     if unlabelled:
         raise ValueError(
@@ -48,8 +47,7 @@ def stacked_forces(structures: Sequence) -> tuple[np.ndarray, np.ndarray, np.nda
 def label_energies(structures: Sequence) -> np.ndarray:
     """``[S]`` the labelled energies of ``structures`` (``energy``, else ``free_energy``, the
     rule training reads labels by)."""
-    results = [a.calc.results for a in structures]
-    return np.array([r["energy"] if "energy" in r else r["free_energy"] for r in results])
+    return np.array([label_energy(a.calc.results) for a in structures])
 
 
 def _fixed(atoms: Atoms) -> np.ndarray:

@@ -43,6 +43,14 @@ from ase.stress import full_3x3_to_voigt_6_stress
 
 from forcecalc.atomic import commit_file
 
+
+def label_energy(results: Mapping[str, Any]) -> Any:
+    """The energy label of a frame's results (a calculator's, an extxyz comment line's, an
+    ASE db row's): ``energy``, else a ``free_energy`` given alone; None without either.  The
+    one rule the store, training and evaluation read labels by."""
+    return results.get("energy", results.get("free_energy"))
+
+
 FORMAT = "forcecalc.frames"
 FORMAT_VERSION = 1
 _ATOM_CHUNK = 1024
@@ -107,8 +115,7 @@ class FrameBatch:
         fixed = []
         for k, atoms in enumerate(images):
             results = atoms.calc.results if atoms.calc is not None else {}
-            # the energy, or a free energy alone (as training reads such frames)
-            value = results.get("energy", results.get("free_energy"))
+            value = label_energy(results)
             if value is not None:
                 energy[k] = float(value)
             if "stress" in results:

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from forcecalc.data.store import label_energy
 from forcecalc.graph import Batch
 
 if TYPE_CHECKING:
@@ -106,7 +107,7 @@ class ExtxyzFrames(Sequence):
                     columns[ase_name] = (column, width)
                     column += width
                 missing = _missing_labels(
-                    "energy" in info or "free_energy" in info,
+                    label_energy(info) is not None,
                     columns.get("forces", (0, 0))[1] == 3,
                 )
                 if missing:
@@ -178,7 +179,7 @@ class AseDbFrames(Sequence):
         found: set[int] = set()
         for index, row in enumerate(self._db().select(include_data=False)):
             missing = _missing_labels(
-                row.get("energy", row.get("free_energy")) is not None,
+                label_energy(row) is not None,
                 row.get("forces") is not None,
             )
             if missing:
@@ -413,7 +414,7 @@ def frame_targets(
         label = f"{source}: {label}"
     calc = atoms.calc
     results = getattr(calc, "results", None) or {}
-    energy = results.get("energy", results.get("free_energy"))
+    energy = label_energy(results)
     forces = results.get("forces")
     missing = _missing_labels(energy is not None, forces is not None)
     if missing:
