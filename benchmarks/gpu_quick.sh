@@ -9,9 +9,9 @@
 # 2. speed.py on CUDA: SpinConv-All and ForceNet-All at batch 1 (66 atoms) and batches 64 and
 #    256, and the ASE step plain, with cuda_graph, and with cuda_graph and a 1 Å skin, with the
 #    replayed forward alone and the largest force difference to the plain step;
-# 3. with AB=FILE (another version of forcecalc/models/spinconv.py, e.g. the experiment branch's
-#    `git show experiment/four-product-spinconv:forcecalc/models/spinconv.py`, carried in an
-#    ignored folder): spinconv_ab.py at batch 1, 64 and 256;
+# 3. with AB=FILE (another version of forcecalc/models/spinconv.py, e.g.
+#    `git show <commit>:forcecalc/models/spinconv.py`, carried in an ignored folder):
+#    spinconv_ab.py at batch 1, 64 and 256;
 # 4. every other CUDA test (last: the figures come first if time runs short).
 # The full set of figures is benchmarks/gpu_figures.sh (much longer).
 set -uo pipefail

@@ -5,7 +5,7 @@ favours neither), and their largest force difference.
 For a change whose effect depends on the device (e.g. fewer bytes moved, more FLOPs), to be
 measured where it matters before it goes to main:
 
-    git show experiment/four-product-spinconv:forcecalc/models/spinconv.py > scratch/b.py
+    git show <commit>:forcecalc/models/spinconv.py > scratch/b.py
     python benchmarks/spinconv_ab.py forcecalc/models/spinconv.py scratch/b.py \\
         --device cuda --batch 1 64 256 --repeats 10 --out DIR/spinconv_ab.json
 
