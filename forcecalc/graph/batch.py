@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from forcecalc.graph.neighbors import DEPENDENCE_TOLERANCE, Backend, edge_vectors, radius_graph
+from forcecalc.graph.neighbors import Backend, cell_problem, edge_vectors, radius_graph
 
 if TYPE_CHECKING:
     from ase import Atoms
@@ -202,19 +202,9 @@ def check_atoms(atoms: Atoms, index: int | None = None) -> None:
     cell = np.asarray(atoms.cell.array, dtype=np.float64)
     if not np.isfinite(cell).all():
         raise ValueError(f"{label()}: the cell contains NaN or inf")
-    pbc = np.asarray(atoms.pbc, dtype=bool)
-    lengths = np.linalg.norm(cell, axis=1)
-    zero = [axis for axis in range(3) if pbc[axis] and lengths[axis] < 1e-9]
-    if zero:
-        raise ValueError(
-            f"{label()}: cell vector(s) {zero} have zero length along periodic axes "
-            f"(pbc={pbc.tolist()}); set a cell or turn pbc off on those axes"
-        )
-    units = cell[pbc] / lengths[pbc, None]
-    if len(units) and np.linalg.det(units @ units.T) < DEPENDENCE_TOLERANCE**2:
-        raise ValueError(
-            f"{label()}: the periodic cell vectors are linearly dependent (zero volume)"
-        )
+    problem = cell_problem(cell[None], np.asarray(atoms.pbc)[None])
+    if problem is not None:
+        raise ValueError(f"{label()}: {problem[1]}")
 
 
 def atoms_to_arrays(atoms_list: Sequence) -> tuple[np.ndarray, ...]:

@@ -119,6 +119,40 @@ def fixed_order_edge_vectors(
 DEPENDENCE_TOLERANCE = 1e-9
 
 
+def cell_problem(cell: np.ndarray, pbc: np.ndarray) -> tuple[int, str] | None:
+    """The first system whose periodic cell vectors span no lattice, and what is wrong with
+    them (a zero-length periodic vector, or periodic vectors that are linearly dependent: zero
+    volume); ``None`` when every cell is sound.  The one place this rule is written: the graph
+    builder and the checks of ``ase.Atoms`` (:func:`forcecalc.graph.batch.check_atoms`) use it.
+
+    Args:
+        cell: ``[n_systems, 3, 3]`` finite cell vectors (rows).
+        pbc: ``[n_systems, 3]`` bool, periodic axes.
+    """
+    cell = np.asarray(cell, dtype=np.float64)
+    pbc = np.asarray(pbc, dtype=bool)
+    lengths = np.linalg.norm(cell, axis=2)
+    zero = pbc & (lengths < 1e-9)
+    if zero.any():
+        s = int(np.flatnonzero(zero.any(axis=1))[0])
+        return s, (
+            f"cell vector(s) {np.flatnonzero(zero[s]).tolist()} have zero length along "
+            f"periodic axes (pbc={pbc[s].tolist()}); set a cell or turn pbc off on those axes"
+        )
+    # Gram determinant of the periodic unit vectors (non-periodic rows count as orthonormal):
+    # the squared normalized volume they span.
+    units = np.where(pbc[..., None], cell / np.maximum(lengths, 1e-300)[..., None], 0.0)
+    gram = units @ units.transpose(0, 2, 1) + (~pbc)[..., None] * np.eye(3)
+    dependent = np.linalg.det(gram) < DEPENDENCE_TOLERANCE**2
+    if dependent.any():
+        s = int(np.flatnonzero(dependent)[0])
+        return s, (
+            f"the periodic cell vectors {np.flatnonzero(pbc[s]).tolist()} are linearly "
+            f"dependent (zero volume): cell={cell[s].tolist()}"
+        )
+    return None
+
+
 def _check_inputs(
     positions: Tensor, cell: Tensor, pbc: Tensor, system_idx: Tensor, cutoff: float
 ) -> None:
@@ -155,26 +189,9 @@ def _check_inputs(
     if not bool(torch.isfinite(cell).all()):
         bad = torch.nonzero(~torch.isfinite(cell).flatten(1).all(dim=1)).flatten()[:10]
         raise ValueError(f"the cells of systems {bad.tolist()} contain NaN or inf")
-    cell = cell.detach().to(torch.float64)
-    lengths = torch.linalg.norm(cell, dim=2)
-    zero = pbc & (lengths < 1e-9)
-    if bool(zero.any()):
-        s = int(torch.nonzero(zero.any(dim=1))[0])
-        raise ValueError(
-            f"system {s}: cell vector(s) {torch.nonzero(zero[s]).flatten().tolist()} have zero "
-            f"length but are periodic (pbc={pbc[s].tolist()}); set a cell or turn pbc off"
-        )
-    # Gram determinant of the periodic unit vectors (non-periodic rows count as orthonormal):
-    # the squared normalized volume they span.
-    units = torch.where(pbc.unsqueeze(-1), cell / lengths.clamp(min=1e-300).unsqueeze(-1), 0.0)
-    gram = units @ units.mT + torch.diag_embed((~pbc).to(torch.float64))
-    dependent = torch.linalg.det(gram) < DEPENDENCE_TOLERANCE**2
-    if bool(dependent.any()):
-        s = int(torch.nonzero(dependent)[0])
-        raise ValueError(
-            f"system {s}: the periodic cell vectors {torch.nonzero(pbc[s]).flatten().tolist()} "
-            f"are linearly dependent (zero volume): cell={cell[s].tolist()}"
-        )
+    problem = cell_problem(cell.detach().cpu().numpy(), pbc.cpu().numpy())
+    if problem is not None:
+        raise ValueError(f"system {problem[0]}: {problem[1]}")
 
 
 def _vesin_graph(
