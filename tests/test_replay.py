@@ -66,6 +66,7 @@ def test_a_replay_that_differs_from_the_eager_call_is_an_error():
 
 
 def test_max_graphs_must_be_positive():
+    """A replay cache that may hold no graph is refused when it is made."""
     with pytest.raises(ValueError, match="max_graphs"):
         GraphReplay(_affine, "cpu", max_graphs=0)
 

@@ -80,6 +80,8 @@ def test_tables_of_sorted_and_unsorted_indexes(sorted_index):
 
 
 def test_empty_index_and_wrong_row_count():
+    """An empty index gathers an empty tensor whose gradient is zero everywhere; values with
+    another row count than the index was built for are refused by name."""
     values = torch.randn(4, 2, requires_grad=True)
     out = RowIndex(torch.zeros(0, 3, dtype=torch.int64), 4).gather(values)
     assert out.shape == (0, 3, 2)
