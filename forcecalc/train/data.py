@@ -32,6 +32,7 @@ from torch import Tensor
 
 from forcecalc.data.store import label_energy
 from forcecalc.graph import Batch
+from forcecalc.graph.batch import check_atoms
 
 if TYPE_CHECKING:
     from ase import Atoms
@@ -86,8 +87,9 @@ class ExtxyzFrames(Sequence):
         (no frame is parsed) that ASE will read an energy and forces for it.
 
         Raises:
-            ValueError: a frame without energy or forces, or with an unknown element (the
-                message names the file and the frame's index in it).
+            ValueError: a frame without energy or forces, with an energy or forces that are
+                not finite, or with an unknown element (the message names the file and the
+                frame's index in it).
         """
         from ase.data import atomic_numbers
         from ase.io.extxyz import key_val_str_to_dict, parse_properties
@@ -106,16 +108,26 @@ class ExtxyzFrames(Sequence):
                     ase_name, width = properties[name]
                     columns[ase_name] = (column, width)
                     column += width
-                missing = _missing_labels(
-                    label_energy(info) is not None,
-                    columns.get("forces", (0, 0))[1] == 3,
-                )
+                energy = label_energy(info)
+                forces = columns.get("forces", (0, 0))
+                missing = _missing_labels(energy is not None, forces[1] == 3)
                 if missing:
                     raise ValueError(_unlabelled(f"{self.path}: frame {index}", missing))
                 species = columns.get("symbols", columns.get("numbers"))
                 if species is None:
                     raise ValueError(f"{self.path}: frame {index} has no species column")
-                values = {stream.readline().split()[species[0]] for _ in range(n_atoms)}
+                values, force_texts = set(), []
+                for _ in range(n_atoms):
+                    fields = stream.readline().split()
+                    values.add(fields[species[0]])
+                    force_texts += fields[forces[0] : forces[0] + 3]
+                bad = [
+                    name
+                    for name, texts in (("energy", [energy]), ("forces", force_texts))
+                    if _non_finite(texts)
+                ]
+                if bad:
+                    raise ValueError(_not_finite(f"{self.path}: frame {index}", bad))
                 for value in values:
                     text = value.decode()
                     number = int(text) if text.isdigit() else atomic_numbers.get(text.capitalize())
@@ -170,21 +182,27 @@ class AseDbFrames(Sequence):
 
     def labelled_numbers(self) -> set[int]:
         """The atomic numbers of every row, after checking from the rows' columns (no
-        ``Atoms`` built) that each has an energy and forces.
+        ``Atoms`` built) that each has a finite energy and forces.
 
         Raises:
-            ValueError: a row without energy or forces (the message names the file, the
-                frame's index in it and the row's id).
+            ValueError: a row without energy or forces, or with an energy or forces that are
+                not finite (the message names the file, the frame's index in it and the
+                row's id).
         """
         found: set[int] = set()
         for index, row in enumerate(self._db().select(include_data=False)):
-            missing = _missing_labels(
-                label_energy(row) is not None,
-                row.get("forces") is not None,
-            )
+            energy, forces = label_energy(row), row.get("forces")
+            missing = _missing_labels(energy is not None, forces is not None)
+            where = f"{self.path}: frame {index} (row id {row.id}, {row.formula})"
             if missing:
-                where = f"{self.path}: frame {index} (row id {row.id}, {row.formula})"
                 raise ValueError(_unlabelled(where, missing))
+            bad = [
+                name
+                for name, values in (("energy", [energy]), ("forces", np.ravel(forces)))
+                if _non_finite(values)
+            ]
+            if bad:
+                raise ValueError(_not_finite(where, bad))
             found.update(int(z) for z in np.unique(row.numbers))
         return found
 
@@ -370,6 +388,22 @@ def _missing_labels(has_energy: bool, has_forces: bool) -> list[str]:
     return [name for name, has in (("energy", has_energy), ("forces", has_forces)) if not has]
 
 
+def _non_finite(values: Sequence) -> bool:
+    """Whether ``values`` (numbers, or their text: ``b"nan"``) hold a number that is not
+    finite (NaN or inf).  Text that is no number is left to the frame's reader, whose error
+    names the file and the frame."""
+    try:
+        numbers = np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError):
+        return False
+    return not np.isfinite(numbers).all()
+
+
+def _not_finite(where: str, names: Sequence[str]) -> str:
+    """The error message for a frame (``where``) whose labels ``names`` are not finite."""
+    return f"{where}: {' and '.join(names)} not finite (NaN or inf)"
+
+
 def _unlabelled(where: str, missing: Sequence[str]) -> str:
     return (
         f"{where} has no {' and no '.join(missing)}: training needs an energy and forces for "
@@ -428,10 +462,41 @@ def frame_targets(
         if not ok
     ]
     if bad:
-        raise ValueError(
-            f"{label} ({atoms.get_chemical_formula()}): {' and '.join(bad)} not finite (NaN or inf)"
-        )
+        raise ValueError(_not_finite(f"{label} ({atoms.get_chemical_formula()})", bad))
     return float(energy), forces
+
+
+def frame_origin(frames: Sequence, index: int) -> tuple[str | None, int]:
+    """``(source, index within it)`` of frame ``index`` of ``frames``, through subsets
+    (:class:`SubsetFrames`) down to the file it comes from (a :class:`ConcatFrames`' name);
+    source ``None`` for a plain sequence."""
+    while isinstance(frames, SubsetFrames):
+        frames, index = frames.frames, int(frames.indices[index])
+    if isinstance(frames, ConcatFrames):
+        source, index = frames.locate(index)
+        return frames.names[source], index
+    return None, index
+
+
+def checked_frame(frames: Sequence, index: int) -> Atoms:
+    """Frame ``index`` of ``frames``, checked for what training needs: finite energy and
+    forces of the right shape (:func:`frame_targets`), and a structure a graph can be built
+    of (:func:`~forcecalc.graph.batch.check_atoms`: atoms, finite positions and cell, known
+    elements, periodic axes of non-zero length).
+
+    Raises:
+        ValueError: the frame fails a check, or cannot be read; the message names its file
+            and its index within that file (:func:`frame_origin`).
+    """
+    atoms = frames[index]  # a file's reader names the file and the frame it cannot parse
+    source, local = frame_origin(frames, index)
+    frame_targets(atoms, local, source)
+    try:
+        check_atoms(atoms)
+    except ValueError as error:
+        where = f"frame {local}" if source is None else f"{source}: frame {local}"
+        raise ValueError(f"{where}: {error}") from None
+    return atoms
 
 
 @dataclass(frozen=True)
@@ -463,7 +528,9 @@ class TrainBatch:
 
 
 class IndexedFrames(Sequence):
-    """``frames[i]`` as ``(i, frames[i])`` so that the collated batch knows its frames."""
+    """``frames[i]`` as ``(i, frames[i])`` so that the collated batch knows its frames; each
+    frame is checked as it is read (:func:`checked_frame`), so that a bad frame found only
+    during training is named by its file and its index within that file."""
 
     def __init__(self, frames: Sequence) -> None:
         self.frames = frames
@@ -472,7 +539,7 @@ class IndexedFrames(Sequence):
         return len(self.frames)
 
     def __getitem__(self, index: int) -> tuple[int, Atoms]:  # type: ignore[override]
-        return int(index), self.frames[int(index)]
+        return int(index), checked_frame(self.frames, int(index))
 
 
 class Collater:

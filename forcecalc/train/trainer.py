@@ -4,7 +4,8 @@ Files written to ``config.out`` (each by temp file + rename, by process 0 only):
 
 * ``checkpoint.pt``: the resumable state (every ``checkpoint_every`` steps, after every
   evaluation and at the end): model, optimizer, schedule, moving average, random states of
-  every process, the data position (epoch and batch within it), metrics history, config;
+  every process, the data position (epoch and batch within it), the training-loss sums of
+  every process since the last evaluation (summed), metrics history, config;
 * ``best.pt``: the model with the best validation score so far, in forcecalc's checkpoint
   format (:func:`forcecalc.checkpoint.save_checkpoint`);
 * ``final.pt``: the model at the end, same format, with metadata (data, config, metrics,
@@ -14,7 +15,11 @@ Files written to ``config.out`` (each by temp file + rename, by process 0 only):
   (:func:`forcecalc.models.spinconv.fill_untrained_pairs`;
   the pairs filled are in the metadata);
 * ``metrics.csv``, ``metrics.json``: one row per evaluation (when the last step is not an
-  evaluation step, one more row there, marked ``final``); ``config.yaml``: the config.
+  evaluation step, one more row there, marked ``final``); ``config.yaml``: the config,
+  written once the first step has succeeded.
+
+A run that fails before its first step (a bad frame in the first batch) leaves no output
+folder that it made, and a folder that was there as it was.
 """
 
 from __future__ import annotations
@@ -59,6 +64,7 @@ from forcecalc.train.data import (
     IndexedFrames,
     TrainBatch,
     atom_weights,
+    checked_frame,
     frame_targets,
     labelled_numbers,
     open_frames,
@@ -137,8 +143,8 @@ def fit_normalizers(
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).numpy()
     energies, counts, squares, count = [], [], 0.0, 0
     for index in np.sort(order[: min(max_frames, n)]):
-        atoms = frames[int(index)]
-        energy, forces = frame_targets(atoms, int(index))
+        atoms = checked_frame(frames, int(index))  # a bad frame: named by file and index
+        energy, forces = frame_targets(atoms)
         energies.append(energy)
         counts.append(np.bincount(atoms.numbers, minlength=MAX_ATOMIC_NUMBER + 1))
         squares += float((forces * forces).sum())
@@ -198,17 +204,60 @@ def _check_not_empty(frames: Sequence, role: str) -> None:
 
 def _check_output_folder(folder: Path) -> None:
     """A ValueError, before any work, if ``folder`` cannot be made or written into (a file
-    there or above it, no permission); it is not made here, so a run that fails its set-up
-    leaves no empty folder behind."""
+    there or above it, a broken symbolic link above it, no permission, or whatever the OS
+    says when it is made, e.g. a name too long).  Folders it makes to find out are removed
+    again, so a run that fails its set-up leaves no empty folder behind."""
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"cannot write the run into {folder}: it is a file")
     ancestor = folder
     while not ancestor.exists() and ancestor != ancestor.parent:
+        if ancestor.is_symlink():
+            raise ValueError(
+                f"cannot write the run into {folder}: {ancestor} is a broken symbolic link"
+            )
         ancestor = ancestor.parent
     if not ancestor.is_dir():
         raise ValueError(f"cannot write the run into {folder}: {ancestor} is a file")
     if not os.access(ancestor, os.W_OK):
         raise ValueError(f"cannot write the run into {folder}: no permission to write there")
+    _remove_made_folders(_make_output_folder(folder), folder)
+
+
+def _make_output_folder(folder: Path) -> Path | None:
+    """Make ``folder`` and the missing folders above it.
+
+    Returns:
+        The topmost folder made (``None``: ``folder`` existed), for
+        :func:`_remove_made_folders`.
+
+    Raises:
+        ValueError: a folder cannot be made, naming ``folder`` and the OS's reason (what was
+            made before the failure is removed again).
+    """
+    top = None
+    missing = folder
+    while not missing.exists() and missing != missing.parent:
+        top, missing = missing, missing.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        _remove_made_folders(top, folder)
+        raise ValueError(
+            f"cannot write the run into {folder}: {error.strerror or error}"
+        ) from error
+    return top
+
+
+def _remove_made_folders(top: Path | None, folder: Path) -> None:
+    """Remove ``folder`` and the folders above it up to ``top`` (those
+    :func:`_make_output_folder` made), each only if it is empty."""
+    if top is None:
+        return
+    for path in (folder, *folder.parents):
+        with contextlib.suppress(OSError):  # absent, or not empty: another's files stay
+            path.rmdir()
+        if path == top:
+            return
 
 
 def _remove_stale_temp_files(folder: Path) -> None:
@@ -334,6 +383,8 @@ class Trainer:
         self.elapsed = 0.0
         self._sums = torch.zeros(5, dtype=torch.float64, device=self.device)
         self._sum_steps = 0
+        #: the topmost folder this run made for its outputs (``None``: it was there)
+        self._made_folder: Path | None = None
         torch.manual_seed(config.seed + self.dist.rank)
         if state is not None:
             self._load_state(state)
@@ -344,7 +395,7 @@ class Trainer:
                     "its files (to continue it instead: --resume)",
                     stacklevel=2,
                 )
-            self.out.mkdir(parents=True, exist_ok=True)
+            self._made_folder = _make_output_folder(self.out)
             _remove_stale_temp_files(self.out)
 
     # ---------------------------------------------------------------------------------------
@@ -573,49 +624,25 @@ class Trainer:
         """
         from tqdm.auto import tqdm
 
-        config = self.config
-        if self.dist.is_main:
-            self._write_config()
-        started = time.perf_counter()
-        elapsed_before = self.elapsed
         bar = tqdm(
             total=self.total_steps,
             initial=self.step,
             unit="step",
             desc="train",
-            disable=not (config.progress and self.dist.is_main),
+            disable=not (self.config.progress and self.dist.is_main),
             dynamic_ncols=True,
         )
-        done = self.step >= self.total_steps
-        with bar:
-            while not done:
-                self.plan.set_epoch(self.epoch, self.batch_in_epoch)
-                for batch in self.loader:
-                    self.train_step(batch)
-                    self.step += 1
-                    self.batch_in_epoch += 1
-                    self.elapsed = elapsed_before + time.perf_counter() - started
-                    bar.update(1)
-                    if self.step % 10 == 0 and not bar.disable:
-                        bar.set_postfix(
-                            loss=f"{float(self._sums[0]) / max(self._sum_steps, 1):.4g}",
-                            lr=f"{self.optimizer.param_groups[0]['lr']:.3g}",
-                        )
-                    if self.batch_in_epoch == self.steps_per_epoch:
-                        self.epoch += 1
-                        self.batch_in_epoch = 0
-                    done = self.step >= self.total_steps or self._out_of_time()
-                    if config.eval_every:
-                        evaluate = self.step % config.eval_every == 0
-                    else:
-                        evaluate = self.batch_in_epoch == 0
-                    if evaluate:
-                        self._evaluate_and_log(bar)
-                    # at the end without an evaluation, _final_evaluation saves the state
-                    if evaluate or (not done and self.step % config.checkpoint_every == 0):
-                        self.save_state()
-                    if done:
-                        break
+        first_step = self.step
+        if first_step >= self.total_steps and self.dist.is_main:
+            self._write_config()  # nothing left to train (a finished run resumed)
+        try:
+            with bar:
+                self._train(bar)
+        except BaseException:
+            if self.step == first_step and self.dist.is_main:
+                # nothing written yet: leave no folder behind that this run made
+                _remove_made_folders(self._made_folder, self.out)
+            raise
         final_metrics = (
             self.history[-1]
             if self.history and self.history[-1]["step"] == self.step
@@ -632,6 +659,46 @@ class Trainer:
             "final": str(self.out / FINAL_FILE),
             "best_path": str(best) if best.exists() else None,
         }
+
+    def _train(self, bar: tqdm) -> None:
+        """The steps up to ``total_steps`` (or ``max_time``), with their evaluations and saved
+        states.  ``config.yaml`` is written once the first of them has succeeded: a bad frame
+        read in the first batch leaves an output folder as it was."""
+        config = self.config
+        started = time.perf_counter()
+        elapsed_before = self.elapsed
+        first_step = self.step
+        done = self.step >= self.total_steps
+        while not done:
+            self.plan.set_epoch(self.epoch, self.batch_in_epoch)
+            for batch in self.loader:
+                self.train_step(batch)
+                if self.step == first_step and self.dist.is_main:
+                    self._write_config()
+                self.step += 1
+                self.batch_in_epoch += 1
+                self.elapsed = elapsed_before + time.perf_counter() - started
+                bar.update(1)
+                if self.step % 10 == 0 and not bar.disable:
+                    bar.set_postfix(
+                        loss=f"{float(self._sums[0]) / max(self._sum_steps, 1):.4g}",
+                        lr=f"{self.optimizer.param_groups[0]['lr']:.3g}",
+                    )
+                if self.batch_in_epoch == self.steps_per_epoch:
+                    self.epoch += 1
+                    self.batch_in_epoch = 0
+                done = self.step >= self.total_steps or self._out_of_time()
+                if config.eval_every:
+                    evaluate = self.step % config.eval_every == 0
+                else:
+                    evaluate = self.batch_in_epoch == 0
+                if evaluate:
+                    self._evaluate_and_log(bar)
+                # at the end without an evaluation, _final_evaluation saves the state
+                if evaluate or (not done and self.step % config.checkpoint_every == 0):
+                    self.save_state()
+                if done:
+                    break
 
     def _out_of_time(self) -> bool:
         """Whether ``max_time`` is spent, decided by process 0 for every process (checked every
@@ -772,6 +839,9 @@ class Trainer:
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         rng_all = all_gather_objects(rng, self.dist)
+        # the running training-loss sums of every process since the last evaluation, summed:
+        # they are what the next evaluation reports, whatever the number of processes resuming
+        sums = all_reduce_sum(self._sums, self.dist)
         if not self.dist.is_main:
             return None
         state = {
@@ -789,7 +859,7 @@ class Trainer:
             "best": self.best,
             "history": self.history,
             "elapsed": self.elapsed,
-            "sums": self._sums.cpu(),
+            "sums": sums.cpu(),
             "sum_steps": self._sum_steps,
             "rng": rng_all,
             "world_size": self.dist.world_size,
@@ -823,7 +893,10 @@ class Trainer:
         self.best = float(state["best"])
         self.history = list(state["history"])
         self.elapsed = float(state["elapsed"])
-        self._sums = state["sums"].to(self.device)
+        # the sums of every process, summed: restored on process 0 (the next evaluation adds
+        # those of the others), not on each (they would be counted once per process)
+        if self.dist.is_main:
+            self._sums = state["sums"].to(device=self.device, dtype=torch.float64)
         self._sum_steps = int(state["sum_steps"])
         if int(state["world_size"]) != self.dist.world_size:
             warnings.warn(

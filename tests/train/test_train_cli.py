@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import os
 import re
 from dataclasses import fields
+from pathlib import Path
 
 import pytest
 import torch
@@ -200,3 +203,63 @@ def test_a_run_that_fails_its_set_up_leaves_no_folder(tmp_path, monkeypatch, cap
     assert not (tmp_path / "run").exists()
     assert main(["train", "--data", "nolabel.extxyz", "--out", "nolabel.extxyz/run"]) == 2
     assert "nolabel.extxyz is a file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("broken", ["nan-position", "unparseable-position"])
+def test_a_bad_frame_found_while_training_leaves_no_output_behind(
+    tmp_path, monkeypatch, capsys, broken
+):
+    """A frame that opening the data cannot find bad (a NaN position; a position ASE cannot
+    parse), read first by the first step (fine-tuning reads no frame to fit normalizers),
+    fails the run with one line naming its file and its index within that file; a run that
+    fails before its first step leaves no output folder it made behind (two levels here),
+    and a folder that was there before as it was (no config.yaml written)."""
+    from forcecalc.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    frames = training_frames()[:3]
+    write("good.extxyz", frames[:2])
+    write("bad.extxyz", frames)
+    lines = Path("bad.extxyz").read_text().splitlines()
+    first_atom = 2 * (len(frames[0]) + 2) + 2  # frame 2's first atom line
+    fields = lines[first_atom].split()
+    fields[1] = "nan" if broken == "nan-position" else "not-a-number"
+    lines[first_atom] = " ".join(fields)
+    Path("bad.extxyz").write_text("\n".join(lines) + "\n")
+    Path("old").mkdir()
+    Path("old/config.yaml").write_text("a previous run's options\n")
+    args = ["finetune", str(ocp_checkpoint("forcenet_small")), "--data", "good.extxyz",
+            "bad.extxyz", "--device", "cpu", "--batch-size", "5", "--val-fraction", "0",
+            "--max-steps", "1", "--no-progress"]  # fmt: skip
+    for out in ("new/run", "old"):
+        assert main([*args, "--out", out]) == 2
+        err = capsys.readouterr().err
+        assert len(err.splitlines()) == 1, err
+        assert err.startswith("forcecalc: error: bad.extxyz: frame 2"), err
+    assert sorted(os.listdir(tmp_path)) == ["bad.extxyz", "good.extxyz", "old"]
+    assert os.listdir("old") == ["config.yaml"]
+    assert Path("old/config.yaml").read_text() == "a previous run's options\n"
+
+
+def test_an_output_folder_the_system_cannot_make_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    """An ``--out`` folder under a writable folder that the system still cannot make (a name
+    of 300 characters, too long for the file system; a path through a broken symbolic link)
+    is a one-line error naming the folder and the reason, before the data is read, and
+    leaves no folder behind (not the ones made on the way to the failing one)."""
+    from forcecalc.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    write("frames.extxyz", training_frames()[:2])
+    Path("link").symlink_to("nowhere")
+    long_out = "made/" + "x" * 300
+    cases = {
+        long_out: os.strerror(errno.ENAMETOOLONG),
+        "link/run": "link is a broken symbolic link",
+    }
+    for out, reason in cases.items():
+        code = main(["train", "--data", "frames.extxyz", "--out", out, "--device", "cpu"])
+        assert code == 2
+        assert capsys.readouterr().err == (
+            f"forcecalc: error: cannot write the run into {out}: {reason}\n"
+        )
+    assert sorted(os.listdir(tmp_path)) == ["frames.extxyz", "link"]

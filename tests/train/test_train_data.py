@@ -224,3 +224,31 @@ def test_unlabelled_frames_are_found_when_the_data_is_opened(tmp_path, suffix, m
     fine = tmp_path / f"fine{suffix}"
     _write(fine, frames)
     assert labelled_numbers(open_frames([good, fine])) == {str(good): {8, 29}, str(fine): {8, 29}}
+
+
+@pytest.mark.parametrize("label", ["energy", "forces"])
+@pytest.mark.parametrize("suffix", [".extxyz", ".db", ".traj", ".h5", ".json"])
+def test_labels_that_are_not_finite_are_found_when_the_data_is_opened(tmp_path, suffix, label):
+    """A frame whose energy is NaN or one of whose forces is inf is an error when the data is
+    opened, before training, naming its file and its index within that file (extended XYZ
+    and ASE db, whose frames are not read then, included); HDF5 and sqlite store such a
+    label as none, and the error says it is missing."""
+    frames = training_frames()[:4]
+    good = tmp_path / "good.extxyz"
+    write(good, frames[:3])
+    labelled = []
+    for k, atoms in enumerate(frames):
+        energy, forces = frame_targets(atoms)
+        if k == 2 and label == "energy":
+            energy = float("nan")
+        elif k == 2:
+            forces = forces.copy()
+            forces[3, 1] = np.inf
+        copy = atoms.copy()
+        copy.calc = SinglePointCalculator(copy, energy=energy, forces=forces)
+        labelled.append(copy)
+    bad = tmp_path / f"bad{suffix}"
+    _write(bad, labelled)
+    expected = rf"^{re.escape(str(bad))}: frame 2\b.*({label} not finite|no {label})"
+    with pytest.raises(ValueError, match=expected):
+        labelled_numbers(open_frames([good, bad]))

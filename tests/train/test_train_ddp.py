@@ -17,6 +17,7 @@ from ase.io import read, write
 from train_fixtures import (  # noqa: F401
     FORCENET_TINY,
     SPINCONV_TINY,
+    assert_same_metrics,
     ocp_checkpoint,
     one_thread,
     training_frames,
@@ -66,12 +67,18 @@ RUNS = {
 }
 
 
+#: A run stopped between two evaluations (at step 3 of 5, evaluations every 2 steps) and
+#: resumed, and the same run without a stop: (name, max_steps, resumed).
+RESUMED = [("whole", 5, False), ("stopped", 3, False), ("stopped", 5, True)]
+
+
 @pytest.fixture(scope="module")
 def ddp_runs(tmp_path_factory) -> Path:
-    """Both models trained by 2 gloo worker processes (one launch: startup is the slow part).
+    """Every run trained by 2 gloo worker processes (one launch: startup is the slow part):
+    each of ``RUNS``, then those of ``RESUMED`` in order.
 
     Returns:
-        The folder holding ``frames.extxyz`` and one output folder per model.
+        The folder holding ``frames.extxyz`` and one output folder per run.
     """
     folder = tmp_path_factory.mktemp("ddp")
     frames_path = folder / "frames.extxyz"
@@ -83,6 +90,13 @@ def ddp_runs(tmp_path_factory) -> Path:
         path = folder / f"{name}.json"
         path.write_text(json.dumps(_config(folder / name, 2, **changes).as_dict()))
         configs.append(str(path))
+    for name, max_steps, resumed in RESUMED:
+        config = _config(
+            folder / name, 2, **RUNS["forcenet-batchnorm"], max_steps=max_steps, eval_every=2
+        )
+        path = folder / f"{name}-{max_steps}.json"
+        path.write_text(json.dumps(config.as_dict()))
+        configs.append(f"resume:{path}" if resumed else str(path))
     root = Path(__file__).resolve().parents[2]
     port = _free_port()
     processes = []
@@ -136,3 +150,13 @@ def test_two_gloo_processes_equal_one(ddp_runs, name):
         torch.testing.assert_close(
             entry["exp_avg"], moments[index]["exp_avg"], rtol=1e-6, atol=1e-9
         )
+
+
+def test_two_processes_resumed_log_the_rows_of_a_run_that_never_stopped(ddp_runs):
+    """A 2-process run stopped between two evaluations and resumed writes the metrics.csv
+    rows of the run that did not stop: the train loss and MAEs of the interval that spans the
+    resume count the steps before the stop once for each process (the running sums of every
+    process are in the saved state, not process 0's alone)."""
+    stopped = ddp_runs / "stopped"
+    assert torch.load(stopped / "checkpoint.pt", weights_only=True)["step"] == 5
+    assert_same_metrics(ddp_runs / "whole" / "metrics.csv", stopped / "metrics.csv")

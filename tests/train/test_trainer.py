@@ -14,12 +14,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from train_fixtures import FORCENET_TINY, SPINCONV_TINY, one_thread, training_frames  # noqa: F401
+from train_fixtures import (  # noqa: F401
+    FORCENET_TINY,
+    SPINCONV_TINY,
+    assert_same_metrics,
+    one_thread,
+    training_frames,
+)
 
 from forcecalc.checkpoint import Potential, load_checkpoint
 from forcecalc.models.registry import build_model
 from forcecalc.predict import predict
-from forcecalc.train import TrainConfig, Trainer
+from forcecalc.train import TrainBatch, TrainConfig, Trainer
 
 
 def _config(tmp_path: Path, model: str, kwargs: dict, **changes) -> TrainConfig:
@@ -128,7 +134,9 @@ def test_resume_continues_exactly(tmp_path, model):
     optimizer state and metrics history (the data position, augmentation, schedule, moving
     average and random states are all restored), also for a model that draws random numbers
     in its forward (SpinConv's random force-block rotations: the data loader has a generator
-    of its own, so a resumed iterator does not shift the global one)."""
+    of its own, so a resumed iterator does not shift the global one); metrics.csv holds the
+    same rows, the train loss and MAEs of the evaluation interval that spans the resume
+    included."""
     frames = training_frames()
     n = 7  # crosses an epoch boundary (16 training frames, batch 3: 6 steps per epoch)
     whole = Trainer(_resume_config(tmp_path, "whole", 2 * n, model), frames)
@@ -153,6 +161,37 @@ def test_resume_continues_exactly(tmp_path, model):
         second.history[-1]["val_forces_mae"], rel=1e-5
     )
     assert whole.schedule.state_dict() == pytest.approx(second.schedule.state_dict())
+    assert_same_metrics(tmp_path / "whole" / "metrics.csv", tmp_path / "split" / "metrics.csv")
+
+
+class _Killed(Exception):
+    """Stands for a kill (the process ends without saving anything more)."""
+
+
+def test_a_killed_run_resumed_logs_the_rows_of_one_that_never_stopped(tmp_path, monkeypatch):
+    """A run killed between two evaluations and resumed from its last state (saved by
+    ``checkpoint_every`` at a step between two evaluations) writes the metrics.csv rows of a
+    run that never stopped: the train loss and MAEs of the evaluation interval that spans the
+    kill average the steps before the kill too, over the right number of steps."""
+    frames = training_frames()
+    config = _resume_config(tmp_path, "whole", 8).updated(checkpoint_every=4)  # evals: 3, 6
+    Trainer(config, frames).fit()
+    killed = config.updated(out=str(tmp_path / "killed"))
+    step = Trainer.train_step
+
+    def killed_at_step_5(trainer: Trainer, batch: TrainBatch) -> None:
+        if trainer.step == 5:
+            raise _Killed
+        step(trainer, batch)
+
+    monkeypatch.setattr(Trainer, "train_step", killed_at_step_5)
+    with pytest.raises(_Killed):
+        Trainer(killed, frames).fit()
+    monkeypatch.undo()
+    resumed = Trainer(killed, frames, resume=tmp_path / "killed" / "checkpoint.pt")
+    assert resumed.step == 4
+    resumed.fit()
+    assert_same_metrics(tmp_path / "whole" / "metrics.csv", tmp_path / "killed" / "metrics.csv")
 
 
 def test_a_float64_run_resumes_in_float64(tmp_path):

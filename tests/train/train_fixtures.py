@@ -4,6 +4,7 @@ repository's ``tests/conftest.py``, which other tests import as ``conftest``."""
 
 from __future__ import annotations
 
+import csv
 from functools import cache
 from pathlib import Path
 
@@ -86,3 +87,23 @@ def one_thread():
 def ocp_checkpoint(name: str) -> Path:
     """The OCP-format fixture checkpoint ``tests/data/ocp/<name>.pt``."""
     return Path(__file__).resolve().parents[1] / "data" / "ocp" / f"{name}.pt"
+
+
+def assert_same_metrics(expected: Path, got: Path) -> None:
+    """The two ``metrics.csv`` files hold the same rows: same columns, same steps, every number
+    equal to float tolerance (except ``time``, the wall time)."""
+    with open(expected, newline="") as a, open(got, newline="") as b:
+        rows_a, rows_b = list(csv.DictReader(a)), list(csv.DictReader(b))
+    assert [r["step"] for r in rows_a] == [r["step"] for r in rows_b]
+    for row_a, row_b in zip(rows_a, rows_b, strict=True):
+        assert row_a.keys() == row_b.keys()
+        for key in row_a.keys() - {"time"}:
+            try:
+                value = float(row_a[key])
+            except ValueError:
+                assert row_a[key] == row_b[key], (row_a["step"], key)
+                continue
+            assert float(row_b[key]) == pytest.approx(value, rel=1e-6, abs=1e-12), (
+                row_a["step"],
+                key,
+            )
