@@ -31,9 +31,11 @@ Prints tables and writes JSON (atomically):
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -99,10 +101,30 @@ def structure(n_atoms: int, seed: int) -> Atoms:
     return slab
 
 
+def cpu_name() -> str:
+    """The CPU's model name with its family and model numbers (``/proc/cpuinfo`` on Linux:
+    virtual machines often report a generic name, the numbers tell the generation), else what
+    ``platform`` knows."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    fields = dict(
+        (key.strip(), value.strip())
+        for key, _, value in (line.partition(":") for line in text.splitlines())
+        if key.strip() in ("model name", "cpu family", "model", "vendor_id")
+    )
+    return (
+        f"{fields.get('model name', platform.machine())} ({fields.get('vendor_id', '?')}, "
+        f"family {fields.get('cpu family', '?')}, model {fields.get('model', '?')}, "
+        f"{os.cpu_count()} cores)"
+    )
+
+
 def hardware(tf32: bool) -> dict:
     """The machine a benchmark ran on, for its JSON."""
     return {
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_name(),
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "torch": torch.__version__,
