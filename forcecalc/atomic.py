@@ -1,4 +1,5 @@
-"""Atomic file writes: the data goes to a temp file beside the target, renamed into place.
+"""Output files: atomic writes (the data goes to a temp file beside the target, renamed into
+place) and the checks of an output path made before any work (writable, a format ASE writes).
 
 A write interrupted at any moment (an exception, a kill) leaves the previous file intact and
 no partial file under the target's name.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -82,3 +84,66 @@ def torch_save(data: Any, path: str | os.PathLike) -> Path:
     with atomic_output(path) as tmp, open(tmp, "wb") as stream:
         torch.save(data, stream)
     return Path(path)
+
+
+#: Output formats that keep every structure's energy, forces and ``info`` (the relaxation's
+#: steps and convergence, ``input_index`` for ``merge``).
+COMPLETE_FORMATS = ("extxyz", "traj")
+
+
+def check_writable(path: str) -> None:
+    """A ValueError, before any work is done, if ``path`` cannot be written: a folder, under
+    a file, or without permission (missing folders are made when it is written)."""
+    target = Path(path)
+    if target.is_dir():
+        raise ValueError(f"cannot write {path}: it is a folder")
+    ancestor = target.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ValueError(f"cannot write {path}: {ancestor} is a file, not a folder")
+    if not os.access(ancestor, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        raise ValueError(f"cannot write {path}: no permission to write there")
+
+
+def output_format(path: str, n_frames: int, complete: bool = False) -> str:
+    """ASE's format for writing ``n_frames`` structures to ``path`` (extxyz for .xyz and for a
+    name without suffix that ASE does not know, such as ``relaxed``; a name ASE knows, such as
+    ``CONTCAR``, gets its format: vasp), or a ValueError naming what ASE cannot do, before any
+    work is done.  ``complete``: only a format of :data:`COMPLETE_FORMATS`; otherwise another
+    one gets a note on stderr that energies, forces and info may be lost."""
+    from ase.io.formats import UnknownFileTypeError, filetype, ioformats
+
+    check_writable(path)
+    suffix = Path(path).suffix
+    if suffix in (".xyz", ".extxyz"):
+        return "extxyz"
+    try:
+        name = filetype(path, read=False)
+    except UnknownFileTypeError as error:
+        if not suffix:
+            return "extxyz"
+        raise ValueError(f"cannot tell which format to write {path} in: {error}") from error
+    io = ioformats.get(name)
+    if io is None or not io.can_write:
+        what = f"the suffix {suffix!r}" if suffix else f"the name {Path(path).name!r} ({name})"
+        raise ValueError(
+            f"cannot write {path}: ASE writes no format for {what} (use .extxyz or .traj)"
+        )
+    if io.single and n_frames != 1:
+        raise ValueError(
+            f"cannot write {path}: the {name} format holds one structure, but {n_frames} "
+            "would be written (use .extxyz or .traj)"
+        )
+    if name not in COMPLETE_FORMATS:
+        if complete:
+            raise ValueError(
+                f"cannot write {path}: `merge` needs each structure's info['input_index'], "
+                f"which the {name} format does not keep (use .extxyz or .traj)"
+            )
+        print(
+            f"forcecalc: note: {path} ({name}) may not keep the energies, forces and info "
+            "of the structures; .extxyz and .traj keep them",
+            file=sys.stderr,
+        )
+    return name

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import numpy as np
 
 import forcecalc
+from forcecalc.atomic import check_writable, output_format
 from forcecalc.compiled import COMPILE_MODES
 from forcecalc.data.cli import add_data_commands
 from forcecalc.train.cli import add_train_commands
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
     from ase import Atoms
 
     from forcecalc.checkpoint import Potential
+    from forcecalc.data.store import Dataset
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -132,69 +134,6 @@ def _read_structures(path: str) -> list:
     return structures if isinstance(structures, list) else [structures]
 
 
-#: Output formats that keep every structure's energy, forces and ``info`` (the relaxation's
-#: steps and convergence, ``input_index`` for ``merge``).
-COMPLETE_FORMATS = ("extxyz", "traj")
-
-
-def _check_writable(path: str) -> None:
-    """A ValueError, before any work is done, if ``path`` cannot be written: a folder, under
-    a file, or without permission (missing folders are made when it is written)."""
-    target = Path(path)
-    if target.is_dir():
-        raise ValueError(f"cannot write {path}: it is a folder")
-    ancestor = target.parent
-    while not ancestor.exists() and ancestor != ancestor.parent:
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise ValueError(f"cannot write {path}: {ancestor} is a file, not a folder")
-    if not os.access(ancestor, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
-        raise ValueError(f"cannot write {path}: no permission to write there")
-
-
-def _output_format(path: str, n_frames: int, complete: bool = False) -> str:
-    """ASE's format for writing ``n_frames`` structures to ``path`` (extxyz for .xyz and for a
-    name without suffix that ASE does not know, such as ``relaxed``; a name ASE knows, such as
-    ``CONTCAR``, gets its format: vasp), or a ValueError naming what ASE cannot do, before any
-    work is done.  ``complete``: only a format of :data:`COMPLETE_FORMATS`; otherwise another
-    one gets a note on stderr that energies, forces and info may be lost."""
-    from ase.io.formats import UnknownFileTypeError, filetype, ioformats
-
-    _check_writable(path)
-    suffix = Path(path).suffix
-    if suffix in (".xyz", ".extxyz"):
-        return "extxyz"
-    try:
-        name = filetype(path, read=False)
-    except UnknownFileTypeError as error:
-        if not suffix:
-            return "extxyz"
-        raise ValueError(f"cannot tell which format to write {path} in: {error}") from error
-    io = ioformats.get(name)
-    if io is None or not io.can_write:
-        what = f"the suffix {suffix!r}" if suffix else f"the name {Path(path).name!r} ({name})"
-        raise ValueError(
-            f"cannot write {path}: ASE writes no format for {what} (use .extxyz or .traj)"
-        )
-    if io.single and n_frames != 1:
-        raise ValueError(
-            f"cannot write {path}: the {name} format holds one structure, but {n_frames} "
-            "would be written (use .extxyz or .traj)"
-        )
-    if name not in COMPLETE_FORMATS:
-        if complete:
-            raise ValueError(
-                f"cannot write {path}: `merge` needs each structure's info['input_index'], "
-                f"which the {name} format does not keep (use .extxyz or .traj)"
-            )
-        print(
-            f"forcecalc: note: {path} ({name}) may not keep the energies, forces and info "
-            "(steps, convergence, input_index) of the structures; .extxyz and .traj keep them",
-            file=sys.stderr,
-        )
-    return name
-
-
 def _write_structures(path: str, structures: list, fmt: str) -> None:
     """Write ``structures`` to ``path`` in ASE's format ``fmt``, atomically."""
     from ase.io import write
@@ -258,7 +197,7 @@ def _cmd_relax(args: argparse.Namespace) -> int:
     indices = list(range(len(structures)))
     if args.shard:
         indices = shard_indices(len(structures), *parse_shard(args.shard))
-    out_format = _output_format(args.out, len(indices), bool(args.shard)) if args.out else None
+    out_format = output_format(args.out, len(indices), bool(args.shard)) if args.out else None
     selected = []
     for index in indices:
         atoms = structures[index]
@@ -367,7 +306,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
         raise ValueError(
             f"structures {missing[:10]} carry no info['input_index'] (not from --shard)"
         )
-    out_format = _output_format(args.output, len(structures))
+    out_format = output_format(args.output, len(structures))
     order = sorted(structures, key=lambda atoms: atoms.info["input_index"])
     indices = [atoms.info["input_index"] for atoms in order]
     if len(set(indices)) != len(indices):
@@ -388,26 +327,57 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_eval_data(
+    args: argparse.Namespace, datasets: list[Dataset], train: Dataset | None
+) -> None:
+    """Refuse, before any model is loaded, what `eval` could not score: for s2ef, --data
+    frames (of the --max-frames sample) and --train frames (of the baseline's sample) without
+    stored labels; for is2rs, --data systems without initial and relaxed frames and relaxed
+    energies, and a --train without relaxed energies; a --train from another generated data
+    set than a --data file. Each error names the option and the file."""
+    from forcecalc import evaluate
+
+    train_label = f"--train {args.train}"
+    if train is not None:
+        if args.task == "s2ef":
+            baseline = evaluate.sample_frames(len(train), evaluate.MEDIAN_TRAIN_FRAMES)
+            evaluate.check_frames(train, baseline, train_label, "to fit the median baseline on")
+        else:
+            evaluate.check_is2re_train(train, train_label)
+    for path, dataset in zip(args.data, datasets, strict=True):
+        label = f"--data {path}"
+        if args.task == "s2ef":
+            frames = evaluate.sample_frames(len(dataset), args.max_frames)
+            evaluate.check_frames(dataset, frames, label)
+        else:
+            evaluate.check_is2rs_systems(dataset, args.max_systems, label=label)
+        if train is not None:
+            evaluate.check_same_dataset(train, dataset, train_label, label)
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from forcecalc import evaluate
     from forcecalc.atomic import write_json
     from forcecalc.checkpoint import load_checkpoint
     from forcecalc.data import open_dataset
 
-    _check_at_least(args, "fmax", 0)
-    _check_at_least(args, "steps", 0)
-    _check_at_least(args, "max_frames", 1)
-    _check_at_least(args, "max_systems", 1)
+    if args.task == "s2ef":
+        _check_at_least(args, "max_frames", 1)
+    else:
+        _check_at_least(args, "fmax", 0)
+        _check_at_least(args, "steps", 0)
+        _check_at_least(args, "max_systems", 1)
     if args.out:
-        _check_writable(args.out)
-    potential = load_checkpoint(
-        args.model, device=args.device, dtype=args.dtype, allow_unsafe=args.allow_unsafe
-    )
-    train = open_dataset(args.train) if args.train else None
+        check_writable(args.out)
     names = [Path(path).stem for path in args.data]
     if len(set(names)) != len(names):
         raise ValueError(f"--data files must have distinct names (the report's keys): {names}")
     datasets = [open_dataset(path) for path in args.data]  # all readable before any work
+    train = open_dataset(args.train) if args.train else None
+    _check_eval_data(args, datasets, train)
+    potential = load_checkpoint(
+        args.model, device=args.device, dtype=args.dtype, allow_unsafe=args.allow_unsafe
+    )
     report: dict[str, dict] = {}
     for name, dataset in zip(names, datasets, strict=True):
         if args.task == "s2ef":
@@ -489,7 +459,7 @@ def _cmd_md(args: argparse.Namespace) -> int:
             f"--index {args.index} is out of range: {args.input} holds {len(structures)} "
             "structure(s)"
         )
-    out_format = _output_format(args.out, args.steps // args.log_interval + 1) if args.out else None
+    out_format = output_format(args.out, args.steps // args.log_interval + 1) if args.out else None
     atoms = structures[args.index]
     atoms.calc = load_calculator(
         args.model,
@@ -599,6 +569,52 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def _add_eval_commands(sub: argparse._SubParsersAction) -> None:
+    """``eval s2ef`` and ``eval is2rs``, each with its own options (the frame sample for s2ef,
+    the system sample and the relaxations' settings for is2rs)."""
+    evaluation = sub.add_parser(
+        "eval",
+        help="evaluate a model on OC20-EMT splits (the papers' S2EF / IS2RS+IS2RE tables)",
+        description="Score a model on OC20-EMT split files, with the papers' median baselines "
+        "fitted on --train (a split of the same generated data set).",
+    )
+    tasks = evaluation.add_subparsers(dest="task", metavar="TASK", required=True)
+    s2ef = tasks.add_parser(
+        "s2ef",
+        help="energies and forces of the stored frames (energy/force MAE, force cos, EFwT)",
+        description="The model's energies and forces on every stored frame (or a seeded "
+        "sample) against the stored labels; the median baseline beside it with --train.",
+    )
+    is2rs = tasks.add_parser(
+        "is2rs",
+        help="relax each system's initial structure (ADwT, AFbT; IS2RE: energy MAE, EwT)",
+        description="Relax each system's initial structure with the model (forcecalc's "
+        "batched engine) and score it against the stored relaxed structure (IS2RS) and energy "
+        "(IS2RE); the IS2RE median baseline beside it with --train.",
+    )
+    for parser in (s2ef, is2rs):
+        _add_model_options(parser)
+        parser.add_argument("--data", nargs="+", required=True, help="split files (HDF5)")
+        parser.add_argument(
+            "--train",
+            default=None,
+            help="training split of the same data set, for the median baselines",
+        )
+        parser.add_argument("--out", default=None, help="write the results as JSON")
+        parser.set_defaults(func=_cmd_eval)
+    s2ef.add_argument("--max-frames", type=int, default=None, help="frame sample (default: all)")
+    is2rs.add_argument("--max-systems", type=int, default=None, help="system sample (default: all)")
+    is2rs.add_argument(
+        "--optimizer",
+        default="lbfgs",
+        type=str.lower,
+        choices=["fire", "lbfgs", "bfgs"],
+        help="the relaxations' optimizer (forcecalc's batched engine; any case)",
+    )
+    is2rs.add_argument("--fmax", type=float, default=0.05, help="force threshold, eV/Å")
+    is2rs.add_argument("--steps", type=int, default=300, help="maximum steps")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``forcecalc`` command."""
     parser = _Parser(
@@ -677,31 +693,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     relax.set_defaults(func=_cmd_relax)
 
-    evaluation = sub.add_parser(
-        "eval",
-        help="evaluate a model on OC20-EMT splits (the papers' S2EF / IS2RS+IS2RE tables)",
-    )
-    evaluation.add_argument("task", choices=["s2ef", "is2rs"], help="is2rs also reports IS2RE")
-    _add_model_options(evaluation)
-    evaluation.add_argument("--data", nargs="+", required=True, help="split files (HDF5)")
-    evaluation.add_argument("--train", default=None, help="training split, for median baselines")
-    evaluation.add_argument(
-        "--max-frames", type=int, default=None, help="S2EF frame sample (default: all)"
-    )
-    evaluation.add_argument(
-        "--max-systems", type=int, default=None, help="IS2RS system sample (default: all)"
-    )
-    evaluation.add_argument(
-        "--optimizer",
-        default="lbfgs",
-        type=str.lower,
-        choices=["fire", "lbfgs", "bfgs"],
-        help="IS2RS relaxations' optimizer (forcecalc's batched engine; any case)",
-    )
-    evaluation.add_argument("--fmax", type=float, default=0.05, help="IS2RS force threshold, eV/Å")
-    evaluation.add_argument("--steps", type=int, default=300, help="IS2RS maximum steps")
-    evaluation.add_argument("--out", default=None, help="write the results as JSON")
-    evaluation.set_defaults(func=_cmd_eval)
+    _add_eval_commands(sub)
 
     merge = sub.add_parser(
         "merge",

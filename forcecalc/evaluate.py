@@ -3,10 +3,15 @@
 * S2EF: the model on every stored frame (or a seeded sample of them) against the stored EMT
   energies and forces.
 * IS2RS / IS2RE: each system's initial structure is relaxed with the model (forcecalc's batched
-  engine), then compared with the stored EMT-relaxed structure (ADwT), checked with EMT's own
-  forces at the model's minimum (AFbT: ground truth is computable here, unlike in OC20), and its
-  model energy compared with the stored relaxed energy (IS2RE).
-* The papers' median baselines, fitted on a training split, sit beside them.
+  engine), then compared with the stored EMT-relaxed structure (ADwT, minimum image along the
+  stored structure's periodic axes), checked with EMT's own forces at the model's minimum
+  (AFbT: ground truth is computable here, unlike in OC20), and its model energy compared with
+  the stored relaxed energy (IS2RE).
+* The papers' median baselines, fitted on a training split, sit beside them; the training
+  split must come from the same generated data set (:func:`check_same_dataset`).
+
+The ``check_*`` functions check a data set's files without building frames or loading a model,
+so that a command can refuse bad inputs before any expensive work.
 """
 
 from __future__ import annotations
@@ -23,6 +28,29 @@ from forcecalc.predict import predict
 
 if TYPE_CHECKING:
     from ase import Atoms
+
+    from forcecalc.data.store import Dataset
+
+#: Frames of the training split (a seeded sample) the S2EF median baseline is fitted on.
+MEDIAN_TRAIN_FRAMES = 20_000
+#: The systems-table columns IS2RS / IS2RE read from an evaluated split.
+SYSTEM_COLUMNS = ("initial_frame", "relaxed_frame", "relaxed_energy")
+#: The root attributes with which the OC20-EMT generator describes the data set a split file
+#: belongs to (:func:`forcecalc.data.oc20emt.dataset_attrs`), equal in all its splits.
+DATASET_ATTRS = (
+    "generator",
+    "generator_version",
+    "size",
+    "seed",
+    "config",
+    "plan",
+    "gas_references",
+    "lattice_constants",
+    "frame_kinds",
+    "energy",
+)
+#: Atoms whose forces :func:`unlabelled_frames` reads at a time.
+_ATOM_BLOCK = 1 << 20
 
 
 def stacked_forces(structures: Sequence) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -57,10 +85,143 @@ def _fixed(atoms: Atoms) -> np.ndarray:
 
 
 def sample_frames(n_frames: int, max_frames: int | None, seed: int = 0) -> np.ndarray:
-    """Sorted indices of at most ``max_frames`` frames, drawn without replacement by ``seed``."""
+    """``[F]`` sorted indices of at most ``max_frames`` frames (or systems) of ``n_frames``,
+    drawn without replacement by ``seed``."""
     if max_frames is None or max_frames >= n_frames:
         return np.arange(n_frames)
     return np.sort(np.random.default_rng(seed).choice(n_frames, max_frames, replace=False))
+
+
+def _named(dataset: Any, label: str | None) -> str:
+    """How an error names ``dataset``: ``label`` (a command's ``--data FILE``), else its
+    path."""
+    return label or str(getattr(dataset, "path", "the data set"))
+
+
+def _difference(key: str, a: Any, b: Any) -> str:
+    """Attribute ``key`` differing (``a``, ``b``) for an error message: both values, or only
+    the name where one is long (JSON text)."""
+    texts = ["(none)" if value is None else repr(value) for value in (a, b)]
+    return f"{key} {texts[0]} != {texts[1]}" if max(map(len, texts)) <= 40 else f"{key} differs"
+
+
+def check_same_dataset(
+    train: Any, dataset: Any, train_label: str | None = None, label: str | None = None
+) -> None:
+    """A ValueError naming both files and the attributes in which they differ, when ``train``
+    and ``dataset`` both carry the generator's :data:`DATASET_ATTRS` (a ``generator``
+    attribute) but differ in them: splits of two generated data sets (another seed, size or
+    generator version), whose in-domain and held-out adsorbates and bulks differ. Files
+    without them (user data converted to the store) and frame lists pass.
+
+    Args:
+        train, dataset: opened data sets (their ``attrs``).
+        train_label, label: how the error names them (default: their paths).
+    """
+    train_attrs, attrs = getattr(train, "attrs", {}), getattr(dataset, "attrs", {})
+    if "generator" not in train_attrs or "generator" not in attrs:
+        return
+    differing = [
+        _difference(key, train_attrs.get(key), attrs.get(key))
+        for key in DATASET_ATTRS
+        if train_attrs.get(key) != attrs.get(key)
+    ]
+    if differing:
+        train_name = train_label or f"the training split {_named(train, None)}"
+        raise ValueError(
+            f"{train_name} and {_named(dataset, label)} come from different generated data "
+            f"sets ({', '.join(differing)}): use the splits of one `forcecalc data oc20emt` run"
+        )
+
+
+def unlabelled_frames(dataset: Dataset, frames: np.ndarray) -> np.ndarray:
+    """``[U]`` those of the ``[F]`` frame indices ``frames`` whose stored energy or forces are
+    missing (NaN): the frames the reader gives no energy and forces. Read from the file's
+    arrays (forces a block of atoms at a time), without building the frames."""
+    missing = ~np.isfinite(dataset.frames["energy"])
+    n_atoms = int(dataset.offsets[-1])
+    for start in range(0, n_atoms, _ATOM_BLOCK):
+        forces = dataset.atom_array("forces", start, start + _ATOM_BLOCK)
+        atoms = start + np.flatnonzero(~np.isfinite(forces).all(axis=1))
+        missing[np.searchsorted(dataset.offsets, atoms, side="right") - 1] = True
+    return frames[missing[frames]]
+
+
+def check_frames(
+    dataset: Dataset,
+    frames: np.ndarray,
+    label: str | None = None,
+    purpose: str = "to evaluate against",
+) -> None:
+    """A ValueError naming ``dataset`` (``label``, default its path) if it has no frames, or
+    if some of the ``[F]`` frame indices ``frames`` have no stored energy and forces;
+    ``purpose`` ends the message."""
+    name = _named(dataset, label)
+    if len(dataset) == 0:
+        raise ValueError(f"{name} has no frames {purpose}")
+    missing = unlabelled_frames(dataset, frames)
+    if len(missing):
+        raise ValueError(
+            f"{name}: frames {missing[:10].tolist()} ({len(missing)} of {len(frames)}) have no "
+            f"stored energy and forces {purpose}"
+        )
+
+
+def check_is2rs_systems(
+    dataset: Dataset, max_systems: int | None = None, seed: int = 0, label: str | None = None
+) -> None:
+    """A ValueError naming ``dataset`` (``label``, default its path) unless IS2RS and IS2RE
+    can read the seeded sample of at most ``max_systems`` of its systems (the sample of
+    :func:`evaluate_relaxations`): a systems table with the :data:`SYSTEM_COLUMNS`, whose
+    frames exist, and a relaxed energy (column and relaxed frame) for each system."""
+    name = _named(dataset, label)
+    if dataset.n_systems == 0:
+        raise ValueError(
+            f"{name} has no systems (initial and relaxed structures) to relax: IS2RS needs an "
+            "OC20-EMT split, not converted frames"
+        )
+    missing = [column for column in SYSTEM_COLUMNS if column not in dataset.systems]
+    if missing:
+        raise ValueError(
+            f"{name}: its systems table lacks {', '.join(missing)}: IS2RS reads each system's "
+            f"initial and relaxed frames and relaxed energy ({', '.join(SYSTEM_COLUMNS)}), as an "
+            "OC20-EMT split stores them"
+        )
+    systems = sample_frames(dataset.n_systems, max_systems, seed)
+    frames = np.stack([dataset.systems[c][systems] for c in SYSTEM_COLUMNS[:2]]).astype(np.int64)
+    outside = systems[((frames < 0) | (frames >= len(dataset))).any(axis=0)]
+    if len(outside):
+        raise ValueError(
+            f"{name}: systems {outside[:10].tolist()} name initial or relaxed frames outside its "
+            f"{len(dataset)} frames"
+        )
+    relaxed_energy = np.asarray(dataset.systems["relaxed_energy"], dtype=np.float64)[systems]
+    unknown = systems[
+        ~(np.isfinite(relaxed_energy) & np.isfinite(dataset.frames["energy"][frames[1]]))
+    ]
+    if len(unknown):
+        raise ValueError(
+            f"{name}: systems {unknown[:10].tolist()} ({len(unknown)} of {len(systems)}) have "
+            "no relaxed energy (relaxed_energy, or their relaxed frame's) to score IS2RE against"
+        )
+
+
+def check_is2re_train(train: Dataset, label: str | None = None) -> None:
+    """A ValueError naming ``train`` (``label``, default its path) unless it has systems
+    with a relaxed_energy each, what the IS2RE median baseline is fitted on."""
+    name = _named(train, label)
+    energy = train.systems.get("relaxed_energy")
+    if energy is None or len(energy) == 0:
+        raise ValueError(
+            f"{name} has no systems with a relaxed_energy to fit the IS2RE median baseline on "
+            "(the systems table of an OC20-EMT split)"
+        )
+    unknown = np.flatnonzero(~np.isfinite(np.asarray(energy, dtype=np.float64)))
+    if len(unknown):
+        raise ValueError(
+            f"{name}: systems {unknown[:10].tolist()} ({len(unknown)} of {len(energy)}) have no "
+            "relaxed_energy to fit the IS2RE median baseline on"
+        )
 
 
 def evaluate_s2ef(
@@ -93,8 +254,13 @@ def evaluate_s2ef(
 def median_s2ef_metrics(
     train: Sequence, dataset: Sequence, max_frames: int | None = None, seed: int = 0
 ) -> dict[str, float]:
-    """The S2EF median baseline: training medians of energy and force components."""
-    train_frames = [train[int(i)] for i in sample_frames(len(train), 20_000, seed)]
+    """The S2EF median baseline: training medians of energy and force components (of a
+    seeded sample of :data:`MEDIAN_TRAIN_FRAMES` training frames), on the frames of
+    ``dataset`` (a sample of at most ``max_frames``, as :func:`evaluate_s2ef`'s)."""
+    check_same_dataset(train, dataset)
+    if len(train) == 0:
+        raise ValueError(f"{_named(train, None)} has no frames to fit the median baseline on")
+    train_frames = [train[int(i)] for i in sample_frames(len(train), MEDIAN_TRAIN_FRAMES, seed)]
     train_forces, _, train_fixed = stacked_forces(train_frames)
     median_energy, median_force = metrics.median_s2ef_baseline(
         label_energies(train_frames), train_forces, train_fixed
@@ -149,11 +315,7 @@ def evaluate_relaxations(
     """
     from forcecalc.relax import relax
 
-    if dataset.n_systems == 0:
-        raise ValueError(
-            f"{getattr(dataset, 'path', 'the data set')} has no systems (initial and relaxed "
-            "structures) to relax: IS2RS needs an OC20-EMT split, not converted frames"
-        )
+    check_is2rs_systems(dataset, max_systems, seed)
     systems = sample_frames(dataset.n_systems, max_systems, seed)
     initial = [dataset.initial(int(s)) for s in systems]
     reference = [dataset.relaxed(int(s)) for s in systems]
@@ -163,6 +325,7 @@ def evaluate_relaxations(
     natoms = np.array([len(a) for a in reference])
     fixed = np.concatenate([_fixed(a) for a in reference])
     cells = np.stack([a.cell.array for a in reference])
+    pbc = np.stack([a.pbc for a in reference])
     true_positions = np.concatenate([a.positions for a in reference])
     out: dict[str, Any] = {"systems": len(systems)}
     for name, structures in (("model", relaxed), ("initial", initial)):
@@ -174,6 +337,7 @@ def evaluate_relaxations(
             natoms,
             fixed,
             true_max_forces=max_forces,
+            pbc=pbc,
         )
     out["is2rs"] = out.pop("model")
     out["baseline_initial_structure"] = out.pop("initial")
@@ -190,6 +354,9 @@ def median_is2re_metrics(
 ) -> dict[str, float]:
     """The IS2RE median baseline: the training median relaxed energy for every system, on the
     same seeded sample of at most ``max_systems`` systems as :func:`evaluate_relaxations`."""
+    check_is2re_train(train)
+    check_is2rs_systems(dataset, max_systems, seed)
+    check_same_dataset(train, dataset)
     train_energy = np.asarray(train.systems["relaxed_energy"], dtype=np.float64)
     systems = sample_frames(dataset.n_systems, max_systems, seed)
     true = np.asarray(dataset.systems["relaxed_energy"], dtype=np.float64)[systems]

@@ -49,7 +49,8 @@ def test_info_without_checkpoint_lists_models(capsys) -> None:
     [
         (["relax"], ["(default: 0.05)", "(default: 300)", "(default: BFGS)", "0.5 batched"]),
         (["md"], ["(default: langevin)", "(default: 300.0)", "(default: 100)"]),
-        (["eval"], ["(default: lbfgs)", "(default: all)"]),
+        (["eval", "s2ef"], ["(default: all)"]),
+        (["eval", "is2rs"], ["(default: lbfgs)", "(default: all)", "(default: 300)"]),
         (["data", "oc20emt"], ["(default: 0)"]),
     ],
 )
@@ -73,6 +74,28 @@ def test_optimizer_names_take_any_case() -> None:
     assert parser.parse_args(relax).optimizer == "LBFGS"
     evaluation = ["eval", "is2rs", "--model", "m.pt", "--data", "x.h5", "--optimizer", "LBFGS"]
     assert parser.parse_args(evaluation).optimizer == "lbfgs"
+
+
+def test_eval_options_belong_to_their_task(capsys) -> None:
+    """`eval s2ef` takes no system sample nor relaxation option and `eval is2rs` no frame
+    sample (each was silently ignored): they are usage errors naming the option (exit code
+    2); the README's `forcecalc eval` commands parse."""
+    from forcecalc.cli import build_parser
+
+    parser = build_parser()
+    common = ["--model", "m.pt", "--data", "x.h5"]
+    others = [("s2ef", o) for o in ("--max-systems", "--optimizer", "--fmax", "--steps")]
+    for task, option in [*others, ("is2rs", "--max-frames")]:
+        with pytest.raises(SystemExit) as stop:
+            parser.parse_args(["eval", task, *common, option, "3"])
+        assert stop.value.code == 2
+        assert f"unrecognized arguments: {option} 3" in capsys.readouterr().err
+    readme = (Path(__file__).parents[1] / "README.md").read_text().splitlines()
+    commands = [line.split()[1:] for line in readme if line.startswith("forcecalc eval ")]
+    runnable = [argv for argv in commands if "s2ef|is2rs" not in argv]  # not the synopsis
+    assert len(runnable) == 2
+    for argv in runnable:
+        assert parser.parse_args(argv).task == argv[1]
 
 
 def test_convert_writes_our_format(tmp_path: Path) -> None:

@@ -1,15 +1,18 @@
-"""Bad arguments and unreadable inputs of `forcecalc relax`, `md` and `merge`: a one-line error
-on stderr that names the problem, exit code 2, no traceback, before any model is loaded."""
+"""Bad arguments and unreadable inputs of `forcecalc relax`, `md`, `merge` and `eval`: a one-line
+error on stderr that names the problem, exit code 2, no traceback, before any model is loaded."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 from ase.build import fcc111
+from ase.calculators.singlepoint import SinglePointCalculator
 from ase.io import write
 
 from forcecalc.cli import main
+from forcecalc.data.store import FrameBatch, write_dataset
 
 FORCENET = Path(__file__).parent / "data" / "ocp" / "forcenet_small.pt"
 
@@ -33,7 +36,7 @@ CASES = [
     (["relax", "missing.xyz"], "input file missing.xyz does not exist"),
     (["relax", "one.extxyz", "--steps", "-5"], "--steps must be >= 0, got -5"),
     (["relax", "one.extxyz", "--fmax", "-1"], "--fmax must be >= 0"),
-    (["eval", "s2ef", "--data", "one.h5", "--steps", "-1"], "--steps must be >= 0"),
+    (["eval", "is2rs", "--data", "one.h5", "--steps", "-1"], "--steps must be >= 0"),
     (["eval", "s2ef", "--data", "one.h5", "--max-frames", "0"], "--max-frames must be >= 1"),
     (["relax", "one.extxyz", "--batched", "--batch-size", "x"], "--batch-size must be 'auto'"),
     (["relax", "one.extxyz", "--batch-size", "4"], "--batch-size applies to --batched"),
@@ -148,3 +151,83 @@ def test_eval_checks_its_data_first(tmp_path: Path, monkeypatch, capsys):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and expected in err, err
+
+
+def _split(
+    path: str,
+    labelled: bool = True,
+    columns: tuple[str, ...] = ("initial_frame", "relaxed_frame", "relaxed_energy"),
+    seed: int | None = None,
+) -> None:
+    """A one-system split file: a Cu slab's initial and relaxed frame, labelled (energy 0,
+    zero forces) or not, a systems table of ``columns`` (none: no systems), and, with a
+    ``seed``, the generator's data-set attributes of that seed."""
+    frames = [fcc111("Cu", size=(2, 2, 2), vacuum=5.0) for _ in range(2)]
+    for atoms in frames:
+        atoms.info.clear()
+        if labelled:
+            atoms.calc = SinglePointCalculator(atoms, energy=0.0, forces=np.zeros((8, 3)))
+    table = {"initial_frame": [0], "relaxed_frame": [1], "relaxed_energy": [0.0]}
+    attrs = None if seed is None else {"generator": "forcecalc.data.oc20emt", "seed": seed}
+    batch = FrameBatch.from_atoms(frames, system=[0, 0] if columns else None)
+    write_dataset(path, batch, {c: table[c] for c in columns} or None, attrs)
+
+
+def test_eval_checks_every_input_before_loading_the_model(tmp_path: Path, monkeypatch, capsys):
+    """`eval` checks what it reads before it loads the model, and refuses in one line naming
+    the option and the file: for is2rs, --data systems without initial_frame, relaxed_frame
+    and relaxed_energy, and a --train without relaxed energies (the IS2RE baseline); for
+    s2ef, --data and --train frames without stored labels and a --train without frames; for
+    both, a --train and a --data of two generated data sets (another seed). Files without the
+    generator's attributes (converted user data) are not compared."""
+    monkeypatch.chdir(tmp_path)
+    _split("split.h5", seed=0)
+    _split("train.h5", seed=0)
+    _split("seed1.h5", seed=1)
+    _split("user.h5")
+    _split("nolabel.h5", labelled=False, columns=())
+    _split("nocolumns.h5", columns=("relaxed_energy",))
+    write_dataset("empty.h5", FrameBatch.from_atoms([]))
+
+    def no_loading(*args, **kwargs):
+        raise ValueError("the model was loaded")
+
+    monkeypatch.setattr("forcecalc.checkpoint.load_checkpoint", no_loading)
+    s2ef, is2rs = ["eval", "s2ef", "--model", "m.pt"], ["eval", "is2rs", "--model", "m.pt"]
+    cases = [
+        (
+            [*is2rs, "--data", "split.h5", "--train", "nolabel.h5"],
+            "--train nolabel.h5 has no systems with a relaxed_energy to fit the IS2RE median",
+        ),
+        (
+            [*is2rs, "--data", "nocolumns.h5"],
+            "--data nocolumns.h5: its systems table lacks initial_frame, relaxed_frame:",
+        ),
+        (
+            [*s2ef, "--data", "split.h5", "--train", "empty.h5"],
+            "--train empty.h5 has no frames to fit the median baseline on",
+        ),
+        (
+            [*s2ef, "--data", "split.h5", "--train", "nolabel.h5"],
+            "--train nolabel.h5: frames [0, 1] (2 of 2) have no stored energy and forces to fit",
+        ),
+        (
+            [*s2ef, "--data", "user.h5", "nolabel.h5"],
+            "--data nolabel.h5: frames [0, 1] (2 of 2) have no stored energy and forces",
+        ),
+        (
+            [*s2ef, "--data", "split.h5", "--train", "seed1.h5"],
+            "--train seed1.h5 and --data split.h5 come from different generated data sets "
+            "(seed 1 != 0)",
+        ),
+        (
+            [*is2rs, "--data", "user.h5", "split.h5", "--train", "seed1.h5"],
+            "--train seed1.h5 and --data split.h5 come from different generated data sets",
+        ),
+        ([*s2ef, "--data", "split.h5", "user.h5", "--train", "train.h5"], "the model was loaded"),
+        ([*is2rs, "--data", "user.h5", "--train", "seed1.h5"], "the model was loaded"),
+    ]
+    for argv, expected in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and expected in err, (argv, err)

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 import pytest
+from ase import Atoms
 from ase.build import add_adsorbate, fcc111
 from ase.calculators.emt import EMT
 from ase.calculators.singlepoint import SinglePointCalculator
@@ -11,8 +15,16 @@ from ase.constraints import FixAtoms, Hookean
 from ocp_fixtures import OCP_DATA
 
 from forcecalc import load_checkpoint, predict
-from forcecalc.evaluate import evaluate_s2ef
-from forcecalc.metrics import forces_mae
+from forcecalc.data.oc20emt import dataset_attrs
+from forcecalc.data.store import FrameBatch, open_dataset, write_dataset
+from forcecalc.evaluate import (
+    DATASET_ATTRS,
+    check_same_dataset,
+    evaluate_relaxations,
+    evaluate_s2ef,
+    median_is2re_metrics,
+)
+from forcecalc.metrics import ADWT_THRESHOLDS, forces_mae
 
 
 def _frames(free_energy_only: bool = False) -> list:
@@ -66,3 +78,77 @@ def test_s2ef_refuses_unlabelled_and_empty_data() -> None:
         evaluate_s2ef(potential, unlabelled)
     with pytest.raises(ValueError, match="has no frames"):
         evaluate_s2ef(potential, [])
+
+
+def _write_split(path: Path, pairs: list[tuple[Atoms, Atoms]], attrs: Any = None) -> Path:
+    """An IS2RS split file of (initial, relaxed) structure pairs: EMT-labelled frames 2s and
+    2s+1 of system s, and the systems table IS2RS reads; root attributes ``attrs``."""
+    frames = []
+    for structure in (atoms for pair in pairs for atoms in pair):
+        atoms = structure.copy()
+        atoms.calc = EMT()
+        energy, forces = atoms.get_potential_energy(), atoms.get_forces(apply_constraint=False)
+        atoms.calc = SinglePointCalculator(atoms, energy=energy, forces=forces)
+        frames.append(atoms)
+    systems = np.arange(len(pairs))
+    table = {
+        "initial_frame": 2 * systems,
+        "relaxed_frame": 2 * systems + 1,
+        "relaxed_energy": [frames[2 * s + 1].get_potential_energy() for s in systems],
+    }
+    return write_dataset(
+        path, FrameBatch.from_atoms(frames, system=systems.repeat(2)), table, attrs
+    )
+
+
+def _cluster() -> tuple[Atoms, Atoms]:
+    """A Cu4 tetrahedron without a cell (pbc False, zero cell), and it with atom 0 moved by
+    0.0902 Å (mean displacement 0.02255 Å)."""
+    relaxed = Atoms("Cu4", positions=[[0, 0, 0], [2.5, 0, 0], [1.25, 2.1, 0], [1.25, 0.7, 2.0]])
+    initial = relaxed.copy()
+    initial.positions[0] += [0.0902, 0, 0]
+    return initial, relaxed
+
+
+def test_relaxations_use_each_systems_periodicity(tmp_path: Path) -> None:
+    """evaluate_relaxations scores each system with its stored pbc: a molecule without a cell
+    (pbc False, zero cell: a singular matrix before) by its atoms' plain displacements, a
+    periodic slab whose atom sits one lattice vector (plus 0.0902 Å) away by minimum images;
+    ADwT of both (0 steps: the model's structures are the initial ones)."""
+    slab = fcc111("Cu", size=(2, 2, 2), vacuum=5.0, periodic=True)
+    del slab.info["adsorbate_info"]  # which the store does not keep
+    moved = slab.copy()
+    moved.positions[-1] += slab.cell[0] + [0.0902, 0, 0]  # mean over 8 atoms: 0.011275 Å
+    path = _write_split(tmp_path / "mixed.h5", [_cluster(), (moved, slab)])
+    potential = load_checkpoint(OCP_DATA / "forcenet_small.pt", device="cpu", dtype="float64")
+    with open_dataset(path) as dataset:
+        scores = evaluate_relaxations(potential, dataset, steps=0)
+    want = np.mean([np.mean(d < ADWT_THRESHOLDS) for d in (0.02255, 0.011275)])
+    assert scores["is2rs"]["adwt"] == pytest.approx(want)
+    assert scores["baseline_initial_structure"]["adwt"] == pytest.approx(want)
+
+
+def test_splits_of_two_generated_data_sets_are_refused(tmp_path: Path) -> None:
+    """A training split and a split that both carry the generator's data-set attributes
+    (DATASET_ATTRS, what forcecalc.data.oc20emt writes) but differ in them (another seed) are
+    refused by check_same_dataset and the IS2RE median baseline, naming both files and the
+    attributes; splits of one data set pass, and so do files without the attributes
+    (converted user data)."""
+    assert set(DATASET_ATTRS) == set(dataset_attrs("tiny", 0))
+    pair = [_cluster()]
+    seed0, seed1 = dataset_attrs("tiny", 0), dataset_attrs("tiny", 1)
+    test = open_dataset(_write_split(tmp_path / "test_id.h5", pair, {**seed0, "split": "test_id"}))
+    train = open_dataset(_write_split(tmp_path / "train.h5", pair, {**seed0, "split": "train"}))
+    other = open_dataset(_write_split(tmp_path / "s1" / "train.h5", pair, {**seed1, "split": "x"}))
+    user = open_dataset(_write_split(tmp_path / "user.h5", pair))
+    check_same_dataset(train, test)
+    check_same_dataset(other, user)
+    check_same_dataset(user, test)
+    assert median_is2re_metrics(train, test)["energy_mae"] == 0.0
+    message = (
+        r"s1/train.h5 and \S*/test_id.h5 come from different generated data sets \(seed 1 != 0"
+    )
+    with pytest.raises(ValueError, match=message):
+        check_same_dataset(other, test)
+    with pytest.raises(ValueError, match=message):
+        median_is2re_metrics(other, test)

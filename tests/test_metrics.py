@@ -127,3 +127,111 @@ def test_median_baselines() -> None:
     assert e == 2.5
     np.testing.assert_array_equal(f, [2.0, 0.0, 0.0])
     assert m.median_is2re_baseline(np.array([-1.0, 0.5, 2.0])) == 0.5
+
+
+def _brute_min_image(delta: np.ndarray, cell: np.ndarray, pbc: np.ndarray) -> np.ndarray:
+    """``[n]`` shortest images of ``[n, 3]`` displacements over 7 images per periodic axis."""
+    ranges = [range(-3, 4) if p else (0,) for p in pbc]
+    images = np.array(list(itertools.product(*ranges))) @ cell
+    return np.linalg.norm(delta[:, None, :] + images[None], axis=2).min(axis=1)
+
+
+def test_non_periodic_axes_take_plain_displacements() -> None:
+    """Along non-periodic axes position errors are plain displacements whatever the cell
+    vector there (zero for a slab without a vertical cell, or for a molecule without a cell:
+    no singular-matrix error), along periodic ones minimum images; pbc is per structure in
+    mean_free_distances and is2rs_metrics; periodic vectors that span no lattice are a
+    ValueError."""
+    rng = np.random.default_rng(1)
+    true = rng.uniform(0, 4, (20, 3))
+    pred = true + rng.uniform(-6, 6, (20, 3))
+    delta = pred - true
+    slab = np.array([[4.0, 0, 0], [1.5, 3.5, 0], [0, 0, 0]])
+    wire = np.array([[0, 0, 0], [0, 0, 0], [0.5, 0.2, 3.0]])
+    for cell, pbc in [
+        (slab, [True, True, False]),
+        (wire, [False, False, True]),
+        (np.zeros((3, 3)), [False, False, False]),
+        (np.diag([4.0, 5.0, 6.0]), [False, True, False]),
+    ]:
+        want = _brute_min_image(delta, cell, np.array(pbc))
+        np.testing.assert_allclose(m.min_image_distances(pred, true, cell, pbc), want, atol=1e-12)
+    np.testing.assert_allclose(
+        m.min_image_distances(pred, true, np.zeros((3, 3)), [False] * 3),
+        np.linalg.norm(delta, axis=1),
+    )
+    cells = np.stack([np.zeros((3, 3)), slab])
+    pbc = np.array([[False] * 3, [True, True, False]])
+    natoms = np.array([8, 12])
+    means = [
+        np.linalg.norm(delta[:8], axis=1).mean(),
+        _brute_min_image(delta[8:], slab, pbc[1]).mean(),
+    ]
+    np.testing.assert_allclose(
+        m.mean_free_distances(pred, true, cells, natoms, pbc=pbc), means, atol=1e-12
+    )
+    small = np.full(20, 0.005)  # a molecule whose atoms all moved 0.005 Å
+    moved = true + small[:, None] / np.sqrt(3)
+    assert m.is2rs_metrics(moved, true, cells, natoms, pbc=pbc) == pytest.approx({"adwt": 1.0})
+    with pytest.raises(ValueError, match=r"cell of structure 1: cell vector\(s\) \[2\] have zero"):
+        m.mean_free_distances(pred, true, cells, natoms, pbc=[[False] * 3, [True] * 3])
+    with pytest.raises(ValueError, match="linearly dependent"):
+        m.min_image_distances(pred, true, np.array([[1.0, 0, 0], [2, 0, 0], [0, 0, 5]]))
+
+
+BAD_SHAPES = [
+    (m.energy_mae, ([1.0, 2.0, 3.0], [[1.0], [2.0], [3.0]]), r"true has shape \(3, 1\)"),
+    (m.energy_within_threshold, ([1.0, 2.0, 3.0], [[1.0], [2.0], [3.0]]), r"true has shape"),
+    (m.is2re_metrics, ([1.0, 2.0], [1.0, 2.0, 3.0]), r"true has shape \(3,\), expected \[S\]"),
+    (m.forces_mae, (np.zeros((4, 3)), np.zeros((4, 1))), r"true has shape \(4, 1\)"),
+    (m.forces_mae, (np.zeros((4, 3)), np.zeros((4, 3)), [True, False]), "fixed has shape"),
+    (m.forces_cosine, (np.zeros((4, 3)), np.zeros(3)), r"true has shape \(3,\)"),
+    (
+        m.energy_forces_within_threshold,
+        ([0.0, 0.0], [0.0, 0.0], np.zeros((4, 3)), np.zeros((4, 3)), [2, 3]),
+        "natoms .* sums to 5, expected .* N = 4",
+    ),
+    (
+        m.s2ef_metrics,
+        ([0.0, 0.0], [0.0, 0.0, 0.0], np.zeros((4, 3)), np.zeros((4, 3)), [2, 2]),
+        r"energy_true has shape \(3,\), expected \[S\] with S = 2 from energy_pred",
+    ),
+    (
+        m.s2ef_metrics,
+        ([0.0, 0.0], [0.0, 0.0], np.zeros((4, 3)), np.zeros((4, 3)), [1, 1, 2]),
+        r"natoms has shape \(3,\), expected \[S\] with S = 2",
+    ),
+    (
+        m.mean_free_distances,
+        (np.zeros((4, 3)), np.zeros((4, 3)), np.stack([np.eye(3)] * 3), [2, 2]),
+        r"natoms has shape \(2,\), expected \[S\] with S = 3 from cell",
+    ),
+    (
+        m.mean_free_distances,
+        (np.zeros((4, 3)), np.zeros((4, 3)), np.stack([np.eye(3)] * 2), [2, 2], None, [True]),
+        r"pbc has shape \(1,\), expected \[3\]",
+    ),
+    (
+        m.is2rs_metrics,
+        (np.zeros((4, 3)), np.zeros((4, 3)), np.stack([np.eye(3)] * 2), [2, 2], None, [0.1]),
+        r"true_max_forces has shape \(1,\), expected \[S\]",
+    ),
+    (m.max_free_force, (np.zeros((4, 3)), [4], [False] * 3), "fixed has shape"),
+    (m.average_forces_below_threshold, (np.zeros((2, 1)),), r"max_forces has shape \(2, 1\)"),
+    (m.median_s2ef_baseline, ([1.0], np.zeros((2, 3)), [False]), "train_fixed has shape"),
+    (m.median_is2re_baseline, ([[1.0, 2.0]],), r"train_relaxed_energy has shape \(1, 2\)"),
+]
+
+
+@pytest.mark.parametrize(
+    ("function", "args", "message"),
+    BAD_SHAPES,
+    ids=[f"{c[0].__name__}-{i}" for i, c in enumerate(BAD_SHAPES)],
+)
+def test_mis_shaped_arrays_are_errors(function, args: tuple, message: str) -> None:
+    """Every public metric checks its arrays' shapes (energies [S] and [S], forces [N, 3] and
+    [N, 3], natoms [S] summing to N, masks [N]) and refuses a mismatch with a ValueError
+    naming the argument and the shapes, instead of broadcasting (energy_mae([1, 2, 3],
+    [[1], [2], [3]]) was 0.889, its 3x3 broadcast)."""
+    with pytest.raises(ValueError, match=message):
+        function(*args)

@@ -3,8 +3,9 @@
 ``forcecalc data oc20emt --size tiny|small|medium|large --out DIR [--seed N --workers N]`` writes
 ``DIR/<split>.h5`` for the six splits; ``forcecalc data is2rs --size large --out FILE.extxyz``
 writes only the initial structures of the test splits (the IS2RS inputs, FixAtoms and tags
-kept); ``forcecalc data convert IN OUT`` converts between HDF5 (.h5), ASE db (.db) and extxyz
-(.xyz/.extxyz).
+kept; in the format ASE writes for the output's name, .traj too); ``forcecalc data convert IN
+OUT`` converts to HDF5 (.h5), ASE db (.db) or extxyz (.xyz/.extxyz) from those or any file ASE
+reads.
 """
 
 from __future__ import annotations
@@ -14,6 +15,18 @@ import os
 import sys
 import time
 import warnings
+from pathlib import Path
+
+
+def _seed(text: str) -> int:
+    """The ``--seed`` argument: a non-negative integer (argparse names it otherwise)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text!r}")
+    return value
 
 
 def _oc20emt(args: argparse.Namespace) -> int:
@@ -34,15 +47,17 @@ def _oc20emt(args: argparse.Namespace) -> int:
 def _is2rs(args: argparse.Namespace) -> int:
     import ase.io
 
-    from forcecalc.atomic import atomic_output
-    from forcecalc.data.oc20emt import is2rs_inputs
+    from forcecalc.atomic import atomic_output, output_format
+    from forcecalc.data.oc20emt import SIZES, is2rs_inputs
 
     start = time.perf_counter()
+    count = sum(SIZES[args.size].systems[split] for split in set(args.splits))
+    out_format = output_format(args.out, count)  # before any work: a folder, .traj, ...
     structures = is2rs_inputs(
         args.size, args.seed, args.splits, workers=args.workers, progress=not args.quiet
     )
-    with atomic_output(args.out, suffix=".tmp.extxyz") as tmp:
-        ase.io.write(tmp, structures, format="extxyz")
+    with atomic_output(args.out, suffix=Path(args.out).suffix or ".extxyz") as tmp:
+        ase.io.write(tmp, structures, format=out_format)
     print(
         f"wrote {len(structures)} IS2RS inputs of oc20emt/{args.size} (seed {args.seed}, "
         f"{', '.join(args.splits)}) to {args.out} in {time.perf_counter() - start:.1f} s"
@@ -83,8 +98,12 @@ def add_data_commands(subparsers: argparse._SubParsersAction) -> None:
         required=True,
         help="how many systems (benchmarks/oc20emt.md)",
     )
-    gen.add_argument("--out", required=True, help="output folder")
-    gen.add_argument("--seed", type=int, default=0, help="the data set's seed")
+    gen.add_argument(
+        "--out",
+        required=True,
+        help="output folder: its split files are replaced only once all new ones are complete",
+    )
+    gen.add_argument("--seed", type=_seed, default=0, help="the data set's seed (>= 0)")
     gen.add_argument(
         "--workers", type=int, default=os.cpu_count() or 1, help="processes (default: all cores)"
     )
@@ -93,14 +112,19 @@ def add_data_commands(subparsers: argparse._SubParsersAction) -> None:
 
     is2rs = sub.add_parser(
         "is2rs",
-        help="write the initial structures (IS2RS inputs) of OC20-EMT splits to extxyz",
+        help="write the initial structures (IS2RS inputs) of OC20-EMT splits (extxyz, traj...)",
         description="Only the initial adsorbate + slab structures of a data set's systems, "
         "the initial frames 'forcecalc data oc20emt' stores (equal to extxyz's printed "
         "precision, 1e-8 Å), at the cost of one clean-slab EMT relaxation each.",
     )
     is2rs.add_argument("--size", choices=sorted(SIZES), required=True, help="the data set's size")
-    is2rs.add_argument("--out", required=True, help="output extxyz file (written atomically)")
-    is2rs.add_argument("--seed", type=int, default=0, help="the data set's seed")
+    is2rs.add_argument(
+        "--out",
+        required=True,
+        help="output file, in the format ASE writes for its name (.extxyz, .traj: both keep "
+        "tags, FixAtoms and info; checked before any work, written atomically)",
+    )
+    is2rs.add_argument("--seed", type=_seed, default=0, help="the data set's seed (>= 0)")
     is2rs.add_argument(
         "--splits",
         nargs="+",
@@ -117,8 +141,10 @@ def add_data_commands(subparsers: argparse._SubParsersAction) -> None:
 
     conv = sub.add_parser(
         "convert",
-        help="convert between HDF5 (.h5), ASE db (.db) and extxyz (.xyz/.extxyz)",
+        help="convert to HDF5 (.h5), ASE db (.db) or extxyz (.xyz/.extxyz)",
     )
-    conv.add_argument("input", help="a data file (.h5, .db, .xyz/.extxyz, or any file ASE reads)")
-    conv.add_argument("output", help="the converted file (format from its suffix)")
+    conv.add_argument(
+        "input", help="a data file (.h5, .db, .xyz/.extxyz, or any other file ASE reads)"
+    )
+    conv.add_argument("output", help="the converted file: .h5, .db, .xyz or .extxyz")
     conv.set_defaults(func=_convert)

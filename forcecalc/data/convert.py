@@ -1,4 +1,5 @@
-"""Converters between the HDF5 frames store, ASE databases (``.db``) and extended XYZ.
+"""Converters between the HDF5 frames store, ASE databases (``.db``) and extended XYZ, from
+those or any other file ASE reads (``.traj``, ``POSCAR``, ``.cif``...).
 
 Each frame becomes one ASE ``Atoms`` (energy, unconstrained forces and, where known, stress in a
 ``SinglePointCalculator``, FixAtoms, tags) with ``info`` keys ``kind``, ``step``, ``system``
@@ -12,7 +13,11 @@ Reading back groups the ``sys_*`` keys by ``system`` to rebuild the systems tabl
 HDF5 -> db -> HDF5 is exact and HDF5 -> extxyz -> HDF5 is exact up to extxyz's 8 printed
 decimals for positions and forces. Frames from other sources get defaults: no energy/forces
 -> NaN, no tags -> 0, no ``system`` -> -1 (no systems table); converting to HDF5 warns about
-calculator results and ``info`` keys the store has no place for (they are not converted).
+calculator results, ``info`` keys, per-atom arrays, constraints and ASE db row data (``data=``
+of ``db.write``) the store has no place for (they are not converted); row data is not copied
+to other outputs either, with a warning. Attributes that are not strings, numbers or
+booleans (an ASE db's ``default_columns`` and ``key_descriptions``) are stored as JSON text in
+HDF5 and come back as they were.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import json
 import os
 import sqlite3
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +38,18 @@ import numpy as np
 from ase import Atoms
 from ase.calculators.calculator import all_properties
 from ase.calculators.singlepoint import SinglePointCalculator
-from ase.constraints import FixAtoms
 from ase.io.extxyz import key_val_dict_to_str, key_val_str_to_dict
+from ase.io.formats import UnknownFileTypeError, filetype, ioformats
 from ase.stress import full_3x3_to_voigt_6_stress
 
-from forcecalc.atomic import atomic_output
-from forcecalc.data.store import DatasetWriter, FrameBatch, open_dataset
+from forcecalc.atomic import atomic_output, check_writable
+from forcecalc.data.store import (
+    RESERVED_ATTRS,
+    DatasetWriter,
+    FrameBatch,
+    open_dataset,
+    unstored_message,
+)
 
 _FORMATS = {".h5": "h5", ".hdf5": "h5", ".db": "db", ".xyz": "extxyz", ".extxyz": "extxyz"}
 _CHUNK = 1024
@@ -47,12 +58,14 @@ _ESCAPE = "str:"
 _ATTRS = "dataset_attrs"
 #: ``info`` keys the HDF5 store keeps (besides ``sys_*``)
 _STORED_INFO = {"system", "step", "kind"}
-#: calculator results the HDF5 store keeps
-_STORED_RESULTS = {"energy", "forces", "stress"}
+#: A reader: fills the attributes (dict) before its first frame and adds the names of what it
+#: could not pass on (ASE db row data) to the set.
+_Reader = Callable[[Path, dict[str, Any], set[str]], Iterator[Atoms]]
 
 
 def file_format(path: str | os.PathLike[str]) -> str:
-    """``"h5"``, ``"db"`` or ``"extxyz"`` from the file suffix."""
+    """``"h5"``, ``"db"`` or ``"extxyz"`` from the file suffix (the formats ``convert``
+    writes, and reads without ASE's format detection)."""
     suffix = Path(path).suffix.lower()
     if suffix not in _FORMATS:
         raise ValueError(f"unknown format of {path}: use one of {sorted(_FORMATS)}")
@@ -83,11 +96,11 @@ def _unescape(value: Any) -> Any:
     return value
 
 
-def _read_h5(path: Path, attrs: dict[str, Any]) -> Iterator[Atoms]:
-    """Frames of an HDF5 file with their system rows in ``info``; fills ``attrs`` first."""
+def _read_h5(path: Path, attrs: dict[str, Any], dropped: set[str]) -> Iterator[Atoms]:
+    """Frames of an HDF5 file with their system rows in ``info``; fills ``attrs`` first
+    (the file holds nothing for ``dropped``)."""
     ds = open_dataset(path)
-    reserved = {"format", "format_version", "n_frames", "n_atoms", "n_systems"}
-    attrs.update({k: _plain(v) for k, v in ds.attrs.items() if k not in reserved})
+    attrs.update({k: _plain(v) for k, v in ds.attrs.items() if k not in RESERVED_ATTRS})
     with ds:
         for atoms in ds:
             system = atoms.info.pop("system")
@@ -100,13 +113,15 @@ def _read_h5(path: Path, attrs: dict[str, Any]) -> Iterator[Atoms]:
             yield atoms
 
 
-def _read_db(path: Path, attrs: dict[str, Any]) -> Iterator[Atoms]:
-    """Frames of an ASE database (key-value pairs into ``info``); fills ``attrs`` first."""
+def _read_db(path: Path, attrs: dict[str, Any], dropped: set[str]) -> Iterator[Atoms]:
+    """Frames of an ASE database (key-value pairs into ``info``); fills ``attrs`` first and
+    adds the keys of rows' data (``row.data``, not converted) to ``dropped``."""
     db = ase.db.connect(path)
     attrs.update(db.metadata)
     for row in db.select():
         atoms = row.toatoms()
         atoms.info.update(row.key_value_pairs)
+        dropped.update(f"ASE db row data {key!r}" for key in row.data)
         yield atoms
 
 
@@ -144,31 +159,46 @@ def _decode_attrs(atoms: Atoms) -> dict[str, Any]:
     return attrs
 
 
-def _read_extxyz(path: Path, attrs: dict[str, Any]) -> Iterator[Atoms]:
-    """Frames of an extxyz file; fills ``attrs`` before yielding the first frame."""
+def _read_extxyz(path: Path, attrs: dict[str, Any], dropped: set[str]) -> Iterator[Atoms]:
+    """Frames of an extxyz file; fills ``attrs`` before yielding the first frame (the file
+    holds nothing for ``dropped``)."""
     for atoms in ase.io.iread(path, index=":", format="extxyz"):
         if _ATTRS in atoms.info:
             attrs.update(_decode_attrs(atoms))
         yield atoms
 
 
-def _write_h5(path: Path, images: Iterable[Atoms], attrs: dict[str, Any]) -> None:
-    """Frames (with ``sys_*`` info) to an HDF5 file, rebuilding the systems table."""
+def _read_ase(path: Path, attrs: dict[str, Any], dropped: set[str], fmt: str) -> Iterator[Atoms]:
+    """Frames of a file in ASE's format ``fmt`` (no attributes; nothing for ``dropped``)."""
+    yield from ase.io.iread(str(path), index=":", format=fmt)
+
+
+def _converted_info(key: str) -> bool:
+    """Whether :func:`_write_h5` keeps ``info[key]`` (``system``, ``step``, ``kind`` and the
+    ``sys_*`` system columns)."""
+    return key in _STORED_INFO or key.startswith(_SYS)
+
+
+def _write_h5(
+    path: Path, images: Iterable[Atoms], attrs: dict[str, Any], dropped: set[str]
+) -> None:
+    """Frames (with ``sys_*`` info) to an HDF5 file, rebuilding the systems table; warns once
+    about what the store has no place for, with the names already in ``dropped`` (what the
+    reader could not pass on)."""
     rows: dict[int, dict[str, Any]] = {}
-    dropped: set[str] = set()
     with DatasetWriter(path) as writer:
         chunk: list[Atoms] = []
 
         def flush() -> None:
             info = [a.info for a in chunk]
-            for atoms in chunk:
-                dropped.update(_unstored(atoms))
             writer.append(
                 FrameBatch.from_atoms(
                     chunk,
                     system=[int(i.get("system", -1)) for i in info],
                     step=[int(i.get("step", 0)) for i in info],
                     kind=[int(i.get("kind", 0)) for i in info],
+                    kept_info=_converted_info,
+                    dropped=dropped,
                 )
             )
             for i in info:
@@ -192,31 +222,7 @@ def _write_h5(path: Path, images: Iterable[Atoms], attrs: dict[str, Any]) -> Non
             table = {c: [rows[s][c] for s in range(len(rows))] for c in columns}
             writer.append(FrameBatch.from_atoms([]), table)
     if dropped:
-        warnings.warn(
-            f"{path}: the HDF5 store has no place for {', '.join(sorted(dropped))}; not converted",
-            stacklevel=3,
-        )
-
-
-#: The per-atom arrays the HDF5 store keeps (besides forces, a calculator result).
-_STORED_ARRAYS = ("numbers", "positions", "tags")
-
-
-def _unstored(atoms: Atoms) -> list[str]:
-    """``atoms``' calculator results, ``info`` keys, per-atom arrays and constraints (other
-    than FixAtoms) that :func:`_write_h5` does not keep (``free_energy`` equal to ``energy``,
-    or alone, stored as the energy, counts as kept)."""
-    results = atoms.calc.results if atoms.calc is not None else {}
-    names = [f"info[{k!r}]" for k in atoms.info if k not in _STORED_INFO and not k.startswith(_SYS)]
-    names += [f"per-atom array {k!r}" for k in atoms.arrays if k not in _STORED_ARRAYS]
-    names += [
-        f"constraint {type(c).__name__}" for c in atoms.constraints if not isinstance(c, FixAtoms)
-    ]
-    for key, value in results.items():
-        same = key == "free_energy" and value == results.get("energy", value)
-        if key not in _STORED_RESULTS and not same:
-            names.append(f"calculator result {key!r}")
-    return names
+        warnings.warn(f"{path}: {unstored_message(dropped, 'converted')}", stacklevel=3)
 
 
 def _write_db(path: Path, images: Iterable[Atoms], attrs: dict[str, Any]) -> None:
@@ -252,7 +258,26 @@ def _write_extxyz(path: Path, images: Iterable[Atoms], attrs: dict[str, Any]) ->
             ase.io.write(fh, atoms, format="extxyz")
 
 
-_READERS = {"h5": _read_h5, "db": _read_db, "extxyz": _read_extxyz}
+_READERS: dict[str, _Reader] = {"h5": _read_h5, "db": _read_db, "extxyz": _read_extxyz}
+
+
+def _reader(src: Path) -> _Reader:
+    """The reader of ``src``: ours for .h5/.hdf5, .db, .xyz/.extxyz, else ASE's for the format
+    ASE detects (a ValueError naming ``src`` where ASE knows no format, or cannot read it)."""
+    suffix = src.suffix.lower()
+    if suffix in _FORMATS:
+        return _READERS[_FORMATS[suffix]]
+    unknown = f"cannot read {src}: not .h5, .db or extxyz, and ASE does not recognise its format"
+    try:
+        name = filetype(str(src), read=True)
+    except (UnknownFileTypeError, OSError, ValueError) as error:
+        raise ValueError(f"{unknown} ({type(error).__name__}: {error})") from error
+    io = ioformats.get(name)
+    if io is None:
+        raise ValueError(unknown)
+    if not io.can_read:
+        raise ValueError(f"cannot read {src}: ASE recognises it as {name}, which it cannot read")
+    return functools.partial(_read_ase, fmt=name)
 
 
 def _readable(images: Iterable[Atoms], src: Path, dst: Path) -> Iterator[Atoms]:
@@ -264,29 +289,46 @@ def _readable(images: Iterable[Atoms], src: Path, dst: Path) -> Iterator[Atoms]:
         for atoms in images:
             count += 1
             yield atoms
-    except (OSError, ValueError, KeyError, IndexError, sqlite3.Error) as error:  # the parsers'
+    except (  # the parsers'
+        OSError,
+        ValueError,
+        KeyError,
+        IndexError,
+        RuntimeError,
+        UnknownFileTypeError,
+        sqlite3.Error,
+    ) as error:
         raise ValueError(f"cannot read {src}: {type(error).__name__}: {error}") from error
     if not count:
         warnings.warn(f"{src} holds no frames: {dst} is empty", stacklevel=2)
 
 
 def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> Path:
-    """Convert ``src`` to ``dst`` between HDF5 (.h5/.hdf5), ASE db (.db) and extxyz
-    (.xyz/.extxyz); formats come from the suffixes. ``dst`` is written atomically (temporary
-    file in the same folder, renamed on success). Returns ``dst``.
+    """Convert ``src`` to ``dst``: HDF5 (.h5/.hdf5), ASE db (.db) or extxyz (.xyz/.extxyz),
+    from one of those or any other file ASE reads (its format as ASE detects it); the output
+    format comes from ``dst``'s suffix. ``dst`` is checked before ``src`` is read, and written
+    atomically (temporary file in the same folder, renamed on success). Returns ``dst``.
 
     Raises:
-        ValueError: ``src`` cannot be read in its format (nothing is written then); a
-            ``src`` without frames gives an empty ``dst`` and a warning."""
+        ValueError: ``dst`` has another suffix or cannot be written (a folder, no
+            permission), ``src`` cannot be read in its format, or a frame cannot be stored
+            (HDF5: non-finite positions or cell); nothing is written then. A ``src`` without
+            frames gives an empty ``dst`` and a warning.
+        FileNotFoundError: ``src`` does not exist."""
+
     src, dst = Path(src), Path(dst)
-    fin, fout = file_format(src), file_format(dst)
+    fout = file_format(dst)
     if not src.is_file():  # ase.db.connect would create an empty database
         raise FileNotFoundError(f"no such file: {src}")
+    check_writable(str(dst))
     attrs: dict[str, Any] = {}
-    images = _readable(_READERS[fin](src, attrs), src, dst)
+    dropped: set[str] = set()
+    images = _readable(_reader(src)(src, attrs, dropped), src, dst)
     if fout == "h5":
-        _write_h5(dst, images, attrs)
+        _write_h5(dst, images, attrs, dropped)
         return dst
     with atomic_output(dst, suffix=f".tmp{dst.suffix}") as tmp:
         (_write_db if fout == "db" else _write_extxyz)(tmp, images, attrs)
+    if dropped:
+        warnings.warn(f"{dst}: not converted: {', '.join(sorted(dropped))}", stacklevel=2)
     return dst

@@ -38,10 +38,13 @@ only on ``(size, seed)``, not on the number of worker processes.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import multiprocessing
 import os
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from functools import cache
@@ -63,6 +66,7 @@ from scipy.sparse.csgraph import connected_components
 from scipy.spatial.transform import Rotation
 from tqdm import tqdm
 
+from forcecalc.atomic import commit_file
 from forcecalc.data.store import DatasetWriter, FrameBatch
 
 _Result = TypeVar("_Result")
@@ -149,8 +153,13 @@ class SizeConfig:
     Attributes:
         systems: number of systems per split (keys of :data:`SPLITS`).
         layers: slab layer counts drawn from.
-        max_slab_atoms: largest slab allowed (in-plane repeats above it are not drawn).
-        min_slab_atoms: smallest slab allowed, when a facet offers one that large.
+        max_slab_atoms: largest slab drawn: in-plane repeats of :data:`_REPEATS` giving more
+            atoms are not drawn. Where no repeat of a facet fits between the two bounds, the
+            facet's smallest repeat is used (``tiny``: 18 is below every slab, so its slabs
+            have 24 or 36 atoms).
+        min_slab_atoms: smallest slab drawn, when a facet offers one that large (the
+            repeats give at least 24 atoms, so the default 20 does not bind: ``small`` to
+            ``large`` draw slabs of 24, 32, 36, 48 and 54 atoms).
         relax_steps: most LBFGS steps per relaxation (OC20: 300 here).
         n_rattled: rattled frames per system.
         n_md: MD frames per system.
@@ -240,11 +249,21 @@ class SplitPlan:
         return adsorbates, pairs, not ood_cat
 
 
+def check_seed(seed: int) -> None:
+    """A ValueError unless ``seed`` is a non-negative integer (what ``SeedSequence`` takes)."""
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
+        raise ValueError(f"the seed must be a non-negative integer, got {seed!r}")
+
+
 def plan_splits(seed: int) -> SplitPlan:
     """The held-out adsorbates and element pairs for ``seed``.
 
     In-domain adsorbates always cover H, C, N and O; the held-out sets are redrawn until so.
+
+    Raises:
+        ValueError: ``seed`` is not a non-negative integer.
     """
+    check_seed(seed)
     rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(0,)))
     names = tuple(ADSORBATES)
     while True:
@@ -438,7 +457,7 @@ def _draw_spec(rng: np.random.Generator, split: str, task: SystemTask) -> System
         <= r[0] * r[1] * per_layer * layers
         <= task.config.max_slab_atoms
     ]
-    if not fitting:  # tiny slabs: the smallest repeat of the facet
+    if not fitting:  # no repeat between the bounds (tiny): the smallest repeat of the facet
         fitting = [min(sizes, key=lambda r: r[0] * r[1])]
     repeat = fitting[rng.integers(len(fitting))]
     termination = int(rng.integers(2))
@@ -451,6 +470,9 @@ def build_slab(spec: SystemSpec, lattice: Mapping[str, float], rng: np.random.Ge
 
     The bottom two layers are fixed (tag 0), the others are free surface layers (tag 1). The
     cell's c axis is normal to the surface, leaving 15 Å of vacuum between periodic images.
+    Random alloys get the whole number of second-element atoms nearest the bulk ratio
+    (rounded half to even: a 54-atom AB3 slab gets 14 A and 40 B); ordered alloys get the
+    composition of the planes cut, which need not be the bulk's.
     """
     facet = spec.facet
     ppl = _PLANES_PER_LAYER[facet]
@@ -843,41 +865,69 @@ def dataset_attrs(size: str, seed: int) -> dict[str, str | int]:
     }
 
 
-def generate(
-    size: str,
-    out: str | os.PathLike[str],
-    seed: int = 0,
-    workers: int = 1,
-    progress: bool = True,
+#: Name parts of the hidden folder, inside the output folder, that a generation writes its
+#: split files into before moving them into place.
+_STAGING_PREFIX = ".oc20emt."
+_STAGING_SUFFIX = ".tmp"
+
+
+@contextlib.contextmanager
+def _exclusive(folder: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``folder`` (``flock`` on the folder itself, released when the
+    process ends, however it ends), or a ValueError if another generation holds it; no lock
+    where the system or the file system has no ``flock``."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        yield
+        return
+    handle = os.open(folder, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(
+                f"another generation is writing into {folder}: wait for it to end or choose "
+                "another output folder"
+            ) from None
+        except OSError:  # a file system without flock
+            pass
+        yield
+    finally:
+        os.close(handle)
+
+
+def _remove_leftovers(out: Path) -> None:
+    """Remove what killed generations into ``out`` left there: hidden staging folders
+    (``.oc20emt.*.tmp``) and the temporary split files (``.<split>.h5.*.tmp``) of versions
+    that wrote them straight into ``out``."""
+    for path in out.glob(f"{_STAGING_PREFIX}*{_STAGING_SUFFIX}"):
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+    for split in SPLITS:
+        for path in out.glob(f".{split}.h5.*.tmp"):
+            if path.is_file():
+                path.unlink(missing_ok=True)
+
+
+def _write_splits(
+    tasks: Sequence[SystemTask],
+    folder: Path,
+    attrs: Mapping[str, str | int],
+    workers: int,
+    bar: tqdm,
 ) -> dict[str, Path]:
-    """Generate the OC20-EMT data set ``size`` into one HDF5 file per split in ``out``.
-
-    Args:
-        size: a key of :data:`SIZES` (``"tiny"``, ``"small"``, ``"medium"``, ``"large"``).
-        out: output folder (created); files are ``<out>/<split>.h5``, each written atomically.
-        seed: the data set's seed; results depend only on ``(size, seed)``.
-        workers: processes generating systems (1: in this process).
-        progress: show a tqdm progress bar.
-
-    Returns:
-        The path of each split's file.
-    """
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file: the data set is a folder of split files")
-    out.mkdir(parents=True, exist_ok=True)
-    tasks = _tasks(size, seed)
-    attrs = dataset_attrs(size, seed)
+    """Generate ``tasks`` (all systems of all splits, in split order) into
+    ``<folder>/<split>.h5``, one file per split; returns each split's file."""
+    remaining = {s: sum(t.split == s for t in tasks) for s in SPLITS}
     paths: dict[str, Path] = {}
-    remaining = {s: SIZES[size].systems[s] for s in SPLITS}
     writer: DatasetWriter | None = None
-    bar = tqdm(total=len(tasks), unit="system", disable=not progress, desc=f"oc20emt {size}")
     frames = 0
     results = _run_tasks(tasks, workers)
     try:
         for task, result in zip(tasks, results, strict=True):
             if writer is None:
-                writer = DatasetWriter(out / f"{task.split}.h5", {**attrs, "split": task.split})
+                writer = DatasetWriter(folder / f"{task.split}.h5", {**attrs, "split": task.split})
             row = dict(result.row)
             row["initial_frame"] = int(row["initial_frame"]) + writer.n_frames
             row["relaxed_frame"] = int(row["relaxed_frame"]) + writer.n_frames
@@ -893,7 +943,81 @@ def generate(
                 writer = None
     finally:
         results.close()  # stops the worker pool early on an error
-        bar.close()
         if writer is not None:
             writer.abort()
     return paths
+
+
+def _publish(staged: Mapping[str, Path], out: Path) -> dict[str, Path]:
+    """Move the complete split files ``staged`` into ``out``, after removing every split file
+    of the previous data set there: an interruption in between leaves some of the new files
+    and none of the old, never a mix. Returns each split's file in ``out``."""
+    for split in SPLITS:
+        (out / f"{split}.h5").unlink(missing_ok=True)
+    paths = {}
+    for split, path in staged.items():
+        paths[split] = out / path.name
+        commit_file(path, paths[split])
+    return paths
+
+
+def generate(
+    size: str,
+    out: str | os.PathLike[str],
+    seed: int = 0,
+    workers: int = 1,
+    progress: bool = True,
+) -> dict[str, Path]:
+    """Generate the OC20-EMT data set ``size`` into one HDF5 file per split in ``out``.
+
+    The split files are written into a hidden folder inside ``out`` (``.oc20emt.*.tmp``)
+    and moved into place only once all of them are complete: the old split files of ``out``
+    (a previous data set) are removed, then the new ones moved in. An interrupted run
+    therefore leaves the previous data set untouched (the hidden folder is removed on an
+    exception or Ctrl-C; after a kill, the next generation into ``out`` removes it), or, if
+    interrupted in the instant of the move, only new split files, some missing; never files
+    of two data sets. Other files in ``out`` are left alone. Two generations into one folder
+    at once are refused.
+
+    Args:
+        size: a key of :data:`SIZES` (``"tiny"``, ``"small"``, ``"medium"``, ``"large"``).
+        out: output folder (created); files are ``<out>/<split>.h5``.
+        seed: the data set's seed, a non-negative integer; results depend only on
+            ``(size, seed)``.
+        workers: processes generating systems (1: in this process).
+        progress: show a tqdm progress bar.
+
+    Returns:
+        The path of each split's file.
+
+    Raises:
+        ValueError: an unknown size, a negative seed, ``out`` or a split file's path is not
+            a file/folder as needed, or another generation is writing into ``out``; all
+            but the last are found before anything is created.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file: the data set is a folder of split files")
+    folders = [str(out / f"{s}.h5") for s in SPLITS if (out / f"{s}.h5").is_dir()]
+    if folders:
+        raise ValueError(f"cannot write the split files: {', '.join(folders)} are folders")
+    tasks = _tasks(size, seed)
+    attrs = dataset_attrs(size, seed)
+    made = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        with _exclusive(out):
+            _remove_leftovers(out)
+            staging = Path(tempfile.mkdtemp(_STAGING_SUFFIX, _STAGING_PREFIX, out))
+            desc = f"oc20emt {size}"
+            try:
+                with tqdm(total=len(tasks), unit="system", disable=not progress, desc=desc) as bar:
+                    staged = _write_splits(tasks, staging, attrs, workers, bar)
+                return _publish(staged, out)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+    except BaseException:
+        if made:
+            with contextlib.suppress(OSError):
+                out.rmdir()
+        raise

@@ -19,17 +19,22 @@ Layout of a file (all datasets chunked, gzip-compressed with the shuffle filter)
 
 Root attributes: ``format``, ``format_version``, ``n_frames``, ``n_atoms``, ``n_systems`` and
 whatever metadata the writer was given (the generator stores its version, seed and config as
-JSON). Optional frame fields (``stress``) exist only in files where some frame has them; a
-reader of a file without one sees no such field. Files are written to a temporary file in the
-same folder and renamed into place on success, so a path is either absent, the previous
-complete file, or the new complete file.
+JSON). Strings, numbers and booleans are stored as HDF5 attributes; other values (lists, dicts,
+None, arrays) as JSON text, their names listed in the root attribute ``json_attrs`` (a JSON
+list), and the reader gives them back decoded. Optional frame fields (``stress``) exist only in
+files where some frame has them; a reader of a file without one sees no such field. Files are
+written to a temporary file in the same folder and renamed into place on success, so a path is
+either absent, the previous complete file, or the new complete file. The writer refuses frames
+with NaN or infinite positions or cells.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, overload
@@ -39,6 +44,7 @@ import numpy as np
 from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.constraints import FixAtoms
+from ase.data import chemical_symbols
 from ase.stress import full_3x3_to_voigt_6_stress
 
 from forcecalc.atomic import commit_file
@@ -53,9 +59,45 @@ def label_energy(results: Mapping[str, Any]) -> Any:
 
 FORMAT = "forcecalc.frames"
 FORMAT_VERSION = 1
+#: Root attribute listing (as JSON) the attributes stored as JSON text.
+JSON_ATTRS = "json_attrs"
+#: Root attributes the writer sets itself (refused as metadata).
+RESERVED_ATTRS = frozenset(
+    {"format", "format_version", "n_frames", "n_atoms", "n_systems", JSON_ATTRS}
+)
+#: Calculator results the store keeps (``free_energy`` is kept as the energy when it is given
+#: alone or equals ``energy``).
+STORED_RESULTS = frozenset({"energy", "forces", "stress"})
+#: Per-atom arrays of ``Atoms.arrays`` the store keeps (forces come from the calculator).
+STORED_ARRAYS = frozenset({"numbers", "positions", "tags"})
 _ATOM_CHUNK = 1024
 _FRAME_CHUNK = 4096
 _COMPRESSION = {"compression": "gzip", "compression_opts": 4, "shuffle": True}
+
+
+def unstored(atoms: Atoms, kept_info: Callable[[str], bool] | None = None) -> list[str]:
+    """What of ``atoms`` the store has no place for: calculator results other than energy,
+    forces and stress (``free_energy`` alone or equal to ``energy`` counts as kept), ``info``
+    keys (except those ``kept_info`` accepts, which the caller stores itself), per-atom arrays
+    other than numbers, positions and tags, and constraints other than FixAtoms; as names
+    such as ``info['config_type']`` or ``constraint FixBondLength``."""
+    results = atoms.calc.results if atoms.calc is not None else {}
+    names = [f"info[{k!r}]" for k in atoms.info if kept_info is None or not kept_info(k)]
+    names += [f"per-atom array {k!r}" for k in atoms.arrays if k not in STORED_ARRAYS]
+    names += [
+        f"constraint {type(c).__name__}" for c in atoms.constraints if not isinstance(c, FixAtoms)
+    ]
+    for key, value in results.items():
+        same = key == "free_energy" and value == results.get("energy", value)
+        if key not in STORED_RESULTS and not same:
+            names.append(f"calculator result {key!r}")
+    return names
+
+
+def unstored_message(names: Iterable[str], action: str) -> str:
+    """The warning about what the store has no place for: ``names`` (each once, sorted) and
+    what did not happen to them (``action``: "stored", "converted")."""
+    return f"the HDF5 store has no place for {', '.join(sorted(set(names)))}; not {action}"
 
 
 @dataclass
@@ -100,13 +142,33 @@ class FrameBatch:
         system: Sequence[int] | None = None,
         step: Sequence[int] | None = None,
         kind: Sequence[int] | None = None,
+        kept_info: Callable[[str], bool] | None = None,
+        dropped: set[str] | None = None,
     ) -> FrameBatch:
         """Frames from ASE atoms (energy/forces/stress from their calculator, NaN if absent;
         ``stress`` None if no frame has one).
 
         Forces are taken unconstrained (``apply_constraint=False``); ``fixed`` comes from
-        ``FixAtoms`` constraints. ``system``, ``step`` and ``kind`` default to -1, 0, 0.
+        ``FixAtoms`` constraints. ``system``, ``step`` and ``kind`` default to -1, 0, 0 (they
+        are not read from ``info``). What the store has no place for (see :func:`unstored`:
+        ``info``, other calculator results, per-atom arrays such as momenta, constraints
+        other than FixAtoms) is named in one warning per call, each kind once however many
+        frames carry it.
+
+        Args:
+            images: the frames.
+            system: ``[F]`` row of each frame's system (-1: none).
+            step: ``[F]`` trajectory step of each frame.
+            kind: ``[F]`` frame kind code of each frame.
+            kept_info: ``info`` keys the caller stores itself (no warning for them).
+            dropped: a set to add the names of what is not stored to, instead of warning
+                (for a caller that warns once over several batches).
         """
+        names = {name for atoms in images for name in unstored(atoms, kept_info)}
+        if dropped is not None:
+            dropped.update(names)
+        elif names:
+            warnings.warn(unstored_message(names, "stored"), stacklevel=2)
         f = len(images)
         natoms = np.array([len(a) for a in images], dtype=np.int64)
         energy = np.full(f, np.nan)
@@ -186,6 +248,54 @@ def _column_dtype(values: np.ndarray) -> Any:
     return np.float64
 
 
+def _json_value(value: Any) -> Any:
+    """A numpy array or scalar inside an attribute as the list or number JSON can hold."""
+    if isinstance(value, np.ndarray | np.generic):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def _formula(numbers: np.ndarray) -> str:
+    """The chemical formula of atomic numbers ``numbers`` ``[n]`` (``Z<n>`` for a number
+    without a symbol)."""
+    if np.all((numbers >= 0) & (numbers < len(chemical_symbols))):
+        return Atoms(numbers=numbers).get_chemical_formula()
+    return "".join(f"Z{n}" for n in numbers)
+
+
+def _check_finite(
+    path: Path, first: int, arrays: Mapping[str, np.ndarray], natoms: np.ndarray
+) -> None:
+    """A ValueError naming the first frame with NaN or infinite positions or cell (labels
+    are not checked: the reader takes a non-finite label for a missing one).
+
+    Args:
+        path: the file, for the message.
+        first: index in the file of the batch's first frame.
+        arrays: the batch's fields: ``positions`` ``[N, 3]``, ``numbers`` ``[N]``, ``cell``
+            ``[F, 3, 3]``.
+        natoms: ``[F]`` atoms per frame.
+    """
+    bad_positions = np.zeros(len(natoms), dtype=bool)
+    atoms_bad = ~np.isfinite(arrays["positions"]).all(axis=1)
+    bad_positions[np.repeat(np.arange(len(natoms)), natoms)[atoms_bad]] = True
+    problems = {
+        "positions hold NaN or inf": bad_positions,
+        "cell holds NaN or inf": ~np.isfinite(arrays["cell"]).all(axis=(1, 2)),
+    }
+    bad = np.flatnonzero(bad_positions | problems["cell holds NaN or inf"])
+    if not len(bad):
+        return
+    k = int(bad[0])
+    lo = int(natoms[:k].sum())
+    what = "; ".join(name for name, flags in problems.items() if flags[k])
+    more = f" (and {len(bad) - 1} more frames)" if len(bad) > 1 else ""
+    raise ValueError(
+        f"cannot store frame {first + k} ({_formula(arrays['numbers'][lo : lo + natoms[k]])}) "
+        f"in {path}: its {what}{more}"
+    )
+
+
 class DatasetWriter:
     """Appends frames and systems to a new HDF5 file, renamed into place only on success.
 
@@ -194,7 +304,9 @@ class DatasetWriter:
 
     Args:
         path: destination file.
-        attrs: root attributes (str, int, float or bool values).
+        attrs: root attributes: str, int, float and bool values as HDF5 attributes, others
+            (lists, dicts, None, arrays) as JSON text that the reader decodes; the names of
+            :data:`RESERVED_ATTRS` are refused.
     """
 
     def __init__(
@@ -203,6 +315,7 @@ class DatasetWriter:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._tmp = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex[:12]}.tmp")
+        self._json_keys: set[str] = set()
         self._h5: h5py.File | None = h5py.File(self._tmp, "w")
         try:
             self._create_layout(attrs or {})
@@ -220,7 +333,7 @@ class DatasetWriter:
         h5.attrs["format"] = FORMAT
         h5.attrs["format_version"] = FORMAT_VERSION
         for key, value in attrs.items():
-            h5.attrs[key] = value
+            self.set_attr(key, value)
         frames = h5.create_group("frames")
         h5.create_group("systems")
         for name, (dtype, shape, per_atom) in _FRAME_FIELDS.items():
@@ -235,8 +348,28 @@ class DatasetWriter:
         )  # fmt: skip
 
     def set_attr(self, key: str, value: Any) -> None:
-        """Set a root attribute."""
-        self._file.attrs[key] = value
+        """Set a root attribute: a str, int, float or bool as itself, another value as JSON
+        text (listed in ``json_attrs``; :class:`Dataset` decodes it).
+
+        Raises:
+            ValueError: ``key`` is reserved, or ``value`` has no JSON form.
+        """
+        if key in RESERVED_ATTRS:
+            raise ValueError(f"attribute {key!r} is reserved for the store's own use")
+        attrs = self._file.attrs
+        if isinstance(value, str | bool | int | float | np.generic):
+            attrs[key] = value
+            self._json_keys.discard(key)
+        else:
+            try:
+                attrs[key] = json.dumps(value, default=_json_value)
+            except (TypeError, ValueError) as error:
+                raise ValueError(f"attribute {key!r} has no JSON form: {error}") from error
+            self._json_keys.add(key)
+        if self._json_keys:
+            attrs[JSON_ATTRS] = json.dumps(sorted(self._json_keys))
+        elif JSON_ATTRS in attrs:
+            del attrs[JSON_ATTRS]
 
     @property
     def _file(self) -> h5py.File:
@@ -253,6 +386,11 @@ class DatasetWriter:
             batch: the frames; their ``system`` values refer to rows of the whole file.
             systems: columns of new system rows, each ``[S_new]``; every call must give the
                 same column names as the first one that gave any.
+
+        Raises:
+            ValueError: a field has the wrong shape, or a frame has NaN or infinite
+                positions or cell (naming the first such frame by its index in the file and
+                its formula); nothing of the batch is written then.
         """
         arrays = {name: np.asarray(getattr(batch, name)) for name in _FRAME_FIELDS}
         natoms = np.asarray(batch.natoms).astype(np.int64)
@@ -269,6 +407,7 @@ class DatasetWriter:
                 raise ValueError(
                     f"{name}: shape {np.shape(values)}, expected {(n_new_frames, *shape)}"
                 )
+        _check_finite(self.path, self.n_frames, arrays, natoms)
         columns = {k: np.asarray(v) for k, v in (systems or {}).items()}
         if columns:
             if self._columns is None:
@@ -367,7 +506,8 @@ class Dataset(Sequence[Atoms]):
     tags, and ``info`` keys ``frame``, ``system``, ``step``, ``kind``. Per-frame arrays and
     the systems table are read into memory at open; per-atom arrays are read on demand unless
     ``in_memory``. The reader reopens the file lazily in each process, so it can be pickled
-    into data-loader workers.
+    into data-loader workers. ``attrs`` holds the root attributes, those stored as JSON text
+    decoded.
 
     Args:
         path: an HDF5 file written by :class:`DatasetWriter`.
@@ -383,6 +523,8 @@ class Dataset(Sequence[Atoms]):
         self.attrs: dict[str, Any] = {
             k: (v.item() if isinstance(v, np.generic) else v) for k, v in h5.attrs.items()
         }
+        for key in json.loads(self.attrs.pop(JSON_ATTRS, "[]")):
+            self.attrs[key] = json.loads(self.attrs[key])
         frames = h5["frames"]
         self.offsets: np.ndarray = frames["offsets"][()]
         #: per-frame arrays: energy [F], cell [F, 3, 3], pbc [F, 3], system, step, kind [F],

@@ -395,3 +395,86 @@ def test_a_free_energy_alone_is_stored_as_the_energy(tmp_path):
     convert(tmp_path / "in.extxyz", tmp_path / "out.h5")
     with open_dataset(tmp_path / "out.h5") as dataset:
         assert dataset[0].get_potential_energy() == -3.5
+
+
+def test_db_metadata_round_trips_and_row_data_is_named(tmp_path: Path) -> None:
+    """An ASE db whose metadata holds ASE's ``default_columns`` and ``key_descriptions``
+    converts to HDF5 (they are stored as JSON text) and back to a db with the same metadata;
+    rows' ``data`` (not converted) is named in the one "no place for" warning of a conversion
+    to HDF5, and in a warning of a conversion to extxyz."""
+    metadata = {
+        "title": "mine",
+        "default_columns": ["id", "formula", "energy"],
+        "key_descriptions": {"foo": ["Foo", "A foo", "eV"]},
+    }
+    atoms = bulk("Cu", "fcc", a=3.6, cubic=True)
+    atoms.calc = SinglePointCalculator(atoms, energy=-1.0, forces=np.zeros((4, 3)))
+    with ase.db.connect(tmp_path / "in.db") as db:
+        db.write(atoms, data={"hessian": np.eye(12)})
+        db.write(atoms)
+    ase.db.connect(tmp_path / "in.db").metadata = metadata
+    with pytest.warns(UserWarning, match="no place for") as record:
+        convert(tmp_path / "in.db", tmp_path / "out.h5")
+    assert len(record) == 1 and "row data 'hessian'" in str(record[0].message)
+    assert {k: open_dataset(tmp_path / "out.h5").attrs[k] for k in metadata} == metadata
+    back = convert(tmp_path / "out.h5", tmp_path / "back.db")
+    assert ase.db.connect(back).metadata == metadata
+    with pytest.warns(UserWarning, match="not converted: ASE db row data 'hessian'"):
+        convert(tmp_path / "in.db", tmp_path / "out.extxyz")
+
+
+def test_any_file_ase_reads_converts(tmp_path: Path) -> None:
+    """Inputs in other formats ASE reads (a trajectory, a POSCAR without suffix, a CIF)
+    convert by ASE's reader, with their structures (and the trajectory's energies and
+    forces; the CIF's space group info gets the "no place for" warning); a file ASE
+    recognises in no format, or cannot read, is a ValueError naming it, and nothing is
+    written."""
+    frames = _stress_frames()
+    ase.io.write(tmp_path / "in.traj", frames)
+    ds = open_dataset(convert(tmp_path / "in.traj", tmp_path / "traj.h5"))
+    assert len(ds) == len(frames)
+    for want, got in zip(frames, ds, strict=True):
+        assert np.array_equal(got.positions, want.positions)
+        assert got.get_potential_energy() == want.get_potential_energy()
+    cu = bulk("Cu", "fcc", a=3.6, cubic=True)
+    ase.io.write(tmp_path / "POSCAR", cu, format="vasp")
+    ase.io.write(tmp_path / "in.cif", cu)
+    for name in ("POSCAR", "in.cif"):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            (got,) = open_dataset(convert(tmp_path / name, tmp_path / f"{name}.h5"))
+        assert [str(w.message).count("info['spacegroup']") for w in caught] == (
+            [1] if name == "in.cif" else []
+        )
+        np.testing.assert_allclose(got.positions, cu.positions, atol=1e-6)
+        np.testing.assert_allclose(got.cell[:], cu.cell[:], atol=1e-6)
+    (tmp_path / "notes.abc").write_text("hello\n")
+    ase.io.write(tmp_path / "picture.png", cu)
+    for name, message in (("notes.abc", "does not recognise"), ("picture.png", "cannot read")):
+        with pytest.raises(ValueError, match=rf"cannot read .*{name}: .*{message}"):
+            convert(tmp_path / name, tmp_path / "out.h5")
+    assert not (tmp_path / "out.h5").exists()
+
+
+def test_a_folder_destination_is_refused_before_reading(tmp_path: Path) -> None:
+    """A destination that is an existing folder (or under a file) is a ValueError saying so
+    before the input is read (an unreadable input gives this error, not its own)."""
+    (tmp_path / "bad.extxyz").write_text("garbage\n")
+    (tmp_path / "dir.h5").mkdir()
+    (tmp_path / "file").write_text("")
+    for dst, message in (("dir.h5", "it is a folder"), ("file/out.db", "is a file")):
+        with pytest.raises(ValueError, match=f"cannot write .*{message}"):
+            convert(tmp_path / "bad.extxyz", tmp_path / dst)
+    assert list((tmp_path / "dir.h5").iterdir()) == []
+
+
+def test_non_finite_positions_are_refused_by_convert(tmp_path: Path) -> None:
+    """Converting frames with NaN positions to HDF5 is a ValueError naming the frame's index
+    in the input and its formula; no output is written."""
+    frames = _stress_frames()
+    frames[2].positions[0, 1] = np.nan
+    ase.io.write(tmp_path / "in.extxyz", frames)
+    formula = frames[2].get_chemical_formula()
+    with pytest.raises(ValueError, match=rf"frame 2 \({formula}\).*positions hold NaN"):
+        convert(tmp_path / "in.extxyz", tmp_path / "out.h5")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.extxyz"]

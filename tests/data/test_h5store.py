@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import warnings
 from pathlib import Path
 
 import h5py
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
-from ase.constraints import FixAtoms
+from ase.constraints import FixAtoms, FixBondLength
 
 from forcecalc.data import DatasetWriter, FrameBatch, open_dataset, write_dataset
 
@@ -198,3 +199,80 @@ def test_stress_is_an_optional_frame_field(tmp_path: Path) -> None:
     bad.stress = np.zeros((2, 9))
     with pytest.raises(ValueError, match="stress"):
         write_dataset(tmp_path / "bad.h5", bad)
+
+
+def test_non_finite_positions_or_cells_are_refused_naming_the_frame(tmp_path: Path) -> None:
+    """A frame with NaN or infinite positions or cell is refused with a ValueError naming its
+    index in the file, its formula and the problem; nothing is written (a previous file is
+    kept); non-finite labels are stored (the reader takes them for missing ones)."""
+    images = _images(4, seed=4)
+    path = write_dataset(tmp_path / "a.h5", _batch(images))
+    before = path.read_bytes()
+    nan_position = [a.copy() for a in images]
+    for copy, atoms in zip(nan_position, images, strict=True):
+        copy.calc = atoms.calc
+    nan_position[2].positions[1, 0] = np.nan
+    formula = nan_position[2].get_chemical_formula()
+    with pytest.raises(ValueError, match=rf"frame 2 \({formula}\) .*positions hold NaN or inf"):
+        write_dataset(path, FrameBatch.from_atoms(nan_position))
+    inf_cell = _batch(images[:2])
+    inf_cell.cell[1, 2, 2] = np.inf
+    with (
+        pytest.raises(ValueError, match=r"frame 5 .*cell holds NaN or inf"),
+        DatasetWriter(path) as writer,
+    ):
+        writer.append(_batch(images))
+        writer.append(inf_cell)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.h5"]
+    unknown = _batch(images)
+    unknown.energy[:] = np.nan
+    unknown.forces[-1] = np.inf
+    assert len(open_dataset(write_dataset(tmp_path / "b.h5", unknown))) == 4
+
+
+def test_non_scalar_attributes_round_trip_as_json(tmp_path: Path) -> None:
+    """Attributes that are not strings, numbers or booleans (lists, dicts, None, numpy
+    arrays) are stored as JSON text and read back decoded; strings that hold JSON stay
+    strings; the store's own attribute names are refused."""
+    attrs = {
+        "default_columns": ["id", "formula"],
+        "key_descriptions": {"foo": ["Foo", "A foo", "eV"]},
+        "none": None,
+        "array": np.arange(3),
+        "config": '{"a": 1}',
+        "seed": 3,
+    }
+    ds = open_dataset(write_dataset(tmp_path / "a.h5", _batch(_images(2)), attrs=attrs))
+    assert ds.attrs["default_columns"] == ["id", "formula"]
+    assert ds.attrs["key_descriptions"] == {"foo": ["Foo", "A foo", "eV"]}
+    assert ds.attrs["none"] is None and ds.attrs["array"] == [0, 1, 2]
+    assert ds.attrs["config"] == '{"a": 1}' and ds.attrs["seed"] == 3
+    assert "json_attrs" not in ds.attrs
+    for key in ("n_frames", "json_attrs"):
+        with pytest.raises(ValueError, match="reserved"):
+            write_dataset(tmp_path / "b.h5", _batch(_images(2)), attrs={key: 1})
+    assert not (tmp_path / "b.h5").exists()
+
+
+def test_from_atoms_warns_once_about_what_the_store_drops(tmp_path: Path) -> None:
+    """``FrameBatch.from_atoms`` (so ``write_dataset``) warns, in one warning per call that
+    names each kind once however many frames carry it, about ``info`` keys, per-atom arrays
+    (momenta), constraints other than FixAtoms and calculator results the store has no
+    place for; frames with nothing of that give no warning."""
+    images = _images(3, seed=5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        FrameBatch.from_atoms(images)
+    for atoms in images:
+        atoms.info["note"] = "x"
+        atoms.set_momenta(np.ones((len(atoms), 3)))
+        atoms.set_constraint([*atoms.constraints, FixBondLength(0, 1)])
+        atoms.calc.results["magmom"] = 1.0
+    with pytest.warns(UserWarning, match="no place for") as record:
+        write_dataset(tmp_path / "a.h5", FrameBatch.from_atoms(images))
+    assert len(record) == 1
+    message = str(record[0].message)
+    for name in ("info['note']", "'momenta'", "FixBondLength", "'magmom'"):
+        assert message.count(name) == 1, name
+    assert len(open_dataset(tmp_path / "a.h5")) == 3

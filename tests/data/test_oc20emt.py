@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import shutil
 from pathlib import Path
 
 import ase.io
@@ -12,7 +13,8 @@ import pytest
 from ase import Atoms
 from ase.calculators.emt import EMT
 
-from forcecalc.data import open_dataset
+from forcecalc.cli import main
+from forcecalc.data import oc20emt, open_dataset
 from forcecalc.data.oc20emt import (
     ADSORBATES,
     FACETS,
@@ -23,6 +25,7 @@ from forcecalc.data.oc20emt import (
     STOICHIOMETRIES,
     TEST_SPLITS,
     Bulk,
+    DatasetWriter,
     SystemSpec,
     SystemTask,
     _draw_spec,
@@ -76,8 +79,6 @@ def test_is2rs_inputs_are_the_stored_initial_frames(tiny: dict[str, Path], tmp_p
     the same atoms, cell, positions, tags and FixAtoms as the initial frames ``generate``
     stored, in data-set order, with the system's id and split in ``info``; the ``data is2rs``
     command writes them to extxyz, which keeps all of that."""
-    from forcecalc.cli import main
-
     paths = tiny
     inputs = is2rs_inputs("tiny", SEED)
     stored = [
@@ -237,9 +238,10 @@ def test_ood_splits_exclude_what_they_claim(tiny: dict[str, Path]) -> None:
 
 def test_catalog_and_slabs() -> None:
     """At least 20 adsorbates of H, C, N, O with the binding atom first at the origin; every
-    facet, metal, alloy kind, layer count and termination gives a slab of whole layers (20-60
-    atoms for the ``small`` preset), with both elements of an alloy present (random alloys in
-    the exact ratio), tags 1 on the layers above the bottom two and FixAtoms on those."""
+    facet, metal, alloy kind, layer count and termination gives a slab of whole layers (24-48
+    atoms for the smallest repeats tested here), with both elements of an alloy present
+    (random alloys in the exact ratio, as these slab sizes are multiples of 4), tags 1 on the
+    layers above the bottom two and FixAtoms on those."""
     assert len(ADSORBATES) >= 20
     for symbols, positions in ADSORBATES.values():
         assert set(Atoms(symbols).get_chemical_symbols()) <= {"H", "C", "N", "O"}
@@ -283,3 +285,125 @@ def test_sites_of_flat_facets() -> None:
         sites = find_sites(slab, facet, lattice["Pt"])
         counts = tuple(len(sites[k]) // n_top for k in ("top", "bridge", "hollow"))
         assert counts == per_atom and all(len(v) % n_top == 0 for v in sites.values())
+
+
+def _seeds(folder: Path) -> dict[str, int]:
+    """The ``seed`` attribute of each split file in ``folder``, by file name."""
+    return {p.name: open_dataset(p).attrs["seed"] for p in sorted(folder.glob("*.h5"))}
+
+
+def test_an_interrupted_regeneration_never_mixes_two_data_sets(
+    tiny: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regenerating into a folder that holds a data set, interrupted after the first new split
+    file is complete, leaves the old set byte for byte, other files alone, and no temporary
+    file or folder, and removes what killed runs left (``.<split>.h5.*.tmp`` files, hidden
+    staging folders); interrupted while the new files are moved in, it leaves only new split
+    files (some missing), none of the old set."""
+    out = tmp_path / "data"
+    out.mkdir()
+    for path in tiny.values():
+        shutil.copy(path, out / path.name)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    (out / "notes.txt").write_text("mine")
+    (out / ".train.h5.0123456789ab.tmp").write_bytes(b"killed run")
+    (out / ".oc20emt.killed.tmp").mkdir()
+    (out / ".oc20emt.killed.tmp" / "val_id.h5").write_bytes(b"killed run")
+    real_close = DatasetWriter.close
+
+    def interrupt_after_train(writer: DatasetWriter) -> Path:
+        if writer.path.name != "train.h5":
+            raise KeyboardInterrupt
+        return real_close(writer)
+
+    monkeypatch.setattr(DatasetWriter, "close", interrupt_after_train)
+    with pytest.raises(KeyboardInterrupt):
+        generate("tiny", out, seed=SEED + 1, workers=1, progress=False)
+    assert sorted(p.name for p in out.iterdir()) == sorted([*before, "notes.txt"])
+    assert {name: (out / name).read_bytes() for name in before} == before
+    monkeypatch.undo()
+    moved: list[Path] = []
+    real_commit = oc20emt.commit_file
+
+    def interrupt_third_move(tmp: Path, path: Path) -> None:
+        if len(moved) == 2:
+            raise KeyboardInterrupt
+        moved.append(path)
+        real_commit(tmp, path)
+
+    monkeypatch.setattr(oc20emt, "commit_file", interrupt_third_move)
+    with pytest.raises(KeyboardInterrupt):
+        generate("tiny", out, seed=SEED + 1, workers=1, progress=False)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "train.h5", "val_id.h5"]
+    assert _seeds(out) == {"train.h5": SEED + 1, "val_id.h5": SEED + 1}
+
+
+def test_a_negative_seed_is_refused_by_name_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A negative seed is refused naming the seed (``generate``, ``is2rs_inputs``, and the
+    ``data oc20emt`` / ``data is2rs`` commands, as a usage error), and no output folder is
+    made."""
+    with pytest.raises(ValueError, match="seed must be a non-negative integer, got -1"):
+        generate("tiny", tmp_path / "out", seed=-1, progress=False)
+    with pytest.raises(ValueError, match="seed must be a non-negative integer"):
+        is2rs_inputs("tiny", -1)
+    for command in (["oc20emt", "--out", str(tmp_path / "out")], ["is2rs", "--out", "x.xyz"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["data", *command, "--size", "tiny", "--seed", "-1"])
+        assert exit_info.value.code == 2
+        assert "--seed: must be a non-negative integer, got '-1'" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_is2rs_writes_the_format_of_its_output_name_and_checks_it_first(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``data is2rs --out X.traj`` writes an ASE trajectory (the format ASE gives the name)
+    with the structures' info, tags and FixAtoms; an output that is a folder, under a file or
+    in a format that cannot hold the structures is a one-line error before any structure is
+    made, and leaves nothing."""
+    args = ["data", "is2rs", "--size", "tiny", "--seed", str(SEED), "--splits", "test_id"]
+    args += ["--workers", "1", "--quiet"]
+    assert main([*args, "--out", str(tmp_path / "in.traj")]) == 0
+    (read,) = ase.io.read(tmp_path / "in.traj", ":")
+    (want,) = is2rs_inputs("tiny", SEED, ["test_id"])
+    assert read.info == want.info and np.array_equal(read.positions, want.positions)
+    assert np.array_equal(read.get_tags(), want.get_tags())
+    assert read.constraints[0].index.tolist() == want.constraints[0].index.tolist()
+
+    def no_work(*_: object, **__: object) -> None:
+        raise AssertionError("structures made before the output was checked")
+
+    monkeypatch.setattr(oc20emt, "is2rs_inputs", no_work)
+    (tmp_path / "folder.xyz").mkdir()
+    (tmp_path / "file").write_text("")
+    capsys.readouterr()
+    for out, message in (
+        ("folder.xyz", "it is a folder"),
+        ("file/in.xyz", "is a file, not a folder"),
+        ("in.png", "holds one structure"),
+    ):
+        assert main([*args, "--splits", "test_id", "test_ood_ads", "--out", str(tmp_path / out)])
+        err = capsys.readouterr().err
+        assert err.startswith("forcecalc: error: cannot write") and message in err
+        assert err.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "folder.xyz", "in.traj"]
+
+
+def test_slab_sizes_and_random_alloy_counts_are_as_documented() -> None:
+    """As benchmarks/oc20emt.md says: ``small`` draws slabs of 24, 32, 36, 48 and 54 atoms
+    (its minimum of 20 never binds), ``tiny`` only the smallest repeat of each facet (24 or 36
+    atoms: its maximum of 18 is below every slab); random alloys get the nearest whole
+    number of atoms (a 54-atom AgPd3 slab: Ag 14, Pd 40)."""
+    plan = plan_splits(SEED)
+    per_layer = {"(111)": 4, "(100)": 2, "(110)": 2, "(211)": 6}
+    sizes: dict[str, set[int]] = {}
+    for size in ("tiny", "small"):
+        task = SystemTask(0, "train", SEED, SIZES[size], plan, {}, {})
+        specs = [_draw_spec(np.random.default_rng(k), "train", task) for k in range(300)]
+        sizes[size] = {per_layer[s.facet] * s.repeat[0] * s.repeat[1] * s.layers for s in specs}
+    assert sizes == {"tiny": {24, 36}, "small": {24, 32, 36, 48, 54}}
+    spec = SystemSpec("O", Bulk(("Ag", "Pd"), "AB3", "random"), "(100)", 3, (3, 3), 0, "top")
+    slab = build_slab(spec, emt_lattice_constants(), np.random.default_rng(0))
+    assert slab.get_chemical_formula() == "Ag14Pd40"
