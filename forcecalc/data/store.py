@@ -263,11 +263,12 @@ def _formula(numbers: np.ndarray) -> str:
     return "".join(f"Z{n}" for n in numbers)
 
 
-def _check_finite(
+def _check_storable(
     path: Path, first: int, arrays: Mapping[str, np.ndarray], natoms: np.ndarray
 ) -> None:
-    """A ValueError naming the first frame with NaN or infinite positions or cell (labels
-    are not checked: the reader takes a non-finite label for a missing one).
+    """A ValueError naming the first frame with NaN or infinite positions or cell, or an
+    atomic number that is no element's (outside 0-118: it would not survive the ``uint8``
+    field).  Labels are not checked: the reader takes a non-finite label for a missing one.
 
     Args:
         path: the file, for the message.
@@ -276,23 +277,33 @@ def _check_finite(
             ``[F, 3, 3]``.
         natoms: ``[F]`` atoms per frame.
     """
-    bad_positions = np.zeros(len(natoms), dtype=bool)
-    atoms_bad = ~np.isfinite(arrays["positions"]).all(axis=1)
-    bad_positions[np.repeat(np.arange(len(natoms)), natoms)[atoms_bad]] = True
+    frame_of_atom = np.repeat(np.arange(len(natoms)), natoms)
+
+    def frames_with(atom_flags: np.ndarray) -> np.ndarray:
+        flags = np.zeros(len(natoms), dtype=bool)
+        flags[frame_of_atom[atom_flags]] = True
+        return flags
+
+    numbers = np.asarray(arrays["numbers"])
+    unknown = (numbers < 0) | (numbers > len(chemical_symbols) - 1)
     problems = {
-        "positions hold NaN or inf": bad_positions,
+        "positions hold NaN or inf": frames_with(~np.isfinite(arrays["positions"]).all(axis=1)),
         "cell holds NaN or inf": ~np.isfinite(arrays["cell"]).all(axis=(1, 2)),
+        "atomic numbers include one of no element": frames_with(unknown),
     }
-    bad = np.flatnonzero(bad_positions | problems["cell holds NaN or inf"])
+    bad = np.flatnonzero(np.logical_or.reduce(list(problems.values())))
     if not len(bad):
         return
     k = int(bad[0])
     lo = int(natoms[:k].sum())
     what = "; ".join(name for name, flags in problems.items() if flags[k])
     more = f" (and {len(bad) - 1} more frames)" if len(bad) > 1 else ""
+    if problems["atomic numbers include one of no element"][k]:
+        wrong = sorted(set(numbers[lo : lo + natoms[k]][unknown[lo : lo + natoms[k]]].tolist()))
+        what = what.replace("one of no element", f"one of no element ({wrong})")
     raise ValueError(
-        f"cannot store frame {first + k} ({_formula(arrays['numbers'][lo : lo + natoms[k]])}) "
-        f"in {path}: its {what}{more}"
+        f"cannot store frame {first + k} ({_formula(numbers[lo : lo + natoms[k]])}) in {path}: "
+        f"its {what}{more}"
     )
 
 
@@ -407,7 +418,7 @@ class DatasetWriter:
                 raise ValueError(
                     f"{name}: shape {np.shape(values)}, expected {(n_new_frames, *shape)}"
                 )
-        _check_finite(self.path, self.n_frames, arrays, natoms)
+        _check_storable(self.path, self.n_frames, arrays, natoms)
         columns = {k: np.asarray(v) for k, v in (systems or {}).items()}
         if columns:
             if self._columns is None:

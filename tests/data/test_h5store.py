@@ -231,6 +231,17 @@ def test_non_finite_positions_or_cells_are_refused_naming_the_frame(tmp_path: Pa
     assert len(open_dataset(write_dataset(tmp_path / "b.h5", unknown))) == 4
 
 
+def test_atomic_numbers_of_no_element_are_refused(tmp_path: Path) -> None:
+    """An atomic number outside 0-118 (which the ``uint8`` field would wrap: 300 -> 44, Ru)
+    is refused naming the frame and the number, before anything is written."""
+    batch = _batch(_images(3, seed=5))
+    natoms = np.asarray(batch.natoms)
+    batch.numbers[int(natoms[0]) + 1] = 300
+    with pytest.raises(ValueError, match=r"frame 1 .*one of no element \(\[300\]\)"):
+        write_dataset(tmp_path / "a.h5", batch)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_non_scalar_attributes_round_trip_as_json(tmp_path: Path) -> None:
     """Attributes that are not strings, numbers or booleans (lists, dicts, None, numpy
     arrays) are stored as JSON text and read back decoded; strings that hold JSON stay
