@@ -23,6 +23,7 @@ from ase.calculators.calculator import (
     Calculator,
     PropertyNotImplementedError,
     all_changes,
+    equal,
 )
 
 from forcecalc.checkpoint import Potential, as_potential
@@ -107,7 +108,8 @@ class ForceCalculator(Calculator):
         directory: str = ".",
         atoms: Any = None,
     ) -> None:
-        super().__init__(label=label, directory=directory, atoms=atoms)
+        # attached to ``atoms`` only once it is complete: a failed set-up leaves ``atoms.calc``
+        super().__init__(label=label, directory=directory)
         options: dict[str, Any] = {}
         if rotations is not None:
             options["rotations"] = (
@@ -171,6 +173,28 @@ class ForceCalculator(Calculator):
         self.graph_builds = 0
         # the fixed-shape inputs of the last call, with the graph build they came from
         self._inputs: tuple[int, dict[str, torch.Tensor]] | None = None
+        if atoms is not None:
+            atoms.calc = self
+
+    def set(self, **kwargs: Any) -> dict[str, Any]:
+        """Refuse to change options: they are fixed when the calculator is made (its
+        ``parameters`` only describe them, for ``todict()``); setting a value it already has
+        is allowed and changes nothing.
+
+        Raises:
+            ValueError: naming the options that would change, and how to get them.
+        """
+        changed = sorted(
+            name
+            for name, value in kwargs.items()
+            if name not in self.parameters or not equal(value, self.parameters[name])
+        )
+        if changed:
+            raise ValueError(
+                f"{type(self).__name__} options are fixed when it is made ({', '.join(changed)} "
+                "would change): make a new calculator with them, e.g. load_calculator(...)"
+            )
+        return {}
 
     def get_property(
         self, name: str, atoms: Atoms | None = None, allow_calculation: bool = True

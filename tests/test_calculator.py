@@ -306,6 +306,30 @@ def test_todict_names_the_model() -> None:
     assert conservative["forces"] == "conservative"
 
 
+def test_a_failed_set_up_leaves_the_atoms_calculator_alone() -> None:
+    """A calculator whose options are refused is never attached to the ``atoms`` it was
+    given: the structure keeps its previous calculator (here none), not a half-made one."""
+    atoms = _slab()
+    with pytest.raises(ValueError, match="skin"):
+        load_calculator(SPINCONV_FC, device="cpu", skin=-1.0, atoms=atoms)
+    assert atoms.calc is None
+    calc = load_calculator(SPINCONV_FC, device="cpu", atoms=atoms)
+    assert atoms.calc is calc
+
+
+def test_options_cannot_be_changed_by_set() -> None:
+    """``calc.set()`` refuses to change an option (the parameters only describe the options
+    the calculator was made with: ``todict()`` must not record settings never used), naming
+    it; setting the value it already has changes nothing and keeps the results."""
+    atoms = _slab()
+    atoms.calc = load_calculator(SPINCONV_FC, device="cpu")
+    energy = atoms.get_potential_energy()
+    with pytest.raises(ValueError, match=r"\(dtype, skin would change\)"):
+        atoms.calc.set(skin=2.0, dtype="float64")
+    assert atoms.calc.set(skin=0.0) == {}
+    assert atoms.calc.todict()["skin"] == 0.0 and atoms.calc.results["energy"] == energy
+
+
 @pytest.mark.parametrize("optimizer", [BFGS, LBFGS, FIRE])
 def test_ase_optimizers_reach_fmax_with_fixed_atoms(optimizer) -> None:
     """BFGS, LBFGS and FIRE reach fmax with a conservative model; FixAtoms atoms never move."""
