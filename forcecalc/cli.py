@@ -98,11 +98,22 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from forcecalc.checkpoint import load_checkpoint, save_checkpoint
+    """Convert a checkpoint to forcecalc's format, in the dtype its weights are stored in
+    (float64 if any stored floating-point tensor is float64: nothing is rounded; else
+    float32), after checking that the output can be written."""
+    import torch
 
-    potential = load_checkpoint(args.input, device="cpu", allow_unsafe=args.allow_unsafe)
+    from forcecalc.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
+
+    check_writable(args.output)
+    _, state_dict = read_checkpoint(args.input, allow_unsafe=args.allow_unsafe)
+    stored = {value.dtype for value in state_dict.values() if isinstance(value, torch.Tensor)}
+    dtype = "float64" if torch.float64 in stored else "float32"
+    potential = load_checkpoint(
+        args.input, device="cpu", dtype=dtype, allow_unsafe=args.allow_unsafe
+    )
     path = save_checkpoint(potential, args.output, metadata={"converted_from": str(args.input)})
-    print(f"wrote {path} ({potential.name}, forcecalc format)")
+    print(f"wrote {path} ({potential.name}, forcecalc format, {dtype})")
     return 0
 
 
@@ -759,7 +770,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``forcecalc`` command."""
+    """Entry point of the ``forcecalc`` command: a bad argument or input (``ValueError``), a
+    failed file operation (``OSError``) or something not implemented ends with one line on
+    stderr, ``forcecalc: error: ...``, and exit code 2; other exceptions (a bug, Ctrl-C)
+    propagate."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is None:
@@ -767,13 +781,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, NotImplementedError) as error:
-        message = " ".join(str(error).splitlines())  # one line, whatever the exception says
-        print(f"forcecalc: error: {message}", file=sys.stderr)
-        return 2
     except BrokenPipeError:  # the reader of the output stopped early (forcecalc info | head)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except (ValueError, OSError, NotImplementedError) as error:
+        message = " ".join(str(error).splitlines())  # one line, whatever the exception says
+        print(f"forcecalc: error: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -9,26 +9,41 @@ A checkpoint argument is resolved in this order:
    (``"spinconv_force_centric_all.pt"``): downloaded once into the cache directory
    (``$FORCECALC_CACHE``, default ``$XDG_CACHE_HOME/forcecalc`` or ``~/.cache/forcecalc``) with
    a progress bar, checked against its SHA-256 where known (also when found in the cache), and
-   renamed into place only when complete.
+   renamed into place only when complete. A cached file that is no PyTorch checkpoint (a
+   truncated file, an error page saved in its place) is an error that says to delete it.
+
+A folder is no checkpoint: a path to one is an error that says to pass a file inside it. A
+known name (2, 3) that is also a folder in the current directory (``forcenet`` beside a
+training run's ``forcenet/``) still means the known checkpoint, with a warning, since only an
+existing *file* comes before the names.
 
 A file's SHA-256 is computed once per process for a given path, size and modification time.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import json
 import os
+import re
 import tempfile
+import time
 import urllib.error
 import urllib.request
+import warnings
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 from forcecalc.atomic import commit_file
-from forcecalc.checkpoint import CheckpointError
+from forcecalc.checkpoint import CheckpointError, _is_torch_file
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; a download's stale temp file is told by its age alone
+    fcntl = None  # type: ignore[assignment]
 
 #: The file in the shipped weights folder with each shipped file's SHA-256.
 MANIFEST = "manifest.json"
@@ -39,6 +54,23 @@ _REINSTALL = "reinstall forcecalc (pip install --force-reinstall forcecalc)"
 #: (resolved path, size, mtime in ns) -> SHA-256 of the files hashed in this process.
 _DIGESTS: dict[tuple[str, int, int], str] = {}
 
+#: The most bytes a remote checkpoint may have unless its entry says otherwise: OCP's
+#: SpinConv checkpoints hold about 34 MB of weights (their hyperparameters), a few times that
+#: with the optimizer state and moving average OCP's trainer saves, so this bound only stops a
+#: broken server that sends data without end.
+MAX_CHECKPOINT_BYTES = 2 << 30
+
+#: Seconds without a write after which the temp file of a download whose writer holds no lock
+#: on it (the writer is gone) is stale.
+STALE_PART_SECONDS = 3600
+
+#: Seconds without a write after which a download's temp file is stale where file locks do not
+#: work (no ``fcntl``, or a file system without locks).
+STALE_UNLOCKED_PART_SECONDS = 86400
+
+#: Bytes read from the server at a time.
+_CHUNK = 1 << 20
+
 
 @dataclass(frozen=True)
 class RemoteCheckpoint:
@@ -48,6 +80,8 @@ class RemoteCheckpoint:
     url: str
     description: str
     sha256: str | None = None
+    #: a bound on its size: a download announcing or sending more is refused
+    max_bytes: int = MAX_CHECKPOINT_BYTES
 
     @property
     def filename(self) -> str:
@@ -150,10 +184,14 @@ def _remote(name: str) -> RemoteCheckpoint | None:
 def resolve_checkpoint(source: str | os.PathLike, progress: bool = True) -> Path:
     """The local file for a checkpoint path or name (downloading it if it is remote).
 
+    A known name that is also a folder in the current directory resolves to the known
+    checkpoint, with a warning that the folder is not used (see the module's docstring).
+
     Raises:
         FileNotFoundError: neither a file, a shipped name nor a known remote name.
-        CheckpointError: a shipped or cached file whose SHA-256 is not the expected one, or a
-            download that failed.
+        IsADirectoryError: a folder (that is not also a known name).
+        CheckpointError: a shipped or cached file whose SHA-256 is not the expected one, a
+            cached file that is no PyTorch checkpoint, or a download that failed.
     """
     path = Path(source).expanduser()
     shipped = shipped_checkpoints()
@@ -163,6 +201,9 @@ def resolve_checkpoint(source: str | os.PathLike, progress: bool = True) -> Path
         return path
     name = str(source)
     stem = name[: -len(".pt")] if name.endswith(".pt") else name
+    remote = _remote(name)
+    if path.is_dir():
+        _check_folder(name, path, stem in shipped or remote is not None)
     if stem in shipped:
         path = shipped[stem]
         return _verify(
@@ -170,13 +211,13 @@ def resolve_checkpoint(source: str | os.PathLike, progress: bool = True) -> Path
             _shipped_sha256(path),
             f"{_REINSTALL}, or restore weights/{path.name} from its repository",
         )
-    remote = _remote(name)
     if remote is not None:
         target = cache_dir() / remote.filename
         if not target.is_file():
-            return _download_remote(remote, target, progress)
+            return _readable_cached(_download_remote(remote, target, progress), remote)
+        _remove_stale_parts(target)
         if remote.sha256 is None:
-            return target
+            return _readable_cached(target, remote)
         return _verify(
             target,
             remote.sha256,
@@ -188,47 +229,180 @@ def resolve_checkpoint(source: str | os.PathLike, progress: bool = True) -> Path
     )
 
 
+def _check_folder(name: str, path: Path, known: bool) -> None:
+    """An :class:`IsADirectoryError` for folder ``path`` given as ``name``; a warning that the
+    folder is not used if ``name`` is also a ``known`` checkpoint name."""
+    shown = name.rstrip(os.sep + (os.altsep or "")) or name
+    if not known:
+        raise IsADirectoryError(
+            f"{shown} is a folder (pass the checkpoint file inside it, e.g. {shown}/best.pt or "
+            f"{shown}/final.pt)"
+        )
+    warnings.warn(
+        f"{name!r} is a known checkpoint name, which comes before the folder {path.resolve()} "
+        f"(to use a checkpoint in that folder, pass its file, e.g. {shown}/best.pt)",
+        stacklevel=3,
+    )
+
+
+def _readable_cached(path: Path, remote: RemoteCheckpoint) -> Path:
+    """``path``, the cached file of ``remote``, if it has the layout of a PyTorch checkpoint;
+    else a :class:`CheckpointError` naming it and saying to delete it."""
+    if _is_torch_file(path):
+        return path
+    with path.open("rb") as stream:
+        head = stream.read(40)
+    raise CheckpointError(
+        f"cached checkpoint {path} is not a PyTorch checkpoint (a truncated download, or a "
+        f"web page saved in its place: it begins with {head!r}); delete it, and "
+        f"{remote.name} is downloaded again from {remote.url} when next used"
+    )
+
+
 def _download_remote(remote: RemoteCheckpoint, target: Path, progress: bool) -> Path:
     """:func:`download` of ``remote``, its failures as a :class:`CheckpointError`."""
     try:
-        return download(remote.url, target, sha256=remote.sha256, progress=progress)
+        return download(
+            remote.url,
+            target,
+            sha256=remote.sha256,
+            progress=progress,
+            max_bytes=remote.max_bytes,
+        )
     except (OSError, http.client.HTTPException, ValueError) as error:
         reason = error.reason if type(error) is urllib.error.URLError else error
         raise CheckpointError(
             f"the download of {remote.name} from {remote.url} failed ({reason}); check the "
-            "network connection, or download the file elsewhere and give its local path instead"
+            f"network connection, or download the file elsewhere and copy it to {target} "
+            f"(where the name {remote.name} finds it) or give its local path instead"
         ) from error
 
 
+def _content_length(response: http.client.HTTPResponse, url: str) -> int | None:
+    """The size the server announces for ``response`` (its ``Content-Length``), if any."""
+    value = response.headers.get("Content-Length")
+    if value is None or not value.strip():
+        return None
+    if not value.strip().isdigit():
+        raise OSError(f"download of {url} has an invalid Content-Length {value!r}")
+    return int(value)
+
+
+def _lock(handle: int) -> None:
+    """Lock the open temp file ``handle`` of a download (``flock``, held until the file is
+    closed or the process ends), which tells other processes that its writer is alive (see
+    :func:`_remove_stale_parts`); nothing where locks do not work."""
+    if fcntl is not None:
+        with contextlib.suppress(OSError):
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def _is_stale(part: Path, now: float) -> bool:
+    """Whether the download temp file ``part`` is a dead download's: not written for
+    :data:`STALE_PART_SECONDS` and not locked by its writer, or not written for
+    :data:`STALE_UNLOCKED_PART_SECONDS` where its lock cannot be tested."""
+    try:
+        idle = now - part.stat().st_mtime
+    except OSError:
+        return False
+    if idle < STALE_PART_SECONDS:
+        return False
+    if fcntl is None:
+        return idle > STALE_UNLOCKED_PART_SECONDS
+    try:
+        with part.open("r+b") as stream:  # the lock goes with the file's closing
+            fcntl.flock(stream, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:  # its writer holds the lock: a download under way
+        return False
+    except OSError:  # no locks on this file system, or not ours to open
+        return idle > STALE_UNLOCKED_PART_SECONDS
+    return True
+
+
+def _remove_stale_parts(target: Path) -> None:
+    """Remove the temp files (``.NAME.XXXXXXXX.part``) that killed downloads of ``target``
+    left beside it. Each download holds a lock on its temp file while it writes it: a temp
+    file that is locked, or was written in the last hour (see :func:`_is_stale`), is left
+    alone, so that a download of the same file under way in another process (on this machine
+    or, where the file system has locks, another) goes on."""
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.[a-z0-9_]{{8}}\.part")
+    now = time.time()
+    try:
+        entries = [entry for entry in os.scandir(target.parent) if pattern.fullmatch(entry.name)]
+    except OSError:
+        return
+    for entry in entries:
+        part = Path(entry.path)
+        if _is_stale(part, now):
+            with contextlib.suppress(OSError):  # gone already, or not ours to remove
+                part.unlink()
+
+
 def download(
-    url: str, target: Path, sha256: str | None = None, progress: bool = True, timeout: float = 60
+    url: str,
+    target: Path,
+    sha256: str | None = None,
+    progress: bool = True,
+    timeout: float = 60,
+    max_bytes: int | None = None,
 ) -> Path:
     """Download ``url`` to ``target`` atomically, checking its SHA-256 when given.
 
     The data goes to a temp file beside ``target``, renamed into place only when complete
-    and verified; an interrupted or corrupt download leaves nothing at ``target``.
+    and verified; an interrupted or corrupt download leaves nothing at ``target``. The temp
+    files that killed downloads of ``target`` left are removed first (see
+    :func:`_remove_stale_parts`).
+
+    Args:
+        url: what to download.
+        target: where to put it.
+        sha256: its expected SHA-256 (hex), if known.
+        progress: show a progress bar.
+        timeout: seconds to wait for the server, at each read.
+        max_bytes: a bound on its size: a larger ``Content-Length`` is refused before
+            anything is read, and a download without one stops past it.
+
+    Raises:
+        OSError: the download failed, sent more (or fewer) bytes than its ``Content-Length``
+            announced (it stops at the first byte too many), more than ``max_bytes``, or
+            data whose SHA-256 is not ``sha256``.
     """
     from tqdm.auto import tqdm
 
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_parts(target)
     handle, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+    _lock(handle)
     digest = hashlib.sha256()
     try:
         with (
             urllib.request.urlopen(url, timeout=timeout) as response,
             os.fdopen(handle, "wb") as stream,
         ):
-            total = int(response.headers.get("Content-Length") or 0) or None
+            total = _content_length(response, url)
+            if total is not None and max_bytes is not None and total > max_bytes:
+                raise OSError(
+                    f"download of {url} announces {total} bytes, more than the {max_bytes} "
+                    "it may have"
+                )
+            limit = max_bytes if total is None else total
+            bound = "its Content-Length announced" if total is not None else "it may have"
+            received = 0
             with tqdm(
                 total=total, unit="B", unit_scale=True, desc=target.name, disable=not progress
             ) as bar:
-                while chunk := response.read(1 << 20):
+                while chunk := response.read(
+                    _CHUNK if limit is None else min(_CHUNK, limit - received + 1)
+                ):
+                    received += len(chunk)
+                    if limit is not None and received > limit:
+                        raise OSError(f"download of {url} sent more than the {limit} bytes {bound}")
                     stream.write(chunk)
                     digest.update(chunk)
                     bar.update(len(chunk))
-            if total is not None and stream.tell() != total:
-                raise OSError(f"download of {url} stopped at {stream.tell()} of {total} bytes")
+            if total is not None and received != total:
+                raise OSError(f"download of {url} stopped at {received} of {total} bytes")
         if sha256 is not None and digest.hexdigest() != sha256.lower():
             raise OSError(f"download of {url} has SHA-256 {digest.hexdigest()}, expected {sha256}")
         commit_file(Path(tmp), target)

@@ -8,32 +8,80 @@ import json
 import os
 import shutil
 import threading
+import time
 import urllib.error
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 from ocp_fixtures import OCP_DATA
 
 from forcecalc import hub
-from forcecalc.checkpoint import CheckpointError
+from forcecalc.checkpoint import CheckpointError, load_checkpoint
+
+
+@contextmanager
+def _serving(handler) -> Iterator[str]:
+    """Serve with ``handler`` on 127.0.0.1 (a random free port); yields the base URL."""
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    serve = functools.partial(httpd.serve_forever, poll_interval=0.02)
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
 
 
 @pytest.fixture
 def server():
     """Serve tests/data/ocp on 127.0.0.1 (a random free port)."""
-    handler = functools.partial(_QuietHandler, directory=str(OCP_DATA))
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    serve = functools.partial(httpd.serve_forever, poll_interval=0.02)
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-    httpd.server_close()
+    with _serving(functools.partial(_QuietHandler, directory=str(OCP_DATA))) as url:
+        yield url
 
 
 class _QuietHandler(SimpleHTTPRequestHandler):
     def log_message(self, *args) -> None:
+        pass
+
+
+class _FiveThousandBytes(BaseHTTPRequestHandler):
+    """5000 bytes, announced in a Content-Length for ``/announced.pt``; for any other path
+    without one (HTTP/1.0: the data ends where the server closes the connection)."""
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        if self.path == "/announced.pt":
+            self.send_header("Content-Length", "5000")
+        self.end_headers()
+        self.wfile.write(b"x" * 5000)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+class _EndlessResponse:
+    """What ``urlopen`` returns for a broken server that announces ``announced`` bytes and
+    sends 1000-byte chunks without end; bounded all the same: a read past the 50th fails
+    the test (so a reader that never stops cannot fill the disk)."""
+
+    def __init__(self, announced: int) -> None:
+        self.headers = {"Content-Length": str(announced)}
+        self.reads = 0
+
+    def read(self, size: int = -1) -> bytes:
+        self.reads += 1
+        if self.reads > 50:
+            raise AssertionError("the download read on past the announced Content-Length")
+        return b"x" * (1000 if size < 0 else min(size, 1000))
+
+    def __enter__(self) -> _EndlessResponse:
+        return self
+
+    def __exit__(self, *args) -> None:
         pass
 
 
@@ -72,8 +120,9 @@ def test_remote_name_downloads_once_into_cache(server, tmp_path: Path, monkeypat
     path = hub.resolve_checkpoint("Test-Model", progress=False)
     assert path == tmp_path / "forcenet_small.pt"
     assert path.read_bytes() == (OCP_DATA / "forcenet_small.pt").read_bytes()
-    path.write_bytes(b"cached")
-    assert hub.resolve_checkpoint("forcenet_small.pt", progress=False).read_bytes() == b"cached"
+    cached = (OCP_DATA / "forcenet_small_gauss.pt").read_bytes()  # another checkpoint
+    path.write_bytes(cached)
+    assert hub.resolve_checkpoint("forcenet_small.pt", progress=False).read_bytes() == cached
 
 
 def test_existing_path_is_used_as_is() -> None:
@@ -165,8 +214,9 @@ def test_shipped_file_without_manifest_entry_is_refused(weights_copy: Path) -> N
 
 def test_failed_download_names_model_url_and_local_path(tmp_path: Path, monkeypatch) -> None:
     """An OCP name that cannot be downloaded (no network) raises CheckpointError, a ValueError
-    (which the CLI reports in one line), naming the model, the URL, the reason and that a
-    local path can be given instead; nothing is left in the cache."""
+    (which the CLI reports in one line), naming the model, the URL, the reason, the place in
+    the cache where a copy of the file makes the name work, and that a local path can be
+    given instead; nothing is left in the cache."""
     monkeypatch.setenv("FORCECALC_CACHE", str(tmp_path))
 
     def offline(url, timeout):
@@ -180,6 +230,7 @@ def test_failed_download_names_model_url_and_local_path(tmp_path: Path, monkeypa
     assert isinstance(error.value, ValueError)
     assert remote.name in message and remote.url in message
     assert "Temporary failure in name resolution" in message and "local path" in message
+    assert f"copy it to {tmp_path / remote.filename} (where the name {remote.name}" in message
     assert list(tmp_path.iterdir()) == []
 
 
@@ -204,3 +255,173 @@ def test_cached_download_with_known_hash_is_verified(server, tmp_path: Path, mon
     path.write_bytes(b"damaged")
     with pytest.raises(CheckpointError, match=rf"{sha}; delete it"):
         hub.resolve_checkpoint(remote.name, progress=False)
+
+
+def test_download_stops_at_the_first_byte_past_content_length(tmp_path: Path, monkeypatch) -> None:
+    """A server that sends more than its Content-Length (here without end) is cut off at the
+    first byte too many: CheckpointError naming the URL and the announced size, nothing
+    left in the cache (neither the file nor a temp file)."""
+    monkeypatch.setenv("FORCECALC_CACHE", str(tmp_path))
+    response = _EndlessResponse(announced=2500)
+    monkeypatch.setattr(hub.urllib.request, "urlopen", lambda url, timeout: response)
+    remote = hub.RemoteCheckpoint("Endless-Model", "http://127.0.0.1:9/endless.pt", "test")
+    monkeypatch.setitem(hub.REMOTE_CHECKPOINTS, remote.name, remote)
+    with pytest.raises(CheckpointError, match=r"endless\.pt sent more than the 2500 bytes"):
+        hub.resolve_checkpoint(remote.name, progress=False)
+    assert response.reads == 3  # 1000 + 1000 + 501 bytes: one byte too many
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("path", ["/announced.pt", "/unannounced.pt"])
+def test_download_is_bounded_by_the_checkpoints_max_bytes(
+    tmp_path: Path, monkeypatch, path: str
+) -> None:
+    """A remote checkpoint's download stops at its entry's max_bytes: a larger Content-Length
+    is refused before any data is read, data without one is cut off past the bound; the
+    CheckpointError names the URL and the bound, and nothing is left in the cache."""
+    monkeypatch.setenv("FORCECALC_CACHE", str(tmp_path))
+    with _serving(_FiveThousandBytes) as url:
+        remote = hub.RemoteCheckpoint("Big-Model", url + path, "test", max_bytes=1000)
+        monkeypatch.setitem(hub.REMOTE_CHECKPOINTS, remote.name, remote)
+        with pytest.raises(CheckpointError, match=rf"{path}.* more than the 1000 "):
+            hub.resolve_checkpoint(remote.name, progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_download_removes_dead_downloads_temp_files(server, tmp_path: Path) -> None:
+    """A download of x.pt first removes the temp files (.x.pt.XXXXXXXX.part) of killed
+    downloads: those no process holds locked and not written for STALE_PART_SECONDS. One
+    locked by a download under way (another open file here), one written recently and the
+    temp files of other names stay."""
+    fcntl = pytest.importorskip("fcntl")
+    names = [".x.pt.dead0000.part", ".x.pt.live0000.part", ".x.pt.new00000.part"]
+    names.append(".y.pt.dead0000.part")
+    old = time.time() - 2 * hub.STALE_PART_SECONDS
+    for name in names:
+        (tmp_path / name).write_bytes(b"partial")
+        if "new" not in name:
+            os.utime(tmp_path / name, (old, old))
+    with (tmp_path / ".x.pt.live0000.part").open("r+b") as writer:
+        fcntl.flock(writer, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        hub.download(f"{server}/forcenet_small.pt", tmp_path / "x.pt", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [*names[1:], "x.pt"]
+
+
+def test_cached_name_removes_dead_downloads_temp_files(server, tmp_path: Path, monkeypatch) -> None:
+    """Resolving an OCP name found in the cache also removes the stale temp files that a
+    killed download of it left (its retry ran before they were stale)."""
+    monkeypatch.setenv("FORCECALC_CACHE", str(tmp_path))
+    remote = hub.RemoteCheckpoint("Test-Model", f"{server}/forcenet_small.pt", "test")
+    monkeypatch.setitem(hub.REMOTE_CHECKPOINTS, remote.name, remote)
+    path = hub.resolve_checkpoint(remote.name, progress=False)
+    stale = tmp_path / f".{path.name}.dead0000.part"
+    stale.write_bytes(b"partial")
+    old = time.time() - 2 * hub.STALE_PART_SECONDS
+    os.utime(stale, (old, old))
+    assert hub.resolve_checkpoint(remote.name, progress=False) == path
+    assert list(tmp_path.iterdir()) == [path]
+
+
+def test_concurrent_downloads_of_one_file_both_succeed(server, tmp_path: Path, monkeypatch) -> None:
+    """A download that starts while another of the same file is under way (paused mid-file,
+    its temp file made to look old) leaves the other's temp file alone, since the other holds
+    its lock: both complete, the file is whole, and no temp file is left."""
+    data = (OCP_DATA / "forcenet_small.pt").read_bytes()
+    paused, release = threading.Event(), threading.Event()
+
+    class PausedResponse:
+        def __init__(self) -> None:
+            self.headers = {"Content-Length": str(len(data))}
+            self.chunks = [data[:1000], data[1000:]]
+
+        def read(self, size: int = -1) -> bytes:
+            if len(self.chunks) == 1:
+                paused.set()
+                assert release.wait(timeout=10)
+            return self.chunks.pop(0) if self.chunks else b""
+
+        def __enter__(self) -> PausedResponse:
+            return self
+
+        def __exit__(self, *args) -> None:
+            pass
+
+    urlopen = hub.urllib.request.urlopen
+    monkeypatch.setattr(
+        hub.urllib.request,
+        "urlopen",
+        lambda url, timeout: PausedResponse() if url == "paused" else urlopen(url, timeout=timeout),
+    )
+    target = tmp_path / "x.pt"
+    errors: list[BaseException] = []
+
+    def first() -> None:
+        try:
+            hub.download("paused", target, progress=False)
+        except BaseException as error:
+            errors.append(error)
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    try:
+        assert paused.wait(timeout=10)
+        old = time.time() - 2 * hub.STALE_PART_SECONDS
+        for part in tmp_path.glob(".x.pt.*.part"):
+            os.utime(part, (old, old))
+        hub.download(f"{server}/forcenet_small.pt", target, progress=False)
+    finally:
+        release.set()
+        thread.join(timeout=10)
+    assert errors == []
+    assert target.read_bytes() == data
+    assert [p.name for p in tmp_path.iterdir()] == ["x.pt"]
+
+
+@pytest.mark.parametrize(
+    "content", [b"truncated", b"<!DOCTYPE html><html><body>502 Bad Gateway</body></html>"]
+)
+def test_unreadable_cached_file_says_to_delete_it(
+    server, tmp_path: Path, monkeypatch, content: bytes
+) -> None:
+    """Loading an OCP name whose cached file is no PyTorch checkpoint (a truncated file, an
+    error page saved in its place) raises CheckpointError naming the cached file, what it
+    begins with, and saying to delete it to download it again from its URL."""
+    monkeypatch.setenv("FORCECALC_CACHE", str(tmp_path))
+    remote = hub.RemoteCheckpoint("Test-Model", f"{server}/forcenet_small.pt", "test")
+    monkeypatch.setitem(hub.REMOTE_CHECKPOINTS, remote.name, remote)
+    path = hub.resolve_checkpoint(remote.name, progress=False)
+    data = path.read_bytes()
+    path.write_bytes(data[:1000] if content == b"truncated" else content)
+    with pytest.raises(CheckpointError) as error:
+        load_checkpoint(remote.name, device="cpu")
+    message = str(error.value)
+    assert f"cached checkpoint {path} is not a PyTorch checkpoint" in message
+    assert repr(path.read_bytes()[:40]) in message
+    assert f"delete it, and Test-Model is downloaded again from {remote.url}" in message
+
+
+@pytest.mark.parametrize("given", ["adir.pt/", "adir.pt", "./forcenet/", "./forcenet", "run"])
+def test_a_folder_is_not_a_checkpoint(tmp_path: Path, monkeypatch, given: str) -> None:
+    """A path to a folder (a training run's, one named like a checkpoint file) raises
+    IsADirectoryError saying to pass the checkpoint file inside it."""
+    monkeypatch.chdir(tmp_path)
+    folder = given.rstrip("/")
+    Path(folder).mkdir()
+    with pytest.raises(IsADirectoryError) as error:
+        hub.resolve_checkpoint(given)
+    assert str(error.value) == (
+        f"{folder} is a folder (pass the checkpoint file inside it, e.g. {folder}/best.pt or "
+        f"{folder}/final.pt)"
+    )
+
+
+def test_a_known_name_comes_before_a_folder_of_that_name(tmp_path: Path, monkeypatch) -> None:
+    """A bare shipped name that is also a folder in the current directory resolves to the
+    shipped checkpoint (only an existing file comes before the names), with a warning naming
+    the folder and how to use a checkpoint in it; `forcenet/` is the folder (an error)."""
+    monkeypatch.chdir(tmp_path)
+    Path("forcenet").mkdir()
+    with pytest.warns(UserWarning, match=rf"{tmp_path / 'forcenet'} .*forcenet/best\.pt"):
+        assert hub.resolve_checkpoint("forcenet") == hub.weights_dir() / "forcenet.pt"
+    with pytest.raises(IsADirectoryError, match="forcenet is a folder"):
+        hub.resolve_checkpoint("forcenet/")
