@@ -209,11 +209,16 @@ def _cmd_relax(args: argparse.Namespace) -> int:
     if args.shard:
         indices = shard_indices(len(structures), *parse_shard(args.shard))
     out_format = output_format(args.out, len(indices), bool(args.shard)) if args.out else None
+    if not structures and not args.shard:
+        raise ValueError(f"{args.input} holds no structures")
+    digest = _file_digest(args.input)
     selected = []
     for index in indices:
         atoms = structures[index]
         atoms.info["input_index"] = index
         atoms.info["input_count"] = len(structures)
+        atoms.info["input_digest"] = digest
+        atoms.info["relax_model"] = str(args.model)
         if args.fix_below is not None:
             _fix_below(atoms, args.fix_below)
         selected.append(atoms)
@@ -229,17 +234,42 @@ def _cmd_relax(args: argparse.Namespace) -> int:
     relaxed = (_relax_batched if args.batched else _relax_one_by_one)(selected, potential, args)
     print(f"{'#':>5} {'formula':<16} {'steps':>6} {'E_initial':>12} {'E_final':>12} {'fmax':>8}")
     for atoms in relaxed:
+        head = f"{atoms.info['input_index']:>5} {atoms.get_chemical_formula():<16}"
+        if atoms.calc is None:  # the model failed on it before a result
+            print(f"{head} {atoms.info['relax_steps']:>6}  failed: {atoms.info['relax_error']}")
+            continue
         fmax = float(np.linalg.norm(atoms.get_forces(), axis=1).max())
         flag = "" if atoms.info["relax_converged"] else "  (not converged)"
+        if "relax_error" in atoms.info:
+            flag += f"  failed: {atoms.info['relax_error']}"
         print(
-            f"{atoms.info['input_index']:>5} {atoms.get_chemical_formula():<16} "
-            f"{atoms.info['relax_steps']:>6} {atoms.info['relax_initial_energy']:>12.4f} "
+            f"{head} {atoms.info['relax_steps']:>6} {atoms.info['relax_initial_energy']:>12.4f} "
             f"{atoms.get_potential_energy():>12.4f} {fmax:>8.4f}{flag}"
         )
     if args.out:
         _write_structures(args.out, relaxed, out_format)
         print(f"wrote {len(relaxed)} relaxed structure(s) to {args.out}")
+    failed = [atoms.info["input_index"] for atoms in relaxed if "relax_error" in atoms.info]
+    if failed:
+        print(
+            f"forcecalc: error: the relaxation of input structure(s) {failed[:10]} "
+            f"({len(failed)} of {len(relaxed)}) failed (info['relax_error'] says why)",
+            file=sys.stderr,
+        )
+        return 1
     return 0
+
+
+def _file_digest(path: str) -> str:
+    """The first 16 hex digits of the SHA-256 of file ``path``: which input a shard's output
+    came from, for ``merge``."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
 
 
 def _freeze_results(atoms: Atoms) -> None:
@@ -264,6 +294,7 @@ def _relax_one_by_one(structures: list, potential: Potential, args: argparse.Nam
     call, competing with torch's threads for the cores during the next forward pass
     (spinconv-fc, 38-atom slab, 2 cores: 108 ms per BFGS step, 30 ms with one BLAS thread;
     LBFGS and FIRE use no threaded BLAS call)."""
+    from ase.calculators.calculator import CalculatorError
     from ase.optimize import BFGS, FIRE, LBFGS
     from threadpoolctl import threadpool_limits
 
@@ -277,9 +308,16 @@ def _relax_one_by_one(structures: list, potential: Potential, args: argparse.Nam
     with threadpool_limits(blas_threads, user_api="blas"):
         for atoms in structures:
             atoms.calc = calc
-            atoms.info["relax_initial_energy"] = atoms.get_potential_energy()
             optimizer = optimizer_class(atoms, logfile=None)
-            converged = optimizer.run(fmax=args.fmax, steps=args.steps)
+            try:
+                atoms.info["relax_initial_energy"] = atoms.get_potential_energy()
+                converged = optimizer.run(fmax=args.fmax, steps=args.steps)
+            except CalculatorError as error:  # e.g. a non-finite model output: the others go on
+                atoms.calc = None
+                atoms.info.update(
+                    relax_steps=optimizer.nsteps, relax_converged=False, relax_error=str(error)
+                )
+                continue
             atoms.info.update({"relax_steps": optimizer.nsteps, "relax_converged": bool(converged)})
             _freeze_results(atoms)
     return structures
@@ -325,6 +363,13 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     counts = {atoms.info.get("input_count") for atoms in order}
     if len(counts) > 1:
         raise ValueError(f"the shard outputs come from inputs of different sizes: {counts}")
+    for key, what in (("input_digest", "input files"), ("relax_model", "models")):
+        values = {str(atoms.info[key]) for atoms in order if key in atoms.info}
+        if len(values) > 1:
+            raise ValueError(
+                f"the shard outputs come from different {what} ({', '.join(sorted(values))}): "
+                "merge the shards of one run"
+            )
     count = counts.pop()
     expected = int(count) if count is not None else max(indices) + 1
     gaps = sorted(set(range(expected)) - set(indices))
@@ -497,7 +542,15 @@ def _cmd_md(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     rng = np.random.default_rng(args.seed)
-    thermalize_momenta(atoms, temperature_K=args.temperature, rng=rng)
+    if args.keep_momenta:
+        if not atoms.get_momenta().any():
+            print(
+                f"forcecalc: note: structure {args.index} of {args.input} holds no momenta: "
+                "--keep-momenta starts it at rest",
+                file=sys.stderr,
+            )
+    else:
+        thermalize_momenta(atoms, temperature_K=args.temperature, rng=rng)
     dt = args.timestep * units.fs
     if args.integrator == "verlet":
         dyn = VelocityVerlet(atoms, timestep=dt)
@@ -730,7 +783,18 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["verlet", "langevin"],
         help="verlet: NVE; langevin: NVT at --temperature",
     )
-    md.add_argument("--temperature", type=float, default=300.0, help="K (initial velocities too)")
+    md.add_argument(
+        "--temperature",
+        type=float,
+        default=300.0,
+        help="K: Langevin's, and the initial velocities' unless --keep-momenta",
+    )
+    md.add_argument(
+        "--keep-momenta",
+        action="store_true",
+        help="start from the momenta stored in the input (e.g. the last frame of an earlier "
+        "run's --out) instead of drawing them at --temperature",
+    )
     md.add_argument("--timestep", type=float, default=1.0, help="fs")
     md.add_argument("--steps", type=int, default=100, help="MD steps")
     md.add_argument("--friction", type=float, default=0.01, help="Langevin friction, 1/fs")
@@ -772,8 +836,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``forcecalc`` command: a bad argument or input (``ValueError``), a
     failed file operation (``OSError``) or something not implemented ends with one line on
-    stderr, ``forcecalc: error: ...``, and exit code 2; other exceptions (a bug, Ctrl-C)
-    propagate."""
+    stderr, ``forcecalc: error: ...``, and exit code 2; a model that failed (ASE's
+    ``CalculatorError``, e.g. a non-finite output) the same with exit code 1; other exceptions
+    (a bug, Ctrl-C) propagate."""
+    from ase.calculators.calculator import CalculatorError
+
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is None:
@@ -788,6 +855,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = " ".join(str(error).splitlines())  # one line, whatever the exception says
         print(f"forcecalc: error: {message}", file=sys.stderr)
         return 2
+    except CalculatorError as error:  # the model failed (a non-finite output): exit code 1
+        message = " ".join(str(error).splitlines())
+        print(f"forcecalc: error: {message}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -371,3 +371,94 @@ def test_relax_with_compile_gives_the_eager_structures(
     eager, compiled = read(tmp_path / "eager.extxyz"), read(tmp_path / "compiled.extxyz")
     assert abs(compiled.positions - eager.positions).max() < 1e-8
     assert abs(compiled.positions - slab.positions).max() > 1e-3  # the atoms did move
+
+
+def _nan_checkpoint(path: Path) -> Path:
+    """The small energy-centric SpinConv with one weight NaN: every output is NaN."""
+    from forcecalc import load_checkpoint, save_checkpoint
+
+    potential = load_checkpoint(SPINCONV_EC, device="cpu")
+    with torch.no_grad():
+        next(potential.parameters()).fill_(float("nan"))
+    return save_checkpoint(potential, path)
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_relax_of_a_failing_model_says_so_and_exits_1(
+    tmp_path: Path, capsys, batched: bool
+) -> None:
+    """A model whose output is NaN: `relax` (one by one or batched) writes every structure
+    with ``info['relax_error']``, names the failed ones on stderr and exits with 1, not a
+    traceback (one by one) nor a silent 0 (batched)."""
+    slab = fcc111("Cu", size=(2, 2, 2), vacuum=5.0)
+    write(tmp_path / "in.extxyz", [slab, slab])
+    model = _nan_checkpoint(tmp_path / "nan.pt")
+    out = tmp_path / "out.extxyz"
+    command = ["relax", str(tmp_path / "in.extxyz"), "--model", str(model), "--steps", "3"]
+    code = main([*command, "--out", str(out), *(["--batched"] if batched else [])])
+    assert code == 1
+    captured = capsys.readouterr()
+    assert "failed" in captured.out
+    assert "input structure(s) [0, 1] (2 of 2) failed" in captured.err
+    relaxed = read(out, index=":")
+    assert len(relaxed) == 2 and all("not finite" in a.info["relax_error"] for a in relaxed)
+
+
+def test_md_of_a_failing_model_is_one_line(tmp_path: Path, capsys) -> None:
+    """A model whose output is NaN: `md` ends with one line on stderr and exit code 1."""
+    write(tmp_path / "in.extxyz", fcc111("Cu", size=(2, 2, 2), vacuum=5.0))
+    model = _nan_checkpoint(tmp_path / "nan.pt")
+    code = main(["md", str(tmp_path / "in.extxyz"), "--model", str(model), "--steps", "2"])
+    assert code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("forcecalc: error: ") and "not finite" in err[-1]
+
+
+def test_md_keep_momenta_continues_from_the_stored_momenta(tmp_path: Path) -> None:
+    """`md --keep-momenta` starts from the momenta stored in the input (an NVE run continues
+    where the last frame of an earlier run's output stopped); without it they are drawn
+    at --temperature."""
+    slab = fcc111("Cu", size=(2, 2, 2), vacuum=5.0)
+    momenta = np.random.default_rng(0).normal(0.0, 0.3, size=(len(slab), 3))
+    slab.set_momenta(momenta)
+    write(tmp_path / "in.extxyz", slab)
+    command = ["md", str(tmp_path / "in.extxyz"), "--model", str(SPINCONV_EC), "--steps", "0"]
+    for flag, out in (("--keep-momenta", "kept.traj"), ("--seed=1", "drawn.traj")):
+        assert main([*command, flag, "--dtype", "float64", "--out", str(tmp_path / out)]) == 0
+    stored = read(tmp_path / "in.extxyz").get_momenta()  # extxyz keeps 8 decimals
+    np.testing.assert_array_equal(read(tmp_path / "kept.traj").get_momenta(), stored)
+    assert not np.allclose(read(tmp_path / "drawn.traj").get_momenta(), momenta)
+
+
+def test_merge_refuses_shards_of_other_inputs_or_models(tmp_path: Path, capsys) -> None:
+    """`merge` puts together only the shards of one run: outputs of another input file (same
+    size) or of another model are refused, naming what differs."""
+    slabs = [fcc111("Cu", size=(2, 2, n), vacuum=5.0) for n in (2, 3)]
+    write(tmp_path / "a.extxyz", slabs)
+    write(tmp_path / "b.extxyz", slabs[::-1])
+    fc = str(forcecalc.hub.resolve_checkpoint("spinconv-fc"))
+
+    def shard(source: str, model: str, index: int) -> str:
+        out = str(tmp_path / f"{source}_{Path(model).stem}_{index}.extxyz")
+        command = ["relax", str(tmp_path / f"{source}.extxyz"), "--model", model, "--batched"]
+        assert main([*command, "--steps", "1", "--shard", f"{index}/2", "--out", out]) == 0
+        return out
+
+    ours = str(SPINCONV_EC)
+    capsys.readouterr()
+    assert main(["merge", str(tmp_path / "m.extxyz"), shard("a", ours, 1), shard("b", ours, 2)])
+    assert "different input files" in capsys.readouterr().err
+    assert main(["merge", str(tmp_path / "m.extxyz"), shard("a", ours, 1), shard("a", fc, 2)])
+    assert "different models" in capsys.readouterr().err
+    assert main(["merge", str(tmp_path / "m.extxyz"), shard("a", ours, 1), shard("a", ours, 2)]) == 0
+
+
+def test_relax_of_an_empty_input_is_an_error(tmp_path: Path, capsys) -> None:
+    """`relax` of a file without structures (an ASE database without rows) is an error, not
+    an empty output (a shard of it may be empty: that stays allowed)."""
+    from ase.db import connect
+
+    with connect(tmp_path / "empty.db") as db:
+        db.delete([db.write(fcc111("Cu", size=(1, 1, 2), vacuum=5.0))])
+    assert main(["relax", str(tmp_path / "empty.db"), "--model", str(SPINCONV_EC)]) == 2
+    assert "holds no structures" in capsys.readouterr().err

@@ -206,6 +206,13 @@ def _auto_memory_model(
     return model.with_budget(memory_budget(device))
 
 
+def _non_finite_rows(values: Tensor, systems: SystemSet) -> Tensor:
+    """``[S]`` positive where a system has a row of ``values`` ``[N, 3]`` (per atom) that is
+    not finite (NaN or inf), else 0."""
+    not_finite = (~torch.isfinite(values).all(dim=1)).to(values.dtype)
+    return segment_max(not_finite, systems.system_idx, systems.n_systems)
+
+
 def relax(
     structures: Sequence,
     model: str | os.PathLike | nn.Module,
@@ -289,7 +296,7 @@ def relax(
             if gone and error is not None:
                 results[index].info["relax_error"] = error
             if gone and trajectory:
-                results[index].info["trajectory"] = frames.pop(index)
+                results[index].info["trajectory"] = frames.pop(index, [])
         bar.update(sum(ended_host))
         keep = ~ended
         atom_keep = systems.keep(keep)
@@ -306,6 +313,13 @@ def relax(
         energy, raw_forces = evaluate(systems)
         if admitted:
             initial.extend(energy[-admitted:].tolist())
+        broken = ~torch.isfinite(energy) | (_non_finite_rows(raw_forces, systems) > 0)
+        if bool(broken.any()):  # a model output that is not finite: those end here
+            error = "the model's energy or forces are not finite (NaN or inf)"
+            keep, atom_keep = retire(broken, torch.zeros_like(broken), error)
+            raw_forces, energy = raw_forces[atom_keep], energy[keep]
+        if not systems.n_systems:
+            continue
         forces = systems.constrained_forces(raw_forces)
         converged = systems.max_force(forces) < fmax
         done = converged | torch.as_tensor([n >= steps for n in taken], device=device_)
@@ -316,8 +330,7 @@ def relax(
             forces, raw_forces, energy = forces[atom_keep], raw_forces[atom_keep], energy[keep]
         if systems.n_systems:
             step = opt.step(systems, forces)
-            not_finite = (~torch.isfinite(step).all(dim=1)).to(step.dtype)
-            finite = segment_max(not_finite, systems.system_idx, systems.n_systems) <= 0
+            finite = _non_finite_rows(step, systems) <= 0
             if not bool(finite.all()):
                 # the optimizer broke down on these (e.g. LBFGS with zero forces, as ASE's):
                 # they end here, unconverged, with their last finite positions

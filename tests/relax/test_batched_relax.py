@@ -10,6 +10,7 @@ import torch
 from ase.constraints import FixAtoms, FixBondLength
 from ase.optimize import BFGS, FIRE, LBFGS
 from relax_helpers import (
+    MorseModel,
     OutOfMemoryAbove,
     as_potential,
     mixed_structures,
@@ -374,6 +375,47 @@ def test_a_broken_optimizer_step_ends_that_structure_only():
     np.testing.assert_array_equal(broken.positions, lone.positions)
     for a, b in zip(results[:3], reference, strict=True):
         np.testing.assert_allclose(a.positions, b.positions, atol=1e-12)
+        assert "relax_error" not in a.info
+
+
+class _NaNForGold(torch.nn.Module):
+    """The Morse test model, with NaN energy and forces for every system holding gold."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = MorseModel()
+        self.cutoff = self.inner.cutoff
+
+    def forward(self, batch):
+        out = self.inner(batch)
+        gold = torch.zeros(batch.n_systems, dtype=torch.bool, device=batch.numbers.device)
+        gold = gold.index_put((batch.system_idx[batch.numbers == 79],), torch.tensor(True))
+        nan = torch.tensor(float("nan"), dtype=out["energy"].dtype)
+        return {
+            "energy": torch.where(gold, nan, out["energy"]),
+            "forces": torch.where(gold[batch.system_idx, None], nan, out["forces"]),
+        }
+
+
+@pytest.mark.parametrize("trajectory", [False, True])
+def test_a_model_output_that_is_not_finite_ends_that_structure_only(trajectory):
+    """Contract: a structure whose energy or forces come out NaN from the model ends at once,
+    unconverged, with ``info["relax_error"]`` naming the model's output; the others relax on
+    exactly as without it (also when trajectories are kept)."""
+    from ase import Atoms
+
+    gold = Atoms("Au2", positions=[[5.0, 5.0, 5.0], [7.4, 5.0, 5.0]], cell=[12, 12, 12])
+    structures = mixed_structures()[:3]
+    potential = as_potential(_NaNForGold())
+    options = {"optimizer": "fire", "fmax": 0.05, "steps": 8, "trajectory": trajectory}
+    reference = relax(structures, potential, **options)
+    results = relax([structures[0], gold, *structures[1:]], potential, **options)
+    failed = results[1]
+    assert "model's energy or forces are not finite" in failed.info["relax_error"]
+    assert failed.info["relax_steps"] == 0 and not failed.info["relax_converged"]
+    np.testing.assert_array_equal(failed.positions, gold.positions)
+    for a, b in zip([results[0], *results[2:]], reference, strict=True):
+        np.testing.assert_array_equal(a.positions, b.positions)
         assert "relax_error" not in a.info
 
 
