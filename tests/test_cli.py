@@ -450,7 +450,9 @@ def test_merge_refuses_shards_of_other_inputs_or_models(tmp_path: Path, capsys) 
     assert "different input files" in capsys.readouterr().err
     assert main(["merge", str(tmp_path / "m.extxyz"), shard("a", ours, 1), shard("a", fc, 2)])
     assert "different models" in capsys.readouterr().err
-    assert main(["merge", str(tmp_path / "m.extxyz"), shard("a", ours, 1), shard("a", ours, 2)]) == 0
+    assert (
+        main(["merge", str(tmp_path / "m.extxyz"), shard("a", ours, 1), shard("a", ours, 2)]) == 0
+    )
 
 
 def test_relax_of_an_empty_input_is_an_error(tmp_path: Path, capsys) -> None:
