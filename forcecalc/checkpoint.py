@@ -4,27 +4,32 @@ Two formats are read:
 
 * **OCP** (what the Open Catalyst Project's trainer saved): a dict with ``state_dict`` (keys
   prefixed ``module.`` once or twice), ``config["model"]`` (``"spinconv"`` / ``"forcenet"``),
-  ``config["model_attributes"]`` (the constructor's keyword arguments) and ``normalizers``
-  ``{"target": {"mean", "std"}, "grad_target": {"mean", "std"}}``.
+  ``config["model_attributes"]`` (the constructor's keyword arguments; or, as fairchem writes
+  it, ``config["model"]`` a dict ``{"name", **options}``) and ``normalizers``
+  ``{"target": {"mean", "std"}, "grad_target": {"mean", "std"}}`` (or fairchem's ``energy``
+  and ``forces``, the deviation ``rmsd``), applied by OCP's rule (:func:`_ocp_normalizers`).
 * **forcecalc**: one dict ``{"format": "forcecalc", "format_version", "model", "model_kwargs",
   "state_dict", "normalizers": {"energy_mean", "energy_std", "forces_std"}, "elements",
   "cutoff", "metadata"}`` written by :func:`save_checkpoint`.
 
 Both load with ``torch.load(weights_only=True)``; a torch file that needs unsafe unpickling
 is refused unless the caller passes ``allow_unsafe=True``, and a file that is no torch file
-(or a truncated or corrupt one) is reported as such, with or without it.
+(or a truncated or corrupt one) is reported as such, with or without it.  A zip-format file
+is checked against the CRC-32s its archive stores first (``torch.load`` does not check them).
 """
 
 from __future__ import annotations
 
-import copy
+import datetime
 import functools
 import math
 import os
 import pickle
 import pickletools
 import re
+import warnings
 import zipfile
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,7 +57,8 @@ class Normalizers:
     """Affine maps from the model's raw outputs to eV and eV/Å: ``E = raw * std + mean``,
     plus, where ``element_references`` are given (``(Z, eV)`` pairs), the sum of the atoms'
     reference energies: for total energies, which grow with the number of atoms (OC20's
-    adsorption energies have none: the mean is per structure)."""
+    adsorption energies have none: the mean is per structure).  The means must be finite and
+    the deviations finite and positive (``ValueError`` otherwise)."""
 
     energy_mean: float = 0.0
     energy_std: float = 1.0
@@ -70,6 +76,14 @@ class Normalizers:
         return out
 
     def __post_init__(self) -> None:
+        """Refuse (``ValueError`` naming the field) a mean that is not finite, a standard
+        deviation that is not finite and positive, and invalid element references."""
+        for name in ("energy_mean", "energy_std", "forces_std"):
+            value = getattr(self, name)
+            positive = name != "energy_mean"
+            if not math.isfinite(value) or (positive and value <= 0):
+                wanted = "a finite number > 0" if positive else "a finite number"
+                raise ValueError(f"normalizer {name} must be {wanted}, got {value!r}")
         zs = [z for z, _ in self.element_references]
         bad = [
             (z, e)
@@ -362,7 +376,7 @@ _LOAD_ERRORS = (
 )
 
 
-def _is_torch_file(path: Path) -> bool:
+def is_torch_file(path: Path) -> bool:
     """Whether ``path`` has the layout ``torch.save`` writes: a zip archive with one
     ``data.pkl`` record that is a well-formed pickle, or the legacy format's magic number.
     Parses the pickle's opcodes only: nothing is unpickled."""
@@ -380,6 +394,32 @@ def _is_torch_file(path: Path) -> bool:
         return head.startswith(_LEGACY_HEADERS)
     except (OSError, EOFError, ValueError, RuntimeError, NotImplementedError, zipfile.BadZipFile):
         return False
+
+
+def _damaged_record(path: Path) -> str | None:
+    """The first record of a zip-format torch file whose bytes do not match the CRC-32 its
+    archive stores (``torch.load`` does not check them: bytes zeroed or flipped inside a
+    tensor load silently as wrong weights); None for an intact archive, a file that is no zip
+    archive (torch's legacy format has no checksums; ``torch.load`` reports junk), and an
+    archive whose writer stored no checksums (every non-empty record's CRC-32 0:
+    ``torch.serialization.set_crc32_options(False)``).  Reads the whole file once."""
+    try:
+        if not zipfile.is_zipfile(path):
+            return None
+        with zipfile.ZipFile(path) as archive:
+            if all(info.CRC == 0 for info in archive.infolist() if info.file_size):
+                return None
+            return archive.testzip()
+    except (
+        OSError,
+        EOFError,
+        ValueError,
+        RuntimeError,
+        NotImplementedError,
+        zipfile.BadZipFile,
+        zlib.error,
+    ):
+        return None
 
 
 def _reason(error: BaseException) -> str:
@@ -404,10 +444,17 @@ def read_torch_file(
     do about a file that only unsafe unpickling can load)."""
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    damaged = _damaged_record(path)
+    if damaged is not None:
+        raise CheckpointError(
+            f"checkpoint {path} is damaged: its record {damaged!r} does not match the CRC-32 "
+            "checksum its archive stores (an incomplete download or copy, or a disk error); "
+            "download or copy it again"
+        )
     try:
         data = torch.load(path, map_location="cpu", weights_only=not allow_unsafe)
     except _LOAD_ERRORS as error:
-        if _is_torch_file(path):
+        if is_torch_file(path):
             if isinstance(error, pickle.UnpicklingError) and not allow_unsafe:
                 raise CheckpointError(
                     f"checkpoint {path} contains Python objects that only unsafe unpickling "
@@ -420,7 +467,7 @@ def read_torch_file(
                 ) from None
         detail = (
             _reason(error)
-            if _is_torch_file(path)
+            if is_torch_file(path)
             else "not a zip archive with one data.pkl record, nor torch's legacy format"
         )
         raise CheckpointError(
@@ -449,44 +496,213 @@ def _float(value: Any) -> float:
 
 
 def _ocp_info(data: dict[str, Any], path: Path) -> CheckpointInfo:
+    """What an OCP-format checkpoint says about itself: model, options, normalizers and, as
+    metadata, its training config and validation metrics."""
     config = data.get("config")
     if not isinstance(config, dict) or "model" not in config:
         raise CheckpointError(
             f"checkpoint {path} has neither forcecalc's 'format' key nor OCP's "
             "config['model']: unknown checkpoint layout"
         )
-    normalizers = Normalizers()
-    saved = data.get("normalizers") or {}
-    if "target" in saved:
-        try:
-            grad = saved.get("grad_target", saved["target"])
-            normalizers = Normalizers(
-                energy_mean=_float(saved["target"]["mean"]),
-                energy_std=_float(saved["target"]["std"]),
-                forces_std=_float(grad["std"]),
-            )
-            grad_mean = _float(grad.get("mean", 0.0))
-        except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as error:
-            raise CheckpointError(
-                f"checkpoint {path}: its normalizers are not OCP's "
-                "{'target': {'mean', 'std'}, 'grad_target': {'mean', 'std'}} of numbers "
-                f"({type(error).__name__}: {error})"
-            ) from None
-        if abs(grad_mean) > 0:
-            raise CheckpointError(f"checkpoint {path}: a nonzero force normalizer mean")
-    kwargs = _dict_entry(config, "model_attributes", path, "config['model_attributes']")
-    if config["model"] == "spinconv":
+    model, kwargs = _ocp_model(config, path)
+    normalizers = _ocp_normalizers(data, config, bool(kwargs.get("regress_forces", True)), path)
+    if model == "spinconv":
         # OCP checkpoints give OCP's numbers: the original's force definition by default.
         kwargs.setdefault("forces", "compat")
     metadata = {key: config[key] for key in ("task", "optim", "dataset", "cmd") if key in config}
     metadata.update({k: data[k] for k in ("epoch", "step", "val_metrics") if k in data})
     return CheckpointInfo(
-        model=str(config["model"]),
+        model=model,
         model_kwargs=kwargs,
         normalizers=normalizers,
         source_format="ocp",
         metadata=metadata,
     )
+
+
+def _ocp_model(config: dict[str, Any], path: Path) -> tuple[str, dict[str, Any]]:
+    """The model name and options of an OCP config: ``config["model"]`` the name and
+    ``config["model_attributes"]`` the options (OCP's layout), or ``config["model"]`` a dict
+    ``{"name": ..., **options}`` (fairchem's), merged with ``model_attributes`` where both
+    are given (a key they give different values is an error)."""
+    model = config["model"]
+    options: dict[str, Any] = {}
+    if isinstance(model, dict):
+        if not isinstance(model.get("name"), str):
+            raise CheckpointError(
+                f"checkpoint {path}: config['model'] is a dict without a 'name' string "
+                f"(keys {sorted(map(str, model))})"
+            )
+        options = {key: value for key, value in model.items() if key != "name"}
+        model = model["name"]
+    elif config.get("model_attributes") is None:
+        raise CheckpointError(
+            f"checkpoint {path} lacks config['model_attributes'] (the {model} model's "
+            "options) and config['model'] is no dict of them: the model it holds cannot be built"
+        )
+    attributes = _dict_entry(config, "model_attributes", path, "config['model_attributes']")
+    conflicts = sorted(
+        key for key in options.keys() & attributes.keys() if options[key] != attributes[key]
+    )
+    if conflicts:
+        raise CheckpointError(
+            f"checkpoint {path}: config['model'] and config['model_attributes'] give different "
+            f"values for {', '.join(map(repr, conflicts))}"
+        )
+    return str(model), {**options, **attributes}
+
+
+#: The keys of a saved OCP normalizer and the role each plays: OCP's ``target`` (energy) and
+#: ``grad_target`` (forces), fairchem's ``energy`` and ``forces``.
+_NORMALIZER_ROLES = {
+    "target": "target",
+    "energy": "target",
+    "grad_target": "grad_target",
+    "forces": "grad_target",
+}
+
+
+def _ocp_normalizers(
+    data: dict[str, Any], config: dict[str, Any], regress_forces: bool, path: Path
+) -> Normalizers:
+    """The normalizers of an OCP checkpoint, by the original's rule.
+
+    The settings are ``config["normalizer"]``, else ``config["dataset"]``:
+
+    * ``normalize_labels`` true: the energy normalizer (``target``) from the settings'
+      ``target_mean``/``target_std`` and, for a model that regresses forces, the force
+      normalizer (``grad_target``) from ``grad_target_mean``/``grad_target_std``, each
+      overwritten by the checkpoint's saved ``normalizers`` entry of that key; either missing
+      from both is an error naming it.
+    * ``normalize_labels`` false: no normalization, as in OCP, even where entries are saved
+      (a warning says that they are not applied).
+    * no ``normalize_labels``: the saved entries, where there are any (both are then needed).
+
+    Saved entries may be keyed fairchem's way (``energy``/``forces``, the deviation ``rmsd``);
+    fairchem's element references (``checkpoint["elementrefs"]["energy"]
+    ["element_references"]``, indexed by atomic number) are added per atom whatever the
+    settings.  The force normalizer's mean must be 0.
+    """
+    saved = _saved_normalizers(data, path)
+    source = "normalizer" if "normalizer" in config else "dataset"
+    settings = config.get(source)
+    settings = settings if isinstance(settings, dict) else {}
+    flag = settings.get("normalize_labels")
+    if flag is None:
+        values = saved
+    elif not flag:
+        if saved:
+            warnings.warn(
+                f"checkpoint {path}: config['{source}']['normalize_labels'] is false, so its "
+                f"saved normalizers ({', '.join(sorted(saved))}) are not applied, as in OCP: "
+                "the model's raw outputs are taken as eV and eV/Å",
+                stacklevel=4,
+            )
+        values = {}
+    else:
+        roles = ("target", "grad_target") if regress_forces else ("target",)
+        values = {role: _config_normalizer(settings, role, source, path) for role in roles}
+        values = {role: value for role, value in values.items() if value is not None}
+        values.update({role: value for role, value in saved.items() if role in roles})
+    if values or flag:
+        needed = ("target", "grad_target") if regress_forces else ("target",)
+        missing = [role for role in needed if role not in values]
+        if missing:
+            aliases = {role: key for key, role in _NORMALIZER_ROLES.items() if key != role}
+            raise CheckpointError(
+                f"checkpoint {path}: its labels are normalized, but the {missing[0]!r} "
+                f"normalizer is missing: no saved normalizers[{missing[0]!r}] (or "
+                f"[{aliases[missing[0]]!r}]), nor {missing[0]}_mean/{missing[0]}_std in "
+                f"config[{source!r}] with normalize_labels true"
+            )
+    energy = values.get("target", {"mean": 0.0, "std": 1.0})
+    forces = values.get("grad_target", {"mean": 0.0, "std": 1.0})
+    if forces["mean"] != 0:
+        raise CheckpointError(
+            f"checkpoint {path}: a nonzero force normalizer mean ({forces['mean']}); forces are "
+            "scaled only"
+        )
+    try:
+        return Normalizers(
+            energy_mean=energy["mean"],
+            energy_std=energy["std"],
+            forces_std=forces["std"],
+            element_references=_element_references(data, path),
+        )
+    except ValueError as error:
+        raise CheckpointError(f"checkpoint {path}: {error}") from None
+
+
+def _saved_normalizers(data: dict[str, Any], path: Path) -> dict[str, dict[str, float]]:
+    """``{"target"/"grad_target": {"mean", "std"}}`` of the checkpoint's ``normalizers``
+    (OCP's keys or fairchem's); keys of neither kind beside them are ignored, as OCP does."""
+    saved = data.get("normalizers") or {}
+    if not isinstance(saved, dict):
+        raise CheckpointError(
+            f"checkpoint {path}: its normalizers are a {type(saved).__name__}, expected a dict"
+        )
+    known = [key for key in saved if key in _NORMALIZER_ROLES]
+    if saved and not known:
+        raise CheckpointError(
+            f"checkpoint {path}: its normalizers have the keys {sorted(map(str, saved))}, none "
+            "of OCP's 'target'/'grad_target' or fairchem's 'energy'/'forces'"
+        )
+    out: dict[str, dict[str, float]] = {}
+    for key in known:
+        role = _NORMALIZER_ROLES[key]
+        if role in out:
+            both = sorted(k for k in known if _NORMALIZER_ROLES[k] == role)
+            raise CheckpointError(
+                f"checkpoint {path}: its normalizers have both {both[0]!r} and {both[1]!r}, "
+                "the same normalizer under OCP's and fairchem's names"
+            )
+        entry = saved[key]
+        try:
+            spread = entry["rmsd"] if "rmsd" in entry else entry["std"]
+            out[role] = {"mean": _float(entry["mean"]), "std": _float(spread)}
+        except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as error:
+            raise CheckpointError(
+                f"checkpoint {path}: its normalizer {key!r} is not a dict of numbers "
+                f"{{'mean', 'std' (or 'rmsd')}} ({type(error).__name__}: {error})"
+            ) from None
+    return out
+
+
+def _config_normalizer(
+    settings: dict[str, Any], role: str, source: str, path: Path
+) -> dict[str, float] | None:
+    """``{"mean", "std"}`` of normalizer ``role`` from the config's ``{role}_mean`` and
+    ``{role}_std`` (None without the mean, as in OCP)."""
+    if f"{role}_mean" not in settings:
+        return None
+    try:
+        return {
+            "mean": _float(settings[f"{role}_mean"]),
+            "std": _float(settings[f"{role}_std"]),
+        }
+    except (KeyError, TypeError, ValueError, RuntimeError) as error:
+        raise CheckpointError(
+            f"checkpoint {path}: config['{source}'] has no numbers {role}_mean and {role}_std "
+            f"({type(error).__name__}: {error})"
+        ) from None
+
+
+def _element_references(data: dict[str, Any], path: Path) -> tuple[tuple[int, float], ...]:
+    """fairchem's energy element references as ``(Z, eV)`` pairs for Z in 1..118 (every
+    atomic number its table covers, zeros included: fairchem adds those too); none without
+    ``elementrefs``."""
+    refs = data.get("elementrefs")
+    if not refs:
+        return ()
+    table = refs.get("energy") if isinstance(refs, dict) else None
+    table = table.get("element_references") if isinstance(table, dict) else None
+    if not isinstance(table, Tensor) or table.ndim != 1 or not table.is_floating_point():
+        raise CheckpointError(
+            f"checkpoint {path}: its 'elementrefs' are not fairchem's energy references "
+            "({'energy': {'element_references': a 1-d float tensor indexed by atomic number}})"
+        )
+    values = table.double().tolist()
+    return tuple((z, values[z]) for z in range(1, min(len(values), MAX_ATOMIC_NUMBER + 1)))
 
 
 def _dict_entry(data: dict[str, Any], key: str, path: Path, label: str) -> dict[str, Any]:
@@ -523,16 +739,36 @@ def _own_info(data: dict[str, Any], path: Path) -> CheckpointInfo:
         normalizers = Normalizers.from_dict(saved)
     except (TypeError, ValueError, RuntimeError) as error:
         raise CheckpointError(
-            f"checkpoint {path}: 'normalizers' are not numbers ({error})"
+            f"checkpoint {path}: 'normalizers' are not valid numbers ({error})"
         ) from None
     return CheckpointInfo(
         model=str(data["model"]),
         model_kwargs=_dict_entry(data, "model_kwargs", path, "'model_kwargs'"),
         normalizers=normalizers,
         source_format=FORMAT,
-        elements=data.get("elements"),
+        elements=_elements(data.get("elements"), path),
         metadata=dict(data.get("metadata") or {}),
     )
+
+
+def _elements(value: Any, path: Path) -> list[int] | None:
+    """A forcecalc checkpoint's ``elements``: None, or a list of atomic numbers (integers in
+    1..118), else a :class:`CheckpointError` naming the entries that are not."""
+    if value is None:
+        return None
+    if not isinstance(value, list | tuple):
+        raise CheckpointError(
+            f"checkpoint {path}: 'elements' is a {type(value).__name__}, expected a list of "
+            "atomic numbers"
+        )
+    bad = [z for z in value if type(z) is not int or not 1 <= z <= MAX_ATOMIC_NUMBER]
+    if bad:
+        raise CheckpointError(
+            f"checkpoint {path}: 'elements' must be atomic numbers (integers 1 to "
+            f"{MAX_ATOMIC_NUMBER}), but holds {', '.join(map(repr, bad[:10]))}"
+            f"{f' and {len(bad) - 10} more' if len(bad) > 10 else ''}"
+        )
+    return list(value)
 
 
 def read_checkpoint(
@@ -702,7 +938,11 @@ def save_checkpoint(
     """Write ``potential`` in forcecalc's format, atomically (temp file + rename).
 
     The weights keep the potential's dtype (a float64 model is saved in float64, so that
-    loading it with ``dtype="float64"`` gives back its exact numbers).
+    loading it with ``dtype="float64"`` gives back its exact numbers).  Everything else is
+    written as what the safe loader (``weights_only``) reads: model options given as tensors
+    or numpy arrays (SpinConv's ``rotations``) as nested lists of their exact values (which
+    the model takes back), metadata as plain numbers, strings, lists and dicts (numpy values
+    as numbers and lists, paths as strings, dates and times in ISO format; tensors kept).
 
     Args:
         potential: the model and its normalizers.
@@ -711,22 +951,63 @@ def save_checkpoint(
 
     Returns:
         The path written.
+
+    Raises:
+        ValueError: a model option or metadata value of another kind (named), before anything
+            is written.
     """
     info = potential.info
     state_dict = {k: v.detach().to("cpu") for k, v in potential.model.state_dict().items()}
-    kwargs = {k: v for k, v in info.model_kwargs.items() if not isinstance(v, Tensor)}
     data = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "model": info.model,
-        "model_kwargs": kwargs,
+        "model_kwargs": _plain(info.model_kwargs, "model_kwargs", tensors=False),
         "state_dict": state_dict,
-        "normalizers": info.normalizers.as_dict(),
-        "elements": info.elements,
+        "normalizers": _plain(info.normalizers.as_dict(), "normalizers", tensors=False),
+        "elements": _plain(info.elements, "elements", tensors=False),
         "cutoff": potential.cutoff,
-        "metadata": {**copy.deepcopy(info.metadata), **(metadata or {})},
+        "metadata": _plain({**info.metadata, **(metadata or {})}, "metadata", tensors=True),
     }
     return torch_save(data, path)
+
+
+#: Values the safe loader reads as they are.
+_PLAIN_TYPES = (type(None), bool, int, float, complex, str, bytes, bytearray)
+
+
+def _plain(value: Any, where: str, tensors: bool) -> Any:
+    """A copy of ``value`` made of what ``torch.load(weights_only=True)`` reads: built-in
+    numbers, strings, lists, tuples, sets and dicts (numpy scalars and arrays as numbers and
+    lists, paths as strings, dates and times as ISO strings), and tensors (on the CPU) where
+    ``tensors``, else as nested lists; another object is a ``ValueError`` naming ``where``."""
+    if type(value) in _PLAIN_TYPES or isinstance(value, torch.dtype | torch.device):
+        return value
+    if isinstance(value, Tensor):
+        return value.detach().to("cpu") if tensors else value.tolist()
+    if isinstance(value, np.ndarray | np.generic):
+        return _plain(value.tolist(), where, tensors)
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, datetime.date | datetime.time):
+        return value.isoformat()
+    for kind in (bool, int, float, str):  # subclasses (IntEnum, ...): the plain value
+        if isinstance(value, kind):
+            return kind(value)
+    if isinstance(value, dict):
+        return {
+            _plain(key, f"{where} key {key!r}", tensors): _plain(item, f"{where}[{key!r}]", tensors)
+            for key, item in value.items()
+        }
+    if isinstance(value, list | tuple):  # a namedtuple too: a plain tuple
+        items = [_plain(item, f"{where}[{i}]", tensors) for i, item in enumerate(value)]
+        return items if isinstance(value, list) else tuple(items)
+    if isinstance(value, set | frozenset):
+        return {_plain(item, f"{where} item", tensors) for item in value}
+    raise ValueError(
+        f"cannot save {where}: a {type(value).__module__}.{type(value).__qualname__}, which "
+        "the safe loader does not read (use numbers, strings, lists, dicts or tensors)"
+    )
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:

@@ -38,7 +38,7 @@ from importlib import resources
 from pathlib import Path
 
 from forcecalc.atomic import commit_file
-from forcecalc.checkpoint import CheckpointError, _is_torch_file
+from forcecalc.checkpoint import CheckpointError, is_torch_file
 
 try:
     import fcntl
@@ -248,7 +248,7 @@ def _check_folder(name: str, path: Path, known: bool) -> None:
 def _readable_cached(path: Path, remote: RemoteCheckpoint) -> Path:
     """``path``, the cached file of ``remote``, if it has the layout of a PyTorch checkpoint;
     else a :class:`CheckpointError` naming it and saying to delete it."""
-    if _is_torch_file(path):
+    if is_torch_file(path):
         return path
     with path.open("rb") as stream:
         head = stream.read(40)

@@ -345,3 +345,156 @@ def test_element_references_are_added_in_float64() -> None:
         raw, total = plain(batch)["energy"], referenced(batch)["energy"]
     assert total.dtype == torch.float64
     assert (total - raw.double()).item() == pytest.approx(8 * -250.123456789, abs=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("energy_mean", float("nan")),
+        ("energy_mean", float("-inf")),
+        ("energy_std", float("inf")),
+        ("energy_std", 0.0),
+        ("forces_std", -2.0),
+        ("forces_std", float("nan")),
+    ],
+)
+def test_normalizers_refuse_non_finite_or_non_positive_values(
+    tmp_path: Path, field: str, value: float
+) -> None:
+    """Normalizers with a NaN or infinite mean or deviation, or a deviation <= 0, raise
+    ValueError naming the field; a forcecalc-format file holding one raises CheckpointError
+    naming the file and the field."""
+    with pytest.raises(ValueError, match=rf"normalizer {field} must be a finite number"):
+        Normalizers(**{field: value})
+    data = _own_format(tmp_path)
+    data["normalizers"][field] = value
+    torch.save(data, tmp_path / "nan.pt")
+    with pytest.raises(CheckpointError, match=rf"nan\.pt: 'normalizers' .*{field} must be"):
+        read_checkpoint(tmp_path / "nan.pt")
+
+
+def _forward(potential: Potential) -> dict[str, torch.Tensor]:
+    """The potential's outputs for a small Cu-O cell (float64 positions)."""
+    from ase.build import bulk
+
+    from forcecalc.graph.batch import Batch
+
+    atoms = bulk("Cu", "fcc", a=3.6, cubic=True)
+    atoms[0].symbol = "O"
+    atoms.rattle(0.05, seed=3)
+    batch = Batch.from_atoms([atoms], cutoff=potential.cutoff, dtype=potential.dtype)
+    with torch.set_grad_enabled(potential.energy_gradient):
+        return {k: v.detach() for k, v in potential(batch).items()}
+
+
+@pytest.mark.parametrize("as_numpy", [False, True])
+def test_tensor_model_options_survive_a_save(tmp_path: Path, as_numpy: bool) -> None:
+    """A model option given as a tensor or numpy array (SpinConv's rotations) is saved, as
+    nested lists of its exact values: the loaded model gives bit-identical outputs, and the
+    file loads with the safe loader."""
+    from forcecalc.models.spinconv import ocp_random_rotations
+
+    rotations = ocp_random_rotations(3, generator=torch.Generator().manual_seed(123))
+    given = rotations.numpy() if as_numpy else rotations
+    path = OCP_DATA / "spinconv_small_fc.pt"
+    potential = load_checkpoint(path, device="cpu", dtype="float64", rotations=given)
+    default = load_checkpoint(path, device="cpu", dtype="float64")
+    save_checkpoint(potential, tmp_path / "rot.pt")
+    again = load_checkpoint(tmp_path / "rot.pt", device="cpu", dtype="float64")
+    before, after = _forward(potential), _forward(again)
+    assert not torch.equal(before["forces"], _forward(default)["forces"])
+    assert torch.equal(before["forces"], after["forces"])
+    assert torch.equal(before["energy"], after["energy"])
+    saved = torch.load(tmp_path / "rot.pt", weights_only=True)
+    assert saved["model_kwargs"]["rotations"] == rotations.tolist()
+
+
+def test_metadata_is_saved_as_what_the_safe_loader_reads(tmp_path: Path) -> None:
+    """save_checkpoint writes metadata (its own and the potential's, such as OCP's
+    val_metrics) as plain values: numpy scalars and arrays as numbers and lists, paths as
+    strings, dates as ISO strings, tensors as tensors, so that the file loads without
+    allow_unsafe; a value of another kind is a ValueError naming it, and nothing is written."""
+    import datetime
+
+    import numpy as np
+
+    potential = load_checkpoint(OCP_DATA / "forcenet_small.pt", device="cpu")
+    potential.info.metadata["val_metrics"] = {"forces_mae": {"metric": np.float32(0.5)}}
+    metadata = {
+        "mae": np.float64(0.01),
+        "maes": np.array([0.1, 0.2]),
+        "count": np.int64(3),
+        "data": Path("/data/train.h5"),
+        "when": datetime.datetime(2024, 1, 2, 3, 4, 5),
+        "scale": torch.tensor([1.5, 2.5]),
+        "pairs": [(np.int64(6), 7)],
+    }
+    path = save_checkpoint(potential, tmp_path / "meta.pt", metadata=metadata)
+    saved = load_checkpoint(path, device="cpu").info.metadata
+    assert saved["val_metrics"] == {"forces_mae": {"metric": 0.5}}
+    assert saved["mae"] == 0.01 and saved["maes"] == [0.1, 0.2] and saved["count"] == 3
+    assert saved["data"] == "/data/train.h5" and saved["when"] == "2024-01-02T03:04:05"
+    assert torch.equal(saved["scale"], torch.tensor([1.5, 2.5]))
+    assert saved["pairs"] == [(6, 7)] and type(saved["pairs"][0][0]) is int
+    with pytest.raises(ValueError, match=r"metadata\['bad'\]\[0\]: a .*_Arbitrary"):
+        save_checkpoint(potential, tmp_path / "bad.pt", metadata={"bad": [_Arbitrary()]})
+    assert not (tmp_path / "bad.pt").exists()
+
+
+def _damage(path: Path, target: Path) -> str:
+    """Copy ``path`` to ``target`` with 64 bytes zeroed in the middle of its largest record
+    (torch does not check the CRC-32s: it would load the file); return the record's name."""
+    with zipfile.ZipFile(path) as archive:
+        record = max(archive.infolist(), key=lambda info: info.file_size)
+    raw = bytearray(path.read_bytes())
+    header = record.header_offset
+    name_length = int.from_bytes(raw[header + 26 : header + 28], "little")
+    extra_length = int.from_bytes(raw[header + 28 : header + 30], "little")
+    middle = header + 30 + name_length + extra_length + record.file_size // 2
+    assert any(raw[middle : middle + 64])
+    raw[middle : middle + 64] = bytes(64)
+    target.write_bytes(raw)
+    return record.filename
+
+
+@pytest.mark.parametrize("allow_unsafe", [False, True])
+def test_damaged_record_is_named(tmp_path: Path, allow_unsafe: bool) -> None:
+    """A zip-format checkpoint whose record does not match its CRC-32 (bytes zeroed inside a
+    tensor, which torch.load reads silently as other weights) raises CheckpointError naming
+    the file and the record, and advising to download or copy it again."""
+    record = _damage(OCP_DATA / "forcenet_small.pt", tmp_path / "damaged.pt")
+    pattern = rf"damaged\.pt is damaged: its record '{re.escape(record)}' .*copy it again"
+    with pytest.raises(CheckpointError, match=pattern):
+        read_checkpoint(tmp_path / "damaged.pt", allow_unsafe=allow_unsafe)
+
+
+def test_archive_written_without_checksums_loads(tmp_path: Path) -> None:
+    """A checkpoint written with torch's CRC-32s turned off (all stored as 0:
+    torch.serialization.set_crc32_options(False)) is not taken for a damaged one."""
+    raw = load_ocp_raw("forcenet_small")
+    computed = torch.serialization.get_crc32_options()
+    torch.serialization.set_crc32_options(False)
+    try:
+        torch.save(raw, tmp_path / "nocrc.pt")
+    finally:
+        torch.serialization.set_crc32_options(computed)
+    with zipfile.ZipFile(tmp_path / "nocrc.pt") as archive:
+        assert all(info.CRC == 0 for info in archive.infolist())
+    assert read_checkpoint(tmp_path / "nocrc.pt")[0].model == "forcenet"
+
+
+@pytest.mark.parametrize(
+    ("elements", "named"),
+    [(["Cu"], "'Cu'"), ([29, 200], "200"), ([0, 8], "0"), ([29, 8.0], "8.0"), ("Cu", "str")],
+)
+def test_own_format_elements_are_atomic_numbers(tmp_path: Path, elements, named: str) -> None:
+    """A forcecalc-format file whose 'elements' are not integers in 1..118 raises
+    CheckpointError when read, naming the file and the bad entries."""
+    data = _own_format(tmp_path)
+    data["elements"] = elements
+    torch.save(data, tmp_path / "elements.pt")
+    with pytest.raises(CheckpointError, match=rf"elements\.pt: 'elements' .*{re.escape(named)}"):
+        read_checkpoint(tmp_path / "elements.pt")
+    data["elements"] = [8, 29]
+    torch.save(data, tmp_path / "elements.pt")
+    assert read_checkpoint(tmp_path / "elements.pt")[0].elements == [8, 29]
