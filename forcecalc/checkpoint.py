@@ -866,6 +866,11 @@ def load_checkpoint(
             f"checkpoint {info.path}: the {info.model} model cannot be built from its "
             f"model_kwargs{given}: {error}"
         ) from None
+    if not getattr(model, "regress_forces", True):
+        raise CheckpointError(
+            f"checkpoint {info.path}: its {info.model} model predicts energies only "
+            "(regress_forces=False); forcecalc's calculators, relaxations and MD need forces"
+        )
     # in the wanted dtype before loading: float64 weights stay float64 (loading into float32
     # parameters would round them)
     model = model.to(dtype=torch_dtype)

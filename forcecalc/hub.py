@@ -405,6 +405,9 @@ def download(
                 raise OSError(f"download of {url} stopped at {received} of {total} bytes")
         if sha256 is not None and digest.hexdigest() != sha256.lower():
             raise OSError(f"download of {url} has SHA-256 {digest.hexdigest()}, expected {sha256}")
+        if not is_torch_file(Path(tmp)):  # e.g. a proxy's error page sent with status 200
+            start = Path(tmp).read_bytes()[:40]
+            raise OSError(f"download of {url} is no PyTorch checkpoint (it starts with {start!r})")
         commit_file(Path(tmp), target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -218,3 +218,13 @@ def test_missing_model_attributes_are_named(tmp_path: Path) -> None:
     torch.save(raw, tmp_path / "noattrs.pt")
     with pytest.raises(CheckpointError, match=r"noattrs\.pt lacks config\['model_attributes'\]"):
         read_checkpoint(tmp_path / "noattrs.pt")
+
+
+def test_an_energy_only_model_is_refused_by_name(tmp_path: Path) -> None:
+    """An OCP SpinConv trained for energies only (``regress_forces: False``) is refused when
+    loaded, saying it predicts no forces (not a KeyError at the first force call)."""
+    raw = load_ocp_raw("spinconv_small_ec")
+    raw["config"]["model_attributes"]["regress_forces"] = False
+    torch.save(raw, tmp_path / "energy_only.pt")
+    with pytest.raises(CheckpointError, match=r"predicts energies only \(regress_forces=False\)"):
+        load_checkpoint(tmp_path / "energy_only.pt")

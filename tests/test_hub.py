@@ -425,3 +425,30 @@ def test_a_known_name_comes_before_a_folder_of_that_name(tmp_path: Path, monkeyp
         assert hub.resolve_checkpoint("forcenet") == hub.weights_dir() / "forcenet.pt"
     with pytest.raises(IsADirectoryError, match="forcenet is a folder"):
         hub.resolve_checkpoint("forcenet/")
+
+
+class _ErrorPage(BaseHTTPRequestHandler):
+    """An HTML page with status 200 (what a captive portal or proxy sends for any URL)."""
+
+    def do_GET(self) -> None:
+        page = b"<html><body>Please sign in to the network</body></html>"
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(page)))
+        self.end_headers()
+        self.wfile.write(page)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_a_page_that_is_no_checkpoint_never_enters_the_cache(tmp_path: Path, monkeypatch) -> None:
+    """A download whose data is no PyTorch checkpoint (an HTML page sent with status 200) is
+    an error naming the URL and how the data starts, and leaves nothing in the cache (a
+    later call downloads again instead of failing on a cached page)."""
+    monkeypatch.setenv("FORCECALC_CACHE", str(tmp_path))
+    with _serving(_ErrorPage) as url:
+        remote = hub.RemoteCheckpoint("Portal-Model", url + "/model.pt", "test")
+        monkeypatch.setitem(hub.REMOTE_CHECKPOINTS, remote.name, remote)
+        with pytest.raises(CheckpointError, match=r"model\.pt is no PyTorch checkpoint.*<html>"):
+            hub.resolve_checkpoint(remote.name, progress=False)
+    assert list(tmp_path.iterdir()) == []
