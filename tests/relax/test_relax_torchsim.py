@@ -99,6 +99,8 @@ def test_float32_model_sees_float64_positions():
     )
 
 
+# a 3-step optimization says it stopped at its step limit, as asked
+@pytest.mark.filterwarnings("ignore:Optimize has reached max steps")
 def test_float32_energy_centric_model_runs_torch_sims_optimizers_and_integrators():
     """Contract: the adapter returns every output in the model's dtype (an energy-centric
     model's forces and stress are gradients with respect to float64 positions), so torch-sim's
