@@ -200,6 +200,7 @@ def _fix_below(atoms: Atoms, z: float) -> None:
 
 def _cmd_relax(args: argparse.Namespace) -> int:
     from forcecalc.checkpoint import load_checkpoint
+    from forcecalc.hub import file_sha256
     from forcecalc.relax import parse_shard, shard_indices
     from forcecalc.relax.engine import check_structures
 
@@ -211,20 +212,22 @@ def _cmd_relax(args: argparse.Namespace) -> int:
     out_format = output_format(args.out, len(indices), bool(args.shard)) if args.out else None
     if not structures and not args.shard:
         raise ValueError(f"{args.input} holds no structures")
-    digest = _file_digest(args.input)
-    selected = []
-    for index in indices:
-        atoms = structures[index]
-        atoms.info["input_index"] = index
-        atoms.info["input_count"] = len(structures)
-        atoms.info["input_digest"] = digest
-        atoms.info["relax_model"] = str(args.model)
-        if args.fix_below is not None:
-            _fix_below(atoms, args.fix_below)
-        selected.append(atoms)
     potential = load_checkpoint(
         args.model, device=args.device, dtype=args.dtype, allow_unsafe=args.allow_unsafe
     )
+    # which input and which weights a shard's output came from, for `merge` (text that
+    # extxyz cannot take for a number)
+    provenance = {
+        "input_digest": f"sha256:{file_sha256(Path(args.input))[:16]}",
+        "model_digest": f"sha256:{file_sha256(Path(potential.info.path))[:16]}",
+    }
+    selected = []
+    for index in indices:
+        atoms = structures[index]
+        atoms.info.update(input_index=index, input_count=len(structures), **provenance)
+        if args.fix_below is not None:
+            _fix_below(atoms, args.fix_below)
+        selected.append(atoms)
     # all, before the first step (the engine names overlaps itself, as it builds graphs)
     check_structures(selected, potential, engine=args.batched, overlaps=not args.batched)
     if args.batched and args.compile:
@@ -258,18 +261,6 @@ def _cmd_relax(args: argparse.Namespace) -> int:
         )
         return 1
     return 0
-
-
-def _file_digest(path: str) -> str:
-    """The first 16 hex digits of the SHA-256 of file ``path``: which input a shard's output
-    came from, for ``merge``."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
 
 
 def _freeze_results(atoms: Atoms) -> None:
@@ -312,7 +303,9 @@ def _relax_one_by_one(structures: list, potential: Potential, args: argparse.Nam
             try:
                 atoms.info["relax_initial_energy"] = atoms.get_potential_energy()
                 converged = optimizer.run(fmax=args.fmax, steps=args.steps)
-            except CalculatorError as error:  # e.g. a non-finite model output: the others go on
+            # a non-finite model output (CalculatorError), or positions the optimizer made
+            # non-finite (ValueError of the calculator's input check): the others go on
+            except (CalculatorError, ValueError) as error:
                 atoms.calc = None
                 atoms.info.update(
                     relax_steps=optimizer.nsteps, relax_converged=False, relax_error=str(error)
@@ -363,7 +356,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     counts = {atoms.info.get("input_count") for atoms in order}
     if len(counts) > 1:
         raise ValueError(f"the shard outputs come from inputs of different sizes: {counts}")
-    for key, what in (("input_digest", "input files"), ("relax_model", "models")):
+    for key, what in (("input_digest", "input files"), ("model_digest", "model weights")):
         values = {str(atoms.info[key]) for atoms in order if key in atoms.info}
         if len(values) > 1:
             raise ValueError(
@@ -630,7 +623,9 @@ class _Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        # options a subcommand does not know reach the top-level parser: point to its help
+        where = "forcecalc COMMAND --help" if message.startswith("unrecognized") else ""
+        self.exit(2, f"{self.prog}: error: {message} (see {where or self.prog + ' --help'})\n")
 
 
 def _add_eval_commands(sub: argparse._SubParsersAction) -> None:
@@ -704,7 +699,10 @@ def build_parser() -> argparse.ArgumentParser:
     relax = sub.add_parser(
         "relax",
         help="relax structures with an ASE optimizer",
-        description="Relax every structure of INPUT (any file ASE reads) to --fmax.",
+        description="Relax every structure of INPUT (any file ASE reads) to --fmax. A structure "
+        "the model fails on (a NaN or infinite output) ends with info['relax_error'], the others "
+        "go on; all are written, and the exit code is 1 if any failed (2: bad arguments or "
+        "inputs).",
     )
     relax.add_argument("input", help="structure file (extxyz, POSCAR, traj, ASE db, ...)")
     _add_model_options(relax)

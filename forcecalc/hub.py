@@ -346,7 +346,8 @@ def download(
     timeout: float = 60,
     max_bytes: int | None = None,
 ) -> Path:
-    """Download ``url`` to ``target`` atomically, checking its SHA-256 when given.
+    """Download the PyTorch checkpoint at ``url`` to ``target`` atomically, checking its SHA-256
+    when given.
 
     The data goes to a temp file beside ``target``, renamed into place only when complete
     and verified; an interrupted or corrupt download leaves nothing at ``target``. The temp
@@ -364,8 +365,9 @@ def download(
 
     Raises:
         OSError: the download failed, sent more (or fewer) bytes than its ``Content-Length``
-            announced (it stops at the first byte too many), more than ``max_bytes``, or
-            data whose SHA-256 is not ``sha256``.
+            announced (it stops at the first byte too many), more than ``max_bytes``, data
+            whose SHA-256 is not ``sha256``, or data that is no PyTorch checkpoint (e.g. a
+            proxy's error page sent with status 200).
     """
     from tqdm.auto import tqdm
 
@@ -406,7 +408,8 @@ def download(
         if sha256 is not None and digest.hexdigest() != sha256.lower():
             raise OSError(f"download of {url} has SHA-256 {digest.hexdigest()}, expected {sha256}")
         if not is_torch_file(Path(tmp)):  # e.g. a proxy's error page sent with status 200
-            start = Path(tmp).read_bytes()[:40]
+            with open(tmp, "rb") as stream:
+                start = stream.read(40)
             raise OSError(f"download of {url} is no PyTorch checkpoint (it starts with {start!r})")
         commit_file(Path(tmp), target)
     except BaseException:

@@ -34,6 +34,8 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike
 
+from forcecalc.graph.neighbors import cell_problem
+
 #: S2EF EFwT thresholds: energy (eV), per-component force error (eV/Å).
 EFWT_ENERGY_THRESHOLD = 0.02
 EFWT_FORCE_THRESHOLD = 0.03
@@ -190,15 +192,6 @@ def s2ef_metrics(
     }
 
 
-def _cell_problem(cell: np.ndarray, pbc: np.ndarray) -> tuple[int, str] | None:
-    """The first ``[S, 3, 3]`` cell whose periodic vectors (``pbc``: ``[S, 3]``) span no
-    lattice, and what is wrong with it; the graph builder's rule
-    (:func:`forcecalc.graph.neighbors.cell_problem`)."""
-    from forcecalc.graph.neighbors import cell_problem
-
-    return cell_problem(cell, pbc)
-
-
 def _lattice(cell: np.ndarray, pbc: np.ndarray) -> np.ndarray:
     """The ``[3, 3]`` ``cell`` with the vectors of non-periodic axes (``pbc``: ``[3]``)
     replaced by an orthonormal basis of the space orthogonal to the periodic ones: an
@@ -241,7 +234,7 @@ def min_image_distances(
     pred, true = check("pred", pred, "N,3"), check("true", true, "N,3")
     cell = check("cell", cell, "3,3", dtype=np.float64)
     pbc = np.ones(3, dtype=bool) if pbc is None else check("pbc", pbc, "3", dtype=bool)
-    problem = _cell_problem(cell[None], pbc[None])
+    problem = cell_problem(cell[None], pbc[None])
     if problem is not None:
         raise ValueError(f"cell: {problem[1]}")
     return _min_image(pred - true, cell, pbc)
@@ -277,7 +270,7 @@ def mean_free_distances(
         pbc_arr = np.broadcast_to(check("pbc", pbc, "3", dtype=bool), (len(natoms), 3))
     else:
         pbc_arr = check("pbc", pbc, "S,3", dtype=bool)
-    problem = _cell_problem(cell, pbc_arr)
+    problem = cell_problem(cell, pbc_arr)
     if problem is not None:
         raise ValueError(f"cell of structure {problem[0]}: {problem[1]}")
     offsets = np.concatenate([[0], np.cumsum(natoms)])

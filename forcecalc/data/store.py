@@ -25,7 +25,7 @@ list), and the reader gives them back decoded. Optional frame fields (``stress``
 files where some frame has them; a reader of a file without one sees no such field. Files are
 written to a temporary file in the same folder and renamed into place on success, so a path is
 either absent, the previous complete file, or the new complete file. The writer refuses frames
-with NaN or infinite positions or cells.
+with NaN or infinite positions or cells, or an atomic number of no element (outside 0-118).
 """
 
 from __future__ import annotations
@@ -400,8 +400,9 @@ class DatasetWriter:
 
         Raises:
             ValueError: a field has the wrong shape, or a frame has NaN or infinite
-                positions or cell (naming the first such frame by its index in the file and
-                its formula); nothing of the batch is written then.
+                positions or cell or an atomic number of no element (naming the first such
+                frame by its index in the file and its formula); nothing of the batch is
+                written then.
         """
         arrays = {name: np.asarray(getattr(batch, name)) for name in _FRAME_FIELDS}
         natoms = np.asarray(batch.natoms).astype(np.int64)

@@ -129,9 +129,11 @@ def cell_problem(cell: np.ndarray, pbc: np.ndarray) -> tuple[int, str] | None:
         cell: ``[n_systems, 3, 3]`` finite cell vectors (rows).
         pbc: ``[n_systems, 3]`` bool, periodic axes.
     """
-    cell = np.asarray(cell, dtype=np.float64)
     pbc = np.asarray(pbc, dtype=bool)
-    lengths = np.linalg.norm(cell, axis=2)
+    if not pbc.any():  # no periodic axis, no lattice to check (molecules: every MD step)
+        return None
+    cell = np.asarray(cell, dtype=np.float64)
+    lengths = np.sqrt(np.einsum("sij,sij->si", cell, cell))
     zero = pbc & (lengths < 1e-9)
     if zero.any():
         s = int(np.flatnonzero(zero.any(axis=1))[0])
@@ -141,8 +143,11 @@ def cell_problem(cell: np.ndarray, pbc: np.ndarray) -> tuple[int, str] | None:
         )
     # Gram determinant of the periodic unit vectors (non-periodic rows count as orthonormal):
     # the squared normalized volume they span.
-    units = np.where(pbc[..., None], cell / np.maximum(lengths, 1e-300)[..., None], 0.0)
-    gram = units @ units.transpose(0, 2, 1) + (~pbc)[..., None] * np.eye(3)
+    units = cell / np.where(lengths > 0, lengths, 1.0)[..., None]
+    units[~pbc] = 0.0
+    gram = np.einsum("sik,sjk->sij", units, units)
+    system, axis = np.nonzero(~pbc)
+    gram[system, axis, axis] = 1.0
     dependent = np.linalg.det(gram) < DEPENDENCE_TOLERANCE**2
     if dependent.any():
         s = int(np.flatnonzero(dependent)[0])

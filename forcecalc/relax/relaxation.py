@@ -262,8 +262,10 @@ def relax(
         a ``SinglePointCalculator`` with the final ``energy``/``free_energy`` and (raw)
         ``forces``, ``info["relax_steps"]`` (steps taken), ``info["relax_converged"]`` and
         ``info["relax_initial_energy"]`` (eV, before the first step); a structure whose
-        optimizer step was not finite (e.g. LBFGS where the forces vanish) ends there,
-        unconverged, with ``info["relax_error"]`` saying so.
+        model output (energy, forces) or optimizer step was not finite (e.g. LBFGS where the
+        forces vanish) ends there, unconverged, with ``info["relax_error"]`` saying which
+        (with the model's NaN outputs, and, with ``trajectory``, the frames recorded before:
+        none if its first evaluation failed).
     """
     from tqdm.auto import tqdm
 

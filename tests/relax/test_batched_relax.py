@@ -417,6 +417,10 @@ def test_a_model_output_that_is_not_finite_ends_that_structure_only(trajectory):
     for a, b in zip([results[0], *results[2:]], reference, strict=True):
         np.testing.assert_array_equal(a.positions, b.positions)
         assert "relax_error" not in a.info
+        if trajectory:
+            assert len(a.info["trajectory"]) == len(b.info["trajectory"]) > 1
+    if trajectory:  # its first evaluation failed: no frame was recorded
+        assert failed.info["trajectory"] == []
 
 
 def test_bfgs_on_a_force_that_does_not_change_ends_that_structure_only():
