@@ -50,7 +50,6 @@ DATASET_ATTRS = (
     "energy",
 )
 #: Atoms whose forces :func:`unlabelled_frames` reads at a time.
-_ATOM_BLOCK = 1 << 20
 
 
 def stacked_forces(structures: Sequence) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -136,15 +135,9 @@ def check_same_dataset(
 
 def unlabelled_frames(dataset: Dataset, frames: np.ndarray) -> np.ndarray:
     """``[U]`` those of the ``[F]`` frame indices ``frames`` whose stored energy or forces are
-    missing (NaN): the frames the reader gives no energy and forces. Read from the file's
-    arrays (forces a block of atoms at a time), without building the frames."""
-    missing = ~np.isfinite(dataset.frames["energy"])
-    n_atoms = int(dataset.offsets[-1])
-    for start in range(0, n_atoms, _ATOM_BLOCK):
-        forces = dataset.atom_array("forces", start, start + _ATOM_BLOCK)
-        atoms = start + np.flatnonzero(~np.isfinite(forces).all(axis=1))
-        missing[np.searchsorted(dataset.offsets, atoms, side="right") - 1] = True
-    return frames[missing[frames]]
+    missing (:meth:`~forcecalc.data.store.Dataset.missing_labels`)."""
+    energy, forces = dataset.missing_labels()
+    return frames[(energy | forces)[frames]]
 
 
 def check_frames(

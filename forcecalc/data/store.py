@@ -616,6 +616,20 @@ class Dataset(Sequence[Atoms]):
     def n_systems(self) -> int:
         return int(self.attrs.get("n_systems", 0))
 
+    def missing_labels(self, atom_block: int = 1 << 20) -> tuple[np.ndarray, np.ndarray]:
+        """``([F], [F])`` bool: the frames whose stored energy, and those whose stored forces
+        (any component), are missing (NaN) or not finite: the frames the reader gives no
+        energy and forces.  Read from the file's arrays, ``atom_block`` atoms of forces at a
+        time, without building the frames."""
+        energy = ~np.isfinite(np.asarray(self.frames["energy"], dtype=np.float64))
+        forces = np.zeros(len(self), dtype=bool)
+        offsets = np.asarray(self.offsets, dtype=np.int64)
+        for start in range(0, int(offsets[-1]), atom_block):
+            block = self.atom_array("forces", start, start + atom_block)
+            atoms = start + np.flatnonzero(~np.isfinite(block).all(axis=1))
+            forces[np.searchsorted(offsets, atoms, side="right") - 1] = True
+        return energy, forces
+
     def atom_array(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Rows ``start:stop`` of per-atom array ``name`` (positions, forces, numbers, tags,
         fixed), for the whole file by default."""

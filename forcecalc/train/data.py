@@ -363,24 +363,19 @@ def labelled_numbers(frames: Sequence) -> dict[str, set[int]]:
     return found
 
 
-def _dataset_numbers(dataset: Dataset, name: str, chunk: int = 4096) -> set[int]:
-    """:func:`labelled_numbers` of a :class:`forcecalc.data.Dataset` (energy NaN or any force
-    not finite: unlabelled, as the reader treats them), read ``chunk`` frames at a time."""
-    unknown = np.flatnonzero(~np.isfinite(np.asarray(dataset.frames["energy"], dtype=np.float64)))
-    if len(unknown):
-        raise ValueError(_unlabelled(f"{name}: frame {int(unknown[0])}", ["energy"]))
-    offsets = np.asarray(dataset.offsets, dtype=np.int64)
-    found: set[int] = set()
-    for first in range(0, len(offsets) - 1, chunk):
-        last = min(first + chunk, len(offsets) - 1)
-        lo, hi = int(offsets[first]), int(offsets[last])
-        forces = np.asarray(dataset.atom_array("forces", lo, hi))
-        bad = np.flatnonzero(~np.isfinite(forces).all(axis=1))
-        if len(bad):
-            frame = int(np.searchsorted(offsets, lo + bad[0], side="right")) - 1
-            raise ValueError(_unlabelled(f"{name}: frame {frame}", ["forces"]))
-        found.update(int(z) for z in np.unique(dataset.atom_array("numbers", lo, hi)))
-    return found
+def _dataset_numbers(dataset: Dataset, name: str, chunk: int = 1 << 20) -> set[int]:
+    """:func:`labelled_numbers` of a :class:`forcecalc.data.Dataset` (energy or any force not
+    finite: unlabelled, as the reader treats them), read ``chunk`` atoms at a time."""
+    for label, missing in zip(("energy", "forces"), dataset.missing_labels(chunk), strict=True):
+        if missing.any():
+            frame = int(np.flatnonzero(missing)[0])
+            raise ValueError(_unlabelled(f"{name}: frame {frame}", [label]))
+    n_atoms = int(dataset.offsets[-1])
+    return {
+        int(z)
+        for start in range(0, n_atoms, chunk)
+        for z in np.unique(dataset.atom_array("numbers", start, start + chunk))
+    }
 
 
 def _missing_labels(has_energy: bool, has_forces: bool) -> list[str]:

@@ -287,3 +287,19 @@ def test_from_atoms_warns_once_about_what_the_store_drops(tmp_path: Path) -> Non
     for name in ("info['note']", "'momenta'", "FixBondLength", "'magmom'"):
         assert message.count(name) == 1, name
     assert len(open_dataset(tmp_path / "a.h5")) == 3
+
+
+def test_missing_labels_are_found_by_frame_across_atom_blocks(tmp_path: Path) -> None:
+    """``Dataset.missing_labels`` marks exactly the frames whose stored energy, and those whose
+    stored forces (any component of any atom), are NaN or inf, whatever the block of atoms
+    the forces are read in."""
+    batch = _batch(_images(5, seed=6))
+    natoms = np.asarray(batch.natoms)
+    batch.energy[1] = np.nan
+    batch.forces[int(natoms[:3].sum()) + 2, 1] = np.inf  # frame 3, its third atom
+    batch.forces[int(natoms.sum()) - 1, 0] = np.nan  # the last atom of frame 4
+    with open_dataset(write_dataset(tmp_path / "a.h5", batch)) as dataset:
+        for block in (1, 3, 1 << 20):
+            energy, forces = dataset.missing_labels(atom_block=block)
+            assert energy.tolist() == [False, True, False, False, False]
+            assert forces.tolist() == [False, False, False, True, True]
