@@ -270,11 +270,16 @@ def _download_remote(remote: RemoteCheckpoint, target: Path, progress: bool) -> 
             max_bytes=remote.max_bytes,
         )
     except (OSError, http.client.HTTPException, ValueError) as error:
+        # the server not reached (not an HTTP status, a size or checksum it got wrong)
+        unreachable = type(error) is urllib.error.URLError or isinstance(
+            error, TimeoutError | ConnectionError
+        )
         reason = error.reason if type(error) is urllib.error.URLError else error
+        advice = "check the network connection, or " if unreachable else ""
         raise CheckpointError(
-            f"the download of {remote.name} from {remote.url} failed ({reason}); check the "
-            f"network connection, or download the file elsewhere and copy it to {target} "
-            f"(where the name {remote.name} finds it) or give its local path instead"
+            f"the download of {remote.name} from {remote.url} failed ({reason}); {advice}"
+            f"download the file elsewhere and copy it to {target} (where the name "
+            f"{remote.name} finds it) or give its local path instead"
         ) from error
 
 
