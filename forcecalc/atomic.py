@@ -147,3 +147,24 @@ def output_format(path: str, n_frames: int, complete: bool = False) -> str:
             file=sys.stderr,
         )
     return name
+
+
+def try_lock(handle: int) -> bool | None:
+    """Take an exclusive lock (``flock``) on the open file or folder ``handle`` without
+    waiting; it is held until ``handle`` is closed or the process ends, however it ends.
+
+    Returns:
+        True: taken; False: another process holds it; None: locks do not work here (not
+        POSIX, or a file system without ``flock``).
+    """
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError:
+        return None
+    return True

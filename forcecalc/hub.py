@@ -37,13 +37,8 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from forcecalc.atomic import commit_file
+from forcecalc.atomic import commit_file, try_lock
 from forcecalc.checkpoint import CheckpointError, is_torch_file
-
-try:
-    import fcntl
-except ImportError:  # Windows: no flock; a download's stale temp file is told by its age alone
-    fcntl = None  # type: ignore[assignment]
 
 #: The file in the shipped weights folder with each shipped file's SHA-256.
 MANIFEST = "manifest.json"
@@ -293,15 +288,6 @@ def _content_length(response: http.client.HTTPResponse, url: str) -> int | None:
     return int(value)
 
 
-def _lock(handle: int) -> None:
-    """Lock the open temp file ``handle`` of a download (``flock``, held until the file is
-    closed or the process ends), which tells other processes that its writer is alive (see
-    :func:`_remove_stale_parts`); nothing where locks do not work."""
-    if fcntl is not None:
-        with contextlib.suppress(OSError):
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-
-
 def _is_stale(part: Path, now: float) -> bool:
     """Whether the download temp file ``part`` is a dead download's: not written for
     :data:`STALE_PART_SECONDS` and not locked by its writer, or not written for
@@ -312,16 +298,14 @@ def _is_stale(part: Path, now: float) -> bool:
         return False
     if idle < STALE_PART_SECONDS:
         return False
-    if fcntl is None:
-        return idle > STALE_UNLOCKED_PART_SECONDS
     try:
         with part.open("r+b") as stream:  # the lock goes with the file's closing
-            fcntl.flock(stream, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:  # its writer holds the lock: a download under way
-        return False
-    except OSError:  # no locks on this file system, or not ours to open
+            locked = try_lock(stream.fileno())
+    except OSError:  # not ours to open
+        locked = None
+    if locked is None:  # the writer's lock cannot be tested
         return idle > STALE_UNLOCKED_PART_SECONDS
-    return True
+    return locked  # taken: no writer holds it
 
 
 def _remove_stale_parts(target: Path) -> None:
@@ -380,7 +364,8 @@ def download(
     target.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_parts(target)
     handle, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
-    _lock(handle)
+    # held while it writes: tells other processes the writer is alive (_remove_stale_parts)
+    try_lock(handle)
     digest = hashlib.sha256()
     try:
         with (

@@ -1,4 +1,4 @@
-"""Atomic file writes (forcecalc.atomic): a file is replaced whole or not at all."""
+"""Output files (forcecalc.atomic): a file is replaced whole or not at all; locks."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from forcecalc.atomic import torch_save, write_json
+from forcecalc.atomic import torch_save, try_lock, write_json
 
 
 def test_atomic_save_keeps_previous_file_on_failure(tmp_path: Path, monkeypatch) -> None:
@@ -40,3 +40,24 @@ def test_written_files_have_the_usual_permissions(tmp_path: Path) -> None:
     assert json.loads(path.read_text()) == {"a": [1, 2]}
     assert path.stat().st_mode & 0o777 == 0o644
     assert sorted(p.name for p in path.parent.iterdir()) == ["out.json"]
+
+
+def test_try_lock_is_exclusive_until_its_holder_closes(tmp_path: Path) -> None:
+    """``try_lock`` takes a lock another open handle of the same file cannot take (False),
+    until the holder closes it; a folder can be locked too."""
+    pytest.importorskip("fcntl")
+    path = tmp_path / "f"
+    path.write_bytes(b"x")
+    first, second = os.open(path, os.O_RDONLY), os.open(path, os.O_RDONLY)
+    try:
+        assert try_lock(first) is True
+        assert try_lock(second) is False
+        os.close(first)
+        assert try_lock(second) is True
+    finally:
+        os.close(second)
+    folder = os.open(tmp_path, os.O_RDONLY)
+    try:
+        assert try_lock(folder) is True
+    finally:
+        os.close(folder)

@@ -66,7 +66,7 @@ from scipy.sparse.csgraph import connected_components
 from scipy.spatial.transform import Rotation
 from tqdm import tqdm
 
-from forcecalc.atomic import commit_file
+from forcecalc.atomic import commit_file, try_lock
 from forcecalc.data.store import DatasetWriter, FrameBatch
 
 _Result = TypeVar("_Result")
@@ -876,22 +876,13 @@ def _exclusive(folder: Path) -> Iterator[None]:
     """Hold an exclusive lock on ``folder`` (``flock`` on the folder itself, released when the
     process ends, however it ends), or a ValueError if another generation holds it; no lock
     where the system or the file system has no ``flock``."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX
-        yield
-        return
     handle = os.open(folder, os.O_RDONLY)
     try:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if try_lock(handle) is False:
             raise ValueError(
                 f"another generation is writing into {folder}: wait for it to end or choose "
                 "another output folder"
-            ) from None
-        except OSError:  # a file system without flock
-            pass
+            )
         yield
     finally:
         os.close(handle)
