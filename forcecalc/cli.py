@@ -674,15 +674,8 @@ def _add_eval_commands(sub: argparse._SubParsersAction) -> None:
     is2rs.add_argument("--steps", type=int, default=300, help="maximum steps")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of the ``forcecalc`` command."""
-    parser = _Parser(
-        prog="forcecalc",
-        description="SpinConv and ForceNet force fields (Open Catalyst Project) for ASE.",
-    )
-    parser.add_argument("--version", action="version", version=f"forcecalc {forcecalc.__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-
+def _add_info_command(sub: argparse._SubParsersAction) -> None:
+    """``forcecalc info [CHECKPOINT]``."""
     info = sub.add_parser(
         "info", help="show the installation and known checkpoints, or describe one checkpoint"
     )
@@ -690,12 +683,18 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--allow-unsafe", action="store_true", help="allow full unpickling")
     info.set_defaults(func=_cmd_info)
 
+
+def _add_convert_command(sub: argparse._SubParsersAction) -> None:
+    """``forcecalc convert IN OUT``."""
     convert = sub.add_parser("convert", help="convert an OCP checkpoint to forcecalc's format")
     convert.add_argument("input", help="OCP checkpoint (.pt) or name")
     convert.add_argument("output", help="where to write the forcecalc checkpoint")
     convert.add_argument("--allow-unsafe", action="store_true", help="allow full unpickling")
     convert.set_defaults(func=_cmd_convert)
 
+
+def _add_relax_command(sub: argparse._SubParsersAction) -> None:
+    """``forcecalc relax INPUT``: ASE's optimizers one by one, or the batched engine."""
     relax = sub.add_parser(
         "relax",
         help="relax structures with an ASE optimizer",
@@ -755,8 +754,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     relax.set_defaults(func=_cmd_relax)
 
-    _add_eval_commands(sub)
 
+def _add_merge_command(sub: argparse._SubParsersAction) -> None:
+    """``forcecalc merge OUT SHARDS...``."""
     merge = sub.add_parser(
         "merge",
         help="merge the outputs of 'forcecalc relax --shard I/N' runs back into input order",
@@ -768,6 +768,9 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("inputs", nargs="+", help="the shards' --out files")
     merge.set_defaults(func=_cmd_merge)
 
+
+def _add_md_command(sub: argparse._SubParsersAction) -> None:
+    """``forcecalc md INPUT``: ASE's velocity Verlet or Langevin with a calculator."""
     md = sub.add_parser("md", help="molecular dynamics (velocity Verlet or Langevin)")
     md.add_argument("input", help="structure file")
     _add_model_options(md)
@@ -826,6 +829,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cuda_graph_option(md)
     md.set_defaults(func=_cmd_md)
 
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``forcecalc`` command."""
+    parser = _Parser(
+        prog="forcecalc",
+        description="SpinConv and ForceNet force fields (Open Catalyst Project) for ASE.",
+    )
+    parser.add_argument("--version", action="version", version=f"forcecalc {forcecalc.__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_info_command(sub)
+    _add_convert_command(sub)
+    _add_relax_command(sub)
+    _add_eval_commands(sub)
+    _add_merge_command(sub)
+    _add_md_command(sub)
     add_data_commands(sub)
     add_train_commands(sub)
     return parser
