@@ -20,6 +20,7 @@ from forcecalc.train.cli import add_train_commands
 
 if TYPE_CHECKING:
     from ase import Atoms
+    from ase.md.md import MolecularDynamics
 
     from forcecalc.checkpoint import Potential
     from forcecalc.data.store import Dataset
@@ -487,10 +488,26 @@ def _check_md_args(args: argparse.Namespace) -> None:
     _check_at_least(args, "skin", 0)
 
 
+def _note_energy_conservation(potential: Potential) -> None:
+    """A note on stderr where ``potential``'s forces are no energy gradient (direct forces, or
+    OCP's compat forces), whose dynamics conserve no energy."""
+    if not potential.energy_gradient:
+        print(
+            f"forcecalc: note: the {potential.name} model predicts forces directly, not as an "
+            "energy gradient: its dynamics conserve no energy (use spinconv-ec for MD)",
+            file=sys.stderr,
+        )
+    elif not potential.defines_stress:
+        print(
+            "forcecalc: note: OCP's compat forces differentiate the energy through the distance "
+            "features only, not the full -dE/dx: its dynamics conserve no energy (add --forces "
+            "conservative)",
+            file=sys.stderr,
+        )
+
+
 def _cmd_md(args: argparse.Namespace) -> int:
     from ase import units
-    from ase.io import read
-    from ase.io.trajectory import Trajectory
     from ase.md.langevin import Langevin
     from ase.md.verlet import VelocityVerlet
 
@@ -520,20 +537,7 @@ def _cmd_md(args: argparse.Namespace) -> int:
         compile_mode=args.compile,
         **({} if args.forces is None else {"forces": args.forces}),
     )
-    potential = atoms.calc.potential
-    if not potential.energy_gradient:
-        print(
-            f"forcecalc: note: the {potential.name} model predicts forces directly, not as an "
-            "energy gradient: its dynamics conserve no energy (use spinconv-ec for MD)",
-            file=sys.stderr,
-        )
-    elif not potential.defines_stress:
-        print(
-            "forcecalc: note: OCP's compat forces differentiate the energy through the distance "
-            "features only, not the full -dE/dx: its dynamics conserve no energy (add --forces "
-            "conservative)",
-            file=sys.stderr,
-        )
+    _note_energy_conservation(atoms.calc.potential)
     rng = np.random.default_rng(args.seed)
     if args.keep_momenta:
         if not atoms.get_momenta().any():
@@ -567,12 +571,25 @@ def _cmd_md(args: argparse.Namespace) -> int:
         )
 
     dyn.attach(log, interval=args.log_interval)
-    if not args.out:
+    if args.out:
+        _run_saving_frames(dyn, atoms, args, out_format)
+    else:
         dyn.run(args.steps)
-        return 0
-    # Frames go to OUT.part (an ASE trajectory), then to OUT in its format when the run ends:
-    # an earlier OUT survives a run that fails or is interrupted, and the frames written so
-    # far stay in OUT.part.
+    return 0
+
+
+def _run_saving_frames(
+    dyn: MolecularDynamics, atoms: Atoms, args: argparse.Namespace, out_format: str | None
+) -> None:
+    """Run ``dyn`` for ``args.steps`` steps, a frame every ``args.log_interval`` steps going to
+    ``OUT.part`` (an ASE trajectory), then to ``args.out`` in ``out_format`` when the run ends:
+    an earlier OUT survives a run that fails or is interrupted, and the frames written so far
+    stay in OUT.part."""
+    from ase.io import read
+    from ase.io.trajectory import Trajectory
+
+    from forcecalc.atomic import commit_file
+
     partial = Path(f"{args.out}.part")
     partial.parent.mkdir(parents=True, exist_ok=True)
     traj = Trajectory(partial, "w", atoms)
@@ -589,13 +606,10 @@ def _cmd_md(args: argparse.Namespace) -> int:
         raise
     traj.close()
     if out_format == "traj":
-        from forcecalc.atomic import commit_file
-
         commit_file(partial, Path(args.out))
     else:
         _write_structures(args.out, read(partial, index=":", format="traj"), out_format)
         partial.unlink()
-    return 0
 
 
 class _HelpFormatter(argparse.HelpFormatter):
