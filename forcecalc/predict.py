@@ -46,7 +46,9 @@ def predict(
         (``[n_atoms, 3]`` float64 array, eV/Å). Equal to the calculator's one-by-one results
         (``atoms.get_potential_energy(apply_constraint=...)`` and ``atoms.get_forces(...)``:
         with constraints applied, a restraint such as ``Hookean`` adds its energy and
-        forces).
+        forces). A structure the model gives a NaN or infinite output for gets it as it is
+        (the others are unaffected), where the calculator raises ``CalculationFailed``: a
+        screening loses no structure to another's failure.
     """
     from ase import Atoms
     from tqdm.auto import tqdm

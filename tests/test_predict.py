@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from ase import Atoms
 from ase.build import molecule
 from ocp_fixtures import ocp_structures
@@ -91,3 +92,45 @@ def test_predict_equals_the_calculator() -> None:
         atoms.calc = calc
         assert result["energy"] == pytest.approx(atoms.get_potential_energy(), abs=1e-9)
         np.testing.assert_allclose(result["forces"], atoms.get_forces(), atol=1e-9)
+
+
+class _NaNForGold(torch.nn.Module):
+    """``E = sum |r|^2 / 2`` per system (forces ``-r``), NaN for every system holding gold."""
+
+    cutoff = 3.0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones((), dtype=torch.float64), requires_grad=False)
+
+    def forward(self, batch):
+        positions = batch.positions * self.scale
+        per_atom = 0.5 * (positions**2).sum(dim=1)
+        energy = torch.zeros(batch.n_systems, dtype=positions.dtype)
+        energy = energy.index_add(0, batch.system_idx, per_atom)
+        gold = torch.zeros(batch.n_systems, dtype=torch.bool)
+        gold[batch.system_idx[batch.numbers == 79]] = True
+        nan = torch.tensor(float("nan"), dtype=energy.dtype)
+        forces = torch.where(gold[batch.system_idx, None], nan, -positions)
+        return {"energy": torch.where(gold, nan, energy), "forces": forces}
+
+
+@pytest.mark.parametrize("batch_size", [4, "auto"])
+def test_a_structure_the_model_fails_on_gets_nan_and_the_others_their_results(batch_size):
+    """A structure whose model output is NaN gets NaN energy and forces from ``predict``; the
+    structures batched with it get exactly their results without it (a screening loses none
+    to another's failure)."""
+    from forcecalc.checkpoint import CheckpointInfo, Normalizers, Potential
+
+    info = CheckpointInfo("test", {}, Normalizers(), "test")
+    potential = Potential(_NaNForGold(), info)
+    good = [molecule("H2O"), molecule("CH4")]
+    for atoms in good:
+        atoms.center(vacuum=4.0)
+    gold = Atoms("Au2", positions=[[4.0, 4.0, 4.0], [6.4, 4.0, 4.0]], cell=[10, 10, 10])
+    alone = predict(good, potential, batch_size=batch_size)
+    mixed = predict([good[0], gold, good[1]], potential, batch_size=batch_size)
+    assert np.isnan(mixed[1]["energy"]) and np.isnan(mixed[1]["forces"]).all()
+    for a, b in zip([mixed[0], mixed[2]], alone, strict=True):
+        assert a["energy"] == b["energy"]
+        np.testing.assert_array_equal(a["forces"], b["forces"])
