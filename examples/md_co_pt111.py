@@ -88,7 +88,7 @@ def drift_per_atom_ps(energies: np.ndarray, timestep: float, n_free: int) -> flo
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--model", default="spinconv-ec", help="checkpoint name or path")
     parser.add_argument("--langevin-steps", type=int, default=100)
     parser.add_argument("--nve-steps", type=int, default=200)

@@ -66,7 +66,7 @@ def barrier(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--model", default="spinconv-fc", help="checkpoint name or path")
     parser.add_argument("--images", type=int, default=5, help="intermediate images")
     parser.add_argument("--fmax", type=float, default=0.05, help="eV/Å")
