@@ -637,9 +637,7 @@ class _Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
-        # options a subcommand does not know reach the top-level parser: point to its help
-        where = "forcecalc COMMAND --help" if message.startswith("unrecognized") else ""
-        self.exit(2, f"{self.prog}: error: {message} (see {where or self.prog + ' --help'})\n")
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _add_eval_commands(sub: argparse._SubParsersAction) -> None:
@@ -844,6 +842,10 @@ def _add_md_command(sub: argparse._SubParsersAction) -> None:
     md.set_defaults(func=_cmd_md)
 
 
+#: The destinations of the subcommand levels, outermost first (``forcecalc eval s2ef``).
+_SUBCOMMANDS = ("command", "task", "data_command")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``forcecalc`` command."""
     parser = _Parser(
@@ -872,7 +874,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     from ase.calculators.calculator import CalculatorError
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # named by the (sub)command that does not know them, with its own --help
+        where = " ".join(
+            ["forcecalc"]
+            + [str(getattr(args, dest)) for dest in _SUBCOMMANDS if getattr(args, dest, None)]
+        )
+        print(
+            f"{where}: error: unrecognized arguments: {' '.join(unknown)} (see {where} --help)",
+            file=sys.stderr,
+        )
+        return 2
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 1

@@ -231,3 +231,20 @@ def test_eval_checks_every_input_before_loading_the_model(tmp_path: Path, monkey
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and expected in err, (argv, err)
+
+
+@pytest.mark.parametrize(
+    ("argv", "where"),
+    [
+        (["eval", "s2ef", "--model", "m", "--data", "d.h5", "--max-systems", "3"], "eval s2ef"),
+        (["relax", "in.xyz", "--model", "m", "--bogus"], "relax"),
+        (["data", "oc20emt", "--size", "tiny", "--out", "x", "--bogus"], "data oc20emt"),
+    ],
+)
+def test_an_unknown_option_is_named_with_its_commands_help(argv, where, capsys) -> None:
+    """An option the command does not know is a one-line usage error (exit code 2) naming the
+    command, e.g. `forcecalc eval s2ef`, and pointing to that command's own --help."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"forcecalc {where}: error: unrecognized arguments: ")
+    assert err.endswith(f"(see forcecalc {where} --help)") and "\n" not in err
