@@ -855,6 +855,20 @@ def load_checkpoint(
     """
     torch_device, torch_dtype = resolve_device(device), resolve_dtype(dtype)
     info, state_dict = read_checkpoint(source, allow_unsafe=allow_unsafe)
+    return build_potential(info, state_dict, torch_device, torch_dtype, **model_options)
+
+
+def build_potential(
+    info: CheckpointInfo,
+    state_dict: dict[str, Tensor],
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype = "float32",
+    **model_options: Any,
+) -> Potential:
+    """The :class:`Potential` (eval mode) of a checkpoint already read
+    (:func:`read_checkpoint`'s ``info`` and ``state_dict``); the rest as
+    :func:`load_checkpoint`, which is :func:`read_checkpoint` then this."""
+    torch_device, torch_dtype = resolve_device(device), resolve_dtype(dtype)
     kwargs = {**info.model_kwargs, **model_options}
     try:
         model = build_model(info.model, kwargs)

@@ -104,15 +104,13 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     float32), after checking that the output can be written."""
     import torch
 
-    from forcecalc.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
+    from forcecalc.checkpoint import build_potential, read_checkpoint, save_checkpoint
 
     check_writable(args.output)
-    _, state_dict = read_checkpoint(args.input, allow_unsafe=args.allow_unsafe)
+    info, state_dict = read_checkpoint(args.input, allow_unsafe=args.allow_unsafe)
     stored = {value.dtype for value in state_dict.values() if isinstance(value, torch.Tensor)}
     dtype = "float64" if torch.float64 in stored else "float32"
-    potential = load_checkpoint(
-        args.input, device="cpu", dtype=dtype, allow_unsafe=args.allow_unsafe
-    )
+    potential = build_potential(info, state_dict, device="cpu", dtype=dtype)
     path = save_checkpoint(potential, args.output, metadata={"converted_from": str(args.input)})
     print(f"wrote {path} ({potential.name}, forcecalc format, {dtype})")
     return 0
