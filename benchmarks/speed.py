@@ -23,7 +23,7 @@ Prints tables and writes JSON (atomically):
 
     python benchmarks/speed.py --out benchmarks/results/speed_cpu.json [--batch 32 --repeats 3]
     python benchmarks/speed.py --devices cuda --batch 32 256 --repeats 20 [--tf32]
-        [--compile]
+        [--compile] [--triton]
     python benchmarks/speed.py --relax --relax-args --n 64 --model spinconv-fc
     python benchmarks/speed.py --devices cpu --batch --skip-ase-step --original-src DIR
 """
@@ -259,6 +259,7 @@ def ase_step_rows(
             "batch": 1,
             "ms_per_structure": 1000 * seconds,
             "compiled": args.compile,
+            "triton": args.triton if name.startswith("spinconv") else None,
             "cuda_graph": cuda_graph,
             "skin": skin,
             "compile_mode": mode,
@@ -372,8 +373,12 @@ def model_rows(args: argparse.Namespace, classes: dict[str, type] | None) -> lis
         for device in devices:
             model = model.to(device=device, dtype=torch.float32)
             runner = model
+            if args.triton and kind == "spinconv":
+                from forcecalc.models.triton_kernels import with_triton_kernels
+
+                runner = with_triton_kernels(runner, args.triton)
             if args.compile:
-                runner = compiled_blocks(model, args.compile)
+                runner = compiled_blocks(runner, args.compile)
             if theirs is not None:
                 theirs = theirs.to(device=device, dtype=torch.float32)
             cases = [(size, 1) for size in args.sizes] + [(66, batch) for batch in args.batch]
@@ -386,11 +391,11 @@ def model_rows(args: argparse.Namespace, classes: dict[str, type] | None) -> lis
                     calls.append(original_call(theirs, data))
                 timings = time_calls(calls, device == "cuda", args.repeats)
                 first, seconds = timings[0][0], float(np.median(timings[0][1:]))
-                if args.compile:
+                if runner is not model:
                     with torch.no_grad():
                         eager = model(batch)["forces"]
                         difference = (runner(batch)["forces"] - eager).abs().max()
-                    compile_error = float(difference / eager.abs().max())
+                    runner_error = float(difference / eager.abs().max())
                 row = {
                     "model": name,
                     "device": device,
@@ -400,10 +405,11 @@ def model_rows(args: argparse.Namespace, classes: dict[str, type] | None) -> lis
                     "ms_per_structure": 1000 * seconds / batch_size,
                     "atoms_per_second": batch.n_atoms / seconds,
                     "compiled": args.compile,
+                    "triton": args.triton if runner is not model and kind == "spinconv" else None,
                     "first_call_seconds": first,
                 }
-                if args.compile:
-                    row["max_force_difference_to_eager_relative"] = compile_error
+                if runner is not model:
+                    row["max_force_difference_to_eager_relative"] = runner_error
                 per_structure = batch_size == 1
                 label = f"{n_atoms} atoms, ms" if per_structure else f"batch {batch_size}, atoms/s"
                 ours = row["ms_per_structure" if per_structure else "atoms_per_second"]
@@ -468,6 +474,16 @@ def main() -> None:
         "convolutions, ForceNet's interactions; dynamic shapes, mode MODE; the first call, "
         "with the compilation, apart)",
     )
+    parser.add_argument(
+        "--triton",
+        nargs="?",
+        const="tf32x3",
+        default=None,
+        choices=["tf32x3", "tf32", "ieee"],
+        help="time SpinConv with the fused Triton kernels (forcecalc.models.triton_kernels; "
+        "tl.dot precision PRECISION, default tf32x3), with the largest force difference to "
+        "the PyTorch path",
+    )
     parser.add_argument("--skip-ase-step", action="store_true", help="no ASE-step rows")
     parser.add_argument(
         "--sizes",
@@ -505,6 +521,7 @@ def main() -> None:
             "benchmark": "speed",
             "hardware": hardware(args.tf32),
             "compile": args.compile,
+            "triton": args.triton,
             "rows": rows,
         },
     )

@@ -1,1 +1,11 @@
-"""pytest configuration: puts tests/ on sys.path, so test modules can import ``ocp_fixtures``."""
+"""pytest configuration (``tests/`` is on ``sys.path`` through ``pyproject.toml``, so test modules
+import ``ocp_fixtures`` and ``devices``)."""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    # Triton compiles for CUDA devices only; without one, the fused kernels' tests run in its
+    # interpreter, which is chosen when triton is first imported.
+    os.environ.setdefault("TRITON_INTERPRET", "1")

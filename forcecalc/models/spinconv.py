@@ -194,6 +194,9 @@ class EmbeddingBlock(nn.Module):
         nn.init.uniform_(self.source_embedding.weight, -1e-4, 1e-4)
         nn.init.uniform_(self.target_embedding.weight, -1e-4, 1e-4)
         self.embed_fc1 = nn.Linear(2 * embedding_size, NUM_EXPERTS)
+        #: ``tl.dot`` precision of the fused Triton kernel, None for PyTorch's operators (see
+        #: :func:`~forcecalc.models.triton_kernels.with_triton_kernels`).
+        self.triton_precision: str | None = None
 
     def forward(self, x: Tensor, source_element: Tensor, target_element: Tensor) -> Tensor:
         """``[n, in] -> [n, out]``; elements ``[n]`` int64.  On the CPU without autograd, in
@@ -203,6 +206,8 @@ class EmbeddingBlock(nn.Module):
         are kept for the backward pass anyway, and chunks only add work (force-centric training
         step 5% slower)."""
         recording = torch.is_grad_enabled() and x.requires_grad
+        if self.triton_precision is not None and not recording and x.dtype == torch.float32:
+            return self._fused_mixture(x, source_element, target_element)
         if x.is_cuda or recording or len(x) <= MOE_CHUNK_ROWS:
             return self._mixture(x, source_element, target_element)
         return torch.cat(
@@ -218,14 +223,30 @@ class EmbeddingBlock(nn.Module):
         )
 
     def _mixture(self, x: Tensor, source_element: Tensor, target_element: Tensor) -> Tensor:
-        pair = torch.cat(
-            [self.source_embedding(source_element), self.target_embedding(target_element)], dim=1
-        )
-        mixture = torch.softmax(self.embed_fc1(pair), dim=1)
+        mixture = self._expert_weights(source_element, target_element)
         experts = self.act(self.fc2(self.act(self.fc1(x))))
         experts = experts.view(-1, NUM_EXPERTS, self.mid_channels)
         mixed = torch.bmm(mixture.unsqueeze(1), experts).squeeze(1)
         return self.fc3(mixed)
+
+    def _fused_mixture(self, x: Tensor, source_element: Tensor, target_element: Tensor) -> Tensor:
+        from forcecalc.models.triton_kernels import mixture_of_experts
+
+        mixed = mixture_of_experts(
+            self.act(self.fc1(x)),
+            self.fc2.weight,
+            self.fc2.bias,
+            self._expert_weights(source_element, target_element),
+            self.triton_precision,
+        )
+        return self.fc3(mixed)
+
+    def _expert_weights(self, source_element: Tensor, target_element: Tensor) -> Tensor:
+        """``[n, NUM_EXPERTS]``: the softmax of the element pair's embeddings."""
+        pair = torch.cat(
+            [self.source_embedding(source_element), self.target_embedding(target_element)], dim=1
+        )
+        return torch.softmax(self.embed_fc1(pair), dim=1)
 
 
 class DistanceBlock(nn.Module):
@@ -336,6 +357,9 @@ class SpinConvBlock(nn.Module):
             padding_mode="circular",
         )
         self.GroupNorm = nn.GroupNorm(self.groups, mid_channels)
+        #: ``tl.dot`` precision of the fused Triton kernels, None for PyTorch's operators (see
+        #: :func:`~forcecalc.models.triton_kernels.with_triton_kernels`).
+        self.triton_precision: str | None = None
         # The DFT matrices by (dtype, device): constants, built once (about 25 small operations
         # per spin convolution otherwise, a fifth of a batch-1 forward's launches on CUDA).
         self._dft: dict[tuple[torch.dtype, torch.device], tuple[Tensor, Tensor, Tensor]] = {}
@@ -1391,6 +1415,8 @@ class SphereProjections:
         budget = CHUNK_BYTES_CUDA if values.is_cuda else CHUNK_BYTES
         step = max(1, budget // per_grid)
         recording = torch.is_grad_enabled() and (values.requires_grad or self.rows.requires_grad)
+        if block.triton_precision is not None and not recording and values.dtype == torch.float32:
+            return self._fused_spin_convolution(block, values)
         cache = (values.is_cuda or recording) and (
             n * width * long * lat * itemsize <= WEIGHT_CACHE_BYTES
         )
@@ -1401,6 +1427,24 @@ class SphereProjections:
         ):
             spectrum = torch.bmm(features.transpose(1, 2), weights)
             outputs.append(block(spectrum.view(len(spectrum), channels, long, lat), kernels))
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+
+    def _fused_spin_convolution(self, block: SpinConvBlock, values: Tensor) -> Tensor:
+        """:meth:`spin_convolution` by the fused Triton kernels (float32, no autograd), in
+        chunks of grids whose spectra ``[long, groups, chunk, (C / groups) lat]`` fit in
+        ``CHUNK_BYTES_CUDA``."""
+        from forcecalc.models.triton_kernels import spin_pool, spin_spectra
+
+        long, lat = self.phase.shape[-1], self.rows.shape[-1]
+        step = max(1, CHUNK_BYTES_CUDA // (values.element_size() * values.shape[1] * long * lat))
+        kernels = block.kernels()
+        precision = block.triton_precision
+        outputs = []
+        chunks = (table.split(step) for table in (self.readers.index, self.phase, self.rows))
+        for index, phase, rows in zip(*chunks, strict=True):
+            spectra = spin_spectra(values, index, phase, rows, block.groups, precision)
+            pooled = spin_pool(spectra, kernels, block.conv1.bias, precision)
+            outputs.append(block.GroupNorm(pooled))
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
     def _chunk_weights(self, step: int, cache: bool) -> Iterable[Tensor]:

@@ -1,0 +1,387 @@
+"""Fused Triton kernels for SpinConv's inference forward (opt-in, float32, no autograd).
+
+SpinConv-All, batched on a GPU, is bound by memory traffic when each PyTorch operator is its
+own kernel (README, "Where the GPU targets stand"): the mixtures of experts write and read
+back their ``[n, 8 x mid]`` expert outputs, and the spin convolutions their splat weights
+``[n, width, long x lat]``, packed spectra (twice: built, then permuted) and the products of
+every frequency.  These kernels compute the same numbers without those tensors:
+
+* :func:`mixture_of_experts`: ``sum_k w_k * act(h @ W_k^T + b_k)``, the experts' products
+  accumulated tile by tile, each expert's tile activated, weighted and added in registers
+  (``[n, mid]`` written once);
+* :func:`spin_spectra`: the packed longitude spectra of the projected grids straight from
+  the splat factors (:func:`~forcecalc.models.spinconv.splat_factors`) and the gathered
+  messages, written in the frequency-major layout the products read;
+* :func:`spin_pool`: the kernels' products at every frequency (Gauss's three products), the
+  inverse DFT, the bias, Swish and the mean over the longitude in one pass (``[n, mid]``
+  written once; the GroupNorm that follows is PyTorch's).
+
+Matrix products use ``tl.dot`` with ``input_precision="tf32x3"`` by default (three TF32
+tensor-core products per product: float32's accuracy); ``"tf32"`` is one (about 1e-3
+relative error per product) and ``"ieee"`` full float32 on CUDA cores.  On a CPU tensor the
+kernels run in Triton's interpreter (numpy, full float32 whatever the precision) where Triton
+was imported with ``TRITON_INTERPRET=1``: for tests, far slower than the PyTorch path.
+:func:`with_triton_kernels` returns a copy of a model that uses them.
+"""
+
+# Triton reads a kernel argument's annotation as its type (tl.constexpr: a compile-time
+# constant), so the pointers and sizes of the kernels below stay unannotated.
+# ruff: noqa: ANN001
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor, nn
+from triton.runtime.interpreter import InterpretedFunction
+
+#: ``tl.dot`` input precisions accepted by :func:`with_triton_kernels`.
+PRECISIONS = ("tf32x3", "tf32", "ieee")
+#: Tile sizes (rows, columns, reduction) of :func:`mixture_of_experts`.
+MIXTURE_TILES = (64, 64, 32)
+#: Grids per program of :func:`spin_spectra`.
+SPECTRA_GRIDS = 4
+#: Tile sizes (grids, columns, reduction) of :func:`spin_pool`.
+POOL_TILES = (32, 32, 32)
+#: Warps per program of :func:`spin_pool` (its accumulator holds every longitude).
+POOL_WARPS = 8
+
+
+@triton.jit
+def _mixture_kernel(
+    h_ptr,
+    weight_ptr,
+    bias_ptr,
+    mixture_ptr,
+    out_ptr,
+    n_rows,
+    n_in,
+    n_mid,
+    n_experts,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+) -> None:
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < n_rows
+    col_ok = cols < n_mid
+    out = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for expert in range(n_experts):
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        # weight is fc2's [n_experts * n_mid, n_in]; this expert's columns of its transpose
+        outputs = expert * n_mid + cols
+        for start in range(0, n_in, BLOCK_K):
+            ks = start + tl.arange(0, BLOCK_K)
+            k_ok = ks < n_in
+            a = tl.load(
+                h_ptr + rows[:, None] * n_in + ks[None, :],
+                mask=row_ok[:, None] & k_ok[None, :],
+                other=0.0,
+            )
+            b = tl.load(
+                weight_ptr + outputs[None, :] * n_in + ks[:, None],
+                mask=k_ok[:, None] & col_ok[None, :],
+                other=0.0,
+            )
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        acc += tl.load(bias_ptr + outputs, mask=col_ok, other=0.0)[None, :]
+        share = tl.load(mixture_ptr + rows * n_experts + expert, mask=row_ok, other=0.0)
+        out += share[:, None] * (acc * tl.sigmoid(acc))
+    tl.store(
+        out_ptr + rows[:, None] * n_mid + cols[None, :], out, mask=row_ok[:, None] & col_ok[None, :]
+    )
+
+
+@triton.jit
+def _spectra_kernel(
+    values_ptr,
+    index_ptr,
+    phase_ptr,
+    rows_ptr,
+    out_ptr,
+    n_grids,
+    n_values,
+    width,
+    channels,
+    per_group,
+    long,
+    lat,
+    GRIDS: tl.constexpr,
+    WIDTH: tl.constexpr,
+    CHANNELS: tl.constexpr,
+    LAT: tl.constexpr,
+    PRECISION: tl.constexpr,
+) -> None:
+    grids = tl.program_id(0).to(tl.int64) * GRIDS + tl.arange(0, GRIDS)
+    slots = tl.arange(0, WIDTH)
+    channel = tl.arange(0, CHANNELS)
+    latitude = tl.arange(0, LAT)
+    grid_ok = grids < n_grids
+    slot_ok = grid_ok[:, None] & (slots < width)[None, :]  # [GRIDS, WIDTH]
+    entry = grids[:, None] * width + slots[None, :]
+    reader = tl.load(index_ptr + entry, mask=slot_ok, other=n_values)
+    read = slot_ok & (reader < n_values)
+    # features [GRIDS, CHANNELS, WIDTH]: the messages the grid reads, zero for padding
+    features = tl.load(
+        values_ptr + reader.to(tl.int64)[:, None, :] * channels + channel[None, :, None],
+        mask=read[:, None, :] & (channel < channels)[None, :, None],
+        other=0.0,
+    )
+    rows = tl.load(
+        rows_ptr + entry[:, :, None] * lat + latitude[None, None, :],
+        mask=slot_ok[:, :, None] & (latitude < lat)[None, None, :],
+        other=0.0,
+    )  # [GRIDS, WIDTH, LAT]
+    group = channel // per_group
+    column = (channel % per_group) * lat
+    n_groups = channels // per_group
+    store_ok = grid_ok[:, None, None] & (channel < channels)[None, :, None]
+    store_ok = store_ok & (latitude < lat)[None, None, :]
+    for k in range(long):
+        phase = tl.load(phase_ptr + entry * long + k, mask=slot_ok, other=0.0)  # [GRIDS, WIDTH]
+        spectrum = tl.dot(features * phase[:, None, :], rows, input_precision=PRECISION)
+        # out [long, groups, n_grids, per_group * lat]
+        plane = (k * n_groups + group).to(tl.int64)[None, :, None] * n_grids + grids[:, None, None]
+        offset = plane * (per_group * lat) + column[None, :, None] + latitude[None, None, :]
+        tl.store(out_ptr + offset, spectrum, mask=store_ok)
+
+
+@triton.jit
+def _pool_kernel(
+    spectra_ptr,
+    edge_ptr,
+    real_ptr,
+    imag_minus_real_ptr,
+    real_plus_imag_ptr,
+    inverse_ptr,
+    bias_ptr,
+    out_ptr,
+    n_grids,
+    n_groups,
+    n_in,
+    n_out,
+    long,
+    n_edge,
+    n_middle,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    LONG: tl.constexpr,
+    PRECISION: tl.constexpr,
+) -> None:
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    group = tl.program_id(1)
+    cols = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
+    shift = tl.arange(0, LONG)
+    row_ok = rows < n_grids
+    col_ok = cols < n_out
+    shift_ok = shift < long
+    # conv[x, grid, column] before the bias, x the longitudinal shift
+    conv = tl.zeros([LONG, BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for e in range(n_edge):
+        product = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        spectrum = spectra_ptr + ((e * n_groups + group) * n_grids + rows) * n_in
+        kernel = edge_ptr + (e * n_groups + group) * n_in * n_out + cols
+        for start in range(0, n_in, BLOCK_K):
+            ks = start + tl.arange(0, BLOCK_K)
+            k_ok = ks < n_in
+            a = tl.load(
+                spectrum[:, None] + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0
+            )
+            b = tl.load(
+                kernel[None, :] + ks[:, None] * n_out,
+                mask=k_ok[:, None] & col_ok[None, :],
+                other=0.0,
+            )
+            product = tl.dot(a, b, product, input_precision=PRECISION)
+        inverse = tl.load(inverse_ptr + e * long + shift, mask=shift_ok, other=0.0)
+        conv += inverse[:, None, None] * product[None, :, :]
+    for f in range(n_middle):
+        k1 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        k2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        k3 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        real_entry = n_edge + f
+        imag_entry = n_edge + n_middle + f
+        spectrum_re = spectra_ptr + ((real_entry * n_groups + group) * n_grids + rows) * n_in
+        spectrum_im = spectra_ptr + ((imag_entry * n_groups + group) * n_grids + rows) * n_in
+        kernel = (f * n_groups + group) * n_in * n_out + cols
+        for start in range(0, n_in, BLOCK_K):
+            ks = start + tl.arange(0, BLOCK_K)
+            k_ok = ks < n_in
+            a_ok = row_ok[:, None] & k_ok[None, :]
+            b_ok = k_ok[:, None] & col_ok[None, :]
+            re = tl.load(spectrum_re[:, None] + ks[None, :], mask=a_ok, other=0.0)
+            im = tl.load(spectrum_im[:, None] + ks[None, :], mask=a_ok, other=0.0)
+            b = kernel[None, :] + ks[:, None] * n_out
+            real = tl.load(real_ptr + b, mask=b_ok, other=0.0)
+            imag_minus_real = tl.load(imag_minus_real_ptr + b, mask=b_ok, other=0.0)
+            real_plus_imag = tl.load(real_plus_imag_ptr + b, mask=b_ok, other=0.0)
+            k1 = tl.dot(re + im, real, k1, input_precision=PRECISION)
+            k2 = tl.dot(re, imag_minus_real, k2, input_precision=PRECISION)
+            k3 = tl.dot(im, real_plus_imag, k3, input_precision=PRECISION)
+        inverse_re = tl.load(inverse_ptr + real_entry * long + shift, mask=shift_ok, other=0.0)
+        inverse_im = tl.load(inverse_ptr + imag_entry * long + shift, mask=shift_ok, other=0.0)
+        conv += inverse_re[:, None, None] * (k1 - k3)[None, :, :]
+        conv += inverse_im[:, None, None] * (k1 + k2)[None, :, :]
+    bias = tl.load(bias_ptr + group * n_out + cols, mask=col_ok, other=0.0)
+    conv += bias[None, None, :]
+    activated = tl.where(shift_ok[:, None, None], conv * tl.sigmoid(conv), 0.0)
+    pooled = tl.sum(activated, axis=0) / long
+    out = out_ptr + rows[:, None] * (n_groups * n_out) + group * n_out + cols[None, :]
+    tl.store(out, pooled, mask=row_ok[:, None] & col_ok[None, :])
+
+
+def _launcher(kernel: triton.JITFunction, tensor: Tensor) -> triton.JITFunction:
+    """``kernel``, checked to run on ``tensor``'s device: compiled for CUDA, or interpreted
+    (numpy) where Triton was imported with ``TRITON_INTERPRET=1``."""
+    if not (tensor.is_cuda or isinstance(kernel, InterpretedFunction)):
+        raise RuntimeError(
+            f"the Triton kernels run on CUDA tensors, got one on {tensor.device} (on the CPU "
+            "they run in Triton's interpreter, for tests: set TRITON_INTERPRET=1 before "
+            "triton is first imported)"
+        )
+    return kernel
+
+
+def _dot_size(n: int) -> int:
+    """The smallest power of two >= ``n`` and >= 16 (``tl.dot``'s smallest tile side)."""
+    return max(16, triton.next_power_of_2(n))
+
+
+def _check_float32(*tensors: Tensor) -> None:
+    for tensor in tensors:
+        if tensor.dtype != torch.float32:
+            raise TypeError(f"the Triton kernels take float32 tensors, got {tensor.dtype}")
+
+
+def mixture_of_experts(
+    h: Tensor, weight: Tensor, bias: Tensor, mixture: Tensor, precision: str = "tf32x3"
+) -> Tensor:
+    """``sum_k mixture[:, k] * silu(h @ weight[k * mid:(k + 1) * mid].T + bias[k * mid:...])``.
+
+    Args:
+        h: ``[n, n_in]`` float32 inputs of the experts.
+        weight: ``[n_experts * mid, n_in]`` (OCP's ``fc2.weight``).
+        bias: ``[n_experts * mid]``.
+        mixture: ``[n, n_experts]`` weights of the experts per row.
+
+    Returns:
+        ``[n, mid]``.
+    """
+    _check_float32(h, weight, bias, mixture)
+    h, weight, mixture = h.contiguous(), weight.contiguous(), mixture.contiguous()
+    n, n_in = h.shape
+    n_experts = mixture.shape[1]
+    mid = weight.shape[0] // n_experts
+    out = h.new_empty(n, mid)
+    if n == 0:
+        return out
+    block_m, block_n, block_k = MIXTURE_TILES
+    block_k = min(block_k, _dot_size(n_in))
+    grid = (triton.cdiv(n, block_m), triton.cdiv(mid, block_n))
+    _launcher(_mixture_kernel, h)[grid](
+        h, weight, bias.contiguous(), mixture, out, n, n_in, mid, n_experts,
+        block_m, block_n, block_k, precision,
+    )  # fmt: skip
+    return out
+
+
+def spin_spectra(
+    values: Tensor,
+    index: Tensor,
+    phase: Tensor,
+    rows: Tensor,
+    groups: int,
+    precision: str = "tf32x3",
+) -> Tensor:
+    """Packed longitude spectra of grids (see :func:`~forcecalc.models.spinconv.splat_factors`):
+    grid ``g`` receives ``values[index[g, j]]`` splatted with the factors ``phase[g, j]``,
+    ``rows[g, j]``.
+
+    Args:
+        values: ``[n_values, C]`` float32 messages.
+        index: ``[n, width]`` int64 rows of ``values``, ``n_values`` for padding.
+        phase: ``[n, width, long]`` float32.
+        rows: ``[n, width, lat]`` float32 (zero for padding).
+        groups: channel groups of the convolution (``C // groups`` channels each).
+
+    Returns:
+        ``[long, groups, n, (C // groups) * lat]``: entry ``k`` of the packed spectrum of
+        channel ``c = group * (C // groups) + i`` at latitude ``y`` in column ``i * lat + y``.
+    """
+    _check_float32(values, phase, rows)
+    values, index = values.contiguous(), index.contiguous()
+    phase, rows = phase.contiguous(), rows.contiguous()
+    n, width = index.shape
+    channels, long, lat = values.shape[1], phase.shape[-1], rows.shape[-1]
+    per_group = channels // groups
+    out = values.new_empty(long, groups, n, per_group * lat)
+    if n == 0:
+        return out
+    grid = (triton.cdiv(n, SPECTRA_GRIDS),)
+    _launcher(_spectra_kernel, values)[grid](
+        values, index, phase, rows, out, n, len(values), width, channels, per_group, long, lat,
+        SPECTRA_GRIDS, _dot_size(width), _dot_size(channels), _dot_size(lat), precision,
+    )  # fmt: skip
+    return out
+
+
+def spin_pool(
+    spectra: Tensor, kernels: tuple[Tensor, ...], bias: Tensor, precision: str = "tf32x3"
+) -> Tensor:
+    """The spin convolution of packed spectra before its GroupNorm: the circular convolution
+    (the kernels' products per frequency, then the inverse DFT), its bias, Swish and the mean
+    over the longitudinal shifts.
+
+    Args:
+        spectra: ``[long, groups, n, K]`` from :func:`spin_spectra`.
+        kernels: :meth:`~forcecalc.models.spinconv.SpinConvBlock.kernels` (``edge``
+            ``[n_edge, groups, K, M]``, ``real``, ``imag - real``, ``real + imag``
+            ``[n_middle, groups, K, M]`` and the inverse DFT ``[long, long]``).
+        bias: ``[groups * M]``, the convolution's.
+
+    Returns:
+        ``[n, groups * M]``.
+    """
+    edge, real, imag_minus_real, real_plus_imag, inverse = kernels
+    _check_float32(spectra, edge, real, bias, inverse)
+    long, groups, n, n_in = spectra.shape
+    n_out = edge.shape[-1]
+    out = spectra.new_empty(n, groups * n_out)
+    if n == 0:
+        return out
+    block_m, block_n, block_k = POOL_TILES
+    block_k = min(block_k, _dot_size(n_in))
+    grid = (triton.cdiv(n, block_m), groups, triton.cdiv(n_out, block_n))
+    _launcher(_pool_kernel, spectra)[grid](
+        spectra.contiguous(), edge.contiguous(), real.contiguous(),
+        imag_minus_real.contiguous(), real_plus_imag.contiguous(), inverse.contiguous(),
+        bias.contiguous(), out, n, groups, n_in, n_out, long, len(edge), len(real),
+        block_m, block_n, block_k, triton.next_power_of_2(long), precision,
+        num_warps=POOL_WARPS,
+    )  # fmt: skip
+    return out
+
+
+def with_triton_kernels(module: nn.Module, precision: str = "tf32x3") -> nn.Module:
+    """A copy of ``module`` (a SpinConv model, or a :class:`~forcecalc.checkpoint.Potential`
+    holding one; weights copied) whose mixtures of experts and spin convolutions use the fused
+    kernels wherever they can: float32 inputs, no autograd recording (a force-centric
+    model's forward; an energy-centric model's forces need the backward pass and keep the
+    PyTorch path).  ``precision``: one of :data:`PRECISIONS`."""
+    from forcecalc.models.spinconv import EmbeddingBlock, SpinConvBlock
+
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    module = copy.deepcopy(module)
+    blocks = [m for m in module.modules() if isinstance(m, EmbeddingBlock | SpinConvBlock)]
+    if not blocks:
+        raise ValueError(f"{type(module).__name__} holds no SpinConv blocks")
+    for block in blocks:
+        block.triton_precision = precision
+    return module

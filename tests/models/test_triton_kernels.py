@@ -1,0 +1,206 @@
+"""The fused Triton kernels compute what SpinConv's PyTorch operators compute: the mixture of
+experts, the spin convolution's spectra and its pooled convolution, and a whole force-centric
+forward.  On a machine without CUDA they run in Triton's interpreter (``tests/conftest.py``
+chooses it); sizes are odd on purpose, so every tile has masked rows and columns."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from devices import CUDA
+from ocp_fixtures import load_ocp_raw, ocp_structures
+
+pytest.importorskip("triton", reason="the fused kernels need triton (pip install triton)")
+
+from triton.runtime.interpreter import InterpretedFunction
+from triton.runtime.jit import JITFunction
+
+from forcecalc.graph.batch import Batch
+from forcecalc.graph.gather import RowIndex
+from forcecalc.models import triton_kernels
+from forcecalc.models.spinconv import (
+    EmbeddingBlock,
+    SphereProjections,
+    SpinConv,
+    SpinConvBlock,
+    splat_factors,
+)
+from forcecalc.models.triton_kernels import (
+    mixture_of_experts,
+    spin_pool,
+    spin_spectra,
+    with_triton_kernels,
+)
+
+INTERPRETED = isinstance(triton_kernels._mixture_kernel, InterpretedFunction)
+#: The devices the kernels can run on here: CUDA where available, the CPU in the interpreter.
+KERNEL_DEVICES = [
+    pytest.param(
+        "cpu",
+        marks=pytest.mark.skipif(not INTERPRETED, reason="TRITON_INTERPRET is not set"),
+    ),
+    pytest.param("cuda", marks=CUDA),
+]
+PRECISIONS = ["ieee", "tf32x3"]
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+def test_mixture_of_experts_equals_the_blocks_operators(device, precision):
+    """``sum_k w_k silu(h W_k^T + b_k)`` without the ``[n, 8 x mid]`` expert outputs: the
+    block's PyTorch forward and its fused forward agree to float32 rounding (70 rows, 40-wide
+    experts: partial tiles in every direction)."""
+    torch.manual_seed(1)
+    block = EmbeddingBlock(24, 7, 40, 5, 20).to(device)
+    x = torch.randn(70, 24, device=device)
+    source, target = (torch.randint(1, 20, (70,), device=device) for _ in range(2))
+    with torch.no_grad():
+        reference = block(x, source, target)
+        fused = copy.deepcopy(block)
+        fused.triton_precision = precision
+        out = fused(x, source, target)
+    assert _relative(out, reference) < 1e-5
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+def test_mixture_of_experts_is_the_weighted_sum_of_experts(device):
+    """The kernel itself against its definition in float64 (fresh random inputs)."""
+    torch.manual_seed(2)
+    n, n_in, mid, experts = 33, 20, 17, 3
+    h = torch.randn(n, n_in, device=device)
+    weight = torch.randn(experts * mid, n_in, device=device)
+    bias = torch.randn(experts * mid, device=device)
+    mixture = torch.softmax(torch.randn(n, experts, device=device), dim=1)
+    out = mixture_of_experts(h, weight, bias, mixture, "ieee")
+    expected = torch.zeros(n, mid, dtype=torch.float64, device=device)
+    for k in range(experts):
+        rows = slice(k * mid, (k + 1) * mid)
+        pre = h.double() @ weight[rows].double().T + bias[rows].double()
+        expected += mixture[:, k : k + 1].double() * torch.nn.functional.silu(pre)
+    assert _relative(out.double(), expected) < 1e-5
+
+
+def _grids(device: str, n: int, width: int, n_values: int, lat: int, long: int) -> tuple:
+    """Random directions of random readers (with padding) as splat factors."""
+    index = torch.randint(0, n_values + 1, (n, width), device=device)
+    directions = torch.nn.functional.normalize(
+        torch.randn(n, width, 3, dtype=torch.float64, device=device), dim=-1
+    )
+    phase, rows = splat_factors(directions, index < n_values, lat, long, torch.float32)
+    return index, phase, rows
+
+
+@pytest.mark.parametrize("long", [7, 8])
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+def test_spin_convolution_equals_the_blocks_operators(device, long):
+    """Spectra straight from the splat factors, then the kernels' products, inverse DFT,
+    bias, Swish, mean and GroupNorm: equal to the PyTorch spin convolution (through the splat
+    weights and the packed spectra) for an odd and an even number of longitudes."""
+    torch.manual_seed(3)
+    channels, mid, lat, width, n, n_values = 16, 12, 5, 11, 21, 30
+    block = SpinConvBlock(channels, mid, lat, long).to(device).eval()
+    with torch.no_grad():
+        block.conv1.bias.normal_()
+    index, phase, rows = _grids(device, n, width, n_values, lat, long)
+    projections = SphereProjections(RowIndex(index, n_values), phase, rows)
+    values = torch.randn(n_values, channels, device=device)
+    with torch.no_grad():
+        reference = projections.spin_convolution(block, values)
+        fused = copy.deepcopy(block)
+        fused.triton_precision = "tf32x3"
+        out = projections.spin_convolution(fused, values)
+    assert out.shape == (n, mid)
+    assert _relative(out, reference) < 1e-5
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+def test_spectra_layout_and_pool_of_known_spectra(device):
+    """The spectra come out frequency-major, ``[long, groups, n, (C / groups) lat]`` (the
+    block's own permutation of ``[n, C, long, lat]``), and the pooled convolution of those
+    spectra equals the block's forward before its GroupNorm."""
+    torch.manual_seed(4)
+    channels, mid, lat, long, width, n, n_values = 16, 8, 3, 6, 9, 10, 14
+    groups = channels // 8
+    index, phase, rows = _grids(device, n, width, n_values, lat, long)
+    values = torch.randn(n_values, channels, device=device)
+    spectra = spin_spectra(values, index, phase, rows, groups, "ieee")
+    padded = torch.cat([values, values.new_zeros(1, channels)])[index]  # [n, width, C]
+    weights = (phase.unsqueeze(-1) * rows.unsqueeze(-2)).flatten(-2)  # [n, width, long * lat]
+    grid_spectra = (padded.transpose(1, 2) @ weights).view(n, channels, long, lat)
+    expected = grid_spectra.view(n, groups, 8, long, lat).permute(3, 1, 0, 2, 4)
+    assert _relative(spectra, expected.reshape(long, groups, n, 8 * lat)) < 1e-5
+
+    block = SpinConvBlock(channels, mid, lat, long).to(device)
+    block.GroupNorm = torch.nn.Identity()
+    with torch.no_grad():
+        block.conv1.bias.normal_()
+        pooled = spin_pool(spectra, block.kernels(), block.conv1.bias, "ieee")
+        direct = block(grid_spectra)
+    assert _relative(pooled, direct) < 1e-5
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+@pytest.mark.parametrize("envelope", [False, True])
+def test_force_centric_forward_equals_the_pytorch_path(device, envelope):
+    """A whole force-centric forward (the small fixture checkpoint, a 17-atom O/Pt(100) slab),
+    with and without the envelope's weighted grids: energy and forces as the PyTorch path's
+    to float32 rounding, and the model given to ``with_triton_kernels`` is left as it was."""
+    raw = load_ocp_raw("spinconv_small_fc")
+    model = SpinConv(**raw["config"]["model_attributes"], envelope=envelope)
+    state = {k.removeprefix("module."): v for k, v in raw["state_dict"].items()}
+    model.load_state_dict(state, strict=True)
+    model = model.to(device).eval()
+    fused = with_triton_kernels(model)
+    assert all(
+        m.triton_precision is None
+        for m in model.modules()
+        if isinstance(m, EmbeddingBlock | SpinConvBlock)
+    )
+    atoms = ocp_structures()["o_pt100"]
+    batch = Batch.from_atoms(atoms, cutoff=model.cutoff).to(device, torch.float32)
+    with torch.no_grad():
+        reference, out = model(batch), fused(batch)
+    assert _relative(out["energy"], reference["energy"]) < 1e-5
+    assert _relative(out["forces"], reference["forces"]) < 1e-5
+
+
+def test_autograd_and_float64_keep_the_pytorch_path(monkeypatch):
+    """The kernels have no backward and take float32: with autograd recording (training, an
+    energy-centric model's forces) or in float64, a block with kernels enabled computes with
+    PyTorch's operators and never calls the kernel."""
+    torch.manual_seed(5)
+    block = EmbeddingBlock(8, 4, 16, 3, 10)
+    block.triton_precision = "tf32x3"
+    elements = torch.randint(1, 10, (5,))
+    x = torch.randn(5, 8, requires_grad=True)
+    called = []
+    monkeypatch.setattr(triton_kernels, "mixture_of_experts", lambda *args: called.append(args))
+    block(x, elements, elements).sum().backward()
+    with torch.no_grad():
+        block.double()(x.detach().double(), elements, elements)
+    assert not called and x.grad is not None
+
+
+def test_with_triton_kernels_refuses_what_it_cannot_do():
+    """An unknown precision and a model without SpinConv blocks are refused by name; a kernel
+    asked to run on a CPU tensor outside Triton's interpreter says what it needs."""
+    with pytest.raises(ValueError, match="precision must be one of"):
+        with_triton_kernels(SpinConv(), precision="fp16")
+    with pytest.raises(ValueError, match="holds no SpinConv blocks"):
+        with_triton_kernels(torch.nn.Linear(2, 2))
+    compiled = JITFunction(triton_kernels._mixture_kernel.fn)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        triton_kernels._launcher(compiled, torch.zeros(1))
+    with pytest.raises(TypeError, match="float32"):
+        mixture_of_experts(
+            torch.zeros(2, 2, dtype=torch.float64),
+            torch.zeros(2, 2),
+            torch.zeros(2),
+            torch.ones(2, 1),
+        )
