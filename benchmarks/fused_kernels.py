@@ -39,10 +39,10 @@ from forcecalc.models.spinconv import (
 #: Tile choices: the module's defaults first, then alternatives (module constant -> value).
 VARIANTS = [
     {},
-    {"MIXTURE_TILES": (128, 64, 32), "SPECTRA_GRIDS": 8, "POOL_TILES": (16, 64, 32)},
-    {"MIXTURE_TILES": (64, 128, 32), "SPECTRA_GRIDS": 2, "POOL_TILES": (32, 64, 32)},
-    {"MIXTURE_TILES": (128, 128, 32), "SPECTRA_GRIDS": 16, "POOL_TILES": (64, 32, 32)},
-    {"POOL_WARPS": 4, "POOL_TILES": (16, 32, 32)},
+    {"MIXTURE_TILES": (64, 64, 32), "MIXTURE_WARPS": 4, "SPECTRA_GRIDS": 1},
+    {"MIXTURE_TILES": (128, 128, 32), "SPECTRA_GRIDS": 8, "POOL_TILES": (32, 32, 32)},
+    {"MIXTURE_TILES": (64, 128, 64), "SPECTRA_GRIDS": 2, "POOL_TILES": (16, 32, 32)},
+    {"MIXTURE_TILES": (128, 64, 64), "MIXTURE_WARPS": 4, "SPECTRA_GRIDS": 16, "POOL_WARPS": 4},
 ]
 
 

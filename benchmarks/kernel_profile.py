@@ -22,6 +22,8 @@ Prints tables and writes JSON (atomically).
     python benchmarks/kernel_profile.py --devices cpu --batch 16 --roofline-only --cuda-chunks
     python benchmarks/kernel_profile.py --devices cpu --batch 1 --roofline-only --cuda-chunks \
         --fixed-shapes     (the forward a CUDA graph replays: no host synchronisation)
+    python benchmarks/kernel_profile.py --devices cpu --batch 16 --roofline-only --cuda-chunks \
+        --models spinconv_all --triton     (the roofline with the fused Triton kernels)
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from typing import Any
 import torch
 from speed import CONFIGS, available_devices, hardware, structure
 from torch.profiler import ProfilerActivity, profile
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 import forcecalc.models.spinconv as spinconv
 from forcecalc.atomic import write_json
@@ -88,6 +90,8 @@ PACKAGE = str(Path(__file__).resolve().parent.parent / "forcecalc")
 #: H100 SXM peaks (dense): float32 on CUDA cores, TF32 on tensor cores (TFLOP/s).
 PEAK_FP32_TFLOPS = 67.0
 PEAK_TF32_TFLOPS = 495.0
+#: Tensor-core products per ``tl.dot`` with ``input_precision="tf32x3"``.
+TF32X3_PRODUCTS = 3
 
 
 #: Matrix products: (operator, index of the left factor) for the GEMM FLOP count.
@@ -174,6 +178,65 @@ class OperatorLog(TorchDispatchMode):
         return out
 
 
+def fused_kernel_stand_ins(log: OperatorLog, flop_scale: float) -> dict[str, Callable]:
+    """Stand-ins for the fused Triton kernels (``forcecalc.models.triton_kernels``) that count
+    each call in ``log`` as one kernel moving its inputs and output once (the re-reads of
+    tiles served by the caches) with the FLOPs of its products times ``flop_scale`` (their
+    precision's rate expressed at the roofline's peak), and return zeros of the output's
+    shape made outside the log: the roofline of the fused path, computed on the CPU without
+    running Triton (values do not change what the rest of the forward moves)."""
+
+    def record(name: str, moved: int, flops: float, shape: tuple, like: torch.Tensor) -> Any:
+        key = f"triton.{name}"
+        log.operators[key] += 1
+        entry = log.traffic[f"{key} @ {_where()}"]
+        entry[0] += 1
+        entry[1] += moved
+        entry[2] += flops * flop_scale
+        with _disable_current_modes():
+            return like.new_zeros(shape)
+
+    def mixture_of_experts(
+        h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, mixture: torch.Tensor, *_: Any
+    ) -> Any:
+        (n, n_in), experts = h.shape, mixture.shape[1]
+        mid = weight.shape[0] // experts
+        moved = tensor_bytes([h, weight, bias, mixture]) + n * mid * h.element_size()
+        return record("mixture_of_experts", moved, 2.0 * n * n_in * experts * mid, (n, mid), h)
+
+    def spin_spectra(
+        values: torch.Tensor,
+        index: torch.Tensor,
+        phase: torch.Tensor,
+        rows: torch.Tensor,
+        groups: int,
+        *_: Any,
+    ) -> Any:
+        (n, width), channels = index.shape, values.shape[1]
+        long, lat = phase.shape[-1], rows.shape[-1]
+        gathered = n * width * channels * values.element_size()  # each grid's values, once
+        out = n * channels * long * lat * values.element_size()
+        moved = tensor_bytes([index, phase, rows]) + gathered + out
+        shape = (long, groups, n, channels // groups * lat)
+        return record("spin_spectra", moved, 2.0 * n * width * channels * long * lat, shape, values)
+
+    def spin_pool(spectra: torch.Tensor, kernels: tuple, bias: torch.Tensor, *_: Any) -> Any:
+        _, groups, n, n_in = spectra.shape
+        edge, real = kernels[0], kernels[1]
+        n_out = edge.shape[-1]
+        products = len(edge) + 3 * len(real)
+        out = n * groups * n_out * spectra.element_size()
+        moved = tensor_bytes([spectra, *kernels, bias]) + out
+        flops = 2.0 * n * groups * n_in * n_out * products
+        return record("spin_pool", moved, flops, (n, groups * n_out), spectra)
+
+    return {
+        "mixture_of_experts": mixture_of_experts,
+        "spin_spectra": spin_spectra,
+        "spin_pool": spin_pool,
+    }
+
+
 def roofline(log: OperatorLog, peak_flops: float, bandwidth: float, top: int) -> dict[str, Any]:
     """Lower bound of a forward's device time: every operator as one kernel that runs at the
     device's peak, ``max(bytes / bandwidth, flops / peak_flops)`` (no fusion, no caches)."""
@@ -218,12 +281,22 @@ def profile_case(
         def forward() -> Any:
             return model(batch)
 
-    with torch.no_grad():
-        forward()
-        synchronize(device)
-        with OperatorLog() as log:
-            forward()
     peak = 1e12 * (args.peak_tflops or (PEAK_TF32_TFLOPS if args.tf32 else PEAK_FP32_TFLOPS))
+    warm_up, log = OperatorLog(), OperatorLog()
+    with torch.no_grad():
+        for current in (warm_up, log):
+            if args.triton:
+                import forcecalc.models.triton_kernels as triton_kernels
+
+                scale = peak / (1e12 * PEAK_TF32_TFLOPS / TF32X3_PRODUCTS)
+                for name, stand_in in fused_kernel_stand_ins(current, scale).items():
+                    setattr(triton_kernels, name, stand_in)
+            if current is warm_up:
+                forward()
+                synchronize(device)
+            else:
+                with log:
+                    forward()
     case = {
         "operators": sum(log.operators.values()),
         "launching_operators": sum(n for op, n in log.operators.items() if op not in VIEWS),
@@ -334,8 +407,17 @@ def main() -> None:
         action="store_true",
         help="profile the fixed-shape forward (the one CUDA graphs replay), inputs built outside",
     )
+    parser.add_argument(
+        "--triton",
+        action="store_true",
+        help="SpinConv with the fused Triton kernels (with_triton_kernels, tf32x3): on the CPU "
+        "with --roofline-only, each kernel counted by a stand-in (no Triton run) as one kernel "
+        "moving its inputs and output once, its products at a third of the TF32 peak",
+    )
     parser.add_argument("--out", default="benchmarks/results/kernel_profile.json")
     args = parser.parse_args()
+    if args.triton and not args.roofline_only:
+        parser.error("--triton counts the fused kernels by stand-ins: use it with --roofline-only")
     torch.backends.cuda.matmul.allow_tf32 = args.tf32
     devices = available_devices(parser, args.devices)
     if args.cuda_chunks:
@@ -346,6 +428,10 @@ def main() -> None:
         kind, kwargs = CONFIGS[name]
         torch.manual_seed(0)
         model = build_model(kind, kwargs).eval()
+        if args.triton and kind == "spinconv":
+            from forcecalc.models.triton_kernels import with_triton_kernels
+
+            model = with_triton_kernels(model)
         for device in devices:
             model = model.to(device=device, dtype=torch.float32)
             for batch_size in args.batch:
@@ -358,6 +444,7 @@ def main() -> None:
                     batch=batch_size,
                     atoms=batch.n_atoms,
                     fixed_shapes=args.fixed_shapes,
+                    triton=args.triton and kind == "spinconv",
                 )
                 cases.append(case)
                 report(case)

@@ -40,12 +40,18 @@ from triton.runtime.interpreter import InterpretedFunction
 
 #: ``tl.dot`` input precisions accepted by :func:`with_triton_kernels`.
 PRECISIONS = ("tf32x3", "tf32", "ieee")
-#: Tile sizes (rows, columns, reduction) of :func:`mixture_of_experts`.
-MIXTURE_TILES = (64, 64, 32)
+# Tiles and warps: first choices, not yet tuned on a GPU (benchmarks/fused_kernels.py times
+# alternatives).
+#: Tile sizes (rows, columns, reduction) of :func:`mixture_of_experts`: 128 rows share each
+#: tile of an expert's weights.
+MIXTURE_TILES = (128, 64, 32)
+#: Warps per program of :func:`mixture_of_experts` (two ``[rows, columns]`` accumulators).
+MIXTURE_WARPS = 8
 #: Grids per program of :func:`spin_spectra`.
 SPECTRA_GRIDS = 4
-#: Tile sizes (grids, columns, reduction) of :func:`spin_pool`.
-POOL_TILES = (32, 32, 32)
+#: Tile sizes (grids, columns, reduction) of :func:`spin_pool`: 64 columns, all of a group's
+#: outputs for SpinConv-All, so that each spectrum is read once.
+POOL_TILES = (16, 64, 32)
 #: Warps per program of :func:`spin_pool` (its accumulator holds every longitude).
 POOL_WARPS = 8
 
@@ -286,7 +292,7 @@ def mixture_of_experts(
     grid = (triton.cdiv(n, block_m), triton.cdiv(mid, block_n))
     _launcher(_mixture_kernel, h)[grid](
         h, weight, bias.contiguous(), mixture, out, n, n_in, mid, n_experts,
-        block_m, block_n, block_k, precision,
+        block_m, block_n, block_k, precision, num_warps=MIXTURE_WARPS,
     )  # fmt: skip
     return out
 
