@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One call on a device-tool GPU machine: install the carried wheels (benchmarks/device_wheels.sh)
 # beside its image's torch, then benchmarks/gpu_quick.sh (every CUDA test of the repository and
-# the short GPU figures), its log and JSON into $OUT (or DIR).
+# the short GPU figures), its log and JSON into $OUT (or DIR).  A carried .device/ocp (the
+# SpinConv-All fixture checkpoint) serves the tests and benchmarks that read large fixtures.
 #
 #   bash benchmarks/device_check.sh [DIR]
 set -uo pipefail
@@ -11,5 +12,6 @@ mkdir -p "$dir"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
   --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH="$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+if [ -d .device/ocp ]; then export FORCECALC_OCP_FIXTURES="$PWD/.device/ocp"; fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$dir/gpu.txt" 2>&1
 bash benchmarks/gpu_quick.sh "$dir" 2>&1 | tee "$dir/gpu_quick.log" | tail -40

@@ -13,13 +13,18 @@ feature), which checks the script.
 With ``--shipped``, also the shipped weights' force MAE on OC20-EMT check frames (EMT labels)
 with and without TF32.
 
+With ``--triton``, also SpinConv with the fused Triton kernels
+(``forcecalc/models/triton_kernels.py``) at ``tf32x3`` and ``tf32`` products.
+
     python benchmarks/tf32_error.py --device cuda --shipped --out DIR/tf32_error_cuda.json
+    python benchmarks/tf32_error.py --device cuda --triton --out DIR/tf32_error_triton.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -31,9 +36,12 @@ from forcecalc.checkpoint import Potential
 from forcecalc.graph import Batch
 
 ROOT = Path(__file__).resolve().parents[1]
+#: Where fixture checkpoints are looked for: the small ones in the repository, the large ones
+#: in ``$FORCECALC_OCP_FIXTURES/checkpoints`` (as for the tests) or ``../shared``.
 FOLDERS = (
     ROOT / "tests" / "data" / "ocp",
-    ROOT.parent / "shared" / "fixtures" / "ocp" / "checkpoints",
+    Path(os.environ.get("FORCECALC_OCP_FIXTURES", ROOT.parent / "shared" / "fixtures" / "ocp"))
+    / "checkpoints",
 )
 #: The float32 tolerances of the fixture tests (tests/models/test_spinconv.py, test_forcenet.py).
 ENERGY_TOLERANCE_EV = 2e-3
@@ -123,6 +131,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--shipped", action="store_true", help="also the shipped weights on OC20-EMT frames"
     )
+    parser.add_argument(
+        "--triton",
+        action="store_true",
+        help="also SpinConv with the fused Triton kernels (tf32x3 and tf32 products; on the "
+        "CPU only in Triton's interpreter, TRITON_INTERPRET=1, where both are float32)",
+    )
     parser.add_argument("--out", default="benchmarks/results/tf32_error.json")
     args = parser.parse_args(argv)
 
@@ -135,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     structures = {a.info["name"]: a for a in read(data / "structures.extxyz", index=":")}
     rows = []
     print(
-        f"{'model':<22}{'matmul':<9}{'max|dE|/eV':>12}{'/tol':>7}{'max|dF|/max|F|':>16}{'/tol':>7}"
+        f"{'model':<22}{'matmul':<15}{'max|dE|/eV':>12}{'/tol':>7}{'max|dF|/max|F|':>16}{'/tol':>7}"
     )
     for name, model in reference["models"].items():
         if args.models and name not in args.models:
@@ -154,16 +168,25 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 options["rotations"] = torch.tensor(model["rotations"], dtype=torch.float64)
         potential = load_checkpoint(path, device=args.device, dtype="float32", **options)
-        for tf32 in (False, True):
+        runs = [("float32", potential, False), ("tf32", potential, True)]
+        if args.triton and model["kind"] == "spinconv":
+            from forcecalc.models.triton_kernels import with_triton_kernels
+
+            runs += [
+                (f"triton-{precision}", with_triton_kernels(potential, precision), False)
+                for precision in ("tf32x3", "tf32")
+            ]
+        for matmul, runner, tf32 in runs:
             set_tf32(tf32)
             row = {
                 "model": name,
                 "tf32": tf32,
-                **errors(potential, structures, model["results"], args.device),
+                "matmul": matmul,
+                **errors(runner, structures, model["results"], args.device),
             }
             rows.append(row)
             print(
-                f"{name:<22}{'tf32' if tf32 else 'float32':<9}{row['max_energy_error_eV']:>12.2e}"
+                f"{name:<22}{matmul:<15}{row['max_energy_error_eV']:>12.2e}"
                 f"{row['energy_error_over_tolerance']:>7.2f}{row['max_force_error_relative']:>16.2e}"
                 f"{row['force_error_over_tolerance']:>7.2f}"
             )
