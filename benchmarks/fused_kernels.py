@@ -39,10 +39,10 @@ from forcecalc.models.spinconv import (
 #: Tile choices: the module's defaults first, then alternatives (module constant -> value).
 VARIANTS = [
     {},
-    {"MIXTURE_TILES": (64, 64, 32), "MIXTURE_WARPS": 4, "SPECTRA_GRIDS": 1},
-    {"MIXTURE_TILES": (128, 128, 32), "SPECTRA_GRIDS": 8, "POOL_TILES": (32, 32, 32)},
-    {"MIXTURE_TILES": (64, 128, 64), "SPECTRA_GRIDS": 2, "POOL_TILES": (16, 32, 32)},
-    {"MIXTURE_TILES": (128, 64, 64), "MIXTURE_WARPS": 4, "SPECTRA_GRIDS": 16, "POOL_WARPS": 4},
+    {"MIXTURE_STAGES": 3, "SPECTRA_STAGES": 3, "PRODUCTS_STAGES": 3},
+    {"MIXTURE_TILES": (128, 64, 32), "MIXTURE_STAGES": 1, "SPECTRA_WARPS": 8},
+    {"MIXTURE_WARPS": 4, "SPECTRA_GRIDS": 2, "PRODUCTS_TILES": (64, 32, 32)},
+    {"PRODUCTS_TILES": (64, 64, 32), "PRODUCTS_STAGES": 1, "INVERSE_COLUMNS": 256},
 ]
 
 

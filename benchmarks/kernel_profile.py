@@ -181,10 +181,11 @@ class OperatorLog(TorchDispatchMode):
 def fused_kernel_stand_ins(log: OperatorLog, flop_scale: float) -> dict[str, Callable]:
     """Stand-ins for the fused Triton kernels (``forcecalc.models.triton_kernels``) that count
     each call in ``log`` as one kernel moving its inputs and output once (the re-reads of
-    tiles served by the caches) with the FLOPs of its products times ``flop_scale`` (their
-    precision's rate expressed at the roofline's peak), and return zeros of the output's
-    shape made outside the log: the roofline of the fused path, computed on the CPU without
-    running Triton (values do not change what the rest of the forward moves)."""
+    tiles served by the caches; ``spin_pool``'s two kernels also their intermediate
+    products) with the FLOPs of its products times ``flop_scale`` (their precision's rate
+    expressed at the roofline's peak), and return zeros of the output's shape made outside the
+    log: the roofline of the fused path, computed on the CPU without running Triton (values
+    do not change what the rest of the forward moves)."""
 
     def record(name: str, moved: int, flops: float, shape: tuple, like: torch.Tensor) -> Any:
         key = f"triton.{name}"
@@ -221,12 +222,13 @@ def fused_kernel_stand_ins(log: OperatorLog, flop_scale: float) -> dict[str, Cal
         return record("spin_spectra", moved, 2.0 * n * width * channels * long * lat, shape, values)
 
     def spin_pool(spectra: torch.Tensor, kernels: tuple, bias: torch.Tensor, *_: Any) -> Any:
-        _, groups, n, n_in = spectra.shape
+        long, groups, n, n_in = spectra.shape
         edge, real = kernels[0], kernels[1]
         n_out = edge.shape[-1]
         products = len(edge) + 3 * len(real)
         out = n * groups * n_out * spectra.element_size()
-        moved = tensor_bytes([spectra, *kernels, bias]) + out
+        # two kernels: the products [long, n, groups * n_out] are written, then read back
+        moved = tensor_bytes([spectra, *kernels, bias]) + out * (1 + 2 * long)
         flops = 2.0 * n * groups * n_in * n_out * products
         return record("spin_pool", moved, flops, (n, groups * n_out), spectra)
 

@@ -12,9 +12,12 @@ every frequency.  These kernels compute the same numbers without those tensors:
 * :func:`spin_spectra`: the packed longitude spectra of the projected grids straight from
   the splat factors (:func:`~forcecalc.models.spinconv.splat_factors`) and the gathered
   messages, written in the frequency-major layout the products read;
-* :func:`spin_pool`: the kernels' products at every frequency (Gauss's three products), the
-  inverse DFT, the bias, Swish and the mean over the longitude in one pass (``[n, mid]``
-  written once; the GroupNorm that follows is PyTorch's).
+* :func:`spin_pool`: the kernels' products at every frequency (Gauss's three products), then
+  the inverse DFT (a 16 x 16 product per output), the bias, Swish and the mean over the
+  longitude in one pass (``[n, mid]`` written once; the GroupNorm that follows is PyTorch's).
+  Two kernels, not one: an accumulator for every longitudinal shift in the products' kernel
+  took all 255 registers of a thread (spilling, one program per multiprocessor), where the
+  products written once and read back cost ``[long, n, mid]`` of memory traffic.
 
 Matrix products use ``tl.dot`` with ``input_precision="tf32x3"`` by default (three TF32
 tensor-core products per product: float32's accuracy); ``"tf32"`` is one (about 1e-3
@@ -40,20 +43,23 @@ from triton.runtime.interpreter import InterpretedFunction
 
 #: ``tl.dot`` input precisions accepted by :func:`with_triton_kernels`.
 PRECISIONS = ("tf32x3", "tf32", "ieee")
-# Tiles and warps: first choices, not yet tuned on a GPU (benchmarks/fused_kernels.py times
-# alternatives).
-#: Tile sizes (rows, columns, reduction) of :func:`mixture_of_experts`: 128 rows share each
-#: tile of an expert's weights.
-MIXTURE_TILES = (128, 64, 32)
-#: Warps per program of :func:`mixture_of_experts` (two ``[rows, columns]`` accumulators).
-MIXTURE_WARPS = 8
+# Tiles, warps and software-pipelining stages: chosen by their resources on a Hopper GPU
+# (benchmarks/kernel_registers.py: no register spills), not yet timed on one
+# (benchmarks/fused_kernels.py times alternatives).
+#: Tile sizes (rows, columns, reduction) of :func:`mixture_of_experts`.
+MIXTURE_TILES = (64, 64, 32)
+#: Warps and stages of :func:`mixture_of_experts` (two ``[rows, columns]`` accumulators).
+MIXTURE_WARPS, MIXTURE_STAGES = 8, 2
 #: Grids per program of :func:`spin_spectra`.
-SPECTRA_GRIDS = 4
-#: Tile sizes (grids, columns, reduction) of :func:`spin_pool`: 64 columns, all of a group's
-#: outputs for SpinConv-All, so that each spectrum is read once.
-POOL_TILES = (16, 64, 32)
-#: Warps per program of :func:`spin_pool` (its accumulator holds every longitude).
-POOL_WARPS = 8
+SPECTRA_GRIDS = 1
+#: Warps and stages of :func:`spin_spectra`.
+SPECTRA_WARPS, SPECTRA_STAGES = 4, 2
+#: Tile sizes (grids, columns, reduction) of the frequency products in :func:`spin_pool`.
+PRODUCTS_TILES = (32, 64, 32)
+#: Warps and stages of the frequency products (three accumulators, five tiles per step).
+PRODUCTS_WARPS, PRODUCTS_STAGES = 8, 2
+#: Output numbers per program of the inverse DFT in :func:`spin_pool`.
+INVERSE_COLUMNS = 128
 
 
 @triton.jit
@@ -158,37 +164,32 @@ def _spectra_kernel(
 
 
 @triton.jit
-def _pool_kernel(
+def _products_kernel(
     spectra_ptr,
     edge_ptr,
     real_ptr,
     imag_minus_real_ptr,
     real_plus_imag_ptr,
-    inverse_ptr,
-    bias_ptr,
     out_ptr,
     n_grids,
     n_groups,
     n_in,
     n_out,
-    long,
     n_edge,
     n_middle,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    LONG: tl.constexpr,
     PRECISION: tl.constexpr,
 ) -> None:
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     group = tl.program_id(1)
     cols = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
-    shift = tl.arange(0, LONG)
     row_ok = rows < n_grids
     col_ok = cols < n_out
-    shift_ok = shift < long
-    # conv[x, grid, column] before the bias, x the longitudinal shift
-    conv = tl.zeros([LONG, BLOCK_M, BLOCK_N], dtype=tl.float32)
+    out_ok = row_ok[:, None] & col_ok[None, :]
+    # out [long, n_grids, n_groups * n_out]: entry e of every grid's packed product spectrum
+    out_cols = group * n_out + cols
     for e in range(n_edge):
         product = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         spectrum = spectra_ptr + ((e * n_groups + group) * n_grids + rows) * n_in
@@ -205,9 +206,10 @@ def _pool_kernel(
                 other=0.0,
             )
             product = tl.dot(a, b, product, input_precision=PRECISION)
-        inverse = tl.load(inverse_ptr + e * long + shift, mask=shift_ok, other=0.0)
-        conv += inverse[:, None, None] * product[None, :, :]
+        out = out_ptr + (e * n_grids + rows)[:, None] * (n_groups * n_out) + out_cols[None, :]
+        tl.store(out, product, mask=out_ok)
     for f in range(n_middle):
+        # Gauss: (re + i im) conj(W) = (k1 - k3) + i (k1 + k2)
         k1 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         k2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         k3 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -230,16 +232,43 @@ def _pool_kernel(
             k1 = tl.dot(re + im, real, k1, input_precision=PRECISION)
             k2 = tl.dot(re, imag_minus_real, k2, input_precision=PRECISION)
             k3 = tl.dot(im, real_plus_imag, k3, input_precision=PRECISION)
-        inverse_re = tl.load(inverse_ptr + real_entry * long + shift, mask=shift_ok, other=0.0)
-        inverse_im = tl.load(inverse_ptr + imag_entry * long + shift, mask=shift_ok, other=0.0)
-        conv += inverse_re[:, None, None] * (k1 - k3)[None, :, :]
-        conv += inverse_im[:, None, None] * (k1 + k2)[None, :, :]
-    bias = tl.load(bias_ptr + group * n_out + cols, mask=col_ok, other=0.0)
-    conv += bias[None, None, :]
-    activated = tl.where(shift_ok[:, None, None], conv * tl.sigmoid(conv), 0.0)
-    pooled = tl.sum(activated, axis=0) / long
-    out = out_ptr + rows[:, None] * (n_groups * n_out) + group * n_out + cols[None, :]
-    tl.store(out, pooled, mask=row_ok[:, None] & col_ok[None, :])
+        out_re = out_ptr + (real_entry * n_grids + rows)[:, None] * (n_groups * n_out)
+        out_im = out_ptr + (imag_entry * n_grids + rows)[:, None] * (n_groups * n_out)
+        tl.store(out_re + out_cols[None, :], k1 - k3, mask=out_ok)
+        tl.store(out_im + out_cols[None, :], k1 + k2, mask=out_ok)
+
+
+@triton.jit
+def _inverse_kernel(
+    products_ptr,
+    inverse_ptr,
+    bias_ptr,
+    out_ptr,
+    n_columns,
+    n_bias,
+    long,
+    BLOCK: tl.constexpr,
+    LONG: tl.constexpr,
+) -> None:
+    columns = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    column_ok = columns < n_columns
+    entry = tl.arange(0, LONG)
+    entry_ok = entry < long
+    # products [long, n_columns] -> conv [shift, column] = inverse^T [shift, entry] @ products
+    products = tl.load(
+        products_ptr + entry.to(tl.int64)[:, None] * n_columns + columns[None, :],
+        mask=entry_ok[:, None] & column_ok[None, :],
+        other=0.0,
+    )
+    inverse_t = tl.load(
+        inverse_ptr + entry[None, :] * long + entry[:, None],
+        mask=entry_ok[None, :] & entry_ok[:, None],
+        other=0.0,
+    )
+    conv = tl.dot(inverse_t, products, input_precision="ieee")
+    conv += tl.load(bias_ptr + columns % n_bias, mask=column_ok, other=0.0)[None, :]
+    activated = tl.where(entry_ok[:, None], conv * tl.sigmoid(conv), 0.0)
+    tl.store(out_ptr + columns, tl.sum(activated, axis=0) / long, mask=column_ok)
 
 
 def _launcher(kernel: triton.JITFunction, tensor: Tensor) -> triton.JITFunction:
@@ -292,7 +321,7 @@ def mixture_of_experts(
     grid = (triton.cdiv(n, block_m), triton.cdiv(mid, block_n))
     _launcher(_mixture_kernel, h)[grid](
         h, weight, bias.contiguous(), mixture, out, n, n_in, mid, n_experts,
-        block_m, block_n, block_k, precision, num_warps=MIXTURE_WARPS,
+        block_m, block_n, block_k, precision, num_warps=MIXTURE_WARPS, num_stages=MIXTURE_STAGES,
     )  # fmt: skip
     return out
 
@@ -333,6 +362,7 @@ def spin_spectra(
     _launcher(_spectra_kernel, values)[grid](
         values, index, phase, rows, out, n, len(values), width, channels, per_group, long, lat,
         SPECTRA_GRIDS, _dot_size(width), _dot_size(channels), _dot_size(lat), precision,
+        num_warps=SPECTRA_WARPS, num_stages=SPECTRA_STAGES,
     )  # fmt: skip
     return out
 
@@ -361,15 +391,20 @@ def spin_pool(
     out = spectra.new_empty(n, groups * n_out)
     if n == 0:
         return out
-    block_m, block_n, block_k = POOL_TILES
+    block_m, block_n, block_k = PRODUCTS_TILES
     block_k = min(block_k, _dot_size(n_in))
+    products = spectra.new_empty(long, n, groups * n_out)
     grid = (triton.cdiv(n, block_m), groups, triton.cdiv(n_out, block_n))
-    _launcher(_pool_kernel, spectra)[grid](
+    _launcher(_products_kernel, spectra)[grid](
         spectra.contiguous(), edge.contiguous(), real.contiguous(),
-        imag_minus_real.contiguous(), real_plus_imag.contiguous(), inverse.contiguous(),
-        bias.contiguous(), out, n, groups, n_in, n_out, long, len(edge), len(real),
-        block_m, block_n, block_k, triton.next_power_of_2(long), precision,
-        num_warps=POOL_WARPS,
+        imag_minus_real.contiguous(), real_plus_imag.contiguous(), products,
+        n, groups, n_in, n_out, len(edge), len(real), block_m, block_n, block_k, precision,
+        num_warps=PRODUCTS_WARPS, num_stages=PRODUCTS_STAGES,
+    )  # fmt: skip
+    columns = n * groups * n_out
+    _launcher(_inverse_kernel, spectra)[(triton.cdiv(columns, INVERSE_COLUMNS),)](
+        products, inverse.contiguous(), bias.contiguous(), out, columns, groups * n_out, long,
+        INVERSE_COLUMNS, _dot_size(long),
     )  # fmt: skip
     return out
 

@@ -1,0 +1,179 @@
+"""Registers, spills and shared memory of the fused Triton kernels, compiled for a Hopper GPU
+(sm_90a) on any machine, no GPU needed: Triton compiles ahead of time to PTX, and the
+``ptxas`` its wheel carries assembles that PTX and reports each kernel's resources (``-v``).
+
+A kernel that spills registers to local memory, or whose registers or shared memory allow few
+programs per multiprocessor, runs far below its roofline: this screens tile choices before a
+GPU session times them (``fused_kernels.py``). For each tile variant of ``fused_kernels.py``
+at SpinConv-All's sizes (hidden 32, mid 256, 16 x 12 grid, 40 values per grid) and each
+``tl.dot`` precision: registers per thread, spill stores/loads (bytes), shared memory (bytes)
+and the programs one multiprocessor can hold (65,536 registers, 228 KiB shared memory, at
+most 64 warps). Prints a table, writes JSON.
+
+    python benchmarks/kernel_registers.py --out benchmarks/results/kernel_registers_sm90.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import triton
+from fused_kernels import VARIANTS
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from forcecalc.atomic import write_json
+from forcecalc.models import triton_kernels
+
+#: SpinConv-All's sizes: hidden channels, mid channels, latitudes, longitudes, values per grid.
+CHANNELS, MID, LAT, LONG, WIDTH = 32, 256, 16, 12, 40
+#: One Hopper multiprocessor (H100/H200): registers, shared memory (bytes), warps.
+SM_REGISTERS, SM_SHARED, SM_WARPS = 65536, 228 * 1024, 64
+
+
+def ptxas() -> str:
+    """The newest ``ptxas`` in Triton's wheel (the one that reads the PTX version it writes)."""
+    folder = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    for name in ("ptxas-blackwell", "ptxas"):
+        if (folder / name).exists():
+            return str(folder / name)
+    raise FileNotFoundError(f"no ptxas in {folder}")
+
+
+def resources(
+    kernel: Any, constexprs: dict[str, Any], num_warps: int, num_stages: int = 3
+) -> dict[str, Any]:
+    """Compile ``kernel`` for sm_90a with ``constexprs`` (every other argument a float32
+    pointer if it ends in ``_ptr``, else a 32-bit integer) and read its resources."""
+    signature = {
+        name: "constexpr" if name in constexprs else ("*fp32" if name.endswith("_ptr") else "i32")
+        for name in kernel.arg_names
+    }
+    if "index_ptr" in signature:
+        signature["index_ptr"] = "*i64"
+    compiled = triton.compile(
+        ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+        target=GPUTarget("cuda", 90, 32),
+        options={"num_warps": num_warps, "num_stages": num_stages},
+    )
+    with tempfile.TemporaryDirectory() as folder:
+        source = os.path.join(folder, "kernel.ptx")
+        Path(source).write_text(compiled.asm["ptx"])
+        report = subprocess.run(
+            [ptxas(), "-v", "--gpu-name", "sm_90a", source, "-o", os.devnull],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stderr
+    registers = int(re.search(r"Used (\d+) registers", report).group(1))
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
+    shared = int(compiled.metadata.shared)
+    by_registers = SM_REGISTERS // (registers * 32 * num_warps)
+    by_shared = SM_SHARED // shared if shared else SM_WARPS
+    return {
+        "registers": registers,
+        "spill_stores": int(spills.group(1)) if spills else 0,
+        "spill_loads": int(spills.group(2)) if spills else 0,
+        "shared_bytes": shared,
+        "num_warps": num_warps,
+        "programs_per_sm": min(by_registers, by_shared, SM_WARPS // num_warps),
+    }
+
+
+def kernels(precision: str) -> dict[str, tuple[Any, dict[str, Any], int, int]]:
+    """Each kernel with the constexprs, warps and stages its launcher uses at SpinConv-All's
+    sizes."""
+    k = triton_kernels
+    dot = k._dot_size
+    mixture_m, mixture_n, mixture_k = k.MIXTURE_TILES
+    products_m, products_n, products_k = k.PRODUCTS_TILES
+    mixture = {
+        "BLOCK_M": mixture_m,
+        "BLOCK_N": mixture_n,
+        "BLOCK_K": min(mixture_k, dot(MID)),
+        "PRECISION": precision,
+    }
+    spectra = {
+        "GRIDS": k.SPECTRA_GRIDS,
+        "WIDTH": dot(WIDTH),
+        "CHANNELS": dot(CHANNELS),
+        "LAT": dot(LAT),
+        "PRECISION": precision,
+    }
+    products = {
+        "BLOCK_M": products_m,
+        "BLOCK_N": products_n,
+        "BLOCK_K": min(products_k, dot(CHANNELS // 4 * LAT)),
+        "PRECISION": precision,
+    }
+    inverse = {"BLOCK": k.INVERSE_COLUMNS, "LONG": dot(LONG)}
+    return {
+        "mixture_of_experts": (k._mixture_kernel, mixture, k.MIXTURE_WARPS, k.MIXTURE_STAGES),
+        "spin_spectra": (k._spectra_kernel, spectra, k.SPECTRA_WARPS, k.SPECTRA_STAGES),
+        "spin_pool products": (
+            k._products_kernel,
+            products,
+            k.PRODUCTS_WARPS,
+            k.PRODUCTS_STAGES,
+        ),
+        "spin_pool inverse": (k._inverse_kernel, inverse, 4, 3),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--precisions", nargs="+", default=["tf32x3", "tf32"])
+    parser.add_argument("--out", default="benchmarks/results/kernel_registers_sm90.json")
+    args = parser.parse_args()
+    defaults = {key: getattr(triton_kernels, key) for variant in VARIANTS for key in variant}
+    rows = []
+    print(
+        f"{'kernel':<20}{'precision':<10}{'variant':<8}{'regs':>6}{'spill st/ld':>13}"
+        f"{'shared':>9}{'warps':>6}{'programs/SM':>12}"
+    )
+    try:
+        for precision in args.precisions:
+            for number, variant in enumerate(VARIANTS):
+                for key, value in {**defaults, **variant}.items():
+                    setattr(triton_kernels, key, value)
+                for name, (kernel, constexprs, warps, stages) in kernels(precision).items():
+                    row = {
+                        "kernel": name,
+                        "precision": precision,
+                        "variant": number,
+                        "tiles": {**defaults, **variant},
+                        "constexprs": constexprs,
+                        **resources(kernel, constexprs, warps, stages),
+                    }
+                    rows.append(row)
+                    print(
+                        f"{name:<20}{precision:<10}{number:<8}{row['registers']:>6}"
+                        f"{row['spill_stores']:>7}/{row['spill_loads']:<5}"
+                        f"{row['shared_bytes']:>9}{warps:>6}{row['programs_per_sm']:>12}"
+                    )
+    finally:
+        for key, value in defaults.items():
+            setattr(triton_kernels, key, value)
+    write_json(
+        args.out,
+        {
+            "benchmark": "kernel_registers",
+            "target": "sm_90a",
+            "triton": triton.__version__,
+            "variants": VARIANTS,
+            "rows": rows,
+        },
+    )
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
