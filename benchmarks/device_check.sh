@@ -4,7 +4,8 @@
 # the short GPU figures), its log and JSON into $OUT (or DIR).  A carried .device/ocp (the
 # SpinConv-All fixture checkpoint) serves the tests and benchmarks that read large fixtures.
 #
-#   bash benchmarks/device_check.sh [DIR]
+#   bash benchmarks/device_check.sh [DIR [SCRIPT]]   (SCRIPT: default benchmarks/gpu_quick.sh;
+#                                                    benchmarks/gpu_triton.sh for its part 0)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 dir=${1:-${OUT:-benchmarks/results}}
@@ -14,4 +15,5 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH="$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 if [ -d .device/ocp ]; then export FORCECALC_OCP_FIXTURES="$PWD/.device/ocp"; fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$dir/gpu.txt" 2>&1
-bash benchmarks/gpu_quick.sh "$dir" 2>&1 | tee "$dir/gpu_quick.log" | tail -40
+script=${2:-benchmarks/gpu_quick.sh}
+bash "$script" "$dir" 2>&1 | tee "$dir/$(basename "$script" .sh).log" | tail -40

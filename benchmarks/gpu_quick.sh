@@ -3,11 +3,8 @@
 #
 #   bash benchmarks/gpu_quick.sh [DIR]       (AB=FILE: also A/B spinconv.py against FILE)
 #
-# 0. the fused Triton kernels: their CUDA tests (tests/models/test_triton_kernels.py), each
-#    kernel against PyTorch's operators with several tile choices (fused_kernels.py), their
-#    errors against the original's fixture outputs (tf32_error.py --triton), and
-#    SpinConv-All batched with them (speed.py --triton, tf32x3 and tf32) beside the PyTorch
-#    path in the same run;
+# 0. the fused Triton kernels (benchmarks/gpu_triton.sh: their CUDA tests, timings against the
+#    PyTorch path, fixture errors);
 # 1. the CUDA tests of the fixed-shape forward and its CUDA-graph replay (tests/test_replay.py,
 #    the calculator's cuda_graph relaxations for SpinConv force- and energy-centric and
 #    ForceNet);
@@ -26,14 +23,7 @@ python3 -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'gpu
 mkdir -p "$dir"
 status=0
 run() { echo "== $*"; "$@" || status=1; }
-run python3 -m pytest -q tests/models/test_triton_kernels.py -p no:cacheprovider
-run python3 benchmarks/fused_kernels.py --out "$dir/fused_kernels_cuda.json"
-run python3 benchmarks/tf32_error.py --device cuda --triton \
-  --models spinconv_small_fc spinconv_small_ec spinconv_all --out "$dir/tf32_error_triton.json"
-for precision in tf32x3 tf32; do
-  run python3 benchmarks/speed.py --devices cuda --models spinconv_all --sizes 66 --batch 16 64 256 \
-    --repeats 10 --skip-ase-step --triton $precision --out "$dir/speed_triton_$precision.json"
-done
+bash benchmarks/gpu_triton.sh "$dir" || status=1
 run python3 -m pytest -q -x tests/test_replay.py tests/test_calculator.py -k "cuda or replay or signature"
 run python3 benchmarks/speed.py --devices cuda --sizes 66 --batch 64 256 --repeats 20 \
   --out "$dir/speed_cuda_graph.json"

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The fused Triton kernels on one GPU (a few minutes; part 0 of gpu_quick.sh): JSON and logs
+# into DIR.
+#
+#   bash benchmarks/gpu_triton.sh [DIR]
+#
+# 1. their CUDA tests (tests/models/test_triton_kernels.py: each kernel and a whole forward
+#    against the PyTorch path);
+# 2. each kernel against PyTorch's operators at SpinConv-All's sizes, five tile choices, tf32x3
+#    and tf32 (fused_kernels.py);
+# 3. SpinConv-All batched (64 and 256 x 66 atoms): the PyTorch path, then the fused kernels
+#    with tf32x3 and with tf32 products (speed.py, each with its largest force difference to
+#    the PyTorch path);
+# 4. their errors against the original's fixture outputs (tf32_error.py --triton; SpinConv-All
+#    where .device/ocp was carried, see device_wheels.sh).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+dir=${1:-benchmarks/results}
+python3 -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'gpu_triton.sh: no CUDA device is visible to torch')" || exit 1
+mkdir -p "$dir"
+status=0
+run() { echo "== $*"; "$@" || status=1; }
+run python3 -m pytest -q tests/models/test_triton_kernels.py -p no:cacheprovider
+run python3 benchmarks/fused_kernels.py --out "$dir/fused_kernels_cuda.json"
+run python3 benchmarks/speed.py --devices cuda --models spinconv_all --sizes --batch 64 256 \
+  --repeats 10 --skip-ase-step --out "$dir/speed_spinconv_pytorch.json"
+for precision in tf32x3 tf32; do
+  run python3 benchmarks/speed.py --devices cuda --models spinconv_all --sizes --batch 64 256 \
+    --repeats 10 --skip-ase-step --triton $precision --out "$dir/speed_triton_$precision.json"
+done
+run python3 benchmarks/tf32_error.py --device cuda --triton \
+  --models spinconv_small_fc spinconv_small_ec spinconv_all --out "$dir/tf32_error_triton.json"
+exit $status
