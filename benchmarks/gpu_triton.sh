@@ -9,8 +9,8 @@
 # 2. each kernel against PyTorch's operators at SpinConv-All's sizes, five tile choices, tf32x3
 #    and tf32 (fused_kernels.py);
 # 3. SpinConv-All batched (64 and 256 x 66 atoms): the PyTorch path, then the fused kernels
-#    with tf32x3 and with tf32 products (speed.py, each with its largest force difference to
-#    the PyTorch path);
+#    with tf32x3 and with tf32 products, and with tf32x3 and PyTorch's other products in TF32
+#    (speed.py, each with its largest force difference to the PyTorch path);
 # 4. their errors against the original's fixture outputs (tf32_error.py --triton; SpinConv-All
 #    where .device/ocp was carried, see device_wheels.sh).
 set -uo pipefail
@@ -28,6 +28,8 @@ for precision in tf32x3 tf32; do
   run python3 benchmarks/speed.py --devices cuda --models spinconv_all --sizes --batch 64 256 \
     --repeats 10 --skip-ase-step --triton $precision --out "$dir/speed_triton_$precision.json"
 done
+run python3 benchmarks/speed.py --devices cuda --models spinconv_all --sizes --batch 64 256 \
+  --repeats 10 --skip-ase-step --triton tf32x3 --tf32 --out "$dir/speed_triton_tf32x3_torch_tf32.json"
 run python3 benchmarks/tf32_error.py --device cuda --triton \
   --models spinconv_small_fc spinconv_small_ec spinconv_all --out "$dir/tf32_error_triton.json"
 exit $status

@@ -14,7 +14,8 @@ With ``--shipped``, also the shipped weights' force MAE on OC20-EMT check frames
 with and without TF32.
 
 With ``--triton``, also SpinConv with the fused Triton kernels
-(``forcecalc/models/triton_kernels.py``) at ``tf32x3`` and ``tf32`` products.
+(``forcecalc/models/triton_kernels.py``) at ``tf32x3`` and ``tf32`` products, and at
+``tf32x3`` with PyTorch's remaining products in TF32.
 
     python benchmarks/tf32_error.py --device cuda --shipped --out DIR/tf32_error_cuda.json
     python benchmarks/tf32_error.py --device cuda --triton --out DIR/tf32_error_triton.json
@@ -149,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     structures = {a.info["name"]: a for a in read(data / "structures.extxyz", index=":")}
     rows = []
     print(
-        f"{'model':<22}{'matmul':<15}{'max|dE|/eV':>12}{'/tol':>7}{'max|dF|/max|F|':>16}{'/tol':>7}"
+        f"{'model':<22}{'matmul':<20}{'max|dE|/eV':>12}{'/tol':>7}{'max|dF|/max|F|':>16}{'/tol':>7}"
     )
     for name, model in reference["models"].items():
         if args.models and name not in args.models:
@@ -172,9 +173,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.triton and model["kind"] == "spinconv":
             from forcecalc.models.triton_kernels import with_triton_kernels
 
+            tf32x3, tf32 = (with_triton_kernels(potential, p) for p in ("tf32x3", "tf32"))
             runs += [
-                (f"triton-{precision}", with_triton_kernels(potential, precision), False)
-                for precision in ("tf32x3", "tf32")
+                ("triton-tf32x3", tf32x3, False),
+                ("triton-tf32", tf32, False),
+                ("triton-tf32x3+tf32", tf32x3, True),  # PyTorch's products in TF32 too
             ]
         for matmul, runner, tf32 in runs:
             set_tf32(tf32)
@@ -186,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
             }
             rows.append(row)
             print(
-                f"{name:<22}{matmul:<15}{row['max_energy_error_eV']:>12.2e}"
+                f"{name:<22}{matmul:<20}{row['max_energy_error_eV']:>12.2e}"
                 f"{row['energy_error_over_tolerance']:>7.2f}{row['max_force_error_relative']:>16.2e}"
                 f"{row['force_error_over_tolerance']:>7.2f}"
             )
