@@ -10,9 +10,7 @@ comparing the absolute number with a DFT total energy is not.
 from __future__ import annotations
 
 import copy
-import math
 import os
-from numbers import Real
 from typing import Any, ClassVar
 
 import numpy as np
@@ -30,6 +28,7 @@ from forcecalc.checkpoint import Potential, as_potential
 from forcecalc.compiled import compiled_blocks, compiled_function
 from forcecalc.graph import Batch, radius_graph
 from forcecalc.graph.batch import atoms_to_arrays
+from forcecalc.graph.neighbors import checked_skin
 from forcecalc.replay import GraphReplay
 
 #: The Voigt order ASE uses for stress: xx, yy, zz, yz, xz, xy.
@@ -135,8 +134,7 @@ class ForceCalculator(Calculator):
             )
         if max_neighbors is not None:
             potential = _with_max_neighbors(potential, max_neighbors)
-        if not (isinstance(skin, Real) and math.isfinite(skin) and skin >= 0):
-            raise ValueError(f"skin must be a finite number >= 0 (Å), got {skin!r}")
+        checked_skin(skin)
         self.potential = potential
         self.implemented_properties = ["energy", "free_energy", "forces"] + (
             ["stress"] if potential.defines_stress else []

@@ -25,7 +25,9 @@ Both return exactly the pair set of ``ase.neighborlist.neighbor_list`` (order di
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from numbers import Real
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
@@ -117,6 +119,14 @@ def fixed_order_edge_vectors(
 #: Periodic cell vectors whose normalized volume (volume spanned by the unit vectors along
 #: them) is below this count as linearly dependent.
 DEPENDENCE_TOLERANCE = 1e-9
+
+
+def checked_skin(skin: object) -> float:
+    """``skin`` (Å), the margin a neighbor list is built with beyond the cutoff so that it
+    serves moved atoms, as a float; ``ValueError`` unless it is a finite number >= 0."""
+    if isinstance(skin, bool) or not (isinstance(skin, Real) and math.isfinite(skin) and skin >= 0):
+        raise ValueError(f"skin must be a finite number >= 0 (Å), got {skin!r}")
+    return float(skin)
 
 
 def cell_problem(cell: np.ndarray, pbc: np.ndarray) -> tuple[int, str] | None:

@@ -8,7 +8,6 @@ converged (ASE's criterion: the largest per-atom force norm, FixAtoms applied, b
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from forcecalc.graph.neighbors import checked_skin
 from forcecalc.relax.engine import Evaluator, SystemSet, admit, check_structures, segment_max
 from forcecalc.relax.memory import (
     CPU_MEMORY_MODEL,
@@ -136,9 +136,7 @@ def plan_run(
     if not structures:
         return None
     device_ = potential_device(potential)
-    if skin is not None and not (isinstance(skin, Real) and math.isfinite(skin) and skin >= 0):
-        raise ValueError(f"skin must be a finite number >= 0 (Å), got {skin!r}")
-    skin = default_skin(device_) if skin is None else float(skin)
+    skin = default_skin(device_) if skin is None else checked_skin(skin)
     evaluate, max_systems = plan_batches(potential, structures, batch_size, skin, memory)
     return RunPlan(structures, potential, device_, skin, evaluate, max_systems)
 

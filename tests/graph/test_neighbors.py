@@ -390,3 +390,14 @@ def test_box_of_many_cells_is_searched_without_vesin(monkeypatch) -> None:
     fallback = graph_rows(graph_of(atoms, 5.0, "vesin"))
     for a, b in zip(fallback, expected, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_checked_skin_takes_finite_non_negative_lengths_only():
+    """A skin is a length in Å >= 0 (0: a list built at the cutoff); the calculator and the
+    batched engine share this one check: NaN, inf, negatives, text and booleans are refused by
+    name, numbers come back as floats."""
+    assert neighbors.checked_skin(0) == 0.0 and isinstance(neighbors.checked_skin(1), float)
+    assert neighbors.checked_skin(np.float32(0.5)) == 0.5
+    for bad in (float("nan"), float("inf"), -0.1, "1", True, None):
+        with pytest.raises(ValueError, match=r"skin must be a finite number >= 0 \(Å\)"):
+            neighbors.checked_skin(bad)
