@@ -225,11 +225,12 @@ def fused_kernel_stand_ins(log: OperatorLog, flop_scale: float) -> dict[str, Cal
         long, groups, n, n_in = spectra.shape
         edge, real = kernels[0], kernels[1]
         n_out = edge.shape[-1]
-        products = len(edge) + 3 * len(real)
+        pairs = 1 + len(real)  # one [2 n_in, 2 n_out] product per pair of packed entries
         out = n * groups * n_out * spectra.element_size()
+        paired = pairs * groups * 4 * n_in * n_out * spectra.element_size()
         # two kernels: the products [long, n, groups * n_out] are written, then read back
-        moved = tensor_bytes([spectra, *kernels, bias]) + out * (1 + 2 * long)
-        flops = 2.0 * n * groups * n_in * n_out * products
+        moved = tensor_bytes([spectra, kernels[-1], bias]) + paired + out * (1 + 2 * long)
+        flops = 2.0 * n * groups * 4 * n_in * n_out * pairs
         return record("spin_pool", moved, flops, (n, groups * n_out), spectra)
 
     return {

@@ -109,7 +109,7 @@ def kernels(precision: str) -> dict[str, tuple[Any, dict[str, Any], int, int]]:
     products = {
         "BLOCK_M": products_m,
         "BLOCK_N": products_n,
-        "BLOCK_K": min(products_k, dot(CHANNELS // 4 * LAT)),
+        "BLOCK_K": min(products_k, dot(CHANNELS // 4 * LAT)),  # 8 channels per group
         "PRECISION": precision,
     }
     inverse = {"BLOCK": k.INVERSE_COLUMNS, "LONG": dot(LONG)}

@@ -12,12 +12,14 @@ every frequency.  These kernels compute the same numbers without those tensors:
 * :func:`spin_spectra`: the packed longitude spectra of the projected grids straight from
   the splat factors (:func:`~forcecalc.models.spinconv.splat_factors`) and the gathered
   messages, written in the frequency-major layout the products read;
-* :func:`spin_pool`: the kernels' products at every frequency (Gauss's three products), then
-  the inverse DFT (a 16 x 16 product per output), the bias, Swish and the mean over the
-  longitude in one pass (``[n, mid]`` written once; the GroupNorm that follows is PyTorch's).
-  Two kernels, not one: an accumulator for every longitudinal shift in the products' kernel
-  took all 255 registers of a thread (spilling, one program per multiprocessor), where the
-  products written once and read back cost ``[long, n, mid]`` of memory traffic.
+* :func:`spin_pool`: the kernels' products at every frequency (one real product per pair of
+  packed entries, see :func:`_paired_kernels`), then the inverse DFT (a 16 x 16 product per
+  output), the bias, Swish and the mean over the longitude in one pass (``[n, mid]`` written
+  once; the GroupNorm that follows is PyTorch's).  Two kernels, not one: an accumulator for
+  every longitudinal shift in the products' kernel took all 255 registers of a thread
+  (spilling, one program per multiprocessor), where the products written once and read back
+  cost ``[long, n, mid]`` of memory traffic; Gauss's three products per frequency, with three
+  accumulators, took 255 registers at 32 x 64 tiles, the paired product 64 x 128 in fewer.
 
 Matrix products use ``tl.dot`` with ``input_precision="tf32x3"`` by default (three TF32
 tensor-core products per product: float32's accuracy); ``"tf32"`` is one (about 1e-3
@@ -54,9 +56,11 @@ MIXTURE_WARPS, MIXTURE_STAGES = 8, 2
 SPECTRA_GRIDS = 1
 #: Warps and stages of :func:`spin_spectra`.
 SPECTRA_WARPS, SPECTRA_STAGES = 4, 2
-#: Tile sizes (grids, columns, reduction) of the frequency products in :func:`spin_pool`.
-PRODUCTS_TILES = (32, 64, 32)
-#: Warps and stages of the frequency products (three accumulators, five tiles per step).
+#: Tile sizes (grids, columns of a pair of entries, reduction) of the frequency products in
+#: :func:`spin_pool` (64 x 128, both entries of a pair for SpinConv-All, spills 92 bytes under
+#: Triton 3.6).
+PRODUCTS_TILES = (64, 64, 32)
+#: Warps and stages of the frequency products.
 PRODUCTS_WARPS, PRODUCTS_STAGES = 8, 2
 #: Output numbers per program of the inverse DFT in :func:`spin_pool`.
 INVERSE_COLUMNS = 128
@@ -166,10 +170,7 @@ def _spectra_kernel(
 @triton.jit
 def _products_kernel(
     spectra_ptr,
-    edge_ptr,
-    real_ptr,
-    imag_minus_real_ptr,
-    real_plus_imag_ptr,
+    pairs_ptr,
     out_ptr,
     n_grids,
     n_groups,
@@ -182,60 +183,48 @@ def _products_kernel(
     BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
 ) -> None:
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    # the column blocks of a row block are neighbouring programs: the second reads the
+    # spectra from the cache
+    column_blocks = tl.cdiv(2 * n_out, BLOCK_N)
+    row_block = tl.program_id(0) // column_blocks
+    rows = row_block.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     group = tl.program_id(1)
-    cols = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = (tl.program_id(0) % column_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)  # of 2 n_out
     row_ok = rows < n_grids
-    col_ok = cols < n_out
-    out_ok = row_ok[:, None] & col_ok[None, :]
-    # out [long, n_grids, n_groups * n_out]: entry e of every grid's packed product spectrum
-    out_cols = group * n_out + cols
-    for e in range(n_edge):
-        product = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        spectrum = spectra_ptr + ((e * n_groups + group) * n_grids + rows) * n_in
-        kernel = edge_ptr + (e * n_groups + group) * n_in * n_out + cols
-        for start in range(0, n_in, BLOCK_K):
-            ks = start + tl.arange(0, BLOCK_K)
+    col_ok = cols < 2 * n_out
+    in_second = cols >= n_out
+    out_cols = group * n_out + tl.where(in_second, cols - n_out, cols)
+    chunks = tl.cdiv(n_in, BLOCK_K)  # per entry
+    for pair in range(1 + n_middle):
+        # pair 0: the real entries 0 and, for an even long (n_edge 2), 1 (for an odd long no
+        # second entry: entry 0 again, times the zero rows the pair's kernel has for it);
+        # pair f + 1: frequency f's real and imaginary entries
+        first = (n_edge + pair - 1) * (pair != 0)
+        second = tl.where(pair == 0, 2 * n_edge - 3, first + n_middle)
+        read_second = tl.maximum(second, 0)
+        kernel = pairs_ptr + (pair * n_groups + group).to(tl.int64) * (4 * n_in * n_out)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        # [spectra of first, spectra of second] [rows, 2 n_in] @ kernel [2 n_in, 2 n_out]
+        for step in range(2 * chunks):
+            half = (step >= chunks).to(tl.int32)
+            entry = first + half * (read_second - first)
+            ks = (step - half * chunks) * BLOCK_K + tl.arange(0, BLOCK_K)
             k_ok = ks < n_in
+            spectrum = spectra_ptr + ((entry * n_groups + group) * n_grids + rows) * n_in
             a = tl.load(
                 spectrum[:, None] + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0
             )
             b = tl.load(
-                kernel[None, :] + ks[:, None] * n_out,
+                kernel + (half * n_in + ks)[:, None] * (2 * n_out) + cols[None, :],
                 mask=k_ok[:, None] & col_ok[None, :],
                 other=0.0,
             )
-            product = tl.dot(a, b, product, input_precision=PRECISION)
-        out = out_ptr + (e * n_grids + rows)[:, None] * (n_groups * n_out) + out_cols[None, :]
-        tl.store(out, product, mask=out_ok)
-    for f in range(n_middle):
-        # Gauss: (re + i im) conj(W) = (k1 - k3) + i (k1 + k2)
-        k1 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        k2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        k3 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        real_entry = n_edge + f
-        imag_entry = n_edge + n_middle + f
-        spectrum_re = spectra_ptr + ((real_entry * n_groups + group) * n_grids + rows) * n_in
-        spectrum_im = spectra_ptr + ((imag_entry * n_groups + group) * n_grids + rows) * n_in
-        kernel = (f * n_groups + group) * n_in * n_out + cols
-        for start in range(0, n_in, BLOCK_K):
-            ks = start + tl.arange(0, BLOCK_K)
-            k_ok = ks < n_in
-            a_ok = row_ok[:, None] & k_ok[None, :]
-            b_ok = k_ok[:, None] & col_ok[None, :]
-            re = tl.load(spectrum_re[:, None] + ks[None, :], mask=a_ok, other=0.0)
-            im = tl.load(spectrum_im[:, None] + ks[None, :], mask=a_ok, other=0.0)
-            b = kernel[None, :] + ks[:, None] * n_out
-            real = tl.load(real_ptr + b, mask=b_ok, other=0.0)
-            imag_minus_real = tl.load(imag_minus_real_ptr + b, mask=b_ok, other=0.0)
-            real_plus_imag = tl.load(real_plus_imag_ptr + b, mask=b_ok, other=0.0)
-            k1 = tl.dot(re + im, real, k1, input_precision=PRECISION)
-            k2 = tl.dot(re, imag_minus_real, k2, input_precision=PRECISION)
-            k3 = tl.dot(im, real_plus_imag, k3, input_precision=PRECISION)
-        out_re = out_ptr + (real_entry * n_grids + rows)[:, None] * (n_groups * n_out)
-        out_im = out_ptr + (imag_entry * n_grids + rows)[:, None] * (n_groups * n_out)
-        tl.store(out_re + out_cols[None, :], k1 - k3, mask=out_ok)
-        tl.store(out_im + out_cols[None, :], k1 + k2, mask=out_ok)
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        entry = tl.where(in_second, second, first)  # [BLOCK_N], -1: no entry
+        out = out_ptr + (entry[None, :] * n_grids + rows[:, None]) * (n_groups * n_out)
+        tl.store(
+            out + out_cols[None, :], acc, mask=row_ok[:, None] & (col_ok & (entry >= 0))[None, :]
+        )
 
 
 @triton.jit
@@ -384,7 +373,7 @@ def spin_pool(
     Returns:
         ``[n, groups * M]``.
     """
-    edge, real, imag_minus_real, real_plus_imag, inverse = kernels
+    edge, real, imag_minus_real, _, inverse = kernels
     _check_float32(spectra, edge, real, bias, inverse)
     long, groups, n, n_in = spectra.shape
     n_out = edge.shape[-1]
@@ -394,11 +383,11 @@ def spin_pool(
     block_m, block_n, block_k = PRODUCTS_TILES
     block_k = min(block_k, _dot_size(n_in))
     products = spectra.new_empty(long, n, groups * n_out)
-    grid = (triton.cdiv(n, block_m), groups, triton.cdiv(n_out, block_n))
+    pairs = _paired_kernels(edge, real, imag_minus_real)
+    grid = (triton.cdiv(n, block_m) * triton.cdiv(2 * n_out, block_n), groups)
     _launcher(_products_kernel, spectra)[grid](
-        spectra.contiguous(), edge.contiguous(), real.contiguous(),
-        imag_minus_real.contiguous(), real_plus_imag.contiguous(), products,
-        n, groups, n_in, n_out, len(edge), len(real), block_m, block_n, block_k, precision,
+        spectra.contiguous(), pairs, products, n, groups, n_in, n_out, len(edge), len(real),
+        block_m, block_n, block_k, precision,
         num_warps=PRODUCTS_WARPS, num_stages=PRODUCTS_STAGES,
     )  # fmt: skip
     columns = n * groups * n_out
@@ -407,6 +396,26 @@ def spin_pool(
         INVERSE_COLUMNS, _dot_size(long),
     )  # fmt: skip
     return out
+
+
+def _paired_kernels(edge: Tensor, real: Tensor, imag_minus_real: Tensor) -> Tensor:
+    """The kernels' products as one real matrix per pair of packed entries and group, ``[1 +
+    n_middle, groups, 2 K, 2 M]``: the real entries (``[[edge0, 0], [0, edge1]]``, the second
+    block zero for an odd ``long``), then each middle frequency's real and imaginary entries,
+    ``(re + i im) conj(W) = (re real - im imag) + i (re imag + im real)`` as
+    ``[[real, imag], [-imag, real]]``: one plain product per pair (four real products per
+    frequency where Gauss's trick takes three, and one accumulator where it takes three)."""
+    n_edge, groups, n_in, n_out = edge.shape
+    pairs = edge.new_zeros(1 + len(real), groups, 2 * n_in, 2 * n_out)
+    pairs[0, :, :n_in, :n_out] = edge[0]
+    if n_edge == 2:
+        pairs[0, :, n_in:, n_out:] = edge[1]
+    imag = imag_minus_real + real
+    pairs[1:, :, :n_in, :n_out] = real
+    pairs[1:, :, :n_in, n_out:] = imag
+    pairs[1:, :, n_in:, :n_out] = -imag
+    pairs[1:, :, n_in:, n_out:] = real
+    return pairs
 
 
 def with_triton_kernels(module: nn.Module, precision: str = "tf32x3") -> nn.Module:

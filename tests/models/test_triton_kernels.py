@@ -109,9 +109,10 @@ def _grids(device: str, n: int, width: int, n_values: int, lat: int, long: int) 
 def test_spin_convolution_equals_the_blocks_operators(device, long):
     """Spectra straight from the splat factors, then the kernels' products, inverse DFT,
     bias, Swish, mean and GroupNorm: equal to the PyTorch spin convolution (through the splat
-    weights and the packed spectra) for an odd and an even number of longitudes."""
+    weights and the packed spectra) for an odd and an even number of longitudes (72 outputs
+    in 2 groups: a pair's 72 product columns span two column blocks, the second partial)."""
     torch.manual_seed(3)
-    channels, mid, lat, width, n, n_values = 16, 12, 5, 11, 21, 30
+    channels, mid, lat, width, n, n_values = 16, 72, 5, 11, 21, 30
     block = SpinConvBlock(channels, mid, lat, long).to(device).eval()
     with torch.no_grad():
         block.conv1.bias.normal_()
