@@ -6,8 +6,9 @@ For a batch of ``--grids`` grids (16 x 66-atom slabs x 40 neighbors = 42,240 mes
 grids; hidden 32, mid 256, 16 x 12 grid, 40 values per grid) it times, with
 ``triton.testing.do_bench`` (median of repeated calls):
 
-* the mixture of experts ``EmbeddingBlock(256, 256, 256)``: PyTorch (``fc2`` product, Swish,
-  ``bmm`` mixing) against the fused kernel;
+* the mixture of experts ``EmbeddingBlock(256, 256, 256)``: PyTorch (``fc1``, Swish, ``fc2``
+  product, Swish, ``bmm`` mixing, ``fc3``) against the fused kernels (``linear`` with Swish,
+  ``mixture_of_experts``, ``linear``);
 * the spin convolution of a message block: PyTorch (splat weights kept, as on a GPU; the
   spectra ``bmm``, the frequency products, inverse DFT, Swish, mean, GroupNorm) against the
   fused spectra and pool kernels (with the same GroupNorm);
@@ -40,7 +41,13 @@ from forcecalc.models.spinconv import (
 VARIANTS = [
     {},
     {"MIXTURE_STAGES": 3, "SPECTRA_STAGES": 3, "PRODUCTS_STAGES": 3},
-    {"MIXTURE_TILES": (128, 64, 32), "SPECTRA_WARPS": 8, "PRODUCTS_TILES": (32, 128, 32)},
+    {
+        "MIXTURE_TILES": (128, 64, 32),
+        "SPECTRA_WARPS": 8,
+        "PRODUCTS_TILES": (32, 128, 32),
+        "LINEAR_TILES": (128, 64, 32),
+        "LINEAR_WARPS": 8,
+    },
     {"MIXTURE_WARPS": 4, "SPECTRA_GRIDS": 2, "PRODUCTS_TILES": (64, 128, 32)},
     {"PRODUCTS_TILES": (128, 128, 32), "INVERSE_COLUMNS": 256},
 ]

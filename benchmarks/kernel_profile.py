@@ -197,6 +197,13 @@ def fused_kernel_stand_ins(log: OperatorLog, flop_scale: float) -> dict[str, Cal
         with _disable_current_modes():
             return like.new_zeros(shape)
 
+    def linear(
+        x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, *_: Any, **__: Any
+    ) -> Any:
+        (n, n_in), n_out = x.shape, weight.shape[0]
+        moved = tensor_bytes([x, weight, bias]) + n * n_out * x.element_size()
+        return record("linear", moved, 2.0 * n * n_in * n_out, (n, n_out), x)
+
     def mixture_of_experts(
         h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, mixture: torch.Tensor, *_: Any
     ) -> Any:
@@ -234,6 +241,7 @@ def fused_kernel_stand_ins(log: OperatorLog, flop_scale: float) -> dict[str, Cal
         return record("spin_pool", moved, flops, (n, groups * n_out), spectra)
 
     return {
+        "linear": linear,
         "mixture_of_experts": mixture_of_experts,
         "spin_spectra": spin_spectra,
         "spin_pool": spin_pool,

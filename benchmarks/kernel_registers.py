@@ -113,7 +113,16 @@ def kernels(precision: str) -> dict[str, tuple[Any, dict[str, Any], int, int]]:
         "PRECISION": precision,
     }
     inverse = {"BLOCK": k.INVERSE_COLUMNS, "LONG": dot(LONG)}
+    linear_m, linear_n, linear_k = k.LINEAR_TILES
+    linear = {
+        "BLOCK_M": linear_m,
+        "BLOCK_N": linear_n,
+        "BLOCK_K": min(linear_k, dot(MID)),
+        "SWISH": True,
+        "PRECISION": precision,
+    }
     return {
+        "linear (Swish)": (k._linear_kernel, linear, k.LINEAR_WARPS, k.LINEAR_STAGES),
         "mixture_of_experts": (k._mixture_kernel, mixture, k.MIXTURE_WARPS, k.MIXTURE_STAGES),
         "spin_spectra": (k._spectra_kernel, spectra, k.SPECTRA_WARPS, k.SPECTRA_STAGES),
         "spin_pool products": (

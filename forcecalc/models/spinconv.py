@@ -230,16 +230,13 @@ class EmbeddingBlock(nn.Module):
         return self.fc3(mixed)
 
     def _fused_mixture(self, x: Tensor, source_element: Tensor, target_element: Tensor) -> Tensor:
-        from forcecalc.models.triton_kernels import mixture_of_experts
+        from forcecalc.models.triton_kernels import linear, mixture_of_experts
 
-        mixed = mixture_of_experts(
-            self.act(self.fc1(x)),
-            self.fc2.weight,
-            self.fc2.bias,
-            self._expert_weights(source_element, target_element),
-            self.triton_precision,
-        )
-        return self.fc3(mixed)
+        precision = self.triton_precision
+        h = linear(x, self.fc1.weight, self.fc1.bias, swish=True, precision=precision)
+        mixture = self._expert_weights(source_element, target_element)
+        mixed = mixture_of_experts(h, self.fc2.weight, self.fc2.bias, mixture, precision)
+        return linear(mixed, self.fc3.weight, self.fc3.bias, precision=precision)
 
     def _expert_weights(self, source_element: Tensor, target_element: Tensor) -> Tensor:
         """``[n, NUM_EXPERTS]``: the softmax of the element pair's embeddings."""

@@ -9,6 +9,7 @@ every frequency.  These kernels compute the same numbers without those tensors:
 * :func:`mixture_of_experts`: ``sum_k w_k * act(h @ W_k^T + b_k)``, the experts' products
   accumulated tile by tile, each expert's tile activated, weighted and added in registers
   (``[n, mid]`` written once);
+* :func:`linear`: the mixtures' input and output layers, Swish folded into the first;
 * :func:`spin_spectra`: the packed longitude spectra of the projected grids straight from
   the splat factors (:func:`~forcecalc.models.spinconv.splat_factors`) and the gathered
   messages, written in the frequency-major layout the products read;
@@ -52,6 +53,9 @@ PRECISIONS = ("tf32x3", "tf32", "ieee")
 MIXTURE_TILES = (64, 64, 32)
 #: Warps and stages of :func:`mixture_of_experts` (two ``[rows, columns]`` accumulators).
 MIXTURE_WARPS, MIXTURE_STAGES = 8, 2
+#: Tile sizes, warps and stages of :func:`linear`.
+LINEAR_TILES = (64, 64, 32)
+LINEAR_WARPS, LINEAR_STAGES = 4, 3
 #: Grids per program of :func:`spin_spectra`.
 SPECTRA_GRIDS = 1
 #: Warps and stages of :func:`spin_spectra`.
@@ -110,6 +114,48 @@ def _mixture_kernel(
         out += share[:, None] * (acc * tl.sigmoid(acc))
     tl.store(
         out_ptr + rows[:, None] * n_mid + cols[None, :], out, mask=row_ok[:, None] & col_ok[None, :]
+    )
+
+
+@triton.jit
+def _linear_kernel(
+    x_ptr,
+    weight_ptr,
+    bias_ptr,
+    out_ptr,
+    n_rows,
+    n_in,
+    n_out,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SWISH: tl.constexpr,
+    PRECISION: tl.constexpr,
+) -> None:
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < n_rows
+    col_ok = cols < n_out
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for start in range(0, n_in, BLOCK_K):
+        ks = start + tl.arange(0, BLOCK_K)
+        k_ok = ks < n_in
+        a = tl.load(
+            x_ptr + rows[:, None] * n_in + ks[None, :],
+            mask=row_ok[:, None] & k_ok[None, :],
+            other=0.0,
+        )
+        b = tl.load(  # weight [n_out, n_in], read as its transpose
+            weight_ptr + cols[None, :] * n_in + ks[:, None],
+            mask=k_ok[:, None] & col_ok[None, :],
+            other=0.0,
+        )
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0)[None, :]
+    if SWISH:
+        acc = acc * tl.sigmoid(acc)
+    tl.store(
+        out_ptr + rows[:, None] * n_out + cols[None, :], acc, mask=row_ok[:, None] & col_ok[None, :]
     )
 
 
@@ -281,6 +327,35 @@ def _check_float32(*tensors: Tensor) -> None:
     for tensor in tensors:
         if tensor.dtype != torch.float32:
             raise TypeError(f"the Triton kernels take float32 tensors, got {tensor.dtype}")
+
+
+def linear(
+    x: Tensor, weight: Tensor, bias: Tensor, swish: bool = False, precision: str = "tf32x3"
+) -> Tensor:
+    """``x @ weight.T + bias``, with Swish applied if ``swish`` (``nn.Linear`` and its
+    activation in one pass, its product at ``precision``).
+
+    Args:
+        x: ``[n, n_in]`` float32.
+        weight: ``[n_out, n_in]``; bias: ``[n_out]``.
+
+    Returns:
+        ``[n, n_out]``.
+    """
+    _check_float32(x, weight, bias)
+    x, weight = x.contiguous(), weight.contiguous()
+    (n, n_in), n_out = x.shape, weight.shape[0]
+    out = x.new_empty(n, n_out)
+    if n == 0:
+        return out
+    block_m, block_n, block_k = LINEAR_TILES
+    block_k = min(block_k, _dot_size(n_in))
+    grid = (triton.cdiv(n, block_m), triton.cdiv(n_out, block_n))
+    _launcher(_linear_kernel, x)[grid](
+        x, weight, bias.contiguous(), out, n, n_in, n_out, block_m, block_n, block_k, swish,
+        precision, num_warps=LINEAR_WARPS, num_stages=LINEAR_STAGES,
+    )  # fmt: skip
+    return out
 
 
 def mixture_of_experts(

@@ -29,6 +29,7 @@ from forcecalc.models.spinconv import (
     splat_factors,
 )
 from forcecalc.models.triton_kernels import (
+    linear,
     mixture_of_experts,
     spin_pool,
     spin_spectra,
@@ -91,6 +92,23 @@ def test_mixture_of_experts_is_the_weighted_sum_of_experts(device):
         rows = slice(k * mid, (k + 1) * mid)
         pre = h.double() @ weight[rows].double().T + bias[rows].double()
         expected += mixture[:, k : k + 1].double() * torch.nn.functional.silu(pre)
+    assert _relative(out.double(), expected) < 1e-5
+
+
+@pytest.mark.parametrize("swish", [False, True])
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+def test_linear_is_the_layer_and_its_swish(device, swish):
+    """``x W^T + b`` (and its Swish) in one kernel: ``nn.Linear``'s numbers in float64 to
+    float32 rounding (37 x 45 -> 19: partial tiles everywhere)."""
+    torch.manual_seed(6)
+    layer = torch.nn.Linear(45, 19).to(device)
+    x = torch.randn(37, 45, device=device)
+    with torch.no_grad():
+        expected = layer.double()(x.double())
+        layer.float()
+        out = linear(x, layer.weight, layer.bias, swish=swish, precision="ieee")
+    expected = torch.nn.functional.silu(expected) if swish else expected
+    assert out.shape == (37, 19)
     assert _relative(out.double(), expected) < 1e-5
 
 
