@@ -20,7 +20,7 @@ every frequency.  These kernels compute the same numbers without those tensors:
   every longitudinal shift in the products' kernel took all 255 registers of a thread
   (spilling, one program per multiprocessor), where the products written once and read back
   cost ``[long, n, mid]`` of memory traffic; Gauss's three products per frequency, with three
-  accumulators, took 255 registers at 32 x 64 tiles, the paired product 64 x 128 in fewer.
+  accumulators, fitted 32 x 64 tiles without spilling, the paired product 64 x 64.
 
 Matrix products use ``tl.dot`` with ``input_precision="tf32x3"`` by default (three TF32
 tensor-core products per product: float32's accuracy); ``"tf32"`` is one (about 1e-3
@@ -61,8 +61,8 @@ SPECTRA_GRIDS = 1
 #: Warps and stages of :func:`spin_spectra`.
 SPECTRA_WARPS, SPECTRA_STAGES = 4, 2
 #: Tile sizes (grids, columns of a pair of entries, reduction) of the frequency products in
-#: :func:`spin_pool` (64 x 128, both entries of a pair for SpinConv-All, spills 92 bytes under
-#: Triton 3.6).
+#: :func:`spin_pool` (64 x 128, both entries of a pair for SpinConv-All in one program, spills
+#: 92 bytes under Triton 3.6).
 PRODUCTS_TILES = (64, 64, 32)
 #: Warps and stages of the frequency products.
 PRODUCTS_WARPS, PRODUCTS_STAGES = 8, 2
