@@ -11,7 +11,8 @@
 # 3. SpinConv-All batched (64 and 256 x 66 atoms): the PyTorch path, then the fused kernels
 #    with tf32x3 and with tf32 products, and with tf32x3 and PyTorch's other products in TF32
 #    (speed.py, each with its largest force difference to the PyTorch path);
-# 4. their errors against the original's fixture outputs (tf32_error.py --triton; SpinConv-All
+# 4. batch 1 with them: a forward and the ASE step (plain, cuda_graph, skin, compiled);
+# 5. their errors against the original's fixture outputs (tf32_error.py --triton; SpinConv-All
 #    where .device/ocp was carried, see device_wheels.sh).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -30,6 +31,8 @@ for precision in tf32x3 tf32; do
 done
 run python3 benchmarks/speed.py --devices cuda --models spinconv_all --sizes --batch 64 256 \
   --repeats 10 --skip-ase-step --triton tf32x3 --tf32 --out "$dir/speed_triton_tf32x3_torch_tf32.json"
+run python3 benchmarks/speed.py --devices cuda --models spinconv_all --sizes 66 --batch \
+  --repeats 20 --triton tf32x3 --out "$dir/speed_triton_batch1.json"
 run python3 benchmarks/tf32_error.py --device cuda --triton \
   --models spinconv_small_fc spinconv_small_ec spinconv_all --out "$dir/tf32_error_triton.json"
 exit $status
