@@ -285,6 +285,7 @@ def ase_step_rows(
                 "batch": 1,
                 "ms_per_structure": 1000 * seconds,
                 "cuda_graph": True,
+                "triton": args.triton if name.startswith("spinconv") else None,
             }
         )
         print(f"{name:<14}{device:<7}{'replayed forward, ms':<24}{1000 * seconds:>12.1f}")
