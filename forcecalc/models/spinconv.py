@@ -468,6 +468,9 @@ class MessageBlock(nn.Module):
         )
         self.distfc1 = nn.Linear(mid_channels, mid_channels)
         self.distfc2 = nn.Linear(mid_channels, mid_channels)
+        #: ``tl.dot`` precision of the fused Triton kernels for the distance term, None for
+        #: PyTorch's operators (see :func:`~forcecalc.models.triton_kernels.with_triton_kernels`).
+        self.triton_precision: str | None = None
 
     def forward(
         self,
@@ -482,8 +485,20 @@ class MessageBlock(nn.Module):
         ``x_dist`` ``[n_edges, mid]`` the distance features, elements ``[n_edges]`` int64."""
         x = projections.spin_convolution(self.spinconvblock, x)
         x = self.embeddingblock1(x, source_element, target_element)
-        x = x + self.distfc2(self.act(self.distfc1(x_dist)))
+        x = x + self._distance_term(x_dist)
         return self.embeddingblock2(self.act(x), source_element, target_element)
+
+    def _distance_term(self, x_dist: Tensor) -> Tensor:
+        """``distfc2(act(distfc1(x_dist)))`` ``[n_edges, mid]``, by the fused linear kernel
+        where it applies (float32, no autograd recording)."""
+        recording = torch.is_grad_enabled() and x_dist.requires_grad
+        if self.triton_precision is None or recording or x_dist.dtype != torch.float32:
+            return self.distfc2(self.act(self.distfc1(x_dist)))
+        from forcecalc.models.triton_kernels import linear
+
+        precision = self.triton_precision
+        hidden = linear(x_dist, self.distfc1.weight, self.distfc1.bias, True, precision)
+        return linear(hidden, self.distfc2.weight, self.distfc2.bias, precision=precision)
 
 
 class ForceOutputBlock(nn.Module):

@@ -9,7 +9,8 @@ every frequency.  These kernels compute the same numbers without those tensors:
 * :func:`mixture_of_experts`: ``sum_k w_k * act(h @ W_k^T + b_k)``, the experts' products
   accumulated tile by tile, each expert's tile activated, weighted and added in registers
   (``[n, mid]`` written once);
-* :func:`linear`: the mixtures' input and output layers, Swish folded into the first;
+* :func:`linear`: the mixtures' input and output layers and the message blocks' distance
+  term, Swish folded in where it follows;
 * :func:`spin_spectra`: the packed longitude spectra of the projected grids straight from
   the splat factors (:func:`~forcecalc.models.spinconv.splat_factors`) and the gathered
   messages, written in the frequency-major layout the products read;
@@ -499,12 +500,13 @@ def with_triton_kernels(module: nn.Module, precision: str = "tf32x3") -> nn.Modu
     kernels wherever they can: float32 inputs, no autograd recording (a force-centric
     model's forward; an energy-centric model's forces need the backward pass and keep the
     PyTorch path).  ``precision``: one of :data:`PRECISIONS`."""
-    from forcecalc.models.spinconv import EmbeddingBlock, SpinConvBlock
+    from forcecalc.models.spinconv import EmbeddingBlock, MessageBlock, SpinConvBlock
 
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     module = copy.deepcopy(module)
-    blocks = [m for m in module.modules() if isinstance(m, EmbeddingBlock | SpinConvBlock)]
+    fused = EmbeddingBlock | SpinConvBlock | MessageBlock
+    blocks = [m for m in module.modules() if isinstance(m, fused)]
     if not blocks:
         raise ValueError(f"{type(module).__name__} holds no SpinConv blocks")
     for block in blocks:

@@ -23,6 +23,7 @@ from forcecalc.graph.gather import RowIndex
 from forcecalc.models import triton_kernels
 from forcecalc.models.spinconv import (
     EmbeddingBlock,
+    MessageBlock,
     SphereProjections,
     SpinConv,
     SpinConvBlock,
@@ -192,7 +193,7 @@ def test_force_centric_forward_equals_the_pytorch_path(device, envelope, monkeyp
     assert all(
         m.triton_precision is None
         for m in model.modules()
-        if isinstance(m, EmbeddingBlock | SpinConvBlock)
+        if isinstance(m, EmbeddingBlock | SpinConvBlock | MessageBlock)
     )
     atoms = ocp_structures()["o_pt100"]
     batch = Batch.from_atoms(atoms, cutoff=model.cutoff).to(device, torch.float32)
