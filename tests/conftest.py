@@ -1,5 +1,6 @@
-"""pytest configuration (``tests/`` is on ``sys.path`` through ``pyproject.toml``, so test modules
-import ``ocp_fixtures`` and ``devices``)."""
+"""pytest configuration: its presence puts ``tests/`` on ``sys.path`` (pytest's default import
+mode), so test modules import ``ocp_fixtures`` and ``devices``; Triton's interpreter where
+there is no CUDA device."""
 
 import os
 
