@@ -6,7 +6,8 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -24,6 +25,10 @@ if TYPE_CHECKING:
 
     from forcecalc.checkpoint import Potential
     from forcecalc.data.store import Dataset
+
+
+#: The package's folder: warnings raised from files in it are forcecalc's own.
+_PACKAGE = Path(forcecalc.__file__).resolve().parent
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -863,6 +868,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warnings(fallback: Callable[..., None]) -> Callable[..., None]:
+    """A ``warnings.showwarning`` that shows a warning of forcecalc's own as one line,
+    ``forcecalc: warning: ...``, as its errors are shown, and others by ``fallback``."""
+
+    def show(
+        message: Warning | str,
+        category: type[Warning],
+        filename: str,
+        lineno: int,
+        file: Any = None,
+        line: str | None = None,
+    ) -> None:
+        if Path(filename).resolve().is_relative_to(_PACKAGE):
+            print(f"forcecalc: warning: {' '.join(str(message).splitlines())}", file=sys.stderr)
+        else:
+            fallback(message, category, filename, lineno, file, line)
+
+    return show
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``forcecalc`` command: a bad argument or input (``ValueError``), a
     failed file operation (``OSError``) or something not implemented ends with one line on
@@ -887,7 +912,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 1
     try:
-        return int(args.func(args) or 0)
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warnings(warnings.showwarning)
+            return int(args.func(args) or 0)
     except BrokenPipeError:  # the reader of the output stopped early (forcecalc info | head)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0

@@ -248,3 +248,16 @@ def test_an_unknown_option_is_named_with_its_commands_help(argv, where, capsys) 
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"forcecalc {where}: error: unrecognized arguments: ")
     assert err.endswith(f"(see forcecalc {where} --help)") and "\n" not in err
+
+
+def test_forcecalc_warnings_are_one_line_like_its_errors(tmp_path: Path, monkeypatch, capsys):
+    """A warning of forcecalc's own reaches the command line as one ``forcecalc: warning:``
+    line (here: a known checkpoint name that is also a folder in the working directory, which
+    is not used), not in Python's two-line ``file:line: UserWarning`` format; the command
+    goes on."""
+    (tmp_path / "spinconv-fc").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert main(["info", "spinconv-fc"]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("forcecalc: warning: 'spinconv-fc' is a known checkpoint name")
+    assert err.count("\n") == 1 and "UserWarning" not in err

@@ -19,6 +19,7 @@ from ase.calculators.emt import EMT
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.constraints import FixAtoms, FixBondLength
 
+from forcecalc.cli import main
 from forcecalc.data import FrameBatch, open_dataset, write_dataset
 from forcecalc.data.cli import add_data_commands
 from forcecalc.data.convert import convert
@@ -372,15 +373,13 @@ def test_cli_convert_reports_warnings_on_one_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """``data convert`` prints the converter's warnings as one ``forcecalc: warning:`` line
-    each on stderr and the output path on stdout."""
+    each on stderr (as every command shows forcecalc's own warnings) and the output path on
+    stdout."""
     atoms = bulk("Cu", "fcc", a=3.6, cubic=True)
     atoms.calc = EMT()
     atoms.get_forces()
     ase.io.write(tmp_path / "emt.xyz", atoms)
-    parser = argparse.ArgumentParser(prog="forcecalc")
-    add_data_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["data", "convert", str(tmp_path / "emt.xyz"), str(tmp_path / "o.h5")])
-    assert args.func(args) == 0
+    assert main(["data", "convert", str(tmp_path / "emt.xyz"), str(tmp_path / "o.h5")]) == 0
     out, err = capsys.readouterr()
     assert out == f"{tmp_path / 'o.h5'}\n"
     assert err.startswith("forcecalc: warning: ") and err.count("\n") == 1 and "energies" in err
