@@ -228,15 +228,21 @@ def fused_kernel_stand_ins(log: OperatorLog, flop_scale: float) -> dict[str, Cal
         shape = (long, groups, n, channels // groups * lat)
         return record("spin_spectra", moved, 2.0 * n * width * channels * long * lat, shape, values)
 
-    def spin_pool(spectra: torch.Tensor, kernels: tuple, bias: torch.Tensor, *_: Any) -> Any:
+    def spin_pool(
+        spectra: torch.Tensor,
+        real: torch.Tensor,
+        imag: torch.Tensor,
+        inverse: torch.Tensor,
+        bias: torch.Tensor,
+        *_: Any,
+    ) -> Any:
         long, groups, n, n_in = spectra.shape
-        edge, real = kernels[0], kernels[1]
-        n_out = edge.shape[-1]
-        pairs = 1 + len(real)  # one [2 n_in, 2 n_out] product per pair of packed entries
+        n_out = real.shape[-1]
+        pairs = 1 + (long - 1) // 2  # one [2 n_in, 2 n_out] product per pair of packed entries
         out = n * groups * n_out * spectra.element_size()
         paired = pairs * groups * 4 * n_in * n_out * spectra.element_size()
         # two kernels: the products [long, n, groups * n_out] are written, then read back
-        moved = tensor_bytes([spectra, kernels[-1], bias]) + paired + out * (1 + 2 * long)
+        moved = tensor_bytes([spectra, inverse, bias]) + paired + out * (1 + 2 * long)
         flops = 2.0 * n * groups * 4 * n_in * n_out * pairs
         return record("spin_pool", moved, flops, (n, groups * n_out), spectra)
 

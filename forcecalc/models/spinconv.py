@@ -377,15 +377,10 @@ class SpinConvBlock(nn.Module):
             ),
         )
 
-    def kernels(self) -> tuple[Tensor, ...]:
-        """Multiplication by ``conj(DFT(kernel))`` per frequency and group, as real matrices
-        ``[frequencies, groups, (c, latitude), mid/groups]`` ready for Gauss's three-product complex
-        multiplication: ``(real, imag - real, real + imag)`` at the frequencies with an
-        imaginary part (``0 < f < long / 2``), and ``real`` alone at ``f = 0`` and, for an even
-        ``long``, at ``f = long / 2``, where the spectra of real grids are real (the packed
-        spectrum has no imaginary part there); last, the inverse DFT of a packed spectrum
-        ``[long, long]`` (:func:`_inverse_dft_matrix`).  Computed once per spin convolution,
-        not per chunk of grids."""
+    def kernel_spectra(self) -> tuple[Tensor, Tensor, Tensor]:
+        """``conj(DFT(kernel)) = real + i imag`` at every frequency ``0 <= f <= long / 2``, per
+        group, as real matrices ``[frequencies, groups, (c, latitude), mid/groups]``, and the
+        inverse DFT of a packed spectrum ``[long, long]`` (:func:`_inverse_dft_matrix`)."""
         weight = self.conv1.weight
         groups, per_group = self.groups, self.in_channels // self.groups
         cos, sin, inverse = self.dft_matrices(weight.dtype, weight.device)
@@ -396,6 +391,16 @@ class SpinConvBlock(nn.Module):
         # by every product, once per chunk of grids)
         real = (weight @ cos).permute(4, 0, 2, 3, 1).reshape(shape).contiguous()
         imag = (weight @ sin).permute(4, 0, 2, 3, 1).reshape(shape).contiguous()
+        return real, imag, inverse
+
+    def kernels(self) -> tuple[Tensor, ...]:
+        """Multiplication by ``conj(DFT(kernel))`` (:meth:`kernel_spectra`) ready for Gauss's
+        three-product complex multiplication: ``(real, imag - real, real + imag)`` at the
+        frequencies with an imaginary part (``0 < f < long / 2``), and ``real`` alone at
+        ``f = 0`` and, for an even ``long``, at ``f = long / 2``, where the spectra of real grids
+        are real (the packed spectrum has no imaginary part there); last, the inverse DFT.
+        Computed once per spin convolution, not per chunk of grids."""
+        real, imag, inverse = self.kernel_spectra()
         middle = _frequency_slice(_middle_frequencies(self.long))
         edge = _frequency_slice(_edge_frequencies(self.long))
         real_mid, imag_mid = real[middle], imag[middle]
@@ -1449,13 +1454,13 @@ class SphereProjections:
 
         long, lat = self.phase.shape[-1], self.rows.shape[-1]
         step = max(1, CHUNK_BYTES_CUDA // (values.element_size() * values.shape[1] * long * lat))
-        kernels = block.kernels()
+        real, imag, inverse = block.kernel_spectra()
         precision = block.triton_precision
         outputs = []
         chunks = (table.split(step) for table in (self.readers.index, self.phase, self.rows))
         for index, phase, rows in zip(*chunks, strict=True):
             spectra = spin_spectra(values, index, phase, rows, block.groups, precision)
-            pooled = spin_pool(spectra, kernels, block.conv1.bias, precision)
+            pooled = spin_pool(spectra, real, imag, inverse, block.conv1.bias, precision)
             outputs.append(block.GroupNorm(pooled))
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 

@@ -433,7 +433,12 @@ def spin_spectra(
 
 
 def spin_pool(
-    spectra: Tensor, kernels: tuple[Tensor, ...], bias: Tensor, precision: str = "tf32x3"
+    spectra: Tensor,
+    real: Tensor,
+    imag: Tensor,
+    inverse: Tensor,
+    bias: Tensor,
+    precision: str = "tf32x3",
 ) -> Tensor:
     """The spin convolution of packed spectra before its GroupNorm: the circular convolution
     (the kernels' products per frequency, then the inverse DFT), its bias, Swish and the mean
@@ -441,29 +446,28 @@ def spin_pool(
 
     Args:
         spectra: ``[long, groups, n, K]`` from :func:`spin_spectra`.
-        kernels: :meth:`~forcecalc.models.spinconv.SpinConvBlock.kernels` (``edge``
-            ``[n_edge, groups, K, M]``, ``real``, ``imag - real``, ``real + imag``
-            ``[n_middle, groups, K, M]`` and the inverse DFT ``[long, long]``).
+        real, imag: ``conj(DFT(kernel))`` ``[long // 2 + 1, groups, K, M]`` and the inverse
+            DFT ``[long, long]``, from
+            :meth:`~forcecalc.models.spinconv.SpinConvBlock.kernel_spectra`.
         bias: ``[groups * M]``, the convolution's.
 
     Returns:
         ``[n, groups * M]``.
     """
-    edge, real, imag_minus_real, _, inverse = kernels
-    _check_float32(spectra, edge, real, bias, inverse)
+    _check_float32(spectra, real, imag, inverse, bias)
     long, groups, n, n_in = spectra.shape
-    n_out = edge.shape[-1]
+    n_out = real.shape[-1]
     out = spectra.new_empty(n, groups * n_out)
     if n == 0:
         return out
+    n_middle = (long - 1) // 2  # frequencies with an imaginary part; long = n_edge + 2 n_middle
     block_m, block_n, block_k = PRODUCTS_TILES
     block_k = min(block_k, _dot_size(n_in))
     products = spectra.new_empty(long, n, groups * n_out)
-    pairs = _paired_kernels(edge, real, imag_minus_real)
     grid = (triton.cdiv(n, block_m) * triton.cdiv(2 * n_out, block_n), groups)
     _launcher(_products_kernel, spectra)[grid](
-        spectra.contiguous(), pairs, products, n, groups, n_in, n_out, len(edge), len(real),
-        block_m, block_n, block_k, precision,
+        spectra.contiguous(), _paired_kernels(real, imag, long), products, n, groups, n_in,
+        n_out, long - 2 * n_middle, n_middle, block_m, block_n, block_k, precision,
         num_warps=PRODUCTS_WARPS, num_stages=PRODUCTS_STAGES,
     )  # fmt: skip
     columns = n * groups * n_out
@@ -474,23 +478,24 @@ def spin_pool(
     return out
 
 
-def _paired_kernels(edge: Tensor, real: Tensor, imag_minus_real: Tensor) -> Tensor:
+def _paired_kernels(real: Tensor, imag: Tensor, long: int) -> Tensor:
     """The kernels' products as one real matrix per pair of packed entries and group, ``[1 +
-    n_middle, groups, 2 K, 2 M]``: the real entries (``[[edge0, 0], [0, edge1]]``, the second
-    block zero for an odd ``long``), then each middle frequency's real and imaginary entries,
-    ``(re + i im) conj(W) = (re real - im imag) + i (re imag + im real)`` as
+    n_middle, groups, 2 K, 2 M]``: the real entries (``[[real_0, 0], [0, real_long/2]]``, the
+    second block zero for an odd ``long``), then each middle frequency's real and imaginary
+    entries, ``(re + i im) conj(W) = (re real - im imag) + i (re imag + im real)`` as
     ``[[real, imag], [-imag, real]]``: one plain product per pair (four real products per
     frequency where Gauss's trick takes three, and one accumulator where it takes three)."""
-    n_edge, groups, n_in, n_out = edge.shape
-    pairs = edge.new_zeros(1 + len(real), groups, 2 * n_in, 2 * n_out)
-    pairs[0, :, :n_in, :n_out] = edge[0]
-    if n_edge == 2:
-        pairs[0, :, n_in:, n_out:] = edge[1]
-    imag = imag_minus_real + real
-    pairs[1:, :, :n_in, :n_out] = real
-    pairs[1:, :, :n_in, n_out:] = imag
-    pairs[1:, :, n_in:, :n_out] = -imag
-    pairs[1:, :, n_in:, n_out:] = real
+    _, groups, n_in, n_out = real.shape
+    n_middle = (long - 1) // 2
+    pairs = real.new_zeros(1 + n_middle, groups, 2 * n_in, 2 * n_out)
+    pairs[0, :, :n_in, :n_out] = real[0]
+    if long % 2 == 0 and long > 1:
+        pairs[0, :, n_in:, n_out:] = real[long // 2]
+    middle_real, middle_imag = real[1 : 1 + n_middle], imag[1 : 1 + n_middle]
+    pairs[1:, :, :n_in, :n_out] = middle_real
+    pairs[1:, :, :n_in, n_out:] = middle_imag
+    pairs[1:, :, n_in:, :n_out] = -middle_imag
+    pairs[1:, :, n_in:, n_out:] = middle_real
     return pairs
 
 
