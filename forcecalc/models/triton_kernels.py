@@ -72,6 +72,38 @@ INVERSE_COLUMNS = 128
 
 
 @triton.jit
+def _rows_times_weight(
+    acc,
+    x_ptr,
+    weight_ptr,
+    rows,
+    row_ok,
+    outputs,
+    output_ok,
+    n_in,
+    BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+) -> tl.tensor:
+    """``acc`` plus ``x[rows] @ weight[outputs].T``: rows of ``x`` ``[*, n_in]`` times rows of
+    ``weight`` ``[*, n_in]`` (an ``nn.Linear`` weight, read as its transpose)."""
+    for start in range(0, n_in, BLOCK_K):
+        ks = start + tl.arange(0, BLOCK_K)
+        k_ok = ks < n_in
+        a = tl.load(
+            x_ptr + rows[:, None] * n_in + ks[None, :],
+            mask=row_ok[:, None] & k_ok[None, :],
+            other=0.0,
+        )
+        b = tl.load(
+            weight_ptr + outputs[None, :] * n_in + ks[:, None],
+            mask=k_ok[:, None] & output_ok[None, :],
+            other=0.0,
+        )
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
 def _mixture_kernel(
     h_ptr,
     weight_ptr,
@@ -93,23 +125,12 @@ def _mixture_kernel(
     col_ok = cols < n_mid
     out = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for expert in range(n_experts):
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        # weight is fc2's [n_experts * n_mid, n_in]; this expert's columns of its transpose
+        # weight is fc2's [n_experts * n_mid, n_in]; this expert's rows of it
         outputs = expert * n_mid + cols
-        for start in range(0, n_in, BLOCK_K):
-            ks = start + tl.arange(0, BLOCK_K)
-            k_ok = ks < n_in
-            a = tl.load(
-                h_ptr + rows[:, None] * n_in + ks[None, :],
-                mask=row_ok[:, None] & k_ok[None, :],
-                other=0.0,
-            )
-            b = tl.load(
-                weight_ptr + outputs[None, :] * n_in + ks[:, None],
-                mask=k_ok[:, None] & col_ok[None, :],
-                other=0.0,
-            )
-            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        acc = _rows_times_weight(
+            acc, h_ptr, weight_ptr, rows, row_ok, outputs, col_ok, n_in, BLOCK_K, PRECISION
+        )
         acc += tl.load(bias_ptr + outputs, mask=col_ok, other=0.0)[None, :]
         share = tl.load(mixture_ptr + rows * n_experts + expert, mask=row_ok, other=0.0)
         out += share[:, None] * (acc * tl.sigmoid(acc))
@@ -138,20 +159,9 @@ def _linear_kernel(
     row_ok = rows < n_rows
     col_ok = cols < n_out
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for start in range(0, n_in, BLOCK_K):
-        ks = start + tl.arange(0, BLOCK_K)
-        k_ok = ks < n_in
-        a = tl.load(
-            x_ptr + rows[:, None] * n_in + ks[None, :],
-            mask=row_ok[:, None] & k_ok[None, :],
-            other=0.0,
-        )
-        b = tl.load(  # weight [n_out, n_in], read as its transpose
-            weight_ptr + cols[None, :] * n_in + ks[:, None],
-            mask=k_ok[:, None] & col_ok[None, :],
-            other=0.0,
-        )
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    acc = _rows_times_weight(
+        acc, x_ptr, weight_ptr, rows, row_ok, cols, col_ok, n_in, BLOCK_K, PRECISION
+    )
     acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0)[None, :]
     if SWISH:
         acc = acc * tl.sigmoid(acc)
