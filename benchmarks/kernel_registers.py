@@ -91,14 +91,11 @@ def kernels(precision: str) -> dict[str, tuple[Any, dict[str, Any], int, int]]:
     sizes."""
     k = triton_kernels
     dot = k._dot_size
-    mixture_m, mixture_n, mixture_k = k.MIXTURE_TILES
-    products_m, products_n, products_k = k.PRODUCTS_TILES
-    mixture = {
-        "BLOCK_M": mixture_m,
-        "BLOCK_N": mixture_n,
-        "BLOCK_K": min(mixture_k, dot(MID)),
-        "PRECISION": precision,
-    }
+
+    def product(tiles: tuple[int, int, int], n_in: int) -> dict[str, Any]:
+        block_m, block_n, block_k = k.tile_sizes(tiles, n_in)
+        return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "PRECISION": precision}
+
     spectra = {
         "GRIDS": k.SPECTRA_GRIDS,
         "WIDTH": dot(WIDTH),
@@ -106,21 +103,10 @@ def kernels(precision: str) -> dict[str, tuple[Any, dict[str, Any], int, int]]:
         "LAT": dot(LAT),
         "PRECISION": precision,
     }
-    products = {
-        "BLOCK_M": products_m,
-        "BLOCK_N": products_n,
-        "BLOCK_K": min(products_k, dot(CHANNELS // 4 * LAT)),  # 8 channels per group
-        "PRECISION": precision,
-    }
     inverse = {"BLOCK": k.INVERSE_COLUMNS, "LONG": dot(LONG)}
-    linear_m, linear_n, linear_k = k.LINEAR_TILES
-    linear = {
-        "BLOCK_M": linear_m,
-        "BLOCK_N": linear_n,
-        "BLOCK_K": min(linear_k, dot(MID)),
-        "SWISH": True,
-        "PRECISION": precision,
-    }
+    linear = {**product(k.LINEAR_TILES, MID), "SWISH": True}
+    mixture = product(k.MIXTURE_TILES, MID)
+    products = product(k.PRODUCTS_TILES, CHANNELS // 4 * LAT)  # 4 groups of 8 channels
     return {
         "linear (Swish)": (k._linear_kernel, linear, k.LINEAR_WARPS, k.LINEAR_STAGES),
         "mixture_of_experts": (k._mixture_kernel, mixture, k.MIXTURE_WARPS, k.MIXTURE_STAGES),

@@ -334,6 +334,13 @@ def _dot_size(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
+def tile_sizes(tiles: tuple[int, int, int], n_in: int) -> tuple[int, int, int]:
+    """A product's ``(rows, columns, reduction)`` tiles for a reduction of ``n_in``: the
+    reduction tile at most the smallest ``tl.dot`` side >= ``n_in``."""
+    block_m, block_n, block_k = tiles
+    return block_m, block_n, min(block_k, _dot_size(n_in))
+
+
 def _check_float32(*tensors: Tensor) -> None:
     for tensor in tensors:
         if tensor.dtype != torch.float32:
@@ -359,8 +366,7 @@ def linear(
     out = x.new_empty(n, n_out)
     if n == 0:
         return out
-    block_m, block_n, block_k = LINEAR_TILES
-    block_k = min(block_k, _dot_size(n_in))
+    block_m, block_n, block_k = tile_sizes(LINEAR_TILES, n_in)
     grid = (triton.cdiv(n, block_m), triton.cdiv(n_out, block_n))
     _launcher(_linear_kernel, x)[grid](
         x, weight, bias.contiguous(), out, n, n_in, n_out, block_m, block_n, block_k, swish,
@@ -391,8 +397,7 @@ def mixture_of_experts(
     out = h.new_empty(n, mid)
     if n == 0:
         return out
-    block_m, block_n, block_k = MIXTURE_TILES
-    block_k = min(block_k, _dot_size(n_in))
+    block_m, block_n, block_k = tile_sizes(MIXTURE_TILES, n_in)
     grid = (triton.cdiv(n, block_m), triton.cdiv(mid, block_n))
     _launcher(_mixture_kernel, h)[grid](
         h, weight, bias.contiguous(), mixture, out, n, n_in, mid, n_experts,
@@ -471,8 +476,7 @@ def spin_pool(
     if n == 0:
         return out
     n_middle = (long - 1) // 2  # frequencies with an imaginary part; long = n_edge + 2 n_middle
-    block_m, block_n, block_k = PRODUCTS_TILES
-    block_k = min(block_k, _dot_size(n_in))
+    block_m, block_n, block_k = tile_sizes(PRODUCTS_TILES, n_in)
     products = spectra.new_empty(long, n, groups * n_out)
     grid = (triton.cdiv(n, block_m) * triton.cdiv(2 * n_out, block_n), groups)
     _launcher(_products_kernel, spectra)[grid](
