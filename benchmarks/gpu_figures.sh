@@ -16,13 +16,9 @@
 #    ../shared/fixtures/ocp when present) and on the shipped models;
 # 7. kernel_profile.py: operators, host synchronizations and top kernels per forward (batch 1, 64).
 set -uo pipefail
-cd "$(dirname "$0")/.."
-dir=${1:-benchmarks/results}
-mkdir -p "$dir"
+source "$(dirname "$0")/gpu_lib.sh" "$@"
 is2rs=${IS2RS:-scratch/is2rs_large.extxyz}  # input structures, kept out of DIR
 mkdir -p "$(dirname "$is2rs")"
-status=0
-run() { echo "== $*"; "$@" || status=1; }
 run python3 benchmarks/speed.py --devices cuda --batch 64 256 --repeats 10 --out "$dir/speed_cuda.json"
 run python3 benchmarks/speed.py --devices cuda --batch 64 256 --repeats 10 --tf32 \
   --out "$dir/speed_cuda_tf32.json"

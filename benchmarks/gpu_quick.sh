@@ -17,12 +17,7 @@
 # 4. every other CUDA test (last: the figures come first if time runs short).
 # The full set of figures is benchmarks/gpu_figures.sh (much longer).
 set -uo pipefail
-cd "$(dirname "$0")/.."
-dir=${1:-benchmarks/results}
-python3 -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'gpu_quick.sh: no CUDA device is visible to torch')" || exit 1
-mkdir -p "$dir"
-status=0
-run() { echo "== $*"; "$@" || status=1; }
+source "$(dirname "$0")/gpu_lib.sh" "$@"
 bash benchmarks/gpu_triton.sh "$dir" || status=1
 run python3 -m pytest -q -x tests/test_replay.py tests/test_calculator.py -k "cuda or replay or signature"
 run python3 benchmarks/speed.py --devices cuda --sizes 66 --batch 64 256 --repeats 20 \

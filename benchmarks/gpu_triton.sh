@@ -15,12 +15,7 @@
 # 5. their errors against the original's fixture outputs (tf32_error.py --triton; SpinConv-All
 #    where .device/ocp was carried, see device_wheels.sh).
 set -uo pipefail
-cd "$(dirname "$0")/.."
-dir=${1:-benchmarks/results}
-python3 -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'gpu_triton.sh: no CUDA device is visible to torch')" || exit 1
-mkdir -p "$dir"
-status=0
-run() { echo "== $*"; "$@" || status=1; }
+source "$(dirname "$0")/gpu_lib.sh" "$@"
 run python3 -m pytest -q tests/models/test_triton_kernels.py -p no:cacheprovider
 run python3 benchmarks/fused_kernels.py --out "$dir/fused_kernels_cuda.json"
 run python3 benchmarks/speed.py --devices cuda --models spinconv_all --sizes --batch 64 256 \
