@@ -230,20 +230,17 @@ def fused_kernel_stand_ins(log: OperatorLog, flop_scale: float) -> dict[str, Cal
 
     def spin_pool(
         spectra: torch.Tensor,
-        real: torch.Tensor,
-        imag: torch.Tensor,
+        pairs: torch.Tensor,
         inverse: torch.Tensor,
         bias: torch.Tensor,
         *_: Any,
     ) -> Any:
         long, groups, n, n_in = spectra.shape
-        n_out = real.shape[-1]
-        pairs = 1 + (long - 1) // 2  # one [2 n_in, 2 n_out] product per pair of packed entries
+        n_out = pairs.shape[-1] // 2  # one [2 n_in, 2 n_out] product per pair of packed entries
         out = n * groups * n_out * spectra.element_size()
-        paired = pairs * groups * 4 * n_in * n_out * spectra.element_size()
         # two kernels: the products [long, n, groups * n_out] are written, then read back
-        moved = tensor_bytes([spectra, inverse, bias]) + paired + out * (1 + 2 * long)
-        flops = 2.0 * n * groups * 4 * n_in * n_out * pairs
+        moved = tensor_bytes([spectra, pairs, inverse, bias]) + out * (1 + 2 * long)
+        flops = 2.0 * n * groups * 4 * n_in * n_out * len(pairs)
         return record("spin_pool", moved, flops, (n, groups * n_out), spectra)
 
     return {

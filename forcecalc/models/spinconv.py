@@ -1450,17 +1450,18 @@ class SphereProjections:
         """:meth:`spin_convolution` by the fused Triton kernels (float32, no autograd), in
         chunks of grids whose spectra ``[long, groups, chunk, (C / groups) lat]`` fit in
         ``CHUNK_BYTES_CUDA``."""
-        from forcecalc.models.triton_kernels import spin_pool, spin_spectra
+        from forcecalc.models.triton_kernels import paired_kernels, spin_pool, spin_spectra
 
         long, lat = self.phase.shape[-1], self.rows.shape[-1]
         step = max(1, CHUNK_BYTES_CUDA // (values.element_size() * values.shape[1] * long * lat))
         real, imag, inverse = block.kernel_spectra()
+        pairs = paired_kernels(real, imag, long)
         precision = block.triton_precision
         outputs = []
         chunks = (table.split(step) for table in (self.readers.index, self.phase, self.rows))
         for index, phase, rows in zip(*chunks, strict=True):
             spectra = spin_spectra(values, index, phase, rows, block.groups, precision)
-            pooled = spin_pool(spectra, real, imag, inverse, block.conv1.bias, precision)
+            pooled = spin_pool(spectra, pairs, inverse, block.conv1.bias, precision)
             outputs.append(block.GroupNorm(pooled))
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 

@@ -15,7 +15,7 @@ every frequency.  These kernels compute the same numbers without those tensors:
   the splat factors (:func:`~forcecalc.models.spinconv.splat_factors`) and the gathered
   messages, written in the frequency-major layout the products read;
 * :func:`spin_pool`: the kernels' products at every frequency (one real product per pair of
-  packed entries, see :func:`_paired_kernels`), then the inverse DFT (a 16 x 16 product per
+  packed entries, see :func:`paired_kernels`), then the inverse DFT (a 16 x 16 product per
   output), the bias, Swish and the mean over the longitude in one pass (``[n, mid]`` written
   once; the GroupNorm that follows is PyTorch's).  Two kernels, not one: an accumulator for
   every longitudinal shift in the products' kernel took all 255 registers of a thread
@@ -448,12 +448,7 @@ def spin_spectra(
 
 
 def spin_pool(
-    spectra: Tensor,
-    real: Tensor,
-    imag: Tensor,
-    inverse: Tensor,
-    bias: Tensor,
-    precision: str = "tf32x3",
+    spectra: Tensor, pairs: Tensor, inverse: Tensor, bias: Tensor, precision: str = "tf32x3"
 ) -> Tensor:
     """The spin convolution of packed spectra before its GroupNorm: the circular convolution
     (the kernels' products per frequency, then the inverse DFT), its bias, Swish and the mean
@@ -461,17 +456,18 @@ def spin_pool(
 
     Args:
         spectra: ``[long, groups, n, K]`` from :func:`spin_spectra`.
-        real, imag: ``conj(DFT(kernel))`` ``[long // 2 + 1, groups, K, M]`` and the inverse
-            DFT ``[long, long]``, from
-            :meth:`~forcecalc.models.spinconv.SpinConvBlock.kernel_spectra`.
+        pairs: the kernels' products, :func:`paired_kernels` ``[1 + n_middle, groups, 2 K,
+            2 M]`` (made once for all chunks of grids).
+        inverse: the inverse DFT ``[long, long]``
+            (:meth:`~forcecalc.models.spinconv.SpinConvBlock.kernel_spectra`).
         bias: ``[groups * M]``, the convolution's.
 
     Returns:
         ``[n, groups * M]``.
     """
-    _check_float32(spectra, real, imag, inverse, bias)
+    _check_float32(spectra, pairs, inverse, bias)
     long, groups, n, n_in = spectra.shape
-    n_out = real.shape[-1]
+    n_out = pairs.shape[-1] // 2
     out = spectra.new_empty(n, groups * n_out)
     if n == 0:
         return out
@@ -480,7 +476,7 @@ def spin_pool(
     products = spectra.new_empty(long, n, groups * n_out)
     grid = (triton.cdiv(n, block_m) * triton.cdiv(2 * n_out, block_n), groups)
     _launcher(_products_kernel, spectra)[grid](
-        spectra.contiguous(), _paired_kernels(real, imag, long), products, n, groups, n_in,
+        spectra.contiguous(), pairs.contiguous(), products, n, groups, n_in,
         n_out, long - 2 * n_middle, n_middle, block_m, block_n, block_k, precision,
         num_warps=PRODUCTS_WARPS, num_stages=PRODUCTS_STAGES,
     )  # fmt: skip
@@ -492,9 +488,11 @@ def spin_pool(
     return out
 
 
-def _paired_kernels(real: Tensor, imag: Tensor, long: int) -> Tensor:
+def paired_kernels(real: Tensor, imag: Tensor, long: int) -> Tensor:
     """The kernels' products as one real matrix per pair of packed entries and group, ``[1 +
-    n_middle, groups, 2 K, 2 M]``: the real entries (``[[real_0, 0], [0, real_long/2]]``, the
+    n_middle, groups, 2 K, 2 M]``, from ``conj(DFT(kernel)) = real + i imag`` ``[long // 2 + 1,
+    groups, K, M]`` (:meth:`~forcecalc.models.spinconv.SpinConvBlock.kernel_spectra`): the
+    real entries (``[[real_0, 0], [0, real_long/2]]``, the
     second block zero for an odd ``long``), then each middle frequency's real and imaginary
     entries, ``(re + i im) conj(W) = (re real - im imag) + i (re imag + im real)`` as
     ``[[real, imag], [-imag, real]]``: one plain product per pair (four real products per

@@ -32,6 +32,7 @@ from forcecalc.models.spinconv import (
 from forcecalc.models.triton_kernels import (
     linear,
     mixture_of_experts,
+    paired_kernels,
     spin_pool,
     spin_spectra,
     with_triton_kernels,
@@ -168,7 +169,9 @@ def test_spectra_layout_and_pool_of_known_spectra(device):
     block.GroupNorm = torch.nn.Identity()
     with torch.no_grad():
         block.conv1.bias.normal_()
-        pooled = spin_pool(spectra, *block.kernel_spectra(), block.conv1.bias, "ieee")
+        real, imag, inverse = block.kernel_spectra()
+        pairs = paired_kernels(real, imag, long)
+        pooled = spin_pool(spectra, pairs, inverse, block.conv1.bias, "ieee")
         direct = block(grid_spectra)
     assert _relative(pooled, direct) < 1e-5
 
