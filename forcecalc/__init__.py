@@ -12,10 +12,12 @@ from forcecalc.checkpoint import load_checkpoint, save_checkpoint
 from forcecalc.hub import list_models
 from forcecalc.predict import predict
 from forcecalc.relax import relax
+from forcecalc.warning import ForcecalcWarning
 
 __all__ = [
     "ForceCalculator",
     "ForceNetCalculator",
+    "ForcecalcWarning",
     "SpinConvCalculator",
     "__version__",
     "list_models",

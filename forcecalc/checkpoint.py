@@ -27,7 +27,6 @@ import os
 import pickle
 import pickletools
 import re
-import warnings
 import zipfile
 import zlib
 from collections.abc import Sequence
@@ -43,6 +42,7 @@ from forcecalc.atomic import torch_save
 from forcecalc.graph import Batch
 from forcecalc.graph.batch import MAX_ATOMIC_NUMBER
 from forcecalc.models.registry import build_model, model_names
+from forcecalc.warning import warn
 
 FORMAT = "forcecalc"
 FORMAT_VERSION = 1
@@ -592,11 +592,10 @@ def _ocp_normalizers(
         values = saved
     elif not flag:
         if saved:
-            warnings.warn(
+            warn(
                 f"checkpoint {path}: config['{source}']['normalize_labels'] is false, so its "
                 f"saved normalizers ({', '.join(sorted(saved))}) are not applied, as in OCP: "
-                "the model's raw outputs are taken as eV and eV/Å",
-                stacklevel=4,
+                "the model's raw outputs are taken as eV and eV/Å"
             )
         values = {}
     else:

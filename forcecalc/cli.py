@@ -18,6 +18,7 @@ from forcecalc.atomic import check_writable, output_format
 from forcecalc.compiled import COMPILE_MODES
 from forcecalc.data.cli import add_data_commands
 from forcecalc.train.cli import add_train_commands
+from forcecalc.warning import ForcecalcWarning
 
 if TYPE_CHECKING:
     from ase import Atoms
@@ -25,10 +26,6 @@ if TYPE_CHECKING:
 
     from forcecalc.checkpoint import Potential
     from forcecalc.data.store import Dataset
-
-
-#: The package's folder: warnings raised from files in it are forcecalc's own.
-_PACKAGE = Path(forcecalc.__file__).resolve().parent
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -869,7 +866,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _one_line_warnings(fallback: Callable[..., None]) -> Callable[..., None]:
-    """A ``warnings.showwarning`` that shows a warning of forcecalc's own as one line,
+    """A ``warnings.showwarning`` that shows a :class:`ForcecalcWarning` as one line,
     ``forcecalc: warning: ...``, as its errors are shown, and others by ``fallback``."""
 
     def show(
@@ -880,7 +877,7 @@ def _one_line_warnings(fallback: Callable[..., None]) -> Callable[..., None]:
         file: Any = None,
         line: str | None = None,
     ) -> None:
-        if Path(filename).resolve().is_relative_to(_PACKAGE):
+        if issubclass(category, ForcecalcWarning):
             print(f"forcecalc: warning: {' '.join(str(message).splitlines())}", file=sys.stderr)
         else:
             fallback(message, category, filename, lineno, file, line)

@@ -32,13 +32,13 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-import warnings
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 from forcecalc.atomic import commit_file, try_lock
 from forcecalc.checkpoint import CheckpointError, is_torch_file
+from forcecalc.warning import warn
 
 #: The file in the shipped weights folder with each shipped file's SHA-256.
 MANIFEST = "manifest.json"
@@ -233,10 +233,9 @@ def _check_folder(name: str, path: Path, known: bool) -> None:
             f"{shown} is a folder (pass the checkpoint file inside it, e.g. {shown}/best.pt or "
             f"{shown}/final.pt)"
         )
-    warnings.warn(
+    warn(
         f"{name!r} is a known checkpoint name, which comes before the folder {path.resolve()} "
-        f"(to use a checkpoint in that folder, pass its file, e.g. {shown}/best.pt)",
-        stacklevel=3,
+        f"(to use a checkpoint in that folder, pass its file, e.g. {shown}/best.pt)"
     )
 
 

@@ -27,7 +27,6 @@ import functools
 import json
 import os
 import sqlite3
-import warnings
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -50,6 +49,7 @@ from forcecalc.data.store import (
     open_dataset,
     unstored_message,
 )
+from forcecalc.warning import warn
 
 _FORMATS = {".h5": "h5", ".hdf5": "h5", ".db": "db", ".xyz": "extxyz", ".extxyz": "extxyz"}
 _CHUNK = 1024
@@ -222,7 +222,7 @@ def _write_h5(
             table = {c: [rows[s][c] for s in range(len(rows))] for c in columns}
             writer.append(FrameBatch.from_atoms([]), table)
     if dropped:
-        warnings.warn(f"{path}: {unstored_message(dropped, 'converted')}", stacklevel=3)
+        warn(f"{path}: {unstored_message(dropped, 'converted')}")
 
 
 def _write_db(path: Path, images: Iterable[Atoms], attrs: dict[str, Any]) -> None:
@@ -300,7 +300,7 @@ def _readable(images: Iterable[Atoms], src: Path, dst: Path) -> Iterator[Atoms]:
     ) as error:
         raise ValueError(f"cannot read {src}: {type(error).__name__}: {error}") from error
     if not count:
-        warnings.warn(f"{src} holds no frames: {dst} is empty", stacklevel=2)
+        warn(f"{src} holds no frames: {dst} is empty")
 
 
 def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> Path:
@@ -330,5 +330,5 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> Path:
     with atomic_output(dst, suffix=f".tmp{dst.suffix}") as tmp:
         (_write_db if fout == "db" else _write_extxyz)(tmp, images, attrs)
     if dropped:
-        warnings.warn(f"{dst}: not converted: {', '.join(sorted(dropped))}", stacklevel=2)
+        warn(f"{dst}: not converted: {', '.join(sorted(dropped))}")
     return dst

@@ -33,7 +33,6 @@ from __future__ import annotations
 import json
 import os
 import uuid
-import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +47,7 @@ from ase.data import chemical_symbols
 from ase.stress import full_3x3_to_voigt_6_stress
 
 from forcecalc.atomic import commit_file
+from forcecalc.warning import warn
 
 
 def label_energy(results: Mapping[str, Any]) -> Any:
@@ -168,7 +168,7 @@ class FrameBatch:
         if dropped is not None:
             dropped.update(names)
         elif names:
-            warnings.warn(unstored_message(names, "stored"), stacklevel=2)
+            warn(unstored_message(names, "stored"))
         f = len(images)
         natoms = np.array([len(a) for a in images], dtype=np.int64)
         energy = np.full(f, np.nan)

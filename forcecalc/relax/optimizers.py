@@ -19,7 +19,6 @@ them in place.
 
 from __future__ import annotations
 
-import warnings
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
@@ -28,6 +27,7 @@ from torch import Tensor
 
 from forcecalc.graph.gather import RowIndex
 from forcecalc.relax.engine import SystemSet, segment_max
+from forcecalc.warning import warn
 
 #: ASE's default maximum step (Å) of every optimizer.
 DEFAULT_MAXSTEP = 0.2
@@ -310,10 +310,7 @@ class BFGS(BatchedOptimizer):
     def __init__(self, maxstep: float = DEFAULT_MAXSTEP, alpha: float = 70.0) -> None:
         super().__init__()
         if maxstep > 1.0:
-            warnings.warn(
-                f"You are using a *very* large value for the maximum step size: {maxstep:.1f} Å",
-                stacklevel=2,
-            )
+            warn(f"You are using a *very* large value for the maximum step size: {maxstep:.1f} Å")
         self.maxstep, self.alpha = maxstep, alpha
         #: ``[3 n_s, 3 n_s]`` float64 Hessian of each system, in the set's order.
         self.hessians: list[Tensor] = []

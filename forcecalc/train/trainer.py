@@ -34,7 +34,6 @@ import math
 import os
 import platform
 import time
-import warnings
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -88,6 +87,7 @@ from forcecalc.train.optim import (
     freeze_except,
     frozen_norm_layers,
 )
+from forcecalc.warning import warn
 
 if TYPE_CHECKING:
     from tqdm.auto import tqdm
@@ -294,9 +294,7 @@ class Trainer:
         self.dist, self.device = init_from_env(config.device)
         self.dtype = resolve_dtype(config.dtype)
         if config.amp and self.device.type != "cuda":
-            warnings.warn(
-                "amp (bf16 autocast) applies on CUDA only; training in full precision", stacklevel=2
-            )
+            warn("amp (bf16 autocast) applies on CUDA only; training in full precision")
         self.out = Path(config.out)
         if self.dist.is_main:
             _check_output_folder(self.out)  # made once the set-up has passed its checks
@@ -390,10 +388,9 @@ class Trainer:
             self._load_state(state)
         if self.dist.is_main:
             if state is None and (self.out / STATE_FILE).exists():
-                warnings.warn(
+                warn(
                     f"{self.out} holds a training run ({STATE_FILE}); this new run overwrites "
-                    "its files (to continue it instead: --resume)",
-                    stacklevel=2,
+                    "its files (to continue it instead: --resume)"
                 )
             self._made_folder = _make_output_folder(self.out)
             _remove_stale_temp_files(self.out)
@@ -881,11 +878,10 @@ class Trainer:
             if name in saved and saved[name] != self.config.as_dict()[name]
         ]
         if changed:
-            warnings.warn(
+            warn(
                 f"resuming with other {', '.join(changed)} than the saved run's: it goes on "
                 "from the saved step and data position, but is not a continuation of that run "
-                "(to train further on new data, fine-tune from its best.pt instead)",
-                stacklevel=2,
+                "(to train further on new data, fine-tune from its best.pt instead)"
             )
         self.step = int(state["step"])
         self.epoch = int(state["epoch"])
@@ -899,10 +895,9 @@ class Trainer:
             self._sums = state["sums"].to(device=self.device, dtype=torch.float64)
         self._sum_steps = int(state["sum_steps"])
         if int(state["world_size"]) != self.dist.world_size:
-            warnings.warn(
+            warn(
                 f"resuming a {state['world_size']}-process run with {self.dist.world_size} "
-                "processes: random states are re-seeded, the run is not an exact continuation",
-                stacklevel=2,
+                "processes: random states are re-seeded, the run is not an exact continuation"
             )
             return
         rng = state["rng"][self.dist.rank]
