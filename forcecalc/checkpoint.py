@@ -913,7 +913,13 @@ def as_potential(
 ) -> Potential:
     """``model`` if it is a loaded :class:`Potential` (a ``device`` or ``dtype`` other than
     its own, or model options, are a ``ValueError``), else the checkpoint it names loaded by
-    :func:`load_checkpoint` (float32 unless ``dtype`` says otherwise)."""
+    :func:`load_checkpoint` (float32 unless ``dtype`` says otherwise); anything else is a
+    ``TypeError`` saying what is accepted."""
+    if not isinstance(model, (str, os.PathLike, Potential)):
+        raise TypeError(
+            "the model must be a checkpoint (a file path or a known name) or a loaded "
+            f"forcecalc Potential (load_checkpoint), got {type(model).__name__}"
+        )
     if isinstance(model, Potential):
         if model_options:
             raise ValueError("pass model options when loading, not with a loaded Potential")

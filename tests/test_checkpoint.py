@@ -144,6 +144,19 @@ def test_unknown_model_is_named(tmp_path: Path) -> None:
         read_checkpoint(tmp_path / "other.pt")
 
 
+@pytest.mark.parametrize("model", [3, None, torch.nn.Linear(3, 3)], ids=["int", "None", "module"])
+def test_a_model_that_is_no_checkpoint_is_named(model: object) -> None:
+    """The calculators and ``predict`` take a checkpoint (path or name) or a loaded
+    Potential; anything else is a TypeError saying so and naming what was given."""
+    from forcecalc import SpinConvCalculator, predict
+
+    name = type(model).__name__
+    with pytest.raises(TypeError, match=rf"a loaded forcecalc Potential .*got {name}$"):
+        SpinConvCalculator(model)
+    with pytest.raises(TypeError, match=rf"got {name}$"):
+        predict([], model)
+
+
 def test_not_a_checkpoint(tmp_path: Path) -> None:
     """A torch file without a state_dict is not taken for a model."""
     torch.save({"weights": torch.zeros(3)}, tmp_path / "x.pt")

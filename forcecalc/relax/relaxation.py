@@ -57,10 +57,16 @@ def resolve_potential(
     """A loaded potential: the checkpoint ``model`` names, loaded on ``device`` in ``dtype``
     (float32 unless said otherwise); a loaded :class:`~forcecalc.checkpoint.Potential`
     itself (a ``device`` or ``dtype`` other than its own is a ``ValueError``); any other
-    module itself, as it is."""
+    module with a ``cutoff`` (Å) itself, as it is (one without is a ``TypeError``)."""
     from forcecalc.checkpoint import Potential, as_potential
 
     if isinstance(model, nn.Module) and not isinstance(model, Potential):
+        if not hasattr(model, "cutoff"):
+            raise TypeError(
+                f"the model, a {type(model).__name__}, is no forcecalc Potential and has no "
+                "cutoff (Å): a module passed as a model needs a Potential's interface "
+                "(cutoff, forward(batch) -> {'energy', 'forces'})"
+            )
         return model
     return as_potential(model, device=device, dtype=dtype)
 

@@ -299,6 +299,25 @@ def test_invalid_inputs_are_refused():
     assert relax([], potential) == []
 
 
+def test_a_model_without_the_potential_interface_is_named():
+    """A module given as the model must have a Potential's interface: one without a cutoff
+    is a TypeError naming its class and what it lacks (not an AttributeError from inside the
+    engine); a value that is neither a module nor a checkpoint says what is accepted."""
+    atoms = mixed_structures()[8]
+    with pytest.raises(
+        TypeError,
+        match=r"the model, a Linear, is no forcecalc Potential and "
+        r"has no cutoff",
+    ):
+        relax([atoms], torch.nn.Linear(3, 3))
+    with pytest.raises(
+        TypeError,
+        match=r"a checkpoint \(a file path or a known name\) or a "
+        r"loaded forcecalc Potential .*got dict",
+    ):
+        relax([atoms], {"cutoff": 6.0})
+
+
 def test_forcenet_checkpoint_integration():
     """Contract: with a real forcecalc checkpoint (ForceNet fixture, float32, loaded by path),
     10 FIRE steps of three slabs in one batch equal ASE's FIRE with forcecalc's calculator to
