@@ -93,7 +93,8 @@ COMPLETE_FORMATS = ("extxyz", "traj")
 
 def check_writable(path: str) -> None:
     """A ValueError, before any work is done, if ``path`` cannot be written: a folder, under
-    a file, or without permission (missing folders are made when it is written)."""
+    a file, or without permission, or a place where no file can be made (tried with an empty
+    temp file; missing folders are made when it is written)."""
     target = Path(path)
     if target.is_dir():
         raise ValueError(f"cannot write {path}: it is a folder")
@@ -104,6 +105,12 @@ def check_writable(path: str) -> None:
         raise ValueError(f"cannot write {path}: {ancestor} is a file, not a folder")
     if not os.access(ancestor, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
         raise ValueError(f"cannot write {path}: no permission to write there")
+    try:  # os.access says yes as root and on special file systems (/proc): make a file there
+        handle, probe = tempfile.mkstemp(prefix=".forcecalc-probe-", dir=ancestor)
+    except OSError as error:
+        raise ValueError(f"cannot write {path}: {error.strerror or error}") from None
+    os.close(handle)
+    os.unlink(probe)
 
 
 def output_format(path: str, n_frames: int, complete: bool = False) -> str:

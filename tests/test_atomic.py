@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from forcecalc.atomic import torch_save, try_lock, write_json
+import forcecalc.atomic
+from forcecalc.atomic import check_writable, torch_save, try_lock, write_json
 
 
 def test_atomic_save_keeps_previous_file_on_failure(tmp_path: Path, monkeypatch) -> None:
@@ -61,3 +62,19 @@ def test_try_lock_is_exclusive_until_its_holder_closes(tmp_path: Path) -> None:
         assert try_lock(folder) is True
     finally:
         os.close(folder)
+
+
+def test_an_output_place_is_tried_before_any_work(tmp_path: Path, monkeypatch) -> None:
+    """``check_writable`` makes (and removes) a file where the output goes, since
+    ``os.access`` says yes where none can be made (as root, on /proc or a read-only mount):
+    a folder where that fails is refused with the system's reason; a writable one is left as
+    it was."""
+    check_writable(str(tmp_path / "new" / "out.xyz"))
+    assert list(tmp_path.iterdir()) == []
+
+    def refused(**_: object) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(forcecalc.atomic.tempfile, "mkstemp", refused)
+    with pytest.raises(ValueError, match=r"cannot write .*out\.xyz: Permission denied"):
+        check_writable(str(tmp_path / "out.xyz"))

@@ -186,6 +186,11 @@ def check_atoms(atoms: Atoms, index: int | None = None) -> None:
         raise ValueError(f"{name} has no atoms")
 
     def label() -> str:  # only on error: the formula costs 0.1 ms, a cost on every MD step
+        from ase.data import chemical_symbols
+
+        numbers = np.asarray(atoms.numbers)
+        if ((numbers < 0) | (numbers >= len(chemical_symbols))).any():  # no formula for them
+            return f"{name} ({len(atoms)} atoms)"
         return f"{name} ({atoms.get_chemical_formula()})"
 
     positions = np.asarray(atoms.positions)

@@ -111,6 +111,9 @@ def test_with_positions_keeps_edges() -> None:
         (Atoms(), "has no atoms"),
         (Atoms("H2", positions=[[0, 0, 0], [np.nan, 0, 0]]), r"atoms \[1\] are NaN"),
         (Atoms("X", positions=[[0, 0, 0]]), "invalid atomic numbers"),
+        # beyond ASE's element table: named by their numbers (ASE has no formula for them)
+        (Atoms(numbers=[119, 1], positions=[[0, 0, 0], [1, 0, 0]]), r"1 \(2 atoms\): .*\[119\]"),
+        (Atoms(numbers=[-1], positions=[[0, 0, 0]]), r"1 \(1 atoms\): .*numbers \[-1\]"),
         (Atoms("H", cell=[[2, 0, 0], [0, 0, 0], [0, 0, 2]], pbc=True), r"vector\(s\) \[1\]"),
         (Atoms("H", cell=[[2, 0, 0], [4, 0, 0], [0, 0, 2]], pbc=True), "linearly dependent"),
         (
