@@ -132,6 +132,8 @@ class ForceCalculator(Calculator):
                 f"{checkpoint!s} holds a {potential.name} model; use "
                 f"forcecalc.load_calculator() to pick the calculator from the checkpoint"
             )
+        if not isinstance(cuda_graph, bool | np.bool_):  # bool("no") would be True
+            raise TypeError(f"cuda_graph must be True or False, got {cuda_graph!r}")
         if max_neighbors is not None:
             potential = _with_max_neighbors(potential, max_neighbors)
         checked_skin(skin)

@@ -889,8 +889,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``forcecalc`` command: a bad argument or input (``ValueError``), a
     failed file operation (``OSError``) or something not implemented ends with one line on
     stderr, ``forcecalc: error: ...``, and exit code 2; a model that failed (ASE's
-    ``CalculatorError``, e.g. a non-finite output) the same with exit code 1; other exceptions
-    (a bug, Ctrl-C) propagate."""
+    ``CalculatorError``, e.g. a non-finite output) the same with exit code 1; Ctrl-C with
+    ``forcecalc: interrupted`` and exit code 130, as a shell reports it; other exceptions (a
+    bug) propagate."""
     from ase.calculators.calculator import CalculatorError
 
     parser = build_parser()
@@ -912,6 +913,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         with warnings.catch_warnings():
             warnings.showwarning = _one_line_warnings(warnings.showwarning)
             return int(args.func(args) or 0)
+    except KeyboardInterrupt:  # outputs are written atomically: nothing half-written
+        print("forcecalc: interrupted", file=sys.stderr)
+        return 130
     except BrokenPipeError:  # the reader of the output stopped early (forcecalc info | head)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0

@@ -145,11 +145,13 @@ def test_max_neighbors_applies_to_its_calculator_only() -> None:
         ({"skin": float("nan")}, ValueError, "skin must be a finite number"),
         ({"skin": "1"}, ValueError, r"skin must be a finite number >= 0 \(Å\), got '1'"),
         ({"max_neighbors": 2.7}, ValueError, "max_neighbors must be an integer"),
+        ({"cuda_graph": "no"}, TypeError, r"cuda_graph must be True or False, got 'no'"),
     ],
 )
 def test_wrong_options_are_named(options: dict, error: type, message: str) -> None:
-    """A misspelled option, a dtype or device other than the loaded Potential's, a NaN skin
-    or a fractional max_neighbors raise errors naming them (they were accepted silently)."""
+    """A misspelled option, a dtype or device other than the loaded Potential's, a NaN skin,
+    a fractional max_neighbors or a cuda_graph that is no bool (``"no"`` read as True) raise
+    errors naming them (they were accepted silently)."""
     potential = load_checkpoint(FORCENET, device="cpu")
     with pytest.raises(error, match=message):
         load_calculator(potential, **options)

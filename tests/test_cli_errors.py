@@ -261,3 +261,16 @@ def test_forcecalc_warnings_are_one_line_like_its_errors(tmp_path: Path, monkeyp
     err = capsys.readouterr().err
     assert err.startswith("forcecalc: warning: 'spinconv-fc' is a known checkpoint name")
     assert err.count("\n") == 1 and "UserWarning" not in err
+
+
+def test_ctrl_c_is_one_line_and_exit_code_130(monkeypatch, capsys) -> None:
+    """Ctrl-C during a command ends it with ``forcecalc: interrupted`` and exit code 130 (a
+    shell's code for SIGINT), not a traceback."""
+    import forcecalc.cli
+
+    def interrupted(args: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(forcecalc.cli, "_cmd_info", interrupted)
+    assert main(["info"]) == 130
+    assert capsys.readouterr().err == "forcecalc: interrupted\n"

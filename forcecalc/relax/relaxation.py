@@ -273,8 +273,8 @@ def relax(
     """
     from tqdm.auto import tqdm
 
-    if not fmax >= 0:  # 0, as in ASE: run all the steps
-        raise ValueError(f"fmax must be >= 0, got {fmax}")
+    if isinstance(fmax, bool) or not isinstance(fmax, Real) or not fmax >= 0:  # 0: all steps
+        raise ValueError(f"fmax must be a number >= 0 (eV/Å), got {fmax!r}")
     if isinstance(steps, bool) or not isinstance(steps, Real) or not steps >= 0:
         raise ValueError(f"steps must be a number >= 0, got {steps!r}")
     opt = make_optimizer(optimizer, optimizer_options)

@@ -285,8 +285,9 @@ def test_invalid_inputs_are_refused():
     bonded.set_constraint(FixBondLength(0, 1))
     with pytest.raises(ValueError, match="FixBondLength"):
         relax([atoms, bonded], potential)
-    with pytest.raises(ValueError, match="fmax"):
-        relax([atoms], potential, fmax=-0.1)
+    for bad in (-0.1, "0.05", None):
+        with pytest.raises(ValueError, match=r"fmax must be a number >= 0 \(eV/Å\)"):
+            relax([atoms], potential, fmax=bad)
     with pytest.raises(ValueError, match="batch_size"):
         relax([atoms], potential, batch_size=0)
     for bad in (None, -1, True):
