@@ -104,6 +104,28 @@ def _rows_times_weight(
 
 
 @triton.jit
+def _output_tile(
+    n_rows, n_cols, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr
+) -> tuple[tl.tensor, tl.tensor, tl.tensor, tl.tensor]:
+    """This program's tile of a row-major ``[n_rows, n_cols]`` output: its row and column
+    indices (``[BLOCK_M]``, ``[BLOCK_N]``; rows in int64) and which of them are inside."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return rows, cols, rows < n_rows, cols < n_cols
+
+
+@triton.jit
+def _store_tile(out_ptr, values, rows, cols, row_ok, col_ok, n_cols) -> None:
+    """Store ``values`` ``[BLOCK_M, BLOCK_N]`` at ``rows`` x ``cols`` of the row-major output
+    ``[*, n_cols]`` (the tile of :func:`_output_tile`), inside it only."""
+    tl.store(
+        out_ptr + rows[:, None] * n_cols + cols[None, :],
+        values,
+        mask=row_ok[:, None] & col_ok[None, :],
+    )
+
+
+@triton.jit
 def _mixture_kernel(
     h_ptr,
     weight_ptr,
@@ -119,10 +141,7 @@ def _mixture_kernel(
     BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
 ) -> None:
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < n_rows
-    col_ok = cols < n_mid
+    rows, cols, row_ok, col_ok = _output_tile(n_rows, n_mid, BLOCK_M, BLOCK_N)
     out = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for expert in range(n_experts):
         # weight is fc2's [n_experts * n_mid, n_in]; this expert's rows of it
@@ -134,9 +153,7 @@ def _mixture_kernel(
         acc += tl.load(bias_ptr + outputs, mask=col_ok, other=0.0)[None, :]
         share = tl.load(mixture_ptr + rows * n_experts + expert, mask=row_ok, other=0.0)
         out += share[:, None] * (acc * tl.sigmoid(acc))
-    tl.store(
-        out_ptr + rows[:, None] * n_mid + cols[None, :], out, mask=row_ok[:, None] & col_ok[None, :]
-    )
+    _store_tile(out_ptr, out, rows, cols, row_ok, col_ok, n_mid)
 
 
 @triton.jit
@@ -154,10 +171,7 @@ def _linear_kernel(
     SWISH: tl.constexpr,
     PRECISION: tl.constexpr,
 ) -> None:
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < n_rows
-    col_ok = cols < n_out
+    rows, cols, row_ok, col_ok = _output_tile(n_rows, n_out, BLOCK_M, BLOCK_N)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc = _rows_times_weight(
         acc, x_ptr, weight_ptr, rows, row_ok, cols, col_ok, n_in, BLOCK_K, PRECISION
@@ -165,9 +179,7 @@ def _linear_kernel(
     acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0)[None, :]
     if SWISH:
         acc = acc * tl.sigmoid(acc)
-    tl.store(
-        out_ptr + rows[:, None] * n_out + cols[None, :], acc, mask=row_ok[:, None] & col_ok[None, :]
-    )
+    _store_tile(out_ptr, acc, rows, cols, row_ok, col_ok, n_out)
 
 
 @triton.jit
