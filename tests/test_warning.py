@@ -7,7 +7,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from ase import Atoms
 from ase.build import molecule
+from ase.optimize import BFGS
 
 import forcecalc
 from forcecalc.warning import ForcecalcWarning
@@ -49,3 +51,18 @@ def test_forcecalc_warnings_can_be_silenced_by_category(tmp_path: Path, monkeypa
         warnings.filterwarnings("ignore", category=forcecalc.ForcecalcWarning)
         forcecalc.load_checkpoint("forcenet")
     assert not caught
+
+
+def test_a_warning_through_ase_names_the_users_line() -> None:
+    """A warning raised while ASE asks the calculator (``atoms.get_potential_energy()``, an
+    optimizer's step) names the user's line, not ASE's calculator or optimizer module: here
+    two atoms 0.3 Å apart (closer than any bond)."""
+    atoms = Atoms("Cu2", positions=[[0, 0, 0], [0.3, 0, 0]], cell=[8, 8, 8], pbc=True)
+    atoms.calc = forcecalc.ForceNetCalculator("forcenet")
+    for call in (atoms.get_potential_energy, lambda: BFGS(atoms, logfile=None).run(steps=1)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            call()
+        ours = [w for w in caught if issubclass(w.category, ForcecalcWarning)]
+        assert ours and all("closer than any bond" in str(w.message) for w in ours)
+        assert {Path(w.filename).resolve() for w in ours} == {Path(__file__).resolve()}

@@ -37,6 +37,7 @@ from torch import Tensor
 
 from forcecalc.graph.cell_list import batched_cell_list, wrap_positions
 from forcecalc.graph.gather import RowIndex, pad_rows
+from forcecalc.warning import warn
 
 if TYPE_CHECKING:
     from ase import Atoms
@@ -54,6 +55,10 @@ TIE_TOLERANCE = 1e-5
 #: The models' graphs drop pairs with squared distance at or below this (Å^2), as OCP's
 #: ``radius_graph_pbc``: an atom's own zero shift, and overlapping atoms.
 MIN_DISTANCE_SQ = 1e-4
+#: Two atoms closer than this (Å) get a warning: shorter than any bond (H2's is 0.74 Å), so
+#: the structure is broken (positions in Bohr or nm, a wrong cell) and no model's numbers mean
+#: anything there.
+CLOSE_CONTACT = 0.4
 
 
 @dataclass(frozen=True)
@@ -327,19 +332,30 @@ def _check_no_overlap(edge_index: Tensor, distances: Tensor, system_idx: Tensor)
     """Raise ``ValueError`` naming two atoms (or an atom and its periodic image) closer than
     ``sqrt(MIN_DISTANCE_SQ)`` = 0.01 Å, by their indices in their own structure (and that
     structure's place in a batch of several): no structure has them, and the models would
-    drop the pair silently (as OCP does), giving a number for a broken input."""
-    close = torch.nonzero(distances * distances <= MIN_DISTANCE_SQ).flatten()
-    if len(close):
-        first = int(close[distances[close].argmin()])
-        i, j = edge_index[0, first].item(), edge_index[1, first].item()
-        system = int(system_idx[i])
-        start = int((system_idx < system).sum())
-        where = f" of structure {system} in the batch" if int(system_idx.max()) > 0 else ""
+    drop the pair silently (as OCP does), giving a number for a broken input.  Two atoms
+    closer than :data:`CLOSE_CONTACT` get a :class:`~forcecalc.ForcecalcWarning` instead."""
+    if len(distances) == 0:
+        return
+    first = int(distances.argmin())
+    closest = float(distances[first])
+    if closest >= CLOSE_CONTACT:
+        return
+    i, j = edge_index[0, first].item(), edge_index[1, first].item()
+    system = int(system_idx[i])
+    start = int((system_idx < system).sum())
+    where = f" of structure {system} in the batch" if int(system_idx.max()) > 0 else ""
+    pair = f"atoms {j - start} and {i - start}{where} are {closest:.3g} Å apart"
+    if closest * closest <= MIN_DISTANCE_SQ:
+        count = int((distances * distances <= MIN_DISTANCE_SQ).sum())
         raise ValueError(
-            f"atoms {j - start} and {i - start}{where} are {float(distances[first]):.2g} Å "
-            f"apart (counting periodic images), closer than 0.01 Å: overlapping atoms "
-            f"({len(close)} such edge(s)); check the positions"
+            f"{pair} (counting periodic images), closer than 0.01 Å: overlapping atoms "
+            f"({count} such edge(s)); check the positions"
         )
+    warn(
+        f"{pair} (counting periodic images), closer than any bond ({CLOSE_CONTACT} Å): the "
+        "energy and forces of such a structure mean nothing; check the positions' unit (Å) "
+        "and the cell"
+    )
 
 
 def canonical_order(edge_index: Tensor, shifts: Tensor, n_atoms: int) -> Tensor:

@@ -6,7 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 from ase.build import bulk, molecule
-from graph_helpers import as_tensors, assert_matches_ase, graph_of, random_structures
+from graph_helpers import (
+    as_tensors,
+    assert_matches_ase,
+    graph_of,
+    random_contacts,
+    random_structures,
+)
 
 from forcecalc.graph import cell_list
 from forcecalc.graph.neighbors import radius_graph
@@ -29,6 +35,7 @@ def test_torch_backend_empty_system_in_batch() -> None:
     assert empty[0].shape == (2, 0) and empty[1].shape == (0, 3)
 
 
+@random_contacts
 @pytest.mark.parametrize(
     ("table_factor", "max_candidates"), [(0, 1 << 18), (1 << 20, 1 << 18), (8, 1000)]
 )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -17,6 +19,7 @@ from graph_helpers import (
     graph_of,
     graph_rows,
     pair_rows,
+    random_contacts,
     random_structures,
 )
 
@@ -28,8 +31,10 @@ from forcecalc.graph.neighbors import (
     neighbor_list,
     radius_graph,
 )
+from forcecalc.warning import ForcecalcWarning
 
 
+@random_contacts
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_random_structures_match_ase(backend: str) -> None:
     """Both backends give exactly ASE's pair set (i, j, S) and vectors on 200 random structures.
@@ -155,6 +160,7 @@ def test_non_periodic_axis_outside_cell() -> None:
         assert_matches_ase(atoms, 4.0, backend)
 
 
+@random_contacts
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_batch_equals_per_system(backend: str) -> None:
     """One call on a batch of systems returns exactly the union of the per-system graphs.
@@ -310,6 +316,23 @@ def test_nan_positions_error_names_atoms(backend: str) -> None:
     positions[2, 1] = float("nan")
     with pytest.raises(ValueError, match=r"atoms \[2\] are NaN"):
         radius_graph(positions, cell, pbc, system_idx, 3.0, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_overlapping_and_close_atoms(backend: str) -> None:
+    """Atoms 0.005 Å apart are an error naming them and their structure in the batch; atoms
+    0.3 Å apart (closer than any bond: a unit or cell mistake) a ForcecalcWarning naming
+    them; 0.6 Å apart (H2 is 0.74 Å) nothing."""
+    far = Atoms("H2", positions=[[0, 0, 0], [0.6, 0, 0]], cell=[6, 6, 6], pbc=True)
+    close = Atoms("CuH2", positions=[[3, 3, 3], [0, 0, 0], [0, 0.3, 0]], cell=[6, 6, 6])
+    overlap = Atoms("H2", positions=[[1, 1, 1], [1, 1, 1.005]], cell=[6, 6, 6], pbc=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        radius_graph(*as_tensors([far]), 3.0, backend=backend)
+    with pytest.warns(ForcecalcWarning, match="atoms 1 and 2 of structure 1 in the batch are 0.3"):
+        radius_graph(*as_tensors([far, close]), 3.0, backend=backend)
+    with pytest.raises(ValueError, match=r"atoms 0 and 1 of structure 2 in the batch are 0.005"):
+        radius_graph(*as_tensors([far, close, overlap]), 3.0, backend=backend)
 
 
 @pytest.mark.parametrize(
