@@ -19,7 +19,9 @@ them in place.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
+from numbers import Real
 from typing import Any, ClassVar
 
 import torch
@@ -99,6 +101,19 @@ def _per_atom(values: Tensor, systems: SystemSet) -> Tensor:
     return values[systems.system_idx].unsqueeze(1)
 
 
+def _check_positive(**options: object) -> None:
+    """A ValueError naming the first of ``options`` that is not a finite number > 0 (a
+    negative ``maxstep`` or ``dt`` turns every step uphill without an error)."""
+    for name, value in options.items():
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, Real)
+            or not math.isfinite(value)
+            or value <= 0
+        ):
+            raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
 def _unfixed(step: Tensor, systems: SystemSet) -> Tensor:
     return torch.where(systems.fixed[:, None], torch.zeros_like(step), step)
 
@@ -132,6 +147,7 @@ class FIRE(BatchedOptimizer):
         a: float = 0.1,
     ) -> None:
         super().__init__()
+        _check_positive(dt=dt, maxstep=maxstep, dtmax=dtmax, finc=finc, fdec=fdec)
         self.dt, self.maxstep, self.dtmax, self.Nmin = dt, maxstep, dtmax, Nmin
         self.finc, self.fdec, self.astart, self.fa, self.a = finc, fdec, astart, fa, a
 
@@ -214,6 +230,7 @@ class LBFGS(BatchedOptimizer):
         alpha: float = 70.0,
     ) -> None:
         super().__init__()
+        _check_positive(maxstep=maxstep, damping=damping, alpha=alpha)
         if maxstep > 1.0:
             raise ValueError(
                 f"You are using a much too large value for the maximum step size: "
@@ -309,6 +326,7 @@ class BFGS(BatchedOptimizer):
 
     def __init__(self, maxstep: float = DEFAULT_MAXSTEP, alpha: float = 70.0) -> None:
         super().__init__()
+        _check_positive(maxstep=maxstep, alpha=alpha)
         if maxstep > 1.0:
             warn(f"You are using a *very* large value for the maximum step size: {maxstep:.1f} Å")
         self.maxstep, self.alpha = maxstep, alpha
@@ -429,7 +447,7 @@ def make_optimizer(name: str, options: dict[str, Any] | None = None) -> BatchedO
     cls = OPTIMIZERS[key]
     try:
         return cls(**(options or {}))
-    except TypeError as error:
+    except (TypeError, ValueError) as error:
         raise ValueError(f"invalid options for {cls.__name__}: {error}") from None
 
 

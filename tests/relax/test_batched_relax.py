@@ -270,9 +270,9 @@ def test_input_structures_are_not_modified():
 
 
 def test_invalid_inputs_are_refused():
-    """Contract: unknown optimizers or options, constraints other than FixAtoms, bad fmax,
-    steps, skin or batch sizes, and inputs that are not Atoms raise ValueError naming them
-    before anything runs; an empty input gives an empty list."""
+    """Contract: unknown optimizers or options (a maxstep that is no number > 0), constraints
+    other than FixAtoms, bad fmax, steps, skin or batch sizes, and inputs that are not Atoms
+    raise ValueError naming them before anything runs; an empty input gives an empty list."""
     potential = morse_potential()
     atoms = mixed_structures()[8]
     with pytest.raises(ValueError, match="unknown optimizer"):
@@ -281,6 +281,10 @@ def test_invalid_inputs_are_refused():
         make_optimizer("fire", {"maxmove": 0.1})
     with pytest.raises(ValueError, match="too large"):
         make_optimizer("lbfgs", {"maxstep": 1.5})
+    for name in ("fire", "lbfgs", "bfgs"):  # a negative step would turn every step uphill
+        for bad in (-0.1, 0, "0.1", float("nan")):
+            with pytest.raises(ValueError, match=r"maxstep must be a finite number > 0"):
+                relax([atoms], potential, optimizer=name, optimizer_options={"maxstep": bad})
     bonded = atoms.copy()
     bonded.set_constraint(FixBondLength(0, 1))
     with pytest.raises(ValueError, match="FixBondLength"):
