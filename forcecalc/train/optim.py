@@ -83,7 +83,8 @@ class LRSchedule:
     * ``plateau``: ``shape`` is multiplied by ``factor`` (0.8: the SpinConv paper) when the
       monitored metric has not improved by a relative ``1e-4`` for more than ``patience``
       reports (as ``torch.optim.lr_scheduler.ReduceLROnPlateau``), never below ``min_lr``;
-    * ``cosine``: half a cosine from ``lr`` after warmup to ``min_lr`` at ``total_steps``;
+    * ``cosine``: half a cosine from ``lr`` after warmup to ``min_lr`` at ``total_steps``
+      (constant when ``min_lr >= lr``: the rate never rises above ``lr``);
     * ``constant``: 1.
     """
 
@@ -123,7 +124,8 @@ class LRSchedule:
         if self.kind == "cosine":
             span = max(self.total_steps - self.warmup_steps, 1)
             progress = min(max(step - self.warmup_steps, 0) / span, 1.0)
-            lr = self.min_lr + 0.5 * (self.lr - self.min_lr) * (1.0 + math.cos(math.pi * progress))
+            low = min(self.min_lr, self.lr)  # a min_lr above lr never raises the rate
+            lr = low + 0.5 * (self.lr - low) * (1.0 + math.cos(math.pi * progress))
             return lr * warm
         lr = self.lr * warm
         if self.kind == "plateau":

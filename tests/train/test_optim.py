@@ -12,7 +12,8 @@ from forcecalc.train.optim import EMA, LRSchedule
 def test_schedule_warmup_plateau_cosine():
     """Warmup rises linearly from ``warmup_factor * lr``; the plateau schedule multiplies by
     0.8 after more than ``patience`` reports without improvement (not below ``min_lr``);
-    cosine ends at ``min_lr``; the state round-trips."""
+    cosine ends at ``min_lr`` and never rises above ``lr`` (a fine-tune below the default
+    ``min_lr``); the state round-trips."""
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     schedule = LRSchedule(
         optimizer, "plateau", 1.0, 100, warmup_steps=4, warmup_factor=0.2, min_lr=0.7, patience=1
@@ -32,6 +33,8 @@ def test_schedule_warmup_plateau_cosine():
     assert cosine.lr_at(10) == pytest.approx(1.0)
     assert cosine.lr_at(55) == pytest.approx(0.55)
     assert cosine.lr_at(100) == pytest.approx(0.1)
+    gentle = LRSchedule(optimizer, "cosine", 1e-7, 100, min_lr=1e-6)  # lr below the floor
+    assert max(gentle.lr_at(step) for step in range(101)) == pytest.approx(1e-7)
 
 
 def test_ema_averages_and_restores():
