@@ -274,8 +274,27 @@ class DistanceBlock(nn.Module):
             nn.init.uniform_(self.dist_offset.weight, -PAIR_INIT, PAIR_INIT)
         self.fc1 = nn.Linear(num_basis, out_channels)
 
+    @property
+    def trainable_pairs(self) -> bool:
+        """Whether the pair scalings exist and train (not frozen while fine-tuning others)."""
+        return (
+            self.scale_distances
+            and self.dist_scalar.weight.requires_grad
+            and self.dist_offset.weight.requires_grad
+        )
+
+    def pairs_with_gradient(self) -> Tensor:
+        """``[max_num_elements**2]`` bool: the ordered element pairs whose scaling has a
+        non-zero gradient now (after a backward pass: the pairs of the batch's edges)."""
+        weights = (self.dist_scalar.weight, self.dist_offset.weight)
+        touched = torch.zeros(len(weights[0]), dtype=torch.bool, device=weights[0].device)
+        for weight in weights:
+            if weight.grad is not None:
+                touched |= (weight.grad != 0).any(dim=1)
+        return touched
+
     @torch.no_grad()
-    def fill_untrained_pairs(self) -> list[tuple[int, int]]:
+    def fill_untrained_pairs(self, trained: Tensor | None = None) -> list[tuple[int, int]]:
         """Give the ordered element pairs ``(a, b)``, ``a != b``, that training never saw the
         scaling of the reverse pair ``(b, a)`` if that was trained, else the mean of the self
         pairs ``(a, a)`` and ``(b, b)``; returns the pairs filled.
@@ -285,21 +304,22 @@ class DistanceBlock(nn.Module):
         the trained model has not seen for any pair; alloys of held-out metal pairs then get
         forces no better than the median baseline.  "Never trained" means both parameters
         still inside the initialization range ``[-PAIR_INIT, PAIR_INIT]`` (an Adam step moves
-        a trained one well outside); self pairs must be trained to serve.  Idempotent.  For
-        models we train (``forcecalc train`` applies it to the files it writes), never on
-        loading a checkpoint: a loaded model computes what it was given.  Tables that do not
-        require gradients (frozen while fine-tuning other blocks) are left as they are.
+        a trained one well outside, and a checkpoint's trained pairs lie outside) and, where
+        ``trained`` (``[max_num_elements**2]`` bool, the pairs that had a gradient in this
+        run: :meth:`pairs_with_gradient`) is given, not listed there (a short or gentle run
+        leaves trained pairs inside the range).  Self pairs must be trained to serve.
+        Idempotent.  For models we train (``forcecalc train`` applies it to the files it
+        writes), never on loading a checkpoint: a loaded model computes what it was given.
+        Tables that do not train (frozen while fine-tuning other blocks) are left as they are.
         """
-        if not (
-            self.scale_distances
-            and self.dist_scalar.weight.requires_grad
-            and self.dist_offset.weight.requires_grad
-        ):
+        if not self.trainable_pairs:
             return []  # frozen tables (fine-tuning other blocks) keep their values
         n = self.max_num_elements
         scalar = self.dist_scalar.weight.view(n, n)
         offset = self.dist_offset.weight.view(n, n)
         untrained = (scalar.abs() <= PAIR_INIT) & (offset.abs() <= PAIR_INIT)
+        if trained is not None:
+            untrained &= ~trained.to(untrained.device).view(n, n)
         trained_self = ~untrained.diagonal()
         reverse = ~untrained.T
         fill = untrained & (reverse | (trained_self.unsqueeze(0) & trained_self.unsqueeze(1)))
@@ -1223,11 +1243,31 @@ class SpinConv(nn.Module):
         return forces / n_rot
 
 
-def fill_untrained_pairs(model: nn.Module) -> list[tuple[int, int]]:
+def trainable_distance_blocks(model: nn.Module) -> dict[str, DistanceBlock]:
+    """The distance blocks of ``model`` whose pair scalings train, by module name."""
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if isinstance(module, DistanceBlock) and module.trainable_pairs
+    }
+
+
+def fill_untrained_pairs(
+    model: nn.Module, trained: dict[str, Tensor] | None = None
+) -> list[tuple[int, int]]:
     """:meth:`DistanceBlock.fill_untrained_pairs` on every distance block of ``model`` (in
-    place); returns the element pairs filled in any of them, sorted."""
-    blocks = [module for module in model.modules() if isinstance(module, DistanceBlock)]
-    return sorted({pair for block in blocks for pair in block.fill_untrained_pairs()})
+    place), each with its ``trained`` pairs (by module name, as
+    :func:`trainable_distance_blocks`), where given; returns the element pairs filled in any
+    of them, sorted."""
+    trained = trained or {}
+    blocks = trainable_distance_blocks(model)
+    return sorted(
+        {
+            pair
+            for name, block in blocks.items()
+            for pair in block.fill_untrained_pairs(trained.get(name))
+        }
+    )
 
 
 def ocp_random_rotations(

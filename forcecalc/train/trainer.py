@@ -55,7 +55,7 @@ from forcecalc.checkpoint import (
 )
 from forcecalc.graph.batch import MAX_ATOMIC_NUMBER
 from forcecalc.models.registry import build_model
-from forcecalc.models.spinconv import fill_untrained_pairs
+from forcecalc.models.spinconv import fill_untrained_pairs, trainable_distance_blocks
 from forcecalc.train.config import TrainConfig
 from forcecalc.train.data import (
     BatchPlan,
@@ -190,6 +190,15 @@ def _number_ranges(values: Sequence[int]) -> str:
     return ", ".join(parts)
 
 
+def _symbols(numbers: set[int]) -> list[str]:
+    """Chemical symbols of atomic ``numbers``, in order (the number where ASE has none)."""
+    from ase.data import chemical_symbols
+
+    return [
+        chemical_symbols[z] if 0 <= z < len(chemical_symbols) else str(z) for z in sorted(numbers)
+    ]
+
+
 def _check_not_empty(frames: Sequence, role: str) -> None:
     """A ``ValueError`` naming the source when ``frames`` (a :class:`ConcatFrames` of files,
     or a list) or one of its files holds no frame; ``role``: training or validation."""
@@ -322,6 +331,13 @@ class Trainer:
         self.parameters = [p for p in model.parameters() if p.requires_grad]
         if not self.parameters:
             raise ValueError("every parameter is frozen: nothing to train")
+        #: SpinConv's element pairs whose distance scaling had a gradient in this run, per
+        #: distance block: trained, whatever their values (see fill_untrained_pairs)
+        self.distance_blocks = trainable_distance_blocks(model)
+        self.trained_pairs = {
+            name: torch.zeros(block.max_num_elements**2, dtype=torch.bool, device=self.device)
+            for name, block in self.distance_blocks.items()
+        }
         self.module: torch.nn.Module = model
         if self.dist.active:
             from torch.nn.parallel import DistributedDataParallel
@@ -404,16 +420,16 @@ class Trainer:
         """``(train, val, data info, atomic numbers per training source)``; every frame of
         every source is checked for the energy and forces training needs."""
         config = self.config
-        #: the atomic numbers of separate validation data (a split of the training data's are
-        #: the training data's)
-        self.val_numbers: set[int] = set()
+        #: the atomic numbers of separate validation data, per source (a split of the
+        #: training data's are the training data's)
+        self.val_numbers: dict[str, set[int]] = {}
         train = open_frames(config.data) if train_frames is None else train_frames
         names = list(config.data) if train_frames is None else ["<frames>"]
         numbers = labelled_numbers(train)
         _check_not_empty(train, "training")
         if val_frames is not None or config.val_data:
             val = open_frames(config.val_data) if val_frames is None else val_frames
-            self.val_numbers = set().union(*labelled_numbers(val).values())
+            self.val_numbers = labelled_numbers(val)
             if val_frames is None:
                 _check_not_empty(val, "validation")
             split = {"kind": "files", "val": list(config.val_data) or ["<frames>"]}
@@ -434,28 +450,26 @@ class Trainer:
         return train, val, info, numbers
 
     def _check_elements(self, numbers: dict[str, set[int]]) -> None:
-        """Refuse training data with elements the model's tables cannot represent (naming the
-        elements and the sources holding them); when the checkpoint lists the elements it
-        accepts, extend the list by the training data's, so that the checkpoints written
-        accept what the model was trained on."""
+        """Refuse training or validation data with elements the model's tables cannot
+        represent (naming the elements and the sources holding them) or without a reference
+        energy, before any step (validation data were found one epoch in); when the
+        checkpoint lists the elements it accepts (a run from scratch: none yet), extend the
+        list by the training data's, so that the checkpoints written accept what the model
+        was trained on (and a model trained on Cu and O refuses Pt), and warn of validation
+        elements outside it."""
         info = self.potential.info
         seen = set().union(*numbers.values())
         representable = self.potential.table_elements
-        if representable is not None and not seen <= set(representable):
-            from ase.data import chemical_symbols
-
-            bad = seen - set(representable)
-            sources = [name for name, found in numbers.items() if found & bad]
-            symbols = [
-                chemical_symbols[z] if z < len(chemical_symbols) else str(z) for z in sorted(bad)
-            ]
-            raise ValueError(
-                f"the training data ({', '.join(sources)}) has element(s) "
-                f"{', '.join(symbols)} "
-                f"that the {info.model} model cannot represent (its tables cover atomic numbers "
-                f"{_number_ranges(sorted(representable))})"
-            )
-        for which, elements in (("training", seen), ("validation", self.val_numbers)):
+        for which, sources in (("training", numbers), ("validation", self.val_numbers)):
+            elements = set().union(*sources.values())
+            if representable is not None and not elements <= set(representable):
+                bad = elements - set(representable)
+                holding = [name for name, found in sources.items() if found & bad]
+                raise ValueError(
+                    f"the {which} data ({', '.join(holding)}) has element(s) "
+                    f"{', '.join(_symbols(bad))} that the {info.model} model cannot represent "
+                    f"(its tables cover atomic numbers {_number_ranges(sorted(representable))})"
+                )
             missing = info.normalizers.missing_references(elements)
             if missing:  # (validation: its energy errors would be NaN, its best never kept)
                 raise ValueError(
@@ -465,6 +479,13 @@ class Trainer:
                 )
         if info.elements is not None:
             info.elements = sorted(set(info.elements) | seen)
+            untrained = set().union(*self.val_numbers.values()) - set(info.elements)
+            if untrained:
+                warn(
+                    f"the validation data has element(s) {', '.join(_symbols(untrained))} that "
+                    "neither the training data nor the checkpoint hold: their errors measure "
+                    "untrained parameters"
+                )
 
     def _build_potential(self, state: dict[str, Any] | None) -> Potential:
         config = self.config
@@ -512,6 +533,7 @@ class Trainer:
                 model_kwargs=dict(config.model_kwargs),
                 normalizers=Normalizers(),
                 source_format="forcecalc",
+                elements=[],  # the training data's, once read (_check_elements)
             )
             potential = Potential(model, info)
         potential = potential.to(device=self.device, dtype=self.dtype)
@@ -588,6 +610,8 @@ class Trainer:
         )
         self.optimizer.zero_grad(set_to_none=True)
         terms.loss.backward()
+        for name, block in self.distance_blocks.items():
+            self.trained_pairs[name] |= block.pairs_with_gradient()
         if config.clip_grad_norm:
             torch.nn.utils.clip_grad_norm_(self.parameters, config.clip_grad_norm)
         self.schedule.apply(self.step)
@@ -861,6 +885,7 @@ class Trainer:
             "rng": rng_all,
             "world_size": self.dist.world_size,
             "data": self.data_info,
+            "trained_pairs": {name: mask.cpu() for name, mask in self.trained_pairs.items()},
         }
         return torch_save(state, self.out / STATE_FILE)
 
@@ -883,6 +908,9 @@ class Trainer:
                 "from the saved step and data position, but is not a continuation of that run "
                 "(to train further on new data, fine-tune from its best.pt instead)"
             )
+        for name, mask in state.get("trained_pairs", {}).items():
+            if name in self.trained_pairs:
+                self.trained_pairs[name] |= mask.to(self.device)
         self.step = int(state["step"])
         self.epoch = int(state["epoch"])
         self.batch_in_epoch = int(state["batch_in_epoch"])
@@ -934,7 +962,7 @@ class Trainer:
         }
         with self._averaged():
             model = copy.deepcopy(self.potential.model)
-        filled = fill_untrained_pairs(model)  # frozen tables are left as they are
+        filled = fill_untrained_pairs(model, self.trained_pairs)  # frozen tables are kept
         if filled:
             metadata["training"]["filled_pairs"] = filled
         return save_checkpoint(Potential(model, record), path, metadata)

@@ -24,6 +24,7 @@ from forcecalc.predict import predict
 from forcecalc.train import TrainConfig, Trainer
 from forcecalc.train.data import frame_targets
 from forcecalc.train.optim import freeze_except
+from forcecalc.warning import ForcecalcWarning
 
 CASES = [
     ("forcenet_small", ["decoder"]),
@@ -110,13 +111,13 @@ def _spinconv_checkpoint(path: Path, elements: list[int], **changes) -> Path:
     return save_checkpoint(Potential(build_model("spinconv", kwargs), info), path)
 
 
-def _with_nickel(frames: list) -> list:
-    """``frames`` with their atom 1 (Cu) turned into Ni, labels kept."""
+def _with_nickel(frames: list, atoms: int | slice = 1) -> list:
+    """``frames`` with their ``atoms`` (by default atom 1, a Cu) turned into Ni, labels kept."""
     out = []
-    for atoms in frames:
-        changed = atoms.copy()
-        changed.numbers[1] = 28
-        energy, forces = frame_targets(atoms)
+    for frame in frames:
+        changed = frame.copy()
+        changed.numbers[atoms] = 28
+        energy, forces = frame_targets(frame)
         changed.calc = SinglePointCalculator(changed, energy=energy, forces=forces)
         out.append(changed)
     return out
@@ -160,6 +161,27 @@ def test_finetune_refuses_an_element_the_model_cannot_represent(tmp_path):
     with pytest.raises(ValueError, match=r"element\(s\) Cu that the spinconv model cannot.*1-28"):
         Trainer(_finetune_config(tmp_path, checkpoint), training_frames()[:4])
     assert not (tmp_path / "run" / "final.pt").exists()
+
+
+def test_finetune_refuses_a_validation_element_the_model_cannot_represent(tmp_path):
+    """Separate validation data are checked as the training data, when the run starts: Cu
+    for tables that stop at Z = 28 is named with the model's range (it stopped the run one
+    epoch in, with no checkpoint written, for SpinConv; ForceNet logged NaN errors)."""
+    checkpoint = _spinconv_checkpoint(tmp_path / "start.pt", [8, 28], max_num_elements=29)
+    nickel = _with_nickel(training_frames()[:4], atoms=slice(None))
+    with pytest.raises(ValueError, match=r"validation data .* Cu that the spinconv model"):
+        Trainer(_finetune_config(tmp_path, checkpoint), nickel, training_frames()[:2])
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_validation_element_neither_trained_nor_listed_is_warned_of(tmp_path):
+    """Validation frames with an element the tables cover but neither the checkpoint lists
+    nor the training data hold (Ni for a Cu/O model) run, with a warning naming it: their
+    errors measure untrained parameters."""
+    checkpoint = _spinconv_checkpoint(tmp_path / "start.pt", [8, 29])
+    val = _with_nickel(training_frames()[:2])
+    with pytest.warns(ForcecalcWarning, match=r"validation data has element\(s\) Ni that"):
+        Trainer(_finetune_config(tmp_path, checkpoint), training_frames()[:4], val)
 
 
 def test_finetune_applies_model_kwargs_and_records_the_checkpoint_model(tmp_path):

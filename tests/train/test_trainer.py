@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from ase.build import bulk
 from train_fixtures import (  # noqa: F401
     FORCENET_TINY,
     SPINCONV_TINY,
@@ -276,8 +277,8 @@ def test_kill_during_checkpoint_write_keeps_previous(tmp_path):
 def test_outputs_metrics_and_final_checkpoint(tmp_path):
     """A run writes metrics.csv/json (energy MAE, force MAE, force cosine, EFwT per
     evaluation), config.yaml, best.pt and final.pt; final.pt loads with ``load_checkpoint``
-    (forcecalc format, fitted normalizers, metadata) and predicts what the trained model
-    predicts."""
+    (forcecalc format, fitted normalizers, metadata, the training data's elements: Pt is
+    refused) and predicts what the trained model predicts."""
     frames = training_frames()
     config = _resume_config(tmp_path, "run", 6)
     trainer = Trainer(config, frames)
@@ -298,6 +299,9 @@ def test_outputs_metrics_and_final_checkpoint(tmp_path):
     assert meta["data"]["train_frames"] == 16
     assert meta["metrics"]["step"] == 6
     assert {"device", "torch", "processes"} <= set(meta["hardware"])
+    assert potential.elements == [8, 29]  # from scratch: the training data's elements
+    with pytest.raises(ValueError, match=r"no parameters for element\(s\) Pt"):
+        potential.check_elements([bulk("Pt", cubic=True)])
     with trainer.ema.applied():
         reference = predict(frames[:4], trainer.potential.eval())
     reloaded = predict(frames[:4], potential)
@@ -393,6 +397,32 @@ def test_exported_spinconv_fills_distance_scaling_of_pairs_absent_from_training(
         assert abs(float(live[29, 79])) <= 1e-4
 
 
+def test_exported_spinconv_keeps_pairs_trained_inside_the_initial_range(tmp_path):
+    """A short, gentle run leaves pairs it trained (O->Cu: every frame has Cu-O edges) inside
+    the range that marks an untrained pair, while others (Cu-Cu, Cu->O) lie outside; they are
+    known trained from their gradients, so the written model keeps them: it is the model that
+    was evaluated (O->Cu was overwritten with Cu->O's values, and the model written differed
+    from the one whose metrics were logged)."""
+    frames = training_frames()[:4]
+    config = _config(tmp_path, "spinconv", SPINCONV_TINY, max_steps=2, eval_every=2, lr=1e-6)
+    trainer = Trainer(config, frames, frames)
+    ((name, block),) = trainer.distance_blocks.items()
+    n = block.max_num_elements
+    with torch.no_grad():  # Cu-Cu and Cu->O as a longer run leaves them, O->Cu not yet
+        block.dist_scalar.weight.view(n, n)[[29, 29], [29, 8]] = torch.tensor([0.5, 0.3])
+    summary = trainer.fit()
+    trained = trainer.trained_pairs[name].view(n, n)
+    assert trained[8, 29] and trained[29, 8] and trained[29, 29]
+    live = block.dist_scalar.weight.detach().view(n, n)
+    assert abs(float(live[8, 29])) <= 1e-4  # inside the range: a magnitude test calls it untrained
+    written = load_checkpoint(summary["final"], device="cpu")
+    assert "filled_pairs" not in written.info.metadata["training"]
+    torch.testing.assert_close(
+        dict(written.model.named_parameters())[f"{name}.dist_scalar.weight"],
+        dict(trainer.potential.model.named_parameters())[f"{name}.dist_scalar.weight"],
+    )
+
+
 def _float64_run(tmp_path: Path) -> tuple[Trainer, list]:
     frames = training_frames()[:4]
     config = _resume_config(tmp_path, "f64", 2).updated(
@@ -482,7 +512,6 @@ def test_energy_references_are_fitted_per_element(tmp_path):
     least-squares fit of the energies on the element counts (exact here, where the energies
     are per-element sums, over CuO and Cu cells of 1 to 4 repeats), and the written model
     keeps them; it needs normalizers that are fitted."""
-    from ase.build import bulk
     from ase.calculators.singlepoint import SinglePointCalculator
 
     from forcecalc.train.trainer import fit_normalizers
@@ -532,7 +561,6 @@ def test_energy_targets_are_computed_in_float64():
     """The normalized energy targets subtract the element references from total energies in
     float64, before the cast to the model's dtype: a -2,000 eV total keeps the model's
     precision (in float32 the subtraction would be off by ~1e-4 eV)."""
-    from ase.build import bulk
     from ase.calculators.singlepoint import SinglePointCalculator
 
     from forcecalc.checkpoint import Normalizers
@@ -556,7 +584,6 @@ def test_validation_elements_without_a_reference_energy_are_refused(tmp_path):
     """With per-element energy references, validation frames holding an element that has
     none are refused at the start, naming it (their energy errors were NaN, and with
     ``monitor: energy_mae`` no best checkpoint was ever kept)."""
-    from ase.build import bulk
     from ase.calculators.singlepoint import SinglePointCalculator
 
     def labelled(atoms):
