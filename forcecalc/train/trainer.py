@@ -190,6 +190,17 @@ def _number_ranges(values: Sequence[int]) -> str:
     return ", ".join(parts)
 
 
+def _zero_weights_cause(config: TrainConfig) -> str:
+    """Why every atom of a batch can have force-loss weight 0 under ``config``."""
+    if config.tag_weights is not None:
+        return (
+            f"tag_weights {config.tag_weights} give its atoms' tags weight 0 (atoms read from "
+            "ASE files have tag 0 unless their tags were set; OC20's are 0 subsurface, "
+            "1 surface, 2 adsorbate)"
+        )
+    return f"its atoms are all fixed and fixed_atom_weight is {config.fixed_atom_weight}"
+
+
 def _symbols(numbers: set[int]) -> list[str]:
     """Chemical symbols of atomic ``numbers``, in order (the number where ASE has none)."""
     from ase.data import chemical_symbols
@@ -334,6 +345,8 @@ class Trainer:
         #: SpinConv's element pairs whose distance scaling had a gradient in this run, per
         #: distance block: trained, whatever their values (see fill_untrained_pairs)
         self.distance_blocks = trainable_distance_blocks(model)
+        #: whether the first step's force-loss weights were looked at (train_step)
+        self._weights_checked = False
         self.trained_pairs = {
             name: torch.zeros(block.max_num_elements**2, dtype=torch.bool, device=self.device)
             for name, block in self.distance_blocks.items()
@@ -591,6 +604,13 @@ class Trainer:
         denominators = all_reduce_sum(
             torch.stack([weights.new_tensor(float(graph.n_systems)), weights.sum()]), self.dist
         )
+        if not self._weights_checked:  # once per run: one host synchronisation
+            self._weights_checked = True
+            if config.force_coefficient > 0 and float(denominators[1]) == 0:
+                warn(
+                    "every atom of the first batch has force-loss weight 0, so such batches "
+                    f"train on energies only: {_zero_weights_cause(config)}"
+                )
         self._train_mode()
         amp = config.amp and self.device.type == "cuda"
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp):

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ from forcecalc.checkpoint import Potential, load_checkpoint
 from forcecalc.models.registry import build_model
 from forcecalc.predict import predict
 from forcecalc.train import TrainBatch, TrainConfig, Trainer
+from forcecalc.warning import ForcecalcWarning
 
 
 def _config(tmp_path: Path, model: str, kwargs: dict, **changes) -> TrainConfig:
@@ -421,6 +423,23 @@ def test_exported_spinconv_keeps_pairs_trained_inside_the_initial_range(tmp_path
         dict(written.model.named_parameters())[f"{name}.dist_scalar.weight"],
         dict(trainer.potential.model.named_parameters())[f"{name}.dist_scalar.weight"],
     )
+
+
+def test_a_first_batch_without_force_weight_is_warned_of(tmp_path):
+    """``tag_weights`` 0 for tag 0 on frames without OC20 tags (ASE files: every tag 0) would
+    train on energies alone without a word; the first step says so and why.  The frames'
+    usual tags are fine."""
+    untagged = [atoms.copy() for atoms in training_frames()[:4]]
+    for atoms, frame in zip(untagged, training_frames()[:4], strict=True):
+        atoms.set_tags(0)
+        atoms.calc = frame.calc
+    config = _resume_config(tmp_path, "tags", 1).updated(tag_weights=[0.0, 1.0, 1.0])
+    with pytest.warns(ForcecalcWarning, match=r"force-loss weight 0.*tag_weights \[0.0, 1.0"):
+        Trainer(config, untagged).fit()
+    config = config.updated(out=str(tmp_path / "tagged"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ForcecalcWarning)
+        Trainer(config, training_frames()[:4]).fit()
 
 
 def _float64_run(tmp_path: Path) -> tuple[Trainer, list]:
