@@ -408,11 +408,12 @@ def _unlabelled(where: str, missing: Sequence[str]) -> str:
 
 def random_split(frames: Sequence, val_fraction: float, seed: int) -> tuple[Sequence, Sequence]:
     """``(train, val)`` subsets: a seeded permutation, the first ``round(n * fraction)`` frames
-    held out (at least one when ``val_fraction > 0`` and there are two or more frames)."""
+    held out, at least one when ``val_fraction > 0`` and there are two or more frames, and
+    never every frame (a single frame trains, unvalidated)."""
     n = len(frames)
-    n_val = round(n * val_fraction)
+    n_val = min(round(n * val_fraction), max(n - 1, 0))
     if val_fraction > 0 and n > 1:
-        n_val = min(max(n_val, 1), n - 1)
+        n_val = max(n_val, 1)
     order = _seeded_order(n, seed)
     train = SubsetFrames(frames, np.sort(order[n_val:]))
     return train, SubsetFrames(frames, np.sort(order[:n_val]))

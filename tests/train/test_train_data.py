@@ -117,7 +117,8 @@ def test_unlabelled_frame_is_named():
 
 def test_random_split_is_seeded_disjoint_and_complete():
     """The random split is a function of the seed, its parts are disjoint and cover all frames,
-    and a positive fraction holds out at least one frame."""
+    a positive fraction holds out at least one frame of two or more, and never every frame
+    (a single frame with ``val_fraction`` 0.6 left none to train on: an unclear error)."""
     frames = list(range(20))
     train, val = random_split(frames, 0.2, seed=3)
     again, _ = random_split(frames, 0.2, seed=3)
@@ -126,6 +127,9 @@ def test_random_split_is_seeded_disjoint_and_complete():
     assert sorted([*train, *val]) == frames
     assert list(train) == list(again) and list(train) != list(other)
     assert len(random_split(frames, 0.01, seed=0)[1]) == 1
+    for fraction in (0.6, 0.99):  # a frame is always left to train on
+        assert [len(part) for part in random_split(frames[:1], fraction, seed=0)] == [1, 0]
+        assert [len(part) for part in random_split(frames[:2], fraction, seed=0)] == [1, 1]
 
 
 def test_collate_builds_graph_and_targets():
