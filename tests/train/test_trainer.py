@@ -28,6 +28,7 @@ from forcecalc.checkpoint import Potential, load_checkpoint
 from forcecalc.models.registry import build_model
 from forcecalc.predict import predict
 from forcecalc.train import TrainBatch, TrainConfig, Trainer
+from forcecalc.train.data import frame_targets
 from forcecalc.warning import ForcecalcWarning
 
 
@@ -440,6 +441,27 @@ def test_a_first_batch_without_force_weight_is_warned_of(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error", ForcecalcWarning)
         Trainer(config, training_frames()[:4]).fit()
+
+
+def test_training_force_mae_counts_free_atoms_as_validation(tmp_path):
+    """The logged training force MAE is over free atoms, as the validation one (OC20's):
+    one step on all frames equals the starting model's free-atom MAE on them (it counted
+    the fixed atoms too, 19% off on these slabs)."""
+    frames = training_frames()[:6]
+    config = _resume_config(tmp_path, "mae", 1).updated(
+        batch_size=6, val_fraction=0.0, ema_decay=None, rotation="none", normalizers="keep"
+    )
+    config = config.updated(init_checkpoint="forcenet", model="forcenet", model_kwargs={})
+    trainer = Trainer(config, frames)
+    start = predict(frames, trainer.potential.eval())
+    summary = trainer.fit()
+    errors = []
+    for result, frame in zip(start, frames, strict=True):
+        free = np.ones(len(frame), dtype=bool)
+        free[frame.constraints[0].index] = False
+        errors.append(np.abs(result["forces"] - frame_targets(frame)[1])[free])
+    logged = summary["metrics"]["train_forces_mae"]
+    assert logged == pytest.approx(np.concatenate(errors).mean(), rel=1e-6)
 
 
 def _float64_run(tmp_path: Path) -> tuple[Trainer, list]:
