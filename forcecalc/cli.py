@@ -103,12 +103,18 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def _cmd_convert(args: argparse.Namespace) -> int:
     """Convert a checkpoint to forcecalc's format, in the dtype its weights are stored in
     (float64 if any stored floating-point tensor is float64: nothing is rounded; else
-    float32), after checking that the output can be written."""
+    float32), after checking that the output can be written and, unless ``--overwrite``,
+    does not exist (IN and OUT swapped replaced a fine-tuned model)."""
     import torch
 
     from forcecalc.checkpoint import build_potential, read_checkpoint, save_checkpoint
 
     check_writable(args.output)
+    if os.path.lexists(args.output) and not args.overwrite:
+        raise ValueError(
+            f"{args.output} exists (the output comes second: convert IN OUT); pass --overwrite "
+            "to replace it"
+        )
     info, state_dict = read_checkpoint(args.input, allow_unsafe=args.allow_unsafe)
     stored = {value.dtype for value in state_dict.values() if isinstance(value, torch.Tensor)}
     dtype = "float64" if torch.float64 in stored else "float32"
@@ -702,6 +708,9 @@ def _add_convert_command(sub: argparse._SubParsersAction) -> None:
     convert.add_argument("input", help="OCP checkpoint (.pt) or name")
     convert.add_argument("output", help="where to write the forcecalc checkpoint")
     convert.add_argument("--allow-unsafe", action="store_true", help="allow full unpickling")
+    convert.add_argument(
+        "--overwrite", action="store_true", help="replace OUT if it exists (else an error)"
+    )
     convert.set_defaults(func=_cmd_convert)
 
 

@@ -59,6 +59,20 @@ def test_convert_checks_its_output_first(
     assert err.count("\n") == 1 and err.startswith("forcecalc: error: ") and expected in err
 
 
+def test_convert_keeps_an_existing_output_unless_told(tmp_path: Path, capsys) -> None:
+    """`forcecalc convert IN OUT` where OUT exists (IN and OUT swapped: a fine-tuned model)
+    exits 2 naming it and leaves it as it was; `--overwrite` replaces it."""
+    kept = tmp_path / "mine.pt"
+    kept.write_bytes(b"my fine-tuned weights")
+    source = str(OCP_DATA / "forcenet_small.pt")
+    assert cli.main(["convert", source, str(kept)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("forcecalc: error: ") and "mine.pt exists" in err and "--overwrite" in err
+    assert kept.read_bytes() == b"my fine-tuned weights"
+    assert cli.main(["convert", source, str(kept), "--overwrite"]) == 0
+    assert checkpoint.read_checkpoint(kept)[0].model == "forcenet"
+
+
 def test_a_failed_file_operation_is_one_line(tmp_path: Path, monkeypatch, capsys) -> None:
     """An OSError of a file operation (a full disk while writing) ends a command with exit
     code 2 and one line naming it, no traceback."""
