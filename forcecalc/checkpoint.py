@@ -46,6 +46,8 @@ from forcecalc.warning import warn
 
 FORMAT = "forcecalc"
 FORMAT_VERSION = 1
+#: The ``format`` of a training run's state (``checkpoint.pt``; see forcecalc.train).
+TRAINING_STATE_FORMAT = "forcecalc-train-state"
 
 
 class CheckpointError(ValueError):
@@ -479,6 +481,12 @@ def read_torch_file(
 def _read(path: Path, allow_unsafe: bool) -> dict[str, Any]:
     """The model checkpoint at ``path``: :func:`read_torch_file`, a dict with a state dict."""
     data = read_torch_file(path, allow_unsafe)
+    if isinstance(data, dict) and data.get("format") == TRAINING_STATE_FORMAT:
+        raise CheckpointError(
+            f"{path} is the state of a training run (to resume it: --resume), not a model "
+            "checkpoint: use the run's best.pt or final.pt (a run stopped before it wrote "
+            "them: resume it with --max-steps at its current step, which writes final.pt)"
+        )
     if not isinstance(data, dict) or "state_dict" not in data:
         raise CheckpointError(
             f"checkpoint {path} is not a model checkpoint: expected a dict with a 'state_dict'"

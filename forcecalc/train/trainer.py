@@ -45,6 +45,7 @@ from torch.utils.data import DataLoader
 
 from forcecalc.atomic import torch_save, write_text
 from forcecalc.checkpoint import (
+    TRAINING_STATE_FORMAT,
     CheckpointInfo,
     Normalizers,
     Potential,
@@ -92,7 +93,7 @@ from forcecalc.warning import warn
 if TYPE_CHECKING:
     from tqdm.auto import tqdm
 
-STATE_FORMAT = "forcecalc-train-state"
+STATE_FORMAT = TRAINING_STATE_FORMAT
 STATE_VERSION = 1
 #: Options whose change makes a resumed run another run (the data position means nothing).
 RUN_DEFINING = ("data", "val_data", "val_fraction", "split_seed", "batch_size", "seed")

@@ -24,7 +24,7 @@ from train_fixtures import (  # noqa: F401
     training_frames,
 )
 
-from forcecalc.checkpoint import Potential, load_checkpoint
+from forcecalc.checkpoint import CheckpointError, Potential, load_checkpoint
 from forcecalc.models.registry import build_model
 from forcecalc.predict import predict
 from forcecalc.train import TrainBatch, TrainConfig, Trainer
@@ -166,6 +166,20 @@ def test_resume_continues_exactly(tmp_path, model):
     )
     assert whole.schedule.state_dict() == pytest.approx(second.schedule.state_dict())
     assert_same_metrics(tmp_path / "whole" / "metrics.csv", tmp_path / "split" / "metrics.csv")
+
+
+def test_a_training_state_is_no_model_checkpoint_and_says_how_to_export(tmp_path):
+    """``checkpoint.pt`` (a run's state) given where a model is expected is named as a
+    training state with the files to use instead; resuming with ``max_steps`` at its step,
+    as the message says, writes ``final.pt`` from it."""
+    frames = training_frames()
+    Trainer(_resume_config(tmp_path, "run", 2), frames).fit()
+    state = tmp_path / "run" / "checkpoint.pt"
+    (tmp_path / "run" / "final.pt").unlink()
+    with pytest.raises(CheckpointError, match=r"state of a training run.*best.pt or final.pt"):
+        load_checkpoint(state, device="cpu")
+    Trainer(_resume_config(tmp_path, "run", 2), frames, resume=state).fit()
+    assert load_checkpoint(tmp_path / "run" / "final.pt", device="cpu").name == "forcenet"
 
 
 class _Killed(Exception):
