@@ -91,6 +91,14 @@ def torch_save(data: Any, path: str | os.PathLike) -> Path:
 COMPLETE_FORMATS = ("extxyz", "traj")
 
 
+def existing_ancestor(path: Path) -> Path:
+    """The nearest folder above ``path`` that exists (or a file there: a path under a file)."""
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    return ancestor
+
+
 def check_writable(path: str) -> None:
     """A ValueError, before any work is done, if ``path`` cannot be written: a folder, under
     a file, or without permission, or a place where no file can be made (tried with an empty
@@ -98,9 +106,7 @@ def check_writable(path: str) -> None:
     target = Path(path)
     if target.is_dir():
         raise ValueError(f"cannot write {path}: it is a folder")
-    ancestor = target.parent
-    while not ancestor.exists() and ancestor != ancestor.parent:
-        ancestor = ancestor.parent
+    ancestor = existing_ancestor(target)
     if not ancestor.is_dir():
         raise ValueError(f"cannot write {path}: {ancestor} is a file, not a folder")
     if not os.access(ancestor, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):

@@ -13,18 +13,29 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 
-def _seed(text: str) -> int:
-    """The ``--seed`` argument: a non-negative integer (argparse names it otherwise)."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text!r}")
-    return value
+def _integer_from(minimum: int, kind: str) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``minimum``, ``kind`` in its error (argparse names the
+    option)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be {kind}, got {text!r}")
+        return value
+
+    return parse
+
+
+#: ``--seed``: the data set's seed; ``--workers``: processes.
+_seed = _integer_from(0, "a non-negative integer")
+_workers = _integer_from(1, "a positive integer")
 
 
 def _oc20emt(args: argparse.Namespace) -> int:
@@ -98,7 +109,10 @@ def add_data_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     gen.add_argument("--seed", type=_seed, default=0, help="the data set's seed (>= 0)")
     gen.add_argument(
-        "--workers", type=int, default=os.cpu_count() or 1, help="processes (default: all cores)"
+        "--workers",
+        type=_workers,
+        default=os.cpu_count() or 1,
+        help="processes (default: all cores)",
     )
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
     gen.set_defaults(func=_oc20emt)
@@ -127,7 +141,10 @@ def add_data_commands(subparsers: argparse._SubParsersAction) -> None:
         help=f"which splits ({', '.join(SPLITS)})",
     )
     is2rs.add_argument(
-        "--workers", type=int, default=os.cpu_count() or 1, help="processes (default: all cores)"
+        "--workers",
+        type=_workers,
+        default=os.cpu_count() or 1,
+        help="processes (default: all cores)",
     )
     is2rs.add_argument("--quiet", action="store_true", help="no progress bar")
     is2rs.set_defaults(func=_is2rs)

@@ -66,7 +66,7 @@ from scipy.sparse.csgraph import connected_components
 from scipy.spatial.transform import Rotation
 from tqdm import tqdm
 
-from forcecalc.atomic import commit_file, try_lock
+from forcecalc.atomic import commit_file, existing_ancestor, try_lock
 from forcecalc.data.store import DatasetWriter, FrameBatch
 
 _Result = TypeVar("_Result")
@@ -989,6 +989,9 @@ def generate(
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file: the data set is a folder of split files")
+    ancestor = existing_ancestor(out)
+    if not ancestor.is_dir():
+        raise ValueError(f"cannot make --out {out}: {ancestor} is a file, not a folder")
     folders = [str(out / f"{s}.h5") for s in SPLITS if (out / f"{s}.h5").is_dir()]
     if folders:
         raise ValueError(f"cannot write the split files: {', '.join(folders)} are folders")

@@ -342,8 +342,8 @@ def test_a_negative_seed_is_refused_by_name_before_any_work(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A negative seed is refused naming the seed (``generate``, ``is2rs_inputs``, and the
-    ``data oc20emt`` / ``data is2rs`` commands, as a usage error), and no output folder is
-    made."""
+    ``data oc20emt`` / ``data is2rs`` commands, as a usage error; so are fewer than one
+    worker), and no output folder is made; an output folder under a file is named."""
     with pytest.raises(ValueError, match="seed must be a non-negative integer, got -1"):
         generate("tiny", tmp_path / "out", seed=-1, progress=False)
     with pytest.raises(ValueError, match="seed must be a non-negative integer"):
@@ -353,7 +353,14 @@ def test_a_negative_seed_is_refused_by_name_before_any_work(
             main(["data", *command, "--size", "tiny", "--seed", "-1"])
         assert exit_info.value.code == 2
         assert "--seed: must be a non-negative integer, got '-1'" in capsys.readouterr().err
+        with pytest.raises(SystemExit) as exit_info:  # 0 or fewer processes: ran serially
+            main(["data", *command, "--size", "tiny", "--workers", "0"])
+        assert exit_info.value.code == 2
+        assert "--workers: must be a positive integer, got '0'" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(ValueError, match=r"cannot make --out .*/sub: .*afile is a file"):
+        generate("tiny", tmp_path / "afile" / "sub", progress=False)
 
 
 def test_is2rs_writes_the_format_of_its_output_name_and_checks_it_first(
