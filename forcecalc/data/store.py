@@ -725,5 +725,7 @@ def open_dataset(path: str | os.PathLike[str], in_memory: bool = False) -> Datas
         return Dataset(path, in_memory=in_memory)
     except (OSError, KeyError) as error:
         raise ValueError(
-            f"{path} is not a forcecalc frames file (HDF5 with a 'frames' group): {error}"
+            f"{path} is not a forcecalc frames file (HDF5 with a 'frames' group): {error}; "
+            f"a file ASE reads converts with: forcecalc data convert {path} "
+            f"{Path(path).with_suffix('.h5').name}"
         ) from None

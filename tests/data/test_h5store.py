@@ -162,7 +162,7 @@ def test_failing_h5py_write_mid_append(tmp_path: Path, monkeypatch: pytest.Monke
 
 def test_reader_pickles_for_worker_processes(tmp_path: Path) -> None:
     """A pickled reader (as sent to data-loader workers) reopens the file and reads the same
-    frames; a non-store HDF5 file is refused."""
+    frames; a non-store HDF5 file is refused, another file with the command converting it."""
     path = write_dataset(tmp_path / "a.h5", _batch(_images(5)))
     ds = open_dataset(path)
     ds[0]
@@ -172,6 +172,9 @@ def test_reader_pickles_for_worker_processes(tmp_path: Path) -> None:
         h5["x"] = 1
     with pytest.raises(ValueError, match="not a"):
         open_dataset(tmp_path / "other.h5")
+    (tmp_path / "user.extxyz").write_text("1\n\nH 0 0 0\n")
+    with pytest.raises(ValueError, match=r"forcecalc data convert .*user.extxyz user.h5"):
+        open_dataset(tmp_path / "user.extxyz")
 
 
 def test_stress_is_an_optional_frame_field(tmp_path: Path) -> None:
