@@ -219,7 +219,14 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
-        """Build from a mapping; unknown keys raise ``ValueError`` listing the valid ones."""
+        """Build from a mapping; unknown keys raise ``ValueError`` listing the valid ones, and
+        so does an option given twice (``max-epochs`` and ``max_epochs``)."""
+        spellings: dict[str, list[str]] = {}
+        for key in values:
+            spellings.setdefault(key.replace("-", "_"), []).append(key)
+        twice = [" and ".join(keys) for keys in spellings.values() if len(keys) > 1]
+        if twice:
+            raise ValueError(f"training option(s) given twice: {'; '.join(twice)}")
         values = {k.replace("-", "_"): v for k, v in values.items()}
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)

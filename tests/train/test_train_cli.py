@@ -59,6 +59,8 @@ def test_config_file_and_flags(tmp_path):
     assert TrainConfig.from_file(json_file).lr == 3e-4
     with pytest.raises(ValueError, match="unknown training option"):
         TrainConfig.from_dict({"learning_rate": 1.0})
+    with pytest.raises(ValueError, match="given twice: max-epochs and max_epochs"):
+        TrainConfig.from_dict({"max-epochs": 2, "max_epochs": 3})  # the later one won
     with pytest.raises(ValueError, match="force_loss must be one of"):
         TrainConfig(force_loss="huber")
 
