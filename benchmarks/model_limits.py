@@ -10,12 +10,15 @@ For each shipped model, float64, on the CPU:
    (zero by symmetry), and after moving every atom by 1e-9 Å;
 3. **no neighbors**: the force on each of two Cu atoms 50 Å apart (zero for a physical model)
    and the net force on a free CO molecule;
-4. **orientation**: a rattled slab and its cell rotated by 90° about the surface normal:
-   energy change and the largest change of the forces rotated back;
+4. **orientation**: a rattled slab and its cell rotated by 90° about the surface normal, and
+   by a general rotation: energy change and the largest change of the forces rotated back;
 5. **extensivity**: ``E(2x2 repeat) - 4 E(cell)`` of a periodic Cu bulk cell;
 6. **centrosymmetric sites**: the largest force on B2 CuPd (2x2x2) and on CH4 as ASE builds
    it, with every atom moved by 0 / 1e-9 / 1e-7 / 1e-5 / 1e-3 Å in a random direction: where
-   the mean neighbor vector almost vanishes, SpinConv's frame roll follows its direction.
+   the mean neighbor vector almost vanishes, SpinConv's frame roll follows its direction;
+7. **a neighbor on an edge's axis**: OH upright on Pt(100), Pt, O and H exactly in line, then H
+   moved off the line by 1e-6 / 1e-4 / 1e-2 Å: energy change and largest force change (H sits
+   on the pole of the Pt->O edge's frame, where its longitude is undefined).
 
     python benchmarks/model_limits.py [--out benchmarks/results/model_limits.json]
 
@@ -31,6 +34,7 @@ import torch
 from ase import Atoms
 from ase.build import add_adsorbate, bulk, fcc111
 from ase.constraints import FixAtoms
+from scipy.spatial.transform import Rotation
 
 from forcecalc import load_calculator
 from forcecalc.atomic import write_json
@@ -94,21 +98,59 @@ def no_neighbors(model: str) -> dict:
     }
 
 
-def orientation(model: str) -> dict:
+#: A general rotation (not about a surface axis, not a symmetry of the slab).
+GENERAL_ROTATION = Rotation.from_euler("zyx", [37.0, 61.0, 113.0], degrees=True).as_matrix()
+
+
+def orientation(model: str, rotation: np.ndarray) -> dict:
+    """Energy change and largest change of the forces rotated back, for a rattled slab and its
+    cell rotated by ``rotation`` ``[3, 3]``."""
     slab = o_on_cu111()
     slab.set_constraint()
     slab.rattle(0.05, seed=2)
     energy, forces = evaluate(slab, model)
     rotated = slab.copy()
-    rotated.rotate(90, "z", rotate_cell=True)
+    rotated.set_cell(slab.cell.array @ rotation.T)
+    rotated.positions = slab.positions @ rotation.T
     e_rot, f_rot = evaluate(rotated, model)
-    angle = np.radians(90)
-    back = np.array([[np.cos(angle), np.sin(angle), 0], [-np.sin(angle), np.cos(angle), 0]])
-    back = np.vstack([back, [0, 0, 1]])
     return {
         "energy_change": e_rot - energy,
-        "max_force_change": float(np.abs(f_rot @ back.T - forces).max()),
+        "max_force_change": float(np.abs(f_rot @ rotation - forces).max()),
     }
+
+
+def about_z(degrees: float) -> np.ndarray:
+    return Rotation.from_euler("z", degrees, degrees=True).as_matrix()
+
+
+COLLINEAR_MOVES = (0.0, 1e-6, 1e-4, 1e-2)  # the first: the structure compared with
+
+
+def collinear_neighbor(model: str) -> dict:
+    """OH upright on a rattled Pt(100) top site with Pt, O and H exactly on one line, then H
+    moved off that line by 1e-6 / 1e-4 / 1e-2 Å: energy change and largest force change.  H
+    lies on the axis (pole) of the Pt->O edge's frame, where its longitude is undefined."""
+    from ase.build import fcc100
+
+    slab = fcc100("Pt", size=(2, 2, 3), vacuum=9.0)
+    slab.pbc = True
+    slab.positions += np.random.default_rng(9).normal(0, 0.05, slab.positions.shape)
+    top = slab.positions[np.argmax(slab.positions[:, 2])]
+    axis = np.array([0.3, -0.2, 1.0]) / np.linalg.norm([0.3, -0.2, 1.0])
+    upright = slab + Atoms("OH", positions=[top + 2.0 * axis, top + 2.97 * axis])
+    off = np.cross(axis, [1.0, 0.0, 0.0])
+    off /= np.linalg.norm(off)
+    energy, forces = evaluate(upright, model)
+    out = {}
+    for move in COLLINEAR_MOVES[1:]:
+        moved = upright.copy()
+        moved.positions[-1] += move * off
+        e_moved, f_moved = evaluate(moved, model)
+        out[f"{move:g}"] = {
+            "energy_change": e_moved - energy,
+            "max_force_change": float(np.abs(f_moved - forces).max()),
+        }
+    return out
 
 
 def extensivity(model: str) -> dict:
@@ -157,9 +199,11 @@ def main() -> None:
             "ties": ties(model),
             "perfect_crystal": perfect_crystal(model),
             "no_neighbors": no_neighbors(model),
-            "orientation_90_about_z": orientation(model),
+            "orientation_90_about_z": orientation(model, about_z(90.0)),
+            "orientation_general": orientation(model, GENERAL_ROTATION),
             "extensivity_eV": extensivity(model),
             "centrosymmetric_max_force": centrosymmetric(model),
+            "collinear_neighbor": collinear_neighbor(model),
         }
         r = results[model]
         print(f"== {model}")
@@ -168,7 +212,7 @@ def main() -> None:
                 f"  free atoms moved {row['move']:.0e} Å: dE {row['energy_change']:+.4f} eV, "
                 f"max |dF| {row['max_force_change']:.3f} eV/Å"
             )
-        p, n, o = r["perfect_crystal"], r["no_neighbors"], r["orientation_90_about_z"]
+        p, n = r["perfect_crystal"], r["no_neighbors"]
         print(
             f"  perfect fcc Cu: max |F| {p['max_force_cell']:.1e} (cell), "
             f"{p['max_force_supercell']:.1e} (2x2x2), change under 1e-9 Å "
@@ -178,14 +222,26 @@ def main() -> None:
             f"  no neighbors: |F| {n['max_force_isolated_atom']:.3f} eV/Å per isolated atom, "
             f"net force on CO {n['net_force_co']:.3f} eV/Å"
         )
-        print(
-            f"  rotated 90° about z: dE {o['energy_change']:+.4f} eV, "
-            f"max |dF| {o['max_force_change']:.3f} eV/Å"
-        )
+        for label, key in (
+            ("90° about z", "orientation_90_about_z"),
+            ("generally", "orientation_general"),
+        ):
+            o = r[key]
+            print(
+                f"  rotated {label}: dE {o['energy_change']:+.2g} eV, "
+                f"max |dF| {o['max_force_change']:.2g} eV/Å"
+            )
         print(f"  E(2x2 repeat) - 4 E(cell): {r['extensivity_eV']['repeat_minus_4x']:+.3f} eV")
         for name, row in r["centrosymmetric_max_force"].items():
             cells = " / ".join(f"{v:.2g}" for v in row.values())
             print(f"  {name}, every atom moved by {' / '.join(row)} Å: max |F| {cells} eV/Å")
+        row = r["collinear_neighbor"]
+        energies = " / ".join(f"{v['energy_change']:+.4f}" for v in row.values())
+        forces = " / ".join(f"{v['max_force_change']:.3g}" for v in row.values())
+        moves = " / ".join(row)
+        print(
+            f"  Pt-O-H in line, H moved off by {moves} Å: dE {energies} eV, max |dF| {forces} eV/Å"
+        )
     write_json(args.out, {"benchmark": "model_limits", "device": "cpu", "models": results})
     print(f"wrote {args.out}")
 

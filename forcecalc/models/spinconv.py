@@ -48,10 +48,11 @@ Conventions this implementation fixes (see ``shared/fixtures/ocp/README.md``):
 With these, float64 energies and forces equal the original's float64 references to ~1e-8
 relative on every structure without a tie at the max-neighbor cut.  Not changed, because the
 checkpoints depend on it: the original adds 1e-4 to each component of the mean neighbor vector
-that fixes the roll of an edge frame, so the model is not exactly rotation invariant (~1e-7
-relative for slabs; up to ~1e-3 for a symmetric site such as CH4's carbon, whose mean neighbor
-vector vanishes, and steep there: that helper direction moves by ~1e4 rad per Å of the mean
-vector); a force-centric model gives an isolated atom the force block's bias.
+that fixes the roll of an edge frame, so the model is not exactly rotation invariant (energies
+~1e-7 relative for slabs, conservative forces up to ~2e-4 relative on bulk cells; up to ~1e-3
+for a symmetric site such as CH4's carbon, whose mean neighbor vector vanishes, and steep
+there: that helper direction moves by ~1e4 rad per Å of the mean vector); a force-centric
+model gives an isolated atom the force block's bias.
 
 * **Edges along the helper.**  The roll is ``cross(x, helper)``, undefined for an edge along
   its helper direction.  That happens at every centrosymmetric site (the mean vector vanishes,
