@@ -346,12 +346,12 @@ class Trainer:
         #: SpinConv's element pairs whose distance scaling had a gradient in this run, per
         #: distance block: trained, whatever their values (see fill_untrained_pairs)
         self.distance_blocks = trainable_distance_blocks(model)
-        #: whether the first step's force-loss weights were looked at (train_step)
-        self._weights_checked = False
         self.trained_pairs = {
             name: torch.zeros(block.max_num_elements**2, dtype=torch.bool, device=self.device)
             for name, block in self.distance_blocks.items()
         }
+        #: whether the first step's force-loss weights were looked at (train_step)
+        self._weights_checked = False
         self.module: torch.nn.Module = model
         if self.dist.active:
             from torch.nn.parallel import DistributedDataParallel
@@ -607,7 +607,7 @@ class Trainer:
         )
         if not self._weights_checked:  # once per run: one host synchronisation
             self._weights_checked = True
-            if config.force_coefficient > 0 and float(denominators[1]) == 0:
+            if self.dist.is_main and config.force_coefficient > 0 and float(denominators[1]) == 0:
                 warn(
                     "every atom of the first batch has force-loss weight 0, so such batches "
                     f"train on energies only: {_zero_weights_cause(config)}"
