@@ -196,6 +196,17 @@ class ForceCalculator(Calculator):
             )
         return {}
 
+    def _get_name(self) -> str:
+        """ASE's ``calc.name`` (a database row's ``calculator``): ``forcecalc-<model>``."""
+        return f"forcecalc-{self.potential.name}"
+
+    def __repr__(self) -> str:
+        p = self.parameters
+        return (
+            f"{type(self).__name__}({p['checkpoint'] or p['path']!r}, model={p['model']!r}, "
+            f"device={p['device']!r}, dtype={p['dtype']!r})"
+        )
+
     def get_property(
         self, name: str, atoms: Atoms | None = None, allow_calculation: bool = True
     ) -> Any:

@@ -69,6 +69,17 @@ def test_typed_calculators_refuse_the_other_model() -> None:
     assert load_calculator(SPINCONV_FC, device="cpu").potential.name == "spinconv"
 
 
+def test_a_calculator_says_what_it_runs() -> None:
+    """``repr`` names the checkpoint, model, device and dtype; ASE's ``calc.name`` (a database
+    row's ``calculator``) the model, not the class ("forcecalculator" for every model)."""
+    calc = SpinConvCalculator(SPINCONV_FC, device="cpu")
+    assert repr(calc) == (
+        f"SpinConvCalculator({str(SPINCONV_FC)!r}, model='spinconv', device='cpu', dtype='float32')"
+    )
+    assert calc.name == "forcecalc-spinconv"
+    assert load_calculator(FORCENET, device="cpu").name == "forcecalc-forcenet"
+
+
 def test_spinconv_options_are_refused_for_forcenet() -> None:
     """Options that only SpinConv has are a clear error for ForceNet."""
     with pytest.raises(ValueError, match="rotations"):

@@ -196,7 +196,11 @@ def check_atoms(atoms: Atoms, index: int | None = None) -> None:
     positions = np.asarray(atoms.positions)
     bad = np.flatnonzero(~np.isfinite(positions).all(axis=1))
     if len(bad):
-        raise ValueError(f"{label()}: positions of atoms {bad[:10].tolist()} are NaN or inf")
+        raise ValueError(
+            f"{label()}: positions of atoms {bad[:10].tolist()} are NaN or inf (when they "
+            "were finite at the start, a step of the optimizer or integrator diverged: a line "
+            "search with forces that are no energy gradient, or too long a time step)"
+        )
     numbers = np.asarray(atoms.numbers)
     bad = np.flatnonzero((numbers < 1) | (numbers > MAX_ATOMIC_NUMBER))
     if len(bad):
