@@ -29,7 +29,7 @@ import pickletools
 import re
 import zipfile
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -142,6 +142,17 @@ class CheckpointInfo:
     path: str | None = None
 
 
+def element_symbols(numbers: Iterable[int]) -> list[str]:
+    """The chemical symbols of the distinct atomic ``numbers``, by number (the number itself
+    where ASE has no symbol)."""
+    from ase.data import chemical_symbols
+
+    return [
+        chemical_symbols[z] if 0 <= z < len(chemical_symbols) else str(z)
+        for z in sorted(set(numbers))
+    ]
+
+
 class Potential(nn.Module):
     """A model with its normalizers: a :class:`~forcecalc.graph.Batch` in, eV and Å out.
 
@@ -239,11 +250,9 @@ class Potential(nn.Module):
         references = self.info.normalizers.element_references
         missing = self.info.normalizers.missing_references(numbers.tolist()) if references else []
         if missing:
-            from ase.data import chemical_symbols
-
             raise ValueError(
                 f"the {self.name} model has no reference energy for element(s) "
-                f"{', '.join(chemical_symbols[z] for z in missing)} (its energies are total "
+                f"{', '.join(element_symbols(missing))} (its energies are total "
                 "energies referenced per element)"
             )
         allowed = self.elements
@@ -252,9 +261,7 @@ class Potential(nn.Module):
         allowed_t = torch.as_tensor(allowed, device=numbers.device)
         bad = torch.nonzero(~torch.isin(numbers, allowed_t)).flatten()
         if len(bad):
-            from ase.data import chemical_symbols
-
-            symbols = sorted({chemical_symbols[int(z)] for z in numbers[bad].tolist()})
+            symbols = element_symbols(numbers[bad].tolist())
             raise ValueError(
                 f"the {self.name} model has no parameters for element(s) {', '.join(symbols)} "
                 f"(atoms {bad[:10].tolist()})"

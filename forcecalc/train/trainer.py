@@ -49,6 +49,7 @@ from forcecalc.checkpoint import (
     CheckpointInfo,
     Normalizers,
     Potential,
+    element_symbols,
     load_checkpoint,
     read_torch_file,
     resolve_dtype,
@@ -200,15 +201,6 @@ def _zero_weights_cause(config: TrainConfig) -> str:
             "1 surface, 2 adsorbate)"
         )
     return f"its atoms are all fixed and fixed_atom_weight is {config.fixed_atom_weight}"
-
-
-def _symbols(numbers: set[int]) -> list[str]:
-    """Chemical symbols of atomic ``numbers``, in order (the number where ASE has none)."""
-    from ase.data import chemical_symbols
-
-    return [
-        chemical_symbols[z] if 0 <= z < len(chemical_symbols) else str(z) for z in sorted(numbers)
-    ]
 
 
 def _check_not_empty(frames: Sequence, role: str) -> None:
@@ -479,10 +471,11 @@ class Trainer:
             if representable is not None and not elements <= set(representable):
                 bad = elements - set(representable)
                 holding = [name for name, found in sources.items() if found & bad]
+                symbols = ", ".join(element_symbols(bad))
                 raise ValueError(
-                    f"the {which} data ({', '.join(holding)}) has element(s) "
-                    f"{', '.join(_symbols(bad))} that the {info.model} model cannot represent "
-                    f"(its tables cover atomic numbers {_number_ranges(sorted(representable))})"
+                    f"the {which} data ({', '.join(holding)}) has element(s) {symbols} that the "
+                    f"{info.model} model cannot represent (its tables cover atomic numbers "
+                    f"{_number_ranges(sorted(representable))})"
                 )
             missing = info.normalizers.missing_references(elements)
             if missing:  # (validation: its energy errors would be NaN, its best never kept)
@@ -495,10 +488,10 @@ class Trainer:
             info.elements = sorted(set(info.elements) | seen)
             untrained = set().union(*self.val_numbers.values()) - set(info.elements)
             if untrained:
+                symbols = ", ".join(element_symbols(untrained))
                 warn(
-                    f"the validation data has element(s) {', '.join(_symbols(untrained))} that "
-                    "neither the training data nor the checkpoint hold: their errors measure "
-                    "untrained parameters"
+                    f"the validation data has element(s) {symbols} that neither the training "
+                    "data nor the checkpoint hold: their errors measure untrained parameters"
                 )
 
     def _build_potential(self, state: dict[str, Any] | None) -> Potential:
