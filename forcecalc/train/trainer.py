@@ -94,7 +94,6 @@ from forcecalc.warning import warn
 if TYPE_CHECKING:
     from tqdm.auto import tqdm
 
-STATE_FORMAT = TRAINING_STATE_FORMAT
 STATE_VERSION = 1
 #: Options whose change makes a resumed run another run (the data position means nothing).
 RUN_DEFINING = ("data", "val_data", "val_fraction", "split_seed", "batch_size", "seed")
@@ -113,7 +112,7 @@ def read_training_state(path: str | os.PathLike) -> dict[str, Any]:
     state = read_torch_file(
         Path(path), unsafe_hint="forcecalc's training states never need it: not one of them"
     )
-    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+    if not isinstance(state, dict) or state.get("format") != TRAINING_STATE_FORMAT:
         raise ValueError(
             f"{path} is not a training state (a model checkpoint?): resuming takes the "
             "checkpoint.pt that training writes into its out folder"
@@ -884,7 +883,7 @@ class Trainer:
         if not self.dist.is_main:
             return None
         state = {
-            "format": STATE_FORMAT,
+            "format": TRAINING_STATE_FORMAT,
             "format_version": STATE_VERSION,
             "config": self.config.as_dict(),
             "potential": self._potential_record(),
