@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ase.data import atomic_numbers
 
-from forcecalc.atomic import write_json
+from forcecalc.atomic import atomic_output, write_json
 from forcecalc.checkpoint import load_checkpoint, save_checkpoint
 from forcecalc.evaluate import check_forces_mae
 from forcecalc.hub import file_sha256
@@ -71,20 +71,24 @@ def main() -> None:
         **({"filled_pairs": filled} if filled else {}),
         **extra,
     }
-    target = save_checkpoint(potential, WEIGHTS / f"{args.name}.pt", metadata=metadata)
-    check = load_checkpoint(target, device="cpu")
-    assert "rotations" not in check.info.model_kwargs
+    target = WEIGHTS / f"{args.name}.pt"
+    # checked before it is put in place: a file in weights/ must already match the manifest
+    with atomic_output(target) as staged:
+        save_checkpoint(potential, staged, metadata=metadata)
+        check = load_checkpoint(staged, device="cpu")
+        assert "rotations" not in check.info.model_kwargs
+        entry = {
+            "file": target.name,
+            "sha256": file_sha256(staged),
+            "bytes": staged.stat().st_size,
+            "model": check.name,
+            "parameters": sum(p.numel() for p in check.model.parameters()),
+            "description": args.description,
+            "check_forces_mae": check_forces_mae(check),
+        }
     manifest_path = WEIGHTS / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
-    manifest[args.name] = {
-        "file": target.name,
-        "sha256": file_sha256(target),
-        "bytes": target.stat().st_size,
-        "model": check.name,
-        "parameters": sum(p.numel() for p in check.model.parameters()),
-        "description": args.description,
-    }
-    manifest[args.name]["check_forces_mae"] = check_forces_mae(check)
+    manifest[args.name] = entry
     if args.s2ef is not None:
         manifest[args.name]["test_id"] = json.loads(args.s2ef.read_text())["test_id"]["model"]
     write_json(manifest_path, dict(sorted(manifest.items())), indent=2)
