@@ -9,7 +9,8 @@ ForceNet squeezed an adsorbed CO to 0.30 Å under BFGS. Each frame written here 
 seeded, random frame of the input file that holds an adsorbate; one adsorbate atom (tag 2) is
 moved toward one of its three nearest atoms (minimum image) to between ``--min-ratio`` and
 ``--max-ratio`` of their distance (never closer than ``--min-distance``); two adsorbate atoms
-both move, half each. Then every free atom is displaced by N(0, 0.03 Å) and EMT labels the
+both move, half each. Then every free atom is displaced by N(0, 0.03 Å); a frame where two
+atoms end closer than 0.5 Å (the moved atom passed a third) is drawn again. EMT labels the
 frame, referenced like the input (``E_EMT - e_slab - e_ref`` of its system). Before that, EMT's
 energy of the untouched source frame is checked against the stored label, so the two files
 share one energy reference. Frames are stored with kind 3 ("contact"), their system's row
@@ -34,6 +35,8 @@ REFERENCE_TOLERANCE = 1e-6  # eV
 #: Frame kind code of the frames written here (after OC20-EMT's relax, rattled, md).
 CONTACT_KIND = len(FRAME_KINDS)
 NEAREST = 3
+#: Frames with two atoms closer than this (Å) are drawn again (forcecalc warns below 0.4 Å).
+CLOSEST = 0.5
 
 
 def compressed(
@@ -86,6 +89,7 @@ def main() -> None:
     chosen = np.sort(rng.choice(candidates, size=args.frames, replace=False))
     start = time.perf_counter()
     frames, rows, steps, gaps = [], [], [], []
+    redrawn = 0
     for f in chosen:
         atoms = source[int(f)]
         row = int(source.frames["system"][f])
@@ -95,7 +99,12 @@ def main() -> None:
         gaps.append(gap)
         if gap > REFERENCE_TOLERANCE:
             raise SystemExit(f"frame {f}: EMT differs from the stored label by {gap:.2e} eV")
-        moved = compressed(atoms, rng, (args.min_ratio, args.max_ratio), args.min_distance)
+        while True:  # redraw where the moved atom passed close to a third one
+            moved = compressed(atoms, rng, (args.min_ratio, args.max_ratio), args.min_distance)
+            distances = moved.get_all_distances(mic=True)
+            if distances[np.triu_indices(len(moved), 1)].min() >= CLOSEST:
+                break
+            redrawn += 1
         moved.info = {}
         moved.calc = EMT()
         energy = moved.get_potential_energy() - reference
@@ -120,7 +129,8 @@ def main() -> None:
     forces = np.linalg.norm(batch.forces, axis=1)
     print(
         f"{len(frames)} frames from {len(np.unique(rows))} systems in "
-        f"{time.perf_counter() - start:.0f} s -> {args.out}; label check: max gap "
+        f"{time.perf_counter() - start:.0f} s ({redrawn} drawn again) -> {args.out}; "
+        f"label check: max gap "
         f"{max(gaps):.1e} eV; |F| median {np.median(forces):.2f}, max {forces.max():.1f} eV/Å; "
         f"energy median {np.median(batch.energy):.2f}, max {batch.energy.max():.1f} eV"
     )

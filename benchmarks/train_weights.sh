@@ -6,7 +6,9 @@
 # Each file's recipe is the one its model card in weights/README.md reports (the runs stopped
 # on wall-clock limits and were resumed; --max-steps replays them to the steps shipped):
 #   forcenet     OC20-EMT medium, 3,400 steps of 32 (one H100, 8 min), then the same run resumed
-#                with a cosine learning rate to 1e-5 at step 4,400 (on a CPU, two threads)
+#                with a cosine learning rate to 1e-5 at step 4,400 (on a CPU, two threads), then
+#                fine-tuned for 1,500 steps on medium plus 20,000 close-contact frames
+#                (benchmarks/contact_frames.py; benchmarks/configs/forcenet-contacts.yaml)
 #   spinconv-fc  OC20-EMT small, 10,500 steps of 8 (benchmarks/configs/spinconv-fc.yaml), then
 #                fine-tuned on medium with a 6,000-step cosine learning rate from 3e-4
 #                (benchmarks/configs/spinconv-fc-medium.yaml); one CPU thread, about 5.5 h.
@@ -45,9 +47,13 @@ for name in "${names[@]}"; do
     forcenet)
       train benchmarks/configs/forcenet.yaml medium "$runs/forcenet" 3400
       forcecalc train --resume --out "$runs/forcenet" --scheduler cosine --min-lr 1e-5 \
-        --max-steps "${STEPS:-4400}" --val-max-frames 500 --eval-every 250 --no-progress
-      shipped[$name]=$runs/forcenet/best.pt
-      description[$name]="ForceNet (direct forces), trained on OC20-EMT medium (one H100, 8 min, then 1,000 steps on a CPU)"
+        --max-steps 4400 --val-max-frames 500 --eval-every 250 --no-progress
+      [ -f scratch/medium/contacts.h5 ] || python benchmarks/contact_frames.py \
+        scratch/medium/train.h5 --out scratch/medium/contacts.h5 --frames 20000 --seed 0
+      forcecalc train --config benchmarks/configs/forcenet-contacts.yaml \
+        --out "$runs/forcenet-contacts" --max-steps "${STEPS:-1500}" --no-progress
+      shipped[$name]=$runs/forcenet-contacts/best.pt
+      description[$name]="ForceNet (direct forces), trained on OC20-EMT medium (one H100, 8 min, then 1,000 steps on a CPU), fine-tuned with close-contact frames (1,500 steps on a CPU)"
       ;;
     spinconv-fc)
       train benchmarks/configs/spinconv-fc.yaml small "$runs/spinconv-fc" 10500

@@ -2,9 +2,11 @@
 
 Relaxes both end states, builds a band of images between them and relaxes the band with the
 model (climbing image), then does the same with EMT, the model's ground truth, and prints both
-barriers.
+barriers. The default model is `spinconv-ec`, whose forces are the gradient of the energy the
+band reports; with the direct forces of `spinconv-fc` or `forcenet` the barrier depends on the
+band's variant (README, "Known limits of the models").
 
-Run:  python examples/neb_o_cu100.py [--model spinconv-fc] [--images 5]
+Run:  python examples/neb_o_cu100.py [--model spinconv-ec] [--images 5]
 """
 
 from __future__ import annotations
@@ -67,7 +69,7 @@ def barrier(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
-    parser.add_argument("--model", default="spinconv-fc", help="checkpoint name or path")
+    parser.add_argument("--model", default="spinconv-ec", help="checkpoint name or path")
     parser.add_argument("--images", type=int, default=5, help="intermediate images")
     parser.add_argument("--fmax", type=float, default=0.05, help="eV/Å")
     args = parser.parse_args()
