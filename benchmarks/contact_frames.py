@@ -1,20 +1,21 @@
 """Close-contact frames: OC20-EMT frames with one adsorbate atom pushed toward a neighbour.
 
-    python benchmarks/contact_frames.py scratch/medium/train.h5 --out scratch/contacts.h5 \
-        --frames 6000 --seed 0
+    python benchmarks/contact_frames.py scratch/medium/train.h5 \
+        --out scratch/medium/contacts.h5 --frames 20000 --seed 0
 
 OC20-EMT's frames (relaxation, rattled, MD) rarely bring two atoms much closer than a bond, so
-a model trained on them alone need not learn how steeply the energy rises there: the shipped
-ForceNet squeezed an adsorbed CO to 0.30 Å under BFGS. Each frame written here starts from a
-seeded, random frame of the input file that holds an adsorbate; one adsorbate atom (tag 2) is
-moved toward one of its three nearest atoms (minimum image) to between ``--min-ratio`` and
-``--max-ratio`` of their distance (never closer than ``--min-distance``); two adsorbate atoms
-both move, half each. Then every free atom is displaced by N(0, 0.03 Å); a frame where two
-atoms end closer than 0.5 Å (the moved atom passed a third) is drawn again. EMT labels the
-frame, referenced like the input (``E_EMT - e_slab - e_ref`` of its system). Before that, EMT's
-energy of the untouched source frame is checked against the stored label, so the two files
-share one energy reference. Frames are stored with kind 3 ("contact"), their system's row
-and the source frame's index as ``step``; systems rows are copied from the input.
+a model trained on them alone need not learn how steeply the energy rises there: the
+session-5 ForceNet squeezed an adsorbed CO to 0.30 Å under BFGS. Each frame written here
+starts from a seeded, random frame of the input file that holds an adsorbate; one adsorbate
+atom (tag 2) is moved toward one of its three nearest atoms (minimum image) to between
+``--min-ratio`` and ``--max-ratio`` of their distance (never closer than ``--min-distance``);
+two adsorbate atoms both move, half each. Then every free atom is displaced by N(0, 0.03 Å);
+a frame where two atoms end closer than 0.5 Å (the moved atom passed a third) is drawn
+again. EMT labels the frame, referenced like the input (``E_EMT - e_slab - e_ref`` of its
+system). Before that, EMT's energy of the untouched source frame is checked against the
+stored label, so the two files share one energy reference. Frames are stored with kind 3
+("contact"), their system's row and the source frame's index as ``step``; systems rows are
+copied from the input.
 """
 
 from __future__ import annotations
