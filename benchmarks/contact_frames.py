@@ -8,14 +8,15 @@ a model trained on them alone need not learn how steeply the energy rises there:
 session-5 ForceNet squeezed an adsorbed CO to 0.30 Å under BFGS. Each frame written here
 starts from a seeded, random frame of the input file that holds an adsorbate; one adsorbate
 atom (tag 2) is moved toward one of its three nearest atoms (minimum image) to between
-``--min-ratio`` and ``--max-ratio`` of their distance (never closer than ``--min-distance``);
-two adsorbate atoms both move, half each. Then every free atom is displaced by N(0, 0.03 Å);
+``--min-ratio`` and ``--max-ratio`` of their distance (and not below ``--min-distance``);
+two adsorbate atoms both move, half each. Then every free atom is displaced by N(0, 0.03 Å)
+(which can bring a pair below ``--min-distance``);
 a frame where two atoms end closer than 0.5 Å (the moved atom passed a third) is drawn
 again. EMT labels the frame, referenced like the input (``E_EMT - e_slab - e_ref`` of its
 system). Before that, EMT's energy of the untouched source frame is checked against the
 stored label, so the two files share one energy reference. Frames are stored with kind 3
 ("contact"), their system's row and the source frame's index as ``step``; systems rows are
-copied from the input.
+copied from the input, less its frame pointers (``initial_frame``, ``relaxed_frame``).
 """
 
 from __future__ import annotations
@@ -125,8 +126,10 @@ def main() -> None:
         "ratios": [args.min_ratio, args.max_ratio],
         "min_distance": args.min_distance,
     }
+    # frame pointers into the input would point at the wrong frames here
+    kept = {k: v for k, v in systems.items() if k not in ("initial_frame", "relaxed_frame")}
     with DatasetWriter(args.out, attrs) as writer:
-        writer.append(batch, systems)
+        writer.append(batch, kept)
     forces = np.linalg.norm(batch.forces, axis=1)
     print(
         f"{len(frames)} frames from {len(np.unique(rows))} systems in "

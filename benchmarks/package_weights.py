@@ -86,6 +86,7 @@ def main() -> None:
             "description": args.description,
             "check_forces_mae": check_forces_mae(check),
         }
+    # a crash before the manifest is written leaves it naming the old file: run this again
     manifest_path = WEIGHTS / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
     manifest[args.name] = entry

@@ -4,13 +4,18 @@
 
 Two measurements on a 2x2x3 Cu(100) slab (6 Å vacuum) with C on top of a Cu atom, float64:
 - **Squeezed bonds**: the force pushing two atoms apart, ``(F_b - F_a) . u / 2`` along the unit
-  vector ``u`` from a to b (positive: repulsive), with the C-O bond squeezed to 0.8 / 1.0 Å
-  (equilibrium ~1.12 Å) and C pushed down to 1.0 / 1.3 Å above its Cu atom (equilibrium ~1.9
-  Å; O 1.15 Å above C). O sits 0.02 Å off the Cu-C line.
+  vector ``u`` from a to b (positive: repulsive), with the C-O bond squeezed to
+  :data:`C_O` (equilibrium ~1.12 Å) and C pushed down to :data:`C_CU` above its Cu atom
+  (equilibrium ~1.9 Å; O 1.15 Å above C). O sits 0.02 Å off the Cu-C line.
 - **Relaxations**: BFGS to fmax 0.005 eV/Å (at most 300 steps) from C 1.9 Å above the Cu
   atom, C-O 1.15 Å, O 0.02 Å off the line; once with every Cu atom fixed, once with the top
-  layer free. Reported: steps, whether it converged, the final C-O distance and C height.
-EMT keeps C-O at 1.12 Å and C 1.9 Å above Cu. Writes ``benchmarks/results/short_range.json``.
+  layer free. Reported: steps, whether it converged, the final C-O distance and C height, and
+  EMT's verdict on the end point: its largest force on a free atom and its energy relative to
+  EMT's own BFGS from the same start. Upright CO is a saddle point of EMT (relaxed to fmax
+  0.001 eV/Å from this start, EMT itself ends with C and O in separate hollow sites, 0.6 eV
+  lower); at fmax 0.005 EMT stops on the saddle. An end point with small EMT forces is a
+  stationary point of EMT; large ones mean the model relaxed into a structure EMT rejects.
+Writes ``benchmarks/results/short_range.json``.
 """
 
 from __future__ import annotations
@@ -33,6 +38,10 @@ from forcecalc.atomic import write_json
 
 RESULTS = Path(__file__).resolve().parent / "results" / "short_range.json"
 N_CU = 12
+#: C-O distances (Å) of the squeezed-bond scan.
+C_O = (0.4, 0.6, 0.8, 1.0)
+#: Heights (Å) of C above its Cu atom in the scan.
+C_CU = (0.6, 0.8, 1.0, 1.3)
 
 
 def co_on_cu100(c_height: float = 1.9, c_o: float = 1.15, free_top: bool = False) -> Atoms:
@@ -62,25 +71,38 @@ def below_c(atoms: Atoms) -> int:
     return int(np.argmin(np.linalg.norm(lateral, axis=1)))
 
 
+def relax_pair(model: Calculator, free_top: bool) -> tuple[Atoms, bool, int, Atoms]:
+    """BFGS of upright CO with ``model``; returns the end point, whether it converged, the
+    steps, and EMT's own BFGS end point from the same start."""
+    atoms = co_on_cu100(free_top=free_top)
+    atoms.calc = model
+    opt = BFGS(atoms, logfile=None)
+    converged = bool(opt.run(fmax=0.005, steps=300))
+    reference = co_on_cu100(free_top=free_top)
+    reference.calc = EMT()
+    BFGS(reference, logfile=None).run(fmax=0.005, steps=300)
+    return atoms, converged, opt.nsteps, reference
+
+
 def measure(calc: Calculator) -> dict[str, dict[str, float | int | bool]]:
-    """Both measurements for one calculator (keys as in :data:`COLUMNS`)."""
-    squeezed = {
-        "C-O 0.8 Å": repulsion(co_on_cu100(c_o=0.8), calc, -2, -1),
-        "C-O 1.0 Å": repulsion(co_on_cu100(c_o=1.0), calc, -2, -1),
-    }
-    for h in (1.0, 1.3):
+    """Both measurements for one calculator."""
+    squeezed = {f"C-O {d} Å": repulsion(co_on_cu100(c_o=d), calc, -2, -1) for d in C_O}
+    for h in C_CU:
         atoms = co_on_cu100(c_height=h)
         squeezed[f"C-Cu {h} Å"] = repulsion(atoms, calc, below_c(atoms), -2)
     relaxed: dict[str, float | int | bool] = {}
     for free_top, label in ((False, "Cu fixed"), (True, "top layer free")):
-        atoms = co_on_cu100(free_top=free_top)
-        atoms.calc = calc
-        opt = BFGS(atoms, logfile=None)
-        relaxed[f"{label}: converged"] = bool(opt.run(fmax=0.005, steps=300))
-        relaxed[f"{label}: steps"] = opt.nsteps
+        atoms, converged, steps, reference = relax_pair(calc, free_top)
+        relaxed[f"{label}: converged"] = converged
+        relaxed[f"{label}: steps"] = steps
         relaxed[f"{label}: C-O (Å)"] = float(atoms.get_distance(-2, -1))
         top = atoms.positions[:N_CU, 2].max()
         relaxed[f"{label}: C height (Å)"] = float(atoms.positions[-2, 2] - top)
+        atoms.calc = EMT()
+        emt_forces = np.linalg.norm(atoms.get_forces(), axis=1)
+        relaxed[f"{label}: EMT fmax (eV/Å)"] = float(emt_forces.max())
+        emt_energy = atoms.get_potential_energy() - reference.get_potential_energy()
+        relaxed[f"{label}: EMT energy above EMT end (eV)"] = float(emt_energy)
     return {"repulsion (eV/Å)": squeezed, "BFGS": relaxed}
 
 
@@ -89,10 +111,12 @@ def table_row(name: str, row: dict[str, dict[str, float | int | bool]]) -> str:
     relaxed = row["BFGS"]
     runs = [
         f"{relaxed[f'{k}: C-O (Å)']:.2f} {relaxed[f'{k}: C height (Å)']:.2f} "
-        f"{relaxed[f'{k}: steps']:3d}{'' if relaxed[f'{k}: converged'] else '!'}"
+        f"{relaxed[f'{k}: steps']:3d}{' ' if relaxed[f'{k}: converged'] else '!'} "
+        f"{relaxed[f'{k}: EMT fmax (eV/Å)']:6.2f} "
+        f"{relaxed[f'{k}: EMT energy above EMT end (eV)']:+6.2f}"
         for k in ("Cu fixed", "top layer free")
     ]
-    return f"{name:12s} {squeezed}   {runs[0]:16s} {runs[1]}"
+    return f"{name:12s} {squeezed}   {runs[0]}   {runs[1]}"
 
 
 def main() -> None:
@@ -102,8 +126,10 @@ def main() -> None:
     args = parser.parse_args()
     warnings.simplefilter("ignore")  # close-contact warnings are the point here
     start = time.perf_counter()
-    print("repulsion (eV/Å) at C-O 0.8, 1.0 Å and C-Cu 1.0, 1.3 Å; BFGS: C-O, C height (Å),")
-    print("steps (!: not converged in 300) with Cu fixed / top layer free")
+    distances = ", ".join(map(str, C_O)) + " Å and C-Cu " + ", ".join(map(str, C_CU))
+    print(f"repulsion (eV/Å) at C-O {distances} Å; BFGS with Cu fixed / top layer free:")
+    print("C-O, C height (Å), steps (!: not converged in 300), EMT's fmax (eV/Å) there and")
+    print("EMT's energy there minus at EMT's own end point (eV)")
     rows = {}
     for name in ["emt", *args.models]:
         calc = EMT() if name == "emt" else load_calculator(name, dtype="float64")

@@ -17,6 +17,7 @@
 #   spinconv-ec  OC20-EMT medium, 2,000 steps of 32 (plateau schedule, still at lr 1e-3), then
 #                the same run resumed with a cosine learning rate to 1e-5 at step 2,700
 #                (820 steps on one H100, the rest on one CPU thread)
+# STEPS=N replaces the step count of each model's last stage.
 # Everything is seeded (data seed 0, training seed 0 in the configs).  Runs write into
 # scratch/runs/NAME, data into scratch/SIZE.  A killed run continues with
 # `forcecalc train --resume --out scratch/runs/NAME --max-steps N`.  Every model is evaluated
@@ -51,7 +52,8 @@ for name in "${names[@]}"; do
       [ -f scratch/medium/contacts.h5 ] || python benchmarks/contact_frames.py \
         scratch/medium/train.h5 --out scratch/medium/contacts.h5 --frames 20000 --seed 0
       forcecalc train --config benchmarks/configs/forcenet-contacts.yaml \
-        --out "$runs/forcenet-contacts" --max-steps "${STEPS:-1500}" --no-progress
+        --init-checkpoint "$runs/forcenet/best.pt" --out "$runs/forcenet-contacts" \
+        --max-steps "${STEPS:-1500}" --no-progress
       shipped[$name]=$runs/forcenet-contacts/best.pt
       description[$name]="ForceNet (direct forces), trained on OC20-EMT medium (one H100, 8 min, then 1,000 steps on a CPU), fine-tuned with close-contact frames (1,500 steps on a CPU)"
       ;;

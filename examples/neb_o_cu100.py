@@ -3,8 +3,8 @@
 Relaxes both end states, builds a band of images between them and relaxes the band with the
 model (climbing image), then does the same with EMT, the model's ground truth, and prints both
 barriers. The default model is `spinconv-ec`, whose forces are the gradient of the energy the
-band reports; with the direct forces of `spinconv-fc` or `forcenet` the barrier depends on the
-band's variant (README, "Known limits of the models").
+band reports; with the direct forces of `spinconv-fc` the barrier depends on the band's
+variant (README, "Known limits of the models").
 
 Run:  python examples/neb_o_cu100.py [--model spinconv-ec] [--images 5]
 """
