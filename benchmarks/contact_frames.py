@@ -9,14 +9,14 @@ session-5 ForceNet squeezed an adsorbed CO to 0.30 Å under BFGS. Each frame wri
 starts from a seeded, random frame of the input file that holds an adsorbate; one adsorbate
 atom (tag 2) is moved toward one of its three nearest atoms (minimum image) to between
 ``--min-ratio`` and ``--max-ratio`` of their distance (and not below ``--min-distance``);
-two adsorbate atoms both move, half each. Then every free atom is displaced by N(0, 0.03 Å)
-(which can bring a pair below ``--min-distance``);
-a frame where two atoms end closer than 0.5 Å (the moved atom passed a third) is drawn
-again. EMT labels the frame, referenced like the input (``E_EMT - e_slab - e_ref`` of its
-system). Before that, EMT's energy of the untouched source frame is checked against the
-stored label, so the two files share one energy reference. Frames are stored with kind 3
-("contact"), their system's row and the source frame's index as ``step``; systems rows are
-copied from the input, less its frame pointers (``initial_frame``, ``relaxed_frame``).
+two adsorbate atoms both move, half each. Then every free atom is displaced by N(0, 0.03 Å),
+which can bring a pair below ``--min-distance``; a frame where two atoms end closer than
+``--closest`` (0.5 Å; the moved atom passed a third) is drawn again. EMT labels the frame,
+referenced like the input (``E_EMT - e_slab - e_ref`` of its system). Before that, EMT's
+energy of the untouched source frame is checked against the stored label, so the two files
+share one energy reference. Frames are stored with kind 3 ("contact"), their system's row and
+the source frame's index as ``step``; systems rows are copied from the input, less its frame
+pointers (``initial_frame``, ``relaxed_frame``).
 """
 
 from __future__ import annotations
@@ -37,8 +37,6 @@ REFERENCE_TOLERANCE = 1e-6  # eV
 #: Frame kind code of the frames written here (after OC20-EMT's relax, rattled, md).
 CONTACT_KIND = len(FRAME_KINDS)
 NEAREST = 3
-#: Frames with two atoms closer than this (Å) are drawn again (forcecalc warns below 0.4 Å).
-CLOSEST = 0.5
 
 
 def compressed(
@@ -81,6 +79,12 @@ def main() -> None:
     parser.add_argument("--min-ratio", type=float, default=0.55)
     parser.add_argument("--max-ratio", type=float, default=0.9)
     parser.add_argument("--min-distance", type=float, default=0.65, help="Å")
+    parser.add_argument(
+        "--closest",
+        type=float,
+        default=0.5,
+        help="Å: a frame with two atoms closer is drawn again (forcecalc warns below 0.4)",
+    )
     args = parser.parse_args()
 
     source = open_dataset(args.data)
@@ -104,7 +108,7 @@ def main() -> None:
         while True:  # redraw where the moved atom passed close to a third one
             moved = compressed(atoms, rng, (args.min_ratio, args.max_ratio), args.min_distance)
             distances = moved.get_all_distances(mic=True)
-            if distances[np.triu_indices(len(moved), 1)].min() >= CLOSEST:
+            if distances[np.triu_indices(len(moved), 1)].min() >= args.closest:
                 break
             redrawn += 1
         moved.info = {}
@@ -125,6 +129,7 @@ def main() -> None:
         "seed": args.seed,
         "ratios": [args.min_ratio, args.max_ratio],
         "min_distance": args.min_distance,
+        "closest": args.closest,
     }
     # frame pointers into the input would point at the wrong frames here
     kept = {k: v for k, v in systems.items() if k not in ("initial_frame", "relaxed_frame")}
