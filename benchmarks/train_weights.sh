@@ -8,7 +8,8 @@
 #   forcenet     OC20-EMT medium, 3,400 steps of 32 (one H100, 8 min), then the same run resumed
 #                with a cosine learning rate to 1e-5 at step 4,400 (on a CPU, two threads), then
 #                fine-tuned for 1,500 steps on medium plus 20,000 close-contact frames
-#                (benchmarks/contact_frames.py; benchmarks/configs/forcenet-contacts.yaml)
+#                (benchmarks/contact_frames.py; benchmarks/configs/forcenet-contacts.yaml),
+#                then 1,000 more with 8,000 closer ones (down to 0.45 Å)
 #   spinconv-fc  OC20-EMT small, 10,500 steps of 8 (benchmarks/configs/spinconv-fc.yaml), then
 #                fine-tuned on medium with a 6,000-step cosine learning rate from 3e-4
 #                (benchmarks/configs/spinconv-fc-medium.yaml); one CPU thread, about 5.5 h.
@@ -52,10 +53,16 @@ for name in "${names[@]}"; do
       [ -f scratch/medium/contacts.h5 ] || python benchmarks/contact_frames.py \
         scratch/medium/train.h5 --out scratch/medium/contacts.h5 --frames 20000 --seed 0
       forcecalc train --config benchmarks/configs/forcenet-contacts.yaml \
-        --init-checkpoint "$runs/forcenet/best.pt" --out "$runs/forcenet-contacts" \
-        --max-steps "${STEPS:-1500}" --no-progress
-      shipped[$name]=$runs/forcenet-contacts/best.pt
-      description[$name]="ForceNet (direct forces), trained on OC20-EMT medium (one H100, 8 min, then 1,000 steps on a CPU), fine-tuned with close-contact frames (1,500 steps on a CPU)"
+        --init-checkpoint "$runs/forcenet/best.pt" --out "$runs/forcenet-contacts" --no-progress
+      [ -f scratch/medium/contacts_deep.h5 ] || python benchmarks/contact_frames.py \
+        scratch/medium/train.h5 --out scratch/medium/contacts_deep.h5 --frames 8000 --seed 2 \
+        --min-ratio 0.3 --max-ratio 0.65 --min-distance 0.45 --closest 0.42
+      forcecalc train --config benchmarks/configs/forcenet-contacts.yaml \
+        --init-checkpoint "$runs/forcenet-contacts/best.pt" --data scratch/medium/train.h5 \
+        scratch/medium/contacts.h5 scratch/medium/contacts_deep.h5 --lr 1e-4 \
+        --warmup-steps 50 --max-steps "${STEPS:-1000}" --out "$runs/forcenet-deep" --no-progress
+      shipped[$name]=$runs/forcenet-deep/best.pt
+      description[$name]="ForceNet (direct forces), trained on OC20-EMT medium (one H100, 8 min, then 1,000 steps on a CPU), fine-tuned with 28,000 close-contact frames (2,500 steps on a CPU)"
       ;;
     spinconv-fc)
       train benchmarks/configs/spinconv-fc.yaml small "$runs/spinconv-fc" 10500
