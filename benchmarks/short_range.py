@@ -107,6 +107,7 @@ def measure(calc: Calculator) -> dict[str, dict[str, float | int | bool]]:
 
 
 def table_row(name: str, row: dict[str, dict[str, float | int | bool]]) -> str:
+    """One printed line of :func:`measure`'s results."""
     squeezed = " ".join(f"{v:+7.2f}" for v in row["repulsion (eV/Å)"].values())
     relaxed = row["BFGS"]
     runs = [
