@@ -32,7 +32,7 @@ import argparse
 import numpy as np
 import torch
 from ase import Atoms
-from ase.build import add_adsorbate, bulk, fcc111
+from ase.build import add_adsorbate, bulk, fcc100, fcc111
 from ase.constraints import FixAtoms
 from scipy.spatial.transform import Rotation
 
@@ -120,18 +120,18 @@ def orientation(model: str, rotation: np.ndarray) -> dict:
 
 
 def about_z(degrees: float) -> np.ndarray:
+    """The rotation by ``degrees`` about z, ``[3, 3]``."""
     return Rotation.from_euler("z", degrees, degrees=True).as_matrix()
 
 
-COLLINEAR_MOVES = (0.0, 1e-6, 1e-4, 1e-2)  # the first: the structure compared with
+#: How far H is moved off the Pt-O line (Å), each compared with the structure in line.
+COLLINEAR_MOVES = (1e-6, 1e-4, 1e-2)
 
 
 def collinear_neighbor(model: str) -> dict:
     """OH upright on a rattled Pt(100) top site with Pt, O and H exactly on one line, then H
     moved off that line by 1e-6 / 1e-4 / 1e-2 Å: energy change and largest force change.  H
     lies on the axis (pole) of the Pt->O edge's frame, where its longitude is undefined."""
-    from ase.build import fcc100
-
     slab = fcc100("Pt", size=(2, 2, 3), vacuum=9.0)
     slab.pbc = True
     slab.positions += np.random.default_rng(9).normal(0, 0.05, slab.positions.shape)
@@ -142,7 +142,7 @@ def collinear_neighbor(model: str) -> dict:
     off /= np.linalg.norm(off)
     energy, forces = evaluate(upright, model)
     out = {}
-    for move in COLLINEAR_MOVES[1:]:
+    for move in COLLINEAR_MOVES:
         moved = upright.copy()
         moved.positions[-1] += move * off
         e_moved, f_moved = evaluate(moved, model)
