@@ -874,6 +874,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    """The subcommands of ``parser`` by name (none for a command without any)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
+
+
+def _option_before_task(parser: argparse.ArgumentParser, argv: Sequence[str]) -> str | None:
+    """The usage error for an option written between a command and its task (``forcecalc eval
+    --model X s2ef``: argparse would call the option's value an invalid task), else None."""
+    if len(argv) < 2 or not argv[1].startswith("-") or argv[1] in ("-h", "--help"):
+        return None
+    command = _subcommands(parser).get(argv[0])
+    tasks = _subcommands(command) if command is not None else {}
+    if not tasks:
+        return None
+    where = f"forcecalc {argv[0]}"
+    return (
+        f"{where}: error: {argv[1]} comes before the task: name the task first, then its "
+        f"options ({where} {'|'.join(tasks)} {argv[1]} ...; see {where} --help)"
+    )
+
+
 def _one_line_warnings(fallback: Callable[..., None]) -> Callable[..., None]:
     """A ``warnings.showwarning`` that shows a :class:`ForcecalcWarning` as one line,
     ``forcecalc: warning: ...``, as its errors are shown, and others by ``fallback``."""
@@ -904,6 +928,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from ase.calculators.calculator import CalculatorError
 
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    misplaced = _option_before_task(parser, argv)
+    if misplaced:
+        print(misplaced, file=sys.stderr)
+        return 2
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # named by the (sub)command that does not know them, with its own --help
         where = " ".join(

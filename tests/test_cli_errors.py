@@ -250,6 +250,28 @@ def test_an_unknown_option_is_named_with_its_commands_help(argv, where, capsys) 
     assert err.endswith(f"(see forcecalc {where} --help)") and "\n" not in err
 
 
+@pytest.mark.parametrize(
+    ("argv", "where", "tasks"),
+    [
+        (["eval", "--model", "m", "s2ef", "--data", "d.h5"], "eval", "s2ef|is2rs"),
+        (["data", "--size", "tiny", "oc20emt"], "data", "oc20emt|is2rs|convert"),
+    ],
+)
+def test_an_option_before_the_task_says_where_it_goes(argv, where, tasks, capsys) -> None:
+    """`forcecalc eval --model X s2ef` (an option between a command and its task) is a one-line
+    usage error, exit code 2, that says the task comes first and names the tasks (argparse
+    alone called the option's value an invalid task); `--help` there still helps."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"forcecalc {where}: error: {argv[1]} comes before the task: name the task first, then "
+        f"its options (forcecalc {where} {tasks} {argv[1]} ...; see forcecalc {where} --help)\n"
+    )
+    with pytest.raises(SystemExit) as stop:
+        main([where, "--help"])
+    assert stop.value.code == 0
+
+
 def test_forcecalc_warnings_are_one_line_like_its_errors(tmp_path: Path, monkeypatch, capsys):
     """A warning of forcecalc's own reaches the command line as one ``forcecalc: warning:``
     line (here: a known checkpoint name that is also a folder in the working directory, which

@@ -347,6 +347,10 @@ def read_options(path: str | Path) -> dict[str, Any]:
     """The options a YAML (``.yaml``/``.yml``) or JSON file sets, and only those, checked and
     converted to their types (``ValueError`` naming the file, the option and the value)."""
     path = Path(path)
+    if not path.is_file():
+        raise ValueError(
+            f"config file {path} {'is a folder' if path.is_dir() else 'does not exist'}"
+        )
     text = path.read_text()
     if path.suffix in (".yaml", ".yml"):
         import yaml

@@ -265,3 +265,13 @@ def test_an_output_folder_the_system_cannot_make_is_a_one_line_error(tmp_path, m
             f"forcecalc: error: cannot write the run into {out}: {reason}\n"
         )
     assert sorted(os.listdir(tmp_path)) == ["frames.extxyz", "link"]
+
+
+def test_a_missing_config_file_is_named(tmp_path, capsys):
+    """``train --config FILE`` where FILE does not exist, or is a folder, is a one-line error
+    naming the config file (not a bare ``[Errno 2]`` about some path), exit code 2."""
+    from forcecalc.cli import main
+
+    for path, problem in [(tmp_path / "none.yaml", "does not exist"), (tmp_path, "is a folder")]:
+        assert main(["train", "--config", str(path), "--out", str(tmp_path / "run")]) == 2
+        assert capsys.readouterr().err == f"forcecalc: error: config file {path} {problem}\n"
