@@ -95,6 +95,27 @@ def leave_process_group() -> None:
         dist.destroy_process_group()
 
 
+class _SumOverProcesses(torch.autograd.Function):
+    """The sum of a tensor over every process, differentiable: each process's output depends
+    on every process's input with derivative 1, so the gradient reaching an input is the sum
+    of the output gradients of all processes (itself differentiable, for double backward)."""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: Tensor) -> Tensor:
+        out = tensor.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        return _SumOverProcesses.apply(grad)
+
+
+def sum_over_processes(tensor: Tensor) -> Tensor:
+    """Differentiable sum of ``tensor`` over the processes of the default group."""
+    return _SumOverProcesses.apply(tensor)
+
+
 class GlobalBatchNorm(nn.BatchNorm1d):
     """``BatchNorm1d`` whose training statistics cover the batch of every process.
 
@@ -109,15 +130,13 @@ class GlobalBatchNorm(nn.BatchNorm1d):
             return super().forward(x)
         if dist.get_world_size() == 1:
             return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce
-
         self._check_input_dim(x)
         count = torch.full((1,), float(x.shape[0]), dtype=x.dtype, device=x.device)
-        sums = all_reduce(torch.cat([x.sum(dim=0), count]))
+        sums = sum_over_processes(torch.cat([x.sum(dim=0), count]))
         n = sums[-1]
         mean = sums[:-1] / n
         centered = x - mean
-        var = all_reduce((centered * centered).sum(dim=0)) / n
+        var = sum_over_processes((centered * centered).sum(dim=0)) / n
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)

@@ -119,9 +119,10 @@ def ddp_runs(tmp_path_factory) -> Path:
                 stderr=subprocess.STDOUT,
             )
         )
-    for process in processes:
+    for rank, process in enumerate(processes):
         output, _ = process.communicate(timeout=300)
         assert process.returncode == 0, output.decode()[-3000:]
+        (folder / f"rank{rank}.log").write_bytes(output)
     return folder
 
 
@@ -160,3 +161,12 @@ def test_two_processes_resumed_log_the_rows_of_a_run_that_never_stopped(ddp_runs
     stopped = ddp_runs / "stopped"
     assert torch.load(stopped / "checkpoint.pt", weights_only=True)["step"] == 5
     assert_same_metrics(ddp_runs / "whole" / "metrics.csv", stopped / "metrics.csv")
+
+
+def test_global_batch_norm_uses_no_deprecated_collective(ddp_runs):
+    """The processes' differentiable all-reduce of batch-norm sums is forcecalc's own: torch's
+    ``torch.distributed.nn.functional.all_reduce`` printed a FutureWarning ("is deprecated")
+    in every process of every multi-process training run."""
+    for rank in range(2):
+        log = (ddp_runs / f"rank{rank}.log").read_text()
+        assert "FutureWarning" not in log and "deprecated" not in log, (rank, log[-2000:])
