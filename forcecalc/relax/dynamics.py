@@ -48,6 +48,7 @@ from forcecalc.graph.gather import RowIndex
 from forcecalc.relax.engine import SystemSet, admit
 from forcecalc.relax.memory import MemoryModel
 from forcecalc.relax.relaxation import plan_run
+from forcecalc.warning import warn
 
 
 class VelocityVerlet:
@@ -81,6 +82,11 @@ class VelocityVerlet:
     def kick(self, systems: SystemSet, forces: Tensor) -> None:
         """Second half kick with the new forces (momenta of fixed atoms set to zero)."""
         self.momenta = _unfixed(self.momenta + 0.5 * self.dt * forces, systems)
+
+    def keep(self, system_keep: Tensor, atom_keep: Tensor) -> None:
+        """Keep the state of the systems where ``system_keep`` ``[S]`` (bool) is True, whose
+        atoms are those where ``atom_keep`` ``[N]`` is."""
+        self.momenta = self.momenta[atom_keep]
 
 
 class Langevin:
@@ -155,6 +161,14 @@ class Langevin:
         )
         self.momenta = _unfixed(velocity * masses, systems)
 
+    def keep(self, system_keep: Tensor, atom_keep: Tensor) -> None:
+        """Keep the state of the systems where ``system_keep`` ``[S]`` (bool) is True, whose
+        atoms are those where ``atom_keep`` ``[N]`` is (between a :meth:`drift` and its
+        :meth:`kick`), and their random streams."""
+        for name in ("momenta", "c3", "c4", "c5", "velocity", "rnd_vel"):
+            setattr(self, name, getattr(self, name)[atom_keep])
+        self.draw.keep(system_keep.tolist())
+
 
 def _unfixed(values: Tensor, systems: SystemSet) -> Tensor:
     return torch.where(systems.fixed[:, None], torch.zeros_like(values), values)
@@ -174,6 +188,10 @@ class NumpyDraws:
         """Use the generators of input systems ``ids`` (in batch order)."""
         self.generators = [np.random.default_rng(self.seed + i) for i in ids]
 
+    def keep(self, keep: Sequence[bool]) -> None:
+        """Go on with the generators of the systems where ``keep`` is True."""
+        self.generators = [rng for rng, kept in zip(self.generators, keep, strict=True) if kept]
+
     def __call__(self, natoms: Sequence[int]) -> tuple[Tensor, Tensor]:
         xi, eta = [], []
         for rng, n in zip(self.generators, natoms, strict=True):
@@ -192,6 +210,9 @@ class TorchDraws:
         self.generator = torch.Generator(device=device).manual_seed(seed)
 
     def select(self, ids: Sequence[int]) -> None:
+        """No per-system streams (kept for the interface of :class:`NumpyDraws`)."""
+
+    def keep(self, keep: Sequence[bool]) -> None:
         """No per-system streams (kept for the interface of :class:`NumpyDraws`)."""
 
     def __call__(self, natoms: Sequence[int]) -> tuple[Tensor, Tensor]:
@@ -248,7 +269,11 @@ def md(
     Returns:
         The final structures in input order: positions and momenta after ``steps`` steps, a
         ``SinglePointCalculator`` with the final energy and (raw) forces, and
-        ``info["md_steps"]``.
+        ``info["md_steps"]``.  A structure whose positions stop being finite (the dynamics
+        diverged) or whose atoms come within 0.01 Å of each other leaves its batch at that
+        step, with a warning naming it: it is returned as it was at the step before, with
+        ``info["md_steps"]`` the steps it completed and ``info["md_error"]`` saying why; the
+        others go on.
     """
     from tqdm.auto import tqdm
 
@@ -299,18 +324,31 @@ def md(
         energy, raw = evaluate(systems)
         frames: list[list] = [[] for _ in systems.ids]
         if trajectory_interval > 0:
-            _record(systems, structures, dynamics, energy, raw, frames)
+            _record(systems, structures, dynamics.momenta, energy, raw, frames)
         for step in tqdm(range(1, steps + 1), disable=not progress, desc="md", unit="step"):
+            last = (systems.positions, dynamics.momenta, energy, raw)
             systems.positions = dynamics.drift(systems, systems.constrained_forces(raw))
             try:
                 energy, raw = evaluate(systems)
             except ValueError as error:
-                _check_finite(systems, structures, step, error)
-                raise
+                stopped = _stopped_systems(systems, step, error)
+                finals = _snapshots(systems, structures, *last)
+                for k, problem in stopped.items():
+                    finals[k].info.update(md_steps=step - 1, md_error=problem)
+                    if trajectory_interval > 0:
+                        finals[k].info["trajectory"] = frames[k]
+                    results[systems.ids[k]] = finals[k]
+                keep = [k not in stopped for k in range(systems.n_systems)]
+                frames = [f for f, kept in zip(frames, keep, strict=True) if kept]
+                system_keep = torch.as_tensor(keep, device=device_)
+                dynamics.keep(system_keep, systems.keep(system_keep))
+                if not systems.n_systems:
+                    break
+                energy, raw = evaluate(systems)
             dynamics.kick(systems, systems.constrained_forces(raw))
             if trajectory_interval > 0 and step % trajectory_interval == 0:
-                _record(systems, structures, dynamics, energy, raw, frames)
-        finals = _snapshots(systems, structures, dynamics, energy, raw)
+                _record(systems, structures, dynamics.momenta, energy, raw, frames)
+        finals = _snapshots(systems, structures, systems.positions, dynamics.momenta, energy, raw)
         for k, index in enumerate(systems.ids):
             finals[k].info["md_steps"] = steps
             if trajectory_interval > 0:
@@ -319,31 +357,47 @@ def md(
     return results
 
 
-def _check_finite(systems: SystemSet, structures: Sequence, step: int, error: ValueError) -> None:
-    """Raise a ValueError naming the structures whose positions stopped being finite at
-    ``step`` (the dynamics diverged), in place of the graph builder's ``error``."""
-    finite = torch.isfinite(systems.positions).all(dim=1).cpu().numpy()
-    per_system = np.split(finite, np.cumsum(systems.natoms_list)[:-1])
-    diverged = [index for index, ok in zip(systems.ids, per_system, strict=True) if not ok.all()]
-    if diverged:
-        names = ", ".join(
-            f"{index} ({structures[index].get_chemical_formula()})" for index in diverged[:10]
-        )
-        raise ValueError(
-            f"MD of structure(s) {names} diverged at step {step}: positions are not finite "
-            "(a time step too large for the forces, or an unphysical start)"
-        ) from error
+def _stopped_systems(systems: SystemSet, step: int, error: ValueError) -> dict[int, str]:
+    """``{system: why}`` for the systems whose graph could not be built after the drift of
+    ``step`` (the cause of the graph builder's ``error``, re-raised if none is found): positions
+    that are not finite (the dynamics diverged) or overlapping atoms.  Warns naming them."""
+    problems = systems.graph_problems(range(systems.n_systems))
+    if not problems:
+        raise error
+    offsets = systems.atom_offsets()
+    finite = torch.isfinite(systems.positions).all(dim=1).tolist()
+    stopped = {}
+    for k, problem in problems.items():
+        if all(finite[offsets[k] : offsets[k + 1]]):
+            stopped[k] = f"MD stopped at step {step}: {problem}"
+        else:
+            stopped[k] = (
+                f"MD diverged at step {step}: positions are not finite (a time step too large "
+                "for the forces, or an unphysical start)"
+            )
+    names = ", ".join(f"{systems.ids[k]} ({systems.formula(k)})" for k in list(stopped)[:10])
+    warn(
+        f"structure(s) {names}: {next(iter(stopped.values()))}; returned as they were at the "
+        "step before, with info['md_error'] (the other structures go on)"
+    )
+    return stopped
 
 
 def _snapshots(
-    systems: SystemSet, structures: Sequence, dynamics: Any, energy: Tensor, forces: Tensor
+    systems: SystemSet,
+    structures: Sequence,
+    positions: Tensor,
+    momenta: Tensor,
+    energy: Tensor,
+    forces: Tensor,
 ) -> list:
-    """The systems as ``ase.Atoms`` with positions, momenta, energy and forces."""
+    """The systems as ``ase.Atoms`` with ``positions``, ``momenta`` ``[N, 3]``, ``energy``
+    ``[S]`` and ``forces`` ``[N, 3]``."""
     from ase.calculators.singlepoint import SinglePointCalculator
 
     split = np.cumsum(systems.natoms_list)[:-1]
-    positions = np.split(systems.positions.cpu().numpy(), split)
-    momenta = np.split(dynamics.momenta.cpu().numpy(), split)
+    positions = np.split(positions.cpu().numpy(), split)
+    momenta = np.split(momenta.cpu().numpy(), split)
     force_list = np.split(forces.cpu().numpy(), split)
     energies = energy.cpu().tolist()
     out = []
@@ -362,10 +416,13 @@ def _snapshots(
 def _record(
     systems: SystemSet,
     structures: Sequence,
-    dynamics: Any,
+    momenta: Tensor,
     energy: Tensor,
     forces: Tensor,
     frames: list[list],
 ) -> None:
-    for k, atoms in enumerate(_snapshots(systems, structures, dynamics, energy, forces)):
+    """Append each system's frame at its current positions (see :func:`_snapshots`) to its
+    list in ``frames``."""
+    snapshots = _snapshots(systems, structures, systems.positions, momenta, energy, forces)
+    for k, atoms in enumerate(snapshots):
         frames[k].append(atoms)

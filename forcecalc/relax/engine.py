@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -228,9 +228,17 @@ class SystemSet:
         """Raise ``error`` again naming the first of ``systems`` whose graph cannot be built
         (overlapping atoms, positions that are not finite) by its input index and formula,
         with its own atom indices (the graph builder counts atoms over the whole call)."""
-        from ase import Atoms
+        problems = self.graph_problems(systems)
+        if problems:
+            s, problem = next(iter(problems.items()))
+            raise ValueError(f"structure {self.ids[s]} ({self.formula(s)}): {problem}") from error
 
+    def graph_problems(self, systems: Iterable[int]) -> dict[int, str]:
+        """``{system: the graph builder's error}`` for those of ``systems`` whose graph cannot
+        be built alone (overlapping atoms, positions that are not finite): one neighbor search
+        per system, for the path after an error."""
         offsets = self.atom_offsets()
+        problems = {}
         for s in systems:
             a0, a1 = offsets[s], offsets[s + 1]
             try:
@@ -242,8 +250,16 @@ class SystemSet:
                     self.graph_cutoff,
                 )
             except ValueError as own:
-                formula = Atoms(numbers=self.numbers[a0:a1].tolist()).get_chemical_formula()
-                raise ValueError(f"structure {self.ids[s]} ({formula}): {own}") from error
+                problems[s] = str(own)
+        return problems
+
+    def formula(self, system: int) -> str:
+        """The chemical formula of ``system``."""
+        from ase import Atoms
+
+        offsets = self.atom_offsets()
+        numbers = self.numbers[offsets[system] : offsets[system + 1]].tolist()
+        return Atoms(numbers=numbers).get_chemical_formula()
 
     def batch(self, start: int, stop: int) -> Batch:
         """Systems ``start..stop-1`` as a :class:`~forcecalc.graph.Batch`, positions and cell

@@ -19,6 +19,7 @@ from relax_helpers import (
     single_thread,
 )
 
+from forcecalc import ForcecalcWarning
 from forcecalc.calculator import load_calculator
 from forcecalc.relax import md, relax
 
@@ -220,16 +221,21 @@ def test_md_float32_checkpoint_runs():
     assert torch.isfinite(torch.as_tensor(result.get_forces())).all()
 
 
-@pytest.mark.parametrize(("skin", "bad"), [(0.0, torch.inf), (0.5, torch.nan)])
-def test_diverging_md_names_the_structure(skin, bad):
-    """Contract: when a system's positions stop being finite (here its forces are), the error
-    names that structure by its input place and the step, not batch-wide atom indices; also
-    with a neighbor-list skin, where NaN positions never looked "moved" (the run went on and
-    returned NaN positions)."""
+@pytest.mark.parametrize(
+    ("skin", "bad", "integrator"),
+    [(0.0, torch.inf, "verlet"), (0.5, torch.nan, "verlet"), (0.0, torch.nan, "langevin")],
+)
+def test_a_diverging_system_stops_alone_and_is_named(skin, bad, integrator):
+    """Contract: when a system's positions stop being finite (here its forces are), that
+    system alone leaves the batch, returned as it was at the step before with
+    ``info["md_error"]`` naming the step, and a warning names it by its input place and
+    formula; the other systems run all their steps exactly as without it (Langevin: with
+    ASE's per-system streams).  Also with a neighbor-list skin, where NaN positions never
+    looked "moved" (the run once went on and returned NaN positions)."""
     potential = morse_potential()
 
     class Exploding(torch.nn.Module):
-        """The Morse potential, with infinite forces on the atoms of the second system."""
+        """The Morse potential, with non-finite forces on the atoms of 5-atom systems."""
 
         def __init__(self) -> None:
             super().__init__()
@@ -243,9 +249,25 @@ def test_diverging_md_names_the_structure(skin, bad):
 
         def forward(self, batch, compute_stress=False):
             out = self.inner(batch)
-            forces = torch.where((batch.system_idx == 1)[:, None], bad, out["forces"])
+            five = (batch.natoms == 5)[batch.system_idx]
+            forces = torch.where(five[:, None], bad, out["forces"])
             return {**out, "forces": forces}
 
-    systems = _thermalized()[:3]
-    with pytest.raises(ValueError, match=r"MD of structure\(s\) 1 \(.*\) diverged at step 1"):
-        md(systems, Exploding(), steps=3, timestep=0.5, batch_size=3, skin=skin)
+    systems = _thermalized()
+    assert [len(atoms) == 5 for atoms in systems] == [False, True, False]  # CH4 explodes
+    options = {"steps": 4, "timestep": 0.5, "skin": skin, "trajectory_interval": 1}
+    if integrator == "langevin":
+        options.update(integrator="langevin", temperature_K=600, friction=0.05, rng="numpy")
+    with pytest.warns(ForcecalcWarning, match=r"structure\(s\) 1 \(CH4\): MD diverged at step 1"):
+        results = md(systems, Exploding(), batch_size=3, **options)
+    alone = md(systems, potential, batch_size=1, **options)
+    stopped = results[1]
+    assert stopped.info["md_steps"] == 0 and "diverged at step 1" in stopped.info["md_error"]
+    np.testing.assert_array_equal(stopped.positions, systems[1].positions)
+    np.testing.assert_array_equal(stopped.get_momenta(), systems[1].get_momenta())
+    assert len(stopped.info["trajectory"]) == 1
+    for k in (0, 2):
+        assert results[k].info["md_steps"] == 4 and "md_error" not in results[k].info
+        assert len(results[k].info["trajectory"]) == 5
+        np.testing.assert_allclose(results[k].positions, alone[k].positions, atol=1e-12)
+        np.testing.assert_allclose(results[k].get_momenta(), alone[k].get_momenta(), atol=1e-12)
