@@ -271,3 +271,42 @@ def test_a_diverging_system_stops_alone_and_is_named(skin, bad, integrator):
         assert len(results[k].info["trajectory"]) == 5
         np.testing.assert_allclose(results[k].positions, alone[k].positions, atol=1e-12)
         np.testing.assert_allclose(results[k].get_momenta(), alone[k].get_momenta(), atol=1e-12)
+
+
+def test_a_system_whose_atoms_collide_stops_alone():
+    """Contract: a system whose atoms come within 0.01 Å of each other (two free atoms flying
+    head-on, no forces) leaves the batch at that step with ``info["md_error"]`` quoting the
+    graph builder (which atoms overlap), returned as it was at the step before; the others
+    run all their steps."""
+    potential = morse_potential()
+
+    class ForceFree(torch.nn.Module):
+        """The Morse potential's energies, with zero forces."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = potential
+
+        def __getattr__(self, name):
+            try:
+                return super().__getattr__(name)
+            except AttributeError:
+                return getattr(self.inner, name)
+
+        def forward(self, batch, compute_stress=False):
+            out = self.inner(batch)
+            return {**out, "forces": torch.zeros_like(out["forces"])}
+
+    pair = Atoms("H2", positions=[[0, 0, 0], [1.0, 0, 0]], cell=[8, 8, 8], pbc=False)
+    speed = 0.5 / (0.5 * units.fs)  # each atom moves 0.5 Å in one step of 0.5 fs
+    pair.set_momenta(pair.get_masses()[:, None] * [[speed, 0, 0], [-speed, 0, 0]])
+    others = _thermalized()
+    with pytest.warns(ForcecalcWarning, match=r"structure\(s\) 1 \(H2\): MD stopped at step 1"):
+        results = md([others[0], pair, others[2]], ForceFree(), steps=3, timestep=0.5)
+    assert results[1].info["md_steps"] == 0
+    assert "atoms 0 and 1" in results[1].info["md_error"]
+    np.testing.assert_array_equal(results[1].positions, pair.positions)
+    alone = md([others[0], others[2]], ForceFree(), steps=3, timestep=0.5)
+    for result, reference in zip([results[0], results[2]], alone, strict=True):
+        assert result.info["md_steps"] == 3
+        np.testing.assert_allclose(result.positions, reference.positions, atol=1e-12)
