@@ -235,7 +235,7 @@ def _cmd_relax(args: argparse.Namespace) -> int:
         if args.fix_below is not None:
             _fix_below(atoms, args.fix_below)
         selected.append(atoms)
-    # all, before the first step (the engine names overlaps itself, as it builds graphs)
+    # all, before the first step (the batched engine checks overlaps itself, counting edges)
     check_structures(selected, potential, engine=args.batched, overlaps=not args.batched)
     if args.batched and args.compile:
         from forcecalc.compiled import compiled_blocks

@@ -306,11 +306,10 @@ def md(
     if plan is None:
         return []
     structures, potential, device_, skin = plan.structures, plan.potential, plan.device, plan.skin
-    evaluate, max_systems = plan.evaluate, plan.max_systems
+    evaluate, max_systems, edge_counts = plan.evaluate, plan.max_systems, plan.edge_counts
     draws = (NumpyDraws if rng == "numpy" else TorchDraws)(seed, device_)
     results: list[Any] = [None] * len(structures)
     queue = list(range(len(structures)))[::-1]
-    edge_counts: dict[int, int] = {}
     while queue:
         systems = SystemSet(float(potential.cutoff), skin, device_)
         admit(systems, evaluate, structures, queue, max_systems, edge_counts)

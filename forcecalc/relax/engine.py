@@ -299,8 +299,8 @@ def check_structures(
     structures: Sequence, potential: nn.Module, engine: bool = True, overlaps: bool = False
 ) -> None:
     """Validate every structure before anything runs (ValueError naming the structure);
-    ``engine``: also that its constraints are those the batched engine honors (which names
-    overlapping atoms itself, when it builds a structure's graph); ``overlaps``: also that no
+    ``engine``: also that its constraints are those the batched engine honors (whose plan
+    checks overlapping atoms itself, as it counts every structure's edges); ``overlaps``: also that no
     two atoms overlap (a neighbor search per structure)."""
     for index, atoms in enumerate(structures):
         check_atoms(atoms, index)
@@ -458,7 +458,8 @@ def admit(
         queue: input indices still waiting, *reversed* (the next one last); admitted ones are
             popped.
         max_systems: most systems in flight (None: no count limit).
-        edge_counts: cache of the edge counts of waiting structures (filled as needed).
+        edge_counts: the edge counts of the waiting structures (:func:`count_all_edges`;
+            those admitted are popped).
 
     Returns:
         How many were admitted (at least one if the set was empty and the queue was not).
@@ -468,19 +469,30 @@ def admit(
         if max_systems is not None and systems.n_systems + len(chosen) >= max_systems:
             break
         index = queue[-1]
+        atoms, edges = len(structures[index]), edge_counts[index]
         if math.isfinite(evaluate.cap):
-            if index not in edge_counts:
-                edge_counts[index] = count_edges(structures[index], systems.graph_cutoff)
-            atoms, edges = len(structures[index]), edge_counts.pop(index)
             if (systems.n_systems or chosen) and not evaluate.fits(
                 n_atoms + atoms, n_edges + edges
             ):
-                edge_counts[index] = edges
                 break
             n_atoms, n_edges = n_atoms + atoms, n_edges + edges
+        del edge_counts[index]
         chosen.append(queue.pop())
     systems.extend([structures[i] for i in chosen], chosen)
     return len(chosen)
+
+
+def count_all_edges(structures: Sequence, cutoff: float) -> dict[int, int]:
+    """``{input index: directed edges within cutoff}`` of every structure (a ``ValueError``
+    naming the first whose atoms overlap, closer than 0.01 Å)."""
+    counts = {}
+    for index, atoms in enumerate(structures):
+        try:
+            counts[index] = count_edges(atoms, cutoff)
+        except ValueError as error:
+            formula = atoms.get_chemical_formula()
+            raise ValueError(f"structure {index} ({formula}): {error}") from None
+    return counts
 
 
 def count_edges(atoms: Atoms, cutoff: float) -> int:

@@ -19,7 +19,14 @@ import torch
 from torch import Tensor, nn
 
 from forcecalc.graph.neighbors import checked_skin
-from forcecalc.relax.engine import Evaluator, SystemSet, admit, check_structures, segment_max
+from forcecalc.relax.engine import (
+    Evaluator,
+    SystemSet,
+    admit,
+    check_structures,
+    count_all_edges,
+    segment_max,
+)
 from forcecalc.relax.memory import (
     CPU_MEMORY_MODEL,
     MemoryModel,
@@ -123,6 +130,7 @@ class RunPlan:
     skin: float
     evaluate: Evaluator
     max_systems: int | None
+    edge_counts: dict[int, int]
 
 
 def plan_run(
@@ -135,7 +143,12 @@ def plan_run(
     memory: MemoryModel | None,
 ) -> RunPlan | None:
     """Load the model, check the structures, choose the skin and the batching (None: no
-    structures). ``structures`` may be one ``Atoms`` or a sequence of them."""
+    structures). ``structures`` may be one ``Atoms`` or a sequence of them.
+
+    Every structure's edges are counted here, before any work (the memory budget admits
+    structures by their counts): a structure whose atoms overlap is a ``ValueError`` naming
+    it now, not when it would enter the batch, after the work on those before it.
+    """
     structures = [structures] if hasattr(structures, "get_positions") else list(structures)
     potential = resolve_potential(model, device, dtype)
     check_structures(structures, potential)
@@ -143,8 +156,9 @@ def plan_run(
         return None
     device_ = potential_device(potential)
     skin = default_skin(device_) if skin is None else checked_skin(skin)
+    edge_counts = count_all_edges(structures, float(potential.cutoff) + skin)
     evaluate, max_systems = plan_batches(potential, structures, batch_size, skin, memory)
-    return RunPlan(structures, potential, device_, skin, evaluate, max_systems)
+    return RunPlan(structures, potential, device_, skin, evaluate, max_systems, edge_counts)
 
 
 #: Scale of the compressed copy of the samples among the memory-model measurements (denser:
@@ -282,13 +296,12 @@ def relax(
     if plan is None:
         return []
     structures, potential, device_, skin = plan.structures, plan.potential, plan.device, plan.skin
-    evaluate, max_systems = plan.evaluate, plan.max_systems
+    evaluate, max_systems, edge_counts = plan.evaluate, plan.max_systems, plan.edge_counts
     systems = SystemSet(float(potential.cutoff), skin, device_)
     results: list[Any] = [None] * len(structures)
     frames: dict[int, list] = {}
     taken: list[int] = []
     initial: list[float] = []
-    edge_counts: dict[int, int] = {}
     queue = list(range(len(structures)))[::-1]
     bar = tqdm(total=len(structures), disable=not progress, desc="relax", unit="structure")
 

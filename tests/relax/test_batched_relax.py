@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from functools import cache
 
 import numpy as np
@@ -20,7 +21,7 @@ from relax_helpers import (
 )
 
 from forcecalc.calculator import load_calculator
-from forcecalc.relax import MemoryModel, relax
+from forcecalc.relax import MemoryModel, md, relax
 from forcecalc.relax.engine import SystemSet
 from forcecalc.relax.optimizers import make_optimizer
 
@@ -469,12 +470,19 @@ def test_bfgs_on_a_force_that_does_not_change_ends_that_structure_only():
         assert "relax_error" not in a.info
 
 
-def test_overlapping_atoms_are_named_by_input_place():
-    """Contract: the engine names a structure whose atoms overlap by its input index, with
-    its own atom indices (the graph builder's are batch-wide)."""
+@pytest.mark.parametrize("batch_size", [3, 1, "auto"])
+@pytest.mark.parametrize("run", ["relax", "md"])
+def test_overlapping_atoms_are_named_before_any_work(run, batch_size):
+    """Contract: a structure whose atoms overlap is a ValueError naming it by its input index,
+    with its own atom indices (the graph builder's are batch-wide), before the first forward
+    pass, whatever the batch size: it was found when it entered the batch, after the
+    structures before it had been relaxed, and their results were lost."""
     structures = mixed_structures()[:3]
     bad = structures[2].copy()
     bad.positions[1] = bad.positions[0]
     formula = bad.get_chemical_formula()
+    potential = OutOfMemoryAbove(morse_potential(), max_atoms=10**9)  # counts its calls
+    run_it = relax if run == "relax" else functools.partial(md, timestep=0.5)
     with pytest.raises(ValueError, match=rf"^structure 2 \({formula}\): atoms 0 and 1 are 0 Å"):
-        relax([*structures[:2], bad], morse_potential(), batch_size=3, steps=2)
+        run_it([*structures[:2], bad], potential, batch_size=batch_size, steps=2)
+    assert potential.calls == 0
