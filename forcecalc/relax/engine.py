@@ -300,8 +300,8 @@ def check_structures(
 ) -> None:
     """Validate every structure before anything runs (ValueError naming the structure);
     ``engine``: also that its constraints are those the batched engine honors (whose plan
-    checks overlapping atoms itself, as it counts every structure's edges); ``overlaps``: also that no
-    two atoms overlap (a neighbor search per structure)."""
+    checks overlapping atoms itself, as it counts every structure's edges); ``overlaps``:
+    also that no two atoms overlap (a neighbor search per structure)."""
     for index, atoms in enumerate(structures):
         check_atoms(atoms, index)
         if engine:

@@ -9,6 +9,7 @@ converged (ASE's criterion: the largest per-atom force norm, FixAtoms applied, b
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from numbers import Integral, Real
@@ -40,6 +41,7 @@ from forcecalc.relax.memory import (
     remember_memory_model,
 )
 from forcecalc.relax.optimizers import make_optimizer
+from forcecalc.warning import ForcecalcWarning
 
 if TYPE_CHECKING:
     from ase import Atoms
@@ -214,10 +216,14 @@ def _auto_memory_model(
     if model is None and not cuda and not cpu_peak_measurable():
         return CPU_MEMORY_MODEL
     if model is None:
-        batches = memory_sample_batches(potential, structures, skin, device)
         grad = bool(getattr(potential, "energy_gradient", False))
         measure = cuda_peak_bytes if cuda else cpu_peak_bytes
-        model = measure_memory_model(potential, batches, grad, measure)
+        # warnings about the samples (compressed copies: closer contacts) are not about the
+        # user's structures, which the run itself checks
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ForcecalcWarning)
+            batches = memory_sample_batches(potential, structures, skin, device)
+            model = measure_memory_model(potential, batches, grad, measure)
         if model.bytes_per_atom <= 0 and model.bytes_per_edge <= 0:
             return CPU_MEMORY_MODEL.with_budget(memory_budget(device))
         remember_memory_model(potential, device, model, largest)
@@ -283,7 +289,8 @@ def relax(
         model output (energy, forces) or optimizer step was not finite (e.g. LBFGS where the
         forces vanish) ends there, unconverged, with ``info["relax_error"]`` saying which
         (with the model's NaN outputs, and, with ``trajectory``, the frames recorded before:
-        none if its first evaluation failed).
+        none if its first evaluation failed); so does one whose atoms a step brought within
+        0.01 Å of each other (energy and forces NaN: the graph cannot be built).
     """
     from tqdm.auto import tqdm
 
@@ -329,7 +336,30 @@ def relax(
         if admitted:
             opt.add(systems.natoms[-admitted:])
             taken.extend([0] * admitted)
-        energy, raw_forces = evaluate(systems)
+        try:
+            energy, raw_forces = evaluate(systems)
+        except ValueError:
+            overlapping = systems.graph_problems(range(systems.n_systems))
+            if not overlapping:
+                raise
+            # a step brought atoms within 0.01 Å of each other: those systems end there, with
+            # no model output (NaN), and the others are evaluated again
+            ids, steps_taken, nan = systems.ids, list(taken), torch.nan
+            energy = torch.full((systems.n_systems,), nan, dtype=torch.float64, device=device_)
+            raw_forces = torch.full((systems.n_atoms, 3), nan, dtype=torch.float64, device=device_)
+            ended = torch.zeros(systems.n_systems, dtype=torch.bool, device=device_)
+            ended[list(overlapping)] = True
+            initial.extend([nan] * admitted)  # placeholders of the admitted: never ended here
+            retire(ended, torch.zeros_like(ended))
+            del initial[len(initial) - admitted :]
+            for k, problem in overlapping.items():
+                results[ids[k]].info["relax_error"] = (
+                    f"step {steps_taken[k]} brought atoms within 0.01 Å of each other (the "
+                    f"model's forces pulled them together; no energy or forces there): {problem}"
+                )
+            if not systems.n_systems:
+                continue
+            energy, raw_forces = evaluate(systems)
         if admitted:
             initial.extend(energy[-admitted:].tolist())
         broken = ~torch.isfinite(energy) | (_non_finite_rows(raw_forces, systems) > 0)

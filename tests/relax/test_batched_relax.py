@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import warnings
 from functools import cache
 
 import numpy as np
@@ -20,6 +21,7 @@ from relax_helpers import (
     single_thread,
 )
 
+from forcecalc import ForcecalcWarning
 from forcecalc.calculator import load_calculator
 from forcecalc.relax import MemoryModel, md, relax
 from forcecalc.relax.engine import SystemSet
@@ -486,3 +488,53 @@ def test_overlapping_atoms_are_named_before_any_work(run, batch_size):
     with pytest.raises(ValueError, match=rf"^structure 2 \({formula}\): atoms 0 and 1 are 0 Å"):
         run_it([*structures[:2], bad], potential, batch_size=batch_size, steps=2)
     assert potential.calls == 0
+
+
+def test_a_structure_whose_atoms_a_step_brings_together_ends_alone():
+    """Contract: where an optimizer step brings two atoms within 0.01 Å of each other (here
+    forces pull two free H atoms 0.4 Å apart together and BFGS's 0.2 Å step meets them), that
+    structure ends there, unconverged, with NaN energy and ``info["relax_error"]`` naming the
+    step and the atoms; the others relax as without it (the whole run raised).  The memory
+    model's samples (copies compressed to 0.8: the pair at 0.32 Å) warn of nothing."""
+    potential = morse_potential()
+
+    class Pulling(torch.nn.Module):
+        """The Morse potential; on 2-atom systems, 100 eV/Å pulling each atom to their centre."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = potential
+
+        def __getattr__(self, name):
+            try:
+                return super().__getattr__(name)
+            except AttributeError:
+                return getattr(self.inner, name)
+
+        def forward(self, batch, compute_stress=False):
+            out = self.inner(batch)
+            pair = (batch.natoms == 2)[batch.system_idx]
+            idx = batch.system_idx
+            centre = torch.zeros_like(out["forces"][: len(batch.natoms)])
+            centre = centre.index_add(0, idx, batch.positions) / batch.natoms[:, None]
+            towards = centre[idx] - batch.positions
+            pull = 100.0 * towards / towards.norm(dim=1, keepdim=True)
+            return {**out, "forces": torch.where(pair[:, None], pull, out["forces"])}
+
+    from ase import Atoms
+
+    pair = Atoms("H2", positions=[[0, 0, 0], [0.4, 0, 0]], cell=[8, 8, 8], pbc=False)
+    others = mixed_structures()[:2]
+    assert all(len(atoms) != 2 for atoms in others)
+    with warnings.catch_warnings():  # nor a close-contact warning about the memory
+        warnings.simplefilter("error", ForcecalcWarning)  # model's compressed samples (0.32 Å)
+        results = relax([others[0], pair, others[1]], Pulling(), optimizer="bfgs", steps=5)
+    ended = results[1]
+    assert ended.info["relax_steps"] == 1 and not ended.info["relax_converged"]
+    assert ended.info["relax_error"].startswith("step 1 brought atoms within 0.01 Å")
+    assert "atoms 0 and 1 are" in ended.info["relax_error"]
+    assert np.isnan(ended.get_potential_energy())
+    alone = relax(others, Pulling(), optimizer="bfgs", steps=5)
+    for result, reference in zip([results[0], results[2]], alone, strict=True):
+        assert "relax_error" not in result.info
+        np.testing.assert_allclose(result.positions, reference.positions, atol=1e-9)
