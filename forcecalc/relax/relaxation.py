@@ -331,6 +331,29 @@ def relax(
         initial[:] = [e for e, gone in zip(initial, ended_host, strict=True) if not gone]
         return keep, atom_keep
 
+    def end_overlapping(admitted: int) -> bool:
+        """End the systems whose graph cannot be built because a step brought two atoms
+        within 0.01 Å of each other (no model output there: NaN); whether there were any.
+        The ``admitted`` last systems, which entered unevaluated, are never among them."""
+        nonlocal energy, raw_forces
+        overlapping = systems.graph_problems(range(systems.n_systems))
+        if not overlapping:
+            return False
+        ids, steps_taken, nan = systems.ids, list(taken), torch.nan
+        energy = torch.full((systems.n_systems,), nan, dtype=torch.float64, device=device_)
+        raw_forces = torch.full((systems.n_atoms, 3), nan, dtype=torch.float64, device=device_)
+        ended = torch.zeros(systems.n_systems, dtype=torch.bool, device=device_)
+        ended[list(overlapping)] = True
+        initial.extend([nan] * admitted)  # placeholders, dropped again below
+        retire(ended, torch.zeros_like(ended))
+        del initial[len(initial) - admitted :]
+        for k, problem in overlapping.items():
+            results[ids[k]].info["relax_error"] = (
+                f"step {steps_taken[k]} brought atoms within 0.01 Å of each other (the "
+                f"model's forces pulled them together; no energy or forces there): {problem}"
+            )
+        return True
+
     while queue or systems.n_systems:
         admitted = admit(systems, evaluate, structures, queue, max_systems, edge_counts)
         if admitted:
@@ -339,24 +362,8 @@ def relax(
         try:
             energy, raw_forces = evaluate(systems)
         except ValueError:
-            overlapping = systems.graph_problems(range(systems.n_systems))
-            if not overlapping:
+            if not end_overlapping(admitted):
                 raise
-            # a step brought atoms within 0.01 Å of each other: those systems end there, with
-            # no model output (NaN), and the others are evaluated again
-            ids, steps_taken, nan = systems.ids, list(taken), torch.nan
-            energy = torch.full((systems.n_systems,), nan, dtype=torch.float64, device=device_)
-            raw_forces = torch.full((systems.n_atoms, 3), nan, dtype=torch.float64, device=device_)
-            ended = torch.zeros(systems.n_systems, dtype=torch.bool, device=device_)
-            ended[list(overlapping)] = True
-            initial.extend([nan] * admitted)  # placeholders of the admitted: never ended here
-            retire(ended, torch.zeros_like(ended))
-            del initial[len(initial) - admitted :]
-            for k, problem in overlapping.items():
-                results[ids[k]].info["relax_error"] = (
-                    f"step {steps_taken[k]} brought atoms within 0.01 Å of each other (the "
-                    f"model's forces pulled them together; no energy or forces there): {problem}"
-                )
             if not systems.n_systems:
                 continue
             energy, raw_forces = evaluate(systems)
