@@ -514,6 +514,7 @@ def _note_energy_conservation(potential: Potential) -> None:
 
 def _cmd_md(args: argparse.Namespace) -> int:
     from ase import units
+    from ase.calculators.calculator import CalculatorError
     from ase.md.langevin import Langevin
     from ase.md.verlet import VelocityVerlet
 
@@ -577,10 +578,14 @@ def _cmd_md(args: argparse.Namespace) -> int:
         )
 
     dyn.attach(log, interval=args.log_interval)
-    if args.out:
-        _run_saving_frames(dyn, atoms, args, out_format)
-    else:
-        dyn.run(args.steps)
+    atoms.get_potential_energy()  # the input's own problems (overlapping atoms): exit code 2
+    try:
+        if args.out:
+            _run_saving_frames(dyn, atoms, args, out_format)
+        else:
+            dyn.run(args.steps)
+    except ValueError as error:  # the calculator's check of positions the run made
+        raise CalculatorError(f"md stopped in step {dyn.nsteps + 1}: {error}") from error
     return 0
 
 

@@ -414,6 +414,27 @@ def test_md_of_a_failing_model_is_one_line(tmp_path: Path, capsys) -> None:
     assert err[-1].startswith("forcecalc: error: ") and "not finite" in err[-1]
 
 
+def test_md_that_brings_atoms_together_is_a_failed_run(tmp_path: Path, capsys) -> None:
+    """Two Cu atoms flying head-on meet within 0.01 Å in the first step: `md` ends with one
+    line naming the step and exit code 1 (a run that went wrong, not bad input: exit code 2
+    is for those, as for the same pair given overlapping)."""
+    from ase import Atoms, units
+
+    pair = Atoms("Cu2", positions=[[0, 0, 0], [1.0, 0, 0]], cell=[9, 9, 9], pbc=False)
+    speed = 0.5 / (0.5 * units.fs)  # each atom moves 0.5 Å in one step of 0.5 fs
+    pair.set_momenta(pair.get_masses()[:, None] * [[speed, 0, 0], [-speed, 0, 0]])
+    write(tmp_path / "pair.extxyz", pair)
+    command = ["md", str(tmp_path / "pair.extxyz"), "--model", str(SPINCONV_EC)]
+    options = ["--integrator", "verlet", "--timestep", "0.5", "--steps", "3", "--keep-momenta"]
+    assert main([*command, *options]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("forcecalc: error: md stopped in step 1: atoms 0 and 1 are")
+    pair.positions[1] = pair.positions[0]
+    write(tmp_path / "pair.extxyz", pair)
+    assert main([*command, *options]) == 2
+    assert "atoms 0 and 1 are 0 Å apart" in capsys.readouterr().err
+
+
 def test_md_keep_momenta_continues_from_the_stored_momenta(tmp_path: Path) -> None:
     """`md --keep-momenta` starts from the momenta stored in the input (an NVE run continues
     where the last frame of an earlier run's output stopped); without it they are drawn
