@@ -648,7 +648,25 @@ class _Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        self.exit(
+            2, f"{self.prog}: error: {message}{self._swallowed(message)} (see {self.prog} --help)\n"
+        )
+
+    def _swallowed(self, message: str) -> str:
+        """For a missing positional argument where an option takes several values (``finetune
+        --data f.extxyz CHECKPOINT`` gives CHECKPOINT to --data): how to write it."""
+        if not message.startswith("the following arguments are required"):
+            return ""
+        lists = [a.option_strings[0] for a in self._actions if a.option_strings and a.nargs == "+"]
+        missing = [a.metavar or a.dest for a in self._actions if not a.option_strings]
+        missing = [name for name in missing if name in message]
+        if not lists or not missing:
+            return ""
+        return (
+            f"; an option with several values ({', '.join(lists[:3])}"
+            f"{', ...' if len(lists) > 3 else ''}) takes every word after it: give "
+            f"{missing[0]} before it, or end its values with --"
+        )
 
 
 def _add_eval_commands(sub: argparse._SubParsersAction) -> None:

@@ -70,8 +70,9 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         const="",
         default=None,
         metavar="STATE",
-        help="continue a killed or finished run from STATE (default: OUT/checkpoint.pt); "
-        "without --config the run's own options are used, flags override them",
+        help="continue a killed or finished run from STATE, a training state or a run's "
+        "folder (default: OUT/checkpoint.pt); without --config the run's own options are "
+        "used, flags override them",
     )
 
 
@@ -121,6 +122,8 @@ def build_config(
     if args.resume is not None:
         out = Path(flags.get("out", values.get("out", TrainConfig().out)))
         resume = Path(args.resume) if args.resume else out / "checkpoint.pt"
+        if resume.is_dir():  # a run's folder: its training state
+            resume = resume / "checkpoint.pt"
         if not resume.exists():
             raise FileNotFoundError(f"no training state to resume at {resume}")
         if not args.config:

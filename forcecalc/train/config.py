@@ -69,7 +69,7 @@ HELP: dict[str, str] = {
     "model": "model name when training from scratch",
     "model_kwargs": "model keyword arguments (JSON)",
     "init_checkpoint": "start from this checkpoint (fine-tuning)",
-    "allow_unsafe": "allow full unpickling of --init-checkpoint",
+    "allow_unsafe": "allow full unpickling of the starting checkpoint (a trusted file only)",
     "freeze_except": "train only parameters under these module names (e.g. force_output_block)",
     "dtype": "float32 or float64",
     "energy_loss": f"energy loss: {', '.join(ENERGY_LOSSES)}",

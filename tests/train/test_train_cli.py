@@ -67,7 +67,8 @@ def test_config_file_and_flags(tmp_path):
 
 def test_train_then_resume_from_the_command_line(tmp_path, capsys):
     """``forcecalc train`` trains on a file and writes ``final.pt``; ``--resume`` with a larger
-    ``--max-steps`` continues the same run (its own options) from ``checkpoint.pt``."""
+    ``--max-steps`` continues the same run (its own options) from ``checkpoint.pt``, also
+    where ``--resume`` names the run's folder."""
     data = tmp_path / "frames.extxyz"
     write(data, training_frames()[:6])
     out = tmp_path / "run"
@@ -85,6 +86,10 @@ def test_train_then_resume_from_the_command_line(tmp_path, capsys):
     assert args.func(args) == 0
     state = torch.load(out / "checkpoint.pt", weights_only=True)
     assert state["step"] == 4 and state["config"]["batch_size"] == 2
+    # the run's folder as STATE: its training state (it was called a corrupt checkpoint)
+    args = _parser().parse_args(["train", "--resume", str(out), "--max-steps", "5"])
+    assert args.func(args) == 0
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 5
 
 
 def test_finetune_from_the_command_line(tmp_path):
