@@ -35,7 +35,10 @@ def structures(n: int, seed: int = 0) -> list[Atoms]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
+    parser = argparse.ArgumentParser(
+        description=" ".join(__doc__.split("\n\n")[0].split()),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument("--model", default="spinconv-fc", help="checkpoint name or path")
     parser.add_argument("--n", type=int, default=64, help="number of structures")
     parser.add_argument("--batch-size", type=int, default=16)

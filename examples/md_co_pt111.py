@@ -88,7 +88,10 @@ def drift_per_atom_ps(energies: np.ndarray, timestep: float, n_free: int) -> flo
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
+    parser = argparse.ArgumentParser(
+        description=" ".join(__doc__.split("\n\n")[0].split()),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument("--model", default="spinconv-ec", help="checkpoint name or path")
     parser.add_argument("--langevin-steps", type=int, default=100)
     parser.add_argument("--nve-steps", type=int, default=200)

@@ -68,7 +68,10 @@ def barrier(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
+    parser = argparse.ArgumentParser(
+        description=" ".join(__doc__.split("\n\n")[0].split()),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument("--model", default="spinconv-ec", help="checkpoint name or path")
     parser.add_argument("--images", type=int, default=5, help="intermediate images")
     parser.add_argument("--fmax", type=float, default=0.05, help="eV/Å")

@@ -22,7 +22,10 @@ from forcecalc.atomic import atomic_output
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
+    parser = argparse.ArgumentParser(
+        description=" ".join(__doc__.split("\n\n")[0].split()),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument("--model", default="spinconv-fc", help="checkpoint name or path")
     parser.add_argument("--fmax", type=float, default=0.05, help="eV/Å")
     parser.add_argument("--out", default="relaxation.png")

@@ -65,10 +65,13 @@ def relax(atoms: Atoms, calc: Calculator, fmax: float) -> tuple[Atoms, int, floa
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
+    parser = argparse.ArgumentParser(
+        description=" ".join(__doc__.split("\n\n")[0].split()),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument("--model", default="spinconv-fc", help="checkpoint name or path")
     parser.add_argument("--fmax", type=float, default=0.05, help="eV/Å")
-    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args()
 
     slab, system = co_on_cu111()

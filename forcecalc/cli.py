@@ -222,6 +222,13 @@ def _cmd_relax(args: argparse.Namespace) -> int:
     potential = load_checkpoint(
         args.model, device=args.device, dtype=args.dtype, allow_unsafe=args.allow_unsafe
     )
+    _note_cuda_graph_off_cuda(args, potential)
+    if args.shard and not args.out:
+        print(
+            f"forcecalc: note: --shard {args.shard} without --out: this shard's results are "
+            "printed, not saved for forcecalc merge",
+            file=sys.stderr,
+        )
     # which input and which weights a shard's output came from, for `merge` (text that
     # extxyz cannot take for a number)
     provenance = {
@@ -494,6 +501,17 @@ def _check_md_args(args: argparse.Namespace) -> None:
     _check_at_least(args, "skin", 0)
 
 
+def _note_cuda_graph_off_cuda(args: argparse.Namespace, potential: Potential) -> None:
+    """A note on stderr where ``--cuda-graph`` was asked for on a device without CUDA graphs:
+    the same fixed-shape forward runs there without one (no faster; usually slower)."""
+    if args.cuda_graph and potential.device.type != "cuda":
+        print(
+            f"forcecalc: note: --cuda-graph on {potential.device.type}: no CUDA graph there, "
+            "the fixed-shape forward runs as it is (no faster there: use it on a GPU)",
+            file=sys.stderr,
+        )
+
+
 def _note_energy_conservation(potential: Potential) -> None:
     """A note on stderr where ``potential``'s forces are no energy gradient (direct forces, or
     OCP's compat forces), whose dynamics conserve no energy."""
@@ -545,6 +563,7 @@ def _cmd_md(args: argparse.Namespace) -> int:
         **({} if args.forces is None else {"forces": args.forces}),
     )
     _note_energy_conservation(atoms.calc.potential)
+    _note_cuda_graph_off_cuda(args, atoms.calc.potential)
     rng = np.random.default_rng(args.seed)
     if args.keep_momenta:
         if not atoms.get_momenta().any():

@@ -231,7 +231,7 @@ def test_md_that_fails_keeps_the_old_trajectory_and_its_frames(tmp_path: Path, m
         return calculate(self, *args, **kwargs)
 
     monkeypatch.setattr(ForceCalculator, "calculate", failing)
-    assert main(command) == 2
+    assert main(command) == 1  # a run that failed midway
     assert out.read_bytes() == before
     assert len(read(f"{out}.part", index=":")) >= 1
 
@@ -433,6 +433,19 @@ def test_md_that_brings_atoms_together_is_a_failed_run(tmp_path: Path, capsys) -
     write(tmp_path / "pair.extxyz", pair)
     assert main([*command, *options]) == 2
     assert "atoms 0 and 1 are 0 Å apart" in capsys.readouterr().err
+
+
+def test_options_that_do_nothing_here_get_a_note(tmp_path: Path, capsys) -> None:
+    """`relax --cuda-graph` off a GPU (no CUDA graph there, the same numbers) and `relax
+    --shard I/N` without `--out` (nothing saved for merge) run, with one note each on stderr."""
+    write(tmp_path / "two.extxyz", [fcc111("Cu", size=(2, 2, 2), vacuum=5.0)] * 2)
+    command = ["relax", str(tmp_path / "two.extxyz"), "--model", str(SPINCONV_EC), "--steps", "1"]
+    assert main([*command, "--cuda-graph"]) == 0
+    assert "note: --cuda-graph on cpu: no CUDA graph there" in capsys.readouterr().err
+    assert main([*command, "--shard", "1/2"]) == 0
+    assert "note: --shard 1/2 without --out: this shard's results are printed, not saved" in (
+        capsys.readouterr().err
+    )
 
 
 def test_md_keep_momenta_continues_from_the_stored_momenta(tmp_path: Path) -> None:
