@@ -121,8 +121,12 @@ def test_force_centric_models_define_no_stress() -> None:
         (Atoms("CuAt", positions=[[0, 0, 0], [0, 0, 2]]), r"element\(s\) At \(atoms \[1\]\)"),
         (Atoms("CuO", positions=[[0, 0, 0], [0, 0, 0.001]]), r"atoms 0 and 1 are 0.001 Å apart"),
         (
+            Atoms("Cu2", positions=[[0, 0, 0], [2.995, 0, 0]], cell=[3, 3, 3], pbc=True),
+            r"atom 0 and a periodic image of atom 1 are 0.005 Å apart, closer than 0.01 Å",
+        ),
+        (
             Atoms("Cu", positions=[[0, 0, 0]], cell=[0.005, 3, 3], pbc=True),
-            r"atoms 0 and 0 are 0.005 Å apart \(counting periodic images\)",
+            r"atom 0 and its periodic image are 0.005 Å apart, closer than 0.01 Å",
         ),
     ],
 )

@@ -311,7 +311,7 @@ def radius_graph(
     edge_index, shifts = edge_index[:, order], shifts[order]
     vectors = edge_vectors(positions, cell, system_idx, edge_index, shifts)
     distances = torch.linalg.norm(vectors, dim=1)
-    _check_no_overlap(edge_index, distances, system_idx)
+    _check_no_overlap(edge_index, shifts, distances, system_idx)
     if max_neighbors is not None:
         keep = max_neighbors_mask(edge_index[1], distances, max_neighbors, len(positions))
         edge_index, shifts = edge_index[:, keep], shifts[keep]
@@ -328,8 +328,10 @@ def _cells_of_box(positions: Tensor, cell: Tensor, pbc: Tensor, cutoff: float) -
     return float(torch.clamp(sizes / cutoff, min=1.0).prod())
 
 
-def _check_no_overlap(edge_index: Tensor, distances: Tensor, system_idx: Tensor) -> None:
-    """Raise ``ValueError`` naming two atoms (or an atom and its periodic image) closer than
+def _check_no_overlap(
+    edge_index: Tensor, shifts: Tensor, distances: Tensor, system_idx: Tensor
+) -> None:
+    """Raise ``ValueError`` naming two atoms (or an atom and a periodic image) closer than
     ``sqrt(MIN_DISTANCE_SQ)`` = 0.01 Å, by their indices in their own structure (and that
     structure's place in a batch of several): no structure has them, and the models would
     drop the pair silently (as OCP does), giving a number for a broken input.  Two atoms
@@ -344,17 +346,22 @@ def _check_no_overlap(edge_index: Tensor, distances: Tensor, system_idx: Tensor)
     system = int(system_idx[i])
     start = int((system_idx < system).sum())
     where = f" of structure {system} in the batch" if int(system_idx.max()) > 0 else ""
-    pair = f"atoms {j - start} and {i - start}{where} are {closest:.3g} Å apart"
+    if i == j:
+        pair = f"atom {i - start}{where} and its periodic image are {closest:.3g} Å apart"
+    elif bool(shifts[first].any()):
+        pair = f"atom {j - start} and a periodic image of atom {i - start}{where} are "
+        pair += f"{closest:.3g} Å apart"
+    else:
+        pair = f"atoms {j - start} and {i - start}{where} are {closest:.3g} Å apart"
     if closest * closest <= MIN_DISTANCE_SQ:
-        count = int((distances * distances <= MIN_DISTANCE_SQ).sum())
+        pairs = int((distances * distances <= MIN_DISTANCE_SQ).sum()) // 2  # edges both ways
+        others = f" ({pairs} such pairs)" if pairs > 1 else ""
         raise ValueError(
-            f"{pair} (counting periodic images), closer than 0.01 Å: overlapping atoms "
-            f"({count} such edge(s)); check the positions"
+            f"{pair}, closer than 0.01 Å: overlapping atoms{others}; check the positions"
         )
     warn(
-        f"{pair} (counting periodic images), closer than any bond ({CLOSE_CONTACT} Å): the "
-        "energy and forces of such a structure mean nothing; check the positions' unit (Å) "
-        "and the cell"
+        f"{pair}, closer than any bond ({CLOSE_CONTACT} Å): the energy and forces of such a "
+        "structure mean nothing; check the positions' unit (Å) and the cell"
     )
 
 
