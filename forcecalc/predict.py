@@ -62,7 +62,8 @@ def predict(
         raise ValueError(f"batch_size must be 'auto' or an integer >= 1, got {batch_size!r}")
     structures = [structures] if isinstance(structures, Atoms) else list(structures)
     potential = as_potential(model, device=device, dtype=dtype, **model_options)
-    check_structures(structures, potential, engine=False, overlaps=True)  # by input place
+    # overlapping atoms named by input place (the engine's plan checks them itself)
+    check_structures(structures, potential, engine=False, overlaps=not auto)
     if auto:
         raw = _evaluated_by_the_engine(structures, potential, progress)
     else:

@@ -32,8 +32,9 @@ def test_predict_names_the_structure_and_applies_constraints() -> None:
         predict([atoms], potential, dtype="float32")
     overlapping = atoms.copy()
     overlapping.positions[1] = overlapping.positions[0]
-    with pytest.raises(ValueError, match=r"^structure 3 \(Cu8O\): atoms 0 and 1 are 0 Å"):
-        predict([atoms] * 3 + [overlapping], potential, batch_size=2)
+    for batch_size in (2, "auto"):  # named by input place, not by place in a batch
+        with pytest.raises(ValueError, match=r"^structure 3 \(Cu8O\): atoms 0 and 1 are 0 Å"):
+            predict([atoms] * 3 + [overlapping], potential, batch_size=batch_size)
     for batch_size in ("all", True, 0):
         with pytest.raises(ValueError, match="batch_size must be 'auto' or an integer >= 1"):
             predict([atoms], potential, batch_size=batch_size)
