@@ -28,7 +28,7 @@ from forcecalc.checkpoint import Potential, as_potential
 from forcecalc.compiled import compiled_blocks, compiled_function
 from forcecalc.graph import Batch, radius_graph
 from forcecalc.graph.batch import atoms_to_arrays
-from forcecalc.graph.neighbors import checked_skin
+from forcecalc.graph.neighbors import MIN_DISTANCE_SQ, checked_skin
 from forcecalc.replay import GraphReplay
 
 #: The Voigt order ASE uses for stress: xx, yy, zz, yz, xz, xy.
@@ -55,8 +55,9 @@ class ForceCalculator(Calculator):
             otherwise; SpinConv's energy readout keeps its trained normalisation), for this
             calculator only (a ``Potential`` passed in is not changed).
         skin: if > 0, keep the neighbor list built at ``cutoff + skin`` and rebuild it only
-            when an atom moved more than ``skin / 2`` or the cell, numbers or pbc changed.
-            Results are identical to rebuilding every step.
+            when an atom moved more than ``skin / 2``, the cell, numbers or pbc changed, or
+            two atoms came within 0.01 Å of each other (the build then refuses them, as
+            without a skin).  Results are identical to rebuilding every step.
         cuda_graph: replay the model's forward (for an energy-centric SpinConv with its
             backward pass, forces and stress) from captured CUDA graphs, one launch per step
             in place of hundreds (a small system's forward is bound by those launches).  The
@@ -170,6 +171,7 @@ class ForceCalculator(Calculator):
         elif compile_mode is not None:
             self.potential = compiled_blocks(potential, compile_mode)
         self._graph: tuple[np.ndarray, ...] | None = None
+        self._near: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         self.graph_builds = 0
         # the fixed-shape inputs of the last call, with the graph build they came from
         self._inputs: tuple[int, dict[str, torch.Tensor]] | None = None
@@ -303,6 +305,7 @@ class ForceCalculator(Calculator):
                 self.potential.cutoff + self.skin,
             )
             self._graph = (positions, numbers, cell, pbc, graph.edge_index, graph.shifts)
+            self._near = _near_pairs(positions, cell, graph.edge_index, graph.shifts, self.skin)
             self.graph_builds += 1
         edge_index, shifts = self._graph[4], self._graph[5]
         batch = Batch.from_arrays(*arrays).with_edges(edge_index, shifts)
@@ -324,7 +327,29 @@ class ForceCalculator(Calculator):
         ):
             return False
         moved = np.linalg.norm(positions - old_positions, axis=1).max()
-        return bool(moved <= 0.5 * self.skin)
+        if not moved <= 0.5 * self.skin:
+            return False
+        # two atoms that moved less can still meet: the builder then names them
+        source, target, offsets = self._near
+        vectors = positions[source] - positions[target] + offsets
+        return not bool(((vectors * vectors).sum(axis=1) <= MIN_DISTANCE_SQ).any())
+
+
+def _near_pairs(
+    positions: np.ndarray,
+    cell: np.ndarray,
+    edge_index: torch.Tensor,
+    shifts: torch.Tensor,
+    skin: float,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(source [m], target [m], shift offsets [m, 3])`` of the edges shorter than ``skin +
+    0.01 Å`` (of one structure: ``cell`` ``[1, 3, 3]``): the only pairs that can come within
+    0.01 Å of each other while no atom has moved more than ``skin / 2``."""
+    source, target = edge_index.numpy()
+    offsets = shifts.numpy() @ cell[0]
+    vectors = positions[source] - positions[target] + offsets
+    near = (vectors * vectors).sum(axis=1) < (skin + MIN_DISTANCE_SQ**0.5) ** 2
+    return source[near], target[near], offsets[near]
 
 
 def _with_max_neighbors(potential: Potential, max_neighbors: int) -> Potential:

@@ -209,6 +209,20 @@ def test_skin_reuses_the_graph_with_identical_results() -> None:
     assert 1 <= reuse.graph_builds < steps
 
 
+@pytest.mark.parametrize("skin", [0.0, 1.0])
+def test_atoms_that_meet_are_refused_with_or_without_a_skin(skin: float) -> None:
+    """Two Cu atoms flying head-on come within 0.006 Å of each other in the first MD step,
+    each having moved 0.45 Å, less than half the skin: the calculator refuses that step
+    naming the atoms, as without a skin (with one it reused its neighbor list and returned
+    the numbers of a model that drops such a pair)."""
+    pair = Atoms("Cu2", positions=[[0, 0, 0], [0.9, 0.005, 0]], cell=[9, 9, 9], pbc=False)
+    speed = 0.45 / (0.5 * units.fs)  # each atom moves 0.45 Å in one step of 0.5 fs
+    pair.set_momenta(pair.get_masses()[:, None] * [[speed, 0, 0], [-speed, 0, 0]])
+    pair.calc = load_calculator(FORCENET, device="cpu", dtype="float64", skin=skin)
+    with pytest.raises(ValueError, match=r"atoms 0 and 1 are 0.00\d+ Å apart, closer than 0.01"):
+        VelocityVerlet(pair, timestep=0.5 * units.fs).run(3)
+
+
 def test_a_pair_exactly_at_the_cutoff_is_no_edge_with_or_without_a_skin() -> None:
     """A periodic image exactly one cutoff away (6 Å = 2 x a 3 Å cell axis) is not an edge:
     the neighbor list keeps ``d < cutoff``, and so does the model's own selection from a

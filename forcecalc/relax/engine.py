@@ -3,7 +3,8 @@
 :class:`SystemSet` holds the systems being relaxed or integrated as flat tensors (atoms of a
 system contiguous, systems in the order they entered), with float64 positions (the optimizer's
 master copy, as ASE keeps them) and a neighbor list per system built at ``cutoff + skin`` and
-reused until one of the system's atoms has moved more than ``skin / 2`` since the build.
+reused until one of the system's atoms has moved more than ``skin / 2`` since the build (or
+two of its atoms have come within 0.01 Å of each other, which the build refuses).
 Systems leave with :meth:`SystemSet.keep` and enter with :meth:`SystemSet.extend`; per-system
 state of an optimizer or integrator follows the same two operations.
 
@@ -24,6 +25,7 @@ from torch import Tensor, nn
 
 from forcecalc.graph import Batch, radius_graph
 from forcecalc.graph.batch import check_atoms, fixed_mask
+from forcecalc.graph.neighbors import MIN_DISTANCE_SQ, edge_vectors
 from forcecalc.relax.memory import MemoryModel, is_out_of_memory, release_cached_memory
 
 if TYPE_CHECKING:
@@ -178,7 +180,9 @@ class SystemSet:
 
     def refresh_neighbors(self) -> int:
         """Rebuild the graph of every system with an atom moved more than ``skin / 2`` since
-        its last build (every system when ``skin == 0``).  Returns how many were rebuilt."""
+        its last build (every system when ``skin == 0``), or with two atoms of a kept edge
+        within 0.01 Å of each other (atoms that moved less can meet: the graph builder then
+        names them).  Returns how many were rebuilt."""
         if self.n_systems == 0:
             return 0
         if self.skin == 0:
@@ -189,6 +193,11 @@ class SystemSet:
             # "not within": a system whose positions stopped being finite is stale too, so
             # the graph builder sees them and refuses (NaN compares false)
             stale = ~(farthest <= (0.5 * self.skin) ** 2)
+            vectors = edge_vectors(
+                self.positions, self.cell, self.system_idx, self.edge_index, self.shifts
+            )
+            overlap = ((vectors * vectors).sum(dim=1) <= MIN_DISTANCE_SQ).to(torch.float64)
+            stale |= segment_max(overlap, self.edge_system, self.n_systems) > 0
         systems = torch.nonzero(stale).flatten()
         if systems.numel() == 0:
             return 0

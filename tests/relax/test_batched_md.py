@@ -273,11 +273,13 @@ def test_a_diverging_system_stops_alone_and_is_named(skin, bad, integrator):
         np.testing.assert_allclose(results[k].get_momenta(), alone[k].get_momenta(), atol=1e-12)
 
 
-def test_a_system_whose_atoms_collide_stops_alone():
+@pytest.mark.parametrize("skin", [0.0, 1.0])
+def test_a_system_whose_atoms_collide_stops_alone(skin):
     """Contract: a system whose atoms come within 0.01 Å of each other (two free atoms flying
     head-on, no forces) leaves the batch at that step with ``info["md_error"]`` quoting the
     graph builder (which atoms overlap), returned as it was at the step before; the others
-    run all their steps."""
+    run all their steps.  Also with a skin wider than their way (each moves 0.5 Å, less than
+    half the skin: no rebuild by motion), where they once passed through each other."""
     potential = morse_potential()
 
     class ForceFree(torch.nn.Module):
@@ -302,7 +304,7 @@ def test_a_system_whose_atoms_collide_stops_alone():
     pair.set_momenta(pair.get_masses()[:, None] * [[speed, 0, 0], [-speed, 0, 0]])
     others = _thermalized()
     with pytest.warns(ForcecalcWarning, match=r"structure\(s\) 1 \(H2\): MD stopped at step 1"):
-        results = md([others[0], pair, others[2]], ForceFree(), steps=3, timestep=0.5)
+        results = md([others[0], pair, others[2]], ForceFree(), steps=3, timestep=0.5, skin=skin)
     assert results[1].info["md_steps"] == 0
     assert "atoms 0 and 1" in results[1].info["md_error"]
     np.testing.assert_array_equal(results[1].positions, pair.positions)
