@@ -26,6 +26,7 @@ Both return exactly the pair set of ``ase.neighborlist.neighbor_list`` (order di
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from numbers import Real
 from typing import TYPE_CHECKING, Literal
@@ -273,6 +274,7 @@ def radius_graph(
     cutoff: float,
     max_neighbors: int | None = None,
     backend: Backend = "auto",
+    name: Callable[[int], str] | None = None,
 ) -> NeighborGraph:
     """All pairs closer than ``cutoff`` in every system of a batch, under each system's pbc.
 
@@ -290,6 +292,9 @@ def radius_graph(
             plus every neighbor tied with the last one kept (see :func:`max_neighbors_mask`).
         backend: ``"vesin"``, ``"torch"`` or ``"auto"`` (vesin on the CPU or for one system;
             the batched torch cell list for several systems on a GPU).
+        name: ``name(k)`` names system ``k`` at the start of the messages about overlapping
+            atoms and close contacts (called only for those; default: "structure k in the
+            batch" after the atoms, where there are several systems).
 
     Returns:
         The edges, in the dtype and on the device of ``positions``, in canonical order
@@ -311,7 +316,7 @@ def radius_graph(
     edge_index, shifts = edge_index[:, order], shifts[order]
     vectors = edge_vectors(positions, cell, system_idx, edge_index, shifts)
     distances = torch.linalg.norm(vectors, dim=1)
-    _check_no_overlap(edge_index, shifts, distances, system_idx)
+    _check_no_overlap(edge_index, shifts, distances, system_idx, name)
     if max_neighbors is not None:
         keep = max_neighbors_mask(edge_index[1], distances, max_neighbors, len(positions))
         edge_index, shifts = edge_index[:, keep], shifts[keep]
@@ -329,7 +334,11 @@ def _cells_of_box(positions: Tensor, cell: Tensor, pbc: Tensor, cutoff: float) -
 
 
 def _check_no_overlap(
-    edge_index: Tensor, shifts: Tensor, distances: Tensor, system_idx: Tensor
+    edge_index: Tensor,
+    shifts: Tensor,
+    distances: Tensor,
+    system_idx: Tensor,
+    name: Callable[[int], str] | None = None,
 ) -> None:
     """Raise ``ValueError`` naming two atoms (or an atom and a periodic image) closer than
     ``sqrt(MIN_DISTANCE_SQ)`` = 0.01 Å, by their indices in their own structure (and that
@@ -345,14 +354,18 @@ def _check_no_overlap(
     i, j = edge_index[0, first].item(), edge_index[1, first].item()
     system = int(system_idx[i])
     start = int((system_idx < system).sum())
-    where = f" of structure {system} in the batch" if int(system_idx.max()) > 0 else ""
+    prefix, where = "", ""
+    if name is not None:
+        prefix = f"{name(system)}: "
+    elif int(system_idx.max()) > 0:
+        where = f" of structure {system} in the batch"
     if i == j:
-        pair = f"atom {i - start}{where} and its periodic image are {closest:.3g} Å apart"
+        pair = f"{prefix}atom {i - start}{where} and its periodic image are {closest:.3g} Å apart"
     elif bool(shifts[first].any()):
-        pair = f"atom {j - start} and a periodic image of atom {i - start}{where} are "
+        pair = f"{prefix}atom {j - start} and a periodic image of atom {i - start}{where} are "
         pair += f"{closest:.3g} Å apart"
     else:
-        pair = f"atoms {j - start} and {i - start}{where} are {closest:.3g} Å apart"
+        pair = f"{prefix}atoms {j - start} and {i - start}{where} are {closest:.3g} Å apart"
     if closest * closest <= MIN_DISTANCE_SQ:
         pairs = int((distances * distances <= MIN_DISTANCE_SQ).sum()) // 2  # edges both ways
         others = f" ({pairs} such pairs)" if pairs > 1 else ""
@@ -459,12 +472,15 @@ def _kth_distances(distances: Tensor, incoming: Tensor, k: int) -> Tensor:
     return table.kthvalue(k, dim=1).values
 
 
-def neighbor_list(atoms: Atoms, cutoff: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def neighbor_list(
+    atoms: Atoms, cutoff: float, name: str | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Neighbor list of one ``ase.Atoms``, with exactly ASE's ``neighbor_list("ijS")`` pairs.
 
     Args:
         atoms: an ``ase.Atoms``.
         cutoff: radius (Å).
+        name: how messages about overlapping atoms or close contacts name the structure.
 
     Returns:
         ``(i, j, S)``: int arrays ``[n_pairs]``, ``[n_pairs]``, ``[n_pairs, 3]`` such that
@@ -474,6 +490,14 @@ def neighbor_list(atoms: Atoms, cutoff: float) -> tuple[np.ndarray, np.ndarray, 
     cell = torch.as_tensor(np.asarray(atoms.cell.array, dtype=np.float64)).unsqueeze(0)
     pbc = torch.as_tensor(np.asarray(atoms.pbc, dtype=bool)).unsqueeze(0)
     system_idx = torch.zeros(len(atoms), dtype=torch.int64)
-    graph = radius_graph(positions, cell, pbc, system_idx, cutoff, backend="vesin")
+    graph = radius_graph(
+        positions,
+        cell,
+        pbc,
+        system_idx,
+        cutoff,
+        backend="vesin",
+        name=None if name is None else lambda _: name,
+    )
     j, i = graph.edge_index.numpy()
     return i, j, graph.shifts.numpy()

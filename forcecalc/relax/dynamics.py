@@ -359,7 +359,7 @@ def md(
 def _stopped_systems(systems: SystemSet, step: int, error: ValueError) -> dict[int, str]:
     """``{system: why}`` for the systems whose graph could not be built after the drift of
     ``step`` (the cause of the graph builder's ``error``, re-raised if none is found): positions
-    that are not finite (the dynamics diverged) or overlapping atoms.  Warns naming them."""
+    that are not finite (the dynamics diverged) or overlapping atoms.  Warns naming each."""
     problems = systems.graph_problems(range(systems.n_systems))
     if not problems:
         raise error
@@ -374,11 +374,11 @@ def _stopped_systems(systems: SystemSet, step: int, error: ValueError) -> dict[i
                 f"MD diverged at step {step}: positions are not finite (a time step too large "
                 "for the forces, or an unphysical start)"
             )
-    names = ", ".join(f"{systems.ids[k]} ({systems.formula(k)})" for k in list(stopped)[:10])
-    warn(
-        f"structure(s) {names}: {next(iter(stopped.values()))}; returned as they were at the "
-        "step before, with info['md_error'] (the other structures go on)"
-    )
+    for k, why in stopped.items():  # each with its own reason
+        warn(
+            f"{systems.name(k)}: {why}; returned as it was at the step before, with "
+            "info['md_error'] (the other structures go on)"
+        )
     return stopped
 
 

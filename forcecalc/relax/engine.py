@@ -180,19 +180,18 @@ class SystemSet:
 
     def refresh_neighbors(self) -> int:
         """Rebuild the graph of every system with an atom moved more than ``skin / 2`` since
-        its last build (every system when ``skin == 0``), or with two atoms of a kept edge
+        its last build (moved at all when ``skin == 0``), or with two atoms of a kept edge
         within 0.01 Å of each other (atoms that moved less can meet: the graph builder then
         names them).  Returns how many were rebuilt."""
         if self.n_systems == 0:
             return 0
-        if self.skin == 0:
-            stale = torch.ones(self.n_systems, dtype=torch.bool, device=self.device)
-        else:
-            moved = ((self.positions - self.reference) ** 2).sum(dim=1)
-            farthest = segment_max(moved, self.system_idx, self.n_systems)
-            # "not within": a system whose positions stopped being finite is stale too, so
-            # the graph builder sees them and refuses (NaN compares false)
-            stale = ~(farthest <= (0.5 * self.skin) ** 2)
+        moved = ((self.positions - self.reference) ** 2).sum(dim=1)
+        farthest = segment_max(moved, self.system_idx, self.n_systems)
+        # "not within": a system whose positions stopped being finite is stale too, so the
+        # graph builder sees them and refuses (NaN compares false); without a skin, every
+        # system with an atom moved at all (one just built is not built again)
+        stale = ~(farthest <= (0.5 * self.skin) ** 2)
+        if self.skin > 0:
             vectors = edge_vectors(
                 self.positions, self.cell, self.system_idx, self.edge_index, self.shifts
             )
@@ -216,6 +215,7 @@ class SystemSet:
                 self.pbc[systems],
                 local_system[self.system_idx[atoms]],
                 self.graph_cutoff,
+                name=lambda k: self.name(int(systems[k])),
             )
         except ValueError as error:
             self._name_the_system(systems.tolist(), error)
@@ -240,7 +240,7 @@ class SystemSet:
         problems = self.graph_problems(systems)
         if problems:
             s, problem = next(iter(problems.items()))
-            raise ValueError(f"structure {self.ids[s]} ({self.formula(s)}): {problem}") from error
+            raise ValueError(f"{self.name(s)}: {problem}") from error
 
     def graph_problems(self, systems: Iterable[int]) -> dict[int, str]:
         """``{system: the graph builder's error}`` for those of ``systems`` whose graph cannot
@@ -262,13 +262,13 @@ class SystemSet:
                 problems[s] = str(own)
         return problems
 
-    def formula(self, system: int) -> str:
-        """The chemical formula of ``system``."""
+    def name(self, system: int) -> str:
+        """``system`` as messages name it: its input index and chemical formula."""
         from ase import Atoms
 
         offsets = self.atom_offsets()
         numbers = self.numbers[offsets[system] : offsets[system + 1]].tolist()
-        return Atoms(numbers=numbers).get_chemical_formula()
+        return f"structure {self.ids[system]} ({Atoms(numbers=numbers).get_chemical_formula()})"
 
     def batch(self, start: int, stop: int) -> Batch:
         """Systems ``start..stop-1`` as a :class:`~forcecalc.graph.Batch`, positions and cell
@@ -496,16 +496,15 @@ def count_all_edges(structures: Sequence, cutoff: float) -> dict[int, int]:
     naming the first whose atoms overlap, closer than 0.01 Å)."""
     counts = {}
     for index, atoms in enumerate(structures):
-        try:
-            counts[index] = count_edges(atoms, cutoff)
-        except ValueError as error:
-            formula = atoms.get_chemical_formula()
-            raise ValueError(f"structure {index} ({formula}): {error}") from None
+        counts[index] = count_edges(
+            atoms, cutoff, f"structure {index} ({atoms.get_chemical_formula()})"
+        )
     return counts
 
 
-def count_edges(atoms: Atoms, cutoff: float) -> int:
-    """Number of directed edges of ``atoms`` within ``cutoff`` (its neighbor list, on the CPU)."""
+def count_edges(atoms: Atoms, cutoff: float, name: str | None = None) -> int:
+    """Number of directed edges of ``atoms`` within ``cutoff`` (its neighbor list, on the CPU;
+    ``name``: how a close-contact warning names it)."""
     from forcecalc.graph import neighbor_list
 
-    return len(neighbor_list(atoms, cutoff)[0])
+    return len(neighbor_list(atoms, cutoff, name)[0])

@@ -258,7 +258,7 @@ def test_a_diverging_system_stops_alone_and_is_named(skin, bad, integrator):
     options = {"steps": 4, "timestep": 0.5, "skin": skin, "trajectory_interval": 1}
     if integrator == "langevin":
         options.update(integrator="langevin", temperature_K=600, friction=0.05, rng="numpy")
-    with pytest.warns(ForcecalcWarning, match=r"structure\(s\) 1 \(CH4\): MD diverged at step 1"):
+    with pytest.warns(ForcecalcWarning, match=r"^structure 1 \(CH4\): MD diverged at step 1"):
         results = md(systems, Exploding(), batch_size=3, **options)
     alone = md(systems, potential, batch_size=1, **options)
     stopped = results[1]
@@ -303,7 +303,7 @@ def test_a_system_whose_atoms_collide_stops_alone(skin):
     speed = 0.5 / (0.5 * units.fs)  # each atom moves 0.5 Å in one step of 0.5 fs
     pair.set_momenta(pair.get_masses()[:, None] * [[speed, 0, 0], [-speed, 0, 0]])
     others = _thermalized()
-    with pytest.warns(ForcecalcWarning, match=r"structure\(s\) 1 \(H2\): MD stopped at step 1"):
+    with pytest.warns(ForcecalcWarning, match=r"^structure 1 \(H2\): MD stopped at step 1"):
         results = md([others[0], pair, others[2]], ForceFree(), steps=3, timestep=0.5, skin=skin)
     assert results[1].info["md_steps"] == 0
     assert "atoms 0 and 1" in results[1].info["md_error"]
@@ -312,3 +312,27 @@ def test_a_system_whose_atoms_collide_stops_alone(skin):
     for result, reference in zip([results[0], results[2]], alone, strict=True):
         assert result.info["md_steps"] == 3
         np.testing.assert_allclose(result.positions, reference.positions, atol=1e-12)
+
+
+def test_systems_stopping_together_are_each_named_with_their_reason():
+    """Contract: two systems stopping in one step for different reasons (two atoms meeting;
+    momenta that are not finite) get one warning each, with their own reason, as their
+    ``md_error``s say (one warning gave the first one's reason for both)."""
+    potential = morse_potential()
+    pair = Atoms("H2", positions=[[0, 0, 0], [1.0, 0, 0]], cell=[8, 8, 8], pbc=False)
+    speed = 0.5 / (0.5 * units.fs)
+    pair.set_momenta(pair.get_masses()[:, None] * [[speed, 0, 0], [-speed, 0, 0]])
+    water = Atoms("H2O", positions=[[0, 0, 0], [0.96, 0, 0], [-0.24, 0.93, 0]])
+    water.center(vacuum=4.0)
+    water.set_momenta([[np.inf, 0, 0], [0, 0, 0], [0, 0, 0]])
+    others = _thermalized()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ForcecalcWarning)
+        results = md([others[0], pair, others[2], water], potential, steps=2, timestep=0.5)
+    messages = sorted(str(w.message) for w in caught if "MD " in str(w.message))
+    assert len(messages) == 2
+    assert messages[0].startswith("structure 1 (H2): MD stopped at step 1: atoms 0 and 1")
+    assert messages[1].startswith("structure 3 (H2O): MD diverged at step 1")
+    assert results[1].info["md_error"].startswith("MD stopped at step 1")
+    assert results[3].info["md_error"].startswith("MD diverged at step 1")
+    assert results[0].info["md_steps"] == results[2].info["md_steps"] == 2

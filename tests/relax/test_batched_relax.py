@@ -547,3 +547,22 @@ def test_a_structure_whose_atoms_a_step_brings_together_ends_alone(optimizer, sk
     for result, reference in zip([results[0], results[2]], alone, strict=True):
         assert "relax_error" not in result.info
         np.testing.assert_allclose(result.positions, reference.positions, atol=1e-9)
+
+
+@pytest.mark.parametrize("skin", [0.0, 0.5])
+def test_close_contact_warnings_name_the_input_structure(skin):
+    """Contract: atoms closer than any bond (0.3 Å) in input 3 of four, relaxed two at a time,
+    warn naming that input by its index and formula, whenever the warning comes (counting
+    edges before the run, building its graph as it enters the batch): once named by nothing
+    and then as "structure 1 in the batch"."""
+    from ase import Atoms
+
+    water = Atoms("H2O", positions=[[0, 0, 0], [0.96, 0, 0], [0.3, 0, 0]])
+    water.center(vacuum=4.0)
+    structures = [*mixed_structures()[:3], water]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ForcecalcWarning)
+        relax(structures, morse_potential(), steps=2, batch_size=2, skin=skin)
+    contacts = [str(w.message) for w in caught if "closer than any bond" in str(w.message)]
+    assert contacts, "no close-contact warning"
+    assert all(m.startswith("structure 3 (H2O): atoms 0 and 2 are 0.3") for m in contacts)
