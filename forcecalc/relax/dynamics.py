@@ -119,8 +119,6 @@ class Langevin:
 
     def start(self, systems: SystemSet, momenta: Tensor) -> None:
         """Initial momenta ``[N, 3]``; computes ASE's coefficients per atom."""
-        if self.fixcm and min(systems.natoms_list) < 2:
-            raise ValueError("fixcm=True needs at least two atoms per system")
         self.momenta = _unfixed(momenta, systems)
         dt, fr, masses = self.dt, self.friction, systems.masses[:, None]
         sigma = torch.sqrt(2 * self.temperature * fr / masses)
@@ -302,6 +300,14 @@ def md(
         raise ValueError(f"temperature_K must be >= 0, got {temperature_K}")
     if not (math.isfinite(friction) and friction >= 0):
         raise ValueError(f"friction must be >= 0, got {friction}")
+    structures = [structures] if hasattr(structures, "get_positions") else list(structures)
+    if integrator == "langevin" and fixcm:
+        for index, atoms in enumerate(structures):
+            if len(atoms) < 2:  # before any work, not as its batch starts
+                raise ValueError(
+                    f"structure {index} ({atoms.get_chemical_formula()}): fixcm=True needs at "
+                    "least two atoms per system"
+                )
     plan = plan_run(structures, model, device, dtype, skin, batch_size, memory)
     if plan is None:
         return []

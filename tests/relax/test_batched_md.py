@@ -12,6 +12,7 @@ from ase.md.langevin import Langevin
 from ase.md.verlet import VelocityVerlet
 from relax_helpers import (
     HarmonicModel,
+    OutOfMemoryAbove,
     as_potential,
     mixed_structures,
     morse_potential,
@@ -174,8 +175,8 @@ def test_md_batches_in_sequence_and_order():
 
 def test_md_invalid_arguments():
     """Contract: a Langevin run without temperature, unknown integrators (names in any case
-    are known) or rng modes, steps, seeds or trajectory intervals that are not integers >= 0
-    raise ValueError naming them."""
+    are known) or rng modes, steps, seeds or trajectory intervals that are not integers >= 0,
+    fixcm with a 1-atom system, raise ValueError naming them."""
     systems = _thermalized()
     potential = morse_potential()
     with pytest.raises(ValueError, match="temperature_K"):
@@ -196,6 +197,13 @@ def test_md_invalid_arguments():
     for bad in ({"timestep": 0.0}, {"timestep": -1.0}, {"temperature_K": -5.0}, {"friction": -1}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             md(systems, potential, steps=1, integrator="langevin", **{"temperature_K": 300, **bad})
+    # fixcm with a 1-atom system: named before any forward pass, not when its batch starts
+    counting = OutOfMemoryAbove(potential, max_atoms=10**9)
+    lone = Atoms("Cu", positions=[[0, 0, 0]], cell=[5, 5, 5], pbc=True)
+    with pytest.raises(ValueError, match=r"^structure 3 \(Cu\): fixcm=True needs at least two"):
+        md([*systems, lone], counting, steps=5, integrator="langevin", temperature_K=300,
+           fixcm=True, batch_size=1)  # fmt: skip
+    assert counting.calls == 0
 
 
 def test_continued_runs_do_not_nest_trajectories():
