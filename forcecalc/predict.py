@@ -11,6 +11,7 @@ import torch
 
 from forcecalc.checkpoint import Potential, as_potential
 from forcecalc.graph import Batch
+from forcecalc.warning import warn
 
 
 def predict(
@@ -32,7 +33,8 @@ def predict(
         batch_size: structures per forward pass (an integer), or ``"auto"``: batches filled
             by the memory model of :func:`forcecalc.relax.relaxation.relax`, split on an
             out-of-memory error without losing a structure (it evaluates them:
-            ``relax(steps=0)``).
+            ``relax(steps=0)``); one too large for the memory even alone gets NaN energy and
+            forces, with a warning naming it.
         device, dtype, **model_options: as for :func:`~forcecalc.checkpoint.load_checkpoint`
             (dtype float32 by default); with a loaded Potential, its device and dtype, and
             others are an error.
@@ -106,4 +108,7 @@ def _evaluated_by_the_engine(
         copy.set_constraint()
         bare.append(copy)
     evaluated = relax(bare, potential, steps=0, batch_size="auto", progress=progress)
+    for atoms in evaluated:
+        if "out of memory" in atoms.info.get("relax_error", ""):
+            warn(f"{atoms.info['relax_error']}: its energy and forces are NaN")
     return [(a.get_potential_energy(), a.get_forces(apply_constraint=False)) for a in evaluated]

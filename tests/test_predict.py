@@ -135,3 +135,34 @@ def test_a_structure_the_model_fails_on_gets_nan_and_the_others_their_results(ba
     for a, b in zip([mixed[0], mixed[2]], alone, strict=True):
         assert a["energy"] == b["energy"]
         np.testing.assert_array_equal(a["forces"], b["forces"])
+
+
+class _OutOfMemoryAbove8(_NaNForGold):
+    """``_NaNForGold``'s energies (no gold here), and CUDA's out-of-memory error for batches
+    of more than 8 atoms."""
+
+    def forward(self, batch):
+        if batch.n_atoms > 8:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
+        return super().forward(batch)
+
+
+def test_a_structure_too_large_even_alone_gets_nan_and_a_warning():
+    """``predict(batch_size="auto")``: a structure that does not fit in memory even alone
+    (a simulated out-of-memory error above 8 atoms) gets NaN energy and forces and a warning
+    naming it; the others their own results (it raised, losing them all)."""
+    from forcecalc import ForcecalcWarning
+    from forcecalc.checkpoint import CheckpointInfo, Normalizers, Potential
+
+    potential = Potential(_OutOfMemoryAbove8(), CheckpointInfo("test", {}, Normalizers(), "test"))
+    small = [molecule("H2O"), molecule("CH4")]
+    for atoms in small:
+        atoms.center(vacuum=4.0)
+    large = Atoms("Cu9", positions=np.arange(27).reshape(9, 3) * 0.5, cell=[20, 20, 20])
+    with pytest.warns(ForcecalcWarning, match=r"out of memory for structure 1 \(Cu9\) alone"):
+        mixed = predict([small[0], large, small[1]], potential, batch_size="auto")
+    assert np.isnan(mixed[1]["energy"]) and np.isnan(mixed[1]["forces"]).all()
+    alone = predict(small, potential, batch_size="auto")
+    for a, b in zip([mixed[0], mixed[2]], alone, strict=True):
+        assert a["energy"] == b["energy"]
+        np.testing.assert_array_equal(a["forces"], b["forces"])

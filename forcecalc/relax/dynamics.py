@@ -45,7 +45,7 @@ from ase import units
 from torch import Tensor, nn
 
 from forcecalc.graph.gather import RowIndex
-from forcecalc.relax.engine import SystemSet, admit
+from forcecalc.relax.engine import Evaluator, SystemSet, admit
 from forcecalc.relax.memory import MemoryModel
 from forcecalc.relax.relaxation import plan_run
 from forcecalc.warning import warn
@@ -162,9 +162,11 @@ class Langevin:
     def keep(self, system_keep: Tensor, atom_keep: Tensor) -> None:
         """Keep the state of the systems where ``system_keep`` ``[S]`` (bool) is True, whose
         atoms are those where ``atom_keep`` ``[N]`` is (between a :meth:`drift` and its
-        :meth:`kick`), and their random streams."""
+        :meth:`kick`, or before the first), and their random streams."""
         for name in ("momenta", "c3", "c4", "c5", "velocity", "rnd_vel"):
-            setattr(self, name, getattr(self, name)[atom_keep])
+            value = getattr(self, name, None)  # no velocity before the first drift
+            if value is not None:
+                setattr(self, name, value[atom_keep])
         self.draw.keep(system_keep.tolist())
 
 
@@ -273,8 +275,6 @@ def md(
         ``info["md_steps"]`` the steps it completed and ``info["md_error"]`` saying why; the
         others go on.
     """
-    from tqdm.auto import tqdm
-
     for name, value in (
         ("steps", steps),
         ("seed", seed),
@@ -326,46 +326,102 @@ def md(
             draws.select(systems.ids)
         momenta = np.concatenate([structures[i].get_momenta() for i in systems.ids])
         dynamics.start(systems, torch.as_tensor(momenta, dtype=torch.float64, device=device_))
-        energy, raw = evaluate(systems)
-        frames: list[list] = [[] for _ in systems.ids]
-        if trajectory_interval > 0:
-            _record(systems, structures, dynamics.momenta, energy, raw, frames)
-        for step in tqdm(range(1, steps + 1), disable=not progress, desc="md", unit="step"):
-            last = (systems.positions, dynamics.momenta, energy, raw)
-            systems.positions = dynamics.drift(systems, systems.constrained_forces(raw))
-            try:
-                energy, raw = evaluate(systems)
-            except ValueError as error:
-                stopped = _stopped_systems(systems, step, error)
-                finals = _snapshots(systems, structures, *last)
-                for k, problem in stopped.items():
-                    finals[k].info.update(md_steps=step - 1, md_error=problem)
-                    if trajectory_interval > 0:
-                        finals[k].info["trajectory"] = frames[k]
-                    results[systems.ids[k]] = finals[k]
-                keep = [k not in stopped for k in range(systems.n_systems)]
-                frames = [f for f, kept in zip(frames, keep, strict=True) if kept]
-                system_keep = torch.as_tensor(keep, device=device_)
-                dynamics.keep(system_keep, systems.keep(system_keep))
-                if not systems.n_systems:
-                    break
-                energy, raw = evaluate(systems)
-            dynamics.kick(systems, systems.constrained_forces(raw))
-            if trajectory_interval > 0 and step % trajectory_interval == 0:
-                _record(systems, structures, dynamics.momenta, energy, raw, frames)
-        finals = _snapshots(systems, structures, systems.positions, dynamics.momenta, energy, raw)
-        for k, index in enumerate(systems.ids):
-            finals[k].info["md_steps"] = steps
+        _integrate(
+            systems, dynamics, evaluate, structures, steps, trajectory_interval, results, progress
+        )
+    return results
+
+
+def _integrate(
+    systems: SystemSet,
+    dynamics: VelocityVerlet | Langevin,
+    evaluate: Evaluator,
+    structures: Sequence,
+    steps: int,
+    trajectory_interval: int,
+    results: list,
+    progress: bool,
+) -> None:
+    """Run ``steps`` steps of ``dynamics`` on the batch ``systems``; each system's final
+    structure goes to ``results[input index]``.  A system whose graph cannot be built after a
+    step (positions not finite, overlapping atoms) or too large for the memory even alone
+    leaves the batch there, as it was at the step before, with a warning and
+    ``info["md_error"]``; the others go on.  ``progress``: a progress bar of the steps."""
+    from tqdm.auto import tqdm
+
+    frames: list[list] = [[] for _ in systems.ids]
+
+    def stop(stopped: dict[int, str], done: int, state: tuple[Tensor, ...]) -> Tensor:
+        """End the systems ``stopped`` (``{system: why}``) as they were in ``state``
+        (positions, momenta, energy, forces after ``done`` steps), with a warning each;
+        returns the mask ``[S_old]`` of those kept."""
+        finals = _snapshots(systems, structures, *state)
+        for k, why in stopped.items():
+            warn(
+                f"{systems.name(k)}: {why}; returned as it was at step {done}, with "
+                "info['md_error'] (the other structures go on)"
+            )
+            finals[k].info.update(md_steps=done, md_error=why)
             if trajectory_interval > 0:
                 finals[k].info["trajectory"] = frames[k]
-            results[index] = finals[k]
-    return results
+            results[systems.ids[k]] = finals[k]
+        keep = [k not in stopped for k in range(systems.n_systems)]
+        frames[:] = [f for f, kept in zip(frames, keep, strict=True) if kept]
+        system_keep = torch.as_tensor(keep, device=systems.device)
+        dynamics.keep(system_keep, systems.keep(system_keep))
+        return system_keep
+
+    def too_large(
+        step: int, state: tuple[Tensor, ...], outputs: tuple[Tensor, Tensor]
+    ) -> tuple[Tensor, Tensor]:
+        """End the systems the evaluation of ``step`` found too large for the memory even
+        alone (their ``outputs`` are NaN) as they were in ``state``; the others' outputs."""
+        stopped = {
+            k: f"MD stopped at step {step}: {evaluate.failures.pop(index)}"
+            for k, index in enumerate(systems.ids)
+            if index in evaluate.failures
+        }
+        atom_system = systems.system_idx
+        keep = stop(stopped, max(step - 1, 0), state)
+        return outputs[0][keep], outputs[1][keep[atom_system]]
+
+    energy, raw = evaluate(systems)
+    if evaluate.failures:
+        state = (systems.positions, dynamics.momenta, energy, raw)
+        energy, raw = too_large(0, state, (energy, raw))
+    if trajectory_interval > 0:
+        _record(systems, structures, dynamics.momenta, energy, raw, frames)
+    for step in tqdm(range(1, steps + 1), disable=not progress, desc="md", unit="step"):
+        if not systems.n_systems:
+            return
+        last = (systems.positions, dynamics.momenta, energy, raw)
+        systems.positions = dynamics.drift(systems, systems.constrained_forces(raw))
+        try:
+            energy, raw = evaluate(systems)
+        except ValueError as error:
+            stop(_stopped_systems(systems, step, error), step - 1, last)
+            if not systems.n_systems:
+                return
+            energy, raw = evaluate(systems)
+        if evaluate.failures:
+            energy, raw = too_large(step, last, (energy, raw))
+            if not systems.n_systems:
+                return
+        dynamics.kick(systems, systems.constrained_forces(raw))
+        if trajectory_interval > 0 and step % trajectory_interval == 0:
+            _record(systems, structures, dynamics.momenta, energy, raw, frames)
+    finals = _snapshots(systems, structures, systems.positions, dynamics.momenta, energy, raw)
+    for k, index in enumerate(systems.ids):
+        finals[k].info["md_steps"] = steps
+        if trajectory_interval > 0:
+            finals[k].info["trajectory"] = frames[k]
+        results[index] = finals[k]
 
 
 def _stopped_systems(systems: SystemSet, step: int, error: ValueError) -> dict[int, str]:
     """``{system: why}`` for the systems whose graph could not be built after the drift of
     ``step`` (the cause of the graph builder's ``error``, re-raised if none is found): positions
-    that are not finite (the dynamics diverged) or overlapping atoms.  Warns naming each."""
+    that are not finite (the dynamics diverged) or overlapping atoms."""
     problems = systems.graph_problems(range(systems.n_systems))
     if not problems:
         raise error
@@ -380,11 +436,6 @@ def _stopped_systems(systems: SystemSet, step: int, error: ValueError) -> dict[i
                 f"MD diverged at step {step}: positions are not finite (a time step too large "
                 "for the forces, or an unphysical start)"
             )
-    for k, why in stopped.items():  # each with its own reason
-        warn(
-            f"{systems.name(k)}: {why}; returned as it was at the step before, with "
-            "info['md_error'] (the other structures go on)"
-        )
     return stopped
 
 

@@ -346,12 +346,15 @@ class Evaluator:
             ``energy_gradient``).
         memory: the memory model; its ``budget`` caps the cost of one forward pass.  After an
             out-of-memory error the failed chunk is split in two (by cost), the cap drops to half
-            its cost, and the evaluation goes on; a single system that does not fit re-raises.
+            its cost, and the evaluation goes on; a single system that does not fit alone gets
+            NaN energy and forces, and its input index goes into ``failures`` with why.
 
     Attributes:
         cap: the current cost cap (bytes; lowered by out-of-memory errors).
         forward_calls: forward passes run (successful or not).
         oom_splits: out-of-memory errors recovered from.
+        failures: ``{input index: message}`` of the systems too large to evaluate alone (the
+            caller ends them and pops their entries).
     """
 
     def __init__(self, potential: nn.Module, memory: MemoryModel) -> None:
@@ -361,6 +364,7 @@ class Evaluator:
         self.grad = bool(getattr(potential, "energy_gradient", False))
         self.forward_calls = 0
         self.oom_splits = 0
+        self.failures: dict[int, str] = {}
 
     def system_costs(self, systems: SystemSet) -> list[float]:
         """Host list ``[S]`` of the predicted bytes of each system alone (without the
@@ -391,14 +395,17 @@ class Evaluator:
                 if not is_out_of_memory(error):
                     raise
                 release_cached_memory(systems.device)
-                if stop - start == 1:
-                    index = systems.ids[start]
-                    raise RuntimeError(
-                        f"out of memory for structure {index} alone "
+                if stop - start == 1:  # nothing left to split: this one ends, unevaluated
+                    self.failures[systems.ids[start]] = (
+                        f"out of memory for {systems.name(start)} alone "
                         f"({systems.natoms_list[start]} atoms, "
                         f"{systems.edge_counts[start]} edges within "
                         f"{systems.graph_cutoff:g} Å): {str(error).splitlines()[0][:200]}"
-                    ) from error
+                    )
+                    shape = (systems.natoms_list[start], 3)
+                    energies[start] = systems.positions.new_full((1,), torch.nan)
+                    forces[start] = systems.positions.new_full(shape, torch.nan)
+                    continue
                 self.oom_splits += 1
                 chunk_cost = self.memory.bytes_fixed + sum(costs[start:stop])
                 self.cap = min(self.cap, 0.5 * chunk_cost)

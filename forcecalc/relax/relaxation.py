@@ -258,7 +258,8 @@ def relax(
     ASE's defaults: see :mod:`forcecalc.relax.optimizers`), to the positions ASE reaches with
     forcecalc's calculator, to float tolerance.  FixAtoms is honored (fixed atoms never move);
     other constraints are refused.  Converged structures leave the batch and queued ones take
-    their place; on an out-of-memory error the batch is split and nothing is lost.
+    their place; on an out-of-memory error the batch is split and nothing is lost (a structure
+    too large to evaluate even alone ends unrelaxed, with ``info["relax_error"]`` saying so).
 
     Args:
         structures: ``ase.Atoms`` (not modified); one ``Atoms`` is taken as a list of one.
@@ -372,7 +373,10 @@ def relax(
         broken = ~torch.isfinite(energy) | (_non_finite_rows(raw_forces, systems) > 0)
         if bool(broken.any()):  # a model output that is not finite: those end here
             error = "the model's energy or forces are not finite (NaN or inf)"
+            ids = systems.ids
             keep, atom_keep = retire(broken, torch.zeros_like(broken), error)
+            for index in set(ids) & set(evaluate.failures):  # too large to evaluate alone
+                results[index].info["relax_error"] = evaluate.failures.pop(index)
             raw_forces, energy = raw_forces[atom_keep], energy[keep]
         if not systems.n_systems:
             continue

@@ -344,3 +344,21 @@ def test_systems_stopping_together_are_each_named_with_their_reason():
     assert results[1].info["md_error"].startswith("MD stopped at step 1")
     assert results[3].info["md_error"].startswith("MD diverged at step 1")
     assert results[0].info["md_steps"] == results[2].info["md_steps"] == 2
+
+
+@pytest.mark.parametrize(("batch_size", "steps"), [(1, 3), (3, 3), (3, 0)])
+def test_a_system_too_large_even_alone_stops_alone(batch_size, steps):
+    """Contract: a system that does not fit in memory even alone leaves its batch at once with
+    a warning and ``info["md_error"]`` naming it and the memory, unmoved; the others run all
+    their steps as without it (the whole run raised, losing every result)."""
+    systems = _thermalized()  # a 13-atom slab, CH4, Cu
+    flaky = OutOfMemoryAbove(morse_potential(), max_atoms=8)
+    with pytest.warns(ForcecalcWarning, match=r"^structure 0 \(.*\): MD stopped at step 0: out"):
+        results = md(systems, flaky, steps=steps, timestep=0.5, batch_size=batch_size)
+    assert results[0].info["md_steps"] == 0
+    assert "out of memory for structure 0" in results[0].info["md_error"]
+    np.testing.assert_array_equal(results[0].positions, systems[0].positions)
+    alone = md(systems[1:], morse_potential(), steps=steps, timestep=0.5, batch_size=batch_size)
+    for result, reference in zip(results[1:], alone, strict=True):
+        assert result.info["md_steps"] == steps and "md_error" not in result.info
+        np.testing.assert_allclose(result.positions, reference.positions, atol=1e-12)

@@ -151,11 +151,27 @@ def test_simulated_out_of_memory_loses_nothing():
         np.testing.assert_allclose(a.positions, b.positions, atol=1e-8)
 
 
-def test_out_of_memory_of_one_structure_alone_is_reported():
-    """Contract: a structure that does not fit even alone raises a RuntimeError naming it."""
-    flaky = OutOfMemoryAbove(morse_potential(), max_atoms=5)
-    with pytest.raises(RuntimeError, match="structure 0 alone"):
-        relax([rattled_slab(1)], flaky, batch_size=2)
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_a_structure_too_large_even_alone_ends_alone(batch_size):
+    """Contract: a structure that does not fit in memory even alone ends unrelaxed with
+    ``info["relax_error"]`` naming it and the memory, NaN energy; the others relax as without
+    it (the whole run raised, losing every result)."""
+    small = [a for a in mixed_structures() if len(a) <= 8][:2]
+    large = rattled_slab(1)
+    assert len(large) > 8
+    flaky = OutOfMemoryAbove(morse_potential(), max_atoms=8)
+    results = relax([small[0], large, small[1]], flaky, batch_size=batch_size, steps=20)
+    ended = results[1]
+    assert ended.info["relax_error"].startswith(
+        f"out of memory for structure 1 ({large.get_chemical_formula()}) alone"
+    )
+    assert ended.info["relax_steps"] == 0 and not ended.info["relax_converged"]
+    assert np.isnan(ended.get_potential_energy())
+    np.testing.assert_array_equal(ended.positions, large.positions)
+    alone = relax(small, morse_potential(), batch_size=batch_size, steps=20)
+    for result, reference in zip([results[0], results[2]], alone, strict=True):
+        assert "relax_error" not in result.info
+        np.testing.assert_allclose(result.positions, reference.positions, atol=1e-10)
 
 
 def test_auto_batch_size_respects_the_memory_budget():
