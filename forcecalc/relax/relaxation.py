@@ -350,8 +350,8 @@ def relax(
         del initial[len(initial) - admitted :]
         for k, problem in overlapping.items():
             results[ids[k]].info["relax_error"] = (
-                f"step {steps_taken[k]} brought atoms within 0.01 Å of each other (the "
-                f"model's forces pulled them together; no energy or forces there): {problem}"
+                f"step {steps_taken[k]} brought atoms within 0.01 Å of each other (no energy "
+                f"or forces there; the positions are those of that step): {problem}"
             )
         return True
 
