@@ -399,9 +399,12 @@ def _integrate(
         try:
             energy, raw = evaluate(systems)
         except ValueError as error:
-            stop(_stopped_systems(systems, step, error), step - 1, last)
+            atom_system = systems.system_idx
+            keep = stop(_stopped_systems(systems, step, error), step - 1, last)
             if not systems.n_systems:
                 return
+            atom_keep = keep[atom_system]  # the others' state before the step, for too_large
+            last = (last[0][atom_keep], last[1][atom_keep], last[2][keep], last[3][atom_keep])
             energy, raw = evaluate(systems)
         if evaluate.failures:
             energy, raw = too_large(step, last, (energy, raw))

@@ -362,3 +362,50 @@ def test_a_system_too_large_even_alone_stops_alone(batch_size, steps):
     for result, reference in zip(results[1:], alone, strict=True):
         assert result.info["md_steps"] == steps and "md_error" not in result.info
         np.testing.assert_allclose(result.positions, reference.positions, atol=1e-12)
+
+
+def test_a_collision_and_a_system_too_large_in_one_step():
+    """Contract: in one step, one system's atoms meet (it stops, the step is evaluated again
+    without it) and the evaluation then finds another too large for the memory alone: each
+    is returned as it was at the step before, with its own ``md_error``; the third runs on."""
+    potential = morse_potential()
+
+    class Limited(torch.nn.Module):
+        """Morse, zero forces on 2-atom systems, out of memory for a 13-atom system from the
+        first step on (its second call)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = potential
+            self.calls = 0
+
+        def __getattr__(self, name):
+            try:
+                return super().__getattr__(name)
+            except AttributeError:
+                return getattr(self.inner, name)
+
+        def forward(self, batch, compute_stress=False):
+            self.calls += 1
+            if self.calls > 1 and batch.n_atoms > 12 and batch.n_systems == 1:
+                raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
+            if self.calls > 1 and batch.n_atoms > 12:
+                raise RuntimeError("CUDA out of memory. Tried to allocate 4.00 GiB (simulated)")
+            out = self.inner(batch)
+            pair = (batch.natoms == 2)[batch.system_idx]
+            return {**out, "forces": torch.where(pair[:, None], 0.0, out["forces"])}
+
+    pair = Atoms("H2", positions=[[0, 0, 0], [1.0, 0, 0]], cell=[8, 8, 8], pbc=False)
+    speed = 0.5 / (0.5 * units.fs)
+    pair.set_momenta(pair.get_masses()[:, None] * [[speed, 0, 0], [-speed, 0, 0]])
+    slab, methane = _thermalized()[:2]
+    assert len(slab) == 13 and len(methane) == 5
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always", ForcecalcWarning)
+        results = md([slab, pair, methane], Limited(), steps=2, timestep=0.5, batch_size=3)
+    assert results[1].info["md_error"].startswith("MD stopped at step 1: atoms 0 and 1")
+    assert "out of memory for structure 0" in results[0].info["md_error"]
+    for k, original in ((0, slab), (1, pair)):
+        assert results[k].info["md_steps"] == 0
+        np.testing.assert_array_equal(results[k].positions, original.positions)
+    assert results[2].info["md_steps"] == 2 and "md_error" not in results[2].info
