@@ -532,7 +532,6 @@ def _note_energy_conservation(potential: Potential) -> None:
 
 def _cmd_md(args: argparse.Namespace) -> int:
     from ase import units
-    from ase.calculators.calculator import CalculatorError
     from ase.md.langevin import Langevin
     from ase.md.verlet import VelocityVerlet
 
@@ -598,14 +597,22 @@ def _cmd_md(args: argparse.Namespace) -> int:
 
     dyn.attach(log, interval=args.log_interval)
     atoms.get_potential_energy()  # the input's own problems (overlapping atoms): exit code 2
-    try:
-        if args.out:
-            _run_saving_frames(dyn, atoms, args, out_format)
-        else:
-            dyn.run(args.steps)
-    except ValueError as error:  # the calculator's check of positions the run made
-        raise CalculatorError(f"md stopped in step {dyn.nsteps + 1}: {error}") from error
+    if args.out:
+        _run_saving_frames(dyn, atoms, args, out_format)
+    else:
+        _run_dynamics(dyn, args.steps)
     return 0
+
+
+def _run_dynamics(dyn: MolecularDynamics, steps: int) -> None:
+    """``dyn.run(steps)``; the calculator's refusal of positions the run made (two atoms
+    within 0.01 Å) is a failed run (``CalculatorError``: exit code 1), naming the step."""
+    from ase.calculators.calculator import CalculatorError
+
+    try:
+        dyn.run(steps)
+    except ValueError as error:
+        raise CalculatorError(f"md stopped in step {dyn.nsteps + 1}: {error}") from error
 
 
 def _run_saving_frames(
@@ -625,7 +632,7 @@ def _run_saving_frames(
     traj = Trajectory(partial, "w", atoms)
     dyn.attach(traj.write, interval=args.log_interval)
     try:
-        dyn.run(args.steps)
+        _run_dynamics(dyn, args.steps)
     except BaseException:
         traj.close()
         print(
@@ -676,16 +683,29 @@ class _Parser(argparse.ArgumentParser):
         --data f.extxyz CHECKPOINT`` gives CHECKPOINT to --data): how to write it."""
         if not message.startswith("the following arguments are required"):
             return ""
-        lists = [a.option_strings[0] for a in self._actions if a.option_strings and a.nargs == "+"]
+        words = set(self._words)
+        lists = [
+            option
+            for action in self._actions
+            if action.nargs == "+"
+            for option in action.option_strings
+            if option in words
+        ]
         missing = [a.metavar or a.dest for a in self._actions if not a.option_strings]
         missing = [name for name in missing if name in message]
         if not lists or not missing:
             return ""
         return (
-            f"; an option with several values ({', '.join(lists[:3])}"
-            f"{', ...' if len(lists) > 3 else ''}) takes every word after it: give "
-            f"{missing[0]} before it, or end its values with --"
+            f"; {', '.join(lists)} takes every word after it: give {missing[0]} before it, or "
+            "end its values with --"
         )
+
+    def parse_known_args(
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        """argparse's, remembering the words it parses (for :meth:`_swallowed`)."""
+        self._words = list(sys.argv[1:] if args is None else args)
+        return super().parse_known_args(args, namespace)
 
 
 def _add_eval_commands(sub: argparse._SubParsersAction) -> None:

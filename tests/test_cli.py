@@ -448,6 +448,22 @@ def test_options_that_do_nothing_here_get_a_note(tmp_path: Path, capsys) -> None
     )
 
 
+def test_md_output_errors_after_the_run_are_not_a_stopped_run(tmp_path: Path, monkeypatch, capsys):
+    """A ValueError while writing `md --out` after all steps ran is reported as it is (exit
+    code 2), not as a run that "stopped in step N" (exit code 1, for atoms that met midway)."""
+    import forcecalc.cli
+
+    def refused(*args, **kwargs):
+        raise ValueError("simulated: cannot write")
+
+    write(tmp_path / "in.extxyz", fcc111("Cu", size=(2, 2, 2), vacuum=5.0))
+    monkeypatch.setattr(forcecalc.cli, "_write_structures", refused)
+    command = ["md", str(tmp_path / "in.extxyz"), "--model", str(SPINCONV_EC), "--steps", "2"]
+    assert main([*command, "--out", str(tmp_path / "md.extxyz")]) == 2
+    err = capsys.readouterr().err
+    assert "simulated: cannot write" in err and "stopped in step" not in err
+
+
 def test_md_keep_momenta_continues_from_the_stored_momenta(tmp_path: Path) -> None:
     """`md --keep-momenta` starts from the momenta stored in the input (an NVE run continues
     where the last frame of an earlier run's output stopped); without it they are drawn

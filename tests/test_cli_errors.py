@@ -275,15 +275,17 @@ def test_an_option_before_the_task_says_where_it_goes(argv, where, tasks, capsys
 def test_a_positional_taken_by_a_list_option_says_how_to_write_it(capsys) -> None:
     """`forcecalc finetune --data f.extxyz CHECKPOINT`: --data takes CHECKPOINT as a second
     file, and argparse calls CHECKPOINT missing; the one-line error says why and how to write
-    it (exit code 2). A missing positional without such an option gets no such hint."""
-    for argv in (["finetune", "--data", "f.extxyz", "spinconv-fc", "--out", "x"], ["relax"]):
+    it (exit code 2). A missing positional without such an option on the line (none given, or
+    one that takes a single value) gets no such hint."""
+    swallowed = ["finetune", "--data", "f.extxyz", "spinconv-fc", "--out", "x"]
+    for argv in (swallowed, ["finetune"], ["finetune", "--out", "x"], ["relax"]):
         with pytest.raises(SystemExit) as stop:
             main(argv)
         assert stop.value.code == 2
-    finetune, relax = capsys.readouterr().err.splitlines()
-    assert "required: checkpoint; an option with several values (--data, " in finetune
-    assert "give checkpoint before it, or end its values with --" in finetune
-    assert "required: input" in relax and "several values" not in relax
+    finetune, *others = capsys.readouterr().err.splitlines()
+    assert "required: checkpoint; --data takes every word after it: give checkpoint" in finetune
+    assert finetune.endswith("or end its values with -- (see forcecalc finetune --help)")
+    assert len(others) == 3 and not [line for line in others if "every word" in line]
 
 
 def test_forcecalc_warnings_are_one_line_like_its_errors(tmp_path: Path, monkeypatch, capsys):

@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from ase import units
+from ase import Atoms, units
 from torch import Tensor, nn
 
 from forcecalc.graph.gather import RowIndex
@@ -270,10 +270,11 @@ def md(
         The final structures in input order: positions and momenta after ``steps`` steps, a
         ``SinglePointCalculator`` with the final energy and (raw) forces, and
         ``info["md_steps"]``.  A structure whose positions stop being finite (the dynamics
-        diverged) or whose atoms come within 0.01 Å of each other leaves its batch at that
-        step, with a warning naming it: it is returned as it was at the step before, with
-        ``info["md_steps"]`` the steps it completed and ``info["md_error"]`` saying why; the
-        others go on.
+        diverged), whose atoms come within 0.01 Å of each other, whose model energy or forces
+        are not finite, or that is too large for the memory even alone leaves its batch at
+        that step, with a warning naming it: it is returned as it was at the step before,
+        with ``info["md_steps"]`` the steps it completed and ``info["md_error"]`` saying why;
+        the others go on.
     """
     for name, value in (
         ("steps", steps),
@@ -302,8 +303,8 @@ def md(
         raise ValueError(f"friction must be >= 0, got {friction}")
     structures = [structures] if hasattr(structures, "get_positions") else list(structures)
     if integrator == "langevin" and fixcm:
-        for index, atoms in enumerate(structures):
-            if len(atoms) < 2:  # before any work, not as its batch starts
+        for index, atoms in enumerate(structures):  # before any work, not as its batch starts
+            if isinstance(atoms, Atoms) and len(atoms) < 2:  # (plan_run names non-Atoms)
                 raise ValueError(
                     f"structure {index} ({atoms.get_chemical_formula()}): fixcm=True needs at "
                     "least two atoms per system"
@@ -371,24 +372,27 @@ def _integrate(
         dynamics.keep(system_keep, systems.keep(system_keep))
         return system_keep
 
-    def too_large(
+    def failed(
         step: int, state: tuple[Tensor, ...], outputs: tuple[Tensor, Tensor]
     ) -> tuple[Tensor, Tensor]:
-        """End the systems the evaluation of ``step`` found too large for the memory even
-        alone (their ``outputs`` are NaN) as they were in ``state``; the others' outputs."""
-        stopped = {
-            k: f"MD stopped at step {step}: {evaluate.failures.pop(index)}"
-            for k, index in enumerate(systems.ids)
-            if index in evaluate.failures
-        }
+        """End the systems whose ``outputs`` (energy ``[S]``, forces ``[N, 3]``) of ``step``
+        are not finite (a model that fails there, or a system too large for the memory even
+        alone) as they were in ``state``; the others' outputs.  One host sync."""
+        energy, forces = outputs
+        bad = ~torch.isfinite(energy) | systems.non_finite(forces)
+        if not bool(bad.any()):
+            return outputs
+        stopped = {}
+        for k in torch.nonzero(bad).flatten().tolist():
+            index = systems.ids[k]
+            why = evaluate.failures.pop(index, "the model's energy or forces are not finite")
+            stopped[k] = f"MD stopped at step {step}: {why}"
         atom_system = systems.system_idx
         keep = stop(stopped, max(step - 1, 0), state)
-        return outputs[0][keep], outputs[1][keep[atom_system]]
+        return energy[keep], forces[keep[atom_system]]
 
     energy, raw = evaluate(systems)
-    if evaluate.failures:
-        state = (systems.positions, dynamics.momenta, energy, raw)
-        energy, raw = too_large(0, state, (energy, raw))
+    energy, raw = failed(0, (systems.positions, dynamics.momenta, energy, raw), (energy, raw))
     if trajectory_interval > 0:
         _record(systems, structures, dynamics.momenta, energy, raw, frames)
     for step in tqdm(range(1, steps + 1), disable=not progress, desc="md", unit="step"):
@@ -403,13 +407,12 @@ def _integrate(
             keep = stop(_stopped_systems(systems, step, error), step - 1, last)
             if not systems.n_systems:
                 return
-            atom_keep = keep[atom_system]  # the others' state before the step, for too_large
+            atom_keep = keep[atom_system]  # the others' state before the step, for failed
             last = (last[0][atom_keep], last[1][atom_keep], last[2][keep], last[3][atom_keep])
             energy, raw = evaluate(systems)
-        if evaluate.failures:
-            energy, raw = too_large(step, last, (energy, raw))
-            if not systems.n_systems:
-                return
+        energy, raw = failed(step, last, (energy, raw))
+        if not systems.n_systems:
+            return
         dynamics.kick(systems, systems.constrained_forces(raw))
         if trajectory_interval > 0 and step % trajectory_interval == 0:
             _record(systems, structures, dynamics.momenta, energy, raw, frames)

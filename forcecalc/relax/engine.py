@@ -294,6 +294,12 @@ class SystemSet:
             shifts=shifts,
         )
 
+    def non_finite(self, values: Tensor) -> Tensor:
+        """``[S]`` bool: whether a system has a row of ``values`` ``[N, 3]`` (per atom) that is
+        not finite (NaN or inf)."""
+        not_finite = (~torch.isfinite(values).all(dim=1)).to(values.dtype)
+        return segment_max(not_finite, self.system_idx, self.n_systems) > 0
+
     def constrained_forces(self, forces: Tensor) -> Tensor:
         """``forces`` ``[N, 3]`` with FixAtoms applied (zero on fixed atoms), as ASE's
         ``atoms.get_forces()`` returns them."""

@@ -26,7 +26,6 @@ from forcecalc.relax.engine import (
     admit,
     check_structures,
     count_all_edges,
-    segment_max,
 )
 from forcecalc.relax.memory import (
     CPU_MEMORY_MODEL,
@@ -230,13 +229,6 @@ def _auto_memory_model(
     return model.with_budget(memory_budget(device))
 
 
-def _non_finite_rows(values: Tensor, systems: SystemSet) -> Tensor:
-    """``[S]`` positive where a system has a row of ``values`` ``[N, 3]`` (per atom) that is
-    not finite (NaN or inf), else 0."""
-    not_finite = (~torch.isfinite(values).all(dim=1)).to(values.dtype)
-    return segment_max(not_finite, systems.system_idx, systems.n_systems)
-
-
 def relax(
     structures: Sequence,
     model: str | os.PathLike | nn.Module,
@@ -370,7 +362,7 @@ def relax(
             energy, raw_forces = evaluate(systems)
         if admitted:
             initial.extend(energy[-admitted:].tolist())
-        broken = ~torch.isfinite(energy) | (_non_finite_rows(raw_forces, systems) > 0)
+        broken = ~torch.isfinite(energy) | systems.non_finite(raw_forces)
         if bool(broken.any()):  # a model output that is not finite: those end here
             error = "the model's energy or forces are not finite (NaN or inf)"
             ids = systems.ids
@@ -390,7 +382,7 @@ def relax(
             forces, raw_forces, energy = forces[atom_keep], raw_forces[atom_keep], energy[keep]
         if systems.n_systems:
             step = opt.step(systems, forces)
-            finite = _non_finite_rows(step, systems) <= 0
+            finite = ~systems.non_finite(step)
             if not bool(finite.all()):
                 # the optimizer broke down on these (e.g. LBFGS with zero forces, as ASE's):
                 # they end here, unconverged, with their last finite positions

@@ -347,7 +347,7 @@ def read_options(path: str | Path) -> dict[str, Any]:
     """The options a YAML (``.yaml``/``.yml``) or JSON file sets, and only those, checked and
     converted to their types (``ValueError`` naming the file, the option and the value)."""
     path = Path(path)
-    if not path.is_file():
+    if path.is_dir() or not path.exists():  # a pipe (<(...)) is neither, and is read
         raise ValueError(
             f"config file {path} {'is a folder' if path.is_dir() else 'does not exist'}"
         )

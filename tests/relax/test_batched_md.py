@@ -230,24 +230,31 @@ def test_md_float32_checkpoint_runs():
 
 
 @pytest.mark.parametrize(
-    ("skin", "bad", "integrator"),
-    [(0.0, torch.inf, "verlet"), (0.5, torch.nan, "verlet"), (0.0, torch.nan, "langevin")],
+    ("skin", "bad", "output", "integrator"),
+    [
+        (0.0, torch.inf, "forces", "verlet"),
+        (0.5, torch.nan, "forces", "verlet"),
+        (0.0, torch.nan, "energy", "verlet"),
+        (0.0, torch.nan, "forces", "langevin"),
+    ],
 )
-def test_a_diverging_system_stops_alone_and_is_named(skin, bad, integrator):
-    """Contract: when a system's positions stop being finite (here its forces are), that
-    system alone leaves the batch, returned as it was at the step before with
-    ``info["md_error"]`` naming the step, and a warning names it by its input place and
-    formula; the other systems run all their steps exactly as without it (Langevin: with
-    ASE's per-system streams).  Also with a neighbor-list skin, where NaN positions never
-    looked "moved" (the run once went on and returned NaN positions)."""
+def test_a_system_the_model_fails_on_stops_alone_and_is_named(skin, bad, output, integrator):
+    """Contract: when the model's energy or forces of a system stop being finite (here from
+    its third evaluation, step 2), that system alone leaves the batch, returned as it was at
+    the step before (finite) with ``info["md_error"]`` naming the step, and a warning names
+    it by its input place and formula; the other systems run all their steps exactly as
+    without it (Langevin: with ASE's per-system streams).  Before, a NaN energy went
+    unnoticed, bad forces were called a diverging time step a step later, and at the last
+    step the structure came back with NaN forces and no word."""
     potential = morse_potential()
 
-    class Exploding(torch.nn.Module):
-        """The Morse potential, with non-finite forces on the atoms of 5-atom systems."""
+    class Failing(torch.nn.Module):
+        """The Morse potential; from its third call, non-finite outputs for 5-atom systems."""
 
         def __init__(self) -> None:
             super().__init__()
             self.inner = potential
+            self.calls = 0
 
         def __getattr__(self, name):
             try:
@@ -256,24 +263,30 @@ def test_a_diverging_system_stops_alone_and_is_named(skin, bad, integrator):
                 return getattr(self.inner, name)
 
         def forward(self, batch, compute_stress=False):
+            self.calls += 1
             out = self.inner(batch)
-            five = (batch.natoms == 5)[batch.system_idx]
-            forces = torch.where(five[:, None], bad, out["forces"])
+            if self.calls < 3:
+                return out
+            five = batch.natoms == 5
+            if output == "energy":
+                return {**out, "energy": torch.where(five, bad, out["energy"])}
+            forces = torch.where(five[batch.system_idx][:, None], bad, out["forces"])
             return {**out, "forces": forces}
 
     systems = _thermalized()
-    assert [len(atoms) == 5 for atoms in systems] == [False, True, False]  # CH4 explodes
+    assert [len(atoms) == 5 for atoms in systems] == [False, True, False]  # CH4 fails
     options = {"steps": 4, "timestep": 0.5, "skin": skin, "trajectory_interval": 1}
     if integrator == "langevin":
         options.update(integrator="langevin", temperature_K=600, friction=0.05, rng="numpy")
-    with pytest.warns(ForcecalcWarning, match=r"^structure 1 \(CH4\): MD diverged at step 1"):
-        results = md(systems, Exploding(), batch_size=3, **options)
+    with pytest.warns(ForcecalcWarning, match=r"^structure 1 \(CH4\): MD stopped at step 2: the"):
+        results = md(systems, Failing(), batch_size=3, **options)
     alone = md(systems, potential, batch_size=1, **options)
     stopped = results[1]
-    assert stopped.info["md_steps"] == 0 and "diverged at step 1" in stopped.info["md_error"]
-    np.testing.assert_array_equal(stopped.positions, systems[1].positions)
-    np.testing.assert_array_equal(stopped.get_momenta(), systems[1].get_momenta())
-    assert len(stopped.info["trajectory"]) == 1
+    assert stopped.info["md_steps"] == 1
+    assert stopped.info["md_error"].startswith("MD stopped at step 2: the model's energy or forces")
+    np.testing.assert_array_equal(stopped.positions, alone[1].info["trajectory"][1].positions)
+    assert np.isfinite(stopped.get_forces()).all() and np.isfinite(stopped.get_potential_energy())
+    assert len(stopped.info["trajectory"]) == 2
     for k in (0, 2):
         assert results[k].info["md_steps"] == 4 and "md_error" not in results[k].info
         assert len(results[k].info["trajectory"]) == 5
@@ -322,10 +335,13 @@ def test_a_system_whose_atoms_collide_stops_alone(skin):
         np.testing.assert_allclose(result.positions, reference.positions, atol=1e-12)
 
 
-def test_systems_stopping_together_are_each_named_with_their_reason():
+@pytest.mark.parametrize("skin", [0.0, 0.5])
+def test_systems_stopping_together_are_each_named_with_their_reason(skin):
     """Contract: two systems stopping in one step for different reasons (two atoms meeting;
-    momenta that are not finite) get one warning each, with their own reason, as their
-    ``md_error``s say (one warning gave the first one's reason for both)."""
+    momenta that are not finite, so that the positions diverge) get one warning each, with
+    their own reason, as their ``md_error``s say (one warning gave the first one's reason for
+    both).  Also with a skin, where NaN positions never looked "moved" (a run once went on
+    and returned NaN positions)."""
     potential = morse_potential()
     pair = Atoms("H2", positions=[[0, 0, 0], [1.0, 0, 0]], cell=[8, 8, 8], pbc=False)
     speed = 0.5 / (0.5 * units.fs)
@@ -336,7 +352,9 @@ def test_systems_stopping_together_are_each_named_with_their_reason():
     others = _thermalized()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ForcecalcWarning)
-        results = md([others[0], pair, others[2], water], potential, steps=2, timestep=0.5)
+        results = md(
+            [others[0], pair, others[2], water], potential, steps=2, timestep=0.5, skin=skin
+        )
     messages = sorted(str(w.message) for w in caught if "MD " in str(w.message))
     assert len(messages) == 2
     assert messages[0].startswith("structure 1 (H2): MD stopped at step 1: atoms 0 and 1")

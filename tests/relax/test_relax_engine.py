@@ -54,6 +54,20 @@ def test_neighbor_lists_are_rebuilt_per_system_beyond_half_the_skin():
     assert _pairs(systems, 4.0) == _fresh_pairs(systems, 4.0)
 
 
+def test_without_a_skin_every_moved_system_is_rebuilt_and_no_other():
+    """Contract: with skin 0, a system whose atoms moved at all is rebuilt at the next
+    refresh (its list holds the cutoff's pairs only), and one that did not move (just built:
+    entering the batch) is not built again; the edges always equal a fresh neighbor list's."""
+    systems = SystemSet(cutoff=4.0, skin=0.0, device=torch.device("cpu"))
+    systems.extend(mixed_structures()[:3], [0, 1, 2])
+    assert systems.refresh_neighbors() == 0 and systems.builds == [1, 1, 1]
+    shift = torch.zeros_like(systems.positions)
+    shift[systems.system_idx == 1] = 1e-9
+    systems.positions = systems.positions + shift
+    assert systems.refresh_neighbors() == 1 and systems.builds == [1, 2, 1]
+    assert _pairs(systems, 4.0) == _fresh_pairs(systems, 4.0)
+
+
 def test_leaving_and_entering_systems_keep_consistent_edges():
     """Contract: after systems leave (keep) and others enter (extend), every system's edges
     still equal a fresh neighbor list, with atom indices remapped."""
