@@ -275,6 +275,7 @@ def radius_graph(
     max_neighbors: int | None = None,
     backend: Backend = "auto",
     name: Callable[[int], str] | None = None,
+    warn_contacts: bool = True,
 ) -> NeighborGraph:
     """All pairs closer than ``cutoff`` in every system of a batch, under each system's pbc.
 
@@ -295,6 +296,8 @@ def radius_graph(
         name: ``name(k)`` names system ``k`` at the start of the messages about overlapping
             atoms and close contacts (called only for those; default: "structure k in the
             batch" after the atoms, where there are several systems).
+        warn_contacts: warn of atoms closer than any bond (:data:`CLOSE_CONTACT`); off for
+            structures made for a measurement, not given by the user.
 
     Returns:
         The edges, in the dtype and on the device of ``positions``, in canonical order
@@ -316,7 +319,7 @@ def radius_graph(
     edge_index, shifts = edge_index[:, order], shifts[order]
     vectors = edge_vectors(positions, cell, system_idx, edge_index, shifts)
     distances = torch.linalg.norm(vectors, dim=1)
-    _check_no_overlap(edge_index, shifts, distances, system_idx, name)
+    _check_no_overlap(edge_index, shifts, distances, system_idx, name, warn_contacts)
     if max_neighbors is not None:
         keep = max_neighbors_mask(edge_index[1], distances, max_neighbors, len(positions))
         edge_index, shifts = edge_index[:, keep], shifts[keep]
@@ -339,6 +342,7 @@ def _check_no_overlap(
     distances: Tensor,
     system_idx: Tensor,
     name: Callable[[int], str] | None = None,
+    warn_contacts: bool = True,
 ) -> None:
     """Raise ``ValueError`` naming two atoms (or an atom and a periodic image) closer than
     ``sqrt(MIN_DISTANCE_SQ)`` = 0.01 Å, by their indices in their own structure (and that
@@ -349,7 +353,7 @@ def _check_no_overlap(
         return
     first = int(distances.argmin())
     closest = float(distances[first])
-    if closest >= CLOSE_CONTACT:
+    if closest >= CLOSE_CONTACT or (closest * closest > MIN_DISTANCE_SQ and not warn_contacts):
         return
     i, j = edge_index[0, first].item(), edge_index[1, first].item()
     system = int(system_idx[i])

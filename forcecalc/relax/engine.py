@@ -70,13 +70,18 @@ class SystemSet:
             edge_system ``[E]`` system of each edge (edges are not sorted by system).
         reference: ``[N, 3]`` positions at each system's last neighbor-list build.
         builds: neighbor-list builds per system (host list; the first build counts).
+        warn_contacts: whether builds warn of atoms closer than any bond (off for the memory
+            model's compressed samples).
     """
 
-    def __init__(self, cutoff: float, skin: float, device: torch.device) -> None:
+    def __init__(
+        self, cutoff: float, skin: float, device: torch.device, warn_contacts: bool = True
+    ) -> None:
         if skin < 0:
             raise ValueError(f"skin must be >= 0, got {skin}")
         self.cutoff = float(cutoff)
         self.skin = float(skin)
+        self.warn_contacts = warn_contacts
         self.device = device
         f64, i64 = torch.float64, torch.int64
         self.ids: list[int] = []
@@ -216,6 +221,7 @@ class SystemSet:
                 local_system[self.system_idx[atoms]],
                 self.graph_cutoff,
                 name=lambda k: self.name(int(systems[k])),
+                warn_contacts=self.warn_contacts,
             )
         except ValueError as error:
             self._name_the_system(systems.tolist(), error)

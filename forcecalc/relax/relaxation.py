@@ -9,7 +9,6 @@ converged (ASE's criterion: the largest per-atom force norm, FixAtoms applied, b
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from numbers import Integral, Real
@@ -40,7 +39,6 @@ from forcecalc.relax.memory import (
     remember_memory_model,
 )
 from forcecalc.relax.optimizers import make_optimizer
-from forcecalc.warning import ForcecalcWarning
 
 if TYPE_CHECKING:
     from ase import Atoms
@@ -193,7 +191,8 @@ def memory_sample_batches(
     batches = []
     limit = measurement_limit(device)
     for chosen in [samples[:size] for size in sizes] + [dense]:
-        systems = SystemSet(float(potential.cutoff), skin, device)
+        # compressed copies: closer contacts than the user's structures have, not theirs
+        systems = SystemSet(float(potential.cutoff), skin, device, warn_contacts=False)
         systems.extend(chosen, list(range(len(chosen))))
         batch = systems.batch(0, systems.n_systems)
         # beyond the first two, none a conservative estimate puts past the memory at hand
@@ -217,12 +216,8 @@ def _auto_memory_model(
     if model is None:
         grad = bool(getattr(potential, "energy_gradient", False))
         measure = cuda_peak_bytes if cuda else cpu_peak_bytes
-        # warnings about the samples (compressed copies: closer contacts) are not about the
-        # user's structures, which the run itself checks
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ForcecalcWarning)
-            batches = memory_sample_batches(potential, structures, skin, device)
-            model = measure_memory_model(potential, batches, grad, measure)
+        batches = memory_sample_batches(potential, structures, skin, device)
+        model = measure_memory_model(potential, batches, grad, measure)
         if model.bytes_per_atom <= 0 and model.bytes_per_edge <= 0:
             return CPU_MEMORY_MODEL.with_budget(memory_budget(device))
         remember_memory_model(potential, device, model, largest)
