@@ -11,6 +11,7 @@ from ase.calculators.calculator import CalculationFailed, PropertyNotImplemented
 from ase.constraints import FixAtoms
 from ase.md.verlet import VelocityVerlet
 from ase.optimize import BFGS, FIRE, LBFGS
+from collisions import head_on_pair
 from devices import DEVICES
 from ocp_fixtures import OCP_DATA, ocp_reference, ocp_structures
 
@@ -215,9 +216,7 @@ def test_atoms_that_meet_are_refused_with_or_without_a_skin(skin: float) -> None
     each having moved 0.45 Å, less than half the skin: the calculator refuses that step
     naming the atoms, as without a skin (with one it reused its neighbor list and returned
     the numbers of a model that drops such a pair)."""
-    pair = Atoms("Cu2", positions=[[0, 0, 0], [0.9, 0.005, 0]], cell=[9, 9, 9], pbc=False)
-    speed = 0.45 / (0.5 * units.fs)  # each atom moves 0.45 Å in one step of 0.5 fs
-    pair.set_momenta(pair.get_masses()[:, None] * [[speed, 0, 0], [-speed, 0, 0]])
+    pair = head_on_pair("Cu2", gap=0.9, step=0.45, offset=0.005)
     pair.calc = load_calculator(FORCENET, device="cpu", dtype="float64", skin=skin)
     with pytest.raises(ValueError, match=r"atoms 0 and 1 are 0.00\d+ Å apart, closer than 0.01"):
         VelocityVerlet(pair, timestep=0.5 * units.fs).run(3)

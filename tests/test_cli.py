@@ -13,6 +13,7 @@ import torch
 from ase.build import add_adsorbate, fcc111
 from ase.constraints import FixAtoms
 from ase.io import read, write
+from collisions import head_on_pair
 from ocp_fixtures import OCP_DATA
 
 import forcecalc
@@ -418,11 +419,7 @@ def test_md_that_brings_atoms_together_is_a_failed_run(tmp_path: Path, capsys) -
     """Two Cu atoms flying head-on meet within 0.01 Å in the first step: `md` ends with one
     line naming the step and exit code 1 (a run that went wrong, not bad input: exit code 2
     is for those, as for the same pair given overlapping)."""
-    from ase import Atoms, units
-
-    pair = Atoms("Cu2", positions=[[0, 0, 0], [1.0, 0, 0]], cell=[9, 9, 9], pbc=False)
-    speed = 0.5 / (0.5 * units.fs)  # each atom moves 0.5 Å in one step of 0.5 fs
-    pair.set_momenta(pair.get_masses()[:, None] * [[speed, 0, 0], [-speed, 0, 0]])
+    pair = head_on_pair("Cu2", gap=1.0, step=0.5)
     write(tmp_path / "pair.extxyz", pair)
     command = ["md", str(tmp_path / "pair.extxyz"), "--model", str(SPINCONV_EC)]
     options = ["--integrator", "verlet", "--timestep", "0.5", "--steps", "3", "--keep-momenta"]

@@ -105,6 +105,34 @@ def morse_potential() -> Potential:
     return as_potential(MorseModel())
 
 
+class MorseVariant(nn.Module):
+    """The Morse test potential with outputs a subclass changes (:meth:`outputs`); its cutoff,
+    dtype, device and the rest come from the wrapped :func:`morse_potential`.
+
+    Attributes:
+        calls: forward passes so far.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = morse_potential()
+        self.calls = 0
+
+    def __getattr__(self, name: str) -> object:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.inner, name)
+
+    def forward(self, batch: Batch, compute_stress: bool = False) -> dict[str, Tensor]:
+        self.calls += 1
+        return self.outputs(batch)
+
+    def outputs(self, batch: Batch) -> dict[str, Tensor]:
+        """The Morse potential's outputs (what a subclass changes)."""
+        return self.inner(batch)
+
+
 def _slab(kind: str, metal: str, size: tuple[int, int, int], adsorbate: str, seed: int) -> Atoms:
     build = fcc111 if kind == "111" else fcc100
     slab = build(metal, size=size, vacuum=6.0)

@@ -10,8 +10,10 @@ import torch
 from ase import Atoms, units
 from ase.md.langevin import Langevin
 from ase.md.verlet import VelocityVerlet
+from collisions import head_on_pair
 from relax_helpers import (
     HarmonicModel,
+    MorseVariant,
     OutOfMemoryAbove,
     as_potential,
     mixed_structures,
@@ -248,22 +250,10 @@ def test_a_system_the_model_fails_on_stops_alone_and_is_named(skin, bad, output,
     step the structure came back with NaN forces and no word."""
     potential = morse_potential()
 
-    class Failing(torch.nn.Module):
+    class Failing(MorseVariant):
         """The Morse potential; from its third call, non-finite outputs for 5-atom systems."""
 
-        def __init__(self) -> None:
-            super().__init__()
-            self.inner = potential
-            self.calls = 0
-
-        def __getattr__(self, name):
-            try:
-                return super().__getattr__(name)
-            except AttributeError:
-                return getattr(self.inner, name)
-
-        def forward(self, batch, compute_stress=False):
-            self.calls += 1
+        def outputs(self, batch):
             out = self.inner(batch)
             if self.calls < 3:
                 return out
@@ -301,28 +291,15 @@ def test_a_system_whose_atoms_collide_stops_alone(skin):
     graph builder (which atoms overlap), returned as it was at the step before; the others
     run all their steps.  Also with a skin wider than their way (each moves 0.5 Å, less than
     half the skin: no rebuild by motion), where they once passed through each other."""
-    potential = morse_potential()
 
-    class ForceFree(torch.nn.Module):
+    class ForceFree(MorseVariant):
         """The Morse potential's energies, with zero forces."""
 
-        def __init__(self) -> None:
-            super().__init__()
-            self.inner = potential
-
-        def __getattr__(self, name):
-            try:
-                return super().__getattr__(name)
-            except AttributeError:
-                return getattr(self.inner, name)
-
-        def forward(self, batch, compute_stress=False):
+        def outputs(self, batch):
             out = self.inner(batch)
             return {**out, "forces": torch.zeros_like(out["forces"])}
 
-    pair = Atoms("H2", positions=[[0, 0, 0], [1.0, 0, 0]], cell=[8, 8, 8], pbc=False)
-    speed = 0.5 / (0.5 * units.fs)  # each atom moves 0.5 Å in one step of 0.5 fs
-    pair.set_momenta(pair.get_masses()[:, None] * [[speed, 0, 0], [-speed, 0, 0]])
+    pair = head_on_pair("H2", gap=1.0, step=0.5)
     others = _thermalized()
     with pytest.warns(ForcecalcWarning, match=r"^structure 1 \(H2\): MD stopped at step 1"):
         results = md([others[0], pair, others[2]], ForceFree(), steps=3, timestep=0.5, skin=skin)
@@ -343,9 +320,7 @@ def test_systems_stopping_together_are_each_named_with_their_reason(skin):
     both).  Also with a skin, where NaN positions never looked "moved" (a run once went on
     and returned NaN positions)."""
     potential = morse_potential()
-    pair = Atoms("H2", positions=[[0, 0, 0], [1.0, 0, 0]], cell=[8, 8, 8], pbc=False)
-    speed = 0.5 / (0.5 * units.fs)
-    pair.set_momenta(pair.get_masses()[:, None] * [[speed, 0, 0], [-speed, 0, 0]])
+    pair = head_on_pair("H2", gap=1.0, step=0.5)
     water = Atoms("H2O", positions=[[0, 0, 0], [0.96, 0, 0], [-0.24, 0.93, 0]])
     water.center(vacuum=4.0)
     water.set_momenta([[np.inf, 0, 0], [0, 0, 0], [0, 0, 0]])
@@ -386,25 +361,12 @@ def test_a_collision_and_a_system_too_large_in_one_step():
     """Contract: in one step, one system's atoms meet (it stops, the step is evaluated again
     without it) and the evaluation then finds another too large for the memory alone: each
     is returned as it was at the step before, with its own ``md_error``; the third runs on."""
-    potential = morse_potential()
 
-    class Limited(torch.nn.Module):
+    class Limited(MorseVariant):
         """Morse, zero forces on 2-atom systems, out of memory for a 13-atom system from the
         first step on (its second call)."""
 
-        def __init__(self) -> None:
-            super().__init__()
-            self.inner = potential
-            self.calls = 0
-
-        def __getattr__(self, name):
-            try:
-                return super().__getattr__(name)
-            except AttributeError:
-                return getattr(self.inner, name)
-
-        def forward(self, batch, compute_stress=False):
-            self.calls += 1
+        def outputs(self, batch):
             if self.calls > 1 and batch.n_atoms > 12 and batch.n_systems == 1:
                 raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
             if self.calls > 1 and batch.n_atoms > 12:
@@ -413,9 +375,7 @@ def test_a_collision_and_a_system_too_large_in_one_step():
             pair = (batch.natoms == 2)[batch.system_idx]
             return {**out, "forces": torch.where(pair[:, None], 0.0, out["forces"])}
 
-    pair = Atoms("H2", positions=[[0, 0, 0], [1.0, 0, 0]], cell=[8, 8, 8], pbc=False)
-    speed = 0.5 / (0.5 * units.fs)
-    pair.set_momenta(pair.get_masses()[:, None] * [[speed, 0, 0], [-speed, 0, 0]])
+    pair = head_on_pair("H2", gap=1.0, step=0.5)
     slab, methane = _thermalized()[:2]
     assert len(slab) == 13 and len(methane) == 5
     with warnings.catch_warnings(record=True):

@@ -13,6 +13,7 @@ from ase.constraints import FixAtoms, FixBondLength
 from ase.optimize import BFGS, FIRE, LBFGS
 from relax_helpers import (
     MorseModel,
+    MorseVariant,
     OutOfMemoryAbove,
     as_potential,
     mixed_structures,
@@ -515,22 +516,11 @@ def test_a_structure_whose_atoms_a_step_brings_together_ends_alone(optimizer, sk
     skin (CUDA's default 0.5 Å: the atoms meet before either moved a quarter of it; FIRE gets
     there in a few steps), where the overlap went unseen.  The memory model's samples (copies
     compressed to 0.8: the pair at 0.32 Å) warn of nothing."""
-    potential = morse_potential()
 
-    class Pulling(torch.nn.Module):
+    class Pulling(MorseVariant):
         """The Morse potential; on 2-atom systems, 100 eV/Å pulling each atom to their centre."""
 
-        def __init__(self) -> None:
-            super().__init__()
-            self.inner = potential
-
-        def __getattr__(self, name):
-            try:
-                return super().__getattr__(name)
-            except AttributeError:
-                return getattr(self.inner, name)
-
-        def forward(self, batch, compute_stress=False):
+        def outputs(self, batch):
             out = self.inner(batch)
             pair = (batch.natoms == 2)[batch.system_idx]
             idx = batch.system_idx
