@@ -319,10 +319,10 @@ def relax(
         initial[:] = [e for e, gone in zip(initial, ended_host, strict=True) if not gone]
         return keep, atom_keep
 
-    def end_overlapping(admitted: int) -> bool:
+    def end_overlapping() -> bool:
         """End the systems whose graph cannot be built because a step brought two atoms
         within 0.01 Å of each other (no model output there: NaN); whether there were any.
-        The ``admitted`` last systems, which entered unevaluated, are never among them."""
+        Systems that just entered, unevaluated, are never among them (checked up front)."""
         nonlocal energy, raw_forces
         overlapping = systems.graph_problems(range(systems.n_systems))
         if not overlapping:
@@ -332,9 +332,7 @@ def relax(
         raw_forces = torch.full((systems.n_atoms, 3), nan, dtype=torch.float64, device=device_)
         ended = torch.zeros(systems.n_systems, dtype=torch.bool, device=device_)
         ended[list(overlapping)] = True
-        initial.extend([nan] * admitted)  # placeholders, dropped again below
         retire(ended, torch.zeros_like(ended))
-        del initial[len(initial) - admitted :]
         for k, problem in overlapping.items():
             results[ids[k]].info["relax_error"] = (
                 f"step {steps_taken[k]} brought atoms within 0.01 Å of each other (no energy "
@@ -347,16 +345,17 @@ def relax(
         if admitted:
             opt.add(systems.natoms[-admitted:])
             taken.extend([0] * admitted)
+            initial.extend([torch.nan] * admitted)  # their first energies, once evaluated
         try:
             energy, raw_forces = evaluate(systems)
         except ValueError:
-            if not end_overlapping(admitted):
+            if not end_overlapping():
                 raise
             if not systems.n_systems:
                 continue
             energy, raw_forces = evaluate(systems)
-        if admitted:
-            initial.extend(energy[-admitted:].tolist())
+        if admitted:  # still the last ones: an overlap ends only systems that took a step
+            initial[len(initial) - admitted :] = energy[-admitted:].tolist()
         broken = ~torch.isfinite(energy) | systems.non_finite(raw_forces)
         if bool(broken.any()):  # a model output that is not finite: those end here
             error = "the model's energy or forces are not finite (NaN or inf)"
