@@ -116,6 +116,8 @@ class Langevin:
         self.fixcm = fixcm
         self.draw = draw
         self.momenta: Tensor | None = None
+        self.velocity: Tensor | None = None  # of the step between drift and kick
+        self.rnd_vel: Tensor | None = None
 
     def start(self, systems: SystemSet, momenta: Tensor) -> None:
         """Initial momenta ``[N, 3]``; computes ASE's coefficients per atom."""
@@ -164,7 +166,7 @@ class Langevin:
         atoms are those where ``atom_keep`` ``[N]`` is (between a :meth:`drift` and its
         :meth:`kick`, or before the first), and their random streams."""
         for name in ("momenta", "c3", "c4", "c5", "velocity", "rnd_vel"):
-            value = getattr(self, name, None)  # no velocity before the first drift
+            value = getattr(self, name)  # velocity: None before the first drift
             if value is not None:
                 setattr(self, name, value[atom_keep])
         self.draw.keep(system_keep.tolist())
