@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from forcecalc.atomic import torch_save
 from forcecalc.graph import Batch
 from forcecalc.graph.batch import MAX_ATOMIC_NUMBER
+from forcecalc.models.interface import FixedShapeModel, Model, missing_members
 from forcecalc.models.registry import build_model, model_names
 from forcecalc.warning import warn
 
@@ -161,8 +162,14 @@ class Potential(nn.Module):
     (eV/Å^3, ``(1/V) dE/dstrain``).
     """
 
-    def __init__(self, model: nn.Module, info: CheckpointInfo) -> None:
+    def __init__(self, model: Model, info: CheckpointInfo) -> None:
         super().__init__()
+        missing = missing_members(model)
+        if missing:
+            raise TypeError(
+                f"{type(model).__name__} is not a forcecalc model: it lacks "
+                f"{', '.join(missing)} (see forcecalc.models.interface.Model)"
+            )
         self.model = model
         self.info = info
 
@@ -176,18 +183,18 @@ class Potential(nn.Module):
 
     @property
     def max_neighbors(self) -> int | None:
-        return getattr(self.model, "max_neighbors", None)
+        return self.model.max_neighbors
 
     @property
     def energy_gradient(self) -> bool:
         """Whether the forces are the energy's gradient (by autograd: an energy-centric
         model), so that a forward needs gradients enabled."""
-        return bool(getattr(self.model, "energy_gradient", False))
+        return bool(self.model.energy_gradient)
 
     @property
     def defines_stress(self) -> bool:
         """Whether the model gives a stress: the strain derivative of its energy."""
-        return bool(getattr(self.model, "defines_stress", False))
+        return bool(self.model.defines_stress)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -207,11 +214,11 @@ class Potential(nn.Module):
 
     @functools.cached_property
     def table_elements(self) -> list[int] | None:
-        """Atomic numbers the model's tables cover (its ``supported_numbers()``; ``None``: the
-        model does not say), read once (from its tables on its device: a host
+        """Atomic numbers the model's tables cover (its ``supported_numbers()``; ``None``: every
+        element), read once (from its tables on its device: a host
         synchronisation per call on a GPU, ~1 ms of every ASE step)."""
-        supported = getattr(self.model, "supported_numbers", None)
-        return list(supported()) if callable(supported) else None
+        supported = self.model.supported_numbers()
+        return None if supported is None else list(supported)
 
     def check_same(
         self, device: str | torch.device | None, dtype: str | torch.dtype | None
@@ -287,7 +294,7 @@ class Potential(nn.Module):
     @property
     def fixed_shapes(self) -> bool:
         """Whether the model has a fixed-shape forward (:meth:`fixed_shape_forward`)."""
-        return bool(getattr(self.model, "fixed_shapes", False))
+        return isinstance(self.model, FixedShapeModel) and bool(self.model.fixed_shapes)
 
     def fixed_shape_inputs(
         self, batch: Batch, previous: dict[str, Tensor] | None = None

@@ -10,6 +10,7 @@ from ase import Atoms
 from ase.build import molecule
 from ocp_fixtures import ocp_structures
 from test_calculator import FORCENET, _slab
+from toy_models import ToyModel
 
 from forcecalc import load_calculator, load_checkpoint, predict
 
@@ -95,7 +96,7 @@ def test_predict_equals_the_calculator() -> None:
         np.testing.assert_allclose(result["forces"], atoms.get_forces(), atol=1e-9)
 
 
-class _NaNForGold(torch.nn.Module):
+class _NaNForGold(ToyModel):
     """``E = sum |r|^2 / 2`` per system (forces ``-r``), NaN for every system holding gold."""
 
     cutoff = 3.0

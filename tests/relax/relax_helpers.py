@@ -17,12 +17,13 @@ from ase.build import add_adsorbate, bulk, fcc100, fcc111, molecule
 from ase.constraints import FixAtoms
 from ase.data import covalent_radii
 from torch import Tensor, nn
+from toy_models import ToyModel
 
 from forcecalc.checkpoint import CheckpointInfo, Potential
 from forcecalc.graph import Batch
 
 
-class MorseModel(nn.Module):
+class MorseModel(ToyModel):
     """Pairwise Morse energy over the batch's edges, forces by autograd.
 
     ``E = 1/2 sum_edges D [(1 - exp(-a (d - r0)))^2 - 1] fc(d)`` with ``r0`` the sum of the two
@@ -64,7 +65,7 @@ class MorseModel(nn.Module):
         return {"energy": energy.detach(), "forces": -gradient}
 
 
-class HarmonicModel(nn.Module):
+class HarmonicModel(ToyModel):
     """Every atom tethered to an anchor: ``E = k/2 |r - anchor|^2`` per atom.
 
     The anchor of an atom is ``anchors[tag]`` (``anchors`` ``[n_anchors, 3]``; give each atom
@@ -105,7 +106,7 @@ def morse_potential() -> Potential:
     return as_potential(MorseModel())
 
 
-class MorseVariant(nn.Module):
+class MorseVariant(ToyModel):
     """The Morse test potential with outputs a subclass changes (:meth:`outputs`); its cutoff,
     dtype, device and the rest come from the wrapped :func:`morse_potential`.
 

@@ -21,6 +21,7 @@ from relax_helpers import (
     rattled_slab,
     single_thread,
 )
+from toy_models import ToyModel
 
 from forcecalc import ForcecalcWarning
 from forcecalc.calculator import load_calculator
@@ -422,7 +423,7 @@ def test_a_broken_optimizer_step_ends_that_structure_only():
         assert "relax_error" not in a.info
 
 
-class _NaNForGold(torch.nn.Module):
+class _NaNForGold(ToyModel):
     """The Morse test model, with NaN energy and forces for every system holding gold."""
 
     def __init__(self) -> None:
