@@ -9,7 +9,7 @@ converged (ASE's criterion: the largest per-atom force norm, FixAtoms applied, b
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from numbers import Integral, Real
 from typing import TYPE_CHECKING, Any
@@ -38,7 +38,7 @@ from forcecalc.relax.memory import (
     memory_budget,
     remember_memory_model,
 )
-from forcecalc.relax.optimizers import make_optimizer
+from forcecalc.relax.optimizers import BatchedOptimizer, make_optimizer
 
 if TYPE_CHECKING:
     from ase import Atoms
@@ -290,103 +290,165 @@ def relax(
     plan = plan_run(structures, model, device, dtype, skin, batch_size, memory)
     if plan is None:
         return []
-    structures, potential, device_, skin = plan.structures, plan.potential, plan.device, plan.skin
-    evaluate, max_systems, edge_counts = plan.evaluate, plan.max_systems, plan.edge_counts
-    systems = SystemSet(float(potential.cutoff), skin, device_)
-    results: list[Any] = [None] * len(structures)
-    frames: dict[int, list] = {}
-    taken: list[int] = []
-    initial: list[float] = []
-    queue = list(range(len(structures)))[::-1]
-    bar = tqdm(total=len(structures), disable=not progress, desc="relax", unit="structure")
+    total = len(plan.structures)
+    with tqdm(total=total, disable=not progress, desc="relax", unit="structure") as bar:
+        return _Relaxation(plan, opt, trajectory, bar.update).run(fmax, steps)
 
-    def retire(ended: Tensor, converged: Tensor, error: str | None = None) -> tuple[Tensor, Tensor]:
-        """Store the systems ``ended`` ``[S]`` in ``results`` (with ``error`` as their
-        ``info["relax_error"]``, if given) and drop them from the set and the optimizer;
-        returns the kept systems' and atoms' masks."""
-        _finish(systems, structures, energy, raw_forces, ended, converged, taken, initial, results)
-        ended_host = ended.tolist()
-        for index, gone in zip(systems.ids, ended_host, strict=True):
-            if gone and error is not None:
-                results[index].info["relax_error"] = error
-            if gone and trajectory:
-                results[index].info["trajectory"] = frames.pop(index, [])
-        bar.update(sum(ended_host))
-        keep = ~ended
-        atom_keep = systems.keep(keep)
-        opt.keep(keep, atom_keep)
-        taken[:] = [n for n, gone in zip(taken, ended_host, strict=True) if not gone]
-        initial[:] = [e for e, gone in zip(initial, ended_host, strict=True) if not gone]
-        return keep, atom_keep
 
-    def end_overlapping() -> bool:
+class _Relaxation:
+    """One batched relaxation: the systems in flight with their optimizer, and per system (in
+    the set's order) its steps taken and first energy; the queue of input indices not yet
+    admitted; the results and trajectories by input index.
+
+    Every method that ends systems (:meth:`_retire`) keeps the per-system lists aligned with
+    the set and the optimizer.
+    """
+
+    def __init__(
+        self,
+        plan: RunPlan,
+        opt: BatchedOptimizer,
+        trajectory: bool,
+        finished: Callable[[int], object],
+    ) -> None:
+        self.plan, self.opt, self.trajectory, self.finished = plan, opt, trajectory, finished
+        self.systems = SystemSet(float(plan.potential.cutoff), plan.skin, plan.device)
+        self.results: list[Any] = [None] * len(plan.structures)
+        self.frames: dict[int, list] = {}
+        self.taken: list[int] = []
+        self.initial: list[float] = []
+        self.queue = list(range(len(plan.structures)))[::-1]
+
+    def run(self, fmax: float, steps: int) -> list:
+        """Relax every structure; the results in input order."""
+        systems = self.systems
+        while self.queue or systems.n_systems:
+            outputs = self._admit_and_evaluate()
+            if outputs is None:
+                continue
+            energy, raw_forces = self._end_not_finite(*outputs)
+            if not systems.n_systems:
+                continue
+            forces = systems.constrained_forces(raw_forces)
+            converged = systems.max_force(forces) < fmax
+            out_of_steps = torch.as_tensor([n >= steps for n in self.taken], device=systems.device)
+            done = converged | out_of_steps
+            if self.trajectory:
+                _record(systems, self.plan.structures, energy, raw_forces, self.frames)
+            if bool(done.any()):
+                keep, atom_keep = self._retire(energy, raw_forces, done, converged)
+                forces, raw_forces, energy = forces[atom_keep], raw_forces[atom_keep], energy[keep]
+            if systems.n_systems:
+                self._step(energy, raw_forces, forces)
+        return self.results
+
+    def _admit_and_evaluate(self) -> tuple[Tensor, Tensor] | None:
+        """Admit queued structures while they fit, then the energies ``[S]`` and raw forces
+        ``[N, 3]`` of every system in flight (None: a step's overlaps ended them all)."""
+        plan, systems = self.plan, self.systems
+        admitted = admit(
+            systems, plan.evaluate, plan.structures, self.queue, plan.max_systems, plan.edge_counts
+        )
+        if admitted:
+            self.opt.add(systems.natoms[-admitted:])
+            self.taken.extend([0] * admitted)
+            self.initial.extend([torch.nan] * admitted)  # their first energies, once evaluated
+        try:
+            energy, raw_forces = plan.evaluate(systems)
+        except ValueError:
+            if not self._end_overlapping():
+                raise
+            if not systems.n_systems:
+                return None
+            energy, raw_forces = plan.evaluate(systems)
+        if admitted:  # still the last ones: an overlap ends only systems that took a step
+            self.initial[len(self.initial) - admitted :] = energy[-admitted:].tolist()
+        return energy, raw_forces
+
+    def _end_not_finite(self, energy: Tensor, raw_forces: Tensor) -> tuple[Tensor, Tensor]:
+        """End the systems whose model output is not finite (a model that fails there, or a
+        structure too large for the memory even alone); the others' energy and forces."""
+        broken = ~torch.isfinite(energy) | self.systems.non_finite(raw_forces)
+        if not bool(broken.any()):
+            return energy, raw_forces
+        error = "the model's energy or forces are not finite (NaN or inf)"
+        ids, failures = self.systems.ids, self.plan.evaluate.failures
+        keep, atom_keep = self._retire(energy, raw_forces, broken, torch.zeros_like(broken), error)
+        for index in set(ids) & set(failures):  # too large to evaluate alone
+            self.results[index].info["relax_error"] = failures.pop(index)
+        return energy[keep], raw_forces[atom_keep]
+
+    def _step(self, energy: Tensor, raw_forces: Tensor, forces: Tensor) -> None:
+        """One optimizer step of every system in flight (``forces`` with FixAtoms applied).
+        A system whose step is not finite (e.g. LBFGS with zero forces, as ASE's) ends here,
+        unconverged, with its last finite positions."""
+        systems = self.systems
+        step = self.opt.step(systems, forces)
+        finite = ~systems.non_finite(step)
+        if not bool(finite.all()):
+            error = f"the {self.opt.name} step was not finite (NaN or inf)"
+            _, atom_keep = self._retire(
+                energy, raw_forces, ~finite, torch.zeros_like(finite), error
+            )
+            step = step[atom_keep]
+        systems.positions = systems.positions + step
+        self.taken[:] = [n + 1 for n in self.taken]
+
+    def _end_overlapping(self) -> bool:
         """End the systems whose graph cannot be built because a step brought two atoms
         within 0.01 Å of each other (no model output there: NaN); whether there were any.
         Systems that just entered, unevaluated, are never among them (checked up front)."""
-        nonlocal energy, raw_forces
+        systems, device = self.systems, self.plan.device
         overlapping = systems.graph_problems(range(systems.n_systems))
         if not overlapping:
             return False
-        ids, steps_taken, nan = systems.ids, list(taken), torch.nan
-        energy = torch.full((systems.n_systems,), nan, dtype=torch.float64, device=device_)
-        raw_forces = torch.full((systems.n_atoms, 3), nan, dtype=torch.float64, device=device_)
-        ended = torch.zeros(systems.n_systems, dtype=torch.bool, device=device_)
+        ids, steps_taken = systems.ids, list(self.taken)
+        energy = torch.full((systems.n_systems,), torch.nan, dtype=torch.float64, device=device)
+        raw_forces = torch.full((systems.n_atoms, 3), torch.nan, dtype=torch.float64, device=device)
+        ended = torch.zeros(systems.n_systems, dtype=torch.bool, device=device)
         ended[list(overlapping)] = True
-        retire(ended, torch.zeros_like(ended))
+        self._retire(energy, raw_forces, ended, torch.zeros_like(ended))
         for k, problem in overlapping.items():
-            results[ids[k]].info["relax_error"] = (
+            self.results[ids[k]].info["relax_error"] = (
                 f"step {steps_taken[k]} brought atoms within 0.01 Å of each other (no energy "
                 f"or forces there; the positions are those of that step): {problem}"
             )
         return True
 
-    while queue or systems.n_systems:
-        admitted = admit(systems, evaluate, structures, queue, max_systems, edge_counts)
-        if admitted:
-            opt.add(systems.natoms[-admitted:])
-            taken.extend([0] * admitted)
-            initial.extend([torch.nan] * admitted)  # their first energies, once evaluated
-        try:
-            energy, raw_forces = evaluate(systems)
-        except ValueError:
-            if not end_overlapping():
-                raise
-            if not systems.n_systems:
+    def _retire(
+        self,
+        energy: Tensor,
+        raw_forces: Tensor,
+        ended: Tensor,
+        converged: Tensor,
+        error: str | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """Store the systems ``ended`` ``[S]`` in the results as ``ase.Atoms`` (``energy``
+        ``[S]``, ``raw_forces`` ``[N, 3]``; with ``error`` as their ``info["relax_error"]``,
+        if given) and drop them from the set, the optimizer and the per-system lists;
+        returns the kept systems' ``[S]`` and atoms' ``[N]`` masks."""
+        systems, structures = self.systems, self.plan.structures
+        positions, force_list = _split(systems.positions, systems), _split(raw_forces, systems)
+        energies, flags, ended_host = energy.cpu().tolist(), converged.tolist(), ended.tolist()
+        for k, index in enumerate(systems.ids):
+            if not ended_host[k]:
                 continue
-            energy, raw_forces = evaluate(systems)
-        if admitted:  # still the last ones: an overlap ends only systems that took a step
-            initial[len(initial) - admitted :] = energy[-admitted:].tolist()
-        broken = ~torch.isfinite(energy) | systems.non_finite(raw_forces)
-        if bool(broken.any()):  # a model output that is not finite: those end here
-            error = "the model's energy or forces are not finite (NaN or inf)"
-            ids = systems.ids
-            keep, atom_keep = retire(broken, torch.zeros_like(broken), error)
-            for index in set(ids) & set(evaluate.failures):  # too large to evaluate alone
-                results[index].info["relax_error"] = evaluate.failures.pop(index)
-            raw_forces, energy = raw_forces[atom_keep], energy[keep]
-        if not systems.n_systems:
-            continue
-        forces = systems.constrained_forces(raw_forces)
-        converged = systems.max_force(forces) < fmax
-        done = converged | torch.as_tensor([n >= steps for n in taken], device=device_)
-        if trajectory:
-            _record(systems, structures, energy, raw_forces, frames)
-        if bool(done.any()):
-            keep, atom_keep = retire(done, converged)
-            forces, raw_forces, energy = forces[atom_keep], raw_forces[atom_keep], energy[keep]
-        if systems.n_systems:
-            step = opt.step(systems, forces)
-            finite = ~systems.non_finite(step)
-            if not bool(finite.all()):
-                # the optimizer broke down on these (e.g. LBFGS with zero forces, as ASE's):
-                # they end here, unconverged, with their last finite positions
-                error = f"the {opt.name} step was not finite (NaN or inf)"
-                keep, atom_keep = retire(~finite, torch.zeros_like(finite), error)
-                step, energy = step[atom_keep], energy[keep]
-            systems.positions = systems.positions + step
-            taken[:] = [n + 1 for n in taken]
-    bar.close()
-    return results
+            atoms = _snapshot(structures[index], positions[k], energies[k], force_list[k])
+            atoms.info["relax_steps"] = int(self.taken[k])
+            atoms.info["relax_converged"] = bool(flags[k])
+            atoms.info["relax_initial_energy"] = float(self.initial[k])
+            if error is not None:
+                atoms.info["relax_error"] = error
+            if self.trajectory:
+                atoms.info["trajectory"] = self.frames.pop(index, [])
+            self.results[index] = atoms
+        self.finished(sum(ended_host))
+        keep = ~ended
+        atom_keep = systems.keep(keep)
+        self.opt.keep(keep, atom_keep)
+        self.taken[:] = [n for n, gone in zip(self.taken, ended_host, strict=True) if not gone]
+        self.initial[:] = [e for e, gone in zip(self.initial, ended_host, strict=True) if not gone]
+        return keep, atom_keep
 
 
 def _split(values: Tensor, systems: SystemSet) -> list[np.ndarray]:
@@ -417,27 +479,3 @@ def _record(
     for k, index in enumerate(systems.ids):
         frame = _snapshot(structures[index], positions[k], energies[k], force_list[k])
         frames.setdefault(index, []).append(frame)
-
-
-def _finish(
-    systems: SystemSet,
-    structures: Sequence,
-    energy: Tensor,
-    forces: Tensor,
-    done: Tensor,
-    converged: Tensor,
-    taken: list[int],
-    initial: list[float],
-    results: list,
-) -> None:
-    """Store the finished systems (``done`` ``[S]``) in ``results`` as ``ase.Atoms``."""
-    positions, force_list = _split(systems.positions, systems), _split(forces, systems)
-    energies, flags, done_host = energy.cpu().tolist(), converged.tolist(), done.tolist()
-    for k, index in enumerate(systems.ids):
-        if not done_host[k]:
-            continue
-        atoms = _snapshot(structures[index], positions[k], energies[k], force_list[k])
-        atoms.info["relax_steps"] = int(taken[k])
-        atoms.info["relax_converged"] = bool(flags[k])
-        atoms.info["relax_initial_energy"] = float(initial[k])
-        results[index] = atoms
