@@ -278,31 +278,9 @@ def md(
         with ``info["md_steps"]`` the steps it completed and ``info["md_error"]`` saying why;
         the others go on.
     """
-    for name, value in (
-        ("steps", steps),
-        ("seed", seed),
-        ("trajectory_interval", trajectory_interval),
-    ):
-        if isinstance(value, bool) or not isinstance(value, Integral) or value < 0:
-            raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
-    integrator = str(integrator).lower()
-    if integrator not in ("verlet", "langevin"):
-        raise ValueError(f"integrator must be 'verlet' or 'langevin', got {integrator!r}")
-    if integrator == "langevin" and temperature_K is None:
-        raise ValueError("Langevin dynamics needs temperature_K")
-    if rng not in ("torch", "numpy"):
-        raise ValueError(f"rng must be 'torch' or 'numpy', got {rng!r}")
-    if integrator == "verlet" and temperature_K is not None:
-        raise ValueError(
-            "temperature_K applies to Langevin dynamics only; for NVE at a temperature, "
-            "give the structures momenta first (ase.md.velocitydistribution)"
-        )
-    if not (math.isfinite(timestep) and timestep > 0):
-        raise ValueError(f"timestep must be > 0 (fs), got {timestep}")
-    if temperature_K is not None and not (math.isfinite(temperature_K) and temperature_K >= 0):
-        raise ValueError(f"temperature_K must be >= 0, got {temperature_K}")
-    if not (math.isfinite(friction) and friction >= 0):
-        raise ValueError(f"friction must be >= 0, got {friction}")
+    integrator = _checked_options(
+        steps, timestep, integrator, temperature_K, friction, seed, rng, trajectory_interval
+    )
     structures = [structures] if hasattr(structures, "get_positions") else list(structures)
     if integrator == "langevin" and fixcm:
         for index, atoms in enumerate(structures):  # before any work, not as its batch starts
@@ -333,6 +311,46 @@ def md(
             systems, dynamics, evaluate, structures, steps, trajectory_interval, results, progress
         )
     return results
+
+
+def _checked_options(
+    steps: int,
+    timestep: float,
+    integrator: str,
+    temperature_K: float | None,
+    friction: float,
+    seed: int,
+    rng: str,
+    trajectory_interval: int,
+) -> str:
+    """Raise ``ValueError`` naming the first of :func:`md`'s options that is out of range or
+    inconsistent with the others; the integrator's name in lower case."""
+    for name, value in (
+        ("steps", steps),
+        ("seed", seed),
+        ("trajectory_interval", trajectory_interval),
+    ):
+        if isinstance(value, bool) or not isinstance(value, Integral) or value < 0:
+            raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+    integrator = str(integrator).lower()
+    if integrator not in ("verlet", "langevin"):
+        raise ValueError(f"integrator must be 'verlet' or 'langevin', got {integrator!r}")
+    if integrator == "langevin" and temperature_K is None:
+        raise ValueError("Langevin dynamics needs temperature_K")
+    if rng not in ("torch", "numpy"):
+        raise ValueError(f"rng must be 'torch' or 'numpy', got {rng!r}")
+    if integrator == "verlet" and temperature_K is not None:
+        raise ValueError(
+            "temperature_K applies to Langevin dynamics only; for NVE at a temperature, "
+            "give the structures momenta first (ase.md.velocitydistribution)"
+        )
+    if not (math.isfinite(timestep) and timestep > 0):
+        raise ValueError(f"timestep must be > 0 (fs), got {timestep}")
+    if temperature_K is not None and not (math.isfinite(temperature_K) and temperature_K >= 0):
+        raise ValueError(f"temperature_K must be >= 0, got {temperature_K}")
+    if not (math.isfinite(friction) and friction >= 0):
+        raise ValueError(f"friction must be >= 0, got {friction}")
+    return integrator
 
 
 def _integrate(
