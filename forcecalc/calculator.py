@@ -28,7 +28,7 @@ from forcecalc.checkpoint import Potential, as_potential
 from forcecalc.compiled import compiled_blocks, compiled_function
 from forcecalc.graph import Batch, radius_graph
 from forcecalc.graph.batch import atoms_to_arrays
-from forcecalc.graph.neighbors import MIN_DISTANCE_SQ, checked_skin
+from forcecalc.graph.neighbors import MIN_DISTANCE_SQ, checked_skin, has_volume
 from forcecalc.replay import GraphReplay
 
 #: The Voigt order ASE uses for stress: xx, yy, zz, yz, xz, xy.
@@ -230,22 +230,28 @@ class ForceCalculator(Calculator):
         properties: list[str] | tuple[str, ...] = ("energy",),
         system_changes: list[str] = all_changes,
     ) -> None:
+        if atoms is None and self.atoms is None:
+            raise ValueError(
+                "no atoms to compute: attach the calculator (atoms.calc = calc) and ask the "
+                "atoms (atoms.get_potential_energy()), or pass them (calc.get_forces(atoms))"
+            )
         super().calculate(atoms, properties, system_changes)
-        periodic = bool(self.atoms.pbc.all())
-        if "stress" in properties and not periodic:
+        volume = has_volume(self.atoms.cell.array)
+        if "stress" in properties and not volume:
             raise PropertyNotImplementedError(
-                f"stress needs a cell periodic in all three directions (pbc={self.atoms.pbc})"
+                "stress needs a cell of three independent vectors, as ASE's EMT (for a slab "
+                f"or a molecule: a cell with its vacuum); this one is {self.atoms.cell.tolist()}"
             )
         # with the forces, as ASE's EMT: ASE asks for one property at a time, and stress asked
         # for after the forces (MD loggers, NPT) would otherwise cost a second evaluation
-        want_stress = periodic and self.potential.defines_stress
+        want_stress = volume and self.potential.defines_stress
         # the fixed-shape inputs are built on the CPU
         device = self.potential.device if self.replay is None else torch.device("cpu")
         batch = self._batch(self.atoms, device)
         self.potential.check_numbers(batch.numbers)
         if self.replay is not None:
             out = self._replayed(batch)
-            if not periodic:  # an energy-centric model's stress, meaningless without a cell
+            if not volume:  # an energy-centric model's stress, meaningless without a cell
                 out.pop("stress", None)
         else:
             with torch.set_grad_enabled(self.potential.energy_gradient):
@@ -303,6 +309,7 @@ class ForceCalculator(Calculator):
                 torch.as_tensor(pbc),
                 torch.zeros(len(positions), dtype=torch.int64),
                 self.potential.cutoff + self.skin,
+                name=lambda _: f"the structure ({atoms.get_chemical_formula()})",
             )
             self._graph = (positions, numbers, cell, pbc, graph.edge_index, graph.shifts)
             self._near = _near_pairs(positions, cell, graph.edge_index, graph.shifts, self.skin)

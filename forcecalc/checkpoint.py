@@ -870,9 +870,10 @@ def load_checkpoint(
             (e.g. SpinConv's ``rotations`` or ``forces``).
 
     Raises:
-        CheckpointError: unreadable file, unknown model, model options it cannot be built
-            with, missing, unexpected or wrongly shaped weights.
-        ValueError: a device that is unknown or not available, or an unknown dtype.
+        CheckpointError: unreadable file, unknown model, model_kwargs it cannot be built
+            with, missing, unexpected, wrongly shaped or integer (for floating) weights.
+        ValueError: a device that is unknown or not available, an unknown dtype, or
+            ``model_options`` the checkpoint's model does not take.
     """
     torch_device, torch_dtype = resolve_device(device), resolve_dtype(dtype)
     info, state_dict = read_checkpoint(source, allow_unsafe=allow_unsafe)
@@ -894,12 +895,14 @@ def build_potential(
     try:
         model = build_model(info.model, kwargs)
     except (ValueError, TypeError) as error:
-        given = (
-            f" and the options given ({', '.join(sorted(model_options))})" if model_options else ""
-        )
+        if model_options and _builds(info):  # the options' fault, not the checkpoint's
+            raise ValueError(
+                f"option(s) {', '.join(sorted(model_options))} do not apply to this "
+                f"{info.model} model (checkpoint {info.path}): {error}"
+            ) from None
         raise CheckpointError(
             f"checkpoint {info.path}: the {info.model} model cannot be built from its "
-            f"model_kwargs{given}: {error}"
+            f"model_kwargs: {error}"
         ) from None
     if not getattr(model, "regress_forces", True):
         raise CheckpointError(
@@ -956,24 +959,51 @@ def as_potential(
     )
 
 
+def _builds(info: CheckpointInfo) -> bool:
+    """Whether the checkpoint's model builds from its own ``model_kwargs`` alone."""
+    try:
+        build_model(info.model, info.model_kwargs)
+    except (ValueError, TypeError):
+        return False
+    return True
+
+
 def _check_shapes(model: nn.Module, state_dict: dict[str, Tensor], info: CheckpointInfo) -> None:
-    """A :class:`CheckpointError` naming the weights whose shape is not the model's."""
+    """A :class:`CheckpointError` naming the weights whose shape is not the model's, or whose
+    kind of number is not (integers for floating-point weights, or the reverse: loading would
+    cast them silently)."""
     expected = model.state_dict()
-    wrong = [
-        f"{key}: model {tuple(expected[key].shape)}, checkpoint {tuple(value.shape)}"
+    pairs = [
+        (key, value, expected[key])
         for key, value in state_dict.items()
-        if key in expected
-        and isinstance(value, Tensor)
-        and isinstance(expected[key], Tensor)
-        and value.shape != expected[key].shape
+        if key in expected and isinstance(value, Tensor) and isinstance(expected[key], Tensor)
     ]
-    if not wrong:
-        return
-    more = f" (and {len(wrong) - 8} more)" if len(wrong) > 8 else ""
-    raise CheckpointError(
-        f"checkpoint {info.path} does not fit the {info.model} model built from its config: "
-        f"weights of the wrong shape: {'; '.join(wrong[:8])}{more}"
-    )
+    for problem, wrong in (
+        (
+            "the wrong shape",
+            [
+                f"{key}: model {tuple(want.shape)}, checkpoint {tuple(value.shape)}"
+                for key, value, want in pairs
+                if value.shape != want.shape
+            ],
+        ),
+        (
+            "the wrong kind of number",
+            [
+                f"{key}: model {str(want.dtype).removeprefix('torch.')}, checkpoint "
+                f"{str(value.dtype).removeprefix('torch.')}"
+                for key, value, want in pairs
+                if value.is_floating_point() != want.is_floating_point()
+                or value.is_complex() != want.is_complex()
+            ],
+        ),
+    ):
+        if wrong:
+            more = f" (and {len(wrong) - 8} more)" if len(wrong) > 8 else ""
+            raise CheckpointError(
+                f"checkpoint {info.path} does not fit the {info.model} model built from its "
+                f"config: weights of {problem}: {'; '.join(wrong[:8])}{more}"
+            )
 
 
 def save_checkpoint(

@@ -23,6 +23,7 @@ A file's SHA-256 is computed once per process for a given path, size and modific
 from __future__ import annotations
 
 import contextlib
+import difflib
 import hashlib
 import http.client
 import json
@@ -188,8 +189,13 @@ def resolve_checkpoint(source: str | os.PathLike, progress: bool = True) -> Path
         CheckpointError: a shipped or cached file whose SHA-256 is not the expected one, a
             cached file that is no PyTorch checkpoint, or a download that failed.
     """
-    path = Path(source).expanduser()
     shipped = shipped_checkpoints()
+    known = sorted(shipped) + sorted(REMOTE_CHECKPOINTS)
+    if not str(source).strip():  # Path("") is the current folder
+        raise FileNotFoundError(
+            f"the checkpoint is an empty name: give a file or a known name ({', '.join(known)})"
+        )
+    path = Path(source).expanduser()
     if path.is_file():
         if path.resolve() in {file.resolve() for file in shipped.values()}:  # by its path
             return _verify(path, _shipped_sha256(path.resolve()), _REINSTALL)
@@ -218,10 +224,18 @@ def resolve_checkpoint(source: str | os.PathLike, progress: bool = True) -> Path
             remote.sha256,
             f"delete it, and {remote.name} is downloaded again when next used",
         )
-    known = sorted(shipped) + sorted(REMOTE_CHECKPOINTS)
     raise FileNotFoundError(
-        f"no checkpoint file or known name {name!r} (known names: {', '.join(known)})"
+        f"no checkpoint file or known name {name!r}{_suggestion(stem, known)} (known names: "
+        f"{', '.join(known)})"
     )
+
+
+def _suggestion(name: str, known: list[str]) -> str:
+    """``"; did you mean 'x'?"`` for the known name closest to ``name`` (case, ``_`` for
+    ``-`` and small typos forgiven), or ``""`` if none is close."""
+    by_key = {k.lower().replace("_", "-"): k for k in known}
+    close = difflib.get_close_matches(name.lower().replace("_", "-"), list(by_key), n=1)
+    return f"; did you mean {by_key[close[0]]!r}?" if close else ""
 
 
 def _check_folder(name: str, path: Path, known: bool) -> None:

@@ -81,10 +81,23 @@ def test_a_calculator_says_what_it_runs() -> None:
     assert load_calculator(FORCENET, device="cpu").name == "forcecalc-forcenet"
 
 
-def test_spinconv_options_are_refused_for_forcenet() -> None:
-    """Options that only SpinConv has are a clear error for ForceNet."""
-    with pytest.raises(ValueError, match="rotations"):
-        ForceCalculator(FORCENET, device="cpu", rotations="random")
+@pytest.mark.parametrize("option", [{"rotations": "random"}, {"forces": "compat"}])
+def test_spinconv_options_are_refused_for_forcenet(option: dict) -> None:
+    """Options that only SpinConv has are a clear error for ForceNet that blames the option,
+    not the checkpoint file (a ``CheckpointError`` would send the user to re-download it)."""
+    from forcecalc.checkpoint import CheckpointError
+
+    with pytest.raises(ValueError, match=f"{next(iter(option))} do not apply") as error:
+        ForceCalculator(FORCENET, device="cpu", **option)
+    assert not isinstance(error.value, CheckpointError)
+
+
+def test_a_calculator_without_atoms_says_so() -> None:
+    """Asking a calculator with no atoms attached for a property is a clear error (it was an
+    AttributeError on ``None.pbc``)."""
+    calc = load_calculator(FORCENET, device="cpu")
+    with pytest.raises(ValueError, match="no atoms to compute"):
+        calc.get_potential_energy()
 
 
 def test_force_centric_models_define_no_stress() -> None:
@@ -127,7 +140,17 @@ def test_force_centric_models_define_no_stress() -> None:
         ),
         (
             Atoms("Cu", positions=[[0, 0, 0]], cell=[0.005, 3, 3], pbc=True),
-            r"atom 0 and its periodic image are 0.005 Å apart, closer than 0.01 Å",
+            r"lattice vector of 0.005 Å \(a\): every atom overlaps its own periodic images",
+        ),
+        (
+            Atoms(
+                "Cu", positions=[[0, 0, 0]], cell=[[3, 0, 0], [0, 3, 0], [1.5, 1.5, 1e-4]], pbc=True
+            ),
+            r"^the structure \(Cu\): the cell has a lattice vector of 0.0002 Å \(a \+ b - 2c\)",
+        ),
+        (
+            Atoms("Cu", positions=[[0, 0, 0]], cell=[[3, 0, 0], [0, 3, 0], [3, 3, 0]], pbc=True),
+            r"periodic cell vectors \[0, 1, 2\] are linearly dependent",
         ),
     ],
 )
@@ -265,7 +288,12 @@ def test_energy_centric_stress_is_the_strain_derivative() -> None:
         SPINCONV_EC, device="cpu", dtype="float64", forces="conservative"
     )
     stress = atoms.get_stress(voigt=False)
-    step = 1e-5
+    numeric = _strain_derivative(atoms)
+    np.testing.assert_allclose(stress, numeric, atol=1e-7 * max(1.0, np.abs(numeric).max()))
+
+
+def _strain_derivative(atoms: Atoms, step: float = 1e-5) -> np.ndarray:
+    """``(1/V) dE/d(strain)`` ``[3, 3]`` (symmetrized) by central finite differences."""
     numeric = np.zeros((3, 3))
     for a in range(3):
         for b in range(3):
@@ -278,8 +306,31 @@ def test_energy_centric_stress_is_the_strain_derivative() -> None:
                 strained.calc = atoms.calc
                 energies.append(strained.get_potential_energy())
             numeric[a, b] = (energies[0] - energies[1]) / (2 * step) / atoms.get_volume()
-    numeric = 0.5 * (numeric + numeric.T)
+    return 0.5 * (numeric + numeric.T)
+
+
+def test_a_slab_has_a_stress_per_volume_of_its_whole_cell() -> None:
+    """As ASE's EMT: a slab periodic in x and y only, whose cell has a vacuum vector, has the
+    strain derivative of its energy per volume of the whole cell (what masked cell filters
+    need for in-plane relaxations); a structure without a cell of three independent vectors
+    has none, and asking says so."""
+    atoms = fcc100("Cu", size=(2, 2, 2), vacuum=5.0)
+    atoms.cell[1, 0] = 0.4  # skewed in the plane
+    add_adsorbate(atoms, "O", 1.6, "hollow")
+    atoms.rattle(0.05, seed=3)  # no equidistant neighbors at the max-neighbor cut
+    assert atoms.pbc.tolist() == [True, True, False]
+    atoms.calc = SpinConvCalculator(
+        SPINCONV_EC, device="cpu", dtype="float64", forces="conservative"
+    )
+    stress = atoms.get_stress(voigt=False)
+    numeric = _strain_derivative(atoms)
     np.testing.assert_allclose(stress, numeric, atol=1e-7 * max(1.0, np.abs(numeric).max()))
+    assert np.abs(stress).max() > 1e-4
+    molecule_ = molecule("CO")
+    molecule_.calc = atoms.calc
+    with pytest.raises(PropertyNotImplementedError, match="three independent vectors"):
+        molecule_.get_stress()
+    assert np.isfinite(molecule_.get_forces()).all()
 
 
 def test_stress_comes_with_the_forces() -> None:
@@ -447,11 +498,14 @@ def test_cuda_graph_relaxation_follows_the_same_path(device: str, checkpoint, op
         atoms.pbc = True
         stress = load_calculator(potential).get_stress(atoms)
         np.testing.assert_allclose(graphed.get_stress(atoms), stress, rtol=1e-10, atol=1e-12)
-        atoms.pbc = [True, True, False]
-        graphed.get_forces(atoms)
+        atoms.pbc = [True, True, False]  # a slab: per volume of its whole cell
+        stress = load_calculator(potential).get_stress(atoms)
+        np.testing.assert_allclose(graphed.get_stress(atoms), stress, rtol=1e-10, atol=1e-12)
+        free = molecule("CO")
+        graphed.get_forces(free)
         assert "stress" not in graphed.results  # no cell, no stress
-        with pytest.raises(PropertyNotImplementedError, match="stress needs a cell periodic"):
-            graphed.get_stress(atoms)
+        with pytest.raises(PropertyNotImplementedError, match="three independent vectors"):
+            graphed.get_stress(free)
 
 
 def test_cuda_graph_rebuilds_inputs_when_kept_edges_overflow(monkeypatch) -> None:

@@ -205,6 +205,23 @@ def test_wrongly_shaped_weight_is_named(tmp_path: Path) -> None:
         load_checkpoint(tmp_path / "shape.pt", device="cpu")
 
 
+def test_integer_weights_are_refused(tmp_path: Path) -> None:
+    """A checkpoint whose floating-point weights were saved as integers (a conversion gone
+    wrong) is refused naming them: loading would cast them silently and give wrong energies
+    and forces. Floating weights of another precision (float64, float16) still load."""
+    raw = load_ocp_raw("forcenet_small")
+    raw["state_dict"]["module.lin.weight"] = raw["state_dict"]["module.lin.weight"].long()
+    torch.save(raw, tmp_path / "integers.pt")
+    with pytest.raises(CheckpointError, match=r"wrong kind of number: lin\.weight: model float32"):
+        load_checkpoint(tmp_path / "integers.pt", device="cpu")
+    raw = load_ocp_raw("forcenet_small")
+    raw["state_dict"] = {
+        k: v.double() if v.is_floating_point() else v for k, v in raw["state_dict"].items()
+    }
+    torch.save(raw, tmp_path / "float64.pt")
+    assert load_checkpoint(tmp_path / "float64.pt", device="cpu").dtype == torch.float32
+
+
 def _own_format(tmp_path: Path) -> dict:
     """The raw dict of a forcecalc-format checkpoint (written from an OCP fixture)."""
     potential = load_checkpoint(OCP_DATA / "forcenet_small.pt", device="cpu")

@@ -137,6 +137,29 @@ def test_unknown_name_lists_known_ones() -> None:
         hub.resolve_checkpoint("no-such-model")
 
 
+@pytest.mark.parametrize(
+    ("given", "meant"),
+    [
+        ("spinconv_fc", "spinconv-fc"),
+        ("SpinConv-FC", "spinconv-fc"),
+        ("forcnet", "forcenet"),
+        ("SpinConv-S2EF-OC20-all", "SpinConv-S2EF-OC20-All"),
+    ],
+)
+def test_a_misspelled_name_gets_the_known_name_it_is_closest_to(given: str, meant: str) -> None:
+    """A name that differs from a known one by case, ``_`` for ``-`` or a typo is refused
+    (names are exact) with the known name suggested."""
+    with pytest.raises(FileNotFoundError, match=f"did you mean '{meant}'"):
+        hub.resolve_checkpoint(given)
+
+
+@pytest.mark.parametrize("given", ["", "  "])
+def test_an_empty_name_is_refused_as_empty(given: str) -> None:
+    """An empty checkpoint name says so (it was taken as the current folder)."""
+    with pytest.raises(FileNotFoundError, match="empty name"):
+        hub.resolve_checkpoint(given)
+
+
 def test_list_models_names_remote_checkpoints(capsys) -> None:
     """list_models() prints and returns the downloadable OCP checkpoints."""
     models = hub.list_models()

@@ -20,7 +20,11 @@ Backends
     one pass of tensor operations, so many small systems cost about as much as one on the GPU.
     Robust to strongly skewed cells (it reduces the lattice) and to sparse, spread-out
     non-periodic systems (its bins cost memory only where atoms are).
-Both return exactly the pair set of ``ase.neighborlist.neighbor_list`` (order differs).
+Both return the pair set of ``ase.neighborlist.neighbor_list`` (order differs), up to pairs
+within rounding of the cutoff.  :func:`radius_graph` runs them slightly beyond the cutoff (in a
+reduced basis of the lattice where the cell's own would need too many periodic images:
+:mod:`forcecalc.graph.lattice`) and decides those pairs as the models do, on the edge vectors,
+so its result does not depend on the backend, the basis or a skin.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from torch import Tensor
 
 from forcecalc.graph.cell_list import batched_cell_list, wrap_positions
 from forcecalc.graph.gather import RowIndex, pad_rows
+from forcecalc.graph.lattice import search_lattice
 from forcecalc.warning import warn
 
 if TYPE_CHECKING:
@@ -51,6 +56,10 @@ Backend = Literal["auto", "vesin", "torch"]
 #: molecules 1,500 and 2,500 Å apart, no periodicity, cutoff 6 Å).
 VESIN_MAX_CELLS = 1e4
 
+#: The searches look this far (Å) beyond the cutoff; whether a pair lies inside is then
+#: decided on the models' own edge vectors (``d**2 < cutoff**2``), so that every backend,
+#: basis and skin gives the same pairs, and a pair and its reverse are both kept or dropped.
+CUTOFF_MARGIN = 1e-6
 #: Two neighbor distances closer than this (Å) count as equal in the max-neighbor rule.
 TIE_TOLERANCE = 1e-5
 #: The models' graphs drop pairs with squared distance at or below this (Å^2), as OCP's
@@ -135,6 +144,42 @@ def checked_skin(skin: object) -> float:
     return float(skin)
 
 
+_LEVI_CIVITA = np.zeros((3, 3, 3))
+_LEVI_CIVITA[[0, 1, 2], [1, 2, 0], [2, 0, 1]] = 1.0
+_LEVI_CIVITA[[0, 2, 1], [2, 1, 0], [1, 0, 2]] = -1.0
+
+
+def normalized_volume(cell: np.ndarray, axes: np.ndarray) -> np.ndarray:
+    """``[n_systems]`` the volume spanned by the unit vectors along the cell vectors ``axes``
+    (``[n_systems, 3]`` bool): ``|det|`` for three axes, the area of the parallelogram for
+    two, 1 for one or none (0 where one of them has zero length).  From cross and dot
+    products, whose rounding error is ~1e-16 absolute (a Gram determinant's is ~1e-16 on the
+    square).
+
+    Args:
+        cell: ``[n_systems, 3, 3]`` cell vectors (rows).
+        axes: ``[n_systems, 3]`` bool, the vectors to include.
+    """
+    cell = np.asarray(cell, dtype=np.float64).reshape(-1, 3, 3)
+    axes = np.asarray(axes, dtype=bool).reshape(-1, 3)
+    lengths = np.sqrt(np.einsum("sij,sij->si", cell, cell))
+    units = cell / np.where(lengths > 0, lengths, 1.0)[..., None]
+    units[~axes] = 0.0
+    # the three pairs' cross products (a0 x a1, a0 x a2, a1 x a2): with two axes, only
+    # their pair has an area
+    crosses = np.einsum("ijk,spj,spk->spi", _LEVI_CIVITA, units[:, [0, 0, 1]], units[:, [1, 2, 2]])
+    volume = np.abs(np.einsum("si,si->s", crosses[:, 0], units[:, 2]))
+    area = np.sqrt(np.einsum("spi,spi->sp", crosses, crosses)).max(axis=1)
+    count = axes.sum(axis=1)
+    return np.where(count == 3, volume, np.where(count == 2, area, 1.0))
+
+
+def has_volume(cell: np.ndarray) -> bool:
+    """Whether the three vectors of one ``[3, 3]`` cell are independent (a normalized volume
+    of at least :data:`DEPENDENCE_TOLERANCE`): where a stress, per volume, is defined."""
+    return bool(normalized_volume(cell, np.ones(3, dtype=bool))[0] >= DEPENDENCE_TOLERANCE)
+
+
 def cell_problem(cell: np.ndarray, pbc: np.ndarray) -> tuple[int, str] | None:
     """The first system whose periodic cell vectors span no lattice, and what is wrong with
     them (a zero-length periodic vector, or periodic vectors that are linearly dependent: zero
@@ -157,14 +202,7 @@ def cell_problem(cell: np.ndarray, pbc: np.ndarray) -> tuple[int, str] | None:
             f"cell vector(s) {np.flatnonzero(zero[s]).tolist()} have zero length along "
             f"periodic axes (pbc={pbc[s].tolist()}); set a cell or turn pbc off on those axes"
         )
-    # Gram determinant of the periodic unit vectors (non-periodic rows count as orthonormal):
-    # the squared normalized volume they span.
-    units = cell / np.where(lengths > 0, lengths, 1.0)[..., None]
-    units[~pbc] = 0.0
-    gram = np.einsum("sik,sjk->sij", units, units)
-    system, axis = np.nonzero(~pbc)
-    gram[system, axis, axis] = 1.0
-    dependent = np.linalg.det(gram) < DEPENDENCE_TOLERANCE**2
+    dependent = normalized_volume(cell, pbc) < DEPENDENCE_TOLERANCE
     if dependent.any():
         s = int(np.flatnonzero(dependent)[0])
         return s, (
@@ -188,6 +226,10 @@ def _check_inputs(
     """
     if not (cutoff > 0 and np.isfinite(cutoff)):
         raise ValueError(f"cutoff must be positive and finite, got {cutoff}")
+    if not positions.is_floating_point() or positions.dtype != cell.dtype:
+        raise ValueError(
+            f"positions ({positions.dtype}) and cell ({cell.dtype}) must have one floating dtype"
+        )
     if positions.ndim != 2 or positions.shape[1] != 3:
         raise ValueError(f"positions must have shape [n_atoms, 3], got {list(positions.shape)}")
     if cell.ndim != 3 or cell.shape[1:] != (3, 3):
@@ -306,18 +348,41 @@ def radius_graph(
         over edges (and model outputs) are bit-identical.
     """
     pbc = pbc.to(device=positions.device, dtype=torch.bool)
+    if backend not in ("auto", "vesin", "torch"):
+        raise ValueError(f"unknown neighbor-list backend {backend!r}")
     _check_inputs(positions, cell, pbc, system_idx, cutoff)
+    basis, problem = search_lattice(
+        cell.detach().to("cpu", torch.float64).numpy(), pbc.cpu().numpy(), cutoff
+    )
+    if problem is not None:
+        system, why = problem
+        where = name(system) if name else f"system {system}" if len(cell) > 1 else None
+        raise ValueError(f"{where}: {why}" if where else why)
+    # the search in a reduced basis where the cell's own needs too many images (the same
+    # lattice), slightly beyond the cutoff: which pairs lie inside is decided below, on the
+    # edge vectors the models compute (the searches round differently near the cutoff)
+    search_cell = cell
+    if basis is not None:
+        basis_t = torch.as_tensor(basis, device=cell.device)
+        search_cell = basis_t.to(cell.dtype) @ cell
+    search_cutoff = cutoff + CUTOFF_MARGIN
     if backend == "auto":
         backend = "torch" if positions.is_cuda and cell.shape[0] > 1 else "vesin"
     if backend == "vesin":
-        edge_index, shifts = _vesin_graph(positions, cell, pbc, system_idx, cutoff)
-    elif backend == "torch":
-        edge_index, shifts = batched_cell_list(positions, cell, pbc, system_idx, cutoff)
+        edge_index, shifts = _vesin_graph(positions, search_cell, pbc, system_idx, search_cutoff)
     else:
-        raise ValueError(f"unknown neighbor-list backend {backend!r}")
-    order = canonical_order(edge_index, shifts, len(positions))
-    edge_index, shifts = edge_index[:, order], shifts[order]
+        edge_index, shifts = batched_cell_list(
+            positions, search_cell, pbc, system_idx, search_cutoff
+        )
+    if basis is not None:  # S @ (basis @ cell) = (S @ basis) @ cell
+        edge_basis = basis_t.to(shifts.device)[system_idx[edge_index[1]]]
+        shifts = torch.einsum("ek,ekl->el", shifts, edge_basis)
     vectors = edge_vectors(positions, cell, system_idx, edge_index, shifts)
+    inside = (vectors * vectors).sum(dim=1) < cutoff**2  # the models' own test
+    if not bool(inside.all()):
+        edge_index, shifts, vectors = edge_index[:, inside], shifts[inside], vectors[inside]
+    order = canonical_order(edge_index, shifts, len(positions))
+    edge_index, shifts, vectors = edge_index[:, order], shifts[order], vectors[order]
     distances = torch.linalg.norm(vectors, dim=1)
     _check_no_overlap(edge_index, shifts, distances, system_idx, name, warn_contacts)
     if max_neighbors is not None:
@@ -479,7 +544,8 @@ def _kth_distances(distances: Tensor, incoming: Tensor, k: int) -> Tensor:
 def neighbor_list(
     atoms: Atoms, cutoff: float, name: str | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Neighbor list of one ``ase.Atoms``, with exactly ASE's ``neighbor_list("ijS")`` pairs.
+    """Neighbor list of one ``ase.Atoms``: ASE's ``neighbor_list("ijS")`` pairs (pairs at the
+    cutoff to rounding decided as :func:`radius_graph` decides them).
 
     Args:
         atoms: an ``ase.Atoms``.
