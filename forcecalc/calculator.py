@@ -153,7 +153,12 @@ class ForceCalculator(Calculator):
             max_neighbors=potential.max_neighbors,
             skin=self.skin,
             forces=potential.model.forces if potential.energy_gradient else None,
-            rotations=rotations if isinstance(rotations, str) or rotations is None else "array",
+            # given matrices as nested lists: a trajectory or database records the run's
+            rotations=(
+                rotations
+                if isinstance(rotations, str) or rotations is None
+                else options["rotations"].tolist()
+            ),
             cuda_graph=bool(cuda_graph),
             compile_mode=compile_mode,
         )

@@ -20,6 +20,7 @@ is checked against the CRC-32s its archive stores first (``torch.load`` does not
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import functools
 import math
@@ -449,6 +450,25 @@ def _reason(error: BaseException) -> str:
     return "the file ends early" if isinstance(error, EOFError) else type(error).__name__
 
 
+def _numpy_values_allowed() -> contextlib.AbstractContextManager:
+    """Let the weights-only unpickler build numpy scalars, dtypes and arrays (what training
+    scripts often leave in a checkpoint's metrics or config: ``np.float64(0.3)``), under the
+    names numpy 1 and 2 pickle them with; their contents still go through the same
+    restricted unpickler.  Nothing on a torch without ``safe_globals`` (before 2.6)."""
+    safe_globals = getattr(torch.serialization, "safe_globals", None)
+    if safe_globals is None:
+        return contextlib.nullcontext()
+    multiarray = (
+        np._core.multiarray if int(np.__version__.split(".")[0]) >= 2 else np.core.multiarray
+    )
+    allowed: list[Any] = [np.dtype, np.ndarray, multiarray.scalar, multiarray._reconstruct]
+    for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        allowed += [(multiarray.scalar, f"{module}.scalar")]
+        allowed += [(multiarray._reconstruct, f"{module}._reconstruct")]
+    allowed += [type(np.dtype(kind)) for kind in "?bhilqBHILQefdgFDG"]
+    return safe_globals(allowed)
+
+
 def read_torch_file(
     path: Path,
     allow_unsafe: bool = False,
@@ -468,7 +488,8 @@ def read_torch_file(
             "download or copy it again"
         )
     try:
-        data = torch.load(path, map_location="cpu", weights_only=not allow_unsafe)
+        with _numpy_values_allowed():
+            data = torch.load(path, map_location="cpu", weights_only=not allow_unsafe)
     except _LOAD_ERRORS as error:
         if is_torch_file(path):
             if isinstance(error, pickle.UnpicklingError) and not allow_unsafe:

@@ -385,6 +385,10 @@ def test_todict_names_the_model() -> None:
     json.dumps(record)
     conservative = load_calculator(SPINCONV_EC, device="cpu", forces="conservative").todict()
     assert conservative["forces"] == "conservative"
+    rotations = np.stack([np.eye(3), np.diag([1.0, -1.0, -1.0])])
+    given = load_calculator(SPINCONV_FC, device="cpu", rotations=rotations).todict()
+    assert given["rotations"] == rotations.tolist()  # the matrices, not just "array"
+    json.dumps(given)
 
 
 def test_a_failed_set_up_leaves_the_atoms_calculator_alone() -> None:

@@ -425,7 +425,7 @@ def test_md_that_brings_atoms_together_is_a_failed_run(tmp_path: Path, capsys) -
     options = ["--integrator", "verlet", "--timestep", "0.5", "--steps", "3", "--keep-momenta"]
     assert main([*command, *options]) == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith("forcecalc: error: md stopped in step 1: atoms 0 and 1 are")
+    assert err.startswith("forcecalc: error: md stopped in step 1: the structure (Cu2): atoms 0")
     pair.positions[1] = pair.positions[0]
     write(tmp_path / "pair.extxyz", pair)
     assert main([*command, *options]) == 2
