@@ -32,6 +32,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -43,6 +44,7 @@ except ImportError as error:  # pragma: no cover - depends on the environment
     ) from error
 
 from forcecalc.graph import Batch, radius_graph
+from forcecalc.graph.neighbors import DEPENDENCE_TOLERANCE, normalized_volume
 from forcecalc.relax.relaxation import potential_device, resolve_potential
 
 
@@ -108,11 +110,15 @@ class ForcecalcModel(ModelInterface):
         if pbc.ndim == 0:
             pbc = pbc.repeat(3)
         pbc = pbc.reshape(-1, 3).expand(n_systems, 3)
-        if self._compute_stress and not bool(pbc.all()):
-            raise ValueError(
-                "stress needs cells periodic in all three directions; this state has "
-                f"pbc={pbc.tolist()} (build the model with compute_stress=False)"
-            )
+        if self._compute_stress:
+            volume = normalized_volume(cell.cpu().numpy(), np.ones((n_systems, 3), dtype=bool))
+            flat = np.flatnonzero(volume < DEPENDENCE_TOLERANCE).tolist()
+            if flat:
+                raise ValueError(
+                    "stress needs cells of three independent vectors (as the ASE calculator; "
+                    f"a slab's or a molecule's with its vacuum); systems {flat[:10]} have none "
+                    "(build the model with compute_stress=False)"
+                )
         graph = radius_graph(
             positions.detach().to(torch.float64),
             cell,

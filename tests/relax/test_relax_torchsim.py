@@ -55,8 +55,9 @@ def test_stress_needs_an_energy_centric_model():
 
 
 def test_adapter_refuses_what_it_would_ignore():
-    """Contract: model options with an already loaded model, and stress of a state that is not
-    periodic in all three directions, are errors (they were ignored, or gave NaN stress)."""
+    """Contract: model options with an already loaded model, and stress of a state without a
+    cell of three independent vectors, are errors (they were ignored, or gave NaN stress); a
+    slab's stress (pbc [T, T, F], vacuum in the cell) is the ASE calculator's."""
     from ocp_fixtures import ocp_checkpoint_path
 
     from forcecalc.checkpoint import load_checkpoint
@@ -71,10 +72,20 @@ def test_adapter_refuses_what_it_would_ignore():
         ocp_checkpoint_path("spinconv_small_ec"), device="cpu", forces="conservative"
     )
     model = ForcecalcModel(potential, compute_stress=True)
-    molecule = mixed_structures()[17].copy()
-    molecule.pbc = False
-    state = torch_sim.io.atoms_to_state([molecule], device=model.device, dtype=torch.float64)
-    with pytest.raises(ValueError, match="stress needs cells periodic"):
+    slab, cluster = mixed_structures()[0].copy(), mixed_structures()[19]
+    assert slab.pbc.tolist() == [True, True, False]
+    slab_state = {  # torch-sim's atoms_to_state turns mixed pbc into False: given directly
+        "positions": torch.as_tensor(slab.positions),
+        "cell": torch.as_tensor(slab.cell.array.T)[None],  # columns, as torch-sim's
+        "pbc": torch.as_tensor(slab.pbc),
+        "atomic_numbers": torch.as_tensor(slab.numbers),
+        "system_idx": torch.zeros(len(slab), dtype=torch.int64),
+    }
+    stress = model(slab_state)["stress"][0].numpy()
+    slab.calc = load_calculator(potential)
+    np.testing.assert_allclose(stress.ravel()[[0, 4, 8, 5, 2, 1]], slab.get_stress(), atol=1e-6)
+    state = torch_sim.io.atoms_to_state([cluster], device=model.device, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"three independent vectors.*systems \[0\]"):
         model(state)
 
 
