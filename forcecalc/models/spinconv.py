@@ -129,9 +129,10 @@ from torch import Tensor, nn
 
 from forcecalc.graph.batch import Batch
 from forcecalc.graph.gather import RowIndex, pad_rows, take_rows
-from forcecalc.graph.neighbors import edge_vectors, kept_edges_mask
+from forcecalc.graph.neighbors import MIN_DISTANCE_SQ, edge_vectors, kept_edges_mask
 from forcecalc.models.blocks import GaussianSmearing
 from forcecalc.replay import candidate_inputs, padded_size, padded_table, room
+from forcecalc.warning import warn
 
 _Constant = TypeVar("_Constant")
 
@@ -1194,7 +1195,23 @@ class SpinConv(nn.Module):
                 vectors, target, RowIndex(target, n_atoms).inverse, self.cutoff, self.max_neighbors
             )
             keep = torch.nonzero(kept).view(-1)
+            if self.envelope:
+                self._warn_if_cut(vectors, len(keep))
         return edge_index[:, keep], vectors[keep]
+
+    def _warn_if_cut(self, vectors: Tensor, n_kept: int) -> None:
+        """Warn when the max-neighbor rule dropped pairs within the cutoff (``n_kept`` of the
+        edges ``vectors`` ``[n_edges, 3]`` kept): a model with the envelope is smooth only
+        while it never cuts."""
+        d2 = (vectors * vectors).sum(dim=1)
+        inside = int(((d2 < self.cutoff**2) & (d2 > MIN_DISTANCE_SQ)).sum())
+        if inside > n_kept:
+            warn(
+                f"an atom has more than {self.max_neighbors} neighbors within {self.cutoff:g} Å "
+                "(a compressed or unusually dense structure): the max-neighbor rule cuts "
+                "there, so this model's energy and forces are not continuous as atoms move "
+                "(its envelope makes them smooth only without a cut)"
+            )
 
     def _direct_forces(
         self,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from functools import cache
 
 import numpy as np
@@ -1067,3 +1068,27 @@ def test_cuda_repeated_calls_bit_identical(name):
         again = model(batch)
         assert torch.equal(again["energy"], first["energy"])
         assert torch.equal(again["forces"], first["forces"])
+
+
+@pytest.mark.parametrize("max_neighbors", [8, 100])
+def test_an_envelope_model_warns_when_the_max_neighbor_rule_cuts(max_neighbors: int) -> None:
+    """With the envelope an energy-centric model is smooth only while the max-neighbor rule
+    never cuts: a structure where an atom has more neighbors within the cutoff than the rule
+    keeps gets a warning saying so (a rattled crystal: no ties keep them all); with room for
+    every neighbor, none."""
+    from ase.build import bulk
+
+    from forcecalc import ForcecalcWarning
+
+    model = _variant("spinconv_small_ec", {"forces": "conservative"}, envelope=True)
+    model.max_neighbors = max_neighbors
+    crystal = bulk("Cu", "fcc", a=3.61, cubic=True).repeat(2)
+    crystal.rattle(0.02, seed=1)
+    batch = Batch.from_atoms([crystal], cutoff=model.cutoff)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model(batch)
+    cut = [w for w in caught if issubclass(w.category, ForcecalcWarning)]
+    assert len(cut) == (1 if max_neighbors == 8 else 0)
+    if cut:
+        assert f"more than 8 neighbors within {model.cutoff:g} Å" in str(cut[0].message)
