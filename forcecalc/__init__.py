@@ -11,7 +11,7 @@ from forcecalc.calculator import (
 from forcecalc.checkpoint import load_checkpoint, save_checkpoint
 from forcecalc.hub import list_models
 from forcecalc.predict import predict
-from forcecalc.relax import relax
+from forcecalc.relax import md, relax
 from forcecalc.warning import ForcecalcWarning
 
 __all__ = [
@@ -23,6 +23,7 @@ __all__ = [
     "list_models",
     "load_calculator",
     "load_checkpoint",
+    "md",
     "predict",
     "relax",
     "save_checkpoint",
