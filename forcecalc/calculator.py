@@ -80,9 +80,11 @@ class ForceCalculator(Calculator):
     Properties: ``energy`` and ``free_energy`` (eV, adsorption-referenced for OC20 models: see
     the module docstring), ``forces`` (eV/Å) and, for energy-centric SpinConv with
     ``forces="conservative"`` only (the default of our checkpoints, not of OCP's), ``stress``
-    (eV/Å^3, Voigt order; for cells periodic in all three directions, computed with the
-    forces, as ASE's EMT does, so that asking for it afterwards costs nothing).  A model output that
-    is not finite raises :class:`~ase.calculators.calculator.CalculationFailed`.
+    (eV/Å^3, Voigt order; for a cell of three independent vectors, as ASE's EMT: a slab's
+    per volume of its whole cell, vacuum included).  For a cell periodic in all three
+    directions the stress is computed with the forces, as ASE's EMT does, so that asking for
+    it afterwards (MD loggers, NPT) costs nothing; for a slab only when asked for.  A model
+    output that is not finite raises :class:`~ase.calculators.calculator.CalculationFailed`.
 
     On the CPU, run ASE's ``BFGS`` with numpy's BLAS held to one thread
     (``threadpoolctl.threadpool_limits(1, user_api="blas")``): its threads, busy after the
@@ -247,16 +249,20 @@ class ForceCalculator(Calculator):
                 "stress needs a cell of three independent vectors, as ASE's EMT (for a slab "
                 f"or a molecule: a cell with its vacuum); this one is {self.atoms.cell.tolist()}"
             )
-        # with the forces, as ASE's EMT: ASE asks for one property at a time, and stress asked
-        # for after the forces (MD loggers, NPT) would otherwise cost a second evaluation
-        want_stress = volume and self.potential.defines_stress
+        # with the forces for bulk, as ASE's EMT: ASE asks for one property at a time, and
+        # stress asked for after the forces (MD loggers, NPT) would otherwise cost a second
+        # evaluation; a slab's (or a boxed molecule's) only when asked for (8% of a step)
+        periodic = bool(self.atoms.pbc.all())
+        want_stress = (
+            volume and self.potential.defines_stress and (periodic or "stress" in properties)
+        )
         # the fixed-shape inputs are built on the CPU
         device = self.potential.device if self.replay is None else torch.device("cpu")
         batch = self._batch(self.atoms, device)
         self.potential.check_numbers(batch.numbers)
         if self.replay is not None:
             out = self._replayed(batch)
-            if not volume:  # an energy-centric model's stress, meaningless without a cell
+            if not want_stress:  # the fixed-shape forward of an energy-centric model gives it
                 out.pop("stress", None)
         else:
             with torch.set_grad_enabled(self.potential.energy_gradient):

@@ -20,9 +20,9 @@ is checked against the CRC-32s its archive stores first (``torch.load`` does not
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import functools
+import inspect
 import math
 import os
 import pickle
@@ -43,7 +43,7 @@ from forcecalc.atomic import torch_save
 from forcecalc.graph import Batch
 from forcecalc.graph.batch import MAX_ATOMIC_NUMBER
 from forcecalc.models.interface import FixedShapeModel, Model, missing_members
-from forcecalc.models.registry import build_model, model_names
+from forcecalc.models.registry import build_model, model_class, model_names
 from forcecalc.warning import warn
 
 FORMAT = "forcecalc"
@@ -173,6 +173,7 @@ class Potential(nn.Module):
             )
         self.model = model
         self.info = info
+        self._fixed_shape_model = isinstance(model, FixedShapeModel)  # 20 us: checked once
 
     @property
     def name(self) -> str:
@@ -295,7 +296,7 @@ class Potential(nn.Module):
     @property
     def fixed_shapes(self) -> bool:
         """Whether the model has a fixed-shape forward (:meth:`fixed_shape_forward`)."""
-        return isinstance(self.model, FixedShapeModel) and bool(self.model.fixed_shapes)
+        return self._fixed_shape_model and bool(self.model.fixed_shapes)
 
     def fixed_shape_inputs(
         self, batch: Batch, previous: dict[str, Tensor] | None = None
@@ -450,25 +451,6 @@ def _reason(error: BaseException) -> str:
     return "the file ends early" if isinstance(error, EOFError) else type(error).__name__
 
 
-def _numpy_values_allowed() -> contextlib.AbstractContextManager:
-    """Let the weights-only unpickler build numpy scalars, dtypes and arrays (what training
-    scripts often leave in a checkpoint's metrics or config: ``np.float64(0.3)``), under the
-    names numpy 1 and 2 pickle them with; their contents still go through the same
-    restricted unpickler.  Nothing on a torch without ``safe_globals`` (before 2.6)."""
-    safe_globals = getattr(torch.serialization, "safe_globals", None)
-    if safe_globals is None:
-        return contextlib.nullcontext()
-    multiarray = (
-        np._core.multiarray if int(np.__version__.split(".")[0]) >= 2 else np.core.multiarray
-    )
-    allowed: list[Any] = [np.dtype, np.ndarray, multiarray.scalar, multiarray._reconstruct]
-    for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
-        allowed += [(multiarray.scalar, f"{module}.scalar")]
-        allowed += [(multiarray._reconstruct, f"{module}._reconstruct")]
-    allowed += [type(np.dtype(kind)) for kind in "?bhilqBHILQefdgFDG"]
-    return safe_globals(allowed)
-
-
 def read_torch_file(
     path: Path,
     allow_unsafe: bool = False,
@@ -488,8 +470,7 @@ def read_torch_file(
             "download or copy it again"
         )
     try:
-        with _numpy_values_allowed():
-            data = torch.load(path, map_location="cpu", weights_only=not allow_unsafe)
+        data = torch.load(path, map_location="cpu", weights_only=not allow_unsafe)
     except _LOAD_ERRORS as error:
         if is_torch_file(path):
             if isinstance(error, pickle.UnpicklingError) and not allow_unsafe:
@@ -918,8 +899,7 @@ def build_potential(
     except (ValueError, TypeError) as error:
         if model_options and _builds(info):  # the options' fault, not the checkpoint's
             raise ValueError(
-                f"option(s) {', '.join(sorted(model_options))} do not apply to this "
-                f"{info.model} model (checkpoint {info.path}): {error}"
+                f"{_options_problem(info.model, model_options)} (checkpoint {info.path}): {error}"
             ) from None
         raise CheckpointError(
             f"checkpoint {info.path}: the {info.model} model cannot be built from its "
@@ -977,6 +957,18 @@ def as_potential(
         dtype="float32" if dtype is None else dtype,
         allow_unsafe=allow_unsafe,
         **model_options,
+    )
+
+
+def _options_problem(model: str, options: dict[str, Any]) -> str:
+    """What is wrong with ``options`` for ``model``: options it does not have, or values it
+    does not take."""
+    accepted = inspect.signature(model_class(model).__init__).parameters
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        return f"option(s) {', '.join(unknown)} do not apply to this {model} model"
+    return (
+        f"option(s) {', '.join(sorted(options))}, as given, cannot be used with this {model} model"
     )
 
 

@@ -92,6 +92,13 @@ def test_spinconv_options_are_refused_for_forcenet(option: dict) -> None:
     assert not isinstance(error.value, CheckpointError)
 
 
+def test_a_bad_value_of_an_option_is_named_as_such() -> None:
+    """An option the model has, with a value it does not take, is a ValueError that names the
+    option and says what values it takes (not that the option does not apply)."""
+    with pytest.raises(ValueError, match=r"forces, as given, cannot be used.*'compat' or"):
+        ForceCalculator(SPINCONV_EC, device="cpu", forces="bogus")
+
+
 def test_a_calculator_without_atoms_says_so() -> None:
     """Asking a calculator with no atoms attached for a property is a clear error (it was an
     AttributeError on ``None.pbc``)."""
@@ -322,6 +329,8 @@ def test_a_slab_has_a_stress_per_volume_of_its_whole_cell() -> None:
     atoms.calc = SpinConvCalculator(
         SPINCONV_EC, device="cpu", dtype="float64", forces="conservative"
     )
+    atoms.get_forces()
+    assert "stress" not in atoms.calc.results  # a slab's only when asked for
     stress = atoms.get_stress(voigt=False)
     numeric = _strain_derivative(atoms)
     np.testing.assert_allclose(stress, numeric, atol=1e-7 * max(1.0, np.abs(numeric).max()))

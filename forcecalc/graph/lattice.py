@@ -119,8 +119,12 @@ def search_lattice(
         pbc: ``[n_systems, 3]`` bool.
         cutoff: the search radius (Å).
     """
-    images = images_per_atom(plane_spacings(cell, pbc), cutoff)
-    crowded = np.flatnonzero(images > REDUCE_ABOVE_IMAGES)
+    spacings = plane_spacings(cell, pbc)
+    # a lattice vector is at least as long as the smallest plane spacing
+    crowded = np.flatnonzero(
+        (images_per_atom(spacings, cutoff) > REDUCE_ABOVE_IMAGES)
+        | (spacings.min(axis=1) < MIN_LATTICE_VECTOR)
+    )
     if not len(crowded):
         return None, None
     basis = np.tile(np.eye(3, dtype=np.int64), (len(cell), 1, 1))

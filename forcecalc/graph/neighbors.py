@@ -56,9 +56,10 @@ Backend = Literal["auto", "vesin", "torch"]
 #: molecules 1,500 and 2,500 Å apart, no periodicity, cutoff 6 Å).
 VESIN_MAX_CELLS = 1e4
 
-#: The searches look this far (Å) beyond the cutoff; whether a pair lies inside is then
-#: decided on the models' own edge vectors (``d**2 < cutoff**2``), so that every backend,
-#: basis and skin gives the same pairs, and a pair and its reverse are both kept or dropped.
+#: The searches look this far (Å) beyond the cutoff (1000 times farther for positions in
+#: float32); whether a pair lies inside is then decided on the models' own edge vectors
+#: (``d**2 < cutoff**2``), so that every backend, basis and skin gives the same pairs, and a
+#: pair and its reverse are both kept or dropped.
 CUTOFF_MARGIN = 1e-6
 #: Two neighbor distances closer than this (Å) count as equal in the max-neighbor rule.
 TIE_TOLERANCE = 1e-5
@@ -152,9 +153,7 @@ _LEVI_CIVITA[[0, 2, 1], [2, 1, 0], [1, 0, 2]] = -1.0
 def normalized_volume(cell: np.ndarray, axes: np.ndarray) -> np.ndarray:
     """``[n_systems]`` the volume spanned by the unit vectors along the cell vectors ``axes``
     (``[n_systems, 3]`` bool): ``|det|`` for three axes, the area of the parallelogram for
-    two, 1 for one or none (0 where one of them has zero length).  From cross and dot
-    products, whose rounding error is ~1e-16 absolute (a Gram determinant's is ~1e-16 on the
-    square).
+    two, 1 for one or none (0 where one of them has zero length), to ~1e-16 absolute.
 
     Args:
         cell: ``[n_systems, 3, 3]`` cell vectors (rows).
@@ -165,6 +164,21 @@ def normalized_volume(cell: np.ndarray, axes: np.ndarray) -> np.ndarray:
     lengths = np.sqrt(np.einsum("sij,sij->si", cell, cell))
     units = cell / np.where(lengths > 0, lengths, 1.0)[..., None]
     units[~axes] = 0.0
+    # the Gram determinant (the open axes' rows orthonormal) is the squared volume: fast, but
+    # its rounding (~1e-16) is ~1e-8 on the volume; below 1e-6 from cross products instead
+    gram = units @ units.transpose(0, 2, 1)
+    system, axis = np.nonzero(~axes)
+    gram[system, axis, axis] = 1.0
+    volume = np.sqrt(np.clip(np.linalg.det(gram), 0.0, None))
+    small = np.flatnonzero(volume < 1e-6)
+    if len(small):
+        volume[small] = _crossed_volume(units[small], axes[small])
+    return volume
+
+
+def _crossed_volume(units: np.ndarray, axes: np.ndarray) -> np.ndarray:
+    """:func:`normalized_volume` of unit rows ``units`` ``[S, 3, 3]`` (zero off ``axes``)
+    from cross and dot products (rounding ~1e-16 absolute)."""
     # the three pairs' cross products (a0 x a1, a0 x a2, a1 x a2): with two axes, only
     # their pair has an area
     crosses = np.einsum("ijk,spj,spk->spi", _LEVI_CIVITA, units[:, [0, 0, 1]], units[:, [1, 2, 2]])
@@ -214,8 +228,9 @@ def cell_problem(cell: np.ndarray, pbc: np.ndarray) -> tuple[int, str] | None:
 
 def _check_inputs(
     positions: Tensor, cell: Tensor, pbc: Tensor, system_idx: Tensor, cutoff: float
-) -> None:
-    """Raise ``ValueError`` naming the problem (and the systems or atoms) in bad inputs.
+) -> tuple[np.ndarray, np.ndarray]:
+    """Raise ``ValueError`` naming the problem (and the systems or atoms) in bad inputs;
+    the cell (float64) and pbc as numpy arrays.
 
     Args:
         positions: ``[n_atoms, 3]``.
@@ -252,9 +267,12 @@ def _check_inputs(
     if not bool(torch.isfinite(cell).all()):
         bad = torch.nonzero(~torch.isfinite(cell).flatten(1).all(dim=1)).flatten()[:10]
         raise ValueError(f"the cells of systems {bad.tolist()} contain NaN or inf")
-    problem = cell_problem(cell.detach().cpu().numpy(), pbc.cpu().numpy())
+    cell_host = cell.detach().to("cpu", torch.float64).numpy()
+    pbc_host = pbc.cpu().numpy()
+    problem = cell_problem(cell_host, pbc_host)
     if problem is not None:
         raise ValueError(f"system {problem[0]}: {problem[1]}")
+    return cell_host, pbc_host
 
 
 def _vesin_graph(
@@ -350,40 +368,45 @@ def radius_graph(
     pbc = pbc.to(device=positions.device, dtype=torch.bool)
     if backend not in ("auto", "vesin", "torch"):
         raise ValueError(f"unknown neighbor-list backend {backend!r}")
-    _check_inputs(positions, cell, pbc, system_idx, cutoff)
-    basis, problem = search_lattice(
-        cell.detach().to("cpu", torch.float64).numpy(), pbc.cpu().numpy(), cutoff
-    )
+    cell_host, pbc_host = _check_inputs(positions, cell, pbc, system_idx, cutoff)
+    basis, problem = search_lattice(cell_host, pbc_host, cutoff)
     if problem is not None:
         system, why = problem
         where = name(system) if name else f"system {system}" if len(cell) > 1 else None
         raise ValueError(f"{where}: {why}" if where else why)
-    # the search in a reduced basis where the cell's own needs too many images (the same
-    # lattice), slightly beyond the cutoff: which pairs lie inside is decided below, on the
-    # edge vectors the models compute (the searches round differently near the cutoff)
-    search_cell = cell
+    # the search slightly beyond the cutoff (which pairs lie inside is decided below, on the
+    # edge vectors the models compute: the searches round differently near the cutoff), in a
+    # reduced basis of the same lattice where the cell's own needs too many images (made in
+    # float64: with the large integers of a bad basis, float32 would miss the lattice)
+    search_positions, search_cell = positions, cell
+    margin = CUTOFF_MARGIN if positions.dtype == torch.float64 else 1e3 * CUTOFF_MARGIN
     if basis is not None:
         basis_t = torch.as_tensor(basis, device=cell.device)
-        search_cell = basis_t.to(cell.dtype) @ cell
-    search_cutoff = cutoff + CUTOFF_MARGIN
+        search_positions = positions.detach().to(torch.float64)
+        search_cell = basis_t.to(torch.float64) @ cell.detach().to(torch.float64)
     if backend == "auto":
         backend = "torch" if positions.is_cuda and cell.shape[0] > 1 else "vesin"
-    if backend == "vesin":
-        edge_index, shifts = _vesin_graph(positions, search_cell, pbc, system_idx, search_cutoff)
-    else:
-        edge_index, shifts = batched_cell_list(
-            positions, search_cell, pbc, system_idx, search_cutoff
-        )
+    search = _vesin_graph if backend == "vesin" else batched_cell_list
+    edge_index, shifts = search(search_positions, search_cell, pbc, system_idx, cutoff + margin)
     if basis is not None:  # S @ (basis @ cell) = (S @ basis) @ cell
         edge_basis = basis_t.to(shifts.device)[system_idx[edge_index[1]]]
         shifts = torch.einsum("ek,ekl->el", shifts, edge_basis)
-    vectors = edge_vectors(positions, cell, system_idx, edge_index, shifts)
-    inside = (vectors * vectors).sum(dim=1) < cutoff**2  # the models' own test
-    if not bool(inside.all()):
-        edge_index, shifts, vectors = edge_index[:, inside], shifts[inside], vectors[inside]
     order = canonical_order(edge_index, shifts, len(positions))
-    edge_index, shifts, vectors = edge_index[:, order], shifts[order], vectors[order]
-    distances = torch.linalg.norm(vectors, dim=1)
+    edge_index, shifts = edge_index[:, order], shifts[order]
+    vectors = edge_vectors(positions, cell, system_idx, edge_index, shifts)
+    exact = vectors  # in float64 (what the models get), whatever the inputs' precision
+    if vectors.dtype != torch.float64:
+        exact = edge_vectors(positions.double(), cell.double(), system_idx, edge_index, shifts)
+    squared = (exact * exact).sum(dim=1)
+    inside = squared < cutoff**2  # the models' own test
+    if not bool(inside.all()):  # a subsequence of the canonical order keeps it
+        edge_index, shifts, vectors, squared = (
+            edge_index[:, inside],
+            shifts[inside],
+            vectors[inside],
+            squared[inside],
+        )
+    distances = squared.sqrt().to(vectors.dtype)
     _check_no_overlap(edge_index, shifts, distances, system_idx, name, warn_contacts)
     if max_neighbors is not None:
         keep = max_neighbors_mask(edge_index[1], distances, max_neighbors, len(positions))

@@ -1207,10 +1207,9 @@ class SpinConv(nn.Module):
         inside = int(((d2 < self.cutoff**2) & (d2 > MIN_DISTANCE_SQ)).sum())
         if inside > n_kept:
             warn(
-                f"an atom has more than {self.max_neighbors} neighbors within {self.cutoff:g} Å "
-                "(a compressed or unusually dense structure): the max-neighbor rule cuts "
-                "there, so this model's energy and forces are not continuous as atoms move "
-                "(its envelope makes them smooth only without a cut)"
+                f"an atom has more than {self.max_neighbors} neighbors within {self.cutoff:g} Å: "
+                "the max-neighbor rule cuts there, so this model's energy and forces are not "
+                "continuous as atoms move (its envelope makes them smooth only without a cut)"
             )
 
     def _direct_forces(

@@ -5,6 +5,7 @@ enumerate (nearly flat cells, vectors of almost no length) before any work."""
 from __future__ import annotations
 
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -107,6 +108,34 @@ def test_a_lattice_no_search_can_enumerate_is_refused_at_once(
     with pytest.raises(ValueError, match=message):
         radius_graph(*as_tensors([atoms]), 6.0, backend=backend)
     assert time.perf_counter() - start < 5.0
+
+
+def test_a_wire_with_a_vector_of_almost_no_length_is_refused_at_once() -> None:
+    """One periodic axis of 0.005 Å (few images, but every atom on its own): refused naming
+    the lattice vector, before any search."""
+    atoms = Atoms("Cu", positions=[[0, 0, 0]], cell=[0.005, 0, 0], pbc=[True, False, False])
+    with pytest.raises(ValueError, match=r"lattice vector of 0.005 Å \(a\)"):
+        radius_graph(*as_tensors([atoms]), 6.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float32_inputs_in_a_skewed_basis_lose_no_pair(backend: str) -> None:
+    """float32 positions and cell in the basis ``(a, b + 40000 a, c - 7 b)``: the pairs are
+    those within the cutoff in float64 arithmetic on the same float32 values (the reduced
+    basis and the cutoff test are made in float64: in float32 the large integers missed the
+    lattice by 0.01 Å, and pairs 0.04 Å inside the cutoff were lost)."""
+    rng = np.random.default_rng(3)
+    for _ in range(5):
+        base = np.diag(rng.uniform(2.5, 3.5, 3))
+        atoms = Atoms("Cu6", scaled_positions=rng.uniform(size=(6, 3)), cell=base, pbc=True)
+        atoms.set_cell(np.array([[1, 0, 0], [40000, 1, 0], [0, -7, 1]]) @ base)
+        single = [t.float() if t.is_floating_point() else t for t in as_tensors([atoms])]
+        double = [t.double() if t.is_floating_point() else t for t in single]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # random positions: close contacts
+            rows32 = graph_rows(radius_graph(*single, 6.0, backend=backend))[0]
+            rows64 = graph_rows(radius_graph(*double, 6.0, backend="torch"))[0]
+        np.testing.assert_array_equal(rows32, rows64)
 
 
 def test_the_refusal_names_the_system_of_a_batch() -> None:

@@ -38,6 +38,12 @@ from forcecalc.models.triton_kernels import (
     with_triton_kernels,
 )
 
+#: The envelope variants of the OCP fixtures (20 neighbors kept within 6 Å) cut in every
+#: slab: the warning that says so (tested on its own) is not these tests' subject.
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:an atom has more than .* neighbors within:forcecalc.warning.ForcecalcWarning"
+)
+
 INTERPRETED = isinstance(triton_kernels._mixture_kernel, InterpretedFunction)
 #: The devices the kernels can run on here: CUDA where available, the CPU in the interpreter.
 KERNEL_DEVICES = [
