@@ -1,8 +1,9 @@
 """A batched cell-list neighbor search in plain tensor operations (CPU and CUDA).
 
-:func:`batched_cell_list` finds, for every system of a batch at once, exactly the pairs of
-``ase.neighborlist.neighbor_list("ijS", atoms, cutoff)``.  The steps, all vectorized over the
-atoms (and systems) of a batch:
+:func:`batched_cell_list` finds, for every system of a batch at once, the pairs of
+``ase.neighborlist.neighbor_list("ijS", atoms, cutoff)`` (up to pairs within rounding of the
+cutoff, which :func:`forcecalc.graph.neighbors.radius_graph` decides on the edge vectors).
+The steps, all vectorized over the atoms (and systems) of a batch:
 
 1. **Reduce.**  The periodic cell vectors are replaced by a pairwise-reduced basis of the same
    lattice (:func:`_reduce`), so strongly skewed cells get compact bins; the shifts are
@@ -76,7 +77,7 @@ def batched_cell_list(
 ) -> tuple[Tensor, Tensor]:
     """All pairs closer than ``cutoff`` in every system of a batch, in one pass.
 
-    Returns exactly the pair set of ``ase.neighborlist.neighbor_list("ijS", atoms, cutoff)``
+    Returns the pair set of ``ase.neighborlist.neighbor_list("ijS", atoms, cutoff)``
     for each system (``i`` target, ``j`` source, ``S`` shift), with global atom indices:
     ``positions[j] - positions[i] + shifts @ cell[system]`` is shorter than ``cutoff``.
     An atom's periodic images are edges; its zero-shift self pair is not.  Edges are grouped
