@@ -111,7 +111,9 @@ class ForcecalcModel(ModelInterface):
             pbc = pbc.repeat(3)
         pbc = pbc.reshape(-1, 3).expand(n_systems, 3)
         if self._compute_stress:
-            volume = normalized_volume(cell.cpu().numpy(), np.ones((n_systems, 3), dtype=bool))
+            volume = normalized_volume(
+                cell.detach().cpu().numpy(), np.ones((n_systems, 3), dtype=bool)
+            )
             flat = np.flatnonzero(volume < DEPENDENCE_TOLERANCE).tolist()
             if flat:
                 raise ValueError(
@@ -119,6 +121,7 @@ class ForcecalcModel(ModelInterface):
                     f"a slab's or a molecule's with its vacuum); systems {flat[:10]} have none "
                     "(build the model with compute_stress=False)"
                 )
+        cell = cell.detach()  # a cell filter's cell may require grad; the models make their own
         graph = radius_graph(
             positions.detach().to(torch.float64),
             cell,

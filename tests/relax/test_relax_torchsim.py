@@ -76,7 +76,8 @@ def test_adapter_refuses_what_it_would_ignore():
     assert slab.pbc.tolist() == [True, True, False]
     slab_state = {  # torch-sim's atoms_to_state turns mixed pbc into False: given directly
         "positions": torch.as_tensor(slab.positions),
-        "cell": torch.as_tensor(slab.cell.array.T)[None],  # columns, as torch-sim's
+        # columns, as torch-sim's; a cell filter's cell requires grad
+        "cell": torch.as_tensor(slab.cell.array.T)[None].requires_grad_(True),
         "pbc": torch.as_tensor(slab.pbc),
         "atomic_numbers": torch.as_tensor(slab.numbers),
         "system_idx": torch.zeros(len(slab), dtype=torch.int64),
