@@ -29,6 +29,7 @@ from forcecalc.compiled import compiled_blocks, compiled_function
 from forcecalc.graph import Batch, radius_graph
 from forcecalc.graph.batch import atoms_to_arrays
 from forcecalc.graph.neighbors import MIN_DISTANCE_SQ, checked_skin, has_volume
+from forcecalc.models.spinconv import warn_max_neighbor_cut
 from forcecalc.replay import GraphReplay
 
 #: The Voigt order ASE uses for stress: xx, yy, zz, yz, xz, xy.
@@ -286,6 +287,8 @@ class ForceCalculator(Calculator):
         if bool(out["overflow"]):
             inputs = self.potential.fixed_shape_inputs(batch, inputs)
             out = self.replay(inputs)
+        if "cut" in out and bool(out["cut"]):
+            warn_max_neighbor_cut(self.potential.max_neighbors, self.potential.cutoff)
         self._inputs = (self.graph_builds, inputs)
         return out
 

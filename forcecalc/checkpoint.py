@@ -328,10 +328,12 @@ class Potential(nn.Module):
         and no host synchronisation (capturable in a CUDA graph:
         :class:`forcecalc.replay.GraphReplay`); and ``overflow`` ``[1]`` bool: True when the
         inputs had too little room for the edges kept at these positions (the other outputs
-        are then wrong: build the inputs again from this batch)."""
+        are then wrong: build the inputs again from this batch), and the model's ``cut`` where
+        it has one (SpinConv with the envelope)."""
         raw = self.model.fixed_shape_forward(inputs)
         reference = inputs.get("energy_reference")
-        return {**self._denormalized(raw, reference), "overflow": raw["overflow"]}
+        flags = {key: raw[key] for key in ("overflow", "cut") if key in raw}
+        return {**self._denormalized(raw, reference), **flags}
 
     def _denormalized(
         self, raw: dict[str, Tensor], reference: Tensor | None = None

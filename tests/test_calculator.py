@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
 from ase import Atoms, units
-from ase.build import add_adsorbate, fcc100, molecule
+from ase.build import add_adsorbate, bulk, fcc100, molecule
 from ase.calculators.calculator import CalculationFailed, PropertyNotImplementedError
 from ase.constraints import FixAtoms
 from ase.md.verlet import VelocityVerlet
@@ -556,3 +558,24 @@ def test_cuda_graph_needs_a_fixed_shape_forward() -> None:
     potential = Potential(model, CheckpointInfo("spinconv", {}, Normalizers(), "forcecalc"))
     with pytest.raises(ValueError, match="cuda_graph needs a fixed-shape forward"):
         load_calculator(potential, cuda_graph=True)
+
+
+@pytest.mark.parametrize("options", [{"skin": 1.0}, {"skin": 1.0, "cuda_graph": True}, {}])
+def test_the_envelope_warning_comes_on_every_path(options: dict) -> None:
+    """spinconv-ec (the envelope) with room for 18 neighbors on compressed Cu (12 + 6 within
+    4 Å): no warning; one atom moved 0.25 Å toward the third shell (23 neighbors), the rule
+    cuts and the calculator warns once, also while a skin's list is reused with
+    ``cuda_graph`` (the fixed-shape forward's ``cut`` output; it was silent there)."""
+    from forcecalc import ForcecalcWarning
+
+    atoms = bulk("Cu", "fcc", a=3.357, cubic=True).repeat(2)
+    atoms.calc = load_calculator("spinconv-ec", max_neighbors=18, device="cpu", **options)
+    counts = []
+    for _ in range(2):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            atoms.get_potential_energy()
+        counts.append(sum(issubclass(w.category, ForcecalcWarning) for w in caught))
+        direction = np.array([1.0, 1.0, 0.5])
+        atoms.positions[0] += 0.25 * direction / np.linalg.norm(direction)
+    assert counts == [0, 1]

@@ -560,6 +560,24 @@ class ForceOutputBlock(nn.Module):
         return self.block2(x, element, element)
 
 
+def _inside_cutoff(vectors: Tensor, cutoff: float) -> Tensor:
+    """``[n_edges]`` bool: the edges ``vectors`` ``[n_edges, 3]`` the graph rule may keep
+    (``MIN_DISTANCE_SQ < d**2 < cutoff**2``), before the max-neighbor rule."""
+    d2 = (vectors * vectors).sum(dim=1)
+    return (d2 < cutoff**2) & (d2 > MIN_DISTANCE_SQ)
+
+
+def warn_max_neighbor_cut(max_neighbors: int | None, cutoff: float) -> None:
+    """The warning of a model with the envelope whose max-neighbor rule cut pairs within
+    the cutoff (from the forward, or from the calculator for the fixed-shape forward's
+    ``cut`` output)."""
+    warn(
+        f"an atom has more than {max_neighbors} neighbors within {cutoff:g} Å: the "
+        "max-neighbor rule cuts there, so this model's energy and forces are not continuous "
+        "as atoms move (its envelope makes them smooth only without a cut)"
+    )
+
+
 class SpinConv(nn.Module):
     """SpinConv with OCP's hyperparameters (``model_attributes``) and parameter names.
 
@@ -970,7 +988,8 @@ class SpinConv(nn.Module):
         capacity = inputs["candidate_index"].shape[1]
         with torch.no_grad():
             vectors = batch.edge_vectors(inputs["positions"], inputs["cell"])
-            kept, _ = self._select_edges(batch.edge_index, vectors, n_atoms)
+            # sizes only: the fixed-shape forward reports a cut (``cut``)
+            kept, _ = self._select_edges(batch.edge_index, vectors, n_atoms, warn_cut=False)
         counts = torch.bincount(kept[1], minlength=n_atoms)
         width = int(counts.max()) if len(counts) else 0
         width = max(-(-max(width, 1) // 8) * 8, room(previous, "columns", n_atoms))
@@ -996,7 +1015,10 @@ class SpinConv(nn.Module):
         energy-centric model also ``stress`` ``[n_systems, 3, 3]``, not finite for a cell of
         zero volume) from :meth:`fixed_shape_inputs` (on this model's device), and
         ``overflow`` ``[1]`` bool: more edges kept than the inputs have room for (the
-        results are then incomplete; build the inputs again).  The numbers of
+        results are then incomplete; build the inputs again); with the envelope also
+        ``cut`` ``[1]`` bool: the max-neighbor rule dropped pairs within the cutoff (what
+        :meth:`forward` warns of; a caller warns with :func:`warn_max_neighbor_cut`).  The
+        numbers of
         :meth:`forward`, with every shape fixed by the inputs' shapes and no host
         synchronisation, so that a CUDA graph can capture it (see
         :class:`forcecalc.replay.GraphReplay`): the edge selection is a mask and a
@@ -1026,6 +1048,8 @@ class SpinConv(nn.Module):
             assert forces is not None
             out = {"energy": energy, "forces": forces}
         out["overflow"] = graph["overflow"]
+        if self.envelope:
+            out["cut"] = graph["cut"]
         return out
 
     def _kept_graph(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -1036,8 +1060,9 @@ class SpinConv(nn.Module):
 
         Returns ``source``, ``target`` ``[E]``, ``vectors`` ``[E, 3]`` float64, ``incoming``
         ``[n_atoms, W]`` (padded with ``E``), ``target_slot`` ``[E]`` (each edge's flat
-        position in ``incoming``, ``n_atoms * W`` for padding), ``overflow`` ``[1]`` and, for
-        an energy-centric model, ``outgoing`` ``[n_atoms, Wo]`` and ``source_slot`` ``[E]``.
+        position in ``incoming``, ``n_atoms * W`` for padding), ``overflow`` and ``cut``
+        ``[1]`` and, for an energy-centric model, ``outgoing`` ``[n_atoms, Wo]`` and
+        ``source_slot`` ``[E]``.
         """
         candidate_source, candidate_target = inputs["candidate_index"]
         into, edges, columns = inputs["candidates_in"], inputs["edges"], inputs["columns"]
@@ -1052,6 +1077,7 @@ class SpinConv(nn.Module):
                 inputs["candidate_shifts"],
             )
             kept = kept_edges_mask(vectors, candidate_target, into, self.cutoff, self.max_neighbors)
+            cut = (_inside_cutoff(vectors, self.cutoff) & ~kept).any().view(1)
             kept = pad_rows(kept.unsqueeze(1), False)[:, 0]  # [C + 1]: the padding index too
             # atom i's kept candidates become edges start[i] .. start[i] + count[i] - 1
             keep = kept[into]  # [n_atoms, Wc]
@@ -1088,6 +1114,7 @@ class SpinConv(nn.Module):
                 "incoming": incoming,
                 "target_slot": target_slot,
                 "overflow": overflow,
+                "cut": cut,
             }
             if "candidates_out" in inputs:
                 # the kept edges out of each atom (in candidate order); this table has room
@@ -1185,17 +1212,18 @@ class SpinConv(nn.Module):
         return target_rows, incoming_rows, neighbor_rows, outgoing_rows
 
     def _select_edges(
-        self, edge_index: Tensor, vectors: Tensor, n_atoms: int
+        self, edge_index: Tensor, vectors: Tensor, n_atoms: int, warn_cut: bool = True
     ) -> tuple[Tensor, Tensor]:
         """Drop pairs at or beyond the cutoff (OCP keeps ``d <= cutoff``) and coincident pairs, then
-        apply the max-neighbor rule (:func:`~forcecalc.graph.neighbors.kept_edges_mask`)."""
+        apply the max-neighbor rule (:func:`~forcecalc.graph.neighbors.kept_edges_mask`);
+        with the envelope, warn if it cut (``warn_cut``)."""
         target = edge_index[1]
         with torch.no_grad():
             kept = kept_edges_mask(
                 vectors, target, RowIndex(target, n_atoms).inverse, self.cutoff, self.max_neighbors
             )
             keep = torch.nonzero(kept).view(-1)
-            if self.envelope:
+            if self.envelope and warn_cut:
                 self._warn_if_cut(vectors, len(keep))
         return edge_index[:, keep], vectors[keep]
 
@@ -1203,14 +1231,8 @@ class SpinConv(nn.Module):
         """Warn when the max-neighbor rule dropped pairs within the cutoff (``n_kept`` of the
         edges ``vectors`` ``[n_edges, 3]`` kept): a model with the envelope is smooth only
         while it never cuts."""
-        d2 = (vectors * vectors).sum(dim=1)
-        inside = int(((d2 < self.cutoff**2) & (d2 > MIN_DISTANCE_SQ)).sum())
-        if inside > n_kept:
-            warn(
-                f"an atom has more than {self.max_neighbors} neighbors within {self.cutoff:g} Å: "
-                "the max-neighbor rule cuts there, so this model's energy and forces are not "
-                "continuous as atoms move (its envelope makes them smooth only without a cut)"
-            )
+        if int(_inside_cutoff(vectors, self.cutoff).sum()) > n_kept:
+            warn_max_neighbor_cut(self.max_neighbors, self.cutoff)
 
     def _direct_forces(
         self,

@@ -610,7 +610,8 @@ def test_fixed_shape_forward_equals_forward(dtype, name, options, envelope):
     tolerance = 1e-12 if dtype == torch.float64 else 1e-6
     for atoms_list in cases:
         inputs, fixed, plain = _fixed_shape(model, atoms_list, dtype)
-        assert fixed.keys() == {*plain, "overflow"} and not fixed["overflow"]
+        flags = {"overflow", "cut"} if envelope else {"overflow"}  # cut: the envelope's
+        assert fixed.keys() == {*plain, *flags} and not fixed["overflow"]
         for key, value in plain.items():
             torch.testing.assert_close(fixed[key], value, rtol=tolerance, atol=tolerance)
     inputs, _, _ = _fixed_shape(model, [structures["n2_box"]])
