@@ -143,10 +143,10 @@ def search_lattice(
                 "every atom overlaps its own periodic images (a cell vector of almost no "
                 "length, or nearly dependent cell vectors?)",
             )
-        reduced = basis[s] @ cell[s]
-        needed = float(images_per_atom(plane_spacings(reduced[None], pbc[s][None]), cutoff)[0])
+        reduced_spacings = plane_spacings((basis[s] @ cell[s])[None], pbc[s][None])
+        needed = float(images_per_atom(reduced_spacings, cutoff)[0])
         if needed > MAX_IMAGES:
-            spacing = float(plane_spacings(reduced[None], pbc[s][None]).min())
+            spacing = float(reduced_spacings.min())
             return basis, (
                 s,
                 f"the cell's lattice planes are only {spacing:.3g} Å apart, so a neighbor search "
