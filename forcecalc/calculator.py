@@ -244,7 +244,7 @@ class ForceCalculator(Calculator):
                 "atoms (atoms.get_potential_energy()), or pass them (calc.get_forces(atoms))"
             )
         super().calculate(atoms, properties, system_changes)
-        volume = has_volume(self.atoms.cell.array)
+        volume = bool(has_volume(self.atoms.cell.array)[0])
         if "stress" in properties and not volume:
             raise PropertyNotImplementedError(
                 "stress needs a cell of three independent vectors, as ASE's EMT (for a slab "

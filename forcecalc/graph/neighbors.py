@@ -188,10 +188,12 @@ def _crossed_volume(units: np.ndarray, axes: np.ndarray) -> np.ndarray:
     return np.where(count == 3, volume, np.where(count == 2, area, 1.0))
 
 
-def has_volume(cell: np.ndarray) -> bool:
-    """Whether the three vectors of one ``[3, 3]`` cell are independent (a normalized volume
-    of at least :data:`DEPENDENCE_TOLERANCE`): where a stress, per volume, is defined."""
-    return bool(normalized_volume(cell, np.ones(3, dtype=bool))[0] >= DEPENDENCE_TOLERANCE)
+def has_volume(cell: np.ndarray) -> np.ndarray:
+    """``[n_systems]`` bool: whether the three vectors of each cell ``[n_systems, 3, 3]`` (or
+    one ``[3, 3]``) are independent (a normalized volume of at least
+    :data:`DEPENDENCE_TOLERANCE`): where a stress, per volume, is defined."""
+    cell = np.asarray(cell, dtype=np.float64).reshape(-1, 3, 3)
+    return normalized_volume(cell, np.ones((len(cell), 3), dtype=bool)) >= DEPENDENCE_TOLERANCE
 
 
 def cell_problem(cell: np.ndarray, pbc: np.ndarray) -> tuple[int, str] | None:
@@ -393,11 +395,9 @@ def radius_graph(
         shifts = torch.einsum("ek,ekl->el", shifts, edge_basis)
     order = canonical_order(edge_index, shifts, len(positions))
     edge_index, shifts = edge_index[:, order], shifts[order]
-    vectors = edge_vectors(positions, cell, system_idx, edge_index, shifts)
-    exact = vectors  # in float64 (what the models get), whatever the inputs' precision
-    if vectors.dtype != torch.float64:
-        exact = edge_vectors(positions.double(), cell.double(), system_idx, edge_index, shifts)
-    squared = (exact * exact).sum(dim=1)
+    # in float64 (what the models get), whatever the inputs' precision
+    vectors = edge_vectors(positions.double(), cell.double(), system_idx, edge_index, shifts)
+    squared = (vectors * vectors).sum(dim=1)
     inside = squared < cutoff**2  # the models' own test
     if not bool(inside.all()):  # a subsequence of the canonical order keeps it
         edge_index, shifts, vectors, squared = (
@@ -406,7 +406,7 @@ def radius_graph(
             vectors[inside],
             squared[inside],
         )
-    distances = squared.sqrt().to(vectors.dtype)
+    vectors, distances = vectors.to(positions.dtype), squared.sqrt().to(positions.dtype)
     _check_no_overlap(edge_index, shifts, distances, system_idx, name, warn_contacts)
     if max_neighbors is not None:
         keep = max_neighbors_mask(edge_index[1], distances, max_neighbors, len(positions))
@@ -531,7 +531,7 @@ def max_neighbors_mask(
 
 def kept_edges_mask(
     vectors: Tensor, target: Tensor, incoming: Tensor, cutoff: float, max_neighbors: int
-) -> Tensor:
+) -> tuple[Tensor, Tensor]:
     """The models' graph rule as a mask, with fixed shapes and no host synchronisation (what
     a CUDA graph can capture): edges with ``MIN_DISTANCE_SQ < d**2 < cutoff**2``, then
     :func:`max_neighbors_mask` among them (the same edges as those two steps).
@@ -544,7 +544,8 @@ def kept_edges_mask(
         max_neighbors: k.
 
     Returns:
-        ``[n_edges]`` bool.
+        ``(kept, cut)``: ``[n_edges]`` bool, and ``[1]`` bool: whether the max-neighbor rule
+        dropped a pair within the cutoff.
     """
     d2 = (vectors * vectors).sum(dim=1)
     # strictly inside, as every neighbor list (ASE's, vesin, ours): a pair exactly at the cutoff
@@ -552,7 +553,8 @@ def kept_edges_mask(
     valid = (d2 < cutoff**2) & (d2 > MIN_DISTANCE_SQ)
     distances = torch.where(valid, d2, torch.inf).sqrt()
     kth = _kth_distances(distances, incoming, max_neighbors)
-    return valid & (distances <= kth[target] + TIE_TOLERANCE)
+    kept = valid & (distances <= kth[target] + TIE_TOLERANCE)
+    return kept, (valid & ~kept).any().view(1)
 
 
 def _kth_distances(distances: Tensor, incoming: Tensor, k: int) -> Tensor:

@@ -682,7 +682,7 @@ class ForceNet(nn.Module):
         vectors = batch.edge_vectors()
         target = batch.edge_index[1]
         incoming = RowIndex(target, batch.n_atoms).inverse
-        keep = kept_edges_mask(vectors, target, incoming, self.cutoff, self.max_neighbors)
+        keep, _ = kept_edges_mask(vectors, target, incoming, self.cutoff, self.max_neighbors)
         index = torch.nonzero(keep).flatten()
         return batch.edge_index[:, index], vectors[index].to(dtype)
 
@@ -784,7 +784,7 @@ class ForceNet(nn.Module):
                 edge_index,
                 inputs["candidate_shifts"],
             )
-            keep = kept_edges_mask(vectors, edge_index[1], into, self.cutoff, self.max_neighbors)
+            keep, _ = kept_edges_mask(vectors, edge_index[1], into, self.cutoff, self.max_neighbors)
             along_x = (torch.arange(3, device=vectors.device) == 0).to(dtype)
             out = self._evaluate(
                 inputs["numbers"],

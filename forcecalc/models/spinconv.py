@@ -129,7 +129,7 @@ from torch import Tensor, nn
 
 from forcecalc.graph.batch import Batch
 from forcecalc.graph.gather import RowIndex, pad_rows, take_rows
-from forcecalc.graph.neighbors import MIN_DISTANCE_SQ, edge_vectors, kept_edges_mask
+from forcecalc.graph.neighbors import edge_vectors, kept_edges_mask
 from forcecalc.models.blocks import GaussianSmearing
 from forcecalc.replay import candidate_inputs, padded_size, padded_table, room
 from forcecalc.warning import warn
@@ -558,13 +558,6 @@ class ForceOutputBlock(nn.Module):
         x = projections.spin_convolution(self.spinconvblock, x)
         x = self.act(self.block1(x, element, element))
         return self.block2(x, element, element)
-
-
-def _inside_cutoff(vectors: Tensor, cutoff: float) -> Tensor:
-    """``[n_edges]`` bool: the edges ``vectors`` ``[n_edges, 3]`` the graph rule may keep
-    (``MIN_DISTANCE_SQ < d**2 < cutoff**2``), before the max-neighbor rule."""
-    d2 = (vectors * vectors).sum(dim=1)
-    return (d2 < cutoff**2) & (d2 > MIN_DISTANCE_SQ)
 
 
 def warn_max_neighbor_cut(max_neighbors: int | None, cutoff: float) -> None:
@@ -1076,8 +1069,9 @@ class SpinConv(nn.Module):
                 inputs["candidate_index"],
                 inputs["candidate_shifts"],
             )
-            kept = kept_edges_mask(vectors, candidate_target, into, self.cutoff, self.max_neighbors)
-            cut = (_inside_cutoff(vectors, self.cutoff) & ~kept).any().view(1)
+            kept, cut = kept_edges_mask(
+                vectors, candidate_target, into, self.cutoff, self.max_neighbors
+            )
             kept = pad_rows(kept.unsqueeze(1), False)[:, 0]  # [C + 1]: the padding index too
             # atom i's kept candidates become edges start[i] .. start[i] + count[i] - 1
             keep = kept[into]  # [n_atoms, Wc]
@@ -1219,20 +1213,14 @@ class SpinConv(nn.Module):
         with the envelope, warn if it cut (``warn_cut``)."""
         target = edge_index[1]
         with torch.no_grad():
-            kept = kept_edges_mask(
+            kept, cut = kept_edges_mask(
                 vectors, target, RowIndex(target, n_atoms).inverse, self.cutoff, self.max_neighbors
             )
             keep = torch.nonzero(kept).view(-1)
-            if self.envelope and warn_cut:
-                self._warn_if_cut(vectors, len(keep))
+            # a model with the envelope is smooth only while the rule never cuts
+            if self.envelope and warn_cut and bool(cut):
+                warn_max_neighbor_cut(self.max_neighbors, self.cutoff)
         return edge_index[:, keep], vectors[keep]
-
-    def _warn_if_cut(self, vectors: Tensor, n_kept: int) -> None:
-        """Warn when the max-neighbor rule dropped pairs within the cutoff (``n_kept`` of the
-        edges ``vectors`` ``[n_edges, 3]`` kept): a model with the envelope is smooth only
-        while it never cuts."""
-        if int(_inside_cutoff(vectors, self.cutoff).sum()) > n_kept:
-            warn_max_neighbor_cut(self.max_neighbors, self.cutoff)
 
     def _direct_forces(
         self,

@@ -513,17 +513,11 @@ def admit(
 def count_all_edges(structures: Sequence, cutoff: float) -> dict[int, int]:
     """``{input index: directed edges within cutoff}`` of every structure (a ``ValueError``
     naming the first whose atoms overlap, closer than 0.01 Å)."""
-    counts = {}
-    for index, atoms in enumerate(structures):
-        counts[index] = count_edges(
-            atoms, cutoff, f"structure {index} ({atoms.get_chemical_formula()})"
-        )
-    return counts
-
-
-def count_edges(atoms: Atoms, cutoff: float, name: str | None = None) -> int:
-    """Number of directed edges of ``atoms`` within ``cutoff`` (its neighbor list, on the CPU;
-    ``name``: how a close-contact warning names it)."""
     from forcecalc.graph import neighbor_list
 
-    return len(neighbor_list(atoms, cutoff, name)[0])
+    return {
+        index: len(
+            neighbor_list(atoms, cutoff, f"structure {index} ({atoms.get_chemical_formula()})")[0]
+        )
+        for index, atoms in enumerate(structures)
+    }

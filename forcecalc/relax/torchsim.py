@@ -44,7 +44,7 @@ except ImportError as error:  # pragma: no cover - depends on the environment
     ) from error
 
 from forcecalc.graph import Batch, radius_graph
-from forcecalc.graph.neighbors import DEPENDENCE_TOLERANCE, normalized_volume
+from forcecalc.graph.neighbors import has_volume
 from forcecalc.relax.relaxation import potential_device, resolve_potential
 
 
@@ -110,18 +110,15 @@ class ForcecalcModel(ModelInterface):
         if pbc.ndim == 0:
             pbc = pbc.repeat(3)
         pbc = pbc.reshape(-1, 3).expand(n_systems, 3)
+        cell = cell.detach()  # a cell filter's cell may require grad; the models make their own
         if self._compute_stress:
-            volume = normalized_volume(
-                cell.detach().cpu().numpy(), np.ones((n_systems, 3), dtype=bool)
-            )
-            flat = np.flatnonzero(volume < DEPENDENCE_TOLERANCE).tolist()
+            flat = np.flatnonzero(~has_volume(cell.cpu().numpy())).tolist()
             if flat:
                 raise ValueError(
                     "stress needs cells of three independent vectors (as the ASE calculator; "
                     f"a slab's or a molecule's with its vacuum); systems {flat[:10]} have none "
                     "(build the model with compute_stress=False)"
                 )
-        cell = cell.detach()  # a cell filter's cell may require grad; the models make their own
         graph = radius_graph(
             positions.detach().to(torch.float64),
             cell,
