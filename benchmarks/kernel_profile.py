@@ -215,16 +215,17 @@ def fused_kernel_stand_ins(log: OperatorLog, flop_scale: float) -> dict[str, Cal
     def spin_spectra(
         values: torch.Tensor,
         index: torch.Tensor,
-        phase: torch.Tensor,
+        longitude: Any,
         rows: torch.Tensor,
         groups: int,
         *_: Any,
     ) -> Any:
         (n, width), channels = index.shape, values.shape[1]
-        long, lat = phase.shape[-1], rows.shape[-1]
+        long, lat = longitude.long, rows.shape[-1]
         gathered = n * width * channels * values.element_size()  # each grid's values, once
         out = n * channels * long * lat * values.element_size()
-        moved = tensor_bytes([index, phase, rows]) + gathered + out
+        factors = [index, longitude.column, longitude.fraction, longitude.table, rows]
+        moved = tensor_bytes(factors) + gathered + out
         shape = (long, groups, n, channels // groups * lat)
         return record("spin_spectra", moved, 2.0 * n * width * channels * long * lat, shape, values)
 

@@ -55,8 +55,9 @@ def resources(
         name: "constexpr" if name in constexprs else ("*fp32" if name.endswith("_ptr") else "i32")
         for name in kernel.arg_names
     }
-    if "index_ptr" in signature:
-        signature["index_ptr"] = "*i64"
+    for name in ("index_ptr", "column_ptr"):  # int64 tables
+        if name in signature:
+            signature[name] = "*i64"
     compiled = triton.compile(
         ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
         target=GPUTarget("cuda", 90, 32),

@@ -119,6 +119,7 @@ slower than one (spinning OpenMP threads); set ``torch.set_num_threads`` accordi
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterable
 from typing import TypeVar
@@ -1392,7 +1393,7 @@ def splat_factors(
     long: int,
     dtype: torch.dtype,
     table: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
+) -> tuple[LongitudeSplat, Tensor]:
     """Bilinear splat of directions onto a lat/long grid, as longitude spectra (factored).
 
     A direction ``p`` (row 0 = the grid's polar axis) lands at latitude row
@@ -1415,7 +1416,8 @@ def splat_factors(
             built (a constant: about 15 operations less per call).
 
     Returns:
-        ``phase`` ``[..., long]`` and ``rows`` ``[..., lat]``.
+        the longitudes (:class:`LongitudeSplat`, whose ``phase`` is ``[..., long]``) and
+        ``rows`` ``[..., lat]``.
     """
     y, z, p0 = projected[..., 1], projected[..., 2], projected[..., 0]
     pole = y * y + z * z < POLE_EPS2
@@ -1429,38 +1431,67 @@ def splat_factors(
     row = (0.99 * ((latitude + math.pi / 2.0) / math.pi) + 0.005) * (lat - 1.0)
     col_floor, row_floor = torch.floor(col), torch.floor(row)
     # The bins in float64; the weights in ``dtype``, built directly (no one-hot temporaries).
-    dx = (col - col_floor).to(dtype).unsqueeze(-1)
+    dx = (col - col_floor).to(dtype)
     dy = ((row - row_floor).to(dtype) * valid).unsqueeze(-1)
     x0 = col_floor.long() % long
     y0 = (row_floor.long() % lat).unsqueeze(-1)
     if table is None:
         table = _splat_dft_table(long, projected.device).to(dtype)  # [long, long]
-    phase = torch.lerp(table[x0], table[(x0 + 1) % long], dx)
     latitudes = torch.arange(lat, device=projected.device)
     lower = torch.where(latitudes == y0, valid.to(dtype).unsqueeze(-1) - dy, 0.0)
     rows = lower + torch.where(latitudes == (y0 + 1) % lat, dy, 0.0)
-    return phase, rows
+    return LongitudeSplat(x0, dx, table), rows
+
+
+class LongitudeSplat:
+    """Where splatted values land along the longitude of their grids: between the columns
+    ``column`` and ``column + 1`` (modulo ``long``), ``fraction`` of the way.  Their longitude
+    spectra, :attr:`phase`, interpolate the packed DFTs of the two columns (rows of
+    ``table``); the fused Triton kernels read the three factors instead, so ``phase`` is only
+    built where it is used.
+
+    Args:
+        column: ``[...]`` int64 in ``[0, long)``.
+        fraction: ``[...]`` in ``[0, 1)``, the factors' dtype.
+        table: ``[long, long]``, :func:`_splat_dft_table` in that dtype.
+    """
+
+    def __init__(self, column: Tensor, fraction: Tensor, table: Tensor) -> None:
+        self.column = column
+        self.fraction = fraction
+        self.table = table
+
+    @property
+    def long(self) -> int:
+        return len(self.table)
+
+    @functools.cached_property
+    def phase(self) -> Tensor:
+        """``[..., long]``: ``(1 - fraction) table[column] + fraction table[column + 1]``."""
+        after = (self.column + 1) % self.long
+        return torch.lerp(self.table[self.column], self.table[after], self.fraction.unsqueeze(-1))
 
 
 class SphereProjections:
     """Values projected onto lat/long grids, kept as splat factors: grid ``g`` receives
-    ``values[readers.index[g, j]]`` at the direction whose factors are ``phase[g, j]``,
-    ``rows[g, j]`` (see :func:`splat_factors`); the index is padded with ``len(values)``.
+    ``values[readers.index[g, j]]`` at the direction whose factors are ``longitude`` at ``[g,
+    j]`` and ``rows[g, j]`` (see :func:`splat_factors`); the index is padded with
+    ``len(values)``.
 
     The grids' packed spectra (``[n, C, long, lat]``) are only built chunk by chunk inside
     :meth:`spin_convolution`, so memory stays bounded for large systems.
     """
 
-    def __init__(self, readers: RowIndex, phase: Tensor, rows: Tensor) -> None:
+    def __init__(self, readers: RowIndex, longitude: LongitudeSplat, rows: Tensor) -> None:
         self.readers = readers
-        self.phase = phase
+        self.longitude = longitude
         self.rows = rows
         # Splat weights by chunk size, kept across the message blocks (if they fit).
         self._weights: dict[int, list[Tensor]] = {}
 
     def weighted(self, weights: Tensor) -> SphereProjections:
         """The same grids with value ``j`` of grid ``g`` scaled by ``weights[g, j]``."""
-        return SphereProjections(self.readers, self.phase, self.rows * weights.unsqueeze(-1))
+        return SphereProjections(self.readers, self.longitude, self.rows * weights.unsqueeze(-1))
 
     @classmethod
     def from_directions(
@@ -1475,8 +1506,8 @@ class SphereProjections:
         """``projected`` ``[n, width, 3]`` directions of the values ``readers`` reads
         (``[n, width]``); ``table`` as for :func:`splat_factors`."""
         valid = readers.index < readers.n_rows
-        phase, rows = splat_factors(projected, valid, lat, long, dtype, table)
-        return cls(readers, phase, rows)
+        longitude, rows = splat_factors(projected, valid, lat, long, dtype, table)
+        return cls(readers, longitude, rows)
 
     def spin_convolution(self, block: SpinConvBlock, values: Tensor) -> Tensor:
         """``block`` applied to the projected grids of ``values`` ``[n_values, C]``: ``[n,
@@ -1493,7 +1524,7 @@ class SphereProjections:
         a slice a zero-filled tensor of the full size per chunk.
         """
         n, width = self.readers.index.shape
-        channels, long, lat = values.shape[1], self.phase.shape[-1], self.rows.shape[-1]
+        channels, long, lat = values.shape[1], self.longitude.long, self.rows.shape[-1]
         itemsize = values.element_size()
         per_grid = itemsize * ((width + 2 * channels) * long * lat + 2 * block.mid_channels * long)
         budget = CHUNK_BYTES_CUDA if values.is_cuda else CHUNK_BYTES
@@ -1519,15 +1550,17 @@ class SphereProjections:
         ``CHUNK_BYTES_CUDA``."""
         from forcecalc.models.triton_kernels import paired_kernels, spin_pool, spin_spectra
 
-        long, lat = self.phase.shape[-1], self.rows.shape[-1]
-        step = max(1, CHUNK_BYTES_CUDA // (values.element_size() * values.shape[1] * long * lat))
+        longitude, lat = self.longitude, self.rows.shape[-1]
+        per_grid = values.element_size() * values.shape[1] * longitude.long * lat
+        step = max(1, CHUNK_BYTES_CUDA // per_grid)
         real, imag, inverse = block.kernel_spectra()
-        pairs = paired_kernels(real, imag, long)
+        pairs = paired_kernels(real, imag, longitude.long)
         precision = block.triton_precision
         outputs = []
-        chunks = (table.split(step) for table in (self.readers.index, self.phase, self.rows))
-        for index, phase, rows in zip(*chunks, strict=True):
-            spectra = spin_spectra(values, index, phase, rows, block.groups, precision)
+        tables = (self.readers.index, longitude.column, longitude.fraction, self.rows)
+        for index, column, fraction, rows in zip(*(t.split(step) for t in tables), strict=True):
+            splat = LongitudeSplat(column, fraction, longitude.table)
+            spectra = spin_spectra(values, index, splat, rows, block.groups, precision)
             pooled = spin_pool(spectra, pairs, inverse, block.conv1.bias, precision)
             outputs.append(block.GroupNorm(pooled))
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
@@ -1539,7 +1572,9 @@ class SphereProjections:
             return self._weights[step]
         chunks = (
             (phase.unsqueeze(-1) * rows.unsqueeze(-2)).flatten(-2)
-            for phase, rows in zip(self.phase.split(step), self.rows.split(step), strict=True)
+            for phase, rows in zip(
+                self.longitude.phase.split(step), self.rows.split(step), strict=True
+            )
         )
         if not cache:
             return chunks

@@ -38,6 +38,7 @@ was imported with ``TRITON_INTERPRET=1``: for tests, far slower than the PyTorch
 from __future__ import annotations
 
 import copy
+from typing import TYPE_CHECKING
 
 import torch
 import triton
@@ -45,30 +46,31 @@ import triton.language as tl
 from torch import Tensor, nn
 from triton.runtime.interpreter import InterpretedFunction
 
+if TYPE_CHECKING:
+    from forcecalc.models.spinconv import LongitudeSplat
+
 #: ``tl.dot`` input precisions accepted by :func:`with_triton_kernels`.
 PRECISIONS = ("tf32x3", "tf32", "ieee")
-# Tiles, warps and software-pipelining stages: chosen by their resources on a Hopper GPU
-# (benchmarks/kernel_registers.py: no register spills), not yet timed on one
-# (benchmarks/fused_kernels.py times alternatives).
+# Tiles, warps and software-pipelining stages: the fastest of the choices timed in SpinConv-All's
+# batched forward on an H100 (benchmarks/triton_tiles.py, session 20).
 #: Tile sizes (rows, columns, reduction) of :func:`mixture_of_experts`.
-MIXTURE_TILES = (64, 64, 32)
+MIXTURE_TILES = (64, 128, 32)
 #: Warps and stages of :func:`mixture_of_experts` (two ``[rows, columns]`` accumulators).
-MIXTURE_WARPS, MIXTURE_STAGES = 8, 2
+MIXTURE_WARPS, MIXTURE_STAGES = 4, 3
 #: Tile sizes, warps and stages of :func:`linear`.
-LINEAR_TILES = (64, 64, 32)
-LINEAR_WARPS, LINEAR_STAGES = 4, 3
+LINEAR_TILES = (128, 64, 32)
+LINEAR_WARPS, LINEAR_STAGES = 8, 3
 #: Grids per program of :func:`spin_spectra`.
-SPECTRA_GRIDS = 1
+SPECTRA_GRIDS = 2
 #: Warps and stages of :func:`spin_spectra`.
-SPECTRA_WARPS, SPECTRA_STAGES = 4, 2
+SPECTRA_WARPS, SPECTRA_STAGES = 2, 1
 #: Tile sizes (grids, columns of a pair of entries, reduction) of the frequency products in
-#: :func:`spin_pool` (64 x 128, both entries of a pair for SpinConv-All in one program, spills
-#: 92 bytes under Triton 3.6).
-PRODUCTS_TILES = (64, 64, 32)
+#: :func:`spin_pool`.
+PRODUCTS_TILES = (128, 64, 32)
 #: Warps and stages of the frequency products.
-PRODUCTS_WARPS, PRODUCTS_STAGES = 8, 2
+PRODUCTS_WARPS, PRODUCTS_STAGES = 4, 3
 #: Output numbers per program of the inverse DFT in :func:`spin_pool`.
-INVERSE_COLUMNS = 128
+INVERSE_COLUMNS = 512
 
 
 @triton.jit
@@ -186,7 +188,9 @@ def _linear_kernel(
 def _spectra_kernel(
     values_ptr,
     index_ptr,
-    phase_ptr,
+    column_ptr,
+    fraction_ptr,
+    table_ptr,
     rows_ptr,
     out_ptr,
     n_grids,
@@ -227,8 +231,17 @@ def _spectra_kernel(
     n_groups = channels // per_group
     store_ok = grid_ok[:, None, None] & (channel < channels)[None, :, None]
     store_ok = store_ok & (latitude < lat)[None, None, :]
+    # the longitude factors [GRIDS, WIDTH]: table rows (the columns' packed DFTs) to interpolate
+    before = tl.load(column_ptr + entry, mask=slot_ok, other=0) * long
+    after = tl.where(before + long == long * long, 0, before + long)
+    fraction = tl.load(fraction_ptr + entry, mask=slot_ok, other=0.0)
     for k in range(long):
-        phase = tl.load(phase_ptr + entry * long + k, mask=slot_ok, other=0.0)  # [GRIDS, WIDTH]
+        start = tl.load(table_ptr + before + k, mask=slot_ok, other=0.0)
+        end = tl.load(table_ptr + after + k, mask=slot_ok, other=0.0)
+        # torch.lerp's two-sided formula (exact at both ends)
+        phase = tl.where(
+            fraction < 0.5, start + fraction * (end - start), end - (end - start) * (1.0 - fraction)
+        )
         spectrum = tl.dot(features * phase[:, None, :], rows, input_precision=PRECISION)
         # out [long, groups, n_grids, per_group * lat]
         plane = (k * n_groups + group).to(tl.int64)[None, :, None] * n_grids + grids[:, None, None]
@@ -421,19 +434,20 @@ def mixture_of_experts(
 def spin_spectra(
     values: Tensor,
     index: Tensor,
-    phase: Tensor,
+    longitude: LongitudeSplat,
     rows: Tensor,
     groups: int,
     precision: str = "tf32x3",
 ) -> Tensor:
     """Packed longitude spectra of grids (see :func:`~forcecalc.models.spinconv.splat_factors`):
-    grid ``g`` receives ``values[index[g, j]]`` splatted with the factors ``phase[g, j]``,
-    ``rows[g, j]``.
+    grid ``g`` receives ``values[index[g, j]]`` splatted with the factors ``longitude`` at
+    ``[g, j]`` (its ``phase`` is interpolated here, never stored) and ``rows[g, j]``.
 
     Args:
         values: ``[n_values, C]`` float32 messages.
         index: ``[n, width]`` int64 rows of ``values``, ``n_values`` for padding.
-        phase: ``[n, width, long]`` float32.
+        longitude: columns ``[n, width]`` int64, fractions ``[n, width]`` float32 and the
+            ``[long, long]`` float32 table.
         rows: ``[n, width, lat]`` float32 (zero for padding).
         groups: channel groups of the convolution (``C // groups`` channels each).
 
@@ -441,18 +455,19 @@ def spin_spectra(
         ``[long, groups, n, (C // groups) * lat]``: entry ``k`` of the packed spectrum of
         channel ``c = group * (C // groups) + i`` at latitude ``y`` in column ``i * lat + y``.
     """
-    _check_float32(values, phase, rows)
-    values, index = values.contiguous(), index.contiguous()
-    phase, rows = phase.contiguous(), rows.contiguous()
+    _check_float32(values, longitude.fraction, longitude.table, rows)
+    values, index, rows = values.contiguous(), index.contiguous(), rows.contiguous()
+    column, fraction = longitude.column.contiguous(), longitude.fraction.contiguous()
     n, width = index.shape
-    channels, long, lat = values.shape[1], phase.shape[-1], rows.shape[-1]
+    channels, long, lat = values.shape[1], longitude.long, rows.shape[-1]
     per_group = channels // groups
     out = values.new_empty(long, groups, n, per_group * lat)
     if n == 0:
         return out
     grid = (triton.cdiv(n, SPECTRA_GRIDS),)
     _launcher(_spectra_kernel, values)[grid](
-        values, index, phase, rows, out, n, len(values), width, channels, per_group, long, lat,
+        values, index, column, fraction, longitude.table.contiguous(), rows, out, n, len(values),
+        width, channels, per_group, long, lat,
         SPECTRA_GRIDS, _dot_size(width), _dot_size(channels), _dot_size(lat), precision,
         num_warps=SPECTRA_WARPS, num_stages=SPECTRA_STAGES,
     )  # fmt: skip

@@ -126,8 +126,8 @@ def _grids(device: str, n: int, width: int, n_values: int, lat: int, long: int) 
     directions = torch.nn.functional.normalize(
         torch.randn(n, width, 3, dtype=torch.float64, device=device), dim=-1
     )
-    phase, rows = splat_factors(directions, index < n_values, lat, long, torch.float32)
-    return index, phase, rows
+    longitude, rows = splat_factors(directions, index < n_values, lat, long, torch.float32)
+    return index, longitude, rows
 
 
 @pytest.mark.parametrize("long", [7, 8])
@@ -142,8 +142,8 @@ def test_spin_convolution_equals_the_blocks_operators(device, long):
     block = SpinConvBlock(channels, mid, lat, long).to(device).eval()
     with torch.no_grad():
         block.conv1.bias.normal_()
-    index, phase, rows = _grids(device, n, width, n_values, lat, long)
-    projections = SphereProjections(RowIndex(index, n_values), phase, rows)
+    index, longitude, rows = _grids(device, n, width, n_values, lat, long)
+    projections = SphereProjections(RowIndex(index, n_values), longitude, rows)
     values = torch.randn(n_values, channels, device=device)
     with torch.no_grad():
         reference = projections.spin_convolution(block, values)
@@ -162,10 +162,11 @@ def test_spectra_layout_and_pool_of_known_spectra(device):
     torch.manual_seed(4)
     channels, mid, lat, long, width, n, n_values = 16, 8, 3, 6, 9, 10, 14
     groups = channels // 8
-    index, phase, rows = _grids(device, n, width, n_values, lat, long)
+    index, longitude, rows = _grids(device, n, width, n_values, lat, long)
     values = torch.randn(n_values, channels, device=device)
-    spectra = spin_spectra(values, index, phase, rows, groups, "ieee")
+    spectra = spin_spectra(values, index, longitude, rows, groups, "ieee")
     padded = torch.cat([values, values.new_zeros(1, channels)])[index]  # [n, width, C]
+    phase = longitude.phase
     weights = (phase.unsqueeze(-1) * rows.unsqueeze(-2)).flatten(-2)  # [n, width, long * lat]
     grid_spectra = (padded.transpose(1, 2) @ weights).view(n, channels, long, lat)
     expected = grid_spectra.view(n, groups, 8, long, lat).permute(3, 1, 0, 2, 4)
