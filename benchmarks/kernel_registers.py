@@ -4,7 +4,7 @@
 
 A kernel that spills registers to local memory, or whose registers or shared memory allow few
 programs per multiprocessor, runs far below its roofline: this screens tile choices before a
-GPU session times them (``fused_kernels.py``). For each tile variant of ``fused_kernels.py``
+GPU session times them (``triton_tiles.py``). For each tile variant of ``triton_tiles.py``
 at SpinConv-All's sizes (hidden 32, mid 256, 16 x 12 grid, 40 values per grid) and each
 ``tl.dot`` precision: registers per thread, spill stores/loads (bytes), shared memory (bytes)
 and the programs one multiprocessor can hold (65,536 registers, 228 KiB shared memory, at
@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import triton
-from fused_kernels import VARIANTS
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+from triton_tiles import VARIANTS
 
 from forcecalc.atomic import write_json
 from forcecalc.models import triton_kernels

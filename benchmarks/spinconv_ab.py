@@ -9,6 +9,9 @@ measured where it matters before it goes to main:
     python benchmarks/spinconv_ab.py forcecalc/models/spinconv.py scratch/b.py \\
         --device cuda --batch 1 64 256 --repeats 10 --out DIR/spinconv_ab.json
 
+With ``--triton PRECISION`` both run SpinConv's fused Triton kernels (every block that has
+them, as ``with_triton_kernels`` sets them; the kernels are the package's, shared by A and B).
+
 Prints a table (median ms per forward and atoms/s of each, B's speed-up) and writes JSON.
 """
 
@@ -72,6 +75,9 @@ def main() -> None:
     parser.add_argument("--atoms", type=int, default=66, help="atoms per structure (38, 66, 146)")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument(
+        "--triton", default=None, help="tl.dot precision of the fused Triton kernels (CUDA)"
+    )
     parser.add_argument("--out", default="benchmarks/results/spinconv_ab.json")
     args = parser.parse_args()
     available_devices(parser, [args.device])
@@ -85,6 +91,10 @@ def main() -> None:
     models = {label: module.SpinConv(**kwargs).eval() for label, module in modules.items()}
     models["B"].load_state_dict(models["A"].state_dict())
     models = {label: model.to(args.device) for label, model in models.items()}
+    if args.triton:
+        for block in (m for model in models.values() for m in model.modules()):
+            if hasattr(block, "triton_precision"):
+                block.triton_precision = args.triton
     rows = []
     print(f"{'batch':>6}{'atoms':>8}{'A ms':>10}{'B ms':>10}{'B/A speed':>11}{'max |dF|':>11}")
     for batch_size in args.batch:
@@ -113,6 +123,7 @@ def main() -> None:
             "a": str(Path(args.a)),
             "b": str(Path(args.b)),
             "device": args.device,
+            "triton": args.triton,
             "hardware": hardware(False),
             "rows": rows,
         },

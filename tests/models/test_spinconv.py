@@ -20,7 +20,7 @@ import forcecalc.models.spinconv as spinconv_module
 from forcecalc.checkpoint import CheckpointInfo, Normalizers, Potential
 from forcecalc.graph.batch import Batch
 from forcecalc.graph.gather import RowIndex
-from forcecalc.models.spinconv import SphereProjections, SpinConv, SpinConvBlock
+from forcecalc.models.spinconv import EmbeddingBlock, SphereProjections, SpinConv, SpinConvBlock
 
 #: The envelope variants of the OCP fixtures (20 neighbors kept within 6 Å) cut in every
 #: slab: the warning that says so (tested on its own) is not these tests' subject.
@@ -925,6 +925,29 @@ def test_chunked_spin_convolution_equals_one_pass(monkeypatch):
     for ours, reference in zip(chunked, whole, strict=True):
         torch.testing.assert_close(ours["energy"], reference["energy"], rtol=1e-13, atol=1e-13)
         torch.testing.assert_close(ours["forces"], reference["forces"], rtol=1e-12, atol=1e-13)
+
+
+def test_expert_weights_looked_up_per_element_pair_equal_those_of_the_rows():
+    """A mixture of experts with more rows than element pairs computes its experts' weights
+    once per pair and looks them up: its outputs and parameter gradients equal those of the
+    same rows evaluated a few at a time (fewer rows than pairs: one weight per row)."""
+    torch.manual_seed(5)
+    block = EmbeddingBlock(6, 5, 8, 4, max_num_elements=3).double()  # 9 element pairs
+    x = torch.randn(40, 6, dtype=torch.float64)
+    source, target = torch.randint(0, 3, (2, 40))
+    parameters = [block.source_embedding.weight, block.target_embedding.weight]
+    parameters += [block.embed_fc1.weight, block.fc2.weight]
+    looked_up = block(x, source, target)
+    chunks = zip(x.split(8), source.split(8), target.split(8), strict=True)
+    rows = torch.cat([block(*chunk) for chunk in chunks])
+    torch.testing.assert_close(looked_up, rows, rtol=1e-13, atol=1e-14)
+    for ours, reference in zip(
+        torch.autograd.grad(looked_up.pow(2).sum(), parameters),
+        torch.autograd.grad(rows.pow(2).sum(), parameters),
+        strict=True,
+    ):
+        assert ours.abs().sum() > 0
+        torch.testing.assert_close(ours, reference, rtol=1e-12, atol=1e-14)
 
 
 def test_force_centric_training_gradients():
