@@ -5,8 +5,11 @@
 # ../shared/fixtures/ocp where present) in .device/ocp/checkpoints/ (git-ignored), to carry to
 # a device call (64 MiB at most in all):
 #
-#   bash benchmarks/device_wheels.sh            (here, where pip reaches PyPI)
+#   bash benchmarks/device_wheels.sh [COMMIT]   (here, where pip reaches PyPI)
 #   run(command="bash benchmarks/device_check.sh", carry=[".whl", ".device"])   (there)
+#
+# With COMMIT, that commit's forcecalc package also goes to .device/base (for gpu_triton.sh's
+# before/after: BASE=.device/base bash benchmarks/device_check.sh DIR benchmarks/gpu_triton.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rm -rf .whl
@@ -21,4 +24,9 @@ if [ -f "$shared/spinconv_all.pt" ]; then
   rm -rf .device/ocp && mkdir -p .device/ocp/checkpoints
   cp "$shared/spinconv_all.pt" .device/ocp/checkpoints/
   ls -l .device/ocp/checkpoints
+fi
+if [ -n "${1:-}" ]; then
+  rm -rf .device/base && mkdir -p .device/base
+  git archive "$1" forcecalc | tar -x -C .device/base
+  du -sh .device/base
 fi

@@ -81,14 +81,14 @@ def inputs(n: int, width: int, device: str) -> dict:
     directions = torch.nn.functional.normalize(
         torch.randn(n, width, 3, dtype=torch.float64, device=device), dim=-1
     )
-    longitude, rows = splat_factors(directions, index < n, lat, long, torch.float32)
+    longitude, latitude = splat_factors(directions, index < n, lat, long, torch.float32)
     return {
         "mixture": mixture,
         "spin": spin,
         "x": torch.randn(n, mid, device=device),
         "elements": torch.randint(1, 90, (n,), device=device),
         "values": torch.randn(n, channels, device=device),
-        "projections": SphereProjections(RowIndex(index, n), longitude, rows),
+        "projections": SphereProjections(RowIndex(index, n), longitude, latitude),
     }
 
 

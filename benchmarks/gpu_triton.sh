@@ -2,13 +2,13 @@
 # The fused Triton kernels on one GPU (about four minutes; part 0 of gpu_quick.sh): JSON and
 # logs into DIR.  The headline figure comes first, so that a run cut short still has it.
 #
-#   bash benchmarks/gpu_triton.sh [DIR]       (AB=FILE: also A/B spinconv.py against FILE)
+#   bash benchmarks/gpu_triton.sh [DIR]       (BASE=FOLDER: also time another version)
 #
 # 1. SpinConv-All batched (64, 256 and 512 x 66 atoms) with the fused kernels, tf32x3 products
 #    (speed.py, with their largest force difference to the PyTorch path);
-# 2. with AB=FILE (another version of forcecalc/models/spinconv.py, e.g. `git show
-#    <commit>:forcecalc/models/spinconv.py`, carried in an ignored folder): spinconv_ab.py with
-#    the fused kernels, FILE as A and the checkout's as B, at 64 and 256 x 66 atoms;
+# 2. with BASE=FOLDER (a folder holding another version's forcecalc package, e.g. made by
+#    `benchmarks/device_wheels.sh COMMIT` in .device/base): the same with that package, for a
+#    before/after on the same machine;
 # 3. their CUDA tests (tests/models/test_triton_kernels.py: each kernel and a whole forward
 #    against the PyTorch path);
 # 4. where the forward's device time goes, kernel by kernel, for tile choices around the
@@ -25,9 +25,9 @@ step_timeout=240
 batched=(python3 benchmarks/speed.py --devices cuda --models spinconv_all --sizes --repeats 10
   --skip-ase-step)
 run "${batched[@]}" --batch 64 256 512 --triton tf32x3 --out "$dir/speed_triton_tf32x3.json"
-if [ -n "${AB:-}" ]; then
-  run python3 benchmarks/spinconv_ab.py "$AB" forcecalc/models/spinconv.py --device cuda \
-    --triton tf32x3 --batch 64 256 --repeats 10 --out "$dir/spinconv_ab_triton.json"
+if [ -n "${BASE:-}" ]; then
+  run env PYTHONPATH="$BASE:${PYTHONPATH:-}" "${batched[@]}" --batch 64 256 512 --triton tf32x3 \
+    --out "$dir/speed_triton_tf32x3_base.json"
 fi
 run python3 -m pytest -q tests/models/test_triton_kernels.py -p no:cacheprovider
 run python3 benchmarks/triton_tiles.py --batch 64 --out "$dir/triton_tiles.json"

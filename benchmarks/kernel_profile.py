@@ -216,15 +216,17 @@ def fused_kernel_stand_ins(log: OperatorLog, flop_scale: float) -> dict[str, Cal
         values: torch.Tensor,
         index: torch.Tensor,
         longitude: Any,
-        rows: torch.Tensor,
+        latitude: Any,
         groups: int,
         *_: Any,
     ) -> Any:
         (n, width), channels = index.shape, values.shape[1]
-        long, lat = longitude.long, rows.shape[-1]
+        long, lat = longitude.long, latitude.lat
         gathered = n * width * channels * values.element_size()  # each grid's values, once
         out = n * channels * long * lat * values.element_size()
-        factors = [index, longitude.column, longitude.fraction, longitude.table, rows]
+        factors = [index, longitude.column, longitude.fraction, longitude.table]
+        factors += [latitude.row, latitude.fraction]
+        factors += [] if latitude.weight is None else [latitude.weight]
         moved = tensor_bytes(factors) + gathered + out
         shape = (long, groups, n, channels // groups * lat)
         return record("spin_spectra", moved, 2.0 * n * width * channels * long * lat, shape, values)

@@ -55,7 +55,7 @@ def resources(
         name: "constexpr" if name in constexprs else ("*fp32" if name.endswith("_ptr") else "i32")
         for name in kernel.arg_names
     }
-    for name in ("index_ptr", "column_ptr"):  # int64 tables
+    for name in ("index_ptr", "column_ptr", "row_ptr"):  # int64 tables
         if name in signature:
             signature[name] = "*i64"
     compiled = triton.compile(
@@ -102,6 +102,7 @@ def kernels(precision: str) -> dict[str, tuple[Any, dict[str, Any], int, int]]:
         "WIDTH": dot(WIDTH),
         "CHANNELS": dot(CHANNELS),
         "LAT": dot(LAT),
+        "WEIGHTED": False,
         "PRECISION": precision,
     }
     inverse = {"BLOCK": k.INVERSE_COLUMNS, "LONG": dot(LONG)}

@@ -1397,7 +1397,7 @@ def splat_factors(
     long: int,
     dtype: torch.dtype,
     table: Tensor | None = None,
-) -> tuple[LongitudeSplat, Tensor]:
+) -> tuple[LongitudeSplat, LatitudeSplat]:
     """Bilinear splat of directions onto a lat/long grid, as longitude spectra (factored).
 
     A direction ``p`` (row 0 = the grid's polar axis) lands at latitude row
@@ -1420,8 +1420,8 @@ def splat_factors(
             built (a constant: about 15 operations less per call).
 
     Returns:
-        the longitudes (:class:`LongitudeSplat`, whose ``phase`` is ``[..., long]``) and
-        ``rows`` ``[..., lat]``.
+        the longitudes and latitudes (:class:`LongitudeSplat`, whose ``phase`` is ``[...,
+        long]``, and :class:`LatitudeSplat`, whose ``rows`` are ``[..., lat]``).
     """
     y, z, p0 = projected[..., 1], projected[..., 2], projected[..., 0]
     pole = y * y + z * z < POLE_EPS2
@@ -1436,15 +1436,11 @@ def splat_factors(
     col_floor, row_floor = torch.floor(col), torch.floor(row)
     # The bins in float64; the weights in ``dtype``, built directly (no one-hot temporaries).
     dx = (col - col_floor).to(dtype)
-    dy = ((row - row_floor).to(dtype) * valid).unsqueeze(-1)
-    x0 = col_floor.long() % long
-    y0 = (row_floor.long() % lat).unsqueeze(-1)
+    dy = (row - row_floor).to(dtype) * valid
     if table is None:
         table = _splat_dft_table(long, projected.device).to(dtype)  # [long, long]
-    latitudes = torch.arange(lat, device=projected.device)
-    lower = torch.where(latitudes == y0, valid.to(dtype).unsqueeze(-1) - dy, 0.0)
-    rows = lower + torch.where(latitudes == (y0 + 1) % lat, dy, 0.0)
-    return LongitudeSplat(x0, dx, table), rows
+    longitudes = LongitudeSplat(col_floor.long() % long, dx, table)
+    return longitudes, LatitudeSplat(row_floor.long() % lat, dy, valid, lat)
 
 
 class LongitudeSplat:
@@ -1469,6 +1465,11 @@ class LongitudeSplat:
     def long(self) -> int:
         return len(self.table)
 
+    def split(self, step: int) -> list[LongitudeSplat]:
+        """Chunks of ``step`` grids (along the first dimension)."""
+        chunks = zip(self.column.split(step), self.fraction.split(step), strict=True)
+        return [LongitudeSplat(column, fraction, self.table) for column, fraction in chunks]
+
     @functools.cached_property
     def phase(self) -> Tensor:
         """``[..., long]``: ``(1 - fraction) table[column] + fraction table[column + 1]``."""
@@ -1476,26 +1477,82 @@ class LongitudeSplat:
         return torch.lerp(self.table[self.column], self.table[after], self.fraction.unsqueeze(-1))
 
 
+class LatitudeSplat:
+    """Where splatted values land along the latitude of their grids: between the rows ``row``
+    and ``row + 1`` (modulo ``lat``), ``fraction`` of the way, scaled by ``weight`` (if
+    given); nowhere where not ``valid`` (padding).  Their :attr:`rows` are the bilinear
+    weights ``(1 - fraction) [row] + fraction [row + 1]``; the fused Triton kernels read the
+    factors instead, so ``rows`` are only built where they are used.
+
+    Args:
+        row: ``[...]`` int64 in ``[0, lat)``.
+        fraction: ``[...]`` in ``[0, 1)``, zero where not ``valid``, the factors' dtype.
+        valid: ``[...]`` bool.
+        lat: latitudes of the grids.
+        weight: ``[...]`` scale of each value, or None.
+    """
+
+    def __init__(
+        self, row: Tensor, fraction: Tensor, valid: Tensor, lat: int, weight: Tensor | None = None
+    ) -> None:
+        self.row = row
+        self.fraction = fraction
+        self.valid = valid
+        self.lat = lat
+        self.weight = weight
+
+    def weighted(self, weights: Tensor) -> LatitudeSplat:
+        """The same latitudes with each value scaled by ``weights`` ``[...]`` (too)."""
+        weight = weights if self.weight is None else self.weight * weights
+        return LatitudeSplat(self.row, self.fraction, self.valid, self.lat, weight)
+
+    @property
+    def requires_grad(self) -> bool:
+        weighted = self.weight is not None and self.weight.requires_grad
+        return self.fraction.requires_grad or weighted
+
+    def split(self, step: int) -> list[LatitudeSplat]:
+        """Chunks of ``step`` grids (along the first dimension)."""
+        tables = [self.row, self.fraction, self.valid]
+        tables += [] if self.weight is None else [self.weight]
+        return [
+            LatitudeSplat(row, fraction, valid, self.lat, *weight)
+            for row, fraction, valid, *weight in zip(*(t.split(step) for t in tables), strict=True)
+        ]
+
+    @functools.cached_property
+    def rows(self) -> Tensor:
+        """``[..., lat]``: ``weight ((valid - fraction) [row] + fraction [row + 1])``."""
+        latitudes = torch.arange(self.lat, device=self.row.device)
+        row, fraction = self.row.unsqueeze(-1), self.fraction.unsqueeze(-1)
+        valid = self.valid.to(fraction.dtype).unsqueeze(-1)
+        lower = torch.where(latitudes == row, valid - fraction, 0.0)
+        rows = lower + torch.where(latitudes == (row + 1) % self.lat, fraction, 0.0)
+        return rows if self.weight is None else rows * self.weight.unsqueeze(-1)
+
+
 class SphereProjections:
     """Values projected onto lat/long grids, kept as splat factors: grid ``g`` receives
-    ``values[readers.index[g, j]]`` at the direction whose factors are ``longitude`` at ``[g,
-    j]`` and ``rows[g, j]`` (see :func:`splat_factors`); the index is padded with
+    ``values[readers.index[g, j]]`` at the direction whose factors are ``longitude`` and
+    ``latitude`` at ``[g, j]`` (see :func:`splat_factors`); the index is padded with
     ``len(values)``.
 
     The grids' packed spectra (``[n, C, long, lat]``) are only built chunk by chunk inside
     :meth:`spin_convolution`, so memory stays bounded for large systems.
     """
 
-    def __init__(self, readers: RowIndex, longitude: LongitudeSplat, rows: Tensor) -> None:
+    def __init__(
+        self, readers: RowIndex, longitude: LongitudeSplat, latitude: LatitudeSplat
+    ) -> None:
         self.readers = readers
         self.longitude = longitude
-        self.rows = rows
+        self.latitude = latitude
         # Splat weights by chunk size, kept across the message blocks (if they fit).
         self._weights: dict[int, list[Tensor]] = {}
 
     def weighted(self, weights: Tensor) -> SphereProjections:
         """The same grids with value ``j`` of grid ``g`` scaled by ``weights[g, j]``."""
-        return SphereProjections(self.readers, self.longitude, self.rows * weights.unsqueeze(-1))
+        return SphereProjections(self.readers, self.longitude, self.latitude.weighted(weights))
 
     @classmethod
     def from_directions(
@@ -1510,8 +1567,7 @@ class SphereProjections:
         """``projected`` ``[n, width, 3]`` directions of the values ``readers`` reads
         (``[n, width]``); ``table`` as for :func:`splat_factors`."""
         valid = readers.index < readers.n_rows
-        longitude, rows = splat_factors(projected, valid, lat, long, dtype, table)
-        return cls(readers, longitude, rows)
+        return cls(readers, *splat_factors(projected, valid, lat, long, dtype, table))
 
     def spin_convolution(self, block: SpinConvBlock, values: Tensor) -> Tensor:
         """``block`` applied to the projected grids of ``values`` ``[n_values, C]``: ``[n,
@@ -1528,12 +1584,16 @@ class SphereProjections:
         a slice a zero-filled tensor of the full size per chunk.
         """
         n, width = self.readers.index.shape
-        channels, long, lat = values.shape[1], self.longitude.long, self.rows.shape[-1]
+        channels, long, lat = values.shape[1], self.longitude.long, self.latitude.lat
         itemsize = values.element_size()
         per_grid = itemsize * ((width + 2 * channels) * long * lat + 2 * block.mid_channels * long)
         budget = CHUNK_BYTES_CUDA if values.is_cuda else CHUNK_BYTES
         step = max(1, budget // per_grid)
-        recording = torch.is_grad_enabled() and (values.requires_grad or self.rows.requires_grad)
+        recording = torch.is_grad_enabled() and (
+            values.requires_grad
+            or self.longitude.fraction.requires_grad
+            or self.latitude.requires_grad
+        )
         if block.triton_precision is not None and not recording and values.dtype == torch.float32:
             return self._fused_spin_convolution(block, values)
         cache = (values.is_cuda or recording) and (
@@ -1554,17 +1614,20 @@ class SphereProjections:
         ``CHUNK_BYTES_CUDA``."""
         from forcecalc.models.triton_kernels import paired_kernels, spin_pool, spin_spectra
 
-        longitude, lat = self.longitude, self.rows.shape[-1]
-        per_grid = values.element_size() * values.shape[1] * longitude.long * lat
+        longitude, latitude = self.longitude, self.latitude
+        per_grid = values.element_size() * values.shape[1] * longitude.long * latitude.lat
         step = max(1, CHUNK_BYTES_CUDA // per_grid)
         real, imag, inverse = block.kernel_spectra()
         pairs = paired_kernels(real, imag, longitude.long)
         precision = block.triton_precision
         outputs = []
-        tables = (self.readers.index, longitude.column, longitude.fraction, self.rows)
-        for index, column, fraction, rows in zip(*(t.split(step) for t in tables), strict=True):
-            splat = LongitudeSplat(column, fraction, longitude.table)
-            spectra = spin_spectra(values, index, splat, rows, block.groups, precision)
+        for index, longitudes, latitudes in zip(
+            self.readers.index.split(step),
+            longitude.split(step),
+            latitude.split(step),
+            strict=True,
+        ):
+            spectra = spin_spectra(values, index, longitudes, latitudes, block.groups, precision)
             pooled = spin_pool(spectra, pairs, inverse, block.conv1.bias, precision)
             outputs.append(block.GroupNorm(pooled))
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
@@ -1577,7 +1640,7 @@ class SphereProjections:
         chunks = (
             (phase.unsqueeze(-1) * rows.unsqueeze(-2)).flatten(-2)
             for phase, rows in zip(
-                self.longitude.phase.split(step), self.rows.split(step), strict=True
+                self.longitude.phase.split(step), self.latitude.rows.split(step), strict=True
             )
         )
         if not cache:

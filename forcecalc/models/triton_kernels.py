@@ -12,8 +12,9 @@ every frequency.  These kernels compute the same numbers without those tensors:
 * :func:`linear`: the mixtures' input and output layers and the message blocks' distance
   term, Swish folded in where it follows;
 * :func:`spin_spectra`: the packed longitude spectra of the projected grids straight from
-  the splat factors (:func:`~forcecalc.models.spinconv.splat_factors`) and the gathered
-  messages, written in the frequency-major layout the products read;
+  the splat factors (:func:`~forcecalc.models.spinconv.splat_factors`: each value's grid
+  column and row and how far between, its bilinear weights made in registers) and the
+  gathered messages, written in the frequency-major layout the products read;
 * :func:`spin_pool`: the kernels' products at every frequency (one real product per pair of
   packed entries, see :func:`paired_kernels`), then the inverse DFT (a 16 x 16 product per
   output), the bias, Swish and the mean over the longitude in one pass (``[n, mid]`` written
@@ -47,7 +48,7 @@ from torch import Tensor, nn
 from triton.runtime.interpreter import InterpretedFunction
 
 if TYPE_CHECKING:
-    from forcecalc.models.spinconv import LongitudeSplat
+    from forcecalc.models.spinconv import LatitudeSplat, LongitudeSplat
 
 #: ``tl.dot`` input precisions accepted by :func:`with_triton_kernels`.
 PRECISIONS = ("tf32x3", "tf32", "ieee")
@@ -191,7 +192,9 @@ def _spectra_kernel(
     column_ptr,
     fraction_ptr,
     table_ptr,
-    rows_ptr,
+    row_ptr,
+    rise_ptr,
+    weight_ptr,
     out_ptr,
     n_grids,
     n_values,
@@ -204,6 +207,7 @@ def _spectra_kernel(
     WIDTH: tl.constexpr,
     CHANNELS: tl.constexpr,
     LAT: tl.constexpr,
+    WEIGHTED: tl.constexpr,
     PRECISION: tl.constexpr,
 ) -> None:
     grids = tl.program_id(0).to(tl.int64) * GRIDS + tl.arange(0, GRIDS)
@@ -221,11 +225,16 @@ def _spectra_kernel(
         mask=read[:, None, :] & (channel < channels)[None, :, None],
         other=0.0,
     )
-    rows = tl.load(
-        rows_ptr + entry[:, :, None] * lat + latitude[None, None, :],
-        mask=slot_ok[:, :, None] & (latitude < lat)[None, None, :],
-        other=0.0,
-    )  # [GRIDS, WIDTH, LAT]
+    # the latitude factors: the bilinear weights [GRIDS, WIDTH, LAT] of the rows below and
+    # above (LatitudeSplat.rows, except where the grid reads padding: zero features there)
+    below = tl.load(row_ptr + entry, mask=slot_ok, other=0)
+    above = tl.where(below + 1 == lat, 0, below + 1)
+    rise = tl.load(rise_ptr + entry, mask=slot_ok, other=0.0)
+    lower = 1.0 - rise
+    rows = tl.where(latitude[None, None, :] == below[:, :, None], lower[:, :, None], 0.0)
+    rows += tl.where(latitude[None, None, :] == above[:, :, None], rise[:, :, None], 0.0)
+    if WEIGHTED:
+        rows = rows * tl.load(weight_ptr + entry, mask=slot_ok, other=0.0)[:, :, None]
     group = channel // per_group
     column = (channel % per_group) * lat
     n_groups = channels // per_group
@@ -435,40 +444,46 @@ def spin_spectra(
     values: Tensor,
     index: Tensor,
     longitude: LongitudeSplat,
-    rows: Tensor,
+    latitude: LatitudeSplat,
     groups: int,
     precision: str = "tf32x3",
 ) -> Tensor:
     """Packed longitude spectra of grids (see :func:`~forcecalc.models.spinconv.splat_factors`):
-    grid ``g`` receives ``values[index[g, j]]`` splatted with the factors ``longitude`` at
-    ``[g, j]`` (its ``phase`` is interpolated here, never stored) and ``rows[g, j]``.
+    grid ``g`` receives ``values[index[g, j]]`` splatted with the factors ``longitude`` and
+    ``latitude`` at ``[g, j]`` (their ``phase`` and ``rows`` are interpolated here, never
+    stored).
 
     Args:
         values: ``[n_values, C]`` float32 messages.
-        index: ``[n, width]`` int64 rows of ``values``, ``n_values`` for padding.
+        index: ``[n, width]`` int64 rows of ``values``, ``n_values`` for padding (the entries
+            that ``latitude`` has as not valid).
         longitude: columns ``[n, width]`` int64, fractions ``[n, width]`` float32 and the
             ``[long, long]`` float32 table.
-        rows: ``[n, width, lat]`` float32 (zero for padding).
+        latitude: rows ``[n, width]`` int64, fractions and weights (if any) ``[n, width]``
+            float32.
         groups: channel groups of the convolution (``C // groups`` channels each).
 
     Returns:
         ``[long, groups, n, (C // groups) * lat]``: entry ``k`` of the packed spectrum of
         channel ``c = group * (C // groups) + i`` at latitude ``y`` in column ``i * lat + y``.
     """
-    _check_float32(values, longitude.fraction, longitude.table, rows)
-    values, index, rows = values.contiguous(), index.contiguous(), rows.contiguous()
+    weight = latitude.fraction if latitude.weight is None else latitude.weight  # unread if None
+    _check_float32(values, longitude.fraction, longitude.table, latitude.fraction, weight)
+    values, index = values.contiguous(), index.contiguous()
     column, fraction = longitude.column.contiguous(), longitude.fraction.contiguous()
+    row, rise = latitude.row.contiguous(), latitude.fraction.contiguous()
     n, width = index.shape
-    channels, long, lat = values.shape[1], longitude.long, rows.shape[-1]
+    channels, long, lat = values.shape[1], longitude.long, latitude.lat
     per_group = channels // groups
     out = values.new_empty(long, groups, n, per_group * lat)
     if n == 0:
         return out
     grid = (triton.cdiv(n, SPECTRA_GRIDS),)
     _launcher(_spectra_kernel, values)[grid](
-        values, index, column, fraction, longitude.table.contiguous(), rows, out, n, len(values),
-        width, channels, per_group, long, lat,
-        SPECTRA_GRIDS, _dot_size(width), _dot_size(channels), _dot_size(lat), precision,
+        values, index, column, fraction, longitude.table.contiguous(), row, rise,
+        weight.contiguous(), out, n, len(values), width, channels, per_group, long, lat,
+        SPECTRA_GRIDS, _dot_size(width), _dot_size(channels), _dot_size(lat),
+        latitude.weight is not None, precision,
         num_warps=SPECTRA_WARPS, num_stages=SPECTRA_STAGES,
     )  # fmt: skip
     return out

@@ -126,24 +126,28 @@ def _grids(device: str, n: int, width: int, n_values: int, lat: int, long: int) 
     directions = torch.nn.functional.normalize(
         torch.randn(n, width, 3, dtype=torch.float64, device=device), dim=-1
     )
-    longitude, rows = splat_factors(directions, index < n_values, lat, long, torch.float32)
-    return index, longitude, rows
+    longitude, latitude = splat_factors(directions, index < n_values, lat, long, torch.float32)
+    return index, longitude, latitude
 
 
-@pytest.mark.parametrize("long", [7, 8])
+@pytest.mark.parametrize(("long", "weighted"), [(7, False), (8, False), (8, True)])
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
-def test_spin_convolution_equals_the_blocks_operators(device, long):
-    """Spectra straight from the splat factors, then the kernels' products, inverse DFT,
-    bias, Swish, mean and GroupNorm: equal to the PyTorch spin convolution (through the splat
-    weights and the packed spectra) for an odd and an even number of longitudes (72 outputs
-    in 2 groups: a pair's 72 product columns span two column blocks, the second partial)."""
+def test_spin_convolution_equals_the_blocks_operators(device, long, weighted):
+    """Spectra straight from the splat factors (the bilinear weights interpolated in the
+    kernel), then the kernels' products, inverse DFT, bias, Swish, mean and GroupNorm: equal
+    to the PyTorch spin convolution (through the splat weights and the packed spectra) for an
+    odd and an even number of longitudes, and with each value weighted (an envelope model's
+    grids); 72 outputs in 2 groups: a pair's 72 product columns span two column blocks, the
+    second partial."""
     torch.manual_seed(3)
     channels, mid, lat, width, n, n_values = 16, 72, 5, 11, 21, 30
     block = SpinConvBlock(channels, mid, lat, long).to(device).eval()
     with torch.no_grad():
         block.conv1.bias.normal_()
-    index, longitude, rows = _grids(device, n, width, n_values, lat, long)
-    projections = SphereProjections(RowIndex(index, n_values), longitude, rows)
+    index, longitude, latitude = _grids(device, n, width, n_values, lat, long)
+    projections = SphereProjections(RowIndex(index, n_values), longitude, latitude)
+    if weighted:
+        projections = projections.weighted(torch.rand(n, width, device=device))
     values = torch.randn(n_values, channels, device=device)
     with torch.no_grad():
         reference = projections.spin_convolution(block, values)
@@ -162,11 +166,11 @@ def test_spectra_layout_and_pool_of_known_spectra(device):
     torch.manual_seed(4)
     channels, mid, lat, long, width, n, n_values = 16, 8, 3, 6, 9, 10, 14
     groups = channels // 8
-    index, longitude, rows = _grids(device, n, width, n_values, lat, long)
+    index, longitude, latitude = _grids(device, n, width, n_values, lat, long)
     values = torch.randn(n_values, channels, device=device)
-    spectra = spin_spectra(values, index, longitude, rows, groups, "ieee")
+    spectra = spin_spectra(values, index, longitude, latitude, groups, "ieee")
     padded = torch.cat([values, values.new_zeros(1, channels)])[index]  # [n, width, C]
-    phase = longitude.phase
+    phase, rows = longitude.phase, latitude.rows
     weights = (phase.unsqueeze(-1) * rows.unsqueeze(-2)).flatten(-2)  # [n, width, long * lat]
     grid_spectra = (padded.transpose(1, 2) @ weights).view(n, channels, long, lat)
     expected = grid_spectra.view(n, groups, 8, long, lat).permute(3, 1, 0, 2, 4)
