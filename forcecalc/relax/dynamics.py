@@ -307,9 +307,10 @@ def md(
             draws.select(systems.ids)
         momenta = np.concatenate([structures[i].get_momenta() for i in systems.ids])
         dynamics.start(systems, torch.as_tensor(momenta, dtype=torch.float64, device=device_))
-        _integrate(
-            systems, dynamics, evaluate, structures, steps, trajectory_interval, results, progress
+        integration = _Integration(
+            systems, dynamics, evaluate, structures, trajectory_interval, results
         )
+        integration.run(steps, progress)
     return results
 
 
@@ -353,95 +354,126 @@ def _checked_options(
     return integrator
 
 
-def _integrate(
-    systems: SystemSet,
-    dynamics: VelocityVerlet | Langevin,
-    evaluate: Evaluator,
-    structures: Sequence,
-    steps: int,
-    trajectory_interval: int,
-    results: list,
-    progress: bool,
-) -> None:
-    """Run ``steps`` steps of ``dynamics`` on the batch ``systems``; each system's final
-    structure goes to ``results[input index]``.  A system whose graph cannot be built after a
-    step (positions not finite, overlapping atoms) or too large for the memory even alone
-    leaves the batch there, as it was at the step before, with a warning and
-    ``info["md_error"]``; the others go on.  ``progress``: a progress bar of the steps."""
-    from tqdm.auto import tqdm
+class _Integration:
+    """One batch of systems integrated together: the set and its dynamics, each system's
+    trajectory frames (in the set's order), and where the final structures go (``results``,
+    by input index).  :meth:`_stop`, which ends systems, keeps the frames aligned with the set
+    and the dynamics."""
 
-    frames: list[list] = [[] for _ in systems.ids]
+    def __init__(
+        self,
+        systems: SystemSet,
+        dynamics: VelocityVerlet | Langevin,
+        evaluate: Evaluator,
+        structures: Sequence,
+        trajectory_interval: int,
+        results: list,
+    ) -> None:
+        self.systems, self.dynamics, self.evaluate = systems, dynamics, evaluate
+        self.structures, self.interval, self.results = structures, trajectory_interval, results
+        self.frames: list[list] = [[] for _ in systems.ids]
 
-    def stop(stopped: dict[int, str], done: int, state: tuple[Tensor, ...]) -> Tensor:
+    def run(self, steps: int, progress: bool) -> None:
+        """Run ``steps`` steps; each system's final structure goes to ``results[input
+        index]``.  A system whose graph cannot be built after a step (positions not finite,
+        overlapping atoms), whose model output is not finite, or that is too large for the
+        memory even alone leaves the batch there, as it was at the step before, with a warning
+        and ``info["md_error"]``; the others go on.  ``progress``: a progress bar of the
+        steps."""
+        from tqdm.auto import tqdm
+
+        systems = self.systems
+        energy, raw = self.evaluate(systems)
+        state = (systems.positions, self.dynamics.momenta, energy, raw)
+        energy, raw = self._end_not_finite(0, state, (energy, raw))
+        self._record(0, energy, raw)
+        for step in tqdm(range(1, steps + 1), disable=not progress, desc="md", unit="step"):
+            if not systems.n_systems:
+                return
+            outputs = self._step(step, energy, raw)
+            if outputs is None:
+                return
+            energy, raw = outputs
+            self._record(step, energy, raw)
+        finals = _snapshots(
+            systems, self.structures, systems.positions, self.dynamics.momenta, energy, raw
+        )
+        for k, index in enumerate(systems.ids):
+            finals[k].info["md_steps"] = steps
+            if self.interval > 0:
+                finals[k].info["trajectory"] = self.frames[k]
+            self.results[index] = finals[k]
+
+    def _step(self, step: int, energy: Tensor, raw: Tensor) -> tuple[Tensor, Tensor] | None:
+        """Step ``step`` from the energies ``[S]`` and raw forces ``[N, 3]`` of the step
+        before: drift, evaluate (ending the systems whose graph cannot be built, or whose
+        outputs are not finite), kick; the energies and raw forces of those left (None: none
+        are)."""
+        systems, dynamics = self.systems, self.dynamics
+        last = (systems.positions, dynamics.momenta, energy, raw)
+        systems.positions = dynamics.drift(systems, systems.constrained_forces(raw))
+        try:
+            energy, raw = self.evaluate(systems)
+        except ValueError as error:
+            atom_system = systems.system_idx
+            keep = self._stop(_stopped_systems(systems, step, error), step - 1, last)
+            if not systems.n_systems:
+                return None
+            atom_keep = keep[atom_system]  # the others' state before the step
+            last = (last[0][atom_keep], last[1][atom_keep], last[2][keep], last[3][atom_keep])
+            energy, raw = self.evaluate(systems)
+        energy, raw = self._end_not_finite(step, last, (energy, raw))
+        if not systems.n_systems:
+            return None
+        dynamics.kick(systems, systems.constrained_forces(raw))
+        return energy, raw
+
+    def _record(self, step: int, energy: Tensor, raw: Tensor) -> None:
+        """A trajectory frame of every system, on the steps that keep one."""
+        if self.interval > 0 and step % self.interval == 0:
+            _record(self.systems, self.structures, self.dynamics.momenta, energy, raw, self.frames)
+
+    def _stop(self, stopped: dict[int, str], done: int, state: tuple[Tensor, ...]) -> Tensor:
         """End the systems ``stopped`` (``{system: why}``) as they were in ``state``
         (positions, momenta, energy, forces after ``done`` steps), with a warning each;
         returns the mask ``[S_old]`` of those kept."""
-        finals = _snapshots(systems, structures, *state)
+        systems = self.systems
+        finals = _snapshots(systems, self.structures, *state)
         for k, why in stopped.items():
             warn(
                 f"{systems.name(k)}: {why}; returned as it was at step {done}, with "
                 "info['md_error'] (the other structures go on)"
             )
             finals[k].info.update(md_steps=done, md_error=why)
-            if trajectory_interval > 0:
-                finals[k].info["trajectory"] = frames[k]
-            results[systems.ids[k]] = finals[k]
+            if self.interval > 0:
+                finals[k].info["trajectory"] = self.frames[k]
+            self.results[systems.ids[k]] = finals[k]
         keep = [k not in stopped for k in range(systems.n_systems)]
-        frames[:] = [f for f, kept in zip(frames, keep, strict=True) if kept]
+        self.frames = [f for f, kept in zip(self.frames, keep, strict=True) if kept]
         system_keep = torch.as_tensor(keep, device=systems.device)
-        dynamics.keep(system_keep, systems.keep(system_keep))
+        self.dynamics.keep(system_keep, systems.keep(system_keep))
         return system_keep
 
-    def failed(
-        step: int, state: tuple[Tensor, ...], outputs: tuple[Tensor, Tensor]
+    def _end_not_finite(
+        self, step: int, state: tuple[Tensor, ...], outputs: tuple[Tensor, Tensor]
     ) -> tuple[Tensor, Tensor]:
         """End the systems whose ``outputs`` (energy ``[S]``, forces ``[N, 3]``) of ``step``
         are not finite (a model that fails there, or a system too large for the memory even
         alone) as they were in ``state``; the others' outputs.  One host sync."""
+        systems = self.systems
         energy, forces = outputs
         bad = ~torch.isfinite(energy) | systems.non_finite(forces)
         if not bool(bad.any()):
             return outputs
         stopped = {}
         for k in torch.nonzero(bad).flatten().tolist():
-            index = systems.ids[k]
-            why = evaluate.failures.pop(index, "the model's energy or forces are not finite")
+            why = self.evaluate.failures.pop(
+                systems.ids[k], "the model's energy or forces are not finite"
+            )
             stopped[k] = f"MD stopped at step {step}: {why}"
         atom_system = systems.system_idx
-        keep = stop(stopped, max(step - 1, 0), state)
+        keep = self._stop(stopped, max(step - 1, 0), state)
         return energy[keep], forces[keep[atom_system]]
-
-    energy, raw = evaluate(systems)
-    energy, raw = failed(0, (systems.positions, dynamics.momenta, energy, raw), (energy, raw))
-    if trajectory_interval > 0:
-        _record(systems, structures, dynamics.momenta, energy, raw, frames)
-    for step in tqdm(range(1, steps + 1), disable=not progress, desc="md", unit="step"):
-        if not systems.n_systems:
-            return
-        last = (systems.positions, dynamics.momenta, energy, raw)
-        systems.positions = dynamics.drift(systems, systems.constrained_forces(raw))
-        try:
-            energy, raw = evaluate(systems)
-        except ValueError as error:
-            atom_system = systems.system_idx
-            keep = stop(_stopped_systems(systems, step, error), step - 1, last)
-            if not systems.n_systems:
-                return
-            atom_keep = keep[atom_system]  # the others' state before the step, for failed
-            last = (last[0][atom_keep], last[1][atom_keep], last[2][keep], last[3][atom_keep])
-            energy, raw = evaluate(systems)
-        energy, raw = failed(step, last, (energy, raw))
-        if not systems.n_systems:
-            return
-        dynamics.kick(systems, systems.constrained_forces(raw))
-        if trajectory_interval > 0 and step % trajectory_interval == 0:
-            _record(systems, structures, dynamics.momenta, energy, raw, frames)
-    finals = _snapshots(systems, structures, systems.positions, dynamics.momenta, energy, raw)
-    for k, index in enumerate(systems.ids):
-        finals[k].info["md_steps"] = steps
-        if trajectory_interval > 0:
-            finals[k].info["trajectory"] = frames[k]
-        results[index] = finals[k]
 
 
 def _stopped_systems(systems: SystemSet, step: int, error: ValueError) -> dict[int, str]:
