@@ -16,6 +16,7 @@ from forcecalc.compiled import compiled_blocks
 from forcecalc.models.forcenet import InteractionBlock
 
 FORCENET = OCP_DATA / "forcenet_small.pt"
+SPINCONV = OCP_DATA / "spinconv_small_fc.pt"
 
 
 def _slab():
@@ -68,3 +69,21 @@ def test_compiled_blocks_leaves_the_model_passed_in_unchanged() -> None:
     assert all("forward" in vars(block) for block in copied)
     with pytest.raises(ValueError, match="holds no SpinConv or ForceNet blocks"):
         compiled_blocks(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("envelope", [False, True])
+def test_the_force_centric_fixed_shape_forward_compiles_as_one_graph(envelope: bool) -> None:
+    """What ``compile_mode`` compiles for the CUDA-graph replay, SpinConv's fixed-shape
+    forward (force-centric, with and without the envelope), is one graph: no graph break
+    (each would split the compiled replay into pieces run eagerly in between)."""
+    import torch._dynamo
+
+    from forcecalc.graph.batch import Batch
+
+    potential = load_checkpoint(SPINCONV, device="cpu", dtype="float32", envelope=envelope)
+    model = potential.model
+    batch = Batch.from_atoms([_slab()], cutoff=model.cutoff, dtype=torch.float32)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(model.fixed_shape_forward)(model.fixed_shape_inputs(batch))
+    torch._dynamo.reset()
+    assert explained.graph_break_count == 0, [str(r.reason) for r in explained.break_reasons]

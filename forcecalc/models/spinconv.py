@@ -119,7 +119,6 @@ slower than one (spinning OpenMP threads); set ``torch.set_num_threads`` accordi
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable, Iterable
 from typing import TypeVar
@@ -232,11 +231,17 @@ class EmbeddingBlock(nn.Module):
         return linear(mixed, self.fc3.weight, self.fc3.bias, precision=precision)
 
     def _expert_weights(self, source_element: Tensor, target_element: Tensor) -> Tensor:
-        """``[n, NUM_EXPERTS]``: the softmax of the element pair's embeddings.  Where the rows
+        """``[n, NUM_EXPERTS]``: the softmax of the element pair's embeddings (elements ``[n]``
+        below the embeddings' size, which the models check first).  Where the rows
         outnumber the element pairs (batches), they are computed once per pair and looked up:
         the same numbers (up to the rounding of the product) without two embedding lookups, a
         concatenation and a product per row (the lookups alone took 1.4 ms of an 89 ms forward
         of 64 x 66 atoms with the fused kernels on an H100)."""
+        if source_element.shape != target_element.shape:
+            raise ValueError(
+                f"source and target elements differ in shape: {tuple(source_element.shape)} "
+                f"and {tuple(target_element.shape)}"
+            )
         n_elements = self.source_embedding.num_embeddings
         if len(source_element) <= n_elements * n_elements:
             return self._pair_weights(source_element, target_element)
@@ -1448,7 +1453,7 @@ class LongitudeSplat:
     ``column`` and ``column + 1`` (modulo ``long``), ``fraction`` of the way.  Their longitude
     spectra, :attr:`phase`, interpolate the packed DFTs of the two columns (rows of
     ``table``); the fused Triton kernels read the three factors instead, so ``phase`` is only
-    built where it is used.
+    built where it is used (once, in the grad mode of that first use).
 
     Args:
         column: ``[...]`` int64 in ``[0, long)``.
@@ -1460,6 +1465,9 @@ class LongitudeSplat:
         self.column = column
         self.fraction = fraction
         self.table = table
+        # built on first use (a plain attribute: torch.compile traces it, where it breaks
+        # the graph at functools.cached_property's lock on Python <= 3.11)
+        self._phase: Tensor | None = None
 
     @property
     def long(self) -> int:
@@ -1470,11 +1478,14 @@ class LongitudeSplat:
         chunks = zip(self.column.split(step), self.fraction.split(step), strict=True)
         return [LongitudeSplat(column, fraction, self.table) for column, fraction in chunks]
 
-    @functools.cached_property
+    @property
     def phase(self) -> Tensor:
         """``[..., long]``: ``(1 - fraction) table[column] + fraction table[column + 1]``."""
-        after = (self.column + 1) % self.long
-        return torch.lerp(self.table[self.column], self.table[after], self.fraction.unsqueeze(-1))
+        if self._phase is None:
+            after = (self.column + 1) % self.long
+            fraction = self.fraction.unsqueeze(-1)
+            self._phase = torch.lerp(self.table[self.column], self.table[after], fraction)
+        return self._phase
 
 
 class LatitudeSplat:
@@ -1482,7 +1493,8 @@ class LatitudeSplat:
     and ``row + 1`` (modulo ``lat``), ``fraction`` of the way, scaled by ``weight`` (if
     given); nowhere where not ``valid`` (padding).  Their :attr:`rows` are the bilinear
     weights ``(1 - fraction) [row] + fraction [row + 1]``; the fused Triton kernels read the
-    factors instead, so ``rows`` are only built where they are used.
+    factors instead, so ``rows`` are only built where they are used (once, in the grad mode of
+    that first use).
 
     Args:
         row: ``[...]`` int64 in ``[0, lat)``.
@@ -1500,9 +1512,12 @@ class LatitudeSplat:
         self.valid = valid
         self.lat = lat
         self.weight = weight
+        self._rows: Tensor | None = None  # built on first use (see LongitudeSplat)
 
     def weighted(self, weights: Tensor) -> LatitudeSplat:
-        """The same latitudes with each value scaled by ``weights`` ``[...]`` (too)."""
+        """The same latitudes with each value scaled by ``weights`` (``[...]``, or broadcast
+        to it), too."""
+        weights = torch.broadcast_to(weights, self.row.shape)
         weight = weights if self.weight is None else self.weight * weights
         return LatitudeSplat(self.row, self.fraction, self.valid, self.lat, weight)
 
@@ -1520,15 +1535,17 @@ class LatitudeSplat:
             for row, fraction, valid, *weight in zip(*(t.split(step) for t in tables), strict=True)
         ]
 
-    @functools.cached_property
+    @property
     def rows(self) -> Tensor:
         """``[..., lat]``: ``weight ((valid - fraction) [row] + fraction [row + 1])``."""
-        latitudes = torch.arange(self.lat, device=self.row.device)
-        row, fraction = self.row.unsqueeze(-1), self.fraction.unsqueeze(-1)
-        valid = self.valid.to(fraction.dtype).unsqueeze(-1)
-        lower = torch.where(latitudes == row, valid - fraction, 0.0)
-        rows = lower + torch.where(latitudes == (row + 1) % self.lat, fraction, 0.0)
-        return rows if self.weight is None else rows * self.weight.unsqueeze(-1)
+        if self._rows is None:
+            latitudes = torch.arange(self.lat, device=self.row.device)
+            row, fraction = self.row.unsqueeze(-1), self.fraction.unsqueeze(-1)
+            valid = self.valid.to(fraction.dtype).unsqueeze(-1)
+            lower = torch.where(latitudes == row, valid - fraction, 0.0)
+            rows = lower + torch.where(latitudes == (row + 1) % self.lat, fraction, 0.0)
+            self._rows = rows if self.weight is None else rows * self.weight.unsqueeze(-1)
+        return self._rows
 
 
 class SphereProjections:
