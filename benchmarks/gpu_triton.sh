@@ -4,18 +4,19 @@
 #
 #   bash benchmarks/gpu_triton.sh [DIR]       (BASE=FOLDER: also time another version)
 #
-# 1. SpinConv-All batched (64, 256 and 512 x 66 atoms) with the fused kernels, tf32x3 products
-#    (speed.py, with their largest force difference to the PyTorch path);
-# 2. with BASE=FOLDER (a folder holding another version's forcecalc package, e.g. made by
-#    `benchmarks/device_wheels.sh COMMIT` in .device/base): the same with that package, for a
+# 1. SpinConv-All batched (64, 256 and 512 x 66 atoms) with the fused kernels, tf32x3 products,
+#    then the "mixed" precision (speed.py, with their largest force difference to the PyTorch
+#    path);
+# 2. their errors against the original's fixture outputs (tf32_error.py --triton: tf32x3,
+#    mixed, tf32; SpinConv-All where .device/ocp was carried, see device_wheels.sh);
+# 3. with BASE=FOLDER (a folder holding another version's forcecalc package, e.g. made by
+#    `benchmarks/device_wheels.sh COMMIT` in .device/base): 1 with that package, for a
 #    before/after on the same machine;
-# 3. their CUDA tests (tests/models/test_triton_kernels.py: each kernel and a whole forward
+# 4. their CUDA tests (tests/models/test_triton_kernels.py: each kernel and a whole forward
 #    against the PyTorch path);
-# 4. where the forward's device time goes, kernel by kernel, for tile choices around the
+# 5. where the forward's device time goes, kernel by kernel, for tile choices around the
 #    defaults (triton_tiles.py);
-# 5. the PyTorch path batched (the baseline of 1);
-# 6. their errors against the original's fixture outputs (tf32_error.py --triton; SpinConv-All
-#    where .device/ocp was carried, see device_wheels.sh);
+# 6. the PyTorch path batched (the baseline of 1);
 # 7. batch 1 with them: a forward and the ASE step (plain, cuda_graph, skin, compiled);
 # 8. the fused kernels with tf32 products, and with tf32x3 and PyTorch's other products in
 #    TF32; each kernel against PyTorch's operators at SpinConv-All's sizes (fused_kernels.py).
@@ -25,6 +26,9 @@ step_timeout=240
 batched=(python3 benchmarks/speed.py --devices cuda --models spinconv_all --sizes --repeats 10
   --skip-ase-step)
 run "${batched[@]}" --batch 64 256 512 --triton tf32x3 --out "$dir/speed_triton_tf32x3.json"
+run "${batched[@]}" --batch 64 256 512 --triton mixed --out "$dir/speed_triton_mixed.json"
+run python3 benchmarks/tf32_error.py --device cuda --triton \
+  --models spinconv_small_fc spinconv_all --out "$dir/tf32_error_triton.json"
 if [ -n "${BASE:-}" ]; then
   run env PYTHONPATH="$BASE:${PYTHONPATH:-}" "${batched[@]}" --batch 64 256 512 --triton tf32x3 \
     --out "$dir/speed_triton_tf32x3_base.json"
@@ -32,8 +36,6 @@ fi
 run python3 -m pytest -q tests/models/test_triton_kernels.py -p no:cacheprovider
 run python3 benchmarks/triton_tiles.py --batch 64 --out "$dir/triton_tiles.json"
 run "${batched[@]}" --batch 64 256 --out "$dir/speed_spinconv_pytorch.json"
-run python3 benchmarks/tf32_error.py --device cuda --triton \
-  --models spinconv_small_fc spinconv_small_ec spinconv_all --out "$dir/tf32_error_triton.json"
 run python3 benchmarks/speed.py --devices cuda --models spinconv_all --sizes 66 --batch \
   --repeats 20 --triton tf32x3 --out "$dir/speed_triton_batch1.json"
 run "${batched[@]}" --batch 64 256 --triton tf32 --out "$dir/speed_triton_tf32.json"

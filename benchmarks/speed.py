@@ -480,10 +480,10 @@ def main() -> None:
         nargs="?",
         const="tf32x3",
         default=None,
-        choices=["tf32x3", "tf32", "ieee"],
+        choices=["tf32x3", "mixed", "tf32", "ieee"],
         help="time SpinConv with the fused Triton kernels (forcecalc.models.triton_kernels; "
-        "tl.dot precision PRECISION, default tf32x3), with the largest force difference to "
-        "the PyTorch path",
+        "with_triton_kernels precision PRECISION, default tf32x3), with the largest force "
+        "difference to the PyTorch path",
     )
     parser.add_argument("--skip-ase-step", action="store_true", help="no ASE-step rows")
     parser.add_argument(

@@ -14,8 +14,8 @@ With ``--shipped``, also the shipped weights' force MAE on OC20-EMT check frames
 with and without TF32.
 
 With ``--triton``, also SpinConv with the fused Triton kernels
-(``forcecalc/models/triton_kernels.py``) at ``tf32x3`` and ``tf32`` products, and at
-``tf32x3`` with PyTorch's remaining products in TF32.
+(``forcecalc/models/triton_kernels.py``) at ``tf32x3``, ``mixed`` and ``tf32`` products, and
+at ``tf32x3`` with PyTorch's remaining products in TF32.
 
     python benchmarks/tf32_error.py --device cuda --shipped --out DIR/tf32_error_cuda.json
     python benchmarks/tf32_error.py --device cuda --triton --out DIR/tf32_error_triton.json
@@ -173,9 +173,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.triton and model["kind"] == "spinconv":
             from forcecalc.models.triton_kernels import with_triton_kernels
 
-            tf32x3, tf32 = (with_triton_kernels(potential, p) for p in ("tf32x3", "tf32"))
+            tf32x3, mixed, tf32 = (
+                with_triton_kernels(potential, p) for p in ("tf32x3", "mixed", "tf32")
+            )
             runs += [
                 ("triton-tf32x3", tf32x3, False),
+                ("triton-mixed", mixed, False),
                 ("triton-tf32", tf32, False),
                 ("triton-tf32x3+tf32", tf32x3, True),  # PyTorch's products in TF32 too
             ]

@@ -196,7 +196,7 @@ class EmbeddingBlock(nn.Module):
         nn.init.uniform_(self.source_embedding.weight, -1e-4, 1e-4)
         nn.init.uniform_(self.target_embedding.weight, -1e-4, 1e-4)
         self.embed_fc1 = nn.Linear(2 * embedding_size, NUM_EXPERTS)
-        #: ``tl.dot`` precision of the fused Triton kernel, None for PyTorch's operators (see
+        #: Precision of the fused Triton kernels, None for PyTorch's operators (see
         #: :func:`~forcecalc.models.triton_kernels.with_triton_kernels`).
         self.triton_precision: str | None = None
 
@@ -223,12 +223,19 @@ class EmbeddingBlock(nn.Module):
         return self.fc3(mixed)
 
     def _fused_mixture(self, x: Tensor, mixture: Tensor) -> Tensor:
-        from forcecalc.models.triton_kernels import linear, mixture_of_experts
+        from forcecalc.models.triton_kernels import (
+            linear,
+            mixture_of_experts,
+            product_precisions,
+            tf32_rounded,
+        )
 
-        precision = self.triton_precision
-        h = linear(x, self.fc1.weight, self.fc1.bias, swish=True, precision=precision)
-        mixed = mixture_of_experts(h, self.fc2.weight, self.fc2.bias, mixture, precision)
-        return linear(mixed, self.fc3.weight, self.fc3.bias, precision=precision)
+        rounded = self.triton_precision == "mixed"
+        layers, bulk = product_precisions(self.triton_precision)
+        h = linear(x, self.fc1.weight, self.fc1.bias, True, layers, rounded=rounded)
+        experts = tf32_rounded(self.fc2.weight) if rounded else self.fc2.weight
+        mixed = mixture_of_experts(h, experts, self.fc2.bias, mixture, bulk)
+        return linear(mixed, self.fc3.weight, self.fc3.bias, precision=layers)
 
     def _expert_weights(self, source_element: Tensor, target_element: Tensor) -> Tensor:
         """``[n, NUM_EXPERTS]``: the softmax of the element pair's embeddings (elements ``[n]``
@@ -386,7 +393,7 @@ class SpinConvBlock(nn.Module):
             padding_mode="circular",
         )
         self.GroupNorm = nn.GroupNorm(self.groups, mid_channels)
-        #: ``tl.dot`` precision of the fused Triton kernels, None for PyTorch's operators (see
+        #: Precision of the fused Triton kernels, None for PyTorch's operators (see
         #: :func:`~forcecalc.models.triton_kernels.with_triton_kernels`).
         self.triton_precision: str | None = None
         # The DFT matrices by (dtype, device): constants, built once (about 25 small operations
@@ -505,7 +512,7 @@ class MessageBlock(nn.Module):
         )
         self.distfc1 = nn.Linear(mid_channels, mid_channels)
         self.distfc2 = nn.Linear(mid_channels, mid_channels)
-        #: ``tl.dot`` precision of the fused Triton kernels for the distance term, None for
+        #: Precision of the fused Triton kernels for the distance term, None for
         #: PyTorch's operators (see :func:`~forcecalc.models.triton_kernels.with_triton_kernels`).
         self.triton_precision: str | None = None
 
@@ -531,11 +538,11 @@ class MessageBlock(nn.Module):
         recording = torch.is_grad_enabled() and x_dist.requires_grad
         if self.triton_precision is None or recording or x_dist.dtype != torch.float32:
             return self.distfc2(self.act(self.distfc1(x_dist)))
-        from forcecalc.models.triton_kernels import linear
+        from forcecalc.models.triton_kernels import linear, product_precisions
 
-        precision = self.triton_precision
-        hidden = linear(x_dist, self.distfc1.weight, self.distfc1.bias, True, precision)
-        return linear(hidden, self.distfc2.weight, self.distfc2.bias, precision=precision)
+        layers, _ = product_precisions(self.triton_precision)
+        hidden = linear(x_dist, self.distfc1.weight, self.distfc1.bias, True, layers)
+        return linear(hidden, self.distfc2.weight, self.distfc2.bias, precision=layers)
 
 
 class ForceOutputBlock(nn.Module):
@@ -1629,14 +1636,22 @@ class SphereProjections:
         """:meth:`spin_convolution` by the fused Triton kernels (float32, no autograd), in
         chunks of grids whose spectra ``[long, groups, chunk, (C / groups) lat]`` fit in
         ``CHUNK_BYTES_CUDA``."""
-        from forcecalc.models.triton_kernels import paired_kernels, spin_pool, spin_spectra
+        from forcecalc.models.triton_kernels import (
+            paired_kernels,
+            product_precisions,
+            spin_pool,
+            spin_spectra,
+            tf32_rounded,
+        )
 
         longitude, latitude = self.longitude, self.latitude
         per_grid = values.element_size() * values.shape[1] * longitude.long * latitude.lat
         step = max(1, CHUNK_BYTES_CUDA // per_grid)
         real, imag, inverse = block.kernel_spectra()
         pairs = paired_kernels(real, imag, longitude.long)
-        precision = block.triton_precision
+        rounded = block.triton_precision == "mixed"
+        spectra_precision, products_precision = product_precisions(block.triton_precision)
+        pairs = tf32_rounded(pairs) if rounded else pairs
         outputs = []
         for index, longitudes, latitudes in zip(
             self.readers.index.split(step),
@@ -1644,8 +1659,10 @@ class SphereProjections:
             latitude.split(step),
             strict=True,
         ):
-            spectra = spin_spectra(values, index, longitudes, latitudes, block.groups, precision)
-            pooled = spin_pool(spectra, pairs, inverse, block.conv1.bias, precision)
+            spectra = spin_spectra(
+                values, index, longitudes, latitudes, block.groups, spectra_precision, rounded
+            )
+            pooled = spin_pool(spectra, pairs, inverse, block.conv1.bias, products_precision)
             outputs.append(block.GroupNorm(pooled))
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 

@@ -26,7 +26,10 @@ every frequency.  These kernels compute the same numbers without those tensors:
 
 Matrix products use ``tl.dot`` with ``input_precision="tf32x3"`` by default (three TF32
 tensor-core products per product: float32's accuracy); ``"tf32"`` is one (about 1e-3
-relative error per product) and ``"ieee"`` full float32 on CUDA cores.  On a CPU tensor the
+relative error per product: Triton drops the inputs' low 13 bits) and ``"ieee"`` full float32
+on CUDA cores; :func:`with_triton_kernels` also has ``"mixed"``, one TF32 product on inputs
+rounded to the nearest TF32 number (the kernels' ``rounded`` option, :func:`tf32_rounded`)
+where it matters least.  On a CPU tensor the
 kernels run in Triton's interpreter (numpy, full float32 whatever the precision) where Triton
 was imported with ``TRITON_INTERPRET=1``: for tests, far slower than the PyTorch path.
 :func:`with_triton_kernels` returns a copy of a model that uses them.
@@ -50,8 +53,9 @@ from triton.runtime.interpreter import InterpretedFunction
 if TYPE_CHECKING:
     from forcecalc.models.spinconv import LatitudeSplat, LongitudeSplat
 
-#: ``tl.dot`` input precisions accepted by :func:`with_triton_kernels`.
-PRECISIONS = ("tf32x3", "tf32", "ieee")
+#: Precisions accepted by :func:`with_triton_kernels`: a ``tl.dot`` precision for every
+#: product, or ``"mixed"`` (see there).
+PRECISIONS = ("tf32x3", "mixed", "tf32", "ieee")
 # Tiles, warps and software-pipelining stages: the fastest of the choices timed in SpinConv-All's
 # batched forward on an H100 (benchmarks/triton_tiles.py, session 20).
 #: Tile sizes (rows, columns, reduction) of :func:`mixture_of_experts`.
@@ -129,6 +133,15 @@ def _store_tile(out_ptr, values, rows, cols, row_ok, col_ok, n_cols) -> None:
 
 
 @triton.jit
+def _tf32_rounded(x) -> tl.tensor:
+    """``x`` (float32) rounded to the nearest TF32 number (10 mantissa bits, ties away from
+    zero, as ``cvt.rna.tf32.f32``): a ``tl.dot`` in ``tf32``, which drops the low 13 bits
+    of its inputs, then multiplies exactly what it is given."""
+    bits = (x.to(tl.int32, bitcast=True) + 0x1000) & -8192
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _mixture_kernel(
     h_ptr,
     weight_ptr,
@@ -172,6 +185,7 @@ def _linear_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     SWISH: tl.constexpr,
+    ROUND: tl.constexpr,
     PRECISION: tl.constexpr,
 ) -> None:
     rows, cols, row_ok, col_ok = _output_tile(n_rows, n_out, BLOCK_M, BLOCK_N)
@@ -182,6 +196,8 @@ def _linear_kernel(
     acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0)[None, :]
     if SWISH:
         acc = acc * tl.sigmoid(acc)
+    if ROUND:
+        acc = _tf32_rounded(acc)
     _store_tile(out_ptr, acc, rows, cols, row_ok, col_ok, n_out)
 
 
@@ -208,6 +224,7 @@ def _spectra_kernel(
     CHANNELS: tl.constexpr,
     LAT: tl.constexpr,
     WEIGHTED: tl.constexpr,
+    ROUND: tl.constexpr,
     PRECISION: tl.constexpr,
 ) -> None:
     grids = tl.program_id(0).to(tl.int64) * GRIDS + tl.arange(0, GRIDS)
@@ -252,6 +269,8 @@ def _spectra_kernel(
             fraction < 0.5, start + fraction * (end - start), end - (end - start) * (1.0 - fraction)
         )
         spectrum = tl.dot(features * phase[:, None, :], rows, input_precision=PRECISION)
+        if ROUND:
+            spectrum = _tf32_rounded(spectrum)
         # out [long, groups, n_grids, per_group * lat]
         plane = (k * n_groups + group).to(tl.int64)[None, :, None] * n_grids + grids[:, None, None]
         offset = plane * (per_group * lat) + column[None, :, None] + latitude[None, None, :]
@@ -382,10 +401,16 @@ def _check_float32(*tensors: Tensor) -> None:
 
 
 def linear(
-    x: Tensor, weight: Tensor, bias: Tensor, swish: bool = False, precision: str = "tf32x3"
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    swish: bool = False,
+    precision: str = "tf32x3",
+    rounded: bool = False,
 ) -> Tensor:
     """``x @ weight.T + bias``, with Swish applied if ``swish`` (``nn.Linear`` and its
-    activation in one pass, its product at ``precision``).
+    activation in one pass, its product at ``precision``), rounded to TF32 numbers if
+    ``rounded`` (:func:`tf32_rounded`: the input of a ``tf32`` product).
 
     Args:
         x: ``[n, n_in]`` float32.
@@ -404,7 +429,7 @@ def linear(
     grid = (triton.cdiv(n, block_m), triton.cdiv(n_out, block_n))
     _launcher(_linear_kernel, x)[grid](
         x, weight, bias.contiguous(), out, n, n_in, n_out, block_m, block_n, block_k, swish,
-        precision, num_warps=LINEAR_WARPS, num_stages=LINEAR_STAGES,
+        rounded, precision, num_warps=LINEAR_WARPS, num_stages=LINEAR_STAGES,
     )  # fmt: skip
     return out
 
@@ -447,11 +472,12 @@ def spin_spectra(
     latitude: LatitudeSplat,
     groups: int,
     precision: str = "tf32x3",
+    rounded: bool = False,
 ) -> Tensor:
     """Packed longitude spectra of grids (see :func:`~forcecalc.models.spinconv.splat_factors`):
     grid ``g`` receives ``values[index[g, j]]`` splatted with the factors ``longitude`` and
     ``latitude`` at ``[g, j]`` (their ``phase`` and ``rows`` are interpolated here, never
-    stored).
+    stored); rounded to TF32 numbers if ``rounded`` (the input of ``tf32`` products).
 
     Args:
         values: ``[n_values, C]`` float32 messages.
@@ -483,7 +509,7 @@ def spin_spectra(
         values, index, column, fraction, longitude.table.contiguous(), row, rise,
         weight.contiguous(), out, n, len(values), width, channels, per_group, long, lat,
         SPECTRA_GRIDS, _dot_size(width), _dot_size(channels), _dot_size(lat),
-        latitude.weight is not None, precision,
+        latitude.weight is not None, rounded, precision,
         num_warps=SPECTRA_WARPS, num_stages=SPECTRA_STAGES,
     )  # fmt: skip
     return out
@@ -530,6 +556,14 @@ def spin_pool(
     return out
 
 
+def tf32_rounded(x: Tensor) -> Tensor:
+    """``x`` (float32) rounded to the nearest TF32 number (10 mantissa bits, ties away from
+    zero): a weight that a ``tf32`` product reads (which would drop the low bits instead)."""
+    _check_float32(x)
+    bits = (x.contiguous().view(torch.int32) + 0x1000) & -8192
+    return bits.view(torch.float32)
+
+
 def paired_kernels(real: Tensor, imag: Tensor, long: int) -> Tensor:
     """The kernels' products as one real matrix per pair of packed entries and group, ``[1 +
     n_middle, groups, 2 K, 2 M]``, from ``conj(DFT(kernel)) = real + i imag`` ``[long // 2 + 1,
@@ -558,8 +592,16 @@ def with_triton_kernels(module: nn.Module, precision: str = "tf32x3") -> nn.Modu
     holding one; weights copied) whose mixtures of experts and spin convolutions use the fused
     kernels wherever they can: float32 inputs, no autograd recording (a force-centric
     model's forward; an energy-centric model's forces need the backward pass and keep the
-    PyTorch path).  ``precision``: one of :data:`PRECISIONS`."""
-    from forcecalc.models.spinconv import EmbeddingBlock, MessageBlock, SpinConvBlock
+    PyTorch path).
+
+    ``precision``: ``"tf32x3"`` (float32's accuracy, three TF32 tensor-core products per
+    product), ``"tf32"`` or ``"ieee"`` for every product, or ``"mixed"``: one TF32 product in
+    the bulk of the work, the mixtures of experts of the message and force blocks and the
+    spin convolutions' frequency products, their inputs rounded to the nearest TF32 number
+    (Triton's ``tf32`` drops the low bits instead: a bias that adds up in the energy), and
+    ``tf32x3`` in the linear layers, the spectra and the energy block, where one TF32 product
+    moves the energy most (README, "Where the GPU targets stand")."""
+    from forcecalc.models.spinconv import EmbeddingBlock, MessageBlock, SpinConv, SpinConvBlock
 
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
@@ -570,4 +612,16 @@ def with_triton_kernels(module: nn.Module, precision: str = "tf32x3") -> nn.Modu
         raise ValueError(f"{type(module).__name__} holds no SpinConv blocks")
     for block in blocks:
         block.triton_precision = precision
+    if precision == "mixed":
+        for model in module.modules():
+            if isinstance(model, SpinConv):
+                model.energyembeddingblock.triton_precision = "tf32x3"
     return module
+
+
+def product_precisions(precision: str) -> tuple[str, str]:
+    """The ``tl.dot`` precisions of a block's linear layers and spectra, and of its bulk
+    products (mixtures of experts, frequency products), under a :func:`with_triton_kernels`
+    ``precision`` (``"mixed"``: ``tf32x3`` and ``tf32``, the latter on inputs rounded by
+    :func:`tf32_rounded` or the kernels' ``rounded`` option)."""
+    return ("tf32x3", "tf32") if precision == "mixed" else (precision, precision)

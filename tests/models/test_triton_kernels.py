@@ -35,6 +35,7 @@ from forcecalc.models.triton_kernels import (
     paired_kernels,
     spin_pool,
     spin_spectra,
+    tf32_rounded,
     with_triton_kernels,
 )
 
@@ -215,6 +216,67 @@ def test_force_centric_forward_equals_the_pytorch_path(device, envelope, monkeyp
         reference, out = model(batch), fused(batch)
     assert _relative(out["energy"], reference["energy"]) < 1e-5
     assert _relative(out["forces"], reference["forces"]) < 1e-5
+
+
+def test_tf32_rounding_is_to_the_nearest_tf32_number():
+    """``tf32_rounded`` keeps 10 mantissa bits, the nearest such number (within half a unit
+    of the last kept bit, 2^-11 relative), ties away from zero (as the GPU's ``cvt.rna``);
+    zeros, infinities and exact TF32 numbers unchanged."""
+    x = torch.randn(10_000) * torch.logspace(-20, 20, 10_000)
+    rounded = tf32_rounded(x)
+    assert not (rounded.view(torch.int32) & 0x1FFF).any()
+    assert ((rounded - x).abs() <= x.abs() * 2.0**-11).all()
+    ties = torch.tensor([1.0 + 2.0**-11, -(1.0 + 2.0**-11), 1.0 + 3 * 2.0**-11])
+    expected = torch.tensor([1.0 + 2.0**-10, -(1.0 + 2.0**-10), 1.0 + 2 * 2.0**-10])
+    torch.testing.assert_close(tf32_rounded(ties), expected, rtol=0, atol=0)
+    exact = torch.tensor([0.0, -0.0, 1.5, float("inf"), -float("inf")])
+    torch.testing.assert_close(tf32_rounded(exact), exact, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+def test_rounded_kernel_outputs_are_tf32_numbers(device):
+    """A linear layer's and the spectra's ``rounded`` outputs (the inputs of the ``mixed``
+    precision's TF32 products) are their plain outputs rounded by ``tf32_rounded``."""
+    torch.manual_seed(6)
+    x, weight, bias = (torch.randn(*s, device=device) for s in ((37, 24), (20, 24), (20,)))
+    plain = linear(x, weight, bias, True, "ieee")
+    torch.testing.assert_close(
+        linear(x, weight, bias, True, "ieee", rounded=True), tf32_rounded(plain), rtol=0, atol=0
+    )
+    index, longitude, latitude = _grids(device, 9, 7, 12, 5, 6)
+    values = torch.randn(12, 16, device=device)
+    spectra = spin_spectra(values, index, longitude, latitude, 2, "ieee")
+    torch.testing.assert_close(
+        spin_spectra(values, index, longitude, latitude, 2, "ieee", rounded=True),
+        tf32_rounded(spectra),
+        rtol=0,
+        atol=0,
+    )
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+def test_mixed_precision_rounds_the_bulk_products_and_keeps_the_energy_block(device, monkeypatch):
+    """``with_triton_kernels(model, "mixed")``: every block but the energy block computes its
+    bulk products on TF32-rounded inputs (here in the interpreter, where the products are
+    otherwise exact, the only difference to float32: forces move by about 1e-4 relative),
+    the energy block keeps ``tf32x3``."""
+    if device == "cpu":
+        for name, value in INTERPRETER_TILES.items():
+            monkeypatch.setattr(triton_kernels, name, value)
+    raw = load_ocp_raw("spinconv_small_fc")
+    model = SpinConv(**raw["config"]["model_attributes"])
+    model.load_state_dict({k.removeprefix("module."): v for k, v in raw["state_dict"].items()})
+    model = model.to(device).eval()
+    mixed = with_triton_kernels(model, "mixed")
+    assert mixed.energyembeddingblock.triton_precision == "tf32x3"
+    assert mixed.force_output_block.block1.triton_precision == "mixed"
+    assert mixed.message_blocks[0].spinconvblock.triton_precision == "mixed"
+    batch = Batch.from_atoms(ocp_structures()["o_pt100"], cutoff=model.cutoff)
+    batch = batch.to(device, torch.float32)
+    with torch.no_grad():
+        reference, out = model(batch), mixed(batch)
+    assert 1e-6 < _relative(out["forces"], reference["forces"]) < 1e-2
+    assert _relative(out["energy"], reference["energy"]) < 1e-3
 
 
 def test_autograd_and_float64_keep_the_pytorch_path(monkeypatch):
