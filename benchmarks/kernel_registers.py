@@ -103,10 +103,11 @@ def kernels(precision: str) -> dict[str, tuple[Any, dict[str, Any], int, int]]:
         "CHANNELS": dot(CHANNELS),
         "LAT": dot(LAT),
         "WEIGHTED": False,
+        "ROUND": False,
         "PRECISION": precision,
     }
     inverse = {"BLOCK": k.INVERSE_COLUMNS, "LONG": dot(LONG)}
-    linear = {**product(k.LINEAR_TILES, MID), "SWISH": True}
+    linear = {**product(k.LINEAR_TILES, MID), "SWISH": True, "ROUND": False}
     mixture = product(k.MIXTURE_TILES, MID)
     products = product(k.PRODUCTS_TILES, CHANNELS // 4 * LAT)  # 4 groups of 8 channels
     return {

@@ -135,10 +135,10 @@ def _store_tile(out_ptr, values, rows, cols, row_ok, col_ok, n_cols) -> None:
 @triton.jit
 def _tf32_rounded(x) -> tl.tensor:
     """``x`` (float32) rounded to the nearest TF32 number (10 mantissa bits, ties away from
-    zero, as ``cvt.rna.tf32.f32``): a ``tl.dot`` in ``tf32``, which drops the low 13 bits
-    of its inputs, then multiplies exactly what it is given."""
+    zero, NaN kept, as ``cvt.rna.tf32.f32``): a ``tl.dot`` in ``tf32``, which drops the low 13
+    bits of its inputs, then multiplies exactly what it is given."""
     bits = (x.to(tl.int32, bitcast=True) + 0x1000) & -8192
-    return bits.to(tl.float32, bitcast=True)
+    return tl.where(x == x, bits.to(tl.float32, bitcast=True), x)
 
 
 @triton.jit
@@ -558,10 +558,12 @@ def spin_pool(
 
 def tf32_rounded(x: Tensor) -> Tensor:
     """``x`` (float32) rounded to the nearest TF32 number (10 mantissa bits, ties away from
-    zero): a weight that a ``tf32`` product reads (which would drop the low bits instead)."""
+    zero, NaN kept: a NaN's bits could carry into the sign): a weight that a ``tf32`` product
+    reads (which would drop the low bits instead)."""
     _check_float32(x)
-    bits = (x.contiguous().view(torch.int32) + 0x1000) & -8192
-    return bits.view(torch.float32)
+    x = x.contiguous()
+    bits = (x.view(torch.int32) + 0x1000) & -8192
+    return torch.where(x.isnan(), x, bits.view(torch.float32))
 
 
 def paired_kernels(real: Tensor, imag: Tensor, long: int) -> Tensor:
@@ -596,11 +598,11 @@ def with_triton_kernels(module: nn.Module, precision: str = "tf32x3") -> nn.Modu
 
     ``precision``: ``"tf32x3"`` (float32's accuracy, three TF32 tensor-core products per
     product), ``"tf32"`` or ``"ieee"`` for every product, or ``"mixed"``: one TF32 product in
-    the bulk of the work, the mixtures of experts of the message and force blocks and the
-    spin convolutions' frequency products, their inputs rounded to the nearest TF32 number
+    the bulk of the work, every mixture of experts but the energy block's and the spin
+    convolutions' frequency products, their inputs rounded to the nearest TF32 number
     (Triton's ``tf32`` drops the low bits instead: a bias that adds up in the energy), and
-    ``tf32x3`` in the linear layers, the spectra and the energy block, where one TF32 product
-    moves the energy most (README, "Where the GPU targets stand")."""
+    ``tf32x3`` in the linear layers, the spectra and the energy block (emulated errors of each
+    choice: README, "Where the GPU targets stand", ``benchmarks/tf32_emulate.py``)."""
     from forcecalc.models.spinconv import EmbeddingBlock, MessageBlock, SpinConv, SpinConvBlock
 
     if precision not in PRECISIONS:

@@ -221,7 +221,8 @@ def test_force_centric_forward_equals_the_pytorch_path(device, envelope, monkeyp
 def test_tf32_rounding_is_to_the_nearest_tf32_number():
     """``tf32_rounded`` keeps 10 mantissa bits, the nearest such number (within half a unit
     of the last kept bit, 2^-11 relative), ties away from zero (as the GPU's ``cvt.rna``);
-    zeros, infinities and exact TF32 numbers unchanged."""
+    zeros, infinities and exact TF32 numbers unchanged, NaN kept (whatever its bits: a GPU's
+    0x7FFFFFFF would carry into the sign)."""
     x = torch.randn(10_000) * torch.logspace(-20, 20, 10_000)
     rounded = tf32_rounded(x)
     assert not (rounded.view(torch.int32) & 0x1FFF).any()
@@ -231,6 +232,8 @@ def test_tf32_rounding_is_to_the_nearest_tf32_number():
     torch.testing.assert_close(tf32_rounded(ties), expected, rtol=0, atol=0)
     exact = torch.tensor([0.0, -0.0, 1.5, float("inf"), -float("inf")])
     torch.testing.assert_close(tf32_rounded(exact), exact, rtol=0, atol=0)
+    nans = torch.tensor([0x7FFFFFFF, -1, 0x7FC00000], dtype=torch.int32).view(torch.float32)
+    assert tf32_rounded(nans).isnan().all()
 
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
@@ -239,10 +242,11 @@ def test_rounded_kernel_outputs_are_tf32_numbers(device):
     precision's TF32 products) are their plain outputs rounded by ``tf32_rounded``."""
     torch.manual_seed(6)
     x, weight, bias = (torch.randn(*s, device=device) for s in ((37, 24), (20, 24), (20,)))
+    bias[3] = torch.tensor(0x7FFFFFFF, dtype=torch.int32).view(torch.float32)  # a GPU's NaN
     plain = linear(x, weight, bias, True, "ieee")
-    torch.testing.assert_close(
-        linear(x, weight, bias, True, "ieee", rounded=True), tf32_rounded(plain), rtol=0, atol=0
-    )
+    rounded = linear(x, weight, bias, True, "ieee", rounded=True)
+    torch.testing.assert_close(rounded, tf32_rounded(plain), rtol=0, atol=0, equal_nan=True)
+    assert rounded[:, 3].isnan().all()
     index, longitude, latitude = _grids(device, 9, 7, 12, 5, 6)
     values = torch.randn(12, 16, device=device)
     spectra = spin_spectra(values, index, longitude, latitude, 2, "ieee")
