@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The fused Triton kernels on one GPU (about four minutes; part 0 of gpu_quick.sh): JSON and
+# The fused Triton kernels on one GPU (about eight minutes; part 0 of gpu_quick.sh): JSON and
 # logs into DIR.  The headline figure comes first, so that a run cut short still has it.
 #
 #   bash benchmarks/gpu_triton.sh [DIR]       (BASE=FOLDER: also time another version)
@@ -18,8 +18,8 @@
 #    defaults (triton_tiles.py);
 # 6. the PyTorch path batched (the baseline of 1);
 # 7. batch 1 with them: a forward and the ASE step (plain, cuda_graph, skin, compiled);
-# 8. the fused kernels with tf32 products, and with tf32x3 and PyTorch's other products in
-#    TF32; each kernel against PyTorch's operators at SpinConv-All's sizes (fused_kernels.py).
+# 8. the tile sweep of 5 with the "mixed" precision; each kernel against PyTorch's operators
+#    at SpinConv-All's sizes (fused_kernels.py).
 set -uo pipefail
 source "$(dirname "$0")/gpu_lib.sh" "$@"
 step_timeout=240
@@ -38,8 +38,7 @@ run python3 benchmarks/triton_tiles.py --batch 64 --out "$dir/triton_tiles.json"
 run "${batched[@]}" --batch 64 256 --out "$dir/speed_spinconv_pytorch.json"
 run python3 benchmarks/speed.py --devices cuda --models spinconv_all --sizes 66 --batch \
   --repeats 20 --triton tf32x3 --out "$dir/speed_triton_batch1.json"
-run "${batched[@]}" --batch 64 256 --triton tf32 --out "$dir/speed_triton_tf32.json"
-run "${batched[@]}" --batch 64 256 --triton tf32x3 --tf32 \
-  --out "$dir/speed_triton_tf32x3_torch_tf32.json"
+run python3 benchmarks/triton_tiles.py --batch 64 --precision mixed \
+  --out "$dir/triton_tiles_mixed.json"
 run python3 benchmarks/fused_kernels.py --out "$dir/fused_kernels_cuda.json"
 exit $status
