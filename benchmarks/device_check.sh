@@ -21,7 +21,7 @@ bash "$script" "$dir" 2>&1 | tee "$dir/$(basename "$script" .sh).log" | tail -40
 status=${PIPESTATUS[0]}
 # the device tool returns at most 8 files from $OUT: there, the JSON goes into one archive
 # (the log has every table too)
-if [ -n "${OUT:-}" ] && [ "$dir" = "$OUT" ]; then
+if [ -n "${OUT:-}" ] && [ "${dir%/}" = "${OUT%/}" ]; then
   (cd "$dir" && shopt -s nullglob && json=(*.json) && [ ${#json[@]} -gt 0 ] &&
     tar -czf results.tar.gz --remove-files "${json[@]}")
 fi

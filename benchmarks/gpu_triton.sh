@@ -2,11 +2,12 @@
 # The fused Triton kernels on one GPU (about eight minutes; part 0 of gpu_quick.sh): JSON and
 # logs into DIR.  The headline figure comes first, so that a run cut short still has it.
 #
-#   bash benchmarks/gpu_triton.sh [DIR]       (BASE=FOLDER: also time another version)
+#   bash benchmarks/gpu_triton.sh [DIR]       (BASE=FOLDER: also time another version;
+#                                              BUDGET_S=480: stop starting steps after 480 s)
 #
-# 1. SpinConv-All batched (64, 256 and 512 x 66 atoms) with the fused kernels, tf32x3 products,
-#    then the "mixed" precision (speed.py, with their largest force difference to the PyTorch
-#    path);
+# 1. SpinConv-All batched (64 and 256 x 66 atoms; 512 after 3) with the fused kernels, tf32x3
+#    products, then the "mixed" precision (speed.py, with their largest force difference to
+#    the PyTorch path);
 # 2. their errors against the original's fixture outputs (tf32_error.py --triton: tf32x3,
 #    mixed, tf32; SpinConv-All where .device/ocp was carried, see device_wheels.sh);
 # 3. with BASE=FOLDER (a folder holding another version's forcecalc package, e.g. made by
@@ -25,14 +26,19 @@ source "$(dirname "$0")/gpu_lib.sh" "$@"
 step_timeout=240
 batched=(python3 benchmarks/speed.py --devices cuda --models spinconv_all --sizes --repeats 10
   --skip-ase-step)
-run "${batched[@]}" --batch 64 256 512 --triton tf32x3 --out "$dir/speed_triton_tf32x3.json"
-run "${batched[@]}" --batch 64 256 512 --triton mixed --out "$dir/speed_triton_mixed.json"
+run "${batched[@]}" --batch 64 256 --triton tf32x3 --out "$dir/speed_triton_tf32x3.json"
+run "${batched[@]}" --batch 64 256 --triton mixed --out "$dir/speed_triton_mixed.json"
 run python3 benchmarks/tf32_error.py --device cuda --triton \
   --models spinconv_small_fc spinconv_all --out "$dir/tf32_error_triton.json"
-if [ -n "${BASE:-}" ]; then
-  run env PYTHONPATH="$BASE:${PYTHONPATH:-}" "${batched[@]}" --batch 64 256 512 --triton tf32x3 \
+if [ -n "${BASE:-}" ] && [ ! -f "$BASE/forcecalc/__init__.py" ]; then
+  echo "== BASE=$BASE holds no forcecalc package (benchmarks/device_wheels.sh COMMIT makes one)"
+  status=1
+elif [ -n "${BASE:-}" ]; then
+  run env PYTHONPATH="$BASE:${PYTHONPATH:-}" "${batched[@]}" --batch 64 256 --triton tf32x3 \
     --out "$dir/speed_triton_tf32x3_base.json"
 fi
+run "${batched[@]}" --batch 512 --triton tf32x3 --out "$dir/speed_triton_tf32x3_512.json"
+run "${batched[@]}" --batch 512 --triton mixed --out "$dir/speed_triton_mixed_512.json"
 run python3 -m pytest -q tests/models/test_triton_kernels.py -p no:cacheprovider
 run python3 benchmarks/triton_tiles.py --batch 64 --out "$dir/triton_tiles.json"
 run "${batched[@]}" --batch 64 256 --out "$dir/speed_spinconv_pytorch.json"

@@ -123,11 +123,18 @@ def cpu_name() -> str:
 
 def hardware(tf32: bool) -> dict:
     """The machine a benchmark ran on, for its JSON."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
     return {
         "cpu": cpu_name(),
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "torch": torch.__version__,
+        "triton": triton_version,
         "tf32": tf32,
     }
 

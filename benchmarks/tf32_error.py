@@ -135,8 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--triton",
         action="store_true",
-        help="also SpinConv with the fused Triton kernels (tf32x3 and tf32 products; on the "
-        "CPU only in Triton's interpreter, TRITON_INTERPRET=1, where both are float32)",
+        help="also SpinConv with the fused Triton kernels (tf32x3, mixed and tf32 products; on "
+        "the CPU only in Triton's interpreter, TRITON_INTERPRET=1, where the products are "
+        "float32 and only mixed's rounding differs)",
     )
     parser.add_argument("--out", default="benchmarks/results/tf32_error.json")
     args = parser.parse_args(argv)
