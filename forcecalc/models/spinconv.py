@@ -230,8 +230,7 @@ class EmbeddingBlock(nn.Module):
             tf32_rounded,
         )
 
-        rounded = self.triton_precision == "mixed"
-        layers, bulk = product_precisions(self.triton_precision)
+        layers, bulk, rounded = product_precisions(self.triton_precision)
         h = linear(x, self.fc1.weight, self.fc1.bias, True, layers, rounded=rounded)
         experts = tf32_rounded(self.fc2.weight) if rounded else self.fc2.weight
         mixed = mixture_of_experts(h, experts, self.fc2.bias, mixture, bulk)
@@ -540,7 +539,7 @@ class MessageBlock(nn.Module):
             return self.distfc2(self.act(self.distfc1(x_dist)))
         from forcecalc.models.triton_kernels import linear, product_precisions
 
-        layers, _ = product_precisions(self.triton_precision)
+        layers, _, _ = product_precisions(self.triton_precision)
         hidden = linear(x_dist, self.distfc1.weight, self.distfc1.bias, True, layers)
         return linear(hidden, self.distfc2.weight, self.distfc2.bias, precision=layers)
 
@@ -1649,8 +1648,7 @@ class SphereProjections:
         step = max(1, CHUNK_BYTES_CUDA // per_grid)
         real, imag, inverse = block.kernel_spectra()
         pairs = paired_kernels(real, imag, longitude.long)
-        rounded = block.triton_precision == "mixed"
-        spectra_precision, products_precision = product_precisions(block.triton_precision)
+        spectra_precision, products_precision, rounded = product_precisions(block.triton_precision)
         pairs = tf32_rounded(pairs) if rounded else pairs
         outputs = []
         for index, longitudes, latitudes in zip(

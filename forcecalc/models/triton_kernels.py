@@ -621,9 +621,12 @@ def with_triton_kernels(module: nn.Module, precision: str = "tf32x3") -> nn.Modu
     return module
 
 
-def product_precisions(precision: str) -> tuple[str, str]:
+def product_precisions(precision: str) -> tuple[str, str, bool]:
     """The ``tl.dot`` precisions of a block's linear layers and spectra, and of its bulk
     products (mixtures of experts, frequency products), under a :func:`with_triton_kernels`
-    ``precision`` (``"mixed"``: ``tf32x3`` and ``tf32``, the latter on inputs rounded by
-    :func:`tf32_rounded` or the kernels' ``rounded`` option)."""
-    return ("tf32x3", "tf32") if precision == "mixed" else (precision, precision)
+    ``precision``, and whether the bulk products' inputs are to be rounded (by
+    :func:`tf32_rounded` or the kernels' ``rounded`` option): ``"mixed"`` is ``tf32x3`` and
+    ``tf32`` on rounded inputs."""
+    if precision == "mixed":
+        return "tf32x3", "tf32", True
+    return precision, precision, False
