@@ -198,11 +198,29 @@ def fused_kernel_stand_ins(log: OperatorLog, flop_scale: float) -> dict[str, Cal
             return like.new_zeros(shape)
 
     def linear(
-        x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, *_: Any, **__: Any
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor,
+        *_: Any,
+        addend: torch.Tensor | None = None,
+        **__: Any,
     ) -> Any:
         (n, n_in), n_out = x.shape, weight.shape[0]
-        moved = tensor_bytes([x, weight, bias]) + n * n_out * x.element_size()
+        read = [x, weight, bias] + ([] if addend is None else [addend])
+        moved = tensor_bytes(read) + n * n_out * x.element_size()
         return record("linear", moved, 2.0 * n * n_in * n_out, (n, n_out), x)
+
+    def basis_linear(
+        distances: torch.Tensor,
+        offset: torch.Tensor,
+        coeff: float,
+        weight: torch.Tensor,
+        bias: torch.Tensor,
+        *_: Any,
+    ) -> Any:
+        n, (n_out, n_basis) = len(distances), weight.shape
+        moved = tensor_bytes([distances, offset, weight, bias]) + n * n_out * weight.element_size()
+        return record("basis_linear", moved, 2.0 * n * n_basis * n_out, (n, n_out), weight)
 
     def mixture_of_experts(
         h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, mixture: torch.Tensor, *_: Any
@@ -236,18 +254,22 @@ def fused_kernel_stand_ins(log: OperatorLog, flop_scale: float) -> dict[str, Cal
         pairs: torch.Tensor,
         inverse: torch.Tensor,
         bias: torch.Tensor,
-        *_: Any,
+        precision: str = "tf32x3",
+        norm: torch.nn.GroupNorm | None = None,
     ) -> Any:
         long, groups, n, n_in = spectra.shape
         n_out = pairs.shape[-1] // 2  # one [2 n_in, 2 n_out] product per pair of packed entries
         out = n * groups * n_out * spectra.element_size()
         # two kernels: the products [long, n, groups * n_out] are written, then read back
-        moved = tensor_bytes([spectra, pairs, inverse, bias]) + out * (1 + 2 * long)
+        read = [spectra, pairs, inverse, bias]
+        read += [] if norm is None or not norm.affine else [norm.weight, norm.bias]
+        moved = tensor_bytes(read) + out * (1 + 2 * long)
         flops = 2.0 * n * groups * 4 * n_in * n_out * len(pairs)
         return record("spin_pool", moved, flops, (n, groups * n_out), spectra)
 
     return {
         "linear": linear,
+        "basis_linear": basis_linear,
         "mixture_of_experts": mixture_of_experts,
         "spin_spectra": spin_spectra,
         "spin_pool": spin_pool,

@@ -291,6 +291,9 @@ class DistanceBlock(nn.Module):
             nn.init.uniform_(self.dist_scalar.weight, -PAIR_INIT, PAIR_INIT)
             nn.init.uniform_(self.dist_offset.weight, -PAIR_INIT, PAIR_INIT)
         self.fc1 = nn.Linear(num_basis, out_channels)
+        #: Precision of the fused Triton kernel of the basis and ``fc1``, None for PyTorch's
+        #: operators (see :func:`~forcecalc.models.triton_kernels.with_triton_kernels`).
+        self.triton_precision: str | None = None
 
     @property
     def trainable_pairs(self) -> bool:
@@ -355,7 +358,19 @@ class DistanceBlock(nn.Module):
             exponent = 2.0 * torch.sigmoid(self.dist_scalar(pair).view(-1)) - 1.0
             scale = torch.exp(self.log_scalar_max * exponent)
             distances = scale * distances + self.dist_offset(pair).view(-1)
-        return self.fc1(self.distance_expansion(distances))
+        # the layer's weights count too: the distances of a force-centric model need no gradient
+        recording = torch.is_grad_enabled() and (
+            distances.requires_grad or self.fc1.weight.requires_grad
+        )
+        if self.triton_precision is None or recording or distances.dtype != torch.float32:
+            return self.fc1(self.distance_expansion(distances))
+        from forcecalc.models.triton_kernels import basis_linear, product_precisions
+
+        layers, _, _ = product_precisions(self.triton_precision)
+        expansion = self.distance_expansion
+        return basis_linear(
+            distances, expansion.offset, expansion.coeff, self.fc1.weight, self.fc1.bias, layers
+        )
 
 
 class SpinConvBlock(nn.Module):
@@ -501,7 +516,6 @@ class MessageBlock(nn.Module):
         max_num_elements: int,
     ) -> None:
         super().__init__()
-        self.act = F.silu  # Swish, x * sigmoid(x), in one pass
         self.spinconvblock = SpinConvBlock(hidden_channels, mid_channels, lat, long)
         self.embeddingblock1 = EmbeddingBlock(
             mid_channels, mid_channels, mid_channels, embedding_size, max_num_elements
@@ -528,20 +542,8 @@ class MessageBlock(nn.Module):
         ``x_dist`` ``[n_edges, mid]`` the distance features, elements ``[n_edges]`` int64."""
         x = projections.spin_convolution(self.spinconvblock, x)
         x = self.embeddingblock1(x, source_element, target_element)
-        x = x + self._distance_term(x_dist)
-        return self.embeddingblock2(self.act(x), source_element, target_element)
-
-    def _distance_term(self, x_dist: Tensor) -> Tensor:
-        """``distfc2(act(distfc1(x_dist)))`` ``[n_edges, mid]``, by the fused linear kernel
-        where it applies (float32, no autograd recording)."""
-        recording = torch.is_grad_enabled() and x_dist.requires_grad
-        if self.triton_precision is None or recording or x_dist.dtype != torch.float32:
-            return self.distfc2(self.act(self.distfc1(x_dist)))
-        from forcecalc.models.triton_kernels import linear, product_precisions
-
-        layers, _, _ = product_precisions(self.triton_precision)
-        hidden = linear(x_dist, self.distfc1.weight, self.distfc1.bias, True, layers)
-        return linear(hidden, self.distfc2.weight, self.distfc2.bias, precision=layers)
+        x = swish_layers(x_dist, self.distfc1, self.distfc2, self.triton_precision, addend=x)
+        return self.embeddingblock2(x, source_element, target_element)
 
 
 class ForceOutputBlock(nn.Module):
@@ -574,6 +576,29 @@ class ForceOutputBlock(nn.Module):
         x = projections.spin_convolution(self.spinconvblock, x)
         x = self.act(self.block1(x, element, element))
         return self.block2(x, element, element)
+
+
+def swish_layers(
+    x: Tensor,
+    first: nn.Linear,
+    second: nn.Linear,
+    triton_precision: str | None,
+    addend: Tensor | None = None,
+) -> Tensor:
+    """``act(second(act(first(x))) + addend)`` ``[n, out]`` (Swish ``act``; ``addend`` ``[n,
+    out]``, none if not given) from ``x`` ``[n, in]``: the distance features' two layers, by the
+    fused linear kernel (the sum and Swish in its pass) where ``triton_precision`` asks for it
+    and it applies (float32, no autograd recording)."""
+    inputs = (x,) if addend is None else (x, addend)
+    recording = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
+    if triton_precision is None or recording or x.dtype != torch.float32:
+        out = second(F.silu(first(x)))
+        return F.silu(out if addend is None else addend + out)
+    from forcecalc.models.triton_kernels import linear, product_precisions
+
+    layers, _, _ = product_precisions(triton_precision)
+    hidden = linear(x, first.weight, first.bias, True, layers)
+    return linear(hidden, second.weight, second.bias, True, layers, addend=addend)
 
 
 def warn_max_neighbor_cut(max_neighbors: int | None, cutoff: float) -> None:
@@ -707,7 +732,6 @@ class SpinConv(nn.Module):
         self.envelope = envelope
         self.energy_gradient = force_estimator == "grad"
         self.num_rand_rotations = num_rand_rotations
-        self.act = F.silu  # Swish, x * sigmoid(x), in one pass
 
         self.distance_expansion_forces = GaussianSmearing(
             0.0, self.cutoff, num_basis_functions, basis_width_scalar
@@ -744,6 +768,9 @@ class SpinConv(nn.Module):
             hidden_channels, 1, mid_hidden_channels, embedding_size, max_num_elements
         )
         self.random_rotations = False
+        #: Precision of the fused Triton kernels for the distance features' layers, None for
+        #: PyTorch's operators (see :func:`~forcecalc.models.triton_kernels.with_triton_kernels`).
+        self.triton_precision: str | None = None
         # The splat DFT table by (dtype, device): a constant (see splat_table).
         self._splat_tables: dict[tuple[torch.dtype, torch.device], Tensor] = {}
         if force_estimator == "random":
@@ -909,7 +936,7 @@ class SpinConv(nn.Module):
         source_element, target_element = numbers[source], numbers[target]
 
         x_dist = self.dist_block(distances.to(dtype), source_element, target_element)
-        x = self.act(self.distfc2(self.act(self.distfc1(x_dist))))
+        x = swish_layers(x_dist, self.distfc1, self.distfc2, self.triton_precision)
         x = self.embeddingblock2(x, source_element, target_element)
 
         differentiable = self.forces == "conservative"
@@ -1650,6 +1677,8 @@ class SphereProjections:
         pairs = paired_kernels(real, imag, longitude.long)
         spectra_precision, products_precision, rounded = product_precisions(block.triton_precision)
         pairs = tf32_rounded(pairs) if rounded else pairs
+        # the block's GroupNorm in the pooling kernel's pass (unless replaced by another module)
+        fused_norm = block.GroupNorm if isinstance(block.GroupNorm, nn.GroupNorm) else None
         outputs = []
         for index, longitudes, latitudes in zip(
             self.readers.index.split(step),
@@ -1660,8 +1689,10 @@ class SphereProjections:
             spectra = spin_spectra(
                 values, index, longitudes, latitudes, block.groups, spectra_precision, rounded
             )
-            pooled = spin_pool(spectra, pairs, inverse, block.conv1.bias, products_precision)
-            outputs.append(block.GroupNorm(pooled))
+            pooled = spin_pool(
+                spectra, pairs, inverse, block.conv1.bias, products_precision, fused_norm
+            )
+            outputs.append(pooled if fused_norm is not None else block.GroupNorm(pooled))
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
     def _chunk_weights(self, step: int, cache: bool) -> Iterable[Tensor]:

@@ -9,16 +9,17 @@ every frequency.  These kernels compute the same numbers without those tensors:
 * :func:`mixture_of_experts`: ``sum_k w_k * act(h @ W_k^T + b_k)``, the experts' products
   accumulated tile by tile, each expert's tile activated, weighted and added in registers
   (``[n, mid]`` written once);
-* :func:`linear`: the mixtures' input and output layers and the message blocks' distance
-  term, Swish folded in where it follows;
+* :func:`linear`: the mixtures' input and output layers and the distance features' layers,
+  the residual sum and Swish folded in where they follow; :func:`basis_linear` the distance
+  block's Gaussian basis and its layer;
 * :func:`spin_spectra`: the packed longitude spectra of the projected grids straight from
   the splat factors (:func:`~forcecalc.models.spinconv.splat_factors`: each value's grid
   column and row and how far between, its bilinear weights made in registers) and the
   gathered messages, written in the frequency-major layout the products read;
 * :func:`spin_pool`: the kernels' products at every frequency (one real product per pair of
   packed entries, see :func:`paired_kernels`), then the inverse DFT (a 16 x 16 product per
-  output), the bias, Swish and the mean over the longitude in one pass (``[n, mid]`` written
-  once; the GroupNorm that follows is PyTorch's).  Two kernels, not one: an accumulator for
+  output), the bias, Swish, the mean over the longitude and the GroupNorm that follows in one
+  pass (``[n, mid]`` written once).  Two kernels, not one: an accumulator for
   every longitudinal shift in the products' kernel took all 255 registers of a thread
   (spilling, one program per multiprocessor), where the products written once and read back
   cost ``[long, n, mid]`` of memory traffic; Gauss's three products per frequency, with three
@@ -177,6 +178,7 @@ def _linear_kernel(
     x_ptr,
     weight_ptr,
     bias_ptr,
+    addend_ptr,
     out_ptr,
     n_rows,
     n_in,
@@ -184,6 +186,7 @@ def _linear_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    ADD: tl.constexpr,
     SWISH: tl.constexpr,
     ROUND: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -194,10 +197,51 @@ def _linear_kernel(
         acc, x_ptr, weight_ptr, rows, row_ok, cols, col_ok, n_in, BLOCK_K, PRECISION
     )
     acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0)[None, :]
+    if ADD:
+        acc += tl.load(
+            addend_ptr + rows[:, None] * n_out + cols[None, :],
+            mask=row_ok[:, None] & col_ok[None, :],
+            other=0.0,
+        )
     if SWISH:
         acc = acc * tl.sigmoid(acc)
     if ROUND:
         acc = _tf32_rounded(acc)
+    _store_tile(out_ptr, acc, rows, cols, row_ok, col_ok, n_out)
+
+
+@triton.jit
+def _basis_linear_kernel(
+    distance_ptr,
+    offset_ptr,
+    weight_ptr,
+    bias_ptr,
+    out_ptr,
+    n_rows,
+    n_basis,
+    n_out,
+    coeff,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+) -> None:
+    rows, cols, row_ok, col_ok = _output_tile(n_rows, n_out, BLOCK_M, BLOCK_N)
+    distance = tl.load(distance_ptr + rows, mask=row_ok, other=0.0)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for start in range(0, n_basis, BLOCK_K):
+        ks = start + tl.arange(0, BLOCK_K)
+        k_ok = ks < n_basis
+        # the Gaussians [BLOCK_M, BLOCK_K] of the rows' distances, zero outside
+        diff = distance[:, None] - tl.load(offset_ptr + ks, mask=k_ok, other=0.0)[None, :]
+        basis = tl.where(row_ok[:, None] & k_ok[None, :], tl.exp(coeff * (diff * diff)), 0.0)
+        b = tl.load(
+            weight_ptr + cols[None, :] * n_basis + ks[:, None],
+            mask=k_ok[:, None] & col_ok[None, :],
+            other=0.0,
+        )
+        acc = tl.dot(basis, b, acc, input_precision=PRECISION)
+    acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0)[None, :]
     _store_tile(out_ptr, acc, rows, cols, row_ok, col_ok, n_out)
 
 
@@ -342,21 +386,34 @@ def _inverse_kernel(
     products_ptr,
     inverse_ptr,
     bias_ptr,
+    norm_weight_ptr,
+    norm_bias_ptr,
     out_ptr,
-    n_columns,
-    n_bias,
+    n_segments,
+    n_out,
+    groups,
     long,
-    BLOCK: tl.constexpr,
+    eps,
+    SEGMENTS: tl.constexpr,
+    OUT: tl.constexpr,
     LONG: tl.constexpr,
+    NORM: tl.constexpr,
 ) -> None:
-    columns = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    column_ok = columns < n_columns
+    # a segment: one grid's n_out outputs of one group (a GroupNorm group), SEGMENTS of them
+    # per program, each padded to OUT columns
+    segments = tl.program_id(0).to(tl.int64) * SEGMENTS + tl.arange(0, SEGMENTS)
+    outputs = tl.arange(0, OUT)
+    inside = (segments < n_segments)[:, None] & (outputs < n_out)[None, :]  # [SEGMENTS, OUT]
+    columns = segments[:, None] * n_out + outputs[None, :]  # of the [n, groups * n_out] output
+    channels = (segments % groups)[:, None] * n_out + outputs[None, :]
+    flat_columns = tl.reshape(columns, [SEGMENTS * OUT])
+    flat_inside = tl.reshape(inside, [SEGMENTS * OUT])
     entry = tl.arange(0, LONG)
     entry_ok = entry < long
     # products [long, n_columns] -> conv [shift, column] = inverse^T [shift, entry] @ products
     products = tl.load(
-        products_ptr + entry.to(tl.int64)[:, None] * n_columns + columns[None, :],
-        mask=entry_ok[:, None] & column_ok[None, :],
+        products_ptr + entry.to(tl.int64)[:, None] * (n_segments * n_out) + flat_columns[None, :],
+        mask=entry_ok[:, None] & flat_inside[None, :],
         other=0.0,
     )
     inverse_t = tl.load(
@@ -365,9 +422,19 @@ def _inverse_kernel(
         other=0.0,
     )
     conv = tl.dot(inverse_t, products, input_precision="ieee")
-    conv += tl.load(bias_ptr + columns % n_bias, mask=column_ok, other=0.0)[None, :]
+    flat_channels = tl.reshape(channels, [SEGMENTS * OUT])
+    conv += tl.load(bias_ptr + flat_channels, mask=flat_inside, other=0.0)[None, :]
     activated = tl.where(entry_ok[:, None], conv * tl.sigmoid(conv), 0.0)
-    tl.store(out_ptr + columns, tl.sum(activated, axis=0) / long, mask=column_ok)
+    pooled = tl.reshape(tl.sum(activated, axis=0) / long, [SEGMENTS, OUT])
+    if NORM:
+        # GroupNorm over each segment: biased variance, as torch's
+        mean = tl.sum(tl.where(inside, pooled, 0.0), axis=1) / n_out
+        centred = tl.where(inside, pooled - mean[:, None], 0.0)
+        variance = tl.sum(centred * centred, axis=1) / n_out
+        scale = tl.load(norm_weight_ptr + channels, mask=inside, other=0.0)
+        shift = tl.load(norm_bias_ptr + channels, mask=inside, other=0.0)
+        pooled = centred / tl.sqrt_rn(variance + eps)[:, None] * scale + shift
+    tl.store(out_ptr + columns, pooled, mask=inside)
 
 
 def _launcher(kernel: triton.JITFunction, tensor: Tensor) -> triton.JITFunction:
@@ -407,14 +474,17 @@ def linear(
     swish: bool = False,
     precision: str = "tf32x3",
     rounded: bool = False,
+    addend: Tensor | None = None,
 ) -> Tensor:
-    """``x @ weight.T + bias``, with Swish applied if ``swish`` (``nn.Linear`` and its
-    activation in one pass, its product at ``precision``), rounded to TF32 numbers if
-    ``rounded`` (:func:`tf32_rounded`: the input of a ``tf32`` product).
+    """``x @ weight.T + bias``, plus ``addend`` if given, then Swish if ``swish``
+    (``nn.Linear``, a residual sum and the activation in one pass, the product at
+    ``precision``), rounded to TF32 numbers if ``rounded`` (:func:`tf32_rounded`: the input of
+    a ``tf32`` product).
 
     Args:
         x: ``[n, n_in]`` float32.
         weight: ``[n_out, n_in]``; bias: ``[n_out]``.
+        addend: ``[n, n_out]``, added before the Swish.
 
     Returns:
         ``[n, n_out]``.
@@ -423,13 +493,59 @@ def linear(
     x, weight = x.contiguous(), weight.contiguous()
     (n, n_in), n_out = x.shape, weight.shape[0]
     out = x.new_empty(n, n_out)
+    if addend is not None:
+        _check_float32(addend)
+        if addend.shape != out.shape:
+            raise ValueError(
+                f"addend of shape {tuple(addend.shape)} for an output of {tuple(out.shape)}"
+            )
+        addend = addend.contiguous()
     if n == 0:
         return out
     block_m, block_n, block_k = tile_sizes(LINEAR_TILES, n_in)
     grid = (triton.cdiv(n, block_m), triton.cdiv(n_out, block_n))
     _launcher(_linear_kernel, x)[grid](
-        x, weight, bias.contiguous(), out, n, n_in, n_out, block_m, block_n, block_k, swish,
-        rounded, precision, num_warps=LINEAR_WARPS, num_stages=LINEAR_STAGES,
+        x, weight, bias.contiguous(), out if addend is None else addend, out, n, n_in, n_out,
+        block_m, block_n, block_k, addend is not None, swish, rounded, precision,
+        num_warps=LINEAR_WARPS, num_stages=LINEAR_STAGES,
+    )  # fmt: skip
+    return out
+
+
+def basis_linear(
+    distances: Tensor,
+    offset: Tensor,
+    coeff: float,
+    weight: Tensor,
+    bias: Tensor,
+    precision: str = "tf32x3",
+) -> Tensor:
+    """``exp(coeff (d - offset)^2) @ weight.T + bias``: the Gaussian radial basis of the
+    distances (:class:`~forcecalc.models.blocks.GaussianSmearing`) and the linear layer after
+    it in one pass, the basis made in registers (never stored).
+
+    Args:
+        distances: ``[n]`` float32.
+        offset: ``[n_basis]`` the Gaussians' centres.
+        weight: ``[n_out, n_basis]``; bias: ``[n_out]``.
+
+    Returns:
+        ``[n, n_out]``.
+    """
+    _check_float32(distances, offset, weight, bias)
+    distances, weight = distances.contiguous(), weight.contiguous()
+    n, (n_out, n_basis) = len(distances), weight.shape
+    if offset.shape != (n_basis,):
+        raise ValueError(f"{tuple(offset.shape)} centres for a layer of {n_basis} inputs")
+    out = distances.new_empty(n, n_out)
+    if n == 0:
+        return out
+    block_m, block_n, block_k = tile_sizes(LINEAR_TILES, n_basis)
+    grid = (triton.cdiv(n, block_m), triton.cdiv(n_out, block_n))
+    _launcher(_basis_linear_kernel, distances)[grid](
+        distances, offset.contiguous(), weight, bias.contiguous(), out, n, n_basis, n_out,
+        coeff, block_m, block_n, block_k, precision,
+        num_warps=LINEAR_WARPS, num_stages=LINEAR_STAGES,
     )  # fmt: skip
     return out
 
@@ -516,11 +632,17 @@ def spin_spectra(
 
 
 def spin_pool(
-    spectra: Tensor, pairs: Tensor, inverse: Tensor, bias: Tensor, precision: str = "tf32x3"
+    spectra: Tensor,
+    pairs: Tensor,
+    inverse: Tensor,
+    bias: Tensor,
+    precision: str = "tf32x3",
+    norm: nn.GroupNorm | None = None,
 ) -> Tensor:
-    """The spin convolution of packed spectra before its GroupNorm: the circular convolution
-    (the kernels' products per frequency, then the inverse DFT), its bias, Swish and the mean
-    over the longitudinal shifts.
+    """The spin convolution of packed spectra: the circular convolution (the kernels' products
+    per frequency, then the inverse DFT), its bias, Swish and the mean over the longitudinal
+    shifts, then ``norm`` if given (a GroupNorm with a group per group of the convolution:
+    each grid's outputs of a group normalized in the same pass).
 
     Args:
         spectra: ``[long, groups, n, K]`` from :func:`spin_spectra`.
@@ -529,6 +651,7 @@ def spin_pool(
         inverse: the inverse DFT ``[long, long]``
             (:meth:`~forcecalc.models.spinconv.SpinConvBlock.kernel_spectra`).
         bias: ``[groups * M]``, the convolution's.
+        norm: ``GroupNorm(groups, groups * M)``.
 
     Returns:
         ``[n, groups * M]``.
@@ -536,6 +659,19 @@ def spin_pool(
     _check_float32(spectra, pairs, inverse, bias)
     long, groups, n, n_in = spectra.shape
     n_out = pairs.shape[-1] // 2
+    norm_weight, norm_bias, eps = bias, bias, 0.0  # unread without a norm
+    if norm is not None:
+        if (norm.num_groups, norm.num_channels) != (groups, groups * n_out):
+            raise ValueError(
+                f"a GroupNorm of {norm.num_groups} groups of {norm.num_channels} channels after "
+                f"a convolution of {groups} groups of {n_out} outputs"
+            )
+        if norm.affine:
+            norm_weight, norm_bias = norm.weight.contiguous(), norm.bias.contiguous()
+            _check_float32(norm_weight, norm_bias)
+        else:
+            norm_weight, norm_bias = torch.ones_like(bias), torch.zeros_like(bias)
+        eps = norm.eps
     out = spectra.new_empty(n, groups * n_out)
     if n == 0:
         return out
@@ -548,10 +684,12 @@ def spin_pool(
         n_out, long - 2 * n_middle, n_middle, block_m, block_n, block_k, precision,
         num_warps=PRODUCTS_WARPS, num_stages=PRODUCTS_STAGES,
     )  # fmt: skip
-    columns = n * groups * n_out
-    _launcher(_inverse_kernel, spectra)[(triton.cdiv(columns, INVERSE_COLUMNS),)](
-        products, inverse.contiguous(), bias.contiguous(), out, columns, groups * n_out, long,
-        INVERSE_COLUMNS, _dot_size(long),
+    padded = triton.next_power_of_2(n_out)
+    per_program = max(1, INVERSE_COLUMNS // padded)
+    _launcher(_inverse_kernel, spectra)[(triton.cdiv(n * groups, per_program),)](
+        products, inverse.contiguous(), bias.contiguous(), norm_weight, norm_bias, out,
+        n * groups, n_out, groups, long, eps, per_program, padded, _dot_size(long),
+        norm is not None,
     )  # fmt: skip
     return out
 
@@ -603,12 +741,18 @@ def with_triton_kernels(module: nn.Module, precision: str = "tf32x3") -> nn.Modu
     (Triton's ``tf32`` drops the low bits instead: a bias that adds up in the energy), and
     ``tf32x3`` in the linear layers, the spectra and the energy block (emulated errors of each
     choice: README, "Where the GPU targets stand", ``benchmarks/tf32_emulate.py``)."""
-    from forcecalc.models.spinconv import EmbeddingBlock, MessageBlock, SpinConv, SpinConvBlock
+    from forcecalc.models.spinconv import (
+        DistanceBlock,
+        EmbeddingBlock,
+        MessageBlock,
+        SpinConv,
+        SpinConvBlock,
+    )
 
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     module = copy.deepcopy(module)
-    fused = EmbeddingBlock | SpinConvBlock | MessageBlock
+    fused = EmbeddingBlock | SpinConvBlock | MessageBlock | SpinConv | DistanceBlock
     blocks = [m for m in module.modules() if isinstance(m, fused)]
     if not blocks:
         raise ValueError(f"{type(module).__name__} holds no SpinConv blocks")

@@ -21,6 +21,7 @@ from triton.runtime.jit import JITFunction
 from forcecalc.graph.batch import Batch
 from forcecalc.graph.gather import RowIndex
 from forcecalc.models import triton_kernels
+from forcecalc.models.blocks import GaussianSmearing
 from forcecalc.models.spinconv import (
     EmbeddingBlock,
     MessageBlock,
@@ -30,6 +31,7 @@ from forcecalc.models.spinconv import (
     splat_factors,
 )
 from forcecalc.models.triton_kernels import (
+    basis_linear,
     linear,
     mixture_of_experts,
     paired_kernels,
@@ -104,21 +106,26 @@ def test_mixture_of_experts_is_the_weighted_sum_of_experts(device):
     assert _relative(out.double(), expected) < 1e-5
 
 
-@pytest.mark.parametrize("swish", [False, True])
+@pytest.mark.parametrize(("swish", "add"), [(False, False), (True, False), (True, True)])
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
-def test_linear_is_the_layer_and_its_swish(device, swish):
-    """``x W^T + b`` (and its Swish) in one kernel: ``nn.Linear``'s numbers in float64 to
-    float32 rounding (37 x 45 -> 19: partial tiles everywhere)."""
+def test_linear_is_the_layer_its_residual_sum_and_swish(device, swish, add):
+    """``x W^T + b`` (plus a residual, then Swish) in one kernel: ``nn.Linear``'s numbers in
+    float64 to float32 rounding (37 x 45 -> 19: partial tiles everywhere); an addend of
+    another shape is refused."""
     torch.manual_seed(6)
     layer = torch.nn.Linear(45, 19).to(device)
     x = torch.randn(37, 45, device=device)
+    addend = torch.randn(37, 19, device=device) if add else None
     with torch.no_grad():
         expected = layer.double()(x.double())
         layer.float()
-        out = linear(x, layer.weight, layer.bias, swish=swish, precision="ieee")
+        out = linear(x, layer.weight, layer.bias, swish, "ieee", addend=addend)
+    expected = expected + addend.double() if add else expected
     expected = torch.nn.functional.silu(expected) if swish else expected
     assert out.shape == (37, 19)
     assert _relative(out.double(), expected) < 1e-5
+    with pytest.raises(ValueError, match="addend of shape"):
+        linear(x, layer.weight, layer.bias, addend=torch.zeros(37, 18, device=device))
 
 
 def _grids(device: str, n: int, width: int, n_values: int, lat: int, long: int) -> tuple:
@@ -135,7 +142,8 @@ def _grids(device: str, n: int, width: int, n_values: int, lat: int, long: int) 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
 def test_spin_convolution_equals_the_blocks_operators(device, long, weighted):
     """Spectra straight from the splat factors (the bilinear weights interpolated in the
-    kernel), then the kernels' products, inverse DFT, bias, Swish, mean and GroupNorm: equal
+    kernel), then the kernels' products, inverse DFT, bias, Swish, mean and GroupNorm (its
+    scale and shift random; 36 outputs per group, not a power of two): equal
     to the PyTorch spin convolution (through the splat weights and the packed spectra) for an
     odd and an even number of longitudes, and with each value weighted (an envelope model's
     grids); 72 outputs in 2 groups: a pair's 72 product columns span two column blocks, the
@@ -145,6 +153,8 @@ def test_spin_convolution_equals_the_blocks_operators(device, long, weighted):
     block = SpinConvBlock(channels, mid, lat, long).to(device).eval()
     with torch.no_grad():
         block.conv1.bias.normal_()
+        block.GroupNorm.weight.normal_()
+        block.GroupNorm.bias.normal_()
     index, longitude, latitude = _grids(device, n, width, n_values, lat, long)
     projections = SphereProjections(RowIndex(index, n_values), longitude, latitude)
     if weighted:
@@ -163,7 +173,8 @@ def test_spin_convolution_equals_the_blocks_operators(device, long, weighted):
 def test_spectra_layout_and_pool_of_known_spectra(device):
     """The spectra come out frequency-major, ``[long, groups, n, (C / groups) lat]`` (the
     block's own permutation of ``[n, C, long, lat]``), and the pooled convolution of those
-    spectra equals the block's forward before its GroupNorm."""
+    spectra equals the block's forward before its GroupNorm, and after it with a GroupNorm
+    given (one without scale and shift here); a GroupNorm of other groups is refused."""
     torch.manual_seed(4)
     channels, mid, lat, long, width, n, n_values = 16, 8, 3, 6, 9, 10, 14
     groups = channels // 8
@@ -178,14 +189,19 @@ def test_spectra_layout_and_pool_of_known_spectra(device):
     assert _relative(spectra, expected.reshape(long, groups, n, 8 * lat)) < 1e-5
 
     block = SpinConvBlock(channels, mid, lat, long).to(device)
+    norm = torch.nn.GroupNorm(groups, mid, affine=False)
     block.GroupNorm = torch.nn.Identity()
     with torch.no_grad():
         block.conv1.bias.normal_()
         real, imag, inverse = block.kernel_spectra()
         pairs = paired_kernels(real, imag, long)
         pooled = spin_pool(spectra, pairs, inverse, block.conv1.bias, "ieee")
+        normalized = spin_pool(spectra, pairs, inverse, block.conv1.bias, "ieee", norm)
         direct = block(grid_spectra)
     assert _relative(pooled, direct) < 1e-5
+    assert _relative(normalized, norm(direct)) < 1e-5
+    with pytest.raises(ValueError, match="GroupNorm of 1 groups"):
+        spin_pool(spectra, pairs, inverse, block.conv1.bias, "ieee", torch.nn.GroupNorm(1, mid))
 
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
@@ -208,7 +224,7 @@ def test_force_centric_forward_equals_the_pytorch_path(device, envelope, monkeyp
     assert all(
         m.triton_precision is None
         for m in model.modules()
-        if isinstance(m, EmbeddingBlock | SpinConvBlock | MessageBlock)
+        if isinstance(m, EmbeddingBlock | SpinConvBlock | MessageBlock | SpinConv)
     )
     atoms = ocp_structures()["o_pt100"]
     batch = Batch.from_atoms(atoms, cutoff=model.cutoff).to(device, torch.float32)
@@ -216,6 +232,26 @@ def test_force_centric_forward_equals_the_pytorch_path(device, envelope, monkeyp
         reference, out = model(batch), fused(batch)
     assert _relative(out["energy"], reference["energy"]) < 1e-5
     assert _relative(out["forces"], reference["forces"]) < 1e-5
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+def test_basis_linear_is_the_gaussian_basis_and_its_layer(device):
+    """The distance block's Gaussian basis (OCP's ``GaussianSmearing``, float32 coefficient)
+    and linear layer in one kernel, the basis never stored: the two modules' numbers in
+    float64 to float32 rounding (41 distances, 37 Gaussians -> 19: partial tiles); centres
+    that do not match the layer are refused."""
+    torch.manual_seed(7)
+    expansion = GaussianSmearing(0.0, 6.0, 37, 2.0).to(device)
+    layer = torch.nn.Linear(37, 19).to(device)
+    distances = torch.rand(41, device=device) * 7.0
+    with torch.no_grad():
+        out = basis_linear(distances, expansion.offset, expansion.coeff, layer.weight, layer.bias)
+        basis = copy.deepcopy(expansion).double()(distances.double())
+        expected = copy.deepcopy(layer).double()(basis)
+    assert out.shape == (41, 19)
+    assert _relative(out.double(), expected) < 1e-5
+    with pytest.raises(ValueError, match="centres for a layer of 37 inputs"):
+        basis_linear(distances, expansion.offset[:-1], 1.0, layer.weight, layer.bias)
 
 
 def test_tf32_rounding_is_to_the_nearest_tf32_number():
@@ -286,7 +322,8 @@ def test_mixed_precision_rounds_the_bulk_products_and_keeps_the_energy_block(dev
 def test_autograd_and_float64_keep_the_pytorch_path(monkeypatch):
     """The kernels have no backward and take float32: with autograd recording (training, an
     energy-centric model's forces) or in float64, a block with kernels enabled computes with
-    PyTorch's operators and never calls the kernel."""
+    PyTorch's operators and never calls the kernel, also where only the block's weights
+    need a gradient."""
     torch.manual_seed(5)
     block = EmbeddingBlock(8, 4, 16, 3, 10)
     block.triton_precision = "tf32x3"
@@ -298,6 +335,11 @@ def test_autograd_and_float64_keep_the_pytorch_path(monkeypatch):
     with torch.no_grad():
         block.double()(x.detach().double(), elements, elements)
     assert not called and x.grad is not None
+    # a force-centric model's distances need no gradient, its distance layer's weights do
+    model = with_triton_kernels(SpinConv(hidden_channels=16, mid_hidden_channels=16))
+    monkeypatch.setattr(triton_kernels, "basis_linear", lambda *args: called.append(args))
+    model.dist_block(torch.rand(5) + 1.0, elements, elements).sum().backward()
+    assert not called and model.dist_block.fc1.weight.grad is not None
 
 
 def test_with_triton_kernels_refuses_what_it_cannot_do():
