@@ -11,7 +11,7 @@ grids; hidden 32, mid 256, 16 x 12 grid, 40 values per grid) it times, with
   ``mixture_of_experts``, ``linear``);
 * the spin convolution of a message block: PyTorch (splat weights kept, as on a GPU; the
   spectra ``bmm``, the frequency products, inverse DFT, Swish, mean, GroupNorm) against the
-  fused spectra and pool kernels (with the same GroupNorm);
+  fused spectra and pool kernels (the GroupNorm in the pooling kernel's pass);
 
 each with its largest difference to the PyTorch output relative to that output's largest
 value, for each ``tl.dot`` precision and tile choice.  Prints a table, writes JSON.

@@ -31,8 +31,9 @@ from triton_tiles import VARIANTS
 from forcecalc.atomic import write_json
 from forcecalc.models import triton_kernels
 
-#: SpinConv-All's sizes: hidden channels, mid channels, latitudes, longitudes, values per grid.
-CHANNELS, MID, LAT, LONG, WIDTH = 32, 256, 16, 12, 40
+#: SpinConv-All's sizes: hidden channels, mid channels, latitudes, longitudes, values per grid,
+#: Gaussians of the distance basis.
+CHANNELS, MID, LAT, LONG, WIDTH, BASIS = 32, 256, 16, 12, 40, 512
 #: One Hopper multiprocessor (H100/H200): registers, shared memory (bytes), warps.
 SM_REGISTERS, SM_SHARED, SM_WARPS = 65536, 228 * 1024, 64
 
@@ -58,6 +59,9 @@ def resources(
     for name in ("index_ptr", "column_ptr", "row_ptr"):  # int64 tables
         if name in signature:
             signature[name] = "*i64"
+    for name in ("coeff", "eps"):  # float scalars
+        if name in signature:
+            signature[name] = "fp32"
     compiled = triton.compile(
         ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
         target=GPUTarget("cuda", 90, 32),
@@ -106,12 +110,15 @@ def kernels(precision: str) -> dict[str, tuple[Any, dict[str, Any], int, int]]:
         "ROUND": False,
         "PRECISION": precision,
     }
-    inverse = {"BLOCK": k.INVERSE_COLUMNS, "LONG": dot(LONG)}
-    linear = {**product(k.LINEAR_TILES, MID), "SWISH": True, "ROUND": False}
+    out = dot(MID // 4)  # 4 groups of 8 channels
+    inverse = {"SEGMENTS": k.INVERSE_COLUMNS // out, "OUT": out, "LONG": dot(LONG), "NORM": True}
+    linear = {**product(k.LINEAR_TILES, MID), "ADD": True, "SWISH": True, "ROUND": False}
+    basis = product(k.LINEAR_TILES, BASIS)
     mixture = product(k.MIXTURE_TILES, MID)
-    products = product(k.PRODUCTS_TILES, CHANNELS // 4 * LAT)  # 4 groups of 8 channels
+    products = product(k.PRODUCTS_TILES, CHANNELS // 4 * LAT)
     return {
-        "linear (Swish)": (k._linear_kernel, linear, k.LINEAR_WARPS, k.LINEAR_STAGES),
+        "linear (sum, Swish)": (k._linear_kernel, linear, k.LINEAR_WARPS, k.LINEAR_STAGES),
+        "basis_linear": (k._basis_linear_kernel, basis, k.LINEAR_WARPS, k.LINEAR_STAGES),
         "mixture_of_experts": (k._mixture_kernel, mixture, k.MIXTURE_WARPS, k.MIXTURE_STAGES),
         "spin_spectra": (k._spectra_kernel, spectra, k.SPECTRA_WARPS, k.SPECTRA_STAGES),
         "spin_pool products": (
@@ -120,7 +127,7 @@ def kernels(precision: str) -> dict[str, tuple[Any, dict[str, Any], int, int]]:
             k.PRODUCTS_WARPS,
             k.PRODUCTS_STAGES,
         ),
-        "spin_pool inverse": (k._inverse_kernel, inverse, 4, 3),
+        "spin_pool inverse (GroupNorm)": (k._inverse_kernel, inverse, 4, 3),
     }
 
 

@@ -5,10 +5,11 @@ defaults from the whole forward (``fused_kernels.py`` times the blocks alone).
 For each variant (module constants of ``triton_kernels`` set, the others at their
 defaults) it runs the forward of ``--batch`` 66-atom slabs (``speed.py``'s structures) under
 ``torch.profiler`` and sums the device time of each fused kernel (``_linear_kernel``,
-``_mixture_kernel``, ``_spectra_kernel``, ``_products_kernel``, ``_inverse_kernel``) and of
-everything else, with the wall time per forward (atoms/s).  Every variant changes each
-kernel's constants, so the best choice per kernel can be read from one pass (a variant that
-fails to compile, e.g. out of shared memory, is reported and skipped).  The top device
+``_basis_linear_kernel``, ``_mixture_kernel``, ``_spectra_kernel``, ``_products_kernel``,
+``_inverse_kernel``) and of everything else, with the wall time per forward (atoms/s).
+Every variant changes each kernel's constants, so the best choice per kernel can be read
+from one pass (a variant that fails to compile, e.g. out of shared memory, is reported and
+skipped).  The top device
 kernels and operators of the first variant run are printed too.  Prints tables, writes JSON.
 
     python benchmarks/triton_tiles.py --batch 64 --out DIR/triton_tiles.json
@@ -32,6 +33,7 @@ from forcecalc.models.registry import build_model
 
 KERNELS = (
     "_linear_kernel",
+    "_basis_linear_kernel",
     "_mixture_kernel",
     "_spectra_kernel",
     "_products_kernel",

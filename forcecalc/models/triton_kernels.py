@@ -390,6 +390,7 @@ def _inverse_kernel(
     norm_bias_ptr,
     out_ptr,
     n_segments,
+    n_columns,
     n_out,
     groups,
     long,
@@ -412,7 +413,7 @@ def _inverse_kernel(
     entry_ok = entry < long
     # products [long, n_columns] -> conv [shift, column] = inverse^T [shift, entry] @ products
     products = tl.load(
-        products_ptr + entry.to(tl.int64)[:, None] * (n_segments * n_out) + flat_columns[None, :],
+        products_ptr + entry.to(tl.int64)[:, None] * n_columns + flat_columns[None, :],
         mask=entry_ok[:, None] & flat_inside[None, :],
         other=0.0,
     )
@@ -688,7 +689,8 @@ def spin_pool(
     per_program = max(1, INVERSE_COLUMNS // padded)
     _launcher(_inverse_kernel, spectra)[(triton.cdiv(n * groups, per_program),)](
         products, inverse.contiguous(), bias.contiguous(), norm_weight, norm_bias, out,
-        n * groups, n_out, groups, long, eps, per_program, padded, _dot_size(long),
+        n * groups, n * groups * n_out, n_out, groups, long, eps, per_program, padded,
+        _dot_size(long),
         norm is not None,
     )  # fmt: skip
     return out
