@@ -5,7 +5,7 @@
 #   bash benchmarks/gpu_triton.sh [DIR]       (BASE=FOLDER: also time another version;
 #                                              BUDGET_S=480: stop starting steps after 480 s)
 #
-# 1. SpinConv-All batched (64 and 256 x 66 atoms; 512 after 3) with the fused kernels, tf32x3
+# 1. SpinConv-All batched (64 and 256 x 66 atoms; 512 after 4) with the fused kernels, tf32x3
 #    products, then the "mixed" precision (speed.py, with their largest force difference to
 #    the PyTorch path);
 # 2. their errors against the original's fixture outputs (tf32_error.py --triton: tf32x3,
@@ -14,7 +14,7 @@
 #    `benchmarks/device_wheels.sh COMMIT` in .device/base): 1 with that package, for a
 #    before/after on the same machine;
 # 4. their CUDA tests (tests/models/test_triton_kernels.py: each kernel and a whole forward
-#    against the PyTorch path);
+#    against the PyTorch path), then batch 512;
 # 5. where the forward's device time goes, kernel by kernel, for tile choices around the
 #    defaults (triton_tiles.py);
 # 6. the PyTorch path batched (the baseline of 1);
@@ -37,9 +37,9 @@ elif [ -n "${BASE:-}" ]; then
   run env PYTHONPATH="$BASE:${PYTHONPATH:-}" "${batched[@]}" --batch 64 256 --triton tf32x3 \
     --out "$dir/speed_triton_tf32x3_base.json"
 fi
+run python3 -m pytest -q tests/models/test_triton_kernels.py -p no:cacheprovider
 run "${batched[@]}" --batch 512 --triton tf32x3 --out "$dir/speed_triton_tf32x3_512.json"
 run "${batched[@]}" --batch 512 --triton mixed --out "$dir/speed_triton_mixed_512.json"
-run python3 -m pytest -q tests/models/test_triton_kernels.py -p no:cacheprovider
 run python3 benchmarks/triton_tiles.py --batch 64 --out "$dir/triton_tiles.json"
 run "${batched[@]}" --batch 64 256 --out "$dir/speed_spinconv_pytorch.json"
 run python3 benchmarks/speed.py --devices cuda --models spinconv_all --sizes 66 --batch \
