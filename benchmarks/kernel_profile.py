@@ -222,6 +222,11 @@ def fused_kernel_stand_ins(log: OperatorLog, flop_scale: float) -> dict[str, Cal
         moved = tensor_bytes([distances, offset, weight, bias]) + n * n_out * weight.element_size()
         return record("basis_linear", moved, 2.0 * n * n_basis * n_out, (n, n_out), weight)
 
+    def projected_directions(frames: torch.Tensor, unit: torch.Tensor, index: torch.Tensor) -> Any:
+        n, width = index.shape
+        moved = tensor_bytes([frames, unit, index]) + n * width * 3 * unit.element_size()
+        return record("projected_directions", moved, 0.0, (n, width, 3), unit)
+
     def mixture_of_experts(
         h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, mixture: torch.Tensor, *_: Any
     ) -> Any:
@@ -270,6 +275,7 @@ def fused_kernel_stand_ins(log: OperatorLog, flop_scale: float) -> dict[str, Cal
     return {
         "linear": linear,
         "basis_linear": basis_linear,
+        "projected_directions": projected_directions,
         "mixture_of_experts": mixture_of_experts,
         "spin_spectra": spin_spectra,
         "spin_pool": spin_pool,

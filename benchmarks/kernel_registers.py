@@ -48,12 +48,17 @@ def ptxas() -> str:
 
 
 def resources(
-    kernel: Any, constexprs: dict[str, Any], num_warps: int, num_stages: int = 3
+    kernel: Any,
+    constexprs: dict[str, Any],
+    num_warps: int,
+    num_stages: int = 3,
+    pointer: str = "*fp32",
 ) -> dict[str, Any]:
-    """Compile ``kernel`` for sm_90a with ``constexprs`` (every other argument a float32
-    pointer if it ends in ``_ptr``, else a 32-bit integer) and read its resources."""
+    """Compile ``kernel`` for sm_90a with ``constexprs`` (every other argument a ``pointer``,
+    float32 by default, if it ends in ``_ptr``, else a 32-bit integer) and read its
+    resources."""
     signature = {
-        name: "constexpr" if name in constexprs else ("*fp32" if name.endswith("_ptr") else "i32")
+        name: "constexpr" if name in constexprs else (pointer if name.endswith("_ptr") else "i32")
         for name in kernel.arg_names
     }
     for name in ("index_ptr", "column_ptr", "row_ptr"):  # int64 tables
@@ -167,6 +172,21 @@ def main() -> None:
     finally:
         for key, value in defaults.items():
             setattr(triton_kernels, key, value)
+    # the geometry's kernel: float64, no products, no tile variants
+    projection = {"BLOCK": triton_kernels.PROJECTION_ENTRIES}
+    warps = triton_kernels.PROJECTION_WARPS
+    row = {
+        "kernel": "projected_directions",
+        "precision": "float64",
+        "constexprs": projection,
+        **resources(triton_kernels._projection_kernel, projection, warps, pointer="*fp64"),
+    }
+    rows.append(row)
+    print(
+        f"{row['kernel']:<20}{'float64':<10}{'':<8}{row['registers']:>6}"
+        f"{row['spill_stores']:>7}/{row['spill_loads']:<5}{row['shared_bytes']:>9}{warps:>6}"
+        f"{row['programs_per_sm']:>12}"
+    )
     write_json(
         args.out,
         {

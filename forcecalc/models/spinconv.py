@@ -943,7 +943,7 @@ class SpinConv(nn.Module):
         with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
             unit = vectors / distances.unsqueeze(1)
             frames = _edge_frames(vectors, distances, unit, target_rows, incoming_rows, self.cutoff)
-            projected = torch.einsum("ekc,ejc->ejk", frames, neighbor_rows.gather(unit))
+            projected = self._projected(frames, unit, neighbor_rows, dtype)
             projections = SphereProjections.from_directions(
                 projected,
                 neighbor_rows,
@@ -972,6 +972,18 @@ class SpinConv(nn.Module):
                 x, unit.detach(), incoming_rows.index, numbers, edge_weight
             )
         return energy, forces
+
+    def _projected(
+        self, frames: Tensor, unit: Tensor, neighbor_rows: RowIndex, dtype: torch.dtype
+    ) -> Tensor:
+        """``[n_edges, width, 3]``: the directions of the edges into each edge's source (rows
+        ``neighbor_rows``) in the edge's frame (``frames`` ``[n_edges, 3, 3]``), by the fused
+        Triton kernel where it applies (a float32 model with the kernels, no autograd)."""
+        if self.triton_precision is None or torch.is_grad_enabled() or dtype != torch.float32:
+            return torch.einsum("ekc,ejc->ejk", frames, neighbor_rows.gather(unit))
+        from forcecalc.models.triton_kernels import projected_directions
+
+        return projected_directions(frames, unit, neighbor_rows.index)
 
     # ------------------------------------------------------------ fixed shapes
 

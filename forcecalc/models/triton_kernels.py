@@ -77,6 +77,9 @@ PRODUCTS_TILES = (128, 64, 32)
 PRODUCTS_WARPS, PRODUCTS_STAGES = 4, 3
 #: Output numbers per program of the inverse DFT in :func:`spin_pool`.
 INVERSE_COLUMNS = 512
+#: Directions per program and warps of :func:`projected_directions` (element-wise, not timed:
+#: chosen for 32 registers per thread, a full multiprocessor, by ``kernel_registers.py``).
+PROJECTION_ENTRIES, PROJECTION_WARPS = 512, 8
 
 
 @triton.jit
@@ -243,6 +246,34 @@ def _basis_linear_kernel(
         acc = tl.dot(basis, b, acc, input_precision=PRECISION)
     acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0)[None, :]
     _store_tile(out_ptr, acc, rows, cols, row_ok, col_ok, n_out)
+
+
+@triton.jit
+def _projection_kernel(
+    frames_ptr,
+    unit_ptr,
+    index_ptr,
+    out_ptr,
+    n_entries,
+    width,
+    n_values,
+    BLOCK: tl.constexpr,
+) -> None:
+    # entry e = (row, slot) of the [n, width] index: out[e, k] = frames[row, k] . unit[index[e]]
+    entries = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = entries < n_entries
+    row = entries // width
+    reader = tl.load(index_ptr + entries, mask=inside, other=n_values)
+    read = inside & (reader < n_values)
+    x = tl.load(unit_ptr + reader * 3, mask=read, other=0.0)
+    y = tl.load(unit_ptr + reader * 3 + 1, mask=read, other=0.0)
+    z = tl.load(unit_ptr + reader * 3 + 2, mask=read, other=0.0)
+    for k in range(3):
+        frame = frames_ptr + row * 9 + k * 3
+        fx = tl.load(frame, mask=inside, other=0.0)
+        fy = tl.load(frame + 1, mask=inside, other=0.0)
+        fz = tl.load(frame + 2, mask=inside, other=0.0)
+        tl.store(out_ptr + entries * 3 + k, fx * x + fy * y + fz * z, mask=inside)
 
 
 @triton.jit
@@ -547,6 +578,38 @@ def basis_linear(
         distances, offset.contiguous(), weight, bias.contiguous(), out, n, n_basis, n_out,
         coeff, block_m, block_n, block_k, precision,
         num_warps=LINEAR_WARPS, num_stages=LINEAR_STAGES,
+    )  # fmt: skip
+    return out
+
+
+def projected_directions(frames: Tensor, unit: Tensor, index: Tensor) -> Tensor:
+    """The directions ``unit[index[n, j]]`` in the frames ``frames[n]`` (``einsum("nkc,njc->njk",
+    frames, unit[index])``, zero where ``index`` is padding) in one pass, the gathered
+    directions never stored; any float dtype (SpinConv's geometry is float64).
+
+    Args:
+        frames: ``[n, 3, 3]`` rows of each frame.
+        unit: ``[n_values, 3]`` directions.
+        index: ``[n, width]`` int64 rows of ``unit``, ``n_values`` for padding.
+
+    Returns:
+        ``[n, width, 3]``.
+    """
+    if frames.dtype != unit.dtype or frames.shape[1:] != (3, 3) or unit.shape[1:] != (3,):
+        raise ValueError(
+            f"frames [n, 3, 3] and directions [n_values, 3] of one dtype, got "
+            f"{tuple(frames.shape)} {frames.dtype} and {tuple(unit.shape)} {unit.dtype}"
+        )
+    n, width = index.shape
+    if len(frames) != n:
+        raise ValueError(f"{len(frames)} frames for {n} rows of readers")
+    out = unit.new_empty(n, width, 3)
+    if out.numel() == 0:
+        return out
+    grid = (triton.cdiv(n * width, PROJECTION_ENTRIES),)
+    _launcher(_projection_kernel, unit)[grid](
+        frames.contiguous(), unit.contiguous(), index.contiguous(), out, n * width, width,
+        len(unit), PROJECTION_ENTRIES, num_warps=PROJECTION_WARPS,
     )  # fmt: skip
     return out
 

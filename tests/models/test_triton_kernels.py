@@ -35,6 +35,7 @@ from forcecalc.models.triton_kernels import (
     linear,
     mixture_of_experts,
     paired_kernels,
+    projected_directions,
     spin_pool,
     spin_spectra,
     tf32_rounded,
@@ -252,6 +253,28 @@ def test_basis_linear_is_the_gaussian_basis_and_its_layer(device):
     assert _relative(out.double(), expected) < 1e-5
     with pytest.raises(ValueError, match="centres for a layer of 37 inputs"):
         basis_linear(distances, expansion.offset[:-1], 1.0, layer.weight, layer.bias)
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+def test_projected_directions_are_the_frames_times_the_gathered_directions(device):
+    """Each grid's neighbor directions in its frame, in one pass without the gathered
+    ``[n, width, 3]`` directions: the einsum of the PyTorch path, in float64 (SpinConv's
+    geometry), to the last bits' rounding; zero where the readers are padding (31 x 7 entries:
+    a partial program); mismatched shapes refused."""
+    torch.manual_seed(8)
+    n, width, n_values = 31, 7, 40
+    frames = torch.randn(n, 3, 3, dtype=torch.float64, device=device)
+    unit = torch.randn(n_values, 3, dtype=torch.float64, device=device)
+    index = torch.randint(0, n_values + 1, (n, width), device=device)
+    out = projected_directions(frames, unit, index)
+    gathered = torch.cat([unit, unit.new_zeros(1, 3)])[index]
+    expected = torch.einsum("nkc,njc->njk", frames, gathered)
+    torch.testing.assert_close(out, expected, rtol=1e-15, atol=1e-15)
+    assert (out[index == n_values] == 0).all() and (index == n_values).any()
+    with pytest.raises(ValueError, match="30 frames for 31 rows"):
+        projected_directions(frames[:-1], unit, index)
+    with pytest.raises(ValueError, match="of one dtype"):
+        projected_directions(frames.float(), unit, index)
 
 
 def test_tf32_rounding_is_to_the_nearest_tf32_number():
