@@ -12,6 +12,7 @@ every frequency.  These kernels compute the same numbers without those tensors:
 * :func:`linear`: the mixtures' input and output layers and the distance features' layers,
   the residual sum and Swish folded in where they follow; :func:`basis_linear` the distance
   block's Gaussian basis and its layer;
+* :func:`projected_directions`: each edge's neighbor directions in its frame (float64);
 * :func:`spin_spectra`: the packed longitude spectra of the projected grids straight from
   the splat factors (:func:`~forcecalc.models.spinconv.splat_factors`: each value's grid
   column and row and how far between, its bilinear weights made in registers) and the
@@ -794,10 +795,10 @@ def paired_kernels(real: Tensor, imag: Tensor, long: int) -> Tensor:
 
 def with_triton_kernels(module: nn.Module, precision: str = "tf32x3") -> nn.Module:
     """A copy of ``module`` (a SpinConv model, or a :class:`~forcecalc.checkpoint.Potential`
-    holding one; weights copied) whose mixtures of experts and spin convolutions use the fused
-    kernels wherever they can: float32 inputs, no autograd recording (a force-centric
-    model's forward; an energy-centric model's forces need the backward pass and keep the
-    PyTorch path).
+    holding one; weights copied) whose mixtures of experts, spin convolutions, distance layers
+    and frame projections use the fused kernels wherever they can: float32 inputs, no
+    autograd recording (a force-centric model's forward; an energy-centric model's forces
+    need the backward pass and keep the PyTorch path).
 
     ``precision``: ``"tf32x3"`` (float32's accuracy, three TF32 tensor-core products per
     product), ``"tf32"`` or ``"ieee"`` for every product, or ``"mixed"``: one TF32 product in
