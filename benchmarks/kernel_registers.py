@@ -116,7 +116,13 @@ def kernels(precision: str) -> dict[str, tuple[Any, dict[str, Any], int, int]]:
         "PRECISION": precision,
     }
     out = dot(MID // 4)  # 4 groups of 8 channels
-    inverse = {"SEGMENTS": k.INVERSE_COLUMNS // out, "OUT": out, "LONG": dot(LONG), "NORM": True}
+    inverse = {
+        "SEGMENTS": max(1, k.INVERSE_COLUMNS // out),
+        "OUT": out,
+        "LONG": dot(LONG),
+        "NORM": True,
+        "AFFINE": True,
+    }
     linear = {**product(k.LINEAR_TILES, MID), "ADD": True, "SWISH": True, "ROUND": False}
     basis = product(k.LINEAR_TILES, BASIS)
     mixture = product(k.MIXTURE_TILES, MID)
@@ -146,7 +152,7 @@ def main() -> None:
     defaults = {key: getattr(triton_kernels, key) for variant in VARIANTS for key in variant}
     rows = []
     print(
-        f"{'kernel':<20}{'precision':<10}{'variant':<8}{'regs':>6}{'spill st/ld':>13}"
+        f"{'kernel':<30}{'precision':<10}{'variant':<8}{'regs':>6}{'spill st/ld':>13}"
         f"{'shared':>9}{'warps':>6}{'programs/SM':>12}"
     )
     try:
@@ -165,7 +171,7 @@ def main() -> None:
                     }
                     rows.append(row)
                     print(
-                        f"{name:<20}{precision:<10}{number:<8}{row['registers']:>6}"
+                        f"{name:<30}{precision:<10}{number:<8}{row['registers']:>6}"
                         f"{row['spill_stores']:>7}/{row['spill_loads']:<5}"
                         f"{row['shared_bytes']:>9}{warps:>6}{row['programs_per_sm']:>12}"
                     )
@@ -183,7 +189,7 @@ def main() -> None:
     }
     rows.append(row)
     print(
-        f"{row['kernel']:<20}{'float64':<10}{'':<8}{row['registers']:>6}"
+        f"{row['kernel']:<30}{'float64':<10}{'':<8}{row['registers']:>6}"
         f"{row['spill_stores']:>7}/{row['spill_loads']:<5}{row['shared_bytes']:>9}{warps:>6}"
         f"{row['programs_per_sm']:>12}"
     )

@@ -209,7 +209,8 @@ class EmbeddingBlock(nn.Module):
         step 5% slower)."""
         recording = torch.is_grad_enabled() and x.requires_grad
         mixture = self._expert_weights(source_element, target_element)
-        if self.triton_precision is not None and not recording and x.dtype == torch.float32:
+        fused = self.triton_precision is not None and x.dtype == torch.float32
+        if fused and not autograd_records(self, x):
             return self._fused_mixture(x, mixture)
         if x.is_cuda or recording or len(x) <= MOE_CHUNK_ROWS:
             return self._mixture(x, mixture)
@@ -358,11 +359,8 @@ class DistanceBlock(nn.Module):
             exponent = 2.0 * torch.sigmoid(self.dist_scalar(pair).view(-1)) - 1.0
             scale = torch.exp(self.log_scalar_max * exponent)
             distances = scale * distances + self.dist_offset(pair).view(-1)
-        # the layer's weights count too: the distances of a force-centric model need no gradient
-        recording = torch.is_grad_enabled() and (
-            distances.requires_grad or self.fc1.weight.requires_grad
-        )
-        if self.triton_precision is None or recording or distances.dtype != torch.float32:
+        fused = self.triton_precision is not None and distances.dtype == torch.float32
+        if not fused or autograd_records(self, distances):
             return self.fc1(self.distance_expansion(distances))
         from forcecalc.models.triton_kernels import basis_linear, product_precisions
 
@@ -590,8 +588,8 @@ def swish_layers(
     fused linear kernel (the sum and Swish in its pass) where ``triton_precision`` asks for it
     and it applies (float32, no autograd recording)."""
     inputs = (x,) if addend is None else (x, addend)
-    recording = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
-    if triton_precision is None or recording or x.dtype != torch.float32:
+    fused = triton_precision is not None and x.dtype == torch.float32
+    if not fused or autograd_records(first, second, *inputs):
         out = second(F.silu(first(x)))
         return F.silu(out if addend is None else addend + out)
     from forcecalc.models.triton_kernels import linear, product_precisions
@@ -1656,7 +1654,8 @@ class SphereProjections:
             or self.longitude.fraction.requires_grad
             or self.latitude.requires_grad
         )
-        if block.triton_precision is not None and not recording and values.dtype == torch.float32:
+        fused = block.triton_precision is not None and values.dtype == torch.float32
+        if fused and not (recording or autograd_records(block)):
             return self._fused_spin_convolution(block, values)
         cache = (values.is_cuda or recording) and (
             n * width * long * lat * itemsize <= WEIGHT_CACHE_BYTES
@@ -1690,7 +1689,7 @@ class SphereProjections:
         spectra_precision, products_precision, rounded = product_precisions(block.triton_precision)
         pairs = tf32_rounded(pairs) if rounded else pairs
         # the block's GroupNorm in the pooling kernel's pass (unless replaced by another module)
-        fused_norm = block.GroupNorm if isinstance(block.GroupNorm, nn.GroupNorm) else None
+        fused_norm = block.GroupNorm if type(block.GroupNorm) is nn.GroupNorm else None
         outputs = []
         for index, longitudes, latitudes in zip(
             self.readers.index.split(step),
@@ -1811,6 +1810,21 @@ def _kept_constant(
         with torch.inference_mode(False), torch.no_grad():
             cache[key] = build()
     return cache[key]
+
+
+def autograd_records(*parts: nn.Module | Tensor) -> bool:
+    """Whether autograd records an operation on ``parts`` (tensors, and modules whose
+    parameters it uses): gradients enabled and one of the tensors or parameters requiring
+    one.  The fused Triton kernels have no backward: a block takes them only where this is
+    False (inference; in training, even a block whose inputs need no gradient has weights
+    that do, unless frozen)."""
+    if not torch.is_grad_enabled():
+        return False
+    for part in parts:
+        tensors = part.parameters() if isinstance(part, nn.Module) else (part,)
+        if any(t.requires_grad for t in tensors):
+            return True
+    return False
 
 
 def _check_autograd_available() -> None:

@@ -76,7 +76,8 @@ SPECTRA_WARPS, SPECTRA_STAGES = 2, 1
 PRODUCTS_TILES = (128, 64, 32)
 #: Warps and stages of the frequency products.
 PRODUCTS_WARPS, PRODUCTS_STAGES = 4, 3
-#: Output numbers per program of the inverse DFT in :func:`spin_pool`.
+#: Output numbers per program of the inverse DFT in :func:`spin_pool` (each grid's outputs of
+#: a group, a GroupNorm group, padded to a power of two; at least one group per program).
 INVERSE_COLUMNS = 512
 #: Directions per program and warps of :func:`projected_directions` (element-wise, not timed:
 #: chosen for 32 registers per thread, a full multiprocessor, by ``kernel_registers.py``).
@@ -431,6 +432,7 @@ def _inverse_kernel(
     OUT: tl.constexpr,
     LONG: tl.constexpr,
     NORM: tl.constexpr,
+    AFFINE: tl.constexpr,
 ) -> None:
     # a segment: one grid's n_out outputs of one group (a GroupNorm group), SEGMENTS of them
     # per program, each padded to OUT columns
@@ -464,9 +466,10 @@ def _inverse_kernel(
         mean = tl.sum(tl.where(inside, pooled, 0.0), axis=1) / n_out
         centred = tl.where(inside, pooled - mean[:, None], 0.0)
         variance = tl.sum(centred * centred, axis=1) / n_out
-        scale = tl.load(norm_weight_ptr + channels, mask=inside, other=0.0)
-        shift = tl.load(norm_bias_ptr + channels, mask=inside, other=0.0)
-        pooled = centred / tl.sqrt_rn(variance + eps)[:, None] * scale + shift
+        pooled = centred / tl.sqrt_rn(variance + eps)[:, None]
+        if AFFINE:
+            scale = tl.load(norm_weight_ptr + channels, mask=inside, other=0.0)
+            pooled = pooled * scale + tl.load(norm_bias_ptr + channels, mask=inside, other=0.0)
     tl.store(out_ptr + columns, pooled, mask=inside)
 
 
@@ -724,7 +727,7 @@ def spin_pool(
     _check_float32(spectra, pairs, inverse, bias)
     long, groups, n, n_in = spectra.shape
     n_out = pairs.shape[-1] // 2
-    norm_weight, norm_bias, eps = bias, bias, 0.0  # unread without a norm
+    norm_weight, norm_bias, eps = bias, bias, 0.0  # unread without a norm's scale and shift
     if norm is not None:
         if (norm.num_groups, norm.num_channels) != (groups, groups * n_out):
             raise ValueError(
@@ -734,8 +737,6 @@ def spin_pool(
         if norm.affine:
             norm_weight, norm_bias = norm.weight.contiguous(), norm.bias.contiguous()
             _check_float32(norm_weight, norm_bias)
-        else:
-            norm_weight, norm_bias = torch.ones_like(bias), torch.zeros_like(bias)
         eps = norm.eps
     out = spectra.new_empty(n, groups * n_out)
     if n == 0:
@@ -754,8 +755,7 @@ def spin_pool(
     _launcher(_inverse_kernel, spectra)[(triton.cdiv(n * groups, per_program),)](
         products, inverse.contiguous(), bias.contiguous(), norm_weight, norm_bias, out,
         n * groups, n * groups * n_out, n_out, groups, long, eps, per_program, padded,
-        _dot_size(long),
-        norm is not None,
+        _dot_size(long), norm is not None, norm is not None and norm.affine,
     )  # fmt: skip
     return out
 

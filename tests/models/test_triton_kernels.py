@@ -5,6 +5,7 @@ chooses it); sizes are odd on purpose, so every tile has masked rows and columns
 
 from __future__ import annotations
 
+import collections
 import copy
 
 import numpy as np
@@ -23,12 +24,14 @@ from forcecalc.graph.gather import RowIndex
 from forcecalc.models import triton_kernels
 from forcecalc.models.blocks import GaussianSmearing
 from forcecalc.models.spinconv import (
+    DistanceBlock,
     EmbeddingBlock,
     MessageBlock,
     SphereProjections,
     SpinConv,
     SpinConvBlock,
     splat_factors,
+    swish_layers,
 )
 from forcecalc.models.triton_kernels import (
     basis_linear,
@@ -58,6 +61,15 @@ KERNEL_DEVICES = [
     pytest.param("cuda", marks=CUDA),
 ]
 PRECISIONS = ["ieee", "tf32x3"]
+#: The fused kernels' entry points that SpinConv's blocks call.
+KERNEL_FUNCTIONS = (
+    "linear",
+    "basis_linear",
+    "mixture_of_experts",
+    "projected_directions",
+    "spin_spectra",
+    "spin_pool",
+)
 #: Large tiles: fewer programs for Triton's interpreter to run one by one.
 INTERPRETER_TILES = {
     "MIXTURE_TILES": (256, 64, 32),
@@ -171,11 +183,12 @@ def test_spin_convolution_equals_the_blocks_operators(device, long, weighted):
 
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
-def test_spectra_layout_and_pool_of_known_spectra(device):
+def test_spectra_layout_and_pool_of_known_spectra(device, monkeypatch):
     """The spectra come out frequency-major, ``[long, groups, n, (C / groups) lat]`` (the
     block's own permutation of ``[n, C, long, lat]``), and the pooled convolution of those
     spectra equals the block's forward before its GroupNorm, and after it with a GroupNorm
-    given (one without scale and shift here); a GroupNorm of other groups is refused."""
+    given (one without scale and shift, a large eps: inside the square root), also with
+    programs smaller than a group's outputs; a GroupNorm of other groups is refused."""
     torch.manual_seed(4)
     channels, mid, lat, long, width, n, n_values = 16, 8, 3, 6, 9, 10, 14
     groups = channels // 8
@@ -190,7 +203,7 @@ def test_spectra_layout_and_pool_of_known_spectra(device):
     assert _relative(spectra, expected.reshape(long, groups, n, 8 * lat)) < 1e-5
 
     block = SpinConvBlock(channels, mid, lat, long).to(device)
-    norm = torch.nn.GroupNorm(groups, mid, affine=False)
+    norm = torch.nn.GroupNorm(groups, mid, eps=0.5, affine=False)
     block.GroupNorm = torch.nn.Identity()
     with torch.no_grad():
         block.conv1.bias.normal_()
@@ -201,6 +214,9 @@ def test_spectra_layout_and_pool_of_known_spectra(device):
         direct = block(grid_spectra)
     assert _relative(pooled, direct) < 1e-5
     assert _relative(normalized, norm(direct)) < 1e-5
+    monkeypatch.setattr(triton_kernels, "INVERSE_COLUMNS", 2)  # fewer than a group's outputs
+    alone = spin_pool(spectra, pairs, inverse, block.conv1.bias, "ieee", norm)
+    assert _relative(alone, norm(direct)) < 1e-5
     with pytest.raises(ValueError, match="GroupNorm of 1 groups"):
         spin_pool(spectra, pairs, inverse, block.conv1.bias, "ieee", torch.nn.GroupNorm(1, mid))
 
@@ -210,9 +226,9 @@ def test_spectra_layout_and_pool_of_known_spectra(device):
 def test_force_centric_forward_equals_the_pytorch_path(device, envelope, monkeypatch):
     """A whole force-centric forward (the small fixture checkpoint, a 17-atom O/Pt(100) slab),
     with and without the envelope's weighted grids: energy and forces as the PyTorch path's
-    to float32 rounding, and the model given to ``with_triton_kernels`` is left as it was.
-    In the interpreter with large tiles (its cost is per program; the default tiles are the
-    tests above)."""
+    to float32 rounding, every fused path taken (the kernels' calls counted), and the model
+    given to ``with_triton_kernels`` is left as it was.  In the interpreter with large tiles
+    (its cost is per program; the default tiles are the tests above)."""
     if device == "cpu":
         for name, value in INTERPRETER_TILES.items():
             monkeypatch.setattr(triton_kernels, name, value)
@@ -225,14 +241,40 @@ def test_force_centric_forward_equals_the_pytorch_path(device, envelope, monkeyp
     assert all(
         m.triton_precision is None
         for m in model.modules()
-        if isinstance(m, EmbeddingBlock | SpinConvBlock | MessageBlock | SpinConv)
+        if isinstance(m, EmbeddingBlock | SpinConvBlock | MessageBlock | SpinConv | DistanceBlock)
     )
+    calls = collections.Counter()
+    for name in KERNEL_FUNCTIONS:
+        kernel = getattr(triton_kernels, name)
+
+        def counted(*args, _kernel=kernel, _name=name, **kwargs):
+            norm = args[5] if _name == "spin_pool" and len(args) > 5 else kwargs.get("norm")
+            fused_into = "addend" if kwargs.get("addend") is not None else ""
+            calls[_name, fused_into + ("norm" if norm is not None else "")] += 1
+            return _kernel(*args, **kwargs)
+
+        monkeypatch.setattr(triton_kernels, name, counted)
     atoms = ocp_structures()["o_pt100"]
     batch = Batch.from_atoms(atoms, cutoff=model.cutoff).to(device, torch.float32)
     with torch.no_grad():
         reference, out = model(batch), fused(batch)
     assert _relative(out["energy"], reference["energy"]) < 1e-5
     assert _relative(out["forces"], reference["forces"]) < 1e-5
+    # every fused path was taken: one distance basis, the model's two distance layers, two
+    # per message block (the second with the residual), a mixture of experts and its two
+    # layers per embedding block (two per message block, the model's, the energy block's, two
+    # in the force block), the frame projections, each spin convolution with its GroupNorm
+    blocks = len(model.message_blocks)
+    mixtures = 2 * blocks + 4
+    assert calls == {
+        ("basis_linear", ""): 1,
+        ("linear", ""): 2 + blocks + 2 * mixtures,
+        ("linear", "addend"): blocks,
+        ("mixture_of_experts", ""): mixtures,
+        ("projected_directions", ""): 1,
+        ("spin_spectra", ""): blocks + 1,
+        ("spin_pool", "norm"): blocks + 1,
+    }
 
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
@@ -358,11 +400,68 @@ def test_autograd_and_float64_keep_the_pytorch_path(monkeypatch):
     with torch.no_grad():
         block.double()(x.detach().double(), elements, elements)
     assert not called and x.grad is not None
-    # a force-centric model's distances need no gradient, its distance layer's weights do
-    model = with_triton_kernels(SpinConv(hidden_channels=16, mid_hidden_channels=16))
-    monkeypatch.setattr(triton_kernels, "basis_linear", lambda *args: called.append(args))
-    model.dist_block(torch.rand(5) + 1.0, elements, elements).sum().backward()
-    assert not called and model.dist_block.fc1.weight.grad is not None
+
+
+def test_blocks_whose_weights_need_a_gradient_keep_the_pytorch_path(monkeypatch):
+    """Training: a block's inputs may need no gradient (a force-centric model's distances
+    and geometry, the output of a frozen block) while its own weights do; every fused block
+    then computes with PyTorch's operators (no kernel called) and the gradient reaches its
+    weights: the mixture of experts, the distance block (without pair scalings: its
+    distances need no gradient), the distance layers with their residual sum, and the spin
+    convolution (only its GroupNorm's scale and shift trainable)."""
+    for name in KERNEL_FUNCTIONS:
+        monkeypatch.setattr(triton_kernels, name, lambda *args, **kwargs: 1 / 0)
+    torch.manual_seed(9)
+    model = with_triton_kernels(
+        SpinConv(hidden_channels=16, mid_hidden_channels=16, scale_distances=False)
+    )
+    elements = torch.randint(1, 10, (6,))
+    model.dist_block(torch.rand(6) + 1.0, elements, elements).sum().backward()
+    assert model.dist_block.fc1.weight.grad is not None
+    assert model.dist_block.fc1.bias.grad is not None
+    x, x_dist = torch.randn(6, 16), torch.randn(6, 16)
+    swish_layers(x_dist, model.distfc1, model.distfc2, "tf32x3", addend=x).sum().backward()
+    assert model.distfc1.weight.grad is not None
+    model.embeddingblock2(x, elements, elements).sum().backward()
+    assert model.embeddingblock2.fc2.weight.grad is not None
+    block = model.message_blocks[0].spinconvblock
+    block.requires_grad_(False)
+    block.GroupNorm.requires_grad_(True)
+    index, longitude, latitude = _grids("cpu", 5, 4, 6, block.lat, block.long)
+    projections = SphereProjections(RowIndex(index, 6), longitude, latitude)
+    projections.spin_convolution(block, x).sum().backward()
+    assert block.GroupNorm.weight.grad is not None
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+def test_fine_tuning_a_copy_with_kernels_and_a_frozen_block(device, monkeypatch):
+    """Fine-tuning the small force-centric model with its distance block frozen: the frozen
+    block's outputs need no gradient (the fused basis kernel computes them), every later
+    block trains through PyTorch's operators, and every trainable weight gets the gradient
+    the plain model's copy gets (to float32 rounding)."""
+    if device == "cpu":
+        for name, value in INTERPRETER_TILES.items():
+            monkeypatch.setattr(triton_kernels, name, value)
+    raw = load_ocp_raw("spinconv_small_fc")
+    model = SpinConv(**raw["config"]["model_attributes"])
+    model.load_state_dict({k.removeprefix("module."): v for k, v in raw["state_dict"].items()})
+    model = model.to(device)
+    model.dist_block.requires_grad_(False)
+    fused = with_triton_kernels(model)
+    batch = Batch.from_atoms(ocp_structures()["o_pt100"], cutoff=model.cutoff)
+    batch = batch.to(device, torch.float32)
+    for copy_ in (model, fused):
+        out = copy_(batch)
+        (out["energy"].sum() + out["forces"].square().sum()).backward()
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert trainable and not any(name.startswith("dist_block") for name in trainable)
+    fused_parameters = dict(fused.named_parameters())
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            gradient = fused_parameters[name].grad
+            assert gradient is not None, name
+            if parameter.grad.abs().max() > 0:
+                assert _relative(gradient, parameter.grad) < 1e-4, name
 
 
 def test_with_triton_kernels_refuses_what_it_cannot_do():
