@@ -466,7 +466,7 @@ def _inverse_kernel(
         mean = tl.sum(tl.where(inside, pooled, 0.0), axis=1) / n_out
         centred = tl.where(inside, pooled - mean[:, None], 0.0)
         variance = tl.sum(centred * centred, axis=1) / n_out
-        pooled = centred / tl.sqrt_rn(variance + eps)[:, None]
+        pooled = centred * tl.rsqrt(variance + eps)[:, None]  # as torch's CUDA kernel
         if AFFINE:
             scale = tl.load(norm_weight_ptr + channels, mask=inside, other=0.0)
             pooled = pooled * scale + tl.load(norm_bias_ptr + channels, mask=inside, other=0.0)
