@@ -222,10 +222,20 @@ def fused_kernel_stand_ins(log: OperatorLog, flop_scale: float) -> dict[str, Cal
         moved = tensor_bytes([distances, offset, weight, bias]) + n * n_out * weight.element_size()
         return record("basis_linear", moved, 2.0 * n * n_basis * n_out, (n, n_out), weight)
 
-    def projected_directions(frames: torch.Tensor, unit: torch.Tensor, index: torch.Tensor) -> Any:
-        n, width = index.shape
-        moved = tensor_bytes([frames, unit, index]) + n * width * 3 * unit.element_size()
-        return record("projected_directions", moved, 0.0, (n, width, 3), unit)
+    def splat_directions(
+        frames: torch.Tensor, unit: torch.Tensor, index: torch.Tensor, *_: Any
+    ) -> Any:
+        entries = index.numel()
+        # two kernels and PyTorch's atan2 and asin over [3, n, width] float64 planes: the
+        # directions' kernel writes 3, atan2 reads 2 and writes 1, asin 1 and 1, the bins'
+        # kernel reads 2 and the index and writes the four factors (int64, float32)
+        moved = tensor_bytes([frames, unit, index]) + entries * 8 * (3 + 3 + 2 + 2)
+        moved += index.element_size() * entries + entries * (8 + 4 + 8 + 4)
+        record("splat_directions", moved, 0.0, (1,), unit)
+        with _disable_current_modes():
+            column, row = torch.zeros_like(index), torch.zeros_like(index)
+            fraction = torch.zeros(index.shape, dtype=torch.float32, device=index.device)
+            return column, fraction, row, torch.zeros_like(fraction)
 
     def mixture_of_experts(
         h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, mixture: torch.Tensor, *_: Any
@@ -275,7 +285,7 @@ def fused_kernel_stand_ins(log: OperatorLog, flop_scale: float) -> dict[str, Cal
     return {
         "linear": linear,
         "basis_linear": basis_linear,
-        "projected_directions": projected_directions,
+        "splat_directions": splat_directions,
         "mixture_of_experts": mixture_of_experts,
         "spin_spectra": spin_spectra,
         "spin_pool": spin_pool,

@@ -52,13 +52,13 @@ def resources(
     constexprs: dict[str, Any],
     num_warps: int,
     num_stages: int = 3,
-    pointer: str = "*fp32",
+    types: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Compile ``kernel`` for sm_90a with ``constexprs`` (every other argument a ``pointer``,
-    float32 by default, if it ends in ``_ptr``, else a 32-bit integer) and read its
-    resources."""
+    """Compile ``kernel`` for sm_90a with ``constexprs`` (every other argument a float32
+    pointer if it ends in ``_ptr``, else a 32-bit integer, unless ``types`` names its type)
+    and read its resources."""
     signature = {
-        name: "constexpr" if name in constexprs else (pointer if name.endswith("_ptr") else "i32")
+        name: "constexpr" if name in constexprs else ("*fp32" if name.endswith("_ptr") else "i32")
         for name in kernel.arg_names
     }
     for name in ("index_ptr", "column_ptr", "row_ptr"):  # int64 tables
@@ -67,6 +67,7 @@ def resources(
     for name in ("coeff", "eps"):  # float scalars
         if name in signature:
             signature[name] = "fp32"
+    signature.update(types or {})
     compiled = triton.compile(
         ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
         target=GPUTarget("cuda", 90, 32),
@@ -178,21 +179,26 @@ def main() -> None:
     finally:
         for key, value in defaults.items():
             setattr(triton_kernels, key, value)
-    # the geometry's kernel: float64, no products, no tile variants
-    projection = {"BLOCK": triton_kernels.PROJECTION_ENTRIES}
-    warps = triton_kernels.PROJECTION_WARPS
-    row = {
-        "kernel": "projected_directions",
-        "precision": "float64",
-        "constexprs": projection,
-        **resources(triton_kernels._projection_kernel, projection, warps, pointer="*fp64"),
-    }
-    rows.append(row)
-    print(
-        f"{row['kernel']:<30}{'float64':<10}{'':<8}{row['registers']:>6}"
-        f"{row['spill_stores']:>7}/{row['spill_loads']:<5}{row['shared_bytes']:>9}{warps:>6}"
-        f"{row['programs_per_sm']:>12}"
-    )
+    # the geometry's kernels: float64, no products, no tile variants
+    warps = triton_kernels.DIRECTION_WARPS
+    float64 = {"frames_ptr": "*fp64", "unit_ptr": "*fp64", "out_ptr": "*fp64"}
+    for name, kernel, constexprs, types in (
+        ("splat_directions", triton_kernels._directions_kernel, {"POLE_EPS2": 1e-12}, float64),
+        ("splat_directions bins", triton_kernels._bins_kernel, {}, {"angles_ptr": "*fp64"}),
+    ):
+        constexprs = {**constexprs, "BLOCK": triton_kernels.DIRECTION_ENTRIES}
+        row = {
+            "kernel": name,
+            "precision": "float64",
+            "constexprs": constexprs,
+            **resources(kernel, constexprs, warps, types=types),
+        }
+        rows.append(row)
+        print(
+            f"{name:<30}{'float64':<10}{'':<8}{row['registers']:>6}"
+            f"{row['spill_stores']:>7}/{row['spill_loads']:<5}{row['shared_bytes']:>9}"
+            f"{warps:>6}{row['programs_per_sm']:>12}"
+        )
     write_json(
         args.out,
         {

@@ -941,15 +941,16 @@ class SpinConv(nn.Module):
         with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
             unit = vectors / distances.unsqueeze(1)
             frames = _edge_frames(vectors, distances, unit, target_rows, incoming_rows, self.cutoff)
-            projected = self._projected(frames, unit, neighbor_rows, dtype)
-            projections = SphereProjections.from_directions(
-                projected,
-                neighbor_rows,
-                self.lat,
-                self.long,
-                dtype,
-                self.splat_table(dtype, projected.device),
-            )
+            table = self.splat_table(dtype, unit.device)
+            if self._fused_geometry(dtype):
+                projections = SphereProjections.from_frames(
+                    frames, unit, neighbor_rows, self.lat, table
+                )
+            else:
+                projected = torch.einsum("ekc,ejc->ejk", frames, neighbor_rows.gather(unit))
+                projections = SphereProjections.from_directions(
+                    projected, neighbor_rows, self.lat, self.long, dtype, table
+                )
         edge_weight = None
         if self.envelope:
             edge_weight = cosine_cutoff(distances, self.cutoff).to(dtype)
@@ -971,17 +972,14 @@ class SpinConv(nn.Module):
             )
         return energy, forces
 
-    def _projected(
-        self, frames: Tensor, unit: Tensor, neighbor_rows: RowIndex, dtype: torch.dtype
-    ) -> Tensor:
-        """``[n_edges, width, 3]``: the directions of the edges into each edge's source (rows
-        ``neighbor_rows``) in the edge's frame (``frames`` ``[n_edges, 3, 3]``), by the fused
-        Triton kernel where it applies (a float32 model with the kernels, no autograd)."""
-        if self.triton_precision is None or torch.is_grad_enabled() or dtype != torch.float32:
-            return torch.einsum("ekc,ejc->ejk", frames, neighbor_rows.gather(unit))
-        from forcecalc.models.triton_kernels import projected_directions
-
-        return projected_directions(frames, unit, neighbor_rows.index)
+    def _fused_geometry(self, dtype: torch.dtype) -> bool:
+        """Whether the grids' splat factors come from the fused Triton kernels (a float32
+        model with the kernels, no autograd recording)."""
+        return (
+            self.triton_precision is not None
+            and dtype == torch.float32
+            and not torch.is_grad_enabled()
+        )
 
     # ------------------------------------------------------------ fixed shapes
 
@@ -1295,21 +1293,30 @@ class SpinConv(nn.Module):
         n_rot = len(rotations)
         with torch.no_grad():
             frames = _axis_frames(rotations)  # [R, 3, (n_atoms,) 3, 3]
-            directions = pad_rows(unit)[incoming]  # [n_atoms, width, 3]
-            if self.random_rotations:
-                projected = torch.einsum("ranxc,njc->ranjx", frames, directions)
-            else:
-                projected = torch.einsum("raxc,njc->ranjx", frames, directions)
             # Grid (r, axis, atom) receives the messages into the atom.
             grid_neighbors = incoming.repeat(3 * n_rot, 1)
-            projections = SphereProjections.from_directions(
-                projected.reshape(3 * n_rot * n_atoms, -1, 3),
-                RowIndex(grid_neighbors, n_edges),
-                self.lat,
-                self.long,
-                x.dtype,
-                self.splat_table(x.dtype, unit.device),
-            )
+            readers = RowIndex(grid_neighbors, n_edges)
+            table = self.splat_table(x.dtype, unit.device)
+            if self._fused_geometry(x.dtype):
+                grid_frames = frames if self.random_rotations else frames.unsqueeze(2)
+                grid_frames = grid_frames.expand(n_rot, 3, n_atoms, 3, 3).reshape(-1, 3, 3)
+                projections = SphereProjections.from_frames(
+                    grid_frames, unit, readers, self.lat, table
+                )
+            else:
+                directions = pad_rows(unit)[incoming]  # [n_atoms, width, 3]
+                if self.random_rotations:
+                    projected = torch.einsum("ranxc,njc->ranjx", frames, directions)
+                else:
+                    projected = torch.einsum("raxc,njc->ranjx", frames, directions)
+                projections = SphereProjections.from_directions(
+                    projected.reshape(3 * n_rot * n_atoms, -1, 3),
+                    readers,
+                    self.lat,
+                    self.long,
+                    x.dtype,
+                    table,
+                )
         if edge_weight is not None:
             projections = projections.weighted(pad_rows(edge_weight)[grid_neighbors])
         element = numbers.repeat(3 * n_rot)
@@ -1628,6 +1635,24 @@ class SphereProjections:
         (``[n, width]``); ``table`` as for :func:`splat_factors`."""
         valid = readers.index < readers.n_rows
         return cls(readers, *splat_factors(projected, valid, lat, long, dtype, table))
+
+    @classmethod
+    def from_frames(
+        cls, frames: Tensor, unit: Tensor, readers: RowIndex, lat: int, table: Tensor
+    ) -> SphereProjections:
+        """The grids of :meth:`from_directions` for the directions ``unit[readers.index]``
+        (``unit`` ``[n_values, 3]`` float64) in the frames ``frames`` (``[n, 3, 3]``
+        float64), by the fused Triton kernels
+        (:func:`~forcecalc.models.triton_kernels.splat_directions`; float32 factors, no
+        autograd); ``table`` as for :func:`splat_factors`, float32."""
+        from forcecalc.models.triton_kernels import splat_directions
+
+        column, fraction, row, rise = splat_directions(
+            frames, unit, readers.index, lat, len(table), POLE_EPS2
+        )
+        valid = readers.index < readers.n_rows
+        latitude = LatitudeSplat(row, rise, valid, lat)
+        return cls(readers, LongitudeSplat(column, fraction, table), latitude)
 
     def spin_convolution(self, block: SpinConvBlock, values: Tensor) -> Tensor:
         """``block`` applied to the projected grids of ``values`` ``[n_values, C]``: ``[n,

@@ -12,7 +12,8 @@ every frequency.  These kernels compute the same numbers without those tensors:
 * :func:`linear`: the mixtures' input and output layers and the distance features' layers,
   the residual sum and Swish folded in where they follow; :func:`basis_linear` the distance
   block's Gaussian basis and its layer;
-* :func:`projected_directions`: each edge's neighbor directions in its frame (float64);
+* :func:`splat_directions`: where each grid's values land on it, from the frames and the
+  directions (float64, the projection and the grid positions around ``atan2`` and ``asin``);
 * :func:`spin_spectra`: the packed longitude spectra of the projected grids straight from
   the splat factors (:func:`~forcecalc.models.spinconv.splat_factors`: each value's grid
   column and row and how far between, its bilinear weights made in registers) and the
@@ -79,9 +80,10 @@ PRODUCTS_WARPS, PRODUCTS_STAGES = 4, 3
 #: Output numbers per program of the inverse DFT in :func:`spin_pool` (each grid's outputs of
 #: a group, a GroupNorm group, padded to a power of two; at least one group per program).
 INVERSE_COLUMNS = 512
-#: Directions per program and warps of :func:`projected_directions` (element-wise, not timed:
-#: chosen for 32 registers per thread, a full multiprocessor, by ``kernel_registers.py``).
-PROJECTION_ENTRIES, PROJECTION_WARPS = 512, 8
+#: Directions per program and warps of :func:`splat_directions`'s kernels (element-wise, not
+#: timed: chosen for few registers per thread, a full multiprocessor, by
+#: ``kernel_registers.py``).
+DIRECTION_ENTRIES, DIRECTION_WARPS = 512, 8
 
 
 @triton.jit
@@ -251,7 +253,7 @@ def _basis_linear_kernel(
 
 
 @triton.jit
-def _projection_kernel(
+def _directions_kernel(
     frames_ptr,
     unit_ptr,
     index_ptr,
@@ -259,9 +261,11 @@ def _projection_kernel(
     n_entries,
     width,
     n_values,
+    POLE_EPS2: tl.constexpr,
     BLOCK: tl.constexpr,
 ) -> None:
-    # entry e = (row, slot) of the [n, width] index: out[e, k] = frames[row, k] . unit[index[e]]
+    # entry e = (row, slot) of the [n, width] index: the direction p = frames[row] @
+    # unit[index[e]] (zero for padding), written as the arguments of atan2 and asin
     entries = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = entries < n_entries
     row = entries // width
@@ -270,12 +274,55 @@ def _projection_kernel(
     x = tl.load(unit_ptr + reader * 3, mask=read, other=0.0)
     y = tl.load(unit_ptr + reader * 3 + 1, mask=read, other=0.0)
     z = tl.load(unit_ptr + reader * 3 + 2, mask=read, other=0.0)
-    for k in range(3):
-        frame = frames_ptr + row * 9 + k * 3
-        fx = tl.load(frame, mask=inside, other=0.0)
-        fy = tl.load(frame + 1, mask=inside, other=0.0)
-        fz = tl.load(frame + 2, mask=inside, other=0.0)
-        tl.store(out_ptr + entries * 3 + k, fx * x + fy * y + fz * z, mask=inside)
+    frame = frames_ptr + row * 9
+    p0 = tl.load(frame, mask=inside) * x + tl.load(frame + 1, mask=inside) * y
+    p0 += tl.load(frame + 2, mask=inside) * z
+    p1 = tl.load(frame + 3, mask=inside) * x + tl.load(frame + 4, mask=inside) * y
+    p1 += tl.load(frame + 5, mask=inside) * z
+    p2 = tl.load(frame + 6, mask=inside) * x + tl.load(frame + 7, mask=inside) * y
+    p2 += tl.load(frame + 8, mask=inside) * z
+    # on the pole longitude atan2(+0, +1) = 0 and latitude asin(+-1) (splat_factors's
+    # convention); float64 constants made as such (a bare literal would be a float32)
+    pole = p1 * p1 + p2 * p2 < tl.full([], POLE_EPS2, tl.float64)
+    one = tl.full([], 1.0, tl.float64)
+    tl.store(out_ptr + entries, tl.where(pole, 0.0, p1), mask=inside)
+    tl.store(out_ptr + n_entries + entries, tl.where(pole, one, p2), mask=inside)
+    sine = tl.where(pole, tl.where(p0 > 0, one, -one), tl.minimum(tl.maximum(p0, -one), one))
+    tl.store(out_ptr + 2 * n_entries + entries, sine, mask=inside)
+
+
+@triton.jit
+def _bins_kernel(
+    angles_ptr,
+    index_ptr,
+    column_ptr,
+    fraction_ptr,
+    row_ptr,
+    rise_ptr,
+    n_entries,
+    n_values,
+    long,
+    lat,
+    BLOCK: tl.constexpr,
+) -> None:
+    # splat_factors's grid position of each (longitude, latitude), its operations in its order
+    entries = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = entries < n_entries
+    longitude = tl.load(angles_ptr + entries, mask=inside, other=0.0)
+    latitude = tl.load(angles_ptr + 2 * n_entries + entries, mask=inside, other=0.0)
+    pi = tl.full([], 3.141592653589793, tl.float64)
+    col = (longitude + pi) / tl.full([], 6.283185307179586, tl.float64) * long.to(tl.float64)
+    row = (latitude + tl.full([], 1.5707963267948966, tl.float64)) / pi
+    row = tl.full([], 0.99, tl.float64) * row + tl.full([], 0.005, tl.float64)
+    row = row * (lat.to(tl.float64) - 1.0)
+    col_floor, row_floor = tl.floor(col), tl.floor(row)
+    valid = tl.load(index_ptr + entries, mask=inside, other=n_values) < n_values
+    tl.store(fraction_ptr + entries, (col - col_floor).to(tl.float32), mask=inside)
+    tl.store(
+        rise_ptr + entries, tl.where(valid, (row - row_floor).to(tl.float32), 0.0), mask=inside
+    )
+    tl.store(column_ptr + entries, col_floor.to(tl.int64) % long, mask=inside)
+    tl.store(row_ptr + entries, row_floor.to(tl.int64) % lat, mask=inside)
 
 
 @triton.jit
@@ -586,36 +633,57 @@ def basis_linear(
     return out
 
 
-def projected_directions(frames: Tensor, unit: Tensor, index: Tensor) -> Tensor:
-    """The directions ``unit[index[n, j]]`` in the frames ``frames[n]`` (``einsum("nkc,njc->njk",
-    frames, unit[index])``, zero where ``index`` is padding) in one pass, the gathered
-    directions never stored; any float dtype (SpinConv's geometry is float64).
+def splat_directions(
+    frames: Tensor, unit: Tensor, index: Tensor, lat: int, long: int, pole_eps2: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`~forcecalc.models.spinconv.splat_factors` of the directions ``unit[index[n, j]]``
+    in the frames ``frames[n]`` (float64), from the frames: the projection, the pole's
+    convention and the grid positions in two passes beside ``atan2`` and ``asin`` (PyTorch's,
+    in place), without the gathered and projected ``[n, width, 3]`` directions and the
+    twenty-odd element-wise passes of the PyTorch path.
 
     Args:
-        frames: ``[n, 3, 3]`` rows of each frame.
-        unit: ``[n_values, 3]`` directions.
+        frames: ``[n, 3, 3]`` float64 rows of each frame.
+        unit: ``[n_values, 3]`` float64 directions.
         index: ``[n, width]`` int64 rows of ``unit``, ``n_values`` for padding.
+        pole_eps2: squared distance from the polar axis within which a direction is on it.
 
     Returns:
-        ``[n, width, 3]``.
+        ``column`` and ``row`` ``[n, width]`` int64, ``fraction`` and ``rise`` (zero for
+        padding) ``[n, width]`` float32: the factors of a
+        :class:`~forcecalc.models.spinconv.LongitudeSplat` and a
+        :class:`~forcecalc.models.spinconv.LatitudeSplat`.
     """
-    if frames.dtype != unit.dtype or frames.shape[1:] != (3, 3) or unit.shape[1:] != (3,):
+    for tensor in (frames, unit):
+        if tensor.dtype != torch.float64:
+            raise TypeError(f"the grid geometry is float64, got {tensor.dtype}")
+    if frames.shape[1:] != (3, 3) or unit.shape[1:] != (3,):
         raise ValueError(
-            f"frames [n, 3, 3] and directions [n_values, 3] of one dtype, got "
-            f"{tuple(frames.shape)} {frames.dtype} and {tuple(unit.shape)} {unit.dtype}"
+            f"frames [n, 3, 3] and directions [n_values, 3], got {tuple(frames.shape)} and "
+            f"{tuple(unit.shape)}"
         )
     n, width = index.shape
     if len(frames) != n:
         raise ValueError(f"{len(frames)} frames for {n} rows of readers")
-    out = unit.new_empty(n, width, 3)
-    if out.numel() == 0:
-        return out
-    grid = (triton.cdiv(n * width, PROJECTION_ENTRIES),)
-    _launcher(_projection_kernel, unit)[grid](
-        frames.contiguous(), unit.contiguous(), index.contiguous(), out, n * width, width,
-        len(unit), PROJECTION_ENTRIES, num_warps=PROJECTION_WARPS,
+    index = index.contiguous()
+    column, row = torch.empty_like(index), torch.empty_like(index)
+    fraction = unit.new_empty(n, width, dtype=torch.float32)
+    rise = torch.empty_like(fraction)
+    if n * width == 0:
+        return column, fraction, row, rise
+    grid = (triton.cdiv(n * width, DIRECTION_ENTRIES),)
+    angles = unit.new_empty(3, n, width)
+    _launcher(_directions_kernel, unit)[grid](
+        frames.contiguous(), unit.contiguous(), index, angles, n * width, width, len(unit),
+        pole_eps2, DIRECTION_ENTRIES, num_warps=DIRECTION_WARPS,
     )  # fmt: skip
-    return out
+    torch.atan2(angles[0], angles[1], out=angles[0])
+    angles[2].asin_()
+    _launcher(_bins_kernel, unit)[grid](
+        angles, index, column, fraction, row, rise, n * width, len(unit), long, lat,
+        DIRECTION_ENTRIES, num_warps=DIRECTION_WARPS,
+    )  # fmt: skip
+    return column, fraction, row, rise
 
 
 def mixture_of_experts(
@@ -796,7 +864,7 @@ def paired_kernels(real: Tensor, imag: Tensor, long: int) -> Tensor:
 def with_triton_kernels(module: nn.Module, precision: str = "tf32x3") -> nn.Module:
     """A copy of ``module`` (a SpinConv model, or a :class:`~forcecalc.checkpoint.Potential`
     holding one; weights copied) whose mixtures of experts, spin convolutions, distance layers
-    and frame projections use the fused kernels wherever they can: float32 inputs, no
+    and grids' splat factors use the fused kernels wherever they can: float32 inputs, no
     autograd recording (a force-centric model's forward; an energy-centric model's forces
     need the backward pass and keep the PyTorch path).
 

@@ -24,6 +24,7 @@ from forcecalc.graph.gather import RowIndex
 from forcecalc.models import triton_kernels
 from forcecalc.models.blocks import GaussianSmearing
 from forcecalc.models.spinconv import (
+    POLE_EPS2,
     DistanceBlock,
     EmbeddingBlock,
     MessageBlock,
@@ -38,9 +39,9 @@ from forcecalc.models.triton_kernels import (
     linear,
     mixture_of_experts,
     paired_kernels,
-    projected_directions,
     spin_pool,
     spin_spectra,
+    splat_directions,
     tf32_rounded,
     with_triton_kernels,
 )
@@ -66,7 +67,7 @@ KERNEL_FUNCTIONS = (
     "linear",
     "basis_linear",
     "mixture_of_experts",
-    "projected_directions",
+    "splat_directions",
     "spin_spectra",
     "spin_pool",
 )
@@ -263,7 +264,8 @@ def test_force_centric_forward_equals_the_pytorch_path(device, envelope, monkeyp
     # every fused path was taken: one distance basis, the model's two distance layers, two
     # per message block (the second with the residual), a mixture of experts and its two
     # layers per embedding block (two per message block, the model's, the energy block's, two
-    # in the force block), the frame projections, each spin convolution with its GroupNorm
+    # in the force block), the splat factors of the message and the force grids, each spin
+    # convolution with its GroupNorm
     blocks = len(model.message_blocks)
     mixtures = 2 * blocks + 4
     assert calls == {
@@ -271,7 +273,7 @@ def test_force_centric_forward_equals_the_pytorch_path(device, envelope, monkeyp
         ("linear", ""): 2 + blocks + 2 * mixtures,
         ("linear", "addend"): blocks,
         ("mixture_of_experts", ""): mixtures,
-        ("projected_directions", ""): 1,
+        ("splat_directions", ""): 2,
         ("spin_spectra", ""): blocks + 1,
         ("spin_pool", "norm"): blocks + 1,
     }
@@ -298,25 +300,40 @@ def test_basis_linear_is_the_gaussian_basis_and_its_layer(device):
 
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
-def test_projected_directions_are_the_frames_times_the_gathered_directions(device):
-    """Each grid's neighbor directions in its frame, in one pass without the gathered
-    ``[n, width, 3]`` directions: the einsum of the PyTorch path, in float64 (SpinConv's
-    geometry), to the last bits' rounding; zero where the readers are padding (31 x 7 entries:
-    a partial program); mismatched shapes refused."""
+def test_splat_directions_are_the_splat_factors_of_the_projected_directions(device):
+    """The grid positions of each grid's neighbor directions straight from the frames (the
+    projection and the positions in two passes beside ``atan2`` and ``asin``): the PyTorch
+    path's ``splat_factors`` of the einsum-projected directions, columns and rows equal,
+    fractions to the last bit of float32 (in the interpreter: numpy's float64), for
+    directions on the poles, within the pole's radius, on column edges and for padding
+    (31 x 7 entries: a partial program); wrong dtypes and shapes refused."""
     torch.manual_seed(8)
-    n, width, n_values = 31, 7, 40
-    frames = torch.randn(n, 3, 3, dtype=torch.float64, device=device)
-    unit = torch.randn(n_values, 3, dtype=torch.float64, device=device)
+    n, width, n_values, lat, long = 31, 7, 40, 5, 6
+    frames = torch.linalg.qr(torch.randn(n, 3, 3, dtype=torch.float64))[0].to(device)
+    unit = torch.nn.functional.normalize(torch.randn(n_values, 3, dtype=torch.float64), dim=1)
+    unit = unit.to(device)
     index = torch.randint(0, n_values + 1, (n, width), device=device)
-    out = projected_directions(frames, unit, index)
-    gathered = torch.cat([unit, unit.new_zeros(1, 3)])[index]
-    expected = torch.einsum("nkc,njc->njk", frames, gathered)
-    torch.testing.assert_close(out, expected, rtol=1e-15, atol=1e-15)
-    assert (out[index == n_values] == 0).all() and (index == n_values).any()
+    # reader 0 of grid g is the frame's own +-x axis (a pole) or, for g >= 20, near one
+    unit = torch.cat([unit, frames[:, 0] * torch.where(torch.arange(n) % 2 == 0, 1.0, -1.0)
+                      .to(device).unsqueeze(1)])  # fmt: skip
+    tilt = torch.zeros(n, 3, dtype=torch.float64, device=device)
+    tilt[20:26] = 1e-7 * frames[20:26, 1]  # inside the pole's radius (1e-6)
+    tilt[26:] = 1e-6 * (frames[26:, 1] + frames[26:, 2])  # outside
+    unit[n_values:] = torch.nn.functional.normalize(unit[n_values:] + tilt, dim=1)
+    index[:, 0] = n_values + torch.arange(n, device=device)
+    index[index == n_values] = n_values + n  # padding
+    rows = RowIndex(index, n_values + n)
+    column, fraction, row, rise = splat_directions(frames, unit, index, lat, long, POLE_EPS2)
+    projected = torch.einsum("nkc,njc->njk", frames, rows.gather(unit))
+    longitude, latitude = splat_factors(projected, index < n_values + n, lat, long, torch.float32)
+    assert torch.equal(column, longitude.column) and torch.equal(row, latitude.row)
+    torch.testing.assert_close(fraction, longitude.fraction, rtol=2e-7, atol=1e-12)
+    torch.testing.assert_close(rise, latitude.fraction, rtol=2e-7, atol=1e-12)
+    assert (rise[index == n_values + n] == 0).all() and (index == n_values + n).any()
     with pytest.raises(ValueError, match="30 frames for 31 rows"):
-        projected_directions(frames[:-1], unit, index)
-    with pytest.raises(ValueError, match="of one dtype"):
-        projected_directions(frames.float(), unit, index)
+        splat_directions(frames[:-1], unit, index, lat, long, POLE_EPS2)
+    with pytest.raises(TypeError, match="float64"):
+        splat_directions(frames.float(), unit, index, lat, long, POLE_EPS2)
 
 
 def test_tf32_rounding_is_to_the_nearest_tf32_number():
