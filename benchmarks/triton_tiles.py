@@ -6,11 +6,11 @@ For each variant (module constants of ``triton_kernels`` set, the others at thei
 defaults) it runs the forward of ``--batch`` 66-atom slabs (``speed.py``'s structures) under
 ``torch.profiler`` and sums the device time of each fused kernel (``_linear_kernel``,
 ``_basis_linear_kernel``, ``_mixture_kernel``, ``_spectra_kernel``, ``_products_kernel``,
-``_inverse_kernel``) and of everything else, with the wall time per forward (atoms/s).
-Every variant changes each kernel's constants, so the best choice per kernel can be read
-from one pass (a variant that fails to compile, e.g. out of shared memory, is reported and
-skipped).  The top device
-kernels and operators of the first variant run are printed too.  Prints tables, writes JSON.
+``_inverse_kernel``, ``_directions_kernel``, ``_bins_kernel``) and of everything else, with
+the wall time per forward (atoms/s).  Every variant changes each kernel's constants, so the
+best choice per kernel can be read from one pass (a variant that fails to compile, e.g. out
+of shared memory, is reported and skipped).  The top device kernels and operators of the
+first variant run are printed too.  Prints tables, writes JSON.
 
     python benchmarks/triton_tiles.py --batch 64 --out DIR/triton_tiles.json
 """
@@ -38,6 +38,8 @@ KERNELS = (
     "_spectra_kernel",
     "_products_kernel",
     "_inverse_kernel",
+    "_directions_kernel",
+    "_bins_kernel",
 )
 
 #: Tile choices (module constant -> value); each changes every kernel's constants.
@@ -106,7 +108,8 @@ def device_times(forward: Any, repeats: int) -> tuple[float, dict[str, float], l
     totals: dict[str, float] = collections.defaultdict(float)
     for event in kernels:
         ms = event.self_device_time_total / 1000 / repeats
-        name = next((k for k in KERNELS if k in event.key), "other")
+        # the longest name it holds (_linear_kernel is in _basis_linear_kernel)
+        name = max((k for k in KERNELS if k in event.key), key=len, default="other")
         totals[name] += ms
     events = sorted(kernels, key=lambda e: -e.self_device_time_total)
     operators = [
