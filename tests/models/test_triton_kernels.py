@@ -280,6 +280,31 @@ def test_force_centric_forward_equals_the_pytorch_path(device, envelope, monkeyp
 
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
+def test_random_rotations_with_the_kernels(device, monkeypatch):
+    """OCP's random force-block rotations (per atom, drawn each forward): the fused force
+    grids (each atom's own frames) give the PyTorch path's forces for the same draw, where
+    another draw moves them by order one."""
+    if device == "cpu":
+        for name, value in INTERPRETER_TILES.items():
+            monkeypatch.setattr(triton_kernels, name, value)
+    raw = load_ocp_raw("spinconv_small_fc")
+    model = SpinConv(**raw["config"]["model_attributes"])
+    model.load_state_dict({k.removeprefix("module."): v for k, v in raw["state_dict"].items()})
+    model = model.to(device).eval()
+    model.random_rotations = True
+    fused = with_triton_kernels(model)
+    batch = Batch.from_atoms(ocp_structures()["co_cu111"], cutoff=model.cutoff)
+    batch = batch.to(device, torch.float32)
+    with torch.no_grad():
+        forces = []
+        for seed, copy_ in ((0, model), (0, fused), (1, model)):
+            torch.manual_seed(seed)
+            forces.append(copy_(batch)["forces"])
+    assert _relative(forces[1], forces[0]) < 1e-5
+    assert _relative(forces[2], forces[0]) > 0.1
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
 def test_basis_linear_is_the_gaussian_basis_and_its_layer(device):
     """The distance block's Gaussian basis (OCP's ``GaussianSmearing``, float32 coefficient)
     and linear layer in one kernel, the basis never stored: the two modules' numbers in
