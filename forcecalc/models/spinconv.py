@@ -1647,6 +1647,8 @@ class SphereProjections:
         autograd); ``table`` as for :func:`splat_factors`, float32."""
         from forcecalc.models.triton_kernels import splat_directions
 
+        if readers.n_rows != len(unit):
+            raise ValueError(f"readers of {readers.n_rows} rows for {len(unit)} directions")
         column, fraction, row, rise = splat_directions(
             frames, unit, readers.index, lat, len(table), POLE_EPS2
         )

@@ -81,8 +81,8 @@ PRODUCTS_WARPS, PRODUCTS_STAGES = 4, 3
 #: a group, a GroupNorm group, padded to a power of two; at least one group per program).
 INVERSE_COLUMNS = 512
 #: Directions per program and warps of :func:`splat_directions`'s kernels (element-wise, not
-#: timed: chosen for few registers per thread, a full multiprocessor, by
-#: ``kernel_registers.py``).
+#: timed: chosen for few registers per thread by ``kernel_registers.py``, 36-47: 5-7
+#: programs of 8 warps per multiprocessor).
 DIRECTION_ENTRIES, DIRECTION_WARPS = 512, 8
 
 
@@ -268,6 +268,7 @@ def _directions_kernel(
     # unit[index[e]] (zero for padding), written as the arguments of atan2 and asin
     entries = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = entries < n_entries
+    plane = tl.cast(n_entries, tl.int64)  # an int argument of 1 is a constant: tl.cast
     row = entries // width
     reader = tl.load(index_ptr + entries, mask=inside, other=n_values)
     read = inside & (reader < n_values)
@@ -282,13 +283,14 @@ def _directions_kernel(
     p2 = tl.load(frame + 6, mask=inside) * x + tl.load(frame + 7, mask=inside) * y
     p2 += tl.load(frame + 8, mask=inside) * z
     # on the pole longitude atan2(+0, +1) = 0 and latitude asin(+-1) (splat_factors's
-    # convention); float64 constants made as such (a bare literal would be a float32)
+    # convention); float64 constants made as such (Triton's interpreter makes a bare float
+    # literal a float32)
     pole = p1 * p1 + p2 * p2 < tl.full([], POLE_EPS2, tl.float64)
     one = tl.full([], 1.0, tl.float64)
     tl.store(out_ptr + entries, tl.where(pole, 0.0, p1), mask=inside)
-    tl.store(out_ptr + n_entries + entries, tl.where(pole, one, p2), mask=inside)
+    tl.store(out_ptr + plane + entries, tl.where(pole, one, p2), mask=inside)
     sine = tl.where(pole, tl.where(p0 > 0, one, -one), tl.minimum(tl.maximum(p0, -one), one))
-    tl.store(out_ptr + 2 * n_entries + entries, sine, mask=inside)
+    tl.store(out_ptr + 2 * plane + entries, sine, mask=inside)
 
 
 @triton.jit
@@ -305,16 +307,19 @@ def _bins_kernel(
     lat,
     BLOCK: tl.constexpr,
 ) -> None:
-    # splat_factors's grid position of each (longitude, latitude), its operations in its order
+    # splat_factors's grid position of each (longitude, latitude), its formulas (launched
+    # without fused multiply-adds: each operation rounded, as PyTorch's)
     entries = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = entries < n_entries
     longitude = tl.load(angles_ptr + entries, mask=inside, other=0.0)
-    latitude = tl.load(angles_ptr + 2 * n_entries + entries, mask=inside, other=0.0)
+    latitude = tl.load(
+        angles_ptr + 2 * tl.cast(n_entries, tl.int64) + entries, mask=inside, other=0.0
+    )
     pi = tl.full([], 3.141592653589793, tl.float64)
-    col = (longitude + pi) / tl.full([], 6.283185307179586, tl.float64) * long.to(tl.float64)
+    col = (longitude + pi) / tl.full([], 6.283185307179586, tl.float64) * tl.cast(long, tl.float64)
     row = (latitude + tl.full([], 1.5707963267948966, tl.float64)) / pi
     row = tl.full([], 0.99, tl.float64) * row + tl.full([], 0.005, tl.float64)
-    row = row * (lat.to(tl.float64) - 1.0)
+    row = row * (tl.cast(lat, tl.float64) - tl.full([], 1.0, tl.float64))
     col_floor, row_floor = tl.floor(col), tl.floor(row)
     valid = tl.load(index_ptr + entries, mask=inside, other=n_values) < n_values
     tl.store(fraction_ptr + entries, (col - col_floor).to(tl.float32), mask=inside)
@@ -640,7 +645,10 @@ def splat_directions(
     in the frames ``frames[n]`` (float64), from the frames: the projection, the pole's
     convention and the grid positions in two passes beside ``atan2`` and ``asin`` (PyTorch's,
     in place), without the gathered and projected ``[n, width, 3]`` directions and the
-    twenty-odd element-wise passes of the PyTorch path.
+    twenty-odd element-wise passes of the PyTorch path.  The same formulas, each operation
+    rounded (no fused multiply-adds); on CUDA PyTorch divides by a number through its
+    reciprocal, so a position exactly on a grid line may come out as the neighboring cell's
+    edge (fraction 1 instead of 0 of the next: the same splat).
 
     Args:
         frames: ``[n, 3, 3]`` float64 rows of each frame.
@@ -675,13 +683,13 @@ def splat_directions(
     angles = unit.new_empty(3, n, width)
     _launcher(_directions_kernel, unit)[grid](
         frames.contiguous(), unit.contiguous(), index, angles, n * width, width, len(unit),
-        pole_eps2, DIRECTION_ENTRIES, num_warps=DIRECTION_WARPS,
+        pole_eps2, DIRECTION_ENTRIES, num_warps=DIRECTION_WARPS, enable_fp_fusion=False,
     )  # fmt: skip
     torch.atan2(angles[0], angles[1], out=angles[0])
     angles[2].asin_()
     _launcher(_bins_kernel, unit)[grid](
         angles, index, column, fraction, row, rise, n * width, len(unit), long, lat,
-        DIRECTION_ENTRIES, num_warps=DIRECTION_WARPS,
+        DIRECTION_ENTRIES, num_warps=DIRECTION_WARPS, enable_fp_fusion=False,
     )  # fmt: skip
     return column, fraction, row, rise
 
@@ -865,8 +873,10 @@ def with_triton_kernels(module: nn.Module, precision: str = "tf32x3") -> nn.Modu
     """A copy of ``module`` (a SpinConv model, or a :class:`~forcecalc.checkpoint.Potential`
     holding one; weights copied) whose mixtures of experts, spin convolutions, distance layers
     and grids' splat factors use the fused kernels wherever they can: float32 inputs, no
-    autograd recording (a force-centric model's forward; an energy-centric model's forces
-    need the backward pass and keep the PyTorch path).
+    autograd recording, the blocks' own weights included (a force-centric model's forward;
+    an energy-centric model's forces need the backward pass: its blocks keep the PyTorch
+    path, and so does its geometry unless its forces are OCP's ``compat`` ones, which do not
+    differentiate the grids).
 
     ``precision``: ``"tf32x3"`` (float32's accuracy, three TF32 tensor-core products per
     product), ``"tf32"`` or ``"ieee"`` for every product, or ``"mixed"``: one TF32 product in

@@ -27,6 +27,8 @@ from forcecalc.models.spinconv import (
     POLE_EPS2,
     DistanceBlock,
     EmbeddingBlock,
+    LatitudeSplat,
+    LongitudeSplat,
     MessageBlock,
     SphereProjections,
     SpinConv,
@@ -282,8 +284,8 @@ def test_force_centric_forward_equals_the_pytorch_path(device, envelope, monkeyp
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
 def test_random_rotations_with_the_kernels(device, monkeypatch):
     """OCP's random force-block rotations (per atom, drawn each forward): the fused force
-    grids (each atom's own frames) give the PyTorch path's forces for the same draw, where
-    another draw moves them by order one."""
+    grids (each atom's own frames, by the splat kernels) give the PyTorch path's forces for
+    the same draw, where another draw moves them by order one."""
     if device == "cpu":
         for name, value in INTERPRETER_TILES.items():
             monkeypatch.setattr(triton_kernels, name, value)
@@ -293,6 +295,11 @@ def test_random_rotations_with_the_kernels(device, monkeypatch):
     model = model.to(device).eval()
     model.random_rotations = True
     fused = with_triton_kernels(model)
+    calls = []
+    kernel = triton_kernels.splat_directions
+    monkeypatch.setattr(
+        triton_kernels, "splat_directions", lambda *a: calls.append(len(a[0])) or kernel(*a)
+    )
     batch = Batch.from_atoms(ocp_structures()["co_cu111"], cutoff=model.cutoff)
     batch = batch.to(device, torch.float32)
     with torch.no_grad():
@@ -302,6 +309,10 @@ def test_random_rotations_with_the_kernels(device, monkeypatch):
             forces.append(copy_(batch)["forces"])
     assert _relative(forces[1], forces[0]) < 1e-5
     assert _relative(forces[2], forces[0]) > 0.1
+    # the message grids (one per kept edge) and the force grids (3 axes x rotations x atoms)
+    # by the kernels, in the fused forward
+    assert len(calls) == 2 and 0 < calls[0] <= batch.n_edges
+    assert calls[1] == 3 * model.num_rand_rotations * batch.n_atoms
 
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
@@ -328,33 +339,50 @@ def test_basis_linear_is_the_gaussian_basis_and_its_layer(device):
 def test_splat_directions_are_the_splat_factors_of_the_projected_directions(device):
     """The grid positions of each grid's neighbor directions straight from the frames (the
     projection and the positions in two passes beside ``atan2`` and ``asin``): the PyTorch
-    path's ``splat_factors`` of the einsum-projected directions, columns and rows equal,
-    fractions to the last bit of float32 (in the interpreter: numpy's float64), for
-    directions on the poles, within the pole's radius, on column edges and for padding
-    (31 x 7 entries: a partial program); wrong dtypes and shapes refused."""
+    path's ``splat_factors`` of the einsum-projected directions, for directions on the
+    poles, within the pole's radius and just outside, beyond the sphere (a frame a little
+    longer than a rotation: the sine clamped), exactly on grid lines (axis directions in
+    identity frames), and padding (31 x 7 entries: a partial program).  In Triton's
+    interpreter the same numbers to the bit; on CUDA (PyTorch divides by a number through
+    its reciprocal) the same splat, a position on a grid line possibly the neighbor cell's
+    edge.  Wrong dtypes and shapes refused."""
     torch.manual_seed(8)
     n, width, n_values, lat, long = 31, 7, 40, 5, 6
-    frames = torch.linalg.qr(torch.randn(n, 3, 3, dtype=torch.float64))[0].to(device)
+    frames = torch.linalg.qr(torch.randn(n, 3, 3, dtype=torch.float64))[0]
+    frames[27:] = torch.eye(3, dtype=torch.float64)
     unit = torch.nn.functional.normalize(torch.randn(n_values, 3, dtype=torch.float64), dim=1)
-    unit = unit.to(device)
-    index = torch.randint(0, n_values + 1, (n, width), device=device)
-    # reader 0 of grid g is the frame's own +-x axis (a pole) or, for g >= 20, near one
-    unit = torch.cat([unit, frames[:, 0] * torch.where(torch.arange(n) % 2 == 0, 1.0, -1.0)
-                      .to(device).unsqueeze(1)])  # fmt: skip
-    tilt = torch.zeros(n, 3, dtype=torch.float64, device=device)
+    # reader 0 of grid g: its frame's own +-x axis (a pole) or, for g >= 20, near one
+    sign = torch.where(torch.arange(n) % 2 == 0, 1.0, -1.0).to(torch.float64).unsqueeze(1)
+    tilt = torch.zeros(n, 3, dtype=torch.float64)
     tilt[20:26] = 1e-7 * frames[20:26, 1]  # inside the pole's radius (1e-6)
     tilt[26:] = 1e-6 * (frames[26:, 1] + frames[26:, 2])  # outside
-    unit[n_values:] = torch.nn.functional.normalize(unit[n_values:] + tilt, dim=1)
-    index[:, 0] = n_values + torch.arange(n, device=device)
-    index[index == n_values] = n_values + n  # padding
-    rows = RowIndex(index, n_values + n)
+    poles = torch.nn.functional.normalize(sign * frames[:, 0] + tilt, dim=1)
+    axes = torch.tensor([[0, 0, 1], [0, 0, -1], [0, 1, 0], [0, -1, 0]], dtype=torch.float64)
+    unit = torch.cat([unit, poles, axes])
+    frames[26, 0] *= 1.0 + 1e-6  # p0 just above 1, off the pole
+    index = torch.randint(0, n_values + 1, (n, width))
+    index[index == n_values] = len(unit)  # padding
+    index[:, 0] = n_values + torch.arange(n)
+    index[27:, 1] = n_values + n + torch.arange(4)  # on grid lines (column 3 or 0, row 2)
+    frames, unit, index = frames.to(device), unit.to(device), index.to(device)
+    rows = RowIndex(index, len(unit))
     column, fraction, row, rise = splat_directions(frames, unit, index, lat, long, POLE_EPS2)
     projected = torch.einsum("nkc,njc->njk", frames, rows.gather(unit))
-    longitude, latitude = splat_factors(projected, index < n_values + n, lat, long, torch.float32)
-    assert torch.equal(column, longitude.column) and torch.equal(row, latitude.row)
-    torch.testing.assert_close(fraction, longitude.fraction, rtol=2e-7, atol=1e-12)
-    torch.testing.assert_close(rise, latitude.fraction, rtol=2e-7, atol=1e-12)
-    assert (rise[index == n_values + n] == 0).all() and (index == n_values + n).any()
+    assert (projected[26, 0, 0] > 1.0) and (projected[27:, 1, 0] == 0.0).all()
+    valid = index < len(unit)
+    longitude, latitude = splat_factors(projected, valid, lat, long, torch.float32)
+    if device == "cpu":
+        for ours, theirs in zip(
+            (column, fraction, row, rise),
+            (longitude.column, longitude.fraction, latitude.row, latitude.fraction),
+            strict=True,
+        ):
+            torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+    ours_long = LongitudeSplat(column, fraction, longitude.table)
+    ours_lat = LatitudeSplat(row, rise, valid, lat)
+    torch.testing.assert_close(ours_long.phase, longitude.phase, rtol=0, atol=1e-6)
+    torch.testing.assert_close(ours_lat.rows, latitude.rows, rtol=0, atol=1e-6)
+    assert (rise[~valid] == 0).all() and (~valid).any()
     with pytest.raises(ValueError, match="30 frames for 31 rows"):
         splat_directions(frames[:-1], unit, index, lat, long, POLE_EPS2)
     with pytest.raises(TypeError, match="float64"):
