@@ -205,6 +205,48 @@ def _fix_below(atoms: Atoms, z: float) -> None:
     atoms.set_constraint(constraints)
 
 
+def _add_kernels_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--kernels",
+        default=None,
+        choices=["tf32x3", "mixed"],
+        help="SpinConv's fused Triton kernels (force-centric models, float32, CUDA; pip "
+        "install triton; about 2.4x the throughput of PyTorch's operators batched on an H100): "
+        "tf32x3 has float32's accuracy, mixed computes the bulk of the products in TF32 "
+        "(faster; its errors emulated within the float32 tolerances, not yet measured on a "
+        "GPU: see the README)",
+    )
+
+
+def _with_kernels(potential: Potential, args: argparse.Namespace) -> Potential:
+    """``potential``, or a copy with the fused kernels where ``--kernels`` asks for them;
+    ``ValueError`` naming what stands in their way."""
+    import torch
+
+    if args.kernels is None:
+        return potential
+    if getattr(args, "compile", None):
+        raise ValueError(
+            "--kernels and --compile exclude each other: the kernels replace the blocks that "
+            "--compile compiles"
+        )
+    if potential.energy_gradient:
+        raise ValueError(
+            f"--kernels: {args.model} is energy-centric (its forces are the energy's gradient, "
+            "and the fused kernels have no backward pass): they serve force-centric SpinConv "
+            "models"
+        )
+    if potential.dtype != torch.float32:
+        raise ValueError(f"--kernels computes in float32, not with --dtype {args.dtype}")
+    try:
+        from forcecalc.models.triton_kernels import kernels_run_on, with_triton_kernels
+    except ImportError as error:
+        raise ValueError("--kernels needs triton (pip install triton)") from error
+    if not kernels_run_on(potential.device):
+        raise ValueError(f"--kernels needs a CUDA device (the model is on {potential.device})")
+    return with_triton_kernels(potential, args.kernels)
+
+
 def _cmd_relax(args: argparse.Namespace) -> int:
     from forcecalc.checkpoint import load_checkpoint
     from forcecalc.hub import file_sha256
@@ -244,6 +286,7 @@ def _cmd_relax(args: argparse.Namespace) -> int:
         selected.append(atoms)
     # all, before the first step (the batched engine checks overlaps itself, counting edges)
     check_structures(selected, potential, engine=args.batched, overlaps=not args.batched)
+    potential = _with_kernels(potential, args)
     if args.batched and args.compile:
         from forcecalc.compiled import compiled_blocks
 
@@ -441,6 +484,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     potential = load_checkpoint(
         args.model, device=args.device, dtype=args.dtype, allow_unsafe=args.allow_unsafe
     )
+    potential = _with_kernels(potential, args)
     report: dict[str, dict] = {}
     for name, dataset in zip(names, datasets, strict=True):
         if args.task == "s2ef":
@@ -733,6 +777,7 @@ def _add_eval_commands(sub: argparse._SubParsersAction) -> None:
     )
     for parser in (s2ef, is2rs):
         _add_model_options(parser)
+        _add_kernels_option(parser)
         parser.add_argument("--data", nargs="+", required=True, help="split files (HDF5)")
         parser.add_argument(
             "--train",
@@ -828,6 +873,7 @@ def _add_relax_command(sub: argparse._SubParsersAction) -> None:
         "CPU, 0.5 batched on CUDA)",
     )
     _add_cuda_graph_option(relax)
+    _add_kernels_option(relax)
     relax.add_argument(
         "--shard",
         default=None,

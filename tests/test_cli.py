@@ -17,7 +17,7 @@ from collisions import head_on_pair
 from ocp_fixtures import OCP_DATA
 
 import forcecalc
-from forcecalc.cli import main
+from forcecalc.cli import build_parser, main
 
 SPINCONV_EC = OCP_DATA / "spinconv_small_ec.pt"
 
@@ -536,3 +536,68 @@ def test_relax_one_by_one_goes_on_after_an_optimizer_breakdown(tmp_path: Path, c
     first, second = read(out, index=":")
     assert "NaN or inf" in first.info["relax_error"]
     assert "relax_error" not in second.info and second.info["relax_steps"] == 3
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_relax_with_the_fused_kernels_gives_the_pytorch_structures(
+    tmp_path: Path, batched: bool, monkeypatch
+) -> None:
+    """`forcecalc relax --kernels tf32x3` (a force-centric SpinConv, float32): the structures
+    of the run without them, to float32 rounding, one by one and batched; the kernels do run
+    (on CUDA, else in Triton's interpreter, with large tiles: its cost is per program)."""
+    triton_kernels = pytest.importorskip(
+        "forcecalc.models.triton_kernels", reason="the fused kernels need triton"
+    )
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if not triton_kernels.kernels_run_on(device):
+        pytest.skip("TRITON_INTERPRET is not set")
+    if device == "cpu":
+        for name, value in {"MIXTURE_TILES": (256, 64, 32), "SPECTRA_GRIDS": 16}.items():
+            monkeypatch.setattr(triton_kernels, name, value)
+    calls = []
+    kernel = triton_kernels.mixture_of_experts
+    monkeypatch.setattr(
+        triton_kernels, "mixture_of_experts", lambda *a: calls.append(1) or kernel(*a)
+    )
+    slab = fcc111("Cu", size=(2, 2, 2), vacuum=5.0)
+    add_adsorbate(slab, "O", 2.0, "fcc")
+    write(tmp_path / "in.extxyz", [slab])
+    model = str(OCP_DATA / "spinconv_small_fc.pt")
+    common = ["--model", model, "--steps", "3", "--device", device, "--fix-below", "8.0"]
+    common += ["--batched", "--batch-size", "1"] if batched else []
+    for name, extra in (("plain", []), ("kernels", ["--kernels", "tf32x3"])):
+        out = str(tmp_path / f"{name}.extxyz")
+        assert main(["relax", str(tmp_path / "in.extxyz"), *common, *extra, "--out", out]) == 0
+    plain, fused = read(tmp_path / "plain.extxyz"), read(tmp_path / "kernels.extxyz")
+    assert calls
+    assert abs(fused.positions - plain.positions).max() < 1e-4
+    assert abs(fused.positions - slab.positions).max() > 1e-3  # the atoms did move
+
+
+def test_kernels_refused_where_they_cannot_serve(tmp_path: Path, capsys, monkeypatch) -> None:
+    """`--kernels` names what stands in its way, before any work: an energy-centric model
+    (forces by autograd), float64, `--compile` beside it, a model without SpinConv blocks,
+    a device the kernels do not run on."""
+    pytest.importorskip("triton", reason="the fused kernels need triton")
+    import forcecalc.models.triton_kernels as triton_kernels
+
+    write(tmp_path / "in.extxyz", [fcc111("Cu", size=(1, 1, 2), vacuum=5.0)])
+    fc = str(OCP_DATA / "spinconv_small_fc.pt")
+    relax = ["relax", str(tmp_path / "in.extxyz"), "--device", "cpu", "--kernels", "tf32x3"]
+    cases = [
+        (["--model", str(SPINCONV_EC)], "is energy-centric"),
+        (["--model", fc, "--dtype", "float64"], "computes in float32"),
+        (["--model", fc, "--batched", "--compile"], "exclude each other"),
+        (["--model", str(OCP_DATA / "forcenet_small.pt")], "holds no SpinConv blocks"),
+    ]
+    for extra, message in cases:
+        assert main([*relax, *extra]) == 2
+        assert message in capsys.readouterr().err
+    monkeypatch.setattr(triton_kernels, "kernels_run_on", lambda device: False)
+    assert main([*relax, "--model", fc]) == 2
+    assert "needs a CUDA device (the model is on cpu)" in capsys.readouterr().err
+    for task in ("s2ef", "is2rs"):  # eval takes the option too
+        args = build_parser().parse_args(
+            ["eval", task, "--model", fc, "--data", "x.h5", "--kernels", "mixed"]
+        )
+        assert args.kernels == "mixed"

@@ -525,6 +525,12 @@ def _inverse_kernel(
     tl.store(out_ptr + columns, pooled, mask=inside)
 
 
+def kernels_run_on(device: str | torch.device) -> bool:
+    """Whether the kernels run on ``device``: a CUDA device (compiled), or any where Triton
+    was first imported with ``TRITON_INTERPRET=1`` (its interpreter, for tests)."""
+    return torch.device(device).type == "cuda" or isinstance(_mixture_kernel, InterpretedFunction)
+
+
 def _launcher(kernel: triton.JITFunction, tensor: Tensor) -> triton.JITFunction:
     """``kernel``, checked to run on ``tensor``'s device: compiled for CUDA, or interpreted
     (numpy) where Triton was imported with ``TRITON_INTERPRET=1``."""
