@@ -53,11 +53,10 @@ def resources(
     num_warps: int,
     num_stages: int = 3,
     types: dict[str, str] | None = None,
-    fp_fusion: bool = True,
 ) -> dict[str, Any]:
     """Compile ``kernel`` for sm_90a with ``constexprs`` (every other argument a float32
     pointer if it ends in ``_ptr``, else a 32-bit integer, unless ``types`` names its type)
-    and read its resources (``fp_fusion``: multiply-adds fused, Triton's default)."""
+    and read its resources."""
     signature = {
         name: "constexpr" if name in constexprs else ("*fp32" if name.endswith("_ptr") else "i32")
         for name in kernel.arg_names
@@ -72,7 +71,7 @@ def resources(
     compiled = triton.compile(
         ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
         target=GPUTarget("cuda", 90, 32),
-        options={"num_warps": num_warps, "num_stages": num_stages, "enable_fp_fusion": fp_fusion},
+        options={"num_warps": num_warps, "num_stages": num_stages},
     )
     with tempfile.TemporaryDirectory() as folder:
         source = os.path.join(folder, "kernel.ptx")
@@ -192,7 +191,7 @@ def main() -> None:
             "kernel": name,
             "precision": "float64",
             "constexprs": constexprs,
-            **resources(kernel, constexprs, warps, types=types, fp_fusion=False),
+            **resources(kernel, constexprs, warps, types=types),
         }
         rows.append(row)
         print(

@@ -307,8 +307,7 @@ def _bins_kernel(
     lat,
     BLOCK: tl.constexpr,
 ) -> None:
-    # splat_factors's grid position of each (longitude, latitude), its formulas (launched
-    # without fused multiply-adds: each operation rounded, as PyTorch's)
+    # splat_factors's grid position of each (longitude, latitude), its formulas
     entries = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = entries < n_entries
     longitude = tl.load(angles_ptr + entries, mask=inside, other=0.0)
@@ -651,10 +650,13 @@ def splat_directions(
     in the frames ``frames[n]`` (float64), from the frames: the projection, the pole's
     convention and the grid positions in two passes beside ``atan2`` and ``asin`` (PyTorch's,
     in place), without the gathered and projected ``[n, width, 3]`` directions and the
-    twenty-odd element-wise passes of the PyTorch path.  The same formulas, each operation
-    rounded (no fused multiply-adds); on CUDA PyTorch divides by a number through its
-    reciprocal, so a position exactly on a grid line may come out as the neighboring cell's
-    edge (fraction 1 instead of 0 of the next: the same splat).
+    twenty-odd element-wise passes of the PyTorch path.  The same formulas; compiled for CUDA,
+    Triton fuses multiplications and additions (one rounding) and PyTorch divides by a number
+    through its reciprocal, so the last bits may differ: a position exactly on a grid line may
+    come out as the neighboring cell's edge (fraction 1 of the cell before instead of 0: the
+    same splat), a direction within ~1e-15 of the pole's radius on the other side of it.
+    (Launched without Triton's ``enable_fp_fusion=False``: ``torch.compile`` takes only the
+    warps and stages of a user kernel's launch options.)
 
     Args:
         frames: ``[n, 3, 3]`` float64 rows of each frame.
@@ -689,13 +691,13 @@ def splat_directions(
     angles = unit.new_empty(3, n, width)
     _launcher(_directions_kernel, unit)[grid](
         frames.contiguous(), unit.contiguous(), index, angles, n * width, width, len(unit),
-        pole_eps2, DIRECTION_ENTRIES, num_warps=DIRECTION_WARPS, enable_fp_fusion=False,
+        pole_eps2, DIRECTION_ENTRIES, num_warps=DIRECTION_WARPS,
     )  # fmt: skip
     torch.atan2(angles[0], angles[1], out=angles[0])
     angles[2].asin_()
     _launcher(_bins_kernel, unit)[grid](
         angles, index, column, fraction, row, rise, n * width, len(unit), long, lat,
-        DIRECTION_ENTRIES, num_warps=DIRECTION_WARPS, enable_fp_fusion=False,
+        DIRECTION_ENTRIES, num_warps=DIRECTION_WARPS,
     )  # fmt: skip
     return column, fraction, row, rise
 

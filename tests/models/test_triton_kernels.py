@@ -343,9 +343,9 @@ def test_splat_directions_are_the_splat_factors_of_the_projected_directions(devi
     poles, within the pole's radius and just outside, beyond the sphere (a frame a little
     longer than a rotation: the sine clamped), exactly on grid lines (axis directions in
     identity frames), and padding (31 x 7 entries: a partial program).  In Triton's
-    interpreter the same numbers to the bit; on CUDA (PyTorch divides by a number through
-    its reciprocal) the same splat, a position on a grid line possibly the neighbor cell's
-    edge.  Wrong dtypes and shapes refused."""
+    interpreter the same numbers to the bit; on CUDA (Triton fuses multiply-adds, PyTorch
+    divides by a number through its reciprocal) the same splat, a position on a grid line
+    possibly the neighbor cell's edge.  Wrong dtypes and shapes refused."""
     torch.manual_seed(8)
     n, width, n_values, lat, long = 31, 7, 40, 5, 6
     frames = torch.linalg.qr(torch.randn(n, 3, 3, dtype=torch.float64))[0]
