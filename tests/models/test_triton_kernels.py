@@ -82,6 +82,20 @@ INTERPRETER_TILES = {
 }
 
 
+def _small_force_centric(device: str, monkeypatch, **options) -> SpinConv:
+    """The small force-centric fixture model (OCP's weights; ``options`` to ``SpinConv``) on
+    ``device``; in Triton's interpreter the kernels' tiles large (its cost is per program;
+    the default tiles are the kernel tests')."""
+    if device == "cpu":
+        for name, value in INTERPRETER_TILES.items():
+            monkeypatch.setattr(triton_kernels, name, value)
+    raw = load_ocp_raw("spinconv_small_fc")
+    model = SpinConv(**raw["config"]["model_attributes"], **options)
+    state = {k.removeprefix("module."): v for k, v in raw["state_dict"].items()}
+    model.load_state_dict(state, strict=True)
+    return model.to(device)
+
+
 def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max())
 
@@ -232,14 +246,7 @@ def test_force_centric_forward_equals_the_pytorch_path(device, envelope, monkeyp
     to float32 rounding, every fused path taken (the kernels' calls counted), and the model
     given to ``with_triton_kernels`` is left as it was.  In the interpreter with large tiles
     (its cost is per program; the default tiles are the tests above)."""
-    if device == "cpu":
-        for name, value in INTERPRETER_TILES.items():
-            monkeypatch.setattr(triton_kernels, name, value)
-    raw = load_ocp_raw("spinconv_small_fc")
-    model = SpinConv(**raw["config"]["model_attributes"], envelope=envelope)
-    state = {k.removeprefix("module."): v for k, v in raw["state_dict"].items()}
-    model.load_state_dict(state, strict=True)
-    model = model.to(device).eval()
+    model = _small_force_centric(device, monkeypatch, envelope=envelope).eval()
     fused = with_triton_kernels(model)
     assert all(
         m.triton_precision is None
@@ -286,13 +293,7 @@ def test_random_rotations_with_the_kernels(device, monkeypatch):
     """OCP's random force-block rotations (per atom, drawn each forward): the fused force
     grids (each atom's own frames, by the splat kernels) give the PyTorch path's forces for
     the same draw, where another draw moves them by order one."""
-    if device == "cpu":
-        for name, value in INTERPRETER_TILES.items():
-            monkeypatch.setattr(triton_kernels, name, value)
-    raw = load_ocp_raw("spinconv_small_fc")
-    model = SpinConv(**raw["config"]["model_attributes"])
-    model.load_state_dict({k.removeprefix("module."): v for k, v in raw["state_dict"].items()})
-    model = model.to(device).eval()
+    model = _small_force_centric(device, monkeypatch).eval()
     model.random_rotations = True
     fused = with_triton_kernels(model)
     calls = []
@@ -435,13 +436,7 @@ def test_mixed_precision_rounds_the_bulk_products_and_keeps_the_energy_block(dev
     bulk products on TF32-rounded inputs (here in the interpreter, where the products are
     otherwise exact, the only difference to float32: forces move by about 1e-4 relative),
     the energy block keeps ``tf32x3``."""
-    if device == "cpu":
-        for name, value in INTERPRETER_TILES.items():
-            monkeypatch.setattr(triton_kernels, name, value)
-    raw = load_ocp_raw("spinconv_small_fc")
-    model = SpinConv(**raw["config"]["model_attributes"])
-    model.load_state_dict({k.removeprefix("module."): v for k, v in raw["state_dict"].items()})
-    model = model.to(device).eval()
+    model = _small_force_centric(device, monkeypatch).eval()
     mixed = with_triton_kernels(model, "mixed")
     assert mixed.energyembeddingblock.triton_precision == "tf32x3"
     assert mixed.force_output_block.block1.triton_precision == "mixed"
@@ -509,13 +504,7 @@ def test_fine_tuning_a_copy_with_kernels_and_a_frozen_block(device, monkeypatch)
     block's outputs need no gradient (the fused basis kernel computes them), every later
     block trains through PyTorch's operators, and every trainable weight gets the gradient
     the plain model's copy gets (to float32 rounding)."""
-    if device == "cpu":
-        for name, value in INTERPRETER_TILES.items():
-            monkeypatch.setattr(triton_kernels, name, value)
-    raw = load_ocp_raw("spinconv_small_fc")
-    model = SpinConv(**raw["config"]["model_attributes"])
-    model.load_state_dict({k.removeprefix("module."): v for k, v in raw["state_dict"].items()})
-    model = model.to(device)
+    model = _small_force_centric(device, monkeypatch)
     model.dist_block.requires_grad_(False)
     fused = with_triton_kernels(model)
     batch = Batch.from_atoms(ocp_structures()["o_pt100"], cutoff=model.cutoff)
