@@ -209,8 +209,7 @@ class EmbeddingBlock(nn.Module):
         step 5% slower)."""
         recording = torch.is_grad_enabled() and x.requires_grad
         mixture = self._expert_weights(source_element, target_element)
-        fused = self.triton_precision is not None and x.dtype == torch.float32
-        if fused and not autograd_records(self, x):
+        if uses_kernels(self.triton_precision, x, self):
             return self._fused_mixture(x, mixture)
         if x.is_cuda or recording or len(x) <= MOE_CHUNK_ROWS:
             return self._mixture(x, mixture)
@@ -359,8 +358,7 @@ class DistanceBlock(nn.Module):
             exponent = 2.0 * torch.sigmoid(self.dist_scalar(pair).view(-1)) - 1.0
             scale = torch.exp(self.log_scalar_max * exponent)
             distances = scale * distances + self.dist_offset(pair).view(-1)
-        fused = self.triton_precision is not None and distances.dtype == torch.float32
-        if not fused or autograd_records(self, distances):
+        if not uses_kernels(self.triton_precision, distances, self):
             return self.fc1(self.distance_expansion(distances))
         from forcecalc.models.triton_kernels import basis_linear, product_precisions
 
@@ -587,9 +585,8 @@ def swish_layers(
     out]``, none if not given) from ``x`` ``[n, in]``: the distance features' two layers, by the
     fused linear kernel (the sum and Swish in its pass) where ``triton_precision`` asks for it
     and it applies (float32, no autograd recording)."""
-    inputs = (x,) if addend is None else (x, addend)
-    fused = triton_precision is not None and x.dtype == torch.float32
-    if not fused or autograd_records(first, second, *inputs):
+    parts = (first, second) if addend is None else (first, second, addend)
+    if not uses_kernels(triton_precision, x, *parts):
         out = second(F.silu(first(x)))
         return F.silu(out if addend is None else addend + out)
     from forcecalc.models.triton_kernels import linear, product_precisions
@@ -1681,8 +1678,7 @@ class SphereProjections:
             or self.longitude.fraction.requires_grad
             or self.latitude.requires_grad
         )
-        fused = block.triton_precision is not None and values.dtype == torch.float32
-        if fused and not (recording or autograd_records(block)):
+        if not recording and uses_kernels(block.triton_precision, values, block):
             return self._fused_spin_convolution(block, values)
         cache = (values.is_cuda or recording) and (
             n * width * long * lat * itemsize <= WEIGHT_CACHE_BYTES
@@ -1839,19 +1835,21 @@ def _kept_constant(
     return cache[key]
 
 
-def autograd_records(*parts: nn.Module | Tensor) -> bool:
-    """Whether autograd records an operation on ``parts`` (tensors, and modules whose
-    parameters it uses): gradients enabled and one of the tensors or parameters requiring
-    one.  The fused Triton kernels have no backward: a block takes them only where this is
-    False (inference; in training, even a block whose inputs need no gradient has weights
-    that do, unless frozen)."""
-    if not torch.is_grad_enabled():
+def uses_kernels(triton_precision: str | None, x: Tensor, *parts: nn.Module | Tensor) -> bool:
+    """Whether a block computes ``x`` with the fused Triton kernels: asked for
+    (``triton_precision``), ``x`` float32, and autograd recording nothing on ``x`` and
+    ``parts`` (other tensors, and modules whose parameters the block uses).  The kernels have
+    no backward: inference takes them; in training even a block whose inputs need no
+    gradient has weights that do, unless frozen."""
+    if triton_precision is None or x.dtype != torch.float32:
         return False
-    for part in parts:
+    if not torch.is_grad_enabled():
+        return True
+    for part in (x, *parts):
         tensors = part.parameters() if isinstance(part, nn.Module) else (part,)
         if any(t.requires_grad for t in tensors):
-            return True
-    return False
+            return False
+    return True
 
 
 def _check_autograd_available() -> None:
