@@ -554,6 +554,15 @@ def tile_sizes(tiles: tuple[int, int, int], n_in: int) -> tuple[int, int, int]:
     return block_m, block_n, min(block_k, _dot_size(n_in))
 
 
+def _product_grid(
+    tiles: tuple[int, int, int], n: int, n_out: int, n_in: int
+) -> tuple[tuple[int, int], int, int, int]:
+    """The programs ``(row blocks, column blocks)`` of a product's ``[n, n_out]`` output with
+    a reduction of ``n_in``, and its tiles (:func:`tile_sizes`)."""
+    block_m, block_n, block_k = tile_sizes(tiles, n_in)
+    return (triton.cdiv(n, block_m), triton.cdiv(n_out, block_n)), block_m, block_n, block_k
+
+
 def _check_float32(*tensors: Tensor) -> None:
     for tensor in tensors:
         if tensor.dtype != torch.float32:
@@ -595,8 +604,7 @@ def linear(
         addend = addend.contiguous()
     if n == 0:
         return out
-    block_m, block_n, block_k = tile_sizes(LINEAR_TILES, n_in)
-    grid = (triton.cdiv(n, block_m), triton.cdiv(n_out, block_n))
+    grid, block_m, block_n, block_k = _product_grid(LINEAR_TILES, n, n_out, n_in)
     _launcher(_linear_kernel, x)[grid](
         x, weight, bias.contiguous(), out if addend is None else addend, out, n, n_in, n_out,
         block_m, block_n, block_k, addend is not None, swish, rounded, precision,
@@ -633,8 +641,7 @@ def basis_linear(
     out = distances.new_empty(n, n_out)
     if n == 0:
         return out
-    block_m, block_n, block_k = tile_sizes(LINEAR_TILES, n_basis)
-    grid = (triton.cdiv(n, block_m), triton.cdiv(n_out, block_n))
+    grid, block_m, block_n, block_k = _product_grid(LINEAR_TILES, n, n_out, n_basis)
     _launcher(_basis_linear_kernel, distances)[grid](
         distances, offset.contiguous(), weight, bias.contiguous(), out, n, n_basis, n_out,
         coeff, block_m, block_n, block_k, precision,
@@ -724,8 +731,7 @@ def mixture_of_experts(
     out = h.new_empty(n, mid)
     if n == 0:
         return out
-    block_m, block_n, block_k = tile_sizes(MIXTURE_TILES, n_in)
-    grid = (triton.cdiv(n, block_m), triton.cdiv(mid, block_n))
+    grid, block_m, block_n, block_k = _product_grid(MIXTURE_TILES, n, mid, n_in)
     _launcher(_mixture_kernel, h)[grid](
         h, weight, bias.contiguous(), mixture, out, n, n_in, mid, n_experts,
         block_m, block_n, block_k, precision, num_warps=MIXTURE_WARPS, num_stages=MIXTURE_STAGES,
