@@ -34,6 +34,9 @@ from forcecalc.models import triton_kernels
 #: SpinConv-All's sizes: hidden channels, mid channels, latitudes, longitudes, values per grid,
 #: Gaussians of the distance basis.
 CHANNELS, MID, LAT, LONG, WIDTH, BASIS = 32, 256, 16, 12, 40, 512
+#: The integer arguments that are multiples of 16 at SpinConv-All's sizes: a launch specializes
+#: them (and every pointer, 16-byte aligned) as such, which lets the compiler vectorize loads.
+DIVISIBLE = {"n_in", "n_out", "n_mid", "n_basis", "plane", "channels", "lat", "n_columns"}
 #: One Hopper multiprocessor (H100/H200): registers, shared memory (bytes), warps.
 SM_REGISTERS, SM_SHARED, SM_WARPS = 65536, 228 * 1024, 64
 
@@ -55,8 +58,9 @@ def resources(
     types: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Compile ``kernel`` for sm_90a with ``constexprs`` (every other argument a float32
-    pointer if it ends in ``_ptr``, else a 32-bit integer, unless ``types`` names its type)
-    and read its resources."""
+    pointer if it ends in ``_ptr``, else a 32-bit integer, unless ``types`` names its type),
+    specialized as a launch at SpinConv-All's sizes specializes it (pointers and
+    :data:`DIVISIBLE` integers multiples of 16), and read its resources."""
     signature = {
         name: "constexpr" if name in constexprs else ("*fp32" if name.endswith("_ptr") else "i32")
         for name in kernel.arg_names
@@ -68,8 +72,13 @@ def resources(
         if name in signature:
             signature[name] = "fp32"
     signature.update(types or {})
+    attrs = {
+        (i,): [["tt.divisibility", 16]]
+        for i, name in enumerate(kernel.arg_names)
+        if name not in constexprs and (name.endswith("_ptr") or name in DIVISIBLE)
+    }
     compiled = triton.compile(
-        ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+        ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
         target=GPUTarget("cuda", 90, 32),
         options={"num_warps": num_warps, "num_stages": num_stages},
     )
@@ -105,7 +114,14 @@ def kernels(precision: str) -> dict[str, tuple[Any, dict[str, Any], int, int]]:
 
     def product(tiles: tuple[int, int, int], n_in: int) -> dict[str, Any]:
         block_m, block_n, block_k = k.tile_sizes(tiles, n_in)
-        return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "PRECISION": precision}
+        split = precision == "tf32x3" and k.SPLIT_WEIGHTS
+        return {
+            "BLOCK_M": block_m,
+            "BLOCK_N": block_n,
+            "BLOCK_K": block_k,
+            "PRECISION": precision,
+            "SPLIT": split,
+        }
 
     spectra = {
         "GRIDS": k.SPECTRA_GRIDS,
@@ -179,23 +195,26 @@ def main() -> None:
     finally:
         for key, value in defaults.items():
             setattr(triton_kernels, key, value)
-    # the geometry's kernels: float64, no products, no tile variants
-    warps = triton_kernels.DIRECTION_WARPS
+    # the element-wise kernels: the geometry's (float64) and the split; no tile variants
+    warps = triton_kernels.ELEMENTWISE_WARPS
     float64 = {"frames_ptr": "*fp64", "unit_ptr": "*fp64", "out_ptr": "*fp64"}
-    for name, kernel, constexprs, types in (
-        ("splat_directions", triton_kernels._directions_kernel, {"POLE_EPS2": 1e-12}, float64),
-        ("splat_directions bins", triton_kernels._bins_kernel, {}, {"angles_ptr": "*fp64"}),
-    ):
-        constexprs = {**constexprs, "BLOCK": triton_kernels.DIRECTION_ENTRIES}
+    for name, kernel, constexprs, types, precision in (
+        ("splat_directions", triton_kernels._directions_kernel, {"POLE_EPS2": 1e-12}, float64,
+         "float64"),
+        ("splat_directions bins", triton_kernels._bins_kernel, {}, {"angles_ptr": "*fp64"},
+         "float64"),
+        ("tf32_split", triton_kernels._split_kernel, {}, {}, "float32"),
+    ):  # fmt: skip
+        constexprs = {**constexprs, "BLOCK": triton_kernels.ELEMENTWISE_ENTRIES}
         row = {
             "kernel": name,
-            "precision": "float64",
+            "precision": precision,
             "constexprs": constexprs,
             **resources(kernel, constexprs, warps, types=types),
         }
         rows.append(row)
         print(
-            f"{name:<30}{'float64':<10}{'':<8}{row['registers']:>6}"
+            f"{name:<30}{precision:<10}{'':<8}{row['registers']:>6}"
             f"{row['spill_stores']:>7}/{row['spill_loads']:<5}{row['shared_bytes']:>9}"
             f"{warps:>6}{row['programs_per_sm']:>12}"
         )

@@ -6,7 +6,8 @@ For each variant (module constants of ``triton_kernels`` set, the others at thei
 defaults) it runs the forward of ``--batch`` 66-atom slabs (``speed.py``'s structures) under
 ``torch.profiler`` and sums the device time of each fused kernel (``_linear_kernel``,
 ``_basis_linear_kernel``, ``_mixture_kernel``, ``_spectra_kernel``, ``_products_kernel``,
-``_inverse_kernel``, ``_directions_kernel``, ``_bins_kernel``) and of everything else, with
+``_inverse_kernel``, ``_directions_kernel``, ``_bins_kernel``, ``_split_kernel``) and of
+everything else, with
 the wall time per forward (atoms/s).  Every variant changes each kernel's constants, so the
 best choice per kernel can be read from one pass (a variant that fails to compile, e.g. out
 of shared memory, is reported and skipped).  The top device kernels and operators of the
@@ -40,11 +41,13 @@ KERNELS = (
     "_inverse_kernel",
     "_directions_kernel",
     "_bins_kernel",
+    "_split_kernel",
 )
 
 #: Tile choices (module constant -> value); each changes every kernel's constants.
 VARIANTS: list[dict[str, Any]] = [
     {},
+    {"SPLIT_WEIGHTS": False},
     {
         "LINEAR_WARPS": 4,
         "MIXTURE_WARPS": 8,

@@ -27,14 +27,15 @@ every frequency.  These kernels compute the same numbers without those tensors:
   cost ``[long, n, mid]`` of memory traffic; Gauss's three products per frequency, with three
   accumulators, fitted 32 x 64 tiles without spilling, the paired product 64 x 64.
 
-Matrix products use ``tl.dot`` with ``input_precision="tf32x3"`` by default (three TF32
-tensor-core products per product: float32's accuracy); ``"tf32"`` is one (about 1e-3
-relative error per product: Triton drops the inputs' low 13 bits) and ``"ieee"`` full float32
-on CUDA cores; :func:`with_triton_kernels` also has ``"mixed"``, one TF32 product on inputs
-rounded to the nearest TF32 number (the kernels' ``rounded`` option, :func:`tf32_rounded`)
-where it matters least.  On a CPU tensor the
-kernels run in Triton's interpreter (numpy, full float32 whatever the precision) where Triton
-was imported with ``TRITON_INTERPRET=1``: for tests, far slower than the PyTorch path.
+Matrix products are ``tf32x3`` by default (three TF32 tensor-core products per product:
+float32's accuracy; the second factor, the same for every row, split into its two TF32 parts
+once per call rather than by Triton at every step: :data:`SPLIT_WEIGHTS`); ``"tf32"`` is one
+(about 1e-3 relative error per product: Triton drops the inputs' low 13 bits) and ``"ieee"``
+full float32 on CUDA cores; :func:`with_triton_kernels` also has ``"mixed"``, one TF32 product
+on inputs rounded to the nearest TF32 number (the kernels' ``rounded`` option,
+:func:`tf32_rounded`) where it matters least.  On a CPU tensor the kernels run in Triton's
+interpreter (numpy, full float32 whatever the precision) where Triton was imported with
+``TRITON_INTERPRET=1``: for tests, far slower than the PyTorch path.
 :func:`with_triton_kernels` returns a copy of a model that uses them.
 """
 
@@ -80,10 +81,38 @@ PRODUCTS_WARPS, PRODUCTS_STAGES = 4, 3
 #: Output numbers per program of the inverse DFT in :func:`spin_pool` (each grid's outputs of
 #: a group, a GroupNorm group, padded to a power of two; at least one group per program).
 INVERSE_COLUMNS = 512
-#: Directions per program and warps of :func:`splat_directions`'s kernels (element-wise, not
-#: timed: chosen for few registers per thread by ``kernel_registers.py``, 36-47: 5-7
-#: programs of 8 warps per multiprocessor).
-DIRECTION_ENTRIES, DIRECTION_WARPS = 512, 8
+#: Whether ``tf32x3`` products read their second factor (a layer's weight, the kernels'
+#: paired spectra: the same for every row) split in memory, its nearest TF32 number and the
+#: TF32 number nearest the rest (:func:`tf32_split`, one pass per call), and split only the
+#: first factor in registers: three ``tf32`` products as Triton's ``tf32x3`` makes, without
+#: its split of the second factor (shared memory to registers and back each step: compiled
+#: for sm_90a at SpinConv-All's sizes, the mixture's tile spills 284 bytes per thread that way,
+#: 16 this way; ``benchmarks/kernel_registers.py``).  ``False``: Triton's own ``tf32x3``.
+SPLIT_WEIGHTS = True
+#: Entries per program and warps of the element-wise kernels (:func:`splat_directions`'s,
+#: :func:`tf32_split`'s; not timed: chosen for few registers per thread by
+#: ``kernel_registers.py``, 36-47: 5-7 programs of 8 warps per multiprocessor).
+ELEMENTWISE_ENTRIES, ELEMENTWISE_WARPS = 512, 8
+
+
+@triton.jit
+def _dot_weight(
+    acc, a, b_ptrs, b_ok, plane, PRECISION: tl.constexpr, SPLIT: tl.constexpr
+) -> tl.tensor:
+    """``acc + a @ b``, ``b`` read at ``b_ptrs`` (inside where ``b_ok``): one ``tl.dot`` at
+    ``PRECISION``, or with ``SPLIT`` (:data:`SPLIT_WEIGHTS`) three ``tf32`` ones, ``b`` at
+    ``b_ptrs`` being its TF32 part and ``plane`` numbers further the rest's
+    (:func:`tf32_split`), ``a`` split here: the small products first, as Triton's
+    ``tf32x3`` (an infinite ``a`` has no rest, where Triton masks the NaN it makes)."""
+    b = tl.load(b_ptrs, mask=b_ok, other=0.0)
+    if SPLIT:
+        a_high = _tf32_rounded(a)
+        a_low = tl.where(a_high == a, 0.0, a - a_high)
+        acc = tl.dot(a_low, b, acc, input_precision="tf32")
+        b_low = tl.load(b_ptrs + plane, mask=b_ok, other=0.0)
+        acc = tl.dot(a_high, b_low, acc, input_precision="tf32")
+        return tl.dot(a_high, b, acc, input_precision="tf32")
+    return tl.dot(a, b, acc, input_precision=PRECISION)
 
 
 @triton.jit
@@ -96,11 +125,14 @@ def _rows_times_weight(
     outputs,
     output_ok,
     n_in,
+    plane,
     BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
+    SPLIT: tl.constexpr,
 ) -> tl.tensor:
     """``acc`` plus ``x[rows] @ weight[outputs].T``: rows of ``x`` ``[*, n_in]`` times rows of
-    ``weight`` ``[*, n_in]`` (an ``nn.Linear`` weight, read as its transpose)."""
+    ``weight`` ``[*, n_in]`` (an ``nn.Linear`` weight, read as its transpose; split with
+    ``SPLIT``, :func:`_dot_weight`)."""
     for start in range(0, n_in, BLOCK_K):
         ks = start + tl.arange(0, BLOCK_K)
         k_ok = ks < n_in
@@ -109,12 +141,10 @@ def _rows_times_weight(
             mask=row_ok[:, None] & k_ok[None, :],
             other=0.0,
         )
-        b = tl.load(
-            weight_ptr + outputs[None, :] * n_in + ks[:, None],
-            mask=k_ok[:, None] & output_ok[None, :],
-            other=0.0,
+        b_ptrs = weight_ptr + outputs[None, :] * n_in + ks[:, None]
+        acc = _dot_weight(
+            acc, a, b_ptrs, k_ok[:, None] & output_ok[None, :], plane, PRECISION, SPLIT
         )
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
     return acc
 
 
@@ -150,6 +180,18 @@ def _tf32_rounded(x) -> tl.tensor:
 
 
 @triton.jit
+def _split_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr) -> None:
+    # out [2, n]: x's nearest TF32 number, then the TF32 number nearest the rest
+    at = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = at < n
+    x = tl.load(x_ptr + at, mask=inside, other=0.0)
+    high = _tf32_rounded(x)
+    tl.store(out_ptr + at, high, mask=inside)
+    low = tl.where(high == x, 0.0, _tf32_rounded(x - high))
+    tl.store(out_ptr + tl.cast(n, tl.int64) + at, low, mask=inside)
+
+
+@triton.jit
 def _mixture_kernel(
     h_ptr,
     weight_ptr,
@@ -160,10 +202,12 @@ def _mixture_kernel(
     n_in,
     n_mid,
     n_experts,
+    plane,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
+    SPLIT: tl.constexpr,
 ) -> None:
     rows, cols, row_ok, col_ok = _output_tile(n_rows, n_mid, BLOCK_M, BLOCK_N)
     out = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -172,8 +216,9 @@ def _mixture_kernel(
         outputs = expert * n_mid + cols
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         acc = _rows_times_weight(
-            acc, h_ptr, weight_ptr, rows, row_ok, outputs, col_ok, n_in, BLOCK_K, PRECISION
-        )
+            acc, h_ptr, weight_ptr, rows, row_ok, outputs, col_ok, n_in, plane, BLOCK_K,
+            PRECISION, SPLIT,
+        )  # fmt: skip
         acc += tl.load(bias_ptr + outputs, mask=col_ok, other=0.0)[None, :]
         share = tl.load(mixture_ptr + rows * n_experts + expert, mask=row_ok, other=0.0)
         out += share[:, None] * (acc * tl.sigmoid(acc))
@@ -190,6 +235,7 @@ def _linear_kernel(
     n_rows,
     n_in,
     n_out,
+    plane,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -197,11 +243,12 @@ def _linear_kernel(
     SWISH: tl.constexpr,
     ROUND: tl.constexpr,
     PRECISION: tl.constexpr,
+    SPLIT: tl.constexpr,
 ) -> None:
     rows, cols, row_ok, col_ok = _output_tile(n_rows, n_out, BLOCK_M, BLOCK_N)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc = _rows_times_weight(
-        acc, x_ptr, weight_ptr, rows, row_ok, cols, col_ok, n_in, BLOCK_K, PRECISION
+        acc, x_ptr, weight_ptr, rows, row_ok, cols, col_ok, n_in, plane, BLOCK_K, PRECISION, SPLIT
     )
     acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0)[None, :]
     if ADD:
@@ -228,10 +275,12 @@ def _basis_linear_kernel(
     n_basis,
     n_out,
     coeff,
+    plane,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
+    SPLIT: tl.constexpr,
 ) -> None:
     rows, cols, row_ok, col_ok = _output_tile(n_rows, n_out, BLOCK_M, BLOCK_N)
     distance = tl.load(distance_ptr + rows, mask=row_ok, other=0.0)
@@ -242,12 +291,10 @@ def _basis_linear_kernel(
         # the Gaussians [BLOCK_M, BLOCK_K] of the rows' distances, zero outside
         diff = distance[:, None] - tl.load(offset_ptr + ks, mask=k_ok, other=0.0)[None, :]
         basis = tl.where(row_ok[:, None] & k_ok[None, :], tl.exp(coeff * (diff * diff)), 0.0)
-        b = tl.load(
-            weight_ptr + cols[None, :] * n_basis + ks[:, None],
-            mask=k_ok[:, None] & col_ok[None, :],
-            other=0.0,
+        b_ptrs = weight_ptr + cols[None, :] * n_basis + ks[:, None]
+        acc = _dot_weight(
+            acc, basis, b_ptrs, k_ok[:, None] & col_ok[None, :], plane, PRECISION, SPLIT
         )
-        acc = tl.dot(basis, b, acc, input_precision=PRECISION)
     acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0)[None, :]
     _store_tile(out_ptr, acc, rows, cols, row_ok, col_ok, n_out)
 
@@ -416,10 +463,12 @@ def _products_kernel(
     n_out,
     n_edge,
     n_middle,
+    plane,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
+    SPLIT: tl.constexpr,
 ) -> None:
     # the column blocks of a row block are neighbouring programs: the second reads the
     # spectra from the cache
@@ -452,12 +501,10 @@ def _products_kernel(
             a = tl.load(
                 spectrum[:, None] + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0
             )
-            b = tl.load(
-                kernel + (half * n_in + ks)[:, None] * (2 * n_out) + cols[None, :],
-                mask=k_ok[:, None] & col_ok[None, :],
-                other=0.0,
+            b_ptrs = kernel + (half * n_in + ks)[:, None] * (2 * n_out) + cols[None, :]
+            acc = _dot_weight(
+                acc, a, b_ptrs, k_ok[:, None] & col_ok[None, :], plane, PRECISION, SPLIT
             )
-            acc = tl.dot(a, b, acc, input_precision=PRECISION)
         entry = tl.where(in_second, second, first)  # [BLOCK_N], -1: no entry
         out = out_ptr + (entry[None, :] * n_grids + rows[:, None]) * (n_groups * n_out)
         tl.store(
@@ -569,6 +616,15 @@ def _check_float32(*tensors: Tensor) -> None:
             raise TypeError(f"the Triton kernels take float32 tensors, got {tensor.dtype}")
 
 
+def _second_factor(weight: Tensor, precision: str) -> tuple[Tensor, int, bool]:
+    """A product's second factor as its kernel reads it at ``precision``: split
+    (:func:`tf32_split`) for ``tf32x3`` where :data:`SPLIT_WEIGHTS`, else as it is; the numbers
+    between its two parts; whether split."""
+    if precision == "tf32x3" and SPLIT_WEIGHTS:
+        return tf32_split(weight), weight.numel(), True
+    return weight.contiguous(), 0, False
+
+
 def linear(
     x: Tensor,
     weight: Tensor,
@@ -592,7 +648,7 @@ def linear(
         ``[n, n_out]``.
     """
     _check_float32(x, weight, bias)
-    x, weight = x.contiguous(), weight.contiguous()
+    x = x.contiguous()
     (n, n_in), n_out = x.shape, weight.shape[0]
     out = x.new_empty(n, n_out)
     if addend is not None:
@@ -605,9 +661,10 @@ def linear(
     if n == 0:
         return out
     grid, block_m, block_n, block_k = _product_grid(LINEAR_TILES, n, n_out, n_in)
+    weight, plane, split = _second_factor(weight, precision)
     _launcher(_linear_kernel, x)[grid](
         x, weight, bias.contiguous(), out if addend is None else addend, out, n, n_in, n_out,
-        block_m, block_n, block_k, addend is not None, swish, rounded, precision,
+        plane, block_m, block_n, block_k, addend is not None, swish, rounded, precision, split,
         num_warps=LINEAR_WARPS, num_stages=LINEAR_STAGES,
     )  # fmt: skip
     return out
@@ -634,7 +691,7 @@ def basis_linear(
         ``[n, n_out]``.
     """
     _check_float32(distances, offset, weight, bias)
-    distances, weight = distances.contiguous(), weight.contiguous()
+    distances = distances.contiguous()
     n, (n_out, n_basis) = len(distances), weight.shape
     if offset.shape != (n_basis,):
         raise ValueError(f"{tuple(offset.shape)} centres for a layer of {n_basis} inputs")
@@ -642,9 +699,10 @@ def basis_linear(
     if n == 0:
         return out
     grid, block_m, block_n, block_k = _product_grid(LINEAR_TILES, n, n_out, n_basis)
+    weight, plane, split = _second_factor(weight, precision)
     _launcher(_basis_linear_kernel, distances)[grid](
         distances, offset.contiguous(), weight, bias.contiguous(), out, n, n_basis, n_out,
-        coeff, block_m, block_n, block_k, precision,
+        coeff, plane, block_m, block_n, block_k, precision, split,
         num_warps=LINEAR_WARPS, num_stages=LINEAR_STAGES,
     )  # fmt: skip
     return out
@@ -694,17 +752,17 @@ def splat_directions(
     rise = torch.empty_like(fraction)
     if n * width == 0:
         return column, fraction, row, rise
-    grid = (triton.cdiv(n * width, DIRECTION_ENTRIES),)
+    grid = (triton.cdiv(n * width, ELEMENTWISE_ENTRIES),)
     angles = unit.new_empty(3, n, width)
     _launcher(_directions_kernel, unit)[grid](
         frames.contiguous(), unit.contiguous(), index, angles, n * width, width, len(unit),
-        pole_eps2, DIRECTION_ENTRIES, num_warps=DIRECTION_WARPS,
+        pole_eps2, ELEMENTWISE_ENTRIES, num_warps=ELEMENTWISE_WARPS,
     )  # fmt: skip
     torch.atan2(angles[0], angles[1], out=angles[0])
     angles[2].asin_()
     _launcher(_bins_kernel, unit)[grid](
         angles, index, column, fraction, row, rise, n * width, len(unit), long, lat,
-        DIRECTION_ENTRIES, num_warps=DIRECTION_WARPS,
+        ELEMENTWISE_ENTRIES, num_warps=ELEMENTWISE_WARPS,
     )  # fmt: skip
     return column, fraction, row, rise
 
@@ -724,7 +782,7 @@ def mixture_of_experts(
         ``[n, mid]``.
     """
     _check_float32(h, weight, bias, mixture)
-    h, weight, mixture = h.contiguous(), weight.contiguous(), mixture.contiguous()
+    h, mixture = h.contiguous(), mixture.contiguous()
     n, n_in = h.shape
     n_experts = mixture.shape[1]
     mid = weight.shape[0] // n_experts
@@ -732,9 +790,11 @@ def mixture_of_experts(
     if n == 0:
         return out
     grid, block_m, block_n, block_k = _product_grid(MIXTURE_TILES, n, mid, n_in)
+    weight, plane, split = _second_factor(weight, precision)
     _launcher(_mixture_kernel, h)[grid](
-        h, weight, bias.contiguous(), mixture, out, n, n_in, mid, n_experts,
-        block_m, block_n, block_k, precision, num_warps=MIXTURE_WARPS, num_stages=MIXTURE_STAGES,
+        h, weight, bias.contiguous(), mixture, out, n, n_in, mid, n_experts, plane,
+        block_m, block_n, block_k, precision, split,
+        num_warps=MIXTURE_WARPS, num_stages=MIXTURE_STAGES,
     )  # fmt: skip
     return out
 
@@ -835,9 +895,10 @@ def spin_pool(
     block_m, block_n, block_k = tile_sizes(PRODUCTS_TILES, n_in)
     products = spectra.new_empty(long, n, groups * n_out)
     grid = (triton.cdiv(n, block_m) * triton.cdiv(2 * n_out, block_n), groups)
+    pairs, plane, split = _second_factor(pairs, precision)
     _launcher(_products_kernel, spectra)[grid](
-        spectra.contiguous(), pairs.contiguous(), products, n, groups, n_in,
-        n_out, long - 2 * n_middle, n_middle, block_m, block_n, block_k, precision,
+        spectra.contiguous(), pairs, products, n, groups, n_in, n_out,
+        long - 2 * n_middle, n_middle, plane, block_m, block_n, block_k, precision, split,
         num_warps=PRODUCTS_WARPS, num_stages=PRODUCTS_STAGES,
     )  # fmt: skip
     padded = triton.next_power_of_2(n_out)
@@ -858,6 +919,21 @@ def tf32_rounded(x: Tensor) -> Tensor:
     x = x.contiguous()
     bits = (x.view(torch.int32) + 0x1000) & -8192
     return torch.where(x.isnan(), x, bits.view(torch.float32))
+
+
+def tf32_split(x: Tensor) -> Tensor:
+    """``x`` (float32) as two TF32 numbers per number, ``[2, *x.shape]``: the nearest one
+    (:func:`tf32_rounded`) and the one nearest the rest (zero where ``x`` is infinite), whose
+    sum is ``x`` to about 2^-22 of it: the second factor of a ``tf32x3`` product
+    (:data:`SPLIT_WEIGHTS`), split once where Triton's ``tf32x3`` splits it at every step."""
+    _check_float32(x)
+    x = x.contiguous()
+    out = x.new_empty(2, *x.shape)
+    if x.numel():
+        _launcher(_split_kernel, x)[(triton.cdiv(x.numel(), ELEMENTWISE_ENTRIES),)](
+            x, out, x.numel(), ELEMENTWISE_ENTRIES, num_warps=ELEMENTWISE_WARPS
+        )
+    return out
 
 
 def paired_kernels(real: Tensor, imag: Tensor, long: int) -> Tensor:

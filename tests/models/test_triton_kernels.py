@@ -45,6 +45,7 @@ from forcecalc.models.triton_kernels import (
     spin_spectra,
     splat_directions,
     tf32_rounded,
+    tf32_split,
     with_triton_kernels,
 )
 
@@ -406,6 +407,75 @@ def test_tf32_rounding_is_to_the_nearest_tf32_number():
     torch.testing.assert_close(tf32_rounded(exact), exact, rtol=0, atol=0)
     nans = torch.tensor([0x7FFFFFFF, -1, 0x7FC00000], dtype=torch.int32).view(torch.float32)
     assert tf32_rounded(nans).isnan().all()
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy's inf-inf
+def test_tf32_split_is_two_tf32_numbers_that_sum_to_x(device):
+    """``tf32_split``: the nearest TF32 number, then the TF32 number nearest the rest (both
+    with their 13 low bits zero), together ``x`` within 2^-22 of it; an infinity's rest is
+    zero, a NaN stays NaN."""
+    x = torch.randn(5000) * torch.logspace(-20, 20, 5000)
+    x[:4] = torch.tensor([float("inf"), -float("inf"), float("nan"), 0.0])
+    x = x.to(device)
+    split = tf32_split(x)
+    assert split.shape == (2, 5000)
+    high, low = split
+    torch.testing.assert_close(high, tf32_rounded(x), rtol=0, atol=0, equal_nan=True)
+    finite = x.isfinite()
+    rest = x[finite] - high[finite]  # exact
+    torch.testing.assert_close(low[finite], tf32_rounded(rest), rtol=0, atol=0)
+    assert not (split[:, finite].contiguous().view(torch.int32) & 0x1FFF).any()
+    assert ((rest - low[finite]).abs() <= x[finite].abs() * 2.0**-22).all()
+    assert (low[:2] == 0).all() and high[2].isnan() and low[2].isnan()
+
+
+@pytest.mark.parametrize("split", [True, False])
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+def test_tf32x3_products_with_the_second_factor_split_in_memory(device, split, monkeypatch):
+    """``tf32x3`` products whose second factor is split once per call (``SPLIT_WEIGHTS``,
+    ``tf32_split``) or by Triton at every step: float64's numbers to float32 rounding in the
+    linear layer, the basis layer, the mixture of experts and the frequency products (a part
+    of either factor dropped or read from the wrong place is ~1e-4 off); one split per call
+    where it is on, none where it is off."""
+    monkeypatch.setattr(triton_kernels, "SPLIT_WEIGHTS", split)
+    shapes = []
+
+    def counted(x: torch.Tensor) -> torch.Tensor:
+        shapes.append(tuple(x.shape))
+        return tf32_split(x)
+
+    monkeypatch.setattr(triton_kernels, "tf32_split", counted)
+    torch.manual_seed(8)
+    x, weight, bias = (torch.randn(*s, device=device) for s in ((37, 45), (19, 45), (19,)))
+    expected = x.double() @ weight.double().T + bias.double()
+    assert _relative(linear(x, weight, bias).double(), expected) < 1e-5
+
+    expansion = GaussianSmearing(0.0, 6.0, 45, 2.0).to(device)
+    distances = torch.rand(37, device=device) * 7.0
+    out = basis_linear(distances, expansion.offset, expansion.coeff, weight, bias)
+    basis = copy.deepcopy(expansion).double()(distances.double())
+    assert _relative(out.double(), basis @ weight.double().T + bias.double()) < 1e-5
+
+    mixture = torch.softmax(torch.randn(37, 3, device=device), dim=1)
+    experts = torch.randn(3 * 17, 45, device=device)
+    out = mixture_of_experts(x, experts, bias.new_zeros(3 * 17), mixture)
+    pre = (x.double() @ experts.double().T).view(37, 3, 17)
+    expected = (mixture.double().unsqueeze(-1) * torch.nn.functional.silu(pre)).sum(1)
+    assert _relative(out.double(), expected) < 1e-5
+
+    long, lat = 7, 5
+    block = SpinConvBlock(16, 24, lat, long).to(device)
+    index, longitude, latitude = _grids(device, 13, 9, 20, lat, long)
+    with torch.no_grad():
+        block.conv1.bias.normal_()
+        spectra = spin_spectra(torch.randn(20, 16, device=device), index, longitude, latitude, 2)
+        real, imag, inverse = block.kernel_spectra()
+        pairs = paired_kernels(real, imag, long)
+        out = spin_pool(spectra, pairs, inverse, block.conv1.bias, "tf32x3")
+        expected = spin_pool(spectra, pairs, inverse, block.conv1.bias, "ieee")
+    assert _relative(out, expected) < 1e-5
+    assert shapes == ([(19, 45), (19, 45), (51, 45), tuple(pairs.shape)] if split else [])
 
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
