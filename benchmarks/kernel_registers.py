@@ -125,7 +125,8 @@ def kernels(precision: str) -> dict[str, tuple[Any, dict[str, Any], int, int]]:
 
     spectra = {
         "GRIDS": k.SPECTRA_GRIDS,
-        "WIDTH": dot(WIDTH),
+        "WIDTH": k.slot_chunks(WIDTH)[0],
+        "REST": k.slot_chunks(WIDTH)[1],
         "CHANNELS": dot(CHANNELS),
         "LAT": dot(LAT),
         "WEIGHTED": False,

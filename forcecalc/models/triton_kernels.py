@@ -377,6 +377,77 @@ def _bins_kernel(
 
 
 @triton.jit
+def _grid_slots(
+    values_ptr,
+    index_ptr,
+    column_ptr,
+    fraction_ptr,
+    row_ptr,
+    rise_ptr,
+    weight_ptr,
+    grids,
+    grid_ok,
+    first,
+    n_values,
+    width,
+    channels,
+    long,
+    lat,
+    SLOTS: tl.constexpr,
+    CHANNELS: tl.constexpr,
+    LAT: tl.constexpr,
+    WEIGHTED: tl.constexpr,
+) -> tuple[tl.tensor, tl.tensor, tl.tensor, tl.tensor, tl.tensor, tl.tensor]:
+    """Slots ``first`` to ``first + SLOTS`` of the ``grids``: what the grids read there
+    ``[GRIDS, CHANNELS, SLOTS]``, the latitude factors ``[GRIDS, SLOTS, LAT]``, the longitude
+    factors (the table rows before and after, the fraction between them: ``[GRIDS, SLOTS]``)
+    and which slots are inside."""
+    slots = first + tl.arange(0, SLOTS)
+    channel = tl.arange(0, CHANNELS)
+    latitude = tl.arange(0, LAT)
+    slot_ok = grid_ok[:, None] & (slots < width)[None, :]
+    entry = grids[:, None] * width + slots[None, :]
+    reader = tl.load(index_ptr + entry, mask=slot_ok, other=n_values)
+    read = slot_ok & (reader < n_values)
+    # the messages the grid reads, zero for padding
+    features = tl.load(
+        values_ptr + reader.to(tl.int64)[:, None, :] * channels + channel[None, :, None],
+        mask=read[:, None, :] & (channel < channels)[None, :, None],
+        other=0.0,
+    )
+    # the bilinear weights of the rows below and above (LatitudeSplat.rows, except where the
+    # grid reads padding: zero features there)
+    below = tl.load(row_ptr + entry, mask=slot_ok, other=0)
+    above = tl.where(below + 1 == lat, 0, below + 1)
+    rise = tl.load(rise_ptr + entry, mask=slot_ok, other=0.0)
+    lower = 1.0 - rise
+    rows = tl.where(latitude[None, None, :] == below[:, :, None], lower[:, :, None], 0.0)
+    rows += tl.where(latitude[None, None, :] == above[:, :, None], rise[:, :, None], 0.0)
+    if WEIGHTED:
+        rows = rows * tl.load(weight_ptr + entry, mask=slot_ok, other=0.0)[:, :, None]
+    # the table rows (the columns' packed DFTs) to interpolate
+    before = tl.load(column_ptr + entry, mask=slot_ok, other=0) * long
+    after = tl.where(before + long == long * long, 0, before + long)
+    fraction = tl.load(fraction_ptr + entry, mask=slot_ok, other=0.0)
+    return features, rows, before, after, fraction, slot_ok
+
+
+@triton.jit
+def _slot_spectrum(
+    acc, table_ptr, k, features, rows, before, after, fraction, slot_ok, PRECISION: tl.constexpr
+) -> tl.tensor:
+    """``acc`` plus entry ``k`` of the packed spectra of :func:`_grid_slots`'s slots: their
+    values times the interpolated ``k``-th entry of their column's DFT, splatted on the rows."""
+    start = tl.load(table_ptr + before + k, mask=slot_ok, other=0.0)
+    end = tl.load(table_ptr + after + k, mask=slot_ok, other=0.0)
+    # torch.lerp's two-sided formula (exact at both ends)
+    phase = tl.where(
+        fraction < 0.5, start + fraction * (end - start), end - (end - start) * (1.0 - fraction)
+    )
+    return tl.dot(features * phase[:, None, :], rows, acc, input_precision=PRECISION)
+
+
+@triton.jit
 def _spectra_kernel(
     values_ptr,
     index_ptr,
@@ -396,54 +467,44 @@ def _spectra_kernel(
     lat,
     GRIDS: tl.constexpr,
     WIDTH: tl.constexpr,
+    REST: tl.constexpr,
     CHANNELS: tl.constexpr,
     LAT: tl.constexpr,
     WEIGHTED: tl.constexpr,
     ROUND: tl.constexpr,
     PRECISION: tl.constexpr,
 ) -> None:
+    # a grid's slots in one chunk of WIDTH, or two (WIDTH, then REST; tl.dot's reduction is
+    # a power of two: 40 slots as 32 + 16, not 64)
     grids = tl.program_id(0).to(tl.int64) * GRIDS + tl.arange(0, GRIDS)
-    slots = tl.arange(0, WIDTH)
     channel = tl.arange(0, CHANNELS)
     latitude = tl.arange(0, LAT)
     grid_ok = grids < n_grids
-    slot_ok = grid_ok[:, None] & (slots < width)[None, :]  # [GRIDS, WIDTH]
-    entry = grids[:, None] * width + slots[None, :]
-    reader = tl.load(index_ptr + entry, mask=slot_ok, other=n_values)
-    read = slot_ok & (reader < n_values)
-    # features [GRIDS, CHANNELS, WIDTH]: the messages the grid reads, zero for padding
-    features = tl.load(
-        values_ptr + reader.to(tl.int64)[:, None, :] * channels + channel[None, :, None],
-        mask=read[:, None, :] & (channel < channels)[None, :, None],
-        other=0.0,
-    )
-    # the latitude factors: the bilinear weights [GRIDS, WIDTH, LAT] of the rows below and
-    # above (LatitudeSplat.rows, except where the grid reads padding: zero features there)
-    below = tl.load(row_ptr + entry, mask=slot_ok, other=0)
-    above = tl.where(below + 1 == lat, 0, below + 1)
-    rise = tl.load(rise_ptr + entry, mask=slot_ok, other=0.0)
-    lower = 1.0 - rise
-    rows = tl.where(latitude[None, None, :] == below[:, :, None], lower[:, :, None], 0.0)
-    rows += tl.where(latitude[None, None, :] == above[:, :, None], rise[:, :, None], 0.0)
-    if WEIGHTED:
-        rows = rows * tl.load(weight_ptr + entry, mask=slot_ok, other=0.0)[:, :, None]
+    features, rows, before, after, fraction, slot_ok = _grid_slots(
+        values_ptr, index_ptr, column_ptr, fraction_ptr, row_ptr, rise_ptr, weight_ptr, grids,
+        grid_ok, 0, n_values, width, channels, long, lat, WIDTH, CHANNELS, LAT, WEIGHTED,
+    )  # fmt: skip
+    if REST:
+        features_2, rows_2, before_2, after_2, fraction_2, slot_ok_2 = _grid_slots(
+            values_ptr, index_ptr, column_ptr, fraction_ptr, row_ptr, rise_ptr, weight_ptr,
+            grids, grid_ok, WIDTH, n_values, width, channels, long, lat, REST, CHANNELS, LAT,
+            WEIGHTED,
+        )  # fmt: skip
     group = channel // per_group
     column = (channel % per_group) * lat
     n_groups = channels // per_group
     store_ok = grid_ok[:, None, None] & (channel < channels)[None, :, None]
     store_ok = store_ok & (latitude < lat)[None, None, :]
-    # the longitude factors [GRIDS, WIDTH]: table rows (the columns' packed DFTs) to interpolate
-    before = tl.load(column_ptr + entry, mask=slot_ok, other=0) * long
-    after = tl.where(before + long == long * long, 0, before + long)
-    fraction = tl.load(fraction_ptr + entry, mask=slot_ok, other=0.0)
     for k in range(long):
-        start = tl.load(table_ptr + before + k, mask=slot_ok, other=0.0)
-        end = tl.load(table_ptr + after + k, mask=slot_ok, other=0.0)
-        # torch.lerp's two-sided formula (exact at both ends)
-        phase = tl.where(
-            fraction < 0.5, start + fraction * (end - start), end - (end - start) * (1.0 - fraction)
+        spectrum = tl.zeros([GRIDS, CHANNELS, LAT], dtype=tl.float32)
+        spectrum = _slot_spectrum(
+            spectrum, table_ptr, k, features, rows, before, after, fraction, slot_ok, PRECISION
         )
-        spectrum = tl.dot(features * phase[:, None, :], rows, input_precision=PRECISION)
+        if REST:
+            spectrum = _slot_spectrum(
+                spectrum, table_ptr, k, features_2, rows_2, before_2, after_2, fraction_2,
+                slot_ok_2, PRECISION,
+            )  # fmt: skip
         if ROUND:
             spectrum = _tf32_rounded(spectrum)
         # out [long, groups, n_grids, per_group * lat]
@@ -592,6 +653,17 @@ def _launcher(kernel: triton.JITFunction, tensor: Tensor) -> triton.JITFunction:
 def _dot_size(n: int) -> int:
     """The smallest power of two >= ``n`` and >= 16 (``tl.dot``'s smallest tile side)."""
     return max(16, triton.next_power_of_2(n))
+
+
+def slot_chunks(width: int) -> tuple[int, int]:
+    """A grid's ``width`` slots as :func:`spin_spectra` reduces them: one power-of-two chunk
+    (``tl.dot``'s reduction), or two where they pad less (40 as 32 + 16, not 64); the second
+    0 where there is one."""
+    whole = _dot_size(width)
+    first = whole // 2
+    if width > first >= 16 and first + _dot_size(width - first) < whole:
+        return first, _dot_size(width - first)
+    return whole, 0
 
 
 def tile_sizes(tiles: tuple[int, int, int], n_in: int) -> tuple[int, int, int]:
@@ -842,7 +914,7 @@ def spin_spectra(
     _launcher(_spectra_kernel, values)[grid](
         values, index, column, fraction, longitude.table.contiguous(), row, rise,
         weight.contiguous(), out, n, len(values), width, channels, per_group, long, lat,
-        SPECTRA_GRIDS, _dot_size(width), _dot_size(channels), _dot_size(lat),
+        SPECTRA_GRIDS, *slot_chunks(width), _dot_size(channels), _dot_size(lat),
         latitude.weight is not None, rounded, precision,
         num_warps=SPECTRA_WARPS, num_stages=SPECTRA_STAGES,
     )  # fmt: skip

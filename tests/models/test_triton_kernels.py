@@ -169,18 +169,21 @@ def _grids(device: str, n: int, width: int, n_values: int, lat: int, long: int) 
     return index, longitude, latitude
 
 
-@pytest.mark.parametrize(("long", "weighted"), [(7, False), (8, False), (8, True)])
+@pytest.mark.parametrize(
+    ("long", "weighted", "width"), [(7, False, 11), (8, False, 11), (8, True, 11), (7, True, 37)]
+)
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
-def test_spin_convolution_equals_the_blocks_operators(device, long, weighted):
+def test_spin_convolution_equals_the_blocks_operators(device, long, weighted, width):
     """Spectra straight from the splat factors (the bilinear weights interpolated in the
     kernel), then the kernels' products, inverse DFT, bias, Swish, mean and GroupNorm (its
     scale and shift random; 36 outputs per group, not a power of two): equal
     to the PyTorch spin convolution (through the splat weights and the packed spectra) for an
-    odd and an even number of longitudes, and with each value weighted (an envelope model's
-    grids); 72 outputs in 2 groups: a pair's 72 product columns span two column blocks, the
-    second partial."""
+    odd and an even number of longitudes, with each value weighted (an envelope model's
+    grids), and with 37 values per grid (reduced in two chunks, 32 + 16); 72 outputs in 2
+    groups: a pair's 72 product columns span two column blocks, the second partial."""
+    assert triton_kernels.slot_chunks(width) == ((16, 0) if width == 11 else (32, 16))
     torch.manual_seed(3)
-    channels, mid, lat, width, n, n_values = 16, 72, 5, 11, 21, 30
+    channels, mid, lat, n, n_values = 16, 72, 5, 21, 30
     block = SpinConvBlock(channels, mid, lat, long).to(device).eval()
     with torch.no_grad():
         block.conv1.bias.normal_()
@@ -198,6 +201,20 @@ def test_spin_convolution_equals_the_blocks_operators(device, long, weighted):
         out = projections.spin_convolution(fused, values)
     assert out.shape == (n, mid)
     assert _relative(out, reference) < 1e-5
+
+
+def test_slot_chunks_pad_a_grids_values_least():
+    """A grid's values are reduced in one power-of-two chunk (``tl.dot``'s reduction, at least
+    16), or in two where that pads less: 40 (SpinConv-All) as 32 + 16, not 64; 20 as 32,
+    not 16 + 16; 50 as 64, not 32 + 32."""
+    chunks = triton_kernels.slot_chunks
+    assert [chunks(w) for w in (1, 16, 17, 20, 33, 40, 48, 49, 50, 64, 65, 80, 100)] == [
+        (16, 0), (16, 0), (32, 0), (32, 0), (32, 16), (32, 16), (32, 16), (64, 0), (64, 0),
+        (64, 0), (64, 16), (64, 16), (128, 0),
+    ]  # fmt: skip
+    for width in range(1, 200):
+        first, rest = chunks(width)
+        assert first + rest >= width and first + rest <= triton_kernels._dot_size(width)
 
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
