@@ -11,6 +11,10 @@ and the programs one multiprocessor can hold (65,536 registers, 228 KiB shared m
 most 64 warps). Prints a table, writes JSON.
 
     python benchmarks/kernel_registers.py --out benchmarks/results/kernel_registers_sm90.json
+
+(Triton 3.6, the H100 image's, from a folder it was installed in with ``pip install --target
+DIR triton==3.6.0 --no-deps``: ``PYTHONPATH=DIR python benchmarks/kernel_registers.py --out
+benchmarks/results/kernel_registers_sm90_triton36.json``.)
 """
 
 from __future__ import annotations
@@ -165,7 +169,10 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--precisions", nargs="+", default=["tf32x3", "tf32"])
-    parser.add_argument("--out", default="benchmarks/results/kernel_registers_sm90.json")
+    parser.add_argument(
+        "--out",
+        default=str(Path(__file__).resolve().parent / "results" / "kernel_registers_sm90.json"),
+    )
     args = parser.parse_args()
     defaults = {key: getattr(triton_kernels, key) for variant in VARIANTS for key in variant}
     rows = []

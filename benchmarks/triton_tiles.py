@@ -7,8 +7,8 @@ defaults) it runs the forward of ``--batch`` 66-atom slabs (``speed.py``'s struc
 ``torch.profiler`` and sums the device time of each fused kernel (``_linear_kernel``,
 ``_basis_linear_kernel``, ``_mixture_kernel``, ``_spectra_kernel``, ``_products_kernel``,
 ``_inverse_kernel``, ``_directions_kernel``, ``_bins_kernel``, ``_split_kernel``) and of
-everything else, with
-the wall time per forward (atoms/s).  Every variant changes each kernel's constants, so the
+everything else, with the wall time per forward (atoms/s).  Every variant changes each
+kernel's constants (variant 1: Triton's own ``tf32x3``, ``SPLIT_WEIGHTS = False``), so the
 best choice per kernel can be read from one pass (a variant that fails to compile, e.g. out
 of shared memory, is reported and skipped).  The top device kernels and operators of the
 first variant run are printed too.  Prints tables, writes JSON.

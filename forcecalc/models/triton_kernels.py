@@ -28,8 +28,8 @@ every frequency.  These kernels compute the same numbers without those tensors:
   accumulators, fitted 32 x 64 tiles without spilling, the paired product 64 x 64.
 
 Matrix products are ``tf32x3`` by default (three TF32 tensor-core products per product:
-float32's accuracy; the second factor, the same for every row, split into its two TF32 parts
-once per call rather than by Triton at every step: :data:`SPLIT_WEIGHTS`); ``"tf32"`` is one
+float32's accuracy; in the products of weights, these split into their two TF32 parts once
+per call rather than by Triton at every step: :data:`SPLIT_WEIGHTS`); ``"tf32"`` is one
 (about 1e-3 relative error per product: Triton drops the inputs' low 13 bits) and ``"ieee"``
 full float32 on CUDA cores; :func:`with_triton_kernels` also has ``"mixed"``, one TF32 product
 on inputs rounded to the nearest TF32 number (the kernels' ``rounded`` option,
@@ -81,17 +81,19 @@ PRODUCTS_WARPS, PRODUCTS_STAGES = 4, 3
 #: Output numbers per program of the inverse DFT in :func:`spin_pool` (each grid's outputs of
 #: a group, a GroupNorm group, padded to a power of two; at least one group per program).
 INVERSE_COLUMNS = 512
-#: Whether ``tf32x3`` products read their second factor (a layer's weight, the kernels'
-#: paired spectra: the same for every row) split in memory, its nearest TF32 number and the
-#: TF32 number nearest the rest (:func:`tf32_split`, one pass per call), and split only the
-#: first factor in registers: three ``tf32`` products as Triton's ``tf32x3`` makes, without
-#: its split of the second factor (shared memory to registers and back each step: compiled
-#: for sm_90a at SpinConv-All's sizes, the mixture's tile spills 284 bytes per thread that way,
-#: 16 this way; ``benchmarks/kernel_registers.py``).  ``False``: Triton's own ``tf32x3``.
+#: Whether the ``tf32x3`` products of weights (the linear layers', the mixtures', the kernels'
+#: paired spectra: a second factor the same for every row) are :func:`_dot_weight`'s three
+#: ``tf32`` products into the running sum, the weights read split in memory (their nearest
+#: TF32 number and the TF32 number nearest the rest: :func:`tf32_split`, one pass per call),
+#: or (``False``) Triton's own ``tf32x3``, which splits both factors in registers at every
+#: step (the weights' from shared memory and back) and sums the two small products apart
+#: (a second accumulator).  Compiled for sm_90a at SpinConv-All's sizes (Triton 3.6), the
+#: mixture's tile spills 284 bytes per thread Triton's way, 24 this way (60 with the weights
+#: split in registers); the products' 64 and 0 (``benchmarks/kernel_registers.py``).
 SPLIT_WEIGHTS = True
 #: Entries per program and warps of the element-wise kernels (:func:`splat_directions`'s,
 #: :func:`tf32_split`'s; not timed: chosen for few registers per thread by
-#: ``kernel_registers.py``, 36-47: 5-7 programs of 8 warps per multiprocessor).
+#: ``kernel_registers.py``, 22-47: 5-8 programs of 8 warps per multiprocessor).
 ELEMENTWISE_ENTRIES, ELEMENTWISE_WARPS = 512, 8
 
 
@@ -102,15 +104,19 @@ def _dot_weight(
     """``acc + a @ b``, ``b`` read at ``b_ptrs`` (inside where ``b_ok``): one ``tl.dot`` at
     ``PRECISION``, or with ``SPLIT`` (:data:`SPLIT_WEIGHTS`) three ``tf32`` ones, ``b`` at
     ``b_ptrs`` being its TF32 part and ``plane`` numbers further the rest's
-    (:func:`tf32_split`), ``a`` split here: the small products first, as Triton's
-    ``tf32x3`` (an infinite ``a`` has no rest, where Triton masks the NaN it makes)."""
+    (:func:`tf32_split`), ``a`` split here; the two small products first, each into the
+    running sum (where the tensor cores' accumulation truncates, errors of ~1e-6 relative
+    against ~1e-7 with Triton's second accumulator, emulated: float32's tolerances are far
+    wider).  An infinite ``a`` has no rest and gives +-inf, as a float32 product (Triton masks
+    the NaN its ``tf32x3`` makes); an infinite weight gives NaN (Triton's: +-inf)."""
     b = tl.load(b_ptrs, mask=b_ok, other=0.0)
     if SPLIT:
         a_high = _tf32_rounded(a)
-        a_low = tl.where(a_high == a, 0.0, a - a_high)
+        a_low = tl.where(a_high == a, 0.0, a - a_high)  # exact; none for an infinite a
         acc = tl.dot(a_low, b, acc, input_precision="tf32")
         b_low = tl.load(b_ptrs + plane, mask=b_ok, other=0.0)
-        acc = tl.dot(a_high, b_low, acc, input_precision="tf32")
+        a_finite = tl.where(tl.abs(a_high) == float("inf"), 0.0, a_high)
+        acc = tl.dot(a_finite, b_low, acc, input_precision="tf32")
         return tl.dot(a_high, b, acc, input_precision="tf32")
     return tl.dot(a, b, acc, input_precision=PRECISION)
 
@@ -937,7 +943,8 @@ def spin_pool(
     Args:
         spectra: ``[long, groups, n, K]`` from :func:`spin_spectra`.
         pairs: the kernels' products, :func:`paired_kernels` ``[1 + n_middle, groups, 2 K,
-            2 M]`` (made once for all chunks of grids).
+            2 M]`` (made once for all chunks of grids; for ``tf32x3``, split on each call:
+            :data:`SPLIT_WEIGHTS`).
         inverse: the inverse DFT ``[long, long]``
             (:meth:`~forcecalc.models.spinconv.SpinConvBlock.kernel_spectra`).
         bias: ``[groups * M]``, the convolution's.
@@ -996,7 +1003,8 @@ def tf32_rounded(x: Tensor) -> Tensor:
 def tf32_split(x: Tensor) -> Tensor:
     """``x`` (float32) as two TF32 numbers per number, ``[2, *x.shape]``: the nearest one
     (:func:`tf32_rounded`) and the one nearest the rest (zero where ``x`` is infinite), whose
-    sum is ``x`` to about 2^-22 of it: the second factor of a ``tf32x3`` product
+    sum is ``x`` to about 2^-22 of it (a finite ``x`` within 2^-12 of float32's largest
+    rounds to infinity, as the GPU's ``cvt.rna``): the second factor of a ``tf32x3`` product
     (:data:`SPLIT_WEIGHTS`), split once where Triton's ``tf32x3`` splits it at every step."""
     _check_float32(x)
     x = x.contiguous()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import inspect
 
 import numpy as np
 import pytest
@@ -170,7 +171,8 @@ def _grids(device: str, n: int, width: int, n_values: int, lat: int, long: int) 
 
 
 @pytest.mark.parametrize(
-    ("long", "weighted", "width"), [(7, False, 11), (8, False, 11), (8, True, 11), (7, True, 37)]
+    ("long", "weighted", "width"),
+    [(7, False, 11), (8, False, 11), (8, True, 11), (7, True, 37), (8, False, 40)],
 )
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
 def test_spin_convolution_equals_the_blocks_operators(device, long, weighted, width):
@@ -179,7 +181,7 @@ def test_spin_convolution_equals_the_blocks_operators(device, long, weighted, wi
     scale and shift random; 36 outputs per group, not a power of two): equal
     to the PyTorch spin convolution (through the splat weights and the packed spectra) for an
     odd and an even number of longitudes, with each value weighted (an envelope model's
-    grids), and with 37 values per grid (reduced in two chunks, 32 + 16); 72 outputs in 2
+    grids), and with 37 or 40 values per grid (reduced in two chunks, 32 + 16); 72 outputs in 2
     groups: a pair's 72 product columns span two column blocks, the second partial."""
     assert triton_kernels.slot_chunks(width) == ((16, 0) if width == 11 else (32, 16))
     torch.manual_seed(3)
@@ -495,6 +497,97 @@ def test_tf32x3_products_with_the_second_factor_split_in_memory(device, split, m
     assert shapes == ([(19, 45), (19, 45), (51, 45), tuple(pairs.shape)] if split else [])
 
 
+@pytest.mark.parametrize("split", [True, False])
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy's inf-inf
+def test_tf32x3_product_of_an_infinite_input_is_infinite(device, split, monkeypatch):
+    """An infinite input makes a ``tf32x3`` product +-inf, as a float32 product, not NaN: it has
+    no rest, and its TF32 part does not meet the weights' zero rests (TF32 weights here)."""
+    monkeypatch.setattr(triton_kernels, "SPLIT_WEIGHTS", split)
+    torch.manual_seed(9)
+    x = torch.randn(5, 24, device=device)
+    x[0, 3], x[2, 7] = float("inf"), -float("inf")
+    weight, bias = tf32_rounded(torch.randn(19, 24, device=device)), torch.randn(19, device=device)
+    out = linear(x, weight, bias)
+    expected = x.double() @ weight.double().T + bias.double()
+    assert out[[0, 2]].isinf().all()
+    torch.testing.assert_close(out[[0, 2]], expected[[0, 2]].float(), rtol=0, atol=0)
+    assert _relative(out[[1, 3, 4]].double(), expected[[1, 3, 4]]) < 1e-5
+
+
+@pytest.fixture
+def truncating_tf32(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Triton's interpreter with the GPU's TF32 products: a ``tf32`` dot drops its inputs'
+    low 13 bits (the interpreter multiplies every ``tl.dot`` in full float32)."""
+    if not INTERPRETED:
+        pytest.skip("the emulation patches Triton's interpreter (TRITON_INTERPRET is not set)")
+    from triton._C.libtriton import ir
+    from triton.runtime.interpreter import InterpreterBuilder, TensorHandle
+
+    plain = InterpreterBuilder.create_dot
+    if list(inspect.signature(plain).parameters)[:5] != ["self", "a", "b", "d", "input_precision"]:
+        pytest.skip("this Triton's interpreter has another dot signature")
+
+    def truncated(x: np.ndarray) -> np.ndarray:
+        return (x.astype(np.float32).view(np.int32) & np.int32(-8192)).view(np.float32)
+
+    def create_dot(self, a, b, d, input_precision, *args):
+        if input_precision != ir.INPUT_PRECISION.TF32:
+            return plain(self, a, b, d, input_precision, *args)
+        product = np.matmul(truncated(a.data), truncated(b.data), dtype=np.float32)
+        return TensorHandle(product + d.data, d.dtype.scalar)
+
+    monkeypatch.setattr(InterpreterBuilder, "create_dot", create_dot)
+
+
+def test_tf32x3_products_leave_the_tensor_cores_nothing_to_drop(truncating_tf32):
+    """With the GPU's TF32 products emulated (each input's low 13 bits dropped), the
+    ``tf32x3`` products of weights keep float32's accuracy: the first factor's TF32 part
+    rounded, its rest and the weights' two TF32 parts exact in TF32 (< 2e-6 of float64, where
+    one ``tf32`` product is > 1e-4 off: the emulation is on) in the linear layer, the basis
+    layer, the mixture of experts and the frequency products (these against ``ieee``'s, full
+    float32 in the interpreter)."""
+    torch.manual_seed(10)
+    x, weight, bias = (torch.randn(*s) for s in ((37, 45), (19, 45), (19,)))
+    expansion = GaussianSmearing(0.0, 6.0, 45, 2.0)
+    distances = torch.rand(37) * 7.0
+    mixture = torch.softmax(torch.randn(37, 3), dim=1)
+    experts = torch.randn(3 * 17, 45)
+    basis = copy.deepcopy(expansion).double()(distances.double())
+    pre = (x.double() @ experts.double().T).view(37, 3, 17)
+    products = {
+        "linear": (
+            lambda precision: linear(x, weight, bias, precision=precision),
+            x.double() @ weight.double().T + bias.double(),
+        ),
+        "basis_linear": (
+            lambda precision: basis_linear(
+                distances, expansion.offset, expansion.coeff, weight, bias, precision
+            ),
+            basis @ weight.double().T + bias.double(),
+        ),
+        "mixture_of_experts": (
+            lambda precision: mixture_of_experts(x, experts, torch.zeros(51), mixture, precision),
+            (mixture.double().unsqueeze(-1) * torch.nn.functional.silu(pre)).sum(1),
+        ),
+    }
+    long, lat = 7, 5
+    block = SpinConvBlock(16, 24, lat, long)
+    index, longitude, latitude = _grids("cpu", 13, 9, 20, lat, long)
+    with torch.no_grad():
+        block.conv1.bias.normal_()
+        spectra = spin_spectra(torch.randn(20, 16), index, longitude, latitude, 2, "ieee")
+        real, imag, inverse = block.kernel_spectra()
+        pairs = paired_kernels(real, imag, long)
+        products["spin_pool"] = (
+            lambda precision: spin_pool(spectra, pairs, inverse, block.conv1.bias, precision),
+            spin_pool(spectra, pairs, inverse, block.conv1.bias, "ieee").double(),  # float32
+        )
+        for name, (product, expected) in products.items():
+            assert _relative(product("tf32x3").double(), expected) < 2e-6, name
+            assert _relative(product("tf32").double(), expected) > 1e-4, name
+
+
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
 def test_rounded_kernel_outputs_are_tf32_numbers(device):
     """A linear layer's and the spectra's ``rounded`` outputs (the inputs of the ``mixed``
@@ -506,7 +599,7 @@ def test_rounded_kernel_outputs_are_tf32_numbers(device):
     rounded = linear(x, weight, bias, True, "ieee", rounded=True)
     torch.testing.assert_close(rounded, tf32_rounded(plain), rtol=0, atol=0, equal_nan=True)
     assert rounded[:, 3].isnan().all()
-    index, longitude, latitude = _grids(device, 9, 7, 12, 5, 6)
+    index, longitude, latitude = _grids(device, 9, 37, 12, 5, 6)  # two chunks of values
     values = torch.randn(12, 16, device=device)
     spectra = spin_spectra(values, index, longitude, latitude, 2, "ieee")
     torch.testing.assert_close(
