@@ -43,6 +43,8 @@ CHANNELS, MID, LAT, LONG, WIDTH, BASIS = 32, 256, 16, 12, 40, 512
 DIVISIBLE = {"n_in", "n_out", "n_mid", "n_basis", "plane", "channels", "lat", "n_columns"}
 #: One Hopper multiprocessor (H100/H200): registers, shared memory (bytes), warps.
 SM_REGISTERS, SM_SHARED, SM_WARPS = 65536, 228 * 1024, 64
+#: Shared memory the hardware reserves per program (block) beside what the kernel asks for.
+BLOCK_RESERVED_SHARED = 1024
 
 
 def ptxas() -> str:
@@ -99,7 +101,7 @@ def resources(
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
     shared = int(compiled.metadata.shared)
     by_registers = SM_REGISTERS // (registers * 32 * num_warps)
-    by_shared = SM_SHARED // shared if shared else SM_WARPS
+    by_shared = SM_SHARED // (shared + BLOCK_RESERVED_SHARED)
     return {
         "registers": registers,
         "spill_stores": int(spills.group(1)) if spills else 0,
