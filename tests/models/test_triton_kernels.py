@@ -6,8 +6,10 @@ chooses it); sizes are odd on purpose, so every tile has masked rows and columns
 from __future__ import annotations
 
 import collections
+import contextlib
 import copy
 import inspect
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -515,8 +517,8 @@ def test_tf32x3_product_of_an_infinite_input_is_infinite(device, split, monkeypa
     assert _relative(out[[1, 3, 4]].double(), expected[[1, 3, 4]]) < 1e-5
 
 
-@pytest.fixture
-def truncating_tf32(monkeypatch: pytest.MonkeyPatch) -> None:
+@contextlib.contextmanager
+def _gpu_tf32_products() -> Iterator[None]:
     """Triton's interpreter with the GPU's TF32 products: a ``tf32`` dot drops its inputs'
     low 13 bits (the interpreter multiplies every ``tl.dot`` in full float32)."""
     if not INTERPRETED:
@@ -537,10 +539,14 @@ def truncating_tf32(monkeypatch: pytest.MonkeyPatch) -> None:
         product = np.matmul(truncated(a.data), truncated(b.data), dtype=np.float32)
         return TensorHandle(product + d.data, d.dtype.scalar)
 
-    monkeypatch.setattr(InterpreterBuilder, "create_dot", create_dot)
+    InterpreterBuilder.create_dot = create_dot
+    try:
+        yield
+    finally:
+        InterpreterBuilder.create_dot = plain
 
 
-def test_tf32x3_products_leave_the_tensor_cores_nothing_to_drop(truncating_tf32):
+def test_tf32x3_products_leave_the_tensor_cores_nothing_to_drop():
     """With the GPU's TF32 products emulated (each input's low 13 bits dropped), the
     ``tf32x3`` products of weights keep float32's accuracy: the first factor's TF32 part
     rounded, its rest and the weights' two TF32 parts exact in TF32 (< 2e-6 of float64, where
@@ -574,7 +580,7 @@ def test_tf32x3_products_leave_the_tensor_cores_nothing_to_drop(truncating_tf32)
     long, lat = 7, 5
     block = SpinConvBlock(16, 24, lat, long)
     index, longitude, latitude = _grids("cpu", 13, 9, 20, lat, long)
-    with torch.no_grad():
+    with torch.no_grad(), _gpu_tf32_products():
         block.conv1.bias.normal_()
         spectra = spin_spectra(torch.randn(20, 16), index, longitude, latitude, 2, "ieee")
         real, imag, inverse = block.kernel_spectra()
@@ -627,6 +633,23 @@ def test_mixed_precision_rounds_the_bulk_products_and_keeps_the_energy_block(dev
         reference, out = model(batch), mixed(batch)
     assert 1e-6 < _relative(out["forces"], reference["forces"]) < 1e-2
     assert _relative(out["energy"], reference["energy"]) < 1e-3
+
+
+def test_whole_forward_with_the_gpus_tf32_products(monkeypatch):
+    """With the GPU's TF32 products emulated (inputs' low 13 bits dropped), a whole
+    force-centric forward with the ``tf32x3`` kernels still equals the PyTorch path to float32
+    rounding: no product is left to one plain TF32 product, which the same emulation shows
+    ``tf32`` to be (1e-4 or more off)."""
+    model = _small_force_centric("cpu", monkeypatch).eval()
+    batch = Batch.from_atoms(ocp_structures()["o_pt100"], cutoff=model.cutoff)
+    with torch.no_grad():
+        reference = model(batch)
+        with _gpu_tf32_products():
+            split = with_triton_kernels(model)(batch)
+            truncated = with_triton_kernels(model, "tf32")(batch)
+    for key in ("energy", "forces"):
+        assert _relative(split[key], reference[key]) < 2e-6
+        assert _relative(truncated[key], reference[key]) > 1e-4
 
 
 def test_autograd_and_float64_keep_the_pytorch_path(monkeypatch):
