@@ -6,9 +6,10 @@ A kernel that spills registers to local memory, or whose registers or shared mem
 programs per multiprocessor, runs far below its roofline: this screens tile choices before a
 GPU session times them (``triton_tiles.py``). For each tile variant of ``triton_tiles.py``
 at SpinConv-All's sizes (hidden 32, mid 256, 16 x 12 grid, 40 values per grid) and each
-``tl.dot`` precision: registers per thread, spill stores/loads (bytes), shared memory (bytes)
-and the programs one multiprocessor can hold (65,536 registers, 228 KiB shared memory, at
-most 64 warps). Prints a table, writes JSON.
+``tl.dot`` precision: registers per thread, spill stores/loads (bytes), shared memory (bytes),
+the programs one multiprocessor can hold (65,536 registers, 228 KiB shared memory, at most 64
+warps) and the innermost loop's instructions, tensor-core products and spill accesses per
+iteration (its SASS, from the wheel's ``nvdisasm``). Prints a table, writes JSON.
 
     python benchmarks/kernel_registers.py --out benchmarks/results/kernel_registers_sm90.json
 
@@ -45,6 +46,36 @@ DIVISIBLE = {"n_in", "n_out", "n_mid", "n_basis", "plane", "channels", "lat", "n
 SM_REGISTERS, SM_SHARED, SM_WARPS = 65536, 228 * 1024, 64
 #: Shared memory the hardware reserves per program (block) beside what the kernel asks for.
 BLOCK_RESERVED_SHARED = 1024
+
+
+def innermost_loop(sass: str) -> dict[str, int]:
+    """The innermost loop of a kernel's SASS (``nvdisasm -c``; the shortest body that a
+    backward branch closes): its instructions, tensor-core products (``HGMMA``/``HMMA``) and
+    local-memory (spill) accesses per iteration.  A static measure of a product's main loop:
+    the fewer instructions beside its tensor-core products, the closer it can run to their
+    peak.  Zeros for a kernel without a loop."""
+    labels: dict[str, int] = {}
+    instructions: list[str] = []  # without their predicates
+    for line in sass.splitlines():
+        label = re.match(r"\s*(\.L_x_\d+):", line)
+        if label:
+            labels[label.group(1)] = len(instructions)
+        instruction = re.match(r"\s*/\*[0-9a-f]+\*/\s+(.*?);", line)
+        if instruction:
+            instructions.append(re.sub(r"^@!?U?P\w+\s+", "", instruction.group(1)))
+    bodies = []
+    for end, text in enumerate(instructions):
+        target = re.match(r"BRA\b.*?(\.L_x_\d+)", text)
+        if target and labels.get(target.group(1), end) < end:  # not the final BRA to itself
+            bodies.append(instructions[labels[target.group(1)] : end + 1])
+    if not bodies:
+        return {"loop_instructions": 0, "loop_mma": 0, "loop_local": 0}
+    opcodes = [text.split()[0].split(".")[0] for text in min(bodies, key=len)]
+    return {
+        "loop_instructions": len(opcodes),
+        "loop_mma": sum(op in ("HGMMA", "HMMA") for op in opcodes),
+        "loop_local": sum(op in ("LDL", "STL") for op in opcodes),
+    }
 
 
 def ptxas() -> str:
@@ -89,14 +120,18 @@ def resources(
         options={"num_warps": num_warps, "num_stages": num_stages},
     )
     with tempfile.TemporaryDirectory() as folder:
-        source = os.path.join(folder, "kernel.ptx")
+        source, cubin = os.path.join(folder, "kernel.ptx"), os.path.join(folder, "kernel.cubin")
         Path(source).write_text(compiled.asm["ptx"])
         report = subprocess.run(
-            [ptxas(), "-v", "--gpu-name", "sm_90a", source, "-o", os.devnull],
+            [ptxas(), "-v", "--gpu-name", "sm_90a", source, "-o", cubin],
             capture_output=True,
             text=True,
             check=True,
         ).stderr
+        nvdisasm = str(Path(ptxas()).parent / "nvdisasm")
+        sass = subprocess.run(
+            [nvdisasm, "-c", cubin], capture_output=True, text=True, check=True
+        ).stdout
     registers = int(re.search(r"Used (\d+) registers", report).group(1))
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
     shared = int(compiled.metadata.shared)
@@ -109,6 +144,7 @@ def resources(
         "shared_bytes": shared,
         "num_warps": num_warps,
         "programs_per_sm": min(by_registers, by_shared, SM_WARPS // num_warps),
+        **innermost_loop(sass),
     }
 
 
@@ -166,6 +202,10 @@ def kernels(precision: str) -> dict[str, tuple[Any, dict[str, Any], int, int]]:
     }
 
 
+def _loop(row: dict[str, Any]) -> str:
+    return f"{row['loop_instructions']}/{row['loop_mma']}/{row['loop_local']}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -180,7 +220,7 @@ def main() -> None:
     rows = []
     print(
         f"{'kernel':<30}{'precision':<10}{'variant':<8}{'regs':>6}{'spill st/ld':>13}"
-        f"{'shared':>9}{'warps':>6}{'programs/SM':>12}"
+        f"{'shared':>9}{'warps':>6}{'programs/SM':>12}{'loop: instr/mma/local':>22}"
     )
     try:
         for precision in args.precisions:
@@ -201,6 +241,7 @@ def main() -> None:
                         f"{name:<30}{precision:<10}{number:<8}{row['registers']:>6}"
                         f"{row['spill_stores']:>7}/{row['spill_loads']:<5}"
                         f"{row['shared_bytes']:>9}{warps:>6}{row['programs_per_sm']:>12}"
+                        f"{_loop(row):>22}"
                     )
     finally:
         for key, value in defaults.items():
@@ -226,7 +267,7 @@ def main() -> None:
         print(
             f"{name:<30}{precision:<10}{'':<8}{row['registers']:>6}"
             f"{row['spill_stores']:>7}/{row['spill_loads']:<5}{row['shared_bytes']:>9}"
-            f"{warps:>6}{row['programs_per_sm']:>12}"
+            f"{warps:>6}{row['programs_per_sm']:>12}{_loop(row):>22}"
         )
     write_json(
         args.out,
