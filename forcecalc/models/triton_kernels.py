@@ -111,7 +111,8 @@ def _dot_weight(
     the NaN its ``tf32x3`` makes); an infinite weight gives NaN (Triton's: +-inf)."""
     b = tl.load(b_ptrs, mask=b_ok, other=0.0)
     if SPLIT:
-        a_high = _tf32_rounded(a)
+        # the nearest TF32 number (_tf32_rounded without its NaN guard: a NaN's rest is NaN)
+        a_high = ((a.to(tl.int32, bitcast=True) + 0x1000) & -8192).to(tl.float32, bitcast=True)
         a_low = tl.where(a_high == a, 0.0, a - a_high)  # exact; none for an infinite a
         acc = tl.dot(a_low, b, acc, input_precision="tf32")
         b_low = tl.load(b_ptrs + plane, mask=b_ok, other=0.0)

@@ -502,19 +502,21 @@ def test_tf32x3_products_with_the_second_factor_split_in_memory(device, split, m
 @pytest.mark.parametrize("split", [True, False])
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy's inf-inf
-def test_tf32x3_product_of_an_infinite_input_is_infinite(device, split, monkeypatch):
+def test_tf32x3_product_of_an_infinite_or_nan_input(device, split, monkeypatch):
     """An infinite input makes a ``tf32x3`` product +-inf, as a float32 product, not NaN: it has
-    no rest, and its TF32 part does not meet the weights' zero rests (TF32 weights here)."""
+    no rest, and its TF32 part does not meet the weights' zero rests (TF32 weights here); a NaN
+    makes it NaN, also one whose bits round to infinity (0x7F800001)."""
     monkeypatch.setattr(triton_kernels, "SPLIT_WEIGHTS", split)
     torch.manual_seed(9)
-    x = torch.randn(5, 24, device=device)
+    x = torch.randn(6, 24, device=device)
     x[0, 3], x[2, 7] = float("inf"), -float("inf")
+    x[4, 5] = torch.tensor(0x7F800001, dtype=torch.int32).view(torch.float32)
     weight, bias = tf32_rounded(torch.randn(19, 24, device=device)), torch.randn(19, device=device)
     out = linear(x, weight, bias)
     expected = x.double() @ weight.double().T + bias.double()
-    assert out[[0, 2]].isinf().all()
+    assert out[[0, 2]].isinf().all() and out[4].isnan().all()
     torch.testing.assert_close(out[[0, 2]], expected[[0, 2]].float(), rtol=0, atol=0)
-    assert _relative(out[[1, 3, 4]].double(), expected[[1, 3, 4]]) < 1e-5
+    assert _relative(out[[1, 3, 5]].double(), expected[[1, 3, 5]]) < 1e-5
 
 
 @contextlib.contextmanager
