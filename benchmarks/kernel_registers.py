@@ -9,7 +9,8 @@ at SpinConv-All's sizes (hidden 32, mid 256, 16 x 12 grid, 40 values per grid) a
 ``tl.dot`` precision: registers per thread, spill stores/loads (bytes), shared memory (bytes),
 the programs one multiprocessor can hold (65,536 registers, 228 KiB shared memory, at most 64
 warps) and the innermost loop's instructions, tensor-core products and spill accesses per
-iteration (its SASS, from the wheel's ``nvdisasm``). Prints a table, writes JSON.
+iteration (its SASS, from the wheel's ``nvdisasm``; ``S``: ``ptxas`` serialized the
+kernel's ``wgmma`` products, its warning C7515). Prints a table, writes JSON.
 
     python benchmarks/kernel_registers.py --out benchmarks/results/kernel_registers_sm90.json
 
@@ -144,6 +145,8 @@ def resources(
         "shared_bytes": shared,
         "num_warps": num_warps,
         "programs_per_sm": min(by_registers, by_shared, SM_WARPS // num_warps),
+        # ptxas's C7515: the tensor-core products wait for each other (no pipelining)
+        "wgmma_serialized": "wgmma.mma_async instructions are serialized" in report,
         **innermost_loop(sass),
     }
 
@@ -203,7 +206,8 @@ def kernels(precision: str) -> dict[str, tuple[Any, dict[str, Any], int, int]]:
 
 
 def _loop(row: dict[str, Any]) -> str:
-    return f"{row['loop_instructions']}/{row['loop_mma']}/{row['loop_local']}"
+    serialized = " S" if row["wgmma_serialized"] else ""
+    return f"{row['loop_instructions']}/{row['loop_mma']}/{row['loop_local']}{serialized}"
 
 
 def main() -> None:
