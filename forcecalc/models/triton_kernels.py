@@ -569,7 +569,9 @@ def _products_kernel(
             a = tl.load(
                 spectrum[:, None] + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0
             )
-            b_ptrs = kernel + (half * n_in + ks)[:, None] * (2 * n_out) + cols[None, :]
+            # the pair's kernel read as [2 n_out, 2 n_in] (its columns contiguous: a product's
+            # second factor runs along the reduction, as the tensor cores take it)
+            b_ptrs = kernel + cols[None, :] * (2 * n_in) + (half * n_in + ks)[:, None]
             acc = _dot_weight(
                 acc, a, b_ptrs, k_ok[:, None] & col_ok[None, :], plane, PRECISION, SPLIT
             )
@@ -696,9 +698,9 @@ def _check_float32(*tensors: Tensor) -> None:
 
 
 def _second_factor(weight: Tensor, precision: str) -> tuple[Tensor, int, bool]:
-    """A product's second factor as its kernel reads it at ``precision``: split
-    (:func:`tf32_split`) for ``tf32x3`` where :data:`SPLIT_WEIGHTS`, else as it is; the numbers
-    between its two parts; whether split."""
+    """A product's second factor as its kernel reads it at ``precision``, contiguous: split
+    (:func:`tf32_split`) for ``tf32x3`` where :data:`SPLIT_WEIGHTS`, else as it is; the
+    numbers between its two parts; whether split."""
     if precision == "tf32x3" and SPLIT_WEIGHTS:
         return tf32_split(weight), weight.numel(), True
     return weight.contiguous(), 0, False
@@ -975,7 +977,7 @@ def spin_pool(
     block_m, block_n, block_k = tile_sizes(PRODUCTS_TILES, n_in)
     products = spectra.new_empty(long, n, groups * n_out)
     grid = (triton.cdiv(n, block_m) * triton.cdiv(2 * n_out, block_n), groups)
-    pairs, plane, split = _second_factor(pairs, precision)
+    pairs, plane, split = _second_factor(pairs.transpose(-1, -2), precision)
     _launcher(_products_kernel, spectra)[grid](
         spectra.contiguous(), pairs, products, n, groups, n_in, n_out,
         long - 2 * n_middle, n_middle, plane, block_m, block_n, block_k, precision, split,
