@@ -177,6 +177,7 @@ def kernels(precision: str) -> dict[str, tuple[Any, dict[str, Any], int, int]]:
         "WEIGHTED": False,
         "ROUND": False,
         "PRECISION": precision,
+        "SPLIT": precision == "tf32x3" and k.SPLIT_WEIGHTS,
     }
     out = dot(MID // 4)  # 4 groups of 8 channels
     inverse = {

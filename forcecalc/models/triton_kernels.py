@@ -81,15 +81,16 @@ PRODUCTS_WARPS, PRODUCTS_STAGES = 4, 3
 #: Output numbers per program of the inverse DFT in :func:`spin_pool` (each grid's outputs of
 #: a group, a GroupNorm group, padded to a power of two; at least one group per program).
 INVERSE_COLUMNS = 512
-#: Whether the ``tf32x3`` products of weights (the linear layers', the mixtures', the kernels'
-#: paired spectra: a second factor the same for every row) are :func:`_dot_weight`'s three
-#: ``tf32`` products into the running sum, the weights read split in memory (their nearest
-#: TF32 number and the TF32 number nearest the rest: :func:`tf32_split`, one pass per call),
-#: or (``False``) Triton's own ``tf32x3``, which splits both factors in registers at every
-#: step (the weights' from shared memory and back) and sums the two small products apart
-#: (a second accumulator).  Compiled for sm_90a at SpinConv-All's sizes (Triton 3.6), the
-#: mixture's tile spills 284 bytes per thread Triton's way, 24 this way (60 with the weights
-#: split in registers); the products' 64 and 0 (``benchmarks/kernel_registers.py``).
+#: Whether ``tf32x3`` products split a factor that is the same for many products once: the
+#: products of weights (the linear layers', the mixtures', the kernels' paired spectra) are
+#: :func:`_dot_weight`'s three ``tf32`` products into the running sum, the weights read split
+#: in memory (their nearest TF32 number and the TF32 number nearest the rest:
+#: :func:`tf32_split`, one pass per call), and the spectra's latitude factors are split once
+#: for all longitudes.  ``False``: Triton's own ``tf32x3``, which splits both factors in
+#: registers at every step (a weight from shared memory and back) and sums the two small
+#: products apart (a second accumulator).  Compiled for sm_90a at SpinConv-All's sizes
+#: (Triton 3.6), the mixture's tile spills 284 bytes per thread Triton's way, 24 this way, and
+#: its main loop holds 592 instructions against 297 (``benchmarks/kernel_registers.py``).
 SPLIT_WEIGHTS = True
 #: Entries per program and warps of the element-wise kernels (:func:`splat_directions`'s,
 #: :func:`tf32_split`'s; not timed: chosen for few registers per thread by
@@ -111,8 +112,7 @@ def _dot_weight(
     the NaN its ``tf32x3`` makes); an infinite weight gives NaN (Triton's: +-inf)."""
     b = tl.load(b_ptrs, mask=b_ok, other=0.0)
     if SPLIT:
-        # the nearest TF32 number (_tf32_rounded without its NaN guard: a NaN's rest is NaN)
-        a_high = ((a.to(tl.int32, bitcast=True) + 0x1000) & -8192).to(tl.float32, bitcast=True)
+        a_high = _tf32_nearest(a)  # a NaN's rest is NaN
         a_low = tl.where(a_high == a, 0.0, a - a_high)  # exact; none for an infinite a
         acc = tl.dot(a_low, b, acc, input_precision="tf32")
         b_low = tl.load(b_ptrs + plane, mask=b_ok, other=0.0)
@@ -120,6 +120,13 @@ def _dot_weight(
         acc = tl.dot(a_finite, b_low, acc, input_precision="tf32")
         return tl.dot(a_high, b, acc, input_precision="tf32")
     return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _tf32_nearest(x) -> tl.tensor:
+    """:func:`_tf32_rounded` without its NaN guard (a NaN may come out infinite): for a
+    product's split, where the NaN's rest, ``x`` less this, is NaN."""
+    return ((x.to(tl.int32, bitcast=True) + 0x1000) & -8192).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -440,18 +447,26 @@ def _grid_slots(
 
 
 @triton.jit
-def _slot_spectrum(
-    acc, table_ptr, k, features, rows, before, after, fraction, slot_ok, PRECISION: tl.constexpr
-) -> tl.tensor:
-    """``acc`` plus entry ``k`` of the packed spectra of :func:`_grid_slots`'s slots: their
-    values times the interpolated ``k``-th entry of their column's DFT, splatted on the rows."""
+def _phased(table_ptr, k, features, before, after, fraction, slot_ok) -> tl.tensor:
+    """The values of :func:`_grid_slots`'s slots times the interpolated ``k``-th entry of
+    their column's DFT: the first factor of their spectra's entry ``k``."""
     start = tl.load(table_ptr + before + k, mask=slot_ok, other=0.0)
     end = tl.load(table_ptr + after + k, mask=slot_ok, other=0.0)
     # torch.lerp's two-sided formula (exact at both ends)
     phase = tl.where(
         fraction < 0.5, start + fraction * (end - start), end - (end - start) * (1.0 - fraction)
     )
-    return tl.dot(features * phase[:, None, :], rows, acc, input_precision=PRECISION)
+    return features * phase[:, None, :]
+
+
+@triton.jit
+def _small_products(small, a, rows, rows_low) -> tuple[tl.tensor, tl.tensor]:
+    """``a``'s TF32 part and ``small`` plus the two small ``tf32`` products of ``a @ (rows +
+    rows_low)`` (``rows`` a TF32 number), ``a``'s rest unguarded: an infinite ``a`` makes them
+    NaN, which the caller masks, as Triton's ``tf32x3``."""
+    a_high = _tf32_nearest(a)
+    small = tl.dot(a - a_high, rows, small, input_precision="tf32")
+    return a_high, tl.dot(a_high, rows_low, small, input_precision="tf32")
 
 
 @triton.jit
@@ -480,9 +495,12 @@ def _spectra_kernel(
     WEIGHTED: tl.constexpr,
     ROUND: tl.constexpr,
     PRECISION: tl.constexpr,
+    SPLIT: tl.constexpr,
 ) -> None:
     # a grid's slots in one chunk of WIDTH, or two (WIDTH, then REST; tl.dot's reduction is
-    # a power of two: 40 slots as 32 + 16, not 64)
+    # a power of two: 40 slots as 32 + 16, not 64).  SPLIT (tf32x3, SPLIT_WEIGHTS): the
+    # latitude factors split into TF32 parts once for every k (Triton's tf32x3 splits both
+    # factors at every k)
     grids = tl.program_id(0).to(tl.int64) * GRIDS + tl.arange(0, GRIDS)
     channel = tl.arange(0, CHANNELS)
     latitude = tl.arange(0, LAT)
@@ -491,12 +509,18 @@ def _spectra_kernel(
         values_ptr, index_ptr, column_ptr, fraction_ptr, row_ptr, rise_ptr, weight_ptr, grids,
         grid_ok, 0, n_values, width, channels, long, lat, WIDTH, CHANNELS, LAT, WEIGHTED,
     )  # fmt: skip
+    if SPLIT:
+        rows_low = rows - _tf32_nearest(rows)  # finite: fractions and envelope weights
+        rows -= rows_low
     if REST:
         features_2, rows_2, before_2, after_2, fraction_2, slot_ok_2 = _grid_slots(
             values_ptr, index_ptr, column_ptr, fraction_ptr, row_ptr, rise_ptr, weight_ptr,
             grids, grid_ok, WIDTH, n_values, width, channels, long, lat, REST, CHANNELS, LAT,
             WEIGHTED,
         )  # fmt: skip
+        if SPLIT:
+            rows_low_2 = rows_2 - _tf32_nearest(rows_2)
+            rows_2 -= rows_low_2
     group = channel // per_group
     column = (channel % per_group) * lat
     n_groups = channels // per_group
@@ -504,14 +528,23 @@ def _spectra_kernel(
     store_ok = store_ok & (latitude < lat)[None, None, :]
     for k in range(long):
         spectrum = tl.zeros([GRIDS, CHANNELS, LAT], dtype=tl.float32)
-        spectrum = _slot_spectrum(
-            spectrum, table_ptr, k, features, rows, before, after, fraction, slot_ok, PRECISION
-        )
+        a = _phased(table_ptr, k, features, before, after, fraction, slot_ok)
         if REST:
-            spectrum = _slot_spectrum(
-                spectrum, table_ptr, k, features_2, rows_2, before_2, after_2, fraction_2,
-                slot_ok_2, PRECISION,
-            )  # fmt: skip
+            a_2 = _phased(table_ptr, k, features_2, before_2, after_2, fraction_2, slot_ok_2)
+        if SPLIT:
+            # the small products apart, their NaNs (an infinite value's rest) masked, then
+            # the TF32 parts' products: Triton's tf32x3, the latitude factors split once
+            a, small = _small_products(spectrum, a, rows, rows_low)
+            if REST:
+                a_2, small = _small_products(small, a_2, rows_2, rows_low_2)
+            spectrum = tl.where(small == small, small, 0.0)
+            spectrum = tl.dot(a, rows, spectrum, input_precision="tf32")
+            if REST:
+                spectrum = tl.dot(a_2, rows_2, spectrum, input_precision="tf32")
+        else:
+            spectrum = tl.dot(a, rows, spectrum, input_precision=PRECISION)
+            if REST:
+                spectrum = tl.dot(a_2, rows_2, spectrum, input_precision=PRECISION)
         if ROUND:
             spectrum = _tf32_rounded(spectrum)
         # out [long, groups, n_grids, per_group * lat]
@@ -924,7 +957,7 @@ def spin_spectra(
         values, index, column, fraction, longitude.table.contiguous(), row, rise,
         weight.contiguous(), out, n, len(values), width, channels, per_group, long, lat,
         SPECTRA_GRIDS, *slot_chunks(width), _dot_size(channels), _dot_size(lat),
-        latitude.weight is not None, rounded, precision,
+        latitude.weight is not None, rounded, precision, precision == "tf32x3" and SPLIT_WEIGHTS,
         num_warps=SPECTRA_WARPS, num_stages=SPECTRA_STAGES,
     )  # fmt: skip
     return out

@@ -554,7 +554,8 @@ def test_tf32x3_products_leave_the_tensor_cores_nothing_to_drop():
     ``tf32x3`` products of weights keep float32's accuracy: the first factor's TF32 part
     rounded, its rest and the weights' two TF32 parts exact in TF32 (< 2e-6 of float64, where
     one ``tf32`` product is > 1e-4 off: the emulation is on) in the linear layer, the basis
-    layer, the mixture of experts and the frequency products (these against ``ieee``'s, full
+    layer, the mixture of experts, the frequency products and the spectra (latitude factors
+    split once for every longitude, two chunks of values; these two against ``ieee``'s, full
     float32 in the interpreter)."""
     torch.manual_seed(10)
     x, weight, bias = (torch.randn(*s) for s in ((37, 45), (19, 45), (19,)))
@@ -591,6 +592,12 @@ def test_tf32x3_products_leave_the_tensor_cores_nothing_to_drop():
         products["spin_pool"] = (
             lambda precision: spin_pool(spectra, pairs, inverse, block.conv1.bias, precision),
             spin_pool(spectra, pairs, inverse, block.conv1.bias, "ieee").double(),  # float32
+        )
+        grids = _grids("cpu", 7, 37, 20, lat, long)  # two chunks of values, 32 + 16
+        values = torch.randn(20, 16)
+        products["spin_spectra"] = (
+            lambda precision: spin_spectra(values, *grids, 2, precision),
+            spin_spectra(values, *grids, 2, "ieee").double(),
         )
         for name, (product, expected) in products.items():
             assert _relative(product("tf32x3").double(), expected) < 2e-6, name
