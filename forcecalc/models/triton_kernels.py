@@ -124,8 +124,8 @@ def _dot_weight(
 
 @triton.jit
 def _tf32_nearest(x) -> tl.tensor:
-    """:func:`_tf32_rounded` without its NaN guard (a NaN may come out infinite): for a
-    product's split, where the NaN's rest, ``x`` less this, is NaN."""
+    """:func:`_tf32_rounded` without its NaN guard (a NaN may come out infinite or zero): for
+    a product's split, where the NaN's rest, ``x`` less this, is NaN and reaches the sum."""
     return ((x.to(tl.int32, bitcast=True) + 0x1000) & -8192).to(tl.float32, bitcast=True)
 
 
@@ -460,13 +460,15 @@ def _phased(table_ptr, k, features, before, after, fraction, slot_ok) -> tl.tens
 
 
 @triton.jit
-def _small_products(small, a, rows, rows_low) -> tuple[tl.tensor, tl.tensor]:
-    """``a``'s TF32 part and ``small`` plus the two small ``tf32`` products of ``a @ (rows +
-    rows_low)`` (``rows`` a TF32 number), ``a``'s rest unguarded: an infinite ``a`` makes them
-    NaN, which the caller masks, as Triton's ``tf32x3``."""
+def _split_spectrum(acc, a, rows, rows_low) -> tl.tensor:
+    """``acc + a @ (rows + rows_low)`` (``rows`` TF32 numbers, ``rows_low`` the TF32 rest):
+    three ``tf32`` products, the two small ones first; ``a``'s rest unguarded, so that an
+    infinite or NaN ``a`` makes NaN, as the PyTorch path (infinity times the latitude
+    factors' zeros) and any NaN whose TF32 part rounds to a number."""
     a_high = _tf32_nearest(a)
-    small = tl.dot(a - a_high, rows, small, input_precision="tf32")
-    return a_high, tl.dot(a_high, rows_low, small, input_precision="tf32")
+    acc = tl.dot(a - a_high, rows, acc, input_precision="tf32")
+    acc = tl.dot(a_high, rows_low, acc, input_precision="tf32")
+    return tl.dot(a_high, rows, acc, input_precision="tf32")
 
 
 @triton.jit
@@ -500,7 +502,7 @@ def _spectra_kernel(
     # a grid's slots in one chunk of WIDTH, or two (WIDTH, then REST; tl.dot's reduction is
     # a power of two: 40 slots as 32 + 16, not 64).  SPLIT (tf32x3, SPLIT_WEIGHTS): the
     # latitude factors split into TF32 parts once for every k (Triton's tf32x3 splits both
-    # factors at every k)
+    # factors at every k), each product three tf32 ones (_split_spectrum)
     grids = tl.program_id(0).to(tl.int64) * GRIDS + tl.arange(0, GRIDS)
     channel = tl.arange(0, CHANNELS)
     latitude = tl.arange(0, LAT)
@@ -532,15 +534,9 @@ def _spectra_kernel(
         if REST:
             a_2 = _phased(table_ptr, k, features_2, before_2, after_2, fraction_2, slot_ok_2)
         if SPLIT:
-            # the small products apart, their NaNs (an infinite value's rest) masked, then
-            # the TF32 parts' products: Triton's tf32x3, the latitude factors split once
-            a, small = _small_products(spectrum, a, rows, rows_low)
+            spectrum = _split_spectrum(spectrum, a, rows, rows_low)
             if REST:
-                a_2, small = _small_products(small, a_2, rows_2, rows_low_2)
-            spectrum = tl.where(small == small, small, 0.0)
-            spectrum = tl.dot(a, rows, spectrum, input_precision="tf32")
-            if REST:
-                spectrum = tl.dot(a_2, rows_2, spectrum, input_precision="tf32")
+                spectrum = _split_spectrum(spectrum, a_2, rows_2, rows_low_2)
         else:
             spectrum = tl.dot(a, rows, spectrum, input_precision=PRECISION)
             if REST:
@@ -602,8 +598,7 @@ def _products_kernel(
             a = tl.load(
                 spectrum[:, None] + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0
             )
-            # the pair's kernel read as [2 n_out, 2 n_in] (its columns contiguous: a product's
-            # second factor runs along the reduction, as the tensor cores take it)
+            # the pair's kernel is [2 n_out, 2 n_in] (paired_kernels: along the reduction)
             b_ptrs = kernel + cols[None, :] * (2 * n_in) + (half * n_in + ks)[:, None]
             acc = _dot_weight(
                 acc, a, b_ptrs, k_ok[:, None] & col_ok[None, :], plane, PRECISION, SPLIT
@@ -978,8 +973,8 @@ def spin_pool(
 
     Args:
         spectra: ``[long, groups, n, K]`` from :func:`spin_spectra`.
-        pairs: the kernels' products, :func:`paired_kernels` ``[1 + n_middle, groups, 2 K,
-            2 M]`` (made once for all chunks of grids; for ``tf32x3``, split on each call:
+        pairs: the kernels' products, :func:`paired_kernels` ``[1 + n_middle, groups, 2 M,
+            2 K]`` (made once for all chunks of grids; for ``tf32x3``, split on each call:
             :data:`SPLIT_WEIGHTS`).
         inverse: the inverse DFT ``[long, long]``
             (:meth:`~forcecalc.models.spinconv.SpinConvBlock.kernel_spectra`).
@@ -991,7 +986,12 @@ def spin_pool(
     """
     _check_float32(spectra, pairs, inverse, bias)
     long, groups, n, n_in = spectra.shape
-    n_out = pairs.shape[-1] // 2
+    n_out = pairs.shape[-2] // 2
+    if pairs.shape[1:] != (groups, 2 * n_out, 2 * n_in):
+        raise ValueError(
+            f"kernels' products {tuple(pairs.shape)} for spectra {tuple(spectra.shape)}: "
+            "paired_kernels makes [1 + n_middle, groups, 2 M, 2 K]"
+        )
     norm_weight, norm_bias, eps = bias, bias, 0.0  # unread without a norm's scale and shift
     if norm is not None:
         if (norm.num_groups, norm.num_channels) != (groups, groups * n_out):
@@ -1010,7 +1010,7 @@ def spin_pool(
     block_m, block_n, block_k = tile_sizes(PRODUCTS_TILES, n_in)
     products = spectra.new_empty(long, n, groups * n_out)
     grid = (triton.cdiv(n, block_m) * triton.cdiv(2 * n_out, block_n), groups)
-    pairs, plane, split = _second_factor(pairs.transpose(-1, -2), precision)
+    pairs, plane, split = _second_factor(pairs, precision)
     _launcher(_products_kernel, spectra)[grid](
         spectra.contiguous(), pairs, products, n, groups, n_in, n_out,
         long - 2 * n_middle, n_middle, plane, block_m, block_n, block_k, precision, split,
@@ -1054,7 +1054,8 @@ def tf32_split(x: Tensor) -> Tensor:
 
 def paired_kernels(real: Tensor, imag: Tensor, long: int) -> Tensor:
     """The kernels' products as one real matrix per pair of packed entries and group, ``[1 +
-    n_middle, groups, 2 K, 2 M]``, from ``conj(DFT(kernel)) = real + i imag`` ``[long // 2 + 1,
+    n_middle, groups, 2 M, 2 K]`` (each transposed: its rows along the reduction, as the
+    tensor cores take a TF32 factor), from ``conj(DFT(kernel)) = real + i imag`` ``[long // 2 + 1,
     groups, K, M]`` (:meth:`~forcecalc.models.spinconv.SpinConvBlock.kernel_spectra`): the
     real entries (``[[real_0, 0], [0, real_long/2]]``, the
     second block zero for an odd ``long``), then each middle frequency's real and imaginary
@@ -1072,7 +1073,7 @@ def paired_kernels(real: Tensor, imag: Tensor, long: int) -> Tensor:
     pairs[1:, :, :n_in, n_out:] = middle_imag
     pairs[1:, :, n_in:, :n_out] = -middle_imag
     pairs[1:, :, n_in:, n_out:] = middle_real
-    return pairs
+    return pairs.transpose(-1, -2).contiguous()
 
 
 def with_triton_kernels(module: nn.Module, precision: str = "tf32x3") -> nn.Module:

@@ -496,8 +496,7 @@ def test_tf32x3_products_with_the_second_factor_split_in_memory(device, split, m
         out = spin_pool(spectra, pairs, inverse, block.conv1.bias, "tf32x3")
         expected = spin_pool(spectra, pairs, inverse, block.conv1.bias, "ieee")
     assert _relative(out, expected) < 1e-5
-    read_pairs = tuple(pairs.transpose(-1, -2).shape)  # the kernel reads them transposed
-    assert shapes == ([(19, 45), (19, 45), (51, 45), read_pairs] if split else [])
+    assert shapes == ([(19, 45), (19, 45), (51, 45), tuple(pairs.shape)] if split else [])
 
 
 @pytest.mark.parametrize("split", [True, False])
@@ -506,18 +505,45 @@ def test_tf32x3_products_with_the_second_factor_split_in_memory(device, split, m
 def test_tf32x3_product_of_an_infinite_or_nan_input(device, split, monkeypatch):
     """An infinite input makes a ``tf32x3`` product +-inf, as a float32 product, not NaN: it has
     no rest, and its TF32 part does not meet the weights' zero rests (TF32 weights here); a NaN
-    makes it NaN, also one whose bits round to infinity (0x7F800001)."""
+    makes it NaN, also one whose bits round to infinity (0x7F800001) or to zero (0x7FFFFFFF,
+    the GPU's NaN)."""
     monkeypatch.setattr(triton_kernels, "SPLIT_WEIGHTS", split)
     torch.manual_seed(9)
     x = torch.randn(6, 24, device=device)
     x[0, 3], x[2, 7] = float("inf"), -float("inf")
     x[4, 5] = torch.tensor(0x7F800001, dtype=torch.int32).view(torch.float32)
+    x[5, 1] = torch.tensor(0x7FFFFFFF, dtype=torch.int32).view(torch.float32)
     weight, bias = tf32_rounded(torch.randn(19, 24, device=device)), torch.randn(19, device=device)
     out = linear(x, weight, bias)
     expected = x.double() @ weight.double().T + bias.double()
-    assert out[[0, 2]].isinf().all() and out[4].isnan().all()
+    assert out[[0, 2]].isinf().all() and out[[4, 5]].isnan().all()
     torch.testing.assert_close(out[[0, 2]], expected[[0, 2]].float(), rtol=0, atol=0)
-    assert _relative(out[[1, 3, 5]].double(), expected[[1, 3, 5]]) < 1e-5
+    assert _relative(out[[1, 3]].double(), expected[[1, 3]]) < 1e-5
+
+
+@pytest.mark.parametrize("split", [True, False])
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy's inf-inf
+def test_spectra_of_an_infinite_or_nan_value_are_not_finite(device, split, monkeypatch):
+    """A grid that reads an infinite or NaN value (NaNs whose bits round to infinity or zero
+    among them) has ``tf32x3`` spectra that are not finite wherever the full-float32 ones are
+    not (never a finite number made of a NaN); the other grids' spectra finite and the same;
+    37 values per grid, two chunks."""
+    monkeypatch.setattr(triton_kernels, "SPLIT_WEIGHTS", split)
+    torch.manual_seed(11)
+    index, longitude, latitude = _grids(device, 9, 37, 400, 5, 6)
+    values = torch.randn(400, 16, device=device)
+    bits = torch.tensor([0x7F800001, 0x7FFFFFFF, -1], dtype=torch.int32)  # -1: 0xFFFFFFFF
+    values[[3, 7, 11], 2] = bits.view(torch.float32).to(device)
+    values[15, 9] = float("inf")
+    full = spin_spectra(values, index, longitude, latitude, 2, "ieee")
+    split_spectra = spin_spectra(values, index, longitude, latitude, 2, "tf32x3")
+    reads_them = torch.isin(index, torch.tensor([3, 7, 11, 15], device=device)).any(dim=1)
+    assert reads_them.any() and not reads_them.all()
+    bad, good = full[:, :, reads_them], full[:, :, ~reads_them]
+    assert not bad.isfinite().all() and good.isfinite().all()
+    assert not split_spectra[:, :, reads_them][~bad.isfinite()].isfinite().any()
+    assert _relative(split_spectra[:, :, ~reads_them], good) < 1e-5
 
 
 @contextlib.contextmanager
