@@ -54,7 +54,9 @@ def innermost_loop(sass: str) -> dict[str, int]:
     backward branch closes): its instructions, tensor-core products (``HGMMA``/``HMMA``) and
     local-memory (spill) accesses per iteration.  A static measure of a product's main loop:
     the fewer instructions beside its tensor-core products, the closer it can run to their
-    peak.  Zeros for a kernel without a loop."""
+    peak.  Zeros for a kernel without a loop.  The shortest loop is taken for the hot one
+    (true of these kernels, checked against their SASS); outer loops and called subroutines
+    are not counted."""
     labels: dict[str, int] = {}
     instructions: list[str] = []  # without their predicates
     for line in sass.splitlines():

@@ -28,8 +28,9 @@ every frequency.  These kernels compute the same numbers without those tensors:
   accumulators, fitted 32 x 64 tiles without spilling, the paired product 64 x 64.
 
 Matrix products are ``tf32x3`` by default (three TF32 tensor-core products per product:
-float32's accuracy; in the products of weights, these split into their two TF32 parts once
-per call rather than by Triton at every step: :data:`SPLIT_WEIGHTS`); ``"tf32"`` is one
+float32's accuracy; the weights split into their two TF32 parts once per call, the
+spectra's latitude factors once for all longitudes, rather than by Triton at every step:
+:data:`SPLIT_WEIGHTS`); ``"tf32"`` is one
 (about 1e-3 relative error per product: Triton drops the inputs' low 13 bits) and ``"ieee"``
 full float32 on CUDA cores; :func:`with_triton_kernels` also has ``"mixed"``, one TF32 product
 on inputs rounded to the nearest TF32 number (the kernels' ``rounded`` option,
@@ -920,7 +921,8 @@ def spin_spectra(
     """Packed longitude spectra of grids (see :func:`~forcecalc.models.spinconv.splat_factors`):
     grid ``g`` receives ``values[index[g, j]]`` splatted with the factors ``longitude`` and
     ``latitude`` at ``[g, j]`` (their ``phase`` and ``rows`` are interpolated here, never
-    stored); rounded to TF32 numbers if ``rounded`` (the input of ``tf32`` products).
+    stored), the products at ``precision``; rounded to TF32 numbers if ``rounded`` (the input
+    of ``tf32`` products).
 
     Args:
         values: ``[n_values, C]`` float32 messages.
