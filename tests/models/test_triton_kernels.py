@@ -227,7 +227,8 @@ def test_spectra_layout_and_pool_of_known_spectra(device, monkeypatch):
     block's own permutation of ``[n, C, long, lat]``), and the pooled convolution of those
     spectra equals the block's forward before its GroupNorm, and after it with a GroupNorm
     given (one without scale and shift, a large eps: inside the square root), also with
-    programs smaller than a group's outputs; a GroupNorm of other groups is refused."""
+    programs smaller than a group's outputs; a GroupNorm of other groups and kernels' products
+    of another layout are refused."""
     torch.manual_seed(4)
     channels, mid, lat, long, width, n, n_values = 16, 8, 3, 6, 9, 10, 14
     groups = channels // 8
@@ -258,6 +259,8 @@ def test_spectra_layout_and_pool_of_known_spectra(device, monkeypatch):
     assert _relative(alone, norm(direct)) < 1e-5
     with pytest.raises(ValueError, match="GroupNorm of 1 groups"):
         spin_pool(spectra, pairs, inverse, block.conv1.bias, "ieee", torch.nn.GroupNorm(1, mid))
+    with pytest.raises(ValueError, match="paired_kernels makes"):  # not transposed
+        spin_pool(spectra, pairs.transpose(-1, -2), inverse, block.conv1.bias, "ieee")
 
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
