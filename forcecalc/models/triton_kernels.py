@@ -190,8 +190,7 @@ def _tf32_rounded(x) -> tl.tensor:
     """``x`` (float32) rounded to the nearest TF32 number (10 mantissa bits, ties away from
     zero, NaN kept, as ``cvt.rna.tf32.f32``): a ``tl.dot`` in ``tf32``, which drops the low 13
     bits of its inputs, then multiplies exactly what it is given."""
-    bits = (x.to(tl.int32, bitcast=True) + 0x1000) & -8192
-    return tl.where(x == x, bits.to(tl.float32, bitcast=True), x)
+    return tl.where(x == x, _tf32_nearest(x), x)
 
 
 @triton.jit
