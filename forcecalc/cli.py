@@ -48,6 +48,22 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_forces_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--forces",
+        default=None,
+        choices=["conservative", "compat"],
+        help="energy-centric SpinConv only: the full -dE/dx (for MD, and the energy's own "
+        "minima), or OCP's definition (default: the checkpoint's: conservative for ours, "
+        "compat for OCP's)",
+    )
+
+
+def _forces_option(args: argparse.Namespace) -> dict[str, str]:
+    """The model option ``--forces`` asks for (none: the checkpoint's own)."""
+    return {} if args.forces is None else {"forces": args.forces}
+
+
 def _add_cuda_graph_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--cuda-graph",
@@ -262,7 +278,11 @@ def _cmd_relax(args: argparse.Namespace) -> int:
     if not structures and not args.shard:
         raise ValueError(f"{args.input} holds no structures")
     potential = load_checkpoint(
-        args.model, device=args.device, dtype=args.dtype, allow_unsafe=args.allow_unsafe
+        args.model,
+        device=args.device,
+        dtype=args.dtype,
+        allow_unsafe=args.allow_unsafe,
+        **_forces_option(args),
     )
     _note_cuda_graph_off_cuda(args, potential)
     if args.shard and not args.out:
@@ -603,7 +623,7 @@ def _cmd_md(args: argparse.Namespace) -> int:
         skin=args.skin,
         cuda_graph=args.cuda_graph,
         compile_mode=args.compile,
-        **({} if args.forces is None else {"forces": args.forces}),
+        **_forces_option(args),
     )
     _note_energy_conservation(atoms.calc.potential)
     _note_cuda_graph_off_cuda(args, atoms.calc.potential)
@@ -848,6 +868,7 @@ def _add_relax_command(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="also fix the atoms with z below this (Å), keeping the input's constraints",
     )
+    _add_forces_option(relax)
     relax.add_argument(
         "--out",
         default=None,
@@ -948,13 +969,7 @@ def _add_md_command(sub: argparse._SubParsersAction) -> None:
     md.add_argument(
         "--skin", type=float, default=0.0, help="neighbor-list skin, Å (reuse between steps)"
     )
-    md.add_argument(
-        "--forces",
-        default=None,
-        choices=["conservative", "compat"],
-        help="energy-centric SpinConv only: the full -dE/dx (for MD), or OCP's definition "
-        "(default: the checkpoint's: conservative for ours, compat for OCP's)",
-    )
+    _add_forces_option(md)
     _add_cuda_graph_option(md)
     md.set_defaults(func=_cmd_md)
 

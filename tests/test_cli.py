@@ -144,6 +144,31 @@ def test_relax_writes_structures_and_a_table(tmp_path: Path, capsys) -> None:
     assert "E_final" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("batched", [False, True])
+def test_relax_forces_option_loads_the_checkpoint_with_it(tmp_path: Path, batched: bool) -> None:
+    """`forcecalc relax --forces conservative` relaxes with the energy's gradient of an OCP
+    energy-centric checkpoint (as `md --forces` does): its output forces are the
+    conservative model's at the final positions, not the checkpoint's own compat ones."""
+    from forcecalc.calculator import load_calculator
+
+    slab = fcc111("Cu", size=(2, 2, 2), vacuum=5.0)
+    add_adsorbate(slab, "O", 2.0, "fcc")
+    write(tmp_path / "in.extxyz", slab)
+    command = ["relax", str(tmp_path / "in.extxyz"), "--model", str(SPINCONV_EC)]
+    command += ["--dtype", "float64", "--steps", "2", "--out", str(tmp_path / "out.extxyz")]
+    assert main([*command, "--forces", "conservative", *(["--batched"] if batched else [])]) == 0
+    [relaxed] = read(tmp_path / "out.extxyz", index=":")
+    forces = {}
+    for option in ("conservative", "compat"):
+        atoms = relaxed.copy()
+        atoms.calc = load_calculator(str(SPINCONV_EC), dtype="float64", forces=option)
+        forces[option] = atoms.get_forces()
+    # the file's positions are rounded (~5e-9 Å), where the small test model's curvature
+    # (~2000 eV/Å²) moves forces by ~1e-5 eV/Å; compat ones differ by ~0.4
+    np.testing.assert_allclose(relaxed.get_forces(), forces["conservative"], atol=1e-4)
+    assert np.abs(forces["compat"] - forces["conservative"]).max() > 1e-2
+
+
 def test_ase_relaxation_holds_blas_to_one_thread_on_the_cpu(tmp_path: Path, monkeypatch) -> None:
     """ASE's BFGS calls numpy's threaded BLAS every step, whose threads then compete with
     torch's for the cores: `forcecalc relax` runs it with one BLAS thread on the CPU, and

@@ -241,6 +241,7 @@ def md(
     dtype: str | torch.dtype | None = None,
     progress: bool = False,
     memory: MemoryModel | None = None,
+    **model_options: Any,
 ) -> list:
     """Run ``steps`` MD steps of every structure, many systems per forward pass.
 
@@ -267,6 +268,8 @@ def md(
             NVE runs); with a loaded Potential, its own (another one is an error).
         progress: show a progress bar of the steps of each batch.
         memory: a memory model to budget with (``"auto"``).
+        **model_options: for loading a checkpoint (see :func:`relax`), e.g.
+            ``forces="conservative"`` for an OCP energy-centric checkpoint.
 
     Returns:
         The final structures in input order: positions and momenta after ``steps`` steps, a
@@ -289,7 +292,7 @@ def md(
                     f"structure {index} ({atoms.get_chemical_formula()}): fixcm=True needs at "
                     "least two atoms per system"
                 )
-    plan = plan_run(structures, model, device, dtype, skin, batch_size, memory)
+    plan = plan_run(structures, model, device, dtype, skin, batch_size, memory, model_options)
     if plan is None:
         return []
     structures, potential, device_, skin = plan.structures, plan.potential, plan.device, plan.skin

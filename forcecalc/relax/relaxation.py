@@ -59,13 +59,24 @@ def resolve_potential(
     model: str | os.PathLike | nn.Module,
     device: str | torch.device | None,
     dtype: str | torch.dtype | None,
+    **model_options: Any,
 ) -> nn.Module:
     """A loaded potential: the checkpoint ``model`` names, loaded on ``device`` in ``dtype``
-    (float32 unless said otherwise); a loaded :class:`~forcecalc.checkpoint.Potential`
-    itself (a ``device`` or ``dtype`` other than its own is a ``ValueError``); any other
-    module with a ``cutoff`` (Å) itself, as it is (one without is a ``TypeError``)."""
+    (float32 unless said otherwise) with ``model_options`` (``allow_unsafe`` and the options
+    of :func:`~forcecalc.checkpoint.load_checkpoint`); a loaded
+    :class:`~forcecalc.checkpoint.Potential` itself (a ``device`` or ``dtype`` other than its
+    own is a ``ValueError``); any other module with a ``cutoff`` (Å) itself, as it is (one
+    without is a ``TypeError``).  Model options with a loaded model are a ``ValueError``
+    naming them (they apply when loading; a misspelt keyword argument of the caller lands
+    here too)."""
     from forcecalc.checkpoint import Potential, as_potential
 
+    if model_options and isinstance(model, nn.Module):
+        raise ValueError(
+            f"model option(s) {', '.join(sorted(model_options))} given with a loaded model: "
+            "they apply when a checkpoint is loaded (pass them to load_checkpoint, or give "
+            "the checkpoint's name or path instead)"
+        )
     if isinstance(model, nn.Module) and not isinstance(model, Potential):
         if not hasattr(model, "cutoff"):
             raise TypeError(
@@ -74,7 +85,7 @@ def resolve_potential(
                 "(cutoff, forward(batch) -> {'energy', 'forces'})"
             )
         return model
-    return as_potential(model, device=device, dtype=dtype)
+    return as_potential(model, device=device, dtype=dtype, **model_options)
 
 
 def potential_device(potential: nn.Module) -> torch.device:
@@ -140,16 +151,18 @@ def plan_run(
     skin: float | None,
     batch_size: str | int,
     memory: MemoryModel | None,
+    model_options: dict[str, Any],
 ) -> RunPlan | None:
-    """Load the model, check the structures, choose the skin and the batching (None: no
-    structures). ``structures`` may be one ``Atoms`` or a sequence of them.
+    """Load the model (with ``model_options``: see :func:`resolve_potential`), check the
+    structures, choose the skin and the batching (None: no structures). ``structures`` may be
+    one ``Atoms`` or a sequence of them.
 
     Every structure's edges are counted here, before any work (the memory budget admits
     structures by their counts): a structure whose atoms overlap is a ``ValueError`` naming
     it now, not when it would enter the batch, after the work on those before it.
     """
     structures = [structures] if hasattr(structures, "get_positions") else list(structures)
-    potential = resolve_potential(model, device, dtype)
+    potential = resolve_potential(model, device, dtype, **model_options)
     check_structures(structures, potential)
     if not structures:
         return None
@@ -238,6 +251,7 @@ def relax(
     optimizer_options: dict[str, Any] | None = None,
     progress: bool = False,
     memory: MemoryModel | None = None,
+    **model_options: Any,
 ) -> list:
     """Relax many structures at once on the model's device, each as ASE's optimizer would.
 
@@ -268,6 +282,10 @@ def relax(
         optimizer_options: ASE-named options of the optimizer (e.g. ``{"maxstep": 0.1}``).
         progress: show a progress bar of finished structures.
         memory: a memory model to budget with (``"auto"``; default measured or fixed).
+        **model_options: for loading a checkpoint, as :func:`~forcecalc.predict.predict`'s:
+            ``allow_unsafe`` and the model's options of
+            :func:`~forcecalc.checkpoint.load_checkpoint` (e.g. ``forces="conservative"``);
+            with a loaded model, an error.
 
     Returns:
         The relaxed structures in input order: copies of the inputs with the final positions,
@@ -287,7 +305,7 @@ def relax(
     if isinstance(steps, bool) or not isinstance(steps, Real) or not steps >= 0:
         raise ValueError(f"steps must be a number >= 0, got {steps!r}")
     opt = make_optimizer(optimizer, optimizer_options)
-    plan = plan_run(structures, model, device, dtype, skin, batch_size, memory)
+    plan = plan_run(structures, model, device, dtype, skin, batch_size, memory, model_options)
     if plan is None:
         return []
     total = len(plan.structures)

@@ -70,16 +70,7 @@ class ForcecalcModel(ModelInterface):
         **model_options: Any,
     ) -> None:
         super().__init__()
-        if model_options:
-            if isinstance(model, nn.Module):
-                raise ValueError(
-                    "pass model options when loading, not with a loaded model: "
-                    f"{', '.join(sorted(model_options))}"
-                )
-            from forcecalc.checkpoint import as_potential
-
-            model = as_potential(model, device=device, dtype=dtype, **model_options)
-        self.potential = resolve_potential(model, device, dtype)
+        self.potential = resolve_potential(model, device, dtype, **model_options)
         if compute_stress and not getattr(self.potential, "defines_stress", False):
             raise ValueError(
                 "this model defines no stress: its forces are predicted directly, or (an "

@@ -231,6 +231,25 @@ def test_md_float32_checkpoint_runs():
     assert torch.isfinite(torch.as_tensor(result.get_forces())).all()
 
 
+def test_md_takes_model_options_for_the_checkpoint_it_loads():
+    """Contract: ``md(..., forces="conservative")`` with an OCP energy-centric checkpoint's
+    path runs the dynamics of the energy's gradient (the model loaded with that option: the
+    same trajectory), not the checkpoint's own ``compat`` forces (another one)."""
+    from ocp_fixtures import ocp_checkpoint_path
+
+    from forcecalc.checkpoint import load_checkpoint
+
+    path = ocp_checkpoint_path("spinconv_small_ec")
+    systems = [rattled_slab(2)]
+    loaded = load_checkpoint(path, device="cpu", forces="conservative")
+    [reference] = md(systems, loaded, steps=2, timestep=0.5)
+    [by_path] = md(systems, str(path), steps=2, timestep=0.5, device="cpu", forces="conservative")
+    [compat] = md(systems, str(path), steps=2, timestep=0.5, device="cpu")
+    assert np.array_equal(by_path.positions, reference.positions)
+    assert np.array_equal(by_path.get_forces(), reference.get_forces())
+    assert np.abs(compat.get_forces() - by_path.get_forces()).max() > 1e-4
+
+
 @pytest.mark.parametrize(
     ("skin", "bad", "output", "integrator"),
     [

@@ -375,7 +375,10 @@ def test_forcenet_checkpoint_integration():
 
 def test_energy_centric_spinconv_integration():
     """Contract: an energy-centric SpinConv with conservative forces (autograd inside the
-    engine's forward) relaxes a batch like the calculator does one by one (3 BFGS steps)."""
+    engine's forward) relaxes a batch like the calculator does one by one (3 BFGS steps);
+    the model option given to ``relax`` with the checkpoint's path (as ``predict`` takes
+    it) is the option loaded: the same positions, where the OCP checkpoint's own ``compat``
+    forces lead elsewhere."""
     from ocp_fixtures import ocp_checkpoint_path
 
     from forcecalc.checkpoint import load_checkpoint
@@ -389,6 +392,22 @@ def test_energy_centric_spinconv_integration():
         reference.calc = load_calculator(potential)
         BFGS(reference, logfile=None).run(fmax=0.05, steps=3)
         np.testing.assert_allclose(result.positions, reference.positions, atol=1e-4)
+    options = dict(optimizer="bfgs", steps=3, batch_size=2, device="cpu")
+    by_path = relax(structures, str(path), forces="conservative", **options)
+    compat = relax(structures, str(path), **options)
+    for result, loaded, own in zip(by_path, results, compat, strict=True):
+        assert np.array_equal(loaded.positions, result.positions)
+        assert np.abs(own.positions - result.positions).max() > 1e-4
+
+
+@pytest.mark.parametrize("run", ["relax", "md"])
+def test_model_options_with_a_loaded_model_are_named(run):
+    """Contract: model options apply when a checkpoint is loaded; given beside a loaded
+    model (or a misspelt keyword argument, which lands among them) they are an error naming
+    them, not ignored."""
+    call = relax if run == "relax" else functools.partial(md, steps=1)
+    with pytest.raises(ValueError, match=r"model option\(s\) fmx, forces given with a loaded"):
+        call(mixed_structures()[:1], morse_potential(), forces="conservative", fmx=0.1)
 
 
 def test_float32_potential_runs_in_float32():

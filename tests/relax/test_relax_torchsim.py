@@ -64,7 +64,7 @@ def test_adapter_refuses_what_it_would_ignore():
     from forcecalc.relax.torchsim import ForcecalcModel
 
     potential = load_checkpoint(ocp_checkpoint_path("spinconv_small_ec"), device="cpu")
-    with pytest.raises(ValueError, match=r"pass model options when loading.*forces"):
+    with pytest.raises(ValueError, match=r"model option\(s\) forces given with a loaded model"):
         ForcecalcModel(potential, forces="compat")
     with pytest.raises(ValueError, match=r"defines no stress.*forces='conservative'"):
         ForcecalcModel(potential, compute_stress=True)  # OCP's compat forces: no stress
