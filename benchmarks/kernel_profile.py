@@ -273,7 +273,10 @@ def fused_kernel_stand_ins(log: OperatorLog, flop_scale: float) -> dict[str, Cal
         norm: torch.nn.GroupNorm | None = None,
     ) -> Any:
         long, groups, n, n_in = spectra.shape
-        n_out = pairs.shape[-1] // 2  # one [2 n_in, 2 n_out] product per pair of packed entries
+        # pairs [pairs, groups, 2 n_out, 2 n_in] (paired_kernels' layout): one product each
+        n_out = pairs.shape[-2] // 2
+        if pairs.shape[1:] != (groups, 2 * n_out, 2 * n_in):  # the layout changed: count anew
+            raise ValueError(f"pairs {tuple(pairs.shape)}: not [_, {groups}, 2 M, {2 * n_in}]")
         out = n * groups * n_out * spectra.element_size()
         # two kernels: the products [long, n, groups * n_out] are written, then read back
         read = [spectra, pairs, inverse, bias]
