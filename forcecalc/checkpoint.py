@@ -932,6 +932,16 @@ def build_potential(
     return potential.to(device=torch_device, dtype=torch_dtype)
 
 
+def options_with_loaded_model(options: dict[str, Any]) -> ValueError:
+    """The error for loading options given with an already loaded model, naming them (a
+    misspelt keyword argument of the caller lands among them too)."""
+    return ValueError(
+        f"model option(s) {', '.join(sorted(options))} given with a loaded model: they apply "
+        "when a checkpoint is loaded (pass them to load_checkpoint, or give the checkpoint's "
+        "name or path instead)"
+    )
+
+
 def as_potential(
     model: str | os.PathLike | Potential,
     device: str | torch.device | None = None,
@@ -950,7 +960,7 @@ def as_potential(
         )
     if isinstance(model, Potential):
         if model_options:
-            raise ValueError("pass model options when loading, not with a loaded Potential")
+            raise options_with_loaded_model(model_options)
         model.check_same(device, dtype)
         return model
     return load_checkpoint(

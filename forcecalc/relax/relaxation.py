@@ -67,16 +67,11 @@ def resolve_potential(
     :class:`~forcecalc.checkpoint.Potential` itself (a ``device`` or ``dtype`` other than its
     own is a ``ValueError``); any other module with a ``cutoff`` (Å) itself, as it is (one
     without is a ``TypeError``).  Model options with a loaded model are a ``ValueError``
-    naming them (they apply when loading; a misspelt keyword argument of the caller lands
-    here too)."""
-    from forcecalc.checkpoint import Potential, as_potential
+    naming them."""
+    from forcecalc.checkpoint import Potential, as_potential, options_with_loaded_model
 
     if model_options and isinstance(model, nn.Module):
-        raise ValueError(
-            f"model option(s) {', '.join(sorted(model_options))} given with a loaded model: "
-            "they apply when a checkpoint is loaded (pass them to load_checkpoint, or give "
-            "the checkpoint's name or path instead)"
-        )
+        raise options_with_loaded_model(model_options)
     if isinstance(model, nn.Module) and not isinstance(model, Potential):
         if not hasattr(model, "cutoff"):
             raise TypeError(

@@ -400,12 +400,14 @@ def test_energy_centric_spinconv_integration():
         assert np.abs(own.positions - result.positions).max() > 1e-4
 
 
-@pytest.mark.parametrize("run", ["relax", "md"])
+@pytest.mark.parametrize("run", ["relax", "md", "predict"])
 def test_model_options_with_a_loaded_model_are_named(run):
     """Contract: model options apply when a checkpoint is loaded; given beside a loaded
     model (or a misspelt keyword argument, which lands among them) they are an error naming
-    them, not ignored."""
-    call = relax if run == "relax" else functools.partial(md, steps=1)
+    them, not ignored, in every entry point that takes them."""
+    from forcecalc import predict
+
+    call = {"relax": relax, "md": functools.partial(md, steps=1), "predict": predict}[run]
     with pytest.raises(ValueError, match=r"model option\(s\) fmx, forces given with a loaded"):
         call(mixed_structures()[:1], morse_potential(), forces="conservative", fmx=0.1)
 
