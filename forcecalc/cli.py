@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -277,6 +278,10 @@ def _cmd_relax(args: argparse.Namespace) -> int:
     out_format = output_format(args.out, len(indices), bool(args.shard)) if args.out else None
     if not structures and not args.shard:
         raise ValueError(f"{args.input} holds no structures")
+    if args.trajectory is not None:
+        if Path(args.trajectory).exists() and not Path(args.trajectory).is_dir():
+            raise ValueError(f"--trajectory {args.trajectory} is a file, not a folder")
+        check_writable(str(Path(args.trajectory) / "0.traj"))
     potential = load_checkpoint(
         args.model,
         device=args.device,
@@ -379,7 +384,10 @@ def _relax_one_by_one(structures: list, potential: Potential, args: argparse.Nam
             optimizer = optimizer_class(atoms, logfile=None)
             try:
                 atoms.info["relax_initial_energy"] = atoms.get_potential_energy()
-                converged = optimizer.run(fmax=args.fmax, steps=args.steps)
+                with _trajectory_writer(args, atoms) as writer:
+                    if writer is not None:  # called at step 0 too (the input)
+                        optimizer.attach(writer)
+                    converged = optimizer.run(fmax=args.fmax, steps=args.steps)
             # a non-finite model output (CalculatorError), or positions the optimizer made
             # non-finite (ValueError of the calculator's input check): the others go on
             except (CalculatorError, ValueError) as error:
@@ -393,12 +401,50 @@ def _relax_one_by_one(structures: list, potential: Potential, args: argparse.Nam
     return structures
 
 
+@contextlib.contextmanager
+def _trajectory_writer(args: argparse.Namespace, atoms: Atoms) -> Iterator[Callable | None]:
+    """With ``--trajectory DIR``, a callable writing ``atoms`` (with its calculator's energy
+    and forces) as the next frame of ``DIR/INDEX.traj`` (INDEX: its place in the input),
+    which is put in place when the block ends, also when the model fails in it (the frames
+    before the failure); ``None`` without ``--trajectory``."""
+    from ase.io.trajectory import Trajectory
+
+    from forcecalc.atomic import atomic_output
+
+    if args.trajectory is None:
+        yield None
+        return
+    path = Path(args.trajectory) / f"{atoms.info['input_index']}.traj"
+    with atomic_output(path, suffix=".traj") as tmp:
+        trajectory = Trajectory(tmp, "w", atoms)
+        try:
+            yield trajectory.write
+        finally:
+            trajectory.close()
+
+
+def _write_trajectories(args: argparse.Namespace, relaxed: list) -> None:
+    """``--trajectory DIR`` of the batched engine: each structure's frames
+    (``info["trajectory"]``, taken out) to ``DIR/INDEX.traj``, atomically; none for a
+    structure the model failed on before its first frame."""
+    from ase.io import write
+
+    from forcecalc.atomic import atomic_output
+
+    for atoms in relaxed:
+        frames = atoms.info.pop("trajectory")
+        if frames:
+            path = Path(args.trajectory) / f"{atoms.info['input_index']}.traj"
+            with atomic_output(path, suffix=".traj") as tmp:
+                write(tmp, frames, format="traj")
+
+
 def _relax_batched(structures: list, potential: Potential, args: argparse.Namespace) -> list:
     """forcecalc's batched engine: many structures per forward pass."""
     from forcecalc.relax import relax
 
     batch_size = args.batch_size if args.batch_size == "auto" else int(args.batch_size)
-    return relax(
+    relaxed = relax(
         structures,
         potential,
         optimizer=args.optimizer.lower(),
@@ -406,8 +452,12 @@ def _relax_batched(structures: list, potential: Potential, args: argparse.Namesp
         steps=args.steps,
         batch_size=batch_size,
         skin=args.skin,
+        trajectory=args.trajectory is not None,
         progress=True,
     )
+    if args.trajectory is not None:
+        _write_trajectories(args, relaxed)
+    return relaxed
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
@@ -876,6 +926,15 @@ def _add_relax_command(sub: argparse._SubParsersAction) -> None:
         "format follows the name (.extxyz, .traj, CONTCAR, ...; extxyz for other names "
         "without a suffix), checked before "
         "relaxing",
+    )
+    relax.add_argument(
+        "--trajectory",
+        default=None,
+        metavar="DIR",
+        help="also write each structure's relaxation, every step with its energy and forces "
+        "(the input first), to DIR/INDEX.traj, INDEX its place in INPUT (ASE trajectories, "
+        "as the optimizers' trajectory=...; with --batched all frames are held in memory "
+        "until the end)",
     )
     relax.add_argument(
         "--batched",

@@ -324,6 +324,51 @@ def test_sharded_batched_relax_merges_back_in_order(tmp_path: Path, capsys) -> N
     assert not (tmp_path / "partial.extxyz").exists()
 
 
+@pytest.mark.parametrize("batched", [False, True])
+def test_relax_trajectory_holds_every_step_of_each_structure(tmp_path: Path, batched: bool) -> None:
+    """`relax --trajectory DIR` writes each relaxed structure's path to DIR/INDEX.traj (its
+    place in INPUT, also under --shard): the input first, then every step, each frame with
+    its model energy and forces, the last frame the structure written to --out; the same
+    frames one by one (ASE's optimizer) and batched (the engine, FixAtoms honoured); a file
+    where the folder should be is refused before any work."""
+    from ase.io import Trajectory
+
+    from forcecalc.calculator import load_calculator
+
+    slabs = []
+    for size in (1, 2):
+        slab = fcc111("Cu", size=(2, 2, size + 1), vacuum=5.0)
+        add_adsorbate(slab, "O", 2.0, "fcc")
+        slab.set_constraint(FixAtoms(indices=[0, 1, 2, 3]))
+        slabs.append(slab)
+    write(tmp_path / "in.extxyz", slabs)
+    slabs = read(tmp_path / "in.extxyz", index=":")  # as relax reads them
+    folder = tmp_path / "paths"
+    command = ["relax", str(tmp_path / "in.extxyz"), "--model", str(SPINCONV_EC)]
+    command += ["--dtype", "float64", "--optimizer", "fire", "--steps", "4"]
+    command += ["--shard", "2/2", "--trajectory", str(folder), "--out", str(tmp_path / "o.traj")]
+    assert main([*command, *(["--batched"] if batched else [])]) == 0
+    assert sorted(p.name for p in folder.iterdir()) == ["1.traj"]  # shard 2 of 2: input 1
+    [relaxed] = read(tmp_path / "o.traj", index=":")
+    frames = list(Trajectory(folder / "1.traj"))
+    assert len(frames) == relaxed.info["relax_steps"] + 1 == 5
+    np.testing.assert_array_equal(frames[0].positions, slabs[1].positions)
+    np.testing.assert_allclose(frames[-1].positions, relaxed.positions, atol=1e-10)
+    calc = load_calculator(str(SPINCONV_EC), dtype="float64")
+    for frame in (frames[0], frames[2]):
+        atoms = frame.copy()
+        atoms.calc = calc
+        assert frame.get_potential_energy() == pytest.approx(atoms.get_potential_energy(), abs=1e-8)
+        np.testing.assert_allclose(
+            frame.get_forces(apply_constraint=False), atoms.get_forces(apply_constraint=False),
+            atol=1e-7,
+        )  # fmt: skip
+    assert np.abs(frames[-1].positions[:4] - slabs[1].positions[:4]).max() == 0.0
+    (tmp_path / "file").write_text("")
+    command[command.index(str(folder))] = str(tmp_path / "file")
+    assert main(command) == 2
+
+
 def test_eval_prints_the_papers_tables(tmp_path: Path, capsys) -> None:
     """`forcecalc eval s2ef|is2rs` on an OC20-EMT split prints model and median-baseline rows
     and writes JSON whose IS2RE baseline equals the training median's error."""
@@ -415,13 +460,16 @@ def test_relax_of_a_failing_model_says_so_and_exits_1(
 ) -> None:
     """A model whose output is NaN: `relax` (one by one or batched) writes every structure
     with ``info['relax_error']``, names the failed ones on stderr and exits with 1, not a
-    traceback (one by one) nor a silent 0 (batched)."""
+    traceback (one by one) nor a silent 0 (batched); with --trajectory, no file for a
+    structure without a single evaluated frame."""
     slab = fcc111("Cu", size=(2, 2, 2), vacuum=5.0)
     write(tmp_path / "in.extxyz", [slab, slab])
     model = _nan_checkpoint(tmp_path / "nan.pt")
     out = tmp_path / "out.extxyz"
     command = ["relax", str(tmp_path / "in.extxyz"), "--model", str(model), "--steps", "3"]
+    command += ["--trajectory", str(tmp_path / "paths")]
     code = main([*command, "--out", str(out), *(["--batched"] if batched else [])])
+    assert not list(tmp_path.glob("paths/*"))
     assert code == 1
     captured = capsys.readouterr()
     assert "failed" in captured.out
