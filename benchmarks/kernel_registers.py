@@ -8,9 +8,10 @@ GPU session times them (``triton_tiles.py``). For each tile variant of ``triton_
 at SpinConv-All's sizes (hidden 32, mid 256, 16 x 12 grid, 40 values per grid) and each
 ``tl.dot`` precision: registers per thread, spill stores/loads (bytes), shared memory (bytes),
 the programs one multiprocessor can hold (65,536 registers, 228 KiB shared memory, at most 64
-warps) and the innermost loop's instructions, tensor-core products and spill accesses per
-iteration (its SASS, from the wheel's ``nvdisasm``; ``S``: ``ptxas`` serialized the
-kernel's ``wgmma`` products, its warning C7515). Prints a table, writes JSON.
+warps), the kernel's instructions, and its innermost loop's instructions, tensor-core
+products and spill accesses per iteration (its SASS, from the wheel's ``nvdisasm``; ``S``:
+``ptxas`` serialized the kernel's ``wgmma`` products, its warning C7515). Prints a table,
+writes JSON.
 
     python benchmarks/kernel_registers.py --out benchmarks/results/kernel_registers_sm90.json
 
@@ -49,14 +50,14 @@ SM_REGISTERS, SM_SHARED, SM_WARPS = 65536, 228 * 1024, 64
 BLOCK_RESERVED_SHARED = 1024
 
 
-def innermost_loop(sass: str) -> dict[str, int]:
-    """The innermost loop of a kernel's SASS (``nvdisasm -c``; the shortest body that a
-    backward branch closes): its instructions, tensor-core products (``HGMMA``/``HMMA``) and
-    local-memory (spill) accesses per iteration.  A static measure of a product's main loop:
-    the fewer instructions beside its tensor-core products, the closer it can run to their
-    peak.  Zeros for a kernel without a loop.  The shortest loop is taken for the hot one
-    (true of these kernels, checked against their SASS); outer loops and called subroutines
-    are not counted."""
+def sass_census(sass: str) -> dict[str, int]:
+    """A kernel's SASS (``nvdisasm -c``) instructions, and its innermost loop's (the
+    shortest body that a backward branch closes): instructions, tensor-core products
+    (``HGMMA``/``HMMA``) and local-memory (spill) accesses per iteration.  A static measure
+    of a product's main loop: the fewer instructions beside its tensor-core products, the
+    closer it can run to their peak.  Loop zeros for a kernel without a loop.  The shortest
+    loop is taken for the hot one (true of these kernels, checked against their SASS); outer
+    loops and called subroutines are not counted."""
     labels: dict[str, int] = {}
     instructions: list[str] = []  # without their predicates
     for line in sass.splitlines():
@@ -72,9 +73,15 @@ def innermost_loop(sass: str) -> dict[str, int]:
         if target and labels.get(target.group(1), end) < end:  # not the final BRA to itself
             bodies.append(instructions[labels[target.group(1)] : end + 1])
     if not bodies:
-        return {"loop_instructions": 0, "loop_mma": 0, "loop_local": 0}
+        return {
+            "instructions": len(instructions),
+            "loop_instructions": 0,
+            "loop_mma": 0,
+            "loop_local": 0,
+        }
     opcodes = [text.split()[0].split(".")[0] for text in min(bodies, key=len)]
     return {
+        "instructions": len(instructions),
         "loop_instructions": len(opcodes),
         "loop_mma": sum(op in ("HGMMA", "HMMA") for op in opcodes),
         "loop_local": sum(op in ("LDL", "STL") for op in opcodes),
@@ -149,7 +156,7 @@ def resources(
         "programs_per_sm": min(by_registers, by_shared, SM_WARPS // num_warps),
         # ptxas's C7515: the tensor-core products wait for each other (no pipelining)
         "wgmma_serialized": "wgmma.mma_async instructions are serialized" in report,
-        **innermost_loop(sass),
+        **sass_census(sass),
     }
 
 
@@ -181,6 +188,21 @@ def kernels(precision: str) -> dict[str, tuple[Any, dict[str, Any], int, int]]:
         "PRECISION": precision,
         "SPLIT": precision == "tf32x3" and k.SPLIT_WEIGHTS,
     }
+    spectra_product = {
+        "WIDTH": spectra["WIDTH"],
+        "REST": spectra["REST"],
+        "CHANNELS": dot(CHANNELS),
+        "PER_GROUP": CHANNELS // 4,
+        "LAT": dot(LAT),
+        "KB": k.power_of_two_chunks(LONG, 1)[0],
+        "KB_REST": k.power_of_two_chunks(LONG, 1)[1],
+        **{key: spectra[key] for key in ("WEIGHTED", "ROUND", "PRECISION", "SPLIT")},
+    }
+    spectra_kernel = (
+        (k._spectra_product_kernel, spectra_product, k.SPECTRA_ONE_PRODUCT_WARPS, 1)
+        if k.SPECTRA_ONE_PRODUCT
+        else (k._spectra_kernel, spectra, k.SPECTRA_WARPS, k.SPECTRA_STAGES)
+    )
     out = dot(MID // 4)  # 4 groups of 8 channels
     inverse = {
         "SEGMENTS": max(1, k.INVERSE_COLUMNS // out),
@@ -197,7 +219,7 @@ def kernels(precision: str) -> dict[str, tuple[Any, dict[str, Any], int, int]]:
         "linear (sum, Swish)": (k._linear_kernel, linear, k.LINEAR_WARPS, k.LINEAR_STAGES),
         "basis_linear": (k._basis_linear_kernel, basis, k.LINEAR_WARPS, k.LINEAR_STAGES),
         "mixture_of_experts": (k._mixture_kernel, mixture, k.MIXTURE_WARPS, k.MIXTURE_STAGES),
-        "spin_spectra": (k._spectra_kernel, spectra, k.SPECTRA_WARPS, k.SPECTRA_STAGES),
+        "spin_spectra": spectra_kernel,
         "spin_pool products": (
             k._products_kernel,
             products,
@@ -210,7 +232,8 @@ def kernels(precision: str) -> dict[str, tuple[Any, dict[str, Any], int, int]]:
 
 def _loop(row: dict[str, Any]) -> str:
     serialized = " S" if row["wgmma_serialized"] else ""
-    return f"{row['loop_instructions']}/{row['loop_mma']}/{row['loop_local']}{serialized}"
+    loop = f"{row['loop_instructions']}/{row['loop_mma']}/{row['loop_local']}{serialized}"
+    return f"{row['instructions']:>7}{loop:>22}"
 
 
 def main() -> None:
@@ -227,7 +250,7 @@ def main() -> None:
     rows = []
     print(
         f"{'kernel':<30}{'precision':<10}{'variant':<8}{'regs':>6}{'spill st/ld':>13}"
-        f"{'shared':>9}{'warps':>6}{'programs/SM':>12}{'loop: instr/mma/local':>22}"
+        f"{'shared':>9}{'warps':>6}{'programs/SM':>12}{'instr':>7}{'loop: instr/mma/local':>22}"
     )
     try:
         for precision in args.precisions:
@@ -248,7 +271,7 @@ def main() -> None:
                         f"{name:<30}{precision:<10}{number:<8}{row['registers']:>6}"
                         f"{row['spill_stores']:>7}/{row['spill_loads']:<5}"
                         f"{row['shared_bytes']:>9}{warps:>6}{row['programs_per_sm']:>12}"
-                        f"{_loop(row):>22}"
+                        f"{_loop(row)}"
                     )
     finally:
         for key, value in defaults.items():
@@ -274,7 +297,7 @@ def main() -> None:
         print(
             f"{name:<30}{precision:<10}{'':<8}{row['registers']:>6}"
             f"{row['spill_stores']:>7}/{row['spill_loads']:<5}{row['shared_bytes']:>9}"
-            f"{warps:>6}{row['programs_per_sm']:>12}{_loop(row):>22}"
+            f"{warps:>6}{row['programs_per_sm']:>12}{_loop(row)}"
         )
     write_json(
         args.out,

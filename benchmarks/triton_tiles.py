@@ -6,9 +6,11 @@ For each variant (module constants of ``triton_kernels`` set, the others at thei
 defaults) it runs the forward of ``--batch`` 66-atom slabs (``speed.py``'s structures) under
 ``torch.profiler`` and sums the device time of each fused kernel (``_linear_kernel``,
 ``_basis_linear_kernel``, ``_mixture_kernel``, ``_spectra_kernel``, ``_products_kernel``,
-``_inverse_kernel``, ``_directions_kernel``, ``_bins_kernel``, ``_split_kernel``) and of
+``_inverse_kernel``, ``_directions_kernel``, ``_bins_kernel``, ``_split_kernel``,
+``_spectra_product_kernel``) and of
 everything else, with the wall time per forward (atoms/s).  Every variant changes each
-kernel's constants (variant 1: Triton's own ``tf32x3``, ``SPLIT_WEIGHTS = False``), so the
+kernel's constants (variant 1: Triton's own ``tf32x3``, ``SPLIT_WEIGHTS = False``; variant
+2: each grid's spectra as one product, ``SPECTRA_ONE_PRODUCT = True``), so the
 best choice per kernel can be read from one pass (a variant that fails to compile, e.g. out
 of shared memory, is reported and skipped).  The top device kernels and operators of the
 first variant run are printed too.  Prints tables, writes JSON.
@@ -37,6 +39,7 @@ KERNELS = (
     "_basis_linear_kernel",
     "_mixture_kernel",
     "_spectra_kernel",
+    "_spectra_product_kernel",
     "_products_kernel",
     "_inverse_kernel",
     "_directions_kernel",
@@ -48,6 +51,7 @@ KERNELS = (
 VARIANTS: list[dict[str, Any]] = [
     {},
     {"SPLIT_WEIGHTS": False},
+    {"SPECTRA_ONE_PRODUCT": True},
     {
         "LINEAR_WARPS": 4,
         "MIXTURE_WARPS": 8,

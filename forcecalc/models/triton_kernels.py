@@ -93,6 +93,16 @@ INVERSE_COLUMNS = 512
 #: (Triton 3.6), the mixture's tile spills 284 bytes per thread Triton's way, 24 this way, and
 #: its main loop holds 592 instructions against 297 (``benchmarks/kernel_registers.py``).
 SPLIT_WEIGHTS = True
+#: Whether :func:`spin_spectra` computes each grid's spectra as one product
+#: ``[(longitude, latitude), values] @ [values, channels]`` (one program per grid; on Hopper
+#: Triton gives it to ``wgmma``, the latitude-longitude factor from registers) instead of one
+#: ``[channels, values] @ [values, latitude]`` product per longitude (``mma.sync``, the
+#: kernel timed in session 20).  Compiled for sm_90a at SpinConv-All's sizes (Triton 3.6), the
+#: one product issues 5,920 warp instructions per grid against 8,334 with ``tf32x3`` (4,128
+#: against 5,243 with ``tf32``); not yet timed on a GPU (``triton_tiles.py`` variant 2).
+SPECTRA_ONE_PRODUCT = False
+#: Warps of the one-product spectra (one warp group: ``wgmma``'s unit).
+SPECTRA_ONE_PRODUCT_WARPS = 4
 #: Entries per program and warps of the element-wise kernels (:func:`splat_directions`'s,
 #: :func:`tf32_split`'s; not timed: chosen for few registers per thread by
 #: ``kernel_registers.py``, 22-47: 5-8 programs of 8 warps per multiprocessor).
@@ -463,8 +473,9 @@ def _phased(table_ptr, k, features, before, after, fraction, slot_ok) -> tl.tens
 def _split_spectrum(acc, a, rows, rows_low) -> tl.tensor:
     """``acc + a @ (rows + rows_low)`` (``rows`` TF32 numbers, ``rows_low`` the TF32 rest):
     three ``tf32`` products, the two small ones first; ``a``'s rest unguarded, so that an
-    infinite or NaN ``a`` makes NaN, as the PyTorch path (infinity times the latitude
-    factors' zeros) and any NaN whose TF32 part rounds to a number."""
+    infinite or NaN ``a`` (or second factor: its rest is NaN) makes NaN, as the PyTorch path
+    (infinity times the latitude factors' zeros) and any NaN whose TF32 part rounds to a
+    number."""
     a_high = _tf32_nearest(a)
     acc = tl.dot(a - a_high, rows, acc, input_precision="tf32")
     acc = tl.dot(a_high, rows_low, acc, input_precision="tf32")
@@ -547,6 +558,216 @@ def _spectra_kernel(
         plane = (k * n_groups + group).to(tl.int64)[None, :, None] * n_grids + grids[:, None, None]
         offset = plane * (per_group * lat) + column[None, :, None] + latitude[None, None, :]
         tl.store(out_ptr + offset, spectrum, mask=store_ok)
+
+
+@triton.jit
+def _grid_values(
+    values_ptr,
+    index_ptr,
+    column_ptr,
+    fraction_ptr,
+    row_ptr,
+    rise_ptr,
+    weight_ptr,
+    grid,
+    first,
+    n_values,
+    width,
+    channels,
+    long,
+    lat,
+    SLOTS: tl.constexpr,
+    CHANNELS: tl.constexpr,
+    LAT: tl.constexpr,
+    WEIGHTED: tl.constexpr,
+) -> tuple[tl.tensor, tl.tensor, tl.tensor, tl.tensor, tl.tensor, tl.tensor]:
+    """:func:`_grid_slots` of one grid, transposed for :func:`_spectra_product_kernel`: the
+    values it reads ``[SLOTS, CHANNELS]``, the latitude factors ``[LAT, SLOTS]``, the
+    longitude's table rows and fraction ``[SLOTS]`` and which slots are inside."""
+    slots = first + tl.arange(0, SLOTS)
+    channel = tl.arange(0, CHANNELS)
+    latitude = tl.arange(0, LAT)
+    slot_ok = slots < width
+    entry = grid * width + slots
+    reader = tl.load(index_ptr + entry, mask=slot_ok, other=n_values)
+    read = slot_ok & (reader < n_values)
+    features = tl.load(
+        values_ptr + reader.to(tl.int64)[:, None] * channels + channel[None, :],
+        mask=read[:, None] & (channel < channels)[None, :],
+        other=0.0,
+    )
+    below = tl.load(row_ptr + entry, mask=slot_ok, other=0)
+    above = tl.where(below + 1 == lat, 0, below + 1)
+    rise = tl.load(rise_ptr + entry, mask=slot_ok, other=0.0)
+    rows = tl.where(latitude[:, None] == below[None, :], (1.0 - rise)[None, :], 0.0)
+    rows += tl.where(latitude[:, None] == above[None, :], rise[None, :], 0.0)
+    if WEIGHTED:
+        rows = rows * tl.load(weight_ptr + entry, mask=slot_ok, other=0.0)[None, :]
+    before = tl.load(column_ptr + entry, mask=slot_ok, other=0) * long
+    after = tl.where(before + long == long * long, 0, before + long)
+    fraction = tl.load(fraction_ptr + entry, mask=slot_ok, other=0.0)
+    return features, rows, before, after, fraction, slot_ok
+
+
+@triton.jit
+def _longitude_factors(
+    table_ptr,
+    first,
+    long,
+    rows,
+    before,
+    after,
+    fraction,
+    slot_ok,
+    KB: tl.constexpr,
+    LAT: tl.constexpr,
+    SLOTS: tl.constexpr,
+) -> tl.tensor:
+    """``[KB * LAT, SLOTS]``: entry ``first + k`` of each slot's interpolated column DFT
+    times its latitude factors, row ``k * LAT + y`` (zero past ``long``)."""
+    k = first + tl.arange(0, KB)
+    ok = slot_ok[None, :] & (k < long)[:, None]
+    start = tl.load(table_ptr + before[None, :] + k[:, None], mask=ok, other=0.0)
+    end = tl.load(table_ptr + after[None, :] + k[:, None], mask=ok, other=0.0)
+    f = fraction[None, :]
+    # torch.lerp's two-sided formula (exact at both ends), as _phased
+    phase = tl.where(f < 0.5, start + f * (end - start), end - (end - start) * (1.0 - f))
+    return tl.reshape(phase[:, None, :] * rows[None, :, :], (KB * LAT, SLOTS))
+
+
+@triton.jit
+def _spectra_block(
+    table_ptr,
+    out_ptr,
+    grid,
+    first,
+    n_grids,
+    long,
+    lat,
+    channels,
+    rows,
+    before,
+    after,
+    fraction,
+    slot_ok,
+    features,
+    features_low,
+    rows_2,
+    before_2,
+    after_2,
+    fraction_2,
+    slot_ok_2,
+    features_2,
+    features_low_2,
+    KB: tl.constexpr,
+    LAT: tl.constexpr,
+    WIDTH: tl.constexpr,
+    REST: tl.constexpr,
+    CHANNELS: tl.constexpr,
+    PER_GROUP: tl.constexpr,
+    ROUND: tl.constexpr,
+    PRECISION: tl.constexpr,
+    SPLIT: tl.constexpr,
+) -> None:
+    """Longitudes ``first`` to ``first + KB`` of one grid's spectra: one product per chunk of
+    its slots (``features`` the TF32 parts and ``features_low`` the rests with ``SPLIT``),
+    stored in :func:`spin_spectra`'s layout."""
+    acc = tl.zeros([KB * LAT, CHANNELS], dtype=tl.float32)
+    factors = _longitude_factors(
+        table_ptr, first, long, rows, before, after, fraction, slot_ok, KB, LAT, WIDTH
+    )
+    if SPLIT:
+        acc = _split_spectrum(acc, factors, features, features_low)
+    else:
+        acc = tl.dot(factors, features, acc, input_precision=PRECISION)
+    if REST:
+        factors = _longitude_factors(
+            table_ptr, first, long, rows_2, before_2, after_2, fraction_2, slot_ok_2, KB, LAT,
+            REST,
+        )  # fmt: skip
+        if SPLIT:
+            acc = _split_spectrum(acc, factors, features_2, features_low_2)
+        else:
+            acc = tl.dot(factors, features_2, acc, input_precision=PRECISION)
+    if ROUND:
+        acc = _tf32_rounded(acc)
+    m = tl.arange(0, KB * LAT)
+    k = first + m // LAT
+    y = m % LAT
+    channel = tl.arange(0, CHANNELS)
+    # out [long, groups, n_grids, PER_GROUP * lat]: from one (k, group) plane to the next
+    plane = n_grids.to(tl.int64) * (PER_GROUP * lat)
+    row_offset = (k * (channels // PER_GROUP)).to(tl.int64) * plane + y
+    column_offset = (channel // PER_GROUP).to(tl.int64) * plane + (channel % PER_GROUP) * lat
+    ok = ((k < long) & (y < lat))[:, None] & (channel < channels)[None, :]
+    out = out_ptr + grid * (PER_GROUP * lat) + row_offset[:, None] + column_offset[None, :]
+    tl.store(out, acc, mask=ok)
+
+
+@triton.jit
+def _spectra_product_kernel(
+    values_ptr,
+    index_ptr,
+    column_ptr,
+    fraction_ptr,
+    table_ptr,
+    row_ptr,
+    rise_ptr,
+    weight_ptr,
+    out_ptr,
+    n_grids,
+    n_values,
+    width,
+    channels,
+    long,
+    lat,
+    WIDTH: tl.constexpr,
+    REST: tl.constexpr,
+    CHANNELS: tl.constexpr,
+    PER_GROUP: tl.constexpr,
+    LAT: tl.constexpr,
+    KB: tl.constexpr,
+    KB_REST: tl.constexpr,
+    WEIGHTED: tl.constexpr,
+    ROUND: tl.constexpr,
+    PRECISION: tl.constexpr,
+    SPLIT: tl.constexpr,
+) -> None:
+    # one grid: its spectra in one or two blocks of longitudes (KB, then KB_REST: 12 as 8 + 4),
+    # each [(k, y), slots] @ [slots, channels] for each chunk of its slots (WIDTH, REST)
+    grid = tl.program_id(0).to(tl.int64)
+    features, rows, before, after, fraction, slot_ok = _grid_values(
+        values_ptr, index_ptr, column_ptr, fraction_ptr, row_ptr, rise_ptr, weight_ptr, grid,
+        0, n_values, width, channels, long, lat, WIDTH, CHANNELS, LAT, WEIGHTED,
+    )  # fmt: skip
+    features_low = features
+    if SPLIT:  # the values' TF32 parts and rests (an infinite or NaN value: a NaN rest)
+        features_low = features - _tf32_nearest(features)
+        features -= features_low
+    features_2, rows_2, before_2, after_2 = features, rows, before, after
+    fraction_2, slot_ok_2, features_low_2 = fraction, slot_ok, features_low
+    if REST:
+        features_2, rows_2, before_2, after_2, fraction_2, slot_ok_2 = _grid_values(
+            values_ptr, index_ptr, column_ptr, fraction_ptr, row_ptr, rise_ptr, weight_ptr,
+            grid, WIDTH, n_values, width, channels, long, lat, REST, CHANNELS, LAT, WEIGHTED,
+        )  # fmt: skip
+        features_low_2 = features_2
+        if SPLIT:
+            features_low_2 = features_2 - _tf32_nearest(features_2)
+            features_2 -= features_low_2
+    _spectra_block(
+        table_ptr, out_ptr, grid, 0, n_grids, long, lat, channels, rows, before, after,
+        fraction, slot_ok, features, features_low, rows_2, before_2, after_2, fraction_2,
+        slot_ok_2, features_2, features_low_2, KB, LAT, WIDTH, REST, CHANNELS, PER_GROUP,
+        ROUND, PRECISION, SPLIT,
+    )  # fmt: skip
+    if KB_REST:
+        _spectra_block(
+            table_ptr, out_ptr, grid, KB, n_grids, long, lat, channels, rows, before, after,
+            fraction, slot_ok, features, features_low, rows_2, before_2, after_2, fraction_2,
+            slot_ok_2, features_2, features_low_2, KB_REST, LAT, WIDTH, REST, CHANNELS,
+            PER_GROUP, ROUND, PRECISION, SPLIT,
+        )  # fmt: skip
 
 
 @triton.jit
@@ -692,15 +913,21 @@ def _dot_size(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
+def power_of_two_chunks(n: int, smallest: int) -> tuple[int, int]:
+    """``n`` as one power-of-two chunk of at least ``smallest``, or two where they pad less
+    (40 as 32 + 16, not 64); the second 0 where there is one."""
+    whole = max(smallest, triton.next_power_of_2(n))
+    first = whole // 2
+    rest = max(smallest, triton.next_power_of_2(max(1, n - first)))
+    if n > first >= smallest and first + rest < whole:
+        return first, rest
+    return whole, 0
+
+
 def slot_chunks(width: int) -> tuple[int, int]:
     """A grid's ``width`` slots as :func:`spin_spectra` reduces them: one power-of-two chunk
-    (``tl.dot``'s reduction), or two where they pad less (40 as 32 + 16, not 64); the second
-    0 where there is one."""
-    whole = _dot_size(width)
-    first = whole // 2
-    if width > first >= 16 and first + _dot_size(width - first) < whole:
-        return first, _dot_size(width - first)
-    return whole, 0
+    (``tl.dot``'s reduction, at least 16), or two where they pad less (40 as 32 + 16)."""
+    return power_of_two_chunks(width, 16)
 
 
 def tile_sizes(tiles: tuple[int, int, int], n_in: int) -> tuple[int, int, int]:
@@ -948,13 +1175,22 @@ def spin_spectra(
     out = values.new_empty(long, groups, n, per_group * lat)
     if n == 0:
         return out
+    split = precision == "tf32x3" and SPLIT_WEIGHTS
+    table, weight = longitude.table.contiguous(), weight.contiguous()
+    if SPECTRA_ONE_PRODUCT:
+        _launcher(_spectra_product_kernel, values)[(n,)](
+            values, index, column, fraction, table, row, rise, weight, out, n, len(values),
+            width, channels, long, lat, *slot_chunks(width), _dot_size(channels), per_group,
+            _dot_size(lat), *power_of_two_chunks(long, 1), latitude.weight is not None,
+            rounded, precision, split, num_warps=SPECTRA_ONE_PRODUCT_WARPS, num_stages=1,
+        )  # fmt: skip
+        return out
     grid = (triton.cdiv(n, SPECTRA_GRIDS),)
     _launcher(_spectra_kernel, values)[grid](
-        values, index, column, fraction, longitude.table.contiguous(), row, rise,
-        weight.contiguous(), out, n, len(values), width, channels, per_group, long, lat,
-        SPECTRA_GRIDS, *slot_chunks(width), _dot_size(channels), _dot_size(lat),
-        latitude.weight is not None, rounded, precision, precision == "tf32x3" and SPLIT_WEIGHTS,
-        num_warps=SPECTRA_WARPS, num_stages=SPECTRA_STAGES,
+        values, index, column, fraction, table, row, rise, weight, out, n, len(values), width,
+        channels, per_group, long, lat, SPECTRA_GRIDS, *slot_chunks(width),
+        _dot_size(channels), _dot_size(lat), latitude.weight is not None, rounded, precision,
+        split, num_warps=SPECTRA_WARPS, num_stages=SPECTRA_STAGES,
     )  # fmt: skip
     return out
 

@@ -86,6 +86,14 @@ INTERPRETER_TILES = {
 }
 
 
+@pytest.fixture(params=[False, True], ids=["spectra-per-longitude", "spectra-one-product"])
+def spectra_product(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
+    """Each spectra kernel: one product per longitude, or each grid's spectra as one product
+    (``SPECTRA_ONE_PRODUCT``)."""
+    monkeypatch.setattr(triton_kernels, "SPECTRA_ONE_PRODUCT", request.param)
+    return request.param
+
+
 def _small_force_centric(device: str, monkeypatch, **options) -> SpinConv:
     """The small force-centric fixture model (OCP's weights; ``options`` to ``SpinConv``) on
     ``device``; in Triton's interpreter the kernels' tiles large (its cost is per program;
@@ -177,6 +185,7 @@ def _grids(device: str, n: int, width: int, n_values: int, lat: int, long: int) 
     [(7, False, 11), (8, False, 11), (8, True, 11), (7, True, 37), (8, False, 40)],
 )
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
+@pytest.mark.usefixtures("spectra_product")
 def test_spin_convolution_equals_the_blocks_operators(device, long, weighted, width):
     """Spectra straight from the splat factors (the bilinear weights interpolated in the
     kernel), then the kernels' products, inverse DFT, bias, Swish, mean and GroupNorm (its
@@ -207,6 +216,16 @@ def test_spin_convolution_equals_the_blocks_operators(device, long, weighted, wi
     assert _relative(out, reference) < 1e-5
 
 
+def test_longitudes_of_one_product_spectra_pad_least():
+    """Each grid's spectra as one product take their longitudes in one or two power-of-two
+    blocks (rows of longitude x latitude), two where that pads less: SpinConv-All's 12 as
+    8 + 4, 7 as one block of 8."""
+    chunks = triton_kernels.power_of_two_chunks
+    assert [chunks(n, 1) for n in (1, 2, 3, 5, 7, 8, 12, 16, 20)] == [
+        (1, 0), (2, 0), (2, 1), (4, 1), (8, 0), (8, 0), (8, 4), (16, 0), (16, 4),
+    ]  # fmt: skip
+
+
 def test_slot_chunks_pad_a_grids_values_least():
     """A grid's values are reduced in one power-of-two chunk (``tl.dot``'s reduction, at least
     16), or in two where that pads less: 40 (SpinConv-All) as 32 + 16, not 64; 20 as 32,
@@ -222,6 +241,7 @@ def test_slot_chunks_pad_a_grids_values_least():
 
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
+@pytest.mark.usefixtures("spectra_product")
 def test_spectra_layout_and_pool_of_known_spectra(device, monkeypatch):
     """The spectra come out frequency-major, ``[long, groups, n, (C / groups) lat]`` (the
     block's own permutation of ``[n, C, long, lat]``), and the pooled convolution of those
@@ -265,6 +285,7 @@ def test_spectra_layout_and_pool_of_known_spectra(device, monkeypatch):
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
 @pytest.mark.parametrize("envelope", [False, True])
+@pytest.mark.usefixtures("spectra_product")
 def test_force_centric_forward_equals_the_pytorch_path(device, envelope, monkeypatch):
     """A whole force-centric forward (the small fixture checkpoint, a 17-atom O/Pt(100) slab),
     with and without the envelope's weighted grids: energy and forces as the PyTorch path's
@@ -527,6 +548,7 @@ def test_tf32x3_product_of_an_infinite_or_nan_input(device, split, monkeypatch):
 @pytest.mark.parametrize("split", [True, False])
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy's inf-inf
+@pytest.mark.usefixtures("spectra_product")
 def test_spectra_of_an_infinite_or_nan_value_are_not_finite(device, split, monkeypatch):
     """A grid that reads an infinite or NaN value (NaNs whose bits round to infinity or zero
     among them) has ``tf32x3`` spectra that are not finite wherever the full-float32 ones are
@@ -578,6 +600,7 @@ def _gpu_tf32_products() -> Iterator[None]:
         InterpreterBuilder.create_dot = plain
 
 
+@pytest.mark.usefixtures("spectra_product")
 def test_tf32x3_products_leave_the_tensor_cores_nothing_to_drop():
     """With the GPU's TF32 products emulated (each input's low 13 bits dropped), the
     ``tf32x3`` products of weights keep float32's accuracy: the first factor's TF32 part
@@ -634,6 +657,7 @@ def test_tf32x3_products_leave_the_tensor_cores_nothing_to_drop():
 
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
+@pytest.mark.usefixtures("spectra_product")
 def test_rounded_kernel_outputs_are_tf32_numbers(device):
     """A linear layer's and the spectra's ``rounded`` outputs (the inputs of the ``mixed``
     precision's TF32 products) are their plain outputs rounded by ``tf32_rounded``."""
