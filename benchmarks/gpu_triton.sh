@@ -14,9 +14,11 @@
 #    `benchmarks/device_wheels.sh COMMIT` in .device/base): 1 with that package, for a
 #    before/after on the same machine;
 # 4. their CUDA tests (tests/models/test_triton_kernels.py: each kernel and a whole forward
-#    against the PyTorch path; `forcecalc relax --kernels`), then batch 512;
+#    against the PyTorch path; `forcecalc relax --kernels`), the A/B of triton_tiles.py's
+#    variants 0-2 (the defaults; Triton's own tf32x3; each grid's spectra as one product),
+#    then batch 512;
 # 5. where the forward's device time goes, kernel by kernel, for tile choices around the
-#    defaults (triton_tiles.py);
+#    defaults (triton_tiles.py, all variants);
 # 6. the PyTorch path batched (the baseline of 1);
 # 7. batch 1 with them: a forward and the ASE step (plain, cuda_graph, skin, compiled);
 # 8. the tile sweep of 5 with the "mixed" precision; each kernel against PyTorch's operators
@@ -40,6 +42,8 @@ fi
 run python3 -m pytest -q tests/models/test_triton_kernels.py \
   tests/test_cli.py::test_relax_with_the_fused_kernels_gives_the_pytorch_structures \
   -p no:cacheprovider
+run python3 benchmarks/triton_tiles.py --batch 64 --variants 0 1 2 \
+  --out "$dir/triton_tiles_ab.json"
 run "${batched[@]}" --batch 512 --triton tf32x3 --out "$dir/speed_triton_tf32x3_512.json"
 run "${batched[@]}" --batch 512 --triton mixed --out "$dir/speed_triton_mixed_512.json"
 run python3 benchmarks/triton_tiles.py --batch 64 --out "$dir/triton_tiles.json"

@@ -98,8 +98,9 @@ SPLIT_WEIGHTS = True
 #: Triton gives it to ``wgmma``, the latitude-longitude factor from registers) instead of one
 #: ``[channels, values] @ [values, latitude]`` product per longitude (``mma.sync``, the
 #: kernel timed in session 20).  Compiled for sm_90a at SpinConv-All's sizes (Triton 3.6), the
-#: one product issues 5,920 warp instructions per grid against 8,334 with ``tf32x3`` (4,128
-#: against 5,243 with ``tf32``); not yet timed on a GPU (``triton_tiles.py`` variant 2).
+#: one product issues 5,856 warp instructions per grid against 8,334 with ``tf32x3`` (4,096
+#: against 5,243 with ``tf32``; ``kernel_registers.py``); not yet timed on a GPU
+#: (``triton_tiles.py`` variant 2).
 SPECTRA_ONE_PRODUCT = False
 #: Warps of the one-product spectra (one warp group: ``wgmma``'s unit).
 SPECTRA_ONE_PRODUCT_WARPS = 4
