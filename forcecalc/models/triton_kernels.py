@@ -697,7 +697,7 @@ def _spectra_block(
     y = m % LAT
     channel = tl.arange(0, CHANNELS)
     # out [long, groups, n_grids, PER_GROUP * lat]: from one (k, group) plane to the next
-    plane = n_grids.to(tl.int64) * (PER_GROUP * lat)
+    plane = tl.cast(n_grids, tl.int64) * (PER_GROUP * lat)  # a launch makes 1 a constant
     row_offset = (k * (channels // PER_GROUP)).to(tl.int64) * plane + y
     column_offset = (channel // PER_GROUP).to(tl.int64) * plane + (channel % PER_GROUP) * lat
     ok = ((k < long) & (y < lat))[:, None] & (channel < channels)[None, :]

@@ -216,6 +216,22 @@ def test_spin_convolution_equals_the_blocks_operators(device, long, weighted, wi
     assert _relative(out, reference) < 1e-5
 
 
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+@pytest.mark.usefixtures("spectra_product")
+def test_spectra_of_a_lone_grid(device):
+    """A launch makes an integer argument of 1 a compile-time constant (Triton's
+    specialization; not in the interpreter): the spectra of one grid alone (a chunk of one
+    grid, as the fused forward's last chunk can be) are its spectra among others, in
+    SpinConv-All's shape (40 values, 12 longitudes, 16 latitudes, 32 channels in 4 groups)."""
+    torch.manual_seed(12)
+    index, longitude, latitude = _grids(device, 3, 40, 50, 16, 12)
+    values = torch.randn(50, 32, device=device)
+    together = spin_spectra(values, index, longitude, latitude, 4)
+    alone = spin_spectra(values, index[:1], longitude.split(1)[0], latitude.split(1)[0], 4)
+    assert alone.shape == (12, 4, 1, 128)
+    assert _relative(alone, together[:, :, :1]) < 1e-6
+
+
 def test_longitudes_of_one_product_spectra_pad_least():
     """Each grid's spectra as one product take their longitudes in one or two power-of-two
     blocks (rows of longitude x latitude), two where that pads less: SpinConv-All's 12 as
