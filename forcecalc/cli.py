@@ -407,6 +407,7 @@ def _trajectory_writer(args: argparse.Namespace, atoms: Atoms) -> Iterator[Calla
     and forces) as the next frame of ``DIR/INDEX.traj`` (INDEX: its place in the input),
     which is put in place when the block ends, also when the model fails in it (the frames
     before the failure); ``None`` without ``--trajectory``."""
+    from ase.calculators.calculator import CalculatorError
     from ase.io.trajectory import Trajectory
 
     from forcecalc.atomic import atomic_output
@@ -415,12 +416,19 @@ def _trajectory_writer(args: argparse.Namespace, atoms: Atoms) -> Iterator[Calla
         yield None
         return
     path = Path(args.trajectory) / f"{atoms.info['input_index']}.traj"
+    failure = None
     with atomic_output(path, suffix=".traj") as tmp:
         trajectory = Trajectory(tmp, "w", atoms)
         try:
             yield trajectory.write
+        # the model's failure (as _relax_one_by_one catches it): the frames before it are
+        # the path; anything else (an interrupt) leaves no file
+        except (CalculatorError, ValueError) as error:
+            failure = error
         finally:
             trajectory.close()
+    if failure is not None:
+        raise failure
 
 
 def _write_trajectories(args: argparse.Namespace, relaxed: list) -> None:

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -367,6 +368,34 @@ def test_relax_trajectory_holds_every_step_of_each_structure(tmp_path: Path, bat
     (tmp_path / "file").write_text("")
     command[command.index(str(folder))] = str(tmp_path / "file")
     assert main(command) == 2
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_relax_trajectory_keeps_the_frames_before_a_failure(
+    tmp_path: Path, batched: bool, monkeypatch
+) -> None:
+    """A model that fails partway (non-finite from its fourth evaluation on): `relax
+    --trajectory` keeps the three frames evaluated before, one by one as batched."""
+    from ase.io import Trajectory
+
+    from forcecalc.checkpoint import Potential
+
+    slab = fcc111("Cu", size=(2, 2, 2), vacuum=5.0)
+    add_adsorbate(slab, "O", 2.0, "fcc")
+    write(tmp_path / "in.extxyz", slab)
+    plain, calls = Potential.forward, []
+
+    def failing(self: Potential, batch: Any, **options: Any) -> dict:
+        calls.append(1)
+        out = plain(self, batch, **options)
+        return out if len(calls) < 4 else {k: v * float("nan") for k, v in out.items()}
+
+    monkeypatch.setattr(Potential, "forward", failing)
+    command = ["relax", str(tmp_path / "in.extxyz"), "--model", str(SPINCONV_EC), "--fmax", "0"]
+    command += ["--optimizer", "fire", "--steps", "5", "--trajectory", str(tmp_path / "paths")]
+    command += ["--batched", "--batch-size", "1"] if batched else []  # (no memory measurement)
+    assert main(command) == 1
+    assert len(list(Trajectory(tmp_path / "paths" / "0.traj"))) == 3
 
 
 def test_eval_prints_the_papers_tables(tmp_path: Path, capsys) -> None:
