@@ -932,43 +932,44 @@ def build_potential(
     return potential.to(device=torch_device, dtype=torch_dtype)
 
 
-def options_with_loaded_model(options: dict[str, Any]) -> ValueError:
-    """The error for loading options given with an already loaded model, naming them (a
-    misspelt keyword argument of the caller lands among them too)."""
-    return ValueError(
-        f"model option(s) {', '.join(sorted(options))} given with a loaded model: they apply "
-        "when a checkpoint is loaded (pass them to load_checkpoint, or give the checkpoint's "
-        "name or path instead)"
+def refuse_loading_options(options: dict[str, Any]) -> None:
+    """With an already loaded model: a ``ValueError`` naming the loading options given
+    (``allow_unsafe`` and the model's; a misspelt keyword argument of the caller lands among
+    them too), which would otherwise be ignored; ``allow_unsafe=False``, the default, is
+    none."""
+    given = sorted(
+        name for name, value in options.items() if (name, value) != ("allow_unsafe", False)
     )
+    if given:
+        raise ValueError(
+            f"model option(s) {', '.join(given)} given with a loaded model: they apply when a "
+            "checkpoint is loaded (pass them to load_checkpoint, or give the checkpoint's "
+            "name or path instead)"
+        )
 
 
 def as_potential(
     model: str | os.PathLike | Potential,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
-    allow_unsafe: bool = False,
     **model_options: Any,
 ) -> Potential:
     """``model`` if it is a loaded :class:`Potential` (a ``device`` or ``dtype`` other than
-    its own, or model options, are a ``ValueError``), else the checkpoint it names loaded by
-    :func:`load_checkpoint` (float32 unless ``dtype`` says otherwise); anything else is a
-    ``TypeError`` saying what is accepted."""
+    its own, or loading options, are a ``ValueError``: :func:`refuse_loading_options`), else
+    the checkpoint it names loaded by :func:`load_checkpoint` with ``model_options``
+    (``allow_unsafe`` and the model's; float32 unless ``dtype`` says otherwise); anything
+    else is a ``TypeError`` saying what is accepted."""
     if not isinstance(model, (str, os.PathLike, Potential)):
         raise TypeError(
             "the model must be a checkpoint (a file path or a known name) or a loaded "
             f"forcecalc Potential (load_checkpoint), got {type(model).__name__}"
         )
     if isinstance(model, Potential):
-        if model_options:
-            raise options_with_loaded_model(model_options)
+        refuse_loading_options(model_options)
         model.check_same(device, dtype)
         return model
     return load_checkpoint(
-        model,
-        device=device,
-        dtype="float32" if dtype is None else dtype,
-        allow_unsafe=allow_unsafe,
-        **model_options,
+        model, device=device, dtype="float32" if dtype is None else dtype, **model_options
     )
 
 

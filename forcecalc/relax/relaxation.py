@@ -68,10 +68,10 @@ def resolve_potential(
     own is a ``ValueError``); any other module with a ``cutoff`` (Å) itself, as it is (one
     without is a ``TypeError``).  Model options with a loaded model are a ``ValueError``
     naming them."""
-    from forcecalc.checkpoint import Potential, as_potential, options_with_loaded_model
+    from forcecalc.checkpoint import Potential, as_potential, refuse_loading_options
 
-    if model_options and isinstance(model, nn.Module):
-        raise options_with_loaded_model(model_options)
+    if isinstance(model, nn.Module):
+        refuse_loading_options(model_options)
     if isinstance(model, nn.Module) and not isinstance(model, Potential):
         if not hasattr(model, "cutoff"):
             raise TypeError(

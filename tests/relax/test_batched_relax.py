@@ -404,12 +404,15 @@ def test_energy_centric_spinconv_integration():
 def test_model_options_with_a_loaded_model_are_named(run):
     """Contract: model options apply when a checkpoint is loaded; given beside a loaded
     model (or a misspelt keyword argument, which lands among them) they are an error naming
-    them, not ignored, in every entry point that takes them."""
+    them, not ignored, in every entry point that takes them; ``allow_unsafe=False``, the
+    default, is none."""
     from forcecalc import predict
 
     call = {"relax": relax, "md": functools.partial(md, steps=1), "predict": predict}[run]
-    with pytest.raises(ValueError, match=r"model option\(s\) fmx, forces given with a loaded"):
-        call(mixed_structures()[:1], morse_potential(), forces="conservative", fmx=0.1)
+    structures, potential = mixed_structures()[:1], morse_potential()
+    with pytest.raises(ValueError, match=r"option\(s\) allow_unsafe, fmx, forces given with a"):
+        call(structures, potential, forces="conservative", fmx=0.1, allow_unsafe=True)
+    assert len(call(structures, potential, allow_unsafe=False)) == 1
 
 
 def test_float32_potential_runs_in_float32():
