@@ -100,8 +100,15 @@ SPLIT_WEIGHTS = True
 #: kernel timed in session 20).  Compiled for sm_90a at SpinConv-All's sizes (Triton 3.6), the
 #: one product issues 5,856 warp instructions per grid against 8,334 with ``tf32x3`` (4,096
 #: against 5,243 with ``tf32``; ``kernel_registers.py``); not yet timed on a GPU
-#: (``triton_tiles.py`` variant 2).
+#: (``triton_tiles.py`` variant 2).  Only where a grid's largest factor stays small
+#: (:data:`ONE_PRODUCT_FACTOR`): it grows with longitudes x latitudes x values, the other
+#: kernel's footprint with latitudes x values alone.
 SPECTRA_ONE_PRODUCT = False
+#: The most entries of the one-product spectra's factor (a block of longitudes x latitudes by
+#: the padded values: SpinConv-All's 8 x 16 by 32 + 16 = 6,144); beyond it (e.g. 16
+#: longitudes of 16 latitudes by 64 values: 144 KiB of shared memory, or spilling registers)
+#: the per-longitude kernel runs.
+ONE_PRODUCT_FACTOR = 8192
 #: Warps of the one-product spectra (one warp group: ``wgmma``'s unit).
 SPECTRA_ONE_PRODUCT_WARPS = 4
 #: Entries per program and warps of the element-wise kernels (:func:`splat_directions`'s,
@@ -1178,7 +1185,8 @@ def spin_spectra(
         return out
     split = precision == "tf32x3" and SPLIT_WEIGHTS
     table, weight = longitude.table.contiguous(), weight.contiguous()
-    if SPECTRA_ONE_PRODUCT:
+    factor = power_of_two_chunks(long, 1)[0] * _dot_size(lat) * sum(slot_chunks(width))
+    if SPECTRA_ONE_PRODUCT and factor <= ONE_PRODUCT_FACTOR:
         _launcher(_spectra_product_kernel, values)[(n,)](
             values, index, column, fraction, table, row, rise, weight, out, n, len(values),
             width, channels, long, lat, *slot_chunks(width), _dot_size(channels), per_group,

@@ -10,6 +10,7 @@ import contextlib
 import copy
 import inspect
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -230,6 +231,27 @@ def test_spectra_of_a_lone_grid(device):
     alone = spin_spectra(values, index[:1], longitude.split(1)[0], latitude.split(1)[0], 4)
     assert alone.shape == (12, 4, 1, 128)
     assert _relative(alone, together[:, :, :1]) < 1e-6
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+def test_one_product_spectra_only_where_their_factor_is_small(device, monkeypatch):
+    """Each grid's spectra as one product (``SPECTRA_ONE_PRODUCT``) where its factor of
+    longitudes x latitudes by values stays within ``ONE_PRODUCT_FACTOR`` (SpinConv-All's 12 x
+    16 by 40); the per-longitude kernel, whose footprint does not grow with the longitudes,
+    for 16 x 16 by 40 (shared memory and registers beyond a program's)."""
+    monkeypatch.setattr(triton_kernels, "SPECTRA_ONE_PRODUCT", True)
+    launched = []
+
+    def launcher(kernel: Any, tensor: torch.Tensor) -> Any:
+        launched.append(kernel)
+        return plain(kernel, tensor)
+
+    plain = triton_kernels._launcher
+    monkeypatch.setattr(triton_kernels, "_launcher", launcher)
+    for long, kernel in ((12, "_spectra_product_kernel"), (16, "_spectra_kernel")):
+        index, longitude, latitude = _grids(device, 2, 40, 10, 16, long)
+        spin_spectra(torch.randn(10, 32, device=device), index, longitude, latitude, 4)
+        assert launched.pop() is getattr(triton_kernels, kernel)
 
 
 def test_longitudes_of_one_product_spectra_pad_least():
