@@ -932,11 +932,25 @@ def build_potential(
     return potential.to(device=torch_device, dtype=torch_dtype)
 
 
+def check_option_names(options: dict[str, Any]) -> None:
+    """A ``TypeError`` naming the keyword arguments that are no loading option at all
+    (``allow_unsafe`` nor any model's option): a caller's misspelt argument (``fmx=0.1`` to
+    :func:`forcecalc.relax`), not a model's."""
+    known = {"allow_unsafe"}
+    for name in model_names():
+        known |= set(inspect.signature(model_class(name).__init__).parameters) - {"self"}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise TypeError(
+            f"unexpected keyword argument(s) {', '.join(unknown)}: neither an argument of the "
+            "function called nor a loading option (allow_unsafe, or a model's)"
+        )
+
+
 def refuse_loading_options(options: dict[str, Any]) -> None:
     """With an already loaded model: a ``ValueError`` naming the loading options given
-    (``allow_unsafe`` and the model's; a misspelt keyword argument of the caller lands among
-    them too), which would otherwise be ignored; ``allow_unsafe=False``, the default, is
-    none."""
+    (``allow_unsafe`` and the model's), which would otherwise be ignored;
+    ``allow_unsafe=False``, the default, is none."""
     given = sorted(
         name for name, value in options.items() if (name, value) != ("allow_unsafe", False)
     )
@@ -964,6 +978,7 @@ def as_potential(
             "the model must be a checkpoint (a file path or a known name) or a loaded "
             f"forcecalc Potential (load_checkpoint), got {type(model).__name__}"
         )
+    check_option_names(model_options)
     if isinstance(model, Potential):
         refuse_loading_options(model_options)
         model.check_same(device, dtype)

@@ -68,8 +68,14 @@ def resolve_potential(
     own is a ``ValueError``); any other module with a ``cutoff`` (Å) itself, as it is (one
     without is a ``TypeError``).  Model options with a loaded model are a ``ValueError``
     naming them."""
-    from forcecalc.checkpoint import Potential, as_potential, refuse_loading_options
+    from forcecalc.checkpoint import (
+        Potential,
+        as_potential,
+        check_option_names,
+        refuse_loading_options,
+    )
 
+    check_option_names(model_options)
     if isinstance(model, nn.Module):
         refuse_loading_options(model_options)
     if isinstance(model, nn.Module) and not isinstance(model, Potential):

@@ -403,16 +403,21 @@ def test_energy_centric_spinconv_integration():
 @pytest.mark.parametrize("run", ["relax", "md", "predict"])
 def test_model_options_with_a_loaded_model_are_named(run):
     """Contract: model options apply when a checkpoint is loaded; given beside a loaded
-    model (or a misspelt keyword argument, which lands among them) they are an error naming
-    them, not ignored, in every entry point that takes them; ``allow_unsafe=False``, the
-    default, is none."""
+    model they are an error naming them, not ignored, in every entry point that takes them
+    (``allow_unsafe=False``, the default, is none); a keyword argument that is no loading
+    option at all (misspelt) is named as such, with a loaded model or a checkpoint's path."""
+    from ocp_fixtures import ocp_checkpoint_path
+
     from forcecalc import predict
 
     call = {"relax": relax, "md": functools.partial(md, steps=1), "predict": predict}[run]
     structures, potential = mixed_structures()[:1], morse_potential()
-    with pytest.raises(ValueError, match=r"option\(s\) allow_unsafe, fmx, forces given with a"):
-        call(structures, potential, forces="conservative", fmx=0.1, allow_unsafe=True)
+    with pytest.raises(ValueError, match=r"option\(s\) allow_unsafe, forces given with a"):
+        call(structures, potential, forces="conservative", allow_unsafe=True)
     assert len(call(structures, potential, allow_unsafe=False)) == 1
+    for model in (potential, str(ocp_checkpoint_path("spinconv_small_ec"))):
+        with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) fmx: neither"):
+            call(structures, model, fmx=0.1)
 
 
 def test_float32_potential_runs_in_float32():
