@@ -150,7 +150,7 @@ def main() -> None:
     with torch.no_grad():
         reference = model(batch)["forces"]
     defaults = {key: getattr(triton_kernels, key) for v in VARIANTS for key in v}
-    header = "".join(f"{k.strip('_').removesuffix('_kernel'):>10}" for k in KERNELS)
+    header = "".join(f"{k.strip('_').removesuffix('_kernel')[:9]:>10}" for k in KERNELS)
     print(f"{'variant':<8}{'atoms/s':>10}{'wall ms':>9}{header}{'other':>10}{'rel.diff':>10}")
     rows: list[dict[str, Any]] = []
     top: list[dict[str, Any]] = []

@@ -279,9 +279,7 @@ def _cmd_relax(args: argparse.Namespace) -> int:
     if not structures and not args.shard:
         raise ValueError(f"{args.input} holds no structures")
     if args.trajectory is not None:
-        if Path(args.trajectory).exists() and not Path(args.trajectory).is_dir():
-            raise ValueError(f"--trajectory {args.trajectory} is a file, not a folder")
-        check_writable(str(Path(args.trajectory) / "0.traj"))
+        _check_trajectory_folder(args)
     potential = load_checkpoint(
         args.model,
         device=args.device,
@@ -399,6 +397,22 @@ def _relax_one_by_one(structures: list, potential: Potential, args: argparse.Nam
             atoms.info.update({"relax_steps": optimizer.nsteps, "relax_converged": bool(converged)})
             _freeze_results(atoms)
     return structures
+
+
+def _check_trajectory_folder(args: argparse.Namespace) -> None:
+    """``--trajectory DIR``: a folder that can be written (made if missing), where ``--out``
+    would not overwrite a structure's path."""
+    folder = Path(args.trajectory)
+    if not args.trajectory.strip():
+        raise ValueError("--trajectory needs a folder, got an empty name")
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"--trajectory {args.trajectory} is a file, not a folder")
+    check_writable(str(folder / "0.traj"))
+    out = Path(args.out or "")
+    if out.suffix == ".traj" and out.stem.isdigit() and out.resolve().parent == folder.resolve():
+        raise ValueError(
+            f"--out {args.out} is where --trajectory writes structure {out.stem}'s path"
+        )
 
 
 @contextlib.contextmanager
@@ -941,8 +955,8 @@ def _add_relax_command(sub: argparse._SubParsersAction) -> None:
         metavar="DIR",
         help="also write each structure's relaxation, every step with its energy and forces "
         "(the input first), to DIR/INDEX.traj, INDEX its place in INPUT (ASE trajectories, "
-        "as the optimizers' trajectory=...; with --batched all frames are held in memory "
-        "until the end)",
+        "as the optimizers' trajectory=...; a structure's file replaces an earlier one, other "
+        "files in DIR stay; with --batched all frames are held in memory until the end)",
     )
     relax.add_argument(
         "--batched",

@@ -366,8 +366,9 @@ def test_relax_trajectory_holds_every_step_of_each_structure(tmp_path: Path, bat
         )  # fmt: skip
     assert np.abs(frames[-1].positions[:4] - slabs[1].positions[:4]).max() == 0.0
     (tmp_path / "file").write_text("")
-    command[command.index(str(folder))] = str(tmp_path / "file")
-    assert main(command) == 2
+    for bad in (str(tmp_path / "file"), ""):
+        assert main([*command[:-3], bad, *command[-2:]]) == 2
+    assert main([*command[:-1], str(folder / "1.traj")]) == 2  # --out over a path
 
 
 @pytest.mark.parametrize("batched", [False, True])
