@@ -75,10 +75,9 @@ def resolve_potential(
         refuse_loading_options,
     )
 
-    check_option_names(model_options)
-    if isinstance(model, nn.Module):
-        refuse_loading_options(model_options)
     if isinstance(model, nn.Module) and not isinstance(model, Potential):
+        check_option_names(model_options)
+        refuse_loading_options(model_options)
         if not hasattr(model, "cutoff"):
             raise TypeError(
                 f"the model, a {type(model).__name__}, is no forcecalc Potential and has no "
