@@ -592,29 +592,20 @@ def _grid_values(
     """:func:`_grid_slots` of one grid, transposed for :func:`_spectra_product_kernel`: the
     values it reads ``[SLOTS, CHANNELS]``, the latitude factors ``[LAT, SLOTS]``, the
     longitude's table rows and fraction ``[SLOTS]`` and which slots are inside."""
-    slots = first + tl.arange(0, SLOTS)
-    channel = tl.arange(0, CHANNELS)
-    latitude = tl.arange(0, LAT)
-    slot_ok = slots < width
-    entry = grid * width + slots
-    reader = tl.load(index_ptr + entry, mask=slot_ok, other=n_values)
-    read = slot_ok & (reader < n_values)
-    features = tl.load(
-        values_ptr + reader.to(tl.int64)[:, None] * channels + channel[None, :],
-        mask=read[:, None] & (channel < channels)[None, :],
-        other=0.0,
+    grids = grid + tl.arange(0, 1)
+    features, rows, before, after, fraction, slot_ok = _grid_slots(
+        values_ptr, index_ptr, column_ptr, fraction_ptr, row_ptr, rise_ptr, weight_ptr, grids,
+        grids < grid + 1, first, n_values, width, channels, long, lat, SLOTS, CHANNELS, LAT,
+        WEIGHTED,
+    )  # fmt: skip
+    return (
+        tl.trans(tl.reshape(features, (CHANNELS, SLOTS))),
+        tl.trans(tl.reshape(rows, (SLOTS, LAT))),
+        tl.reshape(before, (SLOTS,)),
+        tl.reshape(after, (SLOTS,)),
+        tl.reshape(fraction, (SLOTS,)),
+        tl.reshape(slot_ok, (SLOTS,)),
     )
-    below = tl.load(row_ptr + entry, mask=slot_ok, other=0)
-    above = tl.where(below + 1 == lat, 0, below + 1)
-    rise = tl.load(rise_ptr + entry, mask=slot_ok, other=0.0)
-    rows = tl.where(latitude[:, None] == below[None, :], (1.0 - rise)[None, :], 0.0)
-    rows += tl.where(latitude[:, None] == above[None, :], rise[None, :], 0.0)
-    if WEIGHTED:
-        rows = rows * tl.load(weight_ptr + entry, mask=slot_ok, other=0.0)[None, :]
-    before = tl.load(column_ptr + entry, mask=slot_ok, other=0) * long
-    after = tl.where(before + long == long * long, 0, before + long)
-    fraction = tl.load(fraction_ptr + entry, mask=slot_ok, other=0.0)
-    return features, rows, before, after, fraction, slot_ok
 
 
 @triton.jit
