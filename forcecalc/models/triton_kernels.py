@@ -465,29 +465,44 @@ def _grid_slots(
 
 
 @triton.jit
+def _lerp(start, end, fraction) -> tl.tensor:
+    """``start + fraction * (end - start)`` as torch.lerp computes it (its two-sided
+    formula, exact at both ends): a column DFT's entry interpolated between two columns."""
+    return tl.where(
+        fraction < 0.5, start + fraction * (end - start), end - (end - start) * (1.0 - fraction)
+    )
+
+
+@triton.jit
 def _phased(table_ptr, k, features, before, after, fraction, slot_ok) -> tl.tensor:
     """The values of :func:`_grid_slots`'s slots times the interpolated ``k``-th entry of
     their column's DFT: the first factor of their spectra's entry ``k``."""
     start = tl.load(table_ptr + before + k, mask=slot_ok, other=0.0)
     end = tl.load(table_ptr + after + k, mask=slot_ok, other=0.0)
-    # torch.lerp's two-sided formula (exact at both ends)
-    phase = tl.where(
-        fraction < 0.5, start + fraction * (end - start), end - (end - start) * (1.0 - fraction)
-    )
-    return features * phase[:, None, :]
+    return features * _lerp(start, end, fraction)[:, None, :]
 
 
 @triton.jit
-def _split_spectrum(acc, a, rows, rows_low) -> tl.tensor:
-    """``acc + a @ (rows + rows_low)`` (``rows`` TF32 numbers, ``rows_low`` the TF32 rest):
-    three ``tf32`` products, the two small ones first; ``a``'s rest unguarded, so that an
-    infinite or NaN ``a`` (or second factor: its rest is NaN) makes NaN, as the PyTorch path
-    (infinity times the latitude factors' zeros) and any NaN whose TF32 part rounds to a
-    number."""
-    a_high = _tf32_nearest(a)
-    acc = tl.dot(a - a_high, rows, acc, input_precision="tf32")
-    acc = tl.dot(a_high, rows_low, acc, input_precision="tf32")
-    return tl.dot(a_high, rows, acc, input_precision="tf32")
+def _tf32_parts(x) -> tuple[tl.tensor, tl.tensor]:
+    """``x``'s nearest TF32 number and the rest (exact: their sum is ``x``; an infinite or
+    NaN ``x`` has a NaN rest): a spectra product's pre-split second factor."""
+    low = x - _tf32_nearest(x)
+    return x - low, low
+
+
+@triton.jit
+def _spectrum_dot(acc, a, b, b_low, PRECISION: tl.constexpr, SPLIT: tl.constexpr) -> tl.tensor:
+    """``acc + a @ b`` at ``PRECISION``; with ``SPLIT``, ``acc + a @ (b + b_low)`` (``b`` TF32
+    numbers, ``b_low`` the rest: :func:`_tf32_parts`) as three ``tf32`` products, the two
+    small ones first; ``a``'s rest unguarded, so that an infinite or NaN ``a`` (or second
+    factor: its rest is NaN) makes NaN, as the PyTorch path (infinity times the latitude
+    factors' zeros) and any NaN whose TF32 part rounds to a number."""
+    if SPLIT:
+        a_high = _tf32_nearest(a)
+        acc = tl.dot(a - a_high, b, acc, input_precision="tf32")
+        acc = tl.dot(a_high, b_low, acc, input_precision="tf32")
+        return tl.dot(a_high, b, acc, input_precision="tf32")
+    return tl.dot(a, b, acc, input_precision=PRECISION)
 
 
 @triton.jit
@@ -521,7 +536,7 @@ def _spectra_kernel(
     # a grid's slots in one chunk of WIDTH, or two (WIDTH, then REST; tl.dot's reduction is
     # a power of two: 40 slots as 32 + 16, not 64).  SPLIT (tf32x3, SPLIT_WEIGHTS): the
     # latitude factors split into TF32 parts once for every k (Triton's tf32x3 splits both
-    # factors at every k), each product three tf32 ones (_split_spectrum)
+    # factors at every k), each product three tf32 ones (_spectrum_dot)
     grids = tl.program_id(0).to(tl.int64) * GRIDS + tl.arange(0, GRIDS)
     channel = tl.arange(0, CHANNELS)
     latitude = tl.arange(0, LAT)
@@ -530,18 +545,18 @@ def _spectra_kernel(
         values_ptr, index_ptr, column_ptr, fraction_ptr, row_ptr, rise_ptr, weight_ptr, grids,
         grid_ok, 0, n_values, width, channels, long, lat, WIDTH, CHANNELS, LAT, WEIGHTED,
     )  # fmt: skip
-    if SPLIT:
-        rows_low = rows - _tf32_nearest(rows)  # finite: fractions and envelope weights
-        rows -= rows_low
+    rows_low = rows
+    if SPLIT:  # finite: fractions and envelope weights
+        rows, rows_low = _tf32_parts(rows)
     if REST:
         features_2, rows_2, before_2, after_2, fraction_2, slot_ok_2 = _grid_slots(
             values_ptr, index_ptr, column_ptr, fraction_ptr, row_ptr, rise_ptr, weight_ptr,
             grids, grid_ok, WIDTH, n_values, width, channels, long, lat, REST, CHANNELS, LAT,
             WEIGHTED,
         )  # fmt: skip
+        rows_low_2 = rows_2
         if SPLIT:
-            rows_low_2 = rows_2 - _tf32_nearest(rows_2)
-            rows_2 -= rows_low_2
+            rows_2, rows_low_2 = _tf32_parts(rows_2)
     group = channel // per_group
     column = (channel % per_group) * lat
     n_groups = channels // per_group
@@ -552,14 +567,9 @@ def _spectra_kernel(
         a = _phased(table_ptr, k, features, before, after, fraction, slot_ok)
         if REST:
             a_2 = _phased(table_ptr, k, features_2, before_2, after_2, fraction_2, slot_ok_2)
-        if SPLIT:
-            spectrum = _split_spectrum(spectrum, a, rows, rows_low)
-            if REST:
-                spectrum = _split_spectrum(spectrum, a_2, rows_2, rows_low_2)
-        else:
-            spectrum = tl.dot(a, rows, spectrum, input_precision=PRECISION)
-            if REST:
-                spectrum = tl.dot(a_2, rows_2, spectrum, input_precision=PRECISION)
+        spectrum = _spectrum_dot(spectrum, a, rows, rows_low, PRECISION, SPLIT)
+        if REST:
+            spectrum = _spectrum_dot(spectrum, a_2, rows_2, rows_low_2, PRECISION, SPLIT)
         if ROUND:
             spectrum = _tf32_rounded(spectrum)
         # out [long, groups, n_grids, per_group * lat]
@@ -628,9 +638,7 @@ def _longitude_factors(
     ok = slot_ok[None, :] & (k < long)[:, None]
     start = tl.load(table_ptr + before[None, :] + k[:, None], mask=ok, other=0.0)
     end = tl.load(table_ptr + after[None, :] + k[:, None], mask=ok, other=0.0)
-    f = fraction[None, :]
-    # torch.lerp's two-sided formula (exact at both ends), as _phased
-    phase = tl.where(f < 0.5, start + f * (end - start), end - (end - start) * (1.0 - f))
+    phase = _lerp(start, end, fraction[None, :])
     return tl.reshape(phase[:, None, :] * rows[None, :, :], (KB * LAT, SLOTS))
 
 
@@ -675,19 +683,13 @@ def _spectra_block(
     factors = _longitude_factors(
         table_ptr, first, long, rows, before, after, fraction, slot_ok, KB, LAT, WIDTH
     )
-    if SPLIT:
-        acc = _split_spectrum(acc, factors, features, features_low)
-    else:
-        acc = tl.dot(factors, features, acc, input_precision=PRECISION)
+    acc = _spectrum_dot(acc, factors, features, features_low, PRECISION, SPLIT)
     if REST:
         factors = _longitude_factors(
             table_ptr, first, long, rows_2, before_2, after_2, fraction_2, slot_ok_2, KB, LAT,
             REST,
         )  # fmt: skip
-        if SPLIT:
-            acc = _split_spectrum(acc, factors, features_2, features_low_2)
-        else:
-            acc = tl.dot(factors, features_2, acc, input_precision=PRECISION)
+        acc = _spectrum_dot(acc, factors, features_2, features_low_2, PRECISION, SPLIT)
     if ROUND:
         acc = _tf32_rounded(acc)
     m = tl.arange(0, KB * LAT)
@@ -741,8 +743,7 @@ def _spectra_product_kernel(
     )  # fmt: skip
     features_low = features
     if SPLIT:  # the values' TF32 parts and rests (an infinite or NaN value: a NaN rest)
-        features_low = features - _tf32_nearest(features)
-        features -= features_low
+        features, features_low = _tf32_parts(features)
     features_2, rows_2, before_2, after_2 = features, rows, before, after
     fraction_2, slot_ok_2, features_low_2 = fraction, slot_ok, features_low
     if REST:
@@ -752,8 +753,7 @@ def _spectra_product_kernel(
         )  # fmt: skip
         features_low_2 = features_2
         if SPLIT:
-            features_low_2 = features_2 - _tf32_nearest(features_2)
-            features_2 -= features_low_2
+            features_2, features_low_2 = _tf32_parts(features_2)
     _spectra_block(
         table_ptr, out_ptr, grid, 0, n_grids, long, lat, channels, rows, before, after,
         fraction, slot_ok, features, features_low, rows_2, before_2, after_2, fraction_2,
@@ -1176,19 +1176,19 @@ def spin_spectra(
         return out
     split = precision == "tf32x3" and SPLIT_WEIGHTS
     table, weight = longitude.table.contiguous(), weight.contiguous()
-    factor = power_of_two_chunks(long, 1)[0] * _dot_size(lat) * sum(slot_chunks(width))
-    if SPECTRA_ONE_PRODUCT and factor <= ONE_PRODUCT_FACTOR:
+    slots, longitudes = slot_chunks(width), power_of_two_chunks(long, 1)
+    if SPECTRA_ONE_PRODUCT and longitudes[0] * _dot_size(lat) * sum(slots) <= ONE_PRODUCT_FACTOR:
         _launcher(_spectra_product_kernel, values)[(n,)](
             values, index, column, fraction, table, row, rise, weight, out, n, len(values),
-            width, channels, long, lat, *slot_chunks(width), _dot_size(channels), per_group,
-            _dot_size(lat), *power_of_two_chunks(long, 1), latitude.weight is not None,
+            width, channels, long, lat, *slots, _dot_size(channels), per_group,
+            _dot_size(lat), *longitudes, latitude.weight is not None,
             rounded, precision, split, num_warps=SPECTRA_ONE_PRODUCT_WARPS, num_stages=1,
         )  # fmt: skip
         return out
     grid = (triton.cdiv(n, SPECTRA_GRIDS),)
     _launcher(_spectra_kernel, values)[grid](
         values, index, column, fraction, table, row, rise, weight, out, n, len(values), width,
-        channels, per_group, long, lat, SPECTRA_GRIDS, *slot_chunks(width),
+        channels, per_group, long, lat, SPECTRA_GRIDS, *slots,
         _dot_size(channels), _dot_size(lat), latitude.weight is not None, rounded, precision,
         split, num_warps=SPECTRA_WARPS, num_stages=SPECTRA_STAGES,
     )  # fmt: skip
