@@ -429,9 +429,8 @@ def _trajectory_writer(args: argparse.Namespace, atoms: Atoms) -> Iterator[Calla
     if args.trajectory is None:
         yield None
         return
-    path = Path(args.trajectory) / f"{atoms.info['input_index']}.traj"
     failure = None
-    with atomic_output(path, suffix=".traj") as tmp:
+    with atomic_output(_trajectory_path(args, atoms), suffix=".traj") as tmp:
         trajectory = Trajectory(tmp, "w", atoms)
         try:
             yield trajectory.write
@@ -456,9 +455,13 @@ def _write_trajectories(args: argparse.Namespace, relaxed: list) -> None:
     for atoms in relaxed:
         frames = atoms.info.pop("trajectory")
         if frames:
-            path = Path(args.trajectory) / f"{atoms.info['input_index']}.traj"
-            with atomic_output(path, suffix=".traj") as tmp:
+            with atomic_output(_trajectory_path(args, atoms), suffix=".traj") as tmp:
                 write(tmp, frames, format="traj")
+
+
+def _trajectory_path(args: argparse.Namespace, atoms: Atoms) -> Path:
+    """``DIR/INDEX.traj`` of ``--trajectory DIR``: INDEX the structure's place in the input."""
+    return Path(args.trajectory) / f"{atoms.info['input_index']}.traj"
 
 
 def _relax_batched(structures: list, potential: Potential, args: argparse.Namespace) -> list:
