@@ -34,7 +34,7 @@ def predict(
             by the memory model of :func:`forcecalc.relax.relaxation.relax`, split on an
             out-of-memory error without losing a structure (it evaluates them:
             ``relax(steps=0)``); one too large for the memory even alone gets NaN energy and
-            forces, with a warning naming it.
+            forces.
         device, dtype, **model_options: as for :func:`~forcecalc.checkpoint.load_checkpoint`
             (dtype float32 by default); with a loaded Potential, its device and dtype, and
             others are an error.
@@ -50,7 +50,8 @@ def predict(
         with constraints applied, a restraint such as ``Hookean`` adds its energy and
         forces). A structure the model gives a NaN or infinite output for gets it as it is
         (the others are unaffected), where the calculator raises ``CalculationFailed``: a
-        screening loses no structure to another's failure.
+        screening loses no structure to another's failure. One warning names every structure
+        without a finite result, and why.
     """
     from ase import Atoms
     from tqdm.auto import tqdm
@@ -66,8 +67,9 @@ def predict(
     potential = as_potential(model, device=device, dtype=dtype, **model_options)
     # overlapping atoms named by input place (the engine's plan checks them itself)
     check_structures(structures, potential, engine=False, overlaps=not auto)
+    failures: dict[int, str] = {}
     if auto:
-        raw = _evaluated_by_the_engine(structures, potential, progress)
+        raw, failures = _evaluated_by_the_engine(structures, potential, progress)
     else:
         raw = []
         starts = range(0, len(structures), int(batch_size))
@@ -82,6 +84,18 @@ def predict(
             forces = out["forces"].detach().cpu().double().numpy()
             bounds = np.cumsum([0] + [len(a) for a in chunk])
             raw += [(float(e), forces[bounds[k] : bounds[k + 1]]) for k, e in enumerate(energies)]
+    for index, (energy, forces) in enumerate(raw):
+        if not (np.isfinite(energy) and np.isfinite(forces).all()):
+            failures.setdefault(index, "the model's energy or forces are not finite (NaN or inf)")
+    if failures:
+        warn(
+            f"{len(failures)} of {len(structures)} structures have NaN or infinite energy "
+            "and forces: "
+            + "; ".join(
+                f"structure {k} ({structures[k].get_chemical_formula()}): {failures[k]}"
+                for k in sorted(failures)
+            )
+        )
     results: list[dict[str, Any]] = []
     for atoms, (energy, forces) in zip(structures, raw, strict=True):
         if apply_constraint:  # as Atoms.get_potential_energy() and get_forces() apply them
@@ -95,11 +109,11 @@ def predict(
 
 def _evaluated_by_the_engine(
     structures: list, potential: Potential, progress: bool
-) -> list[tuple[float, np.ndarray]]:
+) -> tuple[list[tuple[float, np.ndarray]], dict[int, str]]:
     """``(energy, forces [n_atoms, 3])`` of each structure from the batched engine
     (``relax(steps=0)``: batches from its memory model, split on out-of-memory), on copies
     without constraints (the engine refuses those it cannot move atoms under; evaluating
-    needs none)."""
+    needs none); and the engine's reason for each it could not evaluate, by input index."""
     from forcecalc.relax import relax
 
     bare = []
@@ -108,7 +122,8 @@ def _evaluated_by_the_engine(
         copy.set_constraint()
         bare.append(copy)
     evaluated = relax(bare, potential, steps=0, batch_size="auto", progress=progress)
-    for atoms in evaluated:
-        if "out of memory" in atoms.info.get("relax_error", ""):
-            warn(f"{atoms.info['relax_error']}: its energy and forces are NaN")
-    return [(a.get_potential_energy(), a.get_forces(apply_constraint=False)) for a in evaluated]
+    failures = {
+        k: a.info["relax_error"] for k, a in enumerate(evaluated) if "relax_error" in a.info
+    }
+    raw = [(a.get_potential_energy(), a.get_forces(apply_constraint=False)) for a in evaluated]
+    return raw, failures

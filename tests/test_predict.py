@@ -119,9 +119,10 @@ class _NaNForGold(ToyModel):
 
 @pytest.mark.parametrize("batch_size", [4, "auto"])
 def test_a_structure_the_model_fails_on_gets_nan_and_the_others_their_results(batch_size):
-    """A structure whose model output is NaN gets NaN energy and forces from ``predict``; the
-    structures batched with it get exactly their results without it (a screening loses none
-    to another's failure)."""
+    """A structure whose model output is NaN gets NaN energy and forces from ``predict``, and
+    a warning names it; the structures batched with it get exactly their results without it
+    (a screening loses none to another's failure)."""
+    from forcecalc import ForcecalcWarning
     from forcecalc.checkpoint import CheckpointInfo, Normalizers, Potential
 
     info = CheckpointInfo("test", {}, Normalizers(), "test")
@@ -131,7 +132,13 @@ def test_a_structure_the_model_fails_on_gets_nan_and_the_others_their_results(ba
         atoms.center(vacuum=4.0)
     gold = Atoms("Au2", positions=[[4.0, 4.0, 4.0], [6.4, 4.0, 4.0]], cell=[10, 10, 10])
     alone = predict(good, potential, batch_size=batch_size)
-    mixed = predict([good[0], gold, good[1]], potential, batch_size=batch_size)
+    with pytest.warns(ForcecalcWarning) as warned:
+        mixed = predict([good[0], gold, good[1]], potential, batch_size=batch_size)
+    assert len(warned) == 1
+    assert str(warned[0].message) == (
+        "1 of 3 structures have NaN or infinite energy and forces: structure 1 (Au2): "
+        "the model's energy or forces are not finite (NaN or inf)"
+    )
     assert np.isnan(mixed[1]["energy"]) and np.isnan(mixed[1]["forces"]).all()
     for a, b in zip([mixed[0], mixed[2]], alone, strict=True):
         assert a["energy"] == b["energy"]
