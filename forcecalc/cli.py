@@ -380,22 +380,24 @@ def _relax_one_by_one(structures: list, potential: Potential, args: argparse.Nam
         for atoms in structures:
             atoms.calc = calc
             optimizer = optimizer_class(atoms, logfile=None)
+            # set when the run ends: the frames carry the input's info, as the engine's do
+            outcome: dict[str, object] = {"relax_converged": False}
             try:
-                atoms.info["relax_initial_energy"] = atoms.get_potential_energy()
+                outcome["relax_initial_energy"] = atoms.get_potential_energy()
                 with _trajectory_writer(args, atoms) as writer:
                     if writer is not None:  # called at step 0 too (the input)
                         optimizer.attach(writer)
-                    converged = optimizer.run(fmax=args.fmax, steps=args.steps)
+                    outcome["relax_converged"] = bool(
+                        optimizer.run(fmax=args.fmax, steps=args.steps)
+                    )
             # a non-finite model output (CalculatorError), or positions the optimizer made
             # non-finite (ValueError of the calculator's input check): the others go on
             except (CalculatorError, ValueError) as error:
                 atoms.calc = None
-                atoms.info.update(
-                    relax_steps=optimizer.nsteps, relax_converged=False, relax_error=str(error)
-                )
-                continue
-            atoms.info.update({"relax_steps": optimizer.nsteps, "relax_converged": bool(converged)})
-            _freeze_results(atoms)
+                outcome["relax_error"] = str(error)
+            atoms.info.update(outcome, relax_steps=optimizer.nsteps)
+            if "relax_error" not in outcome:
+                _freeze_results(atoms)
     return structures
 
 

@@ -330,8 +330,9 @@ def test_relax_trajectory_holds_every_step_of_each_structure(tmp_path: Path, bat
     """`relax --trajectory DIR` writes each relaxed structure's path to DIR/INDEX.traj (its
     place in INPUT, also under --shard): the input first, then every step, each frame with
     its model energy and forces, the last frame the structure written to --out; the same
-    frames one by one (ASE's optimizer) and batched (the engine, FixAtoms honoured); a file
-    where the folder should be is refused before any work."""
+    frames one by one (ASE's optimizer) and batched (the engine, FixAtoms honoured), each
+    with the input's info (the run's outcome, relax_*, only on the output); a file where the
+    folder should be is refused before any work."""
     from ase.io import Trajectory
 
     from forcecalc.calculator import load_calculator
@@ -353,6 +354,9 @@ def test_relax_trajectory_holds_every_step_of_each_structure(tmp_path: Path, bat
     [relaxed] = read(tmp_path / "o.traj", index=":")
     frames = list(Trajectory(folder / "1.traj"))
     assert len(frames) == relaxed.info["relax_steps"] + 1 == 5
+    assert "relax_initial_energy" in relaxed.info
+    assert all(frame.info == {**frames[0].info, "input_index": 1} for frame in frames)
+    assert not any(key.startswith("relax_") for key in frames[0].info)
     np.testing.assert_array_equal(frames[0].positions, slabs[1].positions)
     np.testing.assert_allclose(frames[-1].positions, relaxed.positions, atol=1e-10)
     calc = load_calculator(str(SPINCONV_EC), dtype="float64")
