@@ -131,9 +131,10 @@ def take_rows(values: Tensor, index: Tensor) -> Tensor:
     """``values[index]``: the rows of ``values`` ``[n, *F]`` at an int64 ``index`` ``[*S]``,
     ``[*S, *F]``, by ``index_select``, which copies whole rows (advanced indexing runs a
     generic element-wise kernel: on the CPU 3.5-10x slower for rows of 32-512 numbers).  The
-    gradient is advanced indexing's own, so autograd computes exactly what it did before
-    (``index_put_`` with accumulation, deterministic on CUDA, where ``index_select``'s own
-    gradient adds atomically)."""
+    gradient is deterministic on every device: on CUDA advanced indexing's (``index_put_``
+    with accumulation, which sorts; ``index_select``'s own gradient adds atomically), on the
+    CPU ``index_add_`` (sequential; ``index_put_`` adds in parallel there, in an order that
+    changes from run to run, and is 5-8x slower: rows of 64-512 numbers, 2 threads)."""
     return _TakeRows.apply(values, index)
 
 
@@ -159,6 +160,9 @@ class _TakeRows(torch.autograd.Function):
     def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
         (index,) = ctx.saved_tensors
         zeros = grad.new_zeros(ctx.shape)
+        if grad.device.type == "cpu":
+            rows = grad.reshape(index.numel(), *ctx.shape[1:])
+            return zeros.index_add(0, index.reshape(-1), rows), None
         return zeros.index_put((index,), grad, accumulate=True), None
 
 
