@@ -4,8 +4,8 @@
 ``DIR/<split>.h5`` for the six splits; ``forcecalc data is2rs --size large --out FILE.extxyz``
 writes only the initial structures of the test splits (the IS2RS inputs, FixAtoms and tags
 kept; in the format ASE writes for the output's name, .traj too); ``forcecalc data convert IN
-OUT`` converts to HDF5 (.h5), ASE db (.db) or extxyz (.xyz/.extxyz) from those or any file ASE
-reads.
+OUT [--overwrite]`` converts to HDF5 (.h5), ASE db (.db) or extxyz (.xyz/.extxyz) from those or
+any file ASE reads, onto an existing OUT only with ``--overwrite``.
 """
 
 from __future__ import annotations
@@ -75,8 +75,15 @@ def _is2rs(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
+    """Convert IN to OUT, unless OUT exists and ``--overwrite`` is not given (IN and OUT
+    swapped replaced the user's only copy of their labels)."""
     from forcecalc.data.convert import convert
 
+    if os.path.lexists(args.output) and not args.overwrite:
+        raise ValueError(
+            f"{args.output} exists (the output comes second: data convert IN OUT); pass "
+            "--overwrite to replace it"
+        )
     print(convert(args.input, args.output))  # its warnings: one line each (forcecalc.cli.main)
     return 0
 
@@ -157,4 +164,7 @@ def add_data_commands(subparsers: argparse._SubParsersAction) -> None:
         "input", help="a data file (.h5, .db, .xyz/.extxyz, or any other file ASE reads)"
     )
     conv.add_argument("output", help="the converted file: .h5, .db, .xyz or .extxyz")
+    conv.add_argument(
+        "--overwrite", action="store_true", help="replace OUTPUT if it exists (else an error)"
+    )
     conv.set_defaults(func=_convert)

@@ -46,6 +46,8 @@ from forcecalc.data.store import (
     RESERVED_ATTRS,
     DatasetWriter,
     FrameBatch,
+    check_energy_is_a_number,
+    label_energy,
     open_dataset,
     unstored_message,
 )
@@ -282,23 +284,30 @@ def _reader(src: Path) -> _Reader:
 
 def _readable(images: Iterable[Atoms], src: Path, dst: Path) -> Iterator[Atoms]:
     """``images``, with a reader's failure (a file that is not what its suffix says, a
-    truncated frame) as a ValueError naming ``src``, and a warning where ``src`` has no
-    frames (``dst`` is then empty)."""
+    truncated frame) or an energy that is no number as a ValueError naming ``src`` (and the
+    frame), and a warning where ``src`` has no frames (``dst`` is then empty)."""
+    frames = iter(images)
     count = 0
-    try:
-        for atoms in images:
-            count += 1
-            yield atoms
-    except (  # the parsers'
-        OSError,
-        ValueError,
-        KeyError,
-        IndexError,
-        RuntimeError,
-        UnknownFileTypeError,
-        sqlite3.Error,
-    ) as error:
-        raise ValueError(f"cannot read {src}: {type(error).__name__}: {error}") from error
+    while True:
+        try:
+            atoms = next(frames)
+        except StopIteration:
+            break
+        except (  # the parsers'
+            OSError,
+            ValueError,
+            KeyError,
+            IndexError,
+            RuntimeError,
+            UnknownFileTypeError,
+            sqlite3.Error,
+        ) as error:
+            raise ValueError(f"cannot read {src}: {type(error).__name__}: {error}") from error
+        energy = label_energy(atoms.calc.results) if atoms.calc is not None else None
+        if energy is not None:
+            check_energy_is_a_number(energy, f"{src}: frame {count}")
+        count += 1
+        yield atoms
     if not count:
         warn(f"{src} holds no frames: {dst} is empty")
 

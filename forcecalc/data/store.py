@@ -57,6 +57,14 @@ def label_energy(results: Mapping[str, Any]) -> Any:
     return results.get("energy", results.get("free_energy"))
 
 
+def check_energy_is_a_number(energy: object, where: str) -> None:
+    """A ``ValueError`` naming the frame (``where``) when its energy label (``label_energy``:
+    not None) is not a real number: text that ASE's extended XYZ reader keeps as a string
+    (``energy=abc``), or a flag."""
+    if isinstance(energy, (bool, np.bool_)) or not isinstance(energy, (int, float, np.number)):
+        raise ValueError(f"{where}: the energy {energy!r} is not a number")
+
+
 FORMAT = "forcecalc.frames"
 FORMAT_VERSION = 1
 #: Root attribute listing (as JSON) the attributes stored as JSON text.

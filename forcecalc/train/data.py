@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from forcecalc.data.store import label_energy
+from forcecalc.data.store import check_energy_is_a_number, label_energy
 from forcecalc.graph import Batch
 from forcecalc.graph.batch import check_atoms
 
@@ -82,19 +82,20 @@ class ExtxyzFrames(Sequence):
     def __len__(self) -> int:
         return len(self._offsets)
 
-    def labelled_numbers(self) -> set[int]:
-        """The atomic numbers of every frame, after checking from each frame's comment line
-        (no frame is parsed) that ASE will read an energy and forces for it.
+    def labelled_elements(self) -> np.ndarray:
+        """The elements of every frame, ``[n_pairs, 2]`` (frame, atomic number) pairs, after
+        checking from each frame's comment line (no frame is parsed) that ASE will read an
+        energy and forces for it.
 
         Raises:
-            ValueError: a frame without energy or forces, with an energy or forces that are
-                not finite, or with an unknown element (the message names the file and the
-                frame's index in it).
+            ValueError: a frame without energy or forces, with an energy that is no number,
+                an energy or forces that are not finite, or with an unknown element (the
+                message names the file and the frame's index in it).
         """
         from ase.data import atomic_numbers
         from ase.io.extxyz import key_val_str_to_dict, parse_properties
 
-        found: set[int] = set()
+        found: list[tuple[int, int]] = []
         with open(self.path, "rb") as stream:
             for index, start in enumerate(self._offsets):
                 stream.seek(start)
@@ -113,6 +114,7 @@ class ExtxyzFrames(Sequence):
                 missing = _missing_labels(energy is not None, forces[1] == 3)
                 if missing:
                     raise ValueError(_unlabelled(f"{self.path}: frame {index}", missing))
+                check_energy_is_a_number(energy, f"{self.path}: frame {index}")
                 species = columns.get("symbols", columns.get("numbers"))
                 if species is None:
                     raise ValueError(f"{self.path}: frame {index} has no species column")
@@ -135,8 +137,8 @@ class ExtxyzFrames(Sequence):
                         raise ValueError(
                             f"{self.path}: frame {index} has an unknown element {text!r}"
                         )
-                    found.add(number)
-        return found
+                    found.append((index, number))
+        return _element_pairs(found)
 
     def __getitem__(self, index: int) -> Atoms:  # type: ignore[override]
         from ase.io import read
@@ -180,22 +182,24 @@ class AseDbFrames(Sequence):
     def __getitem__(self, index: int) -> Atoms:  # type: ignore[override]
         return self._db().get(id=self._ids[index]).toatoms()
 
-    def labelled_numbers(self) -> set[int]:
-        """The atomic numbers of every row, after checking from the rows' columns (no
-        ``Atoms`` built) that each has a finite energy and forces.
+    def labelled_elements(self) -> np.ndarray:
+        """The elements of every row, ``[n_pairs, 2]`` (frame, atomic number) pairs, after
+        checking from the rows' columns (no ``Atoms`` built) that each has a finite energy
+        and forces.
 
         Raises:
-            ValueError: a row without energy or forces, or with an energy or forces that are
-                not finite (the message names the file, the frame's index in it and the
-                row's id).
+            ValueError: a row without energy or forces, with an energy that is no number, or
+                with an energy or forces that are not finite (the message names the file, the
+                frame's index in it and the row's id).
         """
-        found: set[int] = set()
+        found: list[tuple[int, int]] = []
         for index, row in enumerate(self._db().select(include_data=False)):
             energy, forces = label_energy(row), row.get("forces")
             missing = _missing_labels(energy is not None, forces is not None)
             where = f"{self.path}: frame {index} (row id {row.id}, {row.formula})"
             if missing:
                 raise ValueError(_unlabelled(where, missing))
+            check_energy_is_a_number(energy, where)
             bad = [
                 name
                 for name, values in (("energy", [energy]), ("forces", np.ravel(forces)))
@@ -203,8 +207,8 @@ class AseDbFrames(Sequence):
             ]
             if bad:
                 raise ValueError(_not_finite(where, bad))
-            found.update(int(z) for z in np.unique(row.numbers))
-        return found
+            found += [(index, int(z)) for z in np.unique(row.numbers)]
+        return _element_pairs(found)
 
 
 class TrajectoryFrames(Sequence):
@@ -331,10 +335,10 @@ def open_frames(sources: Sequence[str | os.PathLike] | Sequence) -> ConcatFrames
     return ConcatFrames([open_source(s) for s in sources], [str(s) for s in sources])
 
 
-def labelled_numbers(frames: Sequence) -> dict[str, set[int]]:
+def labelled_elements(frames: Sequence) -> dict[str, np.ndarray]:
     """Check that every frame of ``frames`` has the energy and forces training needs, and
-    return the atomic numbers found, per source (a :class:`ConcatFrames`' ``names``, else
-    ``"<frames>"``).
+    return the elements of each frame, per source (a :class:`ConcatFrames`' ``names``, else
+    ``"<frames>"``): ``[n_pairs, 2]`` int64 (frame index in ``frames``, atomic number).
 
     Reads only what the check needs where the format allows: the comment lines of an
     extended XYZ file, the energy and force arrays of our HDF5 files, the columns of an ASE
@@ -348,34 +352,67 @@ def labelled_numbers(frames: Sequence) -> dict[str, set[int]]:
         pairs = list(zip(frames.names, frames.sources, strict=True))
     else:
         pairs = [("<frames>", frames)]
-    found: dict[str, set[int]] = {}
+    found: dict[str, np.ndarray] = {}
+    first = 0
     for name, source in pairs:
         if isinstance(source, (ExtxyzFrames, AseDbFrames)):
-            numbers = source.labelled_numbers()
+            elements = source.labelled_elements()
         elif hasattr(source, "atom_array") and hasattr(source, "offsets"):
-            numbers = _dataset_numbers(source, name)
+            elements = _dataset_elements(source, name)
         else:
-            numbers = set()
+            listed: list[tuple[int, int]] = []
             for index, atoms in enumerate(source):
                 frame_targets(atoms, index, source=name)
-                numbers.update(int(z) for z in np.unique(atoms.numbers))
-        found[name] = found.get(name, set()) | numbers
+                listed += [(index, int(z)) for z in np.unique(atoms.numbers)]
+            elements = _element_pairs(listed)
+        elements = elements + np.array([first, 0])  # to indices in ``frames``
+        found[name] = np.concatenate([found[name], elements]) if name in found else elements
+        first += len(source)
     return found
 
 
-def _dataset_numbers(dataset: Dataset, name: str, chunk: int = 1 << 20) -> set[int]:
-    """:func:`labelled_numbers` of a :class:`forcecalc.data.Dataset` (energy or any force not
-    finite: unlabelled, as the reader treats them), read ``chunk`` atoms at a time."""
+def elements_of(
+    elements: dict[str, np.ndarray], frames: Sequence[int] | None = None
+) -> dict[str, set[int]]:
+    """The atomic numbers per source of :func:`labelled_elements`' table ``elements``, over
+    the frames ``frames`` (indices; all by default)."""
+    return {
+        name: {
+            int(z)
+            for z in np.unique(
+                pairs[:, 1] if frames is None else pairs[np.isin(pairs[:, 0], frames), 1]
+            )
+        }
+        for name, pairs in elements.items()
+    }
+
+
+def labelled_numbers(frames: Sequence) -> dict[str, set[int]]:
+    """:func:`labelled_elements`' check, and the atomic numbers found, per source."""
+    return elements_of(labelled_elements(frames))
+
+
+def _element_pairs(pairs: list[tuple[int, int]]) -> np.ndarray:
+    """``pairs`` of (frame, atomic number) as a ``[n_pairs, 2]`` int64 array."""
+    return np.array(pairs, dtype=np.int64).reshape(-1, 2)
+
+
+def _dataset_elements(dataset: Dataset, name: str, chunk: int = 1 << 20) -> np.ndarray:
+    """:meth:`ExtxyzFrames.labelled_elements` of a :class:`forcecalc.data.Dataset` (energy or
+    any force not finite: unlabelled, as the reader treats them), read ``chunk`` atoms at a
+    time."""
     for label, missing in zip(("energy", "forces"), dataset.missing_labels(chunk), strict=True):
         if missing.any():
             frame = int(np.flatnonzero(missing)[0])
             raise ValueError(_unlabelled(f"{name}: frame {frame}", [label]))
-    n_atoms = int(dataset.offsets[-1])
-    return {
-        int(z)
-        for start in range(0, n_atoms, chunk)
-        for z in np.unique(dataset.atom_array("numbers", start, start + chunk))
-    }
+    offsets = np.asarray(dataset.offsets, dtype=np.int64)
+    found = []
+    for start in range(0, int(offsets[-1]), chunk):
+        numbers = dataset.atom_array("numbers", start, start + chunk).astype(np.int64)
+        frame = np.searchsorted(offsets, np.arange(start, start + len(numbers)), side="right") - 1
+        keys = np.unique(frame * 256 + numbers)
+        found.append(np.stack([keys // 256, keys % 256], axis=1))
+    return np.unique(np.concatenate(found), axis=0) if found else _element_pairs([])
 
 
 def _missing_labels(has_energy: bool, has_forces: bool) -> list[str]:
@@ -406,7 +443,9 @@ def _unlabelled(where: str, missing: Sequence[str]) -> str:
     )
 
 
-def random_split(frames: Sequence, val_fraction: float, seed: int) -> tuple[Sequence, Sequence]:
+def random_split(
+    frames: Sequence, val_fraction: float, seed: int
+) -> tuple[SubsetFrames, SubsetFrames]:
     """``(train, val)`` subsets: a seeded permutation, the first ``round(n * fraction)`` frames
     held out, at least one when ``val_fraction > 0`` and there are two or more frames, and
     never every frame (a single frame trains, unvalidated)."""
@@ -449,6 +488,7 @@ def frame_targets(
     missing = _missing_labels(energy is not None, forces is not None)
     if missing:
         raise ValueError(_unlabelled(f"{label} ({atoms.get_chemical_formula()})", missing))
+    check_energy_is_a_number(energy, f"{label} ({atoms.get_chemical_formula()})")
     forces = np.asarray(forces, dtype=np.float64)
     if forces.shape != (len(atoms), 3):
         raise ValueError(f"{label}: forces of shape {forces.shape} for {len(atoms)} atoms")

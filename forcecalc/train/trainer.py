@@ -66,7 +66,9 @@ from forcecalc.train.data import (
     TrainBatch,
     atom_weights,
     checked_frame,
+    elements_of,
     frame_targets,
+    labelled_elements,
     labelled_numbers,
     open_frames,
     random_split,
@@ -425,12 +427,12 @@ class Trainer:
         """``(train, val, data info, atomic numbers per training source)``; every frame of
         every source is checked for the energy and forces training needs."""
         config = self.config
-        #: the atomic numbers of separate validation data, per source (a split of the
-        #: training data's are the training data's)
+        #: the atomic numbers of the validation frames, per source
         self.val_numbers: dict[str, set[int]] = {}
         train = open_frames(config.data) if train_frames is None else train_frames
         names = list(config.data) if train_frames is None else ["<frames>"]
-        numbers = labelled_numbers(train)
+        elements = labelled_elements(train)
+        numbers = elements_of(elements)
         _check_not_empty(train, "training")
         if val_frames is not None or config.val_data:
             val = open_frames(config.val_data) if val_frames is None else val_frames
@@ -440,6 +442,10 @@ class Trainer:
             split = {"kind": "files", "val": list(config.val_data) or ["<frames>"]}
         elif config.val_fraction > 0:
             train, val = random_split(train, config.val_fraction, config.split_seed)
+            # the held-out frames' elements are validation elements (one only there is
+            # untrained), as those of separate validation data
+            numbers = elements_of(elements, train.indices)
+            self.val_numbers = elements_of(elements, val.indices)
             split = {"kind": "random", "fraction": config.val_fraction, "seed": config.split_seed}
         else:
             val, split = [], {"kind": "none"}
@@ -478,10 +484,17 @@ class Trainer:
                 )
             missing = info.normalizers.missing_references(elements)
             if missing:  # (validation: its energy errors would be NaN, its best never kept)
+                untrained = set(missing) - seen
+                hint = (
+                    f"the training data holds no {', '.join(element_symbols(untrained))}: "
+                    "train on frames with them, or validate without them"
+                    if untrained
+                    else "raise normalizer_frames, or refit them"
+                )
                 raise ValueError(
                     f"the {which} data has element(s) {missing} without a reference energy (the "
                     "references come from the frames the normalizers were fitted on, or from "
-                    "the checkpoint): raise normalizer_frames, or refit them"
+                    f"the checkpoint): {hint}"
                 )
         if info.elements is not None:
             info.elements = sorted(set(info.elements) | seen)

@@ -477,3 +477,41 @@ def test_non_finite_positions_are_refused_by_convert(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=rf"frame 2 \({formula}\).*positions hold NaN"):
         convert(tmp_path / "in.extxyz", tmp_path / "out.h5")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.extxyz"]
+
+
+def test_cli_convert_keeps_an_existing_output_unless_told_to_overwrite(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``data convert IN OUT`` onto an existing OUT is an error that leaves OUT as it was (IN
+    and OUT swapped replaced the user's data); ``--overwrite`` replaces it."""
+    atoms = bulk("Cu", "fcc", a=3.6, cubic=True)
+    atoms.calc = EMT()
+    atoms.get_forces()
+    source, target = tmp_path / "in.extxyz", tmp_path / "mine.extxyz"
+    ase.io.write(source, atoms)
+    target.write_text("the user's frames\n")
+    assert main(["data", "convert", str(source), str(target)]) == 2
+    assert "exists (the output comes second" in capsys.readouterr().err
+    assert target.read_text() == "the user's frames\n"
+    assert main(["data", "convert", str(source), str(target), "--overwrite"]) == 0
+    assert len(ase.io.read(target, index=":")) == 1
+
+
+@pytest.mark.parametrize("suffix", [".h5", ".db", ".extxyz"])
+def test_an_energy_that_is_no_number_is_named_with_its_frame(tmp_path: Path, suffix: str) -> None:
+    """An extended XYZ energy that is text (``energy=abc``, kept as a string by ASE's reader)
+    is an error naming the file and the frame, and no output is written."""
+    frames = []
+    for a in (3.6, 3.65):
+        atoms = bulk("Cu", "fcc", a=a, cubic=True)
+        atoms.calc = EMT()
+        atoms.get_forces()
+        frames.append(atoms)
+    source = tmp_path / "in.extxyz"
+    ase.io.write(source, frames)
+    lines = source.read_text().splitlines(keepends=True)
+    lines[len(frames[0]) + 3] = lines[len(frames[0]) + 3].replace("energy=", "energy=abc", 1)
+    source.write_text("".join(lines))
+    with pytest.raises(ValueError, match=rf"^{source}: frame 1: the energy 'abc.*' is not a num"):
+        convert(source, tmp_path / f"out{suffix}")
+    assert not (tmp_path / f"out{suffix}").exists()

@@ -22,7 +22,7 @@ from forcecalc.checkpoint import (
 from forcecalc.models.registry import build_model
 from forcecalc.predict import predict
 from forcecalc.train import TrainConfig, Trainer
-from forcecalc.train.data import frame_targets
+from forcecalc.train.data import frame_targets, random_split
 from forcecalc.train.optim import freeze_except
 from forcecalc.warning import ForcecalcWarning
 
@@ -182,6 +182,22 @@ def test_a_validation_element_neither_trained_nor_listed_is_warned_of(tmp_path):
     val = _with_nickel(training_frames()[:2])
     with pytest.warns(ForcecalcWarning, match=r"validation data has element\(s\) Ni that"):
         Trainer(_finetune_config(tmp_path, checkpoint), training_frames()[:4], val)
+
+
+def test_an_element_only_in_the_held_out_split_is_a_validation_element(tmp_path):
+    """With a random split, the held-out frames' elements are validation elements: Ni found
+    only in them is warned of and not added to the checkpoint's elements (it was listed as
+    trained, and the model then answered for Ni with parameters no Ni frame trained), as
+    when the same frames come as separate validation data."""
+    checkpoint = _spinconv_checkpoint(tmp_path / "start.pt", [8, 29])
+    frames = training_frames()[:6]
+    _, held_out = random_split(frames, 0.34, 3)
+    for k in held_out.indices:
+        frames[k] = _with_nickel([frames[k]])[0]
+    config = _finetune_config(tmp_path, checkpoint).updated(val_fraction=0.34, split_seed=3)
+    with pytest.warns(ForcecalcWarning, match=r"validation data has element\(s\) Ni that"):
+        trainer = Trainer(config, frames)
+    assert trainer.potential.info.elements == [8, 29]
 
 
 def test_finetune_applies_model_kwargs_and_records_the_checkpoint_model(tmp_path):

@@ -256,3 +256,19 @@ def test_labels_that_are_not_finite_are_found_when_the_data_is_opened(tmp_path, 
     expected = rf"^{re.escape(str(bad))}: frame 2\b.*({label} not finite|no {label})"
     with pytest.raises(ValueError, match=expected):
         labelled_numbers(open_frames([good, bad]))
+
+
+def test_an_energy_that_is_no_number_is_named_with_its_frame(tmp_path):
+    """An extended XYZ energy that is text (``energy=abc2.5``, which ASE's reader keeps as a
+    string) is an error naming the file and the frame when the data is opened, and when the
+    frame is read (a TypeError traceback from the label check, before)."""
+    path = tmp_path / "frames.extxyz"
+    write(path, training_frames()[:3])
+    lines = path.read_text().splitlines(keepends=True)
+    second = len(training_frames()[0]) + 2 + 1  # the comment line of frame 1
+    lines[second] = re.sub(r"energy=\S+", "energy=abc2.5", lines[second])
+    path.write_text("".join(lines))
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: frame 1: the energy 'abc2.5'"):
+        labelled_numbers(open_frames([path]))
+    with pytest.raises(ValueError, match=r"^frame 1 \(Cu8O\): the energy 'abc2.5' is not a number"):
+        frame_targets(ExtxyzFrames(path)[1], 1)
