@@ -514,11 +514,16 @@ def frame_origin(frames: Sequence, index: int) -> tuple[str | None, int]:
     return None, index
 
 
-def checked_frame(frames: Sequence, index: int) -> Atoms:
+#: OC20's tags, which ``tag_weights`` weighs atoms by: 0 subsurface, 1 surface, 2 adsorbate.
+OC20_TAGS = (0, 1, 2)
+
+
+def checked_frame(frames: Sequence, index: int, oc20_tags: bool = False) -> Atoms:
     """Frame ``index`` of ``frames``, checked for what training needs: finite energy and
-    forces of the right shape (:func:`frame_targets`), and a structure a graph can be built
-    of (:func:`~forcecalc.graph.batch.check_atoms`: atoms, finite positions and cell, known
-    elements, periodic axes of non-zero length).
+    forces of the right shape (:func:`frame_targets`), a structure a graph can be built of
+    (:func:`~forcecalc.graph.batch.check_atoms`: atoms, finite positions and cell, known
+    elements, periodic axes of non-zero length), and with ``oc20_tags`` tags among
+    :data:`OC20_TAGS` (ASE's slab builders tag layers 1, 2, 3, ... and adsorbates 0).
 
     Raises:
         ValueError: the frame fails a check, or cannot be read; the message names its file
@@ -527,11 +532,19 @@ def checked_frame(frames: Sequence, index: int) -> Atoms:
     atoms = frames[index]  # a file's reader names the file and the frame it cannot parse
     source, local = frame_origin(frames, index)
     frame_targets(atoms, local, source)
+    where = f"frame {local}" if source is None else f"{source}: frame {local}"
     try:
         check_atoms(atoms)
     except ValueError as error:
-        where = f"frame {local}" if source is None else f"{source}: frame {local}"
         raise ValueError(f"{where}: {error}") from None
+    other = sorted(set(atoms.get_tags().tolist()) - set(OC20_TAGS)) if oc20_tags else []
+    if other:
+        raise ValueError(
+            f"{where} has tags {other}: tag_weights weighs atoms by OC20's tags 0 "
+            "(subsurface), 1 (surface) and 2 (adsorbate) only (ASE's slab builders tag "
+            "layers 1, 2, 3, ... from the top and adsorbates 0); set OC20's tags, or use "
+            "fixed_atom_weight"
+        )
     return atoms
 
 
@@ -565,17 +578,18 @@ class TrainBatch:
 
 class IndexedFrames(Sequence):
     """``frames[i]`` as ``(i, frames[i])`` so that the collated batch knows its frames; each
-    frame is checked as it is read (:func:`checked_frame`), so that a bad frame found only
-    during training is named by its file and its index within that file."""
+    frame is checked as it is read (:func:`checked_frame`, with ``oc20_tags``), so that a bad
+    frame found only during training is named by its file and its index within that file."""
 
-    def __init__(self, frames: Sequence) -> None:
+    def __init__(self, frames: Sequence, oc20_tags: bool = False) -> None:
         self.frames = frames
+        self.oc20_tags = oc20_tags
 
     def __len__(self) -> int:
         return len(self.frames)
 
     def __getitem__(self, index: int) -> tuple[int, Atoms]:  # type: ignore[override]
-        return int(index), checked_frame(self.frames, int(index))
+        return int(index), checked_frame(self.frames, int(index), self.oc20_tags)
 
 
 class Collater:
@@ -599,10 +613,11 @@ class Collater:
 
 def atom_weights(graph: Batch, fixed_weight: float, tag_weights: Sequence[float] | None) -> Tensor:
     """``[n_atoms]`` force-loss weights: ``tag_weights[tag]`` when given (OCP's
-    ``tag_specific_weights``), else 1 for free atoms and ``fixed_weight`` for FixAtoms atoms."""
+    ``tag_specific_weights``; tags :data:`OC20_TAGS`, which :class:`IndexedFrames` checks),
+    else 1 for free atoms and ``fixed_weight`` for FixAtoms atoms."""
     if tag_weights is not None:
         table = torch.as_tensor(tag_weights, dtype=graph.positions.dtype, device=graph.tags.device)
-        return table[graph.tags.clamp(0, 2)]
+        return table[graph.tags]
     ones = torch.ones_like(graph.positions[:, 0])
     return torch.where(graph.fixed, ones * fixed_weight, ones)
 

@@ -388,7 +388,7 @@ class Trainer:
         )
         self.ema = EMA(self.parameters, config.ema_decay) if config.ema_decay else None
         self.loader = DataLoader(
-            IndexedFrames(self.train_frames),
+            IndexedFrames(self.train_frames, oc20_tags=config.tag_weights is not None),
             batch_sampler=self.plan,
             collate_fn=Collater(self.potential.cutoff),
             num_workers=config.num_workers,

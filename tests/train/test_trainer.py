@@ -20,6 +20,7 @@ from train_fixtures import (  # noqa: F401
     FORCENET_TINY,
     SPINCONV_TINY,
     assert_same_metrics,
+    emt_frames,
     one_thread,
     training_frames,
 )
@@ -455,6 +456,17 @@ def test_a_first_batch_without_force_weight_is_warned_of(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error", ForcecalcWarning)
         Trainer(config, training_frames()[:4]).fit()
+
+
+def test_tag_weights_refuse_tags_that_are_not_oc20s(tmp_path):
+    """``tag_weights`` weigh OC20's tags 0, 1, 2; ASE's slab builders tag layers 1, 2, 3, ...
+    (a 3-layer slab: tag 3 at the bottom), which were clamped to 2 without a word (the fixed
+    bottom layer weighed as an adsorbate; OCP gives them 0).  Such a frame is an error naming
+    it and its tags."""
+    frames = emt_frames(n=4, layers=3)
+    config = _resume_config(tmp_path, "tags", 1).updated(tag_weights=[0.0, 1.0, 1.0])
+    with pytest.raises(ValueError, match=r"^frame \d+ has tags \[3\]: tag_weights weighs"):
+        Trainer(config, frames).fit()
 
 
 def test_training_force_mae_counts_free_atoms_as_validation(tmp_path):
