@@ -107,6 +107,12 @@ FINAL_FILE = "final.pt"
 _WRITTEN = (STATE_FILE, BEST_FILE, FINAL_FILE, "metrics.csv", "metrics.json", "config.yaml")
 
 
+class TrainingDiverged(ValueError):
+    """The training loss stopped being finite: the run stops before it writes a state, a
+    model or metrics of the diverged weights (a ``ValueError``: what made it diverge is the
+    configuration, e.g. a learning rate too large)."""
+
+
 def read_training_state(path: str | os.PathLike) -> dict[str, Any]:
     """The training state at ``path`` (``checkpoint.pt`` in a run's folder), or a
     ``ValueError`` saying it is none (e.g. a model checkpoint, ``best.pt``)."""
@@ -743,18 +749,45 @@ class Trainer:
                     evaluate = self.step % config.eval_every == 0
                 else:
                     evaluate = self.batch_in_epoch == 0
+                save = evaluate or (not done and self.step % config.checkpoint_every == 0)
+                if evaluate or save or done:  # before anything is written of these weights
+                    self._check_finite_loss()
                 if evaluate:
                     self._evaluate_and_log(bar)
                 # at the end without an evaluation, _final_evaluation saves the state
-                if evaluate or (not done and self.step % config.checkpoint_every == 0):
+                if save:
                     self.save_state()
                 if done:
                     break
 
+    def _check_finite_loss(self) -> None:
+        """Raise :class:`TrainingDiverged` when a training loss since the last evaluation
+        was not finite (every process raises: the flag is summed over them)."""
+        bad = (~torch.isfinite(self._sums[:1])).double()
+        if not float(all_reduce_sum(bad, self.dist)[0]):
+            return
+        first = self.step - self._sum_steps + 1
+        saved = self.out / STATE_FILE
+        kept = (
+            f"{saved} holds the last state saved before it"
+            if saved.exists()
+            else "no state was saved before it"
+        )
+        raise TrainingDiverged(
+            f"the training loss is not finite (NaN or inf) in steps {first}-{self.step}: the "
+            f"model diverged, so nothing of it is written ({kept}); lower lr, or clip the "
+            "gradients (clip_grad_norm)"
+        )
+
     def _out_of_time(self) -> bool:
-        """Whether ``max_time`` is spent, decided by process 0 for every process (checked every
-        10 steps, so multi-process runs sync rarely and stop at the same step)."""
-        if self.config.max_time is None or self.step % 10:
+        """Whether ``max_time`` is spent: after every step for one process; with several,
+        decided by process 0 for every process every 10 steps (so that they sync rarely and
+        stop at the same step)."""
+        if self.config.max_time is None:
+            return False
+        if not self.dist.active:
+            return self.elapsed >= self.config.max_time
+        if self.step % 10:
             return False
         spent = float(self.elapsed >= self.config.max_time) if self.dist.is_main else 0.0
         flag = all_reduce_sum(torch.tensor([spent], device=self.device), self.dist)

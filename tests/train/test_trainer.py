@@ -30,6 +30,7 @@ from forcecalc.models.registry import build_model
 from forcecalc.predict import predict
 from forcecalc.train import TrainBatch, TrainConfig, Trainer
 from forcecalc.train.data import frame_targets
+from forcecalc.train.trainer import TrainingDiverged
 from forcecalc.warning import ForcecalcWarning
 
 
@@ -368,15 +369,16 @@ def test_data_loader_workers_change_nothing(tmp_path):
 
 
 def test_max_time_stops_the_run(tmp_path):
-    """A wall-clock limit (``max_time``, e.g. a cluster job's) ends the run at the first check
-    after it is spent (every 10 steps), with the resumable state and ``final.pt`` written; the
+    """A wall-clock limit (``max_time``, e.g. a cluster job's) ends a one-process run after
+    the step that spends it (it was checked every 10 steps: a run of slow steps overshot the
+    job's limit by up to 9 of them), with the resumable state and ``final.pt`` written; the
     schedule still spans ``max_steps``."""
     config = _resume_config(tmp_path, "timed", 40).updated(max_time=1e-9, eval_every=0)
     summary = Trainer(config, training_frames()).fit()
-    assert summary["step"] == 10
+    assert summary["step"] == 1
     assert Path(summary["final"]).exists()
     state = torch.load(tmp_path / "timed" / "checkpoint.pt", weights_only=True)
-    assert state["step"] == 10
+    assert state["step"] == 1
     with pytest.raises(ValueError, match="max_time"):
         config.updated(max_time=0.0)
 
@@ -456,6 +458,18 @@ def test_a_first_batch_without_force_weight_is_warned_of(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error", ForcecalcWarning)
         Trainer(config, training_frames()[:4]).fit()
+
+
+def test_a_diverged_run_stops_without_writing_its_weights(tmp_path):
+    """A loss that stops being finite (lr 1e3, no clipping) stops the run with an error
+    naming the steps, before any state, model or metrics of the diverged weights are written
+    (it trained on to the end, exited 0 and wrote a final.pt of NaN weights)."""
+    config = _resume_config(tmp_path, "diverged", 6).updated(
+        lr=1e3, clip_grad_norm=None, warmup_steps=0, ema_decay=None
+    )
+    with pytest.raises(TrainingDiverged, match=r"not finite \(NaN or inf\) in steps 1-3"):
+        Trainer(config, training_frames()[:6]).fit()
+    assert sorted(p.name for p in (tmp_path / "diverged").iterdir()) == ["config.yaml"]
 
 
 def test_tag_weights_refuse_tags_that_are_not_oc20s(tmp_path):
