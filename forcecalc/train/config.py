@@ -12,6 +12,7 @@ import json
 import math
 import numbers
 import os
+from collections.abc import Hashable
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -356,14 +357,16 @@ def read_options(path: str | Path) -> dict[str, Any]:
         import yaml
 
         try:
-            values = yaml.safe_load(text) or {}
+            values = _load_yaml(text) or {}
         except yaml.YAMLError as error:
             raise ValueError(f"{path}: not valid YAML: {' '.join(str(error).split())}") from None
     else:
         try:
-            values = json.loads(text)
+            values = json.loads(text, object_pairs_hook=_unique_keys)
         except json.JSONDecodeError as error:
             raise ValueError(f"{path}: not valid JSON: {error}") from None
+        except ValueError as error:
+            raise ValueError(f"{path}: {error}") from None
     if not isinstance(values, dict):
         raise ValueError(f"{path}: expected a mapping of option names to values")
     try:
@@ -371,6 +374,39 @@ def read_options(path: str | Path) -> dict[str, Any]:
     except ValueError as error:
         raise ValueError(f"{path}: {error}") from None
     return {key.replace("-", "_"): getattr(config, key.replace("-", "_")) for key in values}
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object's ``pairs`` as a dict; a key given twice is a ``ValueError`` (``json``
+    keeps the last silently)."""
+    values: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in values:
+            raise ValueError(f"{key!r} is given twice")
+        values[key] = value
+    return values
+
+
+def _load_yaml(text: str) -> Any:
+    """``yaml.safe_load(text)``, with a key given twice in a mapping an error (PyYAML keeps
+    the last silently)."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                if not isinstance(key, Hashable):  # the base class refuses it
+                    continue
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"{key!r} is given twice", key_node.start_mark
+                    )
+                seen.add(key)
+            return super().construct_mapping(node, deep)
+
+    return yaml.load(text, Loader=UniqueKeyLoader)
 
 
 def option_fields() -> list[tuple[str, str, Any, str]]:

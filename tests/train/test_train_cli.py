@@ -65,6 +65,26 @@ def test_config_file_and_flags(tmp_path):
         TrainConfig(force_loss="huber")
 
 
+@pytest.mark.parametrize(
+    ("suffix", "text"),
+    [
+        (".yaml", "max_steps: 1\nbatch_size: 4\nmax_steps: 2\n"),
+        (".yaml", "model_kwargs:\n  cutoff: 5.0\n  cutoff: 6.0\n"),
+        (".json", '{"max_steps": 1, "batch_size": 4, "max_steps": 2}'),
+    ],
+)
+def test_a_config_file_that_sets_an_option_twice_is_refused(tmp_path, suffix, text):
+    """A key given twice in a YAML or JSON config file (at any depth) is an error naming it
+    and the file, as the same option under two spellings is (YAML and JSON readers keep the
+    last value silently: the run trained with a value the user may not have meant)."""
+    path = tmp_path / f"cfg{suffix}"
+    path.write_text(text)
+    with pytest.raises(
+        ValueError, match=rf"^{re.escape(str(path))}: .*'(max_steps|cutoff)' is given twice"
+    ):
+        TrainConfig.from_file(path)
+
+
 def test_train_then_resume_from_the_command_line(tmp_path, capsys):
     """``forcecalc train`` trains on a file and writes ``final.pt``; ``--resume`` with a larger
     ``--max-steps`` continues the same run (its own options) from ``checkpoint.pt``, also
