@@ -40,6 +40,8 @@ if TYPE_CHECKING:
 
     from forcecalc.data.store import Dataset
 
+#: What a frame's labels depend on: changed after they were computed, they are stale.
+_GEOMETRY = ("positions", "numbers", "cell", "pbc")
 #: What ASE's readers raise on a file they cannot parse (XYZError is an OSError).
 _PARSE_ERRORS = (OSError, ValueError, KeyError, IndexError, RuntimeError)
 HDF5_SUFFIXES = (".h5", ".hdf5")
@@ -474,15 +476,23 @@ def frame_targets(
     """``(energy, forces [n_atoms, 3])`` of a labelled frame (eV, eV/Å).
 
     Raises:
-        ValueError: the frame has no energy or no forces, forces of the wrong shape, or labels
-            that are not finite (the message names the frame: ``source`` and ``index`` when
-            given).
+        ValueError: the frame has no energy or no forces, forces of the wrong shape, labels
+            that are not finite, or labels of other atoms (its calculator's atoms differ in
+            positions, numbers, cell or pbc: ``atoms.get_potential_energy()`` refuses them
+            too); the message names the frame: ``source`` and ``index`` when given.
     """
     label = f"frame {index}" if index is not None else "a frame"
     if source is not None:
         label = f"{source}: {label}"
     calc = atoms.calc
     results = getattr(calc, "results", None) or {}
+    if results and getattr(calc, "atoms", None) is not None:
+        changed = [c for c in calc.check_state(atoms) if c in _GEOMETRY]
+        if changed:
+            raise ValueError(
+                f"{label} ({atoms.get_chemical_formula()}): its labels are of other atoms "
+                f"(its {', '.join(changed)} changed after its energy and forces were computed)"
+            )
     energy = label_energy(results)
     forces = results.get("forces")
     missing = _missing_labels(energy is not None, forces is not None)

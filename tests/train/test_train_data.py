@@ -272,3 +272,20 @@ def test_an_energy_that_is_no_number_is_named_with_its_frame(tmp_path):
         labelled_numbers(open_frames([path]))
     with pytest.raises(ValueError, match=r"^frame 1 \(Cu8O\): the energy 'abc2.5' is not a number"):
         frame_targets(ExtxyzFrames(path)[1], 1)
+
+
+def test_labels_of_other_positions_are_refused():
+    """A frame whose atoms moved after their energy and forces were computed carries labels
+    of another structure: an error naming the frame and what changed (as
+    ``atoms.get_potential_energy()`` refuses them), where they were trained on silently."""
+    frame = training_frames()[0]
+    moved = frame.copy()
+    moved.calc = frame.calc  # the labels of ``frame``, attached to moved atoms
+    moved.positions[3, 2] += 0.3
+    with pytest.raises(
+        ValueError, match=r"^frame 5 \(Cu8O\): its labels are of other atoms .*positions"
+    ):
+        frame_targets(moved, 5)
+    with pytest.raises(ValueError, match=r"frame 1 .*its labels are of other atoms"):
+        labelled_numbers([frame, moved])
+    assert frame_targets(frame)[0] == frame.get_potential_energy()
