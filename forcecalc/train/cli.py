@@ -74,6 +74,12 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         "folder (default: OUT/checkpoint.pt); without --config the run's own options are "
         "used, flags override them",
     )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start a new run in an OUT folder that holds another run, whose files are "
+        "removed once the new run's first step has succeeded (else an error)",
+    )
 
 
 def add_train_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -132,11 +138,11 @@ def build_config(
     return TrainConfig.from_dict(values), resume
 
 
-def _run(config: TrainConfig, resume: Path | None) -> int:
+def _run(config: TrainConfig, resume: Path | None, overwrite: bool) -> int:
     from forcecalc.train.distributed import leave_process_group
     from forcecalc.train.trainer import Trainer
 
-    trainer = Trainer(config, resume=resume)
+    trainer = Trainer(config, resume=resume, overwrite=overwrite)
     summary = trainer.fit()
     leave_process_group()
     if trainer.dist.is_main:
@@ -149,7 +155,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     config, resume = build_config(args)
     if not config.data and resume is None:
         raise SystemExit("forcecalc train: give --data (or data: in --config)")
-    return _run(config, resume)
+    return _run(config, resume, args.overwrite)
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
@@ -157,4 +163,4 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     config = config.updated(init_checkpoint=args.checkpoint)
     if not config.data:
         raise SystemExit("forcecalc finetune: give --data (or data: in --config)")
-    return _run(config, resume)
+    return _run(config, resume, args.overwrite)

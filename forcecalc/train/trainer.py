@@ -280,6 +280,11 @@ def _remove_made_folders(top: Path | None, folder: Path) -> None:
             return
 
 
+def _run_files(folder: Path) -> list[Path]:
+    """The files a training run writes (:data:`_WRITTEN`) that ``folder`` holds."""
+    return [folder / name for name in _WRITTEN if (folder / name).is_file()]
+
+
 def _remove_stale_temp_files(folder: Path) -> None:
     """Delete temp files a killed run left behind (its completed files are untouched)."""
     for name in _WRITTEN:
@@ -297,6 +302,9 @@ class Trainer:
             ``config.val_fraction`` of the training frames).
         resume: a state file written by a previous run (``out/checkpoint.pt``): the run
             continues exactly where it stopped (same config and data expected).
+        overwrite: start a new run in an ``out`` folder that holds another run's files, which
+            are removed once the new run's first step has succeeded (without it, such a folder
+            is an error: the two runs' files would mix).
 
     Launched by ``torchrun`` (``WORLD_SIZE > 1``) every process runs a Trainer on its share of
     each batch; gradients are averaged and batch-norm statistics computed over all processes,
@@ -309,6 +317,7 @@ class Trainer:
         train_frames: Sequence | None = None,
         val_frames: Sequence | None = None,
         resume: str | os.PathLike | None = None,
+        overwrite: bool = False,
     ) -> None:
         self.config = config
         self.dist, self.device = init_from_env(config.device)
@@ -316,8 +325,16 @@ class Trainer:
         if config.amp and self.device.type != "cuda":
             warn("amp (bf16 autocast) applies on CUDA only; training in full precision")
         self.out = Path(config.out)
+        #: another run's files in ``out``, removed when this run writes its first
+        self._replaced = [] if resume is not None else _run_files(self.out)
         if self.dist.is_main:
             _check_output_folder(self.out)  # made once the set-up has passed its checks
+            if self._replaced and not overwrite:
+                raise ValueError(
+                    f"{self.out} holds another training run "
+                    f"({', '.join(p.name for p in self._replaced)}): continue it with "
+                    "--resume, replace it with --overwrite, or choose another --out"
+                )
         state = None if resume is None else read_training_state(resume)
         self.train_frames, self.val_frames, self.data_info, numbers = self._open_data(
             train_frames, val_frames
@@ -416,11 +433,6 @@ class Trainer:
         if state is not None:
             self._load_state(state)
         if self.dist.is_main:
-            if state is None and (self.out / STATE_FILE).exists():
-                warn(
-                    f"{self.out} holds a training run ({STATE_FILE}); this new run overwrites "
-                    "its files (to continue it instead: --resume)"
-                )
             self._made_folder = _make_output_folder(self.out)
             _remove_stale_temp_files(self.out)
 
@@ -731,6 +743,8 @@ class Trainer:
             for batch in self.loader:
                 self.train_step(batch)
                 if self.step == first_step and self.dist.is_main:
+                    for path in self._replaced:  # --overwrite: the other run's files go
+                        path.unlink(missing_ok=True)
                     self._write_config()
                 self.step += 1
                 self.batch_in_epoch += 1
@@ -1048,6 +1062,7 @@ def train(
     train_frames: Sequence | None = None,
     val_frames: Sequence | None = None,
     resume: str | os.PathLike | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Run :class:`Trainer` to the end; returns :meth:`Trainer.fit`'s summary."""
-    return Trainer(config, train_frames, val_frames, resume=resume).fit()
+    return Trainer(config, train_frames, val_frames, resume=resume, overwrite=overwrite).fit()

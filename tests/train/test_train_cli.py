@@ -240,7 +240,8 @@ def test_a_bad_frame_found_while_training_leaves_no_output_behind(
     parse), read first by the first step (fine-tuning reads no frame to fit normalizers),
     fails the run with one line naming its file and its index within that file; a run that
     fails before its first step leaves no output folder it made behind (two levels here),
-    and a folder that was there before as it was (no config.yaml written)."""
+    and a folder that was there before as it was (no config.yaml written; with --overwrite,
+    the previous run's files are removed only once the first step has succeeded)."""
     from forcecalc.cli import main
 
     monkeypatch.chdir(tmp_path)
@@ -257,7 +258,7 @@ def test_a_bad_frame_found_while_training_leaves_no_output_behind(
     Path("old/config.yaml").write_text("a previous run's options\n")
     args = ["finetune", str(ocp_checkpoint("forcenet_small")), "--data", "good.extxyz",
             "bad.extxyz", "--device", "cpu", "--batch-size", "5", "--val-fraction", "0",
-            "--max-steps", "1", "--no-progress"]  # fmt: skip
+            "--max-steps", "1", "--no-progress", "--overwrite"]  # fmt: skip
     for out in ("new/run", "old"):
         assert main([*args, "--out", out]) == 2
         err = capsys.readouterr().err

@@ -682,10 +682,22 @@ def test_validation_elements_without_a_reference_energy_are_refused(tmp_path):
     assert not (tmp_path / "refs").exists()
 
 
-def test_a_new_run_into_a_run_folder_says_it_overwrites_it(tmp_path):
-    """Starting a new run (not ``--resume``) where a run left its state warns that its files
-    are overwritten and how to continue it instead."""
+def test_a_new_run_into_a_run_folder_needs_overwrite(tmp_path, monkeypatch):
+    """Starting a new run (not ``--resume``) where another run left its files is an error
+    saying how to continue or replace it (a warning only, before: an interrupted new run left
+    the two runs' files mixed, the old one no longer resumable); with ``overwrite`` the old
+    run's files are removed once the new run's first step has succeeded, so that a new run
+    interrupted then leaves its own files only."""
     frames = training_frames()
     Trainer(_resume_config(tmp_path, "run", 1), frames).fit()
-    with pytest.warns(UserWarning, match=r"holds a training run .* --resume"):
+    assert (tmp_path / "run" / "final.pt").exists()
+    with pytest.raises(ValueError, match=r"holds another training run \(checkpoint.pt, best.pt"):
         Trainer(_resume_config(tmp_path, "run", 1), frames)
+
+    def interrupted(self: Trainer) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "_evaluate", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(_resume_config(tmp_path, "run", 1), frames, overwrite=True).fit()
+    assert [p.name for p in (tmp_path / "run").iterdir()] == ["config.yaml"]
