@@ -99,7 +99,8 @@ if TYPE_CHECKING:
 STATE_VERSION = 1
 #: Options whose change makes a resumed run another run (the data position means nothing).
 RUN_DEFINING = ("data", "val_data", "val_fraction", "split_seed", "batch_size", "seed")
-#: Metadata a fine-tuned checkpoint keeps from the one it started from.
+#: Metadata a fine-tuned checkpoint keeps from the one it started from (its energy definition
+#: only with the normalizers kept: refitted, they define the training data's energies).
 INHERITED_METADATA = ("license", "energy")
 STATE_FILE = "checkpoint.pt"
 BEST_FILE = "best.pt"
@@ -599,6 +600,12 @@ class Trainer:
                 # energy's std, or they would not be -dE/dx of the energy the model reports.
                 normalizers = replace(normalizers, forces_std=normalizers.energy_std)
             potential.info.normalizers = normalizers
+            metadata = potential.info.metadata
+            if "energy" in metadata:  # the start's definition no longer holds
+                metadata["energy"] = (
+                    "the training data's energy labels (the normalizers were refitted on "
+                    f"them; the checkpoint fine-tuned from predicted: {metadata['energy']})"
+                )
         return potential
 
     def _train_mode(self) -> None:

@@ -214,12 +214,19 @@ def test_finetune_applies_model_kwargs_and_records_the_checkpoint_model(tmp_path
 
 def test_finetuned_checkpoint_keeps_the_license_and_energy_definition(tmp_path):
     """A checkpoint fine-tuned from a shipped one keeps its license and energy definition
-    (they were dropped) and names where it started."""
+    (they were dropped) and names where it started; with the normalizers refitted on the
+    training data, its energies are those data's, and it says so (it kept claiming OC20-EMT's
+    adsorption energy)."""
     started = load_checkpoint("forcenet", device="cpu").info.metadata
     summary = Trainer(_finetune_config(tmp_path, "forcenet"), training_frames()[:3]).fit()
     written = load_checkpoint(summary["final"], device="cpu").info.metadata
     assert written["license"] == started["license"] and written["energy"] == started["energy"]
     assert written["init_checkpoint"]["name"] == "forcenet"
+    config = _finetune_config(tmp_path / "refit", "forcenet").updated(normalizers="fit")
+    refitted = load_checkpoint(Trainer(config, training_frames()[:3]).fit()["final"]).info
+    assert refitted.metadata["license"] == started["license"]
+    assert refitted.metadata["energy"].startswith("the training data's energy labels")
+    assert refitted.metadata["energy"].endswith(f"predicted: {started['energy']})")
 
 
 def test_non_finite_labels_are_named():
