@@ -454,6 +454,14 @@ class Trainer:
         numbers = elements_of(elements)
         _check_not_empty(train, "training")
         if val_frames is not None or config.val_data:
+            shared = {str(Path(v).resolve()) for v in config.val_data} & {
+                str(Path(d).resolve()) for d in config.data
+            }
+            if val_frames is None and train_frames is None and shared:
+                warn(
+                    f"the validation data {', '.join(sorted(shared))} is training data too: "
+                    "its errors measure the fit, not how the model does on unseen frames"
+                )
             val = open_frames(config.val_data) if val_frames is None else val_frames
             self.val_numbers = labelled_numbers(val)
             if val_frames is None:

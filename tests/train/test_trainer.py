@@ -472,6 +472,20 @@ def test_a_diverged_run_stops_without_writing_its_weights(tmp_path):
     assert sorted(p.name for p in (tmp_path / "diverged").iterdir()) == ["config.yaml"]
 
 
+def test_validation_data_that_is_training_data_is_warned_of(tmp_path):
+    """A file given as both training and validation data (the same path, however spelt) is
+    warned of: its errors measure the fit, not unseen frames."""
+    from ase.io import write
+
+    data = tmp_path / "frames.extxyz"
+    write(data, training_frames()[:4])
+    config = _resume_config(tmp_path, "run", 1).updated(
+        data=[str(data)], val_data=[str(tmp_path / "." / "frames.extxyz")]
+    )
+    with pytest.warns(ForcecalcWarning, match=r"validation data .*frames.extxyz is training data"):
+        Trainer(config)
+
+
 def test_tag_weights_refuse_tags_that_are_not_oc20s(tmp_path):
     """``tag_weights`` weigh OC20's tags 0, 1, 2; ASE's slab builders tag layers 1, 2, 3, ...
     (a 3-layer slab: tag 3 at the bottom), which were clamped to 2 without a word (the fixed
