@@ -8,11 +8,13 @@ no partial file under the target's name.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from numbers import Integral, Real
 from pathlib import Path
 from typing import Any
 
@@ -73,8 +75,23 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
 
 
 def write_json(path: str | os.PathLike, data: Any, indent: int = 1) -> Path:
-    """Write ``data`` as JSON to ``path`` atomically."""
-    return write_text(path, json.dumps(data, indent=indent, default=str) + "\n")
+    """Write ``data`` as JSON (RFC 8259) to ``path`` atomically: a number that is not finite
+    (NaN, inf), which JSON has no token for, is written as ``null``, never as Python's
+    ``NaN``/``Infinity`` that strict readers (``jq``, JavaScript) refuse."""
+    text = json.dumps(_finite_or_null(data), indent=indent, default=str, allow_nan=False)
+    return write_text(path, text + "\n")
+
+
+def _finite_or_null(value: Any) -> Any:
+    """``value`` with every number that is not finite, in its dicts, lists and tuples too,
+    replaced by None (JSON's null)."""
+    if isinstance(value, dict):
+        return {key: _finite_or_null(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite_or_null(item) for item in value]
+    if isinstance(value, Real) and not isinstance(value, Integral) and not math.isfinite(value):
+        return None
+    return value
 
 
 def torch_save(data: Any, path: str | os.PathLike) -> Path:

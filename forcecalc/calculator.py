@@ -36,6 +36,21 @@ from forcecalc.replay import GraphReplay
 VOIGT = (np.array([0, 1, 2, 1, 0, 0]), np.array([0, 1, 2, 2, 2, 1]))
 
 
+class NonFiniteOutput(CalculationFailed):
+    """The model's output was not finite (NaN or inf).
+
+    Attributes:
+        results: that output as ASE's results (``energy``, ``free_energy``, ``forces``
+            ``[n_atoms, 3]`` and, where computed, ``stress`` ``[6]``), for a caller that keeps
+            a record of where and how the model failed (``forcecalc relax``), as the batched
+            engine keeps it.
+    """
+
+    def __init__(self, message: str, results: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.results = results
+
+
 class ForceCalculator(Calculator):
     """An ASE calculator for any forcecalc checkpoint (SpinConv or ForceNet).
 
@@ -77,6 +92,13 @@ class ForceCalculator(Calculator):
             The first call compiles (seconds to a minute); the numbers agree to rounding.
         allow_unsafe: allow full unpickling of the checkpoint (trusted files only).
         label, directory, atoms: as for :class:`ase.calculators.calculator.Calculator`.
+
+    ``calc.todict()`` (ASE writes it into trajectories and databases) holds the arguments that
+    make the calculator again, as ASE's convention has it: ``load_calculator(**calc.todict())``
+    (``allow_unsafe`` aside, never recorded); for a calculator of a loaded ``Potential``, its
+    ``checkpoint`` is the file the potential was loaded from (None for one built in memory,
+    which cannot be made again from a record).  The model's name is ``calc.name``
+    (``forcecalc-spinconv``).
 
     Properties: ``energy`` and ``free_energy`` (eV, adsorption-referenced for OC20 models: see
     the module docstring), ``forces`` (eV/Å) and, for energy-centric SpinConv with
@@ -146,11 +168,15 @@ class ForceCalculator(Calculator):
             ["stress"] if potential.defines_stress else []
         )
         self.skin = float(skin)
-        # what todict() reports (ASE writes it into trajectories and databases)
+        # what todict() reports (ASE writes it into trajectories and databases): the arguments
+        # that make this calculator again, ASE's convention (Calc(**calc.todict())); a loaded
+        # Potential's checkpoint is the file it was loaded from (None: built in memory)
         self.parameters.update(
-            checkpoint=str(checkpoint) if isinstance(checkpoint, str | os.PathLike) else None,
-            model=potential.name,
-            path=potential.info.path,
+            checkpoint=(
+                str(checkpoint)
+                if isinstance(checkpoint, str | os.PathLike)
+                else potential.info.path
+            ),
             device=str(potential.device),
             dtype=str(potential.dtype).removeprefix("torch."),
             max_neighbors=potential.max_neighbors,
@@ -213,7 +239,7 @@ class ForceCalculator(Calculator):
     def __repr__(self) -> str:
         p = self.parameters
         return (
-            f"{type(self).__name__}({p['checkpoint'] or p['path']!r}, model={p['model']!r}, "
+            f"{type(self).__name__}({p['checkpoint']!r}, model={self.potential.name!r}, "
             f"device={p['device']!r}, dtype={p['dtype']!r})"
         )
 
@@ -244,6 +270,10 @@ class ForceCalculator(Calculator):
                 "atoms (atoms.get_potential_energy()), or pass them (calc.get_forces(atoms))"
             )
         super().calculate(atoms, properties, system_changes)
+        # the fixed-shape inputs are built on the CPU; the batch checks the atoms first (a
+        # cell of NaN is named there, before its volume is computed)
+        device = self.potential.device if self.replay is None else torch.device("cpu")
+        batch = self._batch(self.atoms, device)
         volume = bool(has_volume(self.atoms.cell.array)[0])
         if "stress" in properties and not volume:
             raise PropertyNotImplementedError(
@@ -253,13 +283,10 @@ class ForceCalculator(Calculator):
         # with the forces for bulk, as ASE's EMT: ASE asks for one property at a time, and
         # stress asked for after the forces (MD loggers, NPT) would otherwise cost a second
         # evaluation; a slab's (or a boxed molecule's) only when asked for (8% of a step)
-        periodic = bool(self.atoms.pbc.all())
-        want_stress = (
-            volume and self.potential.defines_stress and (periodic or "stress" in properties)
+        want_stress = self.potential.defines_stress and (
+            stress_with_forces(self.atoms.cell.array, self.atoms.pbc)[0]
+            or (volume and "stress" in properties)
         )
-        # the fixed-shape inputs are built on the CPU
-        device = self.potential.device if self.replay is None else torch.device("cpu")
-        batch = self._batch(self.atoms, device)
         self.potential.check_numbers(batch.numbers)
         if self.replay is not None:
             out = self._replayed(batch)
@@ -304,10 +331,11 @@ class ForceCalculator(Calculator):
             results["stress"] = stress[VOIGT]
         bad = [name for name, value in results.items() if not np.isfinite(value).all()]
         if bad:
-            raise CalculationFailed(
+            raise NonFiniteOutput(
                 f"the {self.potential.name} model returned non-finite {', '.join(bad)} (NaN or "
                 f"inf) for {self.atoms.get_chemical_formula()}: its weights or normalizers are "
-                "not finite, or the structure is far outside what it was trained on"
+                "not finite, or the structure is far outside what it was trained on",
+                results,
             )
         self.results = results
 
@@ -356,6 +384,16 @@ class ForceCalculator(Calculator):
         return not bool(((vectors * vectors).sum(axis=1) <= MIN_DISTANCE_SQ).any())
 
 
+def stress_with_forces(cell: np.ndarray, pbc: np.ndarray) -> np.ndarray:
+    """``[S]`` bool: the systems (cells ``[S, 3, 3]`` or one ``[3, 3]``, ``pbc`` ``[S, 3]`` or
+    ``[3]``) whose stress is computed with their energy and forces, where the model defines
+    one: those periodic along all three axes with a cell of three independent vectors (bulk),
+    as ASE's EMT does; by the calculators and by the batched relaxation alike (a slab's, per
+    volume of its whole cell, only when a calculator is asked for it)."""
+    pbc = np.asarray(pbc, dtype=bool).reshape(-1, 3)
+    return pbc.all(axis=1) & has_volume(cell)
+
+
 def _near_pairs(
     positions: np.ndarray,
     cell: np.ndarray,
@@ -392,8 +430,10 @@ class SpinConvCalculator(ForceCalculator):
 
 
 class ForceNetCalculator(ForceCalculator):
-    """ASE calculator for ForceNet checkpoints (refuses other models); see ForceCalculator."""
+    """ASE calculator for ForceNet checkpoints (refuses other models); see ForceCalculator.
+    ForceNet predicts forces directly: no stress."""
 
+    implemented_properties: ClassVar[list[str]] = ["energy", "free_energy", "forces"]
     model_name = "forcenet"
 
 

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from ase import Atoms
     from ase.md.md import MolecularDynamics
 
+    from forcecalc.calculator import ForceCalculator
     from forcecalc.checkpoint import Potential
     from forcecalc.data.store import Dataset
 
@@ -294,11 +295,18 @@ def _cmd_relax(args: argparse.Namespace) -> int:
             "printed, not saved for forcecalc merge",
             file=sys.stderr,
         )
-    # which input and which weights a shard's output came from, for `merge` (text that
-    # extxyz cannot take for a number)
+    # what decides the numbers of a shard's output, which `merge` checks (the digests as text
+    # that extxyz cannot take for a number)
     provenance = {
         "input_digest": f"sha256:{file_sha256(Path(args.input))[:16]}",
         "model_digest": f"sha256:{file_sha256(Path(potential.info.path))[:16]}",
+        "model_forces": potential.model.forces if potential.energy_gradient else "direct",
+        "model_dtype": args.dtype,
+        "model_kernels": args.kernels or "none",
+        "run_optimizer": args.optimizer,
+        "run_fmax": args.fmax,
+        "run_max_steps": args.steps,
+        "run_fix_below": "none" if args.fix_below is None else args.fix_below,
     }
     selected = []
     for index in indices:
@@ -318,16 +326,17 @@ def _cmd_relax(args: argparse.Namespace) -> int:
     print(f"{'#':>5} {'formula':<16} {'steps':>6} {'E_initial':>12} {'E_final':>12} {'fmax':>8}")
     for atoms in relaxed:
         head = f"{atoms.info['input_index']:>5} {atoms.get_chemical_formula():<16}"
-        if atoms.calc is None:  # the model failed on it before a result
+        energy, forces = atoms.get_potential_energy(), atoms.get_forces()
+        if not (np.isfinite(energy) and np.isfinite(forces).all()):  # failed, no result
             print(f"{head} {atoms.info['relax_steps']:>6}  failed: {atoms.info['relax_error']}")
             continue
-        fmax = float(np.linalg.norm(atoms.get_forces(), axis=1).max())
+        fmax = float(np.linalg.norm(forces, axis=1).max())
         flag = "" if atoms.info["relax_converged"] else "  (not converged)"
         if "relax_error" in atoms.info:
             flag += f"  failed: {atoms.info['relax_error']}"
         print(
             f"{head} {atoms.info['relax_steps']:>6} {atoms.info['relax_initial_energy']:>12.4f} "
-            f"{atoms.get_potential_energy():>12.4f} {fmax:>8.4f}{flag}"
+            f"{energy:>12.4f} {fmax:>8.4f}{flag}"
         )
     if args.out:
         _write_structures(args.out, relaxed, out_format)
@@ -343,62 +352,78 @@ def _cmd_relax(args: argparse.Namespace) -> int:
     return 0
 
 
-def _freeze_results(atoms: Atoms) -> None:
-    """Replace ``atoms.calc`` by a SinglePointCalculator with its energy and (raw) forces at
-    ``atoms``' positions (and its stress, if computed there), as the batched engine returns:
-    a calculator shared by several structures keeps only the last one's results."""
-    from ase.calculators.singlepoint import SinglePointCalculator
-
-    calc = atoms.calc
-    energy = calc.get_potential_energy(atoms)
-    results = {"energy": energy, "free_energy": energy, "forces": calc.get_forces(atoms)}
-    if "stress" in calc.results:
-        results["stress"] = calc.results["stress"]
-    atoms.calc = SinglePointCalculator(atoms, **results)
-
-
 def _relax_one_by_one(structures: list, potential: Potential, args: argparse.Namespace) -> list:
-    """ASE's own optimizer, one structure at a time, with our calculator.
+    """ASE's own optimizer, one structure at a time, with our calculator (:func:`_relax_one`).
 
     On the CPU, numpy's BLAS is held to one thread meanwhile: ASE's BFGS diagonalizes its
     Hessian with it at every step, and BLAS threads keep spinning for a while after that
     call, competing with torch's threads for the cores during the next forward pass
     (spinconv-fc, 38-atom slab, 2 cores: 108 ms per BFGS step, 30 ms with one BLAS thread;
     LBFGS and FIRE use no threaded BLAS call)."""
-    from ase.calculators.calculator import CalculatorError
-    from ase.optimize import BFGS, FIRE, LBFGS
     from threadpoolctl import threadpool_limits
 
     from forcecalc.calculator import load_calculator
 
-    optimizer_class = {"BFGS": BFGS, "LBFGS": LBFGS, "FIRE": FIRE}[args.optimizer]
     calc = load_calculator(
         potential, skin=args.skin or 0.0, cuda_graph=args.cuda_graph, compile_mode=args.compile
     )
     blas_threads = 1 if potential.device.type == "cpu" else None
     with threadpool_limits(blas_threads, user_api="blas"):
         for atoms in structures:
-            atoms.calc = calc
-            optimizer = optimizer_class(atoms, logfile=None)
-            # set when the run ends: the frames carry the input's info, as the engine's do
-            outcome: dict[str, object] = {"relax_converged": False}
-            try:
-                outcome["relax_initial_energy"] = atoms.get_potential_energy()
-                with _trajectory_writer(args, atoms) as writer:
-                    if writer is not None:  # called at step 0 too (the input)
-                        optimizer.attach(writer)
-                    outcome["relax_converged"] = bool(
-                        optimizer.run(fmax=args.fmax, steps=args.steps)
-                    )
-            # a non-finite model output (CalculatorError), or positions the optimizer made
-            # non-finite (ValueError of the calculator's input check): the others go on
-            except (CalculatorError, ValueError) as error:
-                atoms.calc = None
-                outcome["relax_error"] = str(error)
-            atoms.info.update(outcome, relax_steps=optimizer.nsteps)
-            if "relax_error" not in outcome:
-                _freeze_results(atoms)
+            _relax_one(atoms, calc, args)
     return structures
+
+
+def _relax_one(atoms: Atoms, calc: ForceCalculator, args: argparse.Namespace) -> None:
+    """Relax ``atoms`` in place with ASE's optimizer ``args.optimizer`` and end it as the
+    batched engine ends a structure: a SinglePointCalculator with the results at its final
+    positions (not ``calc``, shared by the structures, which keeps only the last one's),
+    ``info["relax_steps"]`` (the steps whose positions were evaluated),
+    ``info["relax_converged"]``, ``info["relax_initial_energy"]`` and, where it failed,
+    ``info["relax_error"]``; the others go on. A failure ends it there: the model's
+    non-finite output at the positions it came from, with that output; a step that brought
+    two atoms within 0.01 Å at that step's positions, with NaN energy and forces; a step that
+    was not finite (ASE's LBFGS at zero forces) at the last finite positions, with their
+    results."""
+    from ase.calculators.singlepoint import SinglePointCalculator
+    from ase.optimize import BFGS, FIRE, LBFGS
+
+    from forcecalc.calculator import NonFiniteOutput
+    from forcecalc.relax.relaxation import MODEL_NOT_FINITE, atoms_met, step_not_finite
+
+    atoms.calc = calc
+    optimizer = {"BFGS": BFGS, "LBFGS": LBFGS, "FIRE": FIRE}[args.optimizer](atoms, logfile=None)
+    evaluated: list[tuple[np.ndarray, dict, int]] = []  # the last positions, results, steps
+
+    def keep_evaluated() -> None:  # an observer: called after each evaluation, step 0 too
+        evaluated[:] = [(atoms.get_positions(), calc.results, optimizer.nsteps)]
+
+    optimizer.attach(keep_evaluated)
+    # set when the run ends: the frames carry the input's info, as the engine's do
+    outcome: dict[str, object] = {"relax_converged": False}
+    try:
+        outcome["relax_initial_energy"] = atoms.get_potential_energy()
+        with _trajectory_writer(args, atoms) as writer:
+            if writer is not None:  # called at step 0 too (the input)
+                optimizer.attach(writer)
+            outcome["relax_converged"] = bool(optimizer.run(fmax=args.fmax, steps=args.steps))
+    except NonFiniteOutput as error:  # its output there; as the engine's, without a stress
+        results = {key: error.results[key] for key in ("energy", "free_energy", "forces")}
+        outcome.setdefault("relax_initial_energy", results["energy"])
+        outcome["relax_error"] = MODEL_NOT_FINITE
+        evaluated[:] = [(atoms.get_positions(), results, optimizer.nsteps)]
+    except ValueError as error:  # the calculator refused the positions a step made
+        if np.isfinite(atoms.positions).all():  # two atoms within 0.01 Å: no results there
+            nan = np.full((len(atoms), 3), np.nan)
+            results = {"energy": np.nan, "free_energy": np.nan, "forces": nan}
+            outcome["relax_error"] = atoms_met(optimizer.nsteps, str(error))
+            evaluated[:] = [(atoms.get_positions(), results, optimizer.nsteps)]
+        else:  # the step was not finite: the last finite positions stay
+            outcome["relax_error"] = step_not_finite(args.optimizer)
+    positions, results, steps = evaluated[-1]
+    atoms.info.update(outcome, relax_steps=steps)
+    atoms.positions = positions
+    atoms.calc = SinglePointCalculator(atoms, **results)
 
 
 def _check_trajectory_folder(args: argparse.Namespace) -> None:
@@ -487,6 +512,22 @@ def _relax_batched(structures: list, potential: Potential, args: argparse.Namesp
     return relaxed
 
 
+#: What decides the numbers of a ``relax`` output, recorded in each structure's info (info key
+#: -> what `merge` names when the shards differ in it): the input file and the model weights
+#: (their SHA-256), the model's forces and precision, the relaxation's settings.
+_RUN_RECORD = {
+    "input_digest": "input files",
+    "model_digest": "model weights",
+    "model_forces": "--forces",
+    "model_dtype": "--dtype",
+    "model_kernels": "--kernels",
+    "run_optimizer": "--optimizer",
+    "run_fmax": "--fmax",
+    "run_max_steps": "--steps",
+    "run_fix_below": "--fix-below",
+}
+
+
 def _cmd_merge(args: argparse.Namespace) -> int:
     # an empty file is the output of an empty shard (more shards than structures)
     structures = [
@@ -510,7 +551,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     counts = {atoms.info.get("input_count") for atoms in order}
     if len(counts) > 1:
         raise ValueError(f"the shard outputs come from inputs of different sizes: {counts}")
-    for key, what in (("input_digest", "input files"), ("model_digest", "model weights")):
+    for key, what in _RUN_RECORD.items():
         values = {str(atoms.info[key]) for atoms in order if key in atoms.info}
         if len(values) > 1:
             raise ValueError(
@@ -606,24 +647,41 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.out:
         write_json(args.out, report)
         print(f"wrote {args.out}")
+    what = "frames" if args.task == "s2ef" else "systems"
+    counts = {name: row["model"] if args.task == "s2ef" else row for name, row in report.items()}
+    failed = [f"{name}: {c['failed']} of {c[what]}" for name, c in counts.items() if c["failed"]]
+    if failed:  # scored without them, as relax writes all and exits with 1
+        print(
+            f"forcecalc: error: {what} failed ({'; '.join(failed)}), left out of the scores and "
+            "counted as 'failed' (the warnings name them)",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 
 def _format_eval_row(name: str, row: dict, task: str) -> str:
+    """The table line(s) of one split's results: scores (``n/a`` where every frame or
+    system failed), and how many failed and were left out of them."""
     if task == "s2ef":
         lines = []
         for label, values in row.items():
-            lines.append(
-                f"{name:<14} {label:<7} energy MAE {values['energy_mae']:.4f} eV  "
-                f"force MAE {values['forces_mae']:.4f} eV/Å  force cos {values['forces_cos']:.3f}  "
-                f"EFwT {100 * values['efwt']:.2f}%"
+            line = (
+                f"{name:<14} {label:<7} energy MAE {_score(values['energy_mae'], '.4f', ' eV')}  "
+                f"force MAE {_score(values['forces_mae'], '.4f', ' eV/Å')}  "
+                f"force cos {_score(values['forces_cos'], '.3f')}  "
+                f"EFwT {_score(values['efwt'], '.2%')}"
             )
+            if "failed" in values:
+                line += f"  failed {values['failed']} of {values['frames']} frames"
+            lines.append(line)
         return "\n".join(lines)
     is2rs, is2re, base = row["is2rs"], row["is2re"], row["baseline_initial_structure"]
     text = (
-        f"{name:<14} ADwT {100 * is2rs['adwt']:.1f}%  AFbT {100 * is2rs['afbt']:.1f}%  "
-        f"IS2RE MAE {is2re['energy_mae']:.4f} eV  EwT {100 * is2re['ewt']:.1f}%  "
-        f"converged {100 * row['converged']:.0f}% of {row['systems']}  "
+        f"{name:<14} ADwT {_score(is2rs['adwt'], '.1%')}  AFbT {_score(is2rs['afbt'], '.1%')}  "
+        f"IS2RE MAE {_score(is2re['energy_mae'], '.4f', ' eV')}  "
+        f"EwT {_score(is2re['ewt'], '.1%')}  "
+        f"converged {100 * row['converged']:.0f}% of {row['systems']}, failed {row['failed']}  "
         f"(initial structures: ADwT {100 * base['adwt']:.1f}%, AFbT {100 * base['afbt']:.1f}%)"
     )
     if "median_is2re" in row:
@@ -631,14 +689,26 @@ def _format_eval_row(name: str, row: dict, task: str) -> str:
     return text
 
 
+def _score(value: float | None, spec: str, unit: str = "") -> str:
+    """A score in the table: ``value`` formatted by ``spec`` followed by ``unit``, or
+    ``n/a`` for None (no frame or system left to score)."""
+    return "n/a" if value is None else f"{value:{spec}}{unit}"
+
+
 def _check_md_args(args: argparse.Namespace) -> None:
-    if not args.timestep > 0:  # NaN too
-        raise ValueError(f"--timestep must be > 0 (fs), got {args.timestep}")
+    """``md``'s arguments: the physical ones in the ranges the Python ``md()`` accepts (NaN,
+    inf and absurd values refused), the counts and the skin not below their least."""
+    from forcecalc.relax.dynamics import check_md_option
+
+    for option, name in (
+        ("timestep", "timestep"),
+        ("temperature", "temperature_K"),
+        ("friction", "friction"),
+    ):
+        check_md_option(name, getattr(args, option), f"--{option}")
     _check_at_least(args, "seed", 0)
-    _check_at_least(args, "temperature", 0)
     _check_at_least(args, "steps", 0)
     _check_at_least(args, "log_interval", 1)
-    _check_at_least(args, "friction", 0)
     _check_at_least(args, "skin", 0)
 
 

@@ -25,6 +25,8 @@ from forcecalc import metrics
 from forcecalc.checkpoint import Potential
 from forcecalc.data.store import label_energy
 from forcecalc.predict import predict
+from forcecalc.relax.relaxation import MODEL_NOT_FINITE
+from forcecalc.warning import warn
 
 if TYPE_CHECKING:
     from ase import Atoms
@@ -217,31 +219,69 @@ def check_is2re_train(train: Dataset, label: str | None = None) -> None:
         )
 
 
+#: The scores of S2EF, IS2RS and IS2RE, None (JSON's null) where no frame or system is left
+#: to score (all failed).
+S2EF_SCORES = ("energy_mae", "forces_mae", "forces_cos", "efwt")
+IS2RS_SCORES = ("adwt", "afbt")
+IS2RE_SCORES = ("energy_mae", "ewt")
+
+
+def warn_left_out(dataset: Any, what: str, reasons: dict[int, str], total: int) -> None:
+    """One warning naming the ``what`` (``"frames"``, ``"systems"``) of ``dataset`` that
+    failed and are left out of the scores, ``reasons`` ``{index in the data set: why}``
+    grouped by why (the first 10 indices of each); none when ``reasons`` is empty."""
+    if not reasons:
+        return
+    grouped: dict[str, list[int]] = {}
+    for index in sorted(reasons):
+        grouped.setdefault(reasons[index], []).append(index)
+    named = "; ".join(
+        f"{what} {indices[:10]}{' and more' if len(indices) > 10 else ''}: {why}"
+        for why, indices in grouped.items()
+    )
+    warn(
+        f"{_named(dataset, None)}: {len(reasons)} of {total} {what} failed and are left out "
+        f"of the scores (counted as 'failed'): {named}"
+    )
+
+
 def evaluate_s2ef(
     potential: Potential,
     dataset: Sequence,
     batch_size: int = 16,
     max_frames: int | None = None,
     seed: int = 0,
-) -> dict[str, float]:
-    """S2EF metrics (free atoms, as OC20) of ``potential`` on the frames of ``dataset``."""
+) -> dict[str, float | None]:
+    """S2EF metrics (free atoms, as OC20) of ``potential`` on the frames of ``dataset``.
+
+    A frame whose model energy or forces are not finite (NaN or inf) is left out of the
+    scores, named in a warning (:func:`warn_left_out`; ``predict`` warns of it too) and
+    counted in ``"failed"``; ``"frames"`` counts the frames evaluated, failed ones included;
+    the scores are None when every frame failed."""
     if len(dataset) == 0:
         raise ValueError(f"{getattr(dataset, 'path', 'the data set')} has no frames to evaluate")
-    frames = [dataset[int(i)] for i in sample_frames(len(dataset), max_frames, seed)]
+    sample = sample_frames(len(dataset), max_frames, seed)
+    frames = [dataset[int(i)] for i in sample]
     forces_true, natoms, fixed = stacked_forces(frames)  # the labels checked before the model
     # the model's own outputs, as the labels are read (no restraint energy or force added)
     results = predict(frames, potential, batch_size=batch_size, apply_constraint=False)
-    return {
-        **metrics.s2ef_metrics(
-            np.array([r["energy"] for r in results]),
-            label_energies(frames),
-            np.concatenate([r["forces"] for r in results]),
-            forces_true,
-            natoms,
-            fixed,
-        ),
-        "frames": len(frames),
-    }
+    finite = np.array(
+        [np.isfinite(r["energy"]) and np.isfinite(r["forces"]).all() for r in results]
+    )
+    failed = {int(sample[k]): MODEL_NOT_FINITE for k in np.flatnonzero(~finite)}
+    warn_left_out(dataset, "frames", failed, len(frames))
+    scores: dict[str, float | None] = dict.fromkeys(S2EF_SCORES)
+    if finite.any():
+        atoms = np.repeat(finite, natoms)
+        scores = metrics.s2ef_metrics(
+            np.array([r["energy"] for r in results])[finite],
+            label_energies(frames)[finite],
+            np.concatenate([r["forces"] for r in results])[atoms],
+            forces_true[atoms],
+            natoms[finite],
+            fixed[atoms],
+        )
+    return {**scores, "frames": len(frames), "failed": len(failed)}
 
 
 def median_s2ef_metrics(
@@ -302,9 +342,14 @@ def evaluate_relaxations(
         seed: of the sample.
 
     Returns:
-        ``{"is2rs": {...}, "is2re": {...}, "converged": fraction, "systems": n,
-        "baseline_initial_structure": {...}}`` where the baseline relaxes nothing (ADwT /
-        AFbT of the initial structures).
+        ``{"systems": n, "failed": n_failed, "is2rs": {...}, "is2re": {...}, "converged":
+        fraction, "baseline_initial_structure": {...}}`` where the baseline relaxes nothing
+        (ADwT / AFbT of the initial structures, of every system: it depends on no model). A
+        system whose relaxation failed (``info["relax_error"]``, or a model energy or forces
+        that are not finite) is left out of the model's IS2RS and IS2RE scores, which would
+        otherwise score the structure where it stopped, perhaps the unrelaxed initial one,
+        as the model's result: it is named in a warning (:func:`warn_left_out`), counted in
+        ``"failed"`` and as not converged; the scores are None when every system failed.
     """
     from forcecalc.relax import relax
 
@@ -315,31 +360,56 @@ def evaluate_relaxations(
     relaxed = relax(
         initial, potential, optimizer=optimizer, fmax=fmax, steps=steps, batch_size=batch_size
     )
-    natoms = np.array([len(a) for a in reference])
-    fixed = np.concatenate([_fixed(a) for a in reference])
-    cells = np.stack([a.cell.array for a in reference])
-    pbc = np.stack([a.pbc for a in reference])
-    true_positions = np.concatenate([a.positions for a in reference])
-    out: dict[str, Any] = {"systems": len(systems)}
-    for name, structures in (("model", relaxed), ("initial", initial)):
-        max_forces = metrics.max_free_force(_emt_forces(structures), natoms, fixed)
-        out[name] = metrics.is2rs_metrics(
-            np.concatenate([a.positions for a in structures]),
-            true_positions,
-            cells,
-            natoms,
-            fixed,
-            true_max_forces=max_forces,
-            pbc=pbc,
+    failed = {
+        int(system): why
+        for system, atoms in zip(systems, relaxed, strict=True)
+        if (why := _relaxation_failure(atoms)) is not None
+    }
+    warn_left_out(dataset, "systems", failed, len(systems))
+    scored = [k for k, system in enumerate(systems) if int(system) not in failed]
+    model, truth = [relaxed[k] for k in scored], [reference[k] for k in scored]
+    out: dict[str, Any] = {"systems": len(systems), "failed": len(failed)}
+    out["is2rs"] = _is2rs_scores(model, truth) if scored else dict.fromkeys(IS2RS_SCORES)
+    out["is2re"] = (
+        metrics.is2re_metrics(
+            np.array([a.get_potential_energy() for a in model]),
+            np.array([a.get_potential_energy() for a in truth]),
         )
-    out["is2rs"] = out.pop("model")
-    out["baseline_initial_structure"] = out.pop("initial")
-    out["is2re"] = metrics.is2re_metrics(
-        np.array([a.get_potential_energy() for a in relaxed]),
-        np.array([a.get_potential_energy() for a in reference]),
+        if scored
+        else dict.fromkeys(IS2RE_SCORES)
     )
     out["converged"] = float(np.mean([a.info["relax_converged"] for a in relaxed]))
+    out["baseline_initial_structure"] = _is2rs_scores(initial, reference)
     return out
+
+
+def _relaxation_failure(atoms: Atoms) -> str | None:
+    """Why the relaxation of ``atoms`` (a :func:`~forcecalc.relax.relax` result) failed: its
+    ``info["relax_error"]``, or a final energy or forces that are not finite; None if it
+    did not."""
+    if "relax_error" in atoms.info:
+        return str(atoms.info["relax_error"])
+    forces = atoms.get_forces(apply_constraint=False)
+    if not (np.isfinite(atoms.get_potential_energy()) and np.isfinite(forces).all()):
+        return MODEL_NOT_FINITE
+    return None
+
+
+def _is2rs_scores(structures: Sequence, reference: Sequence) -> dict[str, float]:
+    """IS2RS (ADwT, and AFbT with EMT's forces at ``structures``) of ``structures`` against
+    the EMT-relaxed ``reference`` structures of the same systems (their cells, periodicity
+    and fixed atoms)."""
+    natoms = np.array([len(a) for a in reference])
+    fixed = np.concatenate([_fixed(a) for a in reference])
+    return metrics.is2rs_metrics(
+        np.concatenate([a.positions for a in structures]),
+        np.concatenate([a.positions for a in reference]),
+        np.stack([a.cell.array for a in reference]),
+        natoms,
+        fixed,
+        true_max_forces=metrics.max_free_force(_emt_forces(structures), natoms, fixed),
+        pbc=np.stack([a.pbc for a in reference]),
+    )
 
 
 def median_is2re_metrics(

@@ -217,13 +217,7 @@ def resolve_checkpoint(source: str | os.PathLike, progress: bool = True) -> Path
         if not target.is_file():
             return _readable_cached(_download_remote(remote, target, progress), remote)
         _remove_stale_parts(target)
-        if remote.sha256 is None:
-            return _readable_cached(target, remote)
-        return _verify(
-            target,
-            remote.sha256,
-            f"delete it, and {remote.name} is downloaded again when next used",
-        )
+        return _checked_cached(target, remote)
     raise FileNotFoundError(
         f"no checkpoint file or known name {name!r}{_suggestion(stem, known)} (known names: "
         f"{', '.join(known)})"
@@ -250,6 +244,17 @@ def _check_folder(name: str, path: Path, known: bool) -> None:
     warn(
         f"{name!r} is a known checkpoint name, which comes before the folder {path.resolve()} "
         f"(to use a checkpoint in that folder, pass its file, e.g. {shown}/best.pt)"
+    )
+
+
+def _checked_cached(path: Path, remote: RemoteCheckpoint) -> Path:
+    """``path``, the cached file of ``remote``, if it can be used: its SHA-256 where known,
+    else its layout (:func:`_readable_cached`); a :class:`CheckpointError` saying to delete
+    it otherwise."""
+    if remote.sha256 is None:
+        return _readable_cached(path, remote)
+    return _verify(
+        path, remote.sha256, f"delete it, and {remote.name} is downloaded again when next used"
     )
 
 
@@ -425,14 +430,28 @@ def list_models(show: bool = True) -> dict[str, str]:
     """Names usable as checkpoints: the shipped ones and those that can be downloaded.
 
     Returns:
-        name -> where it comes from; printed as a table when ``show``.
+        name -> where it comes from (``shipped``; ``cached``; ``download``: not yet in the
+        cache; ``corrupt``: a cached file that every use refuses, as a checkpoint's use
+        checks it, to be deleted); printed as a table when ``show``.
     """
     models = {name: f"shipped: {path}" for name, path in sorted(shipped_checkpoints().items())}
     for name, remote in REMOTE_CHECKPOINTS.items():
-        cached = (cache_dir() / remote.filename).is_file()
-        models[name] = f"{'cached' if cached else 'download'}: {remote.description}"
+        models[name] = f"{_cache_state(remote)}: {remote.description}"
     if show:
         width = max(len(name) for name in models)
         for name, where in models.items():
             print(f"{name:<{width}}  {where}")
     return models
+
+
+def _cache_state(remote: RemoteCheckpoint) -> str:
+    """Where ``remote`` stands in the cache: ``download`` (not there), ``cached`` (usable) or
+    ``corrupt (...)`` (refused by :func:`resolve_checkpoint`'s check, with what to do)."""
+    target = cache_dir() / remote.filename
+    if not target.is_file():
+        return "download"
+    try:
+        _checked_cached(target, remote)
+    except CheckpointError:
+        return f"corrupt (the cached {target} is no usable checkpoint: delete it)"
+    return "cached"

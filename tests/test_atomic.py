@@ -78,3 +78,27 @@ def test_an_output_place_is_tried_before_any_work(tmp_path: Path, monkeypatch) -
     monkeypatch.setattr(forcecalc.atomic.tempfile, "mkstemp", refused)
     with pytest.raises(ValueError, match=r"cannot write .*out\.xyz: Permission denied"):
         check_writable(str(tmp_path / "out.xyz"))
+
+
+def test_json_outputs_hold_no_nan_or_infinity_tokens(tmp_path: Path) -> None:
+    """RFC 8259 has no token for a number that is not finite: ``write_json`` writes NaN and
+    inf (Python floats and numpy scalars, nested in dicts, lists and tuples) as null, so that
+    strict readers (jq, JavaScript; Python's json with parse_constant refusing) read the
+    file; finite numbers, integers and booleans are written as they are."""
+    import numpy as np
+
+    data = {
+        "mae": float("nan"),
+        "rows": [float("inf"), -np.inf, np.float32("nan"), 0.25, (1, np.float64(2.5))],
+        "counts": {"failed": 2, "ok": True},
+    }
+    path = write_json(tmp_path / "scores.json", data)
+
+    def refuse(token: str) -> None:
+        raise ValueError(f"not JSON: {token}")
+
+    assert json.loads(path.read_text(), parse_constant=refuse) == {
+        "mae": None,
+        "rows": [None, None, None, 0.25, [1, 2.5]],
+        "counts": {"failed": 2, "ok": True},
+    }

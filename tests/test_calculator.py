@@ -382,13 +382,14 @@ def test_compat_forces_give_no_stress() -> None:
 
 
 def test_todict_names_the_model() -> None:
-    """``todict()`` (what ASE writes into trajectories and databases) names the checkpoint,
-    the model and its precision, as JSON-serializable values; numpy dtypes are accepted."""
+    """``todict()`` (what ASE writes into trajectories and databases) names the checkpoint
+    and its precision, as JSON-serializable values, and ``calc.name`` the model; numpy dtypes
+    are accepted."""
     import json
 
     calc = load_calculator(SPINCONV_FC, device="cpu", dtype=np.float64, skin=0.5)
     record = calc.todict()
-    assert record["checkpoint"] == str(SPINCONV_FC) and record["model"] == "spinconv"
+    assert record["checkpoint"] == str(SPINCONV_FC) and calc.name == "forcecalc-spinconv"
     assert record["dtype"] == "float64" and record["device"] == "cpu"
     assert record["skin"] == 0.5 and record["max_neighbors"] == calc.potential.max_neighbors
     assert record["forces"] is None and record["rotations"] is None
@@ -400,6 +401,52 @@ def test_todict_names_the_model() -> None:
     given = load_calculator(SPINCONV_FC, device="cpu", rotations=rotations).todict()
     assert given["rotations"] == rotations.tolist()  # the matrices, not just "array"
     json.dumps(given)
+
+
+def test_todict_makes_the_calculator_again() -> None:
+    """ASE's convention: the parameters ``todict()`` records make the calculator again
+    (``load_calculator(**calc.todict())``, and the class's own ``Calc(**calc.todict())``),
+    with the options that decide its numbers (dtype, rotations, max_neighbors, forces), so
+    that a structure read back from a trajectory or database can be recomputed: the same
+    energy and forces to the bit; also for a calculator of a loaded Potential (its file)."""
+    atoms = _slab()
+    rotations = np.stack([np.eye(3), np.diag([1.0, -1.0, -1.0])])
+    loaded = load_checkpoint(SPINCONV_EC, device="cpu", dtype="float64", forces="conservative")
+    for calc in (
+        SpinConvCalculator(
+            SPINCONV_FC, device="cpu", dtype="float64", rotations=rotations, max_neighbors=6
+        ),
+        load_calculator(loaded, skin=0.5),
+    ):
+        for again in (load_calculator(**calc.todict()), type(calc)(**calc.todict())):
+            assert again.todict() == calc.todict()
+            assert again.get_potential_energy(atoms) == calc.get_potential_energy(atoms)
+            np.testing.assert_array_equal(again.get_forces(atoms), calc.get_forces(atoms))
+
+
+def test_class_properties_list_only_what_its_models_give() -> None:
+    """``ForceNetCalculator.implemented_properties``, read on the class (as workflow tools do
+    before making a calculator), lists no stress: ForceNet predicts forces directly and no
+    instance gives one; SpinConv's lists it (an energy-centric SpinConv with conservative
+    forces gives it), and instances narrow the list to their model's."""
+    assert "stress" not in ForceNetCalculator.implemented_properties
+    assert "stress" in SpinConvCalculator.implemented_properties
+    forcenet = ForceNetCalculator(FORCENET, device="cpu")
+    assert forcenet.implemented_properties == ForceNetCalculator.implemented_properties
+    assert "stress" not in load_calculator(SPINCONV_FC, device="cpu").implemented_properties
+
+
+def test_a_nan_cell_is_named_before_any_numpy_warning() -> None:
+    """A cell of NaN is refused with the ValueError naming it, and no numpy RuntimeWarning
+    ("invalid value encountered in det") comes first: the input check runs before the cell's
+    volume is computed."""
+    cell = [[np.nan, 0, 0], [0, 5, 0], [0, 0, 5]]
+    atoms = Atoms("Cu2", positions=[[0, 0, 0], [2, 0, 0]], cell=cell, pbc=True)
+    atoms.calc = load_calculator(SPINCONV_EC, device="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError, match=r"\(Cu2\): the cell contains NaN or inf"):
+            atoms.get_potential_energy()
 
 
 def test_a_failed_set_up_leaves_the_atoms_calculator_alone() -> None:

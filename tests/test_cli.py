@@ -512,6 +512,53 @@ def test_relax_of_a_failing_model_says_so_and_exits_1(
     assert len(relaxed) == 2 and all("not finite" in a.info["relax_error"] for a in relaxed)
 
 
+@pytest.mark.filterwarnings("error::RuntimeWarning")
+def test_eval_of_a_failing_model_counts_failures_in_strict_json(tmp_path: Path, capsys) -> None:
+    """`eval` with a model whose outputs are NaN: s2ef and is2rs name the failed frames and
+    systems in a warning, leave them out of the scores and count them (the table's and the
+    JSON's "failed"), with no score where none is left (n/a; null): never NaN or Infinity
+    tokens in the --out file (strict JSON readers refuse them), never the ADwT of the
+    unrelaxed initial structure as the model's, and no numpy RuntimeWarning on the way; the
+    results are written, and the exit code is 1, as `relax`'s when a structure failed."""
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    from forcecalc.data.store import FrameBatch, write_dataset
+
+    frames = [fcc111("Cu", size=(2, 2, 2), vacuum=5.0) for _ in range(2)]
+    for atoms in frames:
+        atoms.info.clear()
+        atoms.calc = SinglePointCalculator(atoms, energy=0.0, forces=np.zeros((8, 3)))
+    table = {"initial_frame": [0], "relaxed_frame": [1], "relaxed_energy": [0.0]}
+    split = write_dataset(
+        tmp_path / "split.h5", FrameBatch.from_atoms(frames, system=[0, 0]), table
+    )
+    model = str(_nan_checkpoint(tmp_path / "nan.pt"))
+
+    def refuse(token: str) -> None:
+        raise ValueError(f"not JSON: {token}")
+
+    rows = {}
+    for task, what, failed in (("s2ef", "frames", "2 of 2"), ("is2rs", "systems", "1 of 1")):
+        out = tmp_path / f"{task}.json"
+        assert main(["eval", task, "--model", model, "--data", str(split), "--out", str(out)]) == 1
+        captured = capsys.readouterr()
+        assert f"split.h5: {failed} {what} failed and are left out of the scores" in captured.err
+        last = captured.err.splitlines()[-1]
+        assert last.startswith(f"forcecalc: error: {what} failed (split: {failed})")
+        assert "n/a" in captured.out and "failed" in captured.out
+        rows[task] = json.loads(out.read_text(), parse_constant=refuse)["split"]
+    assert rows["s2ef"]["model"] == {
+        "energy_mae": None,
+        "forces_mae": None,
+        "forces_cos": None,
+        "efwt": None,
+        "frames": 2,
+        "failed": 2,
+    }
+    assert rows["is2rs"]["failed"] == 1 and rows["is2rs"]["is2rs"] == {"adwt": None, "afbt": None}
+    assert rows["is2rs"]["is2re"] == {"energy_mae": None, "ewt": None}
+
+
 def test_md_of_a_failing_model_is_one_line(tmp_path: Path, capsys) -> None:
     """A model whose output is NaN: `md` ends with one line on stderr and exit code 1."""
     write(tmp_path / "in.extxyz", fcc111("Cu", size=(2, 2, 2), vacuum=5.0))
@@ -611,6 +658,39 @@ def test_merge_refuses_shards_of_other_inputs_or_models(tmp_path: Path, capsys) 
     assert [a.info["input_index"] for a in read(merged, index=":")] == [0, 1]
 
 
+def test_merge_refuses_shards_of_other_settings(tmp_path: Path, capsys) -> None:
+    """`merge` refuses shards computed with other settings that decide the numbers (compat
+    and conservative forces have different minima; another precision, kernels, threshold,
+    optimizer, step limit or fixed layer gives other structures), naming the option and both
+    values; shards of the same settings merge, each structure keeping them in its info."""
+    write(tmp_path / "in.extxyz", [fcc111("Cu", size=(2, 2, n), vacuum=5.0) for n in (2, 3)])
+
+    def shard(index: int, *options: str) -> str:
+        out = str(tmp_path / f"{index}{''.join(options)}.extxyz")
+        command = ["relax", str(tmp_path / "in.extxyz"), "--model", str(SPINCONV_EC)]
+        command += ["--steps", "1", "--shard", f"{index}/2", "--out", out, *options]
+        assert main(command) == 0
+        return out
+
+    first, merged = shard(1), str(tmp_path / "merged.extxyz")
+    for option, value, values in (
+        ("--forces", "conservative", "(compat, conservative)"),
+        ("--dtype", "float64", "(float32, float64)"),
+        ("--fmax", "0.01", "(0.01, 0.05)"),
+        ("--optimizer", "FIRE", "(BFGS, FIRE)"),
+        ("--steps", "2", "(1, 2)"),
+        ("--fix-below", "6.0", "(6.0, none)"),
+    ):
+        capsys.readouterr()
+        assert main(["merge", merged, first, shard(2, option, value)]) == 2
+        assert f"come from different {option} {values}" in capsys.readouterr().err
+    assert main(["merge", merged, first, shard(2)]) == 0
+    settings = {"model_forces": "compat", "model_dtype": "float32", "run_optimizer": "BFGS"}
+    for atoms in read(merged, index=":"):
+        assert {key: atoms.info[key] for key in settings} == settings
+        assert atoms.info["run_fmax"] == 0.05 and atoms.info["run_max_steps"] == 1
+
+
 def test_relax_of_an_empty_input_is_an_error(tmp_path: Path, capsys) -> None:
     """`relax` of a file without structures (an ASE database without rows) is an error, not
     an empty output (a shard of it may be empty: that stays allowed)."""
@@ -622,27 +702,69 @@ def test_relax_of_an_empty_input_is_an_error(tmp_path: Path, capsys) -> None:
     assert "holds no structures" in capsys.readouterr().err
 
 
+def _relaxed_both_ways(tmp_path: Path, capsys, structures: list, *options: str) -> list:
+    """``relax`` of ``structures`` one by one and ``--batched`` (float64, ``options``): both
+    exit with 1 naming input structure 0 as failed; the two outputs read back."""
+    write(tmp_path / "in.extxyz", structures)
+    command = ["relax", str(tmp_path / "in.extxyz"), "--dtype", "float64", *options]
+    outputs, rows = [], []
+    for mode in ([], ["--batched"]):
+        out = tmp_path / f"out{len(mode)}.extxyz"
+        assert main([*command, "--out", str(out), *mode]) == 1
+        captured = capsys.readouterr()
+        assert f"input structure(s) [0] (1 of {len(structures)}) failed" in captured.err
+        rows.append([line for line in captured.out.splitlines() if line.startswith("    0 ")])
+        outputs.append(read(out, index=":"))
+    assert rows[0] == rows[1]  # the same table row
+    return outputs
+
+
+def _assert_same_outputs(one: list, batched: list) -> None:
+    """The two modes' structures: the same positions, outcome (info), results (names and
+    values, NaN where the model gave NaN)."""
+    keys = ("relax_steps", "relax_converged", "relax_error", "relax_initial_energy")
+    for a, b in zip(one, batched, strict=True):
+        assert [a.info.get(key) for key in keys[:3]] == [b.info.get(key) for key in keys[:3]]
+        np.testing.assert_allclose(a.info[keys[3]], b.info[keys[3]], rtol=0, atol=1e-8)
+        np.testing.assert_allclose(a.positions, b.positions, rtol=0, atol=1e-8)
+        assert set(a.calc.results) == set(b.calc.results)
+        for name, value in a.calc.results.items():
+            np.testing.assert_allclose(value, b.calc.results[name], rtol=0, atol=1e-8)
+
+
 # ASE's LBFGS divides by the zero change of the forces: its numpy warnings are the breakdown
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
-def test_relax_one_by_one_goes_on_after_an_optimizer_breakdown(tmp_path: Path, capsys) -> None:
-    """ASE's LBFGS on a lone atom (zero forces) makes NaN positions: that structure ends with
-    ``info['relax_error']`` and the others are relaxed and written (exit code 1), as in the
-    batched engine, instead of the whole run ending without output."""
+def test_relax_one_by_one_ends_an_optimizer_breakdown_as_batched(tmp_path: Path, capsys) -> None:
+    """ASE's LBFGS on a lone atom (zero forces) makes a step that is not finite: one by one,
+    that structure ends as the batched engine ends it, at its last finite positions with
+    their energy and forces (not NaN positions without results), relax_steps counting the
+    steps evaluated, relax_error naming the cause (the LBFGS step, not the calculator's
+    input check); the other structure is relaxed and written, the same in both modes."""
     from ase import Atoms
 
     lone = Atoms("Cu", positions=[[5.0, 5.0, 5.0]], cell=[10, 10, 10], pbc=True)
     slab = fcc111("Cu", size=(2, 2, 2), vacuum=5.0)
-    write(tmp_path / "in.extxyz", [lone, slab])
-    out = tmp_path / "out.extxyz"
-    command = ["relax", str(tmp_path / "in.extxyz"), "--model", str(SPINCONV_EC)]
-    code = main(
-        [*command, "--optimizer", "lbfgs", "--fmax", "0", "--steps", "3", "--out", str(out)]
-    )
-    assert code == 1
-    assert "input structure(s) [0] (1 of 2) failed" in capsys.readouterr().err
-    first, second = read(out, index=":")
-    assert "NaN or inf" in first.info["relax_error"]
-    assert "relax_error" not in second.info and second.info["relax_steps"] == 3
+    options = ["--model", str(SPINCONV_EC), "--optimizer", "lbfgs", "--fmax", "0", "--steps", "3"]
+    one, batched = _relaxed_both_ways(tmp_path, capsys, [lone, slab], *options)
+    assert one[0].info["relax_error"] == "the lbfgs step was not finite (NaN or inf)"
+    assert one[0].info["relax_steps"] == 1 and one[1].info["relax_steps"] == 3
+    np.testing.assert_array_equal(one[0].positions, lone.positions)
+    assert np.isfinite(one[0].get_potential_energy()) and "relax_error" not in one[1].info
+    _assert_same_outputs(one, batched)
+
+
+def test_a_model_failing_at_once_is_reported_alike_both_ways(tmp_path: Path, capsys) -> None:
+    """A model whose first output is NaN: one by one and --batched print the same table row
+    (failed, and why) and write the same structures: the input positions, 0 steps, not
+    converged, the same relax_error and the model's NaN energy and forces (one by one wrote
+    no results and printed the calculator's message, batched the engine's)."""
+    slab = fcc111("Cu", size=(2, 2, 2), vacuum=5.0)
+    model = _nan_checkpoint(tmp_path / "nan.pt")
+    one, batched = _relaxed_both_ways(tmp_path, capsys, [slab], "--model", str(model))
+    assert one[0].info["relax_error"] == "the model's energy or forces are not finite (NaN or inf)"
+    assert one[0].info["relax_steps"] == 0 and np.isnan(one[0].get_potential_energy())
+    np.testing.assert_allclose(one[0].positions, slab.positions, rtol=0, atol=1e-7)  # extxyz
+    _assert_same_outputs(one, batched)
 
 
 @pytest.mark.parametrize("batched", [False, True])

@@ -28,6 +28,12 @@ CASES = [
     (["md", "one.extxyz", "--timestep", "nan"], "--timestep must be > 0"),
     (["md", "one.extxyz", "--temperature", "nan"], "--temperature must be >= 0"),
     (["md", "one.extxyz", "--seed", "-1"], "--seed must be >= 0"),
+    # beyond md()'s ranges, as md() refuses them (inf passed `> 0`; 1e300 overflowed in ASE)
+    (["md", "one.extxyz", "--timestep", "inf"], "--timestep must be > 0 and <= 100 fs, got inf"),
+    (["md", "one.extxyz", "--timestep", "1e300"], "--timestep must be > 0 and <= 100 fs"),
+    (["md", "one.extxyz", "--temperature", "inf"], "--temperature must be >= 0 and <= 1e+06 K"),
+    (["md", "one.extxyz", "--friction", "inf"], "--friction must be >= 0 and <= 100 1/fs"),
+    (["md", "one.extxyz", "--friction", "1e300"], "--friction must be >= 0 and <= 100 1/fs"),
     (["relax", "one.extxyz", "--fmax", "nan"], "--fmax must be >= 0"),
     (["relax", "one.extxyz", "--out", "OUTCAR"], "no format for the name 'OUTCAR' (vasp-out)"),
     (["md", "one.extxyz", "--steps", "20", "--out", "md.vasp"], "the vasp format holds one"),

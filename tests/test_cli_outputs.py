@@ -65,6 +65,36 @@ def test_relax_frames_carry_their_own_energy_and_forces(tmp_path: Path, suffix: 
     assert set(written[0][0].calc.results) >= {"energy", "free_energy", "forces"}
 
 
+def test_relax_writes_a_bulk_structures_stress_in_both_modes(tmp_path: Path) -> None:
+    """A bulk cell relaxed with a model that defines stress (energy-centric SpinConv with
+    conservative forces): one by one and --batched write the same results, its stress (Voigt,
+    eV/Å^3, computed with the forces as the calculator does) among them, in --out and in
+    every --trajectory frame, equal to a fresh calculator's at the written positions (the
+    batched outputs had none)."""
+    from ase.build import bulk
+
+    crystal = bulk("Cu", "fcc", a=3.7, cubic=True)  # expanded: a stress of some size
+    crystal.rattle(0.05, seed=1)
+    write(tmp_path / "in.extxyz", crystal)
+    fresh = load_calculator(SPINCONV_EC, device="cpu", dtype="float64", forces="conservative")
+    written = []
+    for mode in ([], ["--batched"]):
+        out, paths = tmp_path / f"out{len(mode)}.traj", tmp_path / f"paths{len(mode)}"
+        options = ["--forces", "conservative", "--trajectory", str(paths), *mode]
+        assert _relax(tmp_path, out, *options) == 0
+        frames = [read(out), *read(paths / "0.traj", index=":")]
+        for atoms in frames:
+            reference = atoms.copy()
+            reference.calc = fresh
+            stress = atoms.calc.results["stress"]
+            assert np.abs(stress).max() > 1e-3
+            np.testing.assert_allclose(stress, reference.get_stress(), rtol=0, atol=1e-10)
+        written.append(frames)
+    for one, batched in zip(*written, strict=True):
+        assert set(one.calc.results) == set(batched.calc.results)
+        np.testing.assert_allclose(one.get_stress(), batched.get_stress(), rtol=0, atol=1e-8)
+
+
 @pytest.mark.parametrize(
     ("name", "expected"),
     [

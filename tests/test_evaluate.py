@@ -7,14 +7,17 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from ase import Atoms
 from ase.build import add_adsorbate, fcc111
 from ase.calculators.emt import EMT
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.constraints import FixAtoms, Hookean
 from ocp_fixtures import OCP_DATA
+from toy_models import ToyModel
 
-from forcecalc import load_checkpoint, predict
+from forcecalc import ForcecalcWarning, load_checkpoint, predict
+from forcecalc.checkpoint import CheckpointInfo, Normalizers, Potential
 from forcecalc.data.oc20emt import dataset_attrs
 from forcecalc.data.store import FrameBatch, open_dataset, write_dataset
 from forcecalc.evaluate import (
@@ -152,3 +155,80 @@ def test_splits_of_two_generated_data_sets_are_refused(tmp_path: Path) -> None:
         check_same_dataset(other, test)
     with pytest.raises(ValueError, match=message):
         median_is2re_metrics(other, test)
+
+
+class _FailsOnGold(ToyModel):
+    """Zero energy and forces (nothing moves), NaN for every system holding gold: a model
+    that fails on some systems only."""
+
+    cutoff = 3.0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones((), dtype=torch.float64), requires_grad=False)
+
+    def forward(self, batch):
+        gold = torch.zeros(batch.n_systems, dtype=torch.bool)
+        gold[batch.system_idx[batch.numbers == 79]] = True
+        energy = torch.where(gold, torch.nan, 0.0).to(torch.float64) * self.scale
+        forces = torch.where(gold[batch.system_idx, None], torch.nan, 0.0) * batch.positions
+        return {"energy": energy, "forces": forces}
+
+
+def _fails_on_gold() -> Potential:
+    return Potential(_FailsOnGold(), CheckpointInfo("test", {}, Normalizers(), "test"))
+
+
+def _gold(atoms: Atoms) -> Atoms:
+    """``atoms`` (with its labels, if any) with every Cu made Au."""
+    gold = atoms.copy()
+    gold.numbers[gold.numbers == 29] = 79
+    if atoms.calc is not None:
+        gold.calc = SinglePointCalculator(gold, **atoms.calc.results)
+    return gold
+
+
+def test_s2ef_leaves_the_frames_the_model_fails_on_out_and_counts_them() -> None:
+    """A frame whose model energy or forces are not finite is left out of the S2EF scores
+    (not a NaN score for the whole split), named in a warning by its place in the data set
+    and counted as failed: the scores are those of the other frames alone; with every frame
+    failed, no score (None), never NaN."""
+    potential, frames = _fails_on_gold(), _frames()
+    mixed = [frames[0], _gold(frames[1]), frames[1], frames[2]]
+    with pytest.warns(ForcecalcWarning) as warned:
+        scores = evaluate_s2ef(potential, mixed)
+    messages = [str(w.message) for w in warned]
+    assert (
+        "the data set: 1 of 4 frames failed and are left out of the scores (counted as "
+        "'failed'): frames [1]: the model's energy or forces are not finite (NaN or inf)"
+    ) in messages
+    assert scores == evaluate_s2ef(potential, frames) | {"frames": 4, "failed": 1}
+    with pytest.warns(ForcecalcWarning):
+        none = evaluate_s2ef(potential, [_gold(frames[0])])
+    assert none == {key: None for key in ("energy_mae", "forces_mae", "forces_cos", "efwt")} | {
+        "frames": 1,
+        "failed": 1,
+    }
+
+
+def test_relaxations_the_model_fails_on_are_left_out_and_counted(tmp_path: Path) -> None:
+    """A system whose relaxation failed (here the model's NaN output at its first
+    evaluation) is left out of the IS2RS and IS2RE scores, never scored as the model's result
+    where it stopped (its unrelaxed initial structure, whose ADwT counted before), named in
+    a warning by its system index and counted as failed and unconverged: the scores are those
+    of the other systems alone; the initial-structure baseline scores every system."""
+    cluster = _cluster()
+    gold = (_gold(cluster[0]), _gold(cluster[1]))
+    potential = _fails_on_gold()
+    with open_dataset(_write_split(tmp_path / "mixed.h5", [cluster, gold])) as dataset:
+        with pytest.warns(ForcecalcWarning, match=r"mixed.h5: 1 of 2 systems failed") as warned:
+            scores = evaluate_relaxations(potential, dataset)
+        forcenet = load_checkpoint(OCP_DATA / "forcenet_small.pt", device="cpu")
+        everything = evaluate_relaxations(forcenet, dataset, steps=0)  # fails on none
+    assert len(warned) == 1
+    assert "systems [1]: the model's energy or forces are not finite" in str(warned[0].message)
+    with open_dataset(_write_split(tmp_path / "alone.h5", [cluster])) as dataset:
+        alone = evaluate_relaxations(potential, dataset)
+    assert scores["failed"] == 1 and scores["systems"] == 2 and scores["converged"] == 0.5
+    assert scores["is2rs"] == alone["is2rs"] and scores["is2re"] == alone["is2re"]
+    assert scores["baseline_initial_structure"] == everything["baseline_initial_structure"]

@@ -167,6 +167,32 @@ def test_list_models_names_remote_checkpoints(capsys) -> None:
     assert "SpinConv-S2EF-OC20-All" in capsys.readouterr().out
 
 
+def test_list_models_calls_a_corrupt_cached_file_corrupt(tmp_path: Path, monkeypatch) -> None:
+    """A cached file that every use of its name refuses (an HTML page, an empty file, a
+    checkpoint whose known SHA-256 does not match) is listed as corrupt, to be deleted, not
+    as cached; a sound cached checkpoint is cached, a missing one to download."""
+    monkeypatch.setenv("FORCECALC_CACHE", str(tmp_path))
+    sha = hashlib.sha256((OCP_DATA / "forcenet_small.pt").read_bytes()).hexdigest()
+    remotes = [
+        hub.RemoteCheckpoint(f"M{k}", f"http://127.0.0.1:9/m{k}.pt", "test", known)
+        for k, known in enumerate((None, None, "0" * 64, sha, None))
+    ]
+    monkeypatch.setattr(hub, "REMOTE_CHECKPOINTS", {r.name: r for r in remotes})
+    (tmp_path / "m0.pt").write_text("<html>error</html>")
+    (tmp_path / "m1.pt").write_bytes(b"")
+    for name in ("m2.pt", "m3.pt"):
+        shutil.copyfile(OCP_DATA / "forcenet_small.pt", tmp_path / name)
+    listed = hub.list_models(show=False)
+    states = [listed[remote.name].removesuffix(": test") for remote in remotes]
+    expected = ["corrupt", "corrupt", "corrupt", "cached", "download"]
+    assert [state.split(" (")[0] for state in states] == expected
+    assert f"the cached {tmp_path / 'm0.pt'} is no usable checkpoint: delete it" in states[0]
+    for remote, state in zip(remotes, states, strict=True):
+        if state.startswith("corrupt"):
+            with pytest.raises(CheckpointError, match="delete it"):
+                hub.resolve_checkpoint(remote.name, progress=False)
+
+
 @pytest.fixture
 def weights_copy(tmp_path: Path, monkeypatch) -> Path:
     """A copy of the shipped weights folder (forcenet.pt and manifest.json) that the hub

@@ -119,8 +119,10 @@ slower than one (spinning OpenMP threads); set ``torch.set_num_threads`` accordi
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextvars import ContextVar
 from typing import TypeVar
 
 import torch
@@ -596,10 +598,30 @@ def swish_layers(
     return linear(hidden, second.weight, second.bias, True, layers, addend=addend)
 
 
+#: Whether :func:`warn_max_neighbor_cut` warns (see :func:`no_max_neighbor_cut_warnings`).
+_WARN_CUT: ContextVar[bool] = ContextVar("warn_max_neighbor_cut", default=True)
+
+
+@contextlib.contextmanager
+def no_max_neighbor_cut_warnings() -> Iterator[None]:
+    """Within the block (in this thread or task), :func:`warn_max_neighbor_cut` warns of
+    nothing: for forward passes on structures the user did not give (the batched engine's
+    compressed copies, on which it measures its memory model), whose cut is none of theirs.
+    Python's warning filters are left alone (changing them makes the warnings shown once show
+    again)."""
+    token = _WARN_CUT.set(False)
+    try:
+        yield
+    finally:
+        _WARN_CUT.reset(token)
+
+
 def warn_max_neighbor_cut(max_neighbors: int | None, cutoff: float) -> None:
     """The warning of a model with the envelope whose max-neighbor rule cut pairs within
     the cutoff (from the forward, or from the calculator for the fixed-shape forward's
-    ``cut`` output)."""
+    ``cut`` output), unless :func:`no_max_neighbor_cut_warnings` is in effect."""
+    if not _WARN_CUT.get():
+        return
     warn(
         f"an atom has more than {max_neighbors} neighbors within {cutoff:g} Å: the "
         "max-neighbor rule cuts there, so this model's energy and forces are not continuous "

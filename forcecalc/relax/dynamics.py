@@ -250,10 +250,10 @@ def md(
             taken as a list of one); FixAtoms is honored, other constraints are refused.
         model: a checkpoint name or path, or a loaded potential (see :func:`relax`).
         steps: MD steps per structure.
-        timestep: fs.
+        timestep: fs (> 0, at most 100: :data:`MD_RANGES`).
         integrator: ``"verlet"`` (NVE) or ``"langevin"`` (NVT).
-        temperature_K: Langevin bath temperature (required for ``"langevin"``).
-        friction: Langevin friction (1/fs).
+        temperature_K: Langevin bath temperature (required for ``"langevin"``; 0 to 1e6).
+        friction: Langevin friction (1/fs; 0 to 100).
         fixcm: Langevin: ASE's deprecated centre-of-mass correction (see :class:`Langevin`).
         seed, rng: Langevin random numbers: ``"torch"`` or ``"numpy"`` (ASE's exact stream per
             system, ``default_rng(seed + input index)``); see the module docstring.
@@ -348,13 +348,32 @@ def _checked_options(
             "temperature_K applies to Langevin dynamics only; for NVE at a temperature, "
             "give the structures momenta first (ase.md.velocitydistribution)"
         )
-    if not (math.isfinite(timestep) and timestep > 0):
-        raise ValueError(f"timestep must be > 0 (fs), got {timestep}")
-    if temperature_K is not None and not (math.isfinite(temperature_K) and temperature_K >= 0):
-        raise ValueError(f"temperature_K must be >= 0, got {temperature_K}")
-    if not (math.isfinite(friction) and friction >= 0):
-        raise ValueError(f"friction must be >= 0, got {friction}")
+    check_md_option("timestep", timestep)
+    if temperature_K is not None:
+        check_md_option("temperature_K", temperature_K)
+    check_md_option("friction", friction)
     return integrator
+
+
+#: The ranges of :func:`md`'s physical options, which ``forcecalc md`` checks too: ``name ->
+#: (unit, whether 0 is allowed, the largest value)``.  The ceilings lie far beyond any
+#: atomistic MD (a 100 fs step resolves no bond vibration; a friction of 100/fs damps the
+#: momenta within 0.01 fs) and keep every coefficient of the integrators finite (ASE's
+#: Langevin takes ``timestep**1.5``, which overflows a float from about 3e206 fs).
+MD_RANGES: dict[str, tuple[str, bool, float]] = {
+    "timestep": ("fs", False, 100.0),
+    "temperature_K": ("K", True, 1e6),
+    "friction": ("1/fs", True, 100.0),
+}
+
+
+def check_md_option(name: str, value: float, label: str | None = None) -> None:
+    """A ``ValueError`` naming ``label`` (default ``name``) unless ``value`` lies in the range
+    of :func:`md`'s option ``name`` (:data:`MD_RANGES`): NaN and inf never do."""
+    unit, zero_allowed, ceiling = MD_RANGES[name]
+    if not ((value >= 0 if zero_allowed else value > 0) and value <= ceiling):
+        lowest = ">= 0" if zero_allowed else "> 0"
+        raise ValueError(f"{label or name} must be {lowest} and <= {ceiling:g} {unit}, got {value}")
 
 
 class _Integration:

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from forcecalc.calculator import stress_with_forces
 from forcecalc.graph import Batch, radius_graph
 from forcecalc.graph.batch import check_atoms, fixed_mask
 from forcecalc.graph.neighbors import MIN_DISTANCE_SQ, edge_vectors
@@ -70,6 +71,8 @@ class SystemSet:
             edge_system ``[E]`` system of each edge (edges are not sorted by system).
         reference: ``[N, 3]`` positions at each system's last neighbor-list build.
         builds: neighbor-list builds per system (host list; the first build counts).
+        bulk: whether each system's stress is computed with its forces, where the model
+            defines one (host list; :func:`forcecalc.calculator.stress_with_forces`).
         warn_contacts: whether builds warn of atoms closer than any bond (off for the memory
             model's compressed samples).
     """
@@ -88,6 +91,7 @@ class SystemSet:
         self.natoms_list: list[int] = []
         self.edge_counts: list[int] = []
         self.builds: list[int] = []
+        self.bulk: list[bool] = []
         self.positions = torch.zeros(0, 3, dtype=f64, device=device)
         self.numbers = torch.zeros(0, dtype=i64, device=device)
         self.tags = torch.zeros(0, dtype=i64, device=device)
@@ -155,6 +159,7 @@ class SystemSet:
         self.ids.extend(int(i) for i in ids)
         self.natoms_list.extend(natoms)
         self.builds.extend([0] * len(natoms))
+        self.bulk.extend(stress_with_forces(cell, pbc).tolist())
         self.edge_counts.extend([0] * len(natoms))
         atoms = torch.arange(n_old, self.n_atoms, device=device)
         self._rebuild(atoms, torch.arange(s_old, self.n_systems, device=device))
@@ -178,7 +183,7 @@ class SystemSet:
             setattr(self, name, getattr(self, name)[atom_keep])
         for name in ("natoms", "cell", "pbc", "constrained"):
             setattr(self, name, getattr(self, name)[keep])
-        for name in ("ids", "natoms_list", "edge_counts", "builds"):
+        for name in ("ids", "natoms_list", "edge_counts", "builds", "bulk"):
             values = getattr(self, name)
             setattr(self, name, [v for v, k in zip(values, keep_host, strict=True) if k])
         return atom_keep
@@ -355,7 +360,8 @@ class Evaluator:
     Args:
         potential: ``potential(batch) -> {"energy": [S], "forces": [N, 3]}`` (a
             :class:`~forcecalc.checkpoint.Potential` or any module with ``dtype`` and
-            ``energy_gradient``).
+            ``energy_gradient``; with ``defines_stress``, also
+            ``potential(batch, compute_stress=True)["stress"]`` ``[S, 3, 3]``).
         memory: the memory model; its ``budget`` caps the cost of one forward pass.  After an
             out-of-memory error the failed chunk is split in two (by cost), the cap drops to half
             its cost, and the evaluation goes on; a single system that does not fit alone gets
@@ -393,16 +399,31 @@ class Evaluator:
         Returns:
             ``energy`` ``[S]`` (eV) and ``forces`` ``[N, 3]`` (eV/Å), float64, unconstrained.
         """
+        energy, forces, _ = self.outputs(systems, stress=False)
+        return energy, forces
+
+    def outputs(self, systems: SystemSet, stress: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+        """:meth:`__call__`'s energies and forces and, with ``stress`` where the model defines
+        one, the stress of the bulk systems (``systems.bulk``), computed with them as the
+        calculators compute it.
+
+        Returns:
+            ``energy`` ``[S]`` (eV), ``forces`` ``[N, 3]`` (eV/Å) and ``stress`` ``[S, 3, 3]``
+            (eV/Å^3; NaN for the systems that are not bulk, or None without any), float64.
+        """
+        defined = bool(getattr(self.potential, "defines_stress", False))
+        stress = stress and defined and any(systems.bulk)  # None without a bulk system
         systems.refresh_neighbors()
         costs = self.system_costs(systems)
         pending = deque(self._chunks(costs, 0, systems.n_systems))
         energies: dict[int, Tensor] = {}
         forces: dict[int, Tensor] = {}
+        stresses: dict[int, Tensor | None] = {}
         while pending:
             start, stop = pending.popleft()
             try:
                 self.forward_calls += 1
-                energy, force = self._forward(systems, start, stop)
+                energy, force, chunk_stress = self._forward(systems, start, stop, stress)
             except Exception as error:
                 if not is_out_of_memory(error):
                     raise
@@ -417,6 +438,7 @@ class Evaluator:
                     shape = (systems.natoms_list[start], 3)
                     energies[start] = systems.positions.new_full((1,), torch.nan)
                     forces[start] = systems.positions.new_full(shape, torch.nan)
+                    stresses[start] = systems.positions.new_full((1, 3, 3), torch.nan)
                     continue
                 self.oom_splits += 1
                 chunk_cost = self.memory.bytes_fixed + sum(costs[start:stop])
@@ -424,25 +446,40 @@ class Evaluator:
                 middle = self._split_point(costs, start, stop)
                 pending.extendleft([(middle, stop), (start, middle)])
                 continue
-            energies[start], forces[start] = energy, force
+            energies[start], forces[start], stresses[start] = energy, force, chunk_stress
         order = sorted(energies)
         return (
             torch.cat([energies[k] for k in order]),
             torch.cat([forces[k] for k in order]),
+            torch.cat([stresses[k] for k in order]) if stress else None,
         )
 
     def fits(self, n_atoms: int, n_edges: int) -> bool:
         """Whether a batch of this size is within the current cap."""
         return self.memory.cost(n_atoms, n_edges) <= self.cap
 
-    def _forward(self, systems: SystemSet, start: int, stop: int) -> tuple[Tensor, Tensor]:
+    def _forward(
+        self, systems: SystemSet, start: int, stop: int, stress: bool
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Energies ``[s]``, forces ``[n, 3]`` and, with ``stress``, the stress ``[s, 3, 3]``
+        of the bulk systems (NaN for the others) of systems ``start..stop-1``, float64."""
         batch = systems.batch(start, stop)
+        bulk = systems.bulk[start:stop]
         with torch.set_grad_enabled(self.grad):
-            out = self.potential(batch)
-        return (
-            out["energy"].detach().to(torch.float64),
-            out["forces"].detach().to(torch.float64),
-        )
+            out = (
+                self.potential(batch, compute_stress=True)
+                if stress and any(bulk)
+                else self.potential(batch)
+            )
+        energy = out["energy"].detach().to(torch.float64)
+        forces = out["forces"].detach().to(torch.float64)
+        if not stress:
+            return energy, forces, None
+        nan = energy.new_full((stop - start, 3, 3), torch.nan)
+        if not any(bulk):
+            return energy, forces, nan
+        mask = torch.as_tensor(bulk, device=energy.device)[:, None, None]
+        return energy, forces, torch.where(mask, out["stress"].detach().to(torch.float64), nan)
 
     def _chunks(self, costs: list[float], start: int, stop: int) -> list[tuple[int, int]]:
         """Contiguous runs of systems whose cost stays within the cap (at least one each)."""

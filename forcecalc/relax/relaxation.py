@@ -18,7 +18,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from forcecalc.calculator import VOIGT
 from forcecalc.graph.neighbors import checked_skin
+from forcecalc.models.spinconv import no_max_neighbor_cut_warnings
 from forcecalc.relax.engine import (
     Evaluator,
     SystemSet,
@@ -48,6 +50,11 @@ if TYPE_CHECKING:
 #: CUDA the list of a whole batch is rebuilt only every few steps (a relaxation step moves an
 #: atom by at most 0.2 Å).
 DEFAULT_SKIN = {"cpu": 0.0, "cuda": 0.5}
+
+
+#: ``info["relax_error"]`` of a structure whose model output (energy, forces) was not finite,
+#: by the batched engine and ``forcecalc relax`` one by one alike.
+MODEL_NOT_FINITE = "the model's energy or forces are not finite (NaN or inf)"
 
 
 def default_skin(device: torch.device) -> float:
@@ -230,7 +237,11 @@ def _auto_memory_model(
         grad = bool(getattr(potential, "energy_gradient", False))
         measure = cuda_peak_bytes if cuda else cpu_peak_bytes
         batches = memory_sample_batches(potential, structures, skin, device)
-        model = measure_memory_model(potential, batches, grad, measure)
+        # the measuring passes warn of nothing: the compressed copies are no structures of the
+        # user's (a max-neighbor cut in one is none of theirs; their graphs warn of no close
+        # contact), and the user's own are evaluated, and warned of, by the run itself
+        with no_max_neighbor_cut_warnings():
+            model = measure_memory_model(potential, batches, grad, measure)
         if model.bytes_per_atom <= 0 and model.bytes_per_edge <= 0:
             return CPU_MEMORY_MODEL.with_budget(memory_budget(device))
         remember_memory_model(potential, device, model, largest)
@@ -289,8 +300,11 @@ def relax(
 
     Returns:
         The relaxed structures in input order: copies of the inputs with the final positions,
-        a ``SinglePointCalculator`` with the final ``energy``/``free_energy`` and (raw)
-        ``forces``, ``info["relax_steps"]`` (steps taken), ``info["relax_converged"]`` and
+        a ``SinglePointCalculator`` with the final ``energy``/``free_energy``, (raw)
+        ``forces`` and, for a structure periodic along all three axes whose model defines a
+        stress (``spinconv-ec``), its ``stress`` (eV/Å^3, Voigt order), computed with them as
+        the calculators do (:func:`~forcecalc.calculator.stress_with_forces`; trajectory
+        frames too), ``info["relax_steps"]`` (steps taken), ``info["relax_converged"]`` and
         ``info["relax_initial_energy"]`` (eV, before the first step); a structure whose
         model output (energy, forces) or optimizer step was not finite (e.g. LBFGS where the
         forces vanish) ends there, unconverged, with ``info["relax_error"]`` saying which
@@ -344,7 +358,7 @@ class _Relaxation:
             outputs = self._admit_and_evaluate()
             if outputs is None:
                 continue
-            energy, raw_forces = self._end_not_finite(*outputs)
+            energy, raw_forces, stress = self._end_not_finite(*outputs)
             if not systems.n_systems:
                 continue
             forces = systems.constrained_forces(raw_forces)
@@ -352,17 +366,20 @@ class _Relaxation:
             out_of_steps = torch.as_tensor([n >= steps for n in self.taken], device=systems.device)
             done = converged | out_of_steps
             if self.trajectory:
-                _record(systems, self.plan.structures, energy, raw_forces, self.frames)
+                _record(systems, self.plan.structures, energy, raw_forces, stress, self.frames)
             if bool(done.any()):
-                keep, atom_keep = self._retire(energy, raw_forces, done, converged)
+                keep, atom_keep = self._retire(energy, raw_forces, stress, done, converged)
                 forces, raw_forces, energy = forces[atom_keep], raw_forces[atom_keep], energy[keep]
+                stress = None if stress is None else stress[keep]
             if systems.n_systems:
-                self._step(energy, raw_forces, forces)
+                self._step(energy, raw_forces, stress, forces)
         return self.results
 
-    def _admit_and_evaluate(self) -> tuple[Tensor, Tensor] | None:
-        """Admit queued structures while they fit, then the energies ``[S]`` and raw forces
-        ``[N, 3]`` of every system in flight (None: a step's overlaps ended them all)."""
+    def _admit_and_evaluate(self) -> tuple[Tensor, Tensor, Tensor | None] | None:
+        """Admit queued structures while they fit, then the energies ``[S]``, raw forces
+        ``[N, 3]`` and stress ``[S, 3, 3]`` (NaN but for bulk systems; None without any: see
+        :meth:`~forcecalc.relax.engine.Evaluator.outputs`) of every system in flight (None: a
+        step's overlaps ended them all)."""
         plan, systems = self.plan, self.systems
         admitted = admit(
             systems, plan.evaluate, plan.structures, self.queue, plan.max_systems, plan.edge_counts
@@ -372,31 +389,37 @@ class _Relaxation:
             self.taken.extend([0] * admitted)
             self.initial.extend([torch.nan] * admitted)  # their first energies, once evaluated
         try:
-            energy, raw_forces = plan.evaluate(systems)
+            outputs = plan.evaluate.outputs(systems, stress=True)
         except ValueError:
             if not self._end_overlapping():
                 raise
             if not systems.n_systems:
                 return None
-            energy, raw_forces = plan.evaluate(systems)
+            outputs = plan.evaluate.outputs(systems, stress=True)
         if admitted:  # still the last ones: an overlap ends only systems that took a step
-            self.initial[len(self.initial) - admitted :] = energy[-admitted:].tolist()
-        return energy, raw_forces
+            self.initial[len(self.initial) - admitted :] = outputs[0][-admitted:].tolist()
+        return outputs
 
-    def _end_not_finite(self, energy: Tensor, raw_forces: Tensor) -> tuple[Tensor, Tensor]:
+    def _end_not_finite(
+        self, energy: Tensor, raw_forces: Tensor, stress: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
         """End the systems whose model output is not finite (a model that fails there, or a
-        structure too large for the memory even alone); the others' energy and forces."""
+        structure too large for the memory even alone); the others' energy, forces and
+        stress."""
         broken = ~torch.isfinite(energy) | self.systems.non_finite(raw_forces)
         if not bool(broken.any()):
-            return energy, raw_forces
-        error = "the model's energy or forces are not finite (NaN or inf)"
+            return energy, raw_forces, stress
         ids, failures = self.systems.ids, self.plan.evaluate.failures
-        keep, atom_keep = self._retire(energy, raw_forces, broken, torch.zeros_like(broken), error)
+        keep, atom_keep = self._retire(
+            energy, raw_forces, stress, broken, torch.zeros_like(broken), MODEL_NOT_FINITE
+        )
         for index in set(ids) & set(failures):  # too large to evaluate alone
             self.results[index].info["relax_error"] = failures.pop(index)
-        return energy[keep], raw_forces[atom_keep]
+        return energy[keep], raw_forces[atom_keep], None if stress is None else stress[keep]
 
-    def _step(self, energy: Tensor, raw_forces: Tensor, forces: Tensor) -> None:
+    def _step(
+        self, energy: Tensor, raw_forces: Tensor, stress: Tensor | None, forces: Tensor
+    ) -> None:
         """One optimizer step of every system in flight (``forces`` with FixAtoms applied).
         A system whose step is not finite (e.g. LBFGS with zero forces, as ASE's) ends here,
         unconverged, with its last finite positions."""
@@ -404,9 +427,13 @@ class _Relaxation:
         step = self.opt.step(systems, forces)
         finite = ~systems.non_finite(step)
         if not bool(finite.all()):
-            error = f"the {self.opt.name} step was not finite (NaN or inf)"
             _, atom_keep = self._retire(
-                energy, raw_forces, ~finite, torch.zeros_like(finite), error
+                energy,
+                raw_forces,
+                stress,
+                ~finite,
+                torch.zeros_like(finite),
+                step_not_finite(self.opt.name),
             )
             step = step[atom_keep]
         systems.positions = systems.positions + step
@@ -425,33 +452,35 @@ class _Relaxation:
         raw_forces = torch.full((systems.n_atoms, 3), torch.nan, dtype=torch.float64, device=device)
         ended = torch.zeros(systems.n_systems, dtype=torch.bool, device=device)
         ended[list(overlapping)] = True
-        self._retire(energy, raw_forces, ended, torch.zeros_like(ended))
+        self._retire(energy, raw_forces, None, ended, torch.zeros_like(ended))
         for k, problem in overlapping.items():
-            self.results[ids[k]].info["relax_error"] = (
-                f"step {steps_taken[k]} brought atoms within 0.01 Å of each other (no energy "
-                f"or forces there; the positions are those of that step): {problem}"
-            )
+            self.results[ids[k]].info["relax_error"] = atoms_met(steps_taken[k], problem)
         return True
 
     def _retire(
         self,
         energy: Tensor,
         raw_forces: Tensor,
+        stress: Tensor | None,
         ended: Tensor,
         converged: Tensor,
         error: str | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Store the systems ``ended`` ``[S]`` in the results as ``ase.Atoms`` (``energy``
-        ``[S]``, ``raw_forces`` ``[N, 3]``; with ``error`` as their ``info["relax_error"]``,
-        if given) and drop them from the set, the optimizer and the per-system lists;
-        returns the kept systems' ``[S]`` and atoms' ``[N]`` masks."""
+        ``[S]``, ``raw_forces`` ``[N, 3]``, ``stress`` ``[S, 3, 3]`` or None; with ``error``
+        as their ``info["relax_error"]``, if given) and drop them from the set, the optimizer
+        and the per-system lists; returns the kept systems' ``[S]`` and atoms' ``[N]``
+        masks."""
         systems, structures = self.systems, self.plan.structures
         positions, force_list = _split(systems.positions, systems), _split(raw_forces, systems)
         energies, flags, ended_host = energy.cpu().tolist(), converged.tolist(), ended.tolist()
+        stresses = _host_stress(stress, systems.n_systems)
         for k, index in enumerate(systems.ids):
             if not ended_host[k]:
                 continue
-            atoms = _snapshot(structures[index], positions[k], energies[k], force_list[k])
+            atoms = _snapshot(
+                structures[index], positions[k], energies[k], force_list[k], stresses[k]
+            )
             atoms.info["relax_steps"] = int(self.taken[k])
             atoms.info["relax_converged"] = bool(flags[k])
             atoms.info["relax_initial_energy"] = float(self.initial[k])
@@ -475,13 +504,32 @@ def _split(values: Tensor, systems: SystemSet) -> list[np.ndarray]:
     return np.split(host, np.cumsum(systems.natoms_list)[:-1])
 
 
-def _snapshot(atoms: Atoms, positions: np.ndarray, energy: float, forces: np.ndarray) -> Atoms:
+def _host_stress(stress: Tensor | None, n_systems: int) -> list[np.ndarray | None]:
+    """``[S, 3, 3]`` device stress (or None) → per system a ``[3, 3]`` array or None."""
+    if stress is None:
+        return [None] * n_systems
+    return list(stress.cpu().numpy())
+
+
+def _snapshot(
+    atoms: Atoms,
+    positions: np.ndarray,
+    energy: float,
+    forces: np.ndarray,
+    stress: np.ndarray | None = None,
+) -> Atoms:
+    """A copy of ``atoms`` at ``positions`` ``[n, 3]`` with a ``SinglePointCalculator`` of
+    ``energy``, ``forces`` ``[n, 3]`` and the ``[3, 3]`` ``stress`` where it is finite (a
+    bulk system's, as the calculators give it: Voigt order)."""
     from ase.calculators.singlepoint import SinglePointCalculator
 
     copy = atoms.copy()
     copy.info.pop("trajectory", None)  # an input's own (from an earlier run): not nested
     copy.positions = positions
-    copy.calc = SinglePointCalculator(copy, energy=energy, free_energy=energy, forces=forces)
+    results = {"energy": energy, "free_energy": energy, "forces": forces}
+    if stress is not None and np.isfinite(stress).all():
+        results["stress"] = stress[VOIGT]
+    copy.calc = SinglePointCalculator(copy, **results)
     return copy
 
 
@@ -490,10 +538,27 @@ def _record(
     structures: Sequence,
     energy: Tensor,
     forces: Tensor,
+    stress: Tensor | None,
     frames: dict[int, list],
 ) -> None:
     positions, force_list = _split(systems.positions, systems), _split(forces, systems)
-    energies = energy.cpu().tolist()
+    energies, stresses = energy.cpu().tolist(), _host_stress(stress, systems.n_systems)
     for k, index in enumerate(systems.ids):
-        frame = _snapshot(structures[index], positions[k], energies[k], force_list[k])
+        frame = _snapshot(structures[index], positions[k], energies[k], force_list[k], stresses[k])
         frames.setdefault(index, []).append(frame)
+
+
+def step_not_finite(optimizer: str) -> str:
+    """``info["relax_error"]`` of a structure whose ``optimizer`` step was not finite (ASE's
+    LBFGS at zero forces), by the batched engine and ``forcecalc relax`` one by one alike."""
+    return f"the {optimizer.lower()} step was not finite (NaN or inf)"
+
+
+def atoms_met(step: int, problem: str) -> str:
+    """``info["relax_error"]`` of a structure whose step ``step`` brought two atoms within
+    0.01 Å of each other (the graph builder's ``problem``), by the batched engine and
+    ``forcecalc relax`` one by one alike."""
+    return (
+        f"step {step} brought atoms within 0.01 Å of each other (no energy or forces there; "
+        f"the positions are those of that step): {problem}"
+    )

@@ -178,7 +178,9 @@ def test_md_batches_in_sequence_and_order():
 def test_md_invalid_arguments():
     """Contract: a Langevin run without temperature, unknown integrators (names in any case
     are known) or rng modes, steps, seeds or trajectory intervals that are not integers >= 0,
-    fixcm with a 1-atom system, raise ValueError naming them."""
+    time steps, temperatures and frictions outside md's ranges (NaN, inf and absurd values
+    such as 1e300 among them: no dynamics, and overflowing coefficients), fixcm with a 1-atom
+    system, raise ValueError naming them."""
     systems = _thermalized()
     potential = morse_potential()
     with pytest.raises(ValueError, match="temperature_K"):
@@ -196,7 +198,12 @@ def test_md_invalid_arguments():
     assert len(md(systems[:1], potential, steps=1, integrator="VERLET")) == 1  # any case
     with pytest.raises(ValueError, match="temperature_K applies to Langevin dynamics only"):
         md(systems, potential, steps=1, temperature_K=300)
-    for bad in ({"timestep": 0.0}, {"timestep": -1.0}, {"temperature_K": -5.0}, {"friction": -1}):
+    inf = float("inf")
+    for bad in (
+        *({"timestep": value} for value in (0.0, -1.0, inf, 1e300)),
+        *({"temperature_K": value} for value in (-5.0, inf, 1e300)),
+        *({"friction": value} for value in (-1, inf, 1e300)),
+    ):
         with pytest.raises(ValueError, match=next(iter(bad))):
             md(systems, potential, steps=1, integrator="langevin", **{"temperature_K": 300, **bad})
     # fixcm with a 1-atom system: named before any forward pass, not when its batch starts

@@ -400,6 +400,40 @@ def test_energy_centric_spinconv_integration():
         assert np.abs(own.positions - result.positions).max() > 1e-4
 
 
+def test_bulk_structures_carry_the_stress_the_calculator_gives():
+    """Contract: with a model that defines stress (energy-centric SpinConv, conservative
+    forces), a structure periodic along all three axes ends with its stress (eV/Å^3, Voigt
+    order: (1/V) dE/dstrain) in its results and in every trajectory frame, equal to the
+    calculator's at the same positions, which computes it with the forces (so one by one
+    and batched runs write the same results); a slab (pbc [T, T, F]) and a molecule in the
+    same batch get none, as from the calculator's forces; a model without stress gives none."""
+    from ase.build import bulk, molecule
+    from ocp_fixtures import ocp_checkpoint_path
+
+    from forcecalc.checkpoint import load_checkpoint
+
+    path = ocp_checkpoint_path("spinconv_small_ec")
+    potential = load_checkpoint(path, device="cpu", dtype="float64", forces="conservative")
+    crystal = bulk("Cu", "fcc", a=3.7, cubic=True)  # expanded: a stress of some size
+    crystal.rattle(0.05, seed=1)
+    structures = [crystal, rattled_slab(2), molecule("CO")]
+    results = relax(structures, potential, steps=2, batch_size=3, trajectory=True)
+    calc = load_calculator(potential)
+    frames = [results[0], *results[0].info["trajectory"]]
+    assert len(frames) == 4
+    for frame in frames:
+        reference = frame.copy()
+        reference.calc = calc
+        stress = frame.calc.results["stress"]
+        assert np.abs(stress).max() > 1e-3
+        np.testing.assert_allclose(stress, reference.get_stress(), rtol=0, atol=1e-10)
+    for result in results[1:]:
+        for frame in [result, *result.info["trajectory"]]:
+            assert set(frame.calc.results) == {"energy", "free_energy", "forces"}
+    [direct] = relax([crystal], morse_potential(), steps=1)
+    assert "stress" not in direct.calc.results
+
+
 @pytest.mark.parametrize("run", ["relax", "md", "predict"])
 def test_model_options_with_a_loaded_model_are_named(run):
     """Contract: model options apply when a checkpoint is loaded; given beside a loaded
@@ -537,6 +571,20 @@ def test_overlapping_atoms_are_named_before_any_work(run, batch_size):
     assert potential.calls == 0
 
 
+class _Pulling(MorseVariant):
+    """The Morse potential; on 2-atom systems, 100 eV/Å pulling each atom to their centre."""
+
+    def outputs(self, batch):
+        out = self.inner(batch)
+        pair = (batch.natoms == 2)[batch.system_idx]
+        idx = batch.system_idx
+        centre = torch.zeros_like(out["forces"][: len(batch.natoms)])
+        centre = centre.index_add(0, idx, batch.positions) / batch.natoms[:, None]
+        towards = centre[idx] - batch.positions
+        pull = 100.0 * towards / towards.norm(dim=1, keepdim=True)
+        return {**out, "forces": torch.where(pair[:, None], pull, out["forces"])}
+
+
 @pytest.mark.parametrize(("optimizer", "skin"), [("bfgs", 0.0), ("bfgs", 0.5), ("fire", 0.5)])
 def test_a_structure_whose_atoms_a_step_brings_together_ends_alone(optimizer, skin):
     """Contract: where an optimizer step brings two atoms within 0.01 Å of each other (here
@@ -546,20 +594,6 @@ def test_a_structure_whose_atoms_a_step_brings_together_ends_alone(optimizer, sk
     skin (CUDA's default 0.5 Å: the atoms meet before either moved a quarter of it; FIRE gets
     there in a few steps), where the overlap went unseen.  The memory model's samples (copies
     compressed to 0.8: the pair at 0.32 Å) warn of nothing."""
-
-    class Pulling(MorseVariant):
-        """The Morse potential; on 2-atom systems, 100 eV/Å pulling each atom to their centre."""
-
-        def outputs(self, batch):
-            out = self.inner(batch)
-            pair = (batch.natoms == 2)[batch.system_idx]
-            idx = batch.system_idx
-            centre = torch.zeros_like(out["forces"][: len(batch.natoms)])
-            centre = centre.index_add(0, idx, batch.positions) / batch.natoms[:, None]
-            towards = centre[idx] - batch.positions
-            pull = 100.0 * towards / towards.norm(dim=1, keepdim=True)
-            return {**out, "forces": torch.where(pair[:, None], pull, out["forces"])}
-
     from ase import Atoms
 
     pair = Atoms("H2", positions=[[0, 0, 0], [0.4, 0, 0]], cell=[8, 8, 8], pbc=False)
@@ -568,7 +602,7 @@ def test_a_structure_whose_atoms_a_step_brings_together_ends_alone(optimizer, sk
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ForcecalcWarning)
         results = relax(
-            [others[0], pair, others[1]], Pulling(), optimizer=optimizer, steps=8, skin=skin
+            [others[0], pair, others[1]], _Pulling(), optimizer=optimizer, steps=8, skin=skin
         )
     # no close-contact warning about the memory model's compressed sample (0.32 Å); FIRE's
     # path passes closer contacts of its own, which do warn
@@ -579,10 +613,37 @@ def test_a_structure_whose_atoms_a_step_brings_together_ends_alone(optimizer, sk
     assert ended.info["relax_error"].startswith(f"step {steps} brought atoms within 0.01 Å")
     assert "atoms 0 and 1 are" in ended.info["relax_error"]
     assert np.isnan(ended.get_potential_energy())
-    alone = relax(others, Pulling(), optimizer=optimizer, steps=8, skin=skin)
+    alone = relax(others, _Pulling(), optimizer=optimizer, steps=8, skin=skin)
     for result, reference in zip([results[0], results[2]], alone, strict=True):
         assert "relax_error" not in result.info
         np.testing.assert_allclose(result.positions, reference.positions, atol=1e-9)
+
+
+def test_one_by_one_relax_ends_atoms_a_step_brings_together_as_the_engine():
+    """Contract: `forcecalc relax` one by one (ASE's BFGS with the calculator) ends a
+    structure whose step brings two atoms within 0.01 Å as the batched engine ends it: at
+    that step's positions, with NaN energy and forces (not without results), the same step
+    count, and a relax_error naming the step and the atoms (their distance as each computed
+    it)."""
+    from argparse import Namespace
+
+    from ase import Atoms
+
+    from forcecalc.checkpoint import CheckpointInfo, Normalizers, Potential
+    from forcecalc.cli import _relax_one
+
+    pair = Atoms("H2", positions=[[0, 0, 0], [0.4, 0, 0]], cell=[8, 8, 8], pbc=False)
+    [engine] = relax([pair], _Pulling(), optimizer="bfgs", steps=8, batch_size=1)
+    one = pair.copy()
+    potential = Potential(_Pulling(), CheckpointInfo("pulling", {}, Normalizers(), "test"))
+    args = Namespace(optimizer="BFGS", fmax=0.05, steps=8, trajectory=None)
+    _relax_one(one, load_calculator(potential), args)
+    assert one.info["relax_steps"] == engine.info["relax_steps"] == 1
+    assert not one.info["relax_converged"] and not engine.info["relax_converged"]
+    for error in (one.info["relax_error"], engine.info["relax_error"]):
+        assert error.startswith("step 1 brought atoms within 0.01 Å") and "atoms 0 and 1" in error
+    np.testing.assert_allclose(one.positions, engine.positions, rtol=0, atol=1e-12)
+    assert np.isnan(one.get_potential_energy()) and np.isnan(one.get_forces()).all()
 
 
 @pytest.mark.parametrize("skin", [0.0, 0.5])

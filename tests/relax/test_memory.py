@@ -182,3 +182,36 @@ def test_memory_model_is_measured_on_the_largest_structures(monkeypatch):
     relaxation._auto_memory_model(fresh, small, 0.0, cpu)
     assert cached_memory_model(fresh, cpu, largest_atoms=4) is not None
     assert cached_memory_model(fresh, cpu, largest_atoms=len(slab)) is None  # measured again
+
+
+def test_the_measuring_passes_warn_of_no_structure_the_user_did_not_give(monkeypatch):
+    """The memory model is measured on compressed copies of the largest structures too
+    (lengths times DENSE_SAMPLE_SCALE): a max-neighbor cut in such a copy is no property of
+    the user's structure. Bulk Ni (at most 18 neighbors within 4 Å; 54 in its 0.8-scaled
+    copy) relaxed with the shipped spinconv-ec (its envelope makes it warn of a cut) under
+    batch_size="auto" gets no warning, as with an integer batch size; a structure that is
+    itself that dense still gets the warning, from the run's own evaluation."""
+    import warnings
+
+    from ase.build import bulk
+
+    from forcecalc import ForcecalcWarning
+    from forcecalc.checkpoint import load_checkpoint
+    from forcecalc.relax import relax, relaxation
+
+    def measured(potential, batch, grad):  # the forward runs (and may warn), a fixed peak
+        with torch.set_grad_enabled(grad):
+            potential(batch)
+        return 1e6 + 1e3 * batch.n_atoms + 1e2 * batch.n_edges
+
+    monkeypatch.setattr(relaxation, "cpu_peak_measurable", lambda: True)
+    monkeypatch.setattr(relaxation, "cpu_peak_bytes", measured)
+    nickel = bulk("Ni", "fcc", a=3.52, cubic=True).repeat(2)
+    nickel.rattle(0.01, seed=0)
+    dense = nickel.copy()
+    dense.set_cell(nickel.cell * relaxation.DENSE_SAMPLE_SCALE, scale_atoms=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ForcecalcWarning)
+        relax([nickel], load_checkpoint("spinconv-ec", device="cpu"), steps=0)
+    with pytest.warns(ForcecalcWarning, match="more than 50 neighbors within 4 Å"):
+        relax([dense], load_checkpoint("spinconv-ec", device="cpu"), steps=0)
