@@ -50,8 +50,8 @@ def predict(
         with constraints applied, a restraint such as ``Hookean`` adds its energy and
         forces). A structure the model gives a NaN or infinite output for gets it as it is
         (the others are unaffected), where the calculator raises ``CalculationFailed``: a
-        screening loses no structure to another's failure. One warning names every structure
-        without a finite result, and why.
+        screening loses no structure to another's failure. One warning names the structures
+        without a finite result (the first ten), and why.
     """
     from ase import Atoms
     from tqdm.auto import tqdm
@@ -88,13 +88,15 @@ def predict(
         if not (np.isfinite(energy) and np.isfinite(forces).all()):
             failures.setdefault(index, "the model's energy or forces are not finite (NaN or inf)")
     if failures:
+        named = sorted(failures)[:10]
         warn(
             f"{len(failures)} of {len(structures)} structures have NaN or infinite energy "
             "and forces: "
             + "; ".join(
                 f"structure {k} ({structures[k].get_chemical_formula()}): {failures[k]}"
-                for k in sorted(failures)
+                for k in named
             )
+            + ("; and more" if len(failures) > len(named) else "")
         )
     results: list[dict[str, Any]] = []
     for atoms, (energy, forces) in zip(structures, raw, strict=True):

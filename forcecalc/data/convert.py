@@ -282,10 +282,28 @@ def _reader(src: Path) -> _Reader:
     return functools.partial(_read_ase, fmt=name)
 
 
+def _check_labels(atoms: Atoms, where: str) -> None:
+    """A ``ValueError`` naming the frame (``where``) whose energy label is no number, or
+    whose energy or forces are not finite (HDF5 keeps NaN for a missing label: such a label
+    was dropped without a word)."""
+    results = atoms.calc.results if atoms.calc is not None else {}
+    energy = label_energy(results)
+    if energy is not None:
+        check_energy_is_a_number(energy, where)
+    bad = [
+        name
+        for name, value in (("energy", energy), ("forces", results.get("forces")))
+        if value is not None and not np.isfinite(np.asarray(value, dtype=np.float64)).all()
+    ]
+    if bad:
+        raise ValueError(f"{where}: {' and '.join(bad)} not finite (NaN or inf)")
+
+
 def _readable(images: Iterable[Atoms], src: Path, dst: Path) -> Iterator[Atoms]:
     """``images``, with a reader's failure (a file that is not what its suffix says, a
-    truncated frame) or an energy that is no number as a ValueError naming ``src`` (and the
-    frame), and a warning where ``src`` has no frames (``dst`` is then empty)."""
+    truncated frame) or labels that are no finite numbers (:func:`_check_labels`) as a
+    ValueError naming ``src`` (and the frame), and a warning where ``src`` has no frames
+    (``dst`` is then empty)."""
     frames = iter(images)
     count = 0
     while True:
@@ -303,9 +321,7 @@ def _readable(images: Iterable[Atoms], src: Path, dst: Path) -> Iterator[Atoms]:
             sqlite3.Error,
         ) as error:
             raise ValueError(f"cannot read {src}: {type(error).__name__}: {error}") from error
-        energy = label_energy(atoms.calc.results) if atoms.calc is not None else None
-        if energy is not None:
-            check_energy_is_a_number(energy, f"{src}: frame {count}")
+        _check_labels(atoms, f"{src}: frame {count}")
         count += 1
         yield atoms
     if not count:

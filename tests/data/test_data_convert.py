@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -497,10 +498,14 @@ def test_cli_convert_keeps_an_existing_output_unless_told_to_overwrite(
     assert len(ase.io.read(target, index=":")) == 1
 
 
+@pytest.mark.parametrize("label", ["energy=abc", "energy=nan", "forces"])
 @pytest.mark.parametrize("suffix", [".h5", ".db", ".extxyz"])
-def test_an_energy_that_is_no_number_is_named_with_its_frame(tmp_path: Path, suffix: str) -> None:
-    """An extended XYZ energy that is text (``energy=abc``, kept as a string by ASE's reader)
-    is an error naming the file and the frame, and no output is written."""
+def test_a_label_that_is_no_finite_number_is_named_with_its_frame(
+    tmp_path: Path, suffix: str, label: str
+) -> None:
+    """An extended XYZ energy that is text (``energy=abc``, kept as a string by ASE's reader),
+    or an energy or force that is not finite, is an error naming the file and the frame, and
+    no output is written (HDF5 dropped a NaN energy without a word: its missing label)."""
     frames = []
     for a in (3.6, 3.65):
         atoms = bulk("Cu", "fcc", a=a, cubic=True)
@@ -510,8 +515,15 @@ def test_an_energy_that_is_no_number_is_named_with_its_frame(tmp_path: Path, suf
     source = tmp_path / "in.extxyz"
     ase.io.write(source, frames)
     lines = source.read_text().splitlines(keepends=True)
-    lines[len(frames[0]) + 3] = lines[len(frames[0]) + 3].replace("energy=", "energy=abc", 1)
+    comment, atom = len(frames[0]) + 3, len(frames[0]) + 5  # frame 1's comment, second atom
+    if label == "forces":
+        fields = lines[atom].split()
+        lines[atom] = " ".join([*fields[:-1], "inf"]) + "\n"
+        expected = "forces not finite"
+    else:
+        lines[comment] = re.sub(r"energy=\S+", label, lines[comment])
+        expected = "the energy 'abc' is not a number" if "abc" in label else "energy not finite"
     source.write_text("".join(lines))
-    with pytest.raises(ValueError, match=rf"^{source}: frame 1: the energy 'abc.*' is not a num"):
+    with pytest.raises(ValueError, match=rf"^{source}: frame 1: {expected}"):
         convert(source, tmp_path / f"out{suffix}")
     assert not (tmp_path / f"out{suffix}").exists()
