@@ -269,12 +269,7 @@ def _check_inputs(
     if not bool(torch.isfinite(cell).all()):
         bad = torch.nonzero(~torch.isfinite(cell).flatten(1).all(dim=1)).flatten()[:10]
         raise ValueError(f"the cells of systems {bad.tolist()} contain NaN or inf")
-    cell_host = cell.detach().to("cpu", torch.float64).numpy()
-    pbc_host = pbc.cpu().numpy()
-    problem = cell_problem(cell_host, pbc_host)
-    if problem is not None:
-        raise ValueError(f"system {problem[0]}: {problem[1]}")
-    return cell_host, pbc_host
+    return cell.detach().to("cpu", torch.float64).numpy(), pbc.cpu().numpy()
 
 
 def _vesin_graph(
@@ -355,9 +350,10 @@ def radius_graph(
             plus every neighbor tied with the last one kept (see :func:`max_neighbors_mask`).
         backend: ``"vesin"``, ``"torch"`` or ``"auto"`` (vesin on the CPU or for one system;
             the batched torch cell list for several systems on a GPU).
-        name: ``name(k)`` names system ``k`` at the start of the messages about overlapping
-            atoms and close contacts (called only for those; default: "structure k in the
-            batch" after the atoms, where there are several systems).
+        name: ``name(k)`` names system ``k`` at the start of the messages about its cell,
+            overlapping atoms and close contacts (called only for those; default: "system k"
+            before a cell's problem and "structure k in the batch" after the atoms, where
+            there are several systems).
         warn_contacts: warn of atoms closer than any bond (:data:`CLOSE_CONTACT`); off for
             structures made for a measurement, not given by the user.
 
@@ -371,8 +367,10 @@ def radius_graph(
     if backend not in ("auto", "vesin", "torch"):
         raise ValueError(f"unknown neighbor-list backend {backend!r}")
     cell_host, pbc_host = _check_inputs(positions, cell, pbc, system_idx, cutoff)
-    basis, problem = search_lattice(cell_host, pbc_host, cutoff)
-    if problem is not None:
+    basis, problem = None, cell_problem(cell_host, pbc_host)
+    if problem is None:
+        basis, problem = search_lattice(cell_host, pbc_host, cutoff)
+    if problem is not None:  # a cell that spans no lattice, or one needing too many images
         system, why = problem
         where = name(system) if name else f"system {system}" if len(cell) > 1 else None
         raise ValueError(f"{where}: {why}" if where else why)

@@ -86,10 +86,14 @@ class ForcecalcModel(ModelInterface):
     def forward(self, state: Any, **kwargs: Any) -> dict[str, Tensor]:
         """Energies ``[S]``, forces ``[N, 3]`` (and stress ``[S, 3, 3]``) of a torch-sim
         ``SimState`` (or a dict with ``positions``, ``cell``, ``pbc``, ``atomic_numbers``,
-        ``system_idx``)."""
+        ``system_idx``); an element the model has no parameters for is a ``ValueError``
+        naming the atoms (their indices in the state), as in the calculators."""
         get = state.get if isinstance(state, dict) else lambda key: getattr(state, key)
         positions = get("positions").to(self._device)
         numbers = get("atomic_numbers").to(device=self._device, dtype=torch.int64)
+        check_numbers = getattr(self.potential, "check_numbers", None)
+        if check_numbers is not None:  # an element without parameters: named, as every path
+            check_numbers(numbers)
         system_idx = get("system_idx")
         if system_idx is None:
             system_idx = torch.zeros(len(positions), dtype=torch.int64, device=self._device)

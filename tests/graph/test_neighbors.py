@@ -351,6 +351,18 @@ def test_degenerate_periodic_cell_errors(cell: list, pbc: list, message: str) ->
         radius_graph(positions, cell_t, torch.tensor([pbc]), torch.zeros(2, dtype=torch.int64), 2.0)
 
 
+def test_a_cell_problem_is_named_as_the_caller_names_the_structure() -> None:
+    """A periodic cell that spans no lattice is named as the caller names the structure
+    (``neighbor_list(..., name=...)``), as its overlapping atoms are; one structure without a
+    name gets no "system 0" (it was always "system 0", whatever the name)."""
+    atoms = Atoms("H2", positions=[[0, 0, 0], [1, 1, 1]], cell=[[3, 0, 0], [0, 0, 0], [0, 0, 3]])
+    atoms.pbc = [True, True, False]
+    with pytest.raises(ValueError, match=r"^my slab: cell vector\(s\) \[1\] have zero"):
+        neighbor_list(atoms, 2.0, name="my slab")
+    with pytest.raises(ValueError, match=r"^cell vector\(s\) \[1\] have zero"):
+        neighbor_list(atoms, 2.0)
+
+
 def test_other_input_errors() -> None:
     """Bad cutoff, unsorted system index or an unknown backend raise ValueError."""
     positions, cell, pbc, system_idx = as_tensors([bulk("Cu", cubic=True)] * 2)

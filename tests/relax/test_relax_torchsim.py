@@ -46,6 +46,24 @@ def test_torch_sim_static_runner():
     assert torch.isfinite(results[0]["potential_energy"]).all()
 
 
+def test_an_element_without_parameters_is_refused():
+    """Contract: a state with an element the model has no parameters for (W for the shipped
+    ``spinconv-fc``, Cu/O/... only) is an error naming it and its atoms, as the calculator's
+    (the adapter returned ordinary-looking energies and forces from untrained tables)."""
+    from ase.build import bulk
+
+    from forcecalc.relax.torchsim import ForcecalcModel
+
+    model = ForcecalcModel("spinconv-fc", device="cpu")
+    copper = bulk("Cu", "fcc", a=3.6, cubic=True)
+    tungsten = bulk("W", "bcc", a=3.16, cubic=True)
+    state = torch_sim.io.atoms_to_state([copper, tungsten], device=model.device, dtype=model.dtype)
+    with pytest.raises(ValueError, match=r"no parameters for element\(s\) W \(atoms \[4, 5\]\)"):
+        model(state)
+    alone = torch_sim.io.atoms_to_state([copper], device=model.device, dtype=model.dtype)
+    assert torch.isfinite(model(alone)["energy"]).all()
+
+
 def test_stress_needs_an_energy_centric_model():
     """Contract: asking for stress from a model without it raises ValueError."""
     from forcecalc.relax.torchsim import ForcecalcModel
