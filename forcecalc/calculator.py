@@ -284,8 +284,7 @@ class ForceCalculator(Calculator):
         # stress asked for after the forces (MD loggers, NPT) would otherwise cost a second
         # evaluation; a slab's (or a boxed molecule's) only when asked for (8% of a step)
         want_stress = self.potential.defines_stress and (
-            stress_with_forces(self.atoms.cell.array, self.atoms.pbc)[0]
-            or (volume and "stress" in properties)
+            stress_with_forces(self.atoms.pbc, [volume])[0] or (volume and "stress" in properties)
         )
         self.potential.check_numbers(batch.numbers)
         if self.replay is not None:
@@ -384,14 +383,14 @@ class ForceCalculator(Calculator):
         return not bool(((vectors * vectors).sum(axis=1) <= MIN_DISTANCE_SQ).any())
 
 
-def stress_with_forces(cell: np.ndarray, pbc: np.ndarray) -> np.ndarray:
-    """``[S]`` bool: the systems (cells ``[S, 3, 3]`` or one ``[3, 3]``, ``pbc`` ``[S, 3]`` or
-    ``[3]``) whose stress is computed with their energy and forces, where the model defines
-    one: those periodic along all three axes with a cell of three independent vectors (bulk),
-    as ASE's EMT does; by the calculators and by the batched relaxation alike (a slab's, per
-    volume of its whole cell, only when a calculator is asked for it)."""
-    pbc = np.asarray(pbc, dtype=bool).reshape(-1, 3)
-    return pbc.all(axis=1) & has_volume(cell)
+def stress_with_forces(pbc: np.ndarray, volume: np.ndarray) -> np.ndarray:
+    """``[S]`` bool: the systems (``pbc`` ``[S, 3]`` or ``[3]``; ``volume`` ``[S]``, whether
+    their cells have three independent vectors: :func:`has_volume`) whose stress is computed
+    with their energy and forces, where the model defines one: those periodic along all three
+    axes with a volume (bulk), as ASE's EMT does; by the calculators and by the batched
+    relaxation alike (a slab's, per volume of its whole cell, only when a calculator is asked
+    for it)."""
+    return np.asarray(pbc, dtype=bool).reshape(-1, 3).all(axis=1) & np.asarray(volume, dtype=bool)
 
 
 def _near_pairs(

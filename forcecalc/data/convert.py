@@ -48,6 +48,8 @@ from forcecalc.data.store import (
     FrameBatch,
     check_energy_is_a_number,
     label_energy,
+    non_finite,
+    not_finite_message,
     open_dataset,
     unstored_message,
 )
@@ -293,10 +295,10 @@ def _check_labels(atoms: Atoms, where: str) -> None:
     bad = [
         name
         for name, value in (("energy", energy), ("forces", results.get("forces")))
-        if value is not None and not np.isfinite(np.asarray(value, dtype=np.float64)).all()
+        if value is not None and non_finite(value)
     ]
     if bad:
-        raise ValueError(f"{where}: {' and '.join(bad)} not finite (NaN or inf)")
+        raise ValueError(not_finite_message(where, bad))
 
 
 def _readable(images: Iterable[Atoms], src: Path, dst: Path) -> Iterator[Atoms]:

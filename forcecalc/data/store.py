@@ -65,6 +65,22 @@ def check_energy_is_a_number(energy: object, where: str) -> None:
         raise ValueError(f"{where}: the energy {energy!r} is not a number")
 
 
+def non_finite(values: Any) -> bool:
+    """Whether ``values`` (numbers, or their text: ``b"nan"``) hold a number that is not
+    finite (NaN or inf).  Text that is no number is left to the frame's reader, whose error
+    names the file and the frame."""
+    try:
+        numbers = np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError):
+        return False
+    return not np.isfinite(numbers).all()
+
+
+def not_finite_message(where: str, names: Sequence[str]) -> str:
+    """The error message for a frame (``where``) whose labels ``names`` are not finite."""
+    return f"{where}: {' and '.join(names)} not finite (NaN or inf)"
+
+
 FORMAT = "forcecalc.frames"
 FORMAT_VERSION = 1
 #: Root attribute listing (as JSON) the attributes stored as JSON text.

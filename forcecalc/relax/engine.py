@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from forcecalc.calculator import stress_with_forces
 from forcecalc.graph import Batch, radius_graph
 from forcecalc.graph.batch import check_atoms, fixed_mask
-from forcecalc.graph.neighbors import MIN_DISTANCE_SQ, edge_vectors
+from forcecalc.graph.neighbors import MIN_DISTANCE_SQ, edge_vectors, has_volume
 from forcecalc.relax.memory import MemoryModel, is_out_of_memory, release_cached_memory
 
 if TYPE_CHECKING:
@@ -159,7 +159,7 @@ class SystemSet:
         self.ids.extend(int(i) for i in ids)
         self.natoms_list.extend(natoms)
         self.builds.extend([0] * len(natoms))
-        self.bulk.extend(stress_with_forces(cell, pbc).tolist())
+        self.bulk.extend(stress_with_forces(pbc, has_volume(cell)).tolist())
         self.edge_counts.extend([0] * len(natoms))
         atoms = torch.arange(n_old, self.n_atoms, device=device)
         self._rebuild(atoms, torch.arange(s_old, self.n_systems, device=device))

@@ -30,7 +30,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from forcecalc.data.store import check_energy_is_a_number, label_energy
+from forcecalc.data.store import (
+    check_energy_is_a_number,
+    label_energy,
+    non_finite,
+    not_finite_message,
+)
 from forcecalc.graph import Batch
 from forcecalc.graph.batch import check_atoms
 
@@ -128,10 +133,10 @@ class ExtxyzFrames(Sequence):
                 bad = [
                     name
                     for name, texts in (("energy", [energy]), ("forces", force_texts))
-                    if _non_finite(texts)
+                    if non_finite(texts)
                 ]
                 if bad:
-                    raise ValueError(_not_finite(f"{self.path}: frame {index}", bad))
+                    raise ValueError(not_finite_message(f"{self.path}: frame {index}", bad))
                 for value in values:
                     text = value.decode()
                     number = int(text) if text.isdigit() else atomic_numbers.get(text.capitalize())
@@ -205,10 +210,10 @@ class AseDbFrames(Sequence):
             bad = [
                 name
                 for name, values in (("energy", [energy]), ("forces", np.ravel(forces)))
-                if _non_finite(values)
+                if non_finite(values)
             ]
             if bad:
-                raise ValueError(_not_finite(where, bad))
+                raise ValueError(not_finite_message(where, bad))
             found += [(index, int(z)) for z in np.unique(row.numbers)]
         return _element_pairs(found)
 
@@ -422,22 +427,6 @@ def _missing_labels(has_energy: bool, has_forces: bool) -> list[str]:
     return [name for name, has in (("energy", has_energy), ("forces", has_forces)) if not has]
 
 
-def _non_finite(values: Sequence) -> bool:
-    """Whether ``values`` (numbers, or their text: ``b"nan"``) hold a number that is not
-    finite (NaN or inf).  Text that is no number is left to the frame's reader, whose error
-    names the file and the frame."""
-    try:
-        numbers = np.asarray(values, dtype=np.float64)
-    except (TypeError, ValueError):
-        return False
-    return not np.isfinite(numbers).all()
-
-
-def _not_finite(where: str, names: Sequence[str]) -> str:
-    """The error message for a frame (``where``) whose labels ``names`` are not finite."""
-    return f"{where}: {' and '.join(names)} not finite (NaN or inf)"
-
-
 def _unlabelled(where: str, missing: Sequence[str]) -> str:
     return (
         f"{where} has no {' and no '.join(missing)}: training needs an energy and forces for "
@@ -508,7 +497,7 @@ def frame_targets(
         if not ok
     ]
     if bad:
-        raise ValueError(_not_finite(f"{label} ({atoms.get_chemical_formula()})", bad))
+        raise ValueError(not_finite_message(f"{label} ({atoms.get_chemical_formula()})", bad))
     return float(energy), forces
 
 
