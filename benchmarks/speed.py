@@ -31,11 +31,13 @@ Prints tables and writes JSON (atomically):
 from __future__ import annotations
 
 import argparse
+import ast
 import os
 import platform
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -462,6 +464,25 @@ def model_rows(args: argparse.Namespace, classes: dict[str, type] | None) -> lis
     return rows
 
 
+def kernel_constants(parser: argparse.ArgumentParser, settings: list[str]) -> dict[str, Any]:
+    """Set ``NAME=VALUE`` module constants of the fused kernels; returns them by name."""
+    if not settings:
+        return {}
+    from forcecalc.models import triton_kernels
+
+    constants: dict[str, Any] = {}
+    for setting in settings:
+        name, _, text = setting.partition("=")
+        if not name.isupper() or not hasattr(triton_kernels, name):
+            parser.error(f"--kernel-constants: {name!r} is no constant of triton_kernels")
+        try:
+            constants[name] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            parser.error(f"--kernel-constants: {setting!r} is not NAME=VALUE (a Python literal)")
+        setattr(triton_kernels, name, constants[name])
+    return constants
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -492,6 +513,14 @@ def main() -> None:
         "with_triton_kernels precision PRECISION, default tf32x3), with the largest force "
         "difference to the PyTorch path",
     )
+    parser.add_argument(
+        "--kernel-constants",
+        nargs="+",
+        default=[],
+        metavar="NAME=VALUE",
+        help="with --triton: set these module constants of forcecalc.models.triton_kernels "
+        "first (e.g. SPECTRA_ONE_PRODUCT=True; the tile variants of triton_tiles.py)",
+    )
     parser.add_argument("--skip-ase-step", action="store_true", help="no ASE-step rows")
     parser.add_argument(
         "--sizes",
@@ -521,6 +550,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     torch.backends.cuda.matmul.allow_tf32 = args.tf32
     torch.backends.cudnn.allow_tf32 = args.tf32
+    constants = kernel_constants(parser, args.kernel_constants)
 
     rows = model_rows(args, original_models(parser, args.original_src))
     write_json(
@@ -530,6 +560,7 @@ def main() -> None:
             "hardware": hardware(args.tf32),
             "compile": args.compile,
             "triton": args.triton,
+            "kernel_constants": constants,
             "rows": rows,
         },
     )
