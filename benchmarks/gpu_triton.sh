@@ -15,7 +15,7 @@
 #    before/after on the same machine;
 # 4. their CUDA tests (tests/models/test_triton_kernels.py: each kernel and a whole forward
 #    against the PyTorch path; `forcecalc relax --kernels`), the A/B of triton_tiles.py's
-#    variants 0-2 (the defaults; Triton's own tf32x3; each grid's spectra as one product),
+#    variants 0-2 (the defaults; Triton's own tf32x3; one spectra product per longitude),
 #    then 1 with the A/B's fastest variant where it is not the defaults (by 1% or more; batch
 #    64, 256 and 512), then batch 512;
 # 5. where the forward's device time goes, kernel by kernel, for tile choices around the

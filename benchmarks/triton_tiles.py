@@ -10,7 +10,7 @@ defaults) it runs the forward of ``--batch`` 66-atom slabs (``speed.py``'s struc
 ``_spectra_product_kernel``) and of
 everything else, with the wall time per forward (atoms/s).  Every variant changes each
 kernel's constants (variant 1: Triton's own ``tf32x3``, ``SPLIT_WEIGHTS = False``; variant
-2: each grid's spectra as one product, ``SPECTRA_ONE_PRODUCT = True``), so the
+2: one spectra product per longitude, ``SPECTRA_ONE_PRODUCT = False``), so the
 best choice per kernel can be read from one pass (a variant that fails to compile, e.g. out
 of shared memory, is reported and skipped).  The top device kernels and operators of the
 first variant run are printed too.  Prints tables, writes JSON.
@@ -51,7 +51,7 @@ KERNELS = (
 VARIANTS: list[dict[str, Any]] = [
     {},
     {"SPLIT_WEIGHTS": False},
-    {"SPECTRA_ONE_PRODUCT": True},
+    {"SPECTRA_ONE_PRODUCT": False},
     {
         "LINEAR_WARPS": 4,
         "MIXTURE_WARPS": 8,

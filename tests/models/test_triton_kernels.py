@@ -568,7 +568,9 @@ def test_tf32x3_product_of_an_infinite_or_nan_input(device, split, monkeypatch):
     """An infinite input makes a ``tf32x3`` product +-inf, as a float32 product, not NaN: it has
     no rest, and its TF32 part does not meet the weights' zero rests (TF32 weights here); a NaN
     makes it NaN, also one whose bits round to infinity (0x7F800001) or to zero (0x7FFFFFFF,
-    the GPU's NaN)."""
+    the GPU's NaN).  Triton's own ``tf32x3`` (not :data:`SPLIT_WEIGHTS`) compiled for a GPU
+    rounds the first to infinity, as its TF32 part, and gives +-inf: not finite still (the
+    interpreter keeps the NaN)."""
     monkeypatch.setattr(triton_kernels, "SPLIT_WEIGHTS", split)
     torch.manual_seed(9)
     x = torch.randn(6, 24, device=device)
@@ -578,7 +580,9 @@ def test_tf32x3_product_of_an_infinite_or_nan_input(device, split, monkeypatch):
     weight, bias = tf32_rounded(torch.randn(19, 24, device=device)), torch.randn(19, device=device)
     out = linear(x, weight, bias)
     expected = x.double() @ weight.double().T + bias.double()
-    assert out[[0, 2]].isinf().all() and out[[4, 5]].isnan().all()
+    assert out[[0, 2]].isinf().all() and out[5].isnan().all()
+    hardware_rounding = not split and device == "cuda"
+    assert (out[4].isinf() | out[4].isnan()).all() if hardware_rounding else out[4].isnan().all()
     torch.testing.assert_close(out[[0, 2]], expected[[0, 2]].float(), rtol=0, atol=0)
     assert _relative(out[[1, 3]].double(), expected[[1, 3]]) < 1e-5
 
