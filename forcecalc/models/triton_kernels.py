@@ -1,10 +1,10 @@
 """Fused Triton kernels for SpinConv's inference forward (opt-in, float32, no autograd).
 
 SpinConv-All, batched on a GPU, is bound by memory traffic when each PyTorch operator is its
-own kernel (README, "Where the GPU targets stand"): the mixtures of experts write and read
-back their ``[n, 8 x mid]`` expert outputs, and the spin convolutions their splat weights
-``[n, width, long x lat]``, packed spectra (twice: built, then permuted) and the products of
-every frequency.  These kernels compute the same numbers without those tensors:
+own kernel (``benchmarks/README.md``, "Where the GPU targets stand"): the mixtures of
+experts write and read back their ``[n, 8 x mid]`` expert outputs, and the spin convolutions
+their splat weights ``[n, width, long x lat]``, packed spectra (twice: built, then permuted)
+and the products of every frequency.  These kernels compute the same numbers without those tensors:
 
 * :func:`mixture_of_experts`: ``sum_k w_k * act(h @ W_k^T + b_k)``, the experts' products
   accumulated tile by tile, each expert's tile activated, weighted and added in registers
@@ -1333,7 +1333,7 @@ def with_triton_kernels(module: nn.Module, precision: str = "tf32x3") -> nn.Modu
     convolutions' frequency products, their inputs rounded to the nearest TF32 number
     (Triton's ``tf32`` drops the low bits instead: a bias that adds up in the energy), and
     ``tf32x3`` in the linear layers, the spectra and the energy block (emulated errors of each
-    choice: README, "Where the GPU targets stand", ``benchmarks/tf32_emulate.py``)."""
+    choice: ``benchmarks/README.md``, ``benchmarks/tf32_emulate.py``)."""
     from forcecalc.models.spinconv import (
         DistanceBlock,
         EmbeddingBlock,
