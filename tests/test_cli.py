@@ -773,7 +773,8 @@ def test_relax_with_the_fused_kernels_gives_the_pytorch_structures(
 ) -> None:
     """`forcecalc relax --kernels tf32x3` (a force-centric SpinConv, float32): the structures
     of the run without them, to float32 rounding, one by one and batched; the kernels do run
-    (on CUDA, else in Triton's interpreter, with large tiles: its cost is per program)."""
+    (on CUDA, else in Triton's interpreter, with large tiles and the per-longitude spectra:
+    its cost is per program)."""
     triton_kernels = pytest.importorskip(
         "forcecalc.models.triton_kernels", reason="the fused kernels need triton"
     )
@@ -781,7 +782,8 @@ def test_relax_with_the_fused_kernels_gives_the_pytorch_structures(
     if not triton_kernels.kernels_run_on(device):
         pytest.skip("TRITON_INTERPRET is not set")
     if device == "cpu":
-        for name, value in {"MIXTURE_TILES": (256, 64, 32), "SPECTRA_GRIDS": 16}.items():
+        tiles = {"MIXTURE_TILES": (256, 64, 32), "SPECTRA_GRIDS": 16, "SPECTRA_ONE_PRODUCT": False}
+        for name, value in tiles.items():
             monkeypatch.setattr(triton_kernels, name, value)
     calls = []
     kernel = triton_kernels.mixture_of_experts

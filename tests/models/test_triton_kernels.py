@@ -378,6 +378,8 @@ def test_random_rotations_with_the_kernels(device, monkeypatch):
     grids (each atom's own frames, by the splat kernels) give the PyTorch path's forces for
     the same draw, where another draw moves them by order one."""
     model = _small_force_centric(device, monkeypatch).eval()
+    if device == "cpu":  # the interpreter runs the one-product spectra (their own tests) slowly
+        monkeypatch.setattr(triton_kernels, "SPECTRA_ONE_PRODUCT", False)
     model.random_rotations = True
     fused = with_triton_kernels(model)
     calls = []
@@ -728,6 +730,8 @@ def test_mixed_precision_rounds_the_bulk_products_and_keeps_the_energy_block(dev
     otherwise exact, the only difference to float32: forces move by about 1e-4 relative),
     the energy block keeps ``tf32x3``."""
     model = _small_force_centric(device, monkeypatch).eval()
+    if device == "cpu":  # the interpreter runs the one-product spectra (their own tests) slowly
+        monkeypatch.setattr(triton_kernels, "SPECTRA_ONE_PRODUCT", False)
     mixed = with_triton_kernels(model, "mixed")
     assert mixed.energyembeddingblock.triton_precision == "tf32x3"
     assert mixed.force_output_block.block1.triton_precision == "mixed"
