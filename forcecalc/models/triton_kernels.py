@@ -102,7 +102,7 @@ SPLIT_WEIGHTS = True
 #: one product issues 5,856 warp instructions per grid against 8,334 with ``tf32x3`` (4,096
 #: against 5,243 with ``tf32``; ``kernel_registers.py``).  Timed on an H100 (session 25,
 #: SpinConv-All batched, ``tf32x3``, two interleaved runs each): the spectra's device time 12.3
-#: -> 10.1 ms per forward of 64 x 66 atoms, 62.2-63.0k -> 66.9-68.0k atoms/s at batch 64 and
+#: -> 10.2 ms per forward of 64 x 66 atoms, 62.2-63.0k -> 66.9-68.0k atoms/s at batch 64 and
 #: 68.8-69.4k -> 70.7-70.8k at 256 (``speed_triton_tf32x3_*_cuda_h100_s25_b.json``).  Only
 #: where a grid's largest factor stays small (:data:`ONE_PRODUCT_FACTOR`): it grows with
 #: longitudes x latitudes x values, the other kernel's footprint with latitudes x values alone.
