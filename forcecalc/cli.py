@@ -267,7 +267,6 @@ def _with_kernels(potential: Potential, args: argparse.Namespace) -> Potential:
 
 def _cmd_relax(args: argparse.Namespace) -> int:
     from forcecalc.checkpoint import load_checkpoint
-    from forcecalc.hub import file_sha256
     from forcecalc.relax import parse_shard, shard_indices
     from forcecalc.relax.engine import check_structures
 
@@ -295,19 +294,7 @@ def _cmd_relax(args: argparse.Namespace) -> int:
             "printed, not saved for forcecalc merge",
             file=sys.stderr,
         )
-    # what decides the numbers of a shard's output, which `merge` checks (the digests as text
-    # that extxyz cannot take for a number)
-    provenance = {
-        "input_digest": f"sha256:{file_sha256(Path(args.input))[:16]}",
-        "model_digest": f"sha256:{file_sha256(Path(potential.info.path))[:16]}",
-        "model_forces": potential.model.forces if potential.energy_gradient else "direct",
-        "model_dtype": args.dtype,
-        "model_kernels": args.kernels or "none",
-        "run_optimizer": args.optimizer,
-        "run_fmax": args.fmax,
-        "run_max_steps": args.steps,
-        "run_fix_below": "none" if args.fix_below is None else args.fix_below,
-    }
+    provenance = _run_record(args, potential)
     selected = []
     for index in indices:
         atoms = structures[index]
@@ -526,6 +513,25 @@ _RUN_RECORD = {
     "run_max_steps": "--steps",
     "run_fix_below": "--fix-below",
 }
+
+
+def _run_record(args: argparse.Namespace, potential: Potential) -> dict[str, Any]:
+    """This ``relax`` run's values of :data:`_RUN_RECORD`, in its order (the digests as text,
+    which extxyz cannot take for a number)."""
+    from forcecalc.hub import file_sha256
+
+    values = (
+        f"sha256:{file_sha256(Path(args.input))[:16]}",
+        f"sha256:{file_sha256(Path(potential.info.path))[:16]}",
+        potential.model.forces if potential.energy_gradient else "direct",
+        args.dtype,
+        args.kernels or "none",
+        args.optimizer,
+        args.fmax,
+        args.steps,
+        "none" if args.fix_below is None else args.fix_below,
+    )
+    return dict(zip(_RUN_RECORD, values, strict=True))
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
