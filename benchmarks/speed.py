@@ -464,10 +464,15 @@ def model_rows(args: argparse.Namespace, classes: dict[str, type] | None) -> lis
     return rows
 
 
-def kernel_constants(parser: argparse.ArgumentParser, settings: list[str]) -> dict[str, Any]:
-    """Set ``NAME=VALUE`` module constants of the fused kernels; returns them by name."""
+def kernel_constants(
+    parser: argparse.ArgumentParser, settings: list[str], triton: str | None
+) -> dict[str, Any]:
+    """Set ``NAME=VALUE`` module constants of the fused kernels (timed with ``--triton``
+    ``triton``); returns them by name."""
     if not settings:
         return {}
+    if not triton:
+        parser.error("--kernel-constants sets the fused kernels' constants: it needs --triton")
     from forcecalc.models import triton_kernels
 
     constants: dict[str, Any] = {}
@@ -550,7 +555,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     torch.backends.cuda.matmul.allow_tf32 = args.tf32
     torch.backends.cudnn.allow_tf32 = args.tf32
-    constants = kernel_constants(parser, args.kernel_constants)
+    constants = kernel_constants(parser, args.kernel_constants, args.triton)
 
     rows = model_rows(args, original_models(parser, args.original_src))
     write_json(
