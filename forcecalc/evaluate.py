@@ -24,7 +24,7 @@ import numpy as np
 from forcecalc import metrics
 from forcecalc.checkpoint import Potential
 from forcecalc.data.store import label_energy
-from forcecalc.predict import predict
+from forcecalc.predict import model_outputs, predict
 from forcecalc.relax.relaxation import MODEL_NOT_FINITE
 from forcecalc.warning import warn
 
@@ -255,7 +255,7 @@ def evaluate_s2ef(
     """S2EF metrics (free atoms, as OC20) of ``potential`` on the frames of ``dataset``.
 
     A frame whose model energy or forces are not finite (NaN or inf) is left out of the
-    scores, named in a warning (:func:`warn_left_out`; ``predict`` warns of it too) and
+    scores, named in a warning (:func:`warn_left_out`, by its place in ``dataset``) and
     counted in ``"failed"``; ``"frames"`` counts the frames evaluated, failed ones included;
     the scores are None when every frame failed."""
     if len(dataset) == 0:
@@ -264,19 +264,17 @@ def evaluate_s2ef(
     frames = [dataset[int(i)] for i in sample]
     forces_true, natoms, fixed = stacked_forces(frames)  # the labels checked before the model
     # the model's own outputs, as the labels are read (no restraint energy or force added)
-    results = predict(frames, potential, batch_size=batch_size, apply_constraint=False)
-    finite = np.array(
-        [np.isfinite(r["energy"]) and np.isfinite(r["forces"]).all() for r in results]
-    )
-    failed = {int(sample[k]): MODEL_NOT_FINITE for k in np.flatnonzero(~finite)}
+    outputs, reasons = model_outputs(frames, potential, batch_size)
+    finite = np.array([k not in reasons for k in range(len(frames))])
+    failed = {int(sample[k]): why for k, why in reasons.items()}
     warn_left_out(dataset, "frames", failed, len(frames))
     scores: dict[str, float | None] = dict.fromkeys(S2EF_SCORES)
     if finite.any():
         atoms = np.repeat(finite, natoms)
         scores = metrics.s2ef_metrics(
-            np.array([r["energy"] for r in results])[finite],
+            np.array([energy for energy, _ in outputs])[finite],
             label_energies(frames)[finite],
-            np.concatenate([r["forces"] for r in results])[atoms],
+            np.concatenate([forces for _, forces in outputs])[atoms],
             forces_true[atoms],
             natoms[finite],
             fixed[atoms],

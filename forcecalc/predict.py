@@ -54,17 +54,49 @@ def predict(
         without a finite result (the first ten), and why.
     """
     from ase import Atoms
+
+    structures = [structures] if isinstance(structures, Atoms) else list(structures)
+    potential = as_potential(model, device=device, dtype=dtype, **model_options)
+    raw, failures = model_outputs(structures, potential, batch_size, progress)
+    if failures:
+        named = sorted(failures)[:10]
+        warn(
+            f"{len(failures)} of {len(structures)} structures have NaN or infinite energy "
+            "and forces: "
+            + "; ".join(
+                f"structure {k} ({structures[k].get_chemical_formula()}): {failures[k]}"
+                for k in named
+            )
+            + ("; and more" if len(failures) > len(named) else "")
+        )
+    results: list[dict[str, Any]] = []
+    for atoms, (energy, forces) in zip(structures, raw, strict=True):
+        if apply_constraint:  # as Atoms.get_potential_energy() and get_forces() apply them
+            for constraint in atoms.constraints:
+                constraint.adjust_forces(atoms, forces)
+                if hasattr(constraint, "adjust_potential_energy"):
+                    energy += float(constraint.adjust_potential_energy(atoms))
+        results.append({"energy": energy, "forces": forces})
+    return results
+
+
+def model_outputs(
+    structures: list, potential: Potential, batch_size: int | str, progress: bool = False
+) -> tuple[list[tuple[float, np.ndarray]], dict[int, str]]:
+    """The model's own ``(energy, forces [n_atoms, 3])`` of each structure (no constraint
+    applied; float64 numpy), as :func:`predict` computes them (``batch_size`` likewise), and
+    why, by input index, for each whose energy or forces are not finite (no warning: the
+    caller reports them)."""
     from tqdm.auto import tqdm
 
     from forcecalc.relax.engine import check_structures
+    from forcecalc.relax.relaxation import MODEL_NOT_FINITE
 
     auto = batch_size == "auto"
     if not auto and (
         isinstance(batch_size, bool) or not isinstance(batch_size, Integral) or batch_size < 1
     ):
         raise ValueError(f"batch_size must be 'auto' or an integer >= 1, got {batch_size!r}")
-    structures = [structures] if isinstance(structures, Atoms) else list(structures)
-    potential = as_potential(model, device=device, dtype=dtype, **model_options)
     # overlapping atoms named by input place (the engine's plan checks them itself)
     check_structures(structures, potential, engine=False, overlaps=not auto)
     failures: dict[int, str] = {}
@@ -86,27 +118,8 @@ def predict(
             raw += [(float(e), forces[bounds[k] : bounds[k + 1]]) for k, e in enumerate(energies)]
     for index, (energy, forces) in enumerate(raw):
         if not (np.isfinite(energy) and np.isfinite(forces).all()):
-            failures.setdefault(index, "the model's energy or forces are not finite (NaN or inf)")
-    if failures:
-        named = sorted(failures)[:10]
-        warn(
-            f"{len(failures)} of {len(structures)} structures have NaN or infinite energy "
-            "and forces: "
-            + "; ".join(
-                f"structure {k} ({structures[k].get_chemical_formula()}): {failures[k]}"
-                for k in named
-            )
-            + ("; and more" if len(failures) > len(named) else "")
-        )
-    results: list[dict[str, Any]] = []
-    for atoms, (energy, forces) in zip(structures, raw, strict=True):
-        if apply_constraint:  # as Atoms.get_potential_energy() and get_forces() apply them
-            for constraint in atoms.constraints:
-                constraint.adjust_forces(atoms, forces)
-                if hasattr(constraint, "adjust_potential_energy"):
-                    energy += float(constraint.adjust_potential_energy(atoms))
-        results.append({"energy": energy, "forces": forces})
-    return results
+            failures.setdefault(index, MODEL_NOT_FINITE)
+    return raw, failures
 
 
 def _evaluated_by_the_engine(
