@@ -21,6 +21,7 @@ from relax_helpers import (
     rattled_slab,
     single_thread,
 )
+from stress_checks import assert_calculator_stress
 from toy_models import ToyModel
 
 from forcecalc import ForcecalcWarning
@@ -421,12 +422,7 @@ def test_bulk_structures_carry_the_stress_the_calculator_gives():
     calc = load_calculator(potential)
     frames = [results[0], *results[0].info["trajectory"]]
     assert len(frames) == 4
-    for frame in frames:
-        reference = frame.copy()
-        reference.calc = calc
-        stress = frame.calc.results["stress"]
-        assert np.abs(stress).max() > 1e-3
-        np.testing.assert_allclose(stress, reference.get_stress(), rtol=0, atol=1e-10)
+    assert_calculator_stress(frames, calc)
     for result in results[1:]:
         for frame in [result, *result.info["trajectory"]]:
             assert set(frame.calc.results) == {"energy", "free_energy", "forces"}
